@@ -1,0 +1,84 @@
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::context::{human_bytes, GlobalArgs};
+
+/// Show an image's manifest and config summary, fetched from the registry.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image reference: [HOST[:PORT]/]REPO[:TAG|@DIGEST]
+    pub image: String,
+    /// Platform to pick from a multi-platform image (OS/ARCH[/VARIANT])
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Print JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
+    let reference = super::parse_reference(&a.image)?;
+    let platform = super::parse_platform(a.platform.as_deref())?;
+    let client = g.client()?;
+    let img = client
+        .resolve(&reference, &platform)
+        .await
+        .with_context(|| format!("inspecting {reference}"))?;
+    let cfg = img.config.config().clone().unwrap_or_default();
+    let layers: Vec<_> = img
+        .layers()
+        .iter()
+        .map(|l| json!({"digest": l.digest().to_string(), "size": l.size(), "mediaType": l.media_type().to_string()}))
+        .collect();
+    let total: u64 = img.layers().iter().map(|l| l.size()).sum();
+    let v = json!({
+        "reference": img.reference.to_string(),
+        "digest": img.manifest.digest,
+        "mediaType": img.manifest.media_type,
+        "index": img.index.as_ref().map(|i| i.digest.to_string()),
+        "platform": format!("{}/{}", img.config.os(), img.config.architecture()),
+        "created": img.config.created(),
+        "config": {
+            "digest": img.config_digest()?,
+            "entrypoint": cfg.entrypoint(),
+            "cmd": cfg.cmd(),
+            "env": cfg.env(),
+            "workingDir": cfg.working_dir(),
+            "user": cfg.user(),
+            "exposedPorts": cfg.exposed_ports(),
+            "labels": cfg.labels(),
+        },
+        "annotations": img.parsed.annotations(),
+        "layers": layers,
+        "diffIds": img.config.rootfs().diff_ids(),
+        "history": img.config.history().as_ref().map(|h| h.len()).unwrap_or(0),
+        "size": total,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("Image:      {}", img.reference);
+    println!("Digest:     {}", img.manifest.digest);
+    println!("Media type: {}", img.manifest.media_type);
+    if let Some(i) = &img.index {
+        println!("Index:      {}", i.digest);
+    }
+    println!("Platform:   {}/{}", img.config.os(), img.config.architecture());
+    if let Some(c) = img.config.created() {
+        println!("Created:    {c}");
+    }
+    let show = |v: &Option<Vec<String>>| v.as_ref().map(|x| format!("{x:?}")).unwrap_or_else(|| "-".into());
+    println!("Entrypoint: {}", show(cfg.entrypoint()));
+    println!("Cmd:        {}", show(cfg.cmd()));
+    println!("WorkingDir: {}", cfg.working_dir().clone().unwrap_or_else(|| "-".into()));
+    println!("User:       {}", cfg.user().clone().unwrap_or_else(|| "-".into()));
+    for e in cfg.env().clone().unwrap_or_default() {
+        println!("Env:        {e}");
+    }
+    println!("Layers:     {} ({} compressed)", img.layers().len(), human_bytes(total));
+    for l in img.layers() {
+        println!("  {}  {:>10}  {}", l.digest(), human_bytes(l.size()), l.media_type());
+    }
+    Ok(())
+}

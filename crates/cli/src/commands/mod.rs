@@ -1,0 +1,20 @@
+pub mod images;
+pub mod inspect;
+pub mod prune;
+pub mod pull;
+pub mod push;
+pub mod rmi;
+
+use anyhow::{Context, Result};
+use lazylayer_oci::{Platform, Reference};
+
+pub fn parse_reference(s: &str) -> Result<Reference> {
+    s.parse::<Reference>().with_context(|| format!("bad image reference {s:?}"))
+}
+
+pub fn parse_platform(s: Option<&str>) -> Result<Platform> {
+    match s {
+        Some(p) => p.parse::<Platform>().map_err(anyhow::Error::msg),
+        None => Ok(Platform::host()),
+    }
+}

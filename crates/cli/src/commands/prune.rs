@@ -1,0 +1,29 @@
+use anyhow::{Context, Result};
+
+use crate::context::{human_bytes, GlobalArgs};
+
+/// Remove blobs and extracted layers that no image references, and leftovers
+/// of interrupted pulls. Waits for running pulls to finish first.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(g: &GlobalArgs, a: Args) -> Result<()> {
+    let store = g.store()?;
+    let rep = store.prune().context("pruning the store")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "Removed {} blobs, {} layers, {} leftovers; freed {}",
+            rep.blobs_removed,
+            rep.layers_removed,
+            rep.tmp_removed,
+            human_bytes(rep.bytes_freed)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! Options every subcommand shares, and the objects built from them.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use lazylayer_oci::auth::AuthStore;
+use lazylayer_oci::{ClientConfig, RegistryClient};
+use lazylayer_store::Store;
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Store directory (blobs, extracted layers, image records)
+    #[arg(long, global = true, env = "LAZYLAYER_ROOT", default_value = "/var/lib/lazylayer")]
+    pub root: PathBuf,
+    /// Speak plain HTTP to this registry (HOST or HOST:PORT); loopback hosts always are. Repeatable.
+    #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl GlobalArgs {
+    pub fn store(&self) -> Result<Store> {
+        Store::open(&self.root).with_context(|| format!("opening store at {}", self.root.display()))
+    }
+
+    pub fn client(&self) -> Result<RegistryClient> {
+        self.client_with(|_| {})
+    }
+
+    pub fn client_with(&self, tweak: impl FnOnce(&mut ClientConfig)) -> Result<RegistryClient> {
+        let mut cfg = ClientConfig {
+            insecure_registries: self.insecure_registries.clone(),
+            auth: AuthStore::load(&AuthStore::default_paths()),
+            ..ClientConfig::default()
+        };
+        tweak(&mut cfg);
+        Ok(RegistryClient::new(cfg)?)
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// `12.3 MB` style sizes (decimal, as registries and podman report them).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn short_digest(d: &impl std::fmt::Display) -> String {
+    let s = d.to_string();
+    let hex = s.split(':').nth(1).unwrap_or(&s);
+    hex.chars().take(12).collect()
+}

@@ -1,0 +1,76 @@
+//! `lazylayer`: start containers before their image has downloaded.
+//!
+//! The binary is thin: each subcommand parses its arguments and calls the
+//! library crates (`lazylayer-oci`, `lazylayer-store`, `lazylayer-layer`).
+
+mod commands;
+mod context;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use context::GlobalArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "lazylayer",
+    version,
+    about = "Start containers before their image has downloaded",
+    long_about = "lazylayer pulls, inspects and stores OCI images from any registry.\n\
+                  Images are kept in a content-addressed store (--root) shared by every image:\n\
+                  a layer common to two images is fetched and extracted once.\n\n\
+                  Logging: -v, -vv or RUST_LOG (e.g. RUST_LOG=lazylayer=debug)."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pull an image fully into the store (every layer fetched, verified and extracted)
+    Pull(commands::pull::Args),
+    /// Show an image's manifest and config summary (from the registry)
+    Inspect(commands::inspect::Args),
+    /// List the images in the store
+    Images(commands::images::Args),
+    /// Push an image from the store to a registry (layers mounted or skipped when present)
+    Push(commands::push::Args),
+    /// Forget an image reference (its content goes at the next prune)
+    Rmi(commands::rmi::Args),
+    /// Remove blobs and layers that no image references
+    Prune(commands::prune::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    context::init_logging(cli.global.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Pull(a) => commands::pull::run(&cli.global, a).await,
+            Command::Inspect(a) => commands::inspect::run(&cli.global, a).await,
+            Command::Images(a) => commands::images::run(&cli.global, a),
+            Command::Push(a) => commands::push::run(&cli.global, a).await,
+            Command::Rmi(a) => commands::rmi::run(&cli.global, a),
+            Command::Prune(a) => commands::prune::run(&cli.global, a),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Real test environment: a `docker-registry` on a free loopback port in a
+//! temp dir (stopped on drop), the project's real test images pushed to it by
+//! `images/build.sh`, and the `lazylayer` binary under test.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running docker-registry (distribution v2) with its storage and access
+/// log in a temp dir.
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+    extra_config: String,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        Self::start_with("")
+    }
+
+    /// `extra` is YAML appended at top level (e.g. an `auth:` block).
+    pub fn start_with(extra: &str) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry { dir, port: free_port(), child: None, extra_config: extra.to_string() };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let cfg = self.dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n{}\n",
+                self.dir.path().join("data").display(),
+                self.port,
+                self.extra_config
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry must be installed (scripts/install-deps.sh)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "registry did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Access-log lines of GET requests for this blob digest.
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest}")))
+            .count()
+    }
+
+    /// The registry's file holding a blob, to corrupt it in fault tests.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{}/data", &hex[..2], hex))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Build (cached) and push test images to `reg`; returns name → manifest digest.
+/// Builds are serialised across test threads and processes with a lock file.
+pub fn push_images(reg: &Registry, names: &[&str]) -> std::collections::HashMap<String, String> {
+    let cache = std::env::var("LAZYLAYER_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join(".cache/images"));
+    std::fs::create_dir_all(&cache).unwrap();
+    let lock = std::fs::File::create(cache.join(".build.lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let out = Command::new("bash")
+        .arg(repo_root().join("images/build.sh"))
+        .arg("--cache")
+        .arg(&cache)
+        .arg("--registry")
+        .arg(reg.addr())
+        .args(names)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "images/build.sh failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(n, d)| (n.to_string(), d.trim().to_string())))
+        .collect()
+}
+
+pub fn image_ref(reg: &Registry, name: &str) -> String {
+    format!("{}/lazylayer/{name}:latest", reg.addr())
+}
+
+/// Run the lazylayer binary with a store at `root`.
+pub fn lazylayer(root: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    eprintln!(
+        "$ lazylayer {}\n-- stdout:\n{}-- stderr:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn lazylayer_ok(root: &Path, args: &[&str]) -> String {
+    let out = lazylayer(root, args);
+    assert!(out.status.success(), "lazylayer {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn lazylayer_json(root: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&lazylayer_ok(root, &a)).unwrap()
+}
+
+/// Every path under `dir` (relative), for "the store did not change" checks.
+pub fn tree_listing(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    fn walk(base: &Path, d: &Path, v: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                v.push(p.strip_prefix(base).unwrap().display().to_string());
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    walk(base, &p, v);
+                }
+            }
+        }
+    }
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A kernel mount that is unmounted when dropped, even when a test panics.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    pub fn overlay_readonly(lowers: &[PathBuf], target: &Path) -> Mount {
+        let opts = format!("lowerdir={}", lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":"));
+        let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(target).status().unwrap();
+        assert!(st.success(), "overlay mount failed");
+        Mount(target.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

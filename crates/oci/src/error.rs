@@ -1,0 +1,72 @@
+use crate::digest::Digest;
+
+/// Errors of the registry client and the format types. Each names the image,
+/// repository or blob it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+    #[error("invalid digest {digest:?}: {reason}")]
+    InvalidDigest { digest: String, reason: String },
+    #[error("{what} {expected}: content has digest {actual} (corrupt or tampered data)")]
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{what}: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{what}: not found on {registry} ({status})")]
+    NotFound {
+        what: String,
+        registry: String,
+        status: u16,
+    },
+    #[error("{what}: access denied by {registry} ({status}){hint}")]
+    Unauthorized {
+        what: String,
+        registry: String,
+        status: u16,
+        hint: String,
+    },
+    #[error("{what}: registry {registry} answered {status}: {body}")]
+    Status {
+        what: String,
+        registry: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{what}: cannot reach registry {registry}: {source}")]
+    Http {
+        what: String,
+        registry: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{what}: unsupported or malformed manifest: {reason}")]
+    BadManifest { what: String, reason: String },
+    #[error("{what}: no manifest for platform {platform} (available: {available})")]
+    NoPlatform {
+        what: String,
+        platform: String,
+        available: String,
+    },
+    #[error("{what}: authentication failed: {reason}")]
+    Auth { what: String, reason: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: download consumer stopped")]
+    ConsumerGone { what: String },
+    #[error("{what}: too large ({size} bytes, limit {limit})")]
+    TooLarge { what: String, size: u64, limit: u64 },
+}
+
+pub type Result<T, E = OciError> = std::result::Result<T, E>;

@@ -1,0 +1,18 @@
+//! Image references, content digests, manifest/config types and an OCI
+//! distribution-spec registry client.
+//!
+//! This crate sits at the bottom of lazylayer: it knows the wire formats and the
+//! registry protocol, and nothing about stores, file systems or runtimes.
+
+pub mod auth;
+pub mod client;
+pub mod digest;
+pub mod error;
+pub mod manifest;
+pub mod reference;
+
+pub use client::{ClientConfig, PushOutcome, RegistryClient};
+pub use digest::{Digest, DigestHasher};
+pub use error::OciError;
+pub use manifest::{Platform, ResolvedImage};
+pub use reference::{Reference, Repository};

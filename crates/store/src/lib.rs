@@ -1,0 +1,270 @@
+//! The content store: verified blobs, extracted layers and image records on
+//! local disk, shared by every image and every lazylayer process.
+//!
+//! Layout under the root (default `/var/lib/lazylayer`):
+//! ```text
+//! blobs/sha256/<hex>            manifests, configs, compressed layers (verified)
+//! layers/sha256/<hex>/fs/       a layer extracted overlayfs-style (keyed by its blob digest)
+//! layers/sha256/<hex>/layer.json
+//! images/<sha256 of ref>.json   one record per image reference
+//! locks/                        flock files: one per layer, one for the store
+//! tmp/                          work in progress; renamed into place when verified
+//! ```
+//! Everything enters through `tmp/` and a rename, so a crash or a bad blob
+//! leaves the store as it was. Pulls hold the store lock shared and a per-layer
+//! lock exclusive (two processes never fetch the same layer twice); `prune`
+//! holds the store lock exclusive.
+
+mod error;
+mod lock;
+mod pull;
+mod reader;
+
+use std::path::{Path, PathBuf};
+
+use lazylayer_oci::{Digest, Reference};
+use serde::{Deserialize, Serialize};
+
+pub use error::StoreError;
+pub use lock::FileLock;
+pub use pull::{NoProgress, PullOptions, PullProgress};
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One layer of an image as recorded in the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LayerRef {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// What `pull` leaves behind for an image reference.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub reference: String,
+    pub manifest_digest: Digest,
+    pub manifest_media_type: String,
+    #[serde(default)]
+    pub index_digest: Option<Digest>,
+    pub config_digest: Digest,
+    pub layers: Vec<LayerRef>,
+    pub platform: String,
+    /// Unix seconds.
+    pub pulled_at: u64,
+}
+
+impl ImageRecord {
+    pub fn total_size(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
+}
+
+/// Facts about one extracted layer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LayerRecord {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    pub entries: u64,
+    pub file_bytes: u64,
+}
+
+/// What `prune` removed.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PruneReport {
+    pub blobs_removed: u64,
+    pub layers_removed: u64,
+    pub tmp_removed: u64,
+    pub bytes_freed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+fn io_err(what: impl Into<String>, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let what = what.into();
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { what, path, source }
+}
+
+impl Store {
+    /// Open (creating if needed) a store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        for sub in ["blobs/sha256", "layers/sha256", "images", "locks", "tmp"] {
+            let p = root.join(sub);
+            std::fs::create_dir_all(&p).map_err(io_err("creating store directory", &p))?;
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs").join(d.algorithm().as_str()).join(d.hex())
+    }
+
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
+        let p = self.blob_path(d);
+        let data = std::fs::read(&p).map_err(io_err(format!("reading blob {d}"), &p))?;
+        // Re-verify on read: the store is plain files anyone with root can edit.
+        d.verify(&format!("stored blob {d}"), &data)?;
+        Ok(data)
+    }
+
+    /// Store a small blob (manifest, config) after checking its digest.
+    pub fn put_blob_bytes(&self, d: &Digest, data: &[u8]) -> Result<()> {
+        d.verify(&format!("blob {d}"), data)?;
+        let dest = self.blob_path(d);
+        if dest.is_file() {
+            return Ok(());
+        }
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err("creating temp file", &self.root))?;
+        std::fs::write(tmp.path(), data).map_err(io_err(format!("writing blob {d}"), tmp.path()))?;
+        tmp.persist(&dest)
+            .map_err(|e| StoreError::Io { what: format!("storing blob {d}"), path: dest.clone(), source: e.error })?;
+        Ok(())
+    }
+
+    fn layer_base(&self, d: &Digest) -> PathBuf {
+        self.root.join("layers").join(d.algorithm().as_str()).join(d.hex())
+    }
+
+    /// The extracted tree of a layer, if it is complete in the store.
+    pub fn layer_dir(&self, d: &Digest) -> Option<PathBuf> {
+        let base = self.layer_base(d);
+        base.join("layer.json").is_file().then(|| base.join("fs"))
+    }
+
+    pub fn layer_record(&self, d: &Digest) -> Option<LayerRecord> {
+        let p = self.layer_base(d).join("layer.json");
+        std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    fn image_path(&self, reference: &str) -> PathBuf {
+        let key = Digest::sha256_of(reference.as_bytes());
+        self.root.join("images").join(format!("{}.json", key.hex()))
+    }
+
+    /// The record of a pulled image, by reference as given to `pull`.
+    pub fn image(&self, reference: &Reference) -> Option<ImageRecord> {
+        let p = self.image_path(&reference_key(reference));
+        std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        let dir = self.root.join("images");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(io_err("listing images", &dir))? {
+            let e = e.map_err(io_err("listing images", &dir))?;
+            if e.path().extension().is_some_and(|x| x == "json") {
+                match std::fs::read(e.path()).map(|b| serde_json::from_slice::<ImageRecord>(&b)) {
+                    Ok(Ok(r)) => out.push(r),
+                    _ => tracing::warn!(path = %e.path().display(), "skipping unreadable image record"),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    pub fn save_image(&self, rec: &ImageRecord) -> Result<()> {
+        let dest = self.image_path(&rec.reference);
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err("creating temp file", &self.root))?;
+        std::fs::write(tmp.path(), serde_json::to_vec_pretty(rec).expect("serialisable record"))
+            .map_err(io_err("writing image record", tmp.path()))?;
+        tmp.persist(&dest)
+            .map_err(|e| StoreError::Io { what: "saving image record".into(), path: dest.clone(), source: e.error })?;
+        Ok(())
+    }
+
+    /// Forget an image reference (its content stays until `prune`).
+    pub fn remove_image(&self, reference: &Reference) -> Result<bool> {
+        let p = self.image_path(&reference_key(reference));
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::Io { what: "removing image record".into(), path: p, source: e }),
+        }
+    }
+
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub(crate) fn lock_path(&self, name: &str) -> PathBuf {
+        self.root.join("locks").join(name)
+    }
+
+    /// Remove blobs and layers no image record references, and leftovers in
+    /// `tmp/`. Waits for running pulls to finish.
+    pub fn prune(&self) -> Result<PruneReport> {
+        let _lock = FileLock::exclusive(&self.lock_path("store.lock"))?;
+        let mut keep = std::collections::HashSet::new();
+        for img in self.images()? {
+            keep.insert(img.manifest_digest.hex().to_string());
+            keep.insert(img.config_digest.hex().to_string());
+            if let Some(i) = &img.index_digest {
+                keep.insert(i.hex().to_string());
+            }
+            for l in &img.layers {
+                keep.insert(l.digest.hex().to_string());
+            }
+        }
+        let mut rep = PruneReport::default();
+        for alg in ["sha256", "sha512"] {
+            let blobs = self.root.join("blobs").join(alg);
+            for e in read_dir_or_empty(&blobs)? {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !keep.contains(&name) {
+                    rep.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    std::fs::remove_file(e.path()).map_err(io_err("removing blob", &e.path()))?;
+                    rep.blobs_removed += 1;
+                }
+            }
+            let layers = self.root.join("layers").join(alg);
+            for e in read_dir_or_empty(&layers)? {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !keep.contains(&name) {
+                    rep.bytes_freed += self.layer_record_at(&e.path()).map(|r| r.file_bytes).unwrap_or(0);
+                    std::fs::remove_dir_all(e.path()).map_err(io_err("removing layer", &e.path()))?;
+                    rep.layers_removed += 1;
+                }
+            }
+        }
+        for e in read_dir_or_empty(&self.tmp_dir())? {
+            let p = e.path();
+            let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            r.map_err(io_err("removing leftover", &p))?;
+            rep.tmp_removed += 1;
+        }
+        Ok(rep)
+    }
+
+    fn layer_record_at(&self, base: &Path) -> Option<LayerRecord> {
+        std::fs::read(base.join("layer.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    }
+}
+
+/// The key an image is filed under: the reference as the user wrote it, normalised.
+pub fn reference_key(r: &Reference) -> String {
+    r.to_string()
+}
+
+fn read_dir_or_empty(p: &Path) -> Result<Vec<std::fs::DirEntry>> {
+    match std::fs::read_dir(p) {
+        Ok(rd) => rd.collect::<std::io::Result<Vec<_>>>().map_err(io_err("listing", p)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(StoreError::Io { what: "listing".into(), path: p.to_path_buf(), source: e }),
+    }
+}
