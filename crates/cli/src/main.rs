@@ -38,6 +38,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// List the images in the store
     Images(commands::images::Args),
+    /// Build an optimized image (original layers + a boot layer) from a traced run
+    Optimize(commands::optimize::Args),
     /// Push an image from the store to a registry (layers mounted or skipped when present)
     Push(commands::push::Args),
     /// Forget an image reference (its content goes at the next prune)
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
             Command::Pull(a) => commands::pull::run(&cli.global, a).await,
             Command::Inspect(a) => commands::inspect::run(&cli.global, a).await,
             Command::Images(a) => commands::images::run(&cli.global, a),
+            Command::Optimize(a) => commands::optimize::run(&cli.global, a).await,
             Command::Push(a) => commands::push::run(&cli.global, a).await,
             Command::Rmi(a) => commands::rmi::run(&cli.global, a),
             Command::Prune(a) => commands::prune::run(&cli.global, a),

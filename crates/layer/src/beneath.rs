@@ -18,6 +18,9 @@ use rustix::io::Errno;
 
 use crate::LayerError;
 
+/// No `O_NOFOLLOW` goes with these: `RESOLVE_NO_SYMLINKS` already refuses a
+/// trailing symlink, with `ELOOP`, whereas `O_NOFOLLOW|O_DIRECTORY` would turn
+/// that into an `ENOTDIR` indistinguishable from a regular file in the way.
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
@@ -102,7 +105,11 @@ impl Beneath {
     /// Open an existing directory beneath the root (empty path = the root).
     /// `O_PATH` unless `readable`, which metadata calls on the fd need.
     pub(crate) fn open_dir(&self, rel: &Path, readable: bool) -> Result<OwnedFd, ResolveError> {
-        let access = if readable { OFlags::RDONLY } else { OFlags::PATH };
+        let access = if readable {
+            OFlags::RDONLY
+        } else {
+            OFlags::PATH
+        };
         let rel: &Path = if rel.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -111,7 +118,7 @@ impl Beneath {
         Ok(rfs::openat2(
             &self.root,
             rel,
-            access | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            access | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
             RESOLVE,
         )?)
@@ -119,7 +126,11 @@ impl Beneath {
 
     /// The directory `rel`, creating missing components as implicit
     /// directories (mode 0755, owned by root when `chown`).
-    pub(crate) fn dir_creating(&mut self, rel: &Path, chown: bool) -> Result<Rc<OwnedFd>, ResolveError> {
+    pub(crate) fn dir_creating(
+        &mut self,
+        rel: &Path,
+        chown: bool,
+    ) -> Result<Rc<OwnedFd>, ResolveError> {
         if let Some((p, fd)) = &self.cache {
             if p == rel {
                 return Ok(fd.clone());
@@ -142,7 +153,7 @@ impl Beneath {
                 rfs::openat2(
                     dir,
                     comp,
-                    OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
                     Mode::empty(),
                     RESOLVE,
                 )
@@ -157,7 +168,7 @@ impl Beneath {
                     let fd = rfs::openat2(
                         &cur,
                         comp,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
                         Mode::empty(),
                         RESOLVE,
                     )?;

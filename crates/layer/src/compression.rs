@@ -18,7 +18,12 @@ impl Compression {
     /// Parameters (`; foo=bar`) and ASCII case are ignored. Non-distributable
     /// ("foreign") variants are the same format and map the same way.
     pub fn from_media_type(mt: &str) -> Option<Compression> {
-        let base = mt.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let base = mt
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         let rest = base
             .strip_prefix("application/vnd.oci.image.layer.")
             .or_else(|| base.strip_prefix("application/vnd.docker.image.rootfs."))?;
@@ -69,12 +74,14 @@ pub fn decoder<'a, R: Read + 'a>(r: R, c: Compression) -> Result<Box<dyn Read + 
     Ok(match c {
         Compression::None => Box::new(r),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(r).map_err(|source| LayerError::Decoder {
-                compression: c,
-                source,
-            })?,
-        ),
+        Compression::Zstd => {
+            Box::new(
+                zstd::stream::read::Decoder::new(r).map_err(|source| LayerError::Decoder {
+                    compression: c,
+                    source,
+                })?,
+            )
+        }
     })
 }
 
@@ -86,9 +93,18 @@ mod tests {
     #[test]
     fn media_types_map_to_compression() {
         let cases = [
-            ("application/vnd.oci.image.layer.v1.tar", Some(Compression::None)),
-            ("application/vnd.oci.image.layer.v1.tar+gzip", Some(Compression::Gzip)),
-            ("application/vnd.oci.image.layer.v1.tar+zstd", Some(Compression::Zstd)),
+            (
+                "application/vnd.oci.image.layer.v1.tar",
+                Some(Compression::None),
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                Some(Compression::Gzip),
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                Some(Compression::Zstd),
+            ),
             (
                 "application/vnd.oci.image.layer.nondistributable.v1.tar",
                 Some(Compression::None),
@@ -101,16 +117,31 @@ mod tests {
                 "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
                 Some(Compression::Zstd),
             ),
-            ("application/vnd.docker.image.rootfs.diff.tar.gzip", Some(Compression::Gzip)),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                Some(Compression::Gzip),
+            ),
             (
                 "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
                 Some(Compression::Gzip),
             ),
-            ("application/vnd.docker.image.rootfs.diff.tar", Some(Compression::None)),
-            ("application/vnd.docker.image.rootfs.diff.tar.zstd", Some(Compression::Zstd)),
-            ("Application/VND.oci.image.layer.v1.tar+gzip; x=y", Some(Compression::Gzip)),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar",
+                Some(Compression::None),
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.zstd",
+                Some(Compression::Zstd),
+            ),
+            (
+                "Application/VND.oci.image.layer.v1.tar+gzip; x=y",
+                Some(Compression::Gzip),
+            ),
             // Not layers, or layers this codec cannot read.
-            ("application/vnd.oci.image.layer.v1.tar+gzip+encrypted", None),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+                None,
+            ),
             ("application/vnd.oci.image.config.v1+json", None),
             ("application/vnd.oci.image.layer.v1.tar+bzip2", None),
             ("application/vnd.oci.image.layer.v2.tar", None),
@@ -125,7 +156,10 @@ mod tests {
     #[test]
     fn sniff_recognises_magic_bytes() {
         assert_eq!(Compression::sniff(&[0x1f, 0x8b, 8, 0]), Compression::Gzip);
-        assert_eq!(Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Compression::Zstd);
+        assert_eq!(
+            Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
+            Compression::Zstd
+        );
         assert_eq!(Compression::sniff(b"etc/\0\0\0"), Compression::None);
         assert_eq!(Compression::sniff(&[0x1f]), Compression::None);
         assert_eq!(Compression::sniff(&[0x28, 0xb5, 0x2f]), Compression::None);

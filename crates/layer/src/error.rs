@@ -108,7 +108,11 @@ pub enum LayerError {
 }
 
 impl LayerError {
-    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: impl Into<io::Error>) -> Self {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        op: &'static str,
+        source: impl Into<io::Error>,
+    ) -> Self {
         LayerError::Io {
             path: path.into(),
             op,

@@ -16,7 +16,7 @@ use tar::EntryType;
 
 use crate::beneath::{proc_fd_path, Beneath, Replaced, ResolveError};
 use crate::path::{classify, normalize, split_parent, SpecialName};
-use crate::LayerError;
+use crate::{LayerError, Xattrs};
 
 /// Limits and policy for [`extract`].
 #[derive(Debug, Clone)]
@@ -125,14 +125,15 @@ pub fn extract<R: Read>(
         let mut entries = archive.entries().map_err(|e| ex.read_error(e))?;
         loop {
             guard.limit.set(Some(guard.count.get() + MAX_HEADER_BYTES));
-            let before = guard.count.get();
             let next = entries.next();
             guard.limit.set(None);
             let mut entry = match next {
                 None => {
-                    if guard.count.get() == before {
-                        // EOF exactly at a header boundary: every entry so far
-                        // is complete, and the blob digest (checked by the
+                    // A proper end is a zero block; shorter runs of zeros are
+                    // just the last entry's padding.
+                    if guard.trailing_zeros.get() < 512 {
+                        // EOF at a header boundary: every entry so far is
+                        // complete, and the blob digest (checked by the
                         // caller) catches a cut download, so only warn.
                         tracing::warn!(after = %ex.last.display(), "tar stream has no end-of-archive marker");
                     }
@@ -159,8 +160,8 @@ pub fn extract<R: Read>(
     // file data: it is decompressed work too.
     let mut rest = archive.into_inner();
     let allowed = opts.max_total_bytes.saturating_sub(ex.data_bytes);
-    let drained = io::copy(&mut (&mut rest).take(allowed), &mut io::sink())
-        .map_err(|e| ex.read_error(e))?;
+    let drained =
+        io::copy(&mut (&mut rest).take(allowed), &mut io::sink()).map_err(|e| ex.read_error(e))?;
     if drained == allowed {
         let mut probe = [0u8; 1];
         if rest.read(&mut probe).map_err(|e| ex.read_error(e))? > 0 {
@@ -183,6 +184,8 @@ struct Guard {
     /// [`MAX_HEADER_BYTES`]).
     limit: Cell<Option<u64>>,
     tripped: Cell<bool>,
+    /// Zero bytes at the end of what has been read so far.
+    trailing_zeros: Cell<u64>,
 }
 
 struct GuardedReader<R> {
@@ -207,6 +210,12 @@ impl<R: Read> Read for GuardedReader<R> {
         };
         let n = self.inner.read(buf)?;
         self.guard.count.set(count + n as u64);
+        let got = &buf[..n];
+        let zeros = match got.iter().rposition(|&b| b != 0) {
+            Some(last) => (n - last - 1) as u64,
+            None => self.guard.trailing_zeros.get() + n as u64,
+        };
+        self.guard.trailing_zeros.set(zeros);
         Ok(n)
     }
 }
@@ -217,7 +226,7 @@ struct Meta {
     uid: u32,
     gid: u32,
     mtime: Timespec,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattrs: Xattrs,
 }
 
 struct Extractor<'o> {
@@ -334,13 +343,19 @@ impl Extractor<'_> {
                 (EntryKind::Directory, 0)
             }
             EntryType::Symlink => {
-                let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
                 self.drain(entry, &path)?;
                 self.symlink(&path, &target, &meta)?;
                 (EntryKind::Symlink, 0)
             }
             EntryType::Link => {
-                let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
                 self.drain(entry, &path)?;
                 let size = self.hardlink(&path, &target)?;
                 (EntryKind::Hardlink, size)
@@ -382,19 +397,24 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, path: &Path) -> Result<Meta, LayerError> {
+    fn meta<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        path: &Path,
+    ) -> Result<Meta, LayerError> {
         let h = entry.header();
         let field = |key: &str| LayerError::BadPaxRecord {
             path: path.to_owned(),
             key: key.to_owned(),
         };
-        let mode = h.mode().map_err(|_| field("mode"))? & 0o7777;
+        let old = h.as_old();
+        let mode = numeric(h.mode(), &old.mode).ok_or_else(|| field("mode"))? & 0o7777;
         // The tar crate has already applied PAX uid/gid records to the header.
-        let uid = h.uid().map_err(|_| field("uid"))?;
-        let gid = h.gid().map_err(|_| field("gid"))?;
+        let uid = numeric(h.uid(), &old.uid).ok_or_else(|| field("uid"))?;
+        let gid = numeric(h.gid(), &old.gid).ok_or_else(|| field("gid"))?;
         let uid = u32::try_from(uid).map_err(|_| field("uid"))?;
         let gid = u32::try_from(gid).map_err(|_| field("gid"))?;
-        let mtime = h.mtime().map_err(|_| field("mtime"))?;
+        let mtime = numeric(h.mtime(), &old.mtime).ok_or_else(|| field("mtime"))?;
         let mut mtime = Timespec {
             tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
             tv_nsec: 0,
@@ -422,7 +442,11 @@ impl Extractor<'_> {
 
     /// Read and discard an entry's data (non-file entries normally carry
     /// none), counting it against the size limit.
-    fn drain<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, path: &Path) -> Result<(), LayerError> {
+    fn drain<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        path: &Path,
+    ) -> Result<(), LayerError> {
         let size = entry.size();
         if size == 0 {
             return Ok(());
@@ -465,7 +489,13 @@ impl Extractor<'_> {
     }
 
     /// Remove whatever an earlier entry left at `name`.
-    fn clear(&mut self, dir: BorrowedFd<'_>, name: &OsStr, path: &Path, new_is_dir: bool) -> Result<Replaced, LayerError> {
+    fn clear(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &Path,
+        new_is_dir: bool,
+    ) -> Result<Replaced, LayerError> {
         let r = self
             .fs
             .clear(dir, name, new_is_dir)
@@ -484,7 +514,12 @@ impl Extractor<'_> {
         Ok(r)
     }
 
-    fn file<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, path: &Path, meta: &Meta) -> Result<u64, LayerError> {
+    fn file<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        path: &Path,
+        meta: &Meta,
+    ) -> Result<u64, LayerError> {
         let size = entry.size();
         self.charge(size, path)?;
         let (dir, name) = self.parent_of(path)?;
@@ -526,9 +561,13 @@ impl Extractor<'_> {
             rfs::fchown(&file, Some(uid(meta.uid)), Some(gid(meta.gid)))
                 .map_err(|e| LayerError::io(path, "chown", e))?;
         }
-        rfs::fchmod(&file, Mode::from_raw_mode(meta.mode)).map_err(|e| LayerError::io(path, "chmod", e))?;
-        set_xattrs(path, &meta.xattrs, |n, v| rfs::fsetxattr(&file, n, v, XattrFlags::empty()))?;
-        rfs::futimens(&file, &times(meta.mtime)).map_err(|e| LayerError::io(path, "set mtime", e))?;
+        rfs::fchmod(&file, Mode::from_raw_mode(meta.mode))
+            .map_err(|e| LayerError::io(path, "chmod", e))?;
+        set_xattrs(path, &meta.xattrs, |n, v| {
+            rfs::fsetxattr(&file, n, v, XattrFlags::empty())
+        })?;
+        rfs::futimens(&file, &times(meta.mtime))
+            .map_err(|e| LayerError::io(path, "set mtime", e))?;
         Ok(size)
     }
 
@@ -555,8 +594,11 @@ impl Extractor<'_> {
             rfs::fchown(&fd, Some(uid(meta.uid)), Some(gid(meta.gid)))
                 .map_err(|e| LayerError::io(path, "chown", e))?;
         }
-        set_xattrs(path, &meta.xattrs, |n, v| rfs::fsetxattr(&fd, n, v, XattrFlags::empty()))?;
-        self.deferred_dirs.insert(path.to_owned(), (meta.mode, meta.mtime));
+        set_xattrs(path, &meta.xattrs, |n, v| {
+            rfs::fsetxattr(&fd, n, v, XattrFlags::empty())
+        })?;
+        self.deferred_dirs
+            .insert(path.to_owned(), (meta.mode, meta.mtime));
         Ok(())
     }
 
@@ -569,18 +611,26 @@ impl Extractor<'_> {
             .fs
             .open_dir(dir, true)
             .map_err(|e| e.for_entry(marker, "open opaque directory"))?;
-        rfs::fsetxattr(&fd, OPAQUE_XATTR, b"y", XattrFlags::empty()).map_err(|e| LayerError::Xattr {
-            path: dir.to_owned(),
-            name: OPAQUE_XATTR.into(),
-            source: e.into(),
+        rfs::fsetxattr(&fd, OPAQUE_XATTR, b"y", XattrFlags::empty()).map_err(|e| {
+            LayerError::Xattr {
+                path: dir.to_owned(),
+                name: OPAQUE_XATTR.into(),
+                source: e.into(),
+            }
         })
     }
 
     fn whiteout(&mut self, target: &Path, meta: &Meta) -> Result<(), LayerError> {
         let (dir, name) = self.parent_of(target)?;
         self.clear(dir.as_fd(), name, target, false)?;
-        rfs::mknodat(&*dir, name, rfs::FileType::CharacterDevice, Mode::empty(), rfs::makedev(0, 0))
-            .map_err(|e| LayerError::io(target, "mknod whiteout", e))?;
+        rfs::mknodat(
+            &*dir,
+            name,
+            rfs::FileType::CharacterDevice,
+            Mode::empty(),
+            rfs::makedev(0, 0),
+        )
+        .map_err(|e| LayerError::io(target, "mknod whiteout", e))?;
         self.owner_and_time(dir.as_fd(), name, target, meta)
     }
 
@@ -589,29 +639,51 @@ impl Extractor<'_> {
         // the container's root, so it may point anywhere.
         let (dir, name) = self.parent_of(path)?;
         self.clear(dir.as_fd(), name, path, false)?;
-        rfs::symlinkat(OsStr::from_bytes(target), &*dir, name).map_err(|e| LayerError::io(path, "symlink", e))?;
+        rfs::symlinkat(OsStr::from_bytes(target), &*dir, name)
+            .map_err(|e| LayerError::io(path, "symlink", e))?;
         self.xattrs_by_name(dir.as_fd(), name, path, meta)?;
         self.owner_and_time(dir.as_fd(), name, path, meta)
     }
 
-    fn node(&mut self, path: &Path, ftype: rfs::FileType, dev: rfs::Dev, meta: &Meta) -> Result<(), LayerError> {
+    fn node(
+        &mut self,
+        path: &Path,
+        ftype: rfs::FileType,
+        dev: rfs::Dev,
+        meta: &Meta,
+    ) -> Result<(), LayerError> {
         let (dir, name) = self.parent_of(path)?;
         self.clear(dir.as_fd(), name, path, false)?;
         rfs::mknodat(&*dir, name, ftype, Mode::from_raw_mode(meta.mode), dev)
             .map_err(|e| LayerError::io(path, "mknod", e))?;
         if self.opts.chown {
-            rfs::chownat(&*dir, name, Some(uid(meta.uid)), Some(gid(meta.gid)), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| LayerError::io(path, "chown", e))?;
+            rfs::chownat(
+                &*dir,
+                name,
+                Some(uid(meta.uid)),
+                Some(gid(meta.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| LayerError::io(path, "chown", e))?;
         }
         // mknod's mode is cut by the umask; set it exactly through an O_PATH
         // fd of the node itself (never opening the device).
-        let node = rfs::openat(&*dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| LayerError::io(path, "open node", e))?;
-        rfs::chmod(proc_fd_path(node.as_fd(), None), Mode::from_raw_mode(meta.mode))
-            .map_err(|e| LayerError::io(path, "chmod", e))?;
+        let node = rfs::openat(
+            &*dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| LayerError::io(path, "open node", e))?;
+        rfs::chmod(
+            proc_fd_path(node.as_fd(), None),
+            Mode::from_raw_mode(meta.mode),
+        )
+        .map_err(|e| LayerError::io(path, "chmod", e))?;
         self.xattrs_by_name(dir.as_fd(), name, path, meta)?;
         let ts = times(meta.mtime);
-        rfs::utimensat(&*dir, name, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| LayerError::io(path, "set mtime", e))
+        rfs::utimensat(&*dir, name, &ts, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| LayerError::io(path, "set mtime", e))
     }
 
     fn hardlink(&mut self, path: &Path, raw_target: &[u8]) -> Result<u64, LayerError> {
@@ -675,10 +747,22 @@ impl Extractor<'_> {
         Ok(size)
     }
 
-    fn owner_and_time(&self, dir: BorrowedFd<'_>, name: &OsStr, path: &Path, meta: &Meta) -> Result<(), LayerError> {
+    fn owner_and_time(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &Path,
+        meta: &Meta,
+    ) -> Result<(), LayerError> {
         if self.opts.chown {
-            rfs::chownat(dir, name, Some(uid(meta.uid)), Some(gid(meta.gid)), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| LayerError::io(path, "chown", e))?;
+            rfs::chownat(
+                dir,
+                name,
+                Some(uid(meta.uid)),
+                Some(gid(meta.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| LayerError::io(path, "chown", e))?;
         }
         rfs::utimensat(dir, name, &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| LayerError::io(path, "set mtime", e))
@@ -687,16 +771,26 @@ impl Extractor<'_> {
     /// xattrs on an entry that has no usable fd (symlinks, nodes): `lsetxattr`
     /// on `/proc/self/fd/DIR/NAME`, which resolves the exact parent directory
     /// and does not follow the final name.
-    fn xattrs_by_name(&self, dir: BorrowedFd<'_>, name: &OsStr, path: &Path, meta: &Meta) -> Result<(), LayerError> {
+    fn xattrs_by_name(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &Path,
+        meta: &Meta,
+    ) -> Result<(), LayerError> {
         if meta.xattrs.is_empty() {
             return Ok(());
         }
         let p = proc_fd_path(dir, Some(name));
-        set_xattrs(path, &meta.xattrs, |n, v| rfs::lsetxattr(&p, n, v, XattrFlags::empty()))
+        set_xattrs(path, &meta.xattrs, |n, v| {
+            rfs::lsetxattr(&p, n, v, XattrFlags::empty())
+        })
     }
 
     fn apply_deferred_dirs(&mut self) -> Result<(), LayerError> {
-        let mut dirs: Vec<_> = std::mem::take(&mut self.deferred_dirs).into_iter().collect();
+        let mut dirs: Vec<_> = std::mem::take(&mut self.deferred_dirs)
+            .into_iter()
+            .collect();
         // Deepest first, so a parent's mtime is set after everything below it.
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (path, (mode, mtime)) in dirs {
@@ -704,7 +798,8 @@ impl Extractor<'_> {
                 .fs
                 .open_dir(&path, true)
                 .map_err(|e| e.for_entry(&path, "open directory"))?;
-            rfs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| LayerError::io(&path, "chmod", e))?;
+            rfs::fchmod(&fd, Mode::from_raw_mode(mode))
+                .map_err(|e| LayerError::io(&path, "chmod", e))?;
             rfs::futimens(&fd, &times(mtime)).map_err(|e| LayerError::io(&path, "set mtime", e))?;
         }
         Ok(())
@@ -713,7 +808,7 @@ impl Extractor<'_> {
 
 fn set_xattrs(
     path: &Path,
-    xattrs: &[(Vec<u8>, Vec<u8>)],
+    xattrs: &Xattrs,
     mut set: impl FnMut(&OsStr, &[u8]) -> rustix::io::Result<()>,
 ) -> Result<(), LayerError> {
     for (name, value) in xattrs {
@@ -749,6 +844,16 @@ fn set_xattrs(
     Ok(())
 }
 
+/// A numeric header field; one left blank (all NUL or spaces, as some writers
+/// leave unused fields) reads as 0, anything else unparsable is an error.
+fn numeric<T: Default>(parsed: io::Result<T>, raw: &[u8]) -> Option<T> {
+    match parsed {
+        Ok(v) => Some(v),
+        Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Some(T::default()),
+        Err(_) => None,
+    }
+}
+
 /// Parse a PAX time (`[-]SECONDS[.FRACTION]`).
 fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
     let s = std::str::from_utf8(v).ok()?;
@@ -757,7 +862,10 @@ fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
         None => (false, s),
     };
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    if int.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let secs: i64 = int.parse().ok()?;

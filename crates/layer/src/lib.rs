@@ -56,3 +56,6 @@ pub use error::LayerError;
 pub use extract::{extract, EntryEvent, EntryKind, ExtractOptions, ExtractStats};
 pub use path::{normalize, MAX_PATH_LEN, OPAQUE_MARKER, WHITEOUT_META_PREFIX, WHITEOUT_PREFIX};
 pub use writer::{LayerDigests, LayerWriter};
+
+/// xattrs as (name, value) byte strings.
+pub(crate) type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;

@@ -119,15 +119,36 @@ mod tests {
     #[test]
     fn refuses_hostile_paths() {
         assert!(matches!(normalize(b""), Err(LayerError::EmptyPath { .. })));
-        assert!(matches!(normalize(b"/etc"), Err(LayerError::AbsolutePath { .. })));
-        assert!(matches!(normalize(b"//etc"), Err(LayerError::AbsolutePath { .. })));
-        assert!(matches!(normalize(b".."), Err(LayerError::ParentComponent { .. })));
-        assert!(matches!(normalize(b"a/../b"), Err(LayerError::ParentComponent { .. })));
-        assert!(matches!(normalize(b"a/.."), Err(LayerError::ParentComponent { .. })));
-        assert!(matches!(normalize(b"a\0b"), Err(LayerError::NulInPath { .. })));
+        assert!(matches!(
+            normalize(b"/etc"),
+            Err(LayerError::AbsolutePath { .. })
+        ));
+        assert!(matches!(
+            normalize(b"//etc"),
+            Err(LayerError::AbsolutePath { .. })
+        ));
+        assert!(matches!(
+            normalize(b".."),
+            Err(LayerError::ParentComponent { .. })
+        ));
+        assert!(matches!(
+            normalize(b"a/../b"),
+            Err(LayerError::ParentComponent { .. })
+        ));
+        assert!(matches!(
+            normalize(b"a/.."),
+            Err(LayerError::ParentComponent { .. })
+        ));
+        assert!(matches!(
+            normalize(b"a\0b"),
+            Err(LayerError::NulInPath { .. })
+        ));
         // 2048 components of one byte: 4095 bytes once normalised, the limit.
         let at_limit = "a/".repeat(2048);
-        assert_eq!(normalize(at_limit.as_bytes()).unwrap().as_os_str().len(), MAX_PATH_LEN);
+        assert_eq!(
+            normalize(at_limit.as_bytes()).unwrap().as_os_str().len(),
+            MAX_PATH_LEN
+        );
         let over = format!("b/{at_limit}");
         assert!(matches!(
             normalize(over.as_bytes()),

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
 use crate::path::{normalize, OPAQUE_MARKER, WHITEOUT_PREFIX};
-use crate::{Compression, LayerError};
+use crate::{Compression, LayerError, Xattrs};
 
 /// Digests of a finished layer, as an OCI manifest and image config need them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,9 @@ const MAX_OCTAL_12: u64 = 0o77_777_777_777;
 /// names or link targets, large ids or sizes, negative mtimes, xattrs), with
 /// empty user/group names and no atime/ctime, so the output depends only on
 /// the entries' content and metadata and on the order they are appended.
+///
+/// After an `append_*` error the output may hold a partial entry; discard the
+/// writer and its output.
 pub struct LayerWriter<W: Write> {
     out: Hashed<Encoder<W>>,
     /// First path written for each multiply-linked inode, keyed by (dev, ino).
@@ -123,8 +126,12 @@ impl<W: Write> LayerWriter<W> {
         match ftype {
             rfs::FileType::RegularFile => {
                 e.size = st.st_size as u64;
-                let fd = rfs::open(&full, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|err| LayerError::io(&full, "open", err))?;
+                let fd = rfs::open(
+                    &full,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|err| LayerError::io(&full, "open", err))?;
                 let file = File::from(fd);
                 let now = rfs::fstat(&file).map_err(|err| LayerError::io(&full, "fstat", err))?;
                 if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
@@ -175,10 +182,19 @@ impl<W: Write> LayerWriter<W> {
 
     /// Append a regular file with the given content, owned by root (used for
     /// the boot index).
-    pub fn append_bytes(&mut self, rel: &Path, mode: u32, mtime: u64, data: &[u8]) -> Result<(), LayerError> {
+    pub fn append_bytes(
+        &mut self,
+        rel: &Path,
+        mode: u32,
+        mtime: u64,
+        data: &[u8],
+    ) -> Result<(), LayerError> {
         let rel = normalize(rel.as_os_str().as_bytes())?;
         if rel.as_os_str().is_empty() {
-            return Err(LayerError::RootEntry { path: rel, kind: "file" });
+            return Err(LayerError::RootEntry {
+                path: rel,
+                kind: "file",
+            });
         }
         let e = EntryHeader {
             name: rel.as_os_str().as_bytes().to_vec(),
@@ -245,7 +261,11 @@ impl<W: Write> LayerWriter<W> {
         let out_err = |e: io::Error| LayerError::io("<layer output>", "finish layer", e);
         // End of archive: two zero blocks.
         self.out.write_all(&[0; 2 * BLOCK]).map_err(out_err)?;
-        let Hashed { inner: enc, hasher, count } = self.out;
+        let Hashed {
+            inner: enc,
+            hasher,
+            count,
+        } = self.out;
         let diff_id = format!("sha256:{}", hex::encode(hasher.finalize()));
         let (digest, size, mut w) = match enc {
             Encoder::Plain(w) => (diff_id.clone(), count, w),
@@ -253,10 +273,22 @@ impl<W: Write> LayerWriter<W> {
             Encoder::Zstd(zs) => zs.finish().map_err(out_err)?.into_parts(),
         };
         w.flush().map_err(out_err)?;
-        Ok((LayerDigests { digest, diff_id, size }, w))
+        Ok((
+            LayerDigests {
+                digest,
+                diff_id,
+                size,
+            },
+            w,
+        ))
     }
 
-    fn write_entry(&mut self, e: &EntryHeader, data: Option<(&mut dyn Read, &Path)>, rel: &Path) -> Result<(), LayerError> {
+    fn write_entry(
+        &mut self,
+        e: &EntryHeader,
+        data: Option<(&mut dyn Read, &Path)>,
+        rel: &Path,
+    ) -> Result<(), LayerError> {
         let out_err = |err: io::Error| LayerError::io(rel, "write layer", err);
         let mut h = Header::new_ustar();
         let mut pax: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
@@ -293,8 +325,10 @@ impl<W: Write> LayerWriter<W> {
         h.set_size(e.size);
         h.set_mtime(u64::try_from(e.mtime).unwrap_or(0));
         if let Some((major, minor)) = e.dev {
-            h.set_device_major(major).map_err(|err| LayerError::io(rel, "encode device", err))?;
-            h.set_device_minor(minor).map_err(|err| LayerError::io(rel, "encode device", err))?;
+            h.set_device_major(major)
+                .map_err(|err| LayerError::io(rel, "encode device", err))?;
+            h.set_device_minor(minor)
+                .map_err(|err| LayerError::io(rel, "encode device", err))?;
         }
         h.set_cksum();
 
@@ -322,9 +356,16 @@ impl<W: Write> LayerWriter<W> {
         if let Some((src, src_path)) = data {
             let mut left = e.size;
             while left > 0 {
-                let want = self.buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let want = self
+                    .buf
+                    .len()
+                    .min(usize::try_from(left).unwrap_or(usize::MAX));
                 let n = match src.read(&mut self.buf[..want]) {
-                    Ok(0) => return Err(LayerError::FileChanged { path: src_path.to_owned() }),
+                    Ok(0) => {
+                        return Err(LayerError::FileChanged {
+                            path: src_path.to_owned(),
+                        })
+                    }
                     Ok(n) => n,
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                     Err(err) => return Err(LayerError::io(src_path, "read", err)),
@@ -335,7 +376,9 @@ impl<W: Write> LayerWriter<W> {
             // A file that grew since lstat would be archived cut short.
             let mut probe = [0u8; 1];
             if matches!(src.read(&mut probe), Ok(n) if n > 0) {
-                return Err(LayerError::FileChanged { path: src_path.to_owned() });
+                return Err(LayerError::FileChanged {
+                    path: src_path.to_owned(),
+                });
             }
             self.pad(e.size).map_err(out_err)?;
         }
@@ -362,7 +405,7 @@ struct EntryHeader {
     size: u64,
     link: Vec<u8>,
     dev: Option<(u32, u32)>,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattrs: Xattrs,
 }
 
 /// Store `name` in the ustar name/prefix fields if it fits (splitting at the
@@ -414,7 +457,7 @@ fn pax_body(records: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<u8> {
 
 /// The xattrs of `path` (not following a final symlink), sorted by name,
 /// without overlayfs' own `trusted.overlay.*`.
-fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LayerError> {
+fn read_xattrs(path: &Path) -> Result<Xattrs, LayerError> {
     let names = match read_sized(|buf| rfs::llistxattr(path, buf)) {
         Ok(n) => n,
         Err(Errno::NOTSUP) => return Ok(Vec::new()),
@@ -443,18 +486,21 @@ fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LayerError> {
     Ok(out)
 }
 
-/// Call a size-probing xattr syscall until the buffer is big enough.
-fn read_sized(mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>) -> rustix::io::Result<Vec<u8>> {
+/// Call an xattr syscall with a growing buffer until it fits. (rustix caps
+/// the result at the buffer length, so a zero-length size probe reports 0.)
+fn read_sized(
+    mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
+) -> rustix::io::Result<Vec<u8>> {
+    // Linux caps both a value and a name list at 64 KiB.
+    const MAX: usize = 1 << 16;
+    let mut buf = vec![0u8; 1024];
     loop {
-        let need = call(&mut [])?;
-        let mut buf = vec![0u8; need];
         match call(&mut buf) {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(buf);
             }
-            // Grew between the two calls.
-            Err(Errno::RANGE) => continue,
+            Err(Errno::RANGE) if buf.len() < MAX => buf.resize(buf.len() * 4, 0),
             Err(e) => return Err(e),
         }
     }

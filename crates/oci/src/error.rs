@@ -40,7 +40,7 @@ pub enum OciError {
         status: u16,
         body: String,
     },
-    #[error("{what}: cannot reach registry {registry}: {source}")]
+    #[error("{what}: cannot reach registry {registry}")]
     Http {
         what: String,
         registry: String,
@@ -57,7 +57,7 @@ pub enum OciError {
     },
     #[error("{what}: authentication failed: {reason}")]
     Auth { what: String, reason: String },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]

@@ -4,7 +4,7 @@ use lazylayer_oci::{Digest, OciError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{what} ({path}): {source}")]
+    #[error("{what} ({path})")]
     Io {
         what: String,
         path: PathBuf,
@@ -13,7 +13,7 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Oci(#[from] OciError),
-    #[error("layer {digest}: {source}")]
+    #[error("layer {digest}")]
     Layer {
         digest: Digest,
         #[source]

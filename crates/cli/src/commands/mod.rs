@@ -1,5 +1,6 @@
 pub mod images;
 pub mod inspect;
+pub mod optimize;
 pub mod prune;
 pub mod pull;
 pub mod push;

@@ -1,0 +1,124 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use lazylayer_optimize::{optimize, CancelHandle, OptimizeOptions};
+use lazylayer_runtime::{NetworkMode, WaitCondition};
+use lazylayer_store::PullOptions;
+
+use crate::context::{human_bytes, GlobalArgs};
+use crate::progress::PullBars;
+
+/// Build an optimized image: run SRC's workload once under the tracing file
+/// system, put what it read at start into a boot layer (with an index of every
+/// path), and push DST = SRC's layers (never re-uploaded) + the boot layer.
+/// Any registry stores DST and any runtime runs it unchanged.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Source image
+    pub source: String,
+    /// Destination reference for the optimized image
+    pub destination: String,
+    /// When the workload counts as started: exit | port:N | log:TEXT | time:SECS
+    #[arg(long, default_value = "exit")]
+    pub wait: WaitCondition,
+    /// Give up (and fail) when the workload is not ready after this many seconds
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Extra environment for the workload (K=V, repeatable)
+    #[arg(short, long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Network: none (own empty namespace) or host
+    #[arg(long, default_value = "none")]
+    pub net: String,
+    /// Save the recorded trace (JSON) to this file
+    #[arg(long)]
+    pub trace_out: Option<PathBuf>,
+    /// Skip running the workload; build the boot layer from this trace file
+    #[arg(long)]
+    pub trace_in: Option<PathBuf>,
+    /// Platform to pick from a multi-platform image (OS/ARCH[/VARIANT])
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Command and arguments replacing the image's Cmd
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
+    let src = super::parse_reference(&a.source)?;
+    let dst = super::parse_reference(&a.destination)?;
+    let network = match a.net.as_str() {
+        "none" => NetworkMode::None,
+        "host" => NetworkMode::Host,
+        other => anyhow::bail!("--net {other}: expected none or host"),
+    };
+    for e in &a.env {
+        anyhow::ensure!(e.contains('='), "--env {e:?}: expected K=V");
+    }
+    let opts = OptimizeOptions {
+        wait: a.wait,
+        timeout: Duration::from_secs_f64(a.timeout),
+        env: a.env,
+        args: (!a.command.is_empty()).then_some(a.command),
+        network,
+        trace_in: a.trace_in,
+        trace_out: a.trace_out,
+        pull: PullOptions { platform: super::parse_platform(a.platform.as_deref())?, ..PullOptions::default() },
+    };
+    let store = g.store()?;
+    let client = g.client()?;
+    let cancel = CancelHandle::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: stopping the workload and cleaning up");
+            c2.cancel();
+        }
+    });
+    let quiet = a.json;
+    let phase = move |s: &str| {
+        if !quiet {
+            eprintln!("==> {s}");
+        }
+    };
+    let bars = Arc::new(PullBars::new(quiet));
+    let rep = optimize(&store, &client, &src, &dst, &opts, bars, &phase, cancel)
+        .await
+        .with_context(|| format!("optimizing {src} into {dst}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+        return Ok(());
+    }
+    println!("Optimized {} -> {} ({})", rep.source, rep.destination, rep.manifest_digest);
+    println!(
+        "  image        {} in {} entries",
+        human_bytes(rep.image_size),
+        rep.image_entries
+    );
+    println!(
+        "  boot layer   {} ({:.1}% of the image): {} entries, {} of file content, index {}",
+        human_bytes(rep.boot_layer_size),
+        rep.boot_share * 100.0,
+        rep.boot_entries,
+        human_bytes(rep.boot_file_bytes),
+        human_bytes(rep.index_bytes)
+    );
+    println!("  traced       {} accesses", rep.trace_events);
+    println!(
+        "  time         pull {:.2}s, index {:.2}s, trace {:.2}s, build {:.2}s, push {:.2}s",
+        rep.seconds_pull, rep.seconds_index, rep.seconds_trace, rep.seconds_build, rep.seconds_push
+    );
+    println!(
+        "  push         {} layers mounted, {} already there, {} uploaded ({})",
+        rep.push.layers_mounted,
+        rep.push.layers_existing,
+        rep.push.layers_uploaded,
+        human_bytes(rep.push.bytes_uploaded)
+    );
+    Ok(())
+}

@@ -1,0 +1,444 @@
+//! Bad input gets a clear error and loses nothing: corrupt, truncated and
+//! wrongly named blobs, hostile layer tars, registries that cut connections
+//! or die, and registries that want a password.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use lazylayer_oci::client::BlobSource;
+use lazylayer_oci::{ClientConfig, Digest, Reference, RegistryClient};
+
+/// The store holds no image, no layer and no leftovers.
+fn assert_store_empty(root: &Path) {
+    for sub in ["images", "layers/sha256", "tmp"] {
+        let l = tree_listing(&root.join(sub));
+        assert!(l.is_empty(), "{sub} not empty after a failed pull: {l:?}");
+    }
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn corrupt_blob_is_rejected_by_digest_and_store_unchanged() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let image = image_ref(&reg, "busybox");
+    let probe = tempfile::tempdir().unwrap();
+    let v = lazylayer_json(probe.path(), &["inspect", &image]);
+    let layer = v["layers"][0]["digest"].as_str().unwrap().to_string();
+    // Same size, one byte flipped in the middle: only the digest can tell.
+    let data = reg.blob_data_path(&layer);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let out = lazylayer(root.path(), &["pull", &image]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&layer) && (err.contains("corrupt") || err.contains("digest")),
+        "error must name the layer and the cause: {err}"
+    );
+    assert_store_empty(root.path());
+}
+
+#[test]
+fn truncated_blob_gives_size_error_and_store_unchanged() {
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer"]);
+    let image = image_ref(&reg, "multilayer");
+    let probe = tempfile::tempdir().unwrap();
+    let v = lazylayer_json(probe.path(), &["inspect", &image]);
+    let big = v["layers"][1]["digest"].as_str().unwrap().to_string();
+    let data = reg.blob_data_path(&big);
+    let len = std::fs::metadata(&data).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(len / 2).unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let out = lazylayer(root.path(), &["pull", &image]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&big), "names the layer: {err}");
+    assert!(err.contains(&format!("expected {len} bytes")), "says what is wrong: {err}");
+    // Other layers may have completed (they are valid); the broken one and the image must not.
+    assert!(tree_listing(&root.path().join("images")).is_empty());
+    assert!(!root.path().join("layers/sha256").join(big.strip_prefix("sha256:").unwrap()).exists());
+    assert!(tree_listing(&root.path().join("tmp")).is_empty());
+}
+
+#[test]
+fn wrong_digest_reference_is_a_clear_error() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let root = tempfile::tempdir().unwrap();
+    let bogus = format!("{}/lazylayer/busybox@sha256:{}", reg.addr(), "ab".repeat(32));
+    let out = lazylayer(root.path(), &["pull", &bogus]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+    let out = lazylayer(root.path(), &["pull", &format!("{}/lazylayer/busybox@sha256:xyz", reg.addr())]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("invalid digest"), "{}", stderr(&out));
+    assert_store_empty(root.path());
+}
+
+// ---- hostile layers -------------------------------------------------------
+
+/// One raw ustar header + data, written by hand: tar libraries refuse to
+/// write the hostile names we need.
+fn tar_entry(out: &mut Vec<u8>, name: &str, kind: u8, link: &str, data: &[u8]) {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    let oct = |h: &mut [u8; 512], off: usize, len: usize, v: u64| {
+        let s = format!("{:0width$o}\0", v, width = len - 1);
+        h[off..off + len].copy_from_slice(s.as_bytes());
+    };
+    oct(&mut h, 100, 8, 0o644);
+    oct(&mut h, 108, 8, 0);
+    oct(&mut h, 116, 8, 0);
+    oct(&mut h, 124, 12, data.len() as u64);
+    oct(&mut h, 136, 12, 1_700_000_000);
+    h[156] = kind;
+    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|b| *b as u32).sum();
+    let s = format!("{sum:06o}\0 ");
+    h[148..156].copy_from_slice(s.as_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Push a one-layer image made of `tar` to `reg` as `lazylayer/NAME:latest`.
+fn push_single_layer_image(reg: &Registry, name: &str, tar: Vec<u8>) -> String {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = RegistryClient::new(ClientConfig::default()).unwrap();
+        let reference: Reference = image_ref(reg, name).parse().unwrap();
+        let diff_id = Digest::sha256_of(&tar);
+        let layer = gzip(&tar);
+        let layer_digest = Digest::sha256_of(&layer);
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#
+        );
+        let config_digest = Digest::sha256_of(config.as_bytes());
+        let repo = &reference.repository;
+        client
+            .push_blob(repo, &layer_digest, layer.len() as u64, &BlobSource::Bytes(layer.clone().into()), None)
+            .await
+            .unwrap();
+        client
+            .push_blob(repo, &config_digest, config.len() as u64, &BlobSource::Bytes(config.clone().into_bytes().into()), None)
+            .await
+            .unwrap();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer_digest}","size":{}}}]}}"#,
+            config.len(),
+            layer.len()
+        );
+        client
+            .put_manifest(&reference, "application/vnd.oci.image.manifest.v1+json", manifest.into_bytes().into())
+            .await
+            .unwrap();
+        image_ref(reg, name)
+    })
+}
+
+#[test]
+fn hostile_layers_are_refused_and_nothing_escapes() {
+    let reg = Registry::start();
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("dotdot", { let mut t = Vec::new(); tar_entry(&mut t, "../../../../../../tmp/evil-dotdot", b'0', "", b"x"); t }, ".."),
+        ("absolute", { let mut t = Vec::new(); tar_entry(&mut t, &victim.display().to_string(), b'0', "", b"x"); t }, "absolute"),
+        (
+            "symlink-escape",
+            {
+                let mut t = Vec::new();
+                tar_entry(&mut t, "link", b'2', &outside.path().display().to_string(), b"");
+                tar_entry(&mut t, "link/victim", b'0', "", b"x");
+                t
+            },
+            "symlink",
+        ),
+        (
+            "hardlink-escape",
+            {
+                let mut t = Vec::new();
+                tar_entry(&mut t, "h", b'1', "../../../../../../etc/passwd", b"");
+                t
+            },
+            "link",
+        ),
+        (
+            "truncated",
+            {
+                let mut t = Vec::new();
+                tar_entry(&mut t, "big", b'0', "", &[7u8; 4096]);
+                t.truncate(512 + 1000);
+                t
+            },
+            "",
+        ),
+    ];
+    for (name, tar, needle) in cases {
+        let image = push_single_layer_image(&reg, name, tar);
+        let root = tempfile::tempdir().unwrap();
+        let out = lazylayer(root.path(), &["pull", &image]);
+        assert!(!out.status.success(), "{name}: hostile layer accepted");
+        let err = stderr(&out).to_lowercase();
+        assert!(err.contains("layer sha256:"), "{name}: error names the layer: {err}");
+        assert!(err.contains(needle), "{name}: error says why ({needle}): {err}");
+        assert_store_empty(root.path());
+        assert!(!victim.exists(), "{name}: wrote outside the root");
+        assert!(!Path::new("/tmp/evil-dotdot").exists(), "{name}: wrote outside the root");
+    }
+}
+
+// ---- broken connections ---------------------------------------------------
+
+/// A TCP proxy in front of the registry that records requests and cuts a
+/// connection after `cut_after` response bytes. It relays real HTTP between a
+/// real client and the real registry; only the cut is injected.
+struct CuttingProxy {
+    port: u16,
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    cuts: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Copy)]
+enum AfterCut {
+    /// Later traffic flows untouched.
+    Heal,
+    /// The "registry" is gone: every connection, old or new, is closed.
+    Die,
+}
+
+struct RelayState {
+    cut_after: usize,
+    cuts: Arc<AtomicUsize>,
+    dead: Arc<AtomicBool>,
+    after: AfterCut,
+}
+
+impl CuttingProxy {
+    fn start(upstream: u16, cut_after: usize, after: AfterCut) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let dead = Arc::new(AtomicBool::new(false));
+        let (rq, st, ct) = (requests.clone(), stop.clone(), cuts.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                };
+                if dead.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                client.set_nonblocking(false).unwrap();
+                let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (rq, d2) = (rq.clone(), dead.clone());
+                std::thread::spawn(move || relay_requests(c2, s2, rq, d2));
+                let state = RelayState { cut_after, cuts: ct.clone(), dead: dead.clone(), after };
+                std::thread::spawn(move || relay_responses(server, client, state));
+            }
+        });
+        CuttingProxy { port, requests, stop, cuts }
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn close(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
+
+fn relay_requests(mut from: TcpStream, mut to: TcpStream, log: Arc<Mutex<Vec<String>>>, dead: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if dead.load(Ordering::Relaxed) {
+            break;
+        }
+        log.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).to_string());
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    close(&from, &to);
+}
+
+fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
+    let mut buf = vec![0u8; 16384];
+    let mut sent = 0usize;
+    let mut budget = s.cut_after;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if s.dead.load(Ordering::Relaxed) {
+            break;
+        }
+        let n_ok = n.min(budget - sent);
+        if to.write_all(&buf[..n_ok]).is_err() {
+            break;
+        }
+        sent += n_ok;
+        if sent >= budget {
+            // Decide at the moment of the cut, so connections opened earlier
+            // (and pooled by the client) are not all cut too.
+            let first = s.cuts.fetch_add(1, Ordering::SeqCst) == 0;
+            match s.after {
+                AfterCut::Heal if !first => {
+                    s.cuts.fetch_sub(1, Ordering::SeqCst);
+                    budget = usize::MAX;
+                    to.write_all(&buf[n_ok..n]).ok();
+                    sent += n - n_ok;
+                    continue;
+                }
+                AfterCut::Die => s.dead.store(true, Ordering::Relaxed),
+                AfterCut::Heal => {}
+            }
+            break;
+        }
+    }
+    close(&from, &to);
+}
+
+#[test]
+fn download_cut_halfway_resumes_with_range() {
+    let reg = Registry::start();
+    let digests = push_images(&reg, &["multilayer"]);
+    // Cut the first connection that has sent 2 MB: that is inside the 5 MB layer.
+    let proxy = CuttingProxy::start(reg.port, 2_000_000, AfterCut::Heal);
+    let root = tempfile::tempdir().unwrap();
+    let image = format!("127.0.0.1:{}/lazylayer/multilayer:latest", proxy.port);
+    let v = lazylayer_json(root.path(), &["pull", &image]);
+    assert_eq!(v["manifest_digest"], digests["multilayer"]);
+    assert_eq!(proxy.cuts.load(Ordering::Relaxed), 1, "the proxy cut a connection");
+    let reqs = proxy.requests.lock().unwrap().join("\n").to_lowercase();
+    assert!(reqs.contains("range: bytes="), "resumed with a Range request");
+    assert!(reg.log().contains("\" 206 "), "registry served a partial response");
+    // Resumed, not restarted: fetched bytes equal the image size, not more than one extra layer.
+    let size: u64 = v["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).sum();
+    assert_eq!(v["bytes_fetched"].as_u64().unwrap(), size);
+}
+
+#[test]
+fn registry_dying_mid_layer_gives_clear_error_and_store_unchanged() {
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer"]);
+    let proxy = CuttingProxy::start(reg.port, 2_000_000, AfterCut::Die);
+    let root = tempfile::tempdir().unwrap();
+    let image = format!("127.0.0.1:{}/lazylayer/multilayer:latest", proxy.port);
+    let out = lazylayer(root.path(), &["pull", &image]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cannot reach registry") || err.contains("gave up after"), "{err}");
+    assert!(err.contains("sha256:"), "names the layer: {err}");
+    assert!(tree_listing(&root.path().join("images")).is_empty());
+    assert!(tree_listing(&root.path().join("tmp")).is_empty());
+    assert_eq!(proxy.cuts.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn registry_down_is_a_clear_error() {
+    let mut reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    reg.stop();
+    let root = tempfile::tempdir().unwrap();
+    let out = lazylayer(root.path(), &["pull", &image_ref(&reg, "busybox")]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cannot reach registry"), "{err}");
+    assert_store_empty(root.path());
+    // And after a restart the same pull works.
+    reg.restart();
+    lazylayer_json(root.path(), &["pull", &image_ref(&reg, "busybox")]);
+}
+
+// ---- auth -----------------------------------------------------------------
+
+#[test]
+fn basic_auth_from_auth_file() {
+    let open = Registry::start();
+    let digests = push_images(&open, &["busybox"]);
+    let secrets = tempfile::tempdir().unwrap();
+    let htpasswd = secrets.path().join("htpasswd");
+    let out = std::process::Command::new("htpasswd").args(["-Bbn", "alice", "s3cret-pw"]).output().unwrap();
+    assert!(out.status.success(), "htpasswd (apache2-utils) is needed");
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let locked = Registry::start_with(&format!("auth:\n  htpasswd:\n    realm: lazylayer-test\n    path: {}\n", htpasswd.display()));
+    let auth_file = secrets.path().join("auth.json");
+    // "alice:s3cret-pw"
+    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#, locked.addr())).unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    lazylayer_json(root.path(), &["pull", &image_ref(&open, "busybox")]);
+    let dst = format!("{}/private/busybox:latest", locked.addr());
+    let run = |args: &[&str], with_auth: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"));
+        c.arg("--root").arg(root.path()).args(args).env("HOME", secrets.path());
+        if with_auth {
+            c.env("REGISTRY_AUTH_FILE", &auth_file);
+        } else {
+            c.env_remove("REGISTRY_AUTH_FILE");
+        }
+        c.output().unwrap()
+    };
+    let denied = run(&["push", &image_ref(&open, "busybox"), &dst], false);
+    assert!(!denied.status.success());
+    let err = stderr(&denied);
+    assert!(err.contains("no credentials") || err.contains("asks for a password"), "{err}");
+    let pushed = run(&["push", "--json", &image_ref(&open, "busybox"), &dst], true);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let fresh = tempfile::tempdir().unwrap();
+    let pulled = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(fresh.path())
+        .args(["pull", "--json", &dst])
+        .env("REGISTRY_AUTH_FILE", &auth_file)
+        .output()
+        .unwrap();
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], digests["busybox"]);
+    for o in [&denied, &pushed, &pulled] {
+        assert!(!stderr(o).contains("s3cret-pw"), "secret printed");
+    }
+}

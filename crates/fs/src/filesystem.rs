@@ -1,0 +1,338 @@
+//! The FUSE callbacks. Metadata comes from the index (immutable, so the
+//! kernel may cache it for long); content from the [`ContentSource`].
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use lazylayer_layer::index::{BootIndex, FileKind, IndexEntry};
+
+use crate::source::ContentSource;
+use crate::trace::{Access, Trace};
+
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// How long the kernel may cache attributes and names. The image never
+    /// changes under a mount, so this can be long.
+    pub ttl: Duration,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions { ttl: Duration::from_secs(3600) }
+    }
+}
+
+pub struct LazyFs<S: ContentSource> {
+    index: Arc<BootIndex>,
+    source: S,
+    trace: Option<Arc<Trace>>,
+    opts: FsOptions,
+    /// Link count per entry (dirs: 2 + subdirs; hardlinks: group size).
+    nlink: Vec<u32>,
+    /// Canonical entry per entry: the first member of its hardlink group.
+    canonical: Vec<u32>,
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    next_fh: AtomicU64,
+}
+
+fn ino_of(idx: u32) -> INodeNo {
+    INodeNo(idx as u64 + 1)
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+/// The kernel's "new" dev_t encoding used in FUSE attributes.
+fn fuse_rdev(rdev: u64) -> u32 {
+    let major = rustix::fs::major(rdev);
+    let minor = rustix::fs::minor(rdev);
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+}
+
+impl<S: ContentSource> LazyFs<S> {
+    pub fn new(index: Arc<BootIndex>, source: S, trace: Option<Arc<Trace>>, opts: FsOptions) -> Self {
+        let n = index.len();
+        let mut nlink = vec![1u32; n];
+        let mut canonical: Vec<u32> = (0..n as u32).collect();
+        for i in 0..n as u32 {
+            let e = &index.entries[i as usize];
+            match e.kind {
+                FileKind::Dir => {
+                    let subdirs = index
+                        .children(i)
+                        .iter()
+                        .filter(|c| index.entries[**c as usize].kind == FileKind::Dir)
+                        .count();
+                    nlink[i as usize] = 2 + subdirs as u32;
+                }
+                _ if e.hardlink_group != 0 => {
+                    let members = index.hardlink_members(e.hardlink_group);
+                    nlink[i as usize] = members.len().max(1) as u32;
+                    canonical[i as usize] = members.iter().copied().min().unwrap_or(i);
+                }
+                _ => {}
+            }
+        }
+        LazyFs { index, source, trace, opts, nlink, canonical, files: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
+    }
+
+    fn idx(&self, ino: INodeNo) -> Option<u32> {
+        let i = ino.0.checked_sub(1)?;
+        (i < self.index.len() as u64).then_some(i as u32)
+    }
+
+    fn entry(&self, idx: u32) -> &IndexEntry {
+        &self.index.entries[idx as usize]
+    }
+
+    fn attr(&self, idx: u32) -> FileAttr {
+        let c = self.canonical[idx as usize];
+        let e = self.entry(c);
+        let mtime = if e.mtime_sec >= 0 {
+            UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(e.mtime_sec.unsigned_abs())
+        };
+        FileAttr {
+            ino: ino_of(c),
+            size: e.size,
+            blocks: e.size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind: file_type(e.kind),
+            perm: (e.mode & 0o7777) as u16,
+            nlink: self.nlink[c as usize],
+            uid: e.uid,
+            gid: e.gid,
+            rdev: fuse_rdev(e.rdev),
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn record(&self, path: &[u8], access: Access) {
+        if let Some(t) = &self.trace {
+            t.record(path.to_vec(), access);
+        }
+    }
+
+    fn child_path(&self, parent: u32, name: &[u8]) -> Vec<u8> {
+        let p = &self.entry(parent).path;
+        if p.is_empty() {
+            name.to_vec()
+        } else {
+            let mut v = p.clone();
+            v.push(b'/');
+            v.extend_from_slice(name);
+            v
+        }
+    }
+}
+
+impl<S: ContentSource> Filesystem for LazyFs<S> {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(p) = self.idx(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.index.lookup_child(p, name.as_bytes()) {
+            Some(c) => {
+                self.record(&self.entry(c).path, Access::Lookup);
+                reply.entry(&self.opts.ttl, &self.attr(c), Generation(0));
+            }
+            None => {
+                self.record(&self.child_path(p, name.as_bytes()), Access::Missing);
+                // A negative entry with a TTL lets the kernel cache the miss.
+                reply.error(Errno::ENOENT);
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.idx(ino) {
+            Some(i) => reply.attr(&self.opts.ttl, &self.attr(i)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let Some(i) = self.idx(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let e = self.entry(i);
+        match &e.link_target {
+            Some(t) => {
+                self.record(&e.path, Access::Readlink);
+                reply.data(t)
+            }
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(i) = self.idx(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if flags.0 & libc_accmode() != rustix::fs::OFlags::RDONLY.bits() as i32 {
+            return reply.error(Errno::EROFS);
+        }
+        let e = self.entry(i);
+        if e.kind != FileKind::File {
+            return reply.error(Errno::EINVAL);
+        }
+        self.record(&e.path, Access::Open);
+        match self.source.open(i, e) {
+            Ok(f) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.files.lock().unwrap().insert(fh, Arc::new(f));
+                // Content never changes: let the page cache keep it across opens.
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Err(err) => {
+                tracing::warn!(path = %String::from_utf8_lossy(&e.path), error = %err, "content unavailable");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(f) = self.files.lock().unwrap().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0usize;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return reply.error(Errno::from(e)),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.idx(ino) {
+            Some(i) if self.entry(i).kind == FileKind::Dir => {
+                self.record(&self.entry(i).path, Access::Readdir);
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+            }
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(i) = self.idx(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let children = self.index.children(i);
+        let total = children.len() as u64 + 2;
+        for off in offset..total {
+            let full = match off {
+                0 => reply.add(ino_of(i), 1, FileType::Directory, "."),
+                1 => reply.add(ino_of(self.entry(i).parent), 2, FileType::Directory, ".."),
+                n => {
+                    let c = children[(n - 2) as usize];
+                    let e = self.entry(c);
+                    reply.add(ino_of(self.canonical[c as usize]), n + 1, file_type(e.kind), OsStr::from_bytes(self.index.name(c)))
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let used: u64 = self.index.entries.iter().map(|e| e.size.div_ceil(4096)).sum();
+        reply.statfs(used, 0, 0, self.index.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(i) = self.idx(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let e = self.entry(self.canonical[i as usize]);
+        match e.xattrs.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
+            None => reply.error(Errno::ENODATA),
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Some((_, v)) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(i) = self.idx(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let e = self.entry(self.canonical[i as usize]);
+        let mut buf = Vec::new();
+        for (n, _) in &e.xattrs {
+            buf.extend_from_slice(n);
+            buf.push(0);
+        }
+        if size == 0 {
+            reply.size(buf.len() as u32)
+        } else if buf.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&buf)
+        }
+    }
+}
+
+fn libc_accmode() -> i32 {
+    (rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::RDWR).bits() as i32
+}
+
+#[allow(dead_code)]
+fn now() -> SystemTime {
+    SystemTime::now()
+}

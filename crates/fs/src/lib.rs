@@ -1,0 +1,44 @@
+//! lazylayer's FUSE file system.
+//!
+//! It serves the *merged* root file system of an image, read-only, from a
+//! [`BootIndex`]: every stat, readdir, readlink, getxattr and "no such file"
+//! is answered from the index alone. Only opening a file's content goes to a
+//! [`ContentSource`], which decides where the bytes come from:
+//!
+//! * trace mode (`optimize`): the image's extracted layers, all local, while a
+//!   [`Trace`] records every path the workload touches, in first-access order;
+//! * boot-only mode: only the boot layer; any other content is a violation
+//!   (proves a boot layer is complete);
+//! * lazy mode (`run`): the boot layer first, else the one layer holding the
+//!   path, fetched on demand, with a bounded wait that ends in EIO.
+//!
+//! A kernel overlayfs is mounted on top by the caller for the container's writes.
+
+mod filesystem;
+mod mount;
+mod source;
+mod trace;
+
+pub use filesystem::{FsOptions, LazyFs};
+pub use mount::FsMount;
+pub use source::{BootOnlySource, ContentSource, LayerDirSource};
+pub use trace::{Access, Trace, TraceEvent, TraceFile};
+
+/// Errors of mounting and of trace files.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("mounting the lazylayer file system at {path}")]
+    Mount {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("trace file {path}")]
+    TraceFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("trace file {path}: {reason}")]
+    BadTrace { path: std::path::PathBuf, reason: String },
+}

@@ -1,0 +1,490 @@
+//! The byte format of the boot index, version 1 (`docs/index-format.md`).
+//!
+//! Layout: header, layer table, fixed-size entry records, name table, data
+//! blob (symlink targets and xattrs), SHA-256 of everything before it.
+//! All integers little-endian. The decoder accepts only the layout the
+//! encoder writes (sections contiguous and in order, blob data in entry
+//! order), so every count is bounded by the input length before anything is
+//! allocated and one index has one encoding.
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+
+use super::{BootIndex, FileKind, IndexEntry, IndexError, FORMAT_VERSION, MAX_NAME_LEN};
+use crate::MAX_PATH_LEN;
+
+pub(crate) const MAGIC: [u8; 8] = *b"LLIDX\0\0\0";
+pub(crate) const HEADER_LEN: usize = 88;
+pub(crate) const RECORD_LEN: usize = 80;
+pub(crate) const CHECKSUM_LEN: usize = 32;
+
+/// Header field offsets.
+pub(crate) mod hdr {
+    pub const VERSION: usize = 8;
+    pub const FLAGS: usize = 12;
+    pub const LAYER_COUNT: usize = 16;
+    pub const ENTRY_COUNT: usize = 20;
+    pub const LAYERS_OFF: usize = 24;
+    pub const LAYERS_LEN: usize = 32;
+    pub const ENTRIES_OFF: usize = 40;
+    pub const NAMES_OFF: usize = 48;
+    pub const NAMES_LEN: usize = 56;
+    pub const BLOB_OFF: usize = 64;
+    pub const BLOB_LEN: usize = 72;
+    pub const TOTAL_LEN: usize = 80;
+}
+
+/// Entry record field offsets.
+pub(crate) mod rec {
+    pub const PARENT: usize = 0;
+    pub const NAME_OFF: usize = 4;
+    pub const NAME_LEN: usize = 8;
+    pub const KIND: usize = 12;
+    pub const FLAGS: usize = 13;
+    pub const RESERVED: usize = 14;
+    pub const MODE: usize = 16;
+    pub const UID: usize = 20;
+    pub const GID: usize = 24;
+    pub const MTIME_NSEC: usize = 28;
+    pub const SIZE: usize = 32;
+    pub const MTIME_SEC: usize = 40;
+    pub const RDEV: usize = 48;
+    pub const LAYER: usize = 56;
+    pub const HARDLINK_GROUP: usize = 60;
+    pub const DATA_OFF: usize = 64;
+    pub const LINK_LEN: usize = 72;
+    pub const XATTR_COUNT: usize = 76;
+}
+
+/// Entry flag: the boot layer holds this path.
+const FLAG_IN_BOOT: u8 = 1;
+
+impl BootIndex {
+    /// Serialise the index. Deterministic: the same index always gives the
+    /// same bytes. Trusts the invariants [`BootIndex::new`] checked; an index
+    /// whose entries were edited into an invalid state encodes into bytes
+    /// that [`BootIndex::decode`] refuses.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut layers = Vec::new();
+        for id in &self.layers {
+            put_u32(&mut layers, id.len() as u32);
+            layers.extend_from_slice(id.as_bytes());
+        }
+
+        // Names are stored once each (many images repeat `__init__.py`,
+        // `Makefile`, ...), in order of first use so the bytes are stable.
+        let mut names = Vec::new();
+        let mut name_at: HashMap<&[u8], u32> = HashMap::new();
+        let mut records = Vec::with_capacity(self.entries.len() * RECORD_LEN);
+        let mut blob = Vec::new();
+        for e in &self.entries {
+            let name = last_component(&e.path);
+            let name_off = *name_at.entry(name).or_insert_with(|| {
+                let off = names.len() as u32;
+                names.extend_from_slice(name);
+                off
+            });
+            let data_off = blob.len() as u64;
+            let link: &[u8] = e.link_target.as_deref().unwrap_or_default();
+            blob.extend_from_slice(link);
+            for (n, v) in &e.xattrs {
+                put_u32(&mut blob, n.len() as u32);
+                put_u32(&mut blob, v.len() as u32);
+                blob.extend_from_slice(n);
+                blob.extend_from_slice(v);
+            }
+
+            let mut r = [0u8; RECORD_LEN];
+            set_u32(&mut r, rec::PARENT, e.parent);
+            set_u32(&mut r, rec::NAME_OFF, name_off);
+            set_u32(&mut r, rec::NAME_LEN, name.len() as u32);
+            r[rec::KIND] = e.kind.code();
+            r[rec::FLAGS] = if e.in_boot { FLAG_IN_BOOT } else { 0 };
+            set_u32(&mut r, rec::MODE, e.mode);
+            set_u32(&mut r, rec::UID, e.uid);
+            set_u32(&mut r, rec::GID, e.gid);
+            set_u32(&mut r, rec::MTIME_NSEC, e.mtime_nsec);
+            set_u64(&mut r, rec::SIZE, e.size);
+            set_u64(&mut r, rec::MTIME_SEC, e.mtime_sec as u64);
+            set_u64(&mut r, rec::RDEV, e.rdev);
+            set_u32(&mut r, rec::LAYER, e.layer);
+            set_u32(&mut r, rec::HARDLINK_GROUP, e.hardlink_group);
+            set_u64(&mut r, rec::DATA_OFF, data_off);
+            set_u32(&mut r, rec::LINK_LEN, link.len() as u32);
+            set_u32(&mut r, rec::XATTR_COUNT, e.xattrs.len() as u32);
+            records.extend_from_slice(&r);
+        }
+
+        let layers_off = HEADER_LEN as u64;
+        let entries_off = layers_off + layers.len() as u64;
+        let names_off = entries_off + records.len() as u64;
+        let blob_off = names_off + names.len() as u64;
+        let total = blob_off + blob.len() as u64 + CHECKSUM_LEN as u64;
+
+        let mut h = [0u8; HEADER_LEN];
+        h[..8].copy_from_slice(&MAGIC);
+        set_u32(&mut h, hdr::VERSION, FORMAT_VERSION);
+        set_u32(&mut h, hdr::FLAGS, 0);
+        set_u32(&mut h, hdr::LAYER_COUNT, self.layers.len() as u32);
+        set_u32(&mut h, hdr::ENTRY_COUNT, self.entries.len() as u32);
+        set_u64(&mut h, hdr::LAYERS_OFF, layers_off);
+        set_u64(&mut h, hdr::LAYERS_LEN, layers.len() as u64);
+        set_u64(&mut h, hdr::ENTRIES_OFF, entries_off);
+        set_u64(&mut h, hdr::NAMES_OFF, names_off);
+        set_u64(&mut h, hdr::NAMES_LEN, names.len() as u64);
+        set_u64(&mut h, hdr::BLOB_OFF, blob_off);
+        set_u64(&mut h, hdr::BLOB_LEN, blob.len() as u64);
+        set_u64(&mut h, hdr::TOTAL_LEN, total);
+
+        let mut out = Vec::with_capacity(total as usize);
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&layers);
+        out.extend_from_slice(&records);
+        out.extend_from_slice(&names);
+        out.extend_from_slice(&blob);
+        let sum = Sha256::digest(&out);
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    /// Parse and validate an index. A corrupt, truncated, hostile or
+    /// future-version index is an error, never a panic; memory allocated is
+    /// bounded by a small multiple of `bytes.len()` (reconstructed paths are
+    /// capped at `MAX_PATH_LEN` each).
+    pub fn decode(bytes: &[u8]) -> Result<BootIndex, IndexError> {
+        let len = bytes.len() as u64;
+        let truncated = |expected: u64| IndexError::Truncated {
+            expected,
+            actual: len,
+        };
+        // Magic and version sit at fixed offsets in every version, and are
+        // checked before anything else so that a future index gets a
+        // "version not supported" error, not a checksum or layout one.
+        if bytes.len() < MAGIC.len() {
+            return Err(if MAGIC.starts_with(bytes) {
+                truncated((HEADER_LEN + CHECKSUM_LEN) as u64)
+            } else {
+                IndexError::BadMagic
+            });
+        }
+        if bytes[..MAGIC.len()] != MAGIC {
+            return Err(IndexError::BadMagic);
+        }
+        if bytes.len() < hdr::VERSION + 4 {
+            return Err(truncated((HEADER_LEN + CHECKSUM_LEN) as u64));
+        }
+        let version = get_u32(bytes, hdr::VERSION);
+        if version != FORMAT_VERSION {
+            return Err(IndexError::UnsupportedVersion { found: version });
+        }
+        if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
+            return Err(truncated((HEADER_LEN + CHECKSUM_LEN) as u64));
+        }
+        let total = get_u64(bytes, hdr::TOTAL_LEN);
+        if total > len {
+            return Err(truncated(total));
+        }
+        if total < len {
+            return Err(malformed(
+                hdr::TOTAL_LEN,
+                format!("total length {total} but {len} bytes present"),
+            ));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+        if Sha256::digest(body).as_slice() != sum {
+            return Err(IndexError::ChecksumMismatch);
+        }
+        let flags = get_u32(bytes, hdr::FLAGS);
+        if flags != 0 {
+            return Err(IndexError::UnknownFlags { flags });
+        }
+
+        let s = Sections::read(body)?;
+        let layers = decode_layers(body, &s)?;
+        let entries = decode_entries(body, &s)?;
+        BootIndex::new(layers, entries)
+    }
+}
+
+/// Section bounds, checked against the body length.
+struct Sections {
+    layer_count: usize,
+    entry_count: usize,
+    layers: (usize, usize),
+    entries: (usize, usize),
+    names: (usize, usize),
+    blob: (usize, usize),
+}
+
+impl Sections {
+    fn read(body: &[u8]) -> Result<Self, IndexError> {
+        let layer_count = get_u32(body, hdr::LAYER_COUNT) as u64;
+        let entry_count = get_u32(body, hdr::ENTRY_COUNT) as u64;
+        let layers_off = get_u64(body, hdr::LAYERS_OFF);
+        let layers_len = get_u64(body, hdr::LAYERS_LEN);
+        let entries_off = get_u64(body, hdr::ENTRIES_OFF);
+        let names_off = get_u64(body, hdr::NAMES_OFF);
+        let names_len = get_u64(body, hdr::NAMES_LEN);
+        let blob_off = get_u64(body, hdr::BLOB_OFF);
+        let blob_len = get_u64(body, hdr::BLOB_LEN);
+        // entry_count < 2^32, so this cannot overflow a u64.
+        let entries_len = entry_count * RECORD_LEN as u64;
+
+        let expect = |field: usize, found: u64, want: Option<u64>| match want {
+            Some(w) if w == found => Ok(()),
+            _ => Err(malformed(
+                field,
+                format!("section offset {found} does not follow the previous section"),
+            )),
+        };
+        expect(hdr::LAYERS_OFF, layers_off, Some(HEADER_LEN as u64))?;
+        expect(hdr::ENTRIES_OFF, entries_off, layers_off.checked_add(layers_len))?;
+        expect(hdr::NAMES_OFF, names_off, entries_off.checked_add(entries_len))?;
+        expect(hdr::BLOB_OFF, blob_off, names_off.checked_add(names_len))?;
+        match blob_off.checked_add(blob_len) {
+            Some(end) if end == body.len() as u64 => {}
+            _ => {
+                // Also what a count claiming more entries than there are
+                // bytes ends up as: the sections no longer fit the input.
+                return Err(malformed(
+                    hdr::BLOB_LEN,
+                    format!(
+                        "sections ({entry_count} entries, {layers_len}+{names_len}+{blob_len} bytes) \
+                         do not fit the {} bytes present",
+                        body.len()
+                    ),
+                ));
+            }
+        }
+        // Each layer needs at least its 4-byte length.
+        if layer_count > layers_len / 4 {
+            return Err(malformed(
+                hdr::LAYER_COUNT,
+                format!("{layer_count} layers cannot fit in {layers_len} bytes"),
+            ));
+        }
+        // All offsets are now within `body`, so they fit a usize.
+        let range = |off: u64, len: u64| (off as usize, (off + len) as usize);
+        Ok(Sections {
+            layer_count: layer_count as usize,
+            entry_count: entry_count as usize,
+            layers: range(layers_off, layers_len),
+            entries: range(entries_off, entries_len),
+            names: range(names_off, names_len),
+            blob: range(blob_off, blob_len),
+        })
+    }
+}
+
+fn decode_layers(body: &[u8], s: &Sections) -> Result<Vec<String>, IndexError> {
+    let mut cur = Cursor {
+        bytes: &body[s.layers.0..s.layers.1],
+        pos: 0,
+        base: s.layers.0,
+    };
+    let mut layers = Vec::with_capacity(s.layer_count);
+    for i in 0..s.layer_count {
+        let at = cur.offset();
+        let n = cur.u32()? as usize;
+        let id = cur.take(n)?;
+        let id = std::str::from_utf8(id)
+            .map_err(|_| malformed(at, format!("layer {i}: id is not UTF-8")))?;
+        layers.push(id.to_owned());
+    }
+    if cur.pos != cur.bytes.len() {
+        return Err(malformed(cur.offset(), "unused bytes after the layer table".into()));
+    }
+    Ok(layers)
+}
+
+fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexError> {
+    let records = &body[s.entries.0..s.entries.1];
+    let names = &body[s.names.0..s.names.1];
+    let mut blob = Cursor {
+        bytes: &body[s.blob.0..s.blob.1],
+        pos: 0,
+        base: s.blob.0,
+    };
+    // Bounded: entry_count * RECORD_LEN bytes are present.
+    let mut entries: Vec<IndexEntry> = Vec::with_capacity(s.entry_count);
+    for (i, r) in records.chunks_exact(RECORD_LEN).enumerate() {
+        let at = s.entries.0 + i * RECORD_LEN;
+        let field = |off: usize, what: String| malformed(at + off, format!("entry {i}: {what}"));
+
+        let parent = get_u32(r, rec::PARENT);
+        if (i == 0 && parent != 0) || (i > 0 && parent as usize >= i) {
+            return Err(field(rec::PARENT, format!("parent {parent} does not precede the entry")));
+        }
+        let name_off = get_u32(r, rec::NAME_OFF) as usize;
+        let name_len = get_u32(r, rec::NAME_LEN) as usize;
+        if name_len > MAX_NAME_LEN {
+            return Err(field(rec::NAME_LEN, format!("name of {name_len} bytes")));
+        }
+        let name = name_off
+            .checked_add(name_len)
+            .and_then(|end| names.get(name_off..end))
+            .ok_or_else(|| field(rec::NAME_OFF, "name outside the name table".into()))?;
+        let kind = FileKind::from_code(r[rec::KIND])
+            .ok_or_else(|| field(rec::KIND, format!("unknown kind {}", r[rec::KIND])))?;
+        let flags = r[rec::FLAGS];
+        if flags & !FLAG_IN_BOOT != 0 {
+            return Err(field(rec::FLAGS, format!("unknown entry flags {flags:#x}")));
+        }
+        if get_u16(r, rec::RESERVED) != 0 {
+            return Err(field(rec::RESERVED, "reserved bytes not zero".into()));
+        }
+
+        // Built from the parent's path before allocating; the length is
+        // checked first so a deep chain of long names cannot blow up memory.
+        let path = if i == 0 {
+            Vec::new()
+        } else {
+            let pp = &entries[parent as usize].path;
+            let sep = usize::from(!pp.is_empty());
+            let plen = pp.len() + sep + name.len();
+            if plen > MAX_PATH_LEN {
+                return Err(field(rec::NAME_LEN, format!("path of {plen} bytes")));
+            }
+            let mut p = Vec::with_capacity(plen);
+            p.extend_from_slice(pp);
+            if sep == 1 {
+                p.push(b'/');
+            }
+            p.extend_from_slice(name);
+            p
+        };
+
+        // Blob data must follow entry order exactly: no gaps, no sharing, so
+        // the decoded xattrs and targets never exceed the blob's size.
+        let data_off = get_u64(r, rec::DATA_OFF);
+        if data_off != blob.pos as u64 {
+            return Err(field(
+                rec::DATA_OFF,
+                format!("data offset {data_off}, expected {}", blob.pos),
+            ));
+        }
+        let link_len = get_u32(r, rec::LINK_LEN) as usize;
+        let link_target = match kind {
+            FileKind::Symlink => Some(blob.take(link_len)?.to_vec()),
+            _ if link_len != 0 => return Err(field(rec::LINK_LEN, "target on a non-symlink".into())),
+            _ => None,
+        };
+        let xattr_count = get_u32(r, rec::XATTR_COUNT) as usize;
+        if xattr_count > blob.remaining() / 8 {
+            return Err(field(rec::XATTR_COUNT, format!("{xattr_count} xattrs cannot fit")));
+        }
+        let mut xattrs = Vec::with_capacity(xattr_count);
+        for _ in 0..xattr_count {
+            let nl = blob.u32()? as usize;
+            let vl = blob.u32()? as usize;
+            let n = blob.take(nl)?.to_vec();
+            let v = blob.take(vl)?.to_vec();
+            xattrs.push((n, v));
+        }
+
+        entries.push(IndexEntry {
+            path,
+            parent,
+            kind,
+            mode: get_u32(r, rec::MODE),
+            uid: get_u32(r, rec::UID),
+            gid: get_u32(r, rec::GID),
+            size: get_u64(r, rec::SIZE),
+            mtime_sec: get_u64(r, rec::MTIME_SEC) as i64,
+            mtime_nsec: get_u32(r, rec::MTIME_NSEC),
+            rdev: get_u64(r, rec::RDEV),
+            link_target,
+            xattrs,
+            hardlink_group: get_u32(r, rec::HARDLINK_GROUP),
+            layer: get_u32(r, rec::LAYER),
+            in_boot: flags & FLAG_IN_BOOT != 0,
+        });
+    }
+    if blob.remaining() != 0 {
+        return Err(malformed(blob.offset(), "unused bytes after the last entry's data".into()));
+    }
+    Ok(entries)
+}
+
+/// Bounds-checked sequential reads; `base` turns positions into offsets in
+/// the whole index for error messages.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    base: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn offset(&self) -> usize {
+        self.base + self.pos
+    }
+
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], IndexError> {
+        if n > self.remaining() {
+            return Err(malformed(
+                self.offset(),
+                format!("{n} bytes needed, {} left in the section", self.remaining()),
+            ));
+        }
+        let out = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> Result<u32, IndexError> {
+        Ok(get_u32(self.take(4)?, 0))
+    }
+}
+
+fn malformed(offset: usize, what: String) -> IndexError {
+    IndexError::Malformed {
+        offset: offset as u64,
+        what,
+    }
+}
+
+fn last_component(path: &[u8]) -> &[u8] {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => &path[i + 1..],
+        None => path,
+    }
+}
+
+// Fixed-offset accessors. Callers pass offsets inside a slice whose length
+// was checked (the header, a whole record), so the indexing cannot fail.
+fn get_u16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+pub(crate) fn get_u32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_le_bytes(a)
+}
+pub(crate) fn get_u64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+pub(crate) fn set_u32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+pub(crate) fn set_u64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Recompute the trailing checksum after a test edited the bytes, so the
+/// edit reaches the checks behind the checksum.
+#[cfg(test)]
+pub(crate) fn reseal(bytes: &mut [u8]) {
+    let n = bytes.len() - CHECKSUM_LEN;
+    let sum = Sha256::digest(&bytes[..n]);
+    bytes[n..].copy_from_slice(&sum);
+}

@@ -1,0 +1,295 @@
+//! The boot layer generator (`lazylayer optimize`).
+//!
+//! 1. pull SRC fully into the store;
+//! 2. index its merged root file system ([`lazylayer_layer::index`]);
+//! 3. run its workload once, with that root served by the FUSE file system in
+//!    trace mode under a writable overlayfs, until a readiness condition;
+//! 4. copy what the workload touched, from the merged view, into a boot layer
+//!    whose last entry is the index;
+//! 5. push DST = SRC's layers (mounted, never re-uploaded) + the boot layer.
+
+mod bootlayer;
+mod image;
+mod push;
+mod select;
+mod workload;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lazylayer_fs::{LayerDirSource, Trace, TraceEvent, TraceFile};
+use lazylayer_layer::index::{build_index, BootIndex, INDEX_FILE_NAME};
+use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_runtime::{NetworkMode, WaitCondition};
+use lazylayer_store::{PullOptions, PullProgress, Store};
+
+pub use bootlayer::{write_boot_layer, BootLayer};
+pub use image::{optimized_image, OptimizedImage, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION};
+pub use push::{push_optimized, PushReport};
+pub use select::select_boot_entries;
+pub use workload::{run_workload, CancelHandle, Workload, WorkloadOutcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OptimizeError {
+    #[error("{what} ({path})")]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] lazylayer_store::StoreError),
+    #[error(transparent)]
+    Oci(#[from] lazylayer_oci::OciError),
+    #[error(transparent)]
+    Runtime(#[from] lazylayer_runtime::RuntimeError),
+    #[error(transparent)]
+    Fs(#[from] lazylayer_fs::FsError),
+    #[error("{what}")]
+    Layer {
+        what: String,
+        #[source]
+        source: lazylayer_layer::LayerError,
+    },
+    #[error("indexing the image")]
+    Index(#[from] lazylayer_layer::index::IndexError),
+    #[error("{0}")]
+    BadImage(String),
+    #[error("the workload exited with code {code}{detail}")]
+    WorkloadFailed { code: i32, detail: String },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl OptimizeError {
+    pub(crate) fn io(what: &str, path: &Path, source: std::io::Error) -> Self {
+        OptimizeError::Io { what: what.into(), path: path.to_path_buf(), source }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OptimizeOptions {
+    pub wait: WaitCondition,
+    /// Upper bound for the workload to become ready.
+    pub timeout: Duration,
+    pub env: Vec<String>,
+    /// Replaces the image's Cmd (Entrypoint kept), like `podman run IMAGE ARGS`.
+    pub args: Option<Vec<String>>,
+    pub network: NetworkMode,
+    pub trace_in: Option<PathBuf>,
+    pub trace_out: Option<PathBuf>,
+    pub pull: PullOptions,
+}
+
+/// What `optimize` did, for the summary and `--json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OptimizeReport {
+    pub source: String,
+    pub destination: String,
+    pub manifest_digest: String,
+    pub boot_layer_digest: String,
+    /// Compressed bytes of SRC's layers.
+    pub image_size: u64,
+    pub boot_layer_size: u64,
+    /// boot_layer_size / image_size.
+    pub boot_share: f64,
+    pub image_entries: usize,
+    pub boot_entries: usize,
+    pub boot_file_bytes: u64,
+    pub index_bytes: u64,
+    pub trace_events: usize,
+    pub workload_exit_code: Option<i32>,
+    pub seconds_pull: f64,
+    pub seconds_index: f64,
+    pub seconds_trace: f64,
+    pub seconds_build: f64,
+    pub seconds_push: f64,
+    pub push: PushReport,
+}
+
+/// Called with a short line at each phase, for progress output.
+pub type PhaseSink<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// The whole `optimize`: pull, index, trace, build, push.
+#[allow(clippy::too_many_arguments)]
+pub async fn optimize(
+    store: &Store,
+    client: &RegistryClient,
+    src: &Reference,
+    dst: &Reference,
+    opts: &OptimizeOptions,
+    pull_progress: Arc<dyn PullProgress>,
+    phase: PhaseSink<'_>,
+    cancel: Arc<CancelHandle>,
+) -> Result<OptimizeReport, OptimizeError> {
+    let t = Instant::now();
+    phase(&format!("pulling {src}"));
+    let rec = store.pull(client, src, &opts.pull, pull_progress).await?;
+    let seconds_pull = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    phase("indexing the image's file system");
+    let layer_dirs: Vec<PathBuf> = rec
+        .layers
+        .iter()
+        .map(|l| store.layer_dir(&l.digest).ok_or_else(|| OptimizeError::BadImage(format!("layer {} missing from the store", l.digest))))
+        .collect::<Result<_, _>>()?;
+    let layers: Vec<(String, PathBuf)> = rec.layers.iter().map(|l| l.diff_id.to_string()).zip(layer_dirs.clone()).collect();
+    let index = tokio::task::spawn_blocking(move || build_index(&layers))
+        .await
+        .map_err(|e| OptimizeError::BadImage(format!("index worker: {e}")))??;
+    let seconds_index = t.elapsed().as_secs_f64();
+
+    let config_bytes = store.read_blob(&rec.config_digest)?;
+    let manifest_bytes = store.read_blob(&rec.manifest_digest)?;
+
+    let t = Instant::now();
+    let (events, exit_code) = match &opts.trace_in {
+        Some(p) => {
+            phase(&format!("using the trace in {}", p.display()));
+            (TraceFile::read(p)?, None)
+        }
+        None => {
+            phase("running the workload under the tracing file system");
+            let workload = Workload {
+                work_root: store.root().join("work"),
+                runc_root: store.root().join("runc"),
+                config_bytes: config_bytes.clone(),
+                args: opts.args.clone(),
+                env: opts.env.clone(),
+                network: opts.network,
+                wait: opts.wait.clone(),
+                timeout: opts.timeout,
+            };
+            let index2 = Arc::new(index.clone());
+            let dirs = layer_dirs.clone();
+            let cancel2 = cancel.clone();
+            let out = tokio::task::spawn_blocking(move || {
+                let trace = Arc::new(Trace::new());
+                let outcome = run_workload(&workload, index2, LayerDirSource { layer_dirs: dirs }, Some(trace.clone()), &cancel2)?;
+                Ok::<_, OptimizeError>((trace.events(), outcome))
+            })
+            .await
+            .map_err(|e| OptimizeError::BadImage(format!("workload worker: {e}")))??;
+            let (events, outcome) = out;
+            if cancel.is_cancelled() {
+                return Err(OptimizeError::Interrupted);
+            }
+            check_outcome(&opts.wait, &outcome)?;
+            (events, outcome.exit_code)
+        }
+    };
+    if let Some(p) = &opts.trace_out {
+        TraceFile::from_events(&events).write(p)?;
+    }
+    let seconds_trace = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    phase(&format!("building the boot layer from {} traced accesses", events.len()));
+    let work = tempfile::Builder::new()
+        .prefix("boot-")
+        .tempdir_in(store.root().join("tmp"))
+        .map_err(|e| OptimizeError::io("creating work dir", store.root(), e))?;
+    let boot_path = work.path().join("boot.tar.gz");
+    let mut index = index;
+    let (boot, index) = {
+        let merged = work.path().join("merged");
+        let boot_path = boot_path.clone();
+        let dirs = layer_dirs.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir(&merged).map_err(|e| OptimizeError::io("creating merged view", &merged, e))?;
+            let lowers: Vec<PathBuf> = dirs.iter().rev().cloned().collect();
+            let _view = lazylayer_runtime::OverlayMount::readonly(&lowers, &merged)?;
+            let selection = select_boot_entries(&index, &events);
+            let boot = write_boot_layer(&mut index, &selection, &merged, &boot_path)?;
+            Ok::<_, OptimizeError>((boot, index))
+        })
+        .await
+        .map_err(|e| OptimizeError::BadImage(format!("boot layer worker: {e}")))??
+    };
+    let image = optimized_image(&manifest_bytes, &config_bytes, &boot.digests, INDEX_FILE_NAME, &rfc3339_now())?;
+    let seconds_build = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    phase(&format!("pushing {dst}"));
+    let boot_digest: Digest = boot.digests.digest.parse()?;
+    let push = push_optimized(client, store, src, &rec, dst, &boot_path, &boot_digest, boot.digests.size, &image).await?;
+    let seconds_push = t.elapsed().as_secs_f64();
+
+    let image_size = rec.total_size();
+    Ok(OptimizeReport {
+        source: src.to_string(),
+        destination: dst.to_string(),
+        manifest_digest: push.manifest_digest.clone(),
+        boot_layer_digest: boot.digests.digest.clone(),
+        image_size,
+        boot_layer_size: boot.digests.size,
+        boot_share: boot.digests.size as f64 / image_size.max(1) as f64,
+        image_entries: index.len(),
+        boot_entries: boot.entries,
+        boot_file_bytes: boot.file_bytes,
+        index_bytes: boot.index_bytes,
+        trace_events: events.len(),
+        workload_exit_code: exit_code,
+        seconds_pull,
+        seconds_index,
+        seconds_trace,
+        seconds_build,
+        seconds_push,
+        push,
+    })
+}
+
+/// A workload that fails is not a basis for a boot layer: say so clearly.
+fn check_outcome(wait: &WaitCondition, o: &WorkloadOutcome) -> Result<(), OptimizeError> {
+    match (wait, o.exit_code, o.ready) {
+        (_, _, true) => Ok(()),
+        (WaitCondition::Exit, Some(0), _) => Ok(()),
+        (WaitCondition::Exit, Some(code), _) => Err(OptimizeError::WorkloadFailed { code, detail: String::new() }),
+        (_, Some(code), _) => Err(OptimizeError::WorkloadFailed {
+            code,
+            detail: format!(" before it became ready ({wait:?})"),
+        }),
+        (_, None, false) => Err(OptimizeError::WorkloadFailed { code: -1, detail: " (never became ready)".into() }),
+    }
+}
+
+/// Verify a boot layer the strict way: run the workload again with content
+/// served *only* from the extracted boot layer (metadata from its index).
+/// Returns the paths whose content was needed but missing.
+pub fn verify_boot_layer(
+    boot_dir: &Path,
+    workload: &Workload,
+    cancel: &CancelHandle,
+) -> Result<(Vec<Vec<u8>>, WorkloadOutcome), OptimizeError> {
+    let idx_path = boot_dir.join(INDEX_FILE_NAME);
+    let bytes = std::fs::read(&idx_path).map_err(|e| OptimizeError::io("reading the boot index", &idx_path, e))?;
+    let index = Arc::new(BootIndex::decode(&bytes)?);
+    let source = Arc::new(lazylayer_fs::BootOnlySource::new(boot_dir.to_path_buf()));
+    let outcome = run_workload(workload, index, source.clone(), None, cancel)?;
+    Ok((source.violations(), outcome))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for now (history entries want RFC 3339).
+pub fn rfc3339_now() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+}
+
+#[allow(dead_code)]
+fn _assert_send(_: &TraceEvent) {}

@@ -1,0 +1,65 @@
+//! Pushing DST: SRC's layers by reference (mounted or found, never
+//! re-uploaded), then the boot layer, the new config and the manifest.
+
+use std::path::Path;
+
+use lazylayer_oci::client::BlobSource;
+use lazylayer_oci::{Digest, PushOutcome, Reference, RegistryClient};
+use lazylayer_store::ImageRecord;
+
+use crate::image::OptimizedImage;
+use crate::OptimizeError;
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PushReport {
+    pub layers_mounted: usize,
+    pub layers_existing: usize,
+    /// SRC layers that had to be uploaded (DST on another registry).
+    pub layers_uploaded: usize,
+    pub bytes_uploaded: u64,
+    pub manifest_digest: String,
+}
+
+/// Push the optimized image. The manifest goes last, so a failure leaves no
+/// manifest pointing at missing blobs.
+pub async fn push_optimized(
+    client: &RegistryClient,
+    store: &lazylayer_store::Store,
+    src: &Reference,
+    src_record: &ImageRecord,
+    dst: &Reference,
+    boot_blob: &Path,
+    boot_digest: &Digest,
+    boot_size: u64,
+    image: &OptimizedImage,
+) -> Result<PushReport, OptimizeError> {
+    let mut rep = PushReport::default();
+    for l in &src_record.layers {
+        let path = store.blob_path(&l.digest);
+        let outcome = client
+            .push_blob(&dst.repository, &l.digest, l.size, &BlobSource::File(path), Some(&src.repository))
+            .await?;
+        match outcome {
+            PushOutcome::Mounted => rep.layers_mounted += 1,
+            PushOutcome::Existed => rep.layers_existing += 1,
+            PushOutcome::Uploaded => {
+                rep.layers_uploaded += 1;
+                rep.bytes_uploaded += l.size;
+            }
+        }
+    }
+    if client
+        .push_blob(&dst.repository, boot_digest, boot_size, &BlobSource::File(boot_blob.to_path_buf()), None)
+        .await?
+        == PushOutcome::Uploaded
+    {
+        rep.bytes_uploaded += boot_size;
+    }
+    let cfg_digest = Digest::sha256_of(&image.config);
+    client
+        .push_blob(&dst.repository, &cfg_digest, image.config.len() as u64, &BlobSource::Bytes(image.config.clone().into()), None)
+        .await?;
+    let d = client.put_manifest(dst, &image.media_type, image.manifest.clone().into()).await?;
+    rep.manifest_digest = d.to_string();
+    Ok(rep)
+}

@@ -1,0 +1,469 @@
+//! Image config + run options -> an OCI runtime bundle (`config.json`), with the
+//! defaults docker and podman apply.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::ImageConfiguration;
+use serde_json::{json, Value};
+
+use crate::user::resolve_user;
+use crate::RuntimeError;
+
+/// What to run, and how: the input of [`write_bundle`].
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// Container id: `[A-Za-z0-9][A-Za-z0-9_.-]*`.
+    pub id: String,
+    /// An already-prepared root file system (e.g. an overlay mount).
+    pub rootfs: PathBuf,
+    pub image_config: ImageConfiguration,
+    /// Replaces the image's Cmd; its Entrypoint is kept (as `docker run IMAGE ARGS`).
+    pub args: Option<Vec<String>>,
+    /// Replaces the image's Entrypoint and drops its Cmd (as `docker run --entrypoint`).
+    pub entrypoint: Option<Vec<String>>,
+    /// `K=V` added to or overriding the image's Env; a bare `K` takes our own value of K.
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    /// Replaces the image's User.
+    pub user: Option<String>,
+    pub network: NetworkMode,
+    /// Defaults to the container id.
+    pub hostname: Option<String>,
+    /// Give the process a pty. `runc run` in the foreground ties it to our own
+    /// controlling terminal (/dev/tty), so this is for interactive use from a tty only.
+    pub terminal: bool,
+    pub readonly_rootfs: bool,
+}
+
+impl RunSpec {
+    /// A spec that runs the image as its config says, with no network.
+    pub fn new(
+        id: impl Into<String>,
+        rootfs: impl Into<PathBuf>,
+        image_config: ImageConfiguration,
+    ) -> Self {
+        RunSpec {
+            id: id.into(),
+            rootfs: rootfs.into(),
+            image_config,
+            args: None,
+            entrypoint: None,
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            network: NetworkMode::None,
+            hostname: None,
+            terminal: false,
+            readonly_rootfs: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// A new network namespace holding only `lo`.
+    #[default]
+    None,
+    /// The host's network namespace.
+    Host,
+}
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Docker's default capability set (moby `oci/caps/defaults.go`).
+const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Checks a container id against `[A-Za-z0-9][A-Za-z0-9_.-]*` (what runc accepts, and
+/// safe as a file and cgroup name).
+pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
+    let invalid = |reason| {
+        Err(RuntimeError::InvalidId {
+            id: id.to_owned(),
+            reason,
+        })
+    };
+    let mut bytes = id.bytes();
+    match bytes.next() {
+        None => return invalid("empty"),
+        Some(b) if !b.is_ascii_alphanumeric() => {
+            return invalid("must start with a letter or digit")
+        }
+        Some(_) => {}
+    }
+    if !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-') {
+        return invalid("only letters, digits, '_', '.' and '-' are allowed");
+    }
+    if id.len() > 255 {
+        return invalid("longer than 255 bytes");
+    }
+    Ok(())
+}
+
+/// Writes `bundle_dir/config.json` for `spec`; `root.path` is `spec.rootfs` made
+/// absolute, so the bundle needs no `rootfs` directory of its own.
+pub fn write_bundle(spec: &RunSpec, bundle_dir: &Path) -> Result<(), RuntimeError> {
+    let config = runtime_config(spec)?;
+    std::fs::create_dir_all(bundle_dir)
+        .map_err(|e| RuntimeError::io("create bundle directory", bundle_dir, e))?;
+    let path = bundle_dir.join("config.json");
+    let text = serde_json::to_vec_pretty(&config).expect("a JSON value always serializes");
+    std::fs::write(&path, text).map_err(|e| RuntimeError::io("write", path, e))
+}
+
+/// The OCI runtime config (as JSON) for `spec`.
+pub(crate) fn runtime_config(spec: &RunSpec) -> Result<Value, RuntimeError> {
+    validate_id(&spec.id)?;
+    let id = spec.id.as_str();
+    let config_err = |reason: String| RuntimeError::Config {
+        id: id.to_owned(),
+        reason,
+    };
+    let image = spec.image_config.config().as_ref();
+
+    let args = process_args(
+        image.and_then(|c| c.entrypoint().as_deref()),
+        image.and_then(|c| c.cmd().as_deref()),
+        spec.entrypoint.as_deref(),
+        spec.args.as_deref(),
+    );
+    if args.is_empty() {
+        return Err(config_err("image has no command; pass one".to_owned()));
+    }
+
+    let cwd = spec
+        .workdir
+        .as_deref()
+        .or(image.and_then(|c| c.working_dir().as_deref()))
+        .filter(|w| !w.is_empty())
+        .unwrap_or("/");
+    if !cwd.starts_with('/') {
+        return Err(config_err(format!(
+            "working directory {cwd:?} is not absolute"
+        )));
+    }
+
+    let rootfs = std::path::absolute(&spec.rootfs)
+        .map_err(|e| RuntimeError::io("resolve rootfs", &spec.rootfs, e))?;
+    if !rootfs.is_dir() {
+        return Err(config_err(format!(
+            "rootfs {} is not a directory",
+            rootfs.display()
+        )));
+    }
+
+    let user_str = spec
+        .user
+        .as_deref()
+        .or(image.and_then(|c| c.user().as_deref()))
+        .unwrap_or("");
+    let user = resolve_user(id, &rootfs, user_str)?;
+
+    let hostname = spec.hostname.clone().unwrap_or_else(|| {
+        // A hostname is at most 64 bytes; ids are ASCII so the cut is on a char boundary.
+        id.chars().take(63).collect()
+    });
+
+    let mut env = merge_env(
+        image.and_then(|c| c.env().as_deref()).unwrap_or_default(),
+        &spec.env,
+    )
+    .map_err(config_err)?;
+    let mut default_env = |entry: String| {
+        let key = entry.split('=').next().unwrap_or_default();
+        if !env.iter().any(|e| e.split('=').next() == Some(key)) {
+            env.push(entry);
+        }
+    };
+    default_env(DEFAULT_PATH.to_owned());
+    default_env(format!("HOSTNAME={hostname}"));
+    default_env(format!("HOME={}", user.home));
+    if spec.terminal {
+        default_env("TERM=xterm".to_owned());
+    }
+
+    // As docker: a non-root process keeps the bounding set (so setuid binaries work)
+    // but starts with no effective or permitted capabilities.
+    let all_caps: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
+    let active_caps: Vec<&str> = if user.uid == 0 {
+        all_caps.clone()
+    } else {
+        Vec::new()
+    };
+
+    // Root cannot raise rlimits here, so asking for more than we hold makes runc fail;
+    // ask for exactly our hard limit, which every container may then use in full.
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(1 << 20);
+
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
+    if spec.network == NetworkMode::None {
+        namespaces.push(json!({"type": "network"}));
+    }
+
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+               "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+               "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+               "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+               "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+               "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+    ];
+    // Sharing the host's network makes its resolver the right one; in an empty netns
+    // there is nothing to resolve with, so the image's own file stays.
+    if spec.network == NetworkMode::Host && Path::new("/etc/resolv.conf").exists() {
+        mounts.push(json!({"destination": "/etc/resolv.conf", "type": "bind",
+                           "source": "/etc/resolv.conf", "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
+    }
+
+    Ok(json!({
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": spec.terminal,
+            "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids},
+            "args": args,
+            "env": env,
+            "cwd": cwd,
+            "capabilities": {
+                "bounding": all_caps,
+                "effective": active_caps,
+                "permitted": active_caps,
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            "noNewPrivileges": false,
+        },
+        "root": {"path": rootfs, "readonly": spec.readonly_rootfs},
+        "hostname": hostname,
+        "mounts": mounts,
+        "linux": {
+            // No cgroup namespace: runc then shows the container only its own cgroups
+            // through the /sys/fs/cgroup bind mounts it makes.
+            "cgroupsPath": format!("/lazylayer/{id}"),
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": namespaces,
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+            ],
+        },
+    }))
+}
+
+/// Entrypoint + Cmd with docker's override rules.
+fn process_args(
+    image_entrypoint: Option<&[String]>,
+    image_cmd: Option<&[String]>,
+    entrypoint: Option<&[String]>,
+    args: Option<&[String]>,
+) -> Vec<String> {
+    let entry = entrypoint.or(image_entrypoint).unwrap_or_default();
+    // A new entrypoint makes the image's Cmd meaningless: it was written for the old one.
+    let cmd = match (args, entrypoint) {
+        (Some(args), _) => args,
+        (None, Some(_)) => &[],
+        (None, None) => image_cmd.unwrap_or_default(),
+    };
+    entry.iter().chain(cmd).cloned().collect()
+}
+
+/// The image's Env with `overrides` applied by variable name, in the image's order.
+fn merge_env(image: &[String], overrides: &[String]) -> Result<Vec<String>, String> {
+    let name = |e: &str| e.split('=').next().unwrap_or_default().to_owned();
+    // Entries without '=' are invalid in an image config, and runc would refuse them.
+    let mut env: Vec<String> = image.iter().filter(|e| e.contains('=')).cloned().collect();
+    for entry in overrides {
+        let entry = if entry.contains('=') {
+            entry.clone()
+        } else {
+            match std::env::var(entry) {
+                Ok(value) => format!("{entry}={value}"),
+                Err(_) => continue,
+            }
+        };
+        let key = name(&entry);
+        if key.is_empty() {
+            return Err(format!("environment entry {entry:?} has no name"));
+        }
+        match env.iter_mut().find(|e| name(e) == key) {
+            Some(existing) => *existing = entry,
+            None => env.push(entry),
+        }
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::image::{ConfigBuilder, ImageConfigurationBuilder};
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn ids() {
+        for ok in ["a", "A1", "0abc", "web_1.two-3"] {
+            validate_id(ok).unwrap();
+        }
+        for bad in ["", "-a", ".a", "a/b", "a b", "ä", "../x"] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_id(&"a".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn args_follow_docker_rules() {
+        let ep = strings(&["/entry"]);
+        let cmd = strings(&["default"]);
+        let args = strings(&["given"]);
+        let new_ep = strings(&["/other"]);
+        assert_eq!(
+            process_args(Some(&ep), Some(&cmd), None, None),
+            ["/entry", "default"]
+        );
+        assert_eq!(
+            process_args(Some(&ep), Some(&cmd), None, Some(&args)),
+            ["/entry", "given"]
+        );
+        assert_eq!(
+            process_args(Some(&ep), Some(&cmd), Some(&new_ep), None),
+            ["/other"]
+        );
+        assert_eq!(
+            process_args(Some(&ep), Some(&cmd), Some(&new_ep), Some(&args)),
+            ["/other", "given"]
+        );
+        // An empty entrypoint override clears the image's.
+        assert_eq!(
+            process_args(Some(&ep), Some(&cmd), Some(&[]), Some(&args)),
+            ["given"]
+        );
+        assert!(process_args(None, None, None, None).is_empty());
+    }
+
+    #[test]
+    fn env_overrides_by_name_in_place() {
+        let image = strings(&["A=1", "PATH=/x", "broken", "B=2"]);
+        let env = merge_env(&image, &strings(&["B=3", "C=4", "A=1=1"])).unwrap();
+        assert_eq!(env, ["A=1=1", "PATH=/x", "B=3", "C=4"]);
+        assert!(merge_env(&[], &strings(&["=x"])).is_err());
+    }
+
+    fn config_for(cmd: Option<&[&str]>, user: Option<&str>) -> (tempfile::TempDir, RunSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "app:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        let mut c = ConfigBuilder::default().env(strings(&["FOO=image"]));
+        if let Some(cmd) = cmd {
+            c = c.cmd(strings(cmd));
+        }
+        if let Some(user) = user {
+            c = c.user(user.to_owned());
+        }
+        let image = ImageConfigurationBuilder::default()
+            .config(c.build().unwrap())
+            .build()
+            .unwrap();
+        let spec = RunSpec::new("c1", dir.path(), image);
+        (dir, spec)
+    }
+
+    #[test]
+    fn config_has_defaults_and_resolved_user() {
+        let (_dir, mut spec) = config_for(Some(&["run"]), Some("app"));
+        spec.env.push("FOO=override".into());
+        let v = runtime_config(&spec).unwrap();
+        let p = &v["process"];
+        assert_eq!(p["args"], json!(["run"]));
+        assert_eq!(p["cwd"], "/");
+        assert_eq!(p["user"]["uid"], 1000);
+        let env: Vec<&str> = p["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap())
+            .collect();
+        assert!(
+            env.contains(&"FOO=override") && !env.contains(&"FOO=image"),
+            "{env:?}"
+        );
+        assert!(env.contains(&"HOME=/home/app"), "{env:?}");
+        assert!(env.iter().any(|e| e.starts_with("PATH=")), "{env:?}");
+        // Non-root: no effective capabilities, bounding kept.
+        assert_eq!(p["capabilities"]["effective"], json!([]));
+        assert_eq!(p["capabilities"]["bounding"].as_array().unwrap().len(), 14);
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+        assert_eq!(p["rlimits"][0]["hard"].as_u64(), hard);
+        assert_eq!(v["linux"]["cgroupsPath"], "/lazylayer/c1");
+        let ns: Vec<&str> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert!(ns.contains(&"network") && !ns.contains(&"user") && !ns.contains(&"cgroup"));
+        spec.network = NetworkMode::Host;
+        let v = runtime_config(&spec).unwrap();
+        assert!(!v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["type"] == "network"));
+    }
+
+    #[test]
+    fn config_errors_name_the_container() {
+        let (_dir, spec) = config_for(None, None);
+        let e = runtime_config(&spec).unwrap_err().to_string();
+        assert!(
+            e.contains("c1") && e.contains("image has no command; pass one"),
+            "{e}"
+        );
+        let (_dir, mut spec) = config_for(Some(&["x"]), None);
+        spec.workdir = Some("rel".into());
+        assert!(runtime_config(&spec)
+            .unwrap_err()
+            .to_string()
+            .contains("not absolute"));
+        spec.workdir = None;
+        spec.user = Some("ghost".into());
+        let e = runtime_config(&spec).unwrap_err().to_string();
+        assert!(e.contains("ghost"), "{e}");
+    }
+}

@@ -1,0 +1,34 @@
+//! Running a container from an image's config and an already-prepared root file system.
+//!
+//! This crate is the last step of `lazylayer run` and the tracing step of `optimize`:
+//!
+//! - [`write_bundle`] turns an OCI image config plus `docker run`-style overrides
+//!   ([`RunSpec`]) into an OCI runtime bundle: Entrypoint + Cmd, Env, WorkingDir, User
+//!   resolved against the image's own /etc/passwd and /etc/group, docker's default
+//!   capabilities, mounts, masked paths and namespaces, and an `RLIMIT_NOFILE` equal to
+//!   our own hard limit (root cannot raise rlimits on every host).
+//! - [`Runc`] starts the bundle with `runc run` in the foreground; the [`Container`] it
+//!   returns is a value whose drop kills the container and deletes runc's state.
+//! - [`wait_ready`] waits for a [`WaitCondition`]: exit, a TCP port accepting inside
+//!   the container's network namespace, a log line, or a time.
+//! - [`OverlayMount`] is a kernel overlayfs mount, unmounted on drop: a writable
+//!   container root on top of read-only lower directories.
+//!
+//! What it deliberately does not do: pull or unpack images (the store does), serve a
+//! lazy file system (the FUSE crate does; this crate only mounts overlayfs on top of
+//! whatever directories it is given), set up networking beyond "none" and "host",
+//! apply a seccomp profile, use user namespaces, or speak to crun (it refuses
+//! hybrid cgroup hosts) or containerd.
+
+mod bundle;
+mod error;
+mod overlay;
+mod ready;
+mod runc;
+mod user;
+
+pub use bundle::{validate_id, write_bundle, NetworkMode, RunSpec};
+pub use error::RuntimeError;
+pub use overlay::OverlayMount;
+pub use ready::{wait_ready, Readiness, WaitCondition};
+pub use runc::{Container, Runc, Stdio};
