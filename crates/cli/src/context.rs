@@ -11,7 +11,12 @@ use lazylayer_store::Store;
 #[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
     /// Store directory (blobs, extracted layers, image records)
-    #[arg(long, global = true, env = "LAZYLAYER_ROOT", default_value = "/var/lib/lazylayer")]
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_ROOT",
+        default_value = "/var/lib/lazylayer"
+    )]
     pub root: PathBuf,
     /// Speak plain HTTP to this registry (HOST or HOST:PORT); loopback hosts always are. Repeatable.
     #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
@@ -43,9 +48,11 @@ impl GlobalArgs {
 
 pub fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
+    // fuser logs an error for every reply to a request the kernel already
+    // dropped (a reader killed mid-read); that is normal at container exit.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,fuser=off",
+        1 => "info,fuser=warn",
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

@@ -51,7 +51,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     context::init_logging(cli.global.verbose);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: cannot start the async runtime: {e}");

@@ -20,7 +20,11 @@ pub struct PullBars {
 
 impl PullBars {
     pub fn new(quiet: bool) -> Self {
-        let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let target = if quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
         PullBars {
             multi: MultiProgress::with_draw_target(target),
             bars: Mutex::new(HashMap::new()),
@@ -51,7 +55,8 @@ impl PullProgress for PullBars {
         self.bars.lock().unwrap().insert(digest.clone(), bar);
     }
     fn layer_bytes(&self, digest: &Digest, n: u64) {
-        self.fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.fetched
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         if let Some(b) = self.bars.lock().unwrap().get(digest) {
             b.inc(n);
         }

@@ -62,17 +62,29 @@ fn truncated_blob_gives_size_error_and_store_unchanged() {
     let big = v["layers"][1]["digest"].as_str().unwrap().to_string();
     let data = reg.blob_data_path(&big);
     let len = std::fs::metadata(&data).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
 
     let root = tempfile::tempdir().unwrap();
     let out = lazylayer(root.path(), &["pull", &image]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains(&big), "names the layer: {err}");
-    assert!(err.contains(&format!("expected {len} bytes")), "says what is wrong: {err}");
+    assert!(
+        err.contains(&format!("expected {len} bytes")),
+        "says what is wrong: {err}"
+    );
     // Other layers may have completed (they are valid); the broken one and the image must not.
     assert!(tree_listing(&root.path().join("images")).is_empty());
-    assert!(!root.path().join("layers/sha256").join(big.strip_prefix("sha256:").unwrap()).exists());
+    assert!(!root
+        .path()
+        .join("layers/sha256")
+        .join(big.strip_prefix("sha256:").unwrap())
+        .exists());
     assert!(tree_listing(&root.path().join("tmp")).is_empty());
 }
 
@@ -81,11 +93,21 @@ fn wrong_digest_reference_is_a_clear_error() {
     let reg = Registry::start();
     push_images(&reg, &["busybox"]);
     let root = tempfile::tempdir().unwrap();
-    let bogus = format!("{}/lazylayer/busybox@sha256:{}", reg.addr(), "ab".repeat(32));
+    let bogus = format!(
+        "{}/lazylayer/busybox@sha256:{}",
+        reg.addr(),
+        "ab".repeat(32)
+    );
     let out = lazylayer(root.path(), &["pull", &bogus]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
-    let out = lazylayer(root.path(), &["pull", &format!("{}/lazylayer/busybox@sha256:xyz", reg.addr())]);
+    let out = lazylayer(
+        root.path(),
+        &[
+            "pull",
+            &format!("{}/lazylayer/busybox@sha256:xyz", reg.addr()),
+        ],
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("invalid digest"), "{}", stderr(&out));
     assert_store_empty(root.path());
@@ -167,13 +189,35 @@ fn hostile_layers_are_refused_and_nothing_escapes() {
     let outside = tempfile::tempdir().unwrap();
     let victim = outside.path().join("victim");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("dotdot", { let mut t = Vec::new(); tar_entry(&mut t, "../../../../../../tmp/evil-dotdot", b'0', "", b"x"); t }, ".."),
-        ("absolute", { let mut t = Vec::new(); tar_entry(&mut t, &victim.display().to_string(), b'0', "", b"x"); t }, "absolute"),
+        (
+            "dotdot",
+            {
+                let mut t = Vec::new();
+                tar_entry(&mut t, "../../../../../../tmp/evil-dotdot", b'0', "", b"x");
+                t
+            },
+            "..",
+        ),
+        (
+            "absolute",
+            {
+                let mut t = Vec::new();
+                tar_entry(&mut t, &victim.display().to_string(), b'0', "", b"x");
+                t
+            },
+            "absolute",
+        ),
         (
             "symlink-escape",
             {
                 let mut t = Vec::new();
-                tar_entry(&mut t, "link", b'2', &outside.path().display().to_string(), b"");
+                tar_entry(
+                    &mut t,
+                    "link",
+                    b'2',
+                    &outside.path().display().to_string(),
+                    b"",
+                );
                 tar_entry(&mut t, "link/victim", b'0', "", b"x");
                 t
             },
@@ -205,11 +249,20 @@ fn hostile_layers_are_refused_and_nothing_escapes() {
         let out = lazylayer(root.path(), &["pull", &image]);
         assert!(!out.status.success(), "{name}: hostile layer accepted");
         let err = stderr(&out).to_lowercase();
-        assert!(err.contains("layer sha256:"), "{name}: error names the layer: {err}");
-        assert!(err.contains(needle), "{name}: error says why ({needle}): {err}");
+        assert!(
+            err.contains("layer sha256:"),
+            "{name}: error names the layer: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "{name}: error says why ({needle}): {err}"
+        );
         assert_store_empty(root.path());
         assert!(!victim.exists(), "{name}: wrote outside the root");
-        assert!(!Path::new("/tmp/evil-dotdot").exists(), "{name}: wrote outside the root");
+        assert!(
+            !Path::new("/tmp/evil-dotdot").exists(),
+            "{name}: wrote outside the root"
+        );
     }
 }
 
@@ -265,11 +318,21 @@ impl CuttingProxy {
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (rq, d2) = (rq.clone(), dead.clone());
                 std::thread::spawn(move || relay_requests(c2, s2, rq, d2));
-                let state = RelayState { cut_after, cuts: ct.clone(), dead: dead.clone(), after };
+                let state = RelayState {
+                    cut_after,
+                    cuts: ct.clone(),
+                    dead: dead.clone(),
+                    after,
+                };
                 std::thread::spawn(move || relay_responses(server, client, state));
             }
         });
-        CuttingProxy { port, requests, stop, cuts }
+        CuttingProxy {
+            port,
+            requests,
+            stop,
+            cuts,
+        }
     }
 }
 
@@ -284,7 +347,12 @@ fn close(a: &TcpStream, b: &TcpStream) {
     let _ = b.shutdown(Shutdown::Both);
 }
 
-fn relay_requests(mut from: TcpStream, mut to: TcpStream, log: Arc<Mutex<Vec<String>>>, dead: Arc<AtomicBool>) {
+fn relay_requests(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    log: Arc<Mutex<Vec<String>>>,
+    dead: Arc<AtomicBool>,
+) {
     let mut buf = vec![0u8; 16384];
     loop {
         let n = match from.read(&mut buf) {
@@ -294,7 +362,9 @@ fn relay_requests(mut from: TcpStream, mut to: TcpStream, log: Arc<Mutex<Vec<Str
         if dead.load(Ordering::Relaxed) {
             break;
         }
-        log.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).to_string());
+        log.lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&buf[..n]).to_string());
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
@@ -350,12 +420,27 @@ fn download_cut_halfway_resumes_with_range() {
     let image = format!("127.0.0.1:{}/lazylayer/multilayer:latest", proxy.port);
     let v = lazylayer_json(root.path(), &["pull", &image]);
     assert_eq!(v["manifest_digest"], digests["multilayer"]);
-    assert_eq!(proxy.cuts.load(Ordering::Relaxed), 1, "the proxy cut a connection");
+    assert_eq!(
+        proxy.cuts.load(Ordering::Relaxed),
+        1,
+        "the proxy cut a connection"
+    );
     let reqs = proxy.requests.lock().unwrap().join("\n").to_lowercase();
-    assert!(reqs.contains("range: bytes="), "resumed with a Range request");
-    assert!(reg.log().contains("\" 206 "), "registry served a partial response");
+    assert!(
+        reqs.contains("range: bytes="),
+        "resumed with a Range request"
+    );
+    assert!(
+        reg.log().contains("\" 206 "),
+        "registry served a partial response"
+    );
     // Resumed, not restarted: fetched bytes equal the image size, not more than one extra layer.
-    let size: u64 = v["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).sum();
+    let size: u64 = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum();
     assert_eq!(v["bytes_fetched"].as_u64().unwrap(), size);
 }
 
@@ -369,7 +454,10 @@ fn registry_dying_mid_layer_gives_clear_error_and_store_unchanged() {
     let out = lazylayer(root.path(), &["pull", &image]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("cannot reach registry") || err.contains("gave up after"), "{err}");
+    assert!(
+        err.contains("cannot reach registry") || err.contains("gave up after"),
+        "{err}"
+    );
     assert!(err.contains("sha256:"), "names the layer: {err}");
     assert!(tree_listing(&root.path().join("images")).is_empty());
     assert!(tree_listing(&root.path().join("tmp")).is_empty());
@@ -400,20 +488,36 @@ fn basic_auth_from_auth_file() {
     let digests = push_images(&open, &["busybox"]);
     let secrets = tempfile::tempdir().unwrap();
     let htpasswd = secrets.path().join("htpasswd");
-    let out = std::process::Command::new("htpasswd").args(["-Bbn", "alice", "s3cret-pw"]).output().unwrap();
+    let out = std::process::Command::new("htpasswd")
+        .args(["-Bbn", "alice", "s3cret-pw"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "htpasswd (apache2-utils) is needed");
     std::fs::write(&htpasswd, &out.stdout).unwrap();
-    let locked = Registry::start_with(&format!("auth:\n  htpasswd:\n    realm: lazylayer-test\n    path: {}\n", htpasswd.display()));
+    let locked = Registry::start_with(&format!(
+        "auth:\n  htpasswd:\n    realm: lazylayer-test\n    path: {}\n",
+        htpasswd.display()
+    ));
     let auth_file = secrets.path().join("auth.json");
     // "alice:s3cret-pw"
-    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#, locked.addr())).unwrap();
+    std::fs::write(
+        &auth_file,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#,
+            locked.addr()
+        ),
+    )
+    .unwrap();
 
     let root = tempfile::tempdir().unwrap();
     lazylayer_json(root.path(), &["pull", &image_ref(&open, "busybox")]);
     let dst = format!("{}/private/busybox:latest", locked.addr());
     let run = |args: &[&str], with_auth: bool| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"));
-        c.arg("--root").arg(root.path()).args(args).env("HOME", secrets.path());
+        c.arg("--root")
+            .arg(root.path())
+            .args(args)
+            .env("HOME", secrets.path());
         if with_auth {
             c.env("REGISTRY_AUTH_FILE", &auth_file);
         } else {
@@ -424,8 +528,14 @@ fn basic_auth_from_auth_file() {
     let denied = run(&["push", &image_ref(&open, "busybox"), &dst], false);
     assert!(!denied.status.success());
     let err = stderr(&denied);
-    assert!(err.contains("no credentials") || err.contains("asks for a password"), "{err}");
-    let pushed = run(&["push", "--json", &image_ref(&open, "busybox"), &dst], true);
+    assert!(
+        err.contains("no credentials") || err.contains("asks for a password"),
+        "{err}"
+    );
+    let pushed = run(
+        &["push", "--json", &image_ref(&open, "busybox"), &dst],
+        true,
+    );
     assert!(pushed.status.success(), "{}", stderr(&pushed));
     let fresh = tempfile::tempdir().unwrap();
     let pulled = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))

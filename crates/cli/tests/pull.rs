@@ -13,7 +13,10 @@ fn push_then_pull_roundtrips_with_identical_digests() {
 
     for name in ["busybox", "multilayer"] {
         let v = lazylayer_json(r, &["pull", &image_ref(&reg, name)]);
-        assert_eq!(v["manifest_digest"], digests[name], "{name}: pulled digest differs from the built one");
+        assert_eq!(
+            v["manifest_digest"], digests[name],
+            "{name}: pulled digest differs from the built one"
+        );
     }
     // busybox's only layer is multilayer's base: the second pull must not fetch it again.
     let bb = lazylayer_json(r, &["images"]);
@@ -23,16 +26,32 @@ fn push_then_pull_roundtrips_with_identical_digests() {
     let dst = format!("{}/copies/multilayer:v1", reg.addr());
     let p = lazylayer_json(r, &["push", &image_ref(&reg, "multilayer"), &dst]);
     assert_eq!(p["digest"], digests["multilayer"]);
-    assert_eq!(p["bytes_uploaded"], 0, "cross-repository mount should avoid uploads: {p}");
+    assert_eq!(
+        p["bytes_uploaded"], 0,
+        "cross-repository mount should avoid uploads: {p}"
+    );
     assert!(p["mounted"].as_u64().unwrap() >= 4, "{p}");
 
     // Push to a second registry in chunks: everything uploaded, same digest.
     let reg2 = Registry::start();
     let dst2 = format!("{}/elsewhere/multilayer:v2", reg2.addr());
-    let p = lazylayer_json(r, &["push", "--chunk-size", "1000000", &image_ref(&reg, "multilayer"), &dst2]);
+    let p = lazylayer_json(
+        r,
+        &[
+            "push",
+            "--chunk-size",
+            "1000000",
+            &image_ref(&reg, "multilayer"),
+            &dst2,
+        ],
+    );
     assert_eq!(p["digest"], digests["multilayer"]);
     assert!(p["uploaded"].as_u64().unwrap() >= 5, "{p}");
-    assert!(reg2.log().contains("\"PATCH /v2/elsewhere/multilayer/blobs/uploads/"), "chunked upload used PATCH");
+    assert!(
+        reg2.log()
+            .contains("\"PATCH /v2/elsewhere/multilayer/blobs/uploads/"),
+        "chunked upload used PATCH"
+    );
 
     // Pull it back from the second registry into a fresh store.
     let root2 = tempfile::tempdir().unwrap();
@@ -57,7 +76,11 @@ fn shared_layers_are_fetched_once_and_second_pull_fetches_nothing() {
     let b = lazylayer_json(root.path(), &["pull", &image_ref(&reg, "multilayer")]);
     assert_eq!(b["layers"][0]["digest"], base.as_str());
     assert_eq!(b["layers_cached"], 1, "the shared base layer is reused");
-    assert_eq!(reg.blob_gets(&base), 1, "base layer fetched once for two images");
+    assert_eq!(
+        reg.blob_gets(&base),
+        1,
+        "base layer fetched once for two images"
+    );
     let again = lazylayer_json(root.path(), &["pull", &image_ref(&reg, "multilayer")]);
     assert_eq!(again["bytes_fetched"], 0);
     assert_eq!(again["layers_fetched"], 0);
@@ -80,9 +103,20 @@ fn concurrent_pulls_share_one_fetch_per_layer() {
             .unwrap()
     };
     let (c1, c2) = (spawn(), spawn());
-    let (o1, o2) = (c1.wait_with_output().unwrap(), c2.wait_with_output().unwrap());
-    assert!(o1.status.success(), "{}", String::from_utf8_lossy(&o1.stderr));
-    assert!(o2.status.success(), "{}", String::from_utf8_lossy(&o2.stderr));
+    let (o1, o2) = (
+        c1.wait_with_output().unwrap(),
+        c2.wait_with_output().unwrap(),
+    );
+    assert!(
+        o1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o1.stderr)
+    );
+    assert!(
+        o2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o2.stderr)
+    );
     let v1: serde_json::Value = serde_json::from_slice(&o1.stdout).unwrap();
     let v2: serde_json::Value = serde_json::from_slice(&o2.stdout).unwrap();
     assert_eq!(v1["manifest_digest"], v2["manifest_digest"]);
@@ -91,7 +125,10 @@ fn concurrent_pulls_share_one_fetch_per_layer() {
         assert_eq!(reg.blob_gets(d), 1, "layer {d} fetched more than once");
     }
     let fetched = v1["layers_fetched"].as_u64().unwrap() + v2["layers_fetched"].as_u64().unwrap();
-    assert_eq!(fetched, 5, "each layer fetched by exactly one of the two processes");
+    assert_eq!(
+        fetched, 5,
+        "each layer fetched by exactly one of the two processes"
+    );
 }
 
 #[test]
@@ -108,11 +145,23 @@ fn prune_removes_only_unreferenced_content() {
 
     lazylayer_ok(r, &["rmi", &image_ref(&reg, "multilayer")]);
     let rep = lazylayer_json(r, &["prune"]);
-    assert_eq!(rep["layers_removed"], 4, "multilayer's own 4 layers go, the shared base stays: {rep}");
+    assert_eq!(
+        rep["layers_removed"], 4,
+        "multilayer's own 4 layers go, the shared base stays: {rep}"
+    );
     let base = bb["layers"][0]["digest"].as_str().unwrap();
     let hex = base.strip_prefix("sha256:").unwrap();
-    assert!(r.join("layers/sha256").join(hex).join("fs/bin/busybox").is_file());
-    let top = ml["layers"][4]["digest"].as_str().unwrap().strip_prefix("sha256:").unwrap().to_string();
+    assert!(r
+        .join("layers/sha256")
+        .join(hex)
+        .join("fs/bin/busybox")
+        .is_file());
+    let top = ml["layers"][4]["digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("sha256:")
+        .unwrap()
+        .to_string();
     assert!(!r.join("layers/sha256").join(&top).exists());
     assert!(!r.join("blobs/sha256").join(&top).exists());
 
@@ -132,8 +181,14 @@ fn images_and_inspect_text_output() {
     assert!(list.contains("lazylayer/busybox:latest"), "{list}");
     let insp = lazylayer_ok(root.path(), &["inspect", &image_ref(&reg, "busybox")]);
     assert!(insp.contains("Layers:     1"), "{insp}");
-    let missing = lazylayer(root.path(), &["pull", &format!("{}/lazylayer/nope:latest", reg.addr())]);
+    let missing = lazylayer(
+        root.path(),
+        &["pull", &format!("{}/lazylayer/nope:latest", reg.addr())],
+    );
     assert!(!missing.status.success());
     let err = String::from_utf8_lossy(&missing.stderr);
-    assert!(err.contains("lazylayer/nope") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("lazylayer/nope") && err.contains("not found"),
+        "{err}"
+    );
 }

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request,
 };
 use lazylayer_layer::index::{BootIndex, FileKind, IndexEntry};
 
@@ -28,7 +29,9 @@ pub struct FsOptions {
 
 impl Default for FsOptions {
     fn default() -> Self {
-        FsOptions { ttl: Duration::from_secs(3600) }
+        FsOptions {
+            ttl: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -69,7 +72,12 @@ fn fuse_rdev(rdev: u64) -> u32 {
 }
 
 impl<S: ContentSource> LazyFs<S> {
-    pub fn new(index: Arc<BootIndex>, source: S, trace: Option<Arc<Trace>>, opts: FsOptions) -> Self {
+    pub fn new(
+        index: Arc<BootIndex>,
+        source: S,
+        trace: Option<Arc<Trace>>,
+        opts: FsOptions,
+    ) -> Self {
         let n = index.len();
         let mut nlink = vec![1u32; n];
         let mut canonical: Vec<u32> = (0..n as u32).collect();
@@ -92,7 +100,16 @@ impl<S: ContentSource> LazyFs<S> {
                 _ => {}
             }
         }
-        LazyFs { index, source, trace, opts, nlink, canonical, files: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
+        LazyFs {
+            index,
+            source,
+            trace,
+            opts,
+            nlink,
+            canonical,
+            files: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
     }
 
     fn idx(&self, ino: INodeNo) -> Option<u32> {
@@ -256,18 +273,40 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         reply.ok();
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Read-only: nothing to write back.
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.idx(ino) {
             Some(i) if self.entry(i).kind == FileKind::Dir => {
                 self.record(&self.entry(i).path, Access::Readdir);
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+                reply.opened(
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                )
             }
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let Some(i) = self.idx(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -280,7 +319,12 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
                 n => {
                     let c = children[(n - 2) as usize];
                     let e = self.entry(c);
-                    reply.add(ino_of(self.canonical[c as usize]), n + 1, file_type(e.kind), OsStr::from_bytes(self.index.name(c)))
+                    reply.add(
+                        ino_of(self.canonical[c as usize]),
+                        n + 1,
+                        file_type(e.kind),
+                        OsStr::from_bytes(self.index.name(c)),
+                    )
                 }
             };
             if full {
@@ -291,7 +335,12 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let used: u64 = self.index.entries.iter().map(|e| e.size.div_ceil(4096)).sum();
+        let used: u64 = self
+            .index
+            .entries
+            .iter()
+            .map(|e| e.size.div_ceil(4096))
+            .sum();
         reply.statfs(used, 0, 0, self.index.len() as u64, 0, 4096, 255, 4096);
     }
 
@@ -300,7 +349,11 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             return reply.error(Errno::ENOENT);
         };
         let e = self.entry(self.canonical[i as usize]);
-        match e.xattrs.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
+        match e
+            .xattrs
+            .iter()
+            .find(|(n, _)| n.as_slice() == name.as_bytes())
+        {
             None => reply.error(Errno::ENODATA),
             Some((_, v)) if size == 0 => reply.size(v.len() as u32),
             Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -329,7 +382,8 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
 }
 
 fn libc_accmode() -> i32 {
-    (rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::RDWR).bits() as i32
+    (rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::RDWR).bits()
+        as i32
 }
 
 #[allow(dead_code)]

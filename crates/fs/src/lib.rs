@@ -40,5 +40,8 @@ pub enum FsError {
         source: std::io::Error,
     },
     #[error("trace file {path}: {reason}")]
-    BadTrace { path: std::path::PathBuf, reason: String },
+    BadTrace {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }

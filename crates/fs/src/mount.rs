@@ -17,7 +17,11 @@ impl FsMount {
     /// Mount `fs` read-only at `target` (an existing directory). The kernel
     /// checks permissions from the attributes we report (default_permissions),
     /// and every user may enter (allow_other), as in a container's root.
-    pub fn mount<S: ContentSource>(fs: LazyFs<S>, target: &Path, threads: usize) -> Result<FsMount, FsError> {
+    pub fn mount<S: ContentSource>(
+        fs: LazyFs<S>,
+        target: &Path,
+        threads: usize,
+    ) -> Result<FsMount, FsError> {
         let mut cfg = Config::default();
         cfg.mount_options = vec![
             MountOption::FSName("lazylayer".into()),
@@ -33,8 +37,14 @@ impl FsMount {
         // stall every other file access.
         cfg.n_threads = Some(threads.max(1));
         cfg.clone_fd = true;
-        let session = fuser::spawn_mount(fs, target, &cfg).map_err(|source| FsError::Mount { path: target.to_path_buf(), source })?;
-        Ok(FsMount { session: Some(session), target: target.to_path_buf() })
+        let session = fuser::spawn_mount(fs, target, &cfg).map_err(|source| FsError::Mount {
+            path: target.to_path_buf(),
+            source,
+        })?;
+        Ok(FsMount {
+            session: Some(session),
+            target: target.to_path_buf(),
+        })
     }
 
     pub fn target(&self) -> &Path {

@@ -19,7 +19,11 @@ pub trait ContentSource: Send + Sync + 'static {
 /// layer directories come from untrusted images.
 pub fn open_beneath(dir: &std::path::Path, rel: &[u8]) -> io::Result<File> {
     use std::os::unix::ffi::OsStrExt;
-    let root = rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let root = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
     let rel = std::ffi::OsStr::from_bytes(rel);
     let fd = rustix::fs::openat2(
         &root,
@@ -40,10 +44,13 @@ pub struct LayerDirSource {
 
 impl ContentSource for LayerDirSource {
     fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
-        let dir = self
-            .layer_dirs
-            .get(entry.layer as usize)
-            .ok_or_else(|| io::Error::other(format!("index names layer {} of {}", entry.layer, self.layer_dirs.len())))?;
+        let dir = self.layer_dirs.get(entry.layer as usize).ok_or_else(|| {
+            io::Error::other(format!(
+                "index names layer {} of {}",
+                entry.layer,
+                self.layer_dirs.len()
+            ))
+        })?;
         open_beneath(dir, &entry.path)
     }
 }
@@ -57,7 +64,10 @@ pub struct BootOnlySource {
 
 impl BootOnlySource {
     pub fn new(boot_dir: PathBuf) -> Self {
-        BootOnlySource { boot_dir, violations: Mutex::new(Vec::new()) }
+        BootOnlySource {
+            boot_dir,
+            violations: Mutex::new(Vec::new()),
+        }
     }
     pub fn violations(&self) -> Vec<Vec<u8>> {
         self.violations.lock().unwrap().clone()
@@ -68,7 +78,9 @@ impl ContentSource for BootOnlySource {
     fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
         if !entry.in_boot {
             self.violations.lock().unwrap().push(entry.path.clone());
-            return Err(io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error()));
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::IO.raw_os_error(),
+            ));
         }
         open_beneath(&self.boot_dir, &entry.path)
     }

@@ -87,8 +87,16 @@ impl TraceFile {
             events: events
                 .iter()
                 .map(|e| match std::str::from_utf8(&e.path) {
-                    Ok(s) => TraceFileEvent { path: Some(s.to_string()), path_hex: None, access: e.access },
-                    Err(_) => TraceFileEvent { path: None, path_hex: Some(hex::encode(&e.path)), access: e.access },
+                    Ok(s) => TraceFileEvent {
+                        path: Some(s.to_string()),
+                        path_hex: None,
+                        access: e.access,
+                    },
+                    Err(_) => TraceFileEvent {
+                        path: None,
+                        path_hex: Some(hex::encode(&e.path)),
+                        access: e.access,
+                    },
                 })
                 .collect(),
         }
@@ -96,15 +104,27 @@ impl TraceFile {
 
     pub fn write(&self, path: &Path) -> Result<(), FsError> {
         let data = serde_json::to_vec_pretty(self).expect("serialisable trace");
-        std::fs::write(path, data).map_err(|source| FsError::TraceFile { path: path.to_path_buf(), source })
+        std::fs::write(path, data).map_err(|source| FsError::TraceFile {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     pub fn read(path: &Path) -> Result<Vec<TraceEvent>, FsError> {
-        let data = std::fs::read(path).map_err(|source| FsError::TraceFile { path: path.to_path_buf(), source })?;
-        let bad = |reason: String| FsError::BadTrace { path: path.to_path_buf(), reason };
+        let data = std::fs::read(path).map_err(|source| FsError::TraceFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |reason: String| FsError::BadTrace {
+            path: path.to_path_buf(),
+            reason,
+        };
         let f: TraceFile = serde_json::from_slice(&data).map_err(|e| bad(e.to_string()))?;
         if f.version != 1 {
-            return Err(bad(format!("version {} (this lazylayer reads version 1)", f.version)));
+            return Err(bad(format!(
+                "version {} (this lazylayer reads version 1)",
+                f.version
+            )));
         }
         f.events
             .into_iter()
@@ -118,7 +138,10 @@ impl TraceFile {
                 if p.split(|b| *b == b'/').any(|c| c == b"..") {
                     return Err(bad("path with '..'".into()));
                 }
-                Ok(TraceEvent { path: p, access: e.access })
+                Ok(TraceEvent {
+                    path: p,
+                    access: e.access,
+                })
             })
             .collect()
     }
@@ -147,14 +170,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.json");
         let events = vec![
-            TraceEvent { path: b"usr/bin/x".to_vec(), access: Access::Open },
-            TraceEvent { path: vec![b'a', 0xff, b'b'], access: Access::Missing },
+            TraceEvent {
+                path: b"usr/bin/x".to_vec(),
+                access: Access::Open,
+            },
+            TraceEvent {
+                path: vec![b'a', 0xff, b'b'],
+                access: Access::Missing,
+            },
         ];
         TraceFile::from_events(&events).write(&p).unwrap();
         assert_eq!(TraceFile::read(&p).unwrap(), events);
-        std::fs::write(&p, r#"{"version":1,"events":[{"path":"a/../../etc","access":"open"}]}"#).unwrap();
+        std::fs::write(
+            &p,
+            r#"{"version":1,"events":[{"path":"a/../../etc","access":"open"}]}"#,
+        )
+        .unwrap();
         assert!(TraceFile::read(&p).is_err());
         std::fs::write(&p, r#"{"version":9,"events":[]}"#).unwrap();
-        assert!(TraceFile::read(&p).unwrap_err().to_string().contains("version 9"));
+        assert!(TraceFile::read(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("version 9"));
     }
 }

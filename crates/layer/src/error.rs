@@ -81,7 +81,7 @@ pub enum LayerError {
         source: io::Error,
     },
 
-    #[error("setting up {compression:?} decoder: {source}")]
+    #[error("setting up {compression:?} decoder")]
     Decoder {
         compression: Compression,
         #[source]

@@ -48,6 +48,7 @@ mod beneath;
 mod compression;
 mod error;
 mod extract;
+pub mod index;
 mod path;
 mod writer;
 

@@ -77,7 +77,9 @@ impl AuthStore {
                         store.by_host.entry(host).or_insert(cred);
                     }
                 }
-                Err(e) => tracing::warn!(path = %p.display(), error = %e, "ignoring malformed auth file"),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "ignoring malformed auth file")
+                }
             }
         }
         store
@@ -247,7 +249,11 @@ mod tests {
         std::fs::write(&b, r#"{"auths":{"127.0.0.1:5000":{"auth":"eDp5"}}}"#).unwrap();
         let s = AuthStore::load(&[a, b, dir.path().join("missing.json")]);
         assert_eq!(s.get("docker.io").unwrap().username, "alice");
-        assert_eq!(s.get("127.0.0.1:5000").unwrap().username, "u", "first file wins");
+        assert_eq!(
+            s.get("127.0.0.1:5000").unwrap().username,
+            "u",
+            "first file wins"
+        );
         assert!(s.get("other:1").is_none());
         let dbg = format!("{:?}", s.get("docker.io").unwrap());
         assert!(!dbg.contains("s3cret"), "secret leaked in Debug: {dbg}");

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE,
+    WWW_AUTHENTICATE,
+};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use tokio::sync::mpsc;
 
@@ -143,7 +146,13 @@ impl RegistryClient {
     }
 
     fn scheme(&self, repo: &Repository) -> &'static str {
-        if is_loopback(&repo.registry) || self.cfg.insecure_registries.iter().any(|h| h == &repo.registry) {
+        if is_loopback(&repo.registry)
+            || self
+                .cfg
+                .insecure_registries
+                .iter()
+                .any(|h| h == &repo.registry)
+        {
             "http"
         } else {
             "https"
@@ -151,7 +160,13 @@ impl RegistryClient {
     }
 
     fn url(&self, repo: &Repository, tail: &str) -> String {
-        format!("{}://{}/v2/{}/{}", self.scheme(repo), repo.api_host(), repo.name, tail)
+        format!(
+            "{}://{}/v2/{}/{}",
+            self.scheme(repo),
+            repo.api_host(),
+            repo.name,
+            tail
+        )
     }
 
     fn pull_scope(repo: &Repository) -> String {
@@ -193,16 +208,26 @@ impl RegistryClient {
                     let header = self
                         .authenticate(what, repo, scopes, resp.headers())
                         .await?;
-                    let key = if header.starts_with("Basic ") { basic_key.clone() } else { scope_key.clone() };
+                    let key = if header.starts_with("Basic ") {
+                        basic_key.clone()
+                    } else {
+                        scope_key.clone()
+                    };
                     self.tokens.lock().unwrap().insert(key, header);
                 }
-                Ok(resp) if retryable_status(resp.status()) && attempt + 1 < self.cfg.max_attempts && idempotent => {
+                Ok(resp)
+                    if retryable_status(resp.status())
+                        && attempt + 1 < self.cfg.max_attempts
+                        && idempotent =>
+                {
                     tracing::warn!(%what, status = %resp.status(), attempt, "registry busy, retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
                 }
                 Ok(resp) => {
-                    if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
+                    if resp.status() == StatusCode::UNAUTHORIZED
+                        || resp.status() == StatusCode::FORBIDDEN
+                    {
                         let hint = if self.cfg.auth.get(&repo.registry).is_none() {
                             format!("; no credentials for {} in the auth files", repo.registry)
                         } else {
@@ -235,7 +260,13 @@ impl RegistryClient {
 
     /// Answer a 401: Basic from the auth files, or a Bearer token from the
     /// realm the registry names (with Basic credentials when we have them).
-    async fn authenticate(&self, what: &str, repo: &Repository, scopes: &[String], headers: &HeaderMap) -> Result<String> {
+    async fn authenticate(
+        &self,
+        what: &str,
+        repo: &Repository,
+        scopes: &[String],
+        headers: &HeaderMap,
+    ) -> Result<String> {
         let auth_err = |reason: String| OciError::Auth {
             what: what.to_string(),
             reason,
@@ -244,15 +275,23 @@ impl RegistryClient {
             .get(WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| auth_err("401 without a WWW-Authenticate challenge".into()))?;
-        let ch = parse_challenge(raw).ok_or_else(|| auth_err(format!("unparseable challenge {raw:?}")))?;
+        let ch = parse_challenge(raw)
+            .ok_or_else(|| auth_err(format!("unparseable challenge {raw:?}")))?;
         let cred = self.cfg.auth.get(&repo.registry);
         match ch.scheme.as_str() {
-            "basic" => cred
-                .map(|c| c.basic_header())
-                .ok_or_else(|| auth_err(format!("{} asks for a password and the auth files have none for it", repo.registry))),
+            "basic" => cred.map(|c| c.basic_header()).ok_or_else(|| {
+                auth_err(format!(
+                    "{} asks for a password and the auth files have none for it",
+                    repo.registry
+                ))
+            }),
             "bearer" => {
-                let realm = ch.params.get("realm").ok_or_else(|| auth_err("bearer challenge without realm".into()))?;
-                let mut url = url::Url::parse(realm).map_err(|e| auth_err(format!("bad realm {realm:?}: {e}")))?;
+                let realm = ch
+                    .params
+                    .get("realm")
+                    .ok_or_else(|| auth_err("bearer challenge without realm".into()))?;
+                let mut url = url::Url::parse(realm)
+                    .map_err(|e| auth_err(format!("bad realm {realm:?}: {e}")))?;
                 {
                     let mut q = url.query_pairs_mut();
                     if let Some(s) = ch.params.get("service") {
@@ -280,8 +319,14 @@ impl RegistryClient {
                     token: Option<String>,
                     access_token: Option<String>,
                 }
-                let t: Token = resp.json().await.map_err(|e| auth_err(format!("token response: {e}")))?;
-                let tok = t.token.or(t.access_token).ok_or_else(|| auth_err("token response without a token".into()))?;
+                let t: Token = resp
+                    .json()
+                    .await
+                    .map_err(|e| auth_err(format!("token response: {e}")))?;
+                let tok = t
+                    .token
+                    .or(t.access_token)
+                    .ok_or_else(|| auth_err("token response without a token".into()))?;
                 Ok(format!("Bearer {tok}"))
             }
             other => Err(auth_err(format!("unsupported auth scheme {other:?}"))),
@@ -291,15 +336,27 @@ impl RegistryClient {
     async fn read_limited(what: &str, registry: &str, resp: Response, limit: u64) -> Result<Bytes> {
         if let Some(len) = resp.content_length() {
             if len > limit {
-                return Err(OciError::TooLarge { what: what.into(), size: len, limit });
+                return Err(OciError::TooLarge {
+                    what: what.into(),
+                    size: len,
+                    limit,
+                });
             }
         }
         let mut out = Vec::new();
         let mut s = resp.bytes_stream();
         while let Some(c) = s.next().await {
-            let c = c.map_err(|e| OciError::Http { what: what.into(), registry: registry.into(), source: e })?;
+            let c = c.map_err(|e| OciError::Http {
+                what: what.into(),
+                registry: registry.into(),
+                source: e,
+            })?;
             if out.len() as u64 + c.len() as u64 > limit {
-                return Err(OciError::TooLarge { what: what.into(), size: out.len() as u64 + c.len() as u64, limit });
+                return Err(OciError::TooLarge {
+                    what: what.into(),
+                    size: out.len() as u64 + c.len() as u64,
+                    limit,
+                });
             }
             out.extend_from_slice(&c);
         }
@@ -317,11 +374,18 @@ impl RegistryClient {
         let repo = &reference.repository;
         let url = self.url(repo, &format!("manifests/{}", reference.manifest_ref()));
         let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| c.get(&url).header(ACCEPT, MANIFEST_ACCEPT))
+            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
+                c.get(&url).header(ACCEPT, MANIFEST_ACCEPT)
+            })
             .await?;
         if !resp.status().is_success() {
             let st = resp.status();
-            return Err(status_error(&what, &repo.registry, st, Self::body_text(resp).await));
+            return Err(status_error(
+                &what,
+                &repo.registry,
+                st,
+                Self::body_text(resp).await,
+            ));
         }
         let media_type = resp
             .headers()
@@ -344,56 +408,108 @@ impl RegistryClient {
         };
         if let Some(c) = claimed.filter(|c| c.algorithm() == digest.algorithm()) {
             if c != digest {
-                return Err(OciError::DigestMismatch { what, expected: c, actual: digest });
+                return Err(OciError::DigestMismatch {
+                    what,
+                    expected: c,
+                    actual: digest,
+                });
             }
         }
-        Ok(RawManifest { bytes, media_type, digest })
+        Ok(RawManifest {
+            bytes,
+            media_type,
+            digest,
+        })
     }
 
     /// Resolve a reference to one image for `platform`: manifest (through an
     /// index if need be) and config, all verified.
-    pub async fn resolve(&self, reference: &Reference, platform: &Platform) -> Result<ResolvedImage> {
+    pub async fn resolve(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<ResolvedImage> {
         let what = reference.to_string();
         let first = self.get_manifest(reference).await?;
         let (index, manifest, parsed) = match parse_manifest(&what, &first)? {
-            ManifestKind::Image(m) => (None, first, m),
+            ManifestKind::Image(m) => (None, first, *m),
             ManifestKind::Index(idx) => {
                 let desc = select_platform(&what, &idx, platform)?;
                 let d = descriptor_digest(&what, desc)?;
                 let m = self.get_manifest(&reference.with_digest(d)).await?;
                 match parse_manifest(&what, &m)? {
-                    ManifestKind::Image(pm) => (Some(first), m, pm),
+                    ManifestKind::Image(pm) => (Some(first), m, *pm),
                     ManifestKind::Index(_) => {
-                        return Err(OciError::BadManifest { what, reason: "index points to another index".into() })
+                        return Err(OciError::BadManifest {
+                            what,
+                            reason: "index points to another index".into(),
+                        })
                     }
                 }
             }
         };
         let cfg_digest = descriptor_digest(&what, parsed.config())?;
         let config_bytes = self
-            .fetch_blob(&reference.repository, &cfg_digest, Some(parsed.config().size()), MAX_CONFIG_BYTES)
+            .fetch_blob(
+                &reference.repository,
+                &cfg_digest,
+                Some(parsed.config().size()),
+                MAX_CONFIG_BYTES,
+            )
             .await?;
         let config = serde_json::from_slice(&config_bytes).map_err(|e| OciError::BadManifest {
             what: format!("config of {what}"),
             reason: e.to_string(),
         })?;
         let reference = reference.with_digest(manifest.digest.clone());
-        Ok(ResolvedImage { reference, index, manifest, parsed, config_bytes, config })
+        Ok(ResolvedImage {
+            reference,
+            index,
+            manifest,
+            parsed,
+            config_bytes,
+            config,
+        })
     }
 
     /// Fetch a small blob into memory, verified (for configs and the like).
-    pub async fn fetch_blob(&self, repo: &Repository, digest: &Digest, size: Option<u64>, limit: u64) -> Result<Bytes> {
+    pub async fn fetch_blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        size: Option<u64>,
+        limit: u64,
+    ) -> Result<Bytes> {
         let what = format!("blob {digest} of {repo}");
         let url = self.url(repo, &format!("blobs/{digest}"));
-        let resp = self.send(&what, repo, &[Self::pull_scope(repo)], true, &|c| c.get(&url)).await?;
+        let resp = self
+            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
+                c.get(&url)
+            })
+            .await?;
         if !resp.status().is_success() {
             let st = resp.status();
-            return Err(status_error(&what, &repo.registry, st, Self::body_text(resp).await));
+            return Err(status_error(
+                &what,
+                &repo.registry,
+                st,
+                Self::body_text(resp).await,
+            ));
         }
-        let bytes = Self::read_limited(&what, &repo.registry, resp, limit.min(size.unwrap_or(u64::MAX))).await?;
+        let bytes = Self::read_limited(
+            &what,
+            &repo.registry,
+            resp,
+            limit.min(size.unwrap_or(u64::MAX)),
+        )
+        .await?;
         if let Some(s) = size {
             if bytes.len() as u64 != s {
-                return Err(OciError::SizeMismatch { what, expected: s, actual: bytes.len() as u64 });
+                return Err(OciError::SizeMismatch {
+                    what,
+                    expected: s,
+                    actual: bytes.len() as u64,
+                });
             }
         }
         digest.verify(&what, &bytes)?;
@@ -445,7 +561,9 @@ impl RegistryClient {
                         what,
                         registry: repo.registry.clone(),
                         status: 206,
-                        body: format!("asked to resume at {offset}, got range starting at {start:?}"),
+                        body: format!(
+                            "asked to resume at {offset}, got range starting at {start:?}"
+                        ),
                     });
                 }
             } else if status == StatusCode::OK {
@@ -455,7 +573,12 @@ impl RegistryClient {
                     tracing::info!(%what, offset, "server ignored Range; skipping already received bytes");
                 }
             } else {
-                return Err(status_error(&what, &repo.registry, status, Self::body_text(resp).await));
+                return Err(status_error(
+                    &what,
+                    &repo.registry,
+                    status,
+                    Self::body_text(resp).await,
+                ));
             }
             // A complete response that is shorter than the descriptor says is
             // a truncated blob, not a broken connection: retrying cannot help.
@@ -476,7 +599,11 @@ impl RegistryClient {
                         got += chunk.len() as u64;
                         if let Some(exp) = expected_size {
                             if got > exp {
-                                return Err(OciError::SizeMismatch { what, expected: exp, actual: got });
+                                return Err(OciError::SizeMismatch {
+                                    what,
+                                    expected: exp,
+                                    actual: got,
+                                });
                             }
                         }
                         hasher.update(&chunk);
@@ -491,7 +618,11 @@ impl RegistryClient {
             };
             let short = expected_size.is_some_and(|e| got < e);
             if short && outcome.is_ok() && resp_len == Some(got - resp_start) {
-                return Err(OciError::SizeMismatch { what, expected: expected_size.unwrap_or(0), actual: got });
+                return Err(OciError::SizeMismatch {
+                    what,
+                    expected: expected_size.unwrap_or(0),
+                    actual: got,
+                });
             }
             match outcome {
                 Ok(()) if !short => break,
@@ -504,7 +635,9 @@ impl RegistryClient {
                     what,
                     registry: repo.registry.clone(),
                     status: 0,
-                    body: format!("download kept breaking; gave up after {failures} attempts at byte {got}"),
+                    body: format!(
+                        "download kept breaking; gave up after {failures} attempts at byte {got}"
+                    ),
                 });
             }
             tokio::time::sleep(backoff(failures - 1)).await;
@@ -512,11 +645,19 @@ impl RegistryClient {
         }
         let actual = hasher.finish();
         if &actual != digest {
-            return Err(OciError::DigestMismatch { what, expected: digest.clone(), actual });
+            return Err(OciError::DigestMismatch {
+                what,
+                expected: digest.clone(),
+                actual,
+            });
         }
         if let Some(exp) = expected_size {
             if got != exp {
-                return Err(OciError::SizeMismatch { what, expected: exp, actual: got });
+                return Err(OciError::SizeMismatch {
+                    what,
+                    expected: exp,
+                    actual: got,
+                });
             }
         }
         Ok(got)
@@ -525,7 +666,13 @@ impl RegistryClient {
     /// Read `len` bytes of a blob from `start`. Uses HTTP Range; when the
     /// server answers 200 instead of 206 the prefix is read and discarded.
     /// A range cannot be digest-verified on its own: callers check what it holds.
-    pub async fn get_blob_range(&self, repo: &Repository, digest: &Digest, start: u64, len: u64) -> Result<Bytes> {
+    pub async fn get_blob_range(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        start: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         let what = format!("bytes {start}+{len} of blob {digest} of {repo}");
         if len == 0 {
             return Ok(Bytes::new());
@@ -533,19 +680,32 @@ impl RegistryClient {
         let url = self.url(repo, &format!("blobs/{digest}"));
         let end = start + len - 1;
         let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| c.get(&url).header(RANGE, format!("bytes={start}-{end}")))
+            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
+                c.get(&url).header(RANGE, format!("bytes={start}-{end}"))
+            })
             .await?;
         let status = resp.status();
         let skip = match status {
             StatusCode::PARTIAL_CONTENT => 0,
             StatusCode::OK => start,
-            _ => return Err(status_error(&what, &repo.registry, status, Self::body_text(resp).await)),
+            _ => {
+                return Err(status_error(
+                    &what,
+                    &repo.registry,
+                    status,
+                    Self::body_text(resp).await,
+                ))
+            }
         };
         let mut out = Vec::with_capacity(len as usize);
         let mut seen = 0u64;
         let mut body = resp.bytes_stream();
         while let Some(c) = body.next().await {
-            let c = c.map_err(|e| OciError::Http { what: what.clone(), registry: repo.registry.clone(), source: e })?;
+            let c = c.map_err(|e| OciError::Http {
+                what: what.clone(),
+                registry: repo.registry.clone(),
+                source: e,
+            })?;
             let c_start = seen;
             seen += c.len() as u64;
             if seen <= skip {
@@ -560,7 +720,11 @@ impl RegistryClient {
             }
         }
         if (out.len() as u64) < len {
-            return Err(OciError::SizeMismatch { what, expected: len, actual: out.len() as u64 });
+            return Err(OciError::SizeMismatch {
+                what,
+                expected: len,
+                actual: out.len() as u64,
+            });
         }
         Ok(Bytes::from(out))
     }
@@ -569,7 +733,11 @@ impl RegistryClient {
     pub async fn blob_exists(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
         let what = format!("blob {digest} of {repo}");
         let url = self.url(repo, &format!("blobs/{digest}"));
-        let resp = self.send(&what, repo, &[Self::pull_scope(repo)], true, &|c| c.head(&url)).await?;
+        let resp = self
+            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
+                c.head(&url)
+            })
+            .await?;
         match resp.status() {
             s if s.is_success() => Ok(resp
                 .headers()
@@ -593,7 +761,8 @@ impl RegistryClient {
                 status: resp.status().as_u16(),
                 body: "upload session without Location header".into(),
             })?;
-        let base = url::Url::parse(&format!("{}://{}/", self.scheme(repo), repo.api_host())).expect("valid base URL");
+        let base = url::Url::parse(&format!("{}://{}/", self.scheme(repo), repo.api_host()))
+            .expect("valid base URL");
         base.join(loc).map_err(|e| OciError::Status {
             what: what.into(),
             registry: repo.registry.clone(),
@@ -617,22 +786,35 @@ impl RegistryClient {
             return Ok(PushOutcome::Existed);
         }
         let mut scopes = vec![Self::push_scope(repo)];
-        let start_url = match mount_from.filter(|f| f.registry == repo.registry && f.name != repo.name) {
+        let start_url = match mount_from
+            .filter(|f| f.registry == repo.registry && f.name != repo.name)
+        {
             Some(from) => {
                 scopes.push(Self::pull_scope(from));
                 let mut u = url::Url::parse(&self.url(repo, "blobs/uploads/")).expect("valid URL");
-                u.query_pairs_mut().append_pair("mount", &digest.to_string()).append_pair("from", &from.name);
+                u.query_pairs_mut()
+                    .append_pair("mount", &digest.to_string())
+                    .append_pair("from", &from.name);
                 u
             }
             None => url::Url::parse(&self.url(repo, "blobs/uploads/")).expect("valid URL"),
         };
         let resp = self
-            .send(&what, repo, &scopes, false, &|c| c.post(start_url.clone()).header(CONTENT_LENGTH, 0))
+            .send(&what, repo, &scopes, false, &|c| {
+                c.post(start_url.clone()).header(CONTENT_LENGTH, 0)
+            })
             .await?;
         match resp.status() {
             StatusCode::CREATED => return Ok(PushOutcome::Mounted),
             StatusCode::ACCEPTED => {}
-            s => return Err(status_error(&what, &repo.registry, s, Self::body_text(resp).await)),
+            s => {
+                return Err(status_error(
+                    &what,
+                    &repo.registry,
+                    s,
+                    Self::body_text(resp).await,
+                ))
+            }
         }
         let mut location = self.resolve_location(repo, &what, &resp)?;
         let chunk = self.cfg.upload_chunk_size.filter(|c| *c > 0 && size > *c);
@@ -653,20 +835,29 @@ impl RegistryClient {
                     .await?;
                 if resp.status() != StatusCode::ACCEPTED {
                     let s = resp.status();
-                    return Err(status_error(&what, &repo.registry, s, Self::body_text(resp).await));
+                    return Err(status_error(
+                        &what,
+                        &repo.registry,
+                        s,
+                        Self::body_text(resp).await,
+                    ));
                 }
                 location = self.resolve_location(repo, &what, &resp)?;
                 offset += n;
             }
             let mut fin = location.clone();
-            fin.query_pairs_mut().append_pair("digest", &digest.to_string());
+            fin.query_pairs_mut()
+                .append_pair("digest", &digest.to_string());
             let resp = self
-                .send(&what, repo, &scopes, false, &|c| c.put(fin.clone()).header(CONTENT_LENGTH, 0))
+                .send(&what, repo, &scopes, false, &|c| {
+                    c.put(fin.clone()).header(CONTENT_LENGTH, 0)
+                })
                 .await?;
             return finish_upload(&what, repo, resp).await;
         }
         let mut fin = location;
-        fin.query_pairs_mut().append_pair("digest", &digest.to_string());
+        fin.query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
         let src = source.clone();
         let open_err = std::sync::Mutex::new(None);
         let resp = self
@@ -694,30 +885,56 @@ impl RegistryClient {
     }
 
     /// Upload a manifest under a tag (or its digest) and return its digest.
-    pub async fn put_manifest(&self, reference: &Reference, media_type: &str, bytes: Bytes) -> Result<Digest> {
+    pub async fn put_manifest(
+        &self,
+        reference: &Reference,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<Digest> {
         let what = format!("push of manifest {reference}");
         let repo = &reference.repository;
         let digest = Digest::sha256_of(&bytes);
-        let url = self.url(repo, &format!("manifests/{}", reference.tag.clone().unwrap_or_else(|| digest.to_string())));
+        let url = self.url(
+            repo,
+            &format!(
+                "manifests/{}",
+                reference.tag.clone().unwrap_or_else(|| digest.to_string())
+            ),
+        );
         let resp = self
             .send(&what, repo, &[Self::push_scope(repo)], true, &|c| {
-                c.put(&url).header(CONTENT_TYPE, media_type).body(bytes.clone())
+                c.put(&url)
+                    .header(CONTENT_TYPE, media_type)
+                    .body(bytes.clone())
             })
             .await?;
         if resp.status() != StatusCode::CREATED && !resp.status().is_success() {
             let s = resp.status();
-            return Err(status_error(&what, &repo.registry, s, Self::body_text(resp).await));
+            return Err(status_error(
+                &what,
+                &repo.registry,
+                s,
+                Self::body_text(resp).await,
+            ));
         }
         Ok(digest)
     }
 }
 
 async fn finish_upload(what: &str, repo: &Repository, resp: Response) -> Result<PushOutcome> {
-    if resp.status() == StatusCode::CREATED || resp.status() == StatusCode::ACCEPTED || resp.status() == StatusCode::OK {
+    if resp.status() == StatusCode::CREATED
+        || resp.status() == StatusCode::ACCEPTED
+        || resp.status() == StatusCode::OK
+    {
         Ok(PushOutcome::Uploaded)
     } else {
         let s = resp.status();
-        Err(status_error(what, &repo.registry, s, RegistryClient::body_text(resp).await))
+        Err(status_error(
+            what,
+            &repo.registry,
+            s,
+            RegistryClient::body_text(resp).await,
+        ))
     }
 }
 
@@ -726,7 +943,10 @@ fn read_source(what: &str, src: &BlobSource, offset: u64, len: u64) -> Result<By
         BlobSource::Bytes(b) => Ok(b.slice(offset as usize..(offset + len) as usize)),
         BlobSource::File(p) => {
             use std::io::{Read, Seek, SeekFrom};
-            let io = |e| OciError::Io { what: what.to_string(), source: e };
+            let io = |e| OciError::Io {
+                what: what.to_string(),
+                source: e,
+            };
             let mut f = std::fs::File::open(p).map_err(io)?;
             f.seek(SeekFrom::Start(offset)).map_err(io)?;
             let mut buf = vec![0u8; len as usize];

@@ -90,7 +90,11 @@ impl FromStr for Digest {
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
-            _ => return Err(bad("unsupported algorithm (sha256 and sha512 are verifiable)")),
+            _ => {
+                return Err(bad(
+                    "unsupported algorithm (sha256 and sha512 are verifiable)",
+                ))
+            }
         };
         if hex.len() != algorithm.hex_len() {
             return Err(bad(&format!(

@@ -87,7 +87,9 @@ impl FromStr for Platform {
                 architecture: arch.to_string(),
                 variant: Some(v.to_string()),
             }),
-            _ => Err(format!("invalid platform {s:?}: expected OS/ARCH[/VARIANT]")),
+            _ => Err(format!(
+                "invalid platform {s:?}: expected OS/ARCH[/VARIANT]"
+            )),
         }
     }
 }
@@ -101,8 +103,8 @@ pub struct RawManifest {
 }
 
 pub enum ManifestKind {
-    Image(ImageManifest),
-    Index(ImageIndex),
+    Image(Box<ImageManifest>),
+    Index(Box<ImageIndex>),
 }
 
 /// Decide what a manifest document is from its media type (header or body)
@@ -132,15 +134,17 @@ pub fn parse_manifest(what: &str, raw: &RawManifest) -> Result<ManifestKind, Oci
         .media_type
         .clone()
         .unwrap_or_else(|| raw.media_type.clone());
-    let is_index = mt == OCI_INDEX || mt == DOCKER_LIST || (mt.is_empty() && probe.manifests.is_some());
+    let is_index =
+        mt == OCI_INDEX || mt == DOCKER_LIST || (mt.is_empty() && probe.manifests.is_some());
     if is_index {
         let idx: ImageIndex =
             serde_json::from_slice(&raw.bytes).map_err(|e| bad(format!("image index: {e}")))?;
-        Ok(ManifestKind::Index(idx))
-    } else if mt == OCI_MANIFEST || mt == DOCKER_MANIFEST || mt.is_empty() || mt.ends_with("+json") {
+        Ok(ManifestKind::Index(Box::new(idx)))
+    } else if mt == OCI_MANIFEST || mt == DOCKER_MANIFEST || mt.is_empty() || mt.ends_with("+json")
+    {
         let m: ImageManifest =
             serde_json::from_slice(&raw.bytes).map_err(|e| bad(format!("image manifest: {e}")))?;
-        Ok(ManifestKind::Image(m))
+        Ok(ManifestKind::Image(Box::new(m)))
     } else {
         Err(bad(format!("media type {mt:?}")))
     }
@@ -274,7 +278,11 @@ mod tests {
     fn platform_parse() {
         assert!("linux".parse::<Platform>().is_err());
         assert_eq!(
-            "linux/arm/v7".parse::<Platform>().unwrap().variant.as_deref(),
+            "linux/arm/v7"
+                .parse::<Platform>()
+                .unwrap()
+                .variant
+                .as_deref(),
             Some("v7")
         );
     }

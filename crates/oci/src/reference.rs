@@ -117,8 +117,7 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b
-            .iter()
+        && b.iter()
             .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
 }
 
@@ -159,7 +158,10 @@ impl FromStr for Reference {
             return Err(bad("too long"));
         }
         let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| bad(&e.to_string()))?)),
+            Some((r, d)) => (
+                r,
+                Some(d.parse::<Digest>().map_err(|e| bad(&e.to_string()))?),
+            ),
             None => (s, None),
         };
         // A tag follows the last ':' that comes after the last '/', so that a

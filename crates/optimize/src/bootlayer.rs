@@ -38,7 +38,8 @@ pub fn write_boot_layer(
     for &i in selection {
         index.entries[i as usize].in_boot = true;
     }
-    let file = std::fs::File::create(out).map_err(|e| OptimizeError::io("creating boot layer", out, e))?;
+    let file =
+        std::fs::File::create(out).map_err(|e| OptimizeError::io("creating boot layer", out, e))?;
     let mut w = LayerWriter::new(BufWriter::with_capacity(1 << 20, file), Compression::Gzip);
     let mut file_bytes = 0u64;
     for &i in selection {
@@ -47,13 +48,27 @@ pub fn write_boot_layer(
             file_bytes += e.size;
         }
         w.append_path(merged_root, Path::new(OsStr::from_bytes(&e.path)))
-            .map_err(|source| OptimizeError::Layer { what: "writing boot layer".into(), source })?;
+            .map_err(|source| OptimizeError::Layer {
+                what: "writing boot layer".into(),
+                source,
+            })?;
     }
     let encoded = index.encode();
     // Read-only and dated at the epoch: the index is data, and a fixed time
     // keeps the layer reproducible for the same trace.
     w.append_bytes(Path::new(INDEX_FILE_NAME), 0o444, 0, &encoded)
-        .map_err(|source| OptimizeError::Layer { what: "writing boot index".into(), source })?;
-    let digests = w.finish().map_err(|source| OptimizeError::Layer { what: "finishing boot layer".into(), source })?;
-    Ok(BootLayer { digests, entries: selection.len(), file_bytes, index_bytes: encoded.len() as u64 })
+        .map_err(|source| OptimizeError::Layer {
+            what: "writing boot index".into(),
+            source,
+        })?;
+    let digests = w.finish().map_err(|source| OptimizeError::Layer {
+        what: "finishing boot layer".into(),
+        source,
+    })?;
+    Ok(BootLayer {
+        digests,
+        entries: selection.len(),
+        file_bytes,
+        index_bytes: encoded.len() as u64,
+    })
 }

@@ -16,6 +16,7 @@ pub const ANNOTATION_INDEX: &str = "dev.lazylayer.index";
 pub const ANNOTATION_VERSION: &str = "dev.lazylayer.version";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
+#[derive(Debug)]
 pub struct OptimizedImage {
     pub config: Vec<u8>,
     pub manifest: Vec<u8>,
@@ -34,7 +35,8 @@ pub fn optimized_image(
     index_name: &str,
     created: &str,
 ) -> Result<OptimizedImage, OptimizeError> {
-    let mut config: Value = serde_json::from_slice(src_config).map_err(|e| bad(format!("config: {e}")))?;
+    let mut config: Value =
+        serde_json::from_slice(src_config).map_err(|e| bad(format!("config: {e}")))?;
     let rootfs = config
         .get_mut("rootfs")
         .and_then(|r| r.get_mut("diff_ids"))
@@ -56,25 +58,40 @@ pub fn optimized_image(
     let config_bytes = serde_json::to_vec(&config).expect("serialisable");
     let config_digest = lazylayer_oci::Digest::sha256_of(&config_bytes);
 
-    let mut manifest: Value = serde_json::from_slice(src_manifest).map_err(|e| bad(format!("manifest: {e}")))?;
+    let mut manifest: Value =
+        serde_json::from_slice(src_manifest).map_err(|e| bad(format!("manifest: {e}")))?;
     let media_type = manifest
         .get("mediaType")
         .and_then(|m| m.as_str())
         .unwrap_or(lazylayer_oci::manifest::OCI_MANIFEST)
         .to_string();
-    let layer_type = if media_type == DOCKER_MANIFEST { DOCKER_LAYER_GZIP } else { OCI_LAYER_GZIP };
-    let m = manifest.as_object_mut().ok_or_else(|| bad("manifest is not an object"))?;
-    let cfg = m.get_mut("config").and_then(|c| c.as_object_mut()).ok_or_else(|| bad("manifest has no config"))?;
+    let layer_type = if media_type == DOCKER_MANIFEST {
+        DOCKER_LAYER_GZIP
+    } else {
+        OCI_LAYER_GZIP
+    };
+    let m = manifest
+        .as_object_mut()
+        .ok_or_else(|| bad("manifest is not an object"))?;
+    let cfg = m
+        .get_mut("config")
+        .and_then(|c| c.as_object_mut())
+        .ok_or_else(|| bad("manifest has no config"))?;
     cfg.insert("digest".into(), json!(config_digest.to_string()));
     cfg.insert("size".into(), json!(config_bytes.len()));
-    let layers = m.get_mut("layers").and_then(|l| l.as_array_mut()).ok_or_else(|| bad("manifest has no layers"))?;
+    let layers = m
+        .get_mut("layers")
+        .and_then(|l| l.as_array_mut())
+        .ok_or_else(|| bad("manifest has no layers"))?;
     if layers
         .last()
         .and_then(|l| l.get("annotations"))
         .and_then(|a| a.get(ANNOTATION_INDEX))
         .is_some()
     {
-        return Err(bad("image is already optimized (its top layer is a lazylayer boot layer)"));
+        return Err(bad(
+            "image is already optimized (its top layer is a lazylayer boot layer)",
+        ));
     }
     layers.push(json!({
         "mediaType": layer_type,
@@ -90,7 +107,11 @@ pub fn optimized_image(
         a.insert(ANNOTATION_BOOT_LAYER.into(), json!(boot.digest));
     }
     let manifest_bytes = serde_json::to_vec(&manifest).expect("serialisable");
-    Ok(OptimizedImage { config: config_bytes, manifest: manifest_bytes, media_type })
+    Ok(OptimizedImage {
+        config: config_bytes,
+        manifest: manifest_bytes,
+        media_type,
+    })
 }
 
 #[cfg(test)]
@@ -100,16 +121,29 @@ mod tests {
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
     fn boot() -> LayerDigests {
-        LayerDigests { digest: D.replace("e3b0", "aaaa"), diff_id: D.replace("e3b0", "bbbb"), size: 42 }
+        LayerDigests {
+            digest: D.replace("e3b0", "aaaa"),
+            diff_id: D.replace("e3b0", "bbbb"),
+            size: 42,
+        }
     }
 
     #[test]
     fn appends_boot_layer_and_keeps_unknown_fields() {
-        let cfg = format!(r#"{{"architecture":"amd64","os":"linux","x-custom":1,"rootfs":{{"type":"layers","diff_ids":["{D}"]}},"history":[{{"created_by":"base"}}]}}"#);
+        let cfg = format!(
+            r#"{{"architecture":"amd64","os":"linux","x-custom":1,"rootfs":{{"type":"layers","diff_ids":["{D}"]}},"history":[{{"created_by":"base"}}]}}"#
+        );
         let man = format!(
             r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"x","digest":"{D}","size":1}},"layers":[{{"mediaType":"{DOCKER_LAYER_GZIP}","digest":"{D}","size":5}}]}}"#
         );
-        let out = optimized_image(man.as_bytes(), cfg.as_bytes(), &boot(), ".wh..wh.idx", "2026-01-01T00:00:00Z").unwrap();
+        let out = optimized_image(
+            man.as_bytes(),
+            cfg.as_bytes(),
+            &boot(),
+            ".wh..wh.idx",
+            "2026-01-01T00:00:00Z",
+        )
+        .unwrap();
         let c: Value = serde_json::from_slice(&out.config).unwrap();
         assert_eq!(c["x-custom"], 1);
         assert_eq!(c["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
@@ -119,7 +153,10 @@ mod tests {
         assert_eq!(m["layers"].as_array().unwrap().len(), 2);
         assert_eq!(m["layers"][1]["mediaType"], DOCKER_LAYER_GZIP);
         assert_eq!(m["layers"][1]["digest"], boot().digest);
-        assert_eq!(m["config"]["digest"], lazylayer_oci::Digest::sha256_of(&out.config).to_string());
+        assert_eq!(
+            m["config"]["digest"],
+            lazylayer_oci::Digest::sha256_of(&out.config).to_string()
+        );
         assert_eq!(m["annotations"][ANNOTATION_BOOT_LAYER], boot().digest);
         // Optimizing an optimized image is refused.
         let again = optimized_image(&out.manifest, &out.config, &boot(), ".wh..wh.idx", "x");

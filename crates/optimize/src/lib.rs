@@ -25,8 +25,10 @@ use lazylayer_runtime::{NetworkMode, WaitCondition};
 use lazylayer_store::{PullOptions, PullProgress, Store};
 
 pub use bootlayer::{write_boot_layer, BootLayer};
-pub use image::{optimized_image, OptimizedImage, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION};
-pub use push::{push_optimized, PushReport};
+pub use image::{
+    optimized_image, OptimizedImage, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION,
+};
+pub use push::{push_optimized, BootBlob, PushReport};
 pub use select::select_boot_entries;
 pub use workload::{run_workload, CancelHandle, Workload, WorkloadOutcome};
 
@@ -59,13 +61,19 @@ pub enum OptimizeError {
     BadImage(String),
     #[error("the workload exited with code {code}{detail}")]
     WorkloadFailed { code: i32, detail: String },
+    #[error("the boot layer lacks content the workload read: {}", missing.join(", "))]
+    BootIncomplete { missing: Vec<String> },
     #[error("interrupted")]
     Interrupted,
 }
 
 impl OptimizeError {
     pub(crate) fn io(what: &str, path: &Path, source: std::io::Error) -> Self {
-        OptimizeError::Io { what: what.into(), path: path.to_path_buf(), source }
+        OptimizeError::Io {
+            what: what.into(),
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -80,6 +88,9 @@ pub struct OptimizeOptions {
     pub network: NetworkMode,
     pub trace_in: Option<PathBuf>,
     pub trace_out: Option<PathBuf>,
+    /// After building, run the workload again with content served only from
+    /// the boot layer, and fail if it needed anything else.
+    pub verify: bool,
     pub pull: PullOptions,
 }
 
@@ -101,6 +112,8 @@ pub struct OptimizeReport {
     pub index_bytes: u64,
     pub trace_events: usize,
     pub workload_exit_code: Option<i32>,
+    /// With `verify`: paths whose content the boot-only run needed but the boot layer lacks (empty = complete).
+    pub verify_missing: Option<Vec<String>>,
     pub seconds_pull: f64,
     pub seconds_index: f64,
     pub seconds_trace: f64,
@@ -134,9 +147,18 @@ pub async fn optimize(
     let layer_dirs: Vec<PathBuf> = rec
         .layers
         .iter()
-        .map(|l| store.layer_dir(&l.digest).ok_or_else(|| OptimizeError::BadImage(format!("layer {} missing from the store", l.digest))))
+        .map(|l| {
+            store.layer_dir(&l.digest).ok_or_else(|| {
+                OptimizeError::BadImage(format!("layer {} missing from the store", l.digest))
+            })
+        })
         .collect::<Result<_, _>>()?;
-    let layers: Vec<(String, PathBuf)> = rec.layers.iter().map(|l| l.diff_id.to_string()).zip(layer_dirs.clone()).collect();
+    let layers: Vec<(String, PathBuf)> = rec
+        .layers
+        .iter()
+        .map(|l| l.diff_id.to_string())
+        .zip(layer_dirs.clone())
+        .collect();
     let index = tokio::task::spawn_blocking(move || build_index(&layers))
         .await
         .map_err(|e| OptimizeError::BadImage(format!("index worker: {e}")))??;
@@ -145,6 +167,16 @@ pub async fn optimize(
     let config_bytes = store.read_blob(&rec.config_digest)?;
     let manifest_bytes = store.read_blob(&rec.manifest_digest)?;
 
+    let workload = Workload {
+        work_root: store.root().join("work"),
+        runc_root: store.root().join("runc"),
+        config_bytes: config_bytes.clone(),
+        args: opts.args.clone(),
+        env: opts.env.clone(),
+        network: opts.network,
+        wait: opts.wait.clone(),
+        timeout: opts.timeout,
+    };
     let t = Instant::now();
     let (events, exit_code) = match &opts.trace_in {
         Some(p) => {
@@ -153,22 +185,19 @@ pub async fn optimize(
         }
         None => {
             phase("running the workload under the tracing file system");
-            let workload = Workload {
-                work_root: store.root().join("work"),
-                runc_root: store.root().join("runc"),
-                config_bytes: config_bytes.clone(),
-                args: opts.args.clone(),
-                env: opts.env.clone(),
-                network: opts.network,
-                wait: opts.wait.clone(),
-                timeout: opts.timeout,
-            };
+            let workload = workload.clone();
             let index2 = Arc::new(index.clone());
             let dirs = layer_dirs.clone();
             let cancel2 = cancel.clone();
             let out = tokio::task::spawn_blocking(move || {
                 let trace = Arc::new(Trace::new());
-                let outcome = run_workload(&workload, index2, LayerDirSource { layer_dirs: dirs }, Some(trace.clone()), &cancel2)?;
+                let outcome = run_workload(
+                    &workload,
+                    index2,
+                    LayerDirSource { layer_dirs: dirs },
+                    Some(trace.clone()),
+                    &cancel2,
+                )?;
                 Ok::<_, OptimizeError>((trace.events(), outcome))
             })
             .await
@@ -187,7 +216,10 @@ pub async fn optimize(
     let seconds_trace = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    phase(&format!("building the boot layer from {} traced accesses", events.len()));
+    phase(&format!(
+        "building the boot layer from {} traced accesses",
+        events.len()
+    ));
     let work = tempfile::Builder::new()
         .prefix("boot-")
         .tempdir_in(store.root().join("tmp"))
@@ -198,8 +230,10 @@ pub async fn optimize(
         let merged = work.path().join("merged");
         let boot_path = boot_path.clone();
         let dirs = layer_dirs.clone();
+        let events = events.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir(&merged).map_err(|e| OptimizeError::io("creating merged view", &merged, e))?;
+            std::fs::create_dir(&merged)
+                .map_err(|e| OptimizeError::io("creating merged view", &merged, e))?;
             let lowers: Vec<PathBuf> = dirs.iter().rev().cloned().collect();
             let _view = lazylayer_runtime::OverlayMount::readonly(&lowers, &merged)?;
             let selection = select_boot_entries(&index, &events);
@@ -209,13 +243,66 @@ pub async fn optimize(
         .await
         .map_err(|e| OptimizeError::BadImage(format!("boot layer worker: {e}")))??
     };
-    let image = optimized_image(&manifest_bytes, &config_bytes, &boot.digests, INDEX_FILE_NAME, &rfc3339_now())?;
+    let image = optimized_image(
+        &manifest_bytes,
+        &config_bytes,
+        &boot.digests,
+        INDEX_FILE_NAME,
+        &rfc3339_now(),
+    )?;
     let seconds_build = t.elapsed().as_secs_f64();
+
+    let verify_missing = if opts.verify {
+        phase("verifying: running the workload with only the boot layer's content");
+        let boot_dir = work.path().join("bootdir");
+        let boot_path = boot_path.clone();
+        let workload = workload.clone();
+        let cancel2 = cancel.clone();
+        let (missing, outcome) = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir(&boot_dir)
+                .map_err(|e| OptimizeError::io("creating boot dir", &boot_dir, e))?;
+            let f = std::fs::File::open(&boot_path)
+                .map_err(|e| OptimizeError::io("opening boot layer", &boot_path, e))?;
+            let layer = |source| OptimizeError::Layer {
+                what: "extracting the boot layer".into(),
+                source,
+            };
+            let dec = lazylayer_layer::decoder(
+                std::io::BufReader::new(f),
+                lazylayer_layer::Compression::Gzip,
+            )
+            .map_err(layer)?;
+            lazylayer_layer::extract(dec, &boot_dir, &Default::default(), &mut |_| {})
+                .map_err(layer)?;
+            verify_boot_layer(&boot_dir, &workload, &cancel2)
+        })
+        .await
+        .map_err(|e| OptimizeError::BadImage(format!("verify worker: {e}")))??;
+        if cancel.is_cancelled() {
+            return Err(OptimizeError::Interrupted);
+        }
+        check_outcome(&opts.wait, &outcome)?;
+        let missing: Vec<String> = missing
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        if !missing.is_empty() {
+            return Err(OptimizeError::BootIncomplete { missing });
+        }
+        Some(missing)
+    } else {
+        None
+    };
 
     let t = Instant::now();
     phase(&format!("pushing {dst}"));
     let boot_digest: Digest = boot.digests.digest.parse()?;
-    let push = push_optimized(client, store, src, &rec, dst, &boot_path, &boot_digest, boot.digests.size, &image).await?;
+    let blob = BootBlob {
+        path: &boot_path,
+        digest: &boot_digest,
+        size: boot.digests.size,
+    };
+    let push = push_optimized(client, store, src, &rec, dst, &blob, &image).await?;
     let seconds_push = t.elapsed().as_secs_f64();
 
     let image_size = rec.total_size();
@@ -233,6 +320,7 @@ pub async fn optimize(
         index_bytes: boot.index_bytes,
         trace_events: events.len(),
         workload_exit_code: exit_code,
+        verify_missing,
         seconds_pull,
         seconds_index,
         seconds_trace,
@@ -247,12 +335,18 @@ fn check_outcome(wait: &WaitCondition, o: &WorkloadOutcome) -> Result<(), Optimi
     match (wait, o.exit_code, o.ready) {
         (_, _, true) => Ok(()),
         (WaitCondition::Exit, Some(0), _) => Ok(()),
-        (WaitCondition::Exit, Some(code), _) => Err(OptimizeError::WorkloadFailed { code, detail: String::new() }),
+        (WaitCondition::Exit, Some(code), _) => Err(OptimizeError::WorkloadFailed {
+            code,
+            detail: String::new(),
+        }),
         (_, Some(code), _) => Err(OptimizeError::WorkloadFailed {
             code,
             detail: format!(" before it became ready ({wait:?})"),
         }),
-        (_, None, false) => Err(OptimizeError::WorkloadFailed { code: -1, detail: " (never became ready)".into() }),
+        (_, None, false) => Err(OptimizeError::WorkloadFailed {
+            code: -1,
+            detail: " (never became ready)".into(),
+        }),
     }
 }
 
@@ -265,7 +359,8 @@ pub fn verify_boot_layer(
     cancel: &CancelHandle,
 ) -> Result<(Vec<Vec<u8>>, WorkloadOutcome), OptimizeError> {
     let idx_path = boot_dir.join(INDEX_FILE_NAME);
-    let bytes = std::fs::read(&idx_path).map_err(|e| OptimizeError::io("reading the boot index", &idx_path, e))?;
+    let bytes = std::fs::read(&idx_path)
+        .map_err(|e| OptimizeError::io("reading the boot index", &idx_path, e))?;
     let index = Arc::new(BootIndex::decode(&bytes)?);
     let source = Arc::new(lazylayer_fs::BootOnlySource::new(boot_dir.to_path_buf()));
     let outcome = run_workload(workload, index, source.clone(), None, cancel)?;
@@ -274,7 +369,10 @@ pub fn verify_boot_layer(
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for now (history entries want RFC 3339).
 pub fn rfc3339_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let days = secs.div_euclid(86400);
     let rem = secs.rem_euclid(86400);
     // Civil-from-days (Howard Hinnant's algorithm).
@@ -288,7 +386,12 @@ pub fn rfc3339_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
 }
 
 #[allow(dead_code)]

@@ -20,6 +20,13 @@ pub struct PushReport {
     pub manifest_digest: String,
 }
 
+/// The boot layer as a file ready to upload.
+pub struct BootBlob<'a> {
+    pub path: &'a Path,
+    pub digest: &'a Digest,
+    pub size: u64,
+}
+
 /// Push the optimized image. The manifest goes last, so a failure leaves no
 /// manifest pointing at missing blobs.
 pub async fn push_optimized(
@@ -28,16 +35,20 @@ pub async fn push_optimized(
     src: &Reference,
     src_record: &ImageRecord,
     dst: &Reference,
-    boot_blob: &Path,
-    boot_digest: &Digest,
-    boot_size: u64,
+    boot: &BootBlob<'_>,
     image: &OptimizedImage,
 ) -> Result<PushReport, OptimizeError> {
     let mut rep = PushReport::default();
     for l in &src_record.layers {
         let path = store.blob_path(&l.digest);
         let outcome = client
-            .push_blob(&dst.repository, &l.digest, l.size, &BlobSource::File(path), Some(&src.repository))
+            .push_blob(
+                &dst.repository,
+                &l.digest,
+                l.size,
+                &BlobSource::File(path),
+                Some(&src.repository),
+            )
             .await?;
         match outcome {
             PushOutcome::Mounted => rep.layers_mounted += 1,
@@ -49,17 +60,31 @@ pub async fn push_optimized(
         }
     }
     if client
-        .push_blob(&dst.repository, boot_digest, boot_size, &BlobSource::File(boot_blob.to_path_buf()), None)
+        .push_blob(
+            &dst.repository,
+            boot.digest,
+            boot.size,
+            &BlobSource::File(boot.path.to_path_buf()),
+            None,
+        )
         .await?
         == PushOutcome::Uploaded
     {
-        rep.bytes_uploaded += boot_size;
+        rep.bytes_uploaded += boot.size;
     }
     let cfg_digest = Digest::sha256_of(&image.config);
     client
-        .push_blob(&dst.repository, &cfg_digest, image.config.len() as u64, &BlobSource::Bytes(image.config.clone().into()), None)
+        .push_blob(
+            &dst.repository,
+            &cfg_digest,
+            image.config.len() as u64,
+            &BlobSource::Bytes(image.config.clone().into()),
+            None,
+        )
         .await?;
-    let d = client.put_manifest(dst, &image.media_type, image.manifest.clone().into()).await?;
+    let d = client
+        .put_manifest(dst, &image.media_type, image.manifest.clone().into())
+        .await?;
     rep.manifest_digest = d.to_string();
     Ok(rep)
 }

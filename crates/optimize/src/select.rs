@@ -19,7 +19,9 @@ pub fn select_boot_entries(index: &BootIndex, events: &[TraceEvent]) -> Vec<u32>
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for ev in events {
-        let Some(idx) = index.lookup(&ev.path) else { continue };
+        let Some(idx) = index.lookup(&ev.path) else {
+            continue;
+        };
         let e = &index.entries[idx as usize];
         let wanted = match (ev.access, e.kind) {
             (Access::Missing, _) => false,
@@ -42,7 +44,12 @@ pub fn select_boot_entries(index: &BootIndex, events: &[TraceEvent]) -> Vec<u32>
     out
 }
 
-fn include_with_ancestors(index: &BootIndex, idx: u32, seen: &mut HashSet<u32>, out: &mut Vec<u32>) {
+fn include_with_ancestors(
+    index: &BootIndex,
+    idx: u32,
+    seen: &mut HashSet<u32>,
+    out: &mut Vec<u32>,
+) {
     if idx == 0 || seen.contains(&idx) {
         return;
     }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use lazylayer_fs::{ContentSource, FsMount, FsOptions, LazyFs, Trace};
 use lazylayer_layer::index::BootIndex;
 use lazylayer_runtime::{
-    wait_ready, write_bundle, NetworkMode, OverlayMount, Readiness, RunSpec, Runc, RuntimeError, Stdio, WaitCondition,
+    wait_ready, write_bundle, NetworkMode, OverlayMount, Readiness, RunSpec, Runc, RuntimeError,
+    Stdio, WaitCondition,
 };
 
 use crate::OptimizeError;
@@ -57,7 +58,11 @@ impl CancelHandle {
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
         if let Some((root, id)) = self.running.lock().unwrap().clone() {
-            let _ = Command::new("runc").arg("--root").arg(root).args(["kill", &id, "KILL"]).status();
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(root)
+                .args(["kill", &id, "KILL"])
+                .status();
         }
     }
 
@@ -83,43 +88,79 @@ pub fn run_workload<S: ContentSource>(
         return Err(OptimizeError::Interrupted);
     }
     std::fs::create_dir_all(&w.work_root).map_err(io("creating work dir", &w.work_root))?;
-    let work = tempfile::Builder::new().prefix("run-").tempdir_in(&w.work_root).map_err(io("creating work dir", &w.work_root))?;
+    let work = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&w.work_root)
+        .map_err(io("creating work dir", &w.work_root))?;
     let dir = work.path();
-    let (lower, upper, ovl_work, rootfs, bundle) =
-        (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("rootfs"), dir.join("bundle"));
+    let (lower, upper, ovl_work, rootfs, bundle) = (
+        dir.join("lower"),
+        dir.join("upper"),
+        dir.join("work"),
+        dir.join("rootfs"),
+        dir.join("bundle"),
+    );
     for d in [&lower, &upper, &ovl_work, &rootfs, &bundle] {
         std::fs::create_dir(d).map_err(io("creating work dir", d))?;
     }
-    let config = serde_json::from_slice(&w.config_bytes).map_err(|e| OptimizeError::BadImage(format!("image config: {e}")))?;
+    let config = serde_json::from_slice(&w.config_bytes)
+        .map_err(|e| OptimizeError::BadImage(format!("image config: {e}")))?;
     let id = format!(
         "lazylayer-{}",
-        dir.file_name().and_then(|n| n.to_str()).unwrap_or("run").trim_start_matches("run-").to_ascii_lowercase()
+        dir.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("run")
+            .trim_start_matches("run-")
+            .to_ascii_lowercase()
     );
 
-    let fuse = FsMount::mount(LazyFs::new(index, source, trace, FsOptions::default()), &lower, 4)?;
+    let fuse = FsMount::mount(
+        LazyFs::new(index, source, trace, FsOptions::default()),
+        &lower,
+        4,
+    )?;
     let overlay = OverlayMount::mount(std::slice::from_ref(&lower), &upper, &ovl_work, &rootfs)?;
     let mut spec = RunSpec::new(id.clone(), rootfs.clone(), config);
     spec.args = w.args.clone();
     spec.env = w.env.clone();
     spec.network = w.network;
     write_bundle(&spec, &bundle)?;
-    let runc = Runc { binary: "runc".into(), root: w.runc_root.clone() };
-    let stdio = if matches!(w.wait, WaitCondition::Log(_)) { Stdio::Piped } else { Stdio::Inherit };
+    let runc = Runc {
+        binary: "runc".into(),
+        root: w.runc_root.clone(),
+    };
+    let stdio = if matches!(w.wait, WaitCondition::Log(_)) {
+        Stdio::Piped
+    } else {
+        Stdio::ToStderr
+    };
     let mut container = runc.start(&id, &bundle, stdio)?;
     *cancel.running.lock().unwrap() = Some((w.runc_root.clone(), id.clone()));
     let waited = wait_ready(&mut container, &w.wait, w.timeout);
     *cancel.running.lock().unwrap() = None;
     let outcome = match waited {
-        Ok(Readiness::Exited(code)) => WorkloadOutcome { exit_code: Some(code), ready: false },
+        Ok(Readiness::Exited(code)) => WorkloadOutcome {
+            exit_code: Some(code),
+            ready: false,
+        },
         Ok(Readiness::Ready) => {
-            container.stop(Duration::from_secs(2))?;
-            WorkloadOutcome { exit_code: None, ready: true }
+            // The trace is complete once the workload is ready; a short grace
+            // is enough (many PID-1 shells ignore SIGTERM anyway).
+            container.stop(Duration::from_millis(300))?;
+            WorkloadOutcome {
+                exit_code: None,
+                ready: true,
+            }
         }
         Err(RuntimeError::Timeout { .. }) => {
             let _ = container.stop(Duration::from_secs(1));
             return Err(OptimizeError::WorkloadFailed {
                 code: -1,
-                detail: format!(" (it did not become ready within {} s: {:?})", w.timeout.as_secs_f64(), w.wait),
+                detail: format!(
+                    " (it did not become ready within {} s: {:?})",
+                    w.timeout.as_secs_f64(),
+                    w.wait
+                ),
             });
         }
         Err(e) => return Err(e.into()),
@@ -127,6 +168,7 @@ pub fn run_workload<S: ContentSource>(
     // Reverse order of set-up: the container, then the overlay, then FUSE.
     drop(container);
     drop(overlay);
-    fuse.unmount().map_err(io("unmounting the lazylayer file system", &lower))?;
+    fuse.unmount()
+        .map_err(io("unmounting the lazylayer file system", &lower))?;
     Ok(outcome)
 }

@@ -18,7 +18,7 @@ pub enum RuntimeError {
         reason: String,
     },
 
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -26,7 +26,7 @@ pub enum RuntimeError {
         source: std::io::Error,
     },
 
-    #[error("container {id}: cannot run `{command}`: {source}")]
+    #[error("container {id}: cannot run `{command}`")]
     Spawn {
         id: String,
         command: String,

@@ -85,8 +85,9 @@ impl fmt::Display for WaitCondition {
 /// ([`RuntimeError::Timeout`]).
 ///
 /// `Log` needs a container started with [`Stdio::Piped`](crate::Stdio::Piped): it takes
-/// its stdout and stderr and copies them, line by line, to ours while scanning them —
-/// and goes on copying after readiness, until the container closes them.
+/// its stdout and stderr and copies them, line by line, to our stderr while scanning
+/// them (the container's output is diagnostics for whoever waits on it, and our stdout
+/// may carry a report) — and goes on copying after readiness, until it closes them.
 pub fn wait_ready(
     c: &mut Container,
     cond: &WaitCondition,
@@ -122,8 +123,8 @@ pub fn wait_ready(
         }
         WaitCondition::Port(port) => {
             let pid = c.pid_within(deadline.saturating_duration_since(Instant::now()));
-            // The namespace is opened once, here: the probe then holds it even if the
-            // container exits meanwhile, and never enters another process's by PID reuse.
+            // Opened once, here: the probe then holds the namespace even if the container
+            // exits meanwhile, instead of looking the PID up again later.
             let netns = pid.and_then(|pid| std::fs::File::open(format!("/proc/{pid}/ns/net")).ok());
             let Some(netns) = netns else {
                 // Exited (or never ran): report how, or time out.
@@ -200,7 +201,7 @@ fn scan_output(
     let (tx, rx) = mpsc::channel();
     let found = Arc::new(AtomicBool::new(false));
     if let Some(out) = stdout {
-        copy_and_scan(out, std::io::stdout(), needle, tx.clone(), found.clone());
+        copy_and_scan(out, std::io::stderr(), needle, tx.clone(), found.clone());
     }
     if let Some(err) = stderr {
         copy_and_scan(err, std::io::stderr(), needle, tx, found);

@@ -32,6 +32,9 @@ pub enum Stdio {
     /// Pipes, read with [`Container::take_stdout`] / [`Container::take_stderr`]; stdin is
     /// /dev/null.
     Piped,
+    /// stdin /dev/null; the container's stdout goes to our *stderr*, so that
+    /// a command printing a report on stdout (`optimize --json`) stays parseable.
+    ToStderr,
 }
 
 /// A container started by [`Runc::start`]. Dropping it kills the container (if still
@@ -45,7 +48,9 @@ pub struct Container {
     /// `runc run`, the parent of the container's init. Behind a mutex so `pid(&self)`
     /// can notice that it exited.
     child: Mutex<Child>,
-    exit: Option<i32>,
+    /// Set once runc exited: the container's exit code, or runc's (status, message)
+    /// when runc itself failed.
+    exit: Option<Result<i32, (String, String)>>,
     pid: OnceLock<u32>,
 }
 
@@ -73,7 +78,8 @@ impl Runc {
     }
 
     /// `runc run --bundle BUNDLE ID` in the foreground: runc stays the parent of the
-    /// container's init, and its stdio is the container's.
+    /// container's init, and its stdio is the container's. runc's own messages go to
+    /// `BUNDLE/runc-log.json`; [`Container::wait`] quotes them when runc fails.
     pub fn start(&self, id: &str, bundle: &Path, stdio: Stdio) -> Result<Container, RuntimeError> {
         validate_id(id)?;
         std::fs::create_dir_all(&self.root)
@@ -91,10 +97,17 @@ impl Runc {
         // and errors can quote runc exactly.
         cmd.arg("--log").arg(&log).args(["--log-format", "json"]);
         cmd.arg("run").arg("--bundle").arg(bundle).arg(id);
-        if stdio == Stdio::Piped {
-            cmd.stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
+        match stdio {
+            Stdio::Piped => {
+                cmd.stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+            }
+            Stdio::ToStderr => {
+                cmd.stdin(std::process::Stdio::null())
+                    .stdout(std::io::stderr());
+            }
+            Stdio::Inherit => {}
         }
         tracing::debug!(id, bundle = %bundle.display(), "runc run");
         let child = cmd.spawn().map_err(|source| RuntimeError::Spawn {
@@ -202,33 +215,46 @@ impl Container {
     /// Waits for the container to exit: its exit code, or 128+N when signal N killed it.
     /// A container that runc failed to start is an error carrying runc's message.
     pub fn wait(&mut self) -> Result<i32, RuntimeError> {
-        if let Some(code) = self.exit {
-            return Ok(code);
+        if self.exit.is_none() {
+            let status = self.lock_child().wait().map_err(|e| self.wait_error(e))?;
+            self.finish(status);
         }
-        let status = self.lock_child().wait().map_err(|e| self.wait_error(e))?;
-        self.finish(status)
+        self.outcome().expect("exit recorded just above")
     }
 
     /// Like [`wait`](Self::wait), without blocking: None while it runs.
     pub fn try_wait(&mut self) -> Result<Option<i32>, RuntimeError> {
-        if let Some(code) = self.exit {
-            return Ok(Some(code));
+        if self.exit.is_none() {
+            let status = self
+                .lock_child()
+                .try_wait()
+                .map_err(|e| self.wait_error(e))?;
+            match status {
+                Some(status) => self.finish(status),
+                None => return Ok(None),
+            }
         }
-        let status = self
-            .lock_child()
-            .try_wait()
-            .map_err(|e| self.wait_error(e))?;
-        status.map(|s| self.finish(s)).transpose()
+        self.outcome().transpose()
     }
 
-    /// `runc kill ID SIGNAL`. A container that already exited is not an error.
+    /// `runc kill ID SIGNAL`. A container that already exited (or never started) is not
+    /// an error: there is nothing left to signal.
     pub fn kill(&mut self, signal: i32) -> Result<(), RuntimeError> {
+        // Checked here: retrying below would turn runc's refusal into a 10 s stall.
+        if !(1..=64).contains(&signal) {
+            return Err(RuntimeError::Config {
+                id: self.id.clone(),
+                reason: format!("{signal} is not a signal number"),
+            });
+        }
         let signal = signal.to_string();
         // Retried: right after `start` runc may not have saved the state yet ("does not
         // exist"), and right after the init dies runc may not have exited yet.
         let deadline = Instant::now() + PID_WAIT;
         loop {
-            if self.try_wait()?.is_some() {
+            // Any recorded exit, even runc's failure to start, leaves nothing to signal.
+            let _ = self.try_wait();
+            if self.exit.is_some() {
                 return Ok(());
             }
             match self.runc.run(&self.id, &["kill", &self.id, &signal]) {
@@ -278,8 +304,8 @@ impl Container {
         }
     }
 
-    /// Turns runc's exit status into the container's exit code, or into runc's error.
-    fn finish(&mut self, status: ExitStatus) -> Result<i32, RuntimeError> {
+    /// Records runc's exit status as the container's exit code, or as runc's error.
+    fn finish(&mut self, status: ExitStatus) {
         let code = match (status.code(), status.signal()) {
             (Some(code), _) => code,
             (None, Some(sig)) => 128 + sig,
@@ -287,19 +313,28 @@ impl Container {
         };
         // runc logs at "error" level only when it failed itself (bad config, exec not
         // found...); the container's own non-zero exits are not logged.
-        if code != 0 {
-            if let Some(message) = runc_error(&self.log) {
-                self.exit = Some(code);
-                return Err(RuntimeError::Runc {
-                    id: self.id.clone(),
-                    command: format!("{} run", self.runc.binary.display()),
-                    status: status.to_string(),
-                    message,
-                });
-            }
-        }
-        self.exit = Some(code);
-        Ok(code)
+        let runc_failed = if code != 0 {
+            runc_error(&self.log)
+        } else {
+            None
+        };
+        self.exit = Some(match runc_failed {
+            Some(message) => Err((status.to_string(), message)),
+            None => Ok(code),
+        });
+    }
+
+    /// The recorded exit as `wait` reports it; None while running.
+    fn outcome(&self) -> Option<Result<i32, RuntimeError>> {
+        Some(match self.exit.as_ref()? {
+            Ok(code) => Ok(*code),
+            Err((status, message)) => Err(RuntimeError::Runc {
+                id: self.id.clone(),
+                command: format!("{} run", self.runc.binary.display()),
+                status: status.clone(),
+                message: message.clone(),
+            }),
+        })
     }
 }
 

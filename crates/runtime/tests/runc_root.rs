@@ -401,3 +401,20 @@ fn root_host_network_shares_our_loopback_and_resolver() {
         assert_eq!(out, host);
     }
 }
+
+#[test]
+fn root_runc_failure_is_sticky_and_kill_is_harmless() {
+    if !have_root("root_runc_failure_is_sticky_and_kill_is_harmless") {
+        return;
+    }
+    let env = TestEnv::new();
+    let mut c = start(&env, &spec(&env, "sticky", &["/missing"]), "sticky");
+    assert!(c.wait().is_err());
+    assert!(
+        c.wait().is_err(),
+        "a second wait must not turn the failure into a code"
+    );
+    assert!(c.try_wait().is_err());
+    c.kill(9).unwrap();
+    assert!(c.kill(0).is_err());
+}

@@ -107,7 +107,10 @@ impl Store {
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("blobs").join(d.algorithm().as_str()).join(d.hex())
+        self.root
+            .join("blobs")
+            .join(d.algorithm().as_str())
+            .join(d.hex())
     }
 
     pub fn has_blob(&self, d: &Digest) -> bool {
@@ -129,15 +132,23 @@ impl Store {
         if dest.is_file() {
             return Ok(());
         }
-        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err("creating temp file", &self.root))?;
-        std::fs::write(tmp.path(), data).map_err(io_err(format!("writing blob {d}"), tmp.path()))?;
-        tmp.persist(&dest)
-            .map_err(|e| StoreError::Io { what: format!("storing blob {d}"), path: dest.clone(), source: e.error })?;
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .map_err(io_err("creating temp file", &self.root))?;
+        std::fs::write(tmp.path(), data)
+            .map_err(io_err(format!("writing blob {d}"), tmp.path()))?;
+        tmp.persist(&dest).map_err(|e| StoreError::Io {
+            what: format!("storing blob {d}"),
+            path: dest.clone(),
+            source: e.error,
+        })?;
         Ok(())
     }
 
     fn layer_base(&self, d: &Digest) -> PathBuf {
-        self.root.join("layers").join(d.algorithm().as_str()).join(d.hex())
+        self.root
+            .join("layers")
+            .join(d.algorithm().as_str())
+            .join(d.hex())
     }
 
     /// The extracted tree of a layer, if it is complete in the store.
@@ -148,7 +159,9 @@ impl Store {
 
     pub fn layer_record(&self, d: &Digest) -> Option<LayerRecord> {
         let p = self.layer_base(d).join("layer.json");
-        std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
     fn image_path(&self, reference: &str) -> PathBuf {
@@ -159,7 +172,9 @@ impl Store {
     /// The record of a pulled image, by reference as given to `pull`.
     pub fn image(&self, reference: &Reference) -> Option<ImageRecord> {
         let p = self.image_path(&reference_key(reference));
-        std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
@@ -170,7 +185,9 @@ impl Store {
             if e.path().extension().is_some_and(|x| x == "json") {
                 match std::fs::read(e.path()).map(|b| serde_json::from_slice::<ImageRecord>(&b)) {
                     Ok(Ok(r)) => out.push(r),
-                    _ => tracing::warn!(path = %e.path().display(), "skipping unreadable image record"),
+                    _ => {
+                        tracing::warn!(path = %e.path().display(), "skipping unreadable image record")
+                    }
                 }
             }
         }
@@ -180,11 +197,18 @@ impl Store {
 
     pub fn save_image(&self, rec: &ImageRecord) -> Result<()> {
         let dest = self.image_path(&rec.reference);
-        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err("creating temp file", &self.root))?;
-        std::fs::write(tmp.path(), serde_json::to_vec_pretty(rec).expect("serialisable record"))
-            .map_err(io_err("writing image record", tmp.path()))?;
-        tmp.persist(&dest)
-            .map_err(|e| StoreError::Io { what: "saving image record".into(), path: dest.clone(), source: e.error })?;
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .map_err(io_err("creating temp file", &self.root))?;
+        std::fs::write(
+            tmp.path(),
+            serde_json::to_vec_pretty(rec).expect("serialisable record"),
+        )
+        .map_err(io_err("writing image record", tmp.path()))?;
+        tmp.persist(&dest).map_err(|e| StoreError::Io {
+            what: "saving image record".into(),
+            path: dest.clone(),
+            source: e.error,
+        })?;
         Ok(())
     }
 
@@ -194,7 +218,11 @@ impl Store {
         match std::fs::remove_file(&p) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StoreError::Io { what: "removing image record".into(), path: p, source: e }),
+            Err(e) => Err(StoreError::Io {
+                what: "removing image record".into(),
+                path: p,
+                source: e,
+            }),
         }
     }
 
@@ -236,15 +264,23 @@ impl Store {
             for e in read_dir_or_empty(&layers)? {
                 let name = e.file_name().to_string_lossy().to_string();
                 if !keep.contains(&name) {
-                    rep.bytes_freed += self.layer_record_at(&e.path()).map(|r| r.file_bytes).unwrap_or(0);
-                    std::fs::remove_dir_all(e.path()).map_err(io_err("removing layer", &e.path()))?;
+                    rep.bytes_freed += self
+                        .layer_record_at(&e.path())
+                        .map(|r| r.file_bytes)
+                        .unwrap_or(0);
+                    std::fs::remove_dir_all(e.path())
+                        .map_err(io_err("removing layer", &e.path()))?;
                     rep.layers_removed += 1;
                 }
             }
         }
         for e in read_dir_or_empty(&self.tmp_dir())? {
             let p = e.path();
-            let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
             r.map_err(io_err("removing leftover", &p))?;
             rep.tmp_removed += 1;
         }
@@ -252,7 +288,9 @@ impl Store {
     }
 
     fn layer_record_at(&self, base: &Path) -> Option<LayerRecord> {
-        std::fs::read(base.join("layer.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        std::fs::read(base.join("layer.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
     }
 }
 
@@ -263,8 +301,14 @@ pub fn reference_key(r: &Reference) -> String {
 
 fn read_dir_or_empty(p: &Path) -> Result<Vec<std::fs::DirEntry>> {
     match std::fs::read_dir(p) {
-        Ok(rd) => rd.collect::<std::io::Result<Vec<_>>>().map_err(io_err("listing", p)),
+        Ok(rd) => rd
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(io_err("listing", p)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(StoreError::Io { what: "listing".into(), path: p.to_path_buf(), source: e }),
+        Err(e) => Err(StoreError::Io {
+            what: "listing".into(),
+            path: p.to_path_buf(),
+            source: e,
+        }),
     }
 }

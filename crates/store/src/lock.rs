@@ -21,7 +21,11 @@ impl FileLock {
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(|source| StoreError::Io { what: "opening lock".into(), path: path.to_path_buf(), source })?;
+            .map_err(|source| StoreError::Io {
+                what: "opening lock".into(),
+                path: path.to_path_buf(),
+                source,
+            })?;
         flock(&file, op).map_err(|e| StoreError::Io {
             what: "taking lock".into(),
             path: path.to_path_buf(),
@@ -44,13 +48,19 @@ impl FileLock {
         let p = path.to_path_buf();
         tokio::task::spawn_blocking(move || Self::exclusive(&p))
             .await
-            .map_err(|e| StoreError::Worker { what: "lock".into(), reason: e.to_string() })?
+            .map_err(|e| StoreError::Worker {
+                what: "lock".into(),
+                reason: e.to_string(),
+            })?
     }
 
     pub async fn shared_async(path: &Path) -> Result<FileLock, StoreError> {
         let p = path.to_path_buf();
         tokio::task::spawn_blocking(move || Self::shared(&p))
             .await
-            .map_err(|e| StoreError::Worker { what: "lock".into(), reason: e.to_string() })?
+            .map_err(|e| StoreError::Worker {
+                what: "lock".into(),
+                reason: e.to_string(),
+            })?
     }
 }

@@ -40,12 +40,19 @@ pub struct PullOptions {
 
 impl Default for PullOptions {
     fn default() -> Self {
-        PullOptions { platform: Platform::host(), concurrency: 3, extract: ExtractOptions::default() }
+        PullOptions {
+            platform: Platform::host(),
+            concurrency: 3,
+            extract: ExtractOptions::default(),
+        }
     }
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Store {
@@ -68,7 +75,11 @@ impl Store {
             if diff_ids.len() != image.layers().len() {
                 return Err(StoreError::BadImage {
                     reference: what,
-                    reason: format!("{} layers but {} diff_ids in the config", image.layers().len(), diff_ids.len()),
+                    reason: format!(
+                        "{} layers but {} diff_ids in the config",
+                        image.layers().len(),
+                        diff_ids.len()
+                    ),
                 });
             }
             if let Some(idx) = &image.index {
@@ -133,7 +144,9 @@ impl Store {
                 progress.layer_done(digest);
                 return Ok(r);
             }
-            let _lock = FileLock::exclusive_async(&self.lock_path(&format!("{}.lock", digest.hex()))).await?;
+            let _lock =
+                FileLock::exclusive_async(&self.lock_path(&format!("{}.lock", digest.hex())))
+                    .await?;
             if let Some(r) = self.layer_record(digest) {
                 progress.layer_start(digest, layer.size, true);
                 progress.layer_done(digest);
@@ -157,16 +170,21 @@ impl Store {
                 let eopts = opts.extract.clone();
                 let media_type = layer.media_type.clone();
                 let digest = digest.clone();
-                tokio::task::spawn_blocking(move || extract_stream(rx, &blob_tmp, &fs_dir, &media_type, &digest, &eopts))
+                tokio::task::spawn_blocking(move || {
+                    extract_stream(rx, &blob_tmp, &fs_dir, &media_type, &digest, &eopts)
+                })
             };
             let p = progress.clone();
             let d2 = digest.clone();
             let downloaded = client
-                .download_blob(repo, digest, Some(layer.size), tx, &move |n| p.layer_bytes(&d2, n))
+                .download_blob(repo, digest, Some(layer.size), tx, &move |n| {
+                    p.layer_bytes(&d2, n)
+                })
                 .await;
-            let extracted = consumer
-                .await
-                .map_err(|e| StoreError::Worker { what: format!("extracting layer {digest}"), reason: e.to_string() })?;
+            let extracted = consumer.await.map_err(|e| StoreError::Worker {
+                what: format!("extracting layer {digest}"),
+                reason: e.to_string(),
+            })?;
             let (diff_id, entries, file_bytes) = match (downloaded, extracted) {
                 // The extractor failing first makes the downloader see a closed channel.
                 (Err(lazylayer_oci::OciError::ConsumerGone { .. }), Err(e)) => return Err(e),
@@ -175,15 +193,30 @@ impl Store {
                 (Ok(_), Ok(v)) => v,
             };
             if diff_id != layer.diff_id {
-                return Err(StoreError::DiffIdMismatch { digest: digest.clone(), expected: layer.diff_id.clone(), actual: diff_id });
+                return Err(StoreError::DiffIdMismatch {
+                    digest: digest.clone(),
+                    expected: layer.diff_id.clone(),
+                    actual: diff_id,
+                });
             }
-            let rec = LayerRecord { digest: digest.clone(), diff_id, size: layer.size, entries, file_bytes };
+            let rec = LayerRecord {
+                digest: digest.clone(),
+                diff_id,
+                size: layer.size,
+                entries,
+                file_bytes,
+            };
             let meta = work.path().join("layer.json");
-            std::fs::write(&meta, serde_json::to_vec_pretty(&rec).expect("serialisable")).map_err(io_err("writing layer record", &meta))?;
+            std::fs::write(
+                &meta,
+                serde_json::to_vec_pretty(&rec).expect("serialisable"),
+            )
+            .map_err(io_err("writing layer record", &meta))?;
             // Blob first, then the layer: a layer.json in place means all is there.
             let blob_dest = self.blob_path(digest);
             if !blob_dest.exists() {
-                std::fs::rename(&blob_tmp, &blob_dest).map_err(io_err("storing layer blob", &blob_dest))?;
+                std::fs::rename(&blob_tmp, &blob_dest)
+                    .map_err(io_err("storing layer blob", &blob_dest))?;
             } else {
                 let _ = std::fs::remove_file(&blob_tmp);
             }
@@ -191,7 +224,11 @@ impl Store {
             let work_path = work.keep();
             if let Err(e) = std::fs::rename(&work_path, &dest) {
                 let _ = std::fs::remove_dir_all(&work_path);
-                return Err(StoreError::Io { what: "storing layer".into(), path: dest, source: e });
+                return Err(StoreError::Io {
+                    what: "storing layer".into(),
+                    path: dest,
+                    source: e,
+                });
             }
             progress.layer_done(digest);
             info!(entries, file_bytes, "layer stored");
@@ -213,29 +250,49 @@ fn extract_stream(
     digest: &Digest,
     opts: &ExtractOptions,
 ) -> Result<(Digest, u64, u64)> {
-    let layer_err = |source| StoreError::Layer { digest: digest.clone(), source };
+    let layer_err = |source| StoreError::Layer {
+        digest: digest.clone(),
+        source,
+    };
     let file = std::fs::File::create(blob_tmp).map_err(io_err("creating blob file", blob_tmp))?;
-    let tee = TeeReader { inner: ChannelReader::new(rx), out: BufWriter::with_capacity(1 << 20, file) };
+    let tee = TeeReader {
+        inner: ChannelReader::new(rx),
+        out: BufWriter::with_capacity(1 << 20, file),
+    };
     let mut buffered = BufReader::with_capacity(1 << 20, tee);
-    let head = buffered.fill_buf().map_err(io_err("reading layer stream", blob_tmp))?;
+    let head = buffered
+        .fill_buf()
+        .map_err(io_err("reading layer stream", blob_tmp))?;
     // Trust the bytes over the label: some registries mislabel compression.
     let compression = Compression::sniff(head);
     if let Some(declared) = Compression::from_media_type(media_type) {
         if declared != compression && !head.is_empty() {
-            tracing::warn!(?declared, ?compression, "layer media type disagrees with its content; using the content");
+            tracing::warn!(
+                ?declared,
+                ?compression,
+                "layer media type disagrees with its content; using the content"
+            );
         }
     }
     let (diff_id, stats) = {
         let decoder = lazylayer_layer::decoder(&mut buffered, compression).map_err(layer_err)?;
         let mut hashing = HashingReader::new(decoder);
-        let stats = lazylayer_layer::extract(&mut hashing, fs_dir, opts, &mut |_| {}).map_err(layer_err)?;
+        let stats =
+            lazylayer_layer::extract(&mut hashing, fs_dir, opts, &mut |_| {}).map_err(layer_err)?;
         // Drain anything after the tar's end so both digests cover every byte.
-        std::io::copy(&mut hashing, &mut std::io::sink()).map_err(io_err("reading layer stream", blob_tmp))?;
-        (Digest::from_sha256_bytes(sha2::Digest::finalize(hashing.hasher).into()), stats)
+        std::io::copy(&mut hashing, &mut std::io::sink())
+            .map_err(io_err("reading layer stream", blob_tmp))?;
+        (
+            Digest::from_sha256_bytes(sha2::Digest::finalize(hashing.hasher).into()),
+            stats,
+        )
     };
     // Whatever the decompressor left unread still belongs to the blob file.
-    std::io::copy(&mut buffered, &mut std::io::sink()).map_err(io_err("reading layer stream", blob_tmp))?;
+    std::io::copy(&mut buffered, &mut std::io::sink())
+        .map_err(io_err("reading layer stream", blob_tmp))?;
     let mut tee = buffered.into_inner();
-    tee.out.flush().map_err(io_err("writing blob file", blob_tmp))?;
+    tee.out
+        .flush()
+        .map_err(io_err("writing blob file", blob_tmp))?;
     Ok((diff_id, stats.entries, stats.file_bytes))
 }

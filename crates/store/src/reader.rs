@@ -15,7 +15,10 @@ pub struct ChannelReader {
 
 impl ChannelReader {
     pub fn new(rx: mpsc::Receiver<Bytes>) -> Self {
-        ChannelReader { rx, cur: Bytes::new() }
+        ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        }
     }
 }
 
@@ -57,7 +60,11 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Sha256::new(), count: 0 }
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
 }
 

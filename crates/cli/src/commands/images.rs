@@ -17,7 +17,10 @@ pub fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&images)?);
         return Ok(());
     }
-    println!("{:<60} {:<14} {:>6} {:>10}", "REFERENCE", "DIGEST", "LAYERS", "SIZE");
+    println!(
+        "{:<60} {:<14} {:>6} {:>10}",
+        "REFERENCE", "DIGEST", "LAYERS", "SIZE"
+    );
     for i in images {
         println!(
             "{:<60} {:<14} {:>6} {:>10}",

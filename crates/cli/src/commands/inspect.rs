@@ -64,21 +64,44 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     if let Some(i) = &img.index {
         println!("Index:      {}", i.digest);
     }
-    println!("Platform:   {}/{}", img.config.os(), img.config.architecture());
+    println!(
+        "Platform:   {}/{}",
+        img.config.os(),
+        img.config.architecture()
+    );
     if let Some(c) = img.config.created() {
         println!("Created:    {c}");
     }
-    let show = |v: &Option<Vec<String>>| v.as_ref().map(|x| format!("{x:?}")).unwrap_or_else(|| "-".into());
+    let show = |v: &Option<Vec<String>>| {
+        v.as_ref()
+            .map(|x| format!("{x:?}"))
+            .unwrap_or_else(|| "-".into())
+    };
     println!("Entrypoint: {}", show(cfg.entrypoint()));
     println!("Cmd:        {}", show(cfg.cmd()));
-    println!("WorkingDir: {}", cfg.working_dir().clone().unwrap_or_else(|| "-".into()));
-    println!("User:       {}", cfg.user().clone().unwrap_or_else(|| "-".into()));
+    println!(
+        "WorkingDir: {}",
+        cfg.working_dir().clone().unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "User:       {}",
+        cfg.user().clone().unwrap_or_else(|| "-".into())
+    );
     for e in cfg.env().clone().unwrap_or_default() {
         println!("Env:        {e}");
     }
-    println!("Layers:     {} ({} compressed)", img.layers().len(), human_bytes(total));
+    println!(
+        "Layers:     {} ({} compressed)",
+        img.layers().len(),
+        human_bytes(total)
+    );
     for l in img.layers() {
-        println!("  {}  {:>10}  {}", l.digest(), human_bytes(l.size()), l.media_type());
+        println!(
+            "  {}  {:>10}  {}",
+            l.digest(),
+            human_bytes(l.size()),
+            l.media_type()
+        );
     }
     Ok(())
 }

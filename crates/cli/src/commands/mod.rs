@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 use lazylayer_oci::{Platform, Reference};
 
 pub fn parse_reference(s: &str) -> Result<Reference> {
-    s.parse::<Reference>().with_context(|| format!("bad image reference {s:?}"))
+    s.parse::<Reference>()
+        .with_context(|| format!("bad image reference {s:?}"))
 }
 
 pub fn parse_platform(s: Option<&str>) -> Result<Platform> {

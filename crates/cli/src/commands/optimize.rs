@@ -38,6 +38,10 @@ pub struct Args {
     /// Skip running the workload; build the boot layer from this trace file
     #[arg(long)]
     pub trace_in: Option<PathBuf>,
+    /// Then run the workload again with content served only from the boot
+    /// layer (metadata from its index) and fail if it needs anything else
+    #[arg(long)]
+    pub verify: bool,
     /// Platform to pick from a multi-platform image (OS/ARCH[/VARIANT])
     #[arg(long)]
     pub platform: Option<String>,
@@ -68,7 +72,11 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         network,
         trace_in: a.trace_in,
         trace_out: a.trace_out,
-        pull: PullOptions { platform: super::parse_platform(a.platform.as_deref())?, ..PullOptions::default() },
+        verify: a.verify,
+        pull: PullOptions {
+            platform: super::parse_platform(a.platform.as_deref())?,
+            ..PullOptions::default()
+        },
     };
     let store = g.store()?;
     let client = g.client()?;
@@ -94,7 +102,10 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rep)?);
         return Ok(());
     }
-    println!("Optimized {} -> {} ({})", rep.source, rep.destination, rep.manifest_digest);
+    println!(
+        "Optimized {} -> {} ({})",
+        rep.source, rep.destination, rep.manifest_digest
+    );
     println!(
         "  image        {} in {} entries",
         human_bytes(rep.image_size),
@@ -109,12 +120,15 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         human_bytes(rep.index_bytes)
     );
     println!("  traced       {} accesses", rep.trace_events);
+    if rep.verify_missing.is_some() {
+        println!("  verified     the workload runs with only the boot layer's content");
+    }
     println!(
         "  time         pull {:.2}s, index {:.2}s, trace {:.2}s, build {:.2}s, push {:.2}s",
         rep.seconds_pull, rep.seconds_index, rep.seconds_trace, rep.seconds_build, rep.seconds_push
     );
     println!(
-        "  push         {} layers mounted, {} already there, {} uploaded ({})",
+        "  push         source layers: {} mounted, {} already there, {} uploaded; {} sent in all",
         rep.push.layers_mounted,
         rep.push.layers_existing,
         rep.push.layers_uploaded,

@@ -29,12 +29,19 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let dst = super::parse_reference(&a.destination)?;
     let store = g.store()?;
     let Some(rec) = store.image(&src) else {
-        bail!("{src} is not in the store at {} (pull it first)", g.root.display());
+        bail!(
+            "{src} is not in the store at {} (pull it first)",
+            g.root.display()
+        );
     };
     let client = g.client_with(|c| c.upload_chunk_size = a.chunk_size)?;
     let start = Instant::now();
     let (mut uploaded, mut mounted, mut existed, mut bytes) = (0, 0, 0, 0u64);
-    let mut blobs: Vec<(Digest, u64)> = rec.layers.iter().map(|l| (l.digest.clone(), l.size)).collect();
+    let mut blobs: Vec<(Digest, u64)> = rec
+        .layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.size))
+        .collect();
     let cfg_size = std::fs::metadata(store.blob_path(&rec.config_digest))
         .with_context(|| format!("config {} missing from the store", rec.config_digest))?
         .len();
@@ -45,7 +52,13 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             bail!("blob {d} of {src} is missing from the store; pull the image again");
         }
         let outcome = client
-            .push_blob(&dst.repository, d, *size, &BlobSource::File(path), Some(&src.repository))
+            .push_blob(
+                &dst.repository,
+                d,
+                *size,
+                &BlobSource::File(path),
+                Some(&src.repository),
+            )
             .await
             .with_context(|| format!("pushing {src} to {dst}"))?;
         match outcome {

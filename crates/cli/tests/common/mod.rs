@@ -3,17 +3,26 @@
 //! `images/build.sh`, and the `lazylayer` binary under test.
 #![allow(dead_code)]
 
+pub mod tree;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running docker-registry (distribution v2) with its storage and access
@@ -33,7 +42,12 @@ impl Registry {
     /// `extra` is YAML appended at top level (e.g. an `auth:` block).
     pub fn start_with(extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Registry { dir, port: free_port(), child: None, extra_config: extra.to_string() };
+        let mut r = Registry {
+            dir,
+            port: free_port(),
+            child: None,
+            extra_config: extra.to_string(),
+        };
         r.spawn();
         r
     }
@@ -50,7 +64,11 @@ impl Registry {
             ),
         )
         .unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&cfg)
@@ -61,7 +79,11 @@ impl Registry {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "registry did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -89,7 +111,11 @@ impl Registry {
     /// The registry's file holding a blob, to corrupt it in fault tests.
     pub fn blob_data_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap();
-        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{}/data", &hex[..2], hex))
+        self.dir.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{}/data",
+            &hex[..2],
+            hex
+        ))
     }
 
     pub fn stop(&mut self) {
@@ -134,7 +160,10 @@ pub fn push_images(reg: &Registry, names: &[&str]) -> std::collections::HashMap<
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
-        .filter_map(|l| l.split_once(' ').map(|(n, d)| (n.to_string(), d.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(' ')
+                .map(|(n, d)| (n.to_string(), d.trim().to_string()))
+        })
         .collect()
 }
 
@@ -162,7 +191,11 @@ pub fn lazylayer(root: &Path, args: &[&str]) -> Output {
 
 pub fn lazylayer_ok(root: &Path, args: &[&str]) -> String {
     let out = lazylayer(root, args);
-    assert!(out.status.success(), "lazylayer {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "lazylayer {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -200,8 +233,19 @@ pub struct Mount(pub PathBuf);
 
 impl Mount {
     pub fn overlay_readonly(lowers: &[PathBuf], target: &Path) -> Mount {
-        let opts = format!("lowerdir={}", lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":"));
-        let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(target).status().unwrap();
+        let opts = format!(
+            "lowerdir={}",
+            lowers
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        );
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(target)
+            .status()
+            .unwrap();
         assert!(st.success(), "overlay mount failed");
         Mount(target.to_path_buf())
     }
@@ -211,4 +255,166 @@ impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// Podman (Debian's 4.3) with a store of its own in a temp dir, configured as
+/// this machine needs (runc, cgroupfs, file events, rlimits within the hard limit).
+pub struct Podman {
+    pub dir: tempfile::TempDir,
+}
+
+impl Podman {
+    pub fn new() -> Podman {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+        )
+        .unwrap();
+        Podman { dir }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.dir.path().join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.path().join("root"))
+            .arg("--runroot")
+            .arg(self.dir.path().join("runroot"))
+            .args(["--storage-driver", "overlay"]);
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Mount an image's root file system (as podman applies its layers); returns the path.
+    pub fn image_mount(&self, image: &str) -> PathBuf {
+        PathBuf::from(self.ok(&["image", "mount", image]).trim())
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd()
+            .args(["image", "unmount", "--all", "--force"])
+            .output();
+        let _ = self.cmd().args(["system", "reset", "--force"]).output();
+        unmount_below(self.dir.path());
+    }
+}
+
+/// containerd 1.6 with its own root, state and socket (CRI disabled), stopped on drop.
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        Self::start_with("")
+    }
+
+    /// `extra`: TOML appended to the config (e.g. a proxy snapshotter).
+    pub fn start_with(extra: &str) -> Containerd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let cfg = d.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{0}/debug.sock\"\n{1}\n",
+                d.display(),
+                extra
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd must be installed");
+        let sock = d.join("containerd.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "containerd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Containerd { dir, child }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(self.socket());
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctr().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Tasks first, so shims exit and their mounts go.
+        if let Ok(out) = self.ctr().args(["tasks", "ls", "-q"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self
+                    .ctr()
+                    .args(["tasks", "kill", "-s", "KILL", id])
+                    .output();
+                let _ = self.ctr().args(["tasks", "delete", "-f", id]).output();
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        unmount_below(self.dir.path());
+    }
+}
+
+/// Unmount everything mounted at or below `dir` (deepest first).
+pub fn unmount_below(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    let mut targets: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|t| t.starts_with(&prefix))
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        let _ = Command::new("umount").args(["-l", t]).status();
+    }
+}
+
+/// Mount points at or below `dir`.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1).map(str::to_string))
+        .filter(|t| t.starts_with(&prefix))
+        .collect()
 }

@@ -29,6 +29,10 @@ use crate::MAX_PATH_LEN;
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+/// An xattr call failed: the xattr's name (empty for a listing) and why.
+type XattrFault = (Vec<u8>, io::Error);
+
 /// Layers are lazylayer's own extractions, but resolving beneath the root
 /// without symlinks costs nothing and keeps a damaged store from making the
 /// builder read outside a layer.
@@ -62,13 +66,17 @@ pub fn build_index(layers: &[(String, PathBuf)]) -> Result<BootIndex, IndexError
     let opened = layers
         .iter()
         .map(|(diff_id, dir)| {
-            let root = rfs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| IndexError::LayerIo {
-                    diff_id: diff_id.clone(),
-                    path: dir.clone(),
-                    op: "open layer directory",
-                    source: e.into(),
-                })?;
+            let root = rfs::open(
+                dir,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| IndexError::LayerIo {
+                diff_id: diff_id.clone(),
+                path: dir.clone(),
+                op: "open layer directory",
+                source: e.into(),
+            })?;
             Ok(Layer { diff_id, dir, root })
         })
         .collect::<Result<Vec<_>, IndexError>>()?;
@@ -113,7 +121,10 @@ pub fn build_index(layers: &[(String, PathBuf)]) -> Result<BootIndex, IndexError
             // nlink counts names in the layer, visible or not; whether two
             // remain visible is settled once the walk is over.
             if meta.kind != FileKind::Dir && meta.nlink > 1 {
-                inodes.entry((layer, meta.dev, meta.ino)).or_default().push(idx);
+                inodes
+                    .entry((layer, meta.dev, meta.ino))
+                    .or_default()
+                    .push(idx);
             }
             entries.push(meta.into_entry(path.clone(), dir.idx, layer));
             if let Some(stack) = stack {
@@ -188,7 +199,7 @@ struct Meta {
     mtime_nsec: u32,
     rdev: u64,
     link_target: Option<Vec<u8>>,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattrs: Xattrs,
     dev: u64,
     ino: u64,
     nlink: u64,
@@ -198,7 +209,7 @@ impl Meta {
     // Stat's field types differ between architectures; the casts are no-ops
     // on some of them.
     #[allow(clippy::unnecessary_cast)]
-    fn new(st: &Stat, kind: FileKind, link_target: Option<Vec<u8>>, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+    fn new(st: &Stat, kind: FileKind, link_target: Option<Vec<u8>>, xattrs: Xattrs) -> Self {
         let size = match (kind, &link_target) {
             (FileKind::File, _) => st.st_size as u64,
             (FileKind::Symlink, Some(t)) => t.len() as u64,
@@ -248,7 +259,10 @@ impl Meta {
 
 /// The children of merged directory `dir`, by name, each decided by the
 /// topmost layer of `dir`'s stack that has it.
-fn list_merged(layers: &[Layer<'_>], dir: &PendingDir) -> Result<BTreeMap<Vec<u8>, Sighting>, IndexError> {
+fn list_merged(
+    layers: &[Layer<'_>],
+    dir: &PendingDir,
+) -> Result<BTreeMap<Vec<u8>, Sighting>, IndexError> {
     let mut out: BTreeMap<Vec<u8>, Sighting> = BTreeMap::new();
     let rel: &[u8] = if dir.rel.is_empty() { b"." } else { &dir.rel };
     for &li in &dir.stack {
@@ -261,7 +275,8 @@ fn list_merged(layers: &[Layer<'_>], dir: &PendingDir) -> Result<BTreeMap<Vec<u8
             RESOLVE,
         )
         .map_err(|e| layer.io_err(&dir.rel, "open directory", e))?;
-        let mut listing = Dir::read_from(&fd).map_err(|e| layer.io_err(&dir.rel, "read directory", e))?;
+        let mut listing =
+            Dir::read_from(&fd).map_err(|e| layer.io_err(&dir.rel, "read directory", e))?;
         while let Some(ent) = listing.read() {
             let ent = ent.map_err(|e| layer.io_err(&dir.rel, "read directory", e))?;
             let name = ent.file_name().to_bytes();
@@ -292,12 +307,19 @@ impl Layer<'_> {
     /// The topmost layer's root, as the merged root.
     fn root_entry(&self, layer: usize) -> Result<IndexEntry, IndexError> {
         let st = rfs::fstat(&self.root).map_err(|e| self.io_err(b"", "stat", e))?;
-        let xattrs = read_xattrs(XattrSource::Fd(self.root.as_fd())).map_err(|e| self.xattr_err(b"", e))?;
+        let xattrs =
+            read_xattrs(XattrSource::Fd(self.root.as_fd())).map_err(|e| self.xattr_err(b"", e))?;
         Ok(Meta::new(&st, FileKind::Dir, None, xattrs).into_entry(Vec::new(), 0, layer))
     }
 
     /// First (topmost) sighting of `name` in directory `dir` (at `rel`).
-    fn sight(&self, li: usize, dir: BorrowedFd<'_>, rel: &[u8], name: &[u8]) -> Result<Sighting, IndexError> {
+    fn sight(
+        &self,
+        li: usize,
+        dir: BorrowedFd<'_>,
+        rel: &[u8],
+        name: &[u8],
+    ) -> Result<Sighting, IndexError> {
         let child = join(rel, name);
         let st = rfs::statat(dir, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| self.io_err(&child, "lstat", e))?;
@@ -327,7 +349,8 @@ impl Layer<'_> {
             _ => None,
         };
         let proc = proc_path(dir, name);
-        let xattrs = read_xattrs(XattrSource::Path(&proc)).map_err(|e| self.xattr_err(&child, e))?;
+        let xattrs =
+            read_xattrs(XattrSource::Path(&proc)).map_err(|e| self.xattr_err(&child, e))?;
         let stack = match kind {
             FileKind::Dir => Some(DirStack {
                 layers: vec![li],
@@ -379,7 +402,7 @@ impl Layer<'_> {
         }
     }
 
-    fn xattr_err(&self, rel: &[u8], (name, source): (Vec<u8>, io::Error)) -> IndexError {
+    fn xattr_err(&self, rel: &[u8], (name, source): XattrFault) -> IndexError {
         IndexError::LayerXattr {
             diff_id: self.diff_id.clone(),
             path: self.show(rel),
@@ -408,7 +431,7 @@ fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(&p))
 }
 
-fn is_opaque(path: &Path) -> Result<bool, (Vec<u8>, io::Error)> {
+fn is_opaque(path: &Path) -> Result<bool, XattrFault> {
     let mut buf = [0u8; 8];
     match rfs::lgetxattr(path, OPAQUE_XATTR, &mut buf[..]) {
         Ok(n) => Ok(&buf[..n] == b"y"),
@@ -442,7 +465,7 @@ impl XattrSource<'_> {
 
 /// All xattrs but `trusted.overlay.*`, sorted by name. An error carries the
 /// xattr name (empty when listing failed).
-fn read_xattrs(src: XattrSource<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, (Vec<u8>, io::Error)> {
+fn read_xattrs(src: XattrSource<'_>) -> Result<Xattrs, XattrFault> {
     let names = match read_sized(|buf| src.list(buf)) {
         Ok(n) => n,
         Err(Errno::NOTSUP) => return Ok(Vec::new()),
@@ -465,7 +488,9 @@ fn read_xattrs(src: XattrSource<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, (Vec<u8>
 }
 
 /// Call an xattr syscall with a growing buffer until the result fits.
-fn read_sized(mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>) -> rustix::io::Result<Vec<u8>> {
+fn read_sized(
+    mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
+) -> rustix::io::Result<Vec<u8>> {
     // Linux caps both a value and a name list at 64 KiB.
     const MAX: usize = 1 << 16;
     let mut buf = vec![0u8; 256];

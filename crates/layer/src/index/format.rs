@@ -239,8 +239,16 @@ impl Sections {
             )),
         };
         expect(hdr::LAYERS_OFF, layers_off, Some(HEADER_LEN as u64))?;
-        expect(hdr::ENTRIES_OFF, entries_off, layers_off.checked_add(layers_len))?;
-        expect(hdr::NAMES_OFF, names_off, entries_off.checked_add(entries_len))?;
+        expect(
+            hdr::ENTRIES_OFF,
+            entries_off,
+            layers_off.checked_add(layers_len),
+        )?;
+        expect(
+            hdr::NAMES_OFF,
+            names_off,
+            entries_off.checked_add(entries_len),
+        )?;
         expect(hdr::BLOB_OFF, blob_off, names_off.checked_add(names_len))?;
         match blob_off.checked_add(blob_len) {
             Some(end) if end == body.len() as u64 => {}
@@ -293,7 +301,10 @@ fn decode_layers(body: &[u8], s: &Sections) -> Result<Vec<String>, IndexError> {
         layers.push(id.to_owned());
     }
     if cur.pos != cur.bytes.len() {
-        return Err(malformed(cur.offset(), "unused bytes after the layer table".into()));
+        return Err(malformed(
+            cur.offset(),
+            "unused bytes after the layer table".into(),
+        ));
     }
     Ok(layers)
 }
@@ -314,10 +325,16 @@ fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexErr
 
         let parent = get_u32(r, rec::PARENT);
         if (i == 0 && parent != 0) || (i > 0 && parent as usize >= i) {
-            return Err(field(rec::PARENT, format!("parent {parent} does not precede the entry")));
+            return Err(field(
+                rec::PARENT,
+                format!("parent {parent} does not precede the entry"),
+            ));
         }
         let name_off = get_u32(r, rec::NAME_OFF) as usize;
         let name_len = get_u32(r, rec::NAME_LEN) as usize;
+        if i == 0 && name_len != 0 {
+            return Err(field(rec::NAME_LEN, "the root has a name".into()));
+        }
         if name_len > MAX_NAME_LEN {
             return Err(field(rec::NAME_LEN, format!("name of {name_len} bytes")));
         }
@@ -367,12 +384,17 @@ fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexErr
         let link_len = get_u32(r, rec::LINK_LEN) as usize;
         let link_target = match kind {
             FileKind::Symlink => Some(blob.take(link_len)?.to_vec()),
-            _ if link_len != 0 => return Err(field(rec::LINK_LEN, "target on a non-symlink".into())),
+            _ if link_len != 0 => {
+                return Err(field(rec::LINK_LEN, "target on a non-symlink".into()))
+            }
             _ => None,
         };
         let xattr_count = get_u32(r, rec::XATTR_COUNT) as usize;
         if xattr_count > blob.remaining() / 8 {
-            return Err(field(rec::XATTR_COUNT, format!("{xattr_count} xattrs cannot fit")));
+            return Err(field(
+                rec::XATTR_COUNT,
+                format!("{xattr_count} xattrs cannot fit"),
+            ));
         }
         let mut xattrs = Vec::with_capacity(xattr_count);
         for _ in 0..xattr_count {
@@ -402,7 +424,10 @@ fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexErr
         });
     }
     if blob.remaining() != 0 {
-        return Err(malformed(blob.offset(), "unused bytes after the last entry's data".into()));
+        return Err(malformed(
+            blob.offset(),
+            "unused bytes after the last entry's data".into(),
+        ));
     }
     Ok(entries)
 }

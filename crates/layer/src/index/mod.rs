@@ -39,8 +39,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// `NAME_MAX`, so no extracted layer can hold a longer one.
 pub const MAX_NAME_LEN: usize = 255;
 
-/// Longest xattr name and value Linux stores (`XATTR_NAME_MAX`, `XATTR_SIZE_MAX`).
+/// Longest xattr name Linux stores (`XATTR_NAME_MAX`).
 pub const MAX_XATTR_NAME_LEN: usize = 255;
+/// Longest xattr value Linux stores (`XATTR_SIZE_MAX`).
 pub const MAX_XATTR_VALUE_LEN: usize = 65536;
 
 /// Longest layer identifier (diff_id) accepted; real ones are ~71 bytes.
@@ -155,8 +156,8 @@ impl PartialEq for BootIndex {
 }
 impl Eq for BootIndex {}
 
-/// Lookup tables in compressed-row form: one flat list plus start offsets,
-/// three allocations however large the index.
+/// Lookup tables in compressed-row form (a flat list plus start offsets), so
+/// they are five allocations however many directories the index has.
 #[derive(Debug, Clone, Default)]
 struct Tables {
     /// Where each entry's last component starts in its path.
@@ -283,10 +284,10 @@ impl BootIndex {
     /// are ignored, so `""`, `"/"`, `"a/b"` and `"/a//b/"` all work; `.` and
     /// `..` are not resolved (they are never names in an index).
     pub fn lookup(&self, path: &[u8]) -> Option<u32> {
-        let mut cur = 0u32;
         if self.entries.is_empty() {
             return None;
         }
+        let mut cur = 0u32;
         for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
             cur = self.lookup_child(cur, comp)?;
         }
@@ -316,8 +317,12 @@ impl BootIndex {
     /// index out of range so that a stale inode number cannot panic a FUSE
     /// daemon).
     pub fn name(&self, idx: u32) -> &[u8] {
-        match (self.entries.get(idx as usize), self.tables.name_start.get(idx as usize)) {
-            (Some(e), Some(&s)) => &e.path[s as usize..],
+        match (
+            self.entries.get(idx as usize),
+            self.tables.name_start.get(idx as usize),
+        ) {
+            // `get`: entries are public, a caller may have edited a path.
+            (Some(e), Some(&s)) => e.path.get(s as usize..).unwrap_or_default(),
             _ => &[],
         }
     }
@@ -370,7 +375,10 @@ impl Tables {
 
         let root = &entries[0];
         if !root.path.is_empty() || root.parent != 0 || root.kind != FileKind::Dir {
-            return Err(bad(0, "entry 0 must be the root directory (empty path, parent 0)"));
+            return Err(bad(
+                0,
+                "entry 0 must be the root directory (empty path, parent 0)",
+            ));
         }
 
         let mut name_start = Vec::with_capacity(n);
@@ -436,7 +444,13 @@ impl Tables {
     }
 }
 
-fn hardlink_tables(entries: &[IndexEntry]) -> Result<(Vec<u32>, Vec<u32>), (usize, &'static str)> {
+/// Start offsets and flat member list, as in [`Tables`].
+type Csr = (Vec<u32>, Vec<u32>);
+
+/// An entry number and the rule it breaks.
+type EntryFault = (usize, &'static str);
+
+fn hardlink_tables(entries: &[IndexEntry]) -> Result<Csr, EntryFault> {
     // first[g - 1] = first member of group g; count[g - 1] = its size.
     let mut first: Vec<u32> = Vec::new();
     let mut count: Vec<u32> = Vec::new();
@@ -454,7 +468,10 @@ fn hardlink_tables(entries: &[IndexEntry]) -> Result<(Vec<u32>, Vec<u32>), (usiz
         } else if g > first.len() {
             // Dense numbering in order of appearance keeps the encoding
             // canonical and lets readers index groups by number.
-            return Err((i, "hardlink groups must be numbered 1, 2, ... in order of first member"));
+            return Err((
+                i,
+                "hardlink groups must be numbered 1, 2, ... in order of first member",
+            ));
         }
         let head = &entries[first[g - 1] as usize];
         if head.kind != e.kind || head.layer != e.layer {

@@ -1,0 +1,688 @@
+//! Format, validation and lookup tests of the boot index.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
+
+use proptest::prelude::*;
+
+use super::format::{
+    get_u32, hdr, rec, reseal, set_u32, set_u64, CHECKSUM_LEN, HEADER_LEN, RECORD_LEN,
+};
+use super::*;
+
+pub(crate) fn entry(path: &[u8], parent: u32, kind: FileKind) -> IndexEntry {
+    IndexEntry {
+        path: path.to_vec(),
+        parent,
+        kind,
+        mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 0,
+        rdev: 0,
+        link_target: None,
+        xattrs: Vec::new(),
+        hardlink_group: 0,
+        layer: 0,
+        in_boot: false,
+    }
+}
+
+fn layer_ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("sha256:{:064x}", i + 1)).collect()
+}
+
+/// A small index using every kind and field.
+fn small_entries() -> Vec<IndexEntry> {
+    let mut v = vec![entry(b"", 0, FileKind::Dir)]; // 0
+    v.push(entry(b"etc", 0, FileKind::Dir)); // 1
+    v.push(entry(b"usr", 0, FileKind::Dir)); // 2
+    let mut bin = entry(b"bin", 0, FileKind::Symlink); // 3
+    bin.link_target = Some(b"usr/bin".to_vec());
+    bin.size = 7;
+    v.push(bin);
+    v.push(entry(b"dev", 0, FileKind::Dir)); // 4
+    let mut passwd = entry(b"etc/passwd", 1, FileKind::File); // 5
+    passwd.size = 1234;
+    passwd.uid = 1000;
+    passwd.gid = 100;
+    passwd.mtime_sec = -5;
+    passwd.mtime_nsec = 999_999_999;
+    passwd.xattrs = vec![
+        (b"security.capability".to_vec(), vec![1, 0, 0, 2]),
+        (b"user.empty".to_vec(), Vec::new()),
+    ];
+    passwd.in_boot = true;
+    passwd.layer = 1;
+    v.push(passwd);
+    v.push(entry(b"usr/bin", 2, FileKind::Dir)); // 6
+    let mut null = entry(b"dev/null", 4, FileKind::CharDev); // 7
+    null.rdev = rustix::fs::makedev(1, 3);
+    v.push(null);
+    let mut sda = entry(b"dev/sda", 4, FileKind::BlockDev); // 8
+    sda.rdev = rustix::fs::makedev(8, 0);
+    v.push(sda);
+    v.push(entry(b"dev/fifo", 4, FileKind::Fifo)); // 9
+    v.push(entry(b"dev/sock", 4, FileKind::Socket)); // 10
+    for name in [&b"usr/bin/a"[..], b"usr/bin/b", b"usr/bin/caf\xe9"] {
+        let mut f = entry(name, 6, FileKind::File); // 11, 12, 13
+        f.size = 42;
+        f.mode = 0o4755;
+        f.hardlink_group = 1;
+        f.layer = 1;
+        v.push(f);
+    }
+    v[13].hardlink_group = 0;
+    v[13].mode = 0o1777;
+    v
+}
+
+fn small_index() -> BootIndex {
+    BootIndex::new(layer_ids(2), small_entries()).unwrap()
+}
+
+#[test]
+fn index_round_trips_byte_for_byte() {
+    let idx = small_index();
+    let bytes = idx.encode();
+    assert_eq!(bytes, idx.encode(), "encoding is deterministic");
+    let back = BootIndex::decode(&bytes).unwrap();
+    assert_eq!(back, idx);
+    assert_eq!(back.encode(), bytes);
+    assert_eq!(&bytes[..8], b"LLIDX\0\0\0");
+    assert_eq!(get_u32(&bytes, hdr::VERSION), 1);
+}
+
+#[test]
+fn index_lookup_children_and_names() {
+    let idx = small_index();
+    assert_eq!(idx.len(), 14);
+    assert!(!idx.is_empty());
+    assert_eq!(idx.lookup(b""), Some(0));
+    assert_eq!(idx.lookup(b"/"), Some(0));
+    assert_eq!(idx.lookup(b"etc/passwd"), Some(5));
+    assert_eq!(idx.lookup(b"/usr//bin/a/"), Some(11));
+    assert_eq!(idx.lookup(b"usr/bin/caf\xe9"), Some(13));
+    assert_eq!(idx.lookup(b"usr/bin/c"), None);
+    assert_eq!(idx.lookup(b"etc/passwd/x"), None, "through a file");
+    assert_eq!(idx.lookup(b"bin/a"), None, "symlinks are not followed");
+    assert_eq!(idx.lookup(b"usr/../etc"), None);
+    for (i, e) in idx.entries.iter().enumerate() {
+        assert_eq!(idx.lookup(&e.path), Some(i as u32));
+        if i > 0 {
+            assert_eq!(
+                idx.lookup_child(e.parent, idx.name(i as u32)),
+                Some(i as u32)
+            );
+        }
+    }
+    let names = |d| {
+        idx.children(d)
+            .iter()
+            .map(|&c| idx.name(c).to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(0), [&b"bin"[..], b"dev", b"etc", b"usr"]);
+    assert_eq!(names(4), [&b"fifo"[..], b"null", b"sda", b"sock"]);
+    assert!(idx.children(5).is_empty(), "a file has no children");
+    assert!(idx.children(99).is_empty());
+    assert_eq!(idx.name(0), b"");
+    assert_eq!(idx.name(13), b"caf\xe9");
+    assert_eq!(idx.name(99), b"");
+    assert_eq!(idx.lookup_child(5, b"x"), None);
+    assert_eq!(idx.hardlink_group_count(), 1);
+    assert_eq!(idx.hardlink_members(1), [11, 12]);
+    assert!(idx.hardlink_members(0).is_empty());
+    assert!(idx.hardlink_members(2).is_empty());
+}
+
+#[test]
+fn index_children_are_sorted_whatever_the_entry_order() {
+    let mut v = vec![entry(b"", 0, FileKind::Dir)];
+    for name in [&b"zeta"[..], b"alpha", b"\xff", b"Beta", b"a.b"] {
+        v.push(entry(name, 0, FileKind::File));
+    }
+    let idx = BootIndex::new(layer_ids(1), v).unwrap();
+    let names: Vec<&[u8]> = idx.children(0).iter().map(|&c| idx.name(c)).collect();
+    assert_eq!(names, [&b"Beta"[..], b"a.b", b"alpha", b"zeta", b"\xff"]);
+    assert_eq!(idx.lookup(b"alpha"), Some(2));
+}
+
+// ---- decode refusals ----
+
+#[test]
+fn index_decode_refuses_wrong_magic() {
+    let mut b = small_index().encode();
+    b[0] = b'X';
+    assert!(matches!(BootIndex::decode(&b), Err(IndexError::BadMagic)));
+    assert!(matches!(
+        BootIndex::decode(b"PK\x03\x04"),
+        Err(IndexError::BadMagic)
+    ));
+    assert!(matches!(
+        BootIndex::decode(b""),
+        Err(IndexError::Truncated { .. })
+    ));
+}
+
+#[test]
+fn index_decode_refuses_version_2() {
+    let mut b = small_index().encode();
+    set_u32(&mut b, hdr::VERSION, 2);
+    let err = BootIndex::decode(&b).unwrap_err();
+    assert!(
+        matches!(err, IndexError::UnsupportedVersion { found: 2 }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("version 2 is not supported"),
+        "{err}"
+    );
+    // Same with a valid checksum: the version is refused, not the layout.
+    reseal(&mut b);
+    assert!(matches!(
+        BootIndex::decode(&b),
+        Err(IndexError::UnsupportedVersion { found: 2 })
+    ));
+    // A future index may be shorter than a v1 header: still a version error.
+    assert!(matches!(
+        BootIndex::decode(&b[..12]),
+        Err(IndexError::UnsupportedVersion { found: 2 })
+    ));
+}
+
+#[test]
+fn index_decode_refuses_every_truncation() {
+    let b = small_index().encode();
+    for n in 0..b.len() {
+        match BootIndex::decode(&b[..n]) {
+            Err(IndexError::Truncated { actual, .. }) => assert_eq!(actual, n as u64),
+            other => panic!("truncated at {n}: {other:?}"),
+        }
+    }
+    let mut longer = b.clone();
+    longer.push(0);
+    assert!(matches!(
+        BootIndex::decode(&longer),
+        Err(IndexError::Malformed { .. })
+    ));
+}
+
+#[test]
+fn index_decode_detects_every_flipped_byte() {
+    let b = small_index().encode();
+    for i in 0..b.len() {
+        for bit in [0x01u8, 0x80] {
+            let mut c = b.clone();
+            c[i] ^= bit;
+            let r = BootIndex::decode(&c);
+            let ok = match i {
+                0..8 => matches!(r, Err(IndexError::BadMagic)),
+                8..12 => matches!(r, Err(IndexError::UnsupportedVersion { .. })),
+                80..88 => matches!(
+                    r,
+                    Err(IndexError::Truncated { .. } | IndexError::Malformed { .. })
+                ),
+                _ => matches!(r, Err(IndexError::ChecksumMismatch)),
+            };
+            assert!(ok, "byte {i} ^ {bit:#x}: {r:?}");
+        }
+    }
+}
+
+fn sealed(edit: impl FnOnce(&mut Vec<u8>)) -> Result<BootIndex, IndexError> {
+    let mut b = small_index().encode();
+    edit(&mut b);
+    reseal(&mut b);
+    BootIndex::decode(&b)
+}
+
+/// Offset of entry `i`'s record in the small index.
+fn record(b: &[u8], i: usize) -> usize {
+    get_u32(b, hdr::ENTRIES_OFF) as usize + i * RECORD_LEN
+}
+
+#[test]
+fn index_decode_refuses_counts_larger_than_the_input() {
+    for count in [u32::MAX, 15, 1 << 20] {
+        let r = sealed(|b| set_u32(b, hdr::ENTRY_COUNT, count));
+        assert!(
+            matches!(r, Err(IndexError::Malformed { .. })),
+            "{count}: {r:?}"
+        );
+    }
+    let r = sealed(|b| set_u32(b, hdr::LAYER_COUNT, u32::MAX));
+    assert!(matches!(r, Err(IndexError::Malformed { .. })), "{r:?}");
+    let r = sealed(|b| set_u64(b, hdr::BLOB_LEN, u64::MAX - 10));
+    assert!(matches!(r, Err(IndexError::Malformed { .. })), "{r:?}");
+    let r = sealed(|b| set_u64(b, hdr::NAMES_LEN, u64::MAX));
+    assert!(matches!(r, Err(IndexError::Malformed { .. })), "{r:?}");
+    let r = sealed(|b| {
+        let at = record(b, 5) + rec::XATTR_COUNT;
+        set_u32(b, at, u32::MAX)
+    });
+    assert!(matches!(r, Err(IndexError::Malformed { .. })), "{r:?}");
+    let r = sealed(|b| {
+        let at = record(b, 3) + rec::LINK_LEN;
+        set_u32(b, at, u32::MAX)
+    });
+    assert!(matches!(r, Err(IndexError::Malformed { .. })), "{r:?}");
+}
+
+#[test]
+fn index_decode_refuses_hostile_sealed_records() {
+    let malformed =
+        |r: Result<BootIndex, IndexError>| matches!(r, Err(IndexError::Malformed { .. }));
+    let base = record(&small_index().encode(), 0);
+    let at = |i: usize, f: usize| base + i * RECORD_LEN + f;
+    assert!(matches!(
+        sealed(|b| set_u32(b, hdr::FLAGS, 4)),
+        Err(IndexError::UnknownFlags { flags: 4 })
+    ));
+    // parent == self, parent after self
+    assert!(malformed(sealed(|b| set_u32(b, at(5, rec::PARENT), 5))));
+    assert!(malformed(sealed(|b| set_u32(b, at(5, rec::PARENT), 9))));
+    assert!(malformed(sealed(|b| set_u32(b, at(0, rec::PARENT), 1))));
+    // parent is a file
+    let r = sealed(|b| set_u32(b, at(7, rec::PARENT), 5));
+    assert!(
+        matches!(r, Err(IndexError::InvalidEntry { index: 7, .. })),
+        "{r:?}"
+    );
+    // name outside the table, overlong
+    assert!(malformed(sealed(|b| set_u32(
+        b,
+        at(5, rec::NAME_OFF),
+        u32::MAX
+    ))));
+    assert!(malformed(sealed(|b| set_u32(b, at(5, rec::NAME_LEN), 256))));
+    assert!(malformed(sealed(|b| set_u32(b, at(0, rec::NAME_LEN), 1))));
+    // unknown kind, unknown entry flag, reserved bytes
+    assert!(malformed(sealed(|b| b[at(5, rec::KIND)] = 0)));
+    assert!(malformed(sealed(|b| b[at(5, rec::KIND)] = 8)));
+    assert!(malformed(sealed(|b| b[at(5, rec::FLAGS)] = 2)));
+    assert!(malformed(sealed(|b| b[at(5, rec::RESERVED)] = 1)));
+    // blob data shared or skipped
+    assert!(malformed(sealed(|b| set_u64(b, at(5, rec::DATA_OFF), 0))));
+    // a target on a directory
+    assert!(malformed(sealed(|b| set_u32(b, at(1, rec::LINK_LEN), 1))));
+    // a layer out of range, a bad mode: rule violations behind a valid layout
+    let r = sealed(|b| set_u32(b, at(5, rec::LAYER), 2));
+    assert!(
+        matches!(r, Err(IndexError::InvalidEntry { index: 5, .. })),
+        "{r:?}"
+    );
+    let r = sealed(|b| set_u32(b, at(5, rec::MODE), 0o100644));
+    assert!(
+        matches!(r, Err(IndexError::InvalidEntry { index: 5, .. })),
+        "{r:?}"
+    );
+    // two siblings with one name (entry 8 renamed to entry 7's name)
+    let r = sealed(|b| {
+        let off = get_u32(b, at(7, rec::NAME_OFF));
+        set_u32(b, at(8, rec::NAME_OFF), off);
+        set_u32(b, at(8, rec::NAME_LEN), 4);
+    });
+    assert!(matches!(r, Err(IndexError::InvalidEntry { .. })), "{r:?}");
+    // a layer id that is not UTF-8
+    assert!(malformed(sealed(|b| b[HEADER_LEN + 4] = 0xff)));
+}
+
+#[test]
+fn index_new_refuses_rule_violations() {
+    let check = |what: &str, edit: &dyn Fn(&mut Vec<IndexEntry>)| {
+        let mut v = small_entries();
+        edit(&mut v);
+        assert!(BootIndex::new(layer_ids(2), v).is_err(), "accepted: {what}");
+    };
+    check("root not a dir", &|v| v[0].kind = FileKind::File);
+    check("root with a path", &|v| v[0].path = b"x".to_vec());
+    check("path not under parent", &|v| {
+        v[5].path = b"usr/passwd".to_vec()
+    });
+    check("empty name", &|v| v[5].path = b"etc/".to_vec());
+    check("dot name", &|v| v[1].path = b"..".to_vec());
+    check("duplicate", &|v| v[2].path = b"etc".to_vec());
+    check("mode type bits", &|v| v[5].mode = 0o100644);
+    check("nsec", &|v| v[5].mtime_nsec = 1_000_000_000);
+    check("symlink size", &|v| v[3].size = 3);
+    check("symlink no target", &|v| v[3].link_target = None);
+    check("target on file", &|v| {
+        v[5].link_target = Some(b"x".to_vec())
+    });
+    check("dir size", &|v| v[1].size = 4096);
+    check("whiteout", &|v| v[7].rdev = 0);
+    check("rdev on file", &|v| v[5].rdev = 1);
+    check("overlay xattr", &|v| {
+        v[5].xattrs = vec![(b"trusted.overlay.opaque".to_vec(), b"y".to_vec())]
+    });
+    check("unsorted xattrs", &|v| v[5].xattrs.reverse());
+    check("layer", &|v| v[5].layer = 2);
+    check("single-member group", &|v| v[12].hardlink_group = 0);
+    check("group 2 before 1", &|v| {
+        v[11].hardlink_group = 2;
+        v[12].hardlink_group = 2;
+    });
+    check("dir in group", &|v| {
+        v[6].hardlink_group = 1;
+    });
+    check("group across layers", &|v| v[12].layer = 0);
+    assert!(
+        BootIndex::new(Vec::new(), small_entries()).is_err(),
+        "no layers"
+    );
+    assert!(
+        BootIndex::new(layer_ids(2), Vec::new()).is_err(),
+        "no entries"
+    );
+}
+
+// ---- property tests ----
+
+#[derive(Debug, Clone)]
+struct Node {
+    parent: usize,
+    name: Vec<u8>,
+    kind: u8,
+    meta: (u32, u32, u32, u64, i64, u32),
+    rdev: u64,
+    target: Vec<u8>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    group: u8,
+    layer: u8,
+    in_boot: bool,
+}
+
+fn node() -> impl Strategy<Value = Node> {
+    let name_byte =
+        prop::sample::select(vec![b'a', b'b', b'.', b'-', b' ', b'\n', 0x80, 0xe9, 0xff]);
+    let non_nul = 1u8..=255;
+    (
+        (
+            any::<usize>(),
+            prop::collection::vec(name_byte, 1..5),
+            0u8..7,
+        ),
+        (
+            0u32..0o10000,
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<i64>(),
+            0u32..1_000_000_000,
+        ),
+        (1u64.., prop::collection::vec(non_nul.clone(), 0..12)),
+        prop::collection::vec(
+            (
+                prop::collection::vec(non_nul, 1..4),
+                prop::collection::vec(any::<u8>(), 0..6),
+            ),
+            0..3,
+        ),
+        (0u8..6, any::<u8>(), any::<bool>()),
+    )
+        .prop_map(
+            |((parent, name, kind), meta, (rdev, target), xattrs, (group, layer, in_boot))| Node {
+                parent,
+                name,
+                kind,
+                meta,
+                rdev,
+                target,
+                xattrs,
+                group,
+                layer,
+                in_boot,
+            },
+        )
+}
+
+/// A valid index from arbitrary nodes: invalid or duplicate names are
+/// dropped, hardlink groups renumbered and their members made alike.
+fn tree(layer_count: usize, nodes: &[Node]) -> BootIndex {
+    const KINDS: [FileKind; 7] = [
+        FileKind::File,
+        FileKind::Dir,
+        FileKind::Symlink,
+        FileKind::CharDev,
+        FileKind::BlockDev,
+        FileKind::Fifo,
+        FileKind::Socket,
+    ];
+    let mut entries = vec![entry(b"", 0, FileKind::Dir)];
+    let mut dirs = vec![0u32];
+    let mut seen = HashSet::new();
+    let mut raw_groups: BTreeMap<u8, Vec<usize>> = BTreeMap::new();
+    for n in nodes {
+        if n.name == b"." || n.name == b".." {
+            continue;
+        }
+        let parent = dirs[n.parent % dirs.len()];
+        if !seen.insert((parent, n.name.clone())) {
+            continue;
+        }
+        let kind = KINDS[n.kind as usize];
+        let mut path = entries[parent as usize].path.clone();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(&n.name);
+        let mut e = entry(&path, parent, kind);
+        let (mode, uid, gid, size, sec, nsec) = n.meta;
+        (e.mode, e.uid, e.gid, e.mtime_sec, e.mtime_nsec) = (mode, uid, gid, sec, nsec);
+        e.layer = n.layer as u32 % layer_count as u32;
+        e.in_boot = n.in_boot;
+        let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = n
+            .xattrs
+            .iter()
+            .map(|(k, v)| ([&b"user."[..], k].concat(), v.clone()))
+            .collect();
+        xattrs.sort();
+        xattrs.dedup_by(|a, b| a.0 == b.0);
+        e.xattrs = xattrs;
+        match kind {
+            FileKind::File => e.size = size,
+            FileKind::Symlink => {
+                e.size = n.target.len() as u64;
+                e.link_target = Some(n.target.clone());
+            }
+            FileKind::CharDev | FileKind::BlockDev => e.rdev = n.rdev,
+            _ => {}
+        }
+        if kind == FileKind::Dir {
+            dirs.push(entries.len() as u32);
+        } else if n.group < 3 {
+            raw_groups.entry(n.group).or_default().push(entries.len());
+        }
+        entries.push(e);
+    }
+    let mut groups: Vec<Vec<usize>> = raw_groups.into_values().filter(|m| m.len() > 1).collect();
+    groups.sort_by_key(|m| m[0]);
+    for (g, members) in groups.iter().enumerate() {
+        let head = entries[members[0]].clone();
+        for &m in members {
+            let e = &mut entries[m];
+            (e.kind, e.mode, e.uid, e.gid, e.size) =
+                (head.kind, head.mode, head.uid, head.gid, head.size);
+            (e.mtime_sec, e.mtime_nsec, e.rdev) = (head.mtime_sec, head.mtime_nsec, head.rdev);
+            (e.link_target, e.xattrs, e.layer) =
+                (head.link_target.clone(), head.xattrs.clone(), head.layer);
+            e.hardlink_group = g as u32 + 1;
+        }
+    }
+    BootIndex::new(layer_ids(layer_count), entries).expect("generated index is valid")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn index_round_trips_random_trees(layers in 1usize..4, nodes in prop::collection::vec(node(), 0..40)) {
+        let idx = tree(layers, &nodes);
+        let bytes = idx.encode();
+        let back = BootIndex::decode(&bytes).unwrap();
+        prop_assert_eq!(&back, &idx);
+        prop_assert_eq!(back.encode(), bytes);
+        for (i, e) in back.entries.iter().enumerate() {
+            prop_assert_eq!(back.lookup(&e.path), Some(i as u32));
+            let kids = back.children(i as u32);
+            prop_assert!(kids.windows(2).all(|w| back.name(w[0]) < back.name(w[1])));
+            prop_assert!(kids.iter().all(|&k| back.entries[k as usize].parent == i as u32));
+            if e.hardlink_group != 0 {
+                prop_assert!(back.hardlink_members(e.hardlink_group).contains(&(i as u32)));
+            }
+        }
+        let total_kids: usize = (0..back.len() as u32).map(|d| back.children(d).len()).sum();
+        prop_assert_eq!(total_kids, back.len() - 1);
+    }
+
+    /// Whatever a hostile writer puts behind a valid checksum, decode
+    /// returns (it may even accept), it never panics.
+    #[test]
+    fn index_decode_survives_sealed_garbage(
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+        do_cut in any::<bool>(),
+    ) {
+        let mut b = small_index().encode();
+        let body = b.len() - CHECKSUM_LEN;
+        for (at, v) in edits {
+            // Keep magic and version so the edits reach the deeper checks.
+            let i = 12 + at.index(body - 12);
+            b[i] = v;
+        }
+        if do_cut {
+            let keep = HEADER_LEN + cut.index(body - HEADER_LEN);
+            b.drain(keep..body);
+        }
+        reseal(&mut b);
+        if let Ok(idx) = BootIndex::decode(&b) {
+            prop_assert_eq!(BootIndex::decode(&idx.encode()).unwrap(), idx);
+        }
+    }
+}
+
+// ---- scale ----
+
+/// 100 directories of 1000 entries: files, symlinks, hardlink pairs, xattrs.
+fn synthetic(dirs: usize, per_dir: usize) -> BootIndex {
+    let mut entries = vec![
+        entry(b"", 0, FileKind::Dir),
+        entry(b"usr", 0, FileKind::Dir),
+    ];
+    let mut group = 0;
+    for d in 0..dirs {
+        entries.push(entry(format!("usr/lib{d:03}").as_bytes(), 1, FileKind::Dir));
+    }
+    let dir_entries: Vec<(u32, Vec<u8>)> = (2..entries.len())
+        .map(|i| (i as u32, entries[i].path.clone()))
+        .collect();
+    for (dir_idx, dir_path) in dir_entries {
+        for f in 0..per_dir {
+            let path = [&dir_path[..], format!("/module_{f:04}.py").as_bytes()].concat();
+            let mut e = entry(&path, dir_idx, FileKind::File);
+            e.size = (f * 37) as u64;
+            e.mtime_nsec = f as u32;
+            e.layer = (f % 3) as u32;
+            e.in_boot = f % 7 == 0;
+            if f % 10 == 9 {
+                e.kind = FileKind::Symlink;
+                let t = format!("../lib000/module_{:04}.py", f - 1).into_bytes();
+                e.size = t.len() as u64;
+                e.link_target = Some(t);
+            }
+            if f % 50 == 1 {
+                e.xattrs = vec![(b"user.origin".to_vec(), b"synthetic".to_vec())];
+            }
+            entries.push(e);
+            if f % 100 == 3 {
+                // The next file is a second name of this one.
+                group += 1;
+                let last = entries.len() - 1;
+                entries[last].hardlink_group = group;
+                let mut twin = entries[last].clone();
+                twin.path = [&dir_path[..], format!("/module_{f:04}.link").as_bytes()].concat();
+                entries.push(twin);
+            }
+        }
+    }
+    BootIndex::new(layer_ids(3), entries).unwrap()
+}
+
+#[test]
+fn index_decodes_100k_entries() {
+    let idx = synthetic(100, 1000);
+    assert!(idx.len() > 100_000, "{}", idx.len());
+    let t = Instant::now();
+    let bytes = idx.encode();
+    let encode_time = t.elapsed();
+    let t = Instant::now();
+    let back = BootIndex::decode(&bytes).unwrap();
+    let decode_time = t.elapsed();
+    println!(
+        "boot index: {} entries, {} bytes ({:.1} bytes/entry); encode {:?}, decode {:?}",
+        idx.len(),
+        bytes.len(),
+        bytes.len() as f64 / idx.len() as f64,
+        encode_time,
+        decode_time
+    );
+    assert_eq!(back, idx);
+    assert_eq!(
+        back.lookup(b"usr/lib042/module_0500.py")
+            .map(|i| back.name(i)),
+        Some(&b"module_0500.py"[..])
+    );
+    assert_eq!(back.children(1).len(), 100);
+}
+
+/// The worked example of docs/index-format.md.
+fn doc_example() -> BootIndex {
+    let mut root = entry(b"", 0, FileKind::Dir);
+    root.mtime_sec = 1_700_000_000;
+    let mut hello = entry(b"hello", 0, FileKind::File);
+    (hello.uid, hello.gid, hello.size, hello.mtime_nsec) = (1000, 1000, 6, 500_000_000);
+    hello.xattrs = vec![(b"user.k".to_vec(), b"v".to_vec())];
+    hello.in_boot = true;
+    let mut hi = entry(b"hi", 0, FileKind::Symlink);
+    hi.mode = 0o777;
+    hi.link_target = Some(b"hello".to_vec());
+    hi.size = 5;
+    BootIndex::new(
+        vec!["sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into()],
+        vec![root, hello, hi],
+    )
+    .unwrap()
+}
+
+/// Golden bytes: any change to the encoding (which needs a new format
+/// version) fails here first. The same bytes are dumped in the docs.
+#[test]
+fn index_format_matches_the_documented_example() {
+    let hex = concat!(
+        "4c4c494458000000010000000000000001000000030000005800000000000000",
+        "4b00000000000000a30000000000000093010000000000000700000000000000",
+        "9a010000000000001400000000000000ce010000000000004700000073686132",
+        "35363a6533623063343432393866633163313439616662663463383939366662",
+        "3932343237616534316534363439623933346361343935393931623738353262",
+        "38353500000000000000000000000002000000ed010000000000000000000000",
+        "000000000000000000000000f153650000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000500000001",
+        "010000a4010000e8030000e80300000065cd1d060000000000000000f1536500",
+        "0000000000000000000000000000000000000000000000000000000000000001",
+        "00000000000000050000000200000003000000ff010000000000000000000000",
+        "000000050000000000000000f153650000000000000000000000000000000000",
+        "0000000f00000000000000050000000000000068656c6c6f6869060000000100",
+        "0000757365722e6b7668656c6c6f90c9e383bfb1e428e4eaaffcb12720c838e7",
+        "4c776e850d52d7ebcd061858a3ba",
+    );
+    let golden: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(golden.len(), 462);
+    assert_eq!(doc_example().encode(), golden);
+    assert_eq!(BootIndex::decode(&golden).unwrap(), doc_example());
+}
