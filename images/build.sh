@@ -4,6 +4,7 @@
 #
 #   images/build.sh [--cache DIR] [--registry HOST:PORT] IMAGE...
 #   IMAGE: busybox | multilayer | python3 | all
+#          | minbase | nginx | redis | gcc | bench (busybox minbase python3 nginx redis gcc)
 #
 # stdout: one line per requested image, "NAME MANIFEST_DIGEST" (the digest of the
 # manifest as stored in the layout; with --registry the pushed digest is the same).
@@ -39,6 +40,7 @@ usage() {
   cat >&2 <<'EOF'
 usage: images/build.sh [--cache DIR] [--registry HOST:PORT] IMAGE...
   IMAGE: busybox | multilayer | python3 | all
+         | minbase | nginx | redis | gcc | bench (busybox minbase python3 nginx redis gcc)
   --cache DIR           where OCI layouts are built and cached
                         (default ${LAZYLAYER_IMAGE_CACHE:-<repo>/.cache/images})
   --registry HOST:PORT  push each image to docker://HOST:PORT/lazylayer/NAME:latest
@@ -377,6 +379,143 @@ EOF
   [[ $out == ok ]] || die "python3 smoke test printed '$out', not 'ok'"
 }
 
+# --- bench images: Debian minbase and images derived from it ------------------------
+
+# minbase: one layer, `debootstrap --variant=minbase`, Cmd bash -c 'echo ok'. nginx,
+# redis and gcc start from this very layer blob (like multilayer from busybox).
+build_minbase() {
+  local dir=$1 layout=$1/oci bundle=$1/work/bundle
+  local root=$bundle/rootfs
+  log "minbase: umoci init + new"
+  run umoci init --layout "$layout"
+  run umoci new --image "$layout:$TAG"
+  run umoci unpack --image "$layout:$TAG" "$bundle"
+  log "minbase: debootstrap --variant=minbase $SUITE from $MIRROR (~1-2 min)"
+  run unshare --mount --propagation private -- \
+    debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR"
+  clean_rootfs "$root"
+  log "minbase: repack layer 1/1 (minbase)"
+  repack "$layout" "$bundle" "debootstrap --variant=minbase $SUITE"
+  log "minbase: config"
+  run umoci config --image "$layout:$TAG" --created "$CREATED" \
+    --history.created "$CREATED" --history.created_by "config" \
+    --config.env "$PATH_ENV" \
+    --config.cmd bash --config.cmd -c --config.cmd "echo ok"
+}
+
+# Copy the minbase layout and unpack it as the bundle the next layers are made in.
+derive_from_minbase() {
+  local name=$1 layout=$2 bundle=$3
+  log "$name: base layer = minbase image"
+  cp -a "$CACHE/minbase/oci" "$layout"
+  run umoci unpack --image "$layout:$TAG" "$bundle"
+}
+
+# apt-get install PACKAGES (no recommends) in the chroot, then drop caches and lists.
+apt_install() {
+  local root=$1
+  shift
+  cp /etc/resolv.conf "$root/etc/resolv.conf"
+  run chroot_run "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive apt-get update
+  run chroot_run "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y --no-install-recommends "$@"
+  run chroot_run "$root" apt-get clean
+  clean_rootfs "$root"
+  rm -rf "$root"/var/log/apt/* "$root"/var/log/dpkg.log "$root"/var/cache/debconf/*-old
+}
+
+# nginx: minbase + nginx + a one-site config (IPv4 :80, logs to stdout/stderr, no
+# daemon). Ready = first HTTP 200 on 127.0.0.1:80.
+build_nginx() {
+  local dir=$1 layout=$1/oci bundle=$1/work/bundle
+  local root=$bundle/rootfs
+  derive_from_minbase nginx "$layout" "$bundle"
+  log "nginx: apt-get install nginx in chroot"
+  apt_install "$root" nginx
+  rm -rf "$root"/var/log/nginx/*
+  log "nginx: repack layer 2/3 (nginx)"
+  repack "$layout" "$bundle" "apt-get install --no-install-recommends nginx"
+  log "nginx: site config"
+  rm -f "$root/etc/nginx/sites-enabled/default"
+  cat >"$root/etc/nginx/conf.d/bench.conf" <<'CONF'
+server {
+    listen 80 default_server;
+    root /var/www/html;
+    index index.nginx-debian.html;
+    access_log /dev/stdout;
+    error_log /dev/stderr;
+}
+CONF
+  chmod 0644 "$root/etc/nginx/conf.d/bench.conf"
+  log "nginx: repack layer 3/3 (config)"
+  repack "$layout" "$bundle" "nginx site: listen 80, logs to stdio"
+  run umoci config --image "$layout:$TAG" --created "$CREATED" \
+    --history.created "$CREATED" --history.created_by "config" \
+    --config.env "$PATH_ENV" --config.stopsignal SIGQUIT \
+    --config.cmd nginx --config.cmd -g --config.cmd "daemon off; error_log stderr;"
+  log "nginx: smoke test (chroot nginx -t)"
+  run chroot_run "$root" nginx -t
+}
+
+# redis: minbase + redis-server. Ready = first PING answered +PONG on 127.0.0.1:6379.
+build_redis() {
+  local dir=$1 layout=$1/oci bundle=$1/work/bundle
+  local root=$bundle/rootfs
+  derive_from_minbase redis "$layout" "$bundle"
+  log "redis: apt-get install redis-server in chroot"
+  apt_install "$root" redis-server
+  rm -rf "$root"/var/log/redis/*
+  log "redis: repack layer 2/2 (redis-server)"
+  repack "$layout" "$bundle" "apt-get install --no-install-recommends redis-server"
+  run umoci config --image "$layout:$TAG" --created "$CREATED" \
+    --history.created "$CREATED" --history.created_by "config" \
+    --config.env "$PATH_ENV" --config.workingdir /var/lib/redis \
+    --config.cmd redis-server --config.cmd --bind --config.cmd 127.0.0.1 \
+    --config.cmd --port --config.cmd 6379 --config.cmd --protected-mode --config.cmd no \
+    --config.cmd --save --config.cmd "" --config.cmd --appendonly --config.cmd no
+  log "redis: smoke test (chroot redis-server --version)"
+  run chroot_run "$root" redis-server --version
+}
+
+# gcc: the large image (> 500 MB unpacked): minbase + C/C++ toolchain + more tools
+# (gfortran, gdb, cmake, git, python3) + /app/hello.c. Cmd compiles and runs it.
+build_gcc() {
+  local dir=$1 layout=$1/oci bundle=$1/work/bundle
+  local root=$bundle/rootfs
+  derive_from_minbase gcc "$layout" "$bundle"
+  log "gcc: apt-get install gcc g++ make libc6-dev in chroot"
+  apt_install "$root" gcc g++ make libc6-dev
+  log "gcc: repack layer 2/4 (toolchain)"
+  repack "$layout" "$bundle" "apt-get install --no-install-recommends gcc g++ make libc6-dev"
+  log "gcc: apt-get install gfortran gdb cmake git python3 in chroot"
+  apt_install "$root" gfortran gdb cmake git python3
+  log "gcc: repack layer 3/4 (more tools)"
+  repack "$layout" "$bundle" "apt-get install --no-install-recommends gfortran gdb cmake git python3"
+  log "gcc: /app/hello.c"
+  mkdir -p "$root/app"
+  cat >"$root/app/hello.c" <<'C'
+#include <stdio.h>
+
+int main(void) {
+    printf("hello from gcc\n");
+    return 0;
+}
+C
+  chmod 0644 "$root/app/hello.c"
+  touch -h -d "@$EPOCH" "$root/app" "$root/app/hello.c"
+  log "gcc: repack layer 4/4 (app)"
+  repack "$layout" "$bundle" "/app/hello.c"
+  run umoci config --image "$layout:$TAG" --created "$CREATED" \
+    --history.created "$CREATED" --history.created_by "config" \
+    --config.env "$PATH_ENV" --config.workingdir /app \
+    --config.cmd sh --config.cmd -c \
+    --config.cmd "gcc -O2 -o /tmp/hello /app/hello.c && /tmp/hello"
+  log "gcc: smoke test (chroot: compile and run hello.c)"
+  local out
+  out=$(chroot_run "$root" sh -c 'gcc -O2 -o /tmp/hello /app/hello.c && /tmp/hello && rm -f /tmp/hello')
+  [[ $out == "hello from gcc" ]] || die "gcc smoke test printed '$out'"
+}
+
 # --- cache + push -----------------------------------------------------------------
 
 # The cache key of a recipe: its function bodies as bash prints them (comments are
@@ -389,6 +528,10 @@ recipe_key() {
       busybox) declare -f build_busybox populate_busybox_rootfs repack ;;
       multilayer) declare -f build_multilayer gen_multilayer_tars; layout_digest "$CACHE/busybox/oci" ;;
       python3) declare -f build_python3 clean_rootfs chroot_run repack; echo "$SUITE $MIRROR" ;;
+      minbase) declare -f build_minbase clean_rootfs repack; echo "$SUITE $MIRROR" ;;
+      nginx | redis | gcc)
+        declare -f "build_$name" derive_from_minbase apt_install clean_rootfs chroot_run repack
+        layout_digest "$CACHE/minbase/oci" ;;
       *) die "no recipe for $name" ;;
     esac
     echo "$TAG $EPOCH $PATH_ENV"
@@ -446,7 +589,8 @@ main() {
       --registry=*) REGISTRY=${arg#*=}; shift ;;
       -h | --help) usage ;;
       all) want+=(busybox multilayer python3); shift ;;
-      busybox | multilayer | python3) want+=("$arg"); shift ;;
+      bench) want+=(busybox minbase python3 nginx redis gcc); shift ;;
+      busybox | multilayer | python3 | minbase | nginx | redis | gcc) want+=("$arg"); shift ;;
       *) printf 'build.sh: unknown argument: %s\n' "$arg" >&2; usage ;;
     esac
   done
@@ -481,7 +625,10 @@ main() {
     if [[ $name == multilayer ]]; then
       ensure_image busybox
     fi
-    if [[ $name == python3 ]] && ! command -v debootstrap >/dev/null; then
+    case $name in
+      nginx | redis | gcc) ensure_image minbase ;;
+    esac
+    if [[ $name == python3 || $name == minbase ]] && ! command -v debootstrap >/dev/null; then
       die "missing tool: debootstrap"
     fi
     ensure_image "$name"

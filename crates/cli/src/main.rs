@@ -34,6 +34,14 @@ struct Cli {
 enum Command {
     /// Pull an image fully into the store (every layer fetched, verified and extracted)
     Pull(commands::pull::Args),
+    /// Run a container, starting lazily from an optimized image's boot layer
+    Run(commands::run::Args),
+    /// List containers
+    Ps(commands::ps::Args),
+    /// Remove containers
+    Rm(commands::rm::Args),
+    /// Show a container's per-layer fetch progress
+    Status(commands::status::Args),
     /// Show an image's manifest and config summary (from the registry)
     Inspect(commands::inspect::Args),
     /// List the images in the store
@@ -47,6 +55,8 @@ enum Command {
     /// Remove blobs and layers that no image references
     Prune(commands::prune::Args),
 }
+
+static EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -64,6 +74,12 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Pull(a) => commands::pull::run(&cli.global, a).await,
+            Command::Run(a) => commands::run::run(&cli.global, a).await.map(|code| {
+                EXIT_CODE.store(code, std::sync::atomic::Ordering::SeqCst);
+            }),
+            Command::Ps(a) => commands::ps::run(&cli.global, a),
+            Command::Rm(a) => commands::rm::run(&cli.global, a),
+            Command::Status(a) => commands::status::run(&cli.global, a),
             Command::Inspect(a) => commands::inspect::run(&cli.global, a).await,
             Command::Images(a) => commands::images::run(&cli.global, a),
             Command::Optimize(a) => commands::optimize::run(&cli.global, a).await,
@@ -73,7 +89,12 @@ fn main() -> ExitCode {
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        // `run` passes the container's exit code through.
+        Ok(()) => ExitCode::from(
+            EXIT_CODE
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .clamp(0, 255) as u8,
+        ),
         Err(e) => {
             eprintln!("Error: {e:#}");
             ExitCode::FAILURE

@@ -6,14 +6,14 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use lazylayer_layer::index::{BootIndex, FileKind, IndexEntry};
 
@@ -25,14 +25,68 @@ pub struct FsOptions {
     /// How long the kernel may cache attributes and names. The image never
     /// changes under a mount, so this can be long.
     pub ttl: Duration,
+    /// Let the kernel read opened files straight from their backing file
+    /// (FUSE passthrough, Linux 6.9+), so reads cost what a native read
+    /// costs. Falls back to reads through this daemon when the kernel
+    /// refuses it, e.g. for backing files on an overlayfs. Note the mount
+    /// then counts as one stacking level: an overlayfs on it is allowed,
+    /// but nothing can stack on that overlay in turn.
+    pub passthrough: bool,
 }
 
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
             ttl: Duration::from_secs(3600),
+            passthrough: true,
         }
     }
+}
+
+/// Counters of how opens were served, shared with the caller (see
+/// [`LazyFs::stats`]) so tests and benchmarks can tell passthrough from
+/// daemon reads.
+#[derive(Debug, Default)]
+pub struct FsStats {
+    passthrough_opens: AtomicU64,
+    daemon_opens: AtomicU64,
+    read_requests: AtomicU64,
+}
+
+impl FsStats {
+    /// Opens the kernel serves from the backing file directly.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.passthrough_opens.load(Ordering::Relaxed)
+    }
+    /// Opens whose reads come to this daemon.
+    pub fn daemon_opens(&self) -> u64 {
+        self.daemon_opens.load(Ordering::Relaxed)
+    }
+    /// READ requests this daemon answered.
+    pub fn read_requests(&self) -> u64 {
+        self.read_requests.load(Ordering::Relaxed)
+    }
+}
+
+/// How the kernel does I/O on one inode while it has open files. The kernel
+/// fails (EIO) an open whose mode conflicts with the inode's other open
+/// files: a second backing file, or mixing passthrough and cached opens.
+struct InodeIo {
+    opens: u32,
+    /// Some: every open of this inode is passthrough, to this one backing
+    /// file, kept registered until the last release.
+    backing: Option<BackingId>,
+}
+
+struct OpenFile {
+    ino: u64,
+    file: Arc<File>,
+}
+
+#[derive(Default)]
+struct OpenState {
+    files: HashMap<u64, OpenFile>,
+    inodes: HashMap<u64, InodeIo>,
 }
 
 pub struct LazyFs<S: ContentSource> {
@@ -44,8 +98,14 @@ pub struct LazyFs<S: ContentSource> {
     nlink: Vec<u32>,
     /// Canonical entry per entry: the first member of its hardlink group.
     canonical: Vec<u32>,
-    files: Mutex<HashMap<u64, Arc<File>>>,
+    open: Mutex<OpenState>,
     next_fh: AtomicU64,
+    /// Whether the kernel agreed to passthrough at init; cleared when it
+    /// turns out not to allow backing files at all.
+    passthrough: AtomicBool,
+    /// Set once the fallback to daemon reads has been logged.
+    fallback_logged: AtomicBool,
+    stats: Arc<FsStats>,
 }
 
 fn ino_of(idx: u32) -> INodeNo {
@@ -107,8 +167,72 @@ impl<S: ContentSource> LazyFs<S> {
             opts,
             nlink,
             canonical,
-            files: Mutex::new(HashMap::new()),
+            open: Mutex::new(OpenState::default()),
             next_fh: AtomicU64::new(1),
+            passthrough: AtomicBool::new(false),
+            fallback_logged: AtomicBool::new(false),
+            stats: Arc::new(FsStats::default()),
+        }
+    }
+
+    /// Counters of this file system, readable while it is mounted.
+    pub fn stats(&self) -> Arc<FsStats> {
+        self.stats.clone()
+    }
+
+    fn log_fallback(&self, why: &dyn std::fmt::Display) {
+        if !self.fallback_logged.swap(true, Ordering::Relaxed) {
+            tracing::debug!(reason = %why, "FUSE passthrough unavailable; reads go through the daemon");
+        }
+    }
+
+    /// Give `file` a handle for inode `ino` and reply, with passthrough when
+    /// the kernel allows it.
+    fn register_open(&self, ino: u64, file: File, reply: ReplyOpen) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut guard = self.open.lock().unwrap();
+        let st = &mut *guard;
+        let io = st.inodes.entry(ino).or_insert(InodeIo {
+            opens: 0,
+            backing: None,
+        });
+        // Only the first open of an inode picks its mode; later ones follow
+        // it, because the kernel refuses a mix.
+        if io.opens == 0 && self.passthrough.load(Ordering::Relaxed) {
+            match reply.open_backing(&file) {
+                Ok(id) => io.backing = Some(id),
+                Err(e) => {
+                    // EPERM: the connection has no passthrough (or we lack
+                    // CAP_SYS_ADMIN); later opens would fail the same way.
+                    if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) {
+                        self.passthrough.store(false, Ordering::Relaxed);
+                    }
+                    self.log_fallback(&e);
+                }
+            }
+        }
+        io.opens += 1;
+        // Registered before replying, so a RELEASE always finds it.
+        st.files.insert(
+            fh,
+            OpenFile {
+                ino,
+                file: Arc::new(file),
+            },
+        );
+        match &io.backing {
+            Some(id) => {
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                // No FOPEN_KEEP_CACHE: the kernel fails (EIO) a passthrough
+                // open with any flag outside FOPEN_PASSTHROUGH_MASK, and the
+                // page cache used is the backing file's anyway.
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+            }
+            None => {
+                self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
+                // Content never changes: let the page cache keep it across opens.
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
         }
     }
 
@@ -168,6 +292,26 @@ impl<S: ContentSource> LazyFs<S> {
 }
 
 impl<S: ContentSource> Filesystem for LazyFs<S> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if !self.opts.passthrough {
+            return Ok(());
+        }
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+            self.log_fallback(&format_args!("kernel lacks {missing:?}"));
+            return Ok(());
+        }
+        // Backing files live on the host file system (depth 0), so depth 1
+        // suffices, and it leaves room for the overlayfs the container root
+        // stacks on this mount (kernel maximum 2). Depth 2 would let backing
+        // files sit on an overlayfs but make that overlay mount fail.
+        if let Err(max) = config.set_max_stack_depth(1) {
+            self.log_fallback(&format_args!("kernel stack depth limit {max}"));
+            return Ok(());
+        }
+        *self.passthrough.get_mut() = true;
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(p) = self.idx(parent) else {
             return reply.error(Errno::ENOENT);
@@ -219,12 +363,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         }
         self.record(&e.path, Access::Open);
         match self.source.open(i, e) {
-            Ok(f) => {
-                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.files.lock().unwrap().insert(fh, Arc::new(f));
-                // Content never changes: let the page cache keep it across opens.
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-            }
+            Ok(f) => self.register_open(ino.0, f, reply),
             Err(err) => {
                 tracing::warn!(path = %String::from_utf8_lossy(&e.path), error = %err, "content unavailable");
                 reply.error(Errno::EIO)
@@ -243,9 +382,17 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(f) = self.files.lock().unwrap().get(&fh.0).cloned() else {
+        let Some(f) = self
+            .open
+            .lock()
+            .unwrap()
+            .files
+            .get(&fh.0)
+            .map(|o| o.file.clone())
+        else {
             return reply.error(Errno::EBADF);
         };
+        self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
         let mut buf = vec![0u8; size as usize];
         let mut got = 0usize;
         while got < buf.len() {
@@ -269,7 +416,19 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.files.lock().unwrap().remove(&fh.0);
+        let mut st = self.open.lock().unwrap();
+        if let Some(of) = st.files.remove(&fh.0) {
+            if let Some(io) = st.inodes.get_mut(&of.ino) {
+                io.opens -= 1;
+                // The kernel has dropped this file's hold on the inode's I/O
+                // mode before sending RELEASE, so the last release may
+                // unregister the backing file.
+                if io.opens == 0 {
+                    st.inodes.remove(&of.ino);
+                }
+            }
+        }
+        drop(st);
         reply.ok();
     }
 
@@ -384,9 +543,4 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
 fn libc_accmode() -> i32 {
     (rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::RDWR).bits()
         as i32
-}
-
-#[allow(dead_code)]
-fn now() -> SystemTime {
-    SystemTime::now()
 }

@@ -16,10 +16,10 @@
 
 mod filesystem;
 mod mount;
-mod source;
+pub mod source;
 mod trace;
 
-pub use filesystem::{FsOptions, LazyFs};
+pub use filesystem::{FsOptions, FsStats, LazyFs};
 pub use mount::FsMount;
 pub use source::{BootOnlySource, ContentSource, LayerDirSource};
 pub use trace::{Access, Trace, TraceEvent, TraceFile};

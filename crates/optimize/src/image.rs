@@ -8,12 +8,7 @@ use serde_json::{json, Value};
 
 use crate::OptimizeError;
 
-/// Manifest annotation naming the boot layer's digest; `run` looks for it.
-pub const ANNOTATION_BOOT_LAYER: &str = "dev.lazylayer.boot-layer";
-/// Layer annotation naming the index file inside the boot layer.
-pub const ANNOTATION_INDEX: &str = "dev.lazylayer.index";
-/// Layer annotation giving the boot index format version.
-pub const ANNOTATION_VERSION: &str = "dev.lazylayer.version";
+pub use lazylayer_layer::index::{ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION};
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 #[derive(Debug)]

@@ -25,6 +25,7 @@ mod error;
 mod overlay;
 mod ready;
 mod runc;
+mod state;
 mod user;
 
 pub use bundle::{validate_id, write_bundle, NetworkMode, RunSpec};
@@ -32,3 +33,4 @@ pub use error::RuntimeError;
 pub use overlay::OverlayMount;
 pub use ready::{wait_ready, Readiness, WaitCondition};
 pub use runc::{Container, Runc, Stdio};
+pub use state::{ContainerDir, ContainerState, ContainerStatus};

@@ -151,6 +151,11 @@ impl Store {
             .join(d.hex())
     }
 
+    /// Where a layer's extracted tree lives once complete (whether or not it is yet).
+    pub fn layer_fs_path(&self, d: &Digest) -> PathBuf {
+        self.layer_base(d).join("fs")
+    }
+
     /// The extracted tree of a layer, if it is complete in the store.
     pub fn layer_dir(&self, d: &Digest) -> Option<PathBuf> {
         let base = self.layer_base(d);

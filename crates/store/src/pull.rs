@@ -25,6 +25,12 @@ pub trait PullProgress: Send + Sync {
     fn layer_start(&self, _digest: &Digest, _size: u64, _cached: bool) {}
     fn layer_bytes(&self, _digest: &Digest, _n: u64) {}
     fn layer_done(&self, _digest: &Digest) {}
+    /// The layer is being extracted into `fs_dir` (a temporary directory,
+    /// renamed into the store when the layer is verified).
+    fn layer_extracting(&self, _digest: &Digest, _fs_dir: &Path) {}
+    /// One tar entry is fully on disk under the `fs_dir` given above: a lazy
+    /// file system may serve it now, before the layer is complete.
+    fn layer_entry(&self, _digest: &Digest, _path: &Path) {}
 }
 
 pub struct NoProgress;
@@ -163,6 +169,7 @@ impl Store {
 
             // The channel is bounded so a slow disk throttles the download
             // instead of buffering the layer in memory.
+            progress.layer_extracting(digest, &fs_dir);
             let (tx, rx) = mpsc::channel::<bytes::Bytes>(32);
             let consumer = {
                 let blob_tmp = blob_tmp.clone();
@@ -170,8 +177,20 @@ impl Store {
                 let eopts = opts.extract.clone();
                 let media_type = layer.media_type.clone();
                 let digest = digest.clone();
+                let progress = progress.clone();
                 tokio::task::spawn_blocking(move || {
-                    extract_stream(rx, &blob_tmp, &fs_dir, &media_type, &digest, &eopts)
+                    let on_entry = &mut |ev: &lazylayer_layer::EntryEvent<'_>| {
+                        progress.layer_entry(&digest, ev.path)
+                    };
+                    extract_stream(
+                        rx,
+                        &blob_tmp,
+                        &fs_dir,
+                        &media_type,
+                        &digest,
+                        &eopts,
+                        on_entry,
+                    )
                 })
             };
             let p = progress.clone();
@@ -249,6 +268,7 @@ fn extract_stream(
     media_type: &str,
     digest: &Digest,
     opts: &ExtractOptions,
+    on_entry: &mut dyn FnMut(&lazylayer_layer::EntryEvent<'_>),
 ) -> Result<(Digest, u64, u64)> {
     let layer_err = |source| StoreError::Layer {
         digest: digest.clone(),
@@ -278,7 +298,7 @@ fn extract_stream(
         let decoder = lazylayer_layer::decoder(&mut buffered, compression).map_err(layer_err)?;
         let mut hashing = HashingReader::new(decoder);
         let stats =
-            lazylayer_layer::extract(&mut hashing, fs_dir, opts, &mut |_| {}).map_err(layer_err)?;
+            lazylayer_layer::extract(&mut hashing, fs_dir, opts, on_entry).map_err(layer_err)?;
         // Drain anything after the tar's end so both digests cover every byte.
         std::io::copy(&mut hashing, &mut std::io::sink())
             .map_err(io_err("reading layer stream", blob_tmp))?;

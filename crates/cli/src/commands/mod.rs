@@ -2,9 +2,13 @@ pub mod images;
 pub mod inspect;
 pub mod optimize;
 pub mod prune;
+pub mod ps;
 pub mod pull;
 pub mod push;
+pub mod rm;
 pub mod rmi;
+pub mod run;
+pub mod status;
 
 use anyhow::{Context, Result};
 use lazylayer_oci::{Platform, Reference};

@@ -3,6 +3,7 @@
 //! `images/build.sh`, and the `lazylayer` binary under test.
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod tree;
 
 use std::net::TcpListener;

@@ -31,6 +31,14 @@ use crate::MAX_PATH_LEN;
 /// root-level *file* so named, so the image stays runnable without lazylayer.
 pub const INDEX_FILE_NAME: &str = ".wh..wh.lazylayer.index.v1";
 
+/// Manifest annotation naming the boot layer's digest: how `run` (and the
+/// snapshotter) recognise an optimized image.
+pub const ANNOTATION_BOOT_LAYER: &str = "dev.lazylayer.boot-layer";
+/// Boot layer descriptor annotation naming the index file inside it.
+pub const ANNOTATION_INDEX: &str = "dev.lazylayer.index";
+/// Boot layer descriptor annotation giving the index format version.
+pub const ANNOTATION_VERSION: &str = "dev.lazylayer.version";
+
 /// The format version [`BootIndex::encode`] writes and the only one
 /// [`BootIndex::decode`] reads.
 pub const FORMAT_VERSION: u32 = 1;

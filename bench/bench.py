@@ -1,0 +1,727 @@
+#!/usr/bin/python3
+"""Measurement driver of bench/run.sh. Do not run it by hand: run.sh prepares what it
+needs (network namespace, registry with the images pushed, lazylayer built) and runs it
+*inside* the namespace, so every client, daemon and container here talks to the
+registry over the namespace's own shaped loopback.
+
+Sections (see bench/README.md):
+  1. time to ready, cold, per image x link x contender (+ warm starts, link rates)
+  2. steady-state file-system overhead over the same extracted layers
+  3. optimize cost
+
+Writes one JSON document (--json); bench/report.py turns it into Markdown + PNG.
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+
+# --- what is measured -------------------------------------------------------------
+
+# kind: batch (ready = first byte on stdout; whole stdout must contain `expect`),
+# http (first 200 on GET /), redis (first PING answered +PONG). Every contender runs
+# the image's own Cmd: nothing is overridden.
+IMAGES = {
+    "busybox": {"kind": "batch", "expect": "hello from busybox", "what": "`sh -c 'echo hello from busybox'`"},
+    "minbase": {"kind": "batch", "expect": "ok", "what": "`bash -c 'echo ok'`"},
+    "python3": {"kind": "batch", "expect": "ok", "what": "python3: import json, email, http.client; print"},
+    "nginx": {"kind": "http", "port": 80, "what": "nginx: first HTTP 200 on :80"},
+    "redis": {"kind": "redis", "port": 6379, "what": "redis-server: first PING -> PONG on :6379"},
+    "gcc": {"kind": "batch", "expect": "hello from gcc", "what": "gcc -O2 hello.c && ./hello"},
+}
+# bits per second; None = loopback without a qdisc.
+LINKS = {"loopback": None, "1gbit": 1e9, "100mbit": 1e8, "10mbit": 1e7}
+CONTENDERS = ["podman", "containerd", "lazylayer", "lazylayer-unopt"]
+POLL = 0.020  # readiness poll interval for servers, seconds
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def now():
+    return time.monotonic()
+
+
+def sh(argv, check=True, timeout=600, env=None, capture=True):
+    """Run a command, return CompletedProcess (text)."""
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                       stderr=subprocess.PIPE if capture else subprocess.DEVNULL,
+                       text=True, timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: {(r.stderr or '')[-2000:]}")
+    return r
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def mounts_under(path):
+    path = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == path or mp.startswith(path + "/"):
+                out.append(mp)
+    return sorted(out, key=len, reverse=True)
+
+
+def umount_under(path):
+    for mp in mounts_under(path):
+        subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+
+
+def rmtree(path):
+    if os.path.exists(path):
+        umount_under(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# --- readiness probes --------------------------------------------------------------
+
+def probe(kind, port):
+    try:
+        if kind == "http":
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            try:
+                c.request("GET", "/")
+                return c.getresponse().status == 200
+            finally:
+                c.close()
+        if kind == "redis":
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+    except (OSError, http.client.HTTPException):
+        return False
+    raise ValueError(kind)
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port_closed(port, limit=20.0):
+    end = now() + limit
+    while now() < end:
+        if not port_open(port):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- registry access log -----------------------------------------------------------
+
+ACCESS = re.compile(r'"(?P<m>[A-Z]+) (?P<p>\S+) HTTP/[0-9.]+" (?P<s>\d{3}) (?P<b>\d+|-)')
+
+
+class RegistryLog:
+    def __init__(self, path):
+        self.path = path
+
+    def offset(self):
+        return os.path.getsize(self.path)
+
+    def since(self, off):
+        """Bytes the registry sent and the number of blob GETs since offset."""
+        time.sleep(0.5)  # the access log line is written once the response is done
+        with open(self.path, "rb") as f:
+            f.seek(off)
+            text = f.read().decode(errors="replace")
+        total = blobs = 0
+        for m in ACCESS.finditer(text):
+            if m["b"] != "-":
+                total += int(m["b"])
+            if m["m"] == "GET" and "/blobs/" in m["p"]:
+                blobs += 1
+        return total, blobs
+
+
+# --- the contenders ----------------------------------------------------------------
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.work = a.work
+        self.ll = a.lazylayer
+        self.reglog = RegistryLog(os.path.join(self.work, "registry", "registry.log"))
+        self.logs = os.path.join(self.work, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.ctrd_dir = os.path.join(self.work, "containerd")
+        self.ctrd_sock = os.path.join(self.ctrd_dir, "containerd.sock")
+        self.ctrd = None
+        pm = os.path.join(self.work, "podman")
+        self.podman = ["podman", "--root", f"{pm}/root", "--runroot", f"{pm}/run",
+                       "--storage-driver", "overlay"]
+        self.ctr = ["ctr", "-a", self.ctrd_sock, "-n", "llbench"]
+        self.ll_root = os.path.join(self.work, "ll")
+        self.run_available = sh([self.ll, "run", "--help"], check=False).returncode == 0
+        self.seq = 0
+
+    # podman ---------------------------------------------------------------------------
+    def podman_empty(self):
+        sh(self.podman + ["rm", "-af", "-t", "0"], check=False)
+        sh(self.podman + ["rmi", "-af"], check=False)
+        left = sh(self.podman + ["images", "-q"], check=False).stdout.split()
+        if left:
+            raise RuntimeError(f"podman store not empty: {left}")
+
+    # containerd: a fresh root for every cold run (daemon start is not timed) ----------
+    def containerd_start(self):
+        self.containerd_stop()
+        d = self.ctrd_dir
+        rmtree(d)
+        os.makedirs(d)
+        with open(f"{d}/config.toml", "w") as f:
+            f.write(f"""version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{self.ctrd_sock}"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+""")
+        logf = open(f"{self.logs}/containerd.log", "a")
+        self.ctrd = subprocess.Popen(["containerd", "--config", f"{d}/config.toml"],
+                                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        with open(os.path.join(self.work, "containerd.pid"), "w") as f:
+            f.write(str(self.ctrd.pid))
+        for _ in range(200):
+            if sh(self.ctr + ["version"], check=False).returncode == 0:
+                return
+            if self.ctrd.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"containerd did not start (see {self.logs}/containerd.log)")
+
+    def containerd_stop(self):
+        if self.ctrd and self.ctrd.poll() is None:
+            self.ctrd.terminate()
+            try:
+                self.ctrd.wait(15)
+            except subprocess.TimeoutExpired:
+                self.ctrd.kill()
+                self.ctrd.wait()
+        self.ctrd = None
+        umount_under(self.ctrd_dir)
+
+    # lazylayer ----------------------------------------------------------------------
+    def ll_empty(self):
+        self.runc_cleanup()
+        rmtree(self.ll_root)
+
+    def runc_cleanup(self):
+        """Delete containers named llbench-* that a killed lazylayer left to runc."""
+        for root in [os.path.join(self.ll_root, "runc"), "/run/lazylayer/runc"]:
+            if not os.path.isdir(root):
+                continue
+            r = sh(["runc", "--root", root, "list", "-q"], check=False)
+            for cid in r.stdout.split():
+                if cid.startswith("llbench-"):
+                    sh(["runc", "--root", root, "delete", "-f", cid], check=False)
+
+    # one cold (or warm) start ----------------------------------------------------------
+    def commands(self, contender, img, ref, opt_ref):
+        """(pull argv or None, run argv, stop function) of a contender."""
+        cid = f"llbench-{contender}"
+        if contender == "podman":
+            pull = self.podman + ["pull", "-q", "--tls-verify=false", ref]
+            run = self.podman + ["run", "--rm", "--pull=never", "--network=host", "--name", cid, ref]
+            stop = lambda p: sh(self.podman + ["kill", "--signal", "KILL", cid], check=False)
+        elif contender == "containerd":
+            pull = self.ctr + ["image", "pull", "--plain-http", ref]
+            run = self.ctr + ["run", "--rm", "--net-host", ref, cid]
+            stop = lambda p: sh(self.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
+        else:
+            r = opt_ref if contender == "lazylayer" else ref
+            pull = None
+            run = [self.ll, "--root", self.ll_root, "run", "--rm", "--name", cid, "--net", "host", r]
+            stop = lambda p: p.send_signal(signal.SIGINT)
+        return pull, run, stop
+
+    def start(self, contender, img, ref, opt_ref, timeout, warm=False):
+        """Time from the pull command's start to ready. Returns a result dict."""
+        spec = IMAGES[img]
+        pull, run, stop = self.commands(contender, img, ref, opt_ref)
+        if warm:
+            pull = None
+        self.seq += 1
+        tag = f"{self.seq:04d}-{img}-{contender}{'-warm' if warm else ''}"
+        errf = open(f"{self.logs}/{tag}.err", "w")
+        port = spec.get("port")
+        if port and not wait_port_closed(port, 10):
+            raise RuntimeError(f"port {port} still open before {tag}")
+        res = {"ok": False}
+        t0 = now()
+        deadline = t0 + timeout
+        try:
+            if pull:
+                p = subprocess.run(pull, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=errf, timeout=timeout)
+                res["pull"] = now() - t0
+                if p.returncode != 0:
+                    res["error"] = f"pull exited {p.returncode}"
+                    return res
+            proc = subprocess.Popen(run, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=errf)
+            try:
+                if spec["kind"] == "batch":
+                    self._batch(proc, spec, res, t0, deadline)
+                else:
+                    self._server(proc, spec, res, t0, deadline, stop)
+            finally:
+                if proc.poll() is None:
+                    if spec["kind"] == "batch":
+                        stop(proc)
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                if port and not wait_port_closed(port, 20):
+                    self.runc_cleanup()
+                    res["ok"] = False
+                    res["error"] = res.get("error") or "server still up after stop"
+        except subprocess.TimeoutExpired:
+            res["error"] = f"timeout after {timeout:.0f} s"
+        finally:
+            errf.close()
+        if not res["ok"]:
+            with open(f"{self.logs}/{tag}.err") as f:
+                tail = f.read()[-600:].strip()
+            res["error"] = f"{res.get('error', 'failed')}: {tail}" if tail else res.get("error", "failed")
+            log(f"  {tag}: FAILED: {res['error']}")
+        return res
+
+    def _batch(self, proc, spec, res, t0, deadline):
+        fd = proc.stdout.fileno()
+        out = b""
+        while True:
+            left = deadline - now()
+            if left <= 0:
+                res["error"] = "timeout waiting for output"
+                proc.kill()
+                return
+            r, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                if not out:
+                    res["ready"] = now() - t0
+                out += chunk
+                if "ready" in res:
+                    break
+        rest, _ = proc.communicate(timeout=max(1.0, deadline - now()))
+        out += rest or b""
+        res["exit_code"] = proc.returncode
+        res["done"] = now() - t0
+        text = out.decode(errors="replace")
+        if spec["expect"] in text and proc.returncode == 0:
+            res["ok"] = True
+        else:
+            res["error"] = f"exit {proc.returncode}, stdout {text[:200]!r}"
+
+    def _server(self, proc, spec, res, t0, deadline, stop):
+        while now() < deadline:
+            if probe(spec["kind"], spec["port"]):
+                res["ready"] = now() - t0
+                res["ok"] = True
+                break
+            if proc.poll() is not None:
+                res["error"] = f"exited {proc.returncode} before ready"
+                return
+            time.sleep(POLL)
+        else:
+            res["error"] = "timeout waiting for readiness"
+        stop(proc)
+
+    # section 1 ----------------------------------------------------------------------
+    def prepare(self, contender):
+        if contender == "podman":
+            self.podman_empty()
+        elif contender == "containerd":
+            self.containerd_start()
+        else:
+            self.ll_empty()
+
+    def cold(self, contender, img, ref, opt_ref, timeout):
+        self.prepare(contender)
+        drop_caches()
+        off = self.reglog.offset()
+        res = self.start(contender, img, ref, opt_ref, timeout)
+        res["bytes"], res["blob_gets"] = self.reglog.since(off)
+        return res
+
+
+def set_link(name):
+    rate = LINKS[name]
+    if rate is None:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], stderr=subprocess.DEVNULL)
+    else:
+        sh(["tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", f"{int(rate)}bit",
+            "burst", "256kb", "latency", "400ms"])
+
+
+def registry_get(addr, path, headers=None, limit=None):
+    req = urllib.request.Request(f"http://{addr}{path}", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return r.read() if limit is None else r.read(limit)
+
+
+MANIFEST_ACCEPT = ("application/vnd.oci.image.manifest.v1+json,"
+                   "application/vnd.docker.distribution.manifest.v2+json")
+
+
+def manifest(addr, repo, tag):
+    return json.loads(registry_get(addr, f"/v2/{repo}/manifests/{tag}", {"Accept": MANIFEST_ACCEPT}))
+
+
+def measure_link(addr, name, blob):
+    """Measured throughput of a blob GET (a Range of at most ~2 s of the link)."""
+    rate = LINKS[name]
+    repo, digest, size = blob
+    want = size if rate is None else min(size, int(rate / 8 * 2))
+    t0 = now()
+    data = registry_get(addr, f"/v2/{repo}/blobs/{digest}", {"Range": f"bytes=0-{want - 1}"})
+    dt = now() - t0
+    return {"bytes": len(data), "seconds": dt, "Bps": len(data) / dt}
+
+
+# --- main -------------------------------------------------------------------------
+
+def optimize_images(b, addr, images, out):
+    """optimize SRC -> SRC:optimized, once per image, cold store, unshaped link."""
+    for img in images:
+        spec = IMAGES[img]
+        src, dst = f"{addr}/lazylayer/{img}:latest", f"{addr}/lazylayer/{img}:optimized"
+        root = os.path.join(b.work, "opt")
+        rmtree(root)
+        argv = [b.ll, "--root", root, "optimize", "--json"]
+        if spec.get("port"):
+            argv += ["--wait", f"port:{spec['port']}", "--net", "host"]
+        argv += [src, dst]
+        drop_caches()
+        log(f"optimize {img}")
+        t0 = now()
+        r = sh(argv, check=False, timeout=1200)
+        dt = now() - t0
+        info = out["images"][img]
+        info["optimize_seconds"] = dt
+        if r.returncode != 0:
+            info["optimize_error"] = r.stderr.strip()[-800:]
+            log(f"  optimize {img} FAILED: {info['optimize_error']}")
+        else:
+            try:
+                info["optimize_report"] = json.loads(r.stdout)
+            except json.JSONDecodeError:
+                info["optimize_report"] = None
+            m = manifest(addr, f"lazylayer/{img}", "optimized")
+            boot = m["layers"][-1]["size"]
+            info["opt_ref"] = dst
+            info["boot_bytes"] = boot
+            info["boot_share"] = boot / info["compressed"]
+            log(f"  {img}: {dt:.1f} s, boot layer {boot / 1e6:.1f} MB "
+                f"({100 * boot / info['compressed']:.1f}% of {info['compressed'] / 1e6:.1f} MB)")
+        rmtree(root)
+
+
+def section1(b, addr, images, links, runs, skip, out):
+    for link in links:
+        set_link(link)
+        out["links"][link] = {"nominal_bps": LINKS[link]}
+        big = max(((f"lazylayer/{i}", l["digest"], l["size"]) for i in images
+                   for l in manifest(addr, f"lazylayer/{i}", "latest")["layers"]), key=lambda x: x[2])
+        out["links"][link].update(measure_link(addr, link, big))
+        log(f"link {link}: measured {out['links'][link]['Bps'] * 8 / 1e6:.0f} Mbit/s")
+        for img in images:
+            cell = {"image": img, "link": link, "contenders": {}}
+            out["cells"].append(cell)
+            if (img, link) in skip:
+                cell["skipped"] = skip[(img, link)]
+                log(f"{img} @ {link}: skipped ({cell['skipped']})")
+                continue
+            info = out["images"][img]
+            ref, opt_ref = info["ref"], info.get("opt_ref")
+            rate = LINKS[link] or 8e9
+            timeout = 300 + 3 * info["compressed"] * 8 / rate
+            for c in CONTENDERS:
+                cell["contenders"][c] = {"runs": []}
+            for r in range(runs):
+                order = CONTENDERS[r % 4:] + CONTENDERS[:r % 4]
+                for c in order:
+                    cc = cell["contenders"][c]
+                    if c.startswith("lazylayer") and not b.run_available:
+                        cc["na"] = "run not available"
+                        continue
+                    if c == "lazylayer" and not opt_ref:
+                        cc["na"] = "optimize failed"
+                        continue
+                    res = b.cold(c, img, ref, opt_ref, timeout)
+                    cc["runs"].append(res)
+                    log(f"{img} @ {link} run {r + 1}/{runs} {c}: "
+                        + (f"{res['ready']:.2f} s, {res['bytes'] / 1e6:.1f} MB" if res["ok"] else "failed"))
+                    if link == "loopback" and res["ok"] and c != "lazylayer-unopt":
+                        w = b.start(c, img, ref, opt_ref, timeout, warm=True)
+                        out["warm"].setdefault(img, {}).setdefault(c, []).append(
+                            w.get("ready") if w["ok"] else None)
+            for c, cc in cell["contenders"].items():
+                ok = [x for x in cc["runs"] if x["ok"]]
+                cc["median"] = median([x["ready"] for x in ok])
+                cc["median_bytes"] = median([x["bytes"] for x in ok])
+                cc["failed"] = len(cc["runs"]) - len(ok)
+            b.containerd_stop()
+            b.podman_empty()
+            b.ll_empty()
+            save(out)
+    set_link("loopback")
+
+
+# --- section 2: steady-state file-system overhead ------------------------------------
+
+RANDOM_PY = r"""
+import os, random, sys
+files = [os.open(p, os.O_RDONLY) for p in sys.argv[2:]]
+sizes = [os.fstat(f).st_size for f in files]
+rnd = random.Random(42)
+n = int(sys.argv[1]); total = 0
+for _ in range(n):
+    i = rnd.randrange(len(files))
+    total += len(os.pread(files[i], 4096, rnd.randrange(0, max(1, sizes[i] - 4096))))
+print(total, file=sys.stderr)
+"""
+
+
+def fs_workloads(merged, reads):
+    """Shell snippets run inside the image root (chroot or container)."""
+    usr = os.path.join(merged, "usr")
+    files = []
+    for dp, _, fns in os.walk(usr):
+        for fn in fns:
+            p = os.path.join(dp, fn)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if os.path.isfile(p) and not os.path.islink(p):
+                files.append((st.st_size, "/" + os.path.relpath(p, merged)))
+    files.sort(reverse=True)
+    largest = [p for _, p in files[:30]]
+    large_bytes = sum(s for s, _ in files[:30])
+    rand = [p for s, p in files if s >= 256 * 1024][:300]
+    q = " ".join(shlex.quote(p) for p in largest)
+    return {
+        "seq_largest": (f"cat {q} | wc -c", f"cat of the 30 largest files in /usr ({large_bytes / 1e6:.0f} MB)"),
+        "tar_usr": ("tar cf - /usr | wc -c", "tar c /usr | wc -c (every file read, in tree order)"),
+        "random_4k": (f"python3 -c {shlex.quote(RANDOM_PY)} {reads} " + " ".join(shlex.quote(p) for p in rand),
+                      f"{reads} random 4 KiB preads over {len(rand)} files >= 256 KiB (python3)"),
+        "walk_stat": ("find /usr -xdev -printf '%s %m %U %T@\\n' | wc -l",
+                      "find /usr -xdev -printf size/mode/uid/mtime (readdir + stat of every entry)"),
+    }
+
+
+# The workload runs twice in one shell: right after caches were dropped (cold) and at
+# once again (warm). Times are taken inside, so container start-up is not counted.
+def fs_script(snippet):
+    return ('t() { s=$(date +%s%N); eval "$1" >&2; e=$(date +%s%N); echo "T $((e - s))"; }; '
+            f"t {shlex.quote(snippet)}; t {shlex.quote(snippet)}")
+
+
+def parse_times(stdout):
+    ts = [int(l.split()[1]) / 1e9 for l in stdout.splitlines() if l.startswith("T ")]
+    if len(ts) != 2:
+        raise RuntimeError(f"workload printed {stdout[-300:]!r}")
+    return ts
+
+
+def section2(b, addr, img, reps, reads, out):
+    info = out["images"][img]
+    res = {"image": img, "workloads": {}, "fs": {}, "notes": []}
+    out["fs"] = res
+    base = os.path.join(b.work, "fsb")
+    rmtree(base)
+    os.makedirs(base)
+    store = os.path.join(base, "store")
+    log(f"fs: lazylayer pull {info['ref']} (layers for the overlay mounts)")
+    sh([b.ll, "--root", store, "pull", "-q", info["ref"]], timeout=1200)
+    layers = [l["digest"] for l in manifest(addr, f"lazylayer/{img}", "latest")["layers"]]
+    lower = ":".join(os.path.join(store, "layers", "sha256", d.split(":")[1], "fs") for d in reversed(layers))
+    mnts = {}
+    for name in ["overlayfs", "fuse-overlayfs"]:
+        d = os.path.join(base, name)
+        for s in ["upper", "work", "merged"]:
+            os.makedirs(os.path.join(d, s))
+        opts = f"lowerdir={lower},upperdir={d}/upper,workdir={d}/work"
+        if name == "overlayfs":
+            sh(["mount", "-t", "overlay", "llbench", "-o", opts, f"{d}/merged"])
+        else:
+            sh(["fuse-overlayfs", "-o", opts, f"{d}/merged"])
+        mnts[name] = f"{d}/merged"
+    wl = fs_workloads(mnts["overlayfs"], reads)
+    res["workloads"] = {k: v[1] for k, v in wl.items()}
+    contenders = ["overlayfs", "fuse-overlayfs", "lazylayer"]
+    opt_ref = info.get("opt_ref")
+    llroot = os.path.join(base, "ll")
+    if b.run_available and opt_ref:
+        log(f"fs: lazylayer pull {opt_ref} (every layer local before run)")
+        sh([b.ll, "--root", llroot, "pull", "-q", opt_ref], timeout=1200)
+    else:
+        res["notes"].append("lazylayer: " + ("`lazylayer run` not available yet" if not b.run_available
+                                             else "no optimized image") + " - slot left empty")
+    for c in contenders:
+        res["fs"][c] = {k: {"cold": [], "warm": []} for k in wl}
+    for rep in range(reps):
+        order = contenders[rep % 3:] + contenders[:rep % 3]
+        for c in order:
+            if c == "lazylayer" and not (b.run_available and opt_ref):
+                continue
+            for k, (snippet, _) in wl.items():
+                script = fs_script(snippet)
+                if c == "lazylayer":
+                    argv = [b.ll, "--root", llroot, "run", "--rm", "--net", "none", "--prefetch", "off",
+                            opt_ref, "--", "/bin/sh", "-c", script]
+                else:
+                    argv = ["chroot", mnts[c], "/bin/sh", "-c", script]
+                drop_caches()
+                off = b.reglog.offset()
+                r = sh(argv, check=False, timeout=1800)
+                if c == "lazylayer":
+                    res["lazylayer_registry_bytes"] = res.get("lazylayer_registry_bytes", 0) + b.reglog.since(off)[0]
+                try:
+                    cold, warm = parse_times(r.stdout)
+                except RuntimeError as e:
+                    log(f"fs {c} {k}: FAILED ({e}; stderr {r.stderr[-300:]!r})")
+                    res["fs"][c][k]["error"] = r.stderr[-300:]
+                    continue
+                res["fs"][c][k]["cold"].append(cold)
+                res["fs"][c][k]["warm"].append(warm)
+                log(f"fs {c} {k}: cold {cold:.2f} s, warm {warm:.2f} s")
+        save(out)
+    for c in contenders:
+        for k in wl:
+            d = res["fs"][c][k]
+            d["cold_median"], d["warm_median"] = median(d["cold"]), median(d["warm"])
+    for m in mnts.values():
+        subprocess.run(["umount", m], stderr=subprocess.DEVNULL)
+    rmtree(base)
+
+
+def unpacked_size(cache, img, m):
+    """Sum of the uncompressed layer tars, read from images/build.sh's OCI layout."""
+    if not cache:
+        return None
+    total = 0
+    for l in m["layers"]:
+        path = os.path.join(cache, img, "oci", "blobs", "sha256", l["digest"].split(":")[1])
+        if not os.path.exists(path):
+            return None
+        d = zlib.decompressobj(wbits=31)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += len(d.decompress(chunk))
+        total += len(d.flush())
+    return total
+
+
+OUT_PATH = None
+
+
+def save(out):
+    tmp = OUT_PATH + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, OUT_PATH)
+
+
+def main():
+    global OUT_PATH
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--registry", required=True)
+    ap.add_argument("--lazylayer", required=True)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--links", required=True)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip", default="", help="IMAGE@LINK=reason;...")
+    ap.add_argument("--fs-image", default="gcc")
+    ap.add_argument("--fs-reps", type=int, default=3)
+    ap.add_argument("--fs-reads", type=int, default=20000)
+    ap.add_argument("--meta", default="{}")
+    ap.add_argument("--image-cache", default=None, help="images/build.sh cache (for unpacked sizes)")
+    a = ap.parse_args()
+    OUT_PATH = a.json
+    images, links = a.images.split(","), a.links.split(",")
+    skip = {}
+    for s in filter(None, a.skip.split(";")):
+        k, reason = s.split("=", 1)
+        i, l = k.split("@")
+        skip[(i, l)] = reason
+    b = Bench(a)
+    out = {"meta": json.loads(a.meta), "images": {}, "links": {}, "cells": [], "warm": {}, "fs": None}
+    out["meta"].update({"runs": a.runs, "run_available": b.run_available, "contenders": CONTENDERS,
+                        "poll_ms": POLL * 1000,
+                        "links_not_run": [l for l in LINKS if l not in links],
+                        "images_not_run": [i for i in IMAGES if i not in images]})
+    log(f"lazylayer run available: {b.run_available}")
+    set_link("loopback")
+    wanted = set(images) | ({a.fs_image} if a.fs_reps > 0 and a.fs_image else set())
+    for img in sorted(wanted, key=list(IMAGES).index):
+        m = manifest(a.registry, f"lazylayer/{img}", "latest")
+        out["images"][img] = {
+            "ref": f"{a.registry}/lazylayer/{img}:latest", "what": IMAGES[img]["what"],
+            "kind": IMAGES[img]["kind"], "layers": len(m["layers"]),
+            "compressed": sum(l["size"] for l in m["layers"]),
+            "unpacked": unpacked_size(a.image_cache, img, m),
+        }
+    try:
+        t0 = now()
+        optimize_images(b, a.registry, [i for i in out["images"]], out)
+        out["meta"]["seconds_optimize"] = now() - t0
+        save(out)
+        t0 = now()
+        section1(b, a.registry, images, links, a.runs, skip, out)
+        out["meta"]["seconds_section1"] = now() - t0
+        save(out)
+        t0 = now()
+        if a.fs_reps > 0:
+            section2(b, a.registry, a.fs_image, a.fs_reps, a.fs_reads, out)
+        out["meta"]["seconds_section2"] = now() - t0
+        save(out)
+    finally:
+        b.containerd_stop()
+        b.ll_empty()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

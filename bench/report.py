@@ -1,0 +1,354 @@
+#!/usr/bin/python3
+"""Turn bench/bench.py's JSON into Markdown tables and a chart.
+
+    report.py latest.json --md latest.md --png latest.png [--seconds N]
+"""
+import argparse
+import json
+
+NAMES = {
+    "podman": "podman pull + run",
+    "containerd": "ctr pull + run",
+    "lazylayer": "lazylayer run (optimized)",
+    "lazylayer-unopt": "lazylayer run (unoptimized)",
+}
+COLORS = {"podman": "#7f7f7f", "containerd": "#1f77b4", "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896"}
+LINK_NAMES = {"loopback": "loopback (unshaped)", "1gbit": "1 Gbit/s", "100mbit": "100 Mbit/s", "10mbit": "10 Mbit/s"}
+
+
+def esc(text):
+    """A table cell: a literal | would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
+def mb(x):
+    return "-" if x is None else f"{x / 1e6:.1f} MB"
+
+
+def secs(x):
+    if x is None:
+        return "-"
+    return f"{x:.2f} s" if x < 100 else f"{x:.0f} s"
+
+
+def med(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def warm_of(d, img):
+    """Warm start used for the floor: lazylayer's own if measured, else podman's."""
+    w = d["warm"].get(img, {})
+    for c in ("lazylayer", "podman"):
+        m = med(w.get(c, []))
+        if m is not None:
+            return m, c
+    return None, None
+
+
+def floor_of(d, cell):
+    info = d["images"][cell["image"]]
+    link = d["links"].get(cell["link"], {})
+    warm, by = warm_of(d, cell["image"])
+    if info.get("boot_bytes") is None or warm is None or not link.get("Bps"):
+        return None, None
+    return info["boot_bytes"] / link["Bps"] + warm, by
+
+
+def cell_text(cc, base):
+    if cc is None:
+        return "-"
+    if cc.get("na"):
+        return f"n/a ({cc['na']})"
+    n, bad = len(cc["runs"]), cc.get("failed", 0)
+    if cc.get("median") is None:
+        return f"failed ({bad}/{n})" if n else "-"
+    t = secs(cc["median"])
+    if base and cc is not base and base.get("median"):
+        t += f" ({cc['median'] / base['median']:.2f}x)"
+    if bad:
+        t += f", {bad}/{n} failed"
+    return t
+
+
+def markdown(d, seconds):
+    m = d["meta"]
+    L = []
+    w = L.append
+    w("# lazylayer benchmark: time to ready, file-system overhead, optimize cost")
+    w("")
+    w(f"- Date: {m.get('date')}; mode: {'quick' if m.get('quick') else 'full'}; "
+      f"{m.get('runs')} cold run(s) per cell and contender, median shown"
+      + (f"; measurements took {seconds / 60:.1f} min" if seconds else ""))
+    w(f"- Machine: {m.get('nproc')} cores ({m.get('cpu')}), {m.get('memory')}, kernel {m.get('kernel')}; "
+      "shared with other work, so compare only numbers of the same run")
+    w(f"- Versions: lazylayer {m.get('lazylayer_rev')}, podman {m.get('podman')} (runc, overlay driver), "
+      f"containerd {m.get('containerd')} (overlayfs snapshotter, ctr), runc {m.get('runc')}, "
+      f"fuse-overlayfs {m.get('fuse_overlayfs')}, docker-registry {m.get('docker_registry')}")
+    w("- Registry and clients share a network namespace whose loopback is shaped with "
+      "`tc tbf burst 256kb latency 400ms` (both directions go through it); every contender "
+      "starts from an empty store with the page cache dropped; contender order rotates per run.")
+    w("- Time to ready: from the start of the pull command (lazylayer: of `run`) to the "
+      "workload's first byte on stdout (batch) or the first successful request (servers, "
+      f"polled every {m.get('poll_ms', 20):.0f} ms from the same namespace).")
+    if not m.get("run_available"):
+        w("- **`lazylayer run` is not available in this build**: its columns read "
+          "\"n/a (run not available)\"; optimize, the boot-layer sizes and the floor are measured.")
+    nots = []
+    if m.get("quick"):
+        nots.append("quick mode: 1 run per cell, fewer links, file-system section on python3 with 1 repetition "
+                    "(`bash bench/run.sh` without `--quick` runs all)")
+    if m.get("links_not_run"):
+        nots.append("links not run: " + ", ".join(LINK_NAMES.get(x, x) for x in m["links_not_run"]))
+    if m.get("images_not_run"):
+        nots.append("images not run: " + ", ".join(m["images_not_run"]))
+    for c in d["cells"]:
+        if c.get("skipped"):
+            nots.append(f"{c['image']} @ {LINK_NAMES.get(c['link'], c['link'])}: {c['skipped']}")
+    if nots:
+        w("- Not measured here: " + "; ".join(nots) + ".")
+    w("")
+
+    # images ---------------------------------------------------------------------------
+    w("## Images")
+    w("")
+    w("| image | ready when | layers | compressed | layer tars | boot layer | boot share | boot files | optimize |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for img, i in d["images"].items():
+        rep = i.get("optimize_report") or {}
+        share = f"{100 * i['boot_share']:.1f}%" if i.get("boot_share") is not None else "-"
+        files = "-" if not rep else f"{rep['boot_entries']} / {rep['image_entries']}, {mb(rep['boot_file_bytes'])}"
+        opt = secs(i.get("optimize_seconds")) if not i.get("optimize_error") else "failed"
+        w(f"| {img} | {esc(i['what'])} | {i['layers']} | {mb(i['compressed'])} | {mb(i.get('unpacked'))} | "
+          f"{mb(i.get('boot_bytes'))} | {share} | {files} | {opt} |")
+    w("")
+    w("Layer tars = the image's layers uncompressed. Boot layer = the compressed boot layer "
+      "(what an optimized start downloads before the workload runs, besides manifest, config "
+      "and index); boot share = boot layer / compressed image. Boot files = paths in the boot "
+      "layer / paths in the image, and their uncompressed content.")
+    errs = [(img, i["optimize_error"]) for img, i in d["images"].items() if i.get("optimize_error")]
+    for img, e in errs:
+        w(f"\n- optimize of {img} failed: `{e.splitlines()[-1][:300] if e else ''}`")
+    w("")
+
+    # links ----------------------------------------------------------------------------
+    w("| link | nominal | measured (one blob GET) |")
+    w("|---|---:|---:|")
+    for ln, li in d["links"].items():
+        nom = "-" if not li.get("nominal_bps") else f"{li['nominal_bps'] / 1e6:.0f} Mbit/s"
+        w(f"| {LINK_NAMES.get(ln, ln)} | {nom} | {li['Bps'] * 8 / 1e6:.0f} Mbit/s |")
+    w("")
+
+    # section 1 ------------------------------------------------------------------------
+    w("## 1. Time to ready, cold")
+    w("")
+    w("Median time; in brackets the ratio to podman (lower is better). Floor = boot layer / "
+      "measured link rate + warm start; last column = lazylayer (optimized) / floor.")
+    w("")
+    cs = m.get("contenders", list(NAMES))
+    w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | floor | lazylayer / floor |")
+    w("|---|---|" + "---:|" * (len(cs) + 2))
+    slower = []
+    for cell in d["cells"]:
+        img, ln = cell["image"], LINK_NAMES.get(cell["link"], cell["link"])
+        if cell.get("skipped"):
+            w(f"| {img} | {ln} | " + " | ".join(["skipped"] * len(cs)) + f" | | |")
+            continue
+        ccs = cell["contenders"]
+        base = ccs.get("podman")
+        fl, _ = floor_of(d, cell)
+        llm = (ccs.get("lazylayer") or {}).get("median")
+        close = f"{llm / fl:.2f}x" if (llm and fl) else "-"
+        w(f"| {img} | {ln} | " + " | ".join(cell_text(ccs.get(c), base) for c in cs)
+          + f" | {secs(fl)} | {close} |")
+        for c in ("lazylayer", "lazylayer-unopt"):
+            cm = (ccs.get(c) or {}).get("median")
+            for other in ("podman", "containerd"):
+                om = (ccs.get(other) or {}).get("median")
+                if cm and om and cm > om:
+                    slower.append(f"{img} @ {ln}: {NAMES[c]} {secs(cm)} vs {other} {secs(om)}")
+    w("")
+    skipped = [c for c in d["cells"] if c.get("skipped")]
+    for c in skipped:
+        w(f"- Skipped {c['image']} @ {LINK_NAMES.get(c['link'], c['link'])}: {c['skipped']}.")
+    if slower:
+        w("- **Cells where lazylayer is slower:** " + "; ".join(slower) + ".")
+    elif m.get("run_available"):
+        w("- lazylayer was not slower than podman or containerd in any measured cell.")
+    fails = [(c["image"], c["link"], k, r.get("error", "")) for c in d["cells"]
+             for k, cc in c.get("contenders", {}).items() for r in cc.get("runs", []) if not r.get("ok")]
+    for img, ln, k, e in fails[:10]:
+        w(f"- Failed run: {img} @ {ln}, {k}: `{e.splitlines()[0][:200] if e else ''}`")
+    w("")
+
+    w("Bytes sent by the registry during each cold start (from its access log, median):")
+    w("")
+    w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | boot layer |")
+    w("|---|---|" + "---:|" * (len(cs) + 1))
+    for cell in d["cells"]:
+        if cell.get("skipped"):
+            continue
+        ccs, info = cell["contenders"], d["images"][cell["image"]]
+        row = []
+        for c in cs:
+            cc = ccs.get(c) or {}
+            row.append("n/a" if cc.get("na") else mb(cc.get("median_bytes")))
+        share = f" ({100 * info['boot_share']:.1f}%)" if info.get("boot_share") is not None else ""
+        w(f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | " + " | ".join(row)
+          + f" | {mb(info.get('boot_bytes'))}{share} |")
+    w("")
+    if d["warm"]:
+        w("Warm start (image already local, page cache warm; loopback runs, median):")
+        w("")
+        wc = ["podman", "containerd", "lazylayer"]
+        w("| image | " + " | ".join(NAMES[c].replace(" pull +", "") for c in wc) + " |")
+        w("|---|" + "---:|" * len(wc))
+        for img, wd in d["warm"].items():
+            w(f"| {img} | " + " | ".join(secs(med(wd.get(c, []))) if wd.get(c) else "n/a" for c in wc) + " |")
+        w("")
+
+    # section 2 ------------------------------------------------------------------------
+    fs = d.get("fs")
+    w("## 2. Steady-state file-system overhead (every layer local)")
+    w("")
+    if not fs:
+        w("Not run (`--no-fs`).")
+        w("")
+    else:
+        w(f"Image {fs['image']}; the same extracted layers (a full `lazylayer pull`) under kernel "
+          "overlayfs and fuse-overlayfs, each with an empty upper dir; the workload runs with "
+          "the image's own binaries (`chroot MERGED /bin/sh -c ...`; lazylayer: as the command "
+          "of `lazylayer run --prefetch off` after `lazylayer pull` of the optimized image). "
+          "Cold = right after dropping the page cache, warm = the same workload again at once. "
+          "Median seconds; in brackets the ratio to kernel overlayfs.")
+        w("")
+        fsn = ["overlayfs", "fuse-overlayfs", "lazylayer"]
+        w("| workload | " + " | ".join(f"{c} cold" for c in fsn) + " | "
+          + " | ".join(f"{c} warm" for c in fsn) + " |")
+        w("|---|" + "---:|" * (2 * len(fsn)))
+        for k, desc in fs["workloads"].items():
+            row = []
+            for phase in ("cold", "warm"):
+                base = fs["fs"]["overlayfs"][k].get(f"{phase}_median")
+                for c in fsn:
+                    v = fs["fs"][c][k].get(f"{phase}_median")
+                    if v is None:
+                        row.append("n/a" if c == "lazylayer" else "failed")
+                    elif c == "overlayfs" or not base:
+                        row.append(secs(v))
+                    else:
+                        row.append(f"{secs(v)} ({v / base:.2f}x)")
+            w(f"| {esc(desc)} | " + " | ".join(row) + " |")
+        w("")
+        worse, total = [], 0
+        for k, desc in fs["workloads"].items():
+            for phase in ("cold", "warm"):
+                ll = fs["fs"]["lazylayer"][k].get(f"{phase}_median")
+                fo = fs["fs"]["fuse-overlayfs"][k].get(f"{phase}_median")
+                if ll is None or fo is None:
+                    continue
+                total += 1
+                if ll > fo:
+                    worse.append(f"{k} {phase} ({secs(ll)} vs {secs(fo)})")
+        if total:
+            w(f"- lazylayer slower than fuse-overlayfs in {len(worse)} of {total} measurements"
+              + (": " + ", ".join(worse) if worse else "") + ".")
+        if fs.get("lazylayer_registry_bytes") is not None:
+            w(f"- Registry bytes during the lazylayer runs of this section: "
+              f"{mb(fs['lazylayer_registry_bytes'])} (manifest/config lookups only if every layer was local).")
+        for n in fs.get("notes", []):
+            w(f"- {n}")
+        w("")
+
+    # section 3 ------------------------------------------------------------------------
+    w("## 3. Cost of `optimize`")
+    w("")
+    w("`lazylayer optimize SRC DST` from an empty store with the page cache dropped, on the "
+      "unshaped link (pull, index, traced run, boot layer build, push), against one cold "
+      "`podman pull` + `podman run` of SRC on the same link (from section 1).")
+    w("")
+    w("| image | optimize | pull | index | trace | build | push | podman pull + run | optimize / podman |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    pm = {c["image"]: c["contenders"].get("podman", {}).get("median") for c in d["cells"]
+          if c["link"] == "loopback" and not c.get("skipped")}
+    for img, i in d["images"].items():
+        rep = i.get("optimize_report") or {}
+        o = i.get("optimize_seconds")
+        if i.get("optimize_error"):
+            w(f"| {img} | failed | | | | | | {secs(pm.get(img))} | |")
+            continue
+        ratio = f"{o / pm[img]:.1f}x" if (o and pm.get(img)) else "-"
+        w(f"| {img} | {secs(o)} | " + " | ".join(secs(rep.get(f"seconds_{k}")) for k in
+                                               ("pull", "index", "trace", "build", "push"))
+          + f" | {secs(pm.get(img))} | {ratio} |")
+    w("")
+    w("![time to ready](latest.png)")
+    w("")
+    return "\n".join(L)
+
+
+def chart(d, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    links = [ln for ln in d["links"]]
+    cs = d["meta"].get("contenders", list(NAMES))
+    fig, axes = plt.subplots(1, len(links), figsize=(4.2 * len(links), 4.6), squeeze=False)
+    for ax, ln in zip(axes[0], links):
+        cells = [c for c in d["cells"] if c["link"] == ln]
+        width = 0.8 / len(cs)
+        for j, c in enumerate(cs):
+            for x, cell in enumerate(cells):
+                pos = x - 0.4 + width * (j + 0.5)
+                cc = cell.get("contenders", {}).get(c) or {}
+                v = cc.get("median")
+                if v:
+                    ax.bar(pos, v, width, color=COLORS[c], label=NAMES[c] if x == 0 else None)
+                else:
+                    why = "skip" if cell.get("skipped") else ("n/a" if cc.get("na") else "fail")
+                    ax.text(pos, 0.12, why, rotation=90, ha="center", va="bottom", fontsize=6, color="#555")
+            for x, cell in enumerate(cells):
+                fl, _ = floor_of(d, cell)
+                if fl:
+                    ax.hlines(fl, x - 0.42, x + 0.42, colors="black", linestyles="dotted", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_ylim(0.1, None)
+        ax.set_xticks(range(len(cells)))
+        ax.set_xticklabels([c["image"] for c in cells], rotation=30)
+        ax.set_title(LINK_NAMES.get(ln, ln))
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0][0].set_ylabel("time to ready, s (log; dotted = floor)")
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    m = d["meta"]
+    fig.suptitle(f"Cold start, median of {m.get('runs')} run(s) - {m.get('date')}, "
+                 f"{m.get('nproc')} cores, kernel {m.get('kernel')}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json")
+    ap.add_argument("--md", required=True)
+    ap.add_argument("--png", required=True)
+    ap.add_argument("--seconds", type=float, default=None)
+    a = ap.parse_args()
+    with open(a.json) as f:
+        d = json.load(f)
+    with open(a.md, "w") as f:
+        f.write(markdown(d, a.seconds))
+    chart(d, a.png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# The start-time benchmark: lazylayer vs podman vs containerd over shaped links, the
+# file-system overhead once every layer is local, and the cost of `optimize`.
+#
+#   bash bench/run.sh [--quick] [--runs N] [--out DIR]
+#                     [--images LIST] [--links LIST] [--all-cells] [--no-fs]
+#
+#   --quick       1 run; every image at loopback and 100 Mbit only; file-system
+#                 section on python3, 1 repetition. About 5-10 minutes.
+#   --runs N      cold runs per cell and contender (default 3; the median is reported)
+#   --out DIR     where latest.{json,md,png} go (default bench/results)
+#   --images L    comma list of busybox,minbase,python3,nginx,redis,gcc (default all)
+#   --links L     comma list of loopback,1gbit,100mbit,10mbit (default all)
+#   --all-cells   also run gcc at 10 Mbit (skipped by default: ~4 min per cold pull)
+#   --no-fs       skip section 2 (file-system overhead)
+#
+# Needs root. Everything runs in a network namespace of its own (llbench-PID) whose
+# loopback is shaped with tc tbf; the registry, containerd and every client and
+# container live inside it. The trap removes the namespace, the daemons it started
+# (by PID), the podman/containerd/lazylayer stores and every mount under its work dir.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
+
+QUICK=0 RUNS= OUT=$ROOT/bench/results IMAGES= LINKS= ALL_CELLS=0 FS=1
+while (($#)); do
+  case $1 in
+    --quick) QUICK=1; shift ;;
+    --runs) RUNS=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --images) IMAGES=$2; shift 2 ;;
+    --links) LINKS=$2; shift 2 ;;
+    --all-cells) ALL_CELLS=1; shift ;;
+    --no-fs) FS=0; shift ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+log() { printf 'run.sh: %s\n' "$*" >&2; }
+((EUID == 0)) || { log "must run as root"; exit 1; }
+
+if ((QUICK)); then
+  : "${RUNS:=1}" "${IMAGES:=busybox,minbase,python3,nginx,redis,gcc}" "${LINKS:=loopback,100mbit}"
+  FS_IMAGE=python3 FS_REPS=1 FS_READS=5000
+else
+  : "${RUNS:=3}" "${IMAGES:=busybox,minbase,python3,nginx,redis,gcc}" "${LINKS:=loopback,1gbit,100mbit,10mbit}"
+  FS_IMAGE=gcc FS_REPS=3 FS_READS=20000
+fi
+((FS)) || FS_REPS=0
+SKIP=
+if ((!ALL_CELLS)); then
+  SKIP="gcc@10mbit=skipped by default: 266 MB compressed is ~4 min per cold pull per contender (--all-cells runs it)"
+fi
+
+# --- dependencies (like scripts/install-deps.sh; python3-matplotlib for the chart) ----
+PACKAGES=(docker-registry skopeo umoci debootstrap busybox-static runc podman containerd
+  fuse-overlayfs python3 python3-matplotlib curl jq iproute2 util-linux)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+log "building lazylayer (release)"
+cargo build --release -q -p lazylayer --manifest-path "$ROOT/Cargo.toml"
+LL=$ROOT/target/release/lazylayer
+
+# Images are built outside the namespace (debootstrap and apt need the mirror) and
+# cached; only the push happens inside.
+((FS_REPS)) || FS_IMAGE=
+ALL_IMAGES=$(printf '%s\n' "${IMAGES//,/ }" "$FS_IMAGE" | tr ' ' '\n' | awk 'NF && !s[$0]++' | tr '\n' ' ')
+log "images: $ALL_IMAGES(cached by images/build.sh)"
+# shellcheck disable=SC2086
+bash "$ROOT/images/build.sh" $ALL_IMAGES >/dev/null
+
+# --- the namespace, the registry, and the trap that removes them --------------------
+WORK=$(mktemp -d /var/tmp/llbench.XXXXXX)
+NS=llbench-$$
+NSENTER=(nsenter --net=/var/run/netns/$NS)
+
+cleanup() {
+  local rc=$? pid
+  trap - EXIT INT TERM
+  log "cleaning up ($WORK, netns $NS)"
+  # containerd (started by bench.py, pid in WORK) and any shim it left behind: the
+  # shims are found by the socket path inside our work dir, and killed by PID.
+  if [[ -f $WORK/containerd.pid ]]; then
+    pid=$(<"$WORK/containerd.pid")
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "^containerd --config $WORK/"; then
+      kill "$pid" 2>/dev/null || true
+      sleep 1
+    fi
+  fi
+  for pid in $(grep -l -s -F "$WORK/containerd/" /proc/[0-9]*/cmdline | cut -d/ -f3); do
+    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd* ]] && kill -KILL "$pid" 2>/dev/null || true
+  done
+  # lazylayer containers named llbench-* left to runc by a killed run.
+  for r in "$WORK/ll/runc" /run/lazylayer/runc; do
+    [[ -d $r ]] || continue
+    for id in $(runc --root "$r" list -q 2>/dev/null | grep '^llbench-' || true); do
+      runc --root "$r" delete -f "$id" >/dev/null 2>&1 || true
+    done
+  done
+  if [[ -d $WORK/podman/root ]]; then
+    podman --root "$WORK/podman/root" --runroot "$WORK/podman/run" --storage-driver overlay \
+      rm -af -t 0 >/dev/null 2>&1 || true
+    podman --root "$WORK/podman/root" --runroot "$WORK/podman/run" --storage-driver overlay \
+      system reset -f >/dev/null 2>&1 || true
+  fi
+  if [[ -f $WORK/registry/registry.pid ]]; then
+    bash "$ROOT/images/registry.sh" stop "$WORK/registry" >/dev/null 2>&1 || true
+  fi
+  grep -o " $WORK[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  ip netns del "$NS" 2>/dev/null || true
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ip netns add "$NS"
+ip -n "$NS" link set lo up
+mkdir -p "$WORK/podman/tmp"
+cat >"$WORK/containers.conf" <<CONF
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+tmp_dir = "$WORK/podman/tmp"
+CONF
+export CONTAINERS_CONF=$WORK/containers.conf
+
+ADDR=$("${NSENTER[@]}" bash "$ROOT/images/registry.sh" start "$WORK/registry")
+log "registry at $ADDR inside netns $NS; pushing images"
+# shellcheck disable=SC2086
+"${NSENTER[@]}" bash "$ROOT/images/build.sh" --registry "$ADDR" $ALL_IMAGES >/dev/null
+
+mem=$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
+cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD -- crates 2>/dev/null || rev="$rev+dirty"
+META=$(jq -nc --arg date "$(date -u +%Y-%m-%dT%H:%MZ)" --arg kernel "$(uname -r)" \
+  --arg nproc "$(nproc)" --arg mem "$mem" --arg cpu "$cpu" --arg rev "$rev" \
+  --arg quick "$QUICK" --arg podman "$(podman --version | awk '{print $3}')" \
+  --arg containerd "$(containerd --version | awk '{print $3}')" \
+  --arg runc "$(runc --version | awk 'NR==1 {print $3}')" \
+  --arg fuseovl "$(dpkg-query -W -f='${Version}' fuse-overlayfs)" \
+  --arg registry "$(dpkg-query -W -f='${Version}' docker-registry)" \
+  '{date: $date, kernel: $kernel, nproc: $nproc, memory: $mem, cpu: $cpu, lazylayer_rev: $rev,
+    quick: ($quick == "1"), podman: $podman, containerd: $containerd, runc: $runc,
+    fuse_overlayfs: $fuseovl, docker_registry: $registry}')
+
+mkdir -p "$OUT"
+START=$SECONDS
+"${NSENTER[@]}" "$PY" "$ROOT/bench/bench.py" --work "$WORK" --registry "$ADDR" --lazylayer "$LL" \
+  --json "$OUT/latest.json" --images "$IMAGES" --links "$LINKS" --runs "$RUNS" --skip "$SKIP" \
+  --fs-image "$FS_IMAGE" --fs-reps "$FS_REPS" --fs-reads "$FS_READS" --meta "$META" \
+  --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}"
+log "measurements took $((SECONDS - START)) s"
+"$PY" "$ROOT/bench/report.py" "$OUT/latest.json" --md "$OUT/latest.md" --png "$OUT/latest.png" \
+  --seconds "$((SECONDS - START))"
+log "wrote $OUT/latest.md, $OUT/latest.png, $OUT/latest.json"

@@ -1,0 +1,470 @@
+//! `lazylayer run` end to end: lazy starts from the boot layer against a real
+//! registry, runc, FUSE and overlayfs; on-demand fetches of exactly the layer
+//! needed; faults; and cleanup.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::proxy::{AfterCut, CuttingProxy};
+use common::*;
+
+/// Optimize `name` from `reg` into `optimized/NAME:boot` (store of its own);
+/// returns (src, dst, layer digests of SRC bottom first).
+fn optimized(reg: &Registry, name: &str, cmd: &[&str]) -> (String, String, Vec<String>) {
+    let opt_root = tempfile::tempdir().unwrap();
+    let src = image_ref(reg, name);
+    let dst = format!("{}/optimized/{name}:boot", reg.addr());
+    let mut args = vec!["optimize", "--json", &src, &dst];
+    args.extend_from_slice(cmd);
+    let rep: serde_json::Value =
+        serde_json::from_str(&lazylayer_ok(opt_root.path(), &args)).unwrap();
+    assert!(rep["boot_layer_size"].as_u64().unwrap() > 0);
+    let insp = lazylayer_json(opt_root.path(), &["inspect", &src]);
+    let layers = insp["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    (src, dst, layers)
+}
+
+fn run_cmd(root: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lazylayer"));
+    c.arg("--root")
+        .arg(root)
+        .arg("run")
+        .args(args)
+        .env_remove("RUST_LOG");
+    c
+}
+
+fn run(root: &Path, args: &[&str]) -> std::process::Output {
+    let out = run_cmd(root, args).stdin(Stdio::null()).output().unwrap();
+    eprintln!(
+        "$ lazylayer run {}\n-- stdout:\n{}-- stderr:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn assert_nothing_left(root: &Path) {
+    assert!(
+        mounts_below(root).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(root)
+    );
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root.join("runc"))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "runc containers left"
+    );
+    assert!(
+        tree_listing(&root.join("containers")).is_empty(),
+        "container dirs left: {:?}",
+        tree_listing(&root.join("containers"))
+    );
+}
+
+#[test]
+fn root_lazy_start_fetches_only_the_boot_layer_and_matches_podman() {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (src, dst, layers) = optimized(&reg, "python3", &[]);
+    let podman = Podman::new();
+    podman.ok(&["pull", "-q", "--tls-verify=false", &src]);
+    let expected = podman.ok(&["run", "--rm", "--network=none", &src]);
+    assert_eq!(expected, "ok\n");
+
+    let root = tempfile::tempdir().unwrap();
+    let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
+    let out = run(root.path(), &["--rm", "--prefetch", "off", &dst]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), expected, "same output as podman run of SRC");
+    for (d, b) in layers.iter().zip(before) {
+        assert_eq!(
+            reg.blob_gets(d),
+            b,
+            "layer {d} fetched although the boot layer serves the workload"
+        );
+    }
+    assert_nothing_left(root.path());
+
+    // A workload outside the trace: another module. It fetches the layer(s)
+    // holding what it reads, not the whole image.
+    let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
+    let out = run(
+        root.path(),
+        &[
+            "--rm",
+            "--prefetch",
+            "off",
+            &dst,
+            "--",
+            "python3",
+            "-c",
+            "import sqlite3, xml.dom.minidom; print(sqlite3.sqlite_version_info[0])",
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "3\n");
+    let fetched: Vec<usize> = layers
+        .iter()
+        .zip(&before)
+        .map(|(d, b)| reg.blob_gets(d) - b)
+        .collect();
+    assert!(
+        fetched.iter().any(|n| *n == 1),
+        "untraced files come from their layer: {fetched:?}"
+    );
+    assert!(
+        fetched.iter().all(|n| *n <= 1),
+        "each layer fetched at most once: {fetched:?}"
+    );
+    assert_eq!(
+        fetched[0], 0,
+        "the 51 MB base layer is not needed for this and not fetched"
+    );
+    assert_nothing_left(root.path());
+
+    // Exit codes pass through; a crash of the workload cleans up too.
+    let out = run(root.path(), &["--rm", &dst, "--", "sh", "-c", "exit 42"]);
+    assert_eq!(out.status.code(), Some(42));
+    // PID 1 ignores signals from inside its namespace: crash a child and pass its status on.
+    let out = run(
+        root.path(),
+        &[
+            "--rm",
+            &dst,
+            "--",
+            "sh",
+            "-c",
+            "sh -c 'kill -9 $$'; exit $?",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(137));
+    assert_nothing_left(root.path());
+}
+
+#[test]
+fn root_whiteouts_and_opaque_dirs_behave_as_in_overlayfs() {
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer"]);
+    let (src, dst, _) = optimized(&reg, "multilayer", &[]);
+    let script = "find /data /usr/local /etc/alt /dangling | sort; stat -c '%n %a %u %g %s %h' /data/hl/one /data/hl/two /data/keep/a.txt; cat /data/keep/a.txt /data/opq/new.txt; ls -la /data/opq | wc -l";
+    let podman = Podman::new();
+    podman.ok(&["pull", "-q", "--tls-verify=false", &src]);
+    let expected = podman.ok(&[
+        "run",
+        "--rm",
+        "--network=none",
+        &src,
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    assert!(
+        expected.contains("/data/opq/new.txt")
+            && !expected.contains("old1")
+            && !expected.contains("b.txt")
+    );
+    let root = tempfile::tempdir().unwrap();
+    for prefetch in ["off", "on"] {
+        let out = run(
+            root.path(),
+            &[
+                "--rm",
+                "--prefetch",
+                prefetch,
+                &dst,
+                "--",
+                "/bin/sh",
+                "-c",
+                script,
+            ],
+        );
+        assert!(out.status.success());
+        assert_eq!(
+            stdout(&out),
+            expected,
+            "prefetch {prefetch}: lazy root differs from podman's"
+        );
+    }
+    assert_nothing_left(root.path());
+}
+
+#[test]
+fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (_src, dst, layers) = optimized(&reg, "python3", &[]);
+    let root = tempfile::tempdir().unwrap();
+    let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
+    // Prefetch off: a prefetch cut short by the container's exit would show
+    // up as an extra (partial) GET and blur what this test counts.
+    let cmd = [
+        "--rm",
+        "--prefetch",
+        "off",
+        &dst,
+        "--",
+        "python3",
+        "-c",
+        "import sqlite3; print('one')",
+    ];
+    let spawn = || {
+        run_cmd(root.path(), &cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr)
+    );
+    assert_eq!(stdout(&a), "one\n");
+    assert_eq!(stdout(&b), "one\n");
+    for (d, b) in layers.iter().zip(&before) {
+        let n = reg.blob_gets(d) - b;
+        assert!(n <= 1, "layer {d} fetched {n} times by two concurrent runs");
+    }
+    // Make sure every layer is in the store (prefetch may have been cut by the exit).
+    lazylayer_ok(root.path(), &["pull", "-q", &dst]);
+    let gets: usize = layers
+        .iter()
+        .zip(&before)
+        .map(|(d, b)| reg.blob_gets(d) - b)
+        .sum();
+    assert_eq!(
+        gets,
+        layers.len(),
+        "each layer fetched exactly once by the runs and the pull together"
+    );
+
+    // All local: a run with the registry gone works.
+    let mut reg = reg;
+    reg.stop();
+    let out = run(root.path(), &["--rm", &dst]);
+    assert!(
+        out.status.success(),
+        "run with every layer local must not need the registry"
+    );
+    assert_eq!(stdout(&out), "ok\n");
+    assert_nothing_left(root.path());
+}
+
+#[test]
+fn root_registry_dying_mid_layer_gives_eio_then_a_new_run_succeeds() {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (_src, dst, layers) = optimized(&reg, "python3", &[]);
+    let proxy = CuttingProxy::start(reg.port, 12_000_000, AfterCut::Die);
+    let via_proxy = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
+    let root = tempfile::tempdir().unwrap();
+    // /usr/bin/perl lives in the 51 MB base layer only; the proxy dies after
+    // 12 MB: past the 7.5 MB boot layer, inside the base layer.
+    let started = Instant::now();
+    let out = run(
+        root.path(),
+        &[
+            "--rm",
+            "--prefetch",
+            "off",
+            "--fetch-timeout",
+            "30",
+            &via_proxy,
+            "--",
+            "sh",
+            "-c",
+            "cat /usr/bin/perl > /dev/null; echo rc=$?",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "a reader must not hang"
+    );
+    let so = stdout(&out);
+    assert!(so.contains("rc=1"), "the reader got an error: {so}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&layers[0]) && err.contains("could not be fetched"),
+        "the user is told why: {err}"
+    );
+    assert_nothing_left(root.path());
+    assert!(
+        tree_listing(&root.path().join("tmp")).is_empty(),
+        "no half layer kept"
+    );
+
+    // Registry reachable again: a new run succeeds and reuses the boot layer.
+    let boot_gets_before = reg.log().matches("/blobs/").count();
+    let out = run(
+        root.path(),
+        &[
+            "--rm",
+            "--prefetch",
+            "off",
+            &dst,
+            "--",
+            "sh",
+            "-c",
+            "cat /usr/bin/perl | wc -c",
+        ],
+    );
+    assert!(out.status.success());
+    assert!(stdout(&out).trim().parse::<u64>().unwrap() > 1_000_000);
+    let _ = boot_gets_before;
+    assert_nothing_left(root.path());
+
+    // A layer corrupted on the registry is rejected by digest: the layer is
+    // discarded, and with --verified-only no byte of it is served (EIO).
+    let reg2 = Registry::start();
+    push_images(&reg2, &["python3"]);
+    let (_s, dst2, layers2) = optimized(&reg2, "python3", &[]);
+    let data = reg2.blob_data_path(&layers2[1]);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&data, &bytes).unwrap();
+    let root2 = tempfile::tempdir().unwrap();
+    let out = run(
+        root2.path(),
+        &[
+            "--rm",
+            "--prefetch",
+            "off",
+            "--verified-only",
+            &dst2,
+            "--",
+            "python3",
+            "-c",
+            "import sqlite3",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&layers2[1]) && err.contains("corrupt"),
+        "{err}"
+    );
+    assert!(
+        root2
+            .path()
+            .join("layers/sha256")
+            .join(layers2[1].strip_prefix("sha256:").unwrap())
+            .exists()
+            == false
+    );
+    assert_nothing_left(root2.path());
+}
+
+#[test]
+fn root_plain_image_falls_back_to_full_pull_and_containers_are_managed() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let root = tempfile::tempdir().unwrap();
+    let out = run(root.path(), &["--rm", &image_ref(&reg, "busybox")]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "hello from busybox\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no lazylayer boot layer"));
+    assert_nothing_left(root.path());
+
+    // Without --rm: ps, status and rm manage it.
+    let (_s, dst, _) = optimized(&reg, "busybox", &[]);
+    let out = run(
+        root.path(),
+        &[
+            "--name",
+            "keepme",
+            &dst,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo hi > /tmp/x; exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let ps = lazylayer_json(root.path(), &["ps"]);
+    let c = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "keepme")
+        .expect("listed");
+    assert_eq!(c["status"], "exited");
+    assert_eq!(c["exit_code"], 3);
+    assert!(
+        mounts_below(root.path()).is_empty(),
+        "an exited container keeps no mount"
+    );
+    assert!(
+        root.path().join("containers/keepme/upper/tmp/x").is_file(),
+        "its writable layer is kept"
+    );
+    let st = lazylayer_json(root.path(), &["status", "keepme"]);
+    assert_eq!(st["layers"].as_array().unwrap().len(), 1);
+    let dup = run(root.path(), &["--name", "keepme", &dst]);
+    assert!(
+        !dup.status.success() && String::from_utf8_lossy(&dup.stderr).contains("exists already")
+    );
+    lazylayer_ok(root.path(), &["rm", "keepme"]);
+    assert_nothing_left(root.path());
+}
+
+#[test]
+fn root_ctrl_c_stops_the_container_and_cleans_up() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let (_s, dst, _) = optimized(&reg, "busybox", &[]);
+    let root = tempfile::tempdir().unwrap();
+    let child = run_cmd(root.path(), &["--rm", &dst, "--", "/bin/sleep", "60"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the container runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !root
+        .path()
+        .join("containers")
+        .read_dir()
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+        || mounts_below(root.path()).len() < 2
+    {
+        assert!(Instant::now() < deadline, "container did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "interrupted run reports failure"
+    );
+    assert_nothing_left(root.path());
+}

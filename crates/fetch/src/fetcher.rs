@@ -1,0 +1,364 @@
+//! One image's layer fetches, shared by every reader.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use lazylayer_fs::source::open_beneath;
+use lazylayer_oci::{Digest, RegistryClient, Repository};
+use lazylayer_store::{LayerRef, PullOptions, PullProgress, Store};
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Longest a reader waits for its file before getting EIO.
+    pub read_timeout: Duration,
+    /// Layers fetched at once by the background prefetch (on-demand fetches
+    /// start immediately regardless).
+    pub prefetch_concurrency: usize,
+    /// Serve a file as soon as its tar entry lands, before the layer's digest
+    /// is checked at its end (the design's per-file readiness). When false,
+    /// readers wait for the whole layer to be verified.
+    pub serve_unverified: bool,
+    pub pull: PullOptions,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            read_timeout: Duration::from_secs(60),
+            prefetch_concurrency: 2,
+            serve_unverified: true,
+            pull: PullOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "state", content = "error")]
+pub enum LayerState {
+    /// Not asked for yet.
+    Pending,
+    Fetching,
+    /// Complete and verified in the store.
+    Done,
+    Failed(String),
+}
+
+/// A snapshot of one layer's progress (for `lazylayer status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerStatus {
+    pub digest: String,
+    pub size: u64,
+    pub fetched: u64,
+    #[serde(flatten)]
+    pub state: LayerState,
+    /// Fetched because a reader asked (rather than by prefetch).
+    pub on_demand: bool,
+}
+
+struct Slot {
+    layer: LayerRef,
+    state: LayerState,
+    /// Where entries land while the layer streams in.
+    extracting_in: Option<PathBuf>,
+    /// Paths (relative) already on disk in `extracting_in`.
+    ready: HashSet<Vec<u8>>,
+    on_demand: bool,
+}
+
+struct Inner {
+    store: Store,
+    client: Arc<RegistryClient>,
+    repo: Repository,
+    opts: FetchOptions,
+    slots: Mutex<Vec<Slot>>,
+    changed: Condvar,
+    fetched: Vec<AtomicU64>,
+    rt: tokio::runtime::Handle,
+}
+
+/// Shares fetch state between FUSE threads (blocking) and fetch tasks (async).
+#[derive(Clone)]
+pub struct LayerFetcher {
+    inner: Arc<Inner>,
+}
+
+/// Feeds store pull events into the fetcher's per-layer state.
+struct SlotProgress {
+    inner: Arc<Inner>,
+    layer: usize,
+}
+
+impl PullProgress for SlotProgress {
+    fn layer_bytes(&self, _d: &Digest, n: u64) {
+        self.inner.fetched[self.layer].fetch_add(n, Ordering::Relaxed);
+    }
+    fn layer_extracting(&self, _d: &Digest, fs_dir: &Path) {
+        let mut s = self.inner.slots.lock().unwrap();
+        s[self.layer].extracting_in = Some(fs_dir.to_path_buf());
+    }
+    fn layer_entry(&self, _d: &Digest, path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let mut s = self.inner.slots.lock().unwrap();
+        s[self.layer]
+            .ready
+            .insert(path.as_os_str().as_bytes().to_vec());
+        drop(s);
+        self.inner.changed.notify_all();
+    }
+}
+
+impl LayerFetcher {
+    /// `layers`: the image's layers in index order (the index's `layer`
+    /// numbers refer to positions here). Layers already in the store start Done.
+    pub fn new(
+        store: Store,
+        client: Arc<RegistryClient>,
+        repo: Repository,
+        layers: Vec<LayerRef>,
+        opts: FetchOptions,
+        rt: tokio::runtime::Handle,
+    ) -> LayerFetcher {
+        let fetched = layers.iter().map(|_| AtomicU64::new(0)).collect();
+        let slots = layers
+            .into_iter()
+            .map(|layer| {
+                let done = store.layer_dir(&layer.digest).is_some();
+                Slot {
+                    state: if done {
+                        LayerState::Done
+                    } else {
+                        LayerState::Pending
+                    },
+                    layer,
+                    extracting_in: None,
+                    ready: HashSet::new(),
+                    on_demand: false,
+                }
+            })
+            .collect();
+        LayerFetcher {
+            inner: Arc::new(Inner {
+                store,
+                client,
+                repo,
+                opts,
+                slots: Mutex::new(slots),
+                changed: Condvar::new(),
+                fetched,
+                rt,
+            }),
+        }
+    }
+
+    /// Start fetching layer `i` unless it is fetching or done. Returns at once.
+    pub fn request(&self, i: usize, on_demand: bool) {
+        let layer = {
+            let mut s = self.inner.slots.lock().unwrap();
+            let Some(slot) = s.get_mut(i) else { return };
+            if slot.state != LayerState::Pending {
+                return;
+            }
+            slot.state = LayerState::Fetching;
+            slot.on_demand = on_demand;
+            slot.layer.clone()
+        };
+        let inner = self.inner.clone();
+        self.inner
+            .rt
+            .spawn(async move { fetch_one(inner, i, layer).await });
+    }
+
+    /// Fetch every pending layer in the background, `prefetch_concurrency`
+    /// at a time, bottom layer first; readers' requests jump the queue.
+    pub fn start_prefetch(&self) {
+        let me = self.clone();
+        self.inner.rt.spawn(async move {
+            let n = me.inner.slots.lock().unwrap().len();
+            let limit = me.inner.opts.prefetch_concurrency.max(1);
+            for i in 0..n {
+                // Wait for a free prefetch slot: count layers fetching.
+                loop {
+                    let busy = me
+                        .inner
+                        .slots
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|s| s.state == LayerState::Fetching)
+                        .count();
+                    if busy < limit {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                me.request(i, false);
+            }
+        });
+    }
+
+    /// Open the file at `path` (relative) from layer `i`, waiting (bounded)
+    /// until it has landed. Blocking: called from FUSE threads.
+    pub fn open_file(&self, i: usize, path: &[u8]) -> io::Result<File> {
+        self.request(i, true);
+        let deadline = Instant::now() + self.inner.opts.read_timeout;
+        let mut s = self.inner.slots.lock().unwrap();
+        loop {
+            let slot = s
+                .get(i)
+                .ok_or_else(|| io::Error::other(format!("no layer {i}")))?;
+            let final_dir = self.inner.store.layer_fs_path(&slot.layer.digest);
+            match &slot.state {
+                LayerState::Done => {
+                    drop(s);
+                    return open_beneath(&final_dir, path);
+                }
+                LayerState::Failed(msg) => {
+                    return Err(io::Error::other(format!(
+                        "layer {} could not be fetched: {msg}",
+                        slot.layer.digest
+                    )));
+                }
+                _ if self.inner.opts.serve_unverified && slot.ready.contains(path) => {
+                    let dir = slot.extracting_in.clone();
+                    drop(s);
+                    if let Some(d) = dir {
+                        match open_beneath(&d, path) {
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            other => return other,
+                        }
+                    }
+                    // The layer was verified and renamed into the store meanwhile.
+                    return open_beneath(&final_dir, path);
+                }
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "waited {:?} for {} from layer {}",
+                        self.inner.opts.read_timeout,
+                        String::from_utf8_lossy(path),
+                        slot.layer.digest
+                    ),
+                ));
+            }
+            s = self
+                .inner
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn status(&self) -> Vec<LayerStatus> {
+        let s = self.inner.slots.lock().unwrap();
+        s.iter()
+            .enumerate()
+            .map(|(i, slot)| LayerStatus {
+                digest: slot.layer.digest.to_string(),
+                size: slot.layer.size,
+                fetched: if slot.state == LayerState::Done
+                    && !slot.on_demand
+                    && self.inner.fetched[i].load(Ordering::Relaxed) == 0
+                {
+                    slot.layer.size
+                } else {
+                    self.inner.fetched[i].load(Ordering::Relaxed)
+                },
+                state: slot.state.clone(),
+                on_demand: slot.on_demand,
+            })
+            .collect()
+    }
+
+    /// True when every layer is in the store.
+    pub fn all_done(&self) -> bool {
+        self.inner
+            .slots
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s.state == LayerState::Done)
+    }
+
+    /// Block until every layer is done or one failed (or `timeout`).
+    pub fn wait_all(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.inner.slots.lock().unwrap();
+        loop {
+            if let Some(f) = s.iter().find_map(|x| match &x.state {
+                LayerState::Failed(m) => Some(format!("layer {}: {m}", x.layer.digest)),
+                _ => None,
+            }) {
+                return Err(f);
+            }
+            if s.iter().all(|x| x.state == LayerState::Done) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err("timed out waiting for layers".into());
+            }
+            s = self
+                .inner
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+}
+
+async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
+    let progress: Arc<dyn PullProgress> = Arc::new(SlotProgress {
+        inner: inner.clone(),
+        layer: i,
+    });
+    tracing::info!(layer = %layer.digest, "fetching layer");
+    let r = inner
+        .store
+        .ensure_layer(
+            &inner.client,
+            &inner.repo,
+            &layer,
+            &inner.opts.pull,
+            progress,
+        )
+        .await;
+    let mut s = inner.slots.lock().unwrap();
+    match r {
+        Ok(_) => {
+            s[i].state = LayerState::Done;
+            s[i].ready.clear();
+            s[i].extracting_in = None;
+        }
+        Err(e) => {
+            let msg = format!("{:#}", anyhow_like(&e));
+            tracing::error!(layer = %layer.digest, error = %msg, "layer fetch failed");
+            s[i].state = LayerState::Failed(msg);
+        }
+    }
+    drop(s);
+    inner.changed.notify_all();
+}
+
+/// The error and its causes on one line.
+fn anyhow_like(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

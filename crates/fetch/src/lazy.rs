@@ -1,0 +1,239 @@
+//! An optimized image opened for a lazy start.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lazylayer_fs::source::open_beneath;
+use lazylayer_fs::{ContentSource, FsMount, FsOptions, LazyFs};
+use lazylayer_layer::index::{BootIndex, IndexEntry, ANNOTATION_BOOT_LAYER, INDEX_FILE_NAME};
+use lazylayer_oci::manifest::{descriptor_digest, parse_manifest, ManifestKind, RawManifest};
+use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_store::{ImageRecord, LayerRef, NoProgress, Store};
+
+use crate::fetcher::{FetchOptions, LayerFetcher};
+use crate::FetchError;
+
+/// Why an image cannot be opened lazily.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A plain image: the caller falls back to a full pull.
+    #[error("{0} has no lazylayer boot layer")]
+    NoBootLayer(String),
+    #[error(transparent)]
+    Failed(#[from] FetchError),
+}
+
+/// An optimized image ready to be mounted: boot layer local, index loaded,
+/// the other layers behind a [`LayerFetcher`].
+pub struct LazyImage {
+    pub reference: Reference,
+    /// The record to save once every layer is local (boot layer last).
+    pub record: ImageRecord,
+    pub config_bytes: Vec<u8>,
+    pub index: Arc<BootIndex>,
+    pub boot_dir: PathBuf,
+    pub fetcher: LayerFetcher,
+    /// True when everything came from the store, without any network.
+    pub offline: bool,
+}
+
+fn bad(image: &Reference, reason: impl Into<String>) -> FetchError {
+    FetchError::BadImage {
+        image: image.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl LazyImage {
+    /// Open `reference`: from the store when it holds the whole image (no
+    /// network at all), else manifest + config + boot layer from the registry.
+    pub async fn open(
+        store: &Store,
+        client: Arc<RegistryClient>,
+        reference: &Reference,
+        opts: FetchOptions,
+    ) -> Result<LazyImage, OpenError> {
+        let local = store.image(reference).filter(|r| {
+            r.layers
+                .iter()
+                .all(|l| store.layer_dir(&l.digest).is_some())
+        });
+        let (raw, config_bytes, layers, offline) = match local {
+            Some(rec) => {
+                let manifest = store
+                    .read_blob(&rec.manifest_digest)
+                    .map_err(FetchError::from)?;
+                let config = store
+                    .read_blob(&rec.config_digest)
+                    .map_err(FetchError::from)?;
+                let raw = RawManifest {
+                    bytes: manifest.into(),
+                    media_type: rec.manifest_media_type.clone(),
+                    digest: rec.manifest_digest.clone(),
+                };
+                (raw, config, rec.layers.clone(), true)
+            }
+            None => {
+                let img = client
+                    .resolve(reference, &opts.pull.platform)
+                    .await
+                    .map_err(FetchError::from)?;
+                let diff_ids = img.diff_ids().map_err(FetchError::from)?;
+                if diff_ids.len() != img.layers().len() {
+                    return Err(
+                        bad(reference, "layer count differs from the config's diff_ids").into(),
+                    );
+                }
+                let mut layers = Vec::new();
+                for (d, diff_id) in img.layers().iter().zip(diff_ids) {
+                    layers.push(LayerRef {
+                        digest: descriptor_digest(&reference.to_string(), d)
+                            .map_err(FetchError::from)?,
+                        diff_id,
+                        size: d.size(),
+                        media_type: d.media_type().to_string(),
+                    });
+                }
+                store
+                    .put_blob_bytes(&img.manifest.digest, &img.manifest.bytes)
+                    .map_err(FetchError::from)?;
+                let cd = img.config_digest().map_err(FetchError::from)?;
+                store
+                    .put_blob_bytes(&cd, &img.config_bytes)
+                    .map_err(FetchError::from)?;
+                (
+                    img.manifest.clone(),
+                    img.config_bytes.to_vec(),
+                    layers,
+                    false,
+                )
+            }
+        };
+        let boot_digest = boot_layer_digest(reference, &raw)?
+            .ok_or_else(|| OpenError::NoBootLayer(reference.to_string()))?;
+        let boot = layers
+            .last()
+            .filter(|l| l.digest == boot_digest)
+            .cloned()
+            .ok_or_else(|| {
+                OpenError::Failed(bad(
+                    reference,
+                    format!("the boot layer {boot_digest} is not the image's top layer"),
+                ))
+            })?;
+        store
+            .ensure_layer(
+                &client,
+                &reference.repository,
+                &boot,
+                &opts.pull,
+                Arc::new(NoProgress),
+            )
+            .await
+            .map_err(FetchError::from)?;
+        let boot_dir = store.layer_fs_path(&boot.digest);
+        let index_path = boot_dir.join(INDEX_FILE_NAME);
+        let bytes = std::fs::read(&index_path).map_err(|source| FetchError::Io {
+            what: "reading the boot index".into(),
+            path: index_path.clone(),
+            source,
+        })?;
+        let index = BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
+            image: reference.to_string(),
+            source,
+        })?;
+        let lower = &layers[..layers.len() - 1];
+        let expected: Vec<String> = lower.iter().map(|l| l.diff_id.to_string()).collect();
+        if index.layers != expected {
+            return Err(bad(
+                reference,
+                "the boot index describes other layers than the image has",
+            )
+            .into());
+        }
+        let config_digest = Digest::sha256_of(&config_bytes);
+        let record = ImageRecord {
+            reference: lazylayer_store::reference_key(reference),
+            manifest_digest: raw.digest.clone(),
+            manifest_media_type: raw.media_type.clone(),
+            index_digest: None,
+            config_digest,
+            layers: layers.clone(),
+            platform: opts.pull.platform.to_string(),
+            pulled_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let fetcher = LayerFetcher::new(
+            store.clone(),
+            client,
+            reference.repository.clone(),
+            lower.to_vec(),
+            opts,
+            tokio::runtime::Handle::current(),
+        );
+        Ok(LazyImage {
+            reference: reference.clone(),
+            record,
+            config_bytes,
+            index: Arc::new(index),
+            boot_dir,
+            fetcher,
+            offline,
+        })
+    }
+
+    pub fn source(&self) -> LazySource {
+        LazySource {
+            fetcher: self.fetcher.clone(),
+            boot_dir: self.boot_dir.clone(),
+        }
+    }
+
+    /// Mount the image's merged root, read-only, at `target`.
+    pub fn mount(&self, target: &Path, opts: FsOptions) -> Result<FsMount, FetchError> {
+        let fs = LazyFs::new(self.index.clone(), self.source(), None, opts);
+        Ok(FsMount::mount(fs, target, 8)?)
+    }
+}
+
+/// The boot layer a manifest announces, if any.
+pub fn boot_layer_digest(
+    reference: &Reference,
+    raw: &RawManifest,
+) -> Result<Option<Digest>, FetchError> {
+    let m = match parse_manifest(&reference.to_string(), raw).map_err(FetchError::from)? {
+        ManifestKind::Image(m) => m,
+        ManifestKind::Index(_) => return Ok(None),
+    };
+    let Some(d) = m
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_BOOT_LAYER))
+    else {
+        return Ok(None);
+    };
+    d.parse()
+        .map(Some)
+        .map_err(|e: lazylayer_oci::OciError| bad(reference, e.to_string()))
+}
+
+/// Content for the lazy file system: the boot layer's copy when it has one,
+/// else the layer that holds the path, fetched on demand.
+#[derive(Clone)]
+pub struct LazySource {
+    fetcher: LayerFetcher,
+    boot_dir: PathBuf,
+}
+
+impl ContentSource for LazySource {
+    fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
+        if entry.in_boot {
+            return open_beneath(&self.boot_dir, &entry.path);
+        }
+        self.fetcher.open_file(entry.layer as usize, &entry.path)
+    }
+}

@@ -1,0 +1,44 @@
+//! The pull manager and the lazy content source.
+//!
+//! [`LayerFetcher`] owns the fetch of every layer of one image: a layer is
+//! fetched once however many readers wait for it, readers' requests start a
+//! fetch at once, and a background prefetch takes the rest with bounded
+//! concurrency. Layers stream through the store's pipeline (download →
+//! verify → decompress → extract), and each file becomes readable as soon as
+//! its tar entry is on disk. A reader waits only for *its* file, and never
+//! longer than a bound: then it gets EIO.
+//!
+//! [`LazyImage`] ties it together for `run` and the snapshotter: resolve an
+//! optimized image, fetch its boot layer, load the index, and mount the
+//! image's root through the FUSE file system.
+
+mod fetcher;
+mod lazy;
+
+pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
+pub use lazy::{LazyImage, LazySource, OpenError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Store(#[from] lazylayer_store::StoreError),
+    #[error(transparent)]
+    Oci(#[from] lazylayer_oci::OciError),
+    #[error(transparent)]
+    Fs(#[from] lazylayer_fs::FsError),
+    #[error("boot index of {image}")]
+    Index {
+        image: String,
+        #[source]
+        source: lazylayer_layer::index::IndexError,
+    },
+    #[error("{image}: {reason}")]
+    BadImage { image: String, reason: String },
+    #[error("{what} ({path})")]
+    Io {
+        what: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
