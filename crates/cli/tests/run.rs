@@ -128,7 +128,7 @@ fn root_lazy_start_fetches_only_the_boot_layer_and_matches_podman() {
         .map(|(d, b)| reg.blob_gets(d) - b)
         .collect();
     assert!(
-        fetched.iter().any(|n| *n == 1),
+        fetched.contains(&1),
         "untraced files come from their layer: {fetched:?}"
     );
     assert!(
@@ -367,14 +367,11 @@ fn root_registry_dying_mid_layer_gives_eio_then_a_new_run_succeeds() {
         err.contains(&layers2[1]) && err.contains("corrupt"),
         "{err}"
     );
-    assert!(
-        root2
-            .path()
-            .join("layers/sha256")
-            .join(layers2[1].strip_prefix("sha256:").unwrap())
-            .exists()
-            == false
-    );
+    assert!(!root2
+        .path()
+        .join("layers/sha256")
+        .join(layers2[1].strip_prefix("sha256:").unwrap())
+        .exists());
     assert_nothing_left(root2.path());
 }
 
