@@ -11,7 +11,7 @@ PACKAGES=(
   containerd        # containerd + ctr, the other peer
   fuse-overlayfs    # benchmark peer
   apache2-utils     # htpasswd: a registry with Basic auth in tests
-  curl jq bc iproute2 util-linux python3 ca-certificates
+  curl jq bc openssl iproute2 util-linux python3 ca-certificates
 )
 
 missing=()

@@ -409,3 +409,133 @@ fn basic_auth_from_auth_file() {
         assert!(!stderr(o).contains("s3cret-pw"), "secret printed");
     }
 }
+
+/// The Bearer token flow against the real registry configured for token
+/// auth: the registry verifies RS256 JWTs signed by a key whose certificate
+/// it trusts. The token issuer here is a small HTTP endpoint in the test that
+/// signs with `openssl` (no mock: the registry does the verifying).
+#[test]
+fn bearer_token_auth_against_real_registry() {
+    let open = Registry::start();
+    let digests = push_images(&open, &["busybox"]);
+    let keys = tempfile::tempdir().unwrap();
+    let (key, cert) = (keys.path().join("key.pem"), keys.path().join("cert.pem"));
+    let st = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=lazylayer-test-issuer"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let der = std::process::Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert).output().unwrap().stdout;
+
+    // Token endpoint: answers GET /token?service=..&scope=.. with a JWT granting the scopes,
+    // only to a client that sends Basic credentials alice:s3cret-pw.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let token_port = listener.local_addr().unwrap().port();
+    let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let issued2 = issued.clone();
+    let key2 = key.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut buf = vec![0u8; 8192];
+            let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let authorized = req.lines().any(|l| l.to_ascii_lowercase().starts_with("authorization: basic ") && l.ends_with("YWxpY2U6czNjcmV0LXB3"));
+            let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+            let query = path.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+            let mut access = Vec::new();
+            for kv in query.split('&') {
+                if let Some(v) = kv.strip_prefix("scope=") {
+                    let v = v.replace("%3A", ":").replace("%2F", "/").replace("%2C", ",");
+                    let parts: Vec<&str> = v.splitn(3, ':').collect();
+                    if parts.len() == 3 && authorized {
+                        let actions: Vec<String> = parts[2].split(',').map(|a| format!("\"{a}\"")).collect();
+                        access.push(format!(r#"{{"type":"{}","name":"{}","actions":[{}]}}"#, parts[0], parts[1], actions.join(",")));
+                    }
+                }
+            }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let b64 = |d: &[u8]| {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
+            };
+            let std_b64 = {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(&der)
+            };
+            let header = format!(r#"{{"typ":"JWT","alg":"RS256","x5c":["{std_b64}"]}}"#);
+            let claims = format!(
+                r#"{{"iss":"lazylayer-test-issuer","sub":"alice","aud":"lazylayer-test","exp":{},"nbf":{},"iat":{},"jti":"{}","access":[{}]}}"#,
+                now + 300,
+                now - 10,
+                now,
+                issued2.fetch_add(1, Ordering::SeqCst),
+                access.join(",")
+            );
+            let signing_input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+            let mut child = std::process::Command::new("openssl")
+                .args(["dgst", "-sha256", "-sign"])
+                .arg(&key2)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(signing_input.as_bytes()).unwrap();
+            let sig = child.wait_with_output().unwrap().stdout;
+            let token = format!("{signing_input}.{}", b64(&sig));
+            let body = format!(r#"{{"token":"{token}","expires_in":300}}"#);
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = conn.write_all(resp.as_bytes());
+        }
+    });
+    let locked = Registry::start_with(&format!(
+        "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: lazylayer-test\n    issuer: lazylayer-test-issuer\n    rootcertbundle: {}\n",
+        cert.display()
+    ));
+    let secrets = tempfile::tempdir().unwrap();
+    let auth_file = secrets.path().join("auth.json");
+    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#, locked.addr())).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    lazylayer_json(root.path(), &["pull", &image_ref(&open, "busybox")]);
+    let dst = format!("{}/private/busybox:latest", locked.addr());
+    let with_auth = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+            .arg("--root")
+            .arg(root.path())
+            .args(args)
+            .env("REGISTRY_AUTH_FILE", &auth_file)
+            .env("HOME", secrets.path())
+            .output()
+            .unwrap()
+    };
+    let pushed = with_auth(&["push", &image_ref(&open, "busybox"), &dst]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert!(issued.load(Ordering::SeqCst) >= 1, "a token was requested");
+    let fresh = tempfile::tempdir().unwrap();
+    let pulled = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(fresh.path())
+        .args(["pull", "--json", &dst])
+        .env("REGISTRY_AUTH_FILE", &auth_file)
+        .output()
+        .unwrap();
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], digests["busybox"]);
+    // Without credentials the issuer grants nothing and the registry refuses.
+    let anon = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(tempfile::tempdir().unwrap().path())
+        .args(["pull", &dst])
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env("HOME", secrets.path())
+        .output()
+        .unwrap();
+    assert!(!anon.status.success());
+    assert!(stderr(&anon).contains("access denied") || stderr(&anon).contains("401"), "{}", stderr(&anon));
+}
