@@ -54,6 +54,8 @@ enum Command {
     Rmi(commands::rmi::Args),
     /// Remove blobs and layers that no image references
     Prune(commands::prune::Args),
+    /// Serve containerd's snapshots API (remote snapshotter for optimized images)
+    Snapshotter(commands::snapshotter::Args),
 }
 
 static EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
             Command::Push(a) => commands::push::run(&cli.global, a).await,
             Command::Rmi(a) => commands::rmi::run(&cli.global, a),
             Command::Prune(a) => commands::prune::run(&cli.global, a),
+            Command::Snapshotter(a) => commands::snapshotter::run(&cli.global, a).await,
         }
     });
     match result {

@@ -421,7 +421,17 @@ fn bearer_token_auth_against_real_registry() {
     let keys = tempfile::tempdir().unwrap();
     let (key, cert) = (keys.path().join("key.pem"), keys.path().join("cert.pem"));
     let st = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=lazylayer-test-issuer"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=lazylayer-test-issuer",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -430,7 +440,12 @@ fn bearer_token_auth_against_real_registry() {
         .status()
         .unwrap();
     assert!(st.success());
-    let der = std::process::Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert).output().unwrap().stdout;
+    let der = std::process::Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap()
+        .stdout;
 
     // Token endpoint: answers GET /token?service=..&scope=.. with a JWT granting the scopes,
     // only to a client that sends Basic credentials alice:s3cret-pw.
@@ -445,21 +460,39 @@ fn bearer_token_auth_against_real_registry() {
             let mut buf = vec![0u8; 8192];
             let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]).to_string();
-            let authorized = req.lines().any(|l| l.to_ascii_lowercase().starts_with("authorization: basic ") && l.ends_with("YWxpY2U6czNjcmV0LXB3"));
+            let authorized = req.lines().any(|l| {
+                l.to_ascii_lowercase().starts_with("authorization: basic ")
+                    && l.ends_with("YWxpY2U6czNjcmV0LXB3")
+            });
             let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
-            let query = path.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+            let query = path
+                .split_once('?')
+                .map(|(_, q)| q.to_string())
+                .unwrap_or_default();
             let mut access = Vec::new();
             for kv in query.split('&') {
                 if let Some(v) = kv.strip_prefix("scope=") {
-                    let v = v.replace("%3A", ":").replace("%2F", "/").replace("%2C", ",");
+                    let v = v
+                        .replace("%3A", ":")
+                        .replace("%2F", "/")
+                        .replace("%2C", ",");
                     let parts: Vec<&str> = v.splitn(3, ':').collect();
                     if parts.len() == 3 && authorized {
-                        let actions: Vec<String> = parts[2].split(',').map(|a| format!("\"{a}\"")).collect();
-                        access.push(format!(r#"{{"type":"{}","name":"{}","actions":[{}]}}"#, parts[0], parts[1], actions.join(",")));
+                        let actions: Vec<String> =
+                            parts[2].split(',').map(|a| format!("\"{a}\"")).collect();
+                        access.push(format!(
+                            r#"{{"type":"{}","name":"{}","actions":[{}]}}"#,
+                            parts[0],
+                            parts[1],
+                            actions.join(",")
+                        ));
                     }
                 }
             }
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
             let b64 = |d: &[u8]| {
                 use base64::Engine;
                 base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
@@ -485,7 +518,12 @@ fn bearer_token_auth_against_real_registry() {
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .unwrap();
-            child.stdin.take().unwrap().write_all(signing_input.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(signing_input.as_bytes())
+                .unwrap();
             let sig = child.wait_with_output().unwrap().stdout;
             let token = format!("{signing_input}.{}", b64(&sig));
             let body = format!(r#"{{"token":"{token}","expires_in":300}}"#);
@@ -499,7 +537,14 @@ fn bearer_token_auth_against_real_registry() {
     ));
     let secrets = tempfile::tempdir().unwrap();
     let auth_file = secrets.path().join("auth.json");
-    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#, locked.addr())).unwrap();
+    std::fs::write(
+        &auth_file,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#,
+            locked.addr()
+        ),
+    )
+    .unwrap();
     let root = tempfile::tempdir().unwrap();
     lazylayer_json(root.path(), &["pull", &image_ref(&open, "busybox")]);
     let dst = format!("{}/private/busybox:latest", locked.addr());
@@ -537,5 +582,9 @@ fn bearer_token_auth_against_real_registry() {
         .output()
         .unwrap();
     assert!(!anon.status.success());
-    assert!(stderr(&anon).contains("access denied") || stderr(&anon).contains("401"), "{}", stderr(&anon));
+    assert!(
+        stderr(&anon).contains("access denied") || stderr(&anon).contains("401"),
+        "{}",
+        stderr(&anon)
+    );
 }

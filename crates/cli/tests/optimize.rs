@@ -346,16 +346,17 @@ fn root_ctrl_c_during_optimize_stops_and_cleans_up() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while mounts_below(root.path()).len() < 2 {
-        assert!(std::time::Instant::now() < deadline, "workload did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    rustix::process::kill_process(rustix::process::Pid::from_raw(child.id() as i32).unwrap(), rustix::process::Signal::INT).unwrap();
+    interrupt_when_mounted(&child, root.path(), 2);
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_clean(root.path());
-    assert!(!lazylayer(root.path(), &["inspect", &dst]).status.success(), "nothing pushed");
+    assert!(
+        !lazylayer(root.path(), &["inspect", &dst]).status.success(),
+        "nothing pushed"
+    );
 }

@@ -438,25 +438,7 @@ fn root_ctrl_c_stops_the_container_and_cleans_up() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until the container runs.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !root
-        .path()
-        .join("containers")
-        .read_dir()
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false)
-        || mounts_below(root.path()).len() < 2
-    {
-        assert!(Instant::now() < deadline, "container did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
+    interrupt_when_mounted(&child, root.path(), 2);
     let out = child.wait_with_output().unwrap();
     assert_ne!(
         out.status.code(),

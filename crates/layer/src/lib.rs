@@ -51,6 +51,7 @@ mod extract;
 pub mod index;
 mod path;
 mod writer;
+mod xattr;
 
 pub use compression::{decoder, Compression};
 pub use error::LayerError;

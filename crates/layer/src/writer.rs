@@ -1,6 +1,7 @@
 //! Deterministic layer writer: the same tree appended in the same order gives
 //! byte-identical blobs, so a rebuilt boot layer keeps its digest.
 
+use crate::xattr::read_sized;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::File;
@@ -484,26 +485,6 @@ fn read_xattrs(path: &Path) -> Result<Xattrs, LayerError> {
     }
     out.sort();
     Ok(out)
-}
-
-/// Call an xattr syscall with a growing buffer until it fits. (rustix caps
-/// the result at the buffer length, so a zero-length size probe reports 0.)
-fn read_sized(
-    mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
-) -> rustix::io::Result<Vec<u8>> {
-    // Linux caps both a value and a name list at 64 KiB.
-    const MAX: usize = 1 << 16;
-    let mut buf = vec![0u8; 1024];
-    loop {
-        match call(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(Errno::RANGE) if buf.len() < MAX => buf.resize(buf.len() * 4, 0),
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// A writer that hashes and counts what passes through.

@@ -8,6 +8,7 @@ pub mod push;
 pub mod rm;
 pub mod rmi;
 pub mod run;
+pub mod snapshotter;
 pub mod status;
 
 use anyhow::{Context, Result};

@@ -12,6 +12,7 @@
 //! stack is every layer: like the kernel, an opaque marker on a layer's root
 //! is ignored.
 
+use crate::xattr::read_sized;
 use std::collections::{btree_map, BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io;
@@ -485,25 +486,6 @@ fn read_xattrs(src: XattrSource<'_>) -> Result<Xattrs, XattrFault> {
     }
     out.sort();
     Ok(out)
-}
-
-/// Call an xattr syscall with a growing buffer until the result fits.
-fn read_sized(
-    mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
-) -> rustix::io::Result<Vec<u8>> {
-    // Linux caps both a value and a name list at 64 KiB.
-    const MAX: usize = 1 << 16;
-    let mut buf = vec![0u8; 256];
-    loop {
-        match call(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(Errno::RANGE) if buf.len() < MAX => buf.resize(buf.len() * 4, 0),
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 #[cfg(test)]

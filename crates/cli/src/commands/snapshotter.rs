@@ -1,0 +1,46 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use lazylayer_snapshotter::{grpc, Images, Snapshotter};
+
+use crate::context::GlobalArgs;
+
+/// Serve containerd's snapshots API on a unix socket: a remote snapshotter
+/// that claims lazylayer-optimized images' layers (nothing downloaded by
+/// containerd) and mounts them lazily; other images get overlayfs snapshots.
+/// Plug it in with `[proxy_plugins.lazylayer] type = "snapshot" address = SOCK`.
+/// State (snapshot metadata and directories) lives in `<root>/snapshotter/`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Unix socket to serve on
+    #[arg(long, default_value = "/run/lazylayer/snapshotter.sock")]
+    pub address: PathBuf,
+}
+
+pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
+    let store = g.store()?;
+    let client = Arc::new(g.client()?);
+    let dir = g.root.join("snapshotter");
+    let sn = Snapshotter::open(&dir, Some(Images::new(store, client)))
+        .with_context(|| format!("opening the snapshotter state in {}", dir.display()))?;
+    let shutdown = async {
+        // SIGTERM (service managers, tests) as well as Ctrl-C: unmount the
+        // lazy roots and remove the socket on the way out.
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    grpc::serve(Arc::new(sn), &a.address, shutdown)
+        .await
+        .with_context(|| format!("serving the snapshotter on {}", a.address.display()))
+}

@@ -1,0 +1,446 @@
+//! `lazylayer snapshotter` behind the real containerd 1.6 (proxy plugin):
+//! pulls, runs, snapshot commands and restarts through `ctr`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `lazylayer snapshotter` as a child process, killed on drop.
+struct Snapshotterd {
+    root: PathBuf,
+    sock: PathBuf,
+    child: Option<Child>,
+}
+
+impl Snapshotterd {
+    fn start(root: &Path) -> Snapshotterd {
+        let mut s = Snapshotterd {
+            root: root.to_path_buf(),
+            sock: root.join("snapshotter.sock"),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.join("snapshotter.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+            .arg("--root")
+            .arg(&self.root)
+            .arg("snapshotter")
+            .arg("--address")
+            .arg(&self.sock)
+            .env("RUST_LOG", "lazylayer_snapshotter=debug,info,fuser=off")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "snapshotter did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// SIGKILL: the harshest restart, nothing flushed on the way out.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn proxy_toml(&self) -> String {
+        format!(
+            "[proxy_plugins.lazylayer]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+            self.sock.display()
+        )
+    }
+}
+
+impl Drop for Snapshotterd {
+    fn drop(&mut self) {
+        self.kill();
+        unmount_below(&self.root);
+        if std::thread::panicking() {
+            eprintln!("--- snapshotter log ---\n{}", self.log());
+        }
+    }
+}
+
+fn skip_reason() -> Option<&'static str> {
+    if !is_root() {
+        return Some("needs root (containerd, mounts)");
+    }
+    for tool in ["containerd", "ctr", "runc"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            return Some("containerd, ctr or runc is not installed");
+        }
+    }
+    None
+}
+
+/// `ctr` with retries: after a snapshotter restart containerd's gRPC client
+/// reconnects with backoff, and the first calls may fail as unavailable.
+fn ctr_retry(cd: &Containerd, args: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cd.ctr().args(args).output().unwrap();
+        if out.status.success() {
+            return String::from_utf8(out.stdout).unwrap();
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            Instant::now() < deadline,
+            "ctr {args:?} kept failing: {err}"
+        );
+        eprintln!("ctr {args:?} failed, retrying: {err}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Snapshot lines of `ctr snapshots ls` as (key, parent, kind).
+fn snapshots_ls(cd: &Containerd) -> Vec<(String, String, String)> {
+    cd.ok(&["snapshots", "--snapshotter", "lazylayer", "ls"])
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [k, kind] => (k.to_string(), String::new(), kind.to_string()),
+                [k, p, kind] => (k.to_string(), p.to_string(), kind.to_string()),
+                _ => panic!("unexpected ctr snapshots ls line {l:?}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn plain_image_pull_run_snapshot_commands_and_restart() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let image = image_ref(&reg, "busybox");
+    let root = tempfile::tempdir().unwrap();
+    let mut sn = Snapshotterd::start(root.path());
+    let cd = Containerd::start_with(&sn.proxy_toml());
+
+    // (a) Pull (Prepare + Commit of each layer) and run (Prepare, Mounts, Remove).
+    cd.ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazylayer",
+        &image,
+    ]);
+    let out = cd.ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazylayer",
+        &image,
+        "c1",
+        "sh",
+        "-c",
+        "echo hello from lazylayer; echo written > /tmp/f; cat /tmp/f",
+    ]);
+    assert_eq!(out.replace('\r', ""), "hello from lazylayer\nwritten\n");
+    // The layer was unpacked into a directory of ours, by containerd.
+    let meta = std::fs::read_to_string(root.path().join("snapshotter/metadata.json")).unwrap();
+    assert!(meta.contains("\"committed\""), "{meta}");
+
+    // (b) ctr snapshots ls / info / prepare / mounts / rm.
+    let snaps = snapshots_ls(&cd);
+    let (top, _, kind) = snaps
+        .iter()
+        .find(|(_, _, k)| k == "Committed")
+        .cloned()
+        .unwrap_or_else(|| panic!("no committed snapshot in {snaps:?}"));
+    assert_eq!(kind, "Committed");
+    let info = cd.ok(&["snapshots", "--snapshotter", "lazylayer", "info", &top]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["Kind"], "Committed", "{info}");
+    assert_eq!(info["Name"], top.as_str());
+
+    cd.ok(&[
+        "snapshots",
+        "--snapshotter",
+        "lazylayer",
+        "prepare",
+        "scratch",
+        &top,
+    ]);
+    let mounts = cd.ok(&[
+        "snapshots",
+        "--snapshotter",
+        "lazylayer",
+        "mounts",
+        "/mnt",
+        "scratch",
+    ]);
+    assert!(
+        mounts.contains("overlay") && mounts.contains("lowerdir="),
+        "{mounts}"
+    );
+    let usage = cd.ok(&[
+        "snapshots",
+        "--snapshotter",
+        "lazylayer",
+        "usage",
+        "scratch",
+    ]);
+    assert!(usage.contains("scratch"), "{usage}");
+    assert!(snapshots_ls(&cd)
+        .iter()
+        .any(|(k, p, kind)| k == "scratch" && p == &top && kind == "Active"));
+    // A parent with a child cannot go.
+    let out = cd
+        .ctr()
+        .args(["snapshots", "--snapshotter", "lazylayer", "rm", &top])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "removing a parent must fail");
+    cd.ok(&["snapshots", "--snapshotter", "lazylayer", "rm", "scratch"]);
+    assert!(!snapshots_ls(&cd).iter().any(|(k, _, _)| k == "scratch"));
+
+    // (c) A restarted snapshotter keeps its metadata: the image still runs.
+    sn.restart();
+    let out = ctr_retry(
+        &cd,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazylayer",
+            &image,
+            "c2",
+            "echo",
+            "after restart",
+        ],
+    );
+    assert_eq!(out.replace('\r', ""), "after restart\n");
+    let info = ctr_retry(
+        &cd,
+        &["snapshots", "--snapshotter", "lazylayer", "info", &top],
+    );
+    assert!(info.contains("Committed"), "{info}");
+    drop(cd);
+}
+
+/// The remote path through the snapshotter's own gRPC API, as containerd's
+/// metadata layer drives it when the CRI labels are present: every layer of
+/// an optimized image is claimed (AlreadyExists, committed, no directory),
+/// a container on the top layer gets an overlay on the image's lazy root,
+/// and a plain image's layer is an ordinary active snapshot.
+#[test]
+fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
+    use lazylayer_snapshotter::proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
+    use std::collections::HashMap;
+
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer"]);
+    let src = image_ref(&reg, "multilayer");
+    let dst = format!("{}/optimized/multilayer:boot", reg.addr());
+    let opt_root = tempfile::tempdir().unwrap();
+    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
+    let opt = lazylayer_json(opt_root.path(), &["inspect", &dst]);
+    let plain = lazylayer_json(opt_root.path(), &["inspect", &src]);
+    let digests = |v: &serde_json::Value| -> Vec<String> {
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (opt_layers, plain_layers) = (digests(&opt), digests(&plain));
+    let manifest = opt["digest"].as_str().unwrap().to_string();
+    assert!(opt_layers.len() >= 3, "{opt}");
+
+    // Registry requests from here on are the snapshotter's (optimize pulled SRC).
+    let log_start = reg.log().len();
+    let gets_since = |digest: &str| {
+        reg.log()[log_start..]
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest}")))
+            .count()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let sn = Snapshotterd::start(root.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut client = rt.block_on(async {
+        SnapshotsClient::new(
+            lazylayer_snapshotter::grpc::connect(&sn.sock)
+                .await
+                .unwrap(),
+        )
+    });
+    let labels =
+        |target: &str, image: &str, manifest: &str, layer: &str| -> HashMap<String, String> {
+            [
+                ("containerd.io/snapshot.ref", target),
+                ("containerd.io/snapshot/cri.image-ref", image),
+                ("containerd.io/snapshot/cri.manifest-digest", manifest),
+                ("containerd.io/snapshot/cri.layer-digest", layer),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+        };
+    let prepare = |client: &mut SnapshotsClient<_>, key: &str, parent: &str, labels| {
+        rt.block_on(client.prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "lazylayer".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels,
+        }))
+    };
+
+    // Claim every layer, bottom first, as containerd's unpacker would.
+    let mut parent = String::new();
+    for (i, layer) in opt_layers.iter().enumerate() {
+        let target = format!("chain-{i}");
+        let err = prepare(
+            &mut client,
+            &format!("extract-{i}"),
+            &parent,
+            labels(&target, &dst, &manifest, layer),
+        )
+        .expect_err("an optimized image's layer must be claimed");
+        assert_eq!(
+            err.code(),
+            lazylayer_snapshotter::tonic::Code::AlreadyExists,
+            "{err:?}"
+        );
+        let info = rt
+            .block_on(client.stat(pb::StatSnapshotRequest {
+                snapshotter: "lazylayer".into(),
+                key: target.clone(),
+            }))
+            .unwrap()
+            .into_inner()
+            .info
+            .unwrap();
+        assert_eq!(info.kind, pb::Kind::Committed as i32);
+        assert_eq!(info.parent, parent);
+        assert_eq!(info.labels["containerd.io/snapshot.ref"], target);
+        parent = target;
+    }
+    // Only manifest, config and the boot layer came from the registry.
+    let boot = opt_layers.last().unwrap();
+    assert_eq!(gets_since(boot), 1);
+    for l in &opt_layers[..opt_layers.len() - 1] {
+        assert_eq!(gets_since(l), 0, "layer {l} fetched before any container");
+    }
+
+    // A container on the top layer: an overlay whose lower is the lazy root.
+    let mounts = prepare(&mut client, "ctr", &parent, HashMap::new())
+        .unwrap()
+        .into_inner()
+        .mounts;
+    let lazy = root
+        .path()
+        .join("snapshotter/lazy")
+        .join(manifest.strip_prefix("sha256:").unwrap());
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].r#type, "overlay");
+    assert!(
+        mounts[0]
+            .options
+            .contains(&format!("lowerdir={}", lazy.display())),
+        "{mounts:?}"
+    );
+    assert!(mounts_below(&lazy).len() == 1, "the lazy root is mounted");
+    let target = root.path().join("rootfs");
+    std::fs::create_dir(&target).unwrap();
+    let st = Command::new("mount")
+        .args([
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &mounts[0].options.join(","),
+        ])
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let m = Mount(target.clone());
+    // The image's own command reads through the lazy root (files of lower
+    // layers arrive on demand) and writes go to the upper dir.
+    let out = Command::new("chroot")
+        .arg(&target)
+        .args([
+            "/bin/sh",
+            "-c",
+            "cat /data/keep/a.txt; ls /data/opq; echo x > /new",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty());
+    assert!(target.join("new").exists());
+    drop(m);
+    rt.block_on(client.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "lazylayer".into(),
+        key: "ctr".into(),
+    }))
+    .unwrap();
+    assert!(
+        mounts_below(&lazy).is_empty(),
+        "the lazy root goes with its last user"
+    );
+
+    // A plain image's layer is prepared normally (containerd then applies it).
+    let plain_manifest = plain["digest"].as_str().unwrap().to_string();
+    let mounts = prepare(
+        &mut client,
+        "plain-extract",
+        "",
+        labels("plain-0", &src, &plain_manifest, &plain_layers[0]),
+    )
+    .expect("a plain layer gets an active snapshot")
+    .into_inner()
+    .mounts;
+    assert_eq!(mounts[0].r#type, "bind");
+}

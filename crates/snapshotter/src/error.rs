@@ -1,0 +1,44 @@
+use std::path::PathBuf;
+
+/// What went wrong, with the snapshot or path it concerns. Each variant maps
+/// to the gRPC status containerd expects (see `grpc::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {0:?} does not exist")]
+    NotFound(String),
+    #[error("snapshot {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("snapshot {key:?}: {reason}")]
+    FailedPrecondition { key: String, reason: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{what} ({path})")]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot metadata {path}")]
+    Metadata {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("image {image}")]
+    Image {
+        image: String,
+        #[source]
+        source: lazylayer_fetch::FetchError,
+    },
+}
+
+pub type Result<T, E = SnapshotError> = std::result::Result<T, E>;
+
+pub(crate) fn io(
+    what: impl Into<String>,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let (what, path) = (what.into(), path.to_path_buf());
+    move |source| SnapshotError::Io { what, path, source }
+}

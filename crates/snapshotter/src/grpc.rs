@@ -1,0 +1,247 @@
+//! containerd's `Snapshots` gRPC service over a unix socket: type conversions
+//! and status codes only; the logic is in [`Snapshotter`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::{io, Result, SnapshotError};
+use crate::proto::snapshots as pb;
+use crate::proto::snapshots::snapshots_server::{Snapshots as SnapshotsApi, SnapshotsServer};
+use crate::proto::types as pbt;
+use crate::remote::{error_chain, Snapshotter};
+use crate::snapshots::{Info, Kind, Mount, Time};
+
+/// The status containerd maps back to its errdefs (NotFound, AlreadyExists...).
+pub fn status(e: SnapshotError) -> Status {
+    let msg = error_chain(&e);
+    match e {
+        SnapshotError::NotFound(_) => Status::not_found(msg),
+        SnapshotError::AlreadyExists(_) => Status::already_exists(msg),
+        SnapshotError::FailedPrecondition { .. } => Status::failed_precondition(msg),
+        SnapshotError::InvalidArgument(_) => Status::invalid_argument(msg),
+        SnapshotError::Image { .. } => Status::unavailable(msg),
+        SnapshotError::Io { .. } | SnapshotError::Metadata { .. } => Status::internal(msg),
+    }
+}
+
+fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+fn mounts(v: Vec<Mount>) -> Vec<pbt::Mount> {
+    v.into_iter()
+        .map(|m| pbt::Mount {
+            r#type: m.fstype,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
+        .collect()
+}
+
+fn ts(t: Time) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.secs,
+        nanos: t.nanos,
+    }
+}
+
+fn to_pb(i: Info) -> pb::Info {
+    pb::Info {
+        name: i.name,
+        parent: i.parent.unwrap_or_default(),
+        kind: match i.kind {
+            Kind::View => pb::Kind::View,
+            Kind::Active => pb::Kind::Active,
+            Kind::Committed => pb::Kind::Committed,
+        } as i32,
+        created_at: Some(ts(i.created)),
+        updated_at: Some(ts(i.updated)),
+        labels: i.labels.into_iter().collect(),
+    }
+}
+
+fn from_pb(i: pb::Info) -> Info {
+    let t = |t: Option<prost_types::Timestamp>| {
+        t.map_or(Time { secs: 0, nanos: 0 }, |t| Time {
+            secs: t.seconds,
+            nanos: t.nanos,
+        })
+    };
+    Info {
+        name: i.name,
+        parent: (!i.parent.is_empty()).then_some(i.parent),
+        kind: match pb::Kind::try_from(i.kind) {
+            Ok(pb::Kind::View) => Kind::View,
+            Ok(pb::Kind::Active) => Kind::Active,
+            _ => Kind::Committed,
+        },
+        created: t(i.created_at),
+        updated: t(i.updated_at),
+        labels: labels(i.labels),
+    }
+}
+
+pub struct Service(pub Arc<Snapshotter>);
+
+type R<T> = std::result::Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl SnapshotsApi for Service {
+    async fn prepare(
+        &self,
+        r: Request<pb::PrepareSnapshotRequest>,
+    ) -> R<pb::PrepareSnapshotResponse> {
+        let r = r.into_inner();
+        tracing::debug!(key = %r.key, parent = %r.parent, labels = ?r.labels, "Prepare");
+        let m = self
+            .0
+            .prepare(&r.key, &r.parent, labels(r.labels))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::PrepareSnapshotResponse {
+            mounts: mounts(m),
+        }))
+    }
+
+    async fn view(&self, r: Request<pb::ViewSnapshotRequest>) -> R<pb::ViewSnapshotResponse> {
+        let r = r.into_inner();
+        tracing::debug!(key = %r.key, parent = %r.parent, "View");
+        let m = self
+            .0
+            .view(&r.key, &r.parent, labels(r.labels))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ViewSnapshotResponse {
+            mounts: mounts(m),
+        }))
+    }
+
+    async fn mounts(&self, r: Request<pb::MountsRequest>) -> R<pb::MountsResponse> {
+        let m = self.0.mounts(&r.into_inner().key).await.map_err(status)?;
+        Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
+    }
+
+    async fn commit(&self, r: Request<pb::CommitSnapshotRequest>) -> R<()> {
+        let r = r.into_inner();
+        tracing::debug!(key = %r.key, name = %r.name, "Commit");
+        self.0
+            .commit(&r.name, &r.key, labels(r.labels))
+            .map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(&self, r: Request<pb::RemoveSnapshotRequest>) -> R<()> {
+        let key = r.into_inner().key;
+        tracing::debug!(%key, "Remove");
+        self.0.remove(&key).await.map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(&self, r: Request<pb::StatSnapshotRequest>) -> R<pb::StatSnapshotResponse> {
+        let i = self.0.stat(&r.into_inner().key).map_err(status)?;
+        Ok(Response::new(pb::StatSnapshotResponse {
+            info: Some(to_pb(i)),
+        }))
+    }
+
+    async fn update(&self, r: Request<pb::UpdateSnapshotRequest>) -> R<pb::UpdateSnapshotResponse> {
+        let r = r.into_inner();
+        let info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without info"))?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let i = self.0.update(&from_pb(info), &paths).map_err(status)?;
+        Ok(Response::new(pb::UpdateSnapshotResponse {
+            info: Some(to_pb(i)),
+        }))
+    }
+
+    type ListStream =
+        Pin<Box<dyn Stream<Item = std::result::Result<pb::ListSnapshotsResponse, Status>> + Send>>;
+
+    /// Every snapshot, in batches. Filters are not applied: containerd's
+    /// callers (the metadata store's remote-snapshot lookup) check each
+    /// result themselves, and `ctr snapshots ls` reads containerd's own db.
+    async fn list(&self, _r: Request<pb::ListSnapshotsRequest>) -> R<Self::ListStream> {
+        let all: Vec<pb::Info> = self.0.list().into_iter().map(to_pb).collect();
+        let batches: Vec<_> = all
+            .chunks(100)
+            .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn usage(&self, r: Request<pb::UsageRequest>) -> R<pb::UsageResponse> {
+        let u = self.0.usage(&r.into_inner().key).map_err(status)?;
+        Ok(Response::new(pb::UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
+    }
+
+    async fn cleanup(&self, _r: Request<pb::CleanupRequest>) -> R<()> {
+        let n = self.0.cleanup().map_err(status)?;
+        tracing::debug!(removed = n, "Cleanup");
+        Ok(Response::new(()))
+    }
+}
+
+/// Serve `snapshotter` on the unix socket `address` until `shutdown` resolves,
+/// then unmount its lazy roots.
+pub async fn serve(
+    snapshotter: Arc<Snapshotter>,
+    address: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    if let Some(d) = address.parent() {
+        std::fs::create_dir_all(d).map_err(io("creating the socket's directory", d))?;
+    }
+    // A socket file left by a previous run would make bind fail.
+    match std::fs::remove_file(address) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("removing the old socket", address)(e))
+        }
+        _ => {}
+    }
+    let listener =
+        tokio::net::UnixListener::bind(address).map_err(io("listening on the socket", address))?;
+    tracing::info!(address = %address.display(), "snapshotter serving");
+    let res = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(Service(snapshotter.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    snapshotter.shutdown().await;
+    let _ = std::fs::remove_file(address);
+    res.map_err(|e| SnapshotError::Io {
+        what: format!("serving gRPC: {e}"),
+        path: address.to_path_buf(),
+        source: std::io::Error::other(e),
+    })
+}
+
+/// A gRPC channel to a unix socket (a snapshotter's or containerd's).
+pub async fn connect(
+    socket: &Path,
+) -> std::result::Result<tonic::transport::Channel, tonic::transport::Error> {
+    let socket = socket.to_path_buf();
+    // The URI is required by the API but unused: the connector decides.
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+}

@@ -1,0 +1,339 @@
+//! The snapshotter proper: [`Snapshots`] plus optimized images, which it
+//! claims as remote snapshots on Prepare and serves through one lazy FUSE
+//! mount per image while containers use it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, OpenError};
+use lazylayer_fs::{FsMount, FsOptions};
+use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_store::Store;
+use tokio::sync::Mutex;
+
+use crate::error::{io, Result, SnapshotError};
+use crate::snapshots::{Info, Kind, Mount, RemoteLayer, Snapshots, Usage, LABEL_TARGET_REF};
+
+/// Labels the CRI plugin (or `lazylayer containerd pull`) puts on a layer's
+/// Prepare, naming the image and layer it unpacks.
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const LABEL_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+
+/// Optimized images, resolved from the registry into the lazylayer store.
+pub struct Images {
+    store: Store,
+    client: Arc<RegistryClient>,
+    /// manifest digest → the opened image, or None for a plain one. One
+    /// lock for all: it also keeps two layers of one image from opening
+    /// (fetching the boot layer) twice.
+    opened: Mutex<HashMap<String, Option<Arc<LazyImage>>>>,
+}
+
+impl Images {
+    pub fn new(store: Store, client: Arc<RegistryClient>) -> Images {
+        Images {
+            store,
+            client,
+            opened: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The image `image_ref` pinned at `manifest_digest`, opened lazily
+    /// (manifest, config and boot layer fetched); None when it has no boot layer.
+    pub async fn open(
+        &self,
+        image_ref: &str,
+        manifest_digest: &str,
+    ) -> Result<Option<Arc<LazyImage>>> {
+        let mut opened = self.opened.lock().await;
+        if let Some(o) = opened.get(manifest_digest) {
+            return Ok(o.clone());
+        }
+        let err = |source: FetchError| SnapshotError::Image {
+            image: format!("{image_ref}@{manifest_digest}"),
+            source,
+        };
+        let mut reference: Reference = image_ref.parse().map_err(|e| err(FetchError::Oci(e)))?;
+        let digest: Digest = manifest_digest
+            .parse()
+            .map_err(|e| err(FetchError::Oci(e)))?;
+        reference.digest = Some(digest);
+        let o = match LazyImage::open(
+            &self.store,
+            self.client.clone(),
+            &reference,
+            FetchOptions::default(),
+        )
+        .await
+        {
+            Ok(img) => Some(Arc::new(img)),
+            Err(OpenError::NoBootLayer(_)) => None,
+            Err(OpenError::Failed(e)) => return Err(err(e)),
+        };
+        opened.insert(manifest_digest.to_string(), o.clone());
+        Ok(o)
+    }
+
+    /// The remote layer a Prepare with these labels asks for, if its image
+    /// is optimized and has that layer.
+    async fn claim(&self, c: &Claim) -> Result<Option<RemoteLayer>> {
+        let Some(img) = self.open(&c.image_ref, &c.manifest_digest).await? else {
+            return Ok(None);
+        };
+        let layers = &img.record.layers;
+        let Some(i) = layers
+            .iter()
+            .position(|l| l.digest.to_string() == c.layer_digest)
+        else {
+            tracing::warn!(image = %c.image_ref, layer = %c.layer_digest, "the image has no such layer; not claiming it");
+            return Ok(None);
+        };
+        Ok(Some(RemoteLayer {
+            image_ref: c.image_ref.clone(),
+            manifest_digest: c.manifest_digest.clone(),
+            layer_digest: c.layer_digest.clone(),
+            top: i + 1 == layers.len(),
+        }))
+    }
+}
+
+/// What a Prepare's labels ask for when they name an image layer.
+struct Claim {
+    target: String,
+    image_ref: String,
+    manifest_digest: String,
+    layer_digest: String,
+}
+
+impl Claim {
+    fn from_labels(labels: &BTreeMap<String, String>) -> Option<Claim> {
+        let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
+        Some(Claim {
+            target: get(LABEL_TARGET_REF)?,
+            image_ref: get(LABEL_IMAGE_REF)?,
+            manifest_digest: get(LABEL_MANIFEST_DIGEST)?,
+            layer_digest: get(LABEL_LAYER_DIGEST)?,
+        })
+    }
+}
+
+pub struct Snapshotter {
+    snapshots: Snapshots,
+    images: Option<Images>,
+    /// manifest digest → its lazy mount. The lock is held across "mount, then
+    /// record the snapshot" and "remove, then maybe unmount", so a mount is
+    /// never dropped under a snapshot being created on it.
+    mounts: Mutex<HashMap<String, (Arc<LazyImage>, FsMount)>>,
+}
+
+impl Snapshotter {
+    /// Open the snapshotter's state in `dir`. Without `images`, nothing is
+    /// claimed remotely (a plain overlayfs snapshotter).
+    pub fn open(dir: &Path, images: Option<Images>) -> Result<Snapshotter> {
+        let snapshots = Snapshots::open(dir)?;
+        // Our FUSE mounts die with the process that served them; a restart
+        // finds them dead (ENOTCONN). Detach them so they can be mounted anew.
+        detach_mounts_below(&dir.join("lazy"));
+        Ok(Snapshotter {
+            snapshots,
+            images,
+            mounts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.snapshots
+    }
+
+    pub async fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if let (Some(images), Some(claim)) = (&self.images, Claim::from_labels(&labels)) {
+            if self.snapshots.exists(&claim.target) {
+                return Err(SnapshotError::AlreadyExists(claim.target));
+            }
+            match images.claim(&claim).await {
+                Ok(Some(remote)) => {
+                    tracing::info!(target = %claim.target, image = %claim.image_ref, layer = %claim.layer_digest, top = remote.top, "claimed a layer as remote");
+                    self.snapshots
+                        .commit_remote(&claim.target, parent, labels, remote)?;
+                    // containerd's answer for "the target exists": it then
+                    // finds our committed snapshot and downloads nothing.
+                    return Err(SnapshotError::AlreadyExists(claim.target));
+                }
+                Ok(None) => {}
+                // containerd can still download the layer itself.
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "cannot resolve the image; preparing a plain snapshot")
+                }
+            }
+        }
+        self.create(Kind::Active, key, parent, labels).await
+    }
+
+    pub async fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels).await
+    }
+
+    async fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let mut mounts = self.mounts.lock().await;
+        if let Some(r) = self.snapshots.remote_top_of(parent) {
+            self.ensure_mounted(&mut mounts, &r).await?;
+        }
+        self.snapshots.create(kind, key, parent, labels)
+    }
+
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        // After a restart the lazy root is mounted again on first need.
+        if let Some(r) = self.snapshots.remote_top_under(key) {
+            let mut mounts = self.mounts.lock().await;
+            self.ensure_mounted(&mut mounts, &r).await?;
+        }
+        self.snapshots.mounts(key)
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        self.snapshots.commit(name, key, labels)
+    }
+
+    pub async fn remove(&self, key: &str) -> Result<()> {
+        let mut mounts = self.mounts.lock().await;
+        if let Some(r) = self.snapshots.remove(key)? {
+            if self.snapshots.lazy_users(&r.manifest_digest) == 0 {
+                if let Some((img, m)) = mounts.remove(&r.manifest_digest) {
+                    release(self.images.as_ref(), &img, m, &r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        self.snapshots.stat(key)
+    }
+
+    pub fn update(&self, info: &Info, paths: &[String]) -> Result<Info> {
+        self.snapshots.update(info, paths)
+    }
+
+    pub fn list(&self) -> Vec<Info> {
+        self.snapshots.list()
+    }
+
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        self.snapshots.usage(key)
+    }
+
+    pub fn cleanup(&self) -> Result<usize> {
+        self.snapshots.cleanup()
+    }
+
+    /// Unmount every lazy root (at shutdown).
+    pub async fn shutdown(&self) {
+        let mut mounts = self.mounts.lock().await;
+        for (digest, (img, m)) in mounts.drain() {
+            let r = RemoteLayer {
+                image_ref: img.reference.to_string(),
+                manifest_digest: digest,
+                layer_digest: String::new(),
+                top: true,
+            };
+            release(self.images.as_ref(), &img, m, &r);
+        }
+    }
+
+    async fn ensure_mounted(
+        &self,
+        mounts: &mut HashMap<String, (Arc<LazyImage>, FsMount)>,
+        r: &RemoteLayer,
+    ) -> Result<()> {
+        if mounts.contains_key(&r.manifest_digest) {
+            return Ok(());
+        }
+        let precondition = |reason: String| SnapshotError::FailedPrecondition {
+            key: r.layer_digest.clone(),
+            reason,
+        };
+        let images = self.images.as_ref().ok_or_else(|| {
+            precondition("a remote layer, and this snapshotter has no registry access".into())
+        })?;
+        let img = images
+            .open(&r.image_ref, &r.manifest_digest)
+            .await?
+            .ok_or_else(|| precondition(format!("{} no longer has a boot layer", r.image_ref)))?;
+        let dir = self.snapshots.lazy_dir(&r.manifest_digest);
+        std::fs::create_dir_all(&dir).map_err(io("creating the lazy mount point", &dir))?;
+        let m = img
+            .mount(&dir, FsOptions::default())
+            .map_err(|source| SnapshotError::Image {
+                image: r.image_ref.clone(),
+                source,
+            })?;
+        // The container starts from the boot layer; the rest follows.
+        img.fetcher.start_prefetch();
+        tracing::info!(image = %r.image_ref, dir = %dir.display(), "lazy root mounted");
+        mounts.insert(r.manifest_digest.clone(), (img, m));
+        Ok(())
+    }
+}
+
+/// Unmount an image's lazy root; when every layer arrived meanwhile, record
+/// the image in the store so `lazylayer run` and later mounts need no network.
+fn release(images: Option<&Images>, img: &LazyImage, m: FsMount, r: &RemoteLayer) {
+    if let Some(images) = images.filter(|_| img.fetcher.all_done()) {
+        if let Err(e) = images.store.save_image(&img.record) {
+            tracing::warn!(image = %r.image_ref, error = %e, "recording the fully fetched image");
+        }
+    }
+    if let Err(e) = m.unmount() {
+        tracing::warn!(image = %r.image_ref, error = %e, "unmounting the lazy root");
+    } else {
+        tracing::info!(image = %r.image_ref, "lazy root unmounted");
+    }
+}
+
+fn detach_mounts_below(dir: &Path) {
+    let prefix = format!("{}/", dir.display());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut targets: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|t| t.starts_with(&prefix))
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        match rustix::mount::unmount(t, rustix::mount::UnmountFlags::DETACH) {
+            Ok(()) => tracing::info!(mount = t, "detached a lazy mount left by a previous run"),
+            Err(e) => tracing::warn!(mount = t, error = %e, "detaching a stale lazy mount"),
+        }
+    }
+}
+
+/// An error with its causes, one line (for logs and gRPC messages).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
