@@ -11,6 +11,7 @@ PACKAGES=(
   containerd        # containerd + ctr, the other peer
   fuse-overlayfs    # benchmark peer
   apache2-utils     # htpasswd: a registry with Basic auth in tests
+  protobuf-compiler libprotobuf-dev  # protoc + google/protobuf/*.proto: the snapshotter's gRPC codegen
   curl jq bc openssl iproute2 util-linux python3 ca-certificates
 )
 

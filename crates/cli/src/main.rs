@@ -42,6 +42,8 @@ enum Command {
     Rm(commands::rm::Args),
     /// Show a container's per-layer fetch progress
     Status(commands::status::Args),
+    /// Serve optimized images to Podman lazily (containers-storage additional layer store)
+    Store(commands::store::Args),
     /// Show an image's manifest and config summary (from the registry)
     Inspect(commands::inspect::Args),
     /// List the images in the store
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
             Command::Ps(a) => commands::ps::run(&cli.global, a),
             Command::Rm(a) => commands::rm::run(&cli.global, a),
             Command::Status(a) => commands::status::run(&cli.global, a),
+            Command::Store(a) => commands::store::run(&cli.global, a).await,
             Command::Inspect(a) => commands::inspect::run(&cli.global, a).await,
             Command::Images(a) => commands::images::run(&cli.global, a),
             Command::Optimize(a) => commands::optimize::run(&cli.global, a).await,

@@ -29,7 +29,7 @@ pub enum SnapshotError {
     Image {
         image: String,
         #[source]
-        source: lazylayer_fetch::FetchError,
+        source: Box<lazylayer_fetch::FetchError>,
     },
 }
 

@@ -54,7 +54,7 @@ impl Images {
         }
         let err = |source: FetchError| SnapshotError::Image {
             image: format!("{image_ref}@{manifest_digest}"),
-            source,
+            source: Box::new(source),
         };
         let mut reference: Reference = image_ref.parse().map_err(|e| err(FetchError::Oci(e)))?;
         let digest: Digest = manifest_digest
@@ -284,7 +284,7 @@ impl Snapshotter {
             .mount(&dir, FsOptions::default())
             .map_err(|source| SnapshotError::Image {
                 image: r.image_ref.clone(),
-                source,
+                source: Box::new(source),
             })?;
         // The container starts from the boot layer; the rest follows.
         img.fetcher.start_prefetch();

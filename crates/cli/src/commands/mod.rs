@@ -10,6 +10,7 @@ pub mod rmi;
 pub mod run;
 pub mod snapshotter;
 pub mod status;
+pub mod store;
 
 use anyhow::{Context, Result};
 use lazylayer_oci::{Platform, Reference};

@@ -1,0 +1,104 @@
+//! Podman (Debian's 4.3, unmodified) starting an optimized image lazily
+//! through `lazylayer store` (containers-storage's additional layer store).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let opt = tempfile::tempdir().unwrap();
+    let src = image_ref(&reg, "python3");
+    let dst = format!("{}/optimized/python3:lazy", reg.addr());
+    lazylayer_ok(opt.path(), &["optimize", &src, &dst]);
+    let insp = lazylayer_json(opt.path(), &["inspect", &src]);
+    let layers: Vec<String> = insp["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
+
+    let root = tempfile::tempdir().unwrap();
+    let als = tempfile::tempdir().unwrap();
+    let mut store = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(root.path())
+        .args(["store", "--prefetch", "off", "--dir"])
+        .arg(als.path())
+        .arg(&dst)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mounts_below(als.path()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "lazylayer store did not get ready"
+        );
+        assert!(
+            store.try_wait().unwrap().is_none(),
+            "lazylayer store exited early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let podman = Podman::new();
+    let opt_arg = format!("overlay.additionallayerstore={}:ref", als.path().display());
+    let pm = |args: &[&str]| {
+        let out = podman
+            .cmd()
+            .args(["--storage-opt", &opt_arg])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    pm(&["pull", "-q", "--tls-verify=false", &dst]);
+    let out = pm(&["run", "--rm", "--network=none", &dst]);
+    assert_eq!(
+        out, "ok\n",
+        "podman ran the image's own command on the lazy root"
+    );
+    for (d, b) in layers.iter().zip(&before) {
+        assert_eq!(
+            reg.blob_gets(d),
+            *b,
+            "layer {d} was downloaded; podman should have used the layer store"
+        );
+    }
+    // A file outside the boot layer still reads (fetched on demand by the store).
+    let out = pm(&[
+        "run",
+        "--rm",
+        "--network=none",
+        &dst,
+        "python3",
+        "-c",
+        "import sqlite3; print('sql')",
+    ]);
+    assert_eq!(out, "sql\n");
+
+    // Stopping the store undoes everything it set up.
+    let pid = rustix::process::Pid::from_raw(store.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert!(store.wait().unwrap().success());
+    assert!(mounts_below(als.path()).is_empty(), "bind mounts left");
+    assert!(mounts_below(root.path()).is_empty(), "FUSE mounts left");
+    assert!(
+        tree_listing(als.path()).is_empty(),
+        "layer store entries left: {:?}",
+        tree_listing(als.path())
+    );
+}
