@@ -486,11 +486,16 @@ def section1(b, addr, images, links, runs, skip, out):
                     if c == "lazylayer" and not opt_ref:
                         cc["na"] = "optimize failed"
                         continue
-                    res = b.cold(c, img, ref, opt_ref, timeout)
+                    try:
+                        res = b.cold(c, img, ref, opt_ref, timeout)
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                        res = {"ok": False, "error": str(e)[-600:], "bytes": None, "blob_gets": None}
+                        log(f"  {img} @ {link} {c}: FAILED: {res['error']}")
                     cc["runs"].append(res)
                     log(f"{img} @ {link} run {r + 1}/{runs} {c}: "
                         + (f"{res['ready']:.2f} s, {res['bytes'] / 1e6:.1f} MB" if res["ok"] else "failed"))
-                    if link == "loopback" and res["ok"] and c != "lazylayer-unopt":
+                    # Warm starts (for the floor) once per image, on the first link of the run.
+                    if link == links[0] and res["ok"] and c != "lazylayer-unopt":
                         w = b.start(c, img, ref, opt_ref, timeout, warm=True)
                         out["warm"].setdefault(img, {}).setdefault(c, []).append(
                             w.get("ready") if w["ok"] else None)

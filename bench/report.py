@@ -207,7 +207,7 @@ def markdown(d, seconds):
           + f" | {mb(info.get('boot_bytes'))}{share} |")
     w("")
     if d["warm"]:
-        w("Warm start (image already local, page cache warm; loopback runs, median):")
+        w("Warm start (image already local, page cache warm; measured on the run's first link, median):")
         w("")
         wc = ["podman", "containerd", "lazylayer"]
         w("| image | " + " | ".join(NAMES[c].replace(" pull +", "") for c in wc) + " |")
@@ -215,6 +215,16 @@ def markdown(d, seconds):
         for img, wd in d["warm"].items():
             w(f"| {img} | " + " | ".join(secs(med(wd.get(c, []))) if wd.get(c) else "n/a" for c in wc) + " |")
         w("")
+        ws = []
+        for img, wd in d["warm"].items():
+            ll = med(wd.get("lazylayer", []))
+            for c in ("podman", "containerd"):
+                o = med(wd.get(c, []))
+                if ll is not None and o is not None and ll > o:
+                    ws.append(f"{img} ({secs(ll)} vs {c} {secs(o)})")
+        if ws:
+            w("- Warm starts where lazylayer is slower: " + "; ".join(ws) + ".")
+            w("")
 
     # section 2 ------------------------------------------------------------------------
     fs = d.get("fs")
@@ -264,7 +274,7 @@ def markdown(d, seconds):
               + (": " + ", ".join(worse) if worse else "") + ".")
         if fs.get("lazylayer_registry_bytes") is not None:
             w(f"- Registry bytes during the lazylayer runs of this section: "
-              f"{mb(fs['lazylayer_registry_bytes'])} (manifest/config lookups only if every layer was local).")
+              f"{mb(fs['lazylayer_registry_bytes'])} (small or 0 when every layer came from the local store).")
         for n in fs.get("notes", []):
             w(f"- {n}")
         w("")

@@ -3,16 +3,17 @@
 # file-system overhead once every layer is local, and the cost of `optimize`.
 #
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
-#                     [--images LIST] [--links LIST] [--all-cells] [--no-fs]
+#                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
-#                 section on python3, 1 repetition. About 5-10 minutes.
+#                 section on python3, 1 repetition. ~7.5 min here (images cached).
 #   --runs N      cold runs per cell and contender (default 3; the median is reported)
 #   --out DIR     where latest.{json,md,png} go (default bench/results)
 #   --images L    comma list of busybox,minbase,python3,nginx,redis,gcc (default all)
 #   --links L     comma list of loopback,1gbit,100mbit,10mbit (default all)
 #   --all-cells   also run gcc at 10 Mbit (skipped by default: ~4 min per cold pull)
 #   --no-fs       skip section 2 (file-system overhead)
+#   --no-build    use the existing target/release/lazylayer (no cargo build)
 #
 # Needs root. Everything runs in a network namespace of its own (llbench-PID) whose
 # loopback is shaped with tc tbf; the registry, containerd and every client and
@@ -22,7 +23,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
-QUICK=0 RUNS= OUT=$ROOT/bench/results IMAGES= LINKS= ALL_CELLS=0 FS=1
+QUICK=0 RUNS= OUT=$ROOT/bench/results IMAGES= LINKS= ALL_CELLS=0 FS=1 BUILD=1
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -32,7 +33,8 @@ while (($#)); do
     --links) LINKS=$2; shift 2 ;;
     --all-cells) ALL_CELLS=1; shift ;;
     --no-fs) FS=0; shift ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    --no-build) BUILD=0; shift ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -66,9 +68,14 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-log "building lazylayer (release)"
-cargo build --release -q -p lazylayer --manifest-path "$ROOT/Cargo.toml"
 LL=$ROOT/target/release/lazylayer
+if ((BUILD)); then
+  log "building lazylayer (release)"
+  cargo build --release -q -p lazylayer --manifest-path "$ROOT/Cargo.toml"
+else
+  [[ -x $LL ]] || { log "--no-build: $LL does not exist"; exit 1; }
+  log "--no-build: using $LL as built $(date -r "$LL" -u +%Y-%m-%dT%H:%MZ)"
+fi
 
 # Images are built outside the namespace (debootstrap and apt need the mirror) and
 # cached; only the push happens inside.

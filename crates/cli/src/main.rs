@@ -58,6 +58,8 @@ enum Command {
     Prune(commands::prune::Args),
     /// Serve containerd's snapshots API (remote snapshotter for optimized images)
     Snapshotter(commands::snapshotter::Args),
+    /// Talk to containerd: `containerd pull` registers an optimized image lazily
+    Containerd(commands::containerd::Args),
 }
 
 static EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
             Command::Rmi(a) => commands::rmi::run(&cli.global, a),
             Command::Prune(a) => commands::prune::run(&cli.global, a),
             Command::Snapshotter(a) => commands::snapshotter::run(&cli.global, a).await,
+            Command::Containerd(a) => commands::containerd::run(&cli.global, a).await,
         }
     });
     match result {

@@ -444,3 +444,130 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     .mounts;
     assert_eq!(mounts[0].r#type, "bind");
 }
+
+/// `lazylayer containerd pull` registers an optimized image in containerd
+/// through containerd's own API: manifest and config in its content store,
+/// every layer claimed by the snapshotter (AlreadyExists, recorded committed
+/// under its chain ID), the image record on top. `ctr run` then starts the
+/// image's own command from the boot layer; nothing but the manifest, the
+/// config and the boot layer came from the registry for the pull.
+#[test]
+fn containerd_pull_registers_an_optimized_image_lazily() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let src = image_ref(&reg, "python3");
+    let dst = format!("{}/optimized/python3:boot", reg.addr());
+    let opt_root = tempfile::tempdir().unwrap();
+    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
+    let opt = lazylayer_json(opt_root.path(), &["inspect", &dst]);
+    let plain = lazylayer_json(opt_root.path(), &["inspect", &src]);
+    let digests = |v: &serde_json::Value| -> Vec<String> {
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (opt_layers, src_layers) = (digests(&opt), digests(&plain));
+    let boot = opt_layers.last().unwrap().clone();
+    assert!(!src_layers.contains(&boot));
+
+    let root = tempfile::tempdir().unwrap();
+    let sn = Snapshotterd::start(root.path());
+    let cd = Containerd::start_with(&sn.proxy_toml());
+
+    // Registry requests from here on: the pull's and the snapshotter's.
+    let log_start = reg.log().len();
+    let gets_since = |digest: &str| {
+        reg.log()[log_start..]
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest}")))
+            .count()
+    };
+    let sock = cd.socket();
+    let out = lazylayer_ok(
+        root.path(),
+        &[
+            "containerd",
+            "pull",
+            "--json",
+            "--address",
+            sock.to_str().unwrap(),
+            &dst,
+        ],
+    );
+    let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let chains: Vec<String> = rep["chain_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(chains.len(), opt_layers.len(), "{rep}");
+    assert_eq!(rep["manifest_digest"], opt["digest"], "{rep}");
+
+    // The pull fetched manifest and config (and the snapshotter the boot
+    // layer, once): no original layer.
+    assert_eq!(gets_since(&boot), 1, "the boot layer is fetched once");
+    for l in &src_layers {
+        assert_eq!(gets_since(l), 0, "layer {l} fetched by the pull");
+    }
+    let config = rep["config_digest"].as_str().unwrap();
+    assert!(gets_since(config) >= 1, "the config came from the registry");
+
+    // containerd knows the image and the committed chain.
+    let images = cd.ok(&["images", "ls", "-q"]);
+    assert!(images.lines().any(|l| l == dst), "{images}");
+    let snaps = snapshots_ls(&cd);
+    for (i, c) in chains.iter().enumerate() {
+        let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
+        assert!(
+            snaps
+                .iter()
+                .any(|(k, p, kind)| k == c && p == parent && kind == "Committed"),
+            "chain {i} {c} not committed on {parent:?}: {snaps:?}"
+        );
+    }
+    // Nothing was unpacked into a directory of ours.
+    let meta = std::fs::read_to_string(root.path().join("snapshotter/metadata.json")).unwrap();
+    assert!(!meta.contains("\"active\""), "{meta}");
+
+    // The image's own command, from the lazy root.
+    let out = cd.ok(&["run", "--rm", "--snapshotter", "lazylayer", &dst, "t1"]);
+    assert_eq!(out.replace('\r', ""), "ok\n");
+    // containerd itself fetched nothing (its requests carry its user agent);
+    // any layer fetch is the snapshotter's lazy one.
+    let log = reg.log()[log_start..].to_string();
+    assert!(
+        !log.lines().any(|l| l.contains("containerd/")),
+        "containerd fetched from the registry:\n{log}"
+    );
+    let lazy: Vec<(String, usize)> = src_layers
+        .iter()
+        .map(|l| (l.clone(), gets_since(l)))
+        .collect();
+    eprintln!("original layers fetched lazily during the run: {lazy:?}");
+    assert!(
+        sn.log().contains("claimed a layer as remote"),
+        "{}",
+        sn.log()
+    );
+
+    // Pulling again is idempotent (content and snapshots exist, image updated).
+    lazylayer_ok(
+        root.path(),
+        &[
+            "containerd",
+            "pull",
+            "--address",
+            sock.to_str().unwrap(),
+            &dst,
+        ],
+    );
+    drop(cd);
+}

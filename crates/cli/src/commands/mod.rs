@@ -1,3 +1,4 @@
+pub mod containerd;
 pub mod images;
 pub mod inspect;
 pub mod optimize;
