@@ -729,4 +729,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        log("interrupted; partial results are in the JSON")
+        sys.exit(130)

@@ -88,12 +88,21 @@ bash "$ROOT/images/build.sh" $ALL_IMAGES >/dev/null
 # --- the namespace, the registry, and the trap that removes them --------------------
 WORK=$(mktemp -d /var/tmp/llbench.XXXXXX)
 NS=llbench-$$
+BENCH_PID=
 NSENTER=(nsenter --net=/var/run/netns/$NS)
 
 cleanup() {
-  local rc=$? pid
+  local rc=$? pid i
   trap - EXIT INT TERM
   log "cleaning up ($WORK, netns $NS)"
+  if [[ -n ${BENCH_PID:-} ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
+    kill -INT "$BENCH_PID" 2>/dev/null || true
+    for ((i = 0; i < 300; i++)); do
+      kill -0 "$BENCH_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$BENCH_PID" 2>/dev/null || true
+  fi
   # containerd (started by bench.py, pid in WORK) and any shim it left behind: the
   # shims are found by the socket path inside our work dir, and killed by PID.
   if [[ -f $WORK/containerd.pid ]]; then
@@ -166,10 +175,15 @@ META=$(jq -nc --arg date "$(date -u +%Y-%m-%dT%H:%MZ)" --arg kernel "$(uname -r)
 
 mkdir -p "$OUT"
 START=$SECONDS
+# In the background + wait, so that a signal to this script runs the trap at once
+# (the trap stops bench.py first; its own cleanup stops containerd).
 "${NSENTER[@]}" "$PY" "$ROOT/bench/bench.py" --work "$WORK" --registry "$ADDR" --lazylayer "$LL" \
   --json "$OUT/latest.json" --images "$IMAGES" --links "$LINKS" --runs "$RUNS" --skip "$SKIP" \
   --fs-image "$FS_IMAGE" --fs-reps "$FS_REPS" --fs-reads "$FS_READS" --meta "$META" \
-  --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}"
+  --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" &
+BENCH_PID=$!
+wait "$BENCH_PID"
+BENCH_PID=
 log "measurements took $((SECONDS - START)) s"
 "$PY" "$ROOT/bench/report.py" "$OUT/latest.json" --md "$OUT/latest.md" --png "$OUT/latest.png" \
   --seconds "$((SECONDS - START))"
