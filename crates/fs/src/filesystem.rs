@@ -13,7 +13,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use lazylayer_layer::index::{BootIndex, FileKind, IndexEntry};
 
@@ -293,6 +293,10 @@ impl<S: ContentSource> LazyFs<S> {
 
 impl<S: ContentSource> Filesystem for LazyFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Listings with attributes: a `find`/`ls -l` over the image then costs
+        // one request per directory instead of one per entry.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         if !self.opts.passthrough {
             return Ok(());
         }
@@ -323,8 +327,12 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             }
             None => {
                 self.record(&self.child_path(p, name.as_bytes()), Access::Missing);
-                // A negative entry with a TTL lets the kernel cache the miss.
-                reply.error(Errno::ENOENT);
+                // A negative entry (inode 0) with a TTL lets the kernel cache
+                // the miss: programs probe many absent paths (python's module
+                // search), and the image never changes under the mount.
+                let mut attr = self.attr(p);
+                attr.ino = INodeNo(0);
+                reply.entry(&self.opts.ttl, &attr, Generation(0));
             }
         }
     }
@@ -456,6 +464,46 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(i) = self.idx(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let children = self.index.children(i);
+        let total = children.len() as u64 + 2;
+        let ttl = self.opts.ttl;
+        for off in offset..total {
+            let full = match off {
+                0 => reply.add(ino_of(i), 1, ".", &ttl, &self.attr(i), Generation(0)),
+                1 => {
+                    let p = self.entry(i).parent;
+                    reply.add(ino_of(p), 2, "..", &ttl, &self.attr(p), Generation(0))
+                }
+                n => {
+                    let c = children[(n - 2) as usize];
+                    reply.add(
+                        ino_of(self.canonical[c as usize]),
+                        n + 1,
+                        OsStr::from_bytes(self.index.name(c)),
+                        &ttl,
+                        &self.attr(c),
+                        Generation(0),
+                    )
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn readdir(
