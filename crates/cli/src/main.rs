@@ -18,9 +18,14 @@ use context::GlobalArgs;
     name = "lazylayer",
     version,
     about = "Start containers before their image has downloaded",
-    long_about = "lazylayer pulls, inspects and stores OCI images from any registry.\n\
-                  Images are kept in a content-addressed store (--root) shared by every image:\n\
-                  a layer common to two images is fetched and extracted once.\n\n\
+    long_about = "lazylayer starts containers before their image has downloaded.\n\n\
+                  `optimize SRC DST` runs an image's workload once under a tracing file system and\n\
+                  pushes DST = SRC's layers + a boot layer (the files read at start and an index of\n\
+                  every path). DST is a plain OCI image: any registry stores it, any runtime runs it.\n\
+                  `run DST` fetches manifest, config and boot layer only, and starts the container at\n\
+                  once; other files arrive on first touch and by background prefetch.\n\
+                  containerd (snapshotter) and Podman (store) use optimized images the same way.\n\n\
+                  Images live in a content-addressed store (--root) shared by every image and process.\n\
                   Logging: -v, -vv or RUST_LOG (e.g. RUST_LOG=lazylayer=debug)."
 )]
 struct Cli {
