@@ -1,5 +1,7 @@
 // Generates containerd's snapshots API (server and client) and the client side
-// of its content, images and leases APIs from the hand-kept .proto files; needs `protoc` (Debian: protobuf-compiler + libprotobuf-dev).
+// of its content, images and leases APIs from the hand-kept .proto files, and
+// the client of the CRI ImageService (PullImage only, for tests that pull as
+// the kubelet does); needs `protoc` (Debian: protobuf-compiler + libprotobuf-dev).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure().compile_protos(
@@ -11,5 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ],
         &["proto", "/usr/include"],
     )?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_protos(&["proto/k8s.io/cri-api/runtime/v1/api.proto"], &["proto"])?;
     Ok(())
 }

@@ -571,3 +571,295 @@ fn containerd_pull_registers_an_optimized_image_lazily() {
     );
     drop(cd);
 }
+
+/// containerd config for the Kubernetes path: the CRI plugin unpacks into
+/// lazylayer with the snapshot annotations on (the labels that name image,
+/// manifest and layer on each Prepare), and speaks plain HTTP to the
+/// loopback registry through a mirror entry.
+fn cri_toml(sn: &Snapshotterd, reg: &Registry) -> String {
+    format!(
+        "{}[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lazylayer\"\n  disable_snapshot_annotations = false\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n  endpoint = [\"http://{addr}\"]\n",
+        sn.proxy_toml(),
+        addr = reg.addr()
+    )
+}
+
+/// `runtime.v1.ImageService/PullImage` on containerd's socket, as the
+/// kubelet sends it (no auth, no sandbox config); returns the image ref.
+fn cri_pull(cd: &Containerd, image: &str) -> String {
+    use lazylayer_snapshotter::proto::cri::{
+        image_service_client::ImageServiceClient, ImageSpec, PullImageRequest,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let res = rt.block_on(async {
+        let channel = lazylayer_snapshotter::grpc::connect(&cd.socket())
+            .await
+            .unwrap();
+        ImageServiceClient::new(channel)
+            .pull_image(PullImageRequest {
+                image: Some(ImageSpec {
+                    image: image.to_string(),
+                    annotations: Default::default(),
+                }),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+    });
+    match res {
+        Ok(r) => r.into_inner().image_ref,
+        Err(e) => panic!(
+            "CRI PullImage {image}: {e:?}\n--- containerd log ---\n{}",
+            cd.log()
+        ),
+    }
+}
+
+/// Layer digests of an image, from `lazylayer inspect --json`.
+fn layer_digests(root: &Path, image: &str) -> (String, Vec<String>) {
+    let v = lazylayer_json(root, &["inspect", image]);
+    let layers = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    (v["digest"].as_str().unwrap().to_string(), layers)
+}
+
+/// The Kubernetes path: containerd 1.6 with its CRI plugin, pulled through
+/// `runtime.v1.ImageService/PullImage` exactly as the kubelet does. For an
+/// optimized image the snapshotter claims every layer, so containerd fetches
+/// manifest and config only (the snapshotter the boot layer); the image then
+/// runs from the lazy root. A plain image through the same path is
+/// downloaded and unpacked by containerd as usual, and runs.
+#[test]
+fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3", "busybox"]);
+    let src = image_ref(&reg, "python3");
+    let dst = format!("{}/optimized/python3:boot", reg.addr());
+    let opt_root = tempfile::tempdir().unwrap();
+    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
+    let (_, opt_layers) = layer_digests(opt_root.path(), &dst);
+    let (_, src_layers) = layer_digests(opt_root.path(), &src);
+    let boot = opt_layers.last().unwrap().clone();
+    assert!(!src_layers.contains(&boot));
+    let busybox = image_ref(&reg, "busybox");
+    let (_, busybox_layers) = layer_digests(opt_root.path(), &busybox);
+
+    let root = tempfile::tempdir().unwrap();
+    let sn = Snapshotterd::start(root.path());
+    let cd = Containerd::start_cri(&cri_toml(&sn, &reg));
+
+    let log_start = reg.log().len();
+    let blob_gets_since = |digest: &str| -> Vec<String> {
+        reg.log()[log_start..]
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest}")))
+            .map(str::to_string)
+            .collect()
+    };
+    let image_id = cri_pull(&cd, &dst);
+    assert!(image_id.starts_with("sha256:"), "{image_id}");
+    let log = reg.log()[log_start..].to_string();
+    eprintln!("registry requests of the CRI pull:\n{log}");
+    // The snapshotter fetched the boot layer once; containerd fetched no
+    // layer at all, and nobody fetched an original layer.
+    let boot_gets = blob_gets_since(&boot);
+    assert_eq!(boot_gets.len(), 1, "{boot_gets:?}");
+    assert!(
+        !boot_gets[0].contains("containerd/"),
+        "containerd fetched the boot layer: {boot_gets:?}"
+    );
+    for l in &src_layers {
+        assert_eq!(
+            blob_gets_since(l),
+            Vec::<String>::new(),
+            "layer {l} fetched by the CRI pull"
+        );
+    }
+    // Manifest and config came through containerd.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/manifests/") && l.contains("containerd/")),
+        "{log}"
+    );
+    let config = image_id.as_str();
+    assert!(
+        blob_gets_since(config)
+            .iter()
+            .any(|l| l.contains("containerd/")),
+        "{log}"
+    );
+    assert!(
+        sn.log().contains("claimed a layer as remote"),
+        "{}",
+        sn.log()
+    );
+    let meta = std::fs::read_to_string(root.path().join("snapshotter/metadata.json")).unwrap();
+    assert!(!meta.contains("\"active\""), "{meta}");
+
+    // Kubernetes' namespace holds the image; its own command runs lazily.
+    let images = cd.ok(&["-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(images.lines().any(|l| l == dst), "{images}");
+    let out = cd.ok(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazylayer",
+        &dst,
+        "t1",
+    ]);
+    assert_eq!(out.replace('\r', ""), "ok\n");
+
+    // A plain image through the same path: containerd downloads and applies
+    // its layers into ordinary snapshots of ours.
+    let log_start2 = reg.log().len();
+    cri_pull(&cd, &busybox);
+    let log2 = reg.log()[log_start2..].to_string();
+    for l in &busybox_layers {
+        assert!(
+            log2.lines().any(|x| x.contains(&format!("/blobs/{l}"))
+                && x.contains("\"GET /v2/")
+                && x.contains("containerd/")),
+            "containerd did not fetch layer {l}:\n{log2}"
+        );
+    }
+    let out = cd.ok(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazylayer",
+        &busybox,
+        "t2",
+        "echo",
+        "plain via cri",
+    ]);
+    assert_eq!(out.replace('\r', ""), "plain via cri\n");
+    drop(cd);
+}
+
+/// What a snapshotter crash (SIGKILL) does to containers of a lazy image.
+/// The lazy root is a FUSE mount served by the snapshotter process, so a
+/// running container's root loses its lower layer: opening a file that is
+/// not already open fails (ENOTCONN) and `ctr task exec` cannot even load
+/// its binary, while the processes already running go on. The restarted
+/// snapshotter mounts the image afresh: a new container of the same image
+/// starts, and so does a new task of the old container (the recovery path:
+/// restart the container).
+#[test]
+fn snapshotter_restart_under_a_running_lazy_container() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let src = image_ref(&reg, "python3");
+    let dst = format!("{}/optimized/python3:boot", reg.addr());
+    let opt_root = tempfile::tempdir().unwrap();
+    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
+
+    let root = tempfile::tempdir().unwrap();
+    let mut sn = Snapshotterd::start(root.path());
+    let cd = Containerd::start_with(&sn.proxy_toml());
+    let sock = cd.socket();
+    lazylayer_ok(
+        root.path(),
+        &[
+            "containerd",
+            "pull",
+            "--address",
+            sock.to_str().unwrap(),
+            &dst,
+        ],
+    );
+    cd.ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "lazylayer",
+        &dst,
+        "long",
+        "sleep",
+        "1000",
+    ]);
+    let exec = |id: &str, cmd: &[&str]| {
+        let mut args = vec!["tasks", "exec", "--exec-id", id, "long"];
+        args.extend_from_slice(cmd);
+        let out = cd.ctr().args(&args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("exec {cmd:?}: {} {text}", out.status);
+        (out.status.success(), text)
+    };
+    let (ok, text) = exec("e0", &["cat", "/etc/debian_version"]);
+    assert!(ok, "exec before the restart: {text}");
+
+    sn.restart();
+
+    // (a) The running container: its process survives, new opens fail.
+    let tasks = ctr_retry(&cd, &["tasks", "ls"]);
+    eprintln!("tasks after the restart:\n{tasks}");
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("long ") && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    let (ok, text) = exec("e1", &["cat", "/usr/lib/os-release"]);
+    assert!(
+        !ok && text.contains("transport endpoint is not connected"),
+        "exec in a running container after a snapshotter crash: {text}"
+    );
+    // The same file read directly from the container's root (the shim's
+    // rootfs mount, visible on the host): the lazy lower layer is gone.
+    let rootfs = cd
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task/default/long/rootfs");
+    let read = std::fs::read(rootfs.join("usr/lib/os-release"));
+    eprintln!("host read of an unread file: {read:?}");
+    assert_eq!(
+        read.expect_err("an unread file must not be readable")
+            .raw_os_error(),
+        Some(rustix::io::Errno::NOTCONN.raw_os_error()),
+    );
+
+    // (b) A new container of the same image starts on a fresh lazy mount.
+    let out = ctr_retry(
+        &cd,
+        &["run", "--rm", "--snapshotter", "lazylayer", &dst, "t2"],
+    );
+    assert_eq!(out.replace('\r', ""), "ok\n");
+
+    // Recovery of the old container: a new task (what a restart policy does).
+    cd.ok(&["tasks", "kill", "-s", "KILL", "long"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cd
+        .ctr()
+        .args(["tasks", "delete", "long"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "the old task did not go");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cd.ok(&["tasks", "start", "-d", "long"]);
+    let (ok, text) = exec("e2", &["cat", "/usr/lib/os-release"]);
+    assert!(ok, "the restarted container reads its image again: {text}");
+    drop(cd);
+}

@@ -54,9 +54,17 @@ pub mod proto {
             }
         }
     }
+    /// Kubernetes' CRI (`runtime.v1`), client side, PullImage only: what
+    /// the kubelet calls on containerd's socket to pull an image.
+    pub mod runtime {
+        pub mod v1 {
+            tonic::include_proto!("runtime.v1");
+        }
+    }
     pub use containerd::services::content::v1 as content;
     pub use containerd::services::images::v1 as images;
     pub use containerd::services::leases::v1 as leases;
     pub use containerd::services::snapshots::v1 as snapshots;
     pub use containerd::types;
+    pub use runtime::v1 as cri;
 }

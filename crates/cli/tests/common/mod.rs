@@ -313,7 +313,8 @@ impl Drop for Podman {
     }
 }
 
-/// containerd 1.6 with its own root, state and socket (CRI disabled), stopped on drop.
+/// containerd 1.6 with its own root, state and socket (CRI disabled unless
+/// started with [`Containerd::start_cri`]), stopped on drop.
 pub struct Containerd {
     pub dir: tempfile::TempDir,
     child: Child,
@@ -326,15 +327,43 @@ impl Containerd {
 
     /// `extra`: TOML appended to the config (e.g. a proxy snapshotter).
     pub fn start_with(extra: &str) -> Containerd {
+        Self::spawn(extra, false)
+    }
+
+    /// Like [`Containerd::start_with`], but with the CRI plugin enabled (as
+    /// on a Kubernetes node), its CNI directories inside the temp dir (none
+    /// needed for image pulls). `extra` may add tables under
+    /// `[plugins."io.containerd.grpc.v1.cri"]` (`.containerd`, `.registry...`)
+    /// but not that table itself.
+    pub fn start_cri(extra: &str) -> Containerd {
+        Self::spawn(extra, true)
+    }
+
+    fn spawn(extra: &str, cri: bool) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let cfg = d.join("config.toml");
+        let plugins = if cri {
+            format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir = \"{0}/cni/net.d\"\n  bin_dir = \"{0}/cni/bin\"\n",
+                d.display()
+            )
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string()
+        };
+        let (globals, tables) = if cri {
+            (String::new(), plugins)
+        } else {
+            (plugins, String::new())
+        };
         std::fs::write(
             &cfg,
             format!(
-                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{0}/debug.sock\"\n{1}\n",
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n{2}[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{0}/debug.sock\"\n{3}{1}\n",
                 d.display(),
-                extra
+                extra,
+                globals,
+                tables
             ),
         )
         .unwrap();
@@ -353,6 +382,10 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(50));
         }
         Containerd { dir, child }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -378,14 +411,30 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // Tasks first, so shims exit and their mounts go.
-        if let Ok(out) = self.ctr().args(["tasks", "ls", "-q"]).output() {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = self
-                    .ctr()
-                    .args(["tasks", "kill", "-s", "KILL", id])
-                    .output();
-                let _ = self.ctr().args(["tasks", "delete", "-f", id]).output();
+        // Tasks first, so shims exit and their mounts go (in every
+        // namespace: CRI tests use "k8s.io").
+        let namespaces = self
+            .ctr()
+            .args(["namespaces", "ls", "-q"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        let mut namespaces: Vec<&str> = namespaces.lines().collect();
+        if !namespaces.contains(&"default") {
+            namespaces.push("default");
+        }
+        for ns in namespaces {
+            if let Ok(out) = self.ctr().args(["-n", ns, "tasks", "ls", "-q"]).output() {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = self
+                        .ctr()
+                        .args(["-n", ns, "tasks", "kill", "-s", "KILL", id])
+                        .output();
+                    let _ = self
+                        .ctr()
+                        .args(["-n", ns, "tasks", "delete", "-f", id])
+                        .output();
+                }
             }
         }
         let _ = self.child.kill();
