@@ -297,11 +297,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 if spec["kind"] == "batch":
                     self._batch(proc, spec, res, t0, deadline)
                 else:
-                    self._server(proc, spec, res, t0, deadline, stop)
+                    self._server(proc, spec, res, t0, deadline)
             finally:
                 if proc.poll() is None:
-                    if spec["kind"] == "batch":
-                        stop(proc)
+                    stop(proc)
                     try:
                         proc.wait(30)
                     except subprocess.TimeoutExpired:
@@ -351,7 +350,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         else:
             res["error"] = f"exit {proc.returncode}, stdout {text[:200]!r}"
 
-    def _server(self, proc, spec, res, t0, deadline, stop):
+    def _server(self, proc, spec, res, t0, deadline):
         while now() < deadline:
             if probe(spec["kind"], spec["port"]):
                 res["ready"] = now() - t0
@@ -363,7 +362,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             time.sleep(POLL)
         else:
             res["error"] = "timeout waiting for readiness"
-        stop(proc)
 
     # section 1 ----------------------------------------------------------------------
     def prepare(self, contender):
@@ -667,8 +665,16 @@ def save(out):
     os.replace(tmp, OUT_PATH)
 
 
+def _terminate(*_):
+    raise KeyboardInterrupt
+
+
 def main():
     global OUT_PATH
+    # run.sh starts us in the background, where SIGINT arrives ignored: take both
+    # SIGINT and SIGTERM as an interrupt, so the finally clauses stop what we started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
     ap.add_argument("--registry", required=True)

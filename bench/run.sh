@@ -6,7 +6,7 @@
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
-#                 section on python3, 1 repetition. ~7.5 min here (images cached).
+#                 section on python3, 1 repetition. ~8 min here (images cached).
 #   --runs N      cold runs per cell and contender (default 3; the median is reported)
 #   --out DIR     where latest.{json,md,png} go (default bench/results)
 #   --images L    comma list of busybox,minbase,python3,nginx,redis,gcc (default all)
@@ -23,7 +23,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
-QUICK=0 RUNS= OUT=$ROOT/bench/results IMAGES= LINKS= ALL_CELLS=0 FS=1 BUILD=1
+QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -89,14 +89,14 @@ bash "$ROOT/images/build.sh" $ALL_IMAGES >/dev/null
 WORK=$(mktemp -d /var/tmp/llbench.XXXXXX)
 NS=llbench-$$
 BENCH_PID=
-NSENTER=(nsenter --net=/var/run/netns/$NS)
+NSENTER=(nsenter "--net=/var/run/netns/$NS")
 
 cleanup() {
   local rc=$? pid i
   trap - EXIT INT TERM
   log "cleaning up ($WORK, netns $NS)"
   if [[ -n ${BENCH_PID:-} ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
-    kill -INT "$BENCH_PID" 2>/dev/null || true
+    kill -TERM "$BENCH_PID" 2>/dev/null || true
     for ((i = 0; i < 300; i++)); do
       kill -0 "$BENCH_PID" 2>/dev/null || break
       sleep 0.1
@@ -112,9 +112,11 @@ cleanup() {
       sleep 1
     fi
   fi
-  for pid in $(grep -l -s -F "$WORK/containerd/" /proc/[0-9]*/cmdline | cut -d/ -f3); do
-    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd* ]] && kill -KILL "$pid" 2>/dev/null || true
-  done
+  while read -r pid; do
+    if [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd* ]]; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done < <(grep -l -s -F "$WORK/containerd/" /proc/[0-9]*/cmdline | cut -d/ -f3)
   # lazylayer containers named llbench-* left to runc by a killed run.
   for r in "$WORK/ll/runc" /run/lazylayer/runc; do
     [[ -d $r ]] || continue
@@ -131,7 +133,7 @@ cleanup() {
   if [[ -f $WORK/registry/registry.pid ]]; then
     bash "$ROOT/images/registry.sh" stop "$WORK/registry" >/dev/null 2>&1 || true
   fi
-  grep -o " $WORK[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  grep -o " ${WORK}[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   ip netns del "$NS" 2>/dev/null || true
   rm -rf "$WORK"
   exit "$rc"
