@@ -275,23 +275,10 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     }
     let reg = Registry::start();
     push_images(&reg, &["multilayer"]);
-    let src = image_ref(&reg, "multilayer");
-    let dst = format!("{}/optimized/multilayer:boot", reg.addr());
-    let opt_root = tempfile::tempdir().unwrap();
-    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
-    let opt = lazylayer_json(opt_root.path(), &["inspect", &dst]);
-    let plain = lazylayer_json(opt_root.path(), &["inspect", &src]);
-    let digests = |v: &serde_json::Value| -> Vec<String> {
-        v["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let (opt_layers, plain_layers) = (digests(&opt), digests(&plain));
-    let manifest = opt["digest"].as_str().unwrap().to_string();
-    assert!(opt_layers.len() >= 3, "{opt}");
+    let (opt_root, src, dst) = optimize_fixture(&reg, "multilayer");
+    let (manifest, opt_layers) = layer_digests(opt_root.path(), &dst);
+    let (plain_manifest, plain_layers) = layer_digests(opt_root.path(), &src);
+    assert!(opt_layers.len() >= 3, "{opt_layers:?}");
 
     // Registry requests from here on are the snapshotter's (optimize pulled SRC).
     let log_start = reg.log().len();
@@ -432,7 +419,6 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     );
 
     // A plain image's layer is prepared normally (containerd then applies it).
-    let plain_manifest = plain["digest"].as_str().unwrap().to_string();
     let mounts = prepare(
         &mut client,
         "plain-extract",
@@ -459,21 +445,9 @@ fn containerd_pull_registers_an_optimized_image_lazily() {
     }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
-    let src = image_ref(&reg, "python3");
-    let dst = format!("{}/optimized/python3:boot", reg.addr());
-    let opt_root = tempfile::tempdir().unwrap();
-    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
-    let opt = lazylayer_json(opt_root.path(), &["inspect", &dst]);
-    let plain = lazylayer_json(opt_root.path(), &["inspect", &src]);
-    let digests = |v: &serde_json::Value| -> Vec<String> {
-        v["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let (opt_layers, src_layers) = (digests(&opt), digests(&plain));
+    let (opt_root, src, dst) = optimize_fixture(&reg, "python3");
+    let (manifest, opt_layers) = layer_digests(opt_root.path(), &dst);
+    let (_, src_layers) = layer_digests(opt_root.path(), &src);
     let boot = opt_layers.last().unwrap().clone();
     assert!(!src_layers.contains(&boot));
 
@@ -509,7 +483,7 @@ fn containerd_pull_registers_an_optimized_image_lazily() {
         .map(|c| c.as_str().unwrap().to_string())
         .collect();
     assert_eq!(chains.len(), opt_layers.len(), "{rep}");
-    assert_eq!(rep["manifest_digest"], opt["digest"], "{rep}");
+    assert_eq!(rep["manifest_digest"], manifest.as_str(), "{rep}");
 
     // The pull fetched manifest and config (and the snapshotter the boot
     // layer, once): no original layer.
@@ -616,6 +590,16 @@ fn cri_pull(cd: &Containerd, image: &str) -> String {
 }
 
 /// Layer digests of an image, from `lazylayer inspect --json`.
+/// Optimize `name` from `reg` into `optimized/NAME:boot` with a store of its
+/// own; returns (that store, SRC, DST).
+fn optimize_fixture(reg: &Registry, name: &str) -> (tempfile::TempDir, String, String) {
+    let src = image_ref(reg, name);
+    let dst = format!("{}/optimized/{name}:boot", reg.addr());
+    let opt_root = tempfile::tempdir().unwrap();
+    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
+    (opt_root, src, dst)
+}
+
 fn layer_digests(root: &Path, image: &str) -> (String, Vec<String>) {
     let v = lazylayer_json(root, &["inspect", image]);
     let layers = v["layers"]
@@ -641,10 +625,7 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
     }
     let reg = Registry::start();
     push_images(&reg, &["python3", "busybox"]);
-    let src = image_ref(&reg, "python3");
-    let dst = format!("{}/optimized/python3:boot", reg.addr());
-    let opt_root = tempfile::tempdir().unwrap();
-    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
+    let (opt_root, src, dst) = optimize_fixture(&reg, "python3");
     let (_, opt_layers) = layer_digests(opt_root.path(), &dst);
     let (_, src_layers) = layer_digests(opt_root.path(), &src);
     let boot = opt_layers.last().unwrap().clone();
@@ -764,10 +745,7 @@ fn snapshotter_restart_under_a_running_lazy_container() {
     }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
-    let src = image_ref(&reg, "python3");
-    let dst = format!("{}/optimized/python3:boot", reg.addr());
-    let opt_root = tempfile::tempdir().unwrap();
-    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
+    let (_opt_root, _src, dst) = optimize_fixture(&reg, "python3");
 
     let root = tempfile::tempdir().unwrap();
     let mut sn = Snapshotterd::start(root.path());
