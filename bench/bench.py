@@ -43,7 +43,10 @@ IMAGES = {
 }
 # bits per second; None = loopback without a qdisc.
 LINKS = {"loopback": None, "1gbit": 1e9, "100mbit": 1e8, "10mbit": 1e7}
-CONTENDERS = ["podman", "containerd", "lazylayer", "lazylayer-unopt"]
+# containerd-lazylayer: containerd with `lazylayer snapshotter` as a proxy plugin, the
+# optimized image registered by `lazylayer containerd pull` and run by `ctr run
+# --snapshotter lazylayer` (docs/containerd.md, the ctr path).
+CONTENDERS = ["podman", "containerd", "containerd-lazylayer", "lazylayer", "lazylayer-unopt"]
 POLL = 0.020  # readiness poll interval for servers, seconds
 
 
@@ -176,12 +179,20 @@ class Bench:
         self.ctrd_dir = os.path.join(self.work, "containerd")
         self.ctrd_sock = os.path.join(self.ctrd_dir, "containerd.sock")
         self.ctrd = None
+        # containerd-lazylayer: the snapshotter's store (its --root, shared with
+        # `lazylayer containerd pull`) lives inside the containerd dir, so every
+        # containerd_start empties both.
+        self.snap_root = os.path.join(self.ctrd_dir, "ll")
+        self.snap_sock = os.path.join(self.ctrd_dir, "snapshotter.sock")
+        self.snap = None
         pm = os.path.join(self.work, "podman")
         self.podman = ["podman", "--root", f"{pm}/root", "--runroot", f"{pm}/run",
                        "--storage-driver", "overlay"]
         self.ctr = ["ctr", "-a", self.ctrd_sock, "-n", "llbench"]
         self.ll_root = os.path.join(self.work, "ll")
         self.run_available = sh([self.ll, "run", "--help"], check=False).returncode == 0
+        self.snap_available = (sh([self.ll, "snapshotter", "--help"], check=False).returncode == 0
+                               and sh([self.ll, "containerd", "pull", "--help"], check=False).returncode == 0)
         self.seq = 0
 
     # podman ---------------------------------------------------------------------------
@@ -193,11 +204,47 @@ class Bench:
             raise RuntimeError(f"podman store not empty: {left}")
 
     # containerd: a fresh root for every cold run (daemon start is not timed) ----------
-    def containerd_start(self):
+    def snapshotter_start(self):
+        """`lazylayer snapshotter` on an empty root. bench.py runs inside the namespace,
+        so the snapshotter (which fetches the lazy layers) reaches the registry over
+        the shaped link; checked below."""
+        logf = open(f"{self.logs}/snapshotter.log", "a")
+        self.snap = subprocess.Popen([self.ll, "--root", self.snap_root, "snapshotter", "--address", self.snap_sock],
+                                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        with open(os.path.join(self.work, "snapshotter.pid"), "w") as f:
+            f.write(str(self.snap.pid))
+        if os.readlink(f"/proc/{self.snap.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
+            raise RuntimeError("snapshotter is not in the benchmark's network namespace")
+        for _ in range(400):
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.snap_sock)
+                return
+            except OSError:
+                pass
+            if self.snap.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"lazylayer snapshotter did not start (see {self.logs}/snapshotter.log)")
+
+    def snapshotter_stop(self):
+        """SIGTERM (the snapshotter unmounts its lazy FUSE roots), SIGKILL after 15 s."""
+        if self.snap and self.snap.poll() is None:
+            self.snap.terminate()
+            try:
+                self.snap.wait(15)
+            except subprocess.TimeoutExpired:
+                self.snap.kill()
+                self.snap.wait()
+        self.snap = None
+
+    def containerd_start(self, snapshotter=False):
         self.containerd_stop()
         d = self.ctrd_dir
         rmtree(d)
         os.makedirs(d)
+        if snapshotter:
+            self.snapshotter_start()
         with open(f"{d}/config.toml", "w") as f:
             f.write(f"""version = 2
 root = "{d}/root"
@@ -209,6 +256,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "{d}/containerd.sock.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
+""")
+            if snapshotter:
+                f.write(f"""[proxy_plugins.lazylayer]
+  type = "snapshot"
+  address = "{self.snap_sock}"
 """)
         logf = open(f"{self.logs}/containerd.log", "a")
         self.ctrd = subprocess.Popen(["containerd", "--config", f"{d}/config.toml"],
@@ -225,6 +277,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     def containerd_stop(self):
         if self.ctrd and self.ctrd.poll() is None:
+            # Tasks a failed or interrupted run left (their shims would outlive the daemon).
+            for cid in sh(self.ctr + ["task", "ls", "-q"], check=False).stdout.split():
+                sh(self.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
+                sh(self.ctr + ["task", "delete", "-f", cid], check=False)
+            for cid in sh(self.ctr + ["container", "ls", "-q"], check=False).stdout.split():
+                sh(self.ctr + ["container", "rm", cid], check=False)
             self.ctrd.terminate()
             try:
                 self.ctrd.wait(15)
@@ -232,6 +290,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 self.ctrd.kill()
                 self.ctrd.wait()
         self.ctrd = None
+        self.snapshotter_stop()
         umount_under(self.ctrd_dir)
 
     # lazylayer ----------------------------------------------------------------------
@@ -260,6 +319,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         elif contender == "containerd":
             pull = self.ctr + ["image", "pull", "--plain-http", ref]
             run = self.ctr + ["run", "--rm", "--net-host", ref, cid]
+            stop = lambda p: sh(self.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
+        elif contender == "containerd-lazylayer":
+            pull = [self.ll, "--root", self.snap_root, "containerd", "pull", "--address", self.ctrd_sock,
+                    "--namespace", "llbench", "--snapshotter", "lazylayer", opt_ref]
+            run = self.ctr + ["run", "--rm", "--snapshotter", "lazylayer", "--net-host", opt_ref, cid]
             stop = lambda p: sh(self.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         else:
             r = opt_ref if contender == "lazylayer" else ref
@@ -369,6 +433,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             self.podman_empty()
         elif contender == "containerd":
             self.containerd_start()
+        elif contender == "containerd-lazylayer":
+            self.containerd_start(snapshotter=True)
         else:
             self.ll_empty()
 
@@ -475,13 +541,17 @@ def section1(b, addr, images, links, runs, skip, out):
             for c in CONTENDERS:
                 cell["contenders"][c] = {"runs": []}
             for r in range(runs):
-                order = CONTENDERS[r % 4:] + CONTENDERS[:r % 4]
+                k = r % len(CONTENDERS)
+                order = CONTENDERS[k:] + CONTENDERS[:k]
                 for c in order:
                     cc = cell["contenders"][c]
                     if c.startswith("lazylayer") and not b.run_available:
                         cc["na"] = "run not available"
                         continue
-                    if c == "lazylayer" and not opt_ref:
+                    if c == "containerd-lazylayer" and not b.snap_available:
+                        cc["na"] = "snapshotter not available"
+                        continue
+                    if c in ("lazylayer", "containerd-lazylayer") and not opt_ref:
                         cc["na"] = "optimize failed"
                         continue
                     try:
@@ -497,6 +567,10 @@ def section1(b, addr, images, links, runs, skip, out):
                         w = b.start(c, img, ref, opt_ref, timeout, warm=True)
                         out["warm"].setdefault(img, {}).setdefault(c, []).append(
                             w.get("ready") if w["ok"] else None)
+                    if c.startswith("containerd"):
+                        # Not left running under the next contender: the snapshotter
+                        # may still be prefetching over the link (not timed).
+                        b.containerd_stop()
             for c, cc in cell["contenders"].items():
                 ok = [x for x in cc["runs"] if x["ok"]]
                 cc["median"] = median([x["ready"] for x in ok])
@@ -603,7 +677,8 @@ def section2(b, addr, img, reps, reads, out):
     for c in contenders:
         res["fs"][c] = {k: {"cold": [], "warm": []} for k in wl}
     for rep in range(reps):
-        order = contenders[rep % 3:] + contenders[:rep % 3]
+        k = rep % len(contenders)
+        order = contenders[k:] + contenders[:k]
         for c in order:
             if c == "lazylayer" and not (b.run_available and opt_ref):
                 continue
@@ -703,7 +778,8 @@ def main():
                         "poll_ms": POLL * 1000,
                         "links_not_run": [l for l in LINKS if l not in links],
                         "images_not_run": [i for i in IMAGES if i not in images]})
-    log(f"lazylayer run available: {b.run_available}")
+    out["meta"]["snapshotter_available"] = b.snap_available
+    log(f"lazylayer run available: {b.run_available}; snapshotter: {b.snap_available}")
     set_link("loopback")
     wanted = set(images) | ({a.fs_image} if a.fs_reps > 0 and a.fs_image else set())
     for img in sorted(wanted, key=list(IMAGES).index):

@@ -9,10 +9,12 @@ import json
 NAMES = {
     "podman": "podman pull + run",
     "containerd": "ctr pull + run",
+    "containerd-lazylayer": "ctr + lazylayer snapshotter",
     "lazylayer": "lazylayer run (optimized)",
     "lazylayer-unopt": "lazylayer run (unoptimized)",
 }
-COLORS = {"podman": "#7f7f7f", "containerd": "#1f77b4", "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896"}
+COLORS = {"podman": "#7f7f7f", "containerd": "#1f77b4", "containerd-lazylayer": "#9467bd",
+          "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896"}
 LINK_NAMES = {"loopback": "loopback (unshaped)", "1gbit": "1 Gbit/s", "100mbit": "100 Mbit/s", "10mbit": "10 Mbit/s"}
 
 
@@ -44,7 +46,7 @@ def warm_of(d, img):
     (image local) by any runtime measured - the least any start can cost on top of
     the bytes."""
     w = d["warm"].get(img, {})
-    best = [(med(w.get(c, [])), c) for c in ("lazylayer", "podman", "containerd")]
+    best = [(med(w.get(c, [])), c) for c in ("lazylayer", "podman", "containerd", "containerd-lazylayer")]
     best = [b for b in best if b[0] is not None]
     return min(best) if best else (None, None)
 
@@ -94,6 +96,11 @@ def markdown(d, seconds):
     w("- Registry and clients share a network namespace whose loopback is shaped with "
       "`tc tbf burst 256kb latency 400ms` (both directions go through it); every contender "
       "starts from an empty store with the page cache dropped; contender order rotates per run.")
+    if "containerd-lazylayer" in m.get("contenders", []):
+        w("- ctr + lazylayer snapshotter: containerd with `lazylayer snapshotter` as its `lazylayer` proxy "
+          "snapshotter (both on empty roots, restarted per cold run, not timed); pull = `lazylayer "
+          "containerd pull REF:optimized` (layers claimed, nothing downloaded), run = `ctr run --rm "
+          "--snapshotter lazylayer` (the snapshotter fetches the boot layer and the rest lazily).")
     w("- Time to ready: from the start of the pull command (lazylayer: of `run`) to the "
       "workload's first byte on stdout (batch) or the first successful request (servers, "
       f"polled every {m.get('poll_ms', 20):.0f} ms from the same namespace).")
@@ -168,7 +175,7 @@ def markdown(d, seconds):
         close = f"{llm / fl:.2f}x" if (llm and fl) else "-"
         w(f"| {img} | {ln} | " + " | ".join(cell_text(ccs.get(c), base) for c in cs)
           + f" | {secs(fl)} | {close} |")
-        for c in ("lazylayer", "lazylayer-unopt"):
+        for c in ("lazylayer", "lazylayer-unopt", "containerd-lazylayer"):
             cm = (ccs.get(c) or {}).get("median")
             for other in ("podman", "containerd"):
                 om = (ccs.get(other) or {}).get("median")
@@ -179,9 +186,9 @@ def markdown(d, seconds):
     for c in skipped:
         w(f"- Skipped {c['image']} @ {LINK_NAMES.get(c['link'], c['link'])}: {c['skipped']}.")
     if slower:
-        w("- **Cells where lazylayer is slower:** " + "; ".join(slower) + ".")
+        w("- **Cells where a lazylayer contender is slower:** " + "; ".join(slower) + ".")
     elif m.get("run_available"):
-        w("- lazylayer was not slower than podman or containerd in any measured cell.")
+        w("- No lazylayer contender was slower than podman or containerd in any measured cell.")
     fails = [(c["image"], c["link"], k, r.get("error", "")) for c in d["cells"]
              for k, cc in c.get("contenders", {}).items() for r in cc.get("runs", []) if not r.get("ok")]
     for img, ln, k, e in fails[:10]:
@@ -190,7 +197,8 @@ def markdown(d, seconds):
 
     w("Bytes the registry sent from the start of each cold start until its command ended (from the "
       "access log, median; for lazylayer this includes the background prefetch until the container "
-      "exited or, for servers, was stopped once ready):")
+      "exited or, for servers, was stopped once ready; for the snapshotter, whose prefetch outlives "
+      "the container, what it fetched until 0.5 s after the container's end):")
     w("")
     w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | boot layer |")
     w("|---|---|" + "---:|" * (len(cs) + 1))
@@ -209,7 +217,8 @@ def markdown(d, seconds):
     if d["warm"]:
         w("Warm start (image already local, page cache warm; measured on the run's first link, median):")
         w("")
-        wc = ["podman", "containerd", "lazylayer"]
+        wc = [c for c in ("podman", "containerd", "containerd-lazylayer", "lazylayer")
+              if any(wd.get(c) for wd in d["warm"].values())]
         w("| image | " + " | ".join(NAMES[c].replace(" pull +", "") for c in wc) + " |")
         w("|---|" + "---:|" * len(wc))
         for img, wd in d["warm"].items():
@@ -218,7 +227,7 @@ def markdown(d, seconds):
         ws = []
         for img, wd in d["warm"].items():
             ll = med(wd.get("lazylayer", []))
-            worse = [f"{c} {secs(med(wd.get(c, [])))}" for c in ("podman", "containerd")
+            worse = [f"{c} {secs(med(wd.get(c, [])))}" for c in ("podman", "containerd", "containerd-lazylayer")
                      if ll is not None and med(wd.get(c, [])) is not None and ll > med(wd.get(c, []))]
             if worse:
                 ws.append(f"{img} ({secs(ll)} vs " + ", ".join(worse) + ")")
@@ -346,11 +355,14 @@ def chart(d, path):
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    # One row of legend entries needs ~2.6 in each; wrap onto more rows on narrow charts.
+    ncol = max(1, min(len(labels), int(4.2 * len(links) / 2.6)))
+    rows = -(-len(labels) // ncol) if labels else 1
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
     m = d["meta"]
     fig.suptitle(f"Cold start, median of {m.get('runs')} run(s) - {m.get('date')}, "
                  f"{m.get('nproc')} cores, kernel {m.get('kernel')}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.07 * rows, 1, 0.95))
     fig.savefig(path, dpi=110)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The start-time benchmark: lazylayer vs podman vs containerd over shaped links, the
-# file-system overhead once every layer is local, and the cost of `optimize`.
+# The start-time benchmark: lazylayer (`run`, and containerd + `lazylayer snapshotter`)
+# vs podman vs containerd over shaped links, the file-system overhead once every layer
+# is local, and the cost of `optimize`.
 #
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
@@ -16,9 +17,10 @@
 #   --no-build    use the existing target/release/lazylayer (no cargo build)
 #
 # Needs root. Everything runs in a network namespace of its own (llbench-PID) whose
-# loopback is shaped with tc tbf; the registry, containerd and every client and
-# container live inside it. The trap removes the namespace, the daemons it started
-# (by PID), the podman/containerd/lazylayer stores and every mount under its work dir.
+# loopback is shaped with tc tbf; the registry, containerd, the lazylayer snapshotter
+# and every client and container live inside it. The trap removes the namespace, the
+# daemons it started (by PID), the podman/containerd/lazylayer stores and every mount
+# under its work dir.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
@@ -112,8 +114,22 @@ cleanup() {
       sleep 1
     fi
   fi
+  # The lazylayer snapshotter (containerd-lazylayer; pid in WORK): SIGTERM unmounts its
+  # lazy FUSE roots.
+  if [[ -f $WORK/snapshotter.pid ]]; then
+    pid=$(<"$WORK/snapshotter.pid")
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q " snapshotter --address $WORK/"; then
+      kill "$pid" 2>/dev/null || true
+      for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+    fi
+  fi
+  # What is left with our containerd dir in its command line (shims, the snapshotter,
+  # a `lazylayer containerd pull`), by PID.
   while read -r pid; do
-    if [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd* ]]; then
+    if [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd* || $(readlink "/proc/$pid/exe" 2>/dev/null) == "$(readlink -f "$LL")" ]]; then
       kill -KILL "$pid" 2>/dev/null || true
     fi
   done < <(grep -l -s -F "$WORK/containerd/" /proc/[0-9]*/cmdline | cut -d/ -f3)
