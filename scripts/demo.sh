@@ -58,7 +58,7 @@ for ((i = 1; i <= RUNS; i++)); do
 done
 median() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 pm=$(median "${T[podman]}")
-printf '\nCold start of the python3 image (Debian bookworm + python3, %s), time to its output, median of %d:\n\n' \
+printf '\nCold start of the python3 image (Debian bookworm + python3, %s): seconds until the command returns\n(the workload prints ok and exits), median of %d:\n\n' \
   "$(jq -r '[.layers[].size] | add / 1e6 | floor | tostring + " MB compressed"' < <("$LL" --root "$WORK/s2" inspect --json "$SRC"))" "$RUNS"
 printf '| how | seconds | vs podman |\n|---|---:|---:|\n'
 for k in lazy full podman; do
