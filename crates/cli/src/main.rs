@@ -102,6 +102,10 @@ fn main() -> ExitCode {
             Command::Containerd(a) => commands::containerd::run(&cli.global, a).await,
         }
     });
+    // Work still in flight belongs to nobody now (a background prefetch cut by
+    // the container's exit, a lock wait): don't let it hold the exit. Half
+    // layers stay in the store's tmp/, which `prune` clears.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         // `run` passes the container's exit code through.
         Ok(()) => ExitCode::from(
