@@ -491,7 +491,11 @@ def optimize_images(b, addr, images, out):
         root = os.path.join(b.work, "opt")
         rmtree(root)
         argv = [b.ll, "--root", root, "optimize", "--json"]
-        if spec.get("port"):
+        if spec.get("kind") == "http":
+            # Ready = first request served, as the measurement defines it, so the
+            # trace holds what serving that request reads.
+            argv += ["--wait", f"http:{spec['port']}/", "--net", "host"]
+        elif spec.get("port"):
             argv += ["--wait", f"port:{spec['port']}", "--net", "host"]
         argv += [src, dst]
         drop_caches()

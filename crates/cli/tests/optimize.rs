@@ -360,3 +360,49 @@ fn root_ctrl_c_during_optimize_stops_and_cleans_up() {
         "nothing pushed"
     );
 }
+
+/// `--wait http:PORT/PATH` counts the workload ready once it has answered a
+/// request, so what serving a request reads is traced too.
+#[test]
+fn root_http_readiness_traces_the_first_request() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let root = tempfile::tempdir().unwrap();
+    let src = image_ref(&reg, "busybox");
+    let dst = format!("{}/optimized/busybox:http", reg.addr());
+    let trace = root.path().join("t.json");
+    let rep = lazylayer_json_raw(
+        root.path(),
+        &[
+            "optimize",
+            "--json",
+            "--wait",
+            "http:8080/group",
+            "--timeout",
+            "20",
+            "--trace-out",
+            trace.to_str().unwrap(),
+            &src,
+            &dst,
+            "--",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/etc",
+        ],
+    );
+    assert!(rep["workload_exit_code"].is_null());
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    assert!(
+        t["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["path"] == "etc/group" && e["access"] == "open"),
+        "the file served for the readiness request was traced"
+    );
+    assert_clean(root.path());
+}

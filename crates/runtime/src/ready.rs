@@ -24,6 +24,10 @@ pub enum WaitCondition {
     Exit,
     /// A TCP connection to 127.0.0.1:PORT in the container's network namespace succeeds.
     Port(u16),
+    /// An HTTP GET of PATH on 127.0.0.1:PORT, in the container's network
+    /// namespace, answers 2xx or 3xx: a server that has served its first
+    /// request (so `optimize` traces what serving one reads, too).
+    Http(u16, String),
     /// A line of its stdout or stderr contains this text.
     Log(String),
     /// This much time has passed since the wait began.
@@ -57,6 +61,18 @@ impl FromStr for WaitCondition {
                 Ok(0) | Err(_) => Err(err("port must be a number from 1 to 65535")),
                 Ok(port) => Ok(WaitCondition::Port(port)),
             },
+            ("http", Some(spec)) => {
+                let (port, path) = match spec.find('/') {
+                    Some(i) => (&spec[..i], &spec[i..]),
+                    None => (spec, "/"),
+                };
+                match port.parse::<u16>() {
+                    Ok(0) | Err(_) => Err(err(
+                        "http:PORT[/PATH]: port must be a number from 1 to 65535",
+                    )),
+                    Ok(port) => Ok(WaitCondition::Http(port, path.to_owned())),
+                }
+            }
             ("log", Some("")) => Err(err("log text must not be empty")),
             ("log", Some(text)) => Ok(WaitCondition::Log(text.to_owned())),
             ("time", Some(secs)) => secs
@@ -65,7 +81,9 @@ impl FromStr for WaitCondition {
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
                 .map(WaitCondition::Time)
                 .ok_or_else(|| err("time must be a non-negative number of seconds")),
-            _ => Err(err("expected exit, port:PORT, log:TEXT or time:SECONDS")),
+            _ => Err(err(
+                "expected exit, port:PORT, http:PORT[/PATH], log:TEXT or time:SECONDS",
+            )),
         }
     }
 }
@@ -75,6 +93,7 @@ impl fmt::Display for WaitCondition {
         match self {
             WaitCondition::Exit => write!(f, "exit"),
             WaitCondition::Port(port) => write!(f, "port:{port}"),
+            WaitCondition::Http(port, path) => write!(f, "http:{port}{path}"),
             WaitCondition::Log(text) => write!(f, "log:{text}"),
             WaitCondition::Time(d) => write!(f, "time:{}", d.as_secs_f64()),
         }
@@ -121,7 +140,12 @@ pub fn wait_ready(
                 }
             })
         }
-        WaitCondition::Port(port) => {
+        WaitCondition::Port(_) | WaitCondition::Http(..) => {
+            let (port, http_path) = match cond {
+                WaitCondition::Http(port, path) => (port, Some(path.clone())),
+                WaitCondition::Port(port) => (port, None),
+                _ => unreachable!(),
+            };
             let pid = c.pid_within(deadline.saturating_duration_since(Instant::now()));
             // Opened once, here: the probe then holds the namespace even if the container
             // exits meanwhile, instead of looking the PID up again later.
@@ -133,7 +157,7 @@ pub fn wait_ready(
                     Ok(false)
                 });
             };
-            let probe = PortProbe::start(netns, *port);
+            let probe = PortProbe::start(netns, *port, http_path);
             let id = c.id().to_owned();
             poll(c, cond, timeout, deadline, |slice| {
                 match probe.result.recv_timeout(slice) {
@@ -249,7 +273,7 @@ struct PortProbe {
 }
 
 impl PortProbe {
-    fn start(netns: std::fs::File, port: u16) -> Self {
+    fn start(netns: std::fs::File, port: u16, http_path: Option<String>) -> Self {
         let (tx, result) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
@@ -266,9 +290,11 @@ impl PortProbe {
             drop(netns);
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             while !stop_flag.load(Ordering::Relaxed) {
-                if TcpStream::connect_timeout(&addr, POLL).is_ok() {
-                    let _ = tx.send(Ok(()));
-                    return;
+                if let Ok(conn) = TcpStream::connect_timeout(&addr, POLL) {
+                    if http_path.as_deref().is_none_or(|p| http_ok(conn, p)) {
+                        let _ = tx.send(Ok(()));
+                        return;
+                    }
                 }
                 std::thread::sleep(POLL);
             }
@@ -279,6 +305,31 @@ impl PortProbe {
             thread: Some(thread),
         }
     }
+}
+
+/// One `GET path` over `conn`: true for a 2xx or 3xx status line.
+fn http_ok(mut conn: TcpStream, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let req =
+        format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nUser-Agent: lazylayer-ready\r\n\r\n");
+    if conn.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while got < 12 {
+        match conn.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..got]);
+    head.starts_with("HTTP/")
+        && matches!(
+            head.split(' ').nth(1).and_then(|c| c.chars().next()),
+            Some('2') | Some('3')
+        )
 }
 
 impl Drop for PortProbe {
@@ -293,6 +344,24 @@ impl Drop for PortProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_http_conditions() {
+        assert_eq!(
+            "http:80".parse::<WaitCondition>().unwrap(),
+            WaitCondition::Http(80, "/".into())
+        );
+        assert_eq!(
+            "http:8080/healthz?x=1".parse::<WaitCondition>().unwrap(),
+            WaitCondition::Http(8080, "/healthz?x=1".into())
+        );
+        assert_eq!(
+            WaitCondition::Http(8080, "/a".into()).to_string(),
+            "http:8080/a"
+        );
+        assert!("http:0".parse::<WaitCondition>().is_err());
+        assert!("http:x/".parse::<WaitCondition>().is_err());
+    }
 
     #[test]
     fn parses_conditions() {

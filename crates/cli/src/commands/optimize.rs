@@ -20,7 +20,7 @@ pub struct Args {
     pub source: String,
     /// Destination reference for the optimized image
     pub destination: String,
-    /// When the workload counts as started: exit | port:N | log:TEXT | time:SECS
+    /// When the workload counts as started: exit | port:N (accepts) | http:N[/PATH] (answers 2xx/3xx) | log:TEXT | time:SECS
     #[arg(long, default_value = "exit")]
     pub wait: WaitCondition,
     /// Give up (and fail) when the workload is not ready after this many seconds
