@@ -337,6 +337,35 @@ fn registry_down_is_a_clear_error() {
     lazylayer_json(root.path(), &["pull", &image_ref(&reg, "busybox")]);
 }
 
+/// An auth file (Docker's format) giving alice:s3cret-pw for `registry`.
+fn alice_auth_file(dir: &Path, registry: &str) -> std::path::PathBuf {
+    let f = dir.join("auth.json");
+    // base64("alice:s3cret-pw")
+    std::fs::write(
+        &f,
+        format!(r#"{{"auths":{{"{registry}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#),
+    )
+    .unwrap();
+    f
+}
+
+/// Run lazylayer with HOME at `home` (so no user auth file leaks in) and
+/// `auth` as REGISTRY_AUTH_FILE, or none.
+fn lazylayer_authed(
+    root: &Path,
+    home: &Path,
+    auth: Option<&Path>,
+    args: &[&str],
+) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"));
+    c.arg("--root").arg(root).args(args).env("HOME", home);
+    match auth {
+        Some(a) => c.env("REGISTRY_AUTH_FILE", a),
+        None => c.env_remove("REGISTRY_AUTH_FILE"),
+    };
+    c.output().unwrap()
+}
+
 // ---- auth -----------------------------------------------------------------
 
 #[test]
@@ -355,32 +384,18 @@ fn basic_auth_from_auth_file() {
         "auth:\n  htpasswd:\n    realm: lazylayer-test\n    path: {}\n",
         htpasswd.display()
     ));
-    let auth_file = secrets.path().join("auth.json");
-    // "alice:s3cret-pw"
-    std::fs::write(
-        &auth_file,
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#,
-            locked.addr()
-        ),
-    )
-    .unwrap();
+    let auth_file = alice_auth_file(secrets.path(), &locked.addr());
 
     let root = tempfile::tempdir().unwrap();
     lazylayer_json(root.path(), &["pull", &image_ref(&open, "busybox")]);
     let dst = format!("{}/private/busybox:latest", locked.addr());
     let run = |args: &[&str], with_auth: bool| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"));
-        c.arg("--root")
-            .arg(root.path())
-            .args(args)
-            .env("HOME", secrets.path());
-        if with_auth {
-            c.env("REGISTRY_AUTH_FILE", &auth_file);
-        } else {
-            c.env_remove("REGISTRY_AUTH_FILE");
-        }
-        c.output().unwrap()
+        lazylayer_authed(
+            root.path(),
+            secrets.path(),
+            with_auth.then_some(auth_file.as_path()),
+            args,
+        )
     };
     let denied = run(&["push", &image_ref(&open, "busybox"), &dst], false);
     assert!(!denied.status.success());
@@ -395,13 +410,12 @@ fn basic_auth_from_auth_file() {
     );
     assert!(pushed.status.success(), "{}", stderr(&pushed));
     let fresh = tempfile::tempdir().unwrap();
-    let pulled = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(fresh.path())
-        .args(["pull", "--json", &dst])
-        .env("REGISTRY_AUTH_FILE", &auth_file)
-        .output()
-        .unwrap();
+    let pulled = lazylayer_authed(
+        fresh.path(),
+        secrets.path(),
+        Some(&auth_file),
+        &["pull", "--json", &dst],
+    );
     assert!(pulled.status.success(), "{}", stderr(&pulled));
     let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
     assert_eq!(v["manifest_digest"], digests["busybox"]);
@@ -536,51 +550,32 @@ fn bearer_token_auth_against_real_registry() {
         cert.display()
     ));
     let secrets = tempfile::tempdir().unwrap();
-    let auth_file = secrets.path().join("auth.json");
-    std::fs::write(
-        &auth_file,
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0LXB3"}}}}}}"#,
-            locked.addr()
-        ),
-    )
-    .unwrap();
+    let auth_file = alice_auth_file(secrets.path(), &locked.addr());
     let root = tempfile::tempdir().unwrap();
     lazylayer_json(root.path(), &["pull", &image_ref(&open, "busybox")]);
     let dst = format!("{}/private/busybox:latest", locked.addr());
-    let with_auth = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-            .arg("--root")
-            .arg(root.path())
-            .args(args)
-            .env("REGISTRY_AUTH_FILE", &auth_file)
-            .env("HOME", secrets.path())
-            .output()
-            .unwrap()
-    };
+    let with_auth =
+        |args: &[&str]| lazylayer_authed(root.path(), secrets.path(), Some(&auth_file), args);
     let pushed = with_auth(&["push", &image_ref(&open, "busybox"), &dst]);
     assert!(pushed.status.success(), "{}", stderr(&pushed));
     assert!(issued.load(Ordering::SeqCst) >= 1, "a token was requested");
     let fresh = tempfile::tempdir().unwrap();
-    let pulled = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(fresh.path())
-        .args(["pull", "--json", &dst])
-        .env("REGISTRY_AUTH_FILE", &auth_file)
-        .output()
-        .unwrap();
+    let pulled = lazylayer_authed(
+        fresh.path(),
+        secrets.path(),
+        Some(&auth_file),
+        &["pull", "--json", &dst],
+    );
     assert!(pulled.status.success(), "{}", stderr(&pulled));
     let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
     assert_eq!(v["manifest_digest"], digests["busybox"]);
     // Without credentials the issuer grants nothing and the registry refuses.
-    let anon = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(tempfile::tempdir().unwrap().path())
-        .args(["pull", &dst])
-        .env_remove("REGISTRY_AUTH_FILE")
-        .env("HOME", secrets.path())
-        .output()
-        .unwrap();
+    let anon = lazylayer_authed(
+        tempfile::tempdir().unwrap().path(),
+        secrets.path(),
+        None,
+        &["pull", &dst],
+    );
     assert!(!anon.status.success());
     assert!(
         stderr(&anon).contains("access denied") || stderr(&anon).contains("401"),
