@@ -162,10 +162,7 @@ impl LazyImage {
             config_digest,
             layers: layers.clone(),
             platform: opts.pull.platform.to_string(),
-            pulled_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            pulled_at: lazylayer_store::unix_now(),
         };
         let fetcher = LayerFetcher::new(
             store.clone(),

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::StoreError;
 pub use lock::FileLock;
-pub use pull::{NoProgress, PullOptions, PullProgress};
+pub use pull::{unix_now, NoProgress, PullOptions, PullProgress};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 

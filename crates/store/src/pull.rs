@@ -54,7 +54,9 @@ impl Default for PullOptions {
     }
 }
 
-fn now() -> u64 {
+/// Unix seconds now (0 if the clock is before 1970): what image and
+/// container records store.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -121,7 +123,7 @@ impl Store {
                 config_digest,
                 layers,
                 platform: opts.platform.to_string(),
-                pulled_at: now(),
+                pulled_at: unix_now(),
             };
             self.save_image(&rec)?;
             info!(manifest = %rec.manifest_digest, "pulled");

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lazylayer_fetch::{FetchOptions, LazyImage, OpenError};
@@ -61,13 +61,6 @@ pub struct Args {
     /// Command and arguments replacing the image's Cmd
     #[arg(last = true)]
     pub command: Vec<String>,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn random_name() -> String {
@@ -194,7 +187,7 @@ async fn run_in(
     let state = ContainerState {
         name: name.to_string(),
         image: reference.to_string(),
-        created: now_secs(),
+        created: lazylayer_store::unix_now(),
         status: ContainerStatus::Running,
         exit_code: None,
         pid: std::process::id(),
