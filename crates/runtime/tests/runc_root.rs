@@ -379,7 +379,13 @@ fn root_host_network_shares_our_loopback_and_resolver() {
         return;
     }
     let env = TestEnv::new();
-    let port = 40000 + (std::process::id() % 20000) as u16;
+    // The host's port space is shared with every other process (CI ran the
+    // registry and ephemeral client ports there): ask the kernel for a free one.
+    let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut s = spec(
         &env,
         "hostnet",
@@ -388,7 +394,14 @@ fn root_host_network_shares_our_loopback_and_resolver() {
     s.network = lazylayer_runtime::NetworkMode::Host;
     let mut c = start(&env, &s, "hostnet");
     let r = wait_ready(&mut c, &WaitCondition::Port(port), Duration::from_secs(10));
-    assert_eq!(r.unwrap(), Readiness::Ready);
+    if !matches!(r, Ok(Readiness::Ready)) {
+        let mut err = String::new();
+        let _ = c.kill(9); // so reading stderr to its end cannot hang
+        if let Some(mut e) = c.take_stderr() {
+            let _ = e.read_to_string(&mut err);
+        }
+        panic!("httpd on host port {port} not ready: {r:?}; stderr: {err}");
+    }
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok());
     drop(c);
