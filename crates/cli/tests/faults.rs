@@ -370,6 +370,9 @@ fn lazylayer_authed(
 
 #[test]
 fn basic_auth_from_auth_file() {
+    // Written first: an executable written while other threads fork can be
+    // "text file busy" for a moment.
+    let helper_dir = credential_helper();
     let open = Registry::start();
     let digests = push_images(&open, &["busybox"]);
     let secrets = tempfile::tempdir().unwrap();
@@ -419,9 +422,59 @@ fn basic_auth_from_auth_file() {
     assert!(pulled.status.success(), "{}", stderr(&pulled));
     let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
     assert_eq!(v["manifest_digest"], digests["busybox"]);
-    for o in [&denied, &pushed, &pulled] {
+
+    // The same password from a credential helper named by Docker's config.json.
+    let docker_cfg = secrets.path().join("docker");
+    std::fs::create_dir(&docker_cfg).unwrap();
+    std::fs::write(
+        docker_cfg.join("config.json"),
+        format!(r#"{{"credHelpers":{{"{}":"lltest"}}}}"#, locked.addr()),
+    )
+    .unwrap();
+    let helper_pulled = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(tempfile::tempdir().unwrap().path())
+        .args(["pull", "--json", &dst])
+        .env("HOME", secrets.path())
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env("DOCKER_CONFIG", &docker_cfg)
+        .env("PATH", path_with(&helper_dir))
+        .output()
+        .unwrap();
+    assert!(helper_pulled.status.success(), "{}", stderr(&helper_pulled));
+    let asked = std::fs::read_to_string(helper_dir.path().join("asked")).unwrap();
+    assert_eq!(
+        asked.trim(),
+        locked.addr(),
+        "the helper is asked for the registry"
+    );
+    for o in [&denied, &pushed, &pulled, &helper_pulled] {
         assert!(!stderr(o).contains("s3cret-pw"), "secret printed");
     }
+}
+
+/// A `docker-credential-lltest` in a fresh directory: gives alice's password
+/// for any server and notes which one it was asked for.
+fn credential_helper() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("docker-credential-lltest");
+    let script = format!(
+        "#!/bin/sh\nread -r server\necho \"$server\" >> {}/asked\n\
+         echo '{{\"ServerURL\":\"'\"$server\"'\",\"Username\":\"alice\",\"Secret\":\"s3cret-pw\"}}'\n",
+        dir.path().display()
+    );
+    std::fs::write(&p, script).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn path_with(dir: &tempfile::TempDir) -> std::ffi::OsString {
+    let mut paths = vec![dir.path().to_path_buf()];
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(paths).unwrap()
 }
 
 /// The Bearer token flow against the real registry configured for token

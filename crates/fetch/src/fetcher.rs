@@ -205,50 +205,73 @@ impl LayerFetcher {
     /// Open the file at `path` (relative) from layer `i`, waiting (bounded)
     /// until it has landed. Blocking: called from FUSE threads.
     pub fn open_file(&self, i: usize, path: &[u8]) -> io::Result<File> {
+        /// Where the file can be opened, decided under the lock, opened after.
+        enum Found {
+            Stored(PathBuf),
+            /// Landed but the layer is still streaming: try the extraction dir,
+            /// then the store (the layer may have been renamed in meanwhile).
+            Streaming(Option<PathBuf>, PathBuf),
+            Failed(io::Error),
+        }
         self.request(i, true);
-        let deadline = Instant::now() + self.inner.opts.read_timeout;
+        let timeout = self.inner.opts.read_timeout;
+        let found = self.wait_for(Instant::now() + timeout, |s| {
+            let Some(slot) = s.get(i) else {
+                return Some(Found::Failed(io::Error::other(format!("no layer {i}"))));
+            };
+            let stored = self.inner.store.layer_fs_path(&slot.layer.digest);
+            match &slot.state {
+                LayerState::Done => Some(Found::Stored(stored)),
+                LayerState::Failed(msg) => Some(Found::Failed(io::Error::other(format!(
+                    "layer {} could not be fetched: {msg}",
+                    slot.layer.digest
+                )))),
+                _ if self.inner.opts.serve_unverified && slot.ready.contains(path) => {
+                    Some(Found::Streaming(slot.extracting_in.clone(), stored))
+                }
+                _ => None,
+            }
+        });
+        match found {
+            Some(Found::Stored(dir)) => open_beneath(&dir, path),
+            Some(Found::Streaming(extracting, stored)) => {
+                if let Some(d) = extracting {
+                    match open_beneath(&d, path) {
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        other => return other,
+                    }
+                }
+                open_beneath(&stored, path)
+            }
+            Some(Found::Failed(e)) => Err(e),
+            None => {
+                let digest = self.inner.slots.lock().unwrap()[i].layer.digest.clone();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "waited {timeout:?} for {} from layer {digest}",
+                        String::from_utf8_lossy(path),
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Blocks until `decide` answers for the current slots (re-asked after
+    /// every change) or `deadline` passes (None).
+    fn wait_for<T>(
+        &self,
+        deadline: Instant,
+        mut decide: impl FnMut(&[Slot]) -> Option<T>,
+    ) -> Option<T> {
         let mut s = self.inner.slots.lock().unwrap();
         loop {
-            let slot = s
-                .get(i)
-                .ok_or_else(|| io::Error::other(format!("no layer {i}")))?;
-            let final_dir = self.inner.store.layer_fs_path(&slot.layer.digest);
-            match &slot.state {
-                LayerState::Done => {
-                    drop(s);
-                    return open_beneath(&final_dir, path);
-                }
-                LayerState::Failed(msg) => {
-                    return Err(io::Error::other(format!(
-                        "layer {} could not be fetched: {msg}",
-                        slot.layer.digest
-                    )));
-                }
-                _ if self.inner.opts.serve_unverified && slot.ready.contains(path) => {
-                    let dir = slot.extracting_in.clone();
-                    drop(s);
-                    if let Some(d) = dir {
-                        match open_beneath(&d, path) {
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                            other => return other,
-                        }
-                    }
-                    // The layer was verified and renamed into the store meanwhile.
-                    return open_beneath(&final_dir, path);
-                }
-                _ => {}
+            if let Some(t) = decide(&s) {
+                return Some(t);
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "waited {:?} for {} from layer {}",
-                        self.inner.opts.read_timeout,
-                        String::from_utf8_lossy(path),
-                        slot.layer.digest
-                    ),
-                ));
+                return None;
             }
             s = self
                 .inner
@@ -292,29 +315,18 @@ impl LayerFetcher {
 
     /// Block until every layer is done or one failed (or `timeout`).
     pub fn wait_all(&self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.inner.slots.lock().unwrap();
-        loop {
+        self.wait_for(Instant::now() + timeout, |s| {
             if let Some(f) = s.iter().find_map(|x| match &x.state {
                 LayerState::Failed(m) => Some(format!("layer {}: {m}", x.layer.digest)),
                 _ => None,
             }) {
-                return Err(f);
+                return Some(Err(f));
             }
-            if s.iter().all(|x| x.state == LayerState::Done) {
-                return Ok(());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err("timed out waiting for layers".into());
-            }
-            s = self
-                .inner
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap()
-                .0;
-        }
+            s.iter()
+                .all(|x| x.state == LayerState::Done)
+                .then_some(Ok(()))
+        })
+        .unwrap_or_else(|| Err("timed out waiting for layers".into()))
     }
 }
 

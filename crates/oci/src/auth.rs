@@ -1,10 +1,15 @@
-//! Registry credentials from the auth files Docker and Podman write, and the
+//! Registry credentials from the auth files Docker and Podman write (inline
+//! `auths` entries and `credHelpers`/`credsStore` credential helpers), and the
 //! `WWW-Authenticate` challenge grammar. Secrets are never logged or shown:
 //! [`Credential`]'s `Debug` redacts them.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
@@ -30,10 +35,26 @@ impl Credential {
     }
 }
 
+/// Where a host's credentials come from.
+#[derive(Debug, Clone)]
+enum Entry {
+    Inline(Credential),
+    /// `docker-credential-<name>` answers for the host.
+    Helper(String),
+}
+
+/// A helper that has not answered by then is killed: a prompt nobody sees
+/// must not hang a pull.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Credentials by registry host, loaded from auth files.
 #[derive(Debug, Clone, Default)]
 pub struct AuthStore {
-    by_host: HashMap<String, Credential>,
+    by_host: HashMap<String, Entry>,
+    /// The first `credsStore` named: asked for hosts no file names.
+    default_helper: Option<String>,
+    /// Helper answers by host, so a helper runs once per host and process.
+    asked: Arc<Mutex<HashMap<String, Option<Credential>>>>,
     /// Files read, for `--help`-style diagnostics.
     pub sources: Vec<PathBuf>,
 }
@@ -71,10 +92,13 @@ impl AuthStore {
                 continue;
             };
             match parse_auth_file(&text) {
-                Ok(entries) => {
+                Ok(file) => {
                     store.sources.push(p.clone());
-                    for (host, cred) in entries {
-                        store.by_host.entry(host).or_insert(cred);
+                    for (host, entry) in file.entries {
+                        store.by_host.entry(host).or_insert(entry);
+                    }
+                    if store.default_helper.is_none() {
+                        store.default_helper = file.creds_store;
                     }
                 }
                 Err(e) => {
@@ -86,17 +110,120 @@ impl AuthStore {
     }
 
     pub fn insert(&mut self, host: &str, cred: Credential) {
-        self.by_host.insert(normalize_host(host), cred);
+        self.by_host
+            .insert(normalize_host(host), Entry::Inline(cred));
     }
 
-    pub fn get(&self, host: &str) -> Option<&Credential> {
-        self.by_host.get(&normalize_host(host)).or_else(|| {
+    /// The credential for `host`, asking a credential helper if a file
+    /// routes the host (or every host, `credsStore`) to one.
+    pub fn get(&self, host: &str) -> Option<Credential> {
+        let entry = self.by_host.get(&normalize_host(host)).or_else(|| {
             // Docker Hub credentials are filed under its legacy index address.
-            (host == "docker.io" || host == "registry-1.docker.io")
+            is_docker_hub(host)
                 .then(|| self.by_host.get("index.docker.io"))
                 .flatten()
-        })
+        });
+        match (entry, &self.default_helper) {
+            (Some(Entry::Inline(c)), _) => Some(c.clone()),
+            (Some(Entry::Helper(name)), _) | (None, Some(name)) => self.ask_helper(name, host),
+            (None, None) => None,
+        }
     }
+
+    fn ask_helper(&self, name: &str, host: &str) -> Option<Credential> {
+        let key = format!("{name}\0{host}");
+        if let Some(known) = self.asked.lock().unwrap().get(&key) {
+            return known.clone();
+        }
+        // Docker files Hub credentials under its v1 index URL; helpers expect that key.
+        let server = if is_docker_hub(host) {
+            "https://index.docker.io/v1/"
+        } else {
+            host
+        };
+        let program = format!("docker-credential-{name}");
+        let found = if name.is_empty() || name.contains('/') {
+            tracing::warn!(%name, "ignoring credential helper with a bad name");
+            None
+        } else {
+            run_helper(Path::new(&program), server).unwrap_or_else(|e| {
+                tracing::warn!(helper = %program, %host, error = %e, "credential helper failed");
+                None
+            })
+        };
+        self.asked.lock().unwrap().insert(key, found.clone());
+        found
+    }
+}
+
+fn is_docker_hub(host: &str) -> bool {
+    host == "docker.io" || host == "registry-1.docker.io"
+}
+
+/// `docker-credential-NAME get` with the server on stdin (the protocol Docker
+/// and Podman share). Ok(None): the helper has nothing for this server.
+fn run_helper(program: &Path, server: &str) -> Result<Option<Credential>, String> {
+    let shown = program.display();
+    let mut child = Command::new(program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    // The request is one line; the pipe cannot fill before the helper reads.
+    let _ = child.stdin.take().unwrap().write_all(server.as_bytes());
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = String::new();
+        let _ = err.read_to_string(&mut v);
+        v
+    });
+    let deadline = Instant::now() + HELPER_TIMEOUT;
+    let status = loop {
+        match child.try_wait().map_err(|e| e.to_string())? {
+            Some(st) => break st,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {HELPER_TIMEOUT:?}"));
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let out = out_reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    if !status.success() {
+        // The protocol's "nothing stored" answer, from every helper Docker ships.
+        if err.contains("credentials not found")
+            || String::from_utf8_lossy(&out).contains("credentials not found")
+        {
+            tracing::debug!(helper = %shown, %server, "helper has no credentials");
+            return Ok(None);
+        }
+        return Err(format!("{status}: {}", err.trim()));
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username")]
+        username: String,
+        #[serde(rename = "Secret")]
+        secret: String,
+    }
+    let a: Answer = serde_json::from_slice(&out).map_err(|e| format!("unreadable answer: {e}"))?;
+    if a.username == "<token>" {
+        // An identity token is an OAuth2 refresh token, not a password.
+        return Err("the helper holds an identity token, which lazylayer does not support".into());
+    }
+    Ok(Some(Credential {
+        username: a.username,
+        password: a.secret,
+    }))
 }
 
 /// `https://index.docker.io/v1/` → `index.docker.io`; `host:5000` stays.
@@ -107,20 +234,34 @@ fn normalize_host(key: &str) -> String {
     k.split('/').next().unwrap_or(k).to_string()
 }
 
-fn parse_auth_file(text: &str) -> Result<Vec<(String, Credential)>, String> {
+struct AuthFile {
+    entries: Vec<(String, Entry)>,
+    creds_store: Option<String>,
+}
+
+fn parse_auth_file(text: &str) -> Result<AuthFile, String> {
     #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
     struct File {
         #[serde(default)]
-        auths: HashMap<String, Entry>,
+        auths: HashMap<String, Inline>,
+        #[serde(default)]
+        cred_helpers: HashMap<String, String>,
+        creds_store: Option<String>,
     }
     #[derive(serde::Deserialize)]
-    struct Entry {
+    struct Inline {
         auth: Option<String>,
         username: Option<String>,
         password: Option<String>,
     }
     let f: File = serde_json::from_str(text).map_err(|e| format!("not an auth file: {e}"))?;
-    let mut out = Vec::new();
+    // A host's helper wins over an inline entry in the same file, as in Docker.
+    let mut entries: Vec<(String, Entry)> = f
+        .cred_helpers
+        .into_iter()
+        .map(|(host, name)| (normalize_host(&host), Entry::Helper(name)))
+        .collect();
     for (host, e) in f.auths {
         let cred = if let Some(a) = e.auth.filter(|a| !a.is_empty()) {
             let raw = base64::engine::general_purpose::STANDARD
@@ -140,11 +281,17 @@ fn parse_auth_file(text: &str) -> Result<Vec<(String, Credential)>, String> {
                 password: p,
             }
         } else {
-            continue; // e.g. an entry served by a credential helper
+            continue; // an empty placeholder beside a credsStore
         };
-        out.push((normalize_host(&host), cred));
+        let host = normalize_host(&host);
+        if !entries.iter().any(|(h, _)| *h == host) {
+            entries.push((host, Entry::Inline(cred)));
+        }
     }
-    Ok(out)
+    Ok(AuthFile {
+        entries,
+        creds_store: f.creds_store.filter(|s| !s.is_empty()),
+    })
 }
 
 /// One parsed `WWW-Authenticate` challenge.
@@ -261,6 +408,59 @@ mod tests {
             s.get("docker.io").unwrap().basic_header(),
             "Basic YWxpY2U6czNjcmV0"
         );
+    }
+
+    #[test]
+    fn helpers_route_hosts_before_inline_entries() {
+        let f = parse_auth_file(
+            r#"{"auths":{"a:1":{"auth":"eDp5"},"b:2":{"auth":"eDp5"},"c:3":{}},
+                "credHelpers":{"a:1":"secretservice"},"credsStore":"pass"}"#,
+        )
+        .unwrap();
+        let find = |h: &str| f.entries.iter().find(|(k, _)| k == h).map(|(_, e)| e);
+        assert!(matches!(find("a:1"), Some(Entry::Helper(n)) if n == "secretservice"));
+        assert!(matches!(find("b:2"), Some(Entry::Inline(c)) if c.username == "x"));
+        assert!(find("c:3").is_none(), "empty placeholder");
+        assert_eq!(f.creds_store.as_deref(), Some("pass"));
+    }
+
+    /// A helper speaking the docker-credential protocol: server on stdin,
+    /// JSON on stdout, "credentials not found" for unknown servers.
+    fn fake_helper(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("docker-credential-fake");
+        std::fs::write(
+            &p,
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread -r server\necho \"$server\" >> \"$0.asked\"\n\
+             case \"$server\" in\n  reg:5000) echo '{\"ServerURL\":\"reg:5000\",\"Username\":\"bob\",\"Secret\":\"hunter2\"}' ;;\n\
+             \x20 tok:1) echo '{\"Username\":\"<token>\",\"Secret\":\"refresh\"}' ;;\n\
+             \x20 *) echo 'credentials not found in native keychain' >&2; exit 1 ;;\nesac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn credential_helper_protocol() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = fake_helper(dir.path());
+        let c = run_helper(&h, "reg:5000").unwrap().unwrap();
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("bob", "hunter2")
+        );
+        assert_eq!(run_helper(&h, "other:1").unwrap(), None);
+        let e = run_helper(&h, "tok:1").unwrap_err();
+        assert!(
+            e.contains("identity token") && !e.contains("refresh"),
+            "{e}"
+        );
+        let e = run_helper(&dir.path().join("missing"), "reg:5000").unwrap_err();
+        assert!(e.contains("cannot start"), "{e}");
+        let asked =
+            std::fs::read_to_string(dir.path().join("docker-credential-fake.asked")).unwrap();
+        assert_eq!(asked, "reg:5000\nother:1\ntok:1\n");
     }
 
     #[test]
