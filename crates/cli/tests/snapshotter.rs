@@ -320,9 +320,10 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     };
 
     // Claim every layer, bottom first, as containerd's unpacker would.
+    let parent_of = |i: usize| format!("chain-{i}");
     let mut parent = String::new();
     for (i, layer) in opt_layers.iter().enumerate() {
-        let target = format!("chain-{i}");
+        let target = parent_of(i);
         let err = prepare(
             &mut client,
             &format!("extract-{i}"),
@@ -356,6 +357,67 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
         assert_eq!(gets_since(l), 0, "layer {l} fetched before any container");
     }
 
+    // A snapshot on a layer *below* the boot layer, as when a plain image
+    // sharing those layers is unpacked after the optimized one (containerd
+    // finds their chain committed): served by the layers' extracted trees in
+    // the store, fetched in full then (and not again by the lazy root's prefetch).
+    let below = &parent_of(opt_layers.len() - 2);
+    let mounts = prepare(&mut client, "below", below, HashMap::new())
+        .expect("a snapshot below the boot layer")
+        .into_inner()
+        .mounts;
+    assert_eq!(mounts[0].r#type, "overlay", "{mounts:?}");
+    let lowerdir = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap();
+    let lowers: Vec<&str> = lowerdir.split(':').collect();
+    assert_eq!(lowers.len(), opt_layers.len() - 1, "{lowerdir}");
+    for (l, digest) in lowers.iter().rev().zip(&opt_layers) {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        assert_eq!(
+            Path::new(l),
+            root.path().join("layers/sha256").join(hex).join("fs"),
+            "lowers are the store's layers, top first"
+        );
+    }
+    for l in &opt_layers[..opt_layers.len() - 1] {
+        assert_eq!(gets_since(l), 1, "layer {l} fetched once, in full");
+    }
+    let target = root.path().join("rootfs");
+    std::fs::create_dir(&target).unwrap();
+    let st = Command::new("mount")
+        .args([
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &mounts[0].options.join(","),
+        ])
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let m = Mount(target.clone());
+    let out = Command::new("chroot")
+        .arg(&target)
+        .args(["/bin/sh", "-c", "cat /data/keep/a.txt; ls /data/opq"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let below_view = out.stdout;
+    drop(m);
+    rt.block_on(client.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "lazylayer".into(),
+        key: "below".into(),
+    }))
+    .unwrap();
+
     // A container on the top layer: an overlay whose lower is the lazy root.
     let mounts = prepare(&mut client, "ctr", &parent, HashMap::new())
         .unwrap()
@@ -374,8 +436,6 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
         "{mounts:?}"
     );
     assert!(mounts_below(&lazy).len() == 1, "the lazy root is mounted");
-    let target = root.path().join("rootfs");
-    std::fs::create_dir(&target).unwrap();
     let st = Command::new("mount")
         .args([
             "-t",
@@ -406,6 +466,11 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&below_view),
+        "the lazy root shows what the layers below the boot layer hold"
+    );
     assert!(target.join("new").exists());
     drop(m);
     rt.block_on(client.remove(pb::RemoveSnapshotRequest {
@@ -726,6 +791,26 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
         "plain via cri",
     ]);
     assert_eq!(out.replace('\r', ""), "plain via cri\n");
+
+    // The original image shares every layer but the boot layer with the
+    // optimized one: containerd finds those chains committed (remote) and
+    // unpacks nothing; its container stands on them below the boot layer,
+    // and the snapshotter serves them whole from its store.
+    cri_pull(&cd, &src);
+    let out = cd.ok(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazylayer",
+        &src,
+        "t3",
+        "python3",
+        "-c",
+        "import email.parser; print('shared layers')",
+    ]);
+    assert_eq!(out.replace('\r', ""), "shared layers\n");
     drop(cd);
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, OpenError};
 use lazylayer_fs::{FsMount, FsOptions};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
-use lazylayer_store::Store;
+use lazylayer_store::{NoProgress, PullOptions, Store};
 use tokio::sync::Mutex;
 
 use crate::error::{io, Result, SnapshotError};
@@ -77,6 +77,39 @@ impl Images {
         Ok(o)
     }
 
+    /// Fetch remote layer `r` of its image into the store, whole and verified.
+    async fn fetch_layer(&self, r: &RemoteLayer) -> Result<()> {
+        let image = format!("{}@{}", r.image_ref, r.manifest_digest);
+        let precondition = |reason: String| SnapshotError::FailedPrecondition {
+            key: r.layer_digest.clone(),
+            reason,
+        };
+        let img = self
+            .open(&r.image_ref, &r.manifest_digest)
+            .await?
+            .ok_or_else(|| precondition(format!("{image} no longer has a boot layer")))?;
+        let layer = img
+            .record
+            .layers
+            .iter()
+            .find(|l| l.digest.to_string() == r.layer_digest)
+            .ok_or_else(|| precondition(format!("{image} has no layer {}", r.layer_digest)))?;
+        self.store
+            .ensure_layer(
+                &self.client,
+                &img.reference.repository,
+                layer,
+                &PullOptions::default(),
+                Arc::new(NoProgress),
+            )
+            .await
+            .map_err(|e| SnapshotError::Image {
+                image,
+                source: Box::new(FetchError::from(e)),
+            })?;
+        Ok(())
+    }
+
     /// The remote layer a Prepare with these labels asks for, if its image
     /// is optimized and has that layer.
     async fn claim(&self, c: &Claim) -> Result<Option<RemoteLayer>> {
@@ -133,7 +166,10 @@ impl Snapshotter {
     /// Open the snapshotter's state in `dir`. Without `images`, nothing is
     /// claimed remotely (a plain overlayfs snapshotter).
     pub fn open(dir: &Path, images: Option<Images>) -> Result<Snapshotter> {
-        let snapshots = Snapshots::open(dir)?;
+        let mut snapshots = Snapshots::open(dir)?;
+        if let Some(i) = &images {
+            snapshots = snapshots.with_layer_store(i.store.clone());
+        }
         // Our FUSE mounts die with the process that served them; a restart
         // finds them dead (ENOTCONN). Detach them so they can be mounted anew.
         detach_mounts_below(&dir.join("lazy"));
@@ -193,11 +229,36 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        self.ensure_remote_layers(parent).await?;
         let mut mounts = self.mounts.lock().await;
         if let Some(r) = self.snapshots.remote_top_of(parent) {
             self.ensure_mounted(&mut mounts, &r).await?;
         }
         self.snapshots.create(kind, key, parent, labels)
+    }
+
+    /// A snapshot on a remote layer *below* a boot layer (say a plain image
+    /// that shares an optimized image's base layers, whose chain containerd
+    /// finds already committed) cannot use the lazy root, which shows the
+    /// whole optimized image: fetch those layers into the store in full.
+    async fn ensure_remote_layers(&self, parent: &str) -> Result<()> {
+        let missing = self.snapshots.remote_layers_missing(parent);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let images = self
+            .images
+            .as_ref()
+            .ok_or_else(|| SnapshotError::FailedPrecondition {
+                key: parent.to_string(),
+                reason: "stands on remote layers, and this snapshotter has no registry access"
+                    .into(),
+            })?;
+        for r in missing {
+            tracing::info!(image = %r.image_ref, layer = %r.layer_digest, "fetching a remote layer in full for a snapshot below the boot layer");
+            images.fetch_layer(&r).await?;
+        }
+        Ok(())
     }
 
     pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {

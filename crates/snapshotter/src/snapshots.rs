@@ -8,6 +8,10 @@
 //! - `snapshots/<id>/fs` and `snapshots/<id>/work`: a local snapshot's content
 //!   and overlayfs work dir;
 //! - `lazy/<manifest hex>/`: where an optimized image's FUSE root is mounted.
+//!
+//! A remote layer *below* an image's boot layer (a plain image sharing it
+//! stands on it) is served from its extracted tree in the lazylayer store,
+//! which has overlayfs's own layout and so is a ready lower directory.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -109,6 +113,8 @@ pub struct Usage {
 pub struct Snapshots {
     dir: PathBuf,
     db: Mutex<Db>,
+    /// Where remote layers below a boot layer are found extracted.
+    layer_store: Option<lazylayer_store::Store>,
 }
 
 impl Snapshots {
@@ -130,7 +136,38 @@ impl Snapshots {
         Ok(Snapshots {
             dir: dir.to_path_buf(),
             db: Mutex::new(db),
+            layer_store: None,
         })
+    }
+
+    /// Serve remote layers below a boot layer from `store`'s extracted layers.
+    pub fn with_layer_store(mut self, store: lazylayer_store::Store) -> Snapshots {
+        self.layer_store = Some(store);
+        self
+    }
+
+    /// The extracted tree of remote layer `r`, if the store has all of it.
+    fn remote_layer_dir(&self, r: &RemoteLayer) -> Option<PathBuf> {
+        let digest = r.layer_digest.parse().ok()?;
+        self.layer_store.as_ref()?.layer_dir(&digest)
+    }
+
+    /// Remote layers a snapshot on `parent` would need from the store (those
+    /// below a boot layer, not under a lazy root) that it does not have yet.
+    pub fn remote_layers_missing(&self, parent: &str) -> Vec<RemoteLayer> {
+        let db = self.lock();
+        let mut out = Vec::new();
+        let mut next = (!parent.is_empty()).then_some(parent);
+        while let Some(n) = next {
+            let Some(s) = db.snapshots.get(n) else { break };
+            match &s.remote {
+                Some(r) if r.top => break,
+                Some(r) if self.remote_layer_dir(r).is_none() => out.push(r.clone()),
+                _ => {}
+            }
+            next = s.parent.as_deref();
+        }
+        out
     }
 
     pub fn dir(&self) -> &Path {
@@ -375,16 +412,19 @@ impl Snapshots {
                     out.push(self.lazy_dir(&r.manifest_digest));
                     break;
                 }
-                Some(r) => {
-                    return Err(SnapshotError::FailedPrecondition {
-                        key: name.clone(),
-                        reason: format!(
-                            "remote layer {} of {} is below the image's boot layer and \
-                             has no local content; only the whole image can be mounted",
-                            r.layer_digest, r.image_ref
-                        ),
-                    })
-                }
+                Some(r) => match self.remote_layer_dir(r) {
+                    Some(dir) => out.push(dir),
+                    None => {
+                        return Err(SnapshotError::FailedPrecondition {
+                            key: name.clone(),
+                            reason: format!(
+                                "remote layer {} of {} is below the image's boot layer \
+                                 and not in the store yet",
+                                r.layer_digest, r.image_ref
+                            ),
+                        })
+                    }
+                },
                 None => out.push(self.snapshot_dir(p.id).join("fs")),
             }
             next = p.parent.clone();
