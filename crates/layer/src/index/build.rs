@@ -254,6 +254,7 @@ impl Meta {
             hardlink_group: 0,
             layer: layer as u32,
             in_boot: false,
+            digest: None,
         }
     }
 }

@@ -421,6 +421,7 @@ fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexErr
             hardlink_group: get_u32(r, rec::HARDLINK_GROUP),
             layer: get_u32(r, rec::LAYER),
             in_boot: flags & FLAG_IN_BOOT != 0,
+            digest: None,
         });
     }
     if blob.remaining() != 0 {

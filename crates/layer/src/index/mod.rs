@@ -142,6 +142,11 @@ pub struct IndexEntry {
     pub layer: u32,
     /// Whether the boot layer holds this path.
     pub in_boot: bool,
+    /// SHA-256 of a regular file's content, so a file read from a layer that
+    /// is still streaming (its blob digest not checked yet) can be verified
+    /// on its own. None for anything but a regular file; may be None for a
+    /// file (held by the boot layer, or an index of format version 1).
+    pub digest: Option<[u8; 32]>,
 }
 
 /// The merged view of an image: its layers and every path, with lookup

@@ -27,6 +27,7 @@ pub(crate) fn entry(path: &[u8], parent: u32, kind: FileKind) -> IndexEntry {
         hardlink_group: 0,
         layer: 0,
         in_boot: false,
+        digest: None,
     }
 }
 
