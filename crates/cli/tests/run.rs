@@ -375,6 +375,92 @@ fn root_registry_dying_mid_layer_gives_eio_then_a_new_run_succeeds() {
     assert_nothing_left(root2.path());
 }
 
+/// A layer whose blob was swapped on the registry for a well-formed one
+/// with other content: its files land on disk before the blob's digest can
+/// be checked (at its end), yet none is served unless its bytes match the
+/// SHA-256 the boot index holds for it. The reader gets an error instead.
+#[test]
+fn root_tampered_layer_content_is_never_served() {
+    use std::io::{Read, Write};
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (src, dst, layers) = optimized(&reg, "python3", &[]);
+
+    // The topmost layer holding sqlite3/__init__.py (not traced, so not in
+    // the boot layer), and that file's content.
+    let pulled = tempfile::tempdir().unwrap();
+    lazylayer_ok(pulled.path(), &["pull", &src]);
+    let module = |layer: &str| -> Option<std::path::PathBuf> {
+        let lib = pulled
+            .path()
+            .join("layers/sha256")
+            .join(layer.strip_prefix("sha256:").unwrap())
+            .join("fs/usr/lib");
+        std::fs::read_dir(lib).ok()?.flatten().find_map(|e| {
+            let p = e.path().join("sqlite3/__init__.py");
+            (e.file_name().to_string_lossy().starts_with("python3.") && p.is_file()).then_some(p)
+        })
+    };
+    let (i, file) = layers
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, l)| module(l).map(|p| (i, p)))
+        .expect("a layer with the sqlite3 module");
+    // Read with cat: python itself would take the module's cached bytecode.
+    let in_image = format!(
+        "/{}",
+        file.components()
+            .skip_while(|c| c.as_os_str() != "fs")
+            .skip(1)
+            .collect::<std::path::PathBuf>()
+            .display()
+    );
+    let original = std::fs::read(&file).unwrap();
+    assert!(original.len() > 40);
+    let mut tampered = b"print('TAMPERED')\n".to_vec();
+    tampered.resize(original.len() - 1, b'#');
+    tampered.push(b'\n');
+
+    // Same tar, one file's bytes changed (tar checksums cover headers only).
+    let data = reg.blob_data_path(&layers[i]);
+    let mut tar = Vec::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(&data).unwrap())
+        .read_to_end(&mut tar)
+        .unwrap();
+    let at: Vec<usize> = tar
+        .windows(original.len())
+        .enumerate()
+        .filter(|(_, w)| *w == original.as_slice())
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(at.len(), 1, "the module's bytes occur once in the layer");
+    tar[at[0]..at[0] + original.len()].copy_from_slice(&tampered);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    std::fs::write(&data, gz.finish().unwrap()).unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let out = run(
+        root.path(),
+        &["--rm", "--prefetch", "off", &dst, "--", "cat", &in_image],
+    );
+    let (so, se) = (
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(!so.contains("TAMPERED"), "tampered bytes were served: {so}");
+    assert!(so.is_empty(), "{so}");
+    assert!(!out.status.success());
+    assert!(se.contains(&layers[i]), "the run names the bad layer: {se}");
+    assert!(!root
+        .path()
+        .join("layers/sha256")
+        .join(layers[i].strip_prefix("sha256:").unwrap())
+        .exists());
+    assert_nothing_left(root.path());
+}
+
 #[test]
 fn root_plain_image_falls_back_to_full_pull_and_containers_are_managed() {
     let reg = Registry::start();

@@ -204,7 +204,17 @@ impl LayerFetcher {
 
     /// Open the file at `path` (relative) from layer `i`, waiting (bounded)
     /// until it has landed. Blocking: called from FUSE threads.
-    pub fn open_file(&self, i: usize, path: &[u8]) -> io::Result<File> {
+    ///
+    /// A file served while its layer still streams has not been covered by
+    /// the layer's digest yet (that is checked at the end of the blob): with
+    /// `expected` (the boot index's SHA-256 of the content) it is served only
+    /// if its bytes match; otherwise the reader waits for the verified layer.
+    pub fn open_file(
+        &self,
+        i: usize,
+        path: &[u8],
+        expected: Option<&[u8; 32]>,
+    ) -> io::Result<File> {
         /// Where the file can be opened, decided under the lock, opened after.
         enum Found {
             Stored(PathBuf),
@@ -215,45 +225,61 @@ impl LayerFetcher {
         }
         self.request(i, true);
         let timeout = self.inner.opts.read_timeout;
-        let found = self.wait_for(Instant::now() + timeout, |s| {
-            let Some(slot) = s.get(i) else {
-                return Some(Found::Failed(io::Error::other(format!("no layer {i}"))));
-            };
-            let stored = self.inner.store.layer_fs_path(&slot.layer.digest);
-            match &slot.state {
-                LayerState::Done => Some(Found::Stored(stored)),
-                LayerState::Failed(msg) => Some(Found::Failed(io::Error::other(format!(
-                    "layer {} could not be fetched: {msg}",
-                    slot.layer.digest
-                )))),
-                _ if self.inner.opts.serve_unverified && slot.ready.contains(path) => {
-                    Some(Found::Streaming(slot.extracting_in.clone(), stored))
-                }
-                _ => None,
-            }
-        });
-        match found {
-            Some(Found::Stored(dir)) => open_beneath(&dir, path),
-            Some(Found::Streaming(extracting, stored)) => {
-                if let Some(d) = extracting {
-                    match open_beneath(&d, path) {
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        other => return other,
+        let deadline = Instant::now() + timeout;
+        let mut early = self.inner.opts.serve_unverified;
+        loop {
+            let found = self.wait_for(deadline, |s| {
+                let Some(slot) = s.get(i) else {
+                    return Some(Found::Failed(io::Error::other(format!("no layer {i}"))));
+                };
+                let stored = self.inner.store.layer_fs_path(&slot.layer.digest);
+                match &slot.state {
+                    LayerState::Done => Some(Found::Stored(stored)),
+                    LayerState::Failed(msg) => Some(Found::Failed(io::Error::other(format!(
+                        "layer {} could not be fetched: {msg}",
+                        slot.layer.digest
+                    )))),
+                    _ if early && slot.ready.contains(path) => {
+                        Some(Found::Streaming(slot.extracting_in.clone(), stored))
                     }
+                    _ => None,
                 }
-                open_beneath(&stored, path)
-            }
-            Some(Found::Failed(e)) => Err(e),
-            None => {
-                let digest = self.inner.slots.lock().unwrap()[i].layer.digest.clone();
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "waited {timeout:?} for {} from layer {digest}",
-                        String::from_utf8_lossy(path),
-                    ),
-                ))
-            }
+            });
+            return match found {
+                Some(Found::Stored(dir)) => open_beneath(&dir, path),
+                Some(Found::Streaming(extracting, stored)) => {
+                    if let Some(d) = extracting {
+                        match open_beneath(&d, path) {
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(e),
+                            Ok(f) => match expected {
+                                None => return Ok(f),
+                                Some(want) if content_matches(&f, want)? => return Ok(f),
+                                Some(want) => {
+                                    // A later entry of the same path may still be on its
+                                    // way, or the layer is bad: its digest will tell.
+                                    tracing::warn!(path = %String::from_utf8_lossy(path), want = %hex::encode(want), "content differs from the boot index; waiting for the verified layer");
+                                    early = false;
+                                    continue;
+                                }
+                            },
+                        }
+                    }
+                    // Renamed into the store meanwhile: verified with its layer.
+                    open_beneath(&stored, path)
+                }
+                Some(Found::Failed(e)) => Err(e),
+                None => {
+                    let digest = self.inner.slots.lock().unwrap()[i].layer.digest.clone();
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "waited {timeout:?} for {} from layer {digest}",
+                            String::from_utf8_lossy(path),
+                        ),
+                    ))
+                }
+            };
         }
     }
 
@@ -328,6 +354,16 @@ impl LayerFetcher {
         })
         .unwrap_or_else(|| Err("timed out waiting for layers".into()))
     }
+}
+
+/// Whether `f`'s content hashes to `want` (SHA-256); leaves it at offset 0.
+fn content_matches(mut f: &File, want: &[u8; 32]) -> io::Result<bool> {
+    use sha2::{Digest as _, Sha256};
+    use std::io::{Seek, SeekFrom};
+    let mut h = Sha256::new();
+    io::copy(&mut f, &mut h)?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(h.finalize().as_slice() == want)
 }
 
 async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {

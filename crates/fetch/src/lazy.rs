@@ -231,6 +231,7 @@ impl ContentSource for LazySource {
         if entry.in_boot {
             return open_beneath(&self.boot_dir, &entry.path);
         }
-        self.fetcher.open_file(entry.layer as usize, &entry.path)
+        self.fetcher
+            .open_file(entry.layer as usize, &entry.path, entry.digest.as_ref())
     }
 }

@@ -94,7 +94,7 @@ pub fn optimized_image(
         "size": boot.size,
         "annotations": {
             ANNOTATION_INDEX: index_name,
-            ANNOTATION_VERSION: "1",
+            ANNOTATION_VERSION: lazylayer_layer::index::FORMAT_VERSION.to_string(),
         }
     }));
     let ann = m.entry("annotations").or_insert_with(|| json!({}));

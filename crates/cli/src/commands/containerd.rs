@@ -117,11 +117,14 @@ async fn pull(g: &GlobalArgs, a: PullArgs) -> Result<()> {
         .await
         .with_context(|| format!("connecting to containerd at {}", a.address.display()))?;
     let mut cd = Containerd::new(channel, &a.namespace);
-    let nanos = SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    // Everything below is held by a lease until the image record references it.
-    cd.create_lease(&format!("lazylayer-pull-{nanos}"), None)
+        .unwrap_or_default();
+    // Everything below is held by a lease until the image record references
+    // it. Should this process die first, containerd collects the lease a day
+    // later (as its own client does for pulls).
+    let expire = rfc3339_utc(now.as_secs() + 24 * 3600);
+    cd.create_lease(&format!("lazylayer-pull-{}", now.as_nanos()), Some(&expire))
         .await
         .context("creating a containerd lease")?;
     let res = register(
@@ -132,7 +135,7 @@ async fn pull(g: &GlobalArgs, a: PullArgs) -> Result<()> {
         &config_digest,
         &layers,
         &chains,
-        nanos,
+        now.as_nanos(),
     )
     .await;
     if let Err(e) = cd.delete_lease().await {
@@ -259,4 +262,39 @@ async fn register(
     cd.put_image(&a.image, target, HashMap::new())
         .await
         .with_context(|| format!("creating the image record {} in containerd", a.image))
+}
+
+/// Unix seconds as RFC 3339 in UTC (`2026-11-25T14:00:00Z`), the form
+/// containerd's `containerd.io/gc.expire` label takes.
+fn rfc3339_utc(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian, era-based).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339_utc;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_795_624_496), "2026-11-25T16:34:56Z");
+        assert_eq!(rfc3339_utc(4_107_542_399), "2100-02-28T23:59:59Z");
+    }
 }

@@ -41,7 +41,8 @@ pub struct Args {
     #[arg(long, default_value_t = 60.0)]
     pub fetch_timeout: f64,
     /// Serve a file only once its whole layer is verified against its digest
-    /// (default: as soon as its tar entry lands, checked when the layer ends)
+    /// (default: as soon as its tar entry lands and its bytes match the
+    /// SHA-256 the boot index records for it)
     #[arg(long)]
     pub verified_only: bool,
     /// User to run as (NAME, UID, NAME:GROUP, UID:GID)

@@ -15,13 +15,14 @@
 use crate::xattr::read_sized;
 use std::collections::{btree_map, BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{self as rfs, AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
+use sha2::{Digest, Sha256};
 
 use super::{
     BootIndex, FileKind, IndexEntry, IndexError, INDEX_FILE_NAME, MAX_ENTRIES, OVERLAY_XATTR_PREFIX,
@@ -41,16 +42,22 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
 
+/// Read size when hashing file contents: files may be GBs, memory stays flat.
+const HASH_BUF_LEN: usize = 256 * 1024;
+
 /// Merge overlay-style layer dirs (bottom first) into the index of the
 /// merged image, applying whiteouts (char 0:0) and opaque dirs
 /// (`trusted.overlay.opaque=y`) exactly like overlayfs does.
 ///
 /// `in_boot` is false everywhere (the caller marks boot paths). Metadata is
 /// read with `lstat` and `llistxattr`/`lgetxattr` (`trusted.overlay.*`
-/// skipped); the root takes the topmost layer root's. Files of one layer
-/// sharing an inode form a hardlink group when at least two of them are
-/// visible in the merged view. A root-level [`INDEX_FILE_NAME`] is left out:
-/// it is the index's own storage, which standard runtimes never materialise.
+/// skipped); the root takes the topmost layer root's. Every regular file
+/// gets its content `digest` (SHA-256), read from the layer that holds it,
+/// so building reads the content of every visible file once (once per inode
+/// for hard links). Files of one layer sharing an inode form a hardlink
+/// group when at least two of them are visible in the merged view. A
+/// root-level [`INDEX_FILE_NAME`] is left out: it is the index's own
+/// storage, which standard runtimes never materialise.
 ///
 /// Needs `CAP_SYS_ADMIN` (root) to see `trusted.*` xattrs, hence opaque
 /// markers; /proc must be mounted (xattrs of symlinks and devices are read
@@ -91,6 +98,7 @@ pub fn build_index(layers: &[(String, PathBuf)]) -> Result<BootIndex, IndexError
     }];
     // (layer, st_dev, st_ino) -> visible entries, in entry order.
     let mut inodes: HashMap<(usize, u64, u64), Vec<u32>> = HashMap::new();
+    let mut hasher = ContentHasher::default();
 
     while let Some(dir) = pending.pop() {
         let mut subdirs = Vec::new();
@@ -127,7 +135,13 @@ pub fn build_index(layers: &[(String, PathBuf)]) -> Result<BootIndex, IndexError
                     .or_default()
                     .push(idx);
             }
-            entries.push(meta.into_entry(path.clone(), dir.idx, layer));
+            let digest = match meta.kind {
+                FileKind::File => Some(hasher.digest(&opened[layer], layer, &path, &meta)?),
+                _ => None,
+            };
+            let mut entry = meta.into_entry(path.clone(), dir.idx, layer);
+            entry.digest = digest;
+            entries.push(entry);
             if let Some(stack) = stack {
                 subdirs.push(PendingDir {
                     idx,
@@ -257,6 +271,91 @@ impl Meta {
             digest: None,
         }
     }
+}
+
+/// Content digests of regular files, hashed once per inode.
+struct ContentHasher {
+    buf: Vec<u8>,
+    /// Digests of hard-linked files by (layer, st_dev, st_ino): the other
+    /// names of an inode get the digest without reading it again.
+    linked: HashMap<(usize, u64, u64), [u8; 32]>,
+}
+
+impl Default for ContentHasher {
+    fn default() -> Self {
+        ContentHasher {
+            buf: vec![0; HASH_BUF_LEN],
+            linked: HashMap::new(),
+        }
+    }
+}
+
+impl ContentHasher {
+    /// SHA-256 of the regular file `rel` of `layer`, sighted with `meta`.
+    fn digest(
+        &mut self,
+        layer: &Layer<'_>,
+        li: usize,
+        rel: &[u8],
+        meta: &Meta,
+    ) -> Result<[u8; 32], IndexError> {
+        let key = (li, meta.dev, meta.ino);
+        if meta.nlink > 1 {
+            if let Some(d) = self.linked.get(&key) {
+                return Ok(*d);
+            }
+        }
+        // Beneath the layer root without following symlinks, like every
+        // other lookup here; NONBLOCK so that a file swapped for a fifo since
+        // the lstat cannot hang the open (the fstat below then refuses it).
+        let fd = rfs::openat2(
+            &layer.root,
+            rel,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+            RESOLVE,
+        )
+        .map_err(|e| layer.io_err(rel, "open file", e))?;
+        // The digest must describe the file the entry's metadata came from.
+        let st = rfs::fstat(&fd).map_err(|e| layer.io_err(rel, "stat", e))?;
+        #[allow(clippy::unnecessary_cast)]
+        let same = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+            && (st.st_dev as u64, st.st_ino as u64) == (meta.dev, meta.ino);
+        if !same {
+            return Err(layer.io_err(rel, "open file", changed("replaced")));
+        }
+        let mut file = std::fs::File::from(fd);
+        let mut sha = Sha256::new();
+        let mut total = 0u64;
+        loop {
+            match file.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    sha.update(&self.buf[..n]);
+                    total += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(layer.io_err(rel, "read file", e)),
+            }
+        }
+        // A size and a digest from different versions of the file would make
+        // every verified read of it fail.
+        if total != meta.size {
+            return Err(layer.io_err(rel, "read file", changed("resized")));
+        }
+        let digest: [u8; 32] = sha.finalize().into();
+        if meta.nlink > 1 {
+            self.linked.insert(key, digest);
+        }
+        Ok(digest)
+    }
+}
+
+fn changed(how: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("file {how} while the index was built"),
+    )
 }
 
 /// The children of merged directory `dir`, by name, each decided by the

@@ -416,6 +416,48 @@ fn root_index_build_reads_every_kind_and_all_metadata() {
 }
 
 #[test]
+fn index_build_records_file_content_digests() {
+    use sha2::{Digest, Sha256};
+    let sha = |data: &[u8]| -> [u8; 32] { Sha256::digest(data).into() };
+    // Larger than the read buffer and not a multiple of it, so the digest
+    // is streamed across several reads and a partial last one.
+    let big: Vec<u8> = (0..700_001u32).map(|i| (i % 251) as u8).collect();
+    let t = Layers::new(2);
+    t.file(0, "f", "lower content")
+        .file(0, "keep", "kept below");
+    t.file(1, "f", "upper content");
+    t.file(0, "a", "linked").hardlink(0, "a", "d/b");
+    t.file_b(1, b"big", &big).file(1, "empty", "");
+    t.dir(1, "dir", 0o755).symlink(1, "link", "f");
+    let idx = t.build();
+
+    let digest = |p: &str| get(&idx, p).digest;
+    assert_eq!(
+        digest("f"),
+        Some(sha(b"upper content")),
+        "the topmost layer's"
+    );
+    assert_eq!(digest("keep"), Some(sha(b"kept below")));
+    assert_eq!(digest("big"), Some(sha(&big)));
+    assert_eq!(digest("empty"), Some(sha(b"")));
+    assert_ne!(get(&idx, "a").hardlink_group, 0);
+    assert_eq!(
+        get(&idx, "a").hardlink_group,
+        get(&idx, "d/b").hardlink_group
+    );
+    assert_eq!(digest("a"), Some(sha(b"linked")));
+    assert_eq!(digest("d/b"), Some(sha(b"linked")));
+    for p in ["", "d", "dir", "link"] {
+        assert_eq!(digest(p), None, "{p:?} is not a regular file");
+    }
+    // Every regular file has one, and they survive the format.
+    for e in &idx.entries {
+        assert_eq!(e.digest.is_some(), e.kind == FileKind::File, "{:?}", e.path);
+    }
+    assert_eq!(BootIndex::decode(&idx.encode()).unwrap(), idx);
+}
+
+#[test]
 fn index_build_skips_its_own_file_at_the_root() {
     let t = Layers::new(2);
     t.file(0, "etc/hostname", "h");
@@ -545,6 +587,8 @@ struct Seen {
     rdev: u64,
     target: Option<Vec<u8>>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Regular files: SHA-256 of the content.
+    digest: Option<[u8; 32]>,
 }
 
 /// Every path with what it shows, and the hardlink groups as sets of paths.
@@ -566,6 +610,7 @@ fn seen_from_index(idx: &BootIndex) -> View {
                 rdev: e.rdev,
                 target: e.link_target.clone(),
                 xattrs: e.xattrs.clone(),
+                digest: e.digest,
             },
         );
     }
@@ -604,6 +649,10 @@ fn seen_from_mount(root: &Path) -> View {
         };
         let target = (kind == FileKind::Symlink)
             .then(|| fs::read_link(&full).unwrap().into_os_string().into_vec());
+        let digest = (kind == FileKind::File).then(|| {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(fs::read(&full).unwrap()).into()
+        });
         let mut xattrs = Vec::new();
         let mut names = vec![0u8; 65536];
         let n = rfs::llistxattr(&full, &mut names[..]).unwrap();
@@ -647,6 +696,7 @@ fn seen_from_mount(root: &Path) -> View {
                 rdev,
                 target,
                 xattrs,
+                digest,
             },
         );
     }

@@ -1,7 +1,9 @@
-//! The byte format of the boot index, version 1 (`docs/index-format.md`).
+//! The byte format of the boot index, version 2 (`docs/index-format.md`).
 //!
 //! Layout: header, layer table, fixed-size entry records, name table, data
-//! blob (symlink targets and xattrs), SHA-256 of everything before it.
+//! blob (file digests, symlink targets and xattrs), SHA-256 of everything
+//! before it. Version 1 is the same layout without file digests; the
+//! decoder reads both, the encoder writes version 2.
 //! All integers little-endian. The decoder accepts only the layout the
 //! encoder writes (sections contiguous and in order, blob data in entry
 //! order), so every count is bounded by the input length before anything is
@@ -59,6 +61,15 @@ pub(crate) mod rec {
 
 /// Entry flag: the boot layer holds this path.
 const FLAG_IN_BOOT: u8 = 1;
+/// Entry flag (version 2): the entry's blob data starts with the SHA-256 of
+/// the file's content. Regular files only.
+const FLAG_DIGEST: u8 = 2;
+/// Length of a file digest in the blob.
+const DIGEST_LEN: usize = 32;
+
+/// The previous format version: version 2's layout without [`FLAG_DIGEST`].
+/// Still read, so images optimised by an older release keep working.
+const VERSION_1: u32 = 1;
 
 impl BootIndex {
     /// Serialise the index. Deterministic: the same index always gives the
@@ -86,6 +97,9 @@ impl BootIndex {
                 off
             });
             let data_off = blob.len() as u64;
+            if let Some(d) = &e.digest {
+                blob.extend_from_slice(d);
+            }
             let link: &[u8] = e.link_target.as_deref().unwrap_or_default();
             blob.extend_from_slice(link);
             for (n, v) in &e.xattrs {
@@ -100,7 +114,14 @@ impl BootIndex {
             set_u32(&mut r, rec::NAME_OFF, name_off);
             set_u32(&mut r, rec::NAME_LEN, name.len() as u32);
             r[rec::KIND] = e.kind.code();
-            r[rec::FLAGS] = if e.in_boot { FLAG_IN_BOOT } else { 0 };
+            let mut flags = 0;
+            if e.in_boot {
+                flags |= FLAG_IN_BOOT;
+            }
+            if e.digest.is_some() {
+                flags |= FLAG_DIGEST;
+            }
+            r[rec::FLAGS] = flags;
             set_u32(&mut r, rec::MODE, e.mode);
             set_u32(&mut r, rec::UID, e.uid);
             set_u32(&mut r, rec::GID, e.gid);
@@ -175,7 +196,7 @@ impl BootIndex {
             return Err(truncated((HEADER_LEN + CHECKSUM_LEN) as u64));
         }
         let version = get_u32(bytes, hdr::VERSION);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != VERSION_1 {
             return Err(IndexError::UnsupportedVersion { found: version });
         }
         if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
@@ -202,7 +223,7 @@ impl BootIndex {
 
         let s = Sections::read(body)?;
         let layers = decode_layers(body, &s)?;
-        let entries = decode_entries(body, &s)?;
+        let entries = decode_entries(body, &s, version)?;
         BootIndex::new(layers, entries)
     }
 }
@@ -309,7 +330,13 @@ fn decode_layers(body: &[u8], s: &Sections) -> Result<Vec<String>, IndexError> {
     Ok(layers)
 }
 
-fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexError> {
+fn decode_entries(body: &[u8], s: &Sections, version: u32) -> Result<Vec<IndexEntry>, IndexError> {
+    // Version 1 defines no digest: its bit is an unknown flag there.
+    let known_flags = if version == VERSION_1 {
+        FLAG_IN_BOOT
+    } else {
+        FLAG_IN_BOOT | FLAG_DIGEST
+    };
     let records = &body[s.entries.0..s.entries.1];
     let names = &body[s.names.0..s.names.1];
     let mut blob = Cursor {
@@ -345,8 +372,17 @@ fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexErr
         let kind = FileKind::from_code(r[rec::KIND])
             .ok_or_else(|| field(rec::KIND, format!("unknown kind {}", r[rec::KIND])))?;
         let flags = r[rec::FLAGS];
-        if flags & !FLAG_IN_BOOT != 0 {
-            return Err(field(rec::FLAGS, format!("unknown entry flags {flags:#x}")));
+        if flags & !known_flags != 0 {
+            return Err(field(
+                rec::FLAGS,
+                format!("unknown entry flags {flags:#x} for format version {version}"),
+            ));
+        }
+        if flags & FLAG_DIGEST != 0 && kind != FileKind::File {
+            return Err(field(
+                rec::FLAGS,
+                "content digest on an entry that is not a regular file".into(),
+            ));
         }
         if get_u16(r, rec::RESERVED) != 0 {
             return Err(field(rec::RESERVED, "reserved bytes not zero".into()));
@@ -381,6 +417,15 @@ fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexErr
                 format!("data offset {data_off}, expected {}", blob.pos),
             ));
         }
+        // Taken before the xattr count is checked against what is left, so
+        // the bound accounts for these 32 bytes.
+        let digest = if flags & FLAG_DIGEST != 0 {
+            let mut d = [0u8; DIGEST_LEN];
+            d.copy_from_slice(blob.take(DIGEST_LEN)?);
+            Some(d)
+        } else {
+            None
+        };
         let link_len = get_u32(r, rec::LINK_LEN) as usize;
         let link_target = match kind {
             FileKind::Symlink => Some(blob.take(link_len)?.to_vec()),
@@ -421,7 +466,7 @@ fn decode_entries(body: &[u8], s: &Sections) -> Result<Vec<IndexEntry>, IndexErr
             hardlink_group: get_u32(r, rec::HARDLINK_GROUP),
             layer: get_u32(r, rec::LAYER),
             in_boot: flags & FLAG_IN_BOOT != 0,
-            digest: None,
+            digest,
         });
     }
     if blob.remaining() != 0 {

@@ -39,9 +39,10 @@ pub const ANNOTATION_INDEX: &str = "dev.lazylayer.index";
 /// Boot layer descriptor annotation giving the index format version.
 pub const ANNOTATION_VERSION: &str = "dev.lazylayer.version";
 
-/// The format version [`BootIndex::encode`] writes and the only one
-/// [`BootIndex::decode`] reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version [`BootIndex::encode`] writes. [`BootIndex::decode`]
+/// reads it and version 1 (the same layout without per-file digests), so
+/// images optimised by an older release keep working.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Longest file name (one path component) an index may hold: Linux's
 /// `NAME_MAX`, so no extracted layer can hold a longer one.
@@ -144,8 +145,9 @@ pub struct IndexEntry {
     pub in_boot: bool,
     /// SHA-256 of a regular file's content, so a file read from a layer that
     /// is still streaming (its blob digest not checked yet) can be verified
-    /// on its own. None for anything but a regular file; may be None for a
-    /// file (held by the boot layer, or an index of format version 1).
+    /// on its own. Always None for anything but a regular file; None for a
+    /// file the boot layer holds (its blob digest covers it) and for every
+    /// file of an index of format version 1.
     pub digest: Option<[u8; 32]>,
 }
 
@@ -191,11 +193,11 @@ pub enum IndexError {
 
     #[error(
         "boot index format version {found} is not supported: this lazylayer reads \
-         version {FORMAT_VERSION} only; the image was optimised by a different lazylayer release"
+         versions 1 and 2; the image was optimised by a different lazylayer release"
     )]
     UnsupportedVersion { found: u32 },
 
-    #[error("boot index sets unknown flags {flags:#x}: version {FORMAT_VERSION} defines none")]
+    #[error("boot index sets unknown flags {flags:#x}: versions 1 and 2 define none")]
     UnknownFlags { flags: u32 },
 
     #[error("boot index truncated: {expected} bytes expected, {actual} present")]
@@ -271,6 +273,7 @@ impl BootIndex {
     /// sockets have size 0; only devices have an `rdev`, and a char device is
     /// never 0:0 (that is a whiteout, which the merged view never shows);
     /// xattr names are valid, strictly sorted and never `trusted.overlay.*`;
+    /// only regular files have a content `digest`;
     /// hardlink groups are numbered 1, 2, ... in order of their first member,
     /// have at least two members, all non-directories of one kind and layer.
     pub fn new(layers: Vec<String>, entries: Vec<IndexEntry>) -> Result<Self, IndexError> {
@@ -549,6 +552,9 @@ fn check_fields(e: &IndexEntry, layer_count: usize) -> Result<(), &'static str> 
                 return Err("only regular files and symlinks have a size");
             }
         }
+    }
+    if e.digest.is_some() && e.kind != FileKind::File {
+        return Err("only regular files have a content digest");
     }
     match e.kind {
         FileKind::CharDev if e.rdev == 0 => return Err("char device 0:0 is a whiteout"),

@@ -5,8 +5,10 @@ use std::time::Instant;
 
 use proptest::prelude::*;
 
+use sha2::{Digest, Sha256};
+
 use super::format::{
-    get_u32, hdr, rec, reseal, set_u32, set_u64, CHECKSUM_LEN, HEADER_LEN, RECORD_LEN,
+    get_u32, get_u64, hdr, rec, reseal, set_u32, set_u64, CHECKSUM_LEN, HEADER_LEN, RECORD_LEN,
 };
 use super::*;
 
@@ -57,6 +59,7 @@ fn small_entries() -> Vec<IndexEntry> {
     ];
     passwd.in_boot = true;
     passwd.layer = 1;
+    passwd.digest = Some(sha256(b"passwd content"));
     v.push(passwd);
     v.push(entry(b"usr/bin", 2, FileKind::Dir)); // 6
     let mut null = entry(b"dev/null", 4, FileKind::CharDev); // 7
@@ -73,12 +76,22 @@ fn small_entries() -> Vec<IndexEntry> {
         f.mode = 0o4755;
         f.hardlink_group = 1;
         f.layer = 1;
+        f.digest = Some(sha256(b"a and b"));
         v.push(f);
     }
     v[13].hardlink_group = 0;
     v[13].mode = 0o1777;
+    // A file without a digest, as the boot layer's files are.
+    v[13].digest = None;
     v
 }
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Entry flag bit 1 (version 2): the entry's data starts with a digest.
+const FLAG_DIGEST: u8 = 2;
 
 fn small_index() -> BootIndex {
     BootIndex::new(layer_ids(2), small_entries()).unwrap()
@@ -93,7 +106,63 @@ fn index_round_trips_byte_for_byte() {
     assert_eq!(back, idx);
     assert_eq!(back.encode(), bytes);
     assert_eq!(&bytes[..8], b"LLIDX\0\0\0");
-    assert_eq!(get_u32(&bytes, hdr::VERSION), 1);
+    assert_eq!(get_u32(&bytes, hdr::VERSION), 2);
+}
+
+#[test]
+fn index_round_trips_file_digests() {
+    let idx = small_index();
+    let bytes = idx.encode();
+    let back = BootIndex::decode(&bytes).unwrap();
+    let digest = |p: &[u8]| back.entries[back.lookup(p).unwrap() as usize].digest;
+    // A file with a digest and xattrs, hard-linked files, a file without.
+    assert_eq!(digest(b"etc/passwd"), Some(sha256(b"passwd content")));
+    assert_eq!(digest(b"usr/bin/a"), Some(sha256(b"a and b")));
+    assert_eq!(digest(b"usr/bin/b"), Some(sha256(b"a and b")));
+    assert_eq!(digest(b"usr/bin/caf\xe9"), None);
+    assert_eq!(digest(b"bin"), None);
+    assert_eq!(digest(b"etc"), None);
+    let passwd = &back.entries[5];
+    assert_eq!(passwd.xattrs, idx.entries[5].xattrs);
+    assert!(passwd.in_boot);
+
+    // The flag is set exactly on the entries with a digest, and their data
+    // starts with it (before the xattrs).
+    let blob = get_u64(&bytes, hdr::BLOB_OFF) as usize;
+    for (i, e) in idx.entries.iter().enumerate() {
+        let r = record(&bytes, i);
+        assert_eq!(
+            bytes[r + rec::FLAGS] & FLAG_DIGEST != 0,
+            e.digest.is_some(),
+            "entry {i}"
+        );
+        if let Some(d) = e.digest {
+            let at = blob + get_u64(&bytes, r + rec::DATA_OFF) as usize;
+            assert_eq!(bytes[at..at + 32], d, "entry {i}");
+        }
+    }
+    // 32 blob bytes per digest, nothing else.
+    let mut none = small_entries();
+    none.iter_mut().for_each(|e| e.digest = None);
+    let without = BootIndex::new(layer_ids(2), none).unwrap().encode();
+    assert_eq!(bytes.len(), without.len() + 3 * 32);
+}
+
+#[test]
+fn index_decodes_version_1() {
+    // An index without digests, as a version-1 writer laid it out.
+    let mut v = small_entries();
+    v.iter_mut().for_each(|e| e.digest = None);
+    let idx = BootIndex::new(layer_ids(2), v).unwrap();
+    let mut b = idx.encode();
+    set_u32(&mut b, hdr::VERSION, 1);
+    reseal(&mut b);
+    assert_eq!(BootIndex::decode(&b).unwrap(), idx);
+    // And the documented example as the previous release wrote it.
+    assert_eq!(
+        BootIndex::decode(&unhex(DOC_EXAMPLE_V1)).unwrap(),
+        doc_example_v1()
+    );
 }
 
 #[test]
@@ -169,29 +238,40 @@ fn index_decode_refuses_wrong_magic() {
 }
 
 #[test]
-fn index_decode_refuses_version_2() {
+fn index_decode_refuses_version_3() {
     let mut b = small_index().encode();
-    set_u32(&mut b, hdr::VERSION, 2);
+    set_u32(&mut b, hdr::VERSION, 3);
     let err = BootIndex::decode(&b).unwrap_err();
     assert!(
-        matches!(err, IndexError::UnsupportedVersion { found: 2 }),
+        matches!(err, IndexError::UnsupportedVersion { found: 3 }),
         "{err}"
     );
     assert!(
-        err.to_string().contains("version 2 is not supported"),
+        err.to_string().contains(
+            "boot index format version 3 is not supported: this lazylayer reads versions 1 and 2"
+        ),
         "{err}"
     );
     // Same with a valid checksum: the version is refused, not the layout.
     reseal(&mut b);
     assert!(matches!(
         BootIndex::decode(&b),
-        Err(IndexError::UnsupportedVersion { found: 2 })
+        Err(IndexError::UnsupportedVersion { found: 3 })
     ));
-    // A future index may be shorter than a v1 header: still a version error.
+    // A future index may be shorter than a v2 header: still a version error.
     assert!(matches!(
         BootIndex::decode(&b[..12]),
-        Err(IndexError::UnsupportedVersion { found: 2 })
+        Err(IndexError::UnsupportedVersion { found: 3 })
     ));
+    for v in [0, u32::MAX] {
+        set_u32(&mut b, hdr::VERSION, v);
+        reseal(&mut b);
+        let r = BootIndex::decode(&b);
+        assert!(
+            matches!(r, Err(IndexError::UnsupportedVersion { found }) if found == v),
+            "{r:?}"
+        );
+    }
 }
 
 #[test]
@@ -300,10 +380,11 @@ fn index_decode_refuses_hostile_sealed_records() {
     ))));
     assert!(malformed(sealed(|b| set_u32(b, at(5, rec::NAME_LEN), 256))));
     assert!(malformed(sealed(|b| set_u32(b, at(0, rec::NAME_LEN), 1))));
-    // unknown kind, unknown entry flag, reserved bytes
+    // unknown kind, unknown entry flags, reserved bytes
     assert!(malformed(sealed(|b| b[at(5, rec::KIND)] = 0)));
     assert!(malformed(sealed(|b| b[at(5, rec::KIND)] = 8)));
-    assert!(malformed(sealed(|b| b[at(5, rec::FLAGS)] = 2)));
+    assert!(malformed(sealed(|b| b[at(5, rec::FLAGS)] |= 4)));
+    assert!(malformed(sealed(|b| b[at(5, rec::FLAGS)] |= 0x80)));
     assert!(malformed(sealed(|b| b[at(5, rec::RESERVED)] = 1)));
     // blob data shared or skipped
     assert!(malformed(sealed(|b| set_u64(b, at(5, rec::DATA_OFF), 0))));
@@ -329,6 +410,73 @@ fn index_decode_refuses_hostile_sealed_records() {
     assert!(matches!(r, Err(IndexError::InvalidEntry { .. })), "{r:?}");
     // a layer id that is not UTF-8
     assert!(malformed(sealed(|b| b[HEADER_LEN + 4] = 0xff)));
+}
+
+/// The error of `r`, which must be a malformed-layout one.
+fn malformed_what(r: Result<BootIndex, IndexError>) -> String {
+    match r {
+        Err(IndexError::Malformed { what, .. }) => what,
+        other => panic!("not a malformed index: {other:?}"),
+    }
+}
+
+#[test]
+fn index_decode_refuses_digest_flag_on_non_files() {
+    let base = record(&small_index().encode(), 0);
+    let flags = |i: usize| base + i * RECORD_LEN + rec::FLAGS;
+    // Root, a directory, a symlink, a char device, a fifo: refused on the
+    // flag itself, before any blob byte is read as a digest.
+    for i in [0, 1, 3, 7, 9] {
+        let what = malformed_what(sealed(|b| b[flags(i)] |= FLAG_DIGEST));
+        assert!(
+            what.contains(&format!("entry {i}:")) && what.contains("not a regular file"),
+            "entry {i}: {what}"
+        );
+    }
+}
+
+#[test]
+fn index_decode_refuses_digest_flag_in_version_1() {
+    // Version 2 bytes with digests, labelled version 1: bit 1 is an unknown
+    // flag there, whatever the blob holds.
+    let what = malformed_what(sealed(|b| set_u32(b, hdr::VERSION, 1)));
+    assert!(
+        what.contains("entry 5:") && what.contains("unknown entry flags 0x3"),
+        "{what}"
+    );
+}
+
+#[test]
+fn index_decode_refuses_missing_digest_bytes() {
+    // The flag on the last entry, which has no data: the blob ends first.
+    let base = record(&small_index().encode(), 0);
+    let what = malformed_what(sealed(|b| {
+        b[base + 13 * RECORD_LEN + rec::FLAGS] |= FLAG_DIGEST
+    }));
+    assert!(what.contains("32 bytes needed, 0 left"), "{what}");
+    // The flag on an entry with data of its own: the digest swallows it and
+    // the next entry's data offset no longer follows.
+    let what = malformed_what(sealed(|b| {
+        b[base + 3 * RECORD_LEN + rec::FLAGS] |= FLAG_DIGEST;
+        b[base + 3 * RECORD_LEN + rec::KIND] = FileKind::File.code();
+        set_u32(b, base + 3 * RECORD_LEN + rec::LINK_LEN, 0);
+    }));
+    assert!(what.contains("data offset"), "{what}");
+
+    // A blob cut inside the last entry's digest (sizes fixed up, so only
+    // the digest is short).
+    let mut v = small_entries();
+    v[13].digest = Some(sha256(b"last"));
+    let mut b = BootIndex::new(layer_ids(2), v).unwrap().encode();
+    let body = b.len() - CHECKSUM_LEN;
+    b.drain(body - 16..body);
+    let blob_len = get_u64(&b, hdr::BLOB_LEN);
+    set_u64(&mut b, hdr::BLOB_LEN, blob_len - 16);
+    let total = b.len() as u64;
+    set_u64(&mut b, hdr::TOTAL_LEN, total);
+    reseal(&mut b);
+    let what = malformed_what(BootIndex::decode(&b));
+    assert!(what.contains("32 bytes needed, 16 left"), "{what}");
 }
 
 #[test]
@@ -370,6 +518,22 @@ fn index_new_refuses_rule_violations() {
         v[6].hardlink_group = 1;
     });
     check("group across layers", &|v| v[12].layer = 0);
+    check("digest on a dir", &|v| v[1].digest = Some([7; 32]));
+    check("digest on a symlink", &|v| v[3].digest = Some([7; 32]));
+    check("digest on a device", &|v| v[7].digest = Some([7; 32]));
+    let mut v = small_entries();
+    v[6].digest = Some([7; 32]);
+    let err = BootIndex::new(layer_ids(2), v).unwrap_err();
+    assert!(
+        matches!(err, IndexError::InvalidEntry { index: 6, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("usr/bin"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("only regular files have a content digest"),
+        "{err}"
+    );
     assert!(
         BootIndex::new(Vec::new(), small_entries()).is_err(),
         "no layers"
@@ -394,6 +558,7 @@ struct Node {
     group: u8,
     layer: u8,
     in_boot: bool,
+    digest: Option<[u8; 32]>,
 }
 
 fn node() -> impl Strategy<Value = Node> {
@@ -422,10 +587,21 @@ fn node() -> impl Strategy<Value = Node> {
             ),
             0..3,
         ),
-        (0u8..6, any::<u8>(), any::<bool>()),
+        (
+            0u8..6,
+            any::<u8>(),
+            any::<bool>(),
+            any::<Option<[u8; 32]>>(),
+        ),
     )
         .prop_map(
-            |((parent, name, kind), meta, (rdev, target), xattrs, (group, layer, in_boot))| Node {
+            |(
+                (parent, name, kind),
+                meta,
+                (rdev, target),
+                xattrs,
+                (group, layer, in_boot, digest),
+            )| Node {
                 parent,
                 name,
                 kind,
@@ -436,6 +612,7 @@ fn node() -> impl Strategy<Value = Node> {
                 group,
                 layer,
                 in_boot,
+                digest,
             },
         )
 }
@@ -484,7 +661,7 @@ fn tree(layer_count: usize, nodes: &[Node]) -> BootIndex {
         xattrs.dedup_by(|a, b| a.0 == b.0);
         e.xattrs = xattrs;
         match kind {
-            FileKind::File => e.size = size,
+            FileKind::File => (e.size, e.digest) = (size, n.digest),
             FileKind::Symlink => {
                 e.size = n.target.len() as u64;
                 e.link_target = Some(n.target.clone());
@@ -508,8 +685,12 @@ fn tree(layer_count: usize, nodes: &[Node]) -> BootIndex {
             (e.kind, e.mode, e.uid, e.gid, e.size) =
                 (head.kind, head.mode, head.uid, head.gid, head.size);
             (e.mtime_sec, e.mtime_nsec, e.rdev) = (head.mtime_sec, head.mtime_nsec, head.rdev);
-            (e.link_target, e.xattrs, e.layer) =
-                (head.link_target.clone(), head.xattrs.clone(), head.layer);
+            (e.link_target, e.xattrs, e.layer, e.digest) = (
+                head.link_target.clone(),
+                head.xattrs.clone(),
+                head.layer,
+                head.digest,
+            );
             e.hardlink_group = g as u32 + 1;
         }
     }
@@ -639,8 +820,20 @@ fn index_decodes_100k_entries() {
     assert_eq!(back.children(1).len(), 100);
 }
 
-/// The worked example of docs/index-format.md.
+/// The worked example of docs/index-format.md: `hello` is left in the
+/// image's layer (so it carries its digest), the symlink `hi` is in the
+/// boot layer.
 fn doc_example() -> BootIndex {
+    let mut v = doc_example_v1().entries;
+    v[1].in_boot = false;
+    v[1].digest = Some(sha256(b"hello\n"));
+    v[2].in_boot = true;
+    BootIndex::new(doc_example_v1().layers, v).unwrap()
+}
+
+/// The worked example of format version 1 (no digests; `hello` in the boot
+/// layer), as documented before version 2.
+fn doc_example_v1() -> BootIndex {
     let mut root = entry(b"", 0, FileKind::Dir);
     root.mtime_sec = 1_700_000_000;
     let mut hello = entry(b"hello", 0, FileKind::File);
@@ -658,32 +851,57 @@ fn doc_example() -> BootIndex {
     .unwrap()
 }
 
+/// Golden bytes of [`doc_example_v1`], written by the last version-1
+/// release: they must decode for as long as version 1 is supported.
+const DOC_EXAMPLE_V1: &str = concat!(
+    "4c4c494458000000010000000000000001000000030000005800000000000000",
+    "4b00000000000000a30000000000000093010000000000000700000000000000",
+    "9a010000000000001400000000000000ce010000000000004700000073686132",
+    "35363a6533623063343432393866633163313439616662663463383939366662",
+    "3932343237616534316534363439623933346361343935393931623738353262",
+    "38353500000000000000000000000002000000ed010000000000000000000000",
+    "000000000000000000000000f153650000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000500000001",
+    "010000a4010000e8030000e80300000065cd1d060000000000000000f1536500",
+    "0000000000000000000000000000000000000000000000000000000000000001",
+    "00000000000000050000000200000003000000ff010000000000000000000000",
+    "000000050000000000000000f153650000000000000000000000000000000000",
+    "0000000f00000000000000050000000000000068656c6c6f6869060000000100",
+    "0000757365722e6b7668656c6c6f90c9e383bfb1e428e4eaaffcb12720c838e7",
+    "4c776e850d52d7ebcd061858a3ba",
+);
+
+fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// Golden bytes: any change to the encoding (which needs a new format
 /// version) fails here first. The same bytes are dumped in the docs.
 #[test]
 fn index_format_matches_the_documented_example() {
     let hex = concat!(
-        "4c4c494458000000010000000000000001000000030000005800000000000000",
+        "4c4c494458000000020000000000000001000000030000005800000000000000",
         "4b00000000000000a30000000000000093010000000000000700000000000000",
-        "9a010000000000001400000000000000ce010000000000004700000073686132",
+        "9a010000000000003400000000000000ee010000000000004700000073686132",
         "35363a6533623063343432393866633163313439616662663463383939366662",
         "3932343237616534316534363439623933346361343935393931623738353262",
         "38353500000000000000000000000002000000ed010000000000000000000000",
         "000000000000000000000000f153650000000000000000000000000000000000",
         "0000000000000000000000000000000000000000000000000000000500000001",
-        "010000a4010000e8030000e80300000065cd1d060000000000000000f1536500",
+        "020000a4010000e8030000e80300000065cd1d060000000000000000f1536500",
         "0000000000000000000000000000000000000000000000000000000000000001",
-        "00000000000000050000000200000003000000ff010000000000000000000000",
+        "00000000000000050000000200000003010000ff010000000000000000000000",
         "000000050000000000000000f153650000000000000000000000000000000000",
-        "0000000f00000000000000050000000000000068656c6c6f6869060000000100",
-        "0000757365722e6b7668656c6c6f90c9e383bfb1e428e4eaaffcb12720c838e7",
-        "4c776e850d52d7ebcd061858a3ba",
+        "0000002f00000000000000050000000000000068656c6c6f68695891b5b522d5",
+        "df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03060000000100",
+        "0000757365722e6b7668656c6c6fca2620eb5653b1da7e059dd18f9328607292",
+        "0b6ff3a0a1f4327020d649b0c4df",
     );
-    let golden: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect();
-    assert_eq!(golden.len(), 462);
+    let golden = unhex(hex);
+    assert_eq!(golden.len(), 494);
     assert_eq!(doc_example().encode(), golden);
     assert_eq!(BootIndex::decode(&golden).unwrap(), doc_example());
 }
