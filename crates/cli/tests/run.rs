@@ -264,12 +264,35 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
     // All local: a run with the registry gone works.
     let mut reg = reg;
     reg.stop();
-    let out = run(root.path(), &["--rm", &dst]);
+    let out = run(root.path(), &["--rm", "--stats", &dst]);
     assert!(
         out.status.success(),
         "run with every layer local must not need the registry"
     );
     assert_eq!(stdout(&out), "ok\n");
+    // Local files are read by the kernel straight from the store, unless
+    // passthrough is turned off (then every open comes to lazylayer).
+    let opens = |o: &std::process::Output| -> (u64, u64) {
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        let num = |before: &str| -> u64 {
+            let head = err.split(before).next().unwrap_or_default();
+            head.rsplit(' ')
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{err}"))
+        };
+        (num("opens by passthrough"), num("through lazylayer"))
+    };
+    let (pt, daemon) = opens(&out);
+    assert!(pt > 0, "passthrough opens: {pt}, daemon: {daemon}");
+    let out = run(
+        root.path(),
+        &["--rm", "--stats", "--passthrough", "off", &dst],
+    );
+    assert_eq!(stdout(&out), "ok\n");
+    let (pt, daemon) = opens(&out);
+    assert_eq!(pt, 0);
+    assert!(daemon > 0);
     assert_nothing_left(root.path());
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -387,24 +387,11 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     }
     let target = root.path().join("rootfs");
     std::fs::create_dir(&target).unwrap();
-    let st = Command::new("mount")
-        .args([
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            &mounts[0].options.join(","),
-        ])
-        .arg(&target)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let m = Mount(target.clone());
-    let out = Command::new("chroot")
-        .arg(&target)
-        .args(["/bin/sh", "-c", "cat /data/keep/a.txt; ls /data/opq"])
-        .output()
-        .unwrap();
+    let (out, m) = overlay_chroot(
+        &mounts[0].options,
+        &target,
+        "cat /data/keep/a.txt; ls /data/opq",
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -436,30 +423,13 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
         "{mounts:?}"
     );
     assert!(mounts_below(&lazy).len() == 1, "the lazy root is mounted");
-    let st = Command::new("mount")
-        .args([
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            &mounts[0].options.join(","),
-        ])
-        .arg(&target)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let m = Mount(target.clone());
     // The image's own command reads through the lazy root (files of lower
     // layers arrive on demand) and writes go to the upper dir.
-    let out = Command::new("chroot")
-        .arg(&target)
-        .args([
-            "/bin/sh",
-            "-c",
-            "cat /data/keep/a.txt; ls /data/opq; echo x > /new",
-        ])
-        .output()
-        .unwrap();
+    let (out, m) = overlay_chroot(
+        &mounts[0].options,
+        &target,
+        "cat /data/keep/a.txt; ls /data/opq; echo x > /new",
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -609,6 +579,24 @@ fn containerd_pull_registers_an_optimized_image_lazily() {
         ],
     );
     drop(cd);
+}
+
+/// Mount an overlay with containerd's `options` at `target` and run `script`
+/// chrooted in it; the mount goes when the returned guard is dropped.
+fn overlay_chroot(options: &[String], target: &Path, script: &str) -> (Output, Mount) {
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &options.join(",")])
+        .arg(target)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount {options:?}");
+    let m = Mount(target.to_path_buf());
+    let out = Command::new("chroot")
+        .arg(target)
+        .args(["/bin/sh", "-c", script])
+        .output()
+        .unwrap();
+    (out, m)
 }
 
 /// containerd config for the Kubernetes path: the CRI plugin unpacks into

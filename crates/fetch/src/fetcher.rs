@@ -329,6 +329,15 @@ impl LayerFetcher {
             .collect()
     }
 
+    /// Bytes downloaded by this fetcher (layers found in the store count 0).
+    pub fn bytes_fetched(&self) -> u64 {
+        self.inner
+            .fetched
+            .iter()
+            .map(|f| f.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// True when every layer is in the store.
     pub fn all_done(&self) -> bool {
         self.inner

@@ -1,16 +1,18 @@
 //! A mounted lazylayer file system as a value: unmounted on drop.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 
-use crate::filesystem::LazyFs;
+use crate::filesystem::{FsStats, LazyFs};
 use crate::source::ContentSource;
 use crate::FsError;
 
 pub struct FsMount {
     session: Option<BackgroundSession>,
     target: PathBuf,
+    stats: Arc<FsStats>,
 }
 
 impl FsMount {
@@ -37,6 +39,7 @@ impl FsMount {
         // stall every other file access.
         cfg.n_threads = Some(threads.max(1));
         cfg.clone_fd = true;
+        let stats = fs.stats();
         let session = fuser::spawn_mount(fs, target, &cfg).map_err(|source| FsError::Mount {
             path: target.to_path_buf(),
             source,
@@ -44,11 +47,17 @@ impl FsMount {
         Ok(FsMount {
             session: Some(session),
             target: target.to_path_buf(),
+            stats,
         })
     }
 
     pub fn target(&self) -> &Path {
         &self.target
+    }
+
+    /// How the mounted file system served opens so far.
+    pub fn stats(&self) -> &FsStats {
+        &self.stats
     }
 
     /// Unmount now (also done on drop).

@@ -54,6 +54,12 @@ pub struct Args {
     /// Platform to pick from a multi-platform image (OS/ARCH[/VARIANT])
     #[arg(long)]
     pub platform: Option<String>,
+    /// Let the kernel read local files straight from the store (FUSE
+    /// passthrough). `off` routes every read through lazylayer instead, which
+    /// a container needs to stack an overlayfs of its own on its root (nested
+    /// container storage): the kernel allows only two stacked file systems.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub passthrough: String,
     /// Print timings and fetch statistics on stderr when the container exits
     #[arg(long)]
     pub stats: bool,
@@ -140,10 +146,16 @@ async fn run_in(
         }
         Err(OpenError::Failed(e)) => return Err(e).with_context(|| format!("opening {reference}")),
     };
-    let (config_bytes, _fuse, lowers, fetcher) = match &lazy {
+    let (config_bytes, fuse, lowers, fetcher) = match &lazy {
         Some(img) => {
             let fuse = img
-                .mount(&lower, FsOptions::default())
+                .mount(
+                    &lower,
+                    FsOptions {
+                        passthrough: a.passthrough == "on",
+                        ..FsOptions::default()
+                    },
+                )
                 .context("mounting the lazy file system")?;
             if a.prefetch == "on" {
                 img.fetcher.start_prefetch();
@@ -251,22 +263,25 @@ async fn run_in(
         }
         if a.stats {
             let st = img.fetcher.status();
-            let fetched: u64 = st.iter().map(|l| l.fetched).sum();
+            let fetched = img.fetcher.bytes_fetched();
             let on_demand = st.iter().filter(|l| l.on_demand).count();
+            let fs = fuse.as_ref().map(|m| m.stats());
             eprintln!(
-                "lazylayer: started after {:.3}s ({}), {} of {} layers fetched on demand, {} bytes fetched after start",
+                "lazylayer: started after {:.3}s ({}), {} of {} layers fetched on demand, {} bytes fetched after start, {} opens by passthrough, {} through lazylayer",
                 t_ready.as_secs_f64(),
                 if img.offline { "all local" } else { "boot layer fetched" },
                 on_demand,
                 st.len(),
-                fetched
+                fetched,
+                fs.map_or(0, |s| s.passthrough_opens()),
+                fs.map_or(0, |s| s.daemon_opens()),
             );
         }
     }
     overlay
         .unmount()
         .context("unmounting the container's overlay")?;
-    drop(_fuse);
+    drop(fuse);
     cdir.write_state(&ContainerState {
         status: ContainerStatus::Exited,
         exit_code: Some(code),
