@@ -484,6 +484,68 @@ fn root_tampered_layer_content_is_never_served() {
     assert_nothing_left(root.path());
 }
 
+/// `lazylayer prune` while a lazily started container runs: its image has no
+/// record yet (layers still missing), but the boot layer and whatever arrived
+/// are pinned by the running `lazylayer run`, so nothing it stands on goes.
+/// Once it has exited, the same prune removes them.
+#[test]
+fn root_prune_spares_what_a_running_lazy_container_uses() {
+    use std::io::Write;
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (_src, dst, _layers) = optimized(&reg, "python3", &[]);
+    let root = tempfile::tempdir().unwrap();
+    let mut child = run_cmd(
+        root.path(),
+        &[
+            "--rm",
+            "--prefetch",
+            "off",
+            &dst,
+            "--",
+            "sh",
+            "-c",
+            "python3 -c 'import json'; read go; python3 -c 'import sqlite3; print(\"after prune\")'",
+        ],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // FUSE root and the container's overlay.
+    wait_mounted(root.path(), 2);
+    let layers_dir = root.path().join("layers/sha256");
+    let listing = || -> std::collections::BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(&layers_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    };
+    let before = listing();
+    assert!(!before.is_empty(), "the boot layer is in the store");
+    // A layer still streaming in (`sh` is not in the boot layer) makes prune
+    // wait, and may land meanwhile: nothing may go, something may come.
+    let pruned = lazylayer_json(root.path(), &["prune"]);
+    assert_eq!(pruned["layers_removed"], 0, "{pruned}");
+    assert!(listing().is_superset(&before));
+
+    // The container goes on, fetching a layer it had not touched.
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), "after prune\n");
+    // Its pin went with it: nothing records the image, so prune takes it all.
+    let pruned = lazylayer_json(root.path(), &["prune"]);
+    assert!(pruned["layers_removed"].as_u64().unwrap() >= 2, "{pruned}");
+    assert_eq!(std::fs::read_dir(&layers_dir).unwrap().count(), 0);
+    assert_nothing_left(root.path());
+}
+
 #[test]
 fn root_plain_image_falls_back_to_full_pull_and_containers_are_managed() {
     let reg = Registry::start();

@@ -173,11 +173,29 @@ impl Snapshotter {
         // Our FUSE mounts die with the process that served them; a restart
         // finds them dead (ENOTCONN). Detach them so they can be mounted anew.
         detach_mounts_below(&dir.join("lazy"));
-        Ok(Snapshotter {
+        let sn = Snapshotter {
             snapshots,
             images,
             mounts: Mutex::new(HashMap::new()),
-        })
+        };
+        sn.repin();
+        Ok(sn)
+    }
+
+    /// Keep `lazylayer prune` off the content remote snapshots use (their
+    /// images are recorded in the store only once fully fetched).
+    fn repin(&self) {
+        let Some(images) = &self.images else { return };
+        let digests: Vec<Digest> = self
+            .snapshots
+            .remote_digests()
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .collect();
+        let name = format!("snapshotter-{}", std::process::id());
+        if let Err(e) = images.store.pin(&name, &digests) {
+            tracing::warn!(error = %e, "pinning the remote snapshots' content");
+        }
     }
 
     pub fn snapshots(&self) -> &Snapshots {
@@ -199,6 +217,7 @@ impl Snapshotter {
                     tracing::info!(target = %claim.target, image = %claim.image_ref, layer = %claim.layer_digest, top = remote.top, "claimed a layer as remote");
                     self.snapshots
                         .commit_remote(&claim.target, parent, labels, remote)?;
+                    self.repin();
                     // containerd's answer for "the target exists": it then
                     // finds our committed snapshot and downloads nothing.
                     return Err(SnapshotError::AlreadyExists(claim.target));
@@ -276,7 +295,9 @@ impl Snapshotter {
 
     pub async fn remove(&self, key: &str) -> Result<()> {
         let mut mounts = self.mounts.lock().await;
-        if let Some(r) = self.snapshots.remove(key)? {
+        let under = self.snapshots.remove(key)?;
+        self.repin();
+        if let Some(r) = under {
             if self.snapshots.lazy_users(&r.manifest_digest) == 0 {
                 if let Some((img, m)) = mounts.remove(&r.manifest_digest) {
                     release(self.images.as_ref(), &img, m, &r);

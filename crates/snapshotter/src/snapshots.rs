@@ -152,6 +152,21 @@ impl Snapshots {
         self.layer_store.as_ref()?.layer_dir(&digest)
     }
 
+    /// Digests (layers and manifests) of every remote snapshot: what the
+    /// lazy roots and the snapshots below boot layers read from the store.
+    pub fn remote_digests(&self) -> Vec<String> {
+        let db = self.lock();
+        let mut v: Vec<String> = db
+            .snapshots
+            .values()
+            .filter_map(|s| s.remote.as_ref())
+            .flat_map(|r| [r.layer_digest.clone(), r.manifest_digest.clone()])
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Remote layers a snapshot on `parent` would need from the store (those
     /// below a boot layer, not under a lazy root) that it does not have yet.
     pub fn remote_layers_missing(&self, parent: &str) -> Vec<RemoteLayer> {

@@ -8,15 +8,18 @@
 //! layers/sha256/<hex>/layer.json
 //! images/<sha256 of ref>.json   one record per image reference
 //! locks/                        flock files: one per layer, one for the store
+//! pins/<name>.json              content live processes use without an image record
 //! tmp/                          work in progress; renamed into place when verified
 //! ```
 //! Everything enters through `tmp/` and a rename, so a crash or a bad blob
 //! leaves the store as it was. Pulls hold the store lock shared and a per-layer
-//! lock exclusive (two processes never fetch the same layer twice); `prune`
-//! holds the store lock exclusive.
+//! lock exclusive (two processes never fetch the same layer twice), and so
+//! does every single-layer fetch; `prune` holds the store lock exclusive and
+//! keeps what image records and the pins of living processes name.
 
 mod error;
 mod lock;
+mod pins;
 mod pull;
 mod reader;
 
@@ -27,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::StoreError;
 pub use lock::FileLock;
+pub use pins::Pin;
 pub use pull::{unix_now, NoProgress, PullOptions, PullProgress};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -56,6 +60,14 @@ pub struct ImageRecord {
 }
 
 impl ImageRecord {
+    /// Every blob (and extracted layer) the image consists of.
+    pub fn digests(&self) -> Vec<Digest> {
+        let mut v = vec![self.manifest_digest.clone(), self.config_digest.clone()];
+        v.extend(self.index_digest.clone());
+        v.extend(self.layers.iter().map(|l| l.digest.clone()));
+        v
+    }
+
     pub fn total_size(&self) -> u64 {
         self.layers.iter().map(|l| l.size).sum()
     }
@@ -239,11 +251,12 @@ impl Store {
         self.root.join("locks").join(name)
     }
 
-    /// Remove blobs and layers no image record references, and leftovers in
-    /// `tmp/`. Waits for running pulls to finish.
+    /// Remove blobs and layers that neither an image record nor the pin of a
+    /// living process references, and leftovers in `tmp/`. Waits for running
+    /// pulls and layer fetches to finish.
     pub fn prune(&self) -> Result<PruneReport> {
         let _lock = FileLock::exclusive(&self.lock_path("store.lock"))?;
-        let mut keep = std::collections::HashSet::new();
+        let mut keep = self.pinned();
         for img in self.images()? {
             keep.insert(img.manifest_digest.hex().to_string());
             keep.insert(img.config_digest.hex().to_string());

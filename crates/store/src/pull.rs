@@ -152,6 +152,9 @@ impl Store {
                 progress.layer_done(digest);
                 return Ok(r);
             }
+            // Shared, as a whole pull holds it: `prune` must not empty tmp/
+            // under a layer being extracted there.
+            let _store_lock = FileLock::shared_async(&self.lock_path("store.lock")).await?;
             let _lock =
                 FileLock::exclusive_async(&self.lock_path(&format!("{}.lock", digest.hex())))
                     .await?;

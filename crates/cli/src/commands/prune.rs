@@ -3,7 +3,9 @@ use anyhow::{Context, Result};
 use crate::context::{human_bytes, GlobalArgs};
 
 /// Remove blobs and extracted layers that no image references, and leftovers
-/// of interrupted pulls. Waits for running pulls to finish first.
+/// of interrupted pulls. Content that a running `lazylayer run`, `snapshotter`
+/// or `store` uses (pinned in `<root>/pins/`) is kept. Waits for running
+/// pulls and layer fetches to finish first.
 #[derive(clap::Args)]
 pub struct Args {
     /// Print JSON on stdout

@@ -146,6 +146,19 @@ async fn run_in(
         }
         Err(OpenError::Failed(e)) => return Err(e).with_context(|| format!("opening {reference}")),
     };
+    // Until every layer is here no image record names them: keep `prune`
+    // off what this container stands on while it runs.
+    let _pin = match &lazy {
+        Some(img) => Some(
+            store
+                .pin_guard(
+                    &format!("run-{}", std::process::id()),
+                    &img.record.digests(),
+                )
+                .context("pinning the image's content")?,
+        ),
+        None => None,
+    };
     let (config_bytes, fuse, lowers, fetcher) = match &lazy {
         Some(img) => {
             let fuse = img

@@ -38,6 +38,8 @@ struct Served {
     base: PathBuf,
     bind: PathBuf,
     _fuse: FsMount,
+    /// Keeps `prune` off the image's content while it is served.
+    _pin: lazylayer_store::Pin,
 }
 
 impl Drop for Served {
@@ -64,8 +66,21 @@ fn base64_std(data: &[u8]) -> String {
     out
 }
 
-fn serve(img: &LazyImage, dir: &Path, work: &Path, prefetch: bool) -> Result<Served> {
+fn serve(
+    store: &lazylayer_store::Store,
+    img: &LazyImage,
+    dir: &Path,
+    work: &Path,
+    prefetch: bool,
+) -> Result<Served> {
     let reference = img.reference.to_string();
+    let pin_name = work
+        .file_name()
+        .map(|n| format!("podman-store-{}", n.to_string_lossy()))
+        .context("work directory without a name")?;
+    let pin = store
+        .pin_guard(&pin_name, &img.record.digests())
+        .context("pinning the image's content")?;
     // Podman looks the image up by its reference as it names it (base64, std
     // alphabet: a '/' in it simply nests directories).
     let base = dir.join(base64_std(reference.as_bytes()));
@@ -105,6 +120,7 @@ fn serve(img: &LazyImage, dir: &Path, work: &Path, prefetch: bool) -> Result<Ser
         base,
         bind: top_diff,
         _fuse: fuse,
+        _pin: pin,
     })
 }
 
@@ -134,7 +150,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             .join("podman-store")
             .join(format!("{}-{i}", std::process::id()));
         served.push(
-            serve(&img, &a.dir, &work, a.prefetch == "on")
+            serve(&store, &img, &a.dir, &work, a.prefetch == "on")
                 .with_context(|| format!("serving {reference}"))?,
         );
         println!(

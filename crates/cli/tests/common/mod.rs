@@ -471,12 +471,17 @@ pub fn mounts_below(dir: &Path) -> Vec<String> {
 
 /// Wait until `n` mounts exist below `root` (the workload is up), then send
 /// SIGINT to `child` as a terminal's Ctrl-C would.
-pub fn interrupt_when_mounted(child: &Child, root: &Path, n: usize) {
+/// Wait (up to 30 s) until at least `n` mounts exist below `root`.
+pub fn wait_mounted(root: &Path, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while mounts_below(root).len() < n {
         assert!(Instant::now() < deadline, "workload did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+pub fn interrupt_when_mounted(child: &Child, root: &Path, n: usize) {
+    wait_mounted(root, n);
     std::thread::sleep(Duration::from_millis(300));
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
