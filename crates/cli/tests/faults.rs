@@ -79,11 +79,7 @@ fn truncated_blob_gives_size_error_and_store_unchanged() {
     );
     // Other layers may have completed (they are valid); the broken one and the image must not.
     assert!(tree_listing(&root.path().join("images")).is_empty());
-    assert!(!root
-        .path()
-        .join("layers/sha256")
-        .join(big.strip_prefix("sha256:").unwrap())
-        .exists());
+    assert!(!stored_layer(root.path(), &big).exists());
     assert!(tree_listing(&root.path().join("tmp")).is_empty());
 }
 

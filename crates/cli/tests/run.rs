@@ -390,11 +390,7 @@ fn root_registry_dying_mid_layer_gives_eio_then_a_new_run_succeeds() {
         err.contains(&layers2[1]) && err.contains("corrupt"),
         "{err}"
     );
-    assert!(!root2
-        .path()
-        .join("layers/sha256")
-        .join(layers2[1].strip_prefix("sha256:").unwrap())
-        .exists());
+    assert!(!stored_layer(root2.path(), &layers2[1]).exists());
     assert_nothing_left(root2.path());
 }
 
@@ -414,11 +410,7 @@ fn root_tampered_layer_content_is_never_served() {
     let pulled = tempfile::tempdir().unwrap();
     lazylayer_ok(pulled.path(), &["pull", &src]);
     let module = |layer: &str| -> Option<std::path::PathBuf> {
-        let lib = pulled
-            .path()
-            .join("layers/sha256")
-            .join(layer.strip_prefix("sha256:").unwrap())
-            .join("fs/usr/lib");
+        let lib = stored_layer(pulled.path(), layer).join("fs/usr/lib");
         std::fs::read_dir(lib).ok()?.flatten().find_map(|e| {
             let p = e.path().join("sqlite3/__init__.py");
             (e.file_name().to_string_lossy().starts_with("python3.") && p.is_file()).then_some(p)
@@ -476,11 +468,7 @@ fn root_tampered_layer_content_is_never_served() {
     assert!(so.is_empty(), "{so}");
     assert!(!out.status.success());
     assert!(se.contains(&layers[i]), "the run names the bad layer: {se}");
-    assert!(!root
-        .path()
-        .join("layers/sha256")
-        .join(layers[i].strip_prefix("sha256:").unwrap())
-        .exists());
+    assert!(!stored_layer(root.path(), &layers[i]).exists());
     assert_nothing_left(root.path());
 }
 

@@ -27,15 +27,7 @@ fn root_extracted_layers_match_umoci_unpack() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| {
-            let hex = l["digest"]
-                .as_str()
-                .unwrap()
-                .strip_prefix("sha256:")
-                .unwrap()
-                .to_string();
-            root.path().join("layers/sha256").join(hex).join("fs")
-        })
+        .map(|l| stored_layer(root.path(), l["digest"].as_str().unwrap()).join("fs"))
         .collect();
     lowers.reverse();
     let work = tempfile::tempdir().unwrap();

@@ -115,7 +115,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let a = Digest::sha256_of(b"a");
         let b = Digest::sha256_of(b"b");
-        let guard = store.pin_guard("run-1", &[a.clone()]).unwrap();
+        let guard = store.pin_guard("run-1", std::slice::from_ref(&a)).unwrap();
         // A pin whose process is gone (no pid 0 in /proc) counts for nothing.
         let stale = PinFile {
             pid: 0,
@@ -128,7 +128,7 @@ mod tests {
         assert!(!kept.contains(b.hex()));
         assert!(!stale_path.exists(), "the stale pin is removed");
         // Re-pinning replaces; dropping the guard unpins.
-        store.pin("run-1", &[b.clone()]).unwrap();
+        store.pin("run-1", std::slice::from_ref(&b)).unwrap();
         assert!(store.pinned().contains(b.hex()));
         drop(guard);
         assert!(store.pinned().is_empty());

@@ -471,6 +471,13 @@ pub fn mounts_below(dir: &Path) -> Vec<String> {
 
 /// Wait until `n` mounts exist below `root` (the workload is up), then send
 /// SIGINT to `child` as a terminal's Ctrl-C would.
+/// Where the store at `root` keeps layer `digest` ("sha256:…") extracted
+/// (the directory holding `fs/` and `layer.json`).
+pub fn stored_layer(root: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    root.join("layers/sha256").join(hex)
+}
+
 /// Wait (up to 30 s) until at least `n` mounts exist below `root`.
 pub fn wait_mounted(root: &Path, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
