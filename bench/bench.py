@@ -328,7 +328,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         else:
             r = opt_ref if contender == "lazylayer" else ref
             pull = None
-            run = [self.ll, "--root", self.ll_root, "run", "--rm", "--name", cid, "--net", "host", r]
+            # LAZYLAYER_RUN_ARGS: extra `run` options for experiments (e.g. "--prefetch off").
+            extra = os.environ.get("LAZYLAYER_RUN_ARGS", "").split()
+            run = [self.ll, "--root", self.ll_root, "run", "--rm", *extra, "--name", cid, "--net", "host", r]
             stop = lambda p: p.send_signal(signal.SIGINT)
         return pull, run, stop
 

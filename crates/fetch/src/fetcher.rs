@@ -178,28 +178,47 @@ impl LayerFetcher {
     /// at a time, bottom layer first; readers' requests jump the queue.
     pub fn start_prefetch(&self) {
         let me = self.clone();
+        self.inner.rt.spawn(async move { me.prefetch_all().await });
+    }
+
+    /// [`LayerFetcher::start_prefetch`] once the start has settled: when
+    /// `activity` (a count of file-system requests) has moved and then stood
+    /// still for `quiet`, or after `max_wait`. Prefetching decompresses and
+    /// extracts on the same CPUs the starting program needs, so it waits.
+    pub fn start_prefetch_when_idle(
+        &self,
+        activity: impl Fn() -> u64 + Send + 'static,
+        quiet: Duration,
+        max_wait: Duration,
+    ) {
+        let me = self.clone();
         self.inner.rt.spawn(async move {
-            let n = me.inner.slots.lock().unwrap().len();
-            let limit = me.inner.opts.prefetch_concurrency.max(1);
-            for i in 0..n {
-                // Wait for a free prefetch slot: count layers fetching.
-                loop {
-                    let busy = me
-                        .inner
-                        .slots
-                        .lock()
-                        .unwrap()
-                        .iter()
-                        .filter(|s| s.state == LayerState::Fetching)
-                        .count();
-                    if busy < limit {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                me.request(i, false);
-            }
+            wait_until_idle(activity, quiet, max_wait).await;
+            me.prefetch_all().await
         });
+    }
+
+    async fn prefetch_all(&self) {
+        let n = self.inner.slots.lock().unwrap().len();
+        let limit = self.inner.opts.prefetch_concurrency.max(1);
+        for i in 0..n {
+            // Wait for a free prefetch slot: count layers fetching.
+            loop {
+                let busy = self
+                    .inner
+                    .slots
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s.state == LayerState::Fetching)
+                    .count();
+                if busy < limit {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.request(i, false);
+        }
     }
 
     /// Open the file at `path` (relative) from layer `i`, waiting (bounded)
@@ -365,6 +384,24 @@ impl LayerFetcher {
     }
 }
 
+/// Returns once `activity` has changed since the call and then stayed the
+/// same for `quiet` (checked every quiet/4), or when `max_wait` has passed.
+pub async fn wait_until_idle(activity: impl Fn() -> u64, quiet: Duration, max_wait: Duration) {
+    let start = tokio::time::Instant::now();
+    let first = activity();
+    let (mut last, mut since) = (first, start);
+    let step = (quiet / 4).max(Duration::from_millis(1));
+    while start.elapsed() < max_wait {
+        tokio::time::sleep(step).await;
+        let now = activity();
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if last != first && since.elapsed() >= quiet {
+            return;
+        }
+    }
+}
+
 /// Whether `f`'s content hashes to `want` (SHA-256); leaves it at offset 0.
 fn content_matches(mut f: &File, want: &[u8; 32]) -> io::Result<bool> {
     use sha2::{Digest as _, Sha256};
@@ -418,4 +455,51 @@ fn anyhow_like(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wait_until_idle;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Only lower bounds are asserted: "not before the activity stopped" is
+    /// what the function promises, however slow the machine.
+    #[tokio::test]
+    async fn idle_means_activity_then_quiet() {
+        let n = Arc::new(AtomicU64::new(0));
+        let last_us = Arc::new(AtomicU64::new(0));
+        let t0 = Instant::now();
+        let (w, l) = (n.clone(), last_us.clone());
+        let writer = std::thread::spawn(move || {
+            while t0.elapsed() < Duration::from_millis(300) {
+                // Time first: the recorded time is then never after the
+                // change the waiter sees.
+                l.store(t0.elapsed().as_micros() as u64, Ordering::SeqCst);
+                w.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let quiet = Duration::from_millis(100);
+        let r = n.clone();
+        wait_until_idle(
+            move || r.load(Ordering::SeqCst),
+            quiet,
+            Duration::from_secs(60),
+        )
+        .await;
+        let returned = t0.elapsed();
+        writer.join().unwrap();
+        let last = Duration::from_micros(last_us.load(Ordering::SeqCst));
+        assert!(
+            returned >= last + quiet,
+            "returned at {returned:?}, activity until {last:?}"
+        );
+
+        // No activity at all: nothing has started yet, so wait the maximum.
+        let t1 = Instant::now();
+        wait_until_idle(|| 7, quiet, Duration::from_millis(400)).await;
+        assert!(t1.elapsed() >= Duration::from_millis(400));
+    }
 }

@@ -18,6 +18,12 @@ mod lazy;
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use lazy::{LazyImage, LazySource, OpenError};
 
+/// Background prefetch of a lazily started container waits until its start
+/// has settled: file-system requests stopped for this long...
+pub const PREFETCH_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
+/// ...or this long after the mount at the latest.
+pub const PREFETCH_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(transparent)]

@@ -48,12 +48,19 @@ impl Default for FsOptions {
 /// daemon reads.
 #[derive(Debug, Default)]
 pub struct FsStats {
+    /// Requests of the kinds a starting program makes (lookups, attributes,
+    /// opens, reads, directory listings): a measure of activity.
+    requests: AtomicU64,
     passthrough_opens: AtomicU64,
     daemon_opens: AtomicU64,
     read_requests: AtomicU64,
 }
 
 impl FsStats {
+    /// Lookups, getattrs, opens, reads and listings served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
     /// Opens the kernel serves from the backing file directly.
     pub fn passthrough_opens(&self) -> u64 {
         self.passthrough_opens.load(Ordering::Relaxed)
@@ -317,6 +324,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let Some(p) = self.idx(parent) else {
             return reply.error(Errno::ENOENT);
         };
@@ -338,6 +346,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         match self.idx(ino) {
             Some(i) => reply.attr(&self.opts.ttl, &self.attr(i)),
             None => reply.error(Errno::ENOENT),
@@ -345,6 +354,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let Some(i) = self.idx(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -359,6 +369,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let Some(i) = self.idx(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -390,6 +401,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let Some(f) = self
             .open
             .lock()
@@ -453,6 +465,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         match self.idx(ino) {
             Some(i) if self.entry(i).kind == FileKind::Dir => {
                 self.record(&self.entry(i).path, Access::Readdir);
@@ -474,6 +487,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let Some(i) = self.idx(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -514,6 +528,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let Some(i) = self.idx(ino) else {
             return reply.error(Errno::ENOENT);
         };

@@ -55,9 +55,9 @@ impl FsMount {
         &self.target
     }
 
-    /// How the mounted file system served opens so far.
-    pub fn stats(&self) -> &FsStats {
-        &self.stats
+    /// How the mounted file system served requests so far (live counters).
+    pub fn stats(&self) -> Arc<FsStats> {
+        self.stats.clone()
     }
 
     /// Unmount now (also done on drop).
