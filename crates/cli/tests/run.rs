@@ -32,6 +32,15 @@ fn optimized(reg: &Registry, name: &str, cmd: &[&str]) -> (String, String, Vec<S
     (src, dst, layers)
 }
 
+/// A registry holding the python3 image and its optimized form (traced
+/// with the image's own command): (registry, src, dst, SRC's layer digests).
+fn python3_optimized() -> (Registry, String, String, Vec<String>) {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (src, dst, layers) = optimized(&reg, "python3", &[]);
+    (reg, src, dst, layers)
+}
+
 fn run_cmd(root: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lazylayer"));
     c.arg("--root")
@@ -82,9 +91,7 @@ fn assert_nothing_left(root: &Path) {
 
 #[test]
 fn root_lazy_start_fetches_only_the_boot_layer_and_matches_podman() {
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (src, dst, layers) = optimized(&reg, "python3", &[]);
+    let (reg, src, dst, layers) = python3_optimized();
     let podman = Podman::new();
     podman.ok(&["pull", "-q", "--tls-verify=false", &src]);
     let expected = podman.ok(&["run", "--rm", "--network=none", &src]);
@@ -209,32 +216,56 @@ fn root_whiteouts_and_opaque_dirs_behave_as_in_overlayfs() {
 
 #[test]
 fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (_src, dst, layers) = optimized(&reg, "python3", &[]);
+    let (reg, _src, dst, layers) = python3_optimized();
     let root = tempfile::tempdir().unwrap();
     let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
-    // Prefetch off: a prefetch cut short by the container's exit would show
-    // up as an extra (partial) GET and blur what this test counts.
+    // Prefetch off, and neither container exits before every fetch has
+    // ended: a fetch cut short by an exit would show up as an extra
+    // (partial) GET and blur what this test counts.
     let cmd = [
         "--rm",
         "--prefetch",
         "off",
         &dst,
         "--",
-        "python3",
+        "sh",
         "-c",
-        "import sqlite3; print('one')",
+        "python3 -c \"import sqlite3; print('one')\"; read go",
     ];
     let spawn = || {
         run_cmd(root.path(), &cmd)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     };
-    let (a, b) = (spawn(), spawn());
+    let (mut a, mut b) = (spawn(), spawn());
+    let mut printed = Vec::new();
+    for c in [&mut a, &mut b] {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        printed.push(line);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fetching = || {
+        std::fs::read_dir(root.path().join("tmp"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("layer-"))
+    };
+    while fetching() {
+        assert!(Instant::now() < deadline, "a layer fetch did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for c in [&mut a, &mut b] {
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    }
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(
         a.status.success() && b.status.success(),
@@ -242,8 +273,7 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
         String::from_utf8_lossy(&a.stderr),
         String::from_utf8_lossy(&b.stderr)
     );
-    assert_eq!(stdout(&a), "one\n");
-    assert_eq!(stdout(&b), "one\n");
+    assert_eq!(printed, ["one\n", "one\n"]);
     for (d, b) in layers.iter().zip(&before) {
         let n = reg.blob_gets(d) - b;
         assert!(n <= 1, "layer {d} fetched {n} times by two concurrent runs");
@@ -298,9 +328,7 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
 
 #[test]
 fn root_registry_dying_mid_layer_gives_eio_then_a_new_run_succeeds() {
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (_src, dst, layers) = optimized(&reg, "python3", &[]);
+    let (reg, _src, dst, layers) = python3_optimized();
     let proxy = CuttingProxy::start(reg.port, 12_000_000, AfterCut::Die);
     let via_proxy = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
     let root = tempfile::tempdir().unwrap();
@@ -401,9 +429,7 @@ fn root_registry_dying_mid_layer_gives_eio_then_a_new_run_succeeds() {
 #[test]
 fn root_tampered_layer_content_is_never_served() {
     use std::io::{Read, Write};
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (src, dst, layers) = optimized(&reg, "python3", &[]);
+    let (reg, src, dst, layers) = python3_optimized();
 
     // The topmost layer holding sqlite3/__init__.py (not traced, so not in
     // the boot layer), and that file's content.
@@ -479,9 +505,7 @@ fn root_tampered_layer_content_is_never_served() {
 #[test]
 fn root_prune_spares_what_a_running_lazy_container_uses() {
     use std::io::Write;
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (_src, dst, _layers) = optimized(&reg, "python3", &[]);
+    let (_reg, _src, dst, _layers) = python3_optimized();
     let root = tempfile::tempdir().unwrap();
     let mut child = run_cmd(
         root.path(),
