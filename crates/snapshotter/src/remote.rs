@@ -368,8 +368,14 @@ impl Snapshotter {
                 image: r.image_ref.clone(),
                 source: Box::new(source),
             })?;
-        // The container starts from the boot layer; the rest follows.
-        img.fetcher.start_prefetch();
+        // The container starts from the boot layer; the rest follows once
+        // its start has settled (prefetching earlier takes its CPU).
+        let stats = m.stats();
+        img.fetcher.start_prefetch_when_idle(
+            move || stats.requests(),
+            lazylayer_fetch::PREFETCH_QUIET,
+            lazylayer_fetch::PREFETCH_MAX_WAIT,
+        );
         tracing::info!(image = %r.image_ref, dir = %dir.display(), "lazy root mounted");
         mounts.insert(r.manifest_digest.clone(), (img, m));
         Ok(())
