@@ -160,6 +160,9 @@ pub struct Snapshotter {
     /// record the snapshot" and "remove, then maybe unmount", so a mount is
     /// never dropped under a snapshot being created on it.
     mounts: Mutex<HashMap<String, (Arc<LazyImage>, FsMount)>>,
+    /// What the pin names now: it is rewritten only when this changes
+    /// (most Removes are of ordinary snapshots).
+    pinned: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 impl Snapshotter {
@@ -177,6 +180,7 @@ impl Snapshotter {
             snapshots,
             images,
             mounts: Mutex::new(HashMap::new()),
+            pinned: std::sync::Mutex::new(None),
         };
         sn.repin();
         Ok(sn)
@@ -186,15 +190,16 @@ impl Snapshotter {
     /// images are recorded in the store only once fully fetched).
     fn repin(&self) {
         let Some(images) = &self.images else { return };
-        let digests: Vec<Digest> = self
-            .snapshots
-            .remote_digests()
-            .iter()
-            .filter_map(|d| d.parse().ok())
-            .collect();
+        let wanted = self.snapshots.remote_digests();
+        let mut pinned = self.pinned.lock().unwrap();
+        if pinned.as_ref() == Some(&wanted) {
+            return;
+        }
+        let digests: Vec<Digest> = wanted.iter().filter_map(|d| d.parse().ok()).collect();
         let name = format!("snapshotter-{}", std::process::id());
-        if let Err(e) = images.store.pin(&name, &digests) {
-            tracing::warn!(error = %e, "pinning the remote snapshots' content");
+        match images.store.pin(&name, &digests) {
+            Ok(()) => *pinned = Some(wanted),
+            Err(e) => tracing::warn!(error = %e, "pinning the remote snapshots' content"),
         }
     }
 
