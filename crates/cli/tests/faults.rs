@@ -353,13 +353,34 @@ fn lazylayer_authed(
     auth: Option<&Path>,
     args: &[&str],
 ) -> std::process::Output {
+    authed_cmd(root, home, auth).args(args).output().unwrap()
+}
+
+/// The command [`lazylayer_authed`] runs, before its arguments.
+fn authed_cmd(root: &Path, home: &Path, auth: Option<&Path>) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"));
-    c.arg("--root").arg(root).args(args).env("HOME", home);
+    c.arg("--root").arg(root).env("HOME", home);
     match auth {
         Some(a) => c.env("REGISTRY_AUTH_FILE", a),
         None => c.env_remove("REGISTRY_AUTH_FILE"),
     };
-    c.output().unwrap()
+    c
+}
+
+/// `pull --json image` into a fresh store with `auth`; it must succeed and
+/// give `manifest_digest`.
+fn pull_fresh_authed(
+    home: &Path,
+    auth: &Path,
+    image: &str,
+    manifest_digest: &str,
+) -> std::process::Output {
+    let fresh = tempfile::tempdir().unwrap();
+    let pulled = lazylayer_authed(fresh.path(), home, Some(auth), &["pull", "--json", image]);
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], manifest_digest);
+    pulled
 }
 
 // ---- auth -----------------------------------------------------------------
@@ -408,16 +429,7 @@ fn basic_auth_from_auth_file() {
         true,
     );
     assert!(pushed.status.success(), "{}", stderr(&pushed));
-    let fresh = tempfile::tempdir().unwrap();
-    let pulled = lazylayer_authed(
-        fresh.path(),
-        secrets.path(),
-        Some(&auth_file),
-        &["pull", "--json", &dst],
-    );
-    assert!(pulled.status.success(), "{}", stderr(&pulled));
-    let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
-    assert_eq!(v["manifest_digest"], digests["busybox"]);
+    let pulled = pull_fresh_authed(secrets.path(), &auth_file, &dst, &digests["busybox"]);
 
     // The same password from a credential helper named by Docker's config.json.
     let docker_cfg = secrets.path().join("docker");
@@ -427,12 +439,8 @@ fn basic_auth_from_auth_file() {
         format!(r#"{{"credHelpers":{{"{}":"lltest"}}}}"#, locked.addr()),
     )
     .unwrap();
-    let helper_pulled = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(tempfile::tempdir().unwrap().path())
+    let helper_pulled = authed_cmd(tempfile::tempdir().unwrap().path(), secrets.path(), None)
         .args(["pull", "--json", &dst])
-        .env("HOME", secrets.path())
-        .env_remove("REGISTRY_AUTH_FILE")
         .env("DOCKER_CONFIG", &docker_cfg)
         .env("PATH", path_with(&helper_dir))
         .output()
@@ -608,16 +616,7 @@ fn bearer_token_auth_against_real_registry() {
     let pushed = with_auth(&["push", &image_ref(&open, "busybox"), &dst]);
     assert!(pushed.status.success(), "{}", stderr(&pushed));
     assert!(issued.load(Ordering::SeqCst) >= 1, "a token was requested");
-    let fresh = tempfile::tempdir().unwrap();
-    let pulled = lazylayer_authed(
-        fresh.path(),
-        secrets.path(),
-        Some(&auth_file),
-        &["pull", "--json", &dst],
-    );
-    assert!(pulled.status.success(), "{}", stderr(&pulled));
-    let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
-    assert_eq!(v["manifest_digest"], digests["busybox"]);
+    pull_fresh_authed(secrets.path(), &auth_file, &dst, &digests["busybox"]);
     // Without credentials the issuer grants nothing and the registry refuses.
     let anon = lazylayer_authed(
         tempfile::tempdir().unwrap().path(),

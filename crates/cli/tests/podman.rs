@@ -12,17 +12,8 @@ use common::*;
 fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
-    let opt = tempfile::tempdir().unwrap();
-    let src = image_ref(&reg, "python3");
-    let dst = format!("{}/optimized/python3:lazy", reg.addr());
-    lazylayer_ok(opt.path(), &["optimize", &src, &dst]);
-    let insp = lazylayer_json(opt.path(), &["inspect", &src]);
-    let layers: Vec<String> = insp["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect();
+    let (opt, src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, layers) = layer_digests(opt.path(), &src);
     let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
 
     let root = tempfile::tempdir().unwrap();

@@ -14,21 +14,8 @@ use common::*;
 /// Optimize `name` from `reg` into `optimized/NAME:boot` (store of its own);
 /// returns (src, dst, layer digests of SRC bottom first).
 fn optimized(reg: &Registry, name: &str, cmd: &[&str]) -> (String, String, Vec<String>) {
-    let opt_root = tempfile::tempdir().unwrap();
-    let src = image_ref(reg, name);
-    let dst = format!("{}/optimized/{name}:boot", reg.addr());
-    let mut args = vec!["optimize", "--json", &src, &dst];
-    args.extend_from_slice(cmd);
-    let rep: serde_json::Value =
-        serde_json::from_str(&lazylayer_ok(opt_root.path(), &args)).unwrap();
-    assert!(rep["boot_layer_size"].as_u64().unwrap() > 0);
-    let insp = lazylayer_json(opt_root.path(), &["inspect", &src]);
-    let layers = insp["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect();
+    let (store, src, dst) = optimize_image(reg, name, cmd);
+    let (_, layers) = layer_digests(store.path(), &src);
     (src, dst, layers)
 }
 

@@ -275,7 +275,7 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     }
     let reg = Registry::start();
     push_images(&reg, &["multilayer"]);
-    let (opt_root, src, dst) = optimize_fixture(&reg, "multilayer");
+    let (opt_root, src, dst) = optimize_image(&reg, "multilayer", &[]);
     let (manifest, opt_layers) = layer_digests(opt_root.path(), &dst);
     let (plain_manifest, plain_layers) = layer_digests(opt_root.path(), &src);
     assert!(opt_layers.len() >= 3, "{opt_layers:?}");
@@ -469,7 +469,7 @@ fn containerd_pull_registers_an_optimized_image_lazily() {
     }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
-    let (opt_root, src, dst) = optimize_fixture(&reg, "python3");
+    let (opt_root, src, dst) = optimize_image(&reg, "python3", &[]);
     let (manifest, opt_layers) = layer_digests(opt_root.path(), &dst);
     let (_, src_layers) = layer_digests(opt_root.path(), &src);
     let boot = opt_layers.last().unwrap().clone();
@@ -637,28 +637,6 @@ fn cri_pull(cd: &Containerd, image: &str) -> String {
     }
 }
 
-/// Layer digests of an image, from `lazylayer inspect --json`.
-/// Optimize `name` from `reg` into `optimized/NAME:boot` with a store of its
-/// own; returns (that store, SRC, DST).
-fn optimize_fixture(reg: &Registry, name: &str) -> (tempfile::TempDir, String, String) {
-    let src = image_ref(reg, name);
-    let dst = format!("{}/optimized/{name}:boot", reg.addr());
-    let opt_root = tempfile::tempdir().unwrap();
-    lazylayer_ok(opt_root.path(), &["optimize", "--json", &src, &dst]);
-    (opt_root, src, dst)
-}
-
-fn layer_digests(root: &Path, image: &str) -> (String, Vec<String>) {
-    let v = lazylayer_json(root, &["inspect", image]);
-    let layers = v["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect();
-    (v["digest"].as_str().unwrap().to_string(), layers)
-}
-
 /// The Kubernetes path: containerd 1.6 with its CRI plugin, pulled through
 /// `runtime.v1.ImageService/PullImage` exactly as the kubelet does. For an
 /// optimized image the snapshotter claims every layer, so containerd fetches
@@ -673,7 +651,7 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
     }
     let reg = Registry::start();
     push_images(&reg, &["python3", "busybox"]);
-    let (opt_root, src, dst) = optimize_fixture(&reg, "python3");
+    let (opt_root, src, dst) = optimize_image(&reg, "python3", &[]);
     let (_, opt_layers) = layer_digests(opt_root.path(), &dst);
     let (_, src_layers) = layer_digests(opt_root.path(), &src);
     let boot = opt_layers.last().unwrap().clone();
@@ -813,7 +791,7 @@ fn snapshotter_restart_under_a_running_lazy_container() {
     }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
-    let (opt_root, _src, dst) = optimize_fixture(&reg, "python3");
+    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
 
     let root = tempfile::tempdir().unwrap();
     let mut sn = Snapshotterd::start(root.path());

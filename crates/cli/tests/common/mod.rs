@@ -207,6 +207,38 @@ pub fn lazylayer_json(root: &Path, args: &[&str]) -> serde_json::Value {
 }
 
 /// Every path under `dir` (relative), for "the store did not change" checks.
+/// Optimize `name` from `reg` into `optimized/NAME:boot`, with a store of
+/// its own (`extra` appended to the command line, e.g. `--`, CMD...);
+/// returns (that store, SRC, DST).
+pub fn optimize_image(
+    reg: &Registry,
+    name: &str,
+    extra: &[&str],
+) -> (tempfile::TempDir, String, String) {
+    let store = tempfile::tempdir().unwrap();
+    let src = image_ref(reg, name);
+    let dst = format!("{}/optimized/{name}:boot", reg.addr());
+    // --json before SRC: `extra` may end in `-- CMD`.
+    let mut args = vec!["optimize", "--json", &src, &dst];
+    args.extend_from_slice(extra);
+    let rep: serde_json::Value = serde_json::from_str(&lazylayer_ok(store.path(), &args)).unwrap();
+    assert!(rep["boot_layer_size"].as_u64().unwrap() > 0, "{rep}");
+    (store, src, dst)
+}
+
+/// An image's manifest digest and layer digests (bottom first), from
+/// `lazylayer inspect --json` on the store at `root`.
+pub fn layer_digests(root: &Path, image: &str) -> (String, Vec<String>) {
+    let v = lazylayer_json(root, &["inspect", image]);
+    let layers = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    (v["digest"].as_str().unwrap().to_string(), layers)
+}
+
 pub fn tree_listing(dir: &Path) -> Vec<String> {
     let mut v = Vec::new();
     fn walk(base: &Path, d: &Path, v: &mut Vec<String>) {
