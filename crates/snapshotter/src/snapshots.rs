@@ -172,15 +172,13 @@ impl Snapshots {
     pub fn remote_layers_missing(&self, parent: &str) -> Vec<RemoteLayer> {
         let db = self.lock();
         let mut out = Vec::new();
-        let mut next = (!parent.is_empty()).then_some(parent);
-        while let Some(n) = next {
-            let Some(s) = db.snapshots.get(n) else { break };
+        for (_, s) in ancestry(&db, (!parent.is_empty()).then_some(parent)) {
+            let Some(s) = s else { break };
             match &s.remote {
                 Some(r) if r.top => break,
                 Some(r) if self.remote_layer_dir(r).is_none() => out.push(r.clone()),
                 _ => {}
             }
-            next = s.parent.as_deref();
         }
         out
     }
@@ -415,12 +413,8 @@ impl Snapshots {
     /// Lower directories for a snapshot on `parent`, top first.
     fn lowers(&self, db: &Db, parent: Option<&str>) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
-        let mut next = parent.map(str::to_string);
-        while let Some(name) = next {
-            let p = db
-                .snapshots
-                .get(&name)
-                .ok_or_else(|| SnapshotError::NotFound(name.clone()))?;
+        for (name, p) in ancestry(db, parent) {
+            let p = p.ok_or_else(|| SnapshotError::NotFound(name.to_string()))?;
             match &p.remote {
                 // The lazy mount is the whole merged image: nothing below it counts.
                 Some(r) if r.top => {
@@ -431,7 +425,7 @@ impl Snapshots {
                     Some(dir) => out.push(dir),
                     None => {
                         return Err(SnapshotError::FailedPrecondition {
-                            key: name.clone(),
+                            key: name.to_string(),
                             reason: format!(
                                 "remote layer {} of {} is below the image's boot layer \
                                  and not in the store yet",
@@ -442,7 +436,6 @@ impl Snapshots {
                 },
                 None => out.push(self.snapshot_dir(p.id).join("fs")),
             }
-            next = p.parent.clone();
         }
         Ok(out)
     }
@@ -662,15 +655,27 @@ fn check_parent(db: &Db, parent: &str) -> Result<Option<String>> {
 /// The first remote snapshot in `name`'s chain when it is an image's top
 /// layer, i.e. when the chain is served by that image's lazy mount.
 fn remote_top(db: &Db, name: &str) -> Option<RemoteLayer> {
-    let mut next = Some(name);
-    while let Some(n) = next {
-        let s = db.snapshots.get(n)?;
-        if let Some(r) = &s.remote {
+    for (_, s) in ancestry(db, Some(name)) {
+        if let Some(r) = &s?.remote {
             return r.top.then(|| r.clone());
         }
-        next = s.parent.as_deref();
     }
     None
+}
+
+/// `name` and its ancestors, nearest first: each name with its snapshot, or
+/// None for a name the metadata lacks (which ends the chain).
+fn ancestry<'a>(
+    db: &'a Db,
+    name: Option<&'a str>,
+) -> impl Iterator<Item = (&'a str, Option<&'a Snapshot>)> + 'a {
+    let mut next = name;
+    std::iter::from_fn(move || {
+        let n = next.take()?;
+        let s = db.snapshots.get(n);
+        next = s.and_then(|s| s.parent.as_deref());
+        Some((n, s))
+    })
 }
 
 fn du(p: &Path, u: &mut Usage, seen: &mut HashSet<(u64, u64)>) {
