@@ -166,6 +166,12 @@ impl<S: ContentSource> LazyFs<S> {
                 }
                 _ => {}
             }
+            // A group an upper layer split: the holding layer's count, as
+            // overlayfs reports it. Not for a copy in the boot layer, which
+            // holds only the visible names (a standard runtime reports those).
+            if e.link_count != 0 && !e.in_boot {
+                nlink[i as usize] = u32::from(e.link_count);
+            }
         }
         LazyFs {
             index,
@@ -298,6 +304,24 @@ impl<S: ContentSource> LazyFs<S> {
     }
 }
 
+/// The opened content must be what the index announced: a regular file of
+/// the size `stat` reported (sources refuse anything but regular files; the
+/// size is checked here, once for every source).
+fn matches_index(f: File, e: &IndexEntry) -> std::io::Result<File> {
+    let len = f.metadata()?.len();
+    if len != e.size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the boot index says {} is a regular file of {} bytes, the layer holds one of {len} bytes",
+                String::from_utf8_lossy(&e.path),
+                e.size
+            ),
+        ));
+    }
+    Ok(f)
+}
+
 impl<S: ContentSource> Filesystem for LazyFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Listings with attributes: a `find`/`ls -l` over the image then costs
@@ -381,8 +405,14 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             return reply.error(Errno::EINVAL);
         }
         self.record(&e.path, Access::Open);
-        match self.source.open(i, e) {
+        match self.source.open(i, e).and_then(|f| matches_index(f, e)) {
             Ok(f) => self.register_open(ino.0, f, reply),
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+                // The image's layer and its own index disagree: hostile or
+                // corrupt content, never served.
+                tracing::error!(path = %String::from_utf8_lossy(&e.path), error = %err, "refused content that does not match the boot index");
+                reply.error(Errno::EIO)
+            }
             Err(err) => {
                 tracing::warn!(path = %String::from_utf8_lossy(&e.path), error = %err, "content unavailable");
                 reply.error(Errno::EIO)

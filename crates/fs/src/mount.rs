@@ -19,6 +19,11 @@ impl FsMount {
     /// Mount `fs` read-only at `target` (an existing directory). The kernel
     /// checks permissions from the attributes we report (default_permissions),
     /// and every user may enter (allow_other), as in a container's root.
+    ///
+    /// `nosuid,nodev`: the image is untrusted, and this mount is reachable
+    /// from the host. A container does not lose its setuid binaries or its
+    /// devices by it: it runs on the overlayfs stacked on top, whose own
+    /// mount flags count, and its /dev comes from its spec.
     pub fn mount<S: ContentSource>(
         fs: LazyFs<S>,
         target: &Path,
@@ -30,8 +35,8 @@ impl FsMount {
             MountOption::Subtype("lazylayer".into()),
             MountOption::RO,
             MountOption::DefaultPermissions,
-            MountOption::Suid,
-            MountOption::Dev,
+            MountOption::NoSuid,
+            MountOption::NoDev,
             MountOption::Exec,
         ];
         cfg.acl = SessionACL::All;

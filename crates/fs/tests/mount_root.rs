@@ -419,8 +419,9 @@ fn root_statfs_describes_the_image() {
     assert_eq!(vfs.f_files, entries);
     assert_eq!(vfs.f_namemax, 255);
     assert!(vfs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
-    assert!(!vfs.f_flag.contains(rustix::fs::StatVfsMountFlags::NOSUID));
-    assert!(!vfs.f_flag.contains(rustix::fs::StatVfsMountFlags::NODEV));
+    // The image is untrusted and the mount reachable from the host.
+    assert!(vfs.f_flag.contains(rustix::fs::StatVfsMountFlags::NOSUID));
+    assert!(vfs.f_flag.contains(rustix::fs::StatVfsMountFlags::NODEV));
 }
 
 /// A read-only view of `len` bytes of `f`, for as long as it lives.
@@ -1008,4 +1009,226 @@ fn bench_read_throughput() {
         without.stats.read_requests()
     );
     drop(overlay);
+}
+
+/// Hostile images: an index (image data) may call any path of a layer a
+/// regular file. Whatever the layer really holds there — a device node, a
+/// FIFO, a file of another size — the reader gets EIO within a bound, the
+/// daemon never opens a device for it and never blocks on a FIFO.
+#[test]
+fn root_content_that_is_not_the_indexed_regular_file_is_refused() {
+    if !have_root("root_content_that_is_not_the_indexed_regular_file_is_refused") {
+        return;
+    }
+    use rustix::fs::{mknodat, FileType, CWD};
+    let src = tempfile::tempdir().unwrap();
+    let s = src.path();
+    std::fs::create_dir(s.join("evil")).unwrap();
+    // The host's root disk (its first bytes must never reach a container),
+    // /dev/zero's numbers (readable everywhere: what the old code served),
+    // and a FIFO nobody writes to.
+    let host_disk = std::fs::metadata("/").unwrap().dev();
+    let nodes = [
+        ("evil/disk", FileType::BlockDevice, host_disk),
+        (
+            "evil/zero",
+            FileType::CharacterDevice,
+            rustix::fs::makedev(1, 5),
+        ),
+        ("evil/fifo", FileType::Fifo, 0),
+    ];
+    for (rel, kind, dev) in nodes {
+        mknodat(
+            CWD,
+            s.join(rel),
+            kind,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            dev,
+        )
+        .unwrap();
+    }
+    std::fs::write(s.join("evil/short"), b"12345").unwrap();
+    // The index lies: every one of them is a 4096-byte regular file.
+    let mut idx = index_of(s);
+    for e in idx.entries.iter_mut() {
+        if e.path.starts_with(b"evil/") {
+            (e.kind, e.size, e.rdev, e.mode) =
+                (lazylayer_layer::index::FileKind::File, 4096, 0, 0o644);
+        }
+    }
+    let idx = BootIndex::new(idx.layers, idx.entries).unwrap();
+    for passthrough in [true, false] {
+        let source = LayerDirSource {
+            layer_dirs: vec![s.to_path_buf()],
+        };
+        let m = Mounted::new(idx.clone(), source, None, passthrough);
+        let (tx, rx) = mpsc::channel();
+        for rel in ["evil/disk", "evil/zero", "evil/fifo", "evil/short"] {
+            let (p, tx) = (m.p(rel), tx.clone());
+            std::thread::spawn(move || {
+                let r = std::fs::read(&p);
+                tx.send((rel, r)).unwrap()
+            });
+        }
+        for _ in 0..4 {
+            let (rel, r) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("a reader hung on content that is not a regular file");
+            match r {
+                Ok(bytes) => panic!(
+                    "{rel} (passthrough {passthrough}): served {} bytes of a non-file",
+                    bytes.len()
+                ),
+                Err(e) => assert_eq!(errno(&e), EIO, "{rel}: {e}"),
+            }
+        }
+        // The mount stays usable.
+        assert!(std::fs::metadata(m.p("evil/short")).unwrap().is_file());
+    }
+}
+
+/// A hardlink pair an upper layer split (one name whited out): overlayfs
+/// (podman, containerd) reports the lower inode's link count, 2, for the name
+/// left; so must the lazy file system.
+#[test]
+fn root_split_hardlink_keeps_its_layers_link_count_like_overlayfs() {
+    if !have_root("root_split_hardlink_keeps_its_layers_link_count_like_overlayfs") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (l0, l1, ovl) = (
+        t.path().join("l0"),
+        t.path().join("l1"),
+        t.path().join("ovl"),
+    );
+    for d in [&l0, &l1, &ovl] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::write(l0.join("kept"), b"pair\n").unwrap();
+    std::fs::hard_link(l0.join("kept"), l0.join("gone")).unwrap();
+    std::fs::write(l0.join("trio"), b"three\n").unwrap();
+    std::fs::hard_link(l0.join("trio"), l0.join("trio2")).unwrap();
+    std::fs::hard_link(l0.join("trio"), l0.join("trio3")).unwrap();
+    for wh in ["gone", "trio3"] {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            l1.join(wh),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+    }
+    let layers = [
+        (DIFF_ID.to_string(), l0.clone()),
+        (
+            "sha256:0000000000000000000000000000000000000000000000000000000000000002".to_string(),
+            l1.clone(),
+        ),
+    ];
+    let idx = build_index(&layers).unwrap();
+    let m = Mounted::new(
+        idx,
+        LayerDirSource {
+            layer_dirs: vec![l0.clone(), l1.clone()],
+        },
+        None,
+        true,
+    );
+    let _kernel = Overlay::mount(&[&l1, &l0], None, &ovl).unwrap();
+    for name in ["kept", "trio", "trio2"] {
+        let want = std::fs::metadata(ovl.join(name)).unwrap().nlink();
+        let got = std::fs::metadata(m.p(name)).unwrap().nlink();
+        assert_eq!(got, want, "{name}: nlink lazylayer vs kernel overlayfs");
+    }
+    assert_eq!(std::fs::metadata(ovl.join("kept")).unwrap().nlink(), 2);
+    assert!(!m.p("gone").exists());
+}
+
+/// The lazy root is mounted nosuid,nodev: a host user who reaches it runs
+/// an image's setuid-root binary without privilege and cannot open its
+/// device nodes. A container keeps both: it runs on an overlayfs stacked on
+/// top, whose own mount flags are the ones that count.
+#[test]
+fn root_host_users_get_no_setuid_or_devices_from_the_mount() {
+    if !have_root("root_host_users_get_no_setuid_or_devices_from_the_mount") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    let s = src.path();
+    let id = which("id");
+    std::fs::copy(&id, s.join("id")).unwrap();
+    chmod(&s.join("id"), 0o4755);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        s.join("null"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    )
+    .unwrap();
+    let m = Mounted::layer_dir(s, true);
+    // Reachable by anyone, so only the mount flags protect it here.
+    let mut p = m.path.clone();
+    while p != Path::new("/tmp") && p.pop() {
+        chmod(&p, 0o755);
+    }
+    let opts = mount_options(&m.path);
+    assert!(opts.contains(&"nosuid".to_string()), "{opts:?}");
+    assert!(opts.contains(&"nodev".to_string()), "{opts:?}");
+
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux) must be installed")
+    };
+    let out = as_nobody(&[m.p("id").to_str().unwrap(), "-u"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "65534",
+        "{out:?}"
+    );
+    let out = as_nobody(&["head", "-c", "0", m.p("null").to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "a host user opened the image's device: {out:?}"
+    );
+
+    // The container's view: an overlay on top keeps setuid working.
+    let upper = m._dir.path().join("upper");
+    let work = m._dir.path().join("work");
+    let merged = m._dir.path().join("merged");
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let _ovl = Overlay::mount(&[&m.path], Some((&upper, &work)), &merged).unwrap();
+    let out = as_nobody(&[merged.join("id").to_str().unwrap(), "-u"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
+}
+
+fn which(tool: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{tool} not found on PATH"))
+}
+
+/// The options of the mount at `target`, from /proc/self/mountinfo.
+fn mount_options(target: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let t = target.to_str().unwrap();
+    let line = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(t))
+        .unwrap_or_else(|| panic!("{t} is not mounted"));
+    line.split(' ')
+        .nth(5)
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect()
 }

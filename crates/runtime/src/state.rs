@@ -54,9 +54,16 @@ impl ContainerDir {
     pub fn create(root: &Path, name: &str) -> Result<ContainerDir, RuntimeError> {
         crate::validate_id(name)?;
         let base = Self::base(root);
-        std::fs::create_dir_all(&base).map_err(io("creating", &base))?;
+        // Private (0700), base and container alike: a container's rootfs
+        // holds its image's setuid binaries, reachable by path from the host.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&base)
+            .map_err(io("creating", &base))?;
         let path = base.join(name);
-        match std::fs::create_dir(&path) {
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
             Ok(()) => Ok(ContainerDir { path }),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(RuntimeError::Config {
                 id: name.to_string(),

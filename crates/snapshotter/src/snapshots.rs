@@ -121,7 +121,9 @@ impl Snapshots {
     /// Open (or create) the snapshotter's state in `dir`.
     pub fn open(dir: &Path) -> Result<Snapshots> {
         for d in [dir.to_path_buf(), dir.join("snapshots"), dir.join("lazy")] {
-            std::fs::create_dir_all(&d).map_err(io("creating the snapshotter directory", &d))?;
+            // Private: snapshots hold images' setuid binaries and devices.
+            lazylayer_store::create_private_dir(&d)
+                .map_err(io("creating the snapshotter directory", &d))?;
         }
         let path = dir.join("metadata.json");
         let db = match std::fs::read(&path) {

@@ -105,11 +105,17 @@ fn io_err(what: impl Into<String>, path: &Path) -> impl FnOnce(std::io::Error) -
 
 impl Store {
     /// Open (creating if needed) a store rooted at `root`.
+    ///
+    /// The root is made private (0700, tightened if an older release left it
+    /// open): extracted layers hold the image's setuid binaries and device
+    /// nodes as they are, and no host user but root may reach them
+    /// (CVE-2021-41091 is that hole in Docker's store).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
+        create_private_dir(&root).map_err(io_err("creating the store", &root))?;
         for sub in ["blobs/sha256", "layers/sha256", "images", "locks", "tmp"] {
             let p = root.join(sub);
-            std::fs::create_dir_all(&p).map_err(io_err("creating store directory", &p))?;
+            create_private_dir(&p).map_err(io_err("creating store directory", &p))?;
         }
         Ok(Store { root })
     }
@@ -310,6 +316,21 @@ impl Store {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
     }
+}
+
+/// Create `dir` (and missing parents) readable by root only: 0700 on every
+/// directory created, and on `dir` itself when it exists with looser bits.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7700))?;
+    }
+    Ok(())
 }
 
 /// The key an image is filed under: the reference as the user wrote it, normalised.

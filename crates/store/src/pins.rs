@@ -45,7 +45,7 @@ impl Store {
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         assert!(!bad, "pin name {name:?}");
         let dir = self.root.join("pins");
-        std::fs::create_dir_all(&dir).map_err(io_err("creating the pins directory", &dir))?;
+        crate::create_private_dir(&dir).map_err(io_err("creating the pins directory", &dir))?;
         let file = PinFile {
             pid: std::process::id(),
             digests: digests.iter().map(|d| d.to_string()).collect(),

@@ -127,7 +127,9 @@ fn serve(
 pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let store = g.store()?;
     let client = Arc::new(g.client()?);
-    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    // Private: it exposes images' roots (podman reads it as root).
+    lazylayer_store::create_private_dir(&a.dir)
+        .with_context(|| format!("creating {}", a.dir.display()))?;
     let fopts = FetchOptions {
         read_timeout: Duration::from_secs_f64(a.fetch_timeout),
         ..FetchOptions::default()

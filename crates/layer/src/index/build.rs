@@ -96,8 +96,8 @@ pub fn build_index(layers: &[(String, PathBuf)]) -> Result<BootIndex, IndexError
         rel: Vec::new(),
         stack: (0..opened.len()).rev().collect(),
     }];
-    // (layer, st_dev, st_ino) -> visible entries, in entry order.
-    let mut inodes: HashMap<(usize, u64, u64), Vec<u32>> = HashMap::new();
+    // (layer, st_dev, st_ino) -> (names in the layer, visible entries in entry order).
+    let mut inodes: HashMap<(usize, u64, u64), (u64, Vec<u32>)> = HashMap::new();
     let mut hasher = ContentHasher::default();
 
     while let Some(dir) = pending.pop() {
@@ -132,7 +132,8 @@ pub fn build_index(layers: &[(String, PathBuf)]) -> Result<BootIndex, IndexError
             if meta.kind != FileKind::Dir && meta.nlink > 1 {
                 inodes
                     .entry((layer, meta.dev, meta.ino))
-                    .or_default()
+                    .or_insert_with(|| (meta.nlink, Vec::new()))
+                    .1
                     .push(idx);
             }
             let digest = match meta.kind {
@@ -154,8 +155,22 @@ pub fn build_index(layers: &[(String, PathBuf)]) -> Result<BootIndex, IndexError
         pending.extend(subdirs.into_iter().rev());
     }
 
+    // Names an upper layer removed still count: overlayfs reports the
+    // layer's link count for a file it has not copied up.
+    for (nlink, members) in inodes.values() {
+        if *nlink > members.len() as u64 {
+            let count = u16::try_from(*nlink).unwrap_or(u16::MAX);
+            for &m in members {
+                entries[m as usize].link_count = count;
+            }
+        }
+    }
     // Numbered in order of first member, as BootIndex::new requires.
-    let mut groups: Vec<Vec<u32>> = inodes.into_values().filter(|m| m.len() > 1).collect();
+    let mut groups: Vec<Vec<u32>> = inodes
+        .into_values()
+        .map(|(_, m)| m)
+        .filter(|m| m.len() > 1)
+        .collect();
     groups.sort_unstable_by_key(|m| m[0]);
     for (g, members) in groups.iter().enumerate() {
         for &m in members {
@@ -266,6 +281,7 @@ impl Meta {
             link_target: self.link_target,
             xattrs: self.xattrs,
             hardlink_group: 0,
+            link_count: 0,
             layer: layer as u32,
             in_boot: false,
             digest: None,

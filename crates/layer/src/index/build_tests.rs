@@ -589,6 +589,8 @@ struct Seen {
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Regular files: SHA-256 of the content.
     digest: Option<[u8; 32]>,
+    /// Non-directories: the link count `stat` reports.
+    nlink: Option<u64>,
 }
 
 /// Every path with what it shows, and the hardlink groups as sets of paths.
@@ -611,6 +613,11 @@ fn seen_from_index(idx: &BootIndex) -> View {
                 target: e.link_target.clone(),
                 xattrs: e.xattrs.clone(),
                 digest: e.digest,
+                nlink: (e.kind != FileKind::Dir).then(|| match (e.link_count, e.hardlink_group) {
+                    (0, 0) => 1,
+                    (0, g) => idx.hardlink_members(g).len() as u64,
+                    (n, _) => u64::from(n),
+                }),
             },
         );
     }
@@ -697,6 +704,7 @@ fn seen_from_mount(root: &Path) -> View {
                 target,
                 xattrs,
                 digest,
+                nlink: (kind != FileKind::Dir).then_some(st.st_nlink as u64),
             },
         );
     }
@@ -805,6 +813,10 @@ fn root_index_build_matches_kernel_overlayfs() {
     assert_eq!(get(&idx, "srv/was-file").layer, 1);
     assert_eq!(get(&idx, "usr/lib/libc.so").hardlink_group, 0);
     assert_ne!(get(&idx, "usr/bin/tool").hardlink_group, 0);
+    // Split groups keep their layer's link count, as overlayfs shows it.
+    assert_eq!(get(&idx, "usr/lib/libc.so").link_count, 2);
+    assert_eq!(get(&idx, "usr/bin/tool").link_count, 3);
+    assert_eq!(get(&idx, "etc/group").link_count, 0);
 }
 
 #[test]

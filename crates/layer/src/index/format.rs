@@ -44,7 +44,8 @@ pub(crate) mod rec {
     pub const NAME_LEN: usize = 8;
     pub const KIND: usize = 12;
     pub const FLAGS: usize = 13;
-    pub const RESERVED: usize = 14;
+    /// Version 3's link count; reserved (zero) in versions 1 and 2.
+    pub const LINK_COUNT: usize = 14;
     pub const MODE: usize = 16;
     pub const UID: usize = 20;
     pub const GID: usize = 24;
@@ -67,9 +68,11 @@ const FLAG_DIGEST: u8 = 2;
 /// Length of a file digest in the blob.
 const DIGEST_LEN: usize = 32;
 
-/// The previous format version: version 2's layout without [`FLAG_DIGEST`].
-/// Still read, so images optimised by an older release keep working.
+/// Version 2's layout without [`FLAG_DIGEST`]. Still read, so images
+/// optimised by an older release keep working.
 const VERSION_1: u32 = 1;
+/// Version 3's layout with the link count field reserved (zero).
+const VERSION_2: u32 = 2;
 
 impl BootIndex {
     /// Serialise the index. Deterministic: the same index always gives the
@@ -131,6 +134,7 @@ impl BootIndex {
             set_u64(&mut r, rec::RDEV, e.rdev);
             set_u32(&mut r, rec::LAYER, e.layer);
             set_u32(&mut r, rec::HARDLINK_GROUP, e.hardlink_group);
+            set_u16(&mut r, rec::LINK_COUNT, e.link_count);
             set_u64(&mut r, rec::DATA_OFF, data_off);
             set_u32(&mut r, rec::LINK_LEN, link.len() as u32);
             set_u32(&mut r, rec::XATTR_COUNT, e.xattrs.len() as u32);
@@ -196,7 +200,7 @@ impl BootIndex {
             return Err(truncated((HEADER_LEN + CHECKSUM_LEN) as u64));
         }
         let version = get_u32(bytes, hdr::VERSION);
-        if version != FORMAT_VERSION && version != VERSION_1 {
+        if ![VERSION_1, VERSION_2, FORMAT_VERSION].contains(&version) {
             return Err(IndexError::UnsupportedVersion { found: version });
         }
         if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
@@ -384,8 +388,12 @@ fn decode_entries(body: &[u8], s: &Sections, version: u32) -> Result<Vec<IndexEn
                 "content digest on an entry that is not a regular file".into(),
             ));
         }
-        if get_u16(r, rec::RESERVED) != 0 {
-            return Err(field(rec::RESERVED, "reserved bytes not zero".into()));
+        let link_count = get_u16(r, rec::LINK_COUNT);
+        if version < FORMAT_VERSION && link_count != 0 {
+            return Err(field(
+                rec::LINK_COUNT,
+                format!("reserved bytes not zero in format version {version}"),
+            ));
         }
 
         // Built from the parent's path before allocating; the length is
@@ -464,6 +472,7 @@ fn decode_entries(body: &[u8], s: &Sections, version: u32) -> Result<Vec<IndexEn
             link_target,
             xattrs,
             hardlink_group: get_u32(r, rec::HARDLINK_GROUP),
+            link_count,
             layer: get_u32(r, rec::LAYER),
             in_boot: flags & FLAG_IN_BOOT != 0,
             digest,
@@ -543,6 +552,9 @@ pub(crate) fn get_u64(b: &[u8], off: usize) -> u64 {
 }
 pub(crate) fn set_u32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn set_u16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
 }
 pub(crate) fn set_u64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_le_bytes());

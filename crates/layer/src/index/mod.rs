@@ -40,9 +40,9 @@ pub const ANNOTATION_INDEX: &str = "dev.lazylayer.index";
 pub const ANNOTATION_VERSION: &str = "dev.lazylayer.version";
 
 /// The format version [`BootIndex::encode`] writes. [`BootIndex::decode`]
-/// reads it and version 1 (the same layout without per-file digests), so
+/// reads it and versions 1 (no per-file digests) and 2 (no link counts), so
 /// images optimised by an older release keep working.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Longest file name (one path component) an index may hold: Linux's
 /// `NAME_MAX`, so no extracted layer can hold a longer one.
@@ -139,6 +139,13 @@ pub struct IndexEntry {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// 0 = not hard-linked; entries sharing a non-zero group are one inode.
     pub hardlink_group: u32,
+    /// The link count `stat` reports, when it is not the number of members
+    /// of the entry's hardlink group (1 outside a group); 0 otherwise. It is
+    /// the count of the names the file has in the layer holding it, some of
+    /// which an upper layer removed: overlayfs reports that layer's count,
+    /// and so does lazylayer. Never on a directory; at least 2, and at least
+    /// the group's size. Format version 3 (earlier versions: always 0).
+    pub link_count: u16,
     /// Index into [`BootIndex::layers`] of the topmost layer holding this path.
     pub layer: u32,
     /// Whether the boot layer holds this path.
@@ -193,11 +200,11 @@ pub enum IndexError {
 
     #[error(
         "boot index format version {found} is not supported: this lazylayer reads \
-         versions 1 and 2; the image was optimised by a different lazylayer release"
+         versions 1 to 3; the image was optimised by a different lazylayer release"
     )]
     UnsupportedVersion { found: u32 },
 
-    #[error("boot index sets unknown flags {flags:#x}: versions 1 and 2 define none")]
+    #[error("boot index sets unknown flags {flags:#x}: versions 1 to 3 define none")]
     UnknownFlags { flags: u32 },
 
     #[error("boot index truncated: {expected} bytes expected, {actual} present")]
@@ -275,7 +282,9 @@ impl BootIndex {
     /// xattr names are valid, strictly sorted and never `trusted.overlay.*`;
     /// only regular files have a content `digest`;
     /// hardlink groups are numbered 1, 2, ... in order of their first member,
-    /// have at least two members, all non-directories of one kind and layer.
+    /// have at least two members, all non-directories of one kind and layer;
+    /// a `link_count` is 0, or at least 2 and the entry's group size, and
+    /// never on a directory.
     pub fn new(layers: Vec<String>, entries: Vec<IndexEntry>) -> Result<Self, IndexError> {
         let tables = Tables::build(&layers, &entries)?;
         Ok(BootIndex {
@@ -498,6 +507,15 @@ fn hardlink_tables(entries: &[IndexEntry]) -> Result<Csr, EntryFault> {
     if let Some(g) = count.iter().position(|&c| c < 2) {
         return Err((first[g] as usize, "hardlink group with a single member"));
     }
+    for (i, e) in entries.iter().enumerate() {
+        let members = match e.hardlink_group {
+            0 => 1,
+            g => count[g as usize - 1],
+        };
+        if e.link_count != 0 && (u32::from(e.link_count) < members.max(2)) {
+            return Err((i, "link count below 2 or below its hardlink group's size"));
+        }
+    }
     let mut start = Vec::with_capacity(count.len() + 1);
     start.push(0u32);
     for c in &count {
@@ -534,6 +552,9 @@ fn check_fields(e: &IndexEntry, layer_count: usize) -> Result<(), &'static str> 
     }
     if e.layer as usize >= layer_count {
         return Err("layer out of range");
+    }
+    if e.link_count != 0 && e.kind == FileKind::Dir {
+        return Err("a link count on a directory");
     }
     match (e.kind, &e.link_target) {
         (FileKind::Symlink, Some(t)) => {

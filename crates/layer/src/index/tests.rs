@@ -27,6 +27,7 @@ pub(crate) fn entry(path: &[u8], parent: u32, kind: FileKind) -> IndexEntry {
         link_target: None,
         xattrs: Vec::new(),
         hardlink_group: 0,
+        link_count: 0,
         layer: 0,
         in_boot: false,
         digest: None,
@@ -106,7 +107,7 @@ fn index_round_trips_byte_for_byte() {
     assert_eq!(back, idx);
     assert_eq!(back.encode(), bytes);
     assert_eq!(&bytes[..8], b"LLIDX\0\0\0");
-    assert_eq!(get_u32(&bytes, hdr::VERSION), 2);
+    assert_eq!(get_u32(&bytes, hdr::VERSION), 3);
 }
 
 #[test]
@@ -238,17 +239,17 @@ fn index_decode_refuses_wrong_magic() {
 }
 
 #[test]
-fn index_decode_refuses_version_3() {
+fn index_decode_refuses_version_4() {
     let mut b = small_index().encode();
-    set_u32(&mut b, hdr::VERSION, 3);
+    set_u32(&mut b, hdr::VERSION, 4);
     let err = BootIndex::decode(&b).unwrap_err();
     assert!(
-        matches!(err, IndexError::UnsupportedVersion { found: 3 }),
+        matches!(err, IndexError::UnsupportedVersion { found: 4 }),
         "{err}"
     );
     assert!(
         err.to_string().contains(
-            "boot index format version 3 is not supported: this lazylayer reads versions 1 and 2"
+            "boot index format version 4 is not supported: this lazylayer reads versions 1 to 3"
         ),
         "{err}"
     );
@@ -256,12 +257,12 @@ fn index_decode_refuses_version_3() {
     reseal(&mut b);
     assert!(matches!(
         BootIndex::decode(&b),
-        Err(IndexError::UnsupportedVersion { found: 3 })
+        Err(IndexError::UnsupportedVersion { found: 4 })
     ));
     // A future index may be shorter than a v2 header: still a version error.
     assert!(matches!(
         BootIndex::decode(&b[..12]),
-        Err(IndexError::UnsupportedVersion { found: 3 })
+        Err(IndexError::UnsupportedVersion { found: 4 })
     ));
     for v in [0, u32::MAX] {
         set_u32(&mut b, hdr::VERSION, v);
@@ -301,6 +302,8 @@ fn index_decode_detects_every_flipped_byte() {
             let r = BootIndex::decode(&c);
             let ok = match i {
                 0..8 => matches!(r, Err(IndexError::BadMagic)),
+                // 3 ^ 1 is version 2, which is read: its checksum fails.
+                8 if bit == 0x01 => matches!(r, Err(IndexError::ChecksumMismatch)),
                 8..12 => matches!(r, Err(IndexError::UnsupportedVersion { .. })),
                 80..88 => matches!(
                     r,
@@ -385,7 +388,27 @@ fn index_decode_refuses_hostile_sealed_records() {
     assert!(malformed(sealed(|b| b[at(5, rec::KIND)] = 8)));
     assert!(malformed(sealed(|b| b[at(5, rec::FLAGS)] |= 4)));
     assert!(malformed(sealed(|b| b[at(5, rec::FLAGS)] |= 0x80)));
-    assert!(malformed(sealed(|b| b[at(5, rec::RESERVED)] = 1)));
+    // a link count below 2, on a directory, or in a version-2 index
+    assert!(matches!(
+        sealed(|b| b[at(5, rec::LINK_COUNT)] = 1),
+        Err(IndexError::InvalidEntry { index: 5, .. })
+    ));
+    assert!(matches!(
+        sealed(|b| b[at(11, rec::LINK_COUNT)] = 1),
+        Err(IndexError::InvalidEntry { index: 11, .. })
+    ));
+    assert!(matches!(
+        sealed(|b| b[at(1, rec::LINK_COUNT)] = 3),
+        Err(IndexError::InvalidEntry { index: 1, .. })
+    ));
+    assert_eq!(
+        sealed(|b| b[at(5, rec::LINK_COUNT)] = 3).unwrap().entries[5].link_count,
+        3
+    );
+    assert!(malformed(sealed(|b| {
+        b[at(5, rec::LINK_COUNT)] = 3;
+        set_u32(b, hdr::VERSION, 2);
+    })));
     // blob data shared or skipped
     assert!(malformed(sealed(|b| set_u64(b, at(5, rec::DATA_OFF), 0))));
     // a target on a directory
@@ -883,7 +906,7 @@ fn unhex(hex: &str) -> Vec<u8> {
 #[test]
 fn index_format_matches_the_documented_example() {
     let hex = concat!(
-        "4c4c494458000000020000000000000001000000030000005800000000000000",
+        "4c4c494458000000030000000000000001000000030000005800000000000000",
         "4b00000000000000a30000000000000093010000000000000700000000000000",
         "9a010000000000003400000000000000ee010000000000004700000073686132",
         "35363a6533623063343432393866633163313439616662663463383939366662",
@@ -897,8 +920,8 @@ fn index_format_matches_the_documented_example() {
         "000000050000000000000000f153650000000000000000000000000000000000",
         "0000002f00000000000000050000000000000068656c6c6f68695891b5b522d5",
         "df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03060000000100",
-        "0000757365722e6b7668656c6c6fca2620eb5653b1da7e059dd18f9328607292",
-        "0b6ff3a0a1f4327020d649b0c4df",
+        "0000757365722e6b7668656c6c6f9b0f5cd18a383fc52c12bcaad634f2e8cd47",
+        "395d1172a69ee0d4aafc172c2a7a",
     );
     let golden = unhex(hex);
     assert_eq!(golden.len(), 494);
