@@ -617,3 +617,80 @@ fn root_ctrl_c_stops_the_container_and_cleans_up() {
     );
     assert_nothing_left(root.path());
 }
+
+/// Starts `lazylayer run ARGS` with stdin piped and waits (up to 60 s) until
+/// the container printed `ready` on stdout; the rest of its output is drained
+/// in the background.
+fn run_until_ready(root: &Path, args: &[&str], env: &[(&str, &str)]) -> KillOnDrop {
+    use std::io::BufRead;
+    let mut child = KillOnDrop(
+        run_cmd(root, args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("container: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) if l == "ready" => break,
+            Ok(_) => {}
+            Err(e) => panic!("the container did not get ready: {e}"),
+        }
+    }
+    child
+}
+
+fn lazy_busybox() -> (Registry, String) {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
+    (reg, lazy)
+}
+
+/// Container names that are prefixes of each other: `a`'s removal must not
+/// touch `ab`'s mounts.
+#[test]
+fn root_container_a_going_leaves_container_ab_alone() {
+    use std::io::Write;
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    let ab_dir = root.path().join("containers/ab");
+    let mut ab = run_until_ready(
+        root.path(),
+        &[
+            "--rm",
+            "--name",
+            "ab",
+            &lazy,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; read go; cat /etc/passwd >/dev/null && ls /bin/busybox",
+        ],
+        &[],
+    );
+    assert_eq!(mounts_below(&ab_dir).len(), 2);
+    // `a` exits and is removed with --rm; then another `a`, removed with rm.
+    let out = run(root.path(), &["--rm", "--name", "a", &lazy, "--", "true"]);
+    assert!(out.status.success());
+    assert_eq!(mounts_below(&ab_dir).len(), 2, "a's --rm unmounted ab");
+    let out = run(root.path(), &["--name", "a", &lazy, "--", "true"]);
+    assert!(out.status.success());
+    lazylayer_ok(root.path(), &["rm", "a"]);
+    assert_eq!(mounts_below(&ab_dir).len(), 2, "rm a unmounted ab");
+
+    ab.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(wait_exit(&mut ab.0, Duration::from_secs(30)), Some(0));
+    assert_nothing_left(root.path());
+}

@@ -22,6 +22,7 @@
 
 mod bundle;
 mod error;
+mod mounts;
 mod overlay;
 mod ready;
 mod runc;
@@ -30,6 +31,7 @@ mod user;
 
 pub use bundle::{validate_id, write_bundle, NetworkMode, RunSpec};
 pub use error::RuntimeError;
+pub use mounts::{mounts_below, unmount_below};
 pub use overlay::OverlayMount;
 pub use ready::{wait_ready, Readiness, WaitCondition};
 pub use runc::{Container, Runc, Stdio};

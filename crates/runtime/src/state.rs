@@ -145,18 +145,7 @@ impl ContainerDir {
                 .args(["delete", "--force", &s.name])
                 .output();
         }
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let prefix = self.path.display().to_string();
-        let mut targets: Vec<String> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|t| t.starts_with(&prefix))
-            .map(str::to_string)
-            .collect();
-        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for t in targets {
-            let _ = rustix::mount::unmount(t.as_str(), rustix::mount::UnmountFlags::DETACH);
-        }
+        crate::unmount_below(&self.path);
         std::fs::remove_dir_all(&self.path).map_err(io("removing", &self.path))
     }
 }
