@@ -650,6 +650,87 @@ fn run_until_ready(root: &Path, args: &[&str], env: &[(&str, &str)]) -> KillOnDr
     child
 }
 
+/// A signal to `lazylayer run` reaches the container; run exits with the
+/// container's code within `within` and leaves nothing behind (mounts, runc
+/// container, container dir, pin). A grace period before the KILL of 2 s
+/// comes from the environment (as a service manager would set it).
+fn signal_stops_and_cleans_up(
+    image: &str,
+    sig: rustix::process::Signal,
+    cmd: &str,
+    want: i32,
+    within: Duration,
+) {
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    let mut child = run_until_ready(
+        root.path(),
+        &["--rm", image, "--", "sh", "-c", cmd],
+        &[("LAZYLAYER_STOP_TIMEOUT", "2")],
+    );
+    let t = Instant::now();
+    send_signal(child.0.id(), sig);
+    let code = wait_exit(&mut child.0, within);
+    eprintln!("{sig:?}: exit {code:?} after {:?}", t.elapsed());
+    assert_eq!(code, Some(want), "{sig:?} to run of {image}: {cmd}");
+    assert_nothing_left(root.path());
+    assert!(
+        pins_left(root.path()).is_empty(),
+        "{:?}",
+        pins_left(root.path())
+    );
+}
+
+/// A container's init that traps `SIG` and exits 3.
+fn trapping(sig: &str) -> String {
+    format!("trap 'exit 3' {sig}; echo ready; while :; do sleep 0.1; done")
+}
+/// An init that ignores TERM and HUP (PID 1 does unless it handles them):
+/// only the KILL after the grace period stops it.
+const SLEEPING: &str = "echo ready; exec sleep 1000";
+
+#[test]
+fn root_sigterm_to_run_reaches_the_container_and_cleans_up() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
+    let plain = image_ref(&reg, "busybox");
+    use rustix::process::Signal;
+    signal_stops_and_cleans_up(
+        &lazy,
+        Signal::TERM,
+        &trapping("TERM"),
+        3,
+        Duration::from_secs(5),
+    );
+    signal_stops_and_cleans_up(&plain, Signal::TERM, SLEEPING, 137, Duration::from_secs(8));
+    signal_stops_and_cleans_up(&lazy, Signal::TERM, SLEEPING, 137, Duration::from_secs(8));
+}
+
+#[test]
+fn root_sighup_to_run_reaches_the_container_and_cleans_up() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
+    let plain = image_ref(&reg, "busybox");
+    use rustix::process::Signal;
+    signal_stops_and_cleans_up(
+        &lazy,
+        Signal::HUP,
+        &trapping("HUP"),
+        3,
+        Duration::from_secs(5),
+    );
+    signal_stops_and_cleans_up(
+        &plain,
+        Signal::HUP,
+        &trapping("HUP"),
+        3,
+        Duration::from_secs(5),
+    );
+    signal_stops_and_cleans_up(&lazy, Signal::HUP, SLEEPING, 137, Duration::from_secs(8));
+}
+
 fn lazy_busybox() -> (Registry, String) {
     let reg = Registry::start();
     push_images(&reg, &["busybox"]);

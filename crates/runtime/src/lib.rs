@@ -34,5 +34,5 @@ pub use error::RuntimeError;
 pub use mounts::{mounts_below, unmount_below};
 pub use overlay::OverlayMount;
 pub use ready::{wait_ready, Readiness, WaitCondition};
-pub use runc::{Container, Runc, Stdio};
+pub use runc::{Container, Killer, Runc, Stdio};
 pub use state::{ContainerDir, ContainerState, ContainerStatus};
