@@ -731,11 +731,130 @@ fn root_sighup_to_run_reaches_the_container_and_cleans_up() {
     signal_stops_and_cleans_up(&lazy, Signal::HUP, SLEEPING, 137, Duration::from_secs(8));
 }
 
+/// `kill -9` of a lazy `run NAME` (with `--rm` if `rm`): the container runs
+/// on, its mounts and pin stay.
+fn orphan(root: &Path, image: &str, name: &str, rm: bool) {
+    let mut args = vec!["--name", name];
+    if rm {
+        args.push("--rm");
+    }
+    args.extend([image, "--", "sleep", "1000"]);
+    let mut child = KillOnDrop(run_cmd(root, &args).stdin(Stdio::null()).spawn().unwrap());
+    // Killed only once the init is `sleep` itself: a container still reading
+    // its binary through FUSE would fail and exit when the FUSE daemon dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while runc_init_comm(root, name).as_deref() != Some("sleep") {
+        assert!(Instant::now() < deadline, "the container did not start");
+        assert!(child.0.try_wait().unwrap().is_none(), "run exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send_signal(child.0.id(), rustix::process::Signal::KILL);
+    let _ = child.0.wait();
+    // The leftovers the owner's death leaves.
+    assert!(
+        runc_containers(root).contains(&(name.to_string(), "running".to_string())),
+        "{:?}",
+        runc_containers(root)
+    );
+    assert_eq!(
+        mounts_below(&root.join("containers").join(name)).len(),
+        2,
+        "FUSE + overlay"
+    );
+    assert!(!pins_left(root).is_empty());
+}
+
+/// The command name of container `name`'s init, once runc reports it running.
+fn runc_init_comm(root: &Path, name: &str) -> Option<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root.join("runc"))
+        .args(["state", name])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    if v["status"] != "running" {
+        return None;
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", v["pid"].as_u64()?)).ok()?;
+    Some(comm.trim().to_string())
+}
+
 fn lazy_busybox() -> (Registry, String) {
     let reg = Registry::start();
     push_images(&reg, &["busybox"]);
     let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
     (reg, lazy)
+}
+
+#[test]
+fn root_kill_9_of_run_orphan_is_reaped_by_ps() {
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    orphan(root.path(), &lazy, "orphan", true);
+    let ps = lazylayer_json(root.path(), &["ps"]);
+    assert_eq!(ps, serde_json::json!([]), "an --rm container is removed");
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+}
+
+#[test]
+fn root_kill_9_of_run_orphan_is_reaped_by_prune() {
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    orphan(root.path(), &lazy, "orphan", true);
+    lazylayer_ok(root.path(), &["prune"]);
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+}
+
+#[test]
+fn root_kill_9_of_run_orphan_is_reaped_by_the_next_run_and_rm() {
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    orphan(root.path(), &lazy, "orphan", true);
+    let out = run(root.path(), &["--rm", &lazy, "--", "true"]);
+    assert!(out.status.success());
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+
+    // `rm` of a container whose owner is gone: done, and so are the others.
+    orphan(root.path(), &lazy, "orphan1", false);
+    orphan(root.path(), &lazy, "orphan2", true);
+    lazylayer_ok(root.path(), &["rm", "orphan1"]);
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+}
+
+#[test]
+fn root_kill_9_of_run_without_rm_keeps_the_container_exited() {
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    orphan(root.path(), &lazy, "kept", false);
+    let ps = lazylayer_json(root.path(), &["ps"]);
+    assert_eq!(ps[0]["name"], "kept", "{ps}");
+    assert_eq!(ps[0]["status"], "exited", "{ps}");
+    assert_eq!(ps[0]["exit_code"], serde_json::Value::Null, "{ps}");
+    assert_eq!(ps[0]["owner_lost"], true, "{ps}");
+    let table = lazylayer_ok(root.path(), &["ps"]);
+    assert!(table.contains("exited (owner lost)"), "{table}");
+    assert!(
+        mounts_below(root.path()).is_empty(),
+        "{:?}",
+        mounts_below(root.path())
+    );
+    assert!(runc_containers(root.path()).is_empty());
+    assert!(pins_left(root.path()).is_empty());
+    assert!(
+        root.path().join("containers/kept/upper").is_dir(),
+        "the dir is kept"
+    );
+    lazylayer_ok(root.path(), &["rm", "kept"]);
+    assert_nothing_left(root.path());
 }
 
 /// Container names that are prefixes of each other: `a`'s removal must not

@@ -35,4 +35,4 @@ pub use mounts::{mounts_below, unmount_below};
 pub use overlay::OverlayMount;
 pub use ready::{wait_ready, Readiness, WaitCondition};
 pub use runc::{Container, Killer, Runc, Stdio};
-pub use state::{ContainerDir, ContainerState, ContainerStatus};
+pub use state::{process_start_time, ContainerDir, ContainerState, ContainerStatus, Reaped};

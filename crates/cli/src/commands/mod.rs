@@ -13,8 +13,11 @@ pub mod snapshotter;
 pub mod status;
 pub mod store;
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use lazylayer_oci::{Platform, Reference};
+use lazylayer_runtime::{ContainerDir, Reaped, Runc};
 
 pub fn parse_reference(s: &str) -> Result<Reference> {
     s.parse::<Reference>()
@@ -25,5 +28,35 @@ pub fn parse_platform(s: Option<&str>) -> Result<Platform> {
     match s {
         Some(p) => p.parse::<Platform>().map_err(anyhow::Error::msg),
         None => Ok(Platform::host()),
+    }
+}
+
+/// Clears the containers under `root` whose `lazylayer run` was killed outright
+/// (see `ContainerDir::reap_orphans`), saying so on stderr. A failure is only
+/// reported: it must not stop the command that noticed.
+pub fn reap_orphans(root: &Path) -> Vec<Reaped> {
+    let runc = Runc::new(root.join("runc"));
+    match ContainerDir::reap_orphans(root, &runc) {
+        Ok(reaped) => {
+            for r in &reaped {
+                let what = if r.removed {
+                    "removed it (--rm)"
+                } else {
+                    "kept it as exited"
+                };
+                eprintln!(
+                    "note: the lazylayer run of container {} is gone: stopped the container, cleared its mounts and {what}",
+                    r.name
+                );
+            }
+            reaped
+        }
+        Err(e) => {
+            eprintln!(
+                "warning: clearing containers whose lazylayer run is gone: {:#}",
+                anyhow::Error::from(e)
+            );
+            Vec::new()
+        }
     }
 }

@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use lazylayer_fetch::{FetchOptions, LayerFetcher, LazyImage, OpenError};
 use lazylayer_fs::{FsMount, FsOptions};
 use lazylayer_runtime::{
-    write_bundle, ContainerDir, ContainerState, ContainerStatus, NetworkMode, OverlayMount,
-    RunSpec, Runc, Stdio,
+    process_start_time, write_bundle, ContainerDir, ContainerState, ContainerStatus, NetworkMode,
+    OverlayMount, RunSpec, Runc, Stdio,
 };
 use lazylayer_store::{Pin, PullOptions};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -104,6 +104,8 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
     let store = g.store()?;
     let client = Arc::new(g.client()?);
     let runc = Runc::new(store.root().join("runc"));
+    // A container left by a run killed outright may hold the name we want.
+    super::reap_orphans(store.root());
     let name = a.name.clone().unwrap_or_else(random_name);
     let cdir = ContainerDir::create(store.root(), &name)?;
     let pid = std::process::id();
@@ -115,18 +117,29 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
         exit_code: None,
         pid,
         lazy: false,
+        pid_start: process_start_time(pid),
+        rm: a.rm,
+        pin: Some(pin_name(&name)),
+        owner_lost: false,
     };
     // From here on, the directory is ours: remove it on any early error.
-    let env = Env {
-        store: &store,
-        client,
-        reference: &reference,
-        network,
-        cdir: &cdir,
-        t0,
-        stop_timeout,
+    // The record goes first: should we be killed outright from here on, it names
+    // the owner and what to clear (`ContainerDir::reap_orphans`).
+    let result = match cdir.write_state(&state) {
+        Ok(()) => {
+            let env = Env {
+                store: &store,
+                client,
+                reference: &reference,
+                network,
+                cdir: &cdir,
+                t0,
+                stop_timeout,
+            };
+            run_in(&a, &env, state, &mut signals).await
+        }
+        Err(e) => Err(e.into()),
     };
-    let result = run_in(&a, &env, state, &mut signals).await;
     // A container that never started leaves nothing worth keeping.
     if a.rm || !matches!(result, Ok(Outcome { started: true, .. })) {
         if let Err(e) = cdir.remove(&runc, true) {
@@ -134,6 +147,11 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
         }
     }
     result.map(|o| o.code)
+}
+
+/// The store pin a run of container `name` holds (container names are pin names).
+fn pin_name(name: &str) -> String {
+    format!("run-{name}")
 }
 
 /// How `run_in` ended: the exit code, and whether the container ever started.
@@ -237,10 +255,7 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
     let pin = match &lazy {
         Some(img) => Some(
             store
-                .pin_guard(
-                    &format!("run-{}", std::process::id()),
-                    &img.record.digests(),
-                )
+                .pin_guard(&pin_name(name), &img.record.digests())
                 .context("pinning the image's content")?,
         ),
         None => None,
