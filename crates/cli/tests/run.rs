@@ -731,6 +731,30 @@ fn root_sighup_to_run_reaches_the_container_and_cleans_up() {
     signal_stops_and_cleans_up(&lazy, Signal::HUP, SLEEPING, 137, Duration::from_secs(8));
 }
 
+/// A TERM while the image is still being fetched (from a "registry" that
+/// accepts connections and never answers) ends the run at once: exit 143 and
+/// nothing left, not even the container's directory.
+#[test]
+fn root_sigterm_before_the_container_starts_ends_run_and_cleans_up() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let image = format!("{}/stalls/forever:latest", silent.local_addr().unwrap());
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    let mut child = KillOnDrop(
+        run_cmd(root.path(), &["--rm", "--name", "early", &image])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Held open, unanswered, until the test ends.
+    let (_conn, _) = silent.accept().unwrap();
+    assert!(root.path().join("containers/early").is_dir());
+    send_signal(child.0.id(), rustix::process::Signal::TERM);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(5)), Some(143));
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+}
+
 /// `kill -9` of a lazy `run NAME` (with `--rm` if `rm`): the container runs
 /// on, its mounts and pin stay.
 fn orphan(root: &Path, image: &str, name: &str, rm: bool) {

@@ -13,6 +13,8 @@
 //!   the container's network namespace, a log line, or a time.
 //! - [`OverlayMount`] is a kernel overlayfs mount, unmounted on drop: a writable
 //!   container root on top of read-only lower directories.
+//! - [`ContainerDir`] is a container's directory and record; its `reap_orphans`
+//!   clears containers whose `lazylayer run` was killed outright.
 //!
 //! What it deliberately does not do: pull or unpack images (the store does), serve a
 //! lazy file system (the FUSE crate does; this crate only mounts overlayfs on top of
