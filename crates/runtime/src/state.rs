@@ -191,31 +191,53 @@ impl ContainerDir {
     /// directory if `--rm` was asked, else marks it exited with `owner_lost`.
     /// Only what the records name is touched: runc containers of our name in our runc
     /// root, mounts below the directory, the recorded pin; never the owner's pid.
-    pub fn reap_orphans(root: &Path, runc: &crate::Runc) -> Result<Vec<Reaped>, RuntimeError> {
+    pub fn reap_orphans(root: &Path, runc: &crate::Runc) -> Vec<Reaped> {
         let mut reaped = Vec::new();
         let Ok(rd) = std::fs::read_dir(Self::base(root)) else {
-            return Ok(reaped);
+            return reaped;
         };
         for e in rd.flatten() {
             let d = ContainerDir { path: e.path() };
-            // No state: being created by a living run (it writes one first thing).
-            let Ok(s) = d.read_state() else { continue };
-            if s.status != ContainerStatus::Running || s.owner_alive() {
-                continue;
+            match d.reap_if_orphaned(root, runc) {
+                Ok(Some(r)) => reaped.push(r),
+                Ok(None) => {}
+                // Logged, not returned: one that cannot be cleared must not keep the others.
+                Err(e) => tracing::warn!(
+                    container = %d.path.display(),
+                    error = %e,
+                    "cannot clear a container whose lazylayer run is gone"
+                ),
             }
-            // Two commands may reap at once: one does it, the other then sees it done.
-            let Ok(dir) = std::fs::File::open(&d.path) else {
-                continue;
-            };
-            rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive)
-                .map_err(|e| io("locking", &d.path)(e.into()))?;
-            match d.read_state() {
-                Ok(s) if s.status == ContainerStatus::Running && !s.owner_alive() => {}
-                _ => continue,
-            }
-            reaped.push(d.reap(root, runc, s)?);
         }
-        Ok(reaped)
+        reaped
+    }
+
+    fn reap_if_orphaned(
+        &self,
+        root: &Path,
+        runc: &crate::Runc,
+    ) -> Result<Option<Reaped>, RuntimeError> {
+        let orphaned = |d: &ContainerDir| {
+            // No state: being created by a living run (it writes one first thing).
+            d.read_state()
+                .ok()
+                .filter(|s| s.status == ContainerStatus::Running && !s.owner_alive())
+        };
+        if orphaned(self).is_none() {
+            return Ok(None);
+        }
+        // Two commands may reap at once: one does it, the other then sees it done.
+        let dir = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("opening", &self.path)(e)),
+        };
+        rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io("locking", &self.path)(e.into()))?;
+        match orphaned(self) {
+            Some(s) => self.reap(root, runc, s).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn reap(
@@ -337,7 +359,7 @@ mod tests {
         // Being created: no state yet.
         ContainerDir::create(root, "new").unwrap();
 
-        let mut reaped = ContainerDir::reap_orphans(root, &runc).unwrap();
+        let mut reaped = ContainerDir::reap_orphans(root, &runc);
         reaped.sort_by(|a, b| a.name.cmp(&b.name));
         let r = |name: &str, removed| Reaped {
             name: name.into(),
@@ -357,6 +379,6 @@ mod tests {
         assert_eq!(kept.status, ContainerStatus::Exited);
         assert!(kept.owner_lost && kept.exit_code.is_none());
         // Done once: nothing left to reap.
-        assert!(ContainerDir::reap_orphans(root, &runc).unwrap().is_empty());
+        assert!(ContainerDir::reap_orphans(root, &runc).is_empty());
     }
 }

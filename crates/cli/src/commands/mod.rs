@@ -32,31 +32,21 @@ pub fn parse_platform(s: Option<&str>) -> Result<Platform> {
 }
 
 /// Clears the containers under `root` whose `lazylayer run` was killed outright
-/// (see `ContainerDir::reap_orphans`), saying so on stderr. A failure is only
-/// reported: it must not stop the command that noticed.
+/// (see `ContainerDir::reap_orphans`; what cannot be cleared is logged, and must
+/// not stop the command that noticed), saying so on stderr.
 pub fn reap_orphans(root: &Path) -> Vec<Reaped> {
     let runc = Runc::new(root.join("runc"));
-    match ContainerDir::reap_orphans(root, &runc) {
-        Ok(reaped) => {
-            for r in &reaped {
-                let what = if r.removed {
-                    "removed it (--rm)"
-                } else {
-                    "kept it as exited"
-                };
-                eprintln!(
-                    "note: the lazylayer run of container {} is gone: stopped the container, cleared its mounts and {what}",
-                    r.name
-                );
-            }
-            reaped
-        }
-        Err(e) => {
-            eprintln!(
-                "warning: clearing containers whose lazylayer run is gone: {:#}",
-                anyhow::Error::from(e)
-            );
-            Vec::new()
-        }
+    let reaped = ContainerDir::reap_orphans(root, &runc);
+    for r in &reaped {
+        let what = if r.removed {
+            "removed it (--rm)"
+        } else {
+            "kept it as exited"
+        };
+        eprintln!(
+            "note: the lazylayer run of container {} is gone: stopped the container, cleared its mounts and {what}",
+            r.name
+        );
     }
+    reaped
 }
