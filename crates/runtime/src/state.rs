@@ -219,9 +219,12 @@ impl ContainerDir {
     ) -> Result<Option<Reaped>, RuntimeError> {
         let orphaned = |d: &ContainerDir| {
             // No state: being created by a living run (it writes one first thing).
-            d.read_state()
-                .ok()
-                .filter(|s| s.status == ContainerStatus::Running && !s.owner_alive())
+            // A record naming another container than its directory's is not ours to act on.
+            d.read_state().ok().filter(|s| {
+                s.status == ContainerStatus::Running
+                    && !s.owner_alive()
+                    && d.path.file_name() == Some(s.name.as_ref())
+            })
         };
         if orphaned(self).is_none() {
             return Ok(None);
@@ -257,7 +260,7 @@ impl ContainerDir {
         }
         crate::unmount_below(&self.path);
         if let Some(pin) = &s.pin {
-            // Pin names are store-checked ([A-Za-z0-9._-], no leading '.'): no path escapes.
+            // Only a plain file name in pins/: a record cannot point anywhere else.
             if !pin.starts_with('.') && !pin.contains('/') {
                 let p = root.join("pins").join(format!("{pin}.json"));
                 match std::fs::remove_file(&p) {
@@ -358,6 +361,11 @@ mod tests {
         }
         // Being created: no state yet.
         ContainerDir::create(root, "new").unwrap();
+        // A record that names another container than its directory: left alone.
+        ContainerDir::create(root, "misnamed")
+            .unwrap()
+            .write_state(&state("alive", u32::MAX, Some(1), true))
+            .unwrap();
 
         let mut reaped = ContainerDir::reap_orphans(root, &runc);
         reaped.sort_by(|a, b| a.name.cmp(&b.name));
@@ -367,7 +375,9 @@ mod tests {
         };
         assert_eq!(reaped, [r("dead-kept", false), r("reused-pid-rm", true)]);
         let base = ContainerDir::base(root);
-        assert!(base.join("alive").is_dir() && base.join("new").is_dir());
+        assert!(["alive", "new", "misnamed"]
+            .iter()
+            .all(|n| base.join(n).is_dir()));
         assert!(root.join("pins/run-alive.json").exists());
         assert!(!base.join("reused-pid-rm").exists());
         assert!(!root.join("pins/run-reused-pid-rm.json").exists());
