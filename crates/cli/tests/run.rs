@@ -617,3 +617,304 @@ fn root_ctrl_c_stops_the_container_and_cleans_up() {
     );
     assert_nothing_left(root.path());
 }
+
+/// Starts `lazylayer run ARGS` with stdin piped and waits (up to 60 s) until
+/// the container printed `ready` on stdout; the rest of its output is drained
+/// in the background.
+fn run_until_ready(root: &Path, args: &[&str], env: &[(&str, &str)]) -> KillOnDrop {
+    use std::io::BufRead;
+    let mut child = KillOnDrop(
+        run_cmd(root, args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("container: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) if l == "ready" => break,
+            Ok(_) => {}
+            Err(e) => panic!("the container did not get ready: {e}"),
+        }
+    }
+    child
+}
+
+/// A signal to `lazylayer run` reaches the container; run exits with the
+/// container's code within `within` and leaves nothing behind (mounts, runc
+/// container, container dir, pin). A grace period before the KILL of 2 s
+/// comes from the environment (as a service manager would set it).
+fn signal_stops_and_cleans_up(
+    image: &str,
+    sig: rustix::process::Signal,
+    cmd: &str,
+    want: i32,
+    within: Duration,
+) {
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    let mut child = run_until_ready(
+        root.path(),
+        &["--rm", image, "--", "sh", "-c", cmd],
+        &[("LAZYLAYER_STOP_TIMEOUT", "2")],
+    );
+    let t = Instant::now();
+    send_signal(child.0.id(), sig);
+    let code = wait_exit(&mut child.0, within);
+    eprintln!("{sig:?}: exit {code:?} after {:?}", t.elapsed());
+    assert_eq!(code, Some(want), "{sig:?} to run of {image}: {cmd}");
+    assert_nothing_left(root.path());
+    assert!(
+        pins_left(root.path()).is_empty(),
+        "{:?}",
+        pins_left(root.path())
+    );
+}
+
+/// A container's init that traps `SIG` and exits 3.
+fn trapping(sig: &str) -> String {
+    format!("trap 'exit 3' {sig}; echo ready; while :; do sleep 0.1; done")
+}
+/// An init that ignores TERM and HUP (PID 1 does unless it handles them):
+/// only the KILL after the grace period stops it.
+const SLEEPING: &str = "echo ready; exec sleep 1000";
+
+#[test]
+fn root_sigterm_to_run_reaches_the_container_and_cleans_up() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
+    let plain = image_ref(&reg, "busybox");
+    use rustix::process::Signal;
+    signal_stops_and_cleans_up(
+        &lazy,
+        Signal::TERM,
+        &trapping("TERM"),
+        3,
+        Duration::from_secs(5),
+    );
+    signal_stops_and_cleans_up(&plain, Signal::TERM, SLEEPING, 137, Duration::from_secs(8));
+    signal_stops_and_cleans_up(&lazy, Signal::TERM, SLEEPING, 137, Duration::from_secs(8));
+}
+
+#[test]
+fn root_sighup_to_run_reaches_the_container_and_cleans_up() {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
+    let plain = image_ref(&reg, "busybox");
+    use rustix::process::Signal;
+    signal_stops_and_cleans_up(
+        &lazy,
+        Signal::HUP,
+        &trapping("HUP"),
+        3,
+        Duration::from_secs(5),
+    );
+    signal_stops_and_cleans_up(
+        &plain,
+        Signal::HUP,
+        &trapping("HUP"),
+        3,
+        Duration::from_secs(5),
+    );
+    signal_stops_and_cleans_up(&lazy, Signal::HUP, SLEEPING, 137, Duration::from_secs(8));
+}
+
+/// A TERM while the image is still being fetched (from a "registry" that
+/// accepts connections and never answers) ends the run at once: exit 143 and
+/// nothing left, not even the container's directory.
+#[test]
+fn root_sigterm_before_the_container_starts_ends_run_and_cleans_up() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let image = format!("{}/stalls/forever:latest", silent.local_addr().unwrap());
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    let mut child = KillOnDrop(
+        run_cmd(root.path(), &["--rm", "--name", "early", &image])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Held open, unanswered, until the test ends.
+    let (_conn, _) = silent.accept().unwrap();
+    assert!(root.path().join("containers/early").is_dir());
+    send_signal(child.0.id(), rustix::process::Signal::TERM);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(5)), Some(143));
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+}
+
+/// `kill -9` of a lazy `run NAME` (with `--rm` if `rm`): the container runs
+/// on, its mounts and pin stay.
+fn orphan(root: &Path, image: &str, name: &str, rm: bool) {
+    let mut args = vec!["--name", name];
+    if rm {
+        args.push("--rm");
+    }
+    args.extend([image, "--", "sleep", "1000"]);
+    let mut child = KillOnDrop(run_cmd(root, &args).stdin(Stdio::null()).spawn().unwrap());
+    // Killed only once the init is `sleep` itself: a container still reading
+    // its binary through FUSE would fail and exit when the FUSE daemon dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while runc_init_comm(root, name).as_deref() != Some("sleep") {
+        assert!(Instant::now() < deadline, "the container did not start");
+        assert!(child.0.try_wait().unwrap().is_none(), "run exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send_signal(child.0.id(), rustix::process::Signal::KILL);
+    let _ = child.0.wait();
+    // The leftovers the owner's death leaves.
+    assert!(
+        runc_containers(root).contains(&(name.to_string(), "running".to_string())),
+        "{:?}",
+        runc_containers(root)
+    );
+    assert_eq!(
+        mounts_below(&root.join("containers").join(name)).len(),
+        2,
+        "FUSE + overlay"
+    );
+    assert!(!pins_left(root).is_empty());
+}
+
+/// The command name of container `name`'s init, once runc reports it running.
+fn runc_init_comm(root: &Path, name: &str) -> Option<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root.join("runc"))
+        .args(["state", name])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    if v["status"] != "running" {
+        return None;
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", v["pid"].as_u64()?)).ok()?;
+    Some(comm.trim().to_string())
+}
+
+fn lazy_busybox() -> (Registry, String) {
+    let reg = Registry::start();
+    push_images(&reg, &["busybox"]);
+    let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
+    (reg, lazy)
+}
+
+#[test]
+fn root_kill_9_of_run_orphan_is_reaped_by_ps() {
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    orphan(root.path(), &lazy, "orphan", true);
+    let ps = lazylayer_json(root.path(), &["ps"]);
+    assert_eq!(ps, serde_json::json!([]), "an --rm container is removed");
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+}
+
+#[test]
+fn root_kill_9_of_run_orphan_is_reaped_by_prune() {
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    orphan(root.path(), &lazy, "orphan", true);
+    lazylayer_ok(root.path(), &["prune"]);
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+}
+
+#[test]
+fn root_kill_9_of_run_orphan_is_reaped_by_the_next_run_and_rm() {
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    orphan(root.path(), &lazy, "orphan", true);
+    let out = run(root.path(), &["--rm", &lazy, "--", "true"]);
+    assert!(out.status.success());
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+
+    // `rm` of a container whose owner is gone: done, and so are the others.
+    orphan(root.path(), &lazy, "orphan1", false);
+    orphan(root.path(), &lazy, "orphan2", true);
+    lazylayer_ok(root.path(), &["rm", "orphan1"]);
+    assert_nothing_left(root.path());
+    assert!(pins_left(root.path()).is_empty());
+}
+
+#[test]
+fn root_kill_9_of_run_without_rm_keeps_the_container_exited() {
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    orphan(root.path(), &lazy, "kept", false);
+    let ps = lazylayer_json(root.path(), &["ps"]);
+    assert_eq!(ps[0]["name"], "kept", "{ps}");
+    assert_eq!(ps[0]["status"], "exited", "{ps}");
+    assert_eq!(ps[0]["exit_code"], serde_json::Value::Null, "{ps}");
+    assert_eq!(ps[0]["owner_lost"], true, "{ps}");
+    let table = lazylayer_ok(root.path(), &["ps"]);
+    assert!(table.contains("exited (owner lost)"), "{table}");
+    assert!(
+        mounts_below(root.path()).is_empty(),
+        "{:?}",
+        mounts_below(root.path())
+    );
+    assert!(runc_containers(root.path()).is_empty());
+    assert!(pins_left(root.path()).is_empty());
+    assert!(
+        root.path().join("containers/kept/upper").is_dir(),
+        "the dir is kept"
+    );
+    lazylayer_ok(root.path(), &["rm", "kept"]);
+    assert_nothing_left(root.path());
+}
+
+/// Container names that are prefixes of each other: `a`'s removal must not
+/// touch `ab`'s mounts.
+#[test]
+fn root_container_a_going_leaves_container_ab_alone() {
+    use std::io::Write;
+    let (_reg, lazy) = lazy_busybox();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    let ab_dir = root.path().join("containers/ab");
+    let mut ab = run_until_ready(
+        root.path(),
+        &[
+            "--rm",
+            "--name",
+            "ab",
+            &lazy,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; read go; cat /etc/passwd >/dev/null && ls /bin/busybox",
+        ],
+        &[],
+    );
+    assert_eq!(mounts_below(&ab_dir).len(), 2);
+    // `a` exits and is removed with --rm; then another `a`, removed with rm.
+    let out = run(root.path(), &["--rm", "--name", "a", &lazy, "--", "true"]);
+    assert!(out.status.success());
+    assert_eq!(mounts_below(&ab_dir).len(), 2, "a's --rm unmounted ab");
+    let out = run(root.path(), &["--name", "a", &lazy, "--", "true"]);
+    assert!(out.status.success());
+    lazylayer_ok(root.path(), &["rm", "a"]);
+    assert_eq!(mounts_below(&ab_dir).len(), 2, "rm a unmounted ab");
+
+    ab.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(wait_exit(&mut ab.0, Duration::from_secs(30)), Some(0));
+    assert_nothing_left(root.path());
+}

@@ -13,6 +13,8 @@
 //!   the container's network namespace, a log line, or a time.
 //! - [`OverlayMount`] is a kernel overlayfs mount, unmounted on drop: a writable
 //!   container root on top of read-only lower directories.
+//! - [`ContainerDir`] is a container's directory and record; its `reap_orphans`
+//!   clears containers whose `lazylayer run` was killed outright.
 //!
 //! What it deliberately does not do: pull or unpack images (the store does), serve a
 //! lazy file system (the FUSE crate does; this crate only mounts overlayfs on top of
@@ -22,6 +24,7 @@
 
 mod bundle;
 mod error;
+mod mounts;
 mod overlay;
 mod ready;
 mod runc;
@@ -30,7 +33,8 @@ mod user;
 
 pub use bundle::{validate_id, write_bundle, NetworkMode, RunSpec};
 pub use error::RuntimeError;
+pub use mounts::{mounts_below, unmount_below};
 pub use overlay::OverlayMount;
 pub use ready::{wait_ready, Readiness, WaitCondition};
-pub use runc::{Container, Runc, Stdio};
-pub use state::{ContainerDir, ContainerState, ContainerStatus};
+pub use runc::{Container, Killer, Runc, Stdio};
+pub use state::{process_start_time, ContainerDir, ContainerState, ContainerStatus, Reaped};

@@ -3,7 +3,8 @@
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::bundle::validate_id;
@@ -51,7 +52,18 @@ pub struct Container {
     /// Set once runc exited: the container's exit code, or runc's (status, message)
     /// when runc itself failed.
     exit: Option<Result<i32, (String, String)>>,
+    /// Set with `exit`, for [`Killer`]s held elsewhere while this value waits.
+    exited: Arc<AtomicBool>,
     pid: OnceLock<u32>,
+}
+
+/// Signals a [`Container`] from another thread or task while its owner is
+/// blocked in [`Container::wait`] (a signal forwarded to the container, say).
+#[derive(Debug, Clone)]
+pub struct Killer {
+    id: String,
+    runc: Runc,
+    exited: Arc<AtomicBool>,
 }
 
 impl Default for Runc {
@@ -121,6 +133,7 @@ impl Runc {
             log,
             child: Mutex::new(child),
             exit: None,
+            exited: Arc::new(AtomicBool::new(false)),
             pid: OnceLock::new(),
         })
     }
@@ -147,6 +160,20 @@ impl Runc {
             status: out.status.to_string(),
             message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
+    }
+
+    /// `runc kill ID SIGNAL`, once: fails when runc knows no such container or it is
+    /// not running. [`Container::kill`] and [`Killer::kill`] retry around start and exit.
+    pub fn kill(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        check_signal(id, signal)?;
+        self.run(id, &["kill", id, &signal.to_string()])
+    }
+
+    /// `runc delete --force ID`: kills what still runs of the container and forgets it.
+    pub fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        self.run(id, &["delete", "--force", id])
     }
 
     /// `runc state ID` as (status, pid); None when runc knows no such container.
@@ -240,28 +267,20 @@ impl Container {
     /// `runc kill ID SIGNAL`. A container that already exited (or never started) is not
     /// an error: there is nothing left to signal.
     pub fn kill(&mut self, signal: i32) -> Result<(), RuntimeError> {
-        // Checked here: retrying below would turn runc's refusal into a 10 s stall.
-        if !(1..=64).contains(&signal) {
-            return Err(RuntimeError::Config {
-                id: self.id.clone(),
-                reason: format!("{signal} is not a signal number"),
-            });
-        }
-        let signal = signal.to_string();
-        // Retried: right after `start` runc may not have saved the state yet ("does not
-        // exist"), and right after the init dies runc may not have exited yet.
-        let deadline = Instant::now() + PID_WAIT;
-        loop {
+        let (runc, id) = (self.runc.clone(), self.id.clone());
+        kill_until_exit(&runc, &id, signal, || {
             // Any recorded exit, even runc's failure to start, leaves nothing to signal.
             let _ = self.try_wait();
-            if self.exit.is_some() {
-                return Ok(());
-            }
-            match self.runc.run(&self.id, &["kill", &self.id, &signal]) {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => std::thread::sleep(POLL),
-            }
+            self.exit.is_some()
+        })
+    }
+
+    /// A handle that signals this container from elsewhere while this value waits.
+    pub fn killer(&self) -> Killer {
+        Killer {
+            id: self.id.clone(),
+            runc: self.runc.clone(),
+            exited: self.exited.clone(),
         }
     }
 
@@ -322,6 +341,7 @@ impl Container {
             Some(message) => Err((status.to_string(), message)),
             None => Ok(code),
         });
+        self.exited.store(true, Ordering::SeqCst);
     }
 
     /// The recorded exit as `wait` reports it; None while running.
@@ -335,6 +355,54 @@ impl Container {
                 message: message.clone(),
             }),
         })
+    }
+}
+
+impl Killer {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `runc kill ID SIGNAL`, as [`Container::kill`]: nothing to do once the container
+    /// has exited (as its [`Container`] saw).
+    pub fn kill(&self, signal: i32) -> Result<(), RuntimeError> {
+        kill_until_exit(&self.runc, &self.id, signal, || {
+            self.exited.load(Ordering::SeqCst)
+        })
+    }
+}
+
+fn check_signal(id: &str, signal: i32) -> Result<(), RuntimeError> {
+    if !(1..=64).contains(&signal) {
+        return Err(RuntimeError::Config {
+            id: id.to_owned(),
+            reason: format!("{signal} is not a signal number"),
+        });
+    }
+    Ok(())
+}
+
+/// `runc kill`, retried until it lands or `exited()`: right after `start` runc may not
+/// have saved the state yet ("does not exist"), and right after the init dies runc may
+/// not have exited yet ("not running").
+fn kill_until_exit(
+    runc: &Runc,
+    id: &str,
+    signal: i32,
+    mut exited: impl FnMut() -> bool,
+) -> Result<(), RuntimeError> {
+    // Checked here: retrying below would turn runc's refusal into a 10 s stall.
+    check_signal(id, signal)?;
+    let deadline = Instant::now() + PID_WAIT;
+    loop {
+        if exited() {
+            return Ok(());
+        }
+        match runc.kill(id, signal) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(POLL),
+        }
     }
 }
 

@@ -2,6 +2,11 @@
 //! `<root>/containers/<name>/`: `state.json` (what `ps` shows), `status.json`
 //! (per-layer fetch progress, for `status`), the bundle, and the overlay's
 //! upper and work dirs. A container directory is the unit `rm` removes.
+//!
+//! A container outlives its `lazylayer run` when that process is killed outright
+//! (`kill -9`, OOM): runc keeps it running, its FUSE and overlay mounts and its pin
+//! stay. [`ContainerDir::reap_orphans`] finds such containers by their recorded owner
+//! and clears them.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +33,38 @@ pub struct ContainerState {
     pub pid: u32,
     /// Whether the root is served lazily (else: plain overlayfs over a full pull).
     pub lazy: bool,
+    /// The start time of process `pid` ([`process_start_time`]), so that another
+    /// process given the same pid later is not taken for the owner. None in records
+    /// written before it was kept.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
+    /// `run --rm`: remove the directory when the container goes, even without its owner.
+    #[serde(default)]
+    pub rm: bool,
+    /// The store pin (`<root>/pins/<pin>.json`) the owner holds for the image's content.
+    #[serde(default)]
+    pub pin: Option<String>,
+    /// The owner died while the container ran: its exit code is unknown.
+    #[serde(default)]
+    pub owner_lost: bool,
+}
+
+/// A container [`ContainerDir::reap_orphans`] cleared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reaped {
+    pub name: String,
+    /// Its directory went too (`run --rm`); else it is kept, marked exited.
+    pub removed: bool,
+}
+
+/// When process `pid` started (clock ticks after boot, field 22 of /proc/PID/stat):
+/// with the pid, it names one process for good. None if there is no such process.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2, the command name, may hold spaces and parentheses: count after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // `rest` starts at field 3.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// A container's directory.
@@ -146,36 +183,219 @@ impl ContainerDir {
                     reason: "the container is running (stop it, or use --force)".into(),
                 });
             }
-            let _ = std::process::Command::new(&runc.binary)
-                .arg("--root")
-                .arg(&runc.root)
-                .args(["delete", "--force", &s.name])
-                .output();
+            // Usually gone already (runc run deletes on exit).
+            if let Err(e) = runc.delete(&s.name) {
+                tracing::debug!(error = %e, "runc delete");
+            }
         }
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let prefix = self.path.display().to_string();
-        let mut targets: Vec<String> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|t| t.starts_with(&prefix))
-            .map(str::to_string)
-            .collect();
-        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for t in targets {
-            let _ = rustix::mount::unmount(t.as_str(), rustix::mount::UnmountFlags::DETACH);
-        }
+        crate::unmount_below(&self.path);
         std::fs::remove_dir_all(&self.path).map_err(io("removing", &self.path))
+    }
+
+    /// Clears every container under `root` whose `lazylayer run` died while it ran
+    /// (see the module doc): KILLs and deletes its runc container, unmounts its
+    /// overlay and lazy FUSE root (detached if busy), removes its pin, then removes the
+    /// directory if `--rm` was asked, else marks it exited with `owner_lost`.
+    /// Only what the records name is touched: runc containers of our name in our runc
+    /// root, mounts below the directory, the recorded pin; never the owner's pid.
+    pub fn reap_orphans(root: &Path, runc: &crate::Runc) -> Vec<Reaped> {
+        let mut reaped = Vec::new();
+        let Ok(rd) = std::fs::read_dir(Self::base(root)) else {
+            return reaped;
+        };
+        for e in rd.flatten() {
+            let d = ContainerDir { path: e.path() };
+            match d.reap_if_orphaned(root, runc) {
+                Ok(Some(r)) => reaped.push(r),
+                Ok(None) => {}
+                // Logged, not returned: one that cannot be cleared must not keep the others.
+                Err(e) => tracing::warn!(
+                    container = %d.path.display(),
+                    error = %e,
+                    "cannot clear a container whose lazylayer run is gone"
+                ),
+            }
+        }
+        reaped
+    }
+
+    fn reap_if_orphaned(
+        &self,
+        root: &Path,
+        runc: &crate::Runc,
+    ) -> Result<Option<Reaped>, RuntimeError> {
+        let orphaned = |d: &ContainerDir| {
+            // No state: being created by a living run (it writes one first thing).
+            // A record naming another container than its directory's is not ours to act on.
+            d.read_state().ok().filter(|s| {
+                s.status == ContainerStatus::Running
+                    && !s.owner_alive()
+                    && d.path.file_name() == Some(s.name.as_ref())
+            })
+        };
+        if orphaned(self).is_none() {
+            return Ok(None);
+        }
+        // Two commands may reap at once: one does it, the other then sees it done.
+        let dir = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("opening", &self.path)(e)),
+        };
+        rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io("locking", &self.path)(e.into()))?;
+        match orphaned(self) {
+            Some(s) => self.reap(root, runc, s).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn reap(
+        &self,
+        root: &Path,
+        runc: &crate::Runc,
+        s: ContainerState,
+    ) -> Result<Reaped, RuntimeError> {
+        tracing::info!(name = %s.name, owner = s.pid, "clearing a container whose lazylayer run is gone");
+        // KILL first: `delete --force` alone would do, but this way the container is
+        // gone even if deleting fails (runc run, orphaned too, deletes it on exit).
+        if let Err(e) = runc.kill(&s.name, 9) {
+            tracing::debug!(error = %e, "runc kill of an orphaned container");
+        }
+        if let Err(e) = runc.delete(&s.name) {
+            tracing::debug!(error = %e, "runc delete of an orphaned container");
+        }
+        crate::unmount_below(&self.path);
+        if let Some(pin) = &s.pin {
+            // Only a plain file name in pins/: a record cannot point anywhere else.
+            if !pin.starts_with('.') && !pin.contains('/') {
+                let p = root.join("pins").join(format!("{pin}.json"));
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io("removing", &p)(e))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let (name, removed) = (s.name.clone(), s.rm);
+        if removed {
+            std::fs::remove_dir_all(&self.path).map_err(io("removing", &self.path))?;
+        } else {
+            self.write_state(&ContainerState {
+                status: ContainerStatus::Exited,
+                exit_code: None,
+                owner_lost: true,
+                ..s
+            })?;
+        }
+        Ok(Reaped { name, removed })
     }
 }
 
 impl ContainerState {
     /// A "running" record whose serving process is gone is really exited.
     pub fn refreshed(mut self) -> ContainerState {
-        if self.status == ContainerStatus::Running
-            && !Path::new(&format!("/proc/{}", self.pid)).exists()
-        {
+        if self.status == ContainerStatus::Running && !self.owner_alive() {
             self.status = ContainerStatus::Exited;
         }
         self
+    }
+
+    /// Whether the `lazylayer run` that wrote this record still lives: its pid, started
+    /// when it was (a record without start time: any process of that pid).
+    pub fn owner_alive(&self) -> bool {
+        match self.pid_start {
+            Some(t) => process_start_time(self.pid) == Some(t),
+            None => Path::new(&format!("/proc/{}", self.pid)).exists(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(name: &str, pid: u32, pid_start: Option<u64>, rm: bool) -> ContainerState {
+        ContainerState {
+            name: name.into(),
+            image: "img".into(),
+            created: 0,
+            status: ContainerStatus::Running,
+            exit_code: None,
+            pid,
+            lazy: true,
+            pid_start,
+            rm,
+            pin: Some(format!("run-{name}")),
+            owner_lost: false,
+        }
+    }
+
+    #[test]
+    fn the_owner_is_its_pid_and_start_time() {
+        let me = std::process::id();
+        let start = process_start_time(me).expect("our own start time");
+        assert!(state("a", me, Some(start), false).owner_alive());
+        // Same pid, another start: a process that reused the pid.
+        assert!(!state("a", me, Some(start + 1), false).owner_alive());
+        // Old records: the pid alone.
+        assert!(state("a", me, None, false).owner_alive());
+        assert!(!state("a", u32::MAX, None, false).owner_alive());
+        assert_eq!(process_start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn orphans_are_cleared_and_living_containers_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let runc = crate::Runc::new(root.join("runc"));
+        let me = std::process::id();
+        let start = process_start_time(me).unwrap();
+        std::fs::create_dir_all(root.join("pins")).unwrap();
+        let cases = [
+            ("alive", state("alive", me, Some(start), true)),
+            (
+                "reused-pid-rm",
+                state("reused-pid-rm", me, Some(start + 1), true),
+            ),
+            ("dead-kept", state("dead-kept", u32::MAX, Some(1), false)),
+        ];
+        for (name, s) in &cases {
+            let d = ContainerDir::create(root, name).unwrap();
+            d.write_state(s).unwrap();
+            std::fs::write(root.join(format!("pins/run-{name}.json")), "{}").unwrap();
+        }
+        // Being created: no state yet.
+        ContainerDir::create(root, "new").unwrap();
+        // A record that names another container than its directory: left alone.
+        ContainerDir::create(root, "misnamed")
+            .unwrap()
+            .write_state(&state("alive", u32::MAX, Some(1), true))
+            .unwrap();
+
+        let mut reaped = ContainerDir::reap_orphans(root, &runc);
+        reaped.sort_by(|a, b| a.name.cmp(&b.name));
+        let r = |name: &str, removed| Reaped {
+            name: name.into(),
+            removed,
+        };
+        assert_eq!(reaped, [r("dead-kept", false), r("reused-pid-rm", true)]);
+        let base = ContainerDir::base(root);
+        assert!(["alive", "new", "misnamed"]
+            .iter()
+            .all(|n| base.join(n).is_dir()));
+        assert!(root.join("pins/run-alive.json").exists());
+        assert!(!base.join("reused-pid-rm").exists());
+        assert!(!root.join("pins/run-reused-pid-rm.json").exists());
+        assert!(!root.join("pins/run-dead-kept.json").exists());
+        let kept = ContainerDir::open(root, "dead-kept")
+            .unwrap()
+            .read_state()
+            .unwrap();
+        assert_eq!(kept.status, ContainerStatus::Exited);
+        assert!(kept.owner_lost && kept.exit_code.is_none());
+        // Done once: nothing left to reap.
+        assert!(ContainerDir::reap_orphans(root, &runc).is_empty());
     }
 }

@@ -237,6 +237,40 @@ fn root_stop_uses_term_then_kill() {
 }
 
 #[test]
+fn root_killer_signals_while_another_thread_waits() {
+    if !have_root("root_killer_signals_while_another_thread_waits") {
+        return;
+    }
+    let env = TestEnv::new();
+    let s = spec(
+        &env,
+        "killer",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 4' HUP; echo up; while true; do sleep 0.05; done",
+        ],
+    );
+    let mut c = start(&env, &s, "killer");
+    let ready = wait_ready(
+        &mut c,
+        &WaitCondition::Log("up".into()),
+        Duration::from_secs(10),
+    );
+    assert_eq!(ready.unwrap(), Readiness::Ready);
+    let killer = c.killer();
+    let waiter = std::thread::spawn(move || c.wait().unwrap());
+    killer.kill(1).unwrap();
+    assert_eq!(waiter.join().unwrap(), 4);
+    // Exited: nothing left to signal, not an error; a bad number is.
+    killer.kill(9).unwrap();
+    assert!(killer.kill(0).is_err());
+    // runc's own kill, once, of a container it does not know.
+    assert!(env.runc.kill("killer", 9).is_err());
+    assert!(env.runc_list().is_empty());
+}
+
+#[test]
 fn root_ready_on_log_line_then_stop() {
     if !have_root("root_ready_on_log_line_then_stop") {
         return;

@@ -13,8 +13,11 @@ pub mod snapshotter;
 pub mod status;
 pub mod store;
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use lazylayer_oci::{Platform, Reference};
+use lazylayer_runtime::{ContainerDir, Reaped, Runc};
 
 pub fn parse_reference(s: &str) -> Result<Reference> {
     s.parse::<Reference>()
@@ -26,4 +29,24 @@ pub fn parse_platform(s: Option<&str>) -> Result<Platform> {
         Some(p) => p.parse::<Platform>().map_err(anyhow::Error::msg),
         None => Ok(Platform::host()),
     }
+}
+
+/// Clears the containers under `root` whose `lazylayer run` was killed outright
+/// (see `ContainerDir::reap_orphans`; what cannot be cleared is logged, and must
+/// not stop the command that noticed), saying so on stderr.
+pub fn reap_orphans(root: &Path) -> Vec<Reaped> {
+    let runc = Runc::new(root.join("runc"));
+    let reaped = ContainerDir::reap_orphans(root, &runc);
+    for r in &reaped {
+        let what = if r.removed {
+            "removed it (--rm)"
+        } else {
+            "kept it as exited"
+        };
+        eprintln!(
+            "note: the lazylayer run of container {} is gone: stopped the container, cleared its mounts and {what}",
+            r.name
+        );
+    }
+    reaped
 }

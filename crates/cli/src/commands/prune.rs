@@ -15,6 +15,8 @@ pub struct Args {
 
 pub fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let store = g.store()?;
+    // Dead runs' pins would keep content, and their mounts stand on it.
+    super::reap_orphans(&g.root);
     let rep = store.prune().context("pruning the store")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);

@@ -16,7 +16,13 @@ pub struct Args {
 
 pub fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let runc = Runc::new(g.root.join("runc"));
+    let reaped = super::reap_orphans(&g.root);
     for n in &a.names {
+        // Its run was gone and it had --rm: clearing it removed it already.
+        if reaped.iter().any(|r| r.removed && &r.name == n) {
+            println!("{n}");
+            continue;
+        }
         let d = ContainerDir::open(&g.root, n)?;
         d.remove(&runc, a.force)
             .with_context(|| format!("removing container {n}"))?;

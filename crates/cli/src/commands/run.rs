@@ -4,13 +4,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lazylayer_fetch::{FetchOptions, LazyImage, OpenError};
-use lazylayer_fs::FsOptions;
+use lazylayer_fetch::{FetchOptions, LayerFetcher, LazyImage, OpenError};
+use lazylayer_fs::{FsMount, FsOptions};
 use lazylayer_runtime::{
-    write_bundle, ContainerDir, ContainerState, ContainerStatus, NetworkMode, OverlayMount,
-    RunSpec, Runc, Stdio,
+    process_start_time, write_bundle, ContainerDir, ContainerState, ContainerStatus, NetworkMode,
+    OverlayMount, RunSpec, Runc, Stdio,
 };
-use lazylayer_store::PullOptions;
+use lazylayer_store::{Pin, PullOptions};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::context::GlobalArgs;
 use crate::progress::PullBars;
@@ -65,6 +66,10 @@ pub struct Args {
     /// Print timings and fetch statistics on stderr when the container exits
     #[arg(long)]
     pub stats: bool,
+    /// On SIGTERM, SIGHUP or SIGINT (passed on to the container), how long the
+    /// container has to exit before it is killed (seconds)
+    #[arg(long, env = "LAZYLAYER_STOP_TIMEOUT", default_value_t = 10.0)]
+    pub stop_timeout: f64,
     /// Image reference
     pub image: String,
     /// Command and arguments replacing the image's Cmd
@@ -91,33 +96,132 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
     for e in &a.env {
         anyhow::ensure!(e.contains('='), "--env {e:?}: expected K=V");
     }
+    let stop_timeout = Duration::try_from_secs_f64(a.stop_timeout)
+        .with_context(|| format!("--stop-timeout {}", a.stop_timeout))?;
+    // Caught from here on, so that a service manager's TERM (or a HUP, or Ctrl-C)
+    // stops the container and we clean up, instead of dying with the mounts left.
+    let mut signals = Signals::new()?;
     let store = g.store()?;
     let client = Arc::new(g.client()?);
+    let runc = Runc::new(store.root().join("runc"));
+    // A container left by a run killed outright may hold the name we want.
+    super::reap_orphans(store.root());
     let name = a.name.clone().unwrap_or_else(random_name);
     let cdir = ContainerDir::create(store.root(), &name)?;
+    let pid = std::process::id();
+    let state = ContainerState {
+        name: name.clone(),
+        image: reference.to_string(),
+        created: lazylayer_store::unix_now(),
+        status: ContainerStatus::Running,
+        exit_code: None,
+        pid,
+        lazy: false,
+        pid_start: process_start_time(pid),
+        rm: a.rm,
+        pin: Some(pin_name(&name)),
+        owner_lost: false,
+    };
     // From here on, the directory is ours: remove it on any early error.
-    let result = run_in(g, &a, &store, client, &reference, network, &name, &cdir, t0).await;
-    if a.rm || result.is_err() {
-        let runc = Runc::new(store.root().join("runc"));
+    // The record goes first: should we be killed outright from here on, it names
+    // the owner and what to clear (`ContainerDir::reap_orphans`).
+    let result = match cdir.write_state(&state) {
+        Ok(()) => {
+            let env = Env {
+                store: &store,
+                client,
+                reference: &reference,
+                network,
+                cdir: &cdir,
+                t0,
+                stop_timeout,
+            };
+            run_in(&a, &env, state, &mut signals).await
+        }
+        Err(e) => Err(e.into()),
+    };
+    // A container that never started leaves nothing worth keeping.
+    if a.rm || !matches!(result, Ok(Outcome { started: true, .. })) {
         if let Err(e) = cdir.remove(&runc, true) {
             eprintln!("warning: cleaning up container {name}: {e:#}");
         }
     }
-    result
+    result.map(|o| o.code)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_in(
-    _g: &GlobalArgs,
-    a: &Args,
-    store: &lazylayer_store::Store,
+/// The store pin a run of container `name` holds (container names are pin names).
+fn pin_name(name: &str) -> String {
+    format!("run-{name}")
+}
+
+/// How `run_in` ended: the exit code, and whether the container ever started.
+struct Outcome {
+    code: i32,
+    started: bool,
+}
+
+/// What `run_in` and `prepare` share.
+struct Env<'a> {
+    store: &'a lazylayer_store::Store,
     client: Arc<lazylayer_oci::RegistryClient>,
-    reference: &lazylayer_oci::Reference,
+    reference: &'a lazylayer_oci::Reference,
     network: NetworkMode,
-    name: &str,
-    cdir: &ContainerDir,
+    cdir: &'a ContainerDir,
     t0: Instant,
-) -> Result<i32> {
+    stop_timeout: Duration,
+}
+
+/// SIGTERM, SIGHUP and SIGINT, as one stream of signal numbers.
+struct Signals {
+    term: Signal,
+    hup: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        let on = |kind: SignalKind| signal(kind).context("installing a signal handler");
+        Ok(Signals {
+            term: on(SignalKind::terminate())?,
+            hup: on(SignalKind::hangup())?,
+            int: on(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next signal's number.
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.term.recv() => SignalKind::terminate().as_raw_value(),
+            _ = self.hup.recv() => SignalKind::hangup().as_raw_value(),
+            _ = self.int.recv() => SignalKind::interrupt().as_raw_value(),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        1 => "SIGHUP".into(),
+        2 => "SIGINT".into(),
+        15 => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// A container's root, mounted and ready to start.
+struct Prepared {
+    lazy: Option<LazyImage>,
+    /// Until every layer is here no image record names them: keeps `prune` off
+    /// what this container stands on while it runs.
+    _pin: Option<Pin>,
+    fuse: Option<FsMount>,
+    fetcher: Option<LayerFetcher>,
+    overlay: OverlayMount,
+    bundle: PathBuf,
+    t_ready: Duration,
+}
+
+async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
+    let (store, cdir, reference) = (env.store, env.cdir, env.reference);
     let pull = PullOptions {
         platform: super::parse_platform(a.platform.as_deref())?,
         ..PullOptions::default()
@@ -140,7 +244,7 @@ async fn run_in(
     }
 
     // Either a lazy image behind FUSE, or (no boot layer) a full pull.
-    let lazy = match LazyImage::open(store, client.clone(), reference, fopts).await {
+    let lazy = match LazyImage::open(store, env.client.clone(), reference, fopts).await {
         Ok(img) => Some(img),
         Err(OpenError::NoBootLayer(_)) => {
             eprintln!("note: {reference} has no lazylayer boot layer; pulling it fully (optimize it with `lazylayer optimize`)");
@@ -148,15 +252,10 @@ async fn run_in(
         }
         Err(OpenError::Failed(e)) => return Err(e).with_context(|| format!("opening {reference}")),
     };
-    // Until every layer is here no image record names them: keep `prune`
-    // off what this container stands on while it runs.
-    let _pin = match &lazy {
+    let pin = match &lazy {
         Some(img) => Some(
             store
-                .pin_guard(
-                    &format!("run-{}", std::process::id()),
-                    &img.record.digests(),
-                )
+                .pin_guard(&pin_name(name), &img.record.digests())
                 .context("pinning the image's content")?,
         ),
         None => None,
@@ -190,7 +289,7 @@ async fn run_in(
         None => {
             let bars = Arc::new(PullBars::new(false));
             let rec = store
-                .pull(&client, reference, &pull, bars)
+                .pull(&env.client, reference, &pull, bars)
                 .await
                 .with_context(|| format!("pulling {reference}"))?;
             let lowers: Vec<PathBuf> = rec
@@ -202,7 +301,7 @@ async fn run_in(
             (store.read_blob(&rec.config_digest)?, None, lowers, None)
         }
     };
-    let t_ready = t0.elapsed();
+    let t_ready = env.t0.elapsed();
     let overlay = OverlayMount::mount(&lowers, &upper, &work, &rootfs)
         .context("mounting the container's overlay")?;
 
@@ -212,19 +311,49 @@ async fn run_in(
         spec.args = Some(a.command.clone());
     }
     spec.env = a.env.clone();
-    spec.network = network;
+    spec.network = env.network;
     spec.user = a.user.clone();
     spec.workdir = a.workdir.clone();
     write_bundle(&spec, &bundle)?;
+    Ok(Prepared {
+        lazy,
+        _pin: pin,
+        fuse,
+        fetcher,
+        overlay,
+        bundle,
+        t_ready,
+    })
+}
 
+async fn run_in(
+    a: &Args,
+    env: &Env<'_>,
+    state: ContainerState,
+    signals: &mut Signals,
+) -> Result<Outcome> {
+    let (store, cdir, name) = (env.store, env.cdir, state.name.clone());
+    // A signal before the start ends the run: dropping `prepare` unmounts what it
+    // mounted, and the caller removes the directory.
+    let p = tokio::select! {
+        p = prepare(a, env, &name) => p?,
+        sig = signals.recv() => {
+            eprintln!("{}: stopping before container {name} started", signal_name(sig));
+            return Ok(Outcome { code: 128 + sig, started: false });
+        }
+    };
+    let Prepared {
+        lazy,
+        _pin,
+        fuse,
+        fetcher,
+        overlay,
+        bundle,
+        t_ready,
+    } = p;
     let state = ContainerState {
-        name: name.to_string(),
-        image: reference.to_string(),
-        created: lazylayer_store::unix_now(),
-        status: ContainerStatus::Running,
-        exit_code: None,
-        pid: std::process::id(),
         lazy: lazy.is_some(),
+        ..state
     };
     cdir.write_state(&state)?;
 
@@ -242,35 +371,8 @@ async fn run_in(
     });
 
     let runc = Runc::new(store.root().join("runc"));
-    let mut container = runc.start(name, &bundle, Stdio::Inherit)?;
-    // Ctrl-C: the terminal already sent SIGINT to runc, which forwards it;
-    // make sure the container goes (TERM, then KILL) and we clean up.
-    let (runc_bin, runc_root, id) = (runc.binary.clone(), runc.root.clone(), name.to_string());
-    let interrupter = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping container {id}");
-            let kill = |sig: &str| {
-                let _ = std::process::Command::new(&runc_bin)
-                    .arg("--root")
-                    .arg(&runc_root)
-                    .args(["kill", &id, sig])
-                    .output();
-            };
-            kill("TERM");
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            kill("KILL");
-        }
-    });
-    let code = tokio::task::spawn_blocking(move || {
-        let code = container.wait();
-        (container, code)
-    })
-    .await
-    .context("waiting for the container")?;
-    let (container, code) = code;
-    interrupter.abort();
-    let code = code?;
-    drop(container);
+    let container = runc.start(&name, &bundle, Stdio::Inherit)?;
+    let code = wait_forwarding_signals(container, signals, env.stop_timeout).await?;
 
     stop_status.store(true, Ordering::Relaxed);
     if let Some(t) = status_thread {
@@ -307,5 +409,57 @@ async fn run_in(
         exit_code: Some(code),
         ..state
     })?;
-    Ok(code)
+    Ok(Outcome {
+        code,
+        started: true,
+    })
+}
+
+/// Waits for the container's exit; meanwhile SIGTERM, SIGHUP and SIGINT sent to us
+/// go to the container's init, as `podman run` passes them on, and a container
+/// still running `grace` after the first one is KILLed. Returns its exit code.
+async fn wait_forwarding_signals(
+    mut container: lazylayer_runtime::Container,
+    signals: &mut Signals,
+    grace: Duration,
+) -> Result<i32> {
+    let killer = container.killer();
+    let mut wait = tokio::task::spawn_blocking(move || {
+        let code = container.wait();
+        // Dropped here: a container that failed to start is killed and deleted.
+        drop(container);
+        code
+    });
+    let forward = |sig: i32| {
+        let killer = killer.clone();
+        // runc kill retries around start and exit: not on the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = killer.kill(sig) {
+                eprintln!(
+                    "warning: passing {} on to container {}: {e:#}",
+                    signal_name(sig),
+                    killer.id()
+                );
+            }
+        })
+    };
+    let (mut kill_at, mut killed) = (None, false);
+    loop {
+        tokio::select! {
+            code = &mut wait => return Ok(code.context("waiting for the container")??),
+            sig = signals.recv() => {
+                eprintln!("{}: passing it on to container {}", signal_name(sig), killer.id());
+                forward(sig);
+                kill_at.get_or_insert_with(|| tokio::time::Instant::now() + grace);
+            }
+            _ = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)),
+                if kill_at.is_some() && !killed =>
+            {
+                eprintln!("container {} still runs {grace:?} after the signal: killing it", killer.id());
+                forward(9);
+                // Once: a KILL cannot be ignored.
+                killed = true;
+            }
+        }
+    }
 }

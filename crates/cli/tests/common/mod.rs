@@ -475,30 +475,100 @@ impl Drop for Containerd {
     }
 }
 
-/// Unmount everything mounted at or below `dir` (deepest first).
+/// Unmount everything mounted at or below `dir` (last mounted first).
 pub fn unmount_below(dir: &Path) {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let prefix = dir.display().to_string();
-    let mut targets: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(1))
-        .filter(|t| t.starts_with(&prefix))
-        .collect();
-    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    for t in targets {
+    for t in mounts_below(dir).iter().rev() {
         let _ = Command::new("umount").args(["-l", t]).status();
     }
 }
 
-/// Mount points at or below `dir`.
+/// Mount points at or below `dir` (whole path components: `/x/a` is not
+/// below `/x/ab`), in mount order.
 pub fn mounts_below(dir: &Path) -> Vec<String> {
-    let prefix = dir.display().to_string();
     std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split(' ').nth(1).map(str::to_string))
-        .filter(|t| t.starts_with(&prefix))
+        .filter(|t| Path::new(t).starts_with(dir))
         .collect()
+}
+
+/// Runc containers of the store at `root` as (id, status).
+pub fn runc_containers(root: &Path) -> Vec<(String, String)> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root.join("runc"))
+        .args(["list", "--format", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                    (s("id"), s("status"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pin files left in the store at `root`.
+pub fn pins_left(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root.join("pins"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// On drop (even when a test panics): kills the runc containers of the store
+/// at `root` and unmounts what is mounted below it, which a killed or
+/// misbehaving `lazylayer run` may have left.
+pub struct StoreLeftovers(pub PathBuf);
+
+impl Drop for StoreLeftovers {
+    fn drop(&mut self) {
+        for (id, _) in runc_containers(&self.0) {
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(self.0.join("runc"))
+                .args(["delete", "--force", &id])
+                .output();
+        }
+        unmount_below(&self.0);
+    }
+}
+
+/// A child process that is killed (SIGKILL, by its PID) and reaped on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Send `sig` to process `pid`.
+pub fn send_signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(pid, sig).unwrap();
+}
+
+/// Waits (up to `within`) for `child` to exit; its exit code (None: killed by a signal).
+pub fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(Instant::now() < deadline, "no exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Wait until `n` mounts exist below `root` (the workload is up), then send
