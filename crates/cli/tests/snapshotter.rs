@@ -146,6 +146,10 @@ fn snapshots_ls(cd: &Containerd) -> Vec<(String, String, String)> {
 #[test]
 fn plain_image_pull_run_snapshot_commands_and_restart() {
     if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: {why}"
+        );
         eprintln!("skipping: {why}");
         return;
     }
@@ -270,6 +274,10 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     use std::collections::HashMap;
 
     if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: {why}"
+        );
         eprintln!("skipping: {why}");
         return;
     }
@@ -464,6 +472,10 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
 #[test]
 fn containerd_pull_registers_an_optimized_image_lazily() {
     if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: {why}"
+        );
         eprintln!("skipping: {why}");
         return;
     }
@@ -646,6 +658,10 @@ fn cri_pull(cd: &Containerd, image: &str) -> String {
 #[test]
 fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
     if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: {why}"
+        );
         eprintln!("skipping: {why}");
         return;
     }
@@ -786,6 +802,10 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
 #[test]
 fn snapshotter_restart_under_a_running_lazy_container() {
     if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: {why}"
+        );
         eprintln!("skipping: {why}");
         return;
     }
