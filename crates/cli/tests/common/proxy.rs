@@ -1,10 +1,15 @@
 //! A fault-injecting TCP proxy: relays real HTTP between a real client and
-//! the real registry, and cuts a connection when told to.
+//! the real registry, and cuts, stalls, trickles or slows a connection when
+//! told to.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Longest a stalled connection is held open.
+const STALL_HOLD: Duration = Duration::from_secs(120);
 
 /// A TCP proxy in front of the registry that records requests and cuts a
 /// connection after `cut_after` response bytes. It relays real HTTP between a
@@ -14,6 +19,11 @@ pub struct CuttingProxy {
     pub requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     pub cuts: Arc<AtomicUsize>,
+    /// Response bytes relayed to clients, all connections.
+    pub relayed: Arc<AtomicUsize>,
+    /// Responses are relayed at this many bytes per second; 0: unlimited.
+    /// May be changed while the proxy runs.
+    pub rate: Arc<AtomicUsize>,
 }
 
 #[derive(Clone, Copy)]
@@ -22,6 +32,16 @@ pub enum AfterCut {
     Heal,
     /// The "registry" is gone: every connection, old or new, is closed.
     Die,
+    /// The connection stays open but nothing more is relayed (held for up to
+    /// 120 s, or until the client closes it), as a stalled registry's;
+    /// later connections flow untouched.
+    Stall,
+    /// Every connection stalls once it has sent `cut_after` bytes: a
+    /// registry that keeps stalling.
+    StallAlways,
+    /// After the cut, one byte every so often on that connection; later
+    /// connections flow untouched.
+    Trickle(Duration),
 }
 
 struct RelayState {
@@ -29,6 +49,11 @@ struct RelayState {
     cuts: Arc<AtomicUsize>,
     dead: Arc<AtomicBool>,
     after: AfterCut,
+    relayed: Arc<AtomicUsize>,
+    rate: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    /// Set when the client's side of this connection has closed.
+    client_gone: Arc<AtomicBool>,
 }
 
 impl CuttingProxy {
@@ -40,7 +65,10 @@ impl CuttingProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let cuts = Arc::new(AtomicUsize::new(0));
         let dead = Arc::new(AtomicBool::new(false));
+        let relayed = Arc::new(AtomicUsize::new(0));
+        let rate = Arc::new(AtomicUsize::new(0));
         let (rq, st, ct) = (requests.clone(), stop.clone(), cuts.clone());
+        let (rl, rt) = (relayed.clone(), rate.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -55,12 +83,21 @@ impl CuttingProxy {
                 let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (rq, d2) = (rq.clone(), dead.clone());
-                std::thread::spawn(move || relay_requests(c2, s2, rq, d2));
+                let client_gone = Arc::new(AtomicBool::new(false));
+                let cg = client_gone.clone();
+                std::thread::spawn(move || {
+                    relay_requests(c2, s2, rq, d2);
+                    cg.store(true, Ordering::SeqCst);
+                });
                 let state = RelayState {
                     cut_after,
                     cuts: ct.clone(),
                     dead: dead.clone(),
                     after,
+                    relayed: rl.clone(),
+                    rate: rt.clone(),
+                    stop: st.clone(),
+                    client_gone,
                 };
                 std::thread::spawn(move || relay_responses(server, client, state));
             }
@@ -70,7 +107,39 @@ impl CuttingProxy {
             requests,
             stop,
             cuts,
+            relayed,
+            rate,
         }
+    }
+
+    /// A proxy that relays everything (no cut), for counting and slowing.
+    pub fn relay(upstream: u16) -> CuttingProxy {
+        Self::start(upstream, usize::MAX, AfterCut::Heal)
+    }
+
+    /// The requests seen so far, lower-cased, one after the other.
+    pub fn requests_text(&self) -> String {
+        self.requests.lock().unwrap().join("\n").to_lowercase()
+    }
+
+    /// The `N` of every `Range: bytes=N-` header the proxy relayed for
+    /// blob `digest`.
+    pub fn range_starts(&self, digest: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        for r in self.requests.lock().unwrap().iter() {
+            let r = r.to_lowercase();
+            if !r.contains(&format!("/blobs/{digest}")) {
+                continue;
+            }
+            for l in r.lines() {
+                if let Some(v) = l.trim().strip_prefix("range: bytes=") {
+                    if let Some(n) = v.split('-').next().and_then(|n| n.parse().ok()) {
+                        out.push(n);
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -110,6 +179,30 @@ fn relay_requests(
     close(&from, &to);
 }
 
+impl RelayState {
+    /// Whether a held (stalled, trickling) connection should be let go.
+    fn over(&self, since: Instant) -> bool {
+        self.stop.load(Ordering::Relaxed)
+            || self.client_gone.load(Ordering::SeqCst)
+            || since.elapsed() > STALL_HOLD
+    }
+
+    /// Write to the client at the configured rate.
+    fn send(&self, to: &mut TcpStream, data: &[u8]) -> bool {
+        for part in data.chunks(4096) {
+            if to.write_all(part).is_err() {
+                return false;
+            }
+            self.relayed.fetch_add(part.len(), Ordering::Relaxed);
+            let rate = self.rate.load(Ordering::Relaxed);
+            if rate > 0 {
+                std::thread::sleep(Duration::from_secs_f64(part.len() as f64 / rate as f64));
+            }
+        }
+        true
+    }
+}
+
 fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
     let mut buf = vec![0u8; 16384];
     let mut sent = 0usize;
@@ -123,7 +216,7 @@ fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
             break;
         }
         let n_ok = n.min(budget - sent);
-        if to.write_all(&buf[..n_ok]).is_err() {
+        if !s.send(&mut to, &buf[..n_ok]) {
             break;
         }
         sent += n_ok;
@@ -132,15 +225,40 @@ fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
             // (and pooled by the client) are not all cut too.
             let first = s.cuts.fetch_add(1, Ordering::SeqCst) == 0;
             match s.after {
-                AfterCut::Heal if !first => {
+                AfterCut::Heal | AfterCut::Stall | AfterCut::Trickle(_) if !first => {
                     s.cuts.fetch_sub(1, Ordering::SeqCst);
                     budget = usize::MAX;
-                    to.write_all(&buf[n_ok..n]).ok();
+                    s.send(&mut to, &buf[n_ok..n]);
                     sent += n - n_ok;
                     continue;
                 }
                 AfterCut::Die => s.dead.store(true, Ordering::Relaxed),
                 AfterCut::Heal => {}
+                AfterCut::Stall | AfterCut::StallAlways => {
+                    // Silent but open: the client sees no error, only no data.
+                    let since = Instant::now();
+                    while !s.over(since) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                AfterCut::Trickle(every) => {
+                    let since = Instant::now();
+                    let mut pending = buf[n_ok..n].to_vec();
+                    let mut one = [0u8; 1];
+                    while !s.over(since) {
+                        if pending.is_empty() {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(m) => pending.extend_from_slice(&buf[..m]),
+                            }
+                        }
+                        one[0] = pending.remove(0);
+                        if !s.send(&mut to, &one) {
+                            break;
+                        }
+                        std::thread::sleep(every);
+                    }
+                }
             }
             break;
         }
