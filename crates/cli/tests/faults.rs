@@ -1124,6 +1124,41 @@ fn layer_cut_by_dying_registry_resumes_from_its_partial() {
     assert_layer_complete(root.path(), &layer);
 }
 
+/// A registry without Range support answers the resume with the whole blob
+/// (200): the kept prefix is skipped in the response and the layer completes.
+#[test]
+fn partial_resume_works_when_registry_ignores_range() {
+    let reg = Registry::start();
+    let (image, layer, size) = random_layer_image(&reg, "random5", 5);
+    let cut = CuttingProxy::start(reg.port, (size / 2) as usize, AfterCut::Die);
+    let root = tempfile::tempdir().unwrap();
+    let via = |p: &CuttingProxy| image.replace(&reg.addr(), &format!("127.0.0.1:{}", p.port));
+    assert!(!lazylayer(root.path(), &["pull", &via(&cut)])
+        .status
+        .success());
+    let kept = std::fs::metadata(partial_file(root.path(), &layer))
+        .unwrap()
+        .len();
+    assert!(kept > 0);
+    drop(cut);
+    let no_range = CuttingProxy::relay(reg.port);
+    no_range.strip_range.store(true, Ordering::Relaxed);
+    let v = lazylayer_json(root.path(), &["pull", &via(&no_range)]);
+    assert_eq!(
+        no_range.range_starts(&layer),
+        vec![kept],
+        "asked for the rest"
+    );
+    assert!(
+        reg.log()
+            .contains(&format!("/blobs/{layer} HTTP/1.1\" 200 ")),
+        "the registry answered the whole blob"
+    );
+    // Skipped bytes are not counted as fetched: they were had already.
+    assert_eq!(v["bytes_fetched"].as_u64().unwrap(), size - kept);
+    assert_layer_complete(root.path(), &layer);
+}
+
 #[test]
 fn layer_cut_by_killed_process_is_resumed_by_the_next() {
     let reg = Registry::start();

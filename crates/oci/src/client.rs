@@ -227,7 +227,8 @@ impl RegistryClient {
         let http = reqwest::Client::builder()
             .user_agent(cfg.user_agent.clone())
             .connect_timeout(cfg.connect_timeout)
-            .read_timeout(cfg.read_timeout)
+            // A longer stall timeout must not be pre-empted by the per-read one.
+            .read_timeout(cfg.read_timeout.max(cfg.stall_timeout))
             .build()
             .map_err(|e| OciError::Http {
                 what: "creating HTTP client".into(),
@@ -1164,6 +1165,48 @@ mod tests {
         assert!(is_loopback("[::1]:80"));
         assert!(!is_loopback("registry.example:5000"));
         assert!(!is_loopback("128.0.0.1"));
+    }
+
+    #[test]
+    fn error_bodies_are_shortened_and_cuts_said() {
+        assert_eq!(shown_body(b"oops", false), "oops");
+        let long = vec![b'x'; 1000];
+        let s = shown_body(&long, false);
+        assert!(s.starts_with(&"x".repeat(SHOWN_ERROR_BODY)));
+        assert!(s.ends_with("(1000 bytes in all)"), "{s}");
+        let s = shown_body(&long, true);
+        assert!(
+            s.ends_with("(body cut: read only its first 1000 bytes)"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn stall_reasons_are_plain_words() {
+        let no_data = Broken::Stalled {
+            bytes: 0,
+            secs: 10.0,
+            min_speed: 1024,
+        };
+        assert_eq!(no_data.to_string(), "no data for 10 s");
+        let slow = Broken::Stalled {
+            bytes: 3,
+            secs: 2.0,
+            min_speed: 1024,
+        };
+        assert_eq!(slow.to_string(), "only 3 B in 2 s, below 1.0 kB/s");
+        let e = OciError::Interrupted {
+            what: "blob sha256:ab of r/x".into(),
+            registry: "127.0.0.1:5000".into(),
+            at: 7_700_000,
+            total: Some(25_000_000),
+            reason: no_data.to_string(),
+            tries: 5,
+        };
+        assert_eq!(
+            e.to_string(),
+            "registry 127.0.0.1:5000 stopped sending blob sha256:ab of r/x at 7.7 MB of 25.0 MB (no data for 10 s); tried 5 times"
+        );
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct CuttingProxy {
     /// Responses are relayed at this many bytes per second; 0: unlimited.
     /// May be changed while the proxy runs.
     pub rate: Arc<AtomicUsize>,
+    /// Hide `Range` headers from the registry (renamed on the way), as if
+    /// it did not support ranges: it then answers 200 with the whole blob.
+    pub strip_range: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Copy)]
@@ -69,6 +72,8 @@ impl CuttingProxy {
         let rate = Arc::new(AtomicUsize::new(0));
         let (rq, st, ct) = (requests.clone(), stop.clone(), cuts.clone());
         let (rl, rt) = (relayed.clone(), rate.clone());
+        let strip_range = Arc::new(AtomicBool::new(false));
+        let sr = strip_range.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -82,11 +87,11 @@ impl CuttingProxy {
                 client.set_nonblocking(false).unwrap();
                 let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (rq, d2) = (rq.clone(), dead.clone());
+                let (rq, d2, sr) = (rq.clone(), dead.clone(), sr.clone());
                 let client_gone = Arc::new(AtomicBool::new(false));
                 let cg = client_gone.clone();
                 std::thread::spawn(move || {
-                    relay_requests(c2, s2, rq, d2);
+                    relay_requests(c2, s2, rq, d2, sr);
                     cg.store(true, Ordering::SeqCst);
                 });
                 let state = RelayState {
@@ -109,6 +114,7 @@ impl CuttingProxy {
             cuts,
             relayed,
             rate,
+            strip_range,
         }
     }
 
@@ -159,6 +165,7 @@ fn relay_requests(
     mut to: TcpStream,
     log: Arc<Mutex<Vec<String>>>,
     dead: Arc<AtomicBool>,
+    strip_range: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 16384];
     loop {
@@ -172,6 +179,14 @@ fn relay_requests(
         log.lock()
             .unwrap()
             .push(String::from_utf8_lossy(&buf[..n]).to_string());
+        if strip_range.load(Ordering::Relaxed) {
+            // Same length, so nothing else in the request moves.
+            for i in 0..n.saturating_sub(7) {
+                if buf[i..i + 8].eq_ignore_ascii_case(b"\r\nrange:") {
+                    buf[i + 2..i + 7].copy_from_slice(b"x-rng");
+                }
+            }
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
