@@ -1030,6 +1030,47 @@ fn trickling_and_dead_registries_are_detected() {
     assert!(tree_listing(&root.path().join("tmp")).is_empty());
 }
 
+/// A registry that takes the request for a blob and never answers (no
+/// status, no headers) is a stall too: retried within the stall timeout, and
+/// given up after the bounded tries in plain words.
+#[test]
+fn registry_not_answering_a_blob_request_is_a_stall() {
+    let reg = Registry::start();
+    let digests = push_images(&reg, &["multilayer"]);
+    let (big, _) = big_layer(&reg, &image_ref(&reg, "multilayer"));
+    let proxy = CuttingProxy::relay(reg.port);
+    let image = format!("127.0.0.1:{}/lazylayer/multilayer:latest", proxy.port);
+
+    // The first request for the layer gets no answer; the second does.
+    *proxy.hold_answers.lock().unwrap() = (big.clone(), 1);
+    let root = tempfile::tempdir().unwrap();
+    let mut cmd = lazylayer_cmd(root.path());
+    cmd.env("LAZYLAYER_STALL_TIMEOUT", "2")
+        .args(["pull", "--json", &image]);
+    let (out, took) = output_within(cmd, std::time::Duration::from_secs(60), "pull");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], digests["multilayer"]);
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+
+    // Never an answer: the pull ends after the bounded tries.
+    *proxy.hold_answers.lock().unwrap() = (big.clone(), usize::MAX);
+    let root = tempfile::tempdir().unwrap();
+    let mut cmd = lazylayer_cmd(root.path());
+    cmd.env("LAZYLAYER_STALL_TIMEOUT", "2")
+        .args(["pull", &image]);
+    let (out, took) = output_within(cmd, std::time::Duration::from_secs(60), "pull");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let want = format!(
+        "registry 127.0.0.1:{} did not answer the request for blob {big}",
+        proxy.port
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains("within 2 s; tried 5 times"), "{err}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+}
+
 // ---- resuming cut layers from their partial download ---------------------
 
 /// `n` bytes that do not compress (xorshift), so a layer's blob size is

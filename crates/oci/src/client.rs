@@ -289,6 +289,22 @@ impl RegistryClient {
         idempotent: bool,
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
+        self.send_within(what, repo, scopes, idempotent, None, build)
+            .await
+    }
+
+    /// [`RegistryClient::send`], where each attempt's response (its status
+    /// and headers) must come within `answer_timeout`, else the attempt
+    /// counts as failed (idempotent requests only).
+    async fn send_within(
+        &self,
+        what: &str,
+        repo: &Repository,
+        scopes: &[String],
+        idempotent: bool,
+        answer_timeout: Option<Duration>,
+        build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
+    ) -> Result<Response> {
         let registry = repo.registry.clone();
         let scope_key = format!("{} {}", repo.api_host(), scopes.join(" "));
         let basic_key = repo.api_host().to_string();
@@ -303,7 +319,27 @@ impl RegistryClient {
             if let Some(h) = &cached {
                 rb = rb.header(AUTHORIZATION, h);
             }
-            match rb.send().await {
+            let sent = match answer_timeout.filter(|_| idempotent) {
+                None => rb.send().await,
+                Some(limit) => match tokio::time::timeout(limit, rb.send()).await {
+                    Ok(r) => r,
+                    Err(_) if attempt + 1 < self.cfg.max_attempts => {
+                        tracing::warn!(%what, attempt, "no answer for {:.0} s, retrying", limit.as_secs_f64());
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    Err(_) => {
+                        return Err(OciError::NoAnswer {
+                            what: what.into(),
+                            registry,
+                            secs: limit.as_secs_f64(),
+                            tries: attempt + 1,
+                        })
+                    }
+                },
+            };
+            match sent {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !authed => {
                     authed = true;
                     let header = self
@@ -700,8 +736,9 @@ impl RegistryClient {
         // Nothing left to ask for when the prefix is the whole blob.
         while expected_size != Some(got) {
             let offset = got;
+            // A registry that takes the request but never answers is a stall too.
             let resp = self
-                .send(&what, repo, &scopes, true, &|c| {
+                .send_within(&what, repo, &scopes, true, Some(stall), &|c| {
                     let rb = c.get(&url);
                     if offset > 0 {
                         rb.header(RANGE, format!("bytes={offset}-"))

@@ -81,6 +81,13 @@ pub enum OciError {
         reason: String,
         tries: u32,
     },
+    #[error("registry {registry} did not answer the request for {what} within {secs:.0} s; tried {tries} times")]
+    NoAnswer {
+        what: String,
+        registry: String,
+        secs: f64,
+        tries: u32,
+    },
     #[error("{what}: larger than the limit of {limit} bytes (at least {size}); refused")]
     TooLarge { what: String, size: u64, limit: u64 },
 }

@@ -27,6 +27,9 @@ pub struct CuttingProxy {
     /// Hide `Range` headers from the registry (renamed on the way), as if
     /// it did not support ranges: it then answers 200 with the whole blob.
     pub strip_range: Arc<AtomicBool>,
+    /// (blob digest, n): the next n requests for that blob get no answer at
+    /// all (the connection stays open and silent, as in [`AfterCut::Stall`]).
+    pub hold_answers: Arc<Mutex<(String, usize)>>,
 }
 
 #[derive(Clone, Copy)]
@@ -57,6 +60,8 @@ struct RelayState {
     stop: Arc<AtomicBool>,
     /// Set when the client's side of this connection has closed.
     client_gone: Arc<AtomicBool>,
+    /// Set by the request side: this connection's answer is held back.
+    hold: Arc<AtomicBool>,
 }
 
 impl CuttingProxy {
@@ -74,6 +79,8 @@ impl CuttingProxy {
         let (rl, rt) = (relayed.clone(), rate.clone());
         let strip_range = Arc::new(AtomicBool::new(false));
         let sr = strip_range.clone();
+        let hold_answers = Arc::new(Mutex::new((String::new(), 0)));
+        let ha = hold_answers.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -87,11 +94,12 @@ impl CuttingProxy {
                 client.set_nonblocking(false).unwrap();
                 let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (rq, d2, sr) = (rq.clone(), dead.clone(), sr.clone());
+                let (rq, d2, sr, ha) = (rq.clone(), dead.clone(), sr.clone(), ha.clone());
                 let client_gone = Arc::new(AtomicBool::new(false));
-                let cg = client_gone.clone();
+                let hold = Arc::new(AtomicBool::new(false));
+                let (cg, h2) = (client_gone.clone(), hold.clone());
                 std::thread::spawn(move || {
-                    relay_requests(c2, s2, rq, d2, sr);
+                    relay_requests(c2, s2, rq, d2, sr, (ha, h2));
                     cg.store(true, Ordering::SeqCst);
                 });
                 let state = RelayState {
@@ -103,6 +111,7 @@ impl CuttingProxy {
                     rate: rt.clone(),
                     stop: st.clone(),
                     client_gone,
+                    hold,
                 };
                 std::thread::spawn(move || relay_responses(server, client, state));
             }
@@ -115,6 +124,7 @@ impl CuttingProxy {
             relayed,
             rate,
             strip_range,
+            hold_answers,
         }
     }
 
@@ -166,6 +176,7 @@ fn relay_requests(
     log: Arc<Mutex<Vec<String>>>,
     dead: Arc<AtomicBool>,
     strip_range: Arc<AtomicBool>,
+    (hold_answers, hold): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
 ) {
     let mut buf = vec![0u8; 16384];
     loop {
@@ -176,9 +187,15 @@ fn relay_requests(
         if dead.load(Ordering::Relaxed) {
             break;
         }
-        log.lock()
-            .unwrap()
-            .push(String::from_utf8_lossy(&buf[..n]).to_string());
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        {
+            let mut h = hold_answers.lock().unwrap();
+            if h.1 > 0 && !h.0.is_empty() && text.contains(&format!("/blobs/{}", h.0)) {
+                h.1 -= 1;
+                hold.store(true, Ordering::SeqCst);
+            }
+        }
+        log.lock().unwrap().push(text);
         if strip_range.load(Ordering::Relaxed) {
             // Same length, so nothing else in the request moves.
             for i in 0..n.saturating_sub(7) {
@@ -228,6 +245,14 @@ fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
             Ok(n) => n,
         };
         if s.dead.load(Ordering::Relaxed) {
+            break;
+        }
+        if s.hold.load(Ordering::SeqCst) {
+            // No answer at all, and no error either.
+            let since = Instant::now();
+            while !s.over(since) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             break;
         }
         let n_ok = n.min(budget - sent);
