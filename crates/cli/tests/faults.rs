@@ -1269,19 +1269,14 @@ fn prefetch_cut_by_container_exit_is_quiet_and_resumed() {
     let proxy = CuttingProxy::relay(reg.port);
     let image = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
     let root = tempfile::tempdir().unwrap();
-    // Boot layer at full speed; then 300 kB/s, so the prefetch of the 5 MiB
-    // layer is still running when the container exits.
+    // The big layer at 300 kB/s (17 s), so its prefetch (started at the
+    // latest 2 s after the mount) is still running when the container exits.
+    *proxy.slow_blob.lock().unwrap() = (big.clone(), 300_000);
     let mut cmd = lazylayer_cmd(root.path());
-    cmd.args(["run", "--rm", &image, "--", "sh", "-c", "sleep 2; echo bye"])
+    cmd.args(["run", "--rm", &image, "--", "sh", "-c", "sleep 3; echo bye"])
         // Warnings as a user sees them, plus the fetcher's debug lines.
         .env("RUST_LOG", "warn,fuser=off,lazylayer_fetch=debug");
-    let rate = proxy.rate.clone();
-    let slow = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        rate.store(300_000, Ordering::Relaxed);
-    });
     let (out, _) = output_within_env(cmd, std::time::Duration::from_secs(120), "run");
-    slow.join().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "bye");
     let err = stderr(&out);
@@ -1299,10 +1294,9 @@ fn prefetch_cut_by_container_exit_is_quiet_and_resumed() {
         .unwrap_or(0);
     let layer = big;
     assert!(kept > 0 && kept < big_size, "{kept} of {big_size}");
-    proxy.rate.store(0, Ordering::Relaxed);
+    *proxy.slow_blob.lock().unwrap() = (String::new(), 0);
     proxy.requests.lock().unwrap().clear();
     let mut cmd = lazylayer_cmd(root.path());
-    // Wait for the prefetch this time: every layer is then in the store.
     cmd.args(["run", "--rm", &image, "--", "sh", "-c", "sleep 3; echo bye"]);
     let (out, _) = output_within(cmd, std::time::Duration::from_secs(120), "second run");
     assert!(out.status.success(), "{}", stderr(&out));

@@ -30,6 +30,9 @@ pub struct CuttingProxy {
     /// (blob digest, n): the next n requests for that blob get no answer at
     /// all (the connection stays open and silent, as in [`AfterCut::Stall`]).
     pub hold_answers: Arc<Mutex<(String, usize)>>,
+    /// (blob digest, bytes per second): answers to requests for that blob
+    /// are relayed at this rate (0: unlimited).
+    pub slow_blob: Arc<Mutex<(String, usize)>>,
 }
 
 #[derive(Clone, Copy)]
@@ -62,6 +65,8 @@ struct RelayState {
     client_gone: Arc<AtomicBool>,
     /// Set by the request side: this connection's answer is held back.
     hold: Arc<AtomicBool>,
+    /// Set by the request side: this connection's rate (0: the proxy's).
+    conn_rate: Arc<AtomicUsize>,
 }
 
 impl CuttingProxy {
@@ -81,6 +86,8 @@ impl CuttingProxy {
         let sr = strip_range.clone();
         let hold_answers = Arc::new(Mutex::new((String::new(), 0)));
         let ha = hold_answers.clone();
+        let slow_blob = Arc::new(Mutex::new((String::new(), 0)));
+        let sb = slow_blob.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -97,9 +104,15 @@ impl CuttingProxy {
                 let (rq, d2, sr, ha) = (rq.clone(), dead.clone(), sr.clone(), ha.clone());
                 let client_gone = Arc::new(AtomicBool::new(false));
                 let hold = Arc::new(AtomicBool::new(false));
-                let (cg, h2) = (client_gone.clone(), hold.clone());
+                let conn_rate = Arc::new(AtomicUsize::new(0));
+                let (cg, h2, cr, sb) = (
+                    client_gone.clone(),
+                    hold.clone(),
+                    conn_rate.clone(),
+                    sb.clone(),
+                );
                 std::thread::spawn(move || {
-                    relay_requests(c2, s2, rq, d2, sr, (ha, h2));
+                    relay_requests(c2, s2, rq, d2, sr, (ha, h2), (sb, cr));
                     cg.store(true, Ordering::SeqCst);
                 });
                 let state = RelayState {
@@ -112,6 +125,7 @@ impl CuttingProxy {
                     stop: st.clone(),
                     client_gone,
                     hold,
+                    conn_rate,
                 };
                 std::thread::spawn(move || relay_responses(server, client, state));
             }
@@ -125,6 +139,7 @@ impl CuttingProxy {
             rate,
             strip_range,
             hold_answers,
+            slow_blob,
         }
     }
 
@@ -177,6 +192,7 @@ fn relay_requests(
     dead: Arc<AtomicBool>,
     strip_range: Arc<AtomicBool>,
     (hold_answers, hold): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
+    (slow_blob, conn_rate): (Arc<Mutex<(String, usize)>>, Arc<AtomicUsize>),
 ) {
     let mut buf = vec![0u8; 16384];
     loop {
@@ -193,6 +209,12 @@ fn relay_requests(
             if h.1 > 0 && !h.0.is_empty() && text.contains(&format!("/blobs/{}", h.0)) {
                 h.1 -= 1;
                 hold.store(true, Ordering::SeqCst);
+            }
+        }
+        {
+            let sb = slow_blob.lock().unwrap();
+            if !sb.0.is_empty() && text.contains(&format!("/blobs/{}", sb.0)) {
+                conn_rate.store(sb.1, Ordering::Relaxed);
             }
         }
         log.lock().unwrap().push(text);
@@ -226,7 +248,10 @@ impl RelayState {
                 return false;
             }
             self.relayed.fetch_add(part.len(), Ordering::Relaxed);
-            let rate = self.rate.load(Ordering::Relaxed);
+            let rate = match self.conn_rate.load(Ordering::Relaxed) {
+                0 => self.rate.load(Ordering::Relaxed),
+                r => r,
+            };
             if rate > 0 {
                 std::thread::sleep(Duration::from_secs_f64(part.len() as f64 / rate as f64));
             }
