@@ -13,12 +13,22 @@ use common::*;
 use lazylayer_oci::client::BlobSource;
 use lazylayer_oci::{ClientConfig, Digest, Reference, RegistryClient};
 
-/// The store holds no image, no layer and no leftovers.
+/// The store holds no image, no layer and no leftovers; no partial
+/// download either (bad bytes are never resumed from).
 fn assert_store_empty(root: &Path) {
     for sub in ["images", "layers/sha256", "tmp"] {
         let l = tree_listing(&root.join(sub));
         assert!(l.is_empty(), "{sub} not empty after a failed pull: {l:?}");
     }
+    assert_no_partials(root);
+}
+
+fn assert_no_partials(root: &Path) {
+    let files: Vec<String> = tree_listing(&root.join("partial"))
+        .into_iter()
+        .filter(|p| root.join("partial").join(p).is_file())
+        .collect();
+    assert!(files.is_empty(), "partial downloads left: {files:?}");
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -81,6 +91,14 @@ fn truncated_blob_gives_size_error_and_store_unchanged() {
     assert!(tree_listing(&root.path().join("images")).is_empty());
     assert!(!stored_layer(root.path(), &big).exists());
     assert!(tree_listing(&root.path().join("tmp")).is_empty());
+    assert!(
+        !root
+            .path()
+            .join("partial/sha256")
+            .join(big.strip_prefix("sha256:").unwrap())
+            .exists(),
+        "a blob of the wrong size is not kept to resume from"
+    );
 }
 
 #[test]
@@ -1117,11 +1135,7 @@ fn assert_layer_complete(root: &Path, digest: &str) {
     );
     assert!(stored_layer(root, digest).exists());
     assert!(tree_listing(&root.join("tmp")).is_empty(), "tmp/ empty");
-    let partial: Vec<String> = tree_listing(&root.join("partial"))
-        .into_iter()
-        .filter(|p| root.join("partial").join(p).is_file())
-        .collect();
-    assert!(partial.is_empty(), "partial/ empty: {partial:?}");
+    assert_no_partials(root);
 }
 
 fn partial_file(root: &Path, digest: &str) -> std::path::PathBuf {

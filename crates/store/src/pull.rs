@@ -495,3 +495,50 @@ fn extract_stream(
         .map_err(io_err("writing blob file", blob_tmp))?;
     Ok((diff_id, stats.entries, stats.file_bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partial_with(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("partial/sha256/x");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        (t, p, data)
+    }
+
+    #[test]
+    fn a_partial_resumes_after_its_bytes_with_the_hasher_fed() {
+        let (_t, p, data) = partial_with(200_000);
+        let whole: Vec<u8> = data.iter().chain(b"rest").copied().collect();
+        let digest = Digest::sha256_of(&whole);
+        let mut r = open_partial(p.parent().unwrap(), &p, &digest, whole.len() as u64).unwrap();
+        assert_eq!(r.offset, 200_000);
+        r.hasher.update(b"rest");
+        assert_eq!(r.hasher.finish(), digest);
+    }
+
+    #[test]
+    fn partials_too_short_or_too_long_start_over() {
+        let digest = Digest::sha256_of(b"x");
+        for (len, size) in [(10, 1_000_000), (200_000, 100_000)] {
+            let (_t, p, _) = partial_with(len);
+            let r = open_partial(p.parent().unwrap(), &p, &digest, size).unwrap();
+            assert_eq!(r.offset, 0, "{len} of {size}");
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+        }
+    }
+
+    #[test]
+    fn the_partial_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("partial/sha256");
+        let p = dir.join("y");
+        open_partial(&dir, &p, &Digest::sha256_of(b"y"), 10).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+}
