@@ -397,23 +397,34 @@ fn open_partial(
 }
 
 /// Appends to the partial file; on drop (a cut or cancelled fetch included)
-/// whatever is buffered is written, so the file holds what was received.
-struct PartialWriter(BufWriter<std::fs::File>);
+/// whatever is buffered is written, so the file holds what was received. A
+/// file left empty (cut before any byte) is removed.
+struct PartialWriter {
+    out: BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
+    /// The whole stream went through (an empty blob is then kept).
+    complete: bool,
+}
 
 impl Write for PartialWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
+        self.out.write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        self.out.flush()
     }
 }
 
 impl Drop for PartialWriter {
     fn drop(&mut self) {
         // BufWriter flushes on drop too, but silently: say when it fails.
-        if let Err(e) = self.0.flush() {
+        if let Err(e) = self.out.flush() {
             tracing::debug!(error = %e, "flushing partial download");
+        }
+        // The layer lock is still held (the extractor owns a share), so no
+        // other fetch has this file open.
+        if !self.complete && self.out.get_ref().metadata().is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
@@ -455,7 +466,11 @@ fn extract_stream(
         .map_err(io_err("writing partial download", partial))?;
     let tee = TeeReader {
         inner: ChannelReader::new(rx),
-        out: PartialWriter(BufWriter::with_capacity(256 << 10, out)),
+        out: PartialWriter {
+            out: BufWriter::with_capacity(256 << 10, out),
+            path: partial.to_path_buf(),
+            complete: false,
+        },
     };
     let tee = prefix.chain(tee);
     let mut buffered = BufReader::with_capacity(1 << 20, tee);
@@ -493,6 +508,7 @@ fn extract_stream(
     tee.out
         .flush()
         .map_err(io_err("writing blob file", blob_tmp))?;
+    tee.out.complete = true;
     Ok((diff_id, stats.entries, stats.file_bytes))
 }
 
