@@ -21,6 +21,16 @@ pub struct GlobalArgs {
     /// Speak plain HTTP to this registry (HOST or HOST:PORT); loopback hosts always are. Repeatable.
     #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
     pub insecure_registries: Vec<String>,
+    /// Seconds a blob download may bring no data (or under 1 KiB/s on average)
+    /// before it is dropped and resumed; gives up after 5 tries
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_STALL_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECS"
+    )]
+    pub stall_timeout: f64,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -39,6 +49,10 @@ impl GlobalArgs {
         let mut cfg = ClientConfig {
             insecure_registries: self.insecure_registries.clone(),
             auth: AuthStore::load(&AuthStore::default_paths()),
+            stall_timeout: std::time::Duration::try_from_secs_f64(self.stall_timeout)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--stall-timeout must be a positive number of seconds")?,
             ..ClientConfig::default()
         };
         tweak(&mut cfg);

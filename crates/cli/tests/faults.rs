@@ -13,12 +13,22 @@ use common::*;
 use lazylayer_oci::client::BlobSource;
 use lazylayer_oci::{ClientConfig, Digest, Reference, RegistryClient};
 
-/// The store holds no image, no layer and no leftovers.
+/// The store holds no image, no layer and no leftovers; no partial
+/// download either (bad bytes are never resumed from).
 fn assert_store_empty(root: &Path) {
     for sub in ["images", "layers/sha256", "tmp"] {
         let l = tree_listing(&root.join(sub));
         assert!(l.is_empty(), "{sub} not empty after a failed pull: {l:?}");
     }
+    assert_no_partials(root);
+}
+
+fn assert_no_partials(root: &Path) {
+    let files: Vec<String> = tree_listing(&root.join("partial"))
+        .into_iter()
+        .filter(|p| root.join("partial").join(p).is_file())
+        .collect();
+    assert!(files.is_empty(), "partial downloads left: {files:?}");
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -81,6 +91,14 @@ fn truncated_blob_gives_size_error_and_store_unchanged() {
     assert!(tree_listing(&root.path().join("images")).is_empty());
     assert!(!stored_layer(root.path(), &big).exists());
     assert!(tree_listing(&root.path().join("tmp")).is_empty());
+    assert!(
+        !root
+            .path()
+            .join("partial/sha256")
+            .join(big.strip_prefix("sha256:").unwrap())
+            .exists(),
+        "a blob of the wrong size is not kept to resume from"
+    );
 }
 
 #[test]
@@ -629,5 +647,676 @@ fn bearer_token_auth_against_real_registry() {
         stderr(&anon).contains("access denied") || stderr(&anon).contains("401"),
         "{}",
         stderr(&anon)
+    );
+}
+
+// ---- endless bodies -------------------------------------------------------
+
+/// What [`EndlessServer`] answers a manifest request with.
+#[derive(Clone, Copy)]
+enum Endless {
+    /// This status, then a body that never ends.
+    Status(u16),
+    /// 401 with a Bearer challenge whose realm (this server's /token)
+    /// answers 200 with JSON that never ends.
+    Token,
+}
+
+/// A small real-HTTP server (HTTP/1.1 over TCP, keep-alive) standing in for
+/// a broken or hostile registry: a real registry cannot be made to send an
+/// endless body. Every endless body is written until the client closes.
+struct EndlessServer {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EndlessServer {
+    fn start(mode: Endless) -> EndlessServer {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let Ok((conn, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                };
+                conn.set_nonblocking(false).unwrap();
+                let st = st.clone();
+                std::thread::spawn(move || Self::serve(conn, port, mode, &st));
+            }
+        });
+        EndlessServer { port, stop }
+    }
+
+    fn serve(
+        mut conn: std::net::TcpStream,
+        port: u16,
+        mode: Endless,
+        stop: &std::sync::atomic::AtomicBool,
+    ) {
+        use std::io::Read;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            // One request head (no request here has a body).
+            head.clear();
+            while !head.ends_with(b"\r\n\r\n") {
+                match conn.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => return,
+                }
+            }
+            let req = String::from_utf8_lossy(&head).to_string();
+            let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+            let (status, headers, filler): (String, String, &[u8]) = if path == "/v2/" {
+                let r = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+                if conn.write_all(r.as_bytes()).is_err() {
+                    return;
+                }
+                continue;
+            } else if path.starts_with("/token") {
+                (
+                    "200 OK".into(),
+                    "Content-Type: application/json\r\n".into(),
+                    b"aaaaaaaaaaaaaaaa",
+                )
+            } else {
+                match mode {
+                    Endless::Status(code) => (
+                        format!("{code} Oops"),
+                        "Content-Type: text/plain\r\n".into(),
+                        b"no manifest here; ",
+                    ),
+                    Endless::Token => {
+                        let r = format!(
+                            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"endless\"\r\nContent-Length: 0\r\n\r\n"
+                        );
+                        if conn.write_all(r.as_bytes()).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            };
+            // No Content-Length and close-delimited: the body ends when the server
+            // closes, which it never does.
+            let mut out = format!("HTTP/1.1 {status}\r\n{headers}Connection: close\r\n\r\n");
+            if path.starts_with("/token") {
+                out.push_str("{\"token\":\"");
+            }
+            if conn.write_all(out.as_bytes()).is_err() {
+                return;
+            }
+            let chunk = filler.repeat(65536 / filler.len());
+            while !stop.load(Ordering::Relaxed) {
+                if conn.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+            return;
+        }
+    }
+}
+
+impl Drop for EndlessServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Kills the child when dropped (a failed assertion included).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A process's peak resident memory (VmHWM) in kB, if it still runs.
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    st.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Run `lazylayer pull image` against a fresh store, sampling its memory;
+/// fails the test as soon as it passes `limit_mb` or runs past 90 s.
+/// Returns (success, stderr, peak kB).
+fn pull_memory_bounded(image: &str, limit_mb: u64) -> (bool, String, u64) {
+    let root = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(root.path())
+        .args(["pull", image])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let pid = child.0.id();
+    let t0 = std::time::Instant::now();
+    let mut peak = 0;
+    let status = loop {
+        if let Some(kb) = peak_rss_kb(pid) {
+            peak = peak.max(kb);
+        }
+        assert!(
+            peak < limit_mb * 1024,
+            "pull of {image} reached {} MB of memory",
+            peak / 1024
+        );
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(90),
+            "pull of {image} still running after 90 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    eprintln!(
+        "pull {image}: {status}, peak {} kB, {:.1} s\n{err}",
+        peak,
+        t0.elapsed().as_secs_f64()
+    );
+    (status.success(), err, peak)
+}
+
+#[test]
+fn endless_error_bodies_are_cut_and_memory_stays_bounded() {
+    for code in [500u16, 404] {
+        let server = EndlessServer::start(Endless::Status(code));
+        let image = format!("127.0.0.1:{}/x:y", server.port);
+        let (ok, err, _peak) = pull_memory_bounded(&image, 100);
+        assert!(!ok, "a {code} must fail the pull");
+        assert!(err.contains(&code.to_string()), "names the status: {err}");
+        assert!(err.contains("manifest of"), "names what was asked: {err}");
+        assert!(err.len() < 4000, "the body is not dumped: {err}");
+        if code == 500 {
+            assert!(err.contains("body cut"), "says the body was cut: {err}");
+        }
+    }
+}
+
+#[test]
+fn endless_token_response_is_refused_and_memory_stays_bounded() {
+    let server = EndlessServer::start(Endless::Token);
+    let image = format!("127.0.0.1:{}/x:y", server.port);
+    let (ok, err, _peak) = pull_memory_bounded(&image, 100);
+    assert!(!ok);
+    assert!(
+        err.contains("token response") && err.contains("refused"),
+        "says the token response was too large: {err}"
+    );
+    assert!(err.len() < 4000, "the body is not dumped: {err}");
+}
+
+// ---- stalls ---------------------------------------------------------------
+
+/// Run `cmd`, killing it if it runs longer than `limit`. Returns its output
+/// and how long it ran, or panics naming `what` when it had to be killed.
+fn output_within(
+    mut cmd: std::process::Command,
+    limit: std::time::Duration,
+    what: &str,
+) -> (std::process::Output, std::time::Duration) {
+    cmd.env_remove("RUST_LOG");
+    output_within_env(cmd, limit, what)
+}
+
+/// [`output_within`] with the environment as `cmd` has it (RUST_LOG too).
+fn output_within_env(
+    mut cmd: std::process::Command,
+    limit: std::time::Duration,
+    what: &str,
+) -> (std::process::Output, std::time::Duration) {
+    use std::process::Stdio;
+    let t0 = std::time::Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    // Drain both pipes on threads: a full pipe must not stall the child.
+    let mut out_pipe = child.0.stdout.take().unwrap();
+    let mut err_pipe = child.0.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut out_pipe, &mut v).ok();
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut err_pipe, &mut v).ok();
+        v
+    });
+    let status = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: still running after {limit:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let took = t0.elapsed();
+    let out = std::process::Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    };
+    eprintln!(
+        "{what}: {status} after {:.1} s\n-- stderr:\n{}",
+        took.as_secs_f64(),
+        stderr(&out)
+    );
+    (out, took)
+}
+
+fn lazylayer_cmd(root: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lazylayer"));
+    c.arg("--root").arg(root);
+    c
+}
+
+/// multilayer's big layer (5 MiB of random data): (digest, size).
+fn big_layer(reg: &Registry, image: &str) -> (String, u64) {
+    let _ = reg;
+    let probe = tempfile::tempdir().unwrap();
+    let v = lazylayer_json(probe.path(), &["inspect", image]);
+    let l = &v["layers"][1];
+    (
+        l["digest"].as_str().unwrap().to_string(),
+        l["size"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn stalled_download_is_dropped_and_resumed_within_seconds() {
+    let reg = Registry::start();
+    let digests = push_images(&reg, &["multilayer"]);
+    let (big, size) = big_layer(&reg, &image_ref(&reg, "multilayer"));
+    // After 2 MB (inside the big layer) the connection goes silent but stays
+    // open for 120 s; the next connection flows.
+    let proxy = CuttingProxy::start(reg.port, 2_000_000, AfterCut::Stall);
+    let root = tempfile::tempdir().unwrap();
+    let image = format!("127.0.0.1:{}/lazylayer/multilayer:latest", proxy.port);
+    let mut cmd = lazylayer_cmd(root.path());
+    // The environment variable, not the flag: the same test run against a
+    // build without the setting shows the old behaviour instead of a usage error.
+    cmd.env("LAZYLAYER_STALL_TIMEOUT", "2")
+        .args(["pull", "--json", &image]);
+    let (out, took) = output_within(cmd, std::time::Duration::from_secs(100), "pull");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], digests["multilayer"]);
+    assert_eq!(
+        proxy.cuts.load(Ordering::Relaxed),
+        1,
+        "one connection stalled"
+    );
+    let starts = proxy.range_starts(&big);
+    assert!(
+        starts.iter().any(|n| *n > 0 && *n < size),
+        "resumed with Range: bytes=N-: {starts:?}"
+    );
+    // reqwest's per-read timeout alone (30 s) would have taken far longer.
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "stall detected and resumed in {took:?}"
+    );
+    assert!(
+        !stderr(&out).contains("status 0") && !stderr(&out).contains("answered 0"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn trickling_and_dead_registries_are_detected() {
+    let reg = Registry::start();
+    let digests = push_images(&reg, &["multilayer"]);
+    let (big, size) = big_layer(&reg, &image_ref(&reg, "multilayer"));
+
+    // A byte a second after 2 MB: every read is "in time", but far below
+    // the minimum speed (1 KiB/s over the stall window).
+    let proxy = CuttingProxy::start(
+        reg.port,
+        2_000_000,
+        AfterCut::Trickle(std::time::Duration::from_secs(1)),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let image = format!("127.0.0.1:{}/lazylayer/multilayer:latest", proxy.port);
+    let mut cmd = lazylayer_cmd(root.path());
+    cmd.env("LAZYLAYER_STALL_TIMEOUT", "2")
+        .args(["pull", "--json", &image]);
+    let (out, took) = output_within(cmd, std::time::Duration::from_secs(60), "trickled pull");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], digests["multilayer"]);
+    let starts = proxy.range_starts(&big);
+    assert!(
+        starts.iter().any(|n| *n > 0 && *n < size),
+        "resumed with Range: {starts:?}"
+    );
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+    drop(proxy);
+
+    // Every connection stalls after 600 kB: the pull gives up after the
+    // bounded tries, saying so in plain words.
+    let proxy = CuttingProxy::start(reg.port, 600_000, AfterCut::StallAlways);
+    let root = tempfile::tempdir().unwrap();
+    let image = format!("127.0.0.1:{}/lazylayer/multilayer:latest", proxy.port);
+    let mut cmd = lazylayer_cmd(root.path());
+    cmd.args(["--stall-timeout", "2", "pull", &image]);
+    let (out, took) = output_within(cmd, std::time::Duration::from_secs(90), "stalled pull");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let want = format!(
+        "registry 127.0.0.1:{} stopped sending blob sha256:",
+        proxy.port
+    );
+    assert!(err.contains(&want), "plain message: {err}");
+    assert!(err.contains("(no data for 2 s); tried 5 times"), "{err}");
+    assert!(
+        err.contains(" of 5.2 MB") || err.contains(" MB of "),
+        "{err}"
+    );
+    assert!(
+        !err.contains("status 0") && !err.contains("answered 0"),
+        "{err}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(45),
+        "gave up after {took:?}"
+    );
+    assert!(tree_listing(&root.path().join("images")).is_empty());
+    assert!(tree_listing(&root.path().join("tmp")).is_empty());
+}
+
+/// A registry that takes the request for a blob and never answers (no
+/// status, no headers) is a stall too: retried within the stall timeout, and
+/// given up after the bounded tries in plain words.
+#[test]
+fn registry_not_answering_a_blob_request_is_a_stall() {
+    let reg = Registry::start();
+    let digests = push_images(&reg, &["multilayer"]);
+    let (big, _) = big_layer(&reg, &image_ref(&reg, "multilayer"));
+    let proxy = CuttingProxy::relay(reg.port);
+    let image = format!("127.0.0.1:{}/lazylayer/multilayer:latest", proxy.port);
+
+    // The first request for the layer gets no answer; the second does.
+    *proxy.hold_answers.lock().unwrap() = (big.clone(), 1);
+    let root = tempfile::tempdir().unwrap();
+    let mut cmd = lazylayer_cmd(root.path());
+    cmd.env("LAZYLAYER_STALL_TIMEOUT", "2")
+        .args(["pull", "--json", &image]);
+    let (out, took) = output_within(cmd, std::time::Duration::from_secs(60), "pull");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], digests["multilayer"]);
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+
+    // Never an answer: the pull ends after the bounded tries.
+    *proxy.hold_answers.lock().unwrap() = (big.clone(), usize::MAX);
+    let root = tempfile::tempdir().unwrap();
+    let mut cmd = lazylayer_cmd(root.path());
+    cmd.env("LAZYLAYER_STALL_TIMEOUT", "2")
+        .args(["pull", &image]);
+    let (out, took) = output_within(cmd, std::time::Duration::from_secs(60), "pull");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let want = format!(
+        "registry 127.0.0.1:{} did not answer the request for blob {big}",
+        proxy.port
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains("within 2 s; tried 5 times"), "{err}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+}
+
+// ---- resuming cut layers from their partial download ---------------------
+
+/// `n` bytes that do not compress (xorshift), so a layer's blob size is
+/// about its content's.
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// A one-layer image `lazylayer/NAME` whose layer is one file of `mb` MB of
+/// random data: (reference, layer digest, layer size).
+fn random_layer_image(reg: &Registry, name: &str, mb: usize) -> (String, String, u64) {
+    let mut tar = Vec::new();
+    tar_entry(
+        &mut tar,
+        "random.bin",
+        b'0',
+        "",
+        &random_bytes(mb * 1_000_000, name.len() as u64 + 7),
+    );
+    tar.extend_from_slice(&[0u8; 1024]);
+    let layer = gzip(&tar);
+    let digest = Digest::sha256_of(&layer).to_string();
+    let image = push_single_layer_image(reg, name, tar);
+    (image, digest, layer.len() as u64)
+}
+
+/// The store holds `digest`'s blob, verified, and nothing half done.
+fn assert_layer_complete(root: &Path, digest: &str) {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let blob = std::fs::read(root.join("blobs/sha256").join(hex)).unwrap();
+    assert_eq!(
+        Digest::sha256_of(&blob).to_string(),
+        digest,
+        "stored blob verifies"
+    );
+    assert!(stored_layer(root, digest).exists());
+    assert!(tree_listing(&root.join("tmp")).is_empty(), "tmp/ empty");
+    assert_no_partials(root);
+}
+
+fn partial_file(root: &Path, digest: &str) -> std::path::PathBuf {
+    root.join("partial/sha256")
+        .join(digest.strip_prefix("sha256:").unwrap())
+}
+
+#[test]
+fn layer_cut_by_dying_registry_resumes_from_its_partial() {
+    let reg = Registry::start();
+    let (image, layer, size) = random_layer_image(&reg, "random6", 6);
+    // The registry dies after ~30 % of the layer.
+    let cut = CuttingProxy::start(reg.port, (size * 3 / 10) as usize, AfterCut::Die);
+    let root = tempfile::tempdir().unwrap();
+    let via = |p: &CuttingProxy| image.replace(&reg.addr(), &format!("127.0.0.1:{}", p.port));
+    let out = lazylayer(root.path(), &["pull", &via(&cut)]);
+    assert!(!out.status.success());
+    let kept = std::fs::metadata(partial_file(root.path(), &layer))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    eprintln!("partial after the cut: {kept} of {size}");
+    drop(cut);
+
+    // A healthy path: only the rest of the layer travels.
+    let healthy = CuttingProxy::relay(reg.port);
+    let v = lazylayer_json(root.path(), &["pull", &via(&healthy)]);
+    let starts = healthy.range_starts(&layer);
+    assert_eq!(starts.len(), 1, "one ranged GET of the layer: {starts:?}");
+    assert!(
+        starts[0] >= size / 4 && starts[0] == kept,
+        "resumed at the partial's end ({kept}), at least 25 % of {size}: {starts:?}"
+    );
+    let relayed = healthy.relayed.load(Ordering::Relaxed) as u64;
+    let fetched = v["bytes_fetched"].as_u64().unwrap();
+    eprintln!("second pull: {relayed} bytes relayed, {fetched} counted as fetched, layer {size}");
+    assert!(
+        relayed < size * 8 / 10,
+        "{relayed} bytes sent for a {size}-byte layer"
+    );
+    assert_eq!(fetched, size - kept, "only network bytes count as fetched");
+    assert_layer_complete(root.path(), &layer);
+}
+
+/// A registry without Range support answers the resume with the whole blob
+/// (200): the kept prefix is skipped in the response and the layer completes.
+#[test]
+fn partial_resume_works_when_registry_ignores_range() {
+    let reg = Registry::start();
+    let (image, layer, size) = random_layer_image(&reg, "random5", 5);
+    let cut = CuttingProxy::start(reg.port, (size / 2) as usize, AfterCut::Die);
+    let root = tempfile::tempdir().unwrap();
+    let via = |p: &CuttingProxy| image.replace(&reg.addr(), &format!("127.0.0.1:{}", p.port));
+    assert!(!lazylayer(root.path(), &["pull", &via(&cut)])
+        .status
+        .success());
+    let kept = std::fs::metadata(partial_file(root.path(), &layer))
+        .unwrap()
+        .len();
+    assert!(kept > 0);
+    drop(cut);
+    let no_range = CuttingProxy::relay(reg.port);
+    no_range.strip_range.store(true, Ordering::Relaxed);
+    let v = lazylayer_json(root.path(), &["pull", &via(&no_range)]);
+    assert_eq!(
+        no_range.range_starts(&layer),
+        vec![kept],
+        "asked for the rest"
+    );
+    assert!(
+        reg.log()
+            .contains(&format!("/blobs/{layer} HTTP/1.1\" 200 ")),
+        "the registry answered the whole blob"
+    );
+    // Skipped bytes are not counted as fetched: they were had already.
+    assert_eq!(v["bytes_fetched"].as_u64().unwrap(), size - kept);
+    assert_layer_complete(root.path(), &layer);
+}
+
+#[test]
+fn layer_cut_by_killed_process_is_resumed_by_the_next() {
+    let reg = Registry::start();
+    let (image, layer, size) = random_layer_image(&reg, "random8", 8);
+    let proxy = CuttingProxy::relay(reg.port);
+    proxy.rate.store(1_000_000, Ordering::Relaxed);
+    let image = image.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
+    let root = tempfile::tempdir().unwrap();
+    let child = lazylayer_cmd(root.path())
+        .args(["pull", "--quiet", &image])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let partial = partial_file(root.path(), &layer);
+    let t0 = std::time::Instant::now();
+    let seen = loop {
+        let n = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        if n >= size * 3 / 10 {
+            break n;
+        }
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the pull ended before 30 % of the layer was on disk ({n} of {size})"
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no partial download grows at {}: {n} of {size}",
+            partial.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    child.0.kill().unwrap(); // SIGKILL: no clean-up of any kind
+    child.0.wait().unwrap();
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    eprintln!("killed at {seen} bytes on disk ({kept} after exit) of {size}");
+    proxy.rate.store(0, Ordering::Relaxed);
+    proxy.requests.lock().unwrap().clear();
+
+    let v = lazylayer_json(root.path(), &["pull", &image]);
+    let starts = proxy.range_starts(&layer);
+    assert_eq!(starts, vec![kept], "the new process resumed at the prefix");
+    assert!(kept >= seen && kept < size);
+    assert_eq!(v["bytes_fetched"].as_u64().unwrap(), size - kept);
+    assert_layer_complete(root.path(), &layer);
+}
+
+// ---- a container leaving while its prefetch runs ---------------------------
+
+/// The container exits while the background prefetch still downloads over a
+/// slow link: that is not an error. The fetches are cancelled before the
+/// process ends (said at debug level only), the user's terminal shows no
+/// warning or error, and the received prefix is resumed by the next run.
+#[test]
+fn prefetch_cut_by_container_exit_is_quiet_and_resumed() {
+    if !is_root() {
+        assert!(std::env::var("CI").is_err(), "CI runs as root");
+        eprintln!("skipped: needs root (runc, FUSE)");
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer"]);
+    let (_optimized_in, _src, dst) = optimize_image(&reg, "multilayer", &[]);
+    // The optimized image shares SRC's layers (digests included).
+    let (big, big_size) = big_layer(&reg, &image_ref(&reg, "multilayer"));
+    let proxy = CuttingProxy::relay(reg.port);
+    let image = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
+    let root = tempfile::tempdir().unwrap();
+    // The big layer at 300 kB/s (17 s), so its prefetch (started at the
+    // latest 2 s after the mount) is still running when the container exits.
+    *proxy.slow_blob.lock().unwrap() = (big.clone(), 300_000);
+    let mut cmd = lazylayer_cmd(root.path());
+    cmd.args(["run", "--rm", &image, "--", "sh", "-c", "sleep 3; echo bye"])
+        // Warnings as a user sees them, plus the fetcher's debug lines.
+        .env("RUST_LOG", "warn,fuser=off,lazylayer_fetch=debug");
+    let (out, _) = output_within_env(cmd, std::time::Duration::from_secs(120), "run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "bye");
+    let err = stderr(&out);
+    for bad in [" WARN ", " ERROR ", "download broken", "error decoding"] {
+        assert!(!err.contains(bad), "{bad:?} on the user's stderr: {err}");
+    }
+    assert!(
+        err.lines()
+            .any(|l| l.contains("layer fetches cancelled") && !l.contains("running=0")),
+        "the running prefetch was cancelled when the image was let go: {err}"
+    );
+    // What the cut prefetch received is kept, and the next run resumes it.
+    let kept = std::fs::metadata(partial_file(root.path(), &big))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let layer = big;
+    assert!(kept > 0 && kept < big_size, "{kept} of {big_size}");
+    *proxy.slow_blob.lock().unwrap() = (String::new(), 0);
+    proxy.requests.lock().unwrap().clear();
+    let mut cmd = lazylayer_cmd(root.path());
+    cmd.args(["run", "--rm", &image, "--", "sh", "-c", "sleep 3; echo bye"]);
+    let (out, _) = output_within(cmd, std::time::Duration::from_secs(120), "second run");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        proxy.range_starts(&layer),
+        vec![kept],
+        "the next run resumed the partial"
     );
 }

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,10 @@ struct Inner {
     changed: Condvar,
     fetched: Vec<AtomicU64>,
     rt: tokio::runtime::Handle,
+    /// Set by [`LayerFetcher::cancel`]: no fetch starts any more.
+    cancelled: AtomicBool,
+    /// The fetch and prefetch tasks spawned, to abort them on cancel.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// Shares fetch state between FUSE threads (blocking) and fetch tasks (async).
@@ -152,12 +156,17 @@ impl LayerFetcher {
                 changed: Condvar::new(),
                 fetched,
                 rt,
+                cancelled: AtomicBool::new(false),
+                tasks: Mutex::new(Vec::new()),
             }),
         }
     }
 
     /// Start fetching layer `i` unless it is fetching or done. Returns at once.
     pub fn request(&self, i: usize, on_demand: bool) {
+        if self.inner.cancelled.load(Ordering::SeqCst) {
+            return;
+        }
         let layer = {
             let mut s = self.inner.slots.lock().unwrap();
             let Some(slot) = s.get_mut(i) else { return };
@@ -169,16 +178,56 @@ impl LayerFetcher {
             slot.layer.clone()
         };
         let inner = self.inner.clone();
-        self.inner
-            .rt
-            .spawn(async move { fetch_one(inner, i, layer).await });
+        self.track(
+            self.inner
+                .rt
+                .spawn(async move { fetch_one(inner, i, layer).await }),
+        );
+    }
+
+    /// Remember a spawned task for [`LayerFetcher::cancel`] (finished ones
+    /// are forgotten on the way).
+    fn track(&self, task: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.inner.tasks.lock().unwrap();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
+        // Cancelled meanwhile: cancel() may have run before the push.
+        if self.inner.cancelled.load(Ordering::SeqCst) {
+            task.abort();
+        }
+    }
+
+    /// Stop every fetch and the prefetch: the image's user is gone (its
+    /// container exited, its mount is going away). Not an error: nothing is
+    /// logged above debug level, and what each cut download received stays
+    /// in the store as a partial download the next fetch of that layer
+    /// resumes from. Readers still waiting get an error at once. Idempotent;
+    /// [`LazyImage`](crate::LazyImage) calls it when dropped.
+    pub fn cancel(&self) {
+        if self.inner.cancelled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap());
+        let running = tasks.iter().filter(|t| !t.is_finished()).count();
+        for t in tasks {
+            t.abort();
+        }
+        let mut s = self.inner.slots.lock().unwrap();
+        for slot in s.iter_mut() {
+            if matches!(slot.state, LayerState::Pending | LayerState::Fetching) {
+                slot.state = LayerState::Failed("fetch cancelled".into());
+            }
+        }
+        drop(s);
+        self.inner.changed.notify_all();
+        tracing::debug!(running, "layer fetches cancelled");
     }
 
     /// Fetch every pending layer in the background, `prefetch_concurrency`
     /// at a time, bottom layer first; readers' requests jump the queue.
     pub fn start_prefetch(&self) {
         let me = self.clone();
-        self.inner.rt.spawn(async move { me.prefetch_all().await });
+        self.track(self.inner.rt.spawn(async move { me.prefetch_all().await }));
     }
 
     /// [`LayerFetcher::start_prefetch`] once the start has settled: when
@@ -192,16 +241,19 @@ impl LayerFetcher {
         max_wait: Duration,
     ) {
         let me = self.clone();
-        self.inner.rt.spawn(async move {
+        self.track(self.inner.rt.spawn(async move {
             wait_until_idle(activity, quiet, max_wait).await;
             me.prefetch_all().await
-        });
+        }));
     }
 
     async fn prefetch_all(&self) {
         let n = self.inner.slots.lock().unwrap().len();
         let limit = self.inner.opts.prefetch_concurrency.max(1);
         for i in 0..n {
+            if self.inner.cancelled.load(Ordering::SeqCst) {
+                return;
+            }
             // Wait for a free prefetch slot: count layers fetching.
             loop {
                 let busy = self
@@ -434,6 +486,10 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
             s[i].state = LayerState::Done;
             s[i].ready.clear();
             s[i].extracting_in = None;
+        }
+        // Cancelled while it ended: cancel() has set the state already.
+        Err(e) if inner.cancelled.load(Ordering::SeqCst) => {
+            tracing::debug!(layer = %layer.digest, error = %anyhow_like(&e), "cancelled layer fetch ended");
         }
         Err(e) => {
             let msg = format!("{:#}", anyhow_like(&e));

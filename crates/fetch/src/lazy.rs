@@ -39,6 +39,15 @@ pub struct LazyImage {
     pub offline: bool,
 }
 
+/// The image's user is gone: fetches still running are cancelled (quietly;
+/// their received prefixes stay for the next run). Mounts serving this image
+/// hold it (or are unmounted) before it is dropped.
+impl Drop for LazyImage {
+    fn drop(&mut self) {
+        self.fetcher.cancel();
+    }
+}
+
 fn bad(image: &Reference, reason: impl Into<String>) -> FetchError {
     FetchError::BadImage {
         image: image.to_string(),

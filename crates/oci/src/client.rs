@@ -18,7 +18,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::auth::{parse_challenge, AuthStore};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestHasher};
 use crate::error::{OciError, Result};
 use crate::manifest::{
     descriptor_digest, parse_manifest, select_platform, ManifestKind, Platform, RawManifest,
@@ -39,6 +39,13 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// A body that stays silent this long counts as broken (then resumed).
     pub read_timeout: Duration,
+    /// A blob download that brings no byte, or less than `min_speed` on
+    /// average, for this long is dropped and resumed with Range (then given
+    /// up after `max_attempts`).
+    pub stall_timeout: Duration,
+    /// Bytes per second below which a blob download counts as stalled
+    /// (averaged over `stall_timeout`); 0: only silence counts.
+    pub min_speed: u64,
     pub user_agent: String,
 }
 
@@ -51,8 +58,74 @@ impl Default for ClientConfig {
             upload_chunk_size: None,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(10),
+            min_speed: 1024,
             user_agent: concat!("lazylayer/", env!("CARGO_PKG_VERSION")).to_string(),
         }
+    }
+}
+
+/// Where [`RegistryClient::download_blob_from`] starts: after `offset` bytes
+/// the caller holds already, with `hasher` fed exactly those bytes.
+pub struct BlobResume {
+    pub offset: u64,
+    pub hasher: DigestHasher,
+}
+
+impl BlobResume {
+    /// From byte 0.
+    pub fn start(digest: &Digest) -> BlobResume {
+        BlobResume {
+            offset: 0,
+            hasher: digest.hasher(),
+        }
+    }
+}
+
+/// Why one response of a blob download ended before the blob did.
+enum Broken {
+    Error(String),
+    Stalled {
+        bytes: u64,
+        secs: f64,
+        min_speed: u64,
+    },
+    EndedEarly,
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::Error(e) => write!(f, "connection broken: {e}"),
+            Broken::Stalled { bytes: 0, secs, .. } => write!(f, "no data for {secs:.0} s"),
+            Broken::Stalled {
+                bytes,
+                secs,
+                min_speed,
+            } => write!(
+                f,
+                "only {} in {secs:.0} s, below {}/s",
+                human_bytes(*bytes),
+                human_bytes(*min_speed)
+            ),
+            Broken::EndedEarly => write!(f, "response ended early"),
+        }
+    }
+}
+
+/// `12.3 MB` style sizes (decimal, as registries report them).
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 
@@ -106,9 +179,36 @@ fn status_error(what: &str, registry: &str, status: StatusCode, body: String) ->
             what: what.into(),
             registry: registry.into(),
             status: code,
-            body: body.chars().take(300).collect(),
+            body,
         },
     }
+}
+
+/// Most of an error body that is read: enough for a registry's JSON error,
+/// while an endless body (hostile or broken server) cannot fill memory.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+/// How much of an error body goes into the message.
+const SHOWN_ERROR_BODY: usize = 300;
+/// Longest time spent reading an error body: one trickling byte by byte
+/// must not hold the error back.
+const ERROR_BODY_TIME: Duration = Duration::from_secs(5);
+/// A bearer token response is a small JSON object; refuse anything larger.
+const MAX_TOKEN_BYTES: u64 = 1 << 20;
+
+/// An error body as shown in a message: its first characters, and a note
+/// when it was longer or was cut off while reading.
+fn shown_body(body: &[u8], cut: bool) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut shown: String = text.chars().take(SHOWN_ERROR_BODY).collect();
+    if cut {
+        shown.push_str(&format!(
+            " … (body cut: read only its first {} bytes)",
+            body.len()
+        ));
+    } else if shown.len() < text.len() {
+        shown.push_str(&format!(" … ({} bytes in all)", body.len()));
+    }
+    shown
 }
 
 fn retryable_status(s: StatusCode) -> bool {
@@ -127,7 +227,8 @@ impl RegistryClient {
         let http = reqwest::Client::builder()
             .user_agent(cfg.user_agent.clone())
             .connect_timeout(cfg.connect_timeout)
-            .read_timeout(cfg.read_timeout)
+            // A longer stall timeout must not be pre-empted by the per-read one.
+            .read_timeout(cfg.read_timeout.max(cfg.stall_timeout))
             .build()
             .map_err(|e| OciError::Http {
                 what: "creating HTTP client".into(),
@@ -188,6 +289,22 @@ impl RegistryClient {
         idempotent: bool,
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
+        self.send_within(what, repo, scopes, idempotent, None, build)
+            .await
+    }
+
+    /// [`RegistryClient::send`], where each attempt's response (its status
+    /// and headers) must come within `answer_timeout`, else the attempt
+    /// counts as failed (idempotent requests only).
+    async fn send_within(
+        &self,
+        what: &str,
+        repo: &Repository,
+        scopes: &[String],
+        idempotent: bool,
+        answer_timeout: Option<Duration>,
+        build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
+    ) -> Result<Response> {
         let registry = repo.registry.clone();
         let scope_key = format!("{} {}", repo.api_host(), scopes.join(" "));
         let basic_key = repo.api_host().to_string();
@@ -202,7 +319,27 @@ impl RegistryClient {
             if let Some(h) = &cached {
                 rb = rb.header(AUTHORIZATION, h);
             }
-            match rb.send().await {
+            let sent = match answer_timeout.filter(|_| idempotent) {
+                None => rb.send().await,
+                Some(limit) => match tokio::time::timeout(limit, rb.send()).await {
+                    Ok(r) => r,
+                    Err(_) if attempt + 1 < self.cfg.max_attempts => {
+                        tracing::warn!(%what, attempt, "no answer for {:.0} s, retrying", limit.as_secs_f64());
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    Err(_) => {
+                        return Err(OciError::NoAnswer {
+                            what: what.into(),
+                            registry,
+                            secs: limit.as_secs_f64(),
+                            tries: attempt + 1,
+                        })
+                    }
+                },
+            };
+            match sent {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !authed => {
                     authed = true;
                     let header = self
@@ -319,9 +456,15 @@ impl RegistryClient {
                     token: Option<String>,
                     access_token: Option<String>,
                 }
-                let t: Token = resp
-                    .json()
-                    .await
+                // Bounded: a token server streaming JSON forever must not fill memory.
+                let body = Self::read_limited(
+                    &format!("{what}: token response from {realm}"),
+                    &repo.registry,
+                    resp,
+                    MAX_TOKEN_BYTES,
+                )
+                .await?;
+                let t: Token = serde_json::from_slice(&body)
                     .map_err(|e| auth_err(format!("token response: {e}")))?;
                 let tok = t
                     .token
@@ -363,8 +506,35 @@ impl RegistryClient {
         Ok(Bytes::from(out))
     }
 
+    /// The start of an error response's body for the message, read with a
+    /// size and time limit; says so when the body was cut.
     async fn body_text(resp: Response) -> String {
-        resp.text().await.unwrap_or_default()
+        let mut out = Vec::new();
+        let mut cut = false;
+        let deadline = tokio::time::Instant::now() + ERROR_BODY_TIME;
+        let mut s = resp.bytes_stream();
+        loop {
+            match tokio::time::timeout_at(deadline, s.next()).await {
+                Ok(Some(Ok(c))) => {
+                    let room = MAX_ERROR_BODY - out.len();
+                    if c.len() >= room {
+                        // At the limit: whatever follows is not read.
+                        out.extend_from_slice(&c[..room]);
+                        cut = true;
+                        break;
+                    }
+                    out.extend_from_slice(&c);
+                }
+                Ok(Some(Err(_))) | Ok(None) => break,
+                Err(_) => {
+                    cut = true;
+                    break;
+                }
+            }
+        }
+        // Dropping the stream closes the connection: the rest is never read.
+        drop(s);
+        shown_body(&out, cut)
     }
 
     /// Fetch a manifest or index by tag or digest. Verified against the
@@ -516,10 +686,11 @@ impl RegistryClient {
         Ok(bytes)
     }
 
-    /// Stream a blob into `tx`, resuming with `Range` after a broken
-    /// connection (or skipping what we have when the server ignores Range), and
-    /// verify its digest and size at the end. The consumer must not trust the
-    /// bytes until this returns `Ok`. `progress` is told each chunk's length.
+    /// Stream a blob into `tx`, resuming with `Range` after a broken or
+    /// stalled connection (or skipping what we have when the server ignores
+    /// Range), and verify its digest and size at the end. The consumer must
+    /// not trust the bytes until this returns `Ok`. `progress` is told each
+    /// chunk's length.
     pub async fn download_blob(
         &self,
         repo: &Repository,
@@ -528,16 +699,46 @@ impl RegistryClient {
         tx: mpsc::Sender<Bytes>,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64> {
+        let from = BlobResume::start(digest);
+        self.download_blob_from(repo, digest, expected_size, from, tx, progress)
+            .await
+    }
+
+    /// [`RegistryClient::download_blob`] after a prefix the caller already
+    /// holds (`from.offset` bytes, already fed to `from.hasher`): only the
+    /// rest is requested and sent to `tx`, and counted in `progress`; the
+    /// digest and size checks at the end cover the whole blob.
+    pub async fn download_blob_from(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        expected_size: Option<u64>,
+        from: BlobResume,
+        tx: mpsc::Sender<Bytes>,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64> {
         let what = format!("blob {digest} of {repo}");
         let url = self.url(repo, &format!("blobs/{digest}"));
         let scopes = [Self::pull_scope(repo)];
-        let mut hasher = digest.hasher();
-        let mut got: u64 = 0;
+        let mut hasher = from.hasher;
+        let mut got: u64 = from.offset;
+        if let Some(exp) = expected_size.filter(|e| got > *e) {
+            return Err(OciError::SizeMismatch {
+                what,
+                expected: exp,
+                actual: got,
+            });
+        }
+        let stall = self.cfg.stall_timeout.max(Duration::from_millis(100));
+        // Bytes a stall window must bring for the connection to count as alive.
+        let window_min = (self.cfg.min_speed as f64 * stall.as_secs_f64()) as u64;
         let mut failures = 0u32;
-        loop {
+        // Nothing left to ask for when the prefix is the whole blob.
+        while expected_size != Some(got) {
             let offset = got;
+            // A registry that takes the request but never answers is a stall too.
             let resp = self
-                .send(&what, repo, &scopes, true, &|c| {
+                .send_within(&what, repo, &scopes, true, Some(stall), &|c| {
                     let rb = c.get(&url);
                     if offset > 0 {
                         rb.header(RANGE, format!("bytes={offset}-"))
@@ -566,6 +767,12 @@ impl RegistryClient {
                         ),
                     });
                 }
+            } else if offset > 0
+                && expected_size.is_none()
+                && status == StatusCode::RANGE_NOT_SATISFIABLE
+            {
+                // Size unknown and the prefix was all of it: the digest decides.
+                break;
             } else if status == StatusCode::OK {
                 // A server without Range support resends everything: drop what we have.
                 skip = offset;
@@ -585,37 +792,64 @@ impl RegistryClient {
             let resp_len = resp.content_length().map(|l| l.saturating_sub(skip));
             let resp_start = got;
             let mut body = resp.bytes_stream();
-            let outcome: std::result::Result<(), String> = loop {
-                match body.next().await {
-                    Some(Ok(mut chunk)) => {
+            // Stall detection: each window of `stall` must bring `window_min`
+            // bytes (and at least one). reqwest's read timeout alone lets a
+            // server trickling a byte now and then hold a download forever.
+            let mut window_start = tokio::time::Instant::now();
+            let mut window_bytes = 0u64;
+            let outcome: std::result::Result<(), Broken> = loop {
+                let deadline = window_start + stall;
+                let next = tokio::time::timeout_at(deadline, body.next()).await;
+                match next {
+                    Ok(Some(Ok(mut chunk))) => {
                         if skip > 0 {
                             let n = skip.min(chunk.len() as u64) as usize;
                             skip -= n as u64;
+                            window_bytes += n as u64;
                             chunk = chunk.slice(n..);
-                            if chunk.is_empty() {
-                                continue;
-                            }
                         }
-                        got += chunk.len() as u64;
-                        if let Some(exp) = expected_size {
-                            if got > exp {
+                        if !chunk.is_empty() {
+                            got += chunk.len() as u64;
+                            window_bytes += chunk.len() as u64;
+                            if let Some(exp) = expected_size.filter(|e| got > *e) {
                                 return Err(OciError::SizeMismatch {
                                     what,
                                     expected: exp,
                                     actual: got,
                                 });
                             }
-                        }
-                        hasher.update(&chunk);
-                        progress(chunk.len() as u64);
-                        if tx.send(chunk).await.is_err() {
-                            return Err(OciError::ConsumerGone { what });
+                            hasher.update(&chunk);
+                            progress(chunk.len() as u64);
+                            // Time waiting for a slow consumer is not the registry's.
+                            let waited = tokio::time::Instant::now();
+                            if tx.send(chunk).await.is_err() {
+                                return Err(OciError::ConsumerGone { what });
+                            }
+                            window_start += waited.elapsed();
                         }
                     }
-                    Some(Err(e)) => break Err(e.to_string()),
-                    None => break Ok(()),
+                    Ok(Some(Err(e))) => break Err(Broken::Error(e.to_string())),
+                    Ok(None) => break Ok(()),
+                    Err(_elapsed) => {}
+                }
+                if tokio::time::Instant::now() >= window_start + stall {
+                    if window_bytes == 0 || window_bytes < window_min {
+                        break Err(Broken::Stalled {
+                            bytes: window_bytes,
+                            secs: stall.as_secs_f64(),
+                            min_speed: self.cfg.min_speed,
+                        });
+                    }
+                    window_start = tokio::time::Instant::now();
+                    window_bytes = 0;
                 }
             };
+            // Dropping the body closes the connection (a stalled one included).
+            drop(body);
+            if outcome.is_err() && tx.is_closed() {
+                // Nobody wants the rest (a cancelled fetch): not a registry fault.
+                return Err(OciError::ConsumerGone { what });
+            }
             let short = expected_size.is_some_and(|e| got < e);
             if short && outcome.is_ok() && resp_len == Some(got - resp_start) {
                 return Err(OciError::SizeMismatch {
@@ -624,24 +858,25 @@ impl RegistryClient {
                     actual: got,
                 });
             }
-            match outcome {
+            let reason = match outcome {
                 Ok(()) if !short => break,
-                Ok(()) => tracing::warn!(%what, got, "body ended early"),
-                Err(e) => tracing::warn!(%what, got, error = %e, "download broken"),
-            }
+                Ok(()) => Broken::EndedEarly,
+                Err(b) => b,
+            };
             failures += 1;
             if failures >= self.cfg.max_attempts {
-                return Err(OciError::Status {
+                tracing::debug!(%what, got, %reason, failures, "giving up");
+                return Err(OciError::Interrupted {
                     what,
                     registry: repo.registry.clone(),
-                    status: 0,
-                    body: format!(
-                        "download kept breaking; gave up after {failures} attempts at byte {got}"
-                    ),
+                    at: got,
+                    total: expected_size,
+                    reason: reason.to_string(),
+                    tries: failures,
                 });
             }
+            tracing::warn!(%what, at = got, %reason, "download interrupted; resuming");
             tokio::time::sleep(backoff(failures - 1)).await;
-            tracing::info!(%what, offset = got, "resuming download");
         }
         let actual = hasher.finish();
         if &actual != digest {
@@ -967,6 +1202,48 @@ mod tests {
         assert!(is_loopback("[::1]:80"));
         assert!(!is_loopback("registry.example:5000"));
         assert!(!is_loopback("128.0.0.1"));
+    }
+
+    #[test]
+    fn error_bodies_are_shortened_and_cuts_said() {
+        assert_eq!(shown_body(b"oops", false), "oops");
+        let long = vec![b'x'; 1000];
+        let s = shown_body(&long, false);
+        assert!(s.starts_with(&"x".repeat(SHOWN_ERROR_BODY)));
+        assert!(s.ends_with("(1000 bytes in all)"), "{s}");
+        let s = shown_body(&long, true);
+        assert!(
+            s.ends_with("(body cut: read only its first 1000 bytes)"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn stall_reasons_are_plain_words() {
+        let no_data = Broken::Stalled {
+            bytes: 0,
+            secs: 10.0,
+            min_speed: 1024,
+        };
+        assert_eq!(no_data.to_string(), "no data for 10 s");
+        let slow = Broken::Stalled {
+            bytes: 3,
+            secs: 2.0,
+            min_speed: 1024,
+        };
+        assert_eq!(slow.to_string(), "only 3 B in 2 s, below 1.0 kB/s");
+        let e = OciError::Interrupted {
+            what: "blob sha256:ab of r/x".into(),
+            registry: "127.0.0.1:5000".into(),
+            at: 7_700_000,
+            total: Some(25_000_000),
+            reason: no_data.to_string(),
+            tries: 5,
+        };
+        assert_eq!(
+            e.to_string(),
+            "registry 127.0.0.1:5000 stopped sending blob sha256:ab of r/x at 7.7 MB of 25.0 MB (no data for 10 s); tried 5 times"
+        );
     }
 
     #[test]

@@ -1,3 +1,4 @@
+use crate::client::human_bytes;
 use crate::digest::Digest;
 
 /// Errors of the registry client and the format types. Each names the image,
@@ -65,7 +66,29 @@ pub enum OciError {
     },
     #[error("{what}: download consumer stopped")]
     ConsumerGone { what: String },
-    #[error("{what}: too large ({size} bytes, limit {limit})")]
+    #[error(
+        "registry {registry} stopped sending {what} at {} of {} ({reason}); tried {tries} times",
+        human_bytes(*at),
+        total.map_or_else(|| "?".into(), human_bytes)
+    )]
+    Interrupted {
+        what: String,
+        registry: String,
+        /// Bytes of the blob received.
+        at: u64,
+        total: Option<u64>,
+        /// Why the last try ended.
+        reason: String,
+        tries: u32,
+    },
+    #[error("registry {registry} did not answer the request for {what} within {secs:.0} s; tried {tries} times")]
+    NoAnswer {
+        what: String,
+        registry: String,
+        secs: f64,
+        tries: u32,
+    },
+    #[error("{what}: larger than the limit of {limit} bytes (at least {size}); refused")]
     TooLarge { what: String, size: u64, limit: u64 },
 }
 

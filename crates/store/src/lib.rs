@@ -10,6 +10,8 @@
 //! locks/                        flock files: one per layer, one for the store
 //! pins/<name>.json              content live processes use without an image record
 //! tmp/                          work in progress; renamed into place when verified
+//! partial/sha256/<hex>          the received prefix of a cut layer download, resumed
+//!                               by the next fetch of that layer (which holds its lock)
 //! ```
 //! Everything enters through `tmp/` and a rename, so a crash or a bad blob
 //! leaves the store as it was. Pulls hold the store lock shared and a per-layer
@@ -89,6 +91,8 @@ pub struct PruneReport {
     pub blobs_removed: u64,
     pub layers_removed: u64,
     pub tmp_removed: u64,
+    /// Prefixes of cut layer downloads.
+    pub partials_removed: u64,
     pub bytes_freed: u64,
 }
 
@@ -253,13 +257,25 @@ impl Store {
         self.root.join("tmp")
     }
 
+    /// Where the received prefix of a layer blob's download is kept until
+    /// the blob is complete and verified (then it is renamed to
+    /// [`Store::blob_path`]). Only the holder of the layer's lock touches it.
+    pub fn partial_path(&self, d: &Digest) -> PathBuf {
+        self.partial_dir(d).join(d.hex())
+    }
+
+    pub(crate) fn partial_dir(&self, d: &Digest) -> PathBuf {
+        self.root.join("partial").join(d.algorithm().as_str())
+    }
+
     pub(crate) fn lock_path(&self, name: &str) -> PathBuf {
         self.root.join("locks").join(name)
     }
 
     /// Remove blobs and layers that neither an image record nor the pin of a
-    /// living process references, and leftovers in `tmp/`. Waits for running
-    /// pulls and layer fetches to finish.
+    /// living process references, leftovers in `tmp/` and the prefixes of cut
+    /// downloads in `partial/`. Waits for running pulls and layer fetches to
+    /// finish (they hold the store lock shared), so none of these is in use.
     pub fn prune(&self) -> Result<PruneReport> {
         let _lock = FileLock::exclusive(&self.lock_path("store.lock"))?;
         let mut keep = self.pinned();
@@ -307,6 +323,14 @@ impl Store {
             };
             r.map_err(io_err("removing leftover", &p))?;
             rep.tmp_removed += 1;
+        }
+        for alg in ["sha256", "sha512"] {
+            for e in read_dir_or_empty(&self.root.join("partial").join(alg))? {
+                let p = e.path();
+                rep.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(&p).map_err(io_err("removing partial download", &p))?;
+                rep.partials_removed += 1;
+            }
         }
         Ok(rep)
     }

@@ -3,7 +3,7 @@
 //! extraction to finish, nor the other way round), then verified and renamed
 //! into place.
 
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,7 +23,11 @@ pub trait PullProgress: Send + Sync {
     fn image_resolved(&self, _image: &ResolvedImage) {}
     /// `cached`: the layer is in the store already and will not be fetched.
     fn layer_start(&self, _digest: &Digest, _size: u64, _cached: bool) {}
+    /// Bytes downloaded from the registry (not those of a local prefix).
     fn layer_bytes(&self, _digest: &Digest, _n: u64) {}
+    /// The first `offset` bytes come from a partial download kept from an
+    /// earlier, cut fetch: they are read locally, not fetched.
+    fn layer_resumed(&self, _digest: &Digest, _offset: u64) {}
     fn layer_done(&self, _digest: &Digest) {}
     /// The layer is being extracted into `fs_dir` (a temporary directory,
     /// renamed into the store when the layer is verified).
@@ -155,41 +159,75 @@ impl Store {
             // Shared, as a whole pull holds it: `prune` must not empty tmp/
             // under a layer being extracted there.
             let _store_lock = FileLock::shared_async(&self.lock_path("store.lock")).await?;
-            let _lock =
+            let layer_lock = Arc::new(
                 FileLock::exclusive_async(&self.lock_path(&format!("{}.lock", digest.hex())))
-                    .await?;
+                    .await?,
+            );
             if let Some(r) = self.layer_record(digest) {
                 progress.layer_start(digest, layer.size, true);
                 progress.layer_done(digest);
                 return Ok(r);
             }
             progress.layer_start(digest, layer.size, false);
+            // Work directories are named after the layer so that the next
+            // owner of its lock clears what a killed owner left behind.
+            let work_prefix = format!("layer-{}-", &digest.hex()[..16]);
+            remove_stale_work(&self.tmp_dir(), &work_prefix);
             let work = tempfile::Builder::new()
-                .prefix("layer-")
+                .prefix(&work_prefix)
                 .tempdir_in(self.tmp_dir())
                 .map_err(io_err("creating work directory", &self.tmp_dir()))?;
-            let blob_tmp = work.path().join("blob");
             let fs_dir = work.path().join("fs");
             std::fs::create_dir(&fs_dir).map_err(io_err("creating layer directory", &fs_dir))?;
+
+            // The blob is written to a stable per-digest path as it arrives, so
+            // a fetch cut off (registry gone, process killed, fetch cancelled)
+            // leaves its prefix for the next one: that one re-extracts the
+            // prefix locally and downloads only the rest.
+            let partial = self.partial_path(digest);
+            let prefix = {
+                let (partial, dir, d, size) = (
+                    partial.clone(),
+                    self.partial_dir(digest),
+                    digest.clone(),
+                    layer.size,
+                );
+                tokio::task::spawn_blocking(move || open_partial(&dir, &partial, &d, size))
+                    .await
+                    .map_err(|e| StoreError::Worker {
+                        what: format!("reading partial download of {digest}"),
+                        reason: e.to_string(),
+                    })??
+            };
+            let prefix_len = prefix.offset;
+            if prefix_len > 0 {
+                info!(offset = prefix_len, "resuming from an earlier partial download");
+                progress.layer_resumed(digest, prefix_len);
+            }
 
             // The channel is bounded so a slow disk throttles the download
             // instead of buffering the layer in memory.
             progress.layer_extracting(digest, &fs_dir);
             let (tx, rx) = mpsc::channel::<bytes::Bytes>(32);
             let consumer = {
-                let blob_tmp = blob_tmp.clone();
+                let partial = partial.clone();
                 let fs_dir = fs_dir.clone();
                 let eopts = opts.extract.clone();
                 let media_type = layer.media_type.clone();
                 let digest = digest.clone();
                 let progress = progress.clone();
+                // The lock lives until the extractor has stopped writing the
+                // partial file too, even when this future is dropped first.
+                let lock = layer_lock.clone();
                 tokio::task::spawn_blocking(move || {
+                    let _lock = lock;
                     let on_entry = &mut |ev: &lazylayer_layer::EntryEvent<'_>| {
                         progress.layer_entry(&digest, ev.path)
                     };
                     extract_stream(
                         rx,
-                        &blob_tmp,
+                        &partial,
+                        prefix_len,
                         &fs_dir,
                         &media_type,
                         &digest,
@@ -201,7 +239,7 @@ impl Store {
             let p = progress.clone();
             let d2 = digest.clone();
             let downloaded = client
-                .download_blob(repo, digest, Some(layer.size), tx, &move |n| {
+                .download_blob_from(repo, digest, Some(layer.size), prefix, tx, &move |n| {
                     p.layer_bytes(&d2, n)
                 })
                 .await;
@@ -209,14 +247,40 @@ impl Store {
                 what: format!("extracting layer {digest}"),
                 reason: e.to_string(),
             })?;
+            // Bad bytes must not be resumed from: drop the partial then. A
+            // broken connection keeps it (the extractor then failed only
+            // because its input ended early).
+            let discard = || {
+                if let Err(e) = std::fs::remove_file(&partial) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %partial.display(), error = %e, "cannot remove partial download");
+                    }
+                }
+            };
             let (diff_id, entries, file_bytes) = match (downloaded, extracted) {
                 // The extractor failing first makes the downloader see a closed channel.
-                (Err(lazylayer_oci::OciError::ConsumerGone { .. }), Err(e)) => return Err(e),
-                (Err(e), _) => return Err(e.into()),
-                (Ok(_), Err(e)) => return Err(e),
+                (Err(lazylayer_oci::OciError::ConsumerGone { .. }), Err(e)) => {
+                    discard();
+                    return Err(e);
+                }
+                (Err(e), _) => {
+                    if matches!(
+                        e,
+                        lazylayer_oci::OciError::DigestMismatch { .. }
+                            | lazylayer_oci::OciError::SizeMismatch { .. }
+                    ) {
+                        discard();
+                    }
+                    return Err(e.into());
+                }
+                (Ok(_), Err(e)) => {
+                    discard();
+                    return Err(e);
+                }
                 (Ok(_), Ok(v)) => v,
             };
             if diff_id != layer.diff_id {
+                discard();
                 return Err(StoreError::DiffIdMismatch {
                     digest: digest.clone(),
                     expected: layer.diff_id.clone(),
@@ -239,10 +303,10 @@ impl Store {
             // Blob first, then the layer: a layer.json in place means all is there.
             let blob_dest = self.blob_path(digest);
             if !blob_dest.exists() {
-                std::fs::rename(&blob_tmp, &blob_dest)
+                std::fs::rename(&partial, &blob_dest)
                     .map_err(io_err("storing layer blob", &blob_dest))?;
             } else {
-                let _ = std::fs::remove_file(&blob_tmp);
+                discard();
             }
             let dest = self.layer_base(digest);
             let work_path = work.keep();
@@ -263,12 +327,117 @@ impl Store {
     }
 }
 
-/// The blocking half of a layer fetch: tee the compressed stream to the blob
-/// file, decompress, hash the tar (diff_id) and extract it. Returns
+/// Remove work directories of this layer's earlier fetches (a process
+/// killed mid-fetch leaves its own): the caller holds the layer's lock, so
+/// none of them is in use.
+fn remove_stale_work(tmp: &Path, prefix: &str) {
+    let Ok(rd) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            let p = e.path();
+            tracing::debug!(path = %p.display(), "removing the work directory of an earlier fetch");
+            if let Err(err) = std::fs::remove_dir_all(&p) {
+                tracing::warn!(path = %p.display(), error = %err, "cannot remove an old work directory");
+            }
+        }
+    }
+}
+
+/// A partial download shorter than this is not worth resuming (and too short
+/// to sniff the compression from): it is started again.
+const MIN_PARTIAL: u64 = 64 * 1024;
+
+/// Open (creating) the partial download of `digest` and hash the prefix it
+/// holds, for the download to continue after it. A prefix too short or
+/// longer than the blob is emptied.
+fn open_partial(
+    dir: &Path,
+    partial: &Path,
+    digest: &Digest,
+    size: u64,
+) -> Result<lazylayer_oci::BlobResume> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("creating partial downloads directory", dir))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(partial)
+        .map_err(io_err("opening partial download", partial))?;
+    let len = f
+        .metadata()
+        .map_err(io_err("reading partial download", partial))?
+        .len();
+    let mut resume = lazylayer_oci::BlobResume::start(digest);
+    if len < MIN_PARTIAL || len > size {
+        f.set_len(0)
+            .map_err(io_err("emptying partial download", partial))?;
+        return Ok(resume);
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(io_err("reading partial download", partial))?;
+        if n == 0 {
+            break;
+        }
+        resume.hasher.update(&buf[..n]);
+        resume.offset += n as u64;
+    }
+    Ok(resume)
+}
+
+/// Appends to the partial file; on drop (a cut or cancelled fetch included)
+/// whatever is buffered is written, so the file holds what was received. A
+/// file left empty (cut before any byte) is removed.
+struct PartialWriter {
+    out: BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
+    /// The whole stream went through (an empty blob is then kept).
+    complete: bool,
+}
+
+impl Write for PartialWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl Drop for PartialWriter {
+    fn drop(&mut self) {
+        // BufWriter flushes on drop too, but silently: say when it fails.
+        if let Err(e) = self.out.flush() {
+            tracing::debug!(error = %e, "flushing partial download");
+        }
+        // The layer lock is still held (the extractor owns a share), so no
+        // other fetch has this file open.
+        if !self.complete && self.out.get_ref().metadata().is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The blocking half of a layer fetch: read the `prefix_len` bytes the
+/// partial file holds already, then the downloaded rest, which is appended
+/// to that file; decompress, hash the tar (diff_id) and extract it. Returns
 /// (diff_id, entries, file bytes).
+#[allow(clippy::too_many_arguments)]
 fn extract_stream(
     rx: mpsc::Receiver<bytes::Bytes>,
-    blob_tmp: &Path,
+    partial: &Path,
+    prefix_len: u64,
     fs_dir: &Path,
     media_type: &str,
     digest: &Digest,
@@ -279,11 +448,31 @@ fn extract_stream(
         digest: digest.clone(),
         source,
     };
-    let file = std::fs::File::create(blob_tmp).map_err(io_err("creating blob file", blob_tmp))?;
+    let blob_tmp = partial;
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .open(partial)
+            .map_err(io_err("opening partial download", partial))
+    };
+    let prefix = open(false)?.take(prefix_len);
+    let mut out = open(true)?;
+    // Drop anything past the prefix that was hashed (written since, or
+    // a last buffer only partly written).
+    out.set_len(prefix_len)
+        .map_err(io_err("writing partial download", partial))?;
+    out.seek(SeekFrom::Start(prefix_len))
+        .map_err(io_err("writing partial download", partial))?;
     let tee = TeeReader {
         inner: ChannelReader::new(rx),
-        out: BufWriter::with_capacity(1 << 20, file),
+        out: PartialWriter {
+            out: BufWriter::with_capacity(256 << 10, out),
+            path: partial.to_path_buf(),
+            complete: false,
+        },
     };
+    let tee = prefix.chain(tee);
     let mut buffered = BufReader::with_capacity(1 << 20, tee);
     let head = buffered
         .fill_buf()
@@ -315,9 +504,57 @@ fn extract_stream(
     // Whatever the decompressor left unread still belongs to the blob file.
     std::io::copy(&mut buffered, &mut std::io::sink())
         .map_err(io_err("reading layer stream", blob_tmp))?;
-    let mut tee = buffered.into_inner();
+    let (_, mut tee) = buffered.into_inner().into_inner();
     tee.out
         .flush()
         .map_err(io_err("writing blob file", blob_tmp))?;
+    tee.out.complete = true;
     Ok((diff_id, stats.entries, stats.file_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partial_with(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("partial/sha256/x");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        (t, p, data)
+    }
+
+    #[test]
+    fn a_partial_resumes_after_its_bytes_with_the_hasher_fed() {
+        let (_t, p, data) = partial_with(200_000);
+        let whole: Vec<u8> = data.iter().chain(b"rest").copied().collect();
+        let digest = Digest::sha256_of(&whole);
+        let mut r = open_partial(p.parent().unwrap(), &p, &digest, whole.len() as u64).unwrap();
+        assert_eq!(r.offset, 200_000);
+        r.hasher.update(b"rest");
+        assert_eq!(r.hasher.finish(), digest);
+    }
+
+    #[test]
+    fn partials_too_short_or_too_long_start_over() {
+        let digest = Digest::sha256_of(b"x");
+        for (len, size) in [(10, 1_000_000), (200_000, 100_000)] {
+            let (_t, p, _) = partial_with(len);
+            let r = open_partial(p.parent().unwrap(), &p, &digest, size).unwrap();
+            assert_eq!(r.offset, 0, "{len} of {size}");
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+        }
+    }
+
+    #[test]
+    fn the_partial_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("partial/sha256");
+        let p = dir.join("y");
+        open_partial(&dir, &p, &Digest::sha256_of(b"y"), 10).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 }

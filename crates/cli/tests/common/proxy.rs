@@ -1,10 +1,15 @@
 //! A fault-injecting TCP proxy: relays real HTTP between a real client and
-//! the real registry, and cuts a connection when told to.
+//! the real registry, and cuts, stalls, trickles or slows a connection when
+//! told to.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Longest a stalled connection is held open.
+const STALL_HOLD: Duration = Duration::from_secs(120);
 
 /// A TCP proxy in front of the registry that records requests and cuts a
 /// connection after `cut_after` response bytes. It relays real HTTP between a
@@ -14,6 +19,20 @@ pub struct CuttingProxy {
     pub requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     pub cuts: Arc<AtomicUsize>,
+    /// Response bytes relayed to clients, all connections.
+    pub relayed: Arc<AtomicUsize>,
+    /// Responses are relayed at this many bytes per second; 0: unlimited.
+    /// May be changed while the proxy runs.
+    pub rate: Arc<AtomicUsize>,
+    /// Hide `Range` headers from the registry (renamed on the way), as if
+    /// it did not support ranges: it then answers 200 with the whole blob.
+    pub strip_range: Arc<AtomicBool>,
+    /// (blob digest, n): the next n requests for that blob get no answer at
+    /// all (the connection stays open and silent, as in [`AfterCut::Stall`]).
+    pub hold_answers: Arc<Mutex<(String, usize)>>,
+    /// (blob digest, bytes per second): answers to requests for that blob
+    /// are relayed at this rate (0: unlimited).
+    pub slow_blob: Arc<Mutex<(String, usize)>>,
 }
 
 #[derive(Clone, Copy)]
@@ -22,6 +41,16 @@ pub enum AfterCut {
     Heal,
     /// The "registry" is gone: every connection, old or new, is closed.
     Die,
+    /// The connection stays open but nothing more is relayed (held for up to
+    /// 120 s, or until the client closes it), as a stalled registry's;
+    /// later connections flow untouched.
+    Stall,
+    /// Every connection stalls once it has sent `cut_after` bytes: a
+    /// registry that keeps stalling.
+    StallAlways,
+    /// After the cut, one byte every so often on that connection; later
+    /// connections flow untouched.
+    Trickle(Duration),
 }
 
 struct RelayState {
@@ -29,6 +58,15 @@ struct RelayState {
     cuts: Arc<AtomicUsize>,
     dead: Arc<AtomicBool>,
     after: AfterCut,
+    relayed: Arc<AtomicUsize>,
+    rate: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    /// Set when the client's side of this connection has closed.
+    client_gone: Arc<AtomicBool>,
+    /// Set by the request side: this connection's answer is held back.
+    hold: Arc<AtomicBool>,
+    /// Set by the request side: this connection's rate (0: the proxy's).
+    conn_rate: Arc<AtomicUsize>,
 }
 
 impl CuttingProxy {
@@ -40,7 +78,16 @@ impl CuttingProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let cuts = Arc::new(AtomicUsize::new(0));
         let dead = Arc::new(AtomicBool::new(false));
+        let relayed = Arc::new(AtomicUsize::new(0));
+        let rate = Arc::new(AtomicUsize::new(0));
         let (rq, st, ct) = (requests.clone(), stop.clone(), cuts.clone());
+        let (rl, rt) = (relayed.clone(), rate.clone());
+        let strip_range = Arc::new(AtomicBool::new(false));
+        let sr = strip_range.clone();
+        let hold_answers = Arc::new(Mutex::new((String::new(), 0)));
+        let ha = hold_answers.clone();
+        let slow_blob = Arc::new(Mutex::new((String::new(), 0)));
+        let sb = slow_blob.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -54,13 +101,31 @@ impl CuttingProxy {
                 client.set_nonblocking(false).unwrap();
                 let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (rq, d2) = (rq.clone(), dead.clone());
-                std::thread::spawn(move || relay_requests(c2, s2, rq, d2));
+                let (rq, d2, sr, ha) = (rq.clone(), dead.clone(), sr.clone(), ha.clone());
+                let client_gone = Arc::new(AtomicBool::new(false));
+                let hold = Arc::new(AtomicBool::new(false));
+                let conn_rate = Arc::new(AtomicUsize::new(0));
+                let (cg, h2, cr, sb) = (
+                    client_gone.clone(),
+                    hold.clone(),
+                    conn_rate.clone(),
+                    sb.clone(),
+                );
+                std::thread::spawn(move || {
+                    relay_requests(c2, s2, rq, d2, sr, (ha, h2), (sb, cr));
+                    cg.store(true, Ordering::SeqCst);
+                });
                 let state = RelayState {
                     cut_after,
                     cuts: ct.clone(),
                     dead: dead.clone(),
                     after,
+                    relayed: rl.clone(),
+                    rate: rt.clone(),
+                    stop: st.clone(),
+                    client_gone,
+                    hold,
+                    conn_rate,
                 };
                 std::thread::spawn(move || relay_responses(server, client, state));
             }
@@ -70,7 +135,42 @@ impl CuttingProxy {
             requests,
             stop,
             cuts,
+            relayed,
+            rate,
+            strip_range,
+            hold_answers,
+            slow_blob,
         }
+    }
+
+    /// A proxy that relays everything (no cut), for counting and slowing.
+    pub fn relay(upstream: u16) -> CuttingProxy {
+        Self::start(upstream, usize::MAX, AfterCut::Heal)
+    }
+
+    /// The requests seen so far, lower-cased, one after the other.
+    pub fn requests_text(&self) -> String {
+        self.requests.lock().unwrap().join("\n").to_lowercase()
+    }
+
+    /// The `N` of every `Range: bytes=N-` header the proxy relayed for
+    /// blob `digest`.
+    pub fn range_starts(&self, digest: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        for r in self.requests.lock().unwrap().iter() {
+            let r = r.to_lowercase();
+            if !r.contains(&format!("/blobs/{digest}")) {
+                continue;
+            }
+            for l in r.lines() {
+                if let Some(v) = l.trim().strip_prefix("range: bytes=") {
+                    if let Some(n) = v.split('-').next().and_then(|n| n.parse().ok()) {
+                        out.push(n);
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -90,6 +190,9 @@ fn relay_requests(
     mut to: TcpStream,
     log: Arc<Mutex<Vec<String>>>,
     dead: Arc<AtomicBool>,
+    strip_range: Arc<AtomicBool>,
+    (hold_answers, hold): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
+    (slow_blob, conn_rate): (Arc<Mutex<(String, usize)>>, Arc<AtomicUsize>),
 ) {
     let mut buf = vec![0u8; 16384];
     loop {
@@ -100,14 +203,61 @@ fn relay_requests(
         if dead.load(Ordering::Relaxed) {
             break;
         }
-        log.lock()
-            .unwrap()
-            .push(String::from_utf8_lossy(&buf[..n]).to_string());
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        {
+            let mut h = hold_answers.lock().unwrap();
+            if h.1 > 0 && !h.0.is_empty() && text.contains(&format!("/blobs/{}", h.0)) {
+                h.1 -= 1;
+                hold.store(true, Ordering::SeqCst);
+            }
+        }
+        {
+            let sb = slow_blob.lock().unwrap();
+            if !sb.0.is_empty() && text.contains(&format!("/blobs/{}", sb.0)) {
+                conn_rate.store(sb.1, Ordering::Relaxed);
+            }
+        }
+        log.lock().unwrap().push(text);
+        if strip_range.load(Ordering::Relaxed) {
+            // Same length, so nothing else in the request moves.
+            for i in 0..n.saturating_sub(7) {
+                if buf[i..i + 8].eq_ignore_ascii_case(b"\r\nrange:") {
+                    buf[i + 2..i + 7].copy_from_slice(b"x-rng");
+                }
+            }
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
     }
     close(&from, &to);
+}
+
+impl RelayState {
+    /// Whether a held (stalled, trickling) connection should be let go.
+    fn over(&self, since: Instant) -> bool {
+        self.stop.load(Ordering::Relaxed)
+            || self.client_gone.load(Ordering::SeqCst)
+            || since.elapsed() > STALL_HOLD
+    }
+
+    /// Write to the client at the configured rate.
+    fn send(&self, to: &mut TcpStream, data: &[u8]) -> bool {
+        for part in data.chunks(4096) {
+            if to.write_all(part).is_err() {
+                return false;
+            }
+            self.relayed.fetch_add(part.len(), Ordering::Relaxed);
+            let rate = match self.conn_rate.load(Ordering::Relaxed) {
+                0 => self.rate.load(Ordering::Relaxed),
+                r => r,
+            };
+            if rate > 0 {
+                std::thread::sleep(Duration::from_secs_f64(part.len() as f64 / rate as f64));
+            }
+        }
+        true
+    }
 }
 
 fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
@@ -122,8 +272,16 @@ fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
         if s.dead.load(Ordering::Relaxed) {
             break;
         }
+        if s.hold.load(Ordering::SeqCst) {
+            // No answer at all, and no error either.
+            let since = Instant::now();
+            while !s.over(since) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            break;
+        }
         let n_ok = n.min(budget - sent);
-        if to.write_all(&buf[..n_ok]).is_err() {
+        if !s.send(&mut to, &buf[..n_ok]) {
             break;
         }
         sent += n_ok;
@@ -132,15 +290,40 @@ fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
             // (and pooled by the client) are not all cut too.
             let first = s.cuts.fetch_add(1, Ordering::SeqCst) == 0;
             match s.after {
-                AfterCut::Heal if !first => {
+                AfterCut::Heal | AfterCut::Stall | AfterCut::Trickle(_) if !first => {
                     s.cuts.fetch_sub(1, Ordering::SeqCst);
                     budget = usize::MAX;
-                    to.write_all(&buf[n_ok..n]).ok();
+                    s.send(&mut to, &buf[n_ok..n]);
                     sent += n - n_ok;
                     continue;
                 }
                 AfterCut::Die => s.dead.store(true, Ordering::Relaxed),
                 AfterCut::Heal => {}
+                AfterCut::Stall | AfterCut::StallAlways => {
+                    // Silent but open: the client sees no error, only no data.
+                    let since = Instant::now();
+                    while !s.over(since) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                AfterCut::Trickle(every) => {
+                    let since = Instant::now();
+                    let mut pending = buf[n_ok..n].to_vec();
+                    let mut one = [0u8; 1];
+                    while !s.over(since) {
+                        if pending.is_empty() {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(m) => pending.extend_from_slice(&buf[..m]),
+                            }
+                        }
+                        one[0] = pending.remove(0);
+                        if !s.send(&mut to, &one) {
+                            break;
+                        }
+                        std::thread::sleep(every);
+                    }
+                }
             }
             break;
         }
