@@ -103,8 +103,9 @@ fn main() -> ExitCode {
         }
     });
     // Work still in flight belongs to nobody now (a background prefetch cut by
-    // the container's exit, a lock wait): don't let it hold the exit. Half
-    // layers stay in the store's tmp/, which `prune` clears.
+    // the container's exit, a lock wait): don't let it hold the exit. What a
+    // cut download received stays in the store's partial/, and the next fetch
+    // of that layer continues from there with Range.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         // `run` passes the container's exit code through.

@@ -61,6 +61,13 @@ impl PullProgress for PullBars {
             b.inc(n);
         }
     }
+    fn layer_resumed(&self, digest: &Digest, offset: u64) {
+        // Kept from a cut fetch: shown as done, not counted as fetched.
+        if let Some(b) = self.bars.lock().unwrap().get(digest) {
+            b.set_position(offset);
+            b.set_message("resumed");
+        }
+    }
     fn layer_done(&self, digest: &Digest) {
         if let Some(b) = self.bars.lock().unwrap().get(digest) {
             if !b.is_finished() {
