@@ -15,7 +15,7 @@ use fuser::{
     InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
-use lazylayer_layer::index::{BootIndex, FileKind, IndexEntry};
+use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 
 use crate::source::ContentSource;
 use crate::trace::{Access, Trace};

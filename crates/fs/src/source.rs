@@ -5,7 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use lazylayer_layer::index::IndexEntry;
+use lazylayer_index::IndexEntry;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 /// Supplies the content of regular files. `open` may block (a lazy source

@@ -20,7 +20,7 @@ use lazylayer_fs::{
     Access, BootOnlySource, ContentSource, FsMount, FsOptions, FsStats, LayerDirSource, LazyFs,
     Trace, TraceEvent,
 };
-use lazylayer_layer::index::{build_index, BootIndex, IndexEntry};
+use lazylayer_index::{build_index, BootIndex, IndexEntry};
 use sha2::{Digest, Sha256};
 
 const DIFF_ID: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
@@ -1057,8 +1057,7 @@ fn root_content_that_is_not_the_indexed_regular_file_is_refused() {
     let mut idx = index_of(s);
     for e in idx.entries.iter_mut() {
         if e.path.starts_with(b"evil/") {
-            (e.kind, e.size, e.rdev, e.mode) =
-                (lazylayer_layer::index::FileKind::File, 4096, 0, 0o644);
+            (e.kind, e.size, e.rdev, e.mode) = (lazylayer_index::FileKind::File, 4096, 0, 0o644);
         }
     }
     let idx = BootIndex::new(idx.layers, idx.entries).unwrap();

@@ -48,10 +48,11 @@ mod beneath;
 mod compression;
 mod error;
 mod extract;
-pub mod index;
+/// The boot index lives in its own crate (the file system needs it without
+/// the tar codec); re-exported for the codec's users.
+pub use lazylayer_index as index;
 mod path;
 mod writer;
-mod xattr;
 
 pub use compression::{decoder, Compression};
 pub use error::LayerError;

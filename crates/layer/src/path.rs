@@ -16,10 +16,9 @@ pub const WHITEOUT_META_PREFIX: &str = ".wh..wh.";
 /// `DIR/.wh..wh..opq` hides everything the layers below have in `DIR`.
 pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
-/// Longest relative path accepted. Linux resolves at most `PATH_MAX` (4096
-/// bytes including the NUL) per call, so a longer path could not be opened
-/// beneath the root in one `openat2` anyway.
-pub const MAX_PATH_LEN: usize = 4095;
+/// Longest relative path accepted: the index's limit, so that every path a
+/// layer can hold fits the boot index.
+pub use lazylayer_index::MAX_PATH_LEN;
 
 /// Normalise a path from a tar header into a relative path inside the layer.
 ///

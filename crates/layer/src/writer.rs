@@ -1,7 +1,7 @@
 //! Deterministic layer writer: the same tree appended in the same order gives
 //! byte-identical blobs, so a rebuilt boot layer keeps its digest.
 
-use crate::xattr::read_sized;
+use lazylayer_index::xattr::read_sized;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::File;

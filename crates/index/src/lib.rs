@@ -24,7 +24,12 @@ mod format;
 
 pub use build::build_index;
 
-use crate::MAX_PATH_LEN;
+pub mod xattr;
+
+/// Longest relative path an image may hold. Linux resolves at most
+/// `PATH_MAX` (4096 bytes including the NUL) per call, so a longer path could
+/// not be opened beneath a layer root in one `openat2` anyway.
+pub const MAX_PATH_LEN: usize = 4095;
 
 /// Name of the index file at the root of the boot layer. Standard runtimes
 /// treat `.wh..wh.*` tar members as metadata and never materialise a

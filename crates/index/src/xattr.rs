@@ -1,10 +1,10 @@
-//! Helpers for reading extended attributes.
+//! Reading extended attributes (index building and the layer writer).
 
 use rustix::io::Errno;
 
 /// Call an xattr syscall with a growing buffer until the result fits. (rustix
 /// caps the result at the buffer length, so a zero-length size probe reports 0.)
-pub(crate) fn read_sized(
+pub fn read_sized(
     mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
 ) -> rustix::io::Result<Vec<u8>> {
     // Linux caps both a value and a name list at 64 KiB.
