@@ -21,22 +21,14 @@ use lazylayer_fs::{
     Trace, TraceEvent,
 };
 use lazylayer_index::{build_index, BootIndex, IndexEntry};
+use lazylayer_testsupport::Overlay;
 use sha2::{Digest, Sha256};
 
 const DIFF_ID: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
 const BIG: usize = 20 << 20;
 
 fn have_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    // CI must run every test: a missing privilege is a failure there.
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "skipping {test}: needs root (FUSE and overlay mounts, mknod, chown)"
-    );
-    eprintln!("skipping {test}: needs root (FUSE and overlay mounts, mknod, chown)");
-    false
+    lazylayer_testsupport::require_root(test, "FUSE and overlay mounts, mknod, chown")
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -206,50 +198,6 @@ impl Drop for Mounted {
             if let Err(e) = m.unmount() {
                 eprintln!("unmounting {}: {e}", self.path.display());
             }
-        }
-    }
-}
-
-/// A kernel overlayfs mount, unmounted on drop.
-struct Overlay {
-    target: PathBuf,
-}
-
-impl Overlay {
-    /// `lowers` top first; without `upper_work` the mount is read-only
-    /// (overlayfs then wants at least two lower dirs).
-    fn mount(
-        lowers: &[&Path],
-        upper_work: Option<(&Path, &Path)>,
-        target: &Path,
-    ) -> io::Result<Overlay> {
-        let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
-        let mut data = format!("lowerdir={}", lower.join(":"));
-        if let Some((u, w)) = upper_work {
-            data.push_str(&format!(
-                ",upperdir={},workdir={}",
-                u.display(),
-                w.display()
-            ));
-        }
-        let data = std::ffi::CString::new(data).unwrap();
-        let flags = if upper_work.is_none() {
-            rustix::mount::MountFlags::RDONLY
-        } else {
-            rustix::mount::MountFlags::empty()
-        };
-        rustix::mount::mount("overlay", target, "overlay", flags, data.as_c_str())?;
-        Ok(Overlay {
-            target: target.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        use rustix::mount::{unmount, UnmountFlags};
-        if unmount(&self.target, UnmountFlags::empty()).is_err() {
-            let _ = unmount(&self.target, UnmountFlags::DETACH);
         }
     }
 }

@@ -8,7 +8,6 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{lchown, symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use rustix::fs::{
     self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags, CWD,
@@ -17,16 +16,7 @@ use rustix::fs::{
 use super::*;
 
 fn skip_unless_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return false;
-    }
-    // CI must run every test: a missing privilege is a failure there.
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "skipping {test}: needs root (mknod whiteouts, trusted.* xattrs, chown, mount)"
-    );
-    eprintln!("skipping {test}: needs root (mknod whiteouts, trusted.* xattrs, chown, mount)");
-    true
+    !lazylayer_testsupport::require_root(test, "mknod whiteouts, trusted.* xattrs, chown, mount")
 }
 
 /// Layer directories l0 (bottom) .. lN in one temp dir.
@@ -541,40 +531,20 @@ fn overlay_supported() -> bool {
 /// the test panics).
 struct OverlayMount {
     target: PathBuf,
+    _mount: lazylayer_testsupport::Overlay,
 }
 
 impl OverlayMount {
     fn new(t: &Layers) -> Self {
         let target = t.base.join("merged");
         fs::create_dir(&target).unwrap();
-        let lower: Vec<String> = (0..t.count)
-            .rev()
-            .map(|l| t.p(l, "").to_str().unwrap().to_owned())
-            .collect();
-        let out = Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o"])
-            .arg(format!("ro,lowerdir={}", lower.join(":")))
-            .arg(&target)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        OverlayMount { target }
-    }
-}
-
-impl Drop for OverlayMount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.target)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Busy (a reader left over by a panic): detach it at least.
-            let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+        let lowers: Vec<PathBuf> = (0..t.count).rev().map(|l| t.p(l, "")).collect();
+        let lowers: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+        let mount = lazylayer_testsupport::Overlay::mount(&lowers, None, &target)
+            .unwrap_or_else(|e| panic!("overlay mount at {}: {e}", target.display()));
+        OverlayMount {
+            target,
+            _mount: mount,
         }
     }
 }

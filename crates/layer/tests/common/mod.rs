@@ -18,16 +18,7 @@ pub fn is_root() -> bool {
 
 /// Print why a test is skipped and return true when not running as root.
 pub fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    // CI must run every test: a missing privilege is a failure there.
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "skipping {test}: needs root (chown, mknod, trusted.* xattrs, mount)"
-    );
-    eprintln!("skipping {test}: needs root (chown, mknod, trusted.* xattrs, mount)");
-    true
+    !lazylayer_testsupport::require_root(test, "chown, mknod, trusted.* xattrs, mount")
 }
 
 /// One raw tar member.

@@ -13,16 +13,7 @@ const APPLETS: &[&str] = &[
 
 /// False (with the reason printed) when the test cannot run here.
 pub fn have_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    // CI must run every test: a missing privilege is a failure there.
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "skipping {test}: needs root (runc, cgroups and mounts)"
-    );
-    eprintln!("skipping {test}: needs root (runc, cgroups and mounts)");
-    false
+    lazylayer_testsupport::require_root(test, "runc, cgroups and mounts")
 }
 
 /// A temp dir holding `rootfs/` (busybox, passwd with root and app:1000, groups app:1000

@@ -1,0 +1,566 @@
+//! Test support shared by lazylayer's crates (a dev-dependency only): the
+//! real peers a test talks to (Debian's docker-registry, podman, containerd),
+//! guards that undo mounts and processes even when a test panics, tree
+//! snapshots to compare root file systems, and a fault-injecting proxy for
+//! what a real registry cannot be made to do.
+
+pub mod proxy;
+pub mod tree;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// True when the test can run: it needs root (mounts, mknod, runc). Off CI a
+/// test without root is skipped with the reason printed; under `CI` it fails,
+/// since a skipped test would pass as green.
+pub fn require_root(test: &str, why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root ({why}); CI must run every test"
+    );
+    eprintln!("skipping {test}: needs root ({why})");
+    false
+}
+
+/// A running docker-registry (distribution v2) with its storage and access
+/// log in a temp dir.
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+    extra_config: String,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        Self::start_with("")
+    }
+
+    /// `extra` is YAML appended at top level (e.g. an `auth:` block).
+    pub fn start_with(extra: &str) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry {
+            dir,
+            port: free_port(),
+            child: None,
+            extra_config: extra.to_string(),
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let cfg = self.dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n{}\n",
+                self.dir.path().join("data").display(),
+                self.port,
+                self.extra_config
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry must be installed (scripts/install-deps.sh)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "registry did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Access-log lines of GET requests for this blob digest.
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest}")))
+            .count()
+    }
+
+    /// The registry's file holding a blob, to corrupt it in fault tests.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{}/data",
+            &hex[..2],
+            hex
+        ))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Build (cached) and push test images to `reg`; returns name → manifest digest.
+/// Builds are serialised across test threads and processes with a lock file.
+pub fn push_images(reg: &Registry, names: &[&str]) -> std::collections::HashMap<String, String> {
+    let cache = std::env::var("LAZYLAYER_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join(".cache/images"));
+    std::fs::create_dir_all(&cache).unwrap();
+    let lock = std::fs::File::create(cache.join(".build.lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let out = Command::new("bash")
+        .arg(repo_root().join("images/build.sh"))
+        .arg("--cache")
+        .arg(&cache)
+        .arg("--registry")
+        .arg(reg.addr())
+        .args(names)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "images/build.sh failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            l.split_once(' ')
+                .map(|(n, d)| (n.to_string(), d.trim().to_string()))
+        })
+        .collect()
+}
+
+pub fn image_ref(reg: &Registry, name: &str) -> String {
+    format!("{}/lazylayer/{name}:latest", reg.addr())
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A kernel mount that is unmounted when dropped, even when a test panics.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    pub fn overlay_readonly(lowers: &[PathBuf], target: &Path) -> Mount {
+        let opts = format!(
+            "lowerdir={}",
+            lowers
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        );
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(target)
+            .status()
+            .unwrap();
+        assert!(st.success(), "overlay mount failed");
+        Mount(target.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Podman (Debian's 4.3) with a store of its own in a temp dir, configured as
+/// this machine needs (runc, cgroupfs, file events, rlimits within the hard limit).
+pub struct Podman {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Podman {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Podman {
+    pub fn new() -> Podman {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("containers.conf"),
+            "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+        )
+        .unwrap();
+        Podman { dir }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.dir.path().join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.path().join("root"))
+            .arg("--runroot")
+            .arg(self.dir.path().join("runroot"))
+            .args(["--storage-driver", "overlay"]);
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Mount an image's root file system (as podman applies its layers); returns the path.
+    pub fn image_mount(&self, image: &str) -> PathBuf {
+        PathBuf::from(self.ok(&["image", "mount", image]).trim())
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd()
+            .args(["image", "unmount", "--all", "--force"])
+            .output();
+        let _ = self.cmd().args(["system", "reset", "--force"]).output();
+        unmount_below(self.dir.path());
+    }
+}
+
+/// containerd 1.6 with its own root, state and socket (CRI disabled unless
+/// started with [`Containerd::start_cri`]), stopped on drop.
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        Self::start_with("")
+    }
+
+    /// `extra`: TOML appended to the config (e.g. a proxy snapshotter).
+    pub fn start_with(extra: &str) -> Containerd {
+        Self::spawn(extra, false)
+    }
+
+    /// Like [`Containerd::start_with`], but with the CRI plugin enabled (as
+    /// on a Kubernetes node), its CNI directories inside the temp dir (none
+    /// needed for image pulls). `extra` may add tables under
+    /// `[plugins."io.containerd.grpc.v1.cri"]` (`.containerd`, `.registry...`)
+    /// but not that table itself.
+    pub fn start_cri(extra: &str) -> Containerd {
+        Self::spawn(extra, true)
+    }
+
+    fn spawn(extra: &str, cri: bool) -> Containerd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let cfg = d.join("config.toml");
+        let plugins = if cri {
+            format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  conf_dir = \"{0}/cni/net.d\"\n  bin_dir = \"{0}/cni/bin\"\n",
+                d.display()
+            )
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string()
+        };
+        let (globals, tables) = if cri {
+            (String::new(), plugins)
+        } else {
+            (plugins, String::new())
+        };
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n{2}[grpc]\n  address = \"{0}/containerd.sock\"\n[ttrpc]\n  address = \"{0}/containerd.sock.ttrpc\"\n[debug]\n  address = \"{0}/debug.sock\"\n{3}{1}\n",
+                d.display(),
+                extra,
+                globals,
+                tables
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd must be installed");
+        let sock = d.join("containerd.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "containerd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Containerd { dir, child }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(self.socket());
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctr().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Tasks first, so shims exit and their mounts go (in every
+        // namespace: CRI tests use "k8s.io").
+        let namespaces = self
+            .ctr()
+            .args(["namespaces", "ls", "-q"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        let mut namespaces: Vec<&str> = namespaces.lines().collect();
+        if !namespaces.contains(&"default") {
+            namespaces.push("default");
+        }
+        for ns in namespaces {
+            if let Ok(out) = self.ctr().args(["-n", ns, "tasks", "ls", "-q"]).output() {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = self
+                        .ctr()
+                        .args(["-n", ns, "tasks", "kill", "-s", "KILL", id])
+                        .output();
+                    let _ = self
+                        .ctr()
+                        .args(["-n", ns, "tasks", "delete", "-f", id])
+                        .output();
+                }
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        unmount_below(self.dir.path());
+    }
+}
+
+/// Unmount everything mounted at or below `dir` (last mounted first).
+pub fn unmount_below(dir: &Path) {
+    for t in mounts_below(dir).iter().rev() {
+        let _ = Command::new("umount").args(["-l", t]).status();
+    }
+}
+
+/// Mount points at or below `dir` (whole path components: `/x/a` is not
+/// below `/x/ab`), in mount order.
+pub fn mounts_below(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1).map(str::to_string))
+        .filter(|t| Path::new(t).starts_with(dir))
+        .collect()
+}
+
+/// Runc containers of the store at `root` as (id, status).
+pub fn runc_containers(root: &Path) -> Vec<(String, String)> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root.join("runc"))
+        .args(["list", "--format", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                    (s("id"), s("status"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pin files left in the store at `root`.
+pub fn pins_left(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root.join("pins"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// On drop (even when a test panics): kills the runc containers of the store
+/// at `root` and unmounts what is mounted below it, which a killed or
+/// misbehaving `lazylayer run` may have left.
+pub struct StoreLeftovers(pub PathBuf);
+
+impl Drop for StoreLeftovers {
+    fn drop(&mut self) {
+        for (id, _) in runc_containers(&self.0) {
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(self.0.join("runc"))
+                .args(["delete", "--force", &id])
+                .output();
+        }
+        unmount_below(&self.0);
+    }
+}
+
+/// A child process that is killed (SIGKILL, by its PID) and reaped on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Send `sig` to process `pid`.
+pub fn send_signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(pid, sig).unwrap();
+}
+
+/// Waits (up to `within`) for `child` to exit; its exit code (None: killed by a signal).
+pub fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(Instant::now() < deadline, "no exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until `n` mounts exist below `root` (the workload is up), then send
+/// SIGINT to `child` as a terminal's Ctrl-C would.
+/// Where the store at `root` keeps layer `digest` ("sha256:…") extracted
+/// (the directory holding `fs/` and `layer.json`).
+/// Wait (up to 30 s) until at least `n` mounts exist below `root`.
+pub fn wait_mounted(root: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mounts_below(root).len() < n {
+        assert!(Instant::now() < deadline, "workload did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A kernel overlayfs mount, unmounted on drop (detached if busy), even
+/// when a test panics. `lowers` top first; without `upper_work` the mount is
+/// read-only.
+pub struct Overlay {
+    pub target: PathBuf,
+}
+
+impl Overlay {
+    pub fn mount(
+        lowers: &[&Path],
+        upper_work: Option<(&Path, &Path)>,
+        target: &Path,
+    ) -> std::io::Result<Overlay> {
+        let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+        let mut data = format!("lowerdir={}", lower.join(":"));
+        if let Some((u, w)) = upper_work {
+            data.push_str(&format!(
+                ",upperdir={},workdir={}",
+                u.display(),
+                w.display()
+            ));
+        }
+        let data = std::ffi::CString::new(data).unwrap();
+        let flags = if upper_work.is_none() {
+            rustix::mount::MountFlags::RDONLY
+        } else {
+            rustix::mount::MountFlags::empty()
+        };
+        rustix::mount::mount("overlay", target, "overlay", flags, data.as_c_str())?;
+        Ok(Overlay {
+            target: target.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        use rustix::mount::{unmount, UnmountFlags};
+        if unmount(&self.target, UnmountFlags::empty()).is_err() {
+            let _ = unmount(&self.target, UnmountFlags::DETACH);
+        }
+    }
+}
