@@ -372,7 +372,7 @@ async fn run_in(
         .stdio(Stdio::Inherit)
         .keep_upper(!a.rm)
         .start()?;
-    let (container, code) = wait_forwarding_signals(container, signals, env.stop_timeout).await?;
+    let code = wait_forwarding_signals(container, signals, env.stop_timeout).await?;
 
     stop_status.store(true, Ordering::Relaxed);
     if let Some(t) = status_thread {
@@ -400,9 +400,6 @@ async fn run_in(
             );
         }
     }
-    container
-        .teardown()
-        .context("removing the container's overlay")?;
     drop(fuse);
     cdir.write_state(&ContainerState {
         status: ContainerStatus::Exited,
@@ -417,17 +414,19 @@ async fn run_in(
 
 /// Waits for the container's exit; meanwhile SIGTERM, SIGHUP and SIGINT sent to us
 /// go to the container's init, as `podman run` passes them on, and a container
-/// still running `grace` after the first one is KILLed. Returns the container,
-/// exited, and its exit code.
+/// still running `grace` after the first one is KILLed. Returns its exit code once
+/// the container is torn down (runc state, overlay, its directories).
 async fn wait_forwarding_signals(
     mut container: RunningContainer,
     signals: &mut Signals,
     grace: Duration,
-) -> Result<(RunningContainer, i32)> {
+) -> Result<i32> {
     let killer = container.killer();
     let mut wait = tokio::task::spawn_blocking(move || {
-        let code = container.wait();
-        (container, code)
+        // On an error the container is dropped here: killed, deleted, unmounted.
+        let code = container.wait()?;
+        container.teardown().context("removing the container")?;
+        anyhow::Ok(code)
     });
     let forward = |sig: i32| {
         let killer = killer.clone();
@@ -445,11 +444,7 @@ async fn wait_forwarding_signals(
     let (mut kill_at, mut killed) = (None, false);
     loop {
         tokio::select! {
-            done = &mut wait => {
-                // On an error the container is dropped here: killed, deleted, unmounted.
-                let (container, code) = done.context("waiting for the container")?;
-                return Ok((container, code?));
-            }
+            code = &mut wait => return code.context("waiting for the container")?,
             sig = signals.recv() => {
                 eprintln!("{}: passing it on to container {}", signal_name(sig), killer.id());
                 forward(sig);
