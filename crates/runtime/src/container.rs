@@ -245,3 +245,31 @@ impl Drop for RunningContainer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_a_bad_id_or_missing_parts_before_making_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let runc = Runc::new(dir.path().join("runc"));
+        let writable = dir.path().join("c");
+        let spec = || {
+            let config = oci_spec::image::ImageConfigurationBuilder::default()
+                .build()
+                .unwrap();
+            RunSpec::new("x", "", config)
+        };
+        let err = |b: ContainerBuilder| b.start().unwrap_err().to_string();
+        let e = err(ContainerBuilder::new("../x", &runc)
+            .writable(&writable)
+            .spec(spec()));
+        assert!(e.contains("invalid container id"), "{e}");
+        let e = err(ContainerBuilder::new("c", &runc).spec(spec()));
+        assert!(e.contains("no writable dir"), "{e}");
+        let e = err(ContainerBuilder::new("c", &runc).writable(&writable));
+        assert!(e.contains("no run spec"), "{e}");
+        assert!(!writable.exists() && !runc.root.exists());
+    }
+}
