@@ -169,7 +169,7 @@ pub async fn optimize(
 
     let workload = Workload {
         work_root: store.root().join("work"),
-        runc_root: store.root().join("runc"),
+        runc: lazylayer_runtime::Runc::for_store(store.root()),
         config_bytes: config_bytes.clone(),
         args: opts.args.clone(),
         env: opts.env.clone(),

@@ -5,7 +5,6 @@
 //! error or a crash of the workload leaves no mount or container behind.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,8 +12,8 @@ use std::time::Duration;
 use lazylayer_fs::{ContentSource, FsMount, FsOptions, LazyFs, Trace};
 use lazylayer_layer::index::BootIndex;
 use lazylayer_runtime::{
-    wait_ready, write_bundle, NetworkMode, OverlayMount, Readiness, RunSpec, Runc, RuntimeError,
-    Stdio, WaitCondition,
+    ContainerBuilder, Killer, NetworkMode, Readiness, RunSpec, Runc, RuntimeError, Stdio,
+    WaitCondition,
 };
 
 use crate::OptimizeError;
@@ -24,8 +23,8 @@ use crate::OptimizeError;
 pub struct Workload {
     /// Where mount points and the bundle are made (a fresh subdirectory per run).
     pub work_root: PathBuf,
-    /// runc's state directory.
-    pub runc_root: PathBuf,
+    /// The runc that starts it (the store's: [`Runc::for_store`]).
+    pub runc: Runc,
     pub config_bytes: Vec<u8>,
     pub args: Option<Vec<String>>,
     pub env: Vec<String>,
@@ -46,7 +45,7 @@ pub struct WorkloadOutcome {
 #[derive(Default)]
 pub struct CancelHandle {
     cancelled: AtomicBool,
-    running: Mutex<Option<(PathBuf, String)>>,
+    running: Mutex<Option<Killer>>,
 }
 
 impl CancelHandle {
@@ -57,12 +56,8 @@ impl CancelHandle {
     /// Kill the running container (if any); the run then unwinds normally.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
-        if let Some((root, id)) = self.running.lock().unwrap().clone() {
-            let _ = Command::new("runc")
-                .arg("--root")
-                .arg(root)
-                .args(["kill", &id, "KILL"])
-                .status();
+        if let Some(killer) = self.running.lock().unwrap().clone() {
+            let _ = killer.kill(9);
         }
     }
 
@@ -93,16 +88,8 @@ pub fn run_workload<S: ContentSource>(
         .tempdir_in(&w.work_root)
         .map_err(io("creating work dir", &w.work_root))?;
     let dir = work.path();
-    let (lower, upper, ovl_work, rootfs, bundle) = (
-        dir.join("lower"),
-        dir.join("upper"),
-        dir.join("work"),
-        dir.join("rootfs"),
-        dir.join("bundle"),
-    );
-    for d in [&lower, &upper, &ovl_work, &rootfs, &bundle] {
-        std::fs::create_dir(d).map_err(io("creating work dir", d))?;
-    }
+    let lower = dir.join("lower");
+    std::fs::create_dir(&lower).map_err(io("creating work dir", &lower))?;
     let config = serde_json::from_slice(&w.config_bytes)
         .map_err(|e| OptimizeError::BadImage(format!("image config: {e}")))?;
     let id = format!(
@@ -119,24 +106,28 @@ pub fn run_workload<S: ContentSource>(
         &lower,
         4,
     )?;
-    let overlay = OverlayMount::mount(std::slice::from_ref(&lower), &upper, &ovl_work, &rootfs)?;
-    let mut spec = RunSpec::new(id.clone(), rootfs.clone(), config);
+    let mut spec = RunSpec::new(id.clone(), PathBuf::new(), config);
     spec.args = w.args.clone();
     spec.env = w.env.clone();
     spec.network = w.network;
-    write_bundle(&spec, &bundle)?;
-    let runc = Runc {
-        binary: "runc".into(),
-        root: w.runc_root.clone(),
-    };
     let stdio = if matches!(w.wait, WaitCondition::Log(_)) {
         Stdio::Piped
     } else {
         Stdio::ToStderr
     };
-    let mut container = runc.start(&id, &bundle, stdio)?;
-    *cancel.running.lock().unwrap() = Some((w.runc_root.clone(), id.clone()));
-    let waited = wait_ready(&mut container, &w.wait, w.timeout);
+    // Overlay over the FUSE root, bundle and runc in `dir`; undone when dropped.
+    let mut container = ContainerBuilder::new(&id, &w.runc)
+        .lowers(vec![lower.clone()])
+        .writable(dir)
+        .spec(spec)
+        .stdio(stdio)
+        .start()?;
+    *cancel.running.lock().unwrap() = Some(container.killer());
+    if cancel.is_cancelled() {
+        // Cancelled while starting, before the handle could reach it.
+        container.kill(9)?;
+    }
+    let waited = container.wait_ready(&w.wait, w.timeout);
     *cancel.running.lock().unwrap() = None;
     let outcome = match waited {
         Ok(Readiness::Exited(code)) => WorkloadOutcome {
@@ -165,9 +156,8 @@ pub fn run_workload<S: ContentSource>(
         }
         Err(e) => return Err(e.into()),
     };
-    // Reverse order of set-up: the container, then the overlay, then FUSE.
-    drop(container);
-    drop(overlay);
+    // Reverse order of set-up: the container (with its overlay), then FUSE.
+    container.teardown()?;
     fuse.unmount()
         .map_err(io("unmounting the lazylayer file system", &lower))?;
     Ok(outcome)

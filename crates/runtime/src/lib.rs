@@ -7,6 +7,9 @@
 //!   resolved against the image's own /etc/passwd and /etc/group, docker's default
 //!   capabilities, mounts, masked paths and namespaces, and an `RLIMIT_NOFILE` equal to
 //!   our own hard limit (root cannot raise rlimits on every host).
+//! - [`ContainerBuilder`] is the one container start: an overlay over read-only
+//!   lowers, a bundle, runc; the [`RunningContainer`] it gives is killed, deleted,
+//!   unmounted and its directories removed on drop, in that order.
 //! - [`Runc`] starts the bundle with `runc run` in the foreground; the [`Container`] it
 //!   returns is a value whose drop kills the container and deletes runc's state.
 //! - [`wait_ready`] waits for a [`WaitCondition`]: exit, a TCP port accepting inside
@@ -23,6 +26,7 @@
 //! hybrid cgroup hosts) or containerd.
 
 mod bundle;
+mod container;
 mod error;
 mod mounts;
 mod overlay;
@@ -32,6 +36,7 @@ mod state;
 mod user;
 
 pub use bundle::{validate_id, write_bundle, NetworkMode, RunSpec};
+pub use container::{ContainerBuilder, RunningContainer};
 pub use error::RuntimeError;
 pub use mounts::{mounts_below, unmount_below};
 pub use overlay::OverlayMount;

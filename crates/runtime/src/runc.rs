@@ -15,6 +15,8 @@ const PID_WAIT: Duration = Duration::from_secs(10);
 /// How long `Drop` waits for runc to exit after SIGKILL before killing runc itself.
 const DROP_WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
+/// runc's state directory under a lazylayer store's root: named here only.
+const STORE_RUNC_DIR: &str = "runc";
 
 /// The runc binary and its state directory.
 #[derive(Debug, Clone)]
@@ -81,6 +83,12 @@ impl Runc {
             binary: PathBuf::from("runc"),
             root: root.into(),
         }
+    }
+
+    /// The runc of the store at `store_root`: its state in `<store_root>/runc`, shared
+    /// by `run`, `optimize`, `rm` and the reaping of orphans.
+    pub fn for_store(store_root: &Path) -> Self {
+        Runc::new(store_root.join(STORE_RUNC_DIR))
     }
 
     fn command(&self) -> Command {
@@ -305,7 +313,7 @@ impl Container {
     /// `runc delete -f ID`; runc run deletes on exit, so this only matters when runc
     /// itself died. Missing state is fine.
     fn delete(&self) {
-        if let Err(e) = self.runc.run(&self.id, &["delete", "-f", &self.id]) {
+        if let Err(e) = self.runc.delete(&self.id) {
             tracing::warn!(id = %self.id, error = %e, "runc delete failed");
         }
     }
@@ -425,7 +433,7 @@ impl Drop for Container {
                 }
                 // Retried until it lands: right after start the state may not exist yet.
                 if !killed {
-                    killed = self.runc.run(&self.id, &["kill", &self.id, "KILL"]).is_ok();
+                    killed = self.runc.kill(&self.id, 9).is_ok();
                 }
                 std::thread::sleep(POLL);
             }

@@ -349,7 +349,7 @@ mod tests {
     fn orphans_are_cleared_and_living_containers_left_alone() {
         let root = tempfile::tempdir().unwrap();
         let root = root.path();
-        let runc = crate::Runc::new(root.join("runc"));
+        let runc = crate::Runc::for_store(root);
         let me = std::process::id();
         let start = process_start_time(me).unwrap();
         std::fs::create_dir_all(root.join("pins")).unwrap();

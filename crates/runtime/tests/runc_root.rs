@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{have_root, image_with, spec, TestEnv};
 use lazylayer_runtime::{
-    wait_ready, write_bundle, Container, Readiness, RunSpec, RuntimeError, Stdio, WaitCondition,
+    mounts_below, wait_ready, write_bundle, Container, ContainerBuilder, Readiness, RunSpec,
+    RunningContainer, RuntimeError, Stdio, WaitCondition,
 };
 
 /// Writes the bundle and starts it with piped output.
@@ -464,4 +465,137 @@ fn root_runc_failure_is_sticky_and_kill_is_harmless() {
     assert!(c.try_wait().is_err());
     c.kill(9).unwrap();
     assert!(c.kill(0).is_err());
+}
+
+/// A [`ContainerBuilder`] over the test's busybox root, writable in `DIR/NAME`.
+fn builder(env: &TestEnv, name: &str, cmd: &[&str]) -> (ContainerBuilder, std::path::PathBuf) {
+    let writable = env.dir.path().join(name);
+    let b = ContainerBuilder::new(TestEnv::id(name), &env.runc)
+        .lowers(vec![env.rootfs.clone()])
+        .writable(&writable)
+        .spec(spec(env, name, cmd))
+        .stdio(Stdio::Piped);
+    (b, writable)
+}
+
+/// What a container start makes in its writable dir, present or not.
+fn made(writable: &std::path::Path) -> Vec<&'static str> {
+    ["upper", "work", "rootfs", "bundle"]
+        .into_iter()
+        .filter(|d| writable.join(d).exists())
+        .collect()
+}
+
+#[test]
+fn root_builder_start_wait_gives_the_exit_code_and_teardown_undoes_it() {
+    if !have_root("root_builder_start_wait_gives_the_exit_code_and_teardown_undoes_it") {
+        return;
+    }
+    let env = TestEnv::new();
+    let cmd = ["sh", "-c", "echo data > /written; echo out; exit 7"];
+    let (b, writable) = builder(&env, "bexit", &cmd);
+    let mut c = b.start().unwrap();
+    assert_eq!(c.rootfs(), writable.join("rootfs"));
+    assert_eq!(mounts_below(&writable), vec![writable.join("rootfs")]);
+    let mut out = String::new();
+    c.take_stdout().unwrap().read_to_string(&mut out).unwrap();
+    assert_eq!((c.wait().unwrap(), out.as_str()), (7, "out\n"));
+    c.teardown().unwrap();
+    assert!(mounts_below(&writable).is_empty());
+    assert!(env.runc_list().is_empty());
+    assert!(made(&writable).is_empty(), "{:?}", made(&writable));
+    // The lower is untouched: the write went to the (removed) upper.
+    assert!(!env.rootfs.join("written").exists());
+
+    // keep_upper: the container's writes stay, the rest goes.
+    let (b, writable) = builder(&env, "bkeep", &cmd);
+    let mut c = b.keep_upper(true).start().unwrap();
+    assert_eq!(c.wait().unwrap(), 7);
+    drop(c);
+    assert_eq!(made(&writable), ["upper"]);
+    assert_eq!(
+        std::fs::read_to_string(writable.join("upper/written")).unwrap(),
+        "data\n"
+    );
+}
+
+#[test]
+fn root_builder_drop_of_running_container_leaves_nothing() {
+    if !have_root("root_builder_drop_of_running_container_leaves_nothing") {
+        return;
+    }
+    let env = TestEnv::new();
+    let (b, writable) = builder(&env, "bdrop", &["sleep", "30"]);
+    let c = b.start().unwrap();
+    let pid = c.pid().expect("running container has a pid");
+    assert_eq!(env.runc_list(), vec![c.id().to_owned()]);
+    assert_eq!(mounts_below(&writable).len(), 1);
+    let t = Instant::now();
+    drop(c);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(env.runc_list().is_empty());
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(mounts_below(&writable).is_empty());
+    assert!(made(&writable).is_empty(), "{:?}", made(&writable));
+}
+
+#[test]
+fn root_builder_kill_from_another_thread_while_wait_blocks() {
+    if !have_root("root_builder_kill_from_another_thread_while_wait_blocks") {
+        return;
+    }
+    let env = TestEnv::new();
+    let cmd = [
+        "sh",
+        "-c",
+        "trap 'exit 4' HUP; echo up; while true; do sleep 0.05; done",
+    ];
+    let (b, writable) = builder(&env, "bkiller", &cmd);
+    let mut c = b.start().unwrap();
+    let ready = c.wait_ready(&WaitCondition::Log("up".into()), Duration::from_secs(10));
+    assert_eq!(ready.unwrap(), Readiness::Ready);
+    let killer = c.killer();
+    let waiter = std::thread::spawn(move || {
+        let code = c.wait();
+        (c, code)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!waiter.is_finished(), "wait blocks while it runs");
+    killer.kill(1).unwrap();
+    let (c, code): (RunningContainer, _) = waiter.join().unwrap();
+    assert_eq!(code.unwrap(), 4);
+    // Still mounted until the owner lets it go.
+    assert_eq!(mounts_below(&writable).len(), 1);
+    drop(c);
+    assert!(mounts_below(&writable).is_empty());
+    assert!(env.runc_list().is_empty());
+}
+
+#[test]
+fn root_builder_failed_start_undoes_what_it_did() {
+    if !have_root("root_builder_failed_start_undoes_what_it_did") {
+        return;
+    }
+    let env = TestEnv::new();
+    // The bundle fails (unknown user) after the overlay is mounted.
+    let writable = env.dir.path().join("bfail");
+    let mut s = spec(&env, "bfail", &["true"]);
+    s.user = Some("ghost".into());
+    let err = ContainerBuilder::new(TestEnv::id("bfail"), &env.runc)
+        .lowers(vec![env.rootfs.clone()])
+        .writable(&writable)
+        .spec(s)
+        .start()
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::User { .. }), "{err:?}");
+    assert!(mounts_below(&writable).is_empty());
+    assert!(made(&writable).is_empty(), "{:?}", made(&writable));
+
+    // A leftover from an earlier container is refused, not reused, and kept.
+    std::fs::create_dir_all(writable.join("upper")).unwrap();
+    let (b, _) = builder(&env, "bfail", &["true"]);
+    assert!(b.start().is_err());
+    assert_eq!(made(&writable), ["upper"]);
+    assert!(mounts_below(&writable).is_empty());
+    assert!(!env.runc.root.exists() || env.runc_list().is_empty());
 }

@@ -35,7 +35,7 @@ pub fn parse_platform(s: Option<&str>) -> Result<Platform> {
 /// (see `ContainerDir::reap_orphans`; what cannot be cleared is logged, and must
 /// not stop the command that noticed), saying so on stderr.
 pub fn reap_orphans(root: &Path) -> Vec<Reaped> {
-    let runc = Runc::new(root.join("runc"));
+    let runc = Runc::for_store(root);
     let reaped = ContainerDir::reap_orphans(root, &runc);
     for r in &reaped {
         let what = if r.removed {

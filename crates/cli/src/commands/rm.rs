@@ -15,7 +15,7 @@ pub struct Args {
 }
 
 pub fn run(g: &GlobalArgs, a: Args) -> Result<()> {
-    let runc = Runc::new(g.root.join("runc"));
+    let runc = Runc::for_store(&g.root);
     let reaped = super::reap_orphans(&g.root);
     for n in &a.names {
         // Its run was gone and it had --rm: clearing it removed it already.

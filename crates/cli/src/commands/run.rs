@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use lazylayer_fetch::{FetchOptions, LayerFetcher, LazyImage, OpenError};
 use lazylayer_fs::{FsMount, FsOptions};
 use lazylayer_runtime::{
-    process_start_time, write_bundle, ContainerDir, ContainerState, ContainerStatus, NetworkMode,
-    OverlayMount, RunSpec, Runc, Stdio,
+    process_start_time, ContainerBuilder, ContainerDir, ContainerState, ContainerStatus,
+    NetworkMode, RunSpec, Runc, RunningContainer, Stdio,
 };
 use lazylayer_store::{Pin, PullOptions};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -103,7 +103,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
     let mut signals = Signals::new()?;
     let store = g.store()?;
     let client = Arc::new(g.client()?);
-    let runc = Runc::new(store.root().join("runc"));
+    let runc = Runc::for_store(store.root());
     // A container left by a run killed outright may hold the name we want.
     super::reap_orphans(store.root());
     let name = a.name.clone().unwrap_or_else(random_name);
@@ -133,6 +133,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
                 reference: &reference,
                 network,
                 cdir: &cdir,
+                runc: &runc,
                 t0,
                 stop_timeout,
             };
@@ -167,6 +168,7 @@ struct Env<'a> {
     reference: &'a lazylayer_oci::Reference,
     network: NetworkMode,
     cdir: &'a ContainerDir,
+    runc: &'a Runc,
     t0: Instant,
     stop_timeout: Duration,
 }
@@ -207,7 +209,7 @@ fn signal_name(sig: i32) -> String {
     }
 }
 
-/// A container's root, mounted and ready to start.
+/// A container's lowers, mounted, and what to run on them.
 struct Prepared {
     lazy: Option<LazyImage>,
     /// Until every layer is here no image record names them: keeps `prune` off
@@ -215,8 +217,9 @@ struct Prepared {
     _pin: Option<Pin>,
     fuse: Option<FsMount>,
     fetcher: Option<LayerFetcher>,
-    overlay: OverlayMount,
-    bundle: PathBuf,
+    /// Top first.
+    lowers: Vec<PathBuf>,
+    spec: RunSpec,
     t_ready: Duration,
 }
 
@@ -232,16 +235,8 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
         pull: pull.clone(),
         ..FetchOptions::default()
     };
-    let (lower, upper, work, rootfs, bundle) = (
-        cdir.sub("lower"),
-        cdir.sub("upper"),
-        cdir.sub("work"),
-        cdir.sub("rootfs"),
-        cdir.sub("bundle"),
-    );
-    for d in [&lower, &upper, &work, &rootfs, &bundle] {
-        std::fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
-    }
+    let lower = cdir.sub("lower");
+    std::fs::create_dir(&lower).with_context(|| format!("creating {}", lower.display()))?;
 
     // Either a lazy image behind FUSE, or (no boot layer) a full pull.
     let lazy = match LazyImage::open(store, env.client.clone(), reference, fopts).await {
@@ -302,11 +297,10 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
         }
     };
     let t_ready = env.t0.elapsed();
-    let overlay = OverlayMount::mount(&lowers, &upper, &work, &rootfs)
-        .context("mounting the container's overlay")?;
 
     let config = serde_json::from_slice(&config_bytes).context("parsing the image config")?;
-    let mut spec = RunSpec::new(name.to_string(), rootfs.clone(), config);
+    // Its rootfs is the container's overlay, which ContainerBuilder names.
+    let mut spec = RunSpec::new(name.to_string(), PathBuf::new(), config);
     if !a.command.is_empty() {
         spec.args = Some(a.command.clone());
     }
@@ -314,14 +308,13 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
     spec.network = env.network;
     spec.user = a.user.clone();
     spec.workdir = a.workdir.clone();
-    write_bundle(&spec, &bundle)?;
     Ok(Prepared {
         lazy,
         _pin: pin,
         fuse,
         fetcher,
-        overlay,
-        bundle,
+        lowers,
+        spec,
         t_ready,
     })
 }
@@ -347,8 +340,8 @@ async fn run_in(
         _pin,
         fuse,
         fetcher,
-        overlay,
-        bundle,
+        lowers,
+        spec,
         t_ready,
     } = p;
     let state = ContainerState {
@@ -370,8 +363,15 @@ async fn run_in(
         })
     });
 
-    let runc = Runc::new(store.root().join("runc"));
-    let container = runc.start(&name, &bundle, Stdio::Inherit)?;
+    // The overlay over the lowers, the bundle and runc, in the container's directory;
+    // the writable layer outlives the run unless --rm.
+    let container = ContainerBuilder::new(&name, env.runc)
+        .lowers(lowers)
+        .writable(&cdir.path)
+        .spec(spec)
+        .stdio(Stdio::Inherit)
+        .keep_upper(!a.rm)
+        .start()?;
     let code = wait_forwarding_signals(container, signals, env.stop_timeout).await?;
 
     stop_status.store(true, Ordering::Relaxed);
@@ -400,9 +400,6 @@ async fn run_in(
             );
         }
     }
-    overlay
-        .unmount()
-        .context("unmounting the container's overlay")?;
     drop(fuse);
     cdir.write_state(&ContainerState {
         status: ContainerStatus::Exited,
@@ -417,18 +414,19 @@ async fn run_in(
 
 /// Waits for the container's exit; meanwhile SIGTERM, SIGHUP and SIGINT sent to us
 /// go to the container's init, as `podman run` passes them on, and a container
-/// still running `grace` after the first one is KILLed. Returns its exit code.
+/// still running `grace` after the first one is KILLed. Returns its exit code once
+/// the container is torn down (runc state, overlay, its directories).
 async fn wait_forwarding_signals(
-    mut container: lazylayer_runtime::Container,
+    mut container: RunningContainer,
     signals: &mut Signals,
     grace: Duration,
 ) -> Result<i32> {
     let killer = container.killer();
     let mut wait = tokio::task::spawn_blocking(move || {
-        let code = container.wait();
-        // Dropped here: a container that failed to start is killed and deleted.
-        drop(container);
-        code
+        // On an error the container is dropped here: killed, deleted, unmounted.
+        let code = container.wait()?;
+        container.teardown().context("removing the container")?;
+        anyhow::Ok(code)
     });
     let forward = |sig: i32| {
         let killer = killer.clone();
@@ -446,7 +444,7 @@ async fn wait_forwarding_signals(
     let (mut kill_at, mut killed) = (None, false);
     loop {
         tokio::select! {
-            code = &mut wait => return Ok(code.context("waiting for the container")??),
+            code = &mut wait => return code.context("waiting for the container")?,
             sig = signals.recv() => {
                 eprintln!("{}: passing it on to container {}", signal_name(sig), killer.id());
                 forward(sig);
