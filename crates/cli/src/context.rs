@@ -78,21 +78,7 @@ pub fn init_logging(verbose: u8) {
         .init();
 }
 
-/// `12.3 MB` style sizes (decimal, as registries and podman report them).
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use lazylayer_oci::human_bytes;
 
 pub fn short_digest(d: &impl std::fmt::Display) -> String {
     let s = d.to_string();

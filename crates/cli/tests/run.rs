@@ -689,46 +689,27 @@ fn trapping(sig: &str) -> String {
 /// only the KILL after the grace period stops it.
 const SLEEPING: &str = "echo ready; exec sleep 1000";
 
-#[test]
-fn root_sigterm_to_run_reaches_the_container_and_cleans_up() {
+/// `sig` to `run` of a lazy image whose init traps it (exit 3 passes
+/// through), and of a plain and a lazy one whose init ignores it (KILLed
+/// after the grace period: 137); each leaves nothing behind.
+fn signal_reaches_the_container(sig: rustix::process::Signal, name: &str) {
     let reg = Registry::start();
     push_images(&reg, &["busybox"]);
     let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
     let plain = image_ref(&reg, "busybox");
-    use rustix::process::Signal;
-    signal_stops_and_cleans_up(
-        &lazy,
-        Signal::TERM,
-        &trapping("TERM"),
-        3,
-        Duration::from_secs(5),
-    );
-    signal_stops_and_cleans_up(&plain, Signal::TERM, SLEEPING, 137, Duration::from_secs(8));
-    signal_stops_and_cleans_up(&lazy, Signal::TERM, SLEEPING, 137, Duration::from_secs(8));
+    signal_stops_and_cleans_up(&lazy, sig, &trapping(name), 3, Duration::from_secs(5));
+    signal_stops_and_cleans_up(&plain, sig, SLEEPING, 137, Duration::from_secs(8));
+    signal_stops_and_cleans_up(&lazy, sig, SLEEPING, 137, Duration::from_secs(8));
+}
+
+#[test]
+fn root_sigterm_to_run_reaches_the_container_and_cleans_up() {
+    signal_reaches_the_container(rustix::process::Signal::TERM, "TERM");
 }
 
 #[test]
 fn root_sighup_to_run_reaches_the_container_and_cleans_up() {
-    let reg = Registry::start();
-    push_images(&reg, &["busybox"]);
-    let (_s, lazy, _) = optimized(&reg, "busybox", &[]);
-    let plain = image_ref(&reg, "busybox");
-    use rustix::process::Signal;
-    signal_stops_and_cleans_up(
-        &lazy,
-        Signal::HUP,
-        &trapping("HUP"),
-        3,
-        Duration::from_secs(5),
-    );
-    signal_stops_and_cleans_up(
-        &plain,
-        Signal::HUP,
-        &trapping("HUP"),
-        3,
-        Duration::from_secs(5),
-    );
-    signal_stops_and_cleans_up(&lazy, Signal::HUP, SLEEPING, 137, Duration::from_secs(8));
+    signal_reaches_the_container(rustix::process::Signal::HUP, "HUP");
 }
 
 /// A TERM while the image is still being fetched (from a "registry" that

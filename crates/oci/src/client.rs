@@ -113,8 +113,8 @@ impl std::fmt::Display for Broken {
     }
 }
 
-/// `12.3 MB` style sizes (decimal, as registries report them).
-pub(crate) fn human_bytes(n: u64) -> String {
+/// `12.3 MB` style sizes (decimal, as registries and podman report them).
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut u = 0;
