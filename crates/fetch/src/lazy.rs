@@ -10,7 +10,7 @@ use lazylayer_fs::{ContentSource, FsMount, FsOptions, LazyFs};
 use lazylayer_layer::index::{BootIndex, IndexEntry, ANNOTATION_BOOT_LAYER, INDEX_FILE_NAME};
 use lazylayer_oci::manifest::{descriptor_digest, parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
-use lazylayer_store::{ImageRecord, LayerRef, NoProgress, Store};
+use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
 
 use crate::fetcher::{FetchOptions, LayerFetcher};
 use crate::FetchError;
@@ -134,11 +134,11 @@ impl LazyImage {
             })?;
         store
             .ensure_layer(
-                &client,
-                &reference.repository,
+                &RegistryBlobs::new(&*client, reference.repository.clone()),
                 &boot,
                 &opts.pull,
                 Arc::new(NoProgress),
+                Arc::new(NoEvents),
             )
             .await
             .map_err(FetchError::from)?;
@@ -175,8 +175,7 @@ impl LazyImage {
         };
         let fetcher = LayerFetcher::new(
             store.clone(),
-            client,
-            reference.repository.clone(),
+            Arc::new(RegistryBlobs::new(client, reference.repository.clone())),
             lower.to_vec(),
             opts,
             tokio::runtime::Handle::current(),
