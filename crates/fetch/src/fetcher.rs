@@ -383,6 +383,21 @@ impl LayerFetcher {
         }
     }
 
+    /// [`LayerFetcher::open_file`] without waiting: the file when its layer
+    /// is in the store, else `None` (and the layer's fetch is started: the
+    /// caller is expected to wait in `open_file` next, off its hot threads).
+    pub fn try_open_file(&self, i: usize, path: &[u8]) -> Option<io::Result<File>> {
+        self.request(i, true);
+        let s = self.inner.slots.lock().unwrap();
+        let slot = s.get(i)?;
+        if slot.state != LayerState::Done {
+            return None;
+        }
+        let dir = self.inner.store.layer_fs_path(&slot.layer.digest);
+        drop(s);
+        Some(open_beneath(&dir, path))
+    }
+
     /// Blocks until `decide` answers for the current slots (re-asked after
     /// every change) or `deadline` passes (None).
     fn wait_for<T>(

@@ -242,4 +242,14 @@ impl ContentSource for LazySource {
         self.fetcher
             .open_file(entry.layer as usize, &entry.path, entry.digest.as_ref())
     }
+
+    /// Boot layer files and layers already stored answer at once; a file
+    /// still to be fetched is waited for off the FUSE worker threads.
+    fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
+        if entry.in_boot {
+            return Some(self.open(idx, entry));
+        }
+        self.fetcher
+            .try_open_file(entry.layer as usize, &entry.path)
+    }
 }

@@ -303,9 +303,13 @@ fn a_file_is_served_while_its_layer_still_streams() {
     assert_eq!(read_all(got), b"hello");
     assert_eq!(src.log(), ["start 0"], "the stream had not finished");
     assert_eq!(f.status()[l].state, LayerState::Fetching);
+    // Not without waiting (the file system then waits off its workers).
+    assert!(f.try_open_file(l, b"hello.txt").is_none());
 
     src.release(l);
     f.wait_all(SOON).unwrap();
+    let got = f.try_open_file(l, b"hello.txt").expect("stored").unwrap();
+    assert_eq!(read_all(got), b"hello");
     let got = f.open_file(l, b"big.bin", Some(&sha(&big))).unwrap();
     assert!(read_all(got) == big);
 }
