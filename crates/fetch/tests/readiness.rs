@@ -314,6 +314,43 @@ fn a_file_is_served_while_its_layer_still_streams() {
     assert!(read_all(got) == big);
 }
 
+/// `--verified-only` (serve_unverified off): even a landed file that
+/// matches the index waits for the layer's digest check.
+#[test]
+fn verified_only_waits_for_the_whole_layer() {
+    let mut w = World::new();
+    let big = noise(1 << 20, 7);
+    let l = w.layer(&[("hello.txt", b"hello"), ("marker", b"m"), ("big.bin", &big)]);
+    let half = w.blob(l).len() as u64 / 2;
+    let src = w.source(|_, b| b.pause_at = Some(half));
+    let f = w.fetcher(
+        src.clone(),
+        FetchOptions {
+            serve_unverified: false,
+            ..opts(SOON)
+        },
+    );
+    let reader = open_async(&f, l, "hello.txt", Some(sha(b"hello")));
+    // "marker" (after hello.txt) is in the extraction directory: hello.txt
+    // has landed.
+    let tmp = w.dir.path().join("store/tmp");
+    eventually("the entries have landed", || {
+        std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("fs/marker").exists())
+    });
+    match reader.recv_timeout(Duration::from_millis(500)) {
+        Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+        Ok(r) => panic!("served before the layer was verified: {r:?}"),
+        Err(e) => panic!("{e}"),
+    }
+    src.release(l);
+    assert_eq!(reader.recv_timeout(SOON).unwrap().unwrap(), b"hello");
+    assert_eq!(f.status()[l].state, LayerState::Done);
+}
+
 /// (b) A landed file whose bytes differ from the index's SHA-256 (here: a
 /// later entry of the same path replaces it) is not served early: the
 /// reader waits for the verified layer and gets the final content.
