@@ -9,9 +9,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use lazylayer_fs::source::open_beneath;
-use lazylayer_oci::{Digest, RegistryClient, Repository};
-use lazylayer_store::{LayerRef, PullOptions, PullProgress, Store};
+use lazylayer_oci::Digest;
+use lazylayer_store::{BlobStream, LayerEvents, LayerRef, PullOptions, PullProgress, Store};
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
@@ -73,9 +74,13 @@ struct Slot {
 
 struct Inner {
     store: Store,
-    client: Arc<RegistryClient>,
-    repo: Repository,
+    /// Where layer blobs come from (the image's registry repository).
+    source: Arc<dyn BlobStream>,
     opts: FetchOptions,
+    /// `prefetch_concurrency` permits: the prefetch takes one per layer it
+    /// starts; a reader's fetch takes one if free (so that the prefetch
+    /// leaves it room) but never waits for one.
+    prefetch_slots: Arc<Semaphore>,
     slots: Mutex<Vec<Slot>>,
     changed: Condvar,
     fetched: Vec<AtomicU64>,
@@ -92,7 +97,7 @@ pub struct LayerFetcher {
     inner: Arc<Inner>,
 }
 
-/// Feeds store pull events into the fetcher's per-layer state.
+/// Counts a layer's downloaded bytes (for `status`).
 struct SlotProgress {
     inner: Arc<Inner>,
     layer: usize,
@@ -102,11 +107,20 @@ impl PullProgress for SlotProgress {
     fn layer_bytes(&self, _d: &Digest, n: u64) {
         self.inner.fetched[self.layer].fetch_add(n, Ordering::Relaxed);
     }
-    fn layer_extracting(&self, _d: &Digest, fs_dir: &Path) {
+}
+
+/// Feeds a layer's extraction into its slot: per-file readiness.
+struct SlotEvents {
+    inner: Arc<Inner>,
+    layer: usize,
+}
+
+impl LayerEvents for SlotEvents {
+    fn extracting(&self, fs_dir: &Path) {
         let mut s = self.inner.slots.lock().unwrap();
         s[self.layer].extracting_in = Some(fs_dir.to_path_buf());
     }
-    fn layer_entry(&self, _d: &Digest, path: &Path) {
+    fn entry_landed(&self, path: &Path) {
         use std::os::unix::ffi::OsStrExt;
         let mut s = self.inner.slots.lock().unwrap();
         s[self.layer]
@@ -120,10 +134,10 @@ impl PullProgress for SlotProgress {
 impl LayerFetcher {
     /// `layers`: the image's layers in index order (the index's `layer`
     /// numbers refer to positions here). Layers already in the store start Done.
+    /// `source` serves their blobs.
     pub fn new(
         store: Store,
-        client: Arc<RegistryClient>,
-        repo: Repository,
+        source: Arc<dyn BlobStream>,
         layers: Vec<LayerRef>,
         opts: FetchOptions,
         rt: tokio::runtime::Handle,
@@ -149,8 +163,8 @@ impl LayerFetcher {
         LayerFetcher {
             inner: Arc::new(Inner {
                 store,
-                client,
-                repo,
+                source,
+                prefetch_slots: Arc::new(Semaphore::new(opts.prefetch_concurrency.max(1))),
                 opts,
                 slots: Mutex::new(slots),
                 changed: Condvar::new(),
@@ -164,6 +178,19 @@ impl LayerFetcher {
 
     /// Start fetching layer `i` unless it is fetching or done. Returns at once.
     pub fn request(&self, i: usize, on_demand: bool) {
+        // A reader's fetch starts at once; it holds a prefetch slot if one is
+        // free, so the prefetch does not start more beside it.
+        let permit = if on_demand {
+            self.inner.prefetch_slots.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        self.start(i, on_demand, permit);
+    }
+
+    /// Start layer `i`'s fetch unless it is fetching or done; `permit` (a
+    /// prefetch slot) is held until the fetch ends, or dropped at once.
+    fn start(&self, i: usize, on_demand: bool, permit: Option<OwnedSemaphorePermit>) {
         if self.inner.cancelled.load(Ordering::SeqCst) {
             return;
         }
@@ -178,11 +205,10 @@ impl LayerFetcher {
             slot.layer.clone()
         };
         let inner = self.inner.clone();
-        self.track(
-            self.inner
-                .rt
-                .spawn(async move { fetch_one(inner, i, layer).await }),
-        );
+        self.track(self.inner.rt.spawn(async move {
+            fetch_one(inner, i, layer).await;
+            drop(permit);
+        }));
     }
 
     /// Remember a spawned task for [`LayerFetcher::cancel`] (finished ones
@@ -207,11 +233,15 @@ impl LayerFetcher {
         if self.inner.cancelled.swap(true, Ordering::SeqCst) {
             return;
         }
-        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap());
+        // No prefetch waits for a slot any more.
+        self.inner.prefetch_slots.close();
+        // Aborted but kept: tasks_running() tells when they are gone.
+        let tasks = self.inner.tasks.lock().unwrap();
         let running = tasks.iter().filter(|t| !t.is_finished()).count();
-        for t in tasks {
+        for t in tasks.iter() {
             t.abort();
         }
+        drop(tasks);
         let mut s = self.inner.slots.lock().unwrap();
         for slot in s.iter_mut() {
             if matches!(slot.state, LayerState::Pending | LayerState::Fetching) {
@@ -221,6 +251,13 @@ impl LayerFetcher {
         drop(s);
         self.inner.changed.notify_all();
         tracing::debug!(running, "layer fetches cancelled");
+    }
+
+    /// Fetch and prefetch tasks not finished yet (after
+    /// [`LayerFetcher::cancel`], the ones still unwinding).
+    pub fn tasks_running(&self) -> usize {
+        let tasks = self.inner.tasks.lock().unwrap();
+        tasks.iter().filter(|t| !t.is_finished()).count()
     }
 
     /// Fetch every pending layer in the background, `prefetch_concurrency`
@@ -249,27 +286,19 @@ impl LayerFetcher {
 
     async fn prefetch_all(&self) {
         let n = self.inner.slots.lock().unwrap().len();
-        let limit = self.inner.opts.prefetch_concurrency.max(1);
         for i in 0..n {
             if self.inner.cancelled.load(Ordering::SeqCst) {
                 return;
             }
-            // Wait for a free prefetch slot: count layers fetching.
-            loop {
-                let busy = self
-                    .inner
-                    .slots
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|s| s.state == LayerState::Fetching)
-                    .count();
-                if busy < limit {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let pending = self.inner.slots.lock().unwrap()[i].state == LayerState::Pending;
+            if !pending {
+                continue;
             }
-            self.request(i, false);
+            // Wait for a free prefetch slot; the fetch holds it to its end.
+            let Ok(permit) = self.inner.prefetch_slots.clone().acquire_owned().await else {
+                return;
+            };
+            self.start(i, false, Some(permit));
         }
     }
 
@@ -352,6 +381,21 @@ impl LayerFetcher {
                 }
             };
         }
+    }
+
+    /// [`LayerFetcher::open_file`] without waiting: the file when its layer
+    /// is in the store, else `None` (and the layer's fetch is started: the
+    /// caller is expected to wait in `open_file` next, off its hot threads).
+    pub fn try_open_file(&self, i: usize, path: &[u8]) -> Option<io::Result<File>> {
+        self.request(i, true);
+        let s = self.inner.slots.lock().unwrap();
+        let slot = s.get(i)?;
+        if slot.state != LayerState::Done {
+            return None;
+        }
+        let dir = self.inner.store.layer_fs_path(&slot.layer.digest);
+        drop(s);
+        Some(open_beneath(&dir, path))
     }
 
     /// Blocks until `decide` answers for the current slots (re-asked after
@@ -469,15 +513,19 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
         inner: inner.clone(),
         layer: i,
     });
+    let events: Arc<dyn LayerEvents> = Arc::new(SlotEvents {
+        inner: inner.clone(),
+        layer: i,
+    });
     tracing::info!(layer = %layer.digest, "fetching layer");
     let r = inner
         .store
         .ensure_layer(
-            &inner.client,
-            &inner.repo,
+            inner.source.as_ref(),
             &layer,
             &inner.opts.pull,
             progress,
+            events,
         )
         .await;
     let mut s = inner.slots.lock().unwrap();

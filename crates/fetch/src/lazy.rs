@@ -10,7 +10,7 @@ use lazylayer_fs::{ContentSource, FsMount, FsOptions, LazyFs};
 use lazylayer_layer::index::{BootIndex, IndexEntry, ANNOTATION_BOOT_LAYER, INDEX_FILE_NAME};
 use lazylayer_oci::manifest::{descriptor_digest, parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
-use lazylayer_store::{ImageRecord, LayerRef, NoProgress, Store};
+use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
 
 use crate::fetcher::{FetchOptions, LayerFetcher};
 use crate::FetchError;
@@ -134,11 +134,11 @@ impl LazyImage {
             })?;
         store
             .ensure_layer(
-                &client,
-                &reference.repository,
+                &RegistryBlobs::new(&*client, reference.repository.clone()),
                 &boot,
                 &opts.pull,
                 Arc::new(NoProgress),
+                Arc::new(NoEvents),
             )
             .await
             .map_err(FetchError::from)?;
@@ -175,8 +175,7 @@ impl LazyImage {
         };
         let fetcher = LayerFetcher::new(
             store.clone(),
-            client,
-            reference.repository.clone(),
+            Arc::new(RegistryBlobs::new(client, reference.repository.clone())),
             lower.to_vec(),
             opts,
             tokio::runtime::Handle::current(),
@@ -242,5 +241,15 @@ impl ContentSource for LazySource {
         }
         self.fetcher
             .open_file(entry.layer as usize, &entry.path, entry.digest.as_ref())
+    }
+
+    /// Boot layer files and layers already stored answer at once; a file
+    /// still to be fetched is waited for off the FUSE worker threads.
+    fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
+        if entry.in_boot {
+            return Some(self.open(idx, entry));
+        }
+        self.fetcher
+            .try_open_file(entry.layer as usize, &entry.path)
     }
 }

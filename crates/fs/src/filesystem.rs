@@ -97,6 +97,19 @@ struct OpenState {
 }
 
 pub struct LazyFs<S: ContentSource> {
+    /// Shared with the threads that serve opens which must wait.
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: ContentSource> std::ops::Deref for LazyFs<S> {
+    type Target = Shared<S>;
+    fn deref(&self) -> &Shared<S> {
+        &self.shared
+    }
+}
+
+/// The file system's state.
+pub struct Shared<S: ContentSource> {
     index: Arc<BootIndex>,
     source: S,
     trace: Option<Arc<Trace>>,
@@ -174,17 +187,19 @@ impl<S: ContentSource> LazyFs<S> {
             }
         }
         LazyFs {
-            index,
-            source,
-            trace,
-            opts,
-            nlink,
-            canonical,
-            open: Mutex::new(OpenState::default()),
-            next_fh: AtomicU64::new(1),
-            passthrough: AtomicBool::new(false),
-            fallback_logged: AtomicBool::new(false),
-            stats: Arc::new(FsStats::default()),
+            shared: Arc::new(Shared {
+                index,
+                source,
+                trace,
+                opts,
+                nlink,
+                canonical,
+                open: Mutex::new(OpenState::default()),
+                next_fh: AtomicU64::new(1),
+                passthrough: AtomicBool::new(false),
+                fallback_logged: AtomicBool::new(false),
+                stats: Arc::new(FsStats::default()),
+            }),
         }
     }
 
@@ -192,7 +207,9 @@ impl<S: ContentSource> LazyFs<S> {
     pub fn stats(&self) -> Arc<FsStats> {
         self.stats.clone()
     }
+}
 
+impl<S: ContentSource> Shared<S> {
     fn log_fallback(&self, why: &dyn std::fmt::Display) {
         if !self.fallback_logged.swap(true, Ordering::Relaxed) {
             tracing::debug!(reason = %why, "FUSE passthrough unavailable; reads go through the daemon");
@@ -245,6 +262,24 @@ impl<S: ContentSource> LazyFs<S> {
                 self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
                 // Content never changes: let the page cache keep it across opens.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+        }
+    }
+
+    /// Reply to an open of entry `i` (inode `ino`) with what the source gave.
+    fn finish_open(&self, ino: u64, i: u32, r: std::io::Result<File>, reply: ReplyOpen) {
+        let e = self.entry(i);
+        match r.and_then(|f| matches_index(f, e)) {
+            Ok(f) => self.register_open(ino, f, reply),
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+                // The image's layer and its own index disagree: hostile or
+                // corrupt content, never served.
+                tracing::error!(path = %String::from_utf8_lossy(&e.path), error = %err, "refused content that does not match the boot index");
+                reply.error(Errno::EIO)
+            }
+            Err(err) => {
+                tracing::warn!(path = %String::from_utf8_lossy(&e.path), error = %err, "content unavailable");
+                reply.error(Errno::EIO)
             }
         }
     }
@@ -343,7 +378,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             self.log_fallback(&format_args!("kernel stack depth limit {max}"));
             return Ok(());
         }
-        *self.passthrough.get_mut() = true;
+        self.passthrough.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -405,18 +440,24 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             return reply.error(Errno::EINVAL);
         }
         self.record(&e.path, Access::Open);
-        match self.source.open(i, e).and_then(|f| matches_index(f, e)) {
-            Ok(f) => self.register_open(ino.0, f, reply),
-            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
-                // The image's layer and its own index disagree: hostile or
-                // corrupt content, never served.
-                tracing::error!(path = %String::from_utf8_lossy(&e.path), error = %err, "refused content that does not match the boot index");
-                reply.error(Errno::EIO)
-            }
-            Err(err) => {
-                tracing::warn!(path = %String::from_utf8_lossy(&e.path), error = %err, "content unavailable");
-                reply.error(Errno::EIO)
-            }
+        if let Some(r) = self.source.try_open(i, e) {
+            return self.finish_open(ino.0, i, r, reply);
+        }
+        // The content is on its way: wait on a thread of its own, not on one
+        // of the few FUSE worker threads (with all of them waiting, even a
+        // stat of a present file would stall). The wait is bounded by the
+        // source.
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lazylayer-open".into())
+            .spawn(move || {
+                let r = shared.source.open(i, shared.entry(i));
+                shared.finish_open(ino.0, i, r, reply);
+            });
+        if let Err(err) = spawned {
+            // The reply went with the closure: dropped unanswered, it
+            // answers EIO.
+            tracing::error!(error = %err, "cannot start a thread for a waiting open");
         }
     }
 

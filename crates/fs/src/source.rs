@@ -13,6 +13,14 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 /// which the file system turns into EIO for the reader.
 pub trait ContentSource: Send + Sync + 'static {
     fn open(&self, idx: u32, entry: &IndexEntry) -> io::Result<File>;
+
+    /// [`ContentSource::open`] if it can answer without waiting, else
+    /// `None`: the file system then calls `open` on a thread of its own, so
+    /// that waiting opens never hold its few worker threads. The default
+    /// answers every open at once.
+    fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
+        Some(self.open(idx, entry))
+    }
 }
 
 /// Open the regular file `rel` below `dir` read-only, never following a

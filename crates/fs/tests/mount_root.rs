@@ -784,6 +784,118 @@ fn root_failing_source_gives_eio() {
     assert!(std::fs::metadata(m.p("a/hello.txt")).is_ok());
 }
 
+/// Content that is still on its way: `try_open` says so, and `open` waits
+/// until the gate opens (bounded, so a broken test cannot hang for good).
+struct WaitingSource {
+    dir: PathBuf,
+    gate: Arc<Gate>,
+    /// Opens waiting now.
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl ContentSource for WaitingSource {
+    fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiting.fetch_add(1, SeqCst);
+        let g = self.gate.open.lock().unwrap();
+        let (g, _) = self
+            .gate
+            .cv
+            .wait_timeout_while(g, Duration::from_secs(120), |open| !*open)
+            .unwrap();
+        drop(g);
+        self.waiting.fetch_sub(1, SeqCst);
+        lazylayer_fs::source::open_beneath(&self.dir, &entry.path)
+    }
+    fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
+        let open = *self.gate.open.lock().unwrap();
+        open.then(|| self.open(idx, entry))
+    }
+}
+
+/// Opens the gate when dropped (a failing test must not leave readers
+/// blocked in the mount it unmounts).
+struct ReleaseOnDrop(Arc<Gate>);
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// Opens that must wait for their content do not hold the FUSE worker
+/// threads: with more of them waiting than the mount has workers (2), a
+/// stat and a listing of other paths still answer, and the opens complete
+/// once the content is there.
+#[test]
+fn root_waiting_opens_leave_the_worker_threads_free() {
+    use std::sync::atomic::Ordering::SeqCst;
+    if !have_root("root_waiting_opens_leave_the_worker_threads_free") {
+        return;
+    }
+    const OPENS: usize = 8;
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir(src.path().join("other")).unwrap();
+    std::fs::write(src.path().join("other/x"), b"x").unwrap();
+    for i in 0..OPENS {
+        std::fs::write(src.path().join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let gate = Arc::new(Gate::default());
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let source = WaitingSource {
+        dir: src.path().to_path_buf(),
+        gate: gate.clone(),
+        waiting: waiting.clone(),
+    };
+    let m = Mounted::new(index_of(src.path()), source, None, false);
+    let _release = ReleaseOnDrop(gate.clone());
+
+    let (tx, rx) = mpsc::channel();
+    for i in 0..OPENS {
+        let (p, tx) = (m.p(&format!("f{i}")), tx.clone());
+        std::thread::spawn(move || tx.send((i, std::fs::read(p))).unwrap());
+    }
+    let t = Instant::now();
+    while waiting.load(SeqCst) < OPENS {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "only {} of {OPENS} opens reached the source",
+            waiting.load(SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mtx, mrx) = mpsc::channel();
+    let (x, other) = (m.p("other/x"), m.p("other"));
+    std::thread::spawn(move || {
+        let len = std::fs::metadata(x).map(|md| md.len());
+        let names = std::fs::read_dir(other).map(|d| d.count());
+        let _ = mtx.send((len.unwrap(), names.unwrap()));
+    });
+    let got = mrx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("stat/readdir stalled behind waiting opens");
+    assert_eq!(got, (1, 1));
+    assert_eq!(waiting.load(SeqCst), OPENS, "the opens were still waiting");
+
+    gate.release();
+    for _ in 0..OPENS {
+        let (i, r) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(r.unwrap(), format!("file {i}").into_bytes());
+    }
+}
+
 /// A listing much larger than one readdir buffer resumes from each reply's
 /// last offset.
 #[test]

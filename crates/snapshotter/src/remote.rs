@@ -9,7 +9,7 @@ use std::sync::Arc;
 use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, OpenError};
 use lazylayer_fs::{FsMount, FsOptions};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
-use lazylayer_store::{NoProgress, PullOptions, Store};
+use lazylayer_store::{NoEvents, NoProgress, PullOptions, RegistryBlobs, Store};
 use tokio::sync::Mutex;
 
 use crate::error::{io, Result, SnapshotError};
@@ -96,11 +96,11 @@ impl Images {
             .ok_or_else(|| precondition(format!("{image} has no layer {}", r.layer_digest)))?;
         self.store
             .ensure_layer(
-                &self.client,
-                &img.reference.repository,
+                &RegistryBlobs::new(&*self.client, img.reference.repository.clone()),
                 layer,
                 &PullOptions::default(),
                 Arc::new(NoProgress),
+                Arc::new(NoEvents),
             )
             .await
             .map_err(|e| SnapshotError::Image {

@@ -11,14 +11,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use lazylayer_layer::{Compression, ExtractOptions};
 use lazylayer_oci::manifest::descriptor_digest;
-use lazylayer_oci::{Digest, Platform, Reference, RegistryClient, Repository, ResolvedImage};
+use lazylayer_oci::{Digest, Platform, Reference, RegistryClient, ResolvedImage};
 use tokio::sync::mpsc;
 use tracing::{info, info_span, Instrument};
 
 use crate::reader::{ChannelReader, HashingReader, TeeReader};
+use crate::source::{BlobStream, LayerEvents, NoEvents, RegistryBlobs};
 use crate::{io_err, FileLock, ImageRecord, LayerRecord, LayerRef, Result, Store, StoreError};
 
-/// Receives pull progress; the CLI draws bars from it, tests count calls.
+/// Receives pull progress (bytes, for bars); the CLI draws bars from it,
+/// tests count calls. Per-file readiness is [`LayerEvents`]'s, not this.
 pub trait PullProgress: Send + Sync {
     fn image_resolved(&self, _image: &ResolvedImage) {}
     /// `cached`: the layer is in the store already and will not be fetched.
@@ -29,12 +31,6 @@ pub trait PullProgress: Send + Sync {
     /// earlier, cut fetch: they are read locally, not fetched.
     fn layer_resumed(&self, _digest: &Digest, _offset: u64) {}
     fn layer_done(&self, _digest: &Digest) {}
-    /// The layer is being extracted into `fs_dir` (a temporary directory,
-    /// renamed into the store when the layer is verified).
-    fn layer_extracting(&self, _digest: &Digest, _fs_dir: &Path) {}
-    /// One tar entry is fully on disk under the `fs_dir` given above: a lazy
-    /// file system may serve it now, before the layer is complete.
-    fn layer_entry(&self, _digest: &Digest, _path: &Path) {}
 }
 
 pub struct NoProgress;
@@ -110,9 +106,10 @@ impl Store {
                     media_type: desc.media_type().to_string(),
                 });
             }
-            let repo = &reference.repository;
+            let blobs = RegistryBlobs::new(client, reference.repository.clone());
+            let events: Arc<dyn LayerEvents> = Arc::new(NoEvents);
             let results: Vec<Result<LayerRecord>> = futures_util::stream::iter(layers.iter())
-                .map(|l| self.ensure_layer(client, repo, l, opts, progress.clone()))
+                .map(|l| self.ensure_layer(&blobs, l, opts, progress.clone(), events.clone()))
                 .buffer_unordered(opts.concurrency.max(1))
                 .collect()
                 .await;
@@ -137,16 +134,18 @@ impl Store {
         .await
     }
 
-    /// Make sure one layer is extracted in the store, fetching it if needed.
-    /// Safe against other processes doing the same: the per-layer lock makes
-    /// the second one wait and then find the layer done.
+    /// Make sure one layer is extracted in the store, fetching it from
+    /// `source` if needed. Safe against other processes doing the same: the
+    /// per-layer lock makes the second one wait and then find the layer done.
+    /// `events` hears the extraction (where, and each entry as it lands);
+    /// `progress` the bytes.
     pub async fn ensure_layer(
         &self,
-        client: &RegistryClient,
-        repo: &Repository,
+        source: &dyn BlobStream,
         layer: &LayerRef,
         opts: &PullOptions,
         progress: Arc<dyn PullProgress>,
+        events: Arc<dyn LayerEvents>,
     ) -> Result<LayerRecord> {
         let digest = &layer.digest;
         let span = info_span!("layer", digest = %digest, size = layer.size);
@@ -207,7 +206,7 @@ impl Store {
 
             // The channel is bounded so a slow disk throttles the download
             // instead of buffering the layer in memory.
-            progress.layer_extracting(digest, &fs_dir);
+            events.extracting(&fs_dir);
             let (tx, rx) = mpsc::channel::<bytes::Bytes>(32);
             let consumer = {
                 let partial = partial.clone();
@@ -215,14 +214,14 @@ impl Store {
                 let eopts = opts.extract.clone();
                 let media_type = layer.media_type.clone();
                 let digest = digest.clone();
-                let progress = progress.clone();
+                let events = events.clone();
                 // The lock lives until the extractor has stopped writing the
                 // partial file too, even when this future is dropped first.
                 let lock = layer_lock.clone();
                 tokio::task::spawn_blocking(move || {
                     let _lock = lock;
                     let on_entry = &mut |ev: &lazylayer_layer::EntryEvent<'_>| {
-                        progress.layer_entry(&digest, ev.path)
+                        events.entry_landed(ev.path)
                     };
                     extract_stream(
                         rx,
@@ -238,8 +237,8 @@ impl Store {
             };
             let p = progress.clone();
             let d2 = digest.clone();
-            let downloaded = client
-                .download_blob_from(repo, digest, Some(layer.size), prefix, tx, &move |n| {
+            let downloaded = source
+                .stream(digest, layer.size, prefix, tx, &move |n| {
                     p.layer_bytes(&d2, n)
                 })
                 .await;
