@@ -3,8 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use lazylayer_fetch::{FetchOptions, LazyImage, OpenError};
-use lazylayer_fs::{FsMount, FsOptions};
+use lazylayer_fetch::{FetchOptions, LazyRoot, MountOptions, OpenError};
 
 use crate::context::GlobalArgs;
 
@@ -33,13 +32,12 @@ pub struct Args {
     pub images: Vec<String>,
 }
 
-/// One image laid out for Podman; undone on drop (bind mounts, FUSE, dirs).
+/// One image laid out for Podman; undone on drop (bind mount, dirs, then
+/// the lazy root: FUSE, fetches, pin).
 struct Served {
     base: PathBuf,
     bind: PathBuf,
-    _fuse: FsMount,
-    /// Keeps `prune` off the image's content while it is served.
-    _pin: lazylayer_store::Pin,
+    _root: LazyRoot,
 }
 
 impl Drop for Served {
@@ -66,35 +64,27 @@ fn base64_std(data: &[u8]) -> String {
     out
 }
 
-fn serve(
-    store: &lazylayer_store::Store,
-    img: &LazyImage,
-    dir: &Path,
-    work: &Path,
-    prefetch: bool,
-) -> Result<Served> {
-    let reference = img.reference.to_string();
-    let pin_name = work
-        .file_name()
-        .map(|n| format!("podman-store-{}", n.to_string_lossy()))
-        .context("work directory without a name")?;
-    let pin = store
-        .pin_guard(&pin_name, &img.record.digests())
-        .context("pinning the image's content")?;
+fn serve(mut root: LazyRoot, dir: &Path, work: &Path, prefetch: bool) -> Result<Served> {
+    let reference = root.reference().to_string();
     // Podman looks the image up by its reference as it names it (base64, std
     // alphabet: a '/' in it simply nests directories).
     let base = dir.join(base64_std(reference.as_bytes()));
     if base.exists() {
         bail!("{} is already served at {}", reference, base.display());
     }
-    let root = work.join("root");
-    std::fs::create_dir_all(&root)?;
-    let fuse = img
-        .mount(&root, FsOptions::default())
+    let target = work.join("root");
+    std::fs::create_dir_all(&target)?;
+    // Prefetch once the start has settled (a container's first reads, or
+    // 2 s after the mount), as `run` and the snapshotter do.
+    let opts = MountOptions {
+        prefetch,
+        ..MountOptions::default()
+    };
+    root.mount(&target, opts)
         .context("mounting the lazy file system")?;
-    let n = img.record.layers.len();
+    let n = root.layers().len();
     let mut top_diff = PathBuf::new();
-    for (i, l) in img.record.layers.iter().enumerate() {
+    for (i, l) in root.layers().iter().enumerate() {
         let ld = base.join(l.digest.to_string());
         std::fs::create_dir_all(ld.join("diff"))?;
         std::fs::write(ld.join("blob"), b"")?;
@@ -111,16 +101,12 @@ fn serve(
             top_diff = ld.join("diff");
         }
     }
-    rustix::mount::mount_bind(&root, &top_diff)
+    rustix::mount::mount_bind(&target, &top_diff)
         .with_context(|| format!("bind-mounting the lazy root at {}", top_diff.display()))?;
-    if prefetch {
-        img.fetcher.start_prefetch();
-    }
     Ok(Served {
         base,
         bind: top_diff,
-        _fuse: fuse,
-        _pin: pin,
+        _root: root,
     })
 }
 
@@ -134,12 +120,13 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         read_timeout: Duration::from_secs_f64(a.fetch_timeout),
         ..FetchOptions::default()
     };
-    let mut images = Vec::new();
     let mut served = Vec::new();
     for (i, name) in a.images.iter().enumerate() {
         let reference = super::parse_reference(name)?;
-        let img = match LazyImage::open(&store, client.clone(), &reference, fopts.clone()).await {
-            Ok(img) => img,
+        let pin = format!("podman-store-{}-{i}", std::process::id());
+        let opened = LazyRoot::open(&store, client.clone(), &reference, fopts.clone(), &pin);
+        let root = match opened.await {
+            Ok(root) => root,
             Err(OpenError::NoBootLayer(r)) => {
                 bail!("{r} has no boot layer: optimize it first (`lazylayer optimize`)")
             }
@@ -151,16 +138,15 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             .root()
             .join("podman-store")
             .join(format!("{}-{i}", std::process::id()));
+        let layers = root.layers().len();
         served.push(
-            serve(&store, &img, &a.dir, &work, a.prefetch == "on")
+            serve(root, &a.dir, &work, a.prefetch == "on")
                 .with_context(|| format!("serving {reference}"))?,
         );
         println!(
-            "serving {reference} ({} layers) in {}",
-            img.record.layers.len(),
+            "serving {reference} ({layers} layers) in {}",
             a.dir.display()
         );
-        images.push(img);
     }
     eprintln!(
         "ready: run podman with --storage-opt overlay.additionallayerstore={}:ref (Ctrl-C to stop)",
@@ -172,12 +158,8 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         _ = term.recv() => {}
     }
     eprintln!("stopping: unmounting and removing the layer store entries");
+    // Each image is recorded in the store once all its layers arrived.
     drop(served);
-    for img in &images {
-        if img.fetcher.all_done() {
-            store.save_image(&img.record)?;
-        }
-    }
     Ok(())
 }
 
