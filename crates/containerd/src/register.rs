@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lazylayer_layer::index::ANNOTATION_BOOT_LAYER;
-use lazylayer_oci::{OciError, Platform, Reference, RegistryClient, ResolvedImage};
+use lazylayer_oci::{Platform, Reference, RegistryClient, ResolvedImage};
+use lazylayer_store::{resolve_layers, ResolvedLayers, StoreError};
 use serde::Serialize;
 use tonic::Status;
 
@@ -27,7 +28,7 @@ pub enum RegisterError {
     Resolve {
         image: String,
         #[source]
-        source: OciError,
+        source: Box<StoreError>,
     },
     #[error(
         "{0} is not a lazylayer-optimized image (its manifest has no {ANNOTATION_BOOT_LAYER} \
@@ -95,12 +96,15 @@ pub async fn register_image(
     opts: &RegisterOptions,
 ) -> Result<Registered, RegisterError> {
     // 1. Manifest and config from the registry (nothing else).
-    let img = client
-        .resolve(reference, &opts.platform)
+    let ResolvedLayers {
+        image: img,
+        config_digest,
+        layers,
+    } = resolve_layers(client, reference, &opts.platform)
         .await
         .map_err(|source| RegisterError::Resolve {
             image: name.to_string(),
-            source,
+            source: Box::new(source),
         })?;
     let has_boot = img
         .parsed
@@ -110,37 +114,14 @@ pub async fn register_image(
     if !has_boot {
         return Err(RegisterError::NotOptimized(name.to_string()));
     }
-    let bad = |reason: String| RegisterError::BadImage {
-        image: name.to_string(),
-        reason,
-    };
     let manifest_digest = img.manifest.digest.to_string();
-    let config_digest = img
-        .config_digest()
-        .map_err(|e| bad(format!("reading the config descriptor: {e}")))?
-        .to_string();
-    let layers: Vec<String> = img
-        .layers()
-        .iter()
-        .map(|d| lazylayer_oci::manifest::descriptor_digest(name, d).map(|d| d.to_string()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(format!("reading the layer descriptors: {e}")))?;
-    let diff_ids: Vec<String> = img
-        .diff_ids()
-        .map_err(|e| bad(format!("reading the config's diff IDs: {e}")))?
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    if diff_ids.len() != layers.len() {
-        return Err(bad(format!(
-            "the manifest has {} layers but the config {} diff IDs",
-            layers.len(),
-            diff_ids.len()
-        )));
-    }
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.to_string()).collect();
     let chains = chain_ids(&diff_ids);
     let Some(top) = chains.last().cloned() else {
-        return Err(bad("no layers".into()));
+        return Err(RegisterError::BadImage {
+            image: name.to_string(),
+            reason: "no layers".into(),
+        });
     };
 
     let channel = crate::grpc::connect(&opts.address)
@@ -165,8 +146,8 @@ pub async fn register_image(
         namespace: opts.namespace.clone(),
         snapshotter: opts.snapshotter.clone(),
         manifest_digest,
-        config_digest,
-        layers,
+        config_digest: config_digest.to_string(),
+        layers: layers.iter().map(|l| l.digest.to_string()).collect(),
         chain_ids: chains,
         top_chain_id: top,
         created: false,

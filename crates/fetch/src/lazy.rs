@@ -8,7 +8,7 @@ use std::sync::Arc;
 use lazylayer_fs::source::open_beneath;
 use lazylayer_fs::{ContentSource, FsOptions, LazyFs};
 use lazylayer_layer::index::{BootIndex, IndexEntry, ANNOTATION_BOOT_LAYER, INDEX_FILE_NAME};
-use lazylayer_oci::manifest::{descriptor_digest, parse_manifest, ManifestKind, RawManifest};
+use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{ImageRecord, LayerRef, NoProgress, Store};
 
@@ -79,37 +79,19 @@ impl LazyImage {
                 (raw, config, rec.layers.clone(), true)
             }
             None => {
-                let img = client
-                    .resolve(reference, &opts.pull.platform)
+                let r = lazylayer_store::resolve_layers(&client, reference, &opts.pull.platform)
                     .await
                     .map_err(FetchError::from)?;
-                let diff_ids = img.diff_ids().map_err(FetchError::from)?;
-                if diff_ids.len() != img.layers().len() {
-                    return Err(
-                        bad(reference, "layer count differs from the config's diff_ids").into(),
-                    );
-                }
-                let mut layers = Vec::new();
-                for (d, diff_id) in img.layers().iter().zip(diff_ids) {
-                    layers.push(LayerRef {
-                        digest: descriptor_digest(&reference.to_string(), d)
-                            .map_err(FetchError::from)?,
-                        diff_id,
-                        size: d.size(),
-                        media_type: d.media_type().to_string(),
-                    });
-                }
                 store
-                    .put_blob_bytes(&img.manifest.digest, &img.manifest.bytes)
+                    .put_blob_bytes(&r.image.manifest.digest, &r.image.manifest.bytes)
                     .map_err(FetchError::from)?;
-                let cd = img.config_digest().map_err(FetchError::from)?;
                 store
-                    .put_blob_bytes(&cd, &img.config_bytes)
+                    .put_blob_bytes(&r.config_digest, &r.image.config_bytes)
                     .map_err(FetchError::from)?;
                 (
-                    img.manifest.clone(),
-                    img.config_bytes.to_vec(),
-                    layers,
+                    r.image.manifest.clone(),
+                    r.image.config_bytes.to_vec(),
+                    r.layers,
                     false,
                 )
             }
