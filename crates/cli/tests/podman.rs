@@ -99,7 +99,8 @@ fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
 /// before any container touches the root there is no activity for the quiet
 /// trigger, so the prefetch waits for `PREFETCH_MAX_WAIT` (2 s) after the
 /// mount. The registry (behind a recording proxy) sees the first GET of an
-/// original layer only then; podman still pulls and runs the image.
+/// original layer only then; podman still pulls and runs the image, and the
+/// image is recorded in the store once every layer is local.
 #[test]
 fn root_podman_store_prefetches_only_after_the_start_settles() {
     let reg = Registry::start();
@@ -153,6 +154,7 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let first = ready.elapsed();
+    eprintln!("first GET of an original layer {first:?} after the store was ready");
     assert!(
         first >= Duration::from_millis(1500),
         "the store started prefetching {first:?} after it was ready, before its start could settle"
@@ -184,6 +186,23 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
         "/data/keep/a.txt",
     ]);
     assert!(!out.is_empty(), "podman ran the image on the lazy root");
+    // Once every layer has arrived the image is recorded in the store, while
+    // the store still serves it (not only when it stops).
+    let recorded = || {
+        let v = lazylayer_json(root.path(), &["images"]);
+        let refs: Vec<String> = (v.as_array().unwrap().iter())
+            .map(|i| i["reference"].as_str().unwrap_or_default().to_string())
+            .collect();
+        refs.iter().any(|r| r.starts_with(&img))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !recorded() {
+        assert!(
+            Instant::now() < deadline,
+            "the image was not recorded once prefetched"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 
     send_signal(store.0.id(), rustix::process::Signal::TERM);
     assert_eq!(wait_exit(&mut store.0, Duration::from_secs(30)), Some(0));
