@@ -43,7 +43,7 @@ impl Snapshotterd {
             .arg("snapshotter")
             .arg("--address")
             .arg(&self.sock)
-            .env("RUST_LOG", "lazylayer_snapshotter=debug,info,fuser=off")
+            .env("RUST_LOG", "lazylayer_containerd=debug,info,fuser=off")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -270,7 +270,7 @@ fn plain_image_pull_run_snapshot_commands_and_restart() {
 /// and a plain image's layer is an ordinary active snapshot.
 #[test]
 fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
-    use lazylayer_snapshotter::proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
+    use lazylayer_containerd::proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
     use std::collections::HashMap;
 
     if let Some(why) = skip_reason() {
@@ -300,11 +300,7 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     let sn = Snapshotterd::start(root.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut client = rt.block_on(async {
-        SnapshotsClient::new(
-            lazylayer_snapshotter::grpc::connect(&sn.sock)
-                .await
-                .unwrap(),
-        )
+        SnapshotsClient::new(lazylayer_containerd::grpc::connect(&sn.sock).await.unwrap())
     });
     let labels =
         |target: &str, image: &str, manifest: &str, layer: &str| -> HashMap<String, String> {
@@ -341,7 +337,7 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
         .expect_err("an optimized image's layer must be claimed");
         assert_eq!(
             err.code(),
-            lazylayer_snapshotter::tonic::Code::AlreadyExists,
+            lazylayer_containerd::tonic::Code::AlreadyExists,
             "{err:?}"
         );
         let info = rt
@@ -621,12 +617,12 @@ fn cri_toml(sn: &Snapshotterd, reg: &Registry) -> String {
 /// `runtime.v1.ImageService/PullImage` on containerd's socket, as the
 /// kubelet sends it (no auth, no sandbox config); returns the image ref.
 fn cri_pull(cd: &Containerd, image: &str) -> String {
-    use lazylayer_snapshotter::proto::cri::{
+    use lazylayer_containerd::proto::cri::{
         image_service_client::ImageServiceClient, ImageSpec, PullImageRequest,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let res = rt.block_on(async {
-        let channel = lazylayer_snapshotter::grpc::connect(&cd.socket())
+        let channel = lazylayer_containerd::grpc::connect(&cd.socket())
             .await
             .unwrap();
         ImageServiceClient::new(channel)

@@ -228,7 +228,7 @@ impl LayerFetcher {
     /// logged above debug level, and what each cut download received stays
     /// in the store as a partial download the next fetch of that layer
     /// resumes from. Readers still waiting get an error at once. Idempotent;
-    /// [`LazyImage`](crate::LazyImage) calls it when dropped.
+    /// [`LazyRoot`](crate::LazyRoot) calls it when dropped.
     pub fn cancel(&self) {
         if self.inner.cancelled.swap(true, Ordering::SeqCst) {
             return;

@@ -2,13 +2,13 @@
 
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use lazylayer_fs::source::open_beneath;
-use lazylayer_fs::{ContentSource, FsMount, FsOptions, LazyFs};
+use lazylayer_fs::{ContentSource, FsOptions, LazyFs};
 use lazylayer_layer::index::{BootIndex, IndexEntry, ANNOTATION_BOOT_LAYER, INDEX_FILE_NAME};
-use lazylayer_oci::manifest::{descriptor_digest, parse_manifest, ManifestKind, RawManifest};
+use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
 
@@ -25,27 +25,21 @@ pub enum OpenError {
     Failed(#[from] FetchError),
 }
 
-/// An optimized image ready to be mounted: boot layer local, index loaded,
-/// the other layers behind a [`LayerFetcher`].
+/// An optimized image opened for a lazy start: boot layer local, index
+/// loaded, its other layers known. Cheap to clone; it fetches nothing by
+/// itself: a [`LazyRoot`](crate::LazyRoot) mounts it and fetches the rest.
+#[derive(Clone)]
 pub struct LazyImage {
-    pub reference: Reference,
+    pub(crate) reference: Reference,
     /// The record to save once every layer is local (boot layer last).
-    pub record: ImageRecord,
-    pub config_bytes: Vec<u8>,
-    pub index: Arc<BootIndex>,
-    pub boot_dir: PathBuf,
-    pub fetcher: LayerFetcher,
+    pub(crate) record: ImageRecord,
+    pub(crate) config_bytes: Vec<u8>,
+    pub(crate) index: Arc<BootIndex>,
+    pub(crate) boot_dir: PathBuf,
+    pub(crate) client: Arc<RegistryClient>,
+    pub(crate) opts: FetchOptions,
     /// True when everything came from the store, without any network.
-    pub offline: bool,
-}
-
-/// The image's user is gone: fetches still running are cancelled (quietly;
-/// their received prefixes stay for the next run). Mounts serving this image
-/// hold it (or are unmounted) before it is dropped.
-impl Drop for LazyImage {
-    fn drop(&mut self) {
-        self.fetcher.cancel();
-    }
+    pub(crate) offline: bool,
 }
 
 fn bad(image: &Reference, reason: impl Into<String>) -> FetchError {
@@ -85,37 +79,19 @@ impl LazyImage {
                 (raw, config, rec.layers.clone(), true)
             }
             None => {
-                let img = client
-                    .resolve(reference, &opts.pull.platform)
+                let r = lazylayer_store::resolve_layers(&client, reference, &opts.pull.platform)
                     .await
                     .map_err(FetchError::from)?;
-                let diff_ids = img.diff_ids().map_err(FetchError::from)?;
-                if diff_ids.len() != img.layers().len() {
-                    return Err(
-                        bad(reference, "layer count differs from the config's diff_ids").into(),
-                    );
-                }
-                let mut layers = Vec::new();
-                for (d, diff_id) in img.layers().iter().zip(diff_ids) {
-                    layers.push(LayerRef {
-                        digest: descriptor_digest(&reference.to_string(), d)
-                            .map_err(FetchError::from)?,
-                        diff_id,
-                        size: d.size(),
-                        media_type: d.media_type().to_string(),
-                    });
-                }
                 store
-                    .put_blob_bytes(&img.manifest.digest, &img.manifest.bytes)
+                    .put_blob_bytes(&r.image.manifest.digest, &r.image.manifest.bytes)
                     .map_err(FetchError::from)?;
-                let cd = img.config_digest().map_err(FetchError::from)?;
                 store
-                    .put_blob_bytes(&cd, &img.config_bytes)
+                    .put_blob_bytes(&r.config_digest, &r.image.config_bytes)
                     .map_err(FetchError::from)?;
                 (
-                    img.manifest.clone(),
-                    img.config_bytes.to_vec(),
-                    layers,
+                    r.image.manifest.clone(),
+                    r.image.config_bytes.to_vec(),
+                    r.layers,
                     false,
                 )
             }
@@ -173,35 +149,63 @@ impl LazyImage {
             platform: opts.pull.platform.to_string(),
             pulled_at: lazylayer_store::unix_now(),
         };
-        let fetcher = LayerFetcher::new(
-            store.clone(),
-            Arc::new(RegistryBlobs::new(client, reference.repository.clone())),
-            lower.to_vec(),
-            opts,
-            tokio::runtime::Handle::current(),
-        );
         Ok(LazyImage {
             reference: reference.clone(),
             record,
             config_bytes,
             index: Arc::new(index),
             boot_dir,
-            fetcher,
+            client,
+            opts,
             offline,
         })
     }
 
-    pub fn source(&self) -> LazySource {
-        LazySource {
-            fetcher: self.fetcher.clone(),
-            boot_dir: self.boot_dir.clone(),
-        }
+    pub fn reference(&self) -> &Reference {
+        &self.reference
     }
 
-    /// Mount the image's merged root, read-only, at `target`.
-    pub fn mount(&self, target: &Path, opts: FsOptions) -> Result<FsMount, FetchError> {
-        let fs = LazyFs::new(self.index.clone(), self.source(), None, opts);
-        Ok(FsMount::mount(fs, target, 8)?)
+    /// The image's layers, bottom first (the boot layer last).
+    pub fn layers(&self) -> &[LayerRef] {
+        &self.record.layers
+    }
+
+    /// The image's config blob.
+    pub fn config_bytes(&self) -> &[u8] {
+        &self.config_bytes
+    }
+
+    /// True when everything came from the store, without any network.
+    pub fn offline(&self) -> bool {
+        self.offline
+    }
+
+    /// A fetcher for the layers below the boot layer (index order).
+    pub(crate) fn fetcher(&self, store: &Store) -> LayerFetcher {
+        let lower = &self.record.layers[..self.record.layers.len() - 1];
+        LayerFetcher::new(
+            store.clone(),
+            Arc::new(RegistryBlobs::new(
+                self.client.clone(),
+                self.reference.repository.clone(),
+            )),
+            lower.to_vec(),
+            self.opts.clone(),
+            tokio::runtime::Handle::current(),
+        )
+    }
+
+    /// The image's merged root as a file system, reading through `fetcher`.
+    pub(crate) fn file_system(
+        &self,
+        fetcher: &LayerFetcher,
+        opts: FsOptions,
+    ) -> LazyFs<LazySource> {
+        let source = LazySource {
+            fetcher: fetcher.clone(),
+            boot_dir: self.boot_dir.clone(),
+        };
+        LazyFs::new(self.index.clone(), source, None, opts)
     }
 }
 

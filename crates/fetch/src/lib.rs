@@ -8,15 +8,19 @@
 //! its tar entry is on disk. A reader waits only for *its* file, and never
 //! longer than a bound: then it gets EIO.
 //!
-//! [`LazyImage`] ties it together for `run` and the snapshotter: resolve an
-//! optimized image, fetch its boot layer, load the index, and mount the
-//! image's root through the FUSE file system.
+//! [`LazyImage`] opens an optimized image: resolve it, fetch its boot layer,
+//! load the index. [`LazyRoot`] is what `run`, the containerd snapshotter and
+//! the Podman store use: the image pinned, mounted through the FUSE file
+//! system, prefetched once the start has settled, recorded once complete,
+//! and all of it undone on drop.
 
 mod fetcher;
 mod lazy;
+mod root;
 
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use lazy::{LazyImage, LazySource, OpenError};
+pub use root::{LazyRoot, MountOptions, RootProgress};
 
 /// Background prefetch of a lazily started container waits until its start
 /// has settled: file-system requests stopped for this long...

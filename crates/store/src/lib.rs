@@ -24,6 +24,7 @@ mod lock;
 mod pins;
 mod pull;
 mod reader;
+mod resolve;
 mod source;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ pub use error::StoreError;
 pub use lock::FileLock;
 pub use pins::Pin;
 pub use pull::{unix_now, NoProgress, PullOptions, PullProgress};
+pub use resolve::{layer_refs, resolve_layers, ResolvedLayers};
 pub use source::{BlobStream, BoxFuture, LayerEvents, NoEvents, RegistryBlobs};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -10,7 +10,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use lazylayer_layer::{Compression, ExtractOptions};
-use lazylayer_oci::manifest::descriptor_digest;
 use lazylayer_oci::{Digest, Platform, Reference, RegistryClient, ResolvedImage};
 use tokio::sync::mpsc;
 use tracing::{info, info_span, Instrument};
@@ -76,36 +75,18 @@ impl Store {
         let span = info_span!("pull", image = %reference);
         async {
             let _store_lock = FileLock::shared_async(&self.lock_path("store.lock")).await?;
-            let image = client.resolve(reference, &opts.platform).await?;
+            let crate::ResolvedLayers {
+                image,
+                config_digest,
+                layers,
+            } = crate::resolve_layers(client, reference, &opts.platform).await?;
             progress.image_resolved(&image);
-            let what = reference.to_string();
-            let diff_ids = image.diff_ids()?;
-            if diff_ids.len() != image.layers().len() {
-                return Err(StoreError::BadImage {
-                    reference: what,
-                    reason: format!(
-                        "{} layers but {} diff_ids in the config",
-                        image.layers().len(),
-                        diff_ids.len()
-                    ),
-                });
-            }
             if let Some(idx) = &image.index {
                 self.put_blob_bytes(&idx.digest, &idx.bytes)?;
             }
             self.put_blob_bytes(&image.manifest.digest, &image.manifest.bytes)?;
-            let config_digest = image.config_digest()?;
             self.put_blob_bytes(&config_digest, &image.config_bytes)?;
 
-            let mut layers = Vec::new();
-            for (desc, diff_id) in image.layers().iter().zip(diff_ids) {
-                layers.push(LayerRef {
-                    digest: descriptor_digest(&what, desc)?,
-                    diff_id,
-                    size: desc.size(),
-                    media_type: desc.media_type().to_string(),
-                });
-            }
             let blobs = RegistryBlobs::new(client, reference.repository.clone());
             let events: Arc<dyn LayerEvents> = Arc::new(NoEvents);
             let results: Vec<Result<LayerRecord>> = futures_util::stream::iter(layers.iter())

@@ -4,13 +4,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lazylayer_fetch::{FetchOptions, LayerFetcher, LazyImage, OpenError};
-use lazylayer_fs::{FsMount, FsOptions};
+use lazylayer_fetch::{FetchOptions, LazyRoot, MountOptions, OpenError};
+use lazylayer_fs::FsOptions;
 use lazylayer_runtime::{
     process_start_time, ContainerBuilder, ContainerDir, ContainerState, ContainerStatus,
     NetworkMode, RunSpec, Runc, RunningContainer, Stdio,
 };
-use lazylayer_store::{Pin, PullOptions};
+use lazylayer_store::PullOptions;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::context::GlobalArgs;
@@ -211,12 +211,8 @@ fn signal_name(sig: i32) -> String {
 
 /// A container's lowers, mounted, and what to run on them.
 struct Prepared {
-    lazy: Option<LazyImage>,
-    /// Until every layer is here no image record names them: keeps `prune` off
-    /// what this container stands on while it runs.
-    _pin: Option<Pin>,
-    fuse: Option<FsMount>,
-    fetcher: Option<LayerFetcher>,
+    /// The lazy image's mounted root (pinned, prefetched, recorded once complete).
+    lazy: Option<LazyRoot>,
     /// Top first.
     lowers: Vec<PathBuf>,
     spec: RunSpec,
@@ -239,47 +235,25 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
     std::fs::create_dir(&lower).with_context(|| format!("creating {}", lower.display()))?;
 
     // Either a lazy image behind FUSE, or (no boot layer) a full pull.
-    let lazy = match LazyImage::open(store, env.client.clone(), reference, fopts).await {
-        Ok(img) => Some(img),
+    let pin = pin_name(name);
+    let mut lazy = match LazyRoot::open(store, env.client.clone(), reference, fopts, &pin).await {
+        Ok(root) => Some(root),
         Err(OpenError::NoBootLayer(_)) => {
             eprintln!("note: {reference} has no lazylayer boot layer; pulling it fully (optimize it with `lazylayer optimize`)");
             None
         }
         Err(OpenError::Failed(e)) => return Err(e).with_context(|| format!("opening {reference}")),
     };
-    let pin = match &lazy {
-        Some(img) => Some(
-            store
-                .pin_guard(&pin_name(name), &img.record.digests())
-                .context("pinning the image's content")?,
-        ),
-        None => None,
-    };
-    let (config_bytes, fuse, lowers, fetcher) = match &lazy {
-        Some(img) => {
-            let fuse = img
-                .mount(
-                    &lower,
-                    FsOptions {
-                        passthrough: a.passthrough == "on",
-                        ..FsOptions::default()
-                    },
-                )
+    let (config_bytes, lowers) = match &mut lazy {
+        Some(root) => {
+            let fs = FsOptions {
+                passthrough: a.passthrough == "on",
+                ..FsOptions::default()
+            };
+            let prefetch = a.prefetch == "on";
+            root.mount(&lower, MountOptions { fs, prefetch })
                 .context("mounting the lazy file system")?;
-            if a.prefetch == "on" {
-                let stats = fuse.stats();
-                img.fetcher.start_prefetch_when_idle(
-                    move || stats.requests(),
-                    lazylayer_fetch::PREFETCH_QUIET,
-                    lazylayer_fetch::PREFETCH_MAX_WAIT,
-                );
-            }
-            (
-                img.config_bytes.clone(),
-                Some(fuse),
-                vec![lower.clone()],
-                Some(img.fetcher.clone()),
-            )
+            (root.config_bytes().to_vec(), vec![lower.clone()])
         }
         None => {
             let bars = Arc::new(PullBars::new(false));
@@ -293,7 +267,7 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
                 .rev()
                 .filter_map(|l| store.layer_dir(&l.digest))
                 .collect();
-            (store.read_blob(&rec.config_digest)?, None, lowers, None)
+            (store.read_blob(&rec.config_digest)?, lowers)
         }
     };
     let t_ready = env.t0.elapsed();
@@ -310,9 +284,6 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
     spec.workdir = a.workdir.clone();
     Ok(Prepared {
         lazy,
-        _pin: pin,
-        fuse,
-        fetcher,
         lowers,
         spec,
         t_ready,
@@ -325,7 +296,7 @@ async fn run_in(
     state: ContainerState,
     signals: &mut Signals,
 ) -> Result<Outcome> {
-    let (store, cdir, name) = (env.store, env.cdir, state.name.clone());
+    let (cdir, name) = (env.cdir, state.name.clone());
     // A signal before the start ends the run: dropping `prepare` unmounts what it
     // mounted, and the caller removes the directory.
     let p = tokio::select! {
@@ -337,9 +308,6 @@ async fn run_in(
     };
     let Prepared {
         lazy,
-        _pin,
-        fuse,
-        fetcher,
         lowers,
         spec,
         t_ready,
@@ -352,7 +320,8 @@ async fn run_in(
 
     // Per-layer progress for `lazylayer status`, refreshed while we run.
     let stop_status = Arc::new(AtomicBool::new(false));
-    let status_thread = fetcher.clone().map(|f| {
+    let status_thread = lazy.as_ref().map(|root| {
+        let f = root.progress();
         let (stop, cdir) = (stop_status.clone(), cdir.clone());
         std::thread::spawn(move || loop {
             let _ = cdir.write_status(&serde_json::json!({ "layers": f.status() }));
@@ -378,20 +347,16 @@ async fn run_in(
     if let Some(t) = status_thread {
         let _ = t.join();
     }
-    if let Some(img) = &lazy {
-        // Everything arrived: record the image so the next run needs no network.
-        if img.fetcher.all_done() {
-            store.save_image(&img.record)?;
-        }
+    if let Some(root) = &lazy {
         if a.stats {
-            let st = img.fetcher.status();
-            let fetched = img.fetcher.bytes_fetched();
+            let st = root.status();
+            let fetched = root.bytes_fetched();
             let on_demand = st.iter().filter(|l| l.on_demand).count();
-            let fs = fuse.as_ref().map(|m| m.stats());
+            let fs = root.stats();
             eprintln!(
                 "lazylayer: started after {:.3}s ({}), {} of {} layers fetched on demand, {} bytes fetched after start, {} opens by passthrough, {} through lazylayer",
                 t_ready.as_secs_f64(),
-                if img.offline { "all local" } else { "boot layer fetched" },
+                if root.offline() { "all local" } else { "boot layer fetched" },
                 on_demand,
                 st.len(),
                 fetched,
@@ -400,7 +365,10 @@ async fn run_in(
             );
         }
     }
-    drop(fuse);
+    // The container is torn down (its overlay first): now the lazy root goes,
+    // the image recorded once every layer arrived (the next run then needs no
+    // network).
+    drop(lazy);
     cdir.write_state(&ContainerState {
         status: ContainerStatus::Exited,
         exit_code: Some(code),

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use lazylayer_snapshotter::{grpc, Images, Snapshotter};
+use lazylayer_containerd::{grpc, Images, Snapshotter};
 
 use crate::context::GlobalArgs;
 

@@ -1,10 +1,10 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use lazylayer_fetch::{FetchOptions, LazyImage, OpenError};
-use lazylayer_fs::{FsMount, FsOptions};
+use anyhow::{Context, Result};
+use lazylayer_fetch::FetchOptions;
+use lazylayer_podman::{LayerStore, StoreOptions};
 
 use crate::context::GlobalArgs;
 
@@ -22,7 +22,8 @@ pub struct Args {
     /// The additional layer store directory Podman is configured with
     #[arg(long, default_value = "/var/lib/lazylayer/podman-layers")]
     pub dir: PathBuf,
-    /// Fetch the remaining layers in the background
+    /// Fetch the remaining layers in the background (starting once a start
+    /// has settled: file-system requests quiet for 0.2 s, or 2 s after the mount)
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub prefetch: String,
     /// Longest a read waits for its file before EIO (seconds)
@@ -33,134 +34,25 @@ pub struct Args {
     pub images: Vec<String>,
 }
 
-/// One image laid out for Podman; undone on drop (bind mounts, FUSE, dirs).
-struct Served {
-    base: PathBuf,
-    bind: PathBuf,
-    _fuse: FsMount,
-    /// Keeps `prune` off the image's content while it is served.
-    _pin: lazylayer_store::Pin,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.bind, rustix::mount::UnmountFlags::DETACH);
-        let _ = std::fs::remove_dir_all(&self.base);
-    }
-}
-
-fn base64_std(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn serve(
-    store: &lazylayer_store::Store,
-    img: &LazyImage,
-    dir: &Path,
-    work: &Path,
-    prefetch: bool,
-) -> Result<Served> {
-    let reference = img.reference.to_string();
-    let pin_name = work
-        .file_name()
-        .map(|n| format!("podman-store-{}", n.to_string_lossy()))
-        .context("work directory without a name")?;
-    let pin = store
-        .pin_guard(&pin_name, &img.record.digests())
-        .context("pinning the image's content")?;
-    // Podman looks the image up by its reference as it names it (base64, std
-    // alphabet: a '/' in it simply nests directories).
-    let base = dir.join(base64_std(reference.as_bytes()));
-    if base.exists() {
-        bail!("{} is already served at {}", reference, base.display());
-    }
-    let root = work.join("root");
-    std::fs::create_dir_all(&root)?;
-    let fuse = img
-        .mount(&root, FsOptions::default())
-        .context("mounting the lazy file system")?;
-    let n = img.record.layers.len();
-    let mut top_diff = PathBuf::new();
-    for (i, l) in img.record.layers.iter().enumerate() {
-        let ld = base.join(l.digest.to_string());
-        std::fs::create_dir_all(ld.join("diff"))?;
-        std::fs::write(ld.join("blob"), b"")?;
-        // A diff-digest of our own, not the layer's real one: containers-storage
-        // reuses layers by digest, and these are views (the top one holds the
-        // whole image, the others nothing), not the layers themselves.
-        let view = lazylayer_oci::Digest::sha256_of(
-            format!("lazylayer-view:{reference}:{}", l.diff_id).as_bytes(),
-        );
-        let info =
-            serde_json::json!({ "compressed-size": l.size, "diff-digest": view.to_string() });
-        std::fs::write(ld.join("info"), serde_json::to_vec(&info)?)?;
-        if i == n - 1 {
-            top_diff = ld.join("diff");
-        }
-    }
-    rustix::mount::mount_bind(&root, &top_diff)
-        .with_context(|| format!("bind-mounting the lazy root at {}", top_diff.display()))?;
-    if prefetch {
-        img.fetcher.start_prefetch();
-    }
-    Ok(Served {
-        base,
-        bind: top_diff,
-        _fuse: fuse,
-        _pin: pin,
-    })
-}
-
 pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
-    let store = g.store()?;
-    let client = Arc::new(g.client()?);
-    // Private: it exposes images' roots (podman reads it as root).
-    lazylayer_store::create_private_dir(&a.dir)
-        .with_context(|| format!("creating {}", a.dir.display()))?;
-    let fopts = FetchOptions {
-        read_timeout: Duration::from_secs_f64(a.fetch_timeout),
-        ..FetchOptions::default()
+    let images = (a.images.iter())
+        .map(|i| super::parse_reference(i))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = StoreOptions {
+        dir: a.dir.clone(),
+        fetch: FetchOptions {
+            read_timeout: Duration::from_secs_f64(a.fetch_timeout),
+            ..FetchOptions::default()
+        },
+        prefetch: a.prefetch == "on",
     };
-    let mut images = Vec::new();
-    let mut served = Vec::new();
-    for (i, name) in a.images.iter().enumerate() {
-        let reference = super::parse_reference(name)?;
-        let img = match LazyImage::open(&store, client.clone(), &reference, fopts.clone()).await {
-            Ok(img) => img,
-            Err(OpenError::NoBootLayer(r)) => {
-                bail!("{r} has no boot layer: optimize it first (`lazylayer optimize`)")
-            }
-            Err(OpenError::Failed(e)) => {
-                return Err(e).with_context(|| format!("opening {reference}"))
-            }
-        };
-        let work = store
-            .root()
-            .join("podman-store")
-            .join(format!("{}-{i}", std::process::id()));
-        served.push(
-            serve(&store, &img, &a.dir, &work, a.prefetch == "on")
-                .with_context(|| format!("serving {reference}"))?,
-        );
-        println!(
-            "serving {reference} ({} layers) in {}",
-            img.record.layers.len(),
-            a.dir.display()
-        );
-        images.push(img);
+    let (store, client) = (g.store()?, Arc::new(g.client()?));
+    let served = LayerStore::serve(&store, client, &images, &opts)
+        .await
+        .with_context(|| format!("serving images in {}", a.dir.display()))?;
+    for i in served.images() {
+        let (image, layers) = (i.reference, i.layers);
+        println!("serving {image} ({layers} layers) in {}", a.dir.display());
     }
     eprintln!(
         "ready: run podman with --storage-opt overlay.additionallayerstore={}:ref (Ctrl-C to stop)",
@@ -172,23 +64,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         _ = term.recv() => {}
     }
     eprintln!("stopping: unmounting and removing the layer store entries");
+    // Each image is recorded in the store once all its layers arrived.
     drop(served);
-    for img in &images {
-        if img.fetcher.all_done() {
-            store.save_image(&img.record)?;
-        }
-    }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_matches_the_standard_alphabet() {
-        assert_eq!(super::base64_std(b""), "");
-        assert_eq!(super::base64_std(b"f"), "Zg==");
-        assert_eq!(super::base64_std(b"fo"), "Zm8=");
-        assert_eq!(super::base64_std(b"foo"), "Zm9v");
-        assert_eq!(super::base64_std(&[0xfb, 0xff]), "+/8=");
-    }
 }

@@ -1,6 +1,8 @@
-//! A containerd remote snapshotter for lazylayer.
+//! containerd support for lazylayer: the remote snapshotter, a client of
+//! containerd's own API, and lazy image registration ([`register`], behind
+//! `lazylayer containerd pull`).
 //!
-//! containerd plugs it in as a proxy snapshotter (`[proxy_plugins.lazylayer]`,
+//! The snapshotter: containerd plugs it in as a proxy snapshotter (`[proxy_plugins.lazylayer]`,
 //! `type = "snapshot"`) and speaks `containerd.services.snapshots.v1` to it
 //! over a unix socket. Ordinary layers get containerd's overlayfs semantics
 //! (a bind mount of a fresh directory, or an overlay on the parent chain).
@@ -15,10 +17,12 @@
 pub mod containerd_client;
 pub mod error;
 pub mod grpc;
+pub mod register;
 pub mod remote;
 pub mod snapshots;
 
 pub use error::{Result, SnapshotError};
+pub use register::{register_image, RegisterError, RegisterOptions, Registered};
 pub use remote::{Images, Snapshotter};
 pub use snapshots::{Info, Kind, Mount, RemoteLayer, Snapshots, Usage};
 /// The gRPC library our generated code is built on, for clients of [`proto`].

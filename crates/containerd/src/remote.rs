@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, OpenError};
-use lazylayer_fs::{FsMount, FsOptions};
+use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, LazyRoot, MountOptions, OpenError};
+use lazylayer_fs::FsOptions;
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{NoEvents, NoProgress, PullOptions, RegistryBlobs, Store};
 use tokio::sync::Mutex;
@@ -89,14 +89,13 @@ impl Images {
             .await?
             .ok_or_else(|| precondition(format!("{image} no longer has a boot layer")))?;
         let layer = img
-            .record
-            .layers
+            .layers()
             .iter()
             .find(|l| l.digest.to_string() == r.layer_digest)
             .ok_or_else(|| precondition(format!("{image} has no layer {}", r.layer_digest)))?;
         self.store
             .ensure_layer(
-                &RegistryBlobs::new(&*self.client, img.reference.repository.clone()),
+                &RegistryBlobs::new(&*self.client, img.reference().repository.clone()),
                 layer,
                 &PullOptions::default(),
                 Arc::new(NoProgress),
@@ -116,7 +115,7 @@ impl Images {
         let Some(img) = self.open(&c.image_ref, &c.manifest_digest).await? else {
             return Ok(None);
         };
-        let layers = &img.record.layers;
+        let layers = img.layers();
         let Some(i) = layers
             .iter()
             .position(|l| l.digest.to_string() == c.layer_digest)
@@ -156,10 +155,10 @@ impl Claim {
 pub struct Snapshotter {
     snapshots: Snapshots,
     images: Option<Images>,
-    /// manifest digest → its lazy mount. The lock is held across "mount, then
-    /// record the snapshot" and "remove, then maybe unmount", so a mount is
-    /// never dropped under a snapshot being created on it.
-    mounts: Mutex<HashMap<String, (Arc<LazyImage>, FsMount)>>,
+    /// manifest digest → its lazy root, mounted. The lock is held across
+    /// "mount, then record the snapshot" and "remove, then maybe unmount", so
+    /// a root is never dropped under a snapshot being created on it.
+    mounts: Mutex<HashMap<String, LazyRoot>>,
     /// What the pin names now: it is rewritten only when this changes
     /// (most Removes are of ordinary snapshots).
     pinned: std::sync::Mutex<Option<Vec<String>>>,
@@ -304,8 +303,8 @@ impl Snapshotter {
         self.repin();
         if let Some(r) = under {
             if self.snapshots.lazy_users(&r.manifest_digest) == 0 {
-                if let Some((img, m)) = mounts.remove(&r.manifest_digest) {
-                    release(self.images.as_ref(), &img, m, &r);
+                if let Some(root) = mounts.remove(&r.manifest_digest) {
+                    release(root);
                 }
             }
         }
@@ -335,20 +334,14 @@ impl Snapshotter {
     /// Unmount every lazy root (at shutdown).
     pub async fn shutdown(&self) {
         let mut mounts = self.mounts.lock().await;
-        for (digest, (img, m)) in mounts.drain() {
-            let r = RemoteLayer {
-                image_ref: img.reference.to_string(),
-                manifest_digest: digest,
-                layer_digest: String::new(),
-                top: true,
-            };
-            release(self.images.as_ref(), &img, m, &r);
+        for (_, root) in mounts.drain() {
+            release(root);
         }
     }
 
     async fn ensure_mounted(
         &self,
-        mounts: &mut HashMap<String, (Arc<LazyImage>, FsMount)>,
+        mounts: &mut HashMap<String, LazyRoot>,
         r: &RemoteLayer,
     ) -> Result<()> {
         if mounts.contains_key(&r.manifest_digest) {
@@ -367,39 +360,35 @@ impl Snapshotter {
             .ok_or_else(|| precondition(format!("{} no longer has a boot layer", r.image_ref)))?;
         let dir = self.snapshots.lazy_dir(&r.manifest_digest);
         std::fs::create_dir_all(&dir).map_err(io("creating the lazy mount point", &dir))?;
-        let m = img
-            .mount(&dir, FsOptions::default())
-            .map_err(|source| SnapshotError::Image {
-                image: r.image_ref.clone(),
-                source: Box::new(source),
-            })?;
-        // The container starts from the boot layer; the rest follows once
-        // its start has settled (prefetching earlier takes its CPU).
-        let stats = m.stats();
-        img.fetcher.start_prefetch_when_idle(
-            move || stats.requests(),
-            lazylayer_fetch::PREFETCH_QUIET,
-            lazylayer_fetch::PREFETCH_MAX_WAIT,
-        );
+        let failed = |source: FetchError| SnapshotError::Image {
+            image: r.image_ref.clone(),
+            source: Box::new(source),
+        };
+        // Pinned (until every layer is here no image record names them),
+        // mounted; the container starts from the boot layer, the rest follows
+        // once its start has settled (prefetching earlier takes its CPU).
+        let hex: String = (r.manifest_digest.chars())
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        let pin = format!("snapshotter-{}-{hex}", std::process::id());
+        let mut root = LazyRoot::new(&images.store, (*img).clone(), &pin).map_err(failed)?;
+        let opts = MountOptions {
+            fs: FsOptions::default(),
+            prefetch: true,
+        };
+        root.mount(&dir, opts).map_err(failed)?;
         tracing::info!(image = %r.image_ref, dir = %dir.display(), "lazy root mounted");
-        mounts.insert(r.manifest_digest.clone(), (img, m));
+        mounts.insert(r.manifest_digest.clone(), root);
         Ok(())
     }
 }
 
-/// Unmount an image's lazy root; when every layer arrived meanwhile, record
-/// the image in the store so `lazylayer run` and later mounts need no network.
-fn release(images: Option<&Images>, img: &LazyImage, m: FsMount, r: &RemoteLayer) {
-    if let Some(images) = images.filter(|_| img.fetcher.all_done()) {
-        if let Err(e) = images.store.save_image(&img.record) {
-            tracing::warn!(image = %r.image_ref, error = %e, "recording the fully fetched image");
-        }
-    }
-    if let Err(e) = m.unmount() {
-        tracing::warn!(image = %r.image_ref, error = %e, "unmounting the lazy root");
-    } else {
-        tracing::info!(image = %r.image_ref, "lazy root unmounted");
-    }
+/// Unmount an image's lazy root (the image is recorded in the store once
+/// every layer arrived, so `lazylayer run` and later mounts need no network).
+fn release(root: LazyRoot) {
+    let image = root.reference().to_string();
+    drop(root);
+    tracing::info!(image, "lazy root unmounted");
 }
 
 fn detach_mounts_below(dir: &Path) {

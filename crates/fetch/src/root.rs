@@ -1,0 +1,225 @@
+//! A lazy root: one optimized image mounted for its users (a `run`
+//! container, containerd's containers, Podman's), with everything that goes
+//! with it, in one place.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lazylayer_fs::{FsMount, FsOptions, FsStats};
+use lazylayer_oci::{Reference, RegistryClient};
+use lazylayer_store::{LayerRef, Pin, Store};
+
+use crate::fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
+use crate::lazy::{LazyImage, OpenError};
+use crate::{FetchError, PREFETCH_MAX_WAIT, PREFETCH_QUIET};
+
+/// An optimized image, its content pinned in the store (`prune` keeps it
+/// while no image record names it yet), its merged root mounted read-only
+/// through the lazy file system once [`LazyRoot::mount`] is called, its other
+/// layers fetched on first touch and, once the start has settled, by
+/// background prefetch. The image is recorded in the store as soon as every
+/// layer is local (so later starts need no network).
+///
+/// Dropped: unmounted, fetches still running cancelled (quietly; what they
+/// received stays for the next fetch to resume), the image recorded if
+/// complete, and the pin released.
+pub struct LazyRoot {
+    image: LazyImage,
+    store: Store,
+    fetcher: LayerFetcher,
+    mount: Option<FsMount>,
+    saved: Arc<AtomicBool>,
+    /// Records the image when its last layer lands (aborted on drop).
+    recorder: Option<tokio::task::AbortHandle>,
+    /// Last: released only once the rest is undone.
+    _pin: Pin,
+}
+
+/// How [`LazyRoot::mount`] serves the root.
+#[derive(Debug, Clone, Default)]
+pub struct MountOptions {
+    pub fs: FsOptions,
+    /// Fetch the remaining layers in the background once the start has
+    /// settled: file-system requests quiet for [`PREFETCH_QUIET`], or
+    /// [`PREFETCH_MAX_WAIT`] after the mount.
+    pub prefetch: bool,
+}
+
+/// A cloneable view of a root's fetch progress (for a status thread).
+#[derive(Clone)]
+pub struct RootProgress {
+    fetcher: LayerFetcher,
+}
+
+impl RootProgress {
+    /// Per-layer progress of the layers below the boot layer.
+    pub fn status(&self) -> Vec<LayerStatus> {
+        self.fetcher.status()
+    }
+}
+
+impl LazyRoot {
+    /// Open `reference` lazily ([`LazyImage::open`]: from the store when it
+    /// holds the whole image, else manifest, config and boot layer from the
+    /// registry) and pin its content under `pin_name`.
+    pub async fn open(
+        store: &Store,
+        client: Arc<RegistryClient>,
+        reference: &Reference,
+        opts: FetchOptions,
+        pin_name: &str,
+    ) -> Result<LazyRoot, OpenError> {
+        let image = LazyImage::open(store, client, reference, opts).await?;
+        Ok(LazyRoot::new(store, image, pin_name)?)
+    }
+
+    /// A root of an image opened earlier (the snapshotter keeps the opened
+    /// images, and mounts and unmounts their roots as containers come and go).
+    pub fn new(store: &Store, image: LazyImage, pin_name: &str) -> Result<LazyRoot, FetchError> {
+        let pin = store.pin_guard(pin_name, &image.record.digests())?;
+        let fetcher = image.fetcher(store);
+        Ok(LazyRoot {
+            image,
+            store: store.clone(),
+            fetcher,
+            mount: None,
+            saved: Arc::new(AtomicBool::new(false)),
+            recorder: None,
+            _pin: pin,
+        })
+    }
+
+    /// Mount the image's merged root, read-only, at `target` (once).
+    pub fn mount(&mut self, target: &Path, opts: MountOptions) -> Result<(), FetchError> {
+        if self.mount.is_some() {
+            return Err(FetchError::BadImage {
+                image: self.image.reference.to_string(),
+                reason: "its lazy root is mounted already".into(),
+            });
+        }
+        let fs = self.image.file_system(&self.fetcher, opts.fs);
+        let m = FsMount::mount(fs, target, 8)?;
+        if opts.prefetch {
+            // The start reads from the boot layer; prefetching earlier takes
+            // the CPU it needs (decompression, extraction).
+            let stats = m.stats();
+            self.fetcher.start_prefetch_when_idle(
+                move || stats.requests(),
+                PREFETCH_QUIET,
+                PREFETCH_MAX_WAIT,
+            );
+        }
+        self.mount = Some(m);
+        self.recorder = Some(self.spawn_recorder());
+        Ok(())
+    }
+
+    /// Records the image once every layer is local; gives up when one failed.
+    fn spawn_recorder(&self) -> tokio::task::AbortHandle {
+        let (fetcher, store, saved) =
+            (self.fetcher.clone(), self.store.clone(), self.saved.clone());
+        let record = self.image.record.clone();
+        let reference = self.image.reference.to_string();
+        tokio::runtime::Handle::current()
+            .spawn(async move {
+                loop {
+                    if fetcher.all_done() {
+                        save(&store, &record, &saved, &reference);
+                        return;
+                    }
+                    if fetcher
+                        .status()
+                        .iter()
+                        .any(|l| matches!(l.state, LayerState::Failed(_)))
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+            .abort_handle()
+    }
+
+    /// Where the root is mounted.
+    pub fn path(&self) -> Option<&Path> {
+        self.mount.as_ref().map(|m| m.target())
+    }
+
+    /// How the mounted file system served requests so far.
+    pub fn stats(&self) -> Option<Arc<FsStats>> {
+        self.mount.as_ref().map(|m| m.stats())
+    }
+
+    /// Per-layer fetch progress of the layers below the boot layer.
+    pub fn status(&self) -> Vec<LayerStatus> {
+        self.fetcher.status()
+    }
+
+    pub fn progress(&self) -> RootProgress {
+        RootProgress {
+            fetcher: self.fetcher.clone(),
+        }
+    }
+
+    /// Bytes downloaded for this root (layers found in the store count 0).
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetcher.bytes_fetched()
+    }
+
+    /// True when every layer is local.
+    pub fn complete(&self) -> bool {
+        self.fetcher.all_done()
+    }
+
+    /// True when the image came from the store, without any network.
+    pub fn offline(&self) -> bool {
+        self.image.offline
+    }
+
+    pub fn config_bytes(&self) -> &[u8] {
+        &self.image.config_bytes
+    }
+
+    pub fn reference(&self) -> &Reference {
+        &self.image.reference
+    }
+
+    /// The image's layers, bottom first (the boot layer last).
+    pub fn layers(&self) -> &[LayerRef] {
+        &self.image.record.layers
+    }
+}
+
+fn save(store: &Store, record: &lazylayer_store::ImageRecord, saved: &AtomicBool, image: &str) {
+    if saved.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    match store.save_image(record) {
+        Ok(()) => tracing::info!(image, "every layer is local: image recorded in the store"),
+        Err(e) => {
+            saved.store(false, Ordering::SeqCst);
+            tracing::warn!(image, error = %e, "recording the fully fetched image");
+        }
+    }
+}
+
+impl Drop for LazyRoot {
+    fn drop(&mut self) {
+        let image = self.image.reference.to_string();
+        if let Some(m) = self.mount.take() {
+            match m.unmount() {
+                Ok(()) => tracing::debug!(image, "lazy root unmounted"),
+                Err(e) => tracing::warn!(image, error = %e, "unmounting the lazy root"),
+            }
+        }
+        if let Some(r) = self.recorder.take() {
+            r.abort();
+        }
+        if self.fetcher.all_done() {
+            save(&self.store, &self.image.record, &self.saved, &image);
+        }
+        self.fetcher.cancel();
+    }
+}
