@@ -38,27 +38,21 @@ pub async fn push_optimized(
     boot: &BootBlob<'_>,
     image: &OptimizedImage,
 ) -> Result<PushReport, OptimizeError> {
-    let mut rep = PushReport::default();
-    for l in &src_record.layers {
-        let path = store.blob_path(&l.digest);
-        let outcome = client
-            .push_blob(
-                &dst.repository,
-                &l.digest,
-                l.size,
-                &BlobSource::File(path),
-                Some(&src.repository),
-            )
-            .await?;
-        match outcome {
-            PushOutcome::Mounted => rep.layers_mounted += 1,
-            PushOutcome::Existed => rep.layers_existing += 1,
-            PushOutcome::Uploaded => {
-                rep.layers_uploaded += 1;
-                rep.bytes_uploaded += l.size;
-            }
-        }
-    }
+    let layers: Vec<(Digest, u64)> = src_record
+        .layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.size))
+        .collect();
+    let counts = store
+        .push_blobs(client, &layers, &src.repository, &dst.repository)
+        .await?;
+    let mut rep = PushReport {
+        layers_mounted: counts.mounted,
+        layers_existing: counts.existed,
+        layers_uploaded: counts.uploaded,
+        bytes_uploaded: counts.bytes_uploaded,
+        manifest_digest: String::new(),
+    };
     if client
         .push_blob(
             &dst.repository,

@@ -32,6 +32,7 @@ mod mounts;
 mod overlay;
 mod ready;
 mod runc;
+mod signals;
 mod state;
 mod user;
 
@@ -42,4 +43,5 @@ pub use mounts::{mounts_below, unmount_below};
 pub use overlay::OverlayMount;
 pub use ready::{wait_ready, Readiness, WaitCondition};
 pub use runc::{Container, Killer, Runc, Stdio};
+pub use signals::{signal_name, ForwardedSignals};
 pub use state::{process_start_time, ContainerDir, ContainerState, ContainerStatus, Reaped};

@@ -23,6 +23,7 @@ mod error;
 mod lock;
 mod pins;
 mod pull;
+mod push;
 mod reader;
 mod resolve;
 mod source;
@@ -36,6 +37,7 @@ pub use error::StoreError;
 pub use lock::FileLock;
 pub use pins::Pin;
 pub use pull::{unix_now, NoProgress, PullOptions, PullProgress};
+pub use push::{PushCounts, PushReport};
 pub use resolve::{layer_refs, resolve_layers, ResolvedLayers};
 pub use source::{BlobStream, BoxFuture, LayerEvents, NoEvents, RegistryBlobs};
 

@@ -7,11 +7,10 @@ use anyhow::{bail, Context, Result};
 use lazylayer_fetch::{FetchOptions, LazyRoot, MountOptions, OpenError};
 use lazylayer_fs::FsOptions;
 use lazylayer_runtime::{
-    process_start_time, ContainerBuilder, ContainerDir, ContainerState, ContainerStatus,
-    NetworkMode, RunSpec, Runc, RunningContainer, Stdio,
+    process_start_time, signal_name, ContainerBuilder, ContainerDir, ContainerState,
+    ContainerStatus, ForwardedSignals, NetworkMode, RunSpec, Runc, Stdio,
 };
 use lazylayer_store::PullOptions;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::context::GlobalArgs;
 use crate::progress::PullBars;
@@ -100,7 +99,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
         .with_context(|| format!("--stop-timeout {}", a.stop_timeout))?;
     // Caught from here on, so that a service manager's TERM (or a HUP, or Ctrl-C)
     // stops the container and we clean up, instead of dying with the mounts left.
-    let mut signals = Signals::new()?;
+    let mut signals = ForwardedSignals::install().context("installing signal handlers")?;
     let store = g.store()?;
     let client = Arc::new(g.client()?);
     let runc = Runc::for_store(store.root());
@@ -171,42 +170,6 @@ struct Env<'a> {
     runc: &'a Runc,
     t0: Instant,
     stop_timeout: Duration,
-}
-
-/// SIGTERM, SIGHUP and SIGINT, as one stream of signal numbers.
-struct Signals {
-    term: Signal,
-    hup: Signal,
-    int: Signal,
-}
-
-impl Signals {
-    fn new() -> Result<Signals> {
-        let on = |kind: SignalKind| signal(kind).context("installing a signal handler");
-        Ok(Signals {
-            term: on(SignalKind::terminate())?,
-            hup: on(SignalKind::hangup())?,
-            int: on(SignalKind::interrupt())?,
-        })
-    }
-
-    /// The next signal's number.
-    async fn recv(&mut self) -> i32 {
-        tokio::select! {
-            _ = self.term.recv() => SignalKind::terminate().as_raw_value(),
-            _ = self.hup.recv() => SignalKind::hangup().as_raw_value(),
-            _ = self.int.recv() => SignalKind::interrupt().as_raw_value(),
-        }
-    }
-}
-
-fn signal_name(sig: i32) -> String {
-    match sig {
-        1 => "SIGHUP".into(),
-        2 => "SIGINT".into(),
-        15 => "SIGTERM".into(),
-        n => format!("signal {n}"),
-    }
 }
 
 /// A container's lowers, mounted, and what to run on them.
@@ -294,7 +257,7 @@ async fn run_in(
     a: &Args,
     env: &Env<'_>,
     state: ContainerState,
-    signals: &mut Signals,
+    signals: &mut ForwardedSignals,
 ) -> Result<Outcome> {
     let (cdir, name) = (env.cdir, state.name.clone());
     // A signal before the start ends the run: dropping `prepare` unmounts what it
@@ -341,7 +304,7 @@ async fn run_in(
         .stdio(Stdio::Inherit)
         .keep_upper(!a.rm)
         .start()?;
-    let code = wait_forwarding_signals(container, signals, env.stop_timeout).await?;
+    let code = container.wait_forwarding(signals, env.stop_timeout).await?;
 
     stop_status.store(true, Ordering::Relaxed);
     if let Some(t) = status_thread {
@@ -378,54 +341,4 @@ async fn run_in(
         code,
         started: true,
     })
-}
-
-/// Waits for the container's exit; meanwhile SIGTERM, SIGHUP and SIGINT sent to us
-/// go to the container's init, as `podman run` passes them on, and a container
-/// still running `grace` after the first one is KILLed. Returns its exit code once
-/// the container is torn down (runc state, overlay, its directories).
-async fn wait_forwarding_signals(
-    mut container: RunningContainer,
-    signals: &mut Signals,
-    grace: Duration,
-) -> Result<i32> {
-    let killer = container.killer();
-    let mut wait = tokio::task::spawn_blocking(move || {
-        // On an error the container is dropped here: killed, deleted, unmounted.
-        let code = container.wait()?;
-        container.teardown().context("removing the container")?;
-        anyhow::Ok(code)
-    });
-    let forward = |sig: i32| {
-        let killer = killer.clone();
-        // runc kill retries around start and exit: not on the runtime's threads.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = killer.kill(sig) {
-                eprintln!(
-                    "warning: passing {} on to container {}: {e:#}",
-                    signal_name(sig),
-                    killer.id()
-                );
-            }
-        })
-    };
-    let (mut kill_at, mut killed) = (None, false);
-    loop {
-        tokio::select! {
-            code = &mut wait => return code.context("waiting for the container")?,
-            sig = signals.recv() => {
-                eprintln!("{}: passing it on to container {}", signal_name(sig), killer.id());
-                forward(sig);
-                kill_at.get_or_insert_with(|| tokio::time::Instant::now() + grace);
-            }
-            _ = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)),
-                if kill_at.is_some() && !killed =>
-            {
-                eprintln!("container {} still runs {grace:?} after the signal: killing it", killer.id());
-                forward(9);
-                // Once: a KILL cannot be ignored.
-                killed = true;
-            }
-        }
-    }
 }
