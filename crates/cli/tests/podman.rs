@@ -42,20 +42,7 @@ fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
 
     let podman = Podman::new();
     let opt_arg = format!("overlay.additionallayerstore={}:ref", als.path().display());
-    let pm = |args: &[&str]| {
-        let out = podman
-            .cmd()
-            .args(["--storage-opt", &opt_arg])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "podman {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let pm = |args: &[&str]| podman.ok_with(&["--storage-opt", &opt_arg], args);
     pm(&["pull", "-q", "--tls-verify=false", &dst]);
     let out = pm(&["run", "--rm", "--network=none", &dst]);
     assert_eq!(
@@ -162,20 +149,7 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
 
     let podman = Podman::new();
     let opt_arg = format!("overlay.additionallayerstore={}:ref", als.path().display());
-    let pm = |args: &[&str]| {
-        let out = podman
-            .cmd()
-            .args(["--storage-opt", &opt_arg])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "podman {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let pm = |args: &[&str]| podman.ok_with(&["--storage-opt", &opt_arg], args);
     pm(&["pull", "-q", "--tls-verify=false", &img]);
     let out = pm(&[
         "run",

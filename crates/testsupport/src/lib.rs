@@ -256,7 +256,13 @@ impl Podman {
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd().args(args).output().unwrap();
+        self.ok_with(&[], args)
+    }
+
+    /// `podman GLOBAL... ARGS...` (e.g. `--storage-opt` for an additional
+    /// layer store), which must succeed; its stdout.
+    pub fn ok_with(&self, global: &[&str], args: &[&str]) -> String {
+        let out = self.cmd().args(global).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "podman {args:?}: {}",
