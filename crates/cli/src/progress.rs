@@ -36,6 +36,9 @@ impl PullBars {
 }
 
 impl PullProgress for PullBars {
+    fn full_pull(&self, reference: &lazylayer_oci::Reference) {
+        eprintln!("note: {reference} has no lazylayer boot layer; pulling it fully (optimize it with `lazylayer optimize`)");
+    }
     fn layer_start(&self, digest: &Digest, size: u64, cached: bool) {
         use std::sync::atomic::Ordering::Relaxed;
         let bar = self.multi.add(ProgressBar::new(size));

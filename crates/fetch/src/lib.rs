@@ -15,10 +15,12 @@
 //! and all of it undone on drop.
 
 mod fetcher;
+mod image_root;
 mod lazy;
 mod root;
 
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
+pub use image_root::ImageRoot;
 pub use lazy::{LazyImage, LazySource, OpenError};
 pub use root::{LazyRoot, MountOptions, RootProgress};
 

@@ -21,6 +21,8 @@ use crate::{io_err, FileLock, ImageRecord, LayerRecord, LayerRef, Result, Store,
 /// Receives pull progress (bytes, for bars); the CLI draws bars from it,
 /// tests count calls. Per-file readiness is [`LayerEvents`]'s, not this.
 pub trait PullProgress: Send + Sync {
+    /// The image has no boot layer: it is pulled in full before it runs.
+    fn full_pull(&self, _reference: &Reference) {}
     fn image_resolved(&self, _image: &ResolvedImage) {}
     /// `cached`: the layer is in the store already and will not be fetched.
     fn layer_start(&self, _digest: &Digest, _size: u64, _cached: bool) {}

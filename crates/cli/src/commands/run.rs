@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lazylayer_fetch::{FetchOptions, LazyRoot, MountOptions, OpenError};
+use lazylayer_fetch::{FetchOptions, ImageRoot, MountOptions};
 use lazylayer_fs::FsOptions;
 use lazylayer_runtime::{
     process_start_time, signal_name, ContainerBuilder, ContainerDir, ContainerState,
@@ -174,10 +174,7 @@ struct Env<'a> {
 
 /// A container's lowers, mounted, and what to run on them.
 struct Prepared {
-    /// The lazy image's mounted root (pinned, prefetched, recorded once complete).
-    lazy: Option<LazyRoot>,
-    /// Top first.
-    lowers: Vec<PathBuf>,
+    root: ImageRoot,
     spec: RunSpec,
     t_ready: Duration,
 }
@@ -191,51 +188,34 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
     let fopts = FetchOptions {
         read_timeout: Duration::from_secs_f64(a.fetch_timeout),
         serve_unverified: !a.verified_only,
-        pull: pull.clone(),
+        pull,
         ..FetchOptions::default()
     };
     let lower = cdir.sub("lower");
     std::fs::create_dir(&lower).with_context(|| format!("creating {}", lower.display()))?;
-
-    // Either a lazy image behind FUSE, or (no boot layer) a full pull.
-    let pin = pin_name(name);
-    let mut lazy = match LazyRoot::open(store, env.client.clone(), reference, fopts, &pin).await {
-        Ok(root) => Some(root),
-        Err(OpenError::NoBootLayer(_)) => {
-            eprintln!("note: {reference} has no lazylayer boot layer; pulling it fully (optimize it with `lazylayer optimize`)");
-            None
-        }
-        Err(OpenError::Failed(e)) => return Err(e).with_context(|| format!("opening {reference}")),
+    let mount = MountOptions {
+        fs: FsOptions {
+            passthrough: a.passthrough == "on",
+            ..FsOptions::default()
+        },
+        prefetch: a.prefetch == "on",
     };
-    let (config_bytes, lowers) = match &mut lazy {
-        Some(root) => {
-            let fs = FsOptions {
-                passthrough: a.passthrough == "on",
-                ..FsOptions::default()
-            };
-            let prefetch = a.prefetch == "on";
-            root.mount(&lower, MountOptions { fs, prefetch })
-                .context("mounting the lazy file system")?;
-            (root.config_bytes().to_vec(), vec![lower.clone()])
-        }
-        None => {
-            let bars = Arc::new(PullBars::new(false));
-            let rec = store
-                .pull(&env.client, reference, &pull, bars)
-                .await
-                .with_context(|| format!("pulling {reference}"))?;
-            let lowers: Vec<PathBuf> = rec
-                .layers
-                .iter()
-                .rev()
-                .filter_map(|l| store.layer_dir(&l.digest))
-                .collect();
-            (store.read_blob(&rec.config_digest)?, lowers)
-        }
-    };
+    let bars = Arc::new(PullBars::new(false));
+    let root = ImageRoot::open(
+        store,
+        env.client.clone(),
+        reference,
+        fopts,
+        &pin_name(name),
+        &lower,
+        mount,
+        bars,
+    )
+    .await
+    .with_context(|| format!("opening {reference}"))?;
     let t_ready = env.t0.elapsed();
 
-    let config = serde_json::from_slice(&config_bytes).context("parsing the image config")?;
+    let config = serde_json::from_slice(root.config_bytes()).context("parsing the image config")?;
     // Its rootfs is the container's overlay, which ContainerBuilder names.
     let mut spec = RunSpec::new(name.to_string(), PathBuf::new(), config);
     if !a.command.is_empty() {
@@ -246,8 +226,7 @@ async fn prepare(a: &Args, env: &Env<'_>, name: &str) -> Result<Prepared> {
     spec.user = a.user.clone();
     spec.workdir = a.workdir.clone();
     Ok(Prepared {
-        lazy,
-        lowers,
+        root,
         spec,
         t_ready,
     })
@@ -270,11 +249,11 @@ async fn run_in(
         }
     };
     let Prepared {
-        lazy,
-        lowers,
+        root,
         spec,
         t_ready,
     } = p;
+    let lazy = root.lazy();
     let state = ContainerState {
         lazy: lazy.is_some(),
         ..state
@@ -283,7 +262,7 @@ async fn run_in(
 
     // Per-layer progress for `lazylayer status`, refreshed while we run.
     let stop_status = Arc::new(AtomicBool::new(false));
-    let status_thread = lazy.as_ref().map(|root| {
+    let status_thread = lazy.map(|root| {
         let f = root.progress();
         let (stop, cdir) = (stop_status.clone(), cdir.clone());
         std::thread::spawn(move || loop {
@@ -298,7 +277,7 @@ async fn run_in(
     // The overlay over the lowers, the bundle and runc, in the container's directory;
     // the writable layer outlives the run unless --rm.
     let container = ContainerBuilder::new(&name, env.runc)
-        .lowers(lowers)
+        .lowers(root.lowers().to_vec())
         .writable(&cdir.path)
         .spec(spec)
         .stdio(Stdio::Inherit)
@@ -310,7 +289,7 @@ async fn run_in(
     if let Some(t) = status_thread {
         let _ = t.join();
     }
-    if let Some(root) = &lazy {
+    if let Some(root) = lazy {
         if a.stats {
             let st = root.status();
             let fetched = root.bytes_fetched();
@@ -331,7 +310,7 @@ async fn run_in(
     // The container is torn down (its overlay first): now the lazy root goes,
     // the image recorded once every layer arrived (the next run then needs no
     // network).
-    drop(lazy);
+    drop(root);
     cdir.write_state(&ContainerState {
         status: ContainerStatus::Exited,
         exit_code: Some(code),

@@ -1,0 +1,78 @@
+//! An image's root for a container: lazily behind FUSE when the image has a
+//! boot layer, else pulled fully and stacked from the store's extracted layers
+//! (the fallback every plain image gets).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lazylayer_oci::{Reference, RegistryClient};
+use lazylayer_store::{PullProgress, Store};
+
+use crate::{FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
+
+pub struct ImageRoot {
+    /// Pinned, mounted, prefetching, recorded once complete; None for a
+    /// fully pulled image.
+    lazy: Option<LazyRoot>,
+    /// Top first.
+    lowers: Vec<PathBuf>,
+    config_bytes: Vec<u8>,
+}
+
+impl ImageRoot {
+    /// Open `reference` lazily, mounted at `mount_at` (an empty directory)
+    /// and pinned as `pin_name`; an image without a boot layer is pulled in
+    /// full instead, `progress` told first (`full_pull`) and then of each layer.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        store: &Store,
+        client: Arc<RegistryClient>,
+        reference: &Reference,
+        opts: FetchOptions,
+        pin_name: &str,
+        mount_at: &Path,
+        mount: MountOptions,
+        progress: Arc<dyn PullProgress>,
+    ) -> Result<ImageRoot, FetchError> {
+        let pull = opts.pull.clone();
+        match LazyRoot::open(store, client.clone(), reference, opts, pin_name).await {
+            Ok(mut root) => {
+                root.mount(mount_at, mount)?;
+                Ok(ImageRoot {
+                    lowers: vec![mount_at.to_path_buf()],
+                    config_bytes: root.config_bytes().to_vec(),
+                    lazy: Some(root),
+                })
+            }
+            Err(OpenError::NoBootLayer(_)) => {
+                progress.full_pull(reference);
+                let rec = store.pull(&client, reference, &pull, progress).await?;
+                let lowers = rec
+                    .layers
+                    .iter()
+                    .rev()
+                    .filter_map(|l| store.layer_dir(&l.digest))
+                    .collect();
+                Ok(ImageRoot {
+                    lazy: None,
+                    lowers,
+                    config_bytes: store.read_blob(&rec.config_digest)?,
+                })
+            }
+            Err(OpenError::Failed(e)) => Err(e),
+        }
+    }
+
+    pub fn lazy(&self) -> Option<&LazyRoot> {
+        self.lazy.as_ref()
+    }
+
+    /// The directories to stack, top first.
+    pub fn lowers(&self) -> &[PathBuf] {
+        &self.lowers
+    }
+
+    pub fn config_bytes(&self) -> &[u8] {
+        &self.config_bytes
+    }
+}
