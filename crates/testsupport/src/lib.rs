@@ -223,8 +223,15 @@ impl Drop for Mount {
 
 /// Podman (Debian's 4.3) with a store of its own in a temp dir, configured as
 /// this machine needs (runc, cgroupfs, file events, rlimits within the hard limit).
+/// One Podman at a time in a test process: two at once (each with its own
+/// root and runroot) were seen to fail `podman run` with "getting exit code
+/// of container ... from DB: no such exit code" on this machine's podman 4.3.
+static PODMAN_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub struct Podman {
     pub dir: tempfile::TempDir,
+    /// Released after `Drop` has reset this podman's store.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Default for Podman {
@@ -235,13 +242,18 @@ impl Default for Podman {
 
 impl Podman {
     pub fn new() -> Podman {
+        // A test that panicked while holding it poisons it; the lock still serialises.
+        let serial = PODMAN_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("containers.conf"),
             "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
         )
         .unwrap();
-        Podman { dir }
+        Podman {
+            dir,
+            _serial: serial,
+        }
     }
 
     pub fn cmd(&self) -> Command {
