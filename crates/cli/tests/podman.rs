@@ -18,15 +18,23 @@ fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
 
     let root = tempfile::tempdir().unwrap();
     let als = tempfile::tempdir().unwrap();
-    let mut store = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(root.path())
-        .args(["store", "--prefetch", "off", "--dir"])
-        .arg(als.path())
-        .arg(&dst)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Dropped after the store process (declared later): a failing test that
+    // kills it outright still leaves no lazy mount behind.
+    let _leftovers = (
+        StoreLeftovers(root.path().to_path_buf()),
+        StoreLeftovers(als.path().to_path_buf()),
+    );
+    let mut store = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+            .arg("--root")
+            .arg(root.path())
+            .args(["store", "--prefetch", "off", "--dir"])
+            .arg(als.path())
+            .arg(&dst)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while mounts_below(als.path()).is_empty() {
         assert!(
@@ -34,7 +42,7 @@ fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
             "lazylayer store did not get ready"
         );
         assert!(
-            store.try_wait().unwrap().is_none(),
+            store.0.try_wait().unwrap().is_none(),
             "lazylayer store exited early"
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -69,9 +77,9 @@ fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
     assert_eq!(out, "sql\n");
 
     // Stopping the store undoes everything it set up.
-    let pid = rustix::process::Pid::from_raw(store.id() as i32).unwrap();
+    let pid = rustix::process::Pid::from_raw(store.0.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    assert!(store.wait().unwrap().success());
+    assert!(store.0.wait().unwrap().success());
     assert!(mounts_below(als.path()).is_empty(), "bind mounts left");
     assert!(mounts_below(root.path()).is_empty(), "FUSE mounts left");
     assert!(
@@ -106,6 +114,12 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
 
     let root = tempfile::tempdir().unwrap();
     let als = tempfile::tempdir().unwrap();
+    // Dropped after the store process (declared later): a failing test that
+    // kills it outright still leaves no lazy mount behind.
+    let _leftovers = (
+        StoreLeftovers(root.path().to_path_buf()),
+        StoreLeftovers(als.path().to_path_buf()),
+    );
     let mut store = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_lazylayer"))
             .arg("--root")
