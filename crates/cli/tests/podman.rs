@@ -8,6 +8,86 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// `lazylayer store` serving `image` to podman from a store and a layer
+/// store dir of its own, ready (its lazy root mounted) when returned. Fields
+/// drop in order: the process is killed before its mounts are cleared, so a
+/// failing test leaves nothing mounted.
+struct ServedStore {
+    process: KillOnDrop,
+    _leftovers: (StoreLeftovers, UnmountBelow),
+    root: tempfile::TempDir,
+    als: tempfile::TempDir,
+    /// When the lazy root appeared.
+    ready: Instant,
+}
+
+impl ServedStore {
+    fn start(image: &str, extra: &[&str]) -> ServedStore {
+        let root = tempfile::tempdir().unwrap();
+        let als = tempfile::tempdir().unwrap();
+        let leftovers = (
+            StoreLeftovers(root.path().to_path_buf()),
+            UnmountBelow(als.path().to_path_buf()),
+        );
+        let mut process = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+                .arg("--root")
+                .arg(root.path())
+                .arg("store")
+                .args(extra)
+                .arg("--dir")
+                .arg(als.path())
+                .arg(image)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while mounts_below(als.path()).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "lazylayer store did not get ready"
+            );
+            assert!(
+                process.0.try_wait().unwrap().is_none(),
+                "lazylayer store exited early"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ServedStore {
+            process,
+            _leftovers: leftovers,
+            root,
+            als,
+            ready: Instant::now(),
+        }
+    }
+
+    /// `podman ARGS` with this layer store, which must succeed; its stdout.
+    fn podman(&self, podman: &Podman, args: &[&str]) -> String {
+        let opt = format!(
+            "overlay.additionallayerstore={}:ref",
+            self.als.path().display()
+        );
+        podman.ok_with(&["--storage-opt", &opt], args)
+    }
+
+    /// SIGTERM: the store exits 0 and leaves no mount behind.
+    fn stop(mut self) -> tempfile::TempDir {
+        send_signal(self.process.0.id(), rustix::process::Signal::TERM);
+        assert_eq!(
+            wait_exit(&mut self.process.0, Duration::from_secs(30)),
+            Some(0)
+        );
+        assert!(mounts_below(self.als.path()).is_empty(), "bind mounts left");
+        assert!(
+            mounts_below(self.root.path()).is_empty(),
+            "FUSE mounts left"
+        );
+        self.als
+    }
+}
+
 #[test]
 fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
     let reg = Registry::start();
@@ -16,41 +96,9 @@ fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
     let (_, layers) = layer_digests(opt.path(), &src);
     let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
 
-    let root = tempfile::tempdir().unwrap();
-    let als = tempfile::tempdir().unwrap();
-    // Dropped after the store process (declared later): a failing test that
-    // kills it outright still leaves no lazy mount behind.
-    let _leftovers = (
-        StoreLeftovers(root.path().to_path_buf()),
-        StoreLeftovers(als.path().to_path_buf()),
-    );
-    let mut store = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-            .arg("--root")
-            .arg(root.path())
-            .args(["store", "--prefetch", "off", "--dir"])
-            .arg(als.path())
-            .arg(&dst)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while mounts_below(als.path()).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "lazylayer store did not get ready"
-        );
-        assert!(
-            store.0.try_wait().unwrap().is_none(),
-            "lazylayer store exited early"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
+    let store = ServedStore::start(&dst, &["--prefetch", "off"]);
     let podman = Podman::new();
-    let opt_arg = format!("overlay.additionallayerstore={}:ref", als.path().display());
-    let pm = |args: &[&str]| podman.ok_with(&["--storage-opt", &opt_arg], args);
+    let pm = |args: &[&str]| store.podman(&podman, args);
     pm(&["pull", "-q", "--tls-verify=false", &dst]);
     let out = pm(&["run", "--rm", "--network=none", &dst]);
     assert_eq!(
@@ -77,11 +125,7 @@ fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store() {
     assert_eq!(out, "sql\n");
 
     // Stopping the store undoes everything it set up.
-    let pid = rustix::process::Pid::from_raw(store.0.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    assert!(store.0.wait().unwrap().success());
-    assert!(mounts_below(als.path()).is_empty(), "bind mounts left");
-    assert!(mounts_below(root.path()).is_empty(), "FUSE mounts left");
+    let als = store.stop();
     assert!(
         tree_listing(als.path()).is_empty(),
         "layer store entries left: {:?}",
@@ -112,38 +156,8 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
             .count()
     };
 
-    let root = tempfile::tempdir().unwrap();
-    let als = tempfile::tempdir().unwrap();
-    // Dropped after the store process (declared later): a failing test that
-    // kills it outright still leaves no lazy mount behind.
-    let _leftovers = (
-        StoreLeftovers(root.path().to_path_buf()),
-        StoreLeftovers(als.path().to_path_buf()),
-    );
-    let mut store = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-            .arg("--root")
-            .arg(root.path())
-            .args(["store", "--dir"])
-            .arg(als.path())
-            .arg(&img)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while mounts_below(als.path()).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "lazylayer store did not get ready"
-        );
-        assert!(
-            store.0.try_wait().unwrap().is_none(),
-            "lazylayer store exited early"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let ready = Instant::now();
+    let store = ServedStore::start(&img, &[]);
+    let ready = store.ready;
     // Nothing touches the root: the first original-layer GET comes with the
     // max-wait trigger, 2 s after the mount (the mount precedes `ready`).
     while original_gets() == 0 {
@@ -162,8 +176,7 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
     );
 
     let podman = Podman::new();
-    let opt_arg = format!("overlay.additionallayerstore={}:ref", als.path().display());
-    let pm = |args: &[&str]| podman.ok_with(&["--storage-opt", &opt_arg], args);
+    let pm = |args: &[&str]| store.podman(&podman, args);
     pm(&["pull", "-q", "--tls-verify=false", &img]);
     let out = pm(&[
         "run",
@@ -177,7 +190,7 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
     // Once every layer has arrived the image is recorded in the store, while
     // the store still serves it (not only when it stops).
     let recorded = || {
-        let v = lazylayer_json(root.path(), &["images"]);
+        let v = lazylayer_json(store.root.path(), &["images"]);
         let refs: Vec<String> = (v.as_array().unwrap().iter())
             .map(|i| i["reference"].as_str().unwrap_or_default().to_string())
             .collect();
@@ -192,8 +205,5 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
         std::thread::sleep(Duration::from_millis(250));
     }
 
-    send_signal(store.0.id(), rustix::process::Signal::TERM);
-    assert_eq!(wait_exit(&mut store.0, Duration::from_secs(30)), Some(0));
-    assert!(mounts_below(als.path()).is_empty(), "bind mounts left");
-    assert!(mounts_below(root.path()).is_empty(), "FUSE mounts left");
+    store.stop();
 }

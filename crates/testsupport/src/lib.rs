@@ -498,6 +498,16 @@ impl Drop for StoreLeftovers {
     }
 }
 
+/// On drop (even when a test panics): unmounts what is mounted below the
+/// directory (a directory that is no store: nothing else is touched).
+pub struct UnmountBelow(pub PathBuf);
+
+impl Drop for UnmountBelow {
+    fn drop(&mut self) {
+        unmount_below(&self.0);
+    }
+}
+
 /// A child process that is killed (SIGKILL, by its PID) and reaped on drop.
 pub struct KillOnDrop(pub Child);
 
