@@ -250,8 +250,9 @@ def markdown(d, seconds):
         if not sps:
             continue
         lo, hi = min(sps, key=lambda t: t[1]), max(sps, key=lambda t: t[1])
-        w(f"- {LINK_NAMES.get(link, link)}: podman / lazylayer {geomean([x for _, x in sps]):.1f}x "
-          f"(geometric mean of {len(sps)} images; {lo[1]:.1f}x {lo[0]} to {hi[1]:.1f}x {hi[0]})"
+        over = (f"geometric mean of {len(sps)} images; {lo[1]:.1f}x {lo[0]} to {hi[1]:.1f}x {hi[0]}"
+                if len(sps) > 1 else sps[0][0])
+        w(f"- {LINK_NAMES.get(link, link)}: podman / lazylayer {geomean([x for _, x in sps]):.1f}x ({over})"
           + (f"; paper {PAPER[link]:g}x." if link in PAPER else "; the paper has no unshaped figure."))
     skipped = [c for c in d["cells"] if c.get("skipped")]
     for c in skipped:
@@ -446,7 +447,7 @@ def chart(d, path):
         ax.set_xticklabels([c["image"] for c in cells], rotation=30)
         ax.set_title(LINK_NAMES.get(ln, ln))
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0][0].set_ylabel("time to ready, s (log; dotted = file floor, dashed = byte floor)")
+    axes[0][0].set_ylabel("time to ready, s (log)\ndotted = file floor, dashed = byte floor")
     handles, labels = [], []
     for ax in axes[0]:
         for h, l in zip(*ax.get_legend_handles_labels()):

@@ -7,7 +7,7 @@
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
-#                 section on python3, 1 repetition. ~10 min here (images cached).
+#                 section on python3, 1 repetition. ~13 min here (images cached).
 #   --runs N      cold runs per cell and contender (default 3; the median is reported)
 #   --out DIR     where latest.{json,md,png} go (default bench/results)
 #   --images L    comma list of busybox,minbase,python3,nginx,redis,gcc,pydev (default all)
