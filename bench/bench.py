@@ -158,6 +158,14 @@ def lo_bytes():
     raise RuntimeError("no lo in /proc/self/net/dev")
 
 
+def tcp_retrans():
+    """TCP segments the namespace has retransmitted so far (/proc/self/net/snmp): a
+    retransmitted segment crosses lo again and counts again in lo_bytes."""
+    with open("/proc/self/net/snmp") as f:
+        rows = [l.split() for l in f if l.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("RetransSegs")])
+
+
 # --- registry access log -----------------------------------------------------------
 
 ACCESS = re.compile(r'"(?P<m>[A-Z]+) (?P<p>\S+) HTTP/[0-9.]+" (?P<s>\d{3}) (?P<b>\d+|-)')
@@ -366,7 +374,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         if port and not wait_port_closed(port, 10):
             raise RuntimeError(f"port {port} still open before {tag}")
         res = {"ok": False}
-        lo0 = lo_bytes()
+        lo0, re0 = lo_bytes(), tcp_retrans()
         t0 = now()
         deadline = t0 + timeout
         try:
@@ -381,9 +389,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                                     stderr=errf)
             try:
                 if spec["kind"] == "batch":
-                    self._batch(proc, spec, res, t0, deadline, lo0)
+                    self._batch(proc, spec, res, t0, deadline, lo0, re0)
                 else:
-                    self._server(proc, spec, res, t0, deadline, lo0)
+                    self._server(proc, spec, res, t0, deadline, lo0, re0)
             finally:
                 if proc.poll() is None:
                     stop(proc)
@@ -407,7 +415,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             log(f"  {tag}: FAILED: {res['error']}")
         return res
 
-    def _batch(self, proc, spec, res, t0, deadline, lo0):
+    def _batch(self, proc, spec, res, t0, deadline, lo0, re0):
         fd = proc.stdout.fileno()
         out = b""
         while True:
@@ -424,6 +432,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 if not out:
                     res["ready"] = now() - t0
                     res["lo_bytes_ready"] = lo_bytes() - lo0
+                    res["tcp_retrans_ready"] = tcp_retrans() - re0
                 out += chunk
                 if "ready" in res:
                     break
@@ -438,11 +447,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         else:
             res["error"] = f"exit {proc.returncode}, stdout {text[:200]!r}"
 
-    def _server(self, proc, spec, res, t0, deadline, lo0):
+    def _server(self, proc, spec, res, t0, deadline, lo0, re0):
         while now() < deadline:
             if probe(spec["kind"], spec["port"]):
                 res["ready"] = now() - t0
                 res["lo_bytes_ready"] = lo_bytes() - lo0
+                res["tcp_retrans_ready"] = tcp_retrans() - re0
                 res["ok"] = True
                 break
             if proc.poll() is not None:
@@ -609,6 +619,7 @@ def section1(b, addr, images, links, runs, skip, out):
                 cc["median"] = median([x["ready"] for x in ok])
                 cc["median_bytes"] = median([x["bytes"] for x in ok])
                 cc["median_lo_bytes_ready"] = median([x.get("lo_bytes_ready") for x in ok])
+                cc["max_tcp_retrans_ready"] = max([x.get("tcp_retrans_ready") or 0 for x in ok], default=None)
                 cc["failed"] = len(cc["runs"]) - len(ok)
             b.containerd_stop()
             b.podman_empty()

@@ -291,7 +291,7 @@ def markdown(d, seconds):
         w("Bytes over the link before ready: what the namespace's loopback carried from the start of "
           "the clock to ready (its transmit counter in `/proc/self/net/dev`, read by the harness inside "
           "the namespace right before the clock starts and at ready; both directions, TCP/IP headers "
-          "included; median). Read before start = the compressed bytes the traced start read "
+          "and retransmitted segments included; median). Read before start = the compressed bytes the traced start read "
           "(`boot_start_bytes`; in brackets the boot layer where it is not reported):")
         w("")
         w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | read before start |")
@@ -309,6 +309,14 @@ def markdown(d, seconds):
             w(f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | " + " | ".join(row)
               + f" | {sbt} |")
         w("")
+        re = [f"{c['image']} @ {LINK_NAMES.get(c['link'], c['link'])}, {NAMES.get(k, k)}: "
+              f"{cc['max_tcp_retrans_ready']}"
+              for c in d["cells"] for k, cc in c.get("contenders", {}).items()
+              if cc.get("max_tcp_retrans_ready")]
+        if re:
+            w("- TCP retransmitted segments before ready (most in one run; each counts again above): "
+              + "; ".join(re) + ".")
+            w("")
     if d["warm"]:
         w("Warm start (image already local, page cache warm; measured on the run's first link, median):")
         w("")
