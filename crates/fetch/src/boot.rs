@@ -297,6 +297,18 @@ impl BootChunks {
         self.inner.state.lock().unwrap().stored
     }
 
+    /// True once every chunk of the start list is local (or failed): the
+    /// start's own bytes are in, and a prefetch no longer competes with them.
+    pub fn start_list_done(&self) -> bool {
+        let s = self.inner.state.lock().unwrap();
+        self.inner.content.start.iter().all(|&c| {
+            matches!(
+                s.chunks[c as usize],
+                ChunkState::Present | ChunkState::Failed(_)
+            )
+        })
+    }
+
     /// True when a chunk failed for good (the image cannot complete).
     pub fn failed(&self) -> bool {
         let s = self.inner.state.lock().unwrap();

@@ -15,6 +15,10 @@ use crate::fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 use crate::lazy::{LazyImage, OpenError};
 use crate::{FetchError, PREFETCH_MAX_WAIT, PREFETCH_QUIET};
 
+/// Longest the prefetch waits for the chunks the trace read (a start that
+/// never reads some of them must not hold the prefetch back for ever).
+const START_LIST_MAX_WAIT: Duration = Duration::from_secs(60);
+
 /// An optimized image, its content pinned in the store (`prune` keeps it
 /// while no image record names it yet), its merged root mounted read-only
 /// through the lazy file system once [`LazyRoot::mount`] is called, its other
@@ -33,6 +37,8 @@ pub struct LazyRoot {
     saved: Arc<AtomicBool>,
     /// Records the image when its last layer lands (aborted on drop).
     recorder: Option<tokio::task::AbortHandle>,
+    /// Waits for the start's chunks before the prefetch (aborted on drop).
+    prefetch_gate: Option<tokio::task::AbortHandle>,
     /// Last: released only once the rest is undone.
     _pin: Pin,
 }
@@ -87,6 +93,7 @@ impl LazyRoot {
             mount: None,
             saved: Arc::new(AtomicBool::new(false)),
             recorder: None,
+            prefetch_gate: None,
             _pin: pin,
         })
     }
@@ -111,18 +118,33 @@ impl LazyRoot {
         let m = FsMount::mount(fs, target, 8)?;
         if opts.prefetch {
             // The start reads from the boot layer; prefetching earlier takes
-            // the CPU it needs (decompression, extraction) and the link.
+            // the CPU it needs (decompression, extraction) and the link. On
+            // a slow link a start waiting for its chunks looks idle: the
+            // prefetch also waits for the chunks the trace read.
             let stats = m.stats();
             let boot = self.image.boot_chunks().cloned();
-            self.fetcher.start_prefetch_when_idle(
-                move || stats.requests(),
-                PREFETCH_QUIET,
-                PREFETCH_MAX_WAIT,
-                move || {
-                    if let Some(b) = boot {
-                        b.start_rest();
-                    }
-                },
+            let fetcher = self.fetcher.clone();
+            self.prefetch_gate = Some(
+                tokio::runtime::Handle::current()
+                    .spawn(async move {
+                        if let Some(b) = &boot {
+                            let t0 = std::time::Instant::now();
+                            while !b.start_list_done() && t0.elapsed() < START_LIST_MAX_WAIT {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                        fetcher.start_prefetch_when_idle(
+                            move || stats.requests(),
+                            PREFETCH_QUIET,
+                            PREFETCH_MAX_WAIT,
+                            move || {
+                                if let Some(b) = boot {
+                                    b.start_rest();
+                                }
+                            },
+                        );
+                    })
+                    .abort_handle(),
             );
         }
         self.mount = Some(m);
@@ -233,6 +255,9 @@ impl Drop for LazyRoot {
         }
         if let Some(r) = self.recorder.take() {
             r.abort();
+        }
+        if let Some(g) = self.prefetch_gate.take() {
+            g.abort();
         }
         if self.complete() {
             save(&self.store, &self.image.record, &self.saved, &image);

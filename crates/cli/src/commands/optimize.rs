@@ -45,7 +45,7 @@ pub struct Args {
     pub verify: bool,
     /// Uncompressed bytes per boot layer chunk: the unit a lazy start fetches
     /// (4 KiB to 16 MiB; suffixes K and M)
-    #[arg(long, value_name = "BYTES", default_value = "16K", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "8K", value_parser = parse_size)]
     pub chunk_size: u32,
     /// Compression of the boot layer's chunks: zstd or gzip (zstd needs an
     /// OCI manifest: Docker schema 2 images get gzip)
