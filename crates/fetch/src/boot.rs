@@ -39,11 +39,11 @@ use crate::FetchError;
 const MAX_REGION: u64 = 256 << 20;
 /// Compressed bytes asked for in one Range GET at start (adjacent chunks
 /// are coalesced up to this), and by the background fetch of the rest.
-const START_REQUEST: u64 = 512 << 10;
+const START_REQUEST: u64 = 256 << 10;
 const REST_REQUEST: u64 = 4 << 20;
 /// Range GETs of the start list and the prefetch in flight at once (a
 /// reader's request never waits for one).
-const IN_FLIGHT: usize = 2;
+const IN_FLIGHT: usize = 3;
 /// Tries of one range before its chunks count as failed.
 const TRIES: u32 = 3;
 
@@ -340,8 +340,16 @@ impl BootChunks {
         });
     }
 
+    /// The chunks the trace read, in blob order: the content is laid out in
+    /// first-access order of files, so this is close to the order they are
+    /// needed in, and adjacent chunks coalesce into few requests (python3:
+    /// 1176 chunks in 109 runs; in first-access order of pages, 754 runs,
+    /// which cost a round trip each and made a 100 Mbit/s start
+    /// latency-bound). A reader that needs a chunk sooner asks for it itself.
     async fn fetch_start(&self) {
-        let start = self.inner.content.start.clone();
+        let mut start = self.inner.content.start.clone();
+        start.sort_unstable();
+        start.dedup();
         self.fetch_list(&start, START_REQUEST).await;
     }
 
