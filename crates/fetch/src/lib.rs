@@ -18,11 +18,13 @@ mod fetcher;
 mod image_root;
 mod lazy;
 mod root;
+mod span;
 
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use image_root::ImageRoot;
 pub use lazy::{LazyImage, LazySource, OpenError};
 pub use root::{LazyRoot, MountOptions, RootProgress};
+pub use span::MAX_SPAN_FILE;
 
 /// Background prefetch of a lazily started container waits until its start
 /// has settled: file-system requests stopped for this long...
