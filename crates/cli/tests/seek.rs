@@ -148,6 +148,12 @@ fn root_untraced_file_is_read_by_range_not_by_layer() {
         "{counted} bytes with the seek index, of a 17 MB layer"
     );
 
+    // The files read by range stay in the store until a prune without
+    // running containers.
+    assert!(!tree_listing(&root.path().join("files")).is_empty());
+    let pruned = lazylayer_json(root.path(), &["prune"]);
+    assert!(pruned["files_removed"].as_u64().unwrap() >= 3, "{pruned}");
+
     // What optimize said it pushed, and how run found it on docker-registry
     // 2.8: the referrers API is missing (404), the referrers tag answers.
     let seek_bytes = rep["seek_index_bytes"].as_u64().unwrap_or(0);

@@ -87,7 +87,11 @@ impl SpanReader {
         };
         let path = self.store.file_path(&digest);
         if path.is_file() {
-            return Quick::Ready(open_stored(&path, entry.size));
+            // A damaged copy is not served: the whole-layer path is.
+            return match open_stored(&path, entry.size) {
+                Ok(f) => Quick::Ready(Ok(f)),
+                Err(_) => Quick::NotMine,
+            };
         }
         // try_lock: a lookup may hold the lock across the network, and a
         // FUSE worker must not wait for it; the open's thread will.
@@ -279,6 +283,10 @@ impl SpanReader {
                 f.size, entry.size
             ));
         }
+        if f.size == 0 {
+            // Nothing to fetch; the SHA-256 check below still applies.
+            return self.keep_and_open(entry, digest, &[]).map(Some);
+        }
         let plan = index.plan(f.offset, f.size);
         if plan.compressed_len() > layer.size / 2 {
             tracing::debug!(layer = %layer.digest, span = plan.compressed_len(), "span is most of the layer: fetching it whole");
@@ -310,17 +318,25 @@ impl SpanReader {
         let data = index
             .extract(&plan, &compressed, f.offset, f.size)
             .map_err(|e| e.to_string())?;
-        if Digest::sha256_of(&data) != *digest {
+        tracing::debug!(layer = %layer.digest, file = %String::from_utf8_lossy(&entry.path), span = plan.compressed_len(), "file read by range");
+        self.keep_and_open(entry, digest, &data).map(Some)
+    }
+
+    /// Verify `data` against the boot index, keep it in the store, open it.
+    fn keep_and_open(
+        &self,
+        entry: &IndexEntry,
+        digest: &Digest,
+        data: &[u8],
+    ) -> Result<File, String> {
+        if Digest::sha256_of(data) != *digest {
             return Err("the span's bytes differ from the boot index's SHA-256".into());
         }
         let path = self
             .store
-            .put_file(digest, &data)
+            .put_file(digest, data)
             .map_err(|e| e.to_string())?;
-        tracing::debug!(layer = %layer.digest, file = %String::from_utf8_lossy(&entry.path), span = plan.compressed_len(), "file read by range");
-        open_stored(&path, entry.size)
-            .map(Some)
-            .map_err(|e| e.to_string())
+        open_stored(&path, entry.size).map_err(|e| e.to_string())
     }
 }
 

@@ -101,7 +101,7 @@ pub struct PruneReport {
     pub tmp_removed: u64,
     /// Prefixes of cut layer downloads.
     pub partials_removed: u64,
-    /// Single files read by range (a cache: any run fetches them again).
+    /// Single files read by range (a cache: kept while any lazy root runs).
     pub files_removed: u64,
     pub bytes_freed: u64,
 }
@@ -320,6 +320,7 @@ impl Store {
     pub fn prune(&self) -> Result<PruneReport> {
         let _lock = FileLock::exclusive(&self.lock_path("store.lock"))?;
         let mut keep = self.pinned();
+        let keep_files = !keep.is_empty();
         for img in self.images()? {
             keep.insert(img.manifest_digest.hex().to_string());
             keep.insert(img.config_digest.hex().to_string());
@@ -365,8 +366,14 @@ impl Store {
             r.map_err(io_err("removing leftover", &p))?;
             rep.tmp_removed += 1;
         }
-        // Open ones stay readable to their readers; a later open fetches again.
-        for e in read_dir_or_empty(&self.root.join("files").join("sha256"))? {
+        // Files read by range are keyed by content, not by image: kept while
+        // any lazy root is live (it may open them again), removed otherwise.
+        let files = if keep_files {
+            Vec::new()
+        } else {
+            read_dir_or_empty(&self.root.join("files").join("sha256"))?
+        };
+        for e in files {
             let p = e.path();
             rep.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);
             std::fs::remove_file(&p).map_err(io_err("removing file content", &p))?;
