@@ -330,3 +330,62 @@ fn root_seek_artifact_is_found_by_tag_and_optional() {
         );
     });
 }
+
+#[test]
+fn root_registry_ignoring_range_costs_the_layer_not_the_bytes() {
+    if !require_root(
+        "root_registry_ignoring_range_costs_the_layer_not_the_bytes",
+        "optimize runs runc; run mounts FUSE",
+    ) {
+        return;
+    }
+    let reg = Registry::start();
+    let (_rep, src, _dst, layers) = optimized_python3(&reg);
+    let expected = expected_output(&src, SQLITE);
+    // The registry as seen through a proxy that hides Range headers from
+    // it: it answers 200 with the whole blob.
+    let proxy = common::proxy::CuttingProxy::relay(reg.port);
+    proxy
+        .strip_range
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let via = format!("127.0.0.1:{}/optimized/python3:boot", proxy.port);
+
+    let root = tempfile::tempdir().unwrap();
+    let _guard = StoreLeftovers(root.path().to_path_buf());
+    let out = run(
+        root.path(),
+        &[
+            "--rm",
+            "--prefetch",
+            "off",
+            &via,
+            "--",
+            "python3",
+            "-c",
+            SQLITE,
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    // Spans stopped at the first 200; the layer came whole, once.
+    let sqlite_layer = &layers[1];
+    let gets: Vec<String> = proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.to_lowercase())
+        .filter(|r| r.starts_with("get ") && r.contains(&format!("/blobs/{sqlite_layer}")))
+        .collect();
+    assert_eq!(gets.len(), 2, "one ignored range, then the whole layer");
+    assert!(gets[0].contains("\r\nrange: bytes="), "{}", gets[0]);
+    assert!(!gets[1].contains("\r\nrange:"), "{}", gets[1]);
+    assert!(tree_listing(&root.path().join("files")).is_empty());
+    assert!(
+        root.path()
+            .join("layers/sha256")
+            .join(sqlite_layer.strip_prefix("sha256:").unwrap())
+            .exists(),
+        "the layer holding sqlite3 is in the store"
+    );
+}
