@@ -5,6 +5,7 @@
 """
 import argparse
 import json
+import math
 
 NAMES = {
     "podman": "podman pull + run",
@@ -16,6 +17,9 @@ NAMES = {
 COLORS = {"podman": "#7f7f7f", "containerd": "#1f77b4", "containerd-lazylayer": "#9467bd",
           "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896"}
 LINK_NAMES = {"loopback": "loopback (unshaped)", "1gbit": "1 Gbit/s", "100mbit": "100 Mbit/s", "10mbit": "10 Mbit/s"}
+# Start-up speedup over a full pull that the layer-granular method lazylayer follows
+# reported per link (docs/architecture.md): podman-like pull + run / optimized start.
+PAPER = {"1gbit": 4.9, "100mbit": 10.0, "10mbit": 15.0}
 
 
 def esc(text):
@@ -51,16 +55,58 @@ def warm_of(d, img):
     return min(best) if best else (None, None)
 
 
+def link_rate(d, link):
+    """Bytes/s: shaped links, the tbf rate (a 2 s sample overstates it by the 256 kB
+    burst); unshaped loopback, the measured rate of one blob GET."""
+    li = d["links"].get(link, {})
+    return li["nominal_bps"] / 8 if li.get("nominal_bps") else li.get("Bps")
+
+
+def start_bytes(info):
+    """(compressed bytes the optimized start reads before the workload runs, exact?):
+    the optimize report's boot_start_bytes (index region + the boot chunks the trace
+    read) when lazylayer reports it, else the whole boot layer."""
+    v = info.get("boot_start_bytes")
+    if v is None:
+        v = (info.get("optimize_report") or {}).get("boot_start_bytes")
+    if v is not None:
+        return v, True
+    return info.get("boot_bytes"), False
+
+
 def floor_of(d, cell):
+    """File floor: the whole boot layer (every file the workload touched) / link rate
+    + the fastest warm start."""
     info = d["images"][cell["image"]]
-    link = d["links"].get(cell["link"], {})
     warm, by = warm_of(d, cell["image"])
-    # Shaped links: the tbf rate (a 2 s sample overstates it by the 256 kB burst);
-    # unshaped loopback: the measured rate of one blob GET.
-    rate = link["nominal_bps"] / 8 if link.get("nominal_bps") else link.get("Bps")
+    rate = link_rate(d, cell["link"])
     if info.get("boot_bytes") is None or warm is None or not rate:
         return None, None
     return info["boot_bytes"] / rate + warm, by
+
+
+def byte_floor_of(d, cell):
+    """Byte floor: the compressed bytes read before the start / link rate + the fastest
+    warm start. (value, exact): exact is False when the boot layer stood in."""
+    info = d["images"][cell["image"]]
+    warm, _ = warm_of(d, cell["image"])
+    rate = link_rate(d, cell["link"])
+    n, exact = start_bytes(info)
+    if n is None or warm is None or not rate:
+        return None, exact
+    return n / rate + warm, exact
+
+
+def speedup(ccs):
+    """podman median / lazylayer (optimized) median, time to ready."""
+    pm = (ccs.get("podman") or {}).get("median")
+    ll = (ccs.get("lazylayer") or {}).get("median")
+    return pm / ll if (pm and ll) else None
+
+
+def geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
 def cell_text(cc, base):
@@ -125,20 +171,25 @@ def markdown(d, seconds):
     # images ---------------------------------------------------------------------------
     w("## Images")
     w("")
-    w("| image | ready when | layers | compressed | layer tars | boot layer | boot share | boot files | optimize |")
-    w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    w("| image | ready when | layers | compressed | layer tars | boot layer | boot share | boot files "
+      "| read before start | optimize |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for img, i in d["images"].items():
         rep = i.get("optimize_report") or {}
         share = f"{100 * i['boot_share']:.1f}%" if i.get("boot_share") is not None else "-"
         files = "-" if not rep else f"{rep['boot_entries']} / {rep['image_entries']}, {mb(rep['boot_file_bytes'])}"
         opt = secs(i.get("optimize_seconds")) if not i.get("optimize_error") else "failed"
+        sb, exact = start_bytes(i)
+        sbt = mb(sb) if exact else ("-" if sb is None else f"({mb(sb)})")
         w(f"| {img} | {esc(i['what'])} | {i['layers']} | {mb(i['compressed'])} | {mb(i.get('unpacked'))} | "
-          f"{mb(i.get('boot_bytes'))} | {share} | {files} | {opt} |")
+          f"{mb(i.get('boot_bytes'))} | {share} | {files} | {sbt} | {opt} |")
     w("")
     w("Layer tars = the image's layers uncompressed. Boot layer = the compressed boot layer "
       "(what an optimized start downloads before the workload runs, besides manifest, config "
       "and index); boot share = boot layer / compressed image. Boot files = paths in the boot "
-      "layer / paths in the image, and their uncompressed content.")
+      "layer / paths in the image, and their uncompressed content. Read before start = the optimize "
+      "report's `boot_start_bytes`: the compressed bytes the traced start read (index region + the boot "
+      "chunks it touched); in brackets when this lazylayer does not report it and the boot layer stands in.")
     errs = [(img, i["optimize_error"]) for img, i in d["images"].items() if i.get("optimize_error")]
     for img, e in errs:
         w(f"\n- optimize of {img} failed: `{e.splitlines()[-1][:300] if e else ''}`")
@@ -155,26 +206,36 @@ def markdown(d, seconds):
     # section 1 ------------------------------------------------------------------------
     w("## 1. Time to ready, cold")
     w("")
-    w("Median time; in brackets the ratio to podman (lower is better). Floor = boot layer / "
+    w("Median time; in brackets the ratio to podman (lower is better). File floor = boot layer / "
       "link rate (tbf rate; unshaped: measured) + the fastest warm start of that container "
-      "by any contender (table below); last column = lazylayer (optimized) / floor.")
+      "by any contender (table below): every file the workload touched, whole. Byte floor = the "
+      "compressed bytes the traced start read (`boot_start_bytes`, images table) / link rate + the "
+      "same warm start; in brackets where lazylayer does not report them and the boot layer stands "
+      "in (then it equals the file floor). ll / byte floor = lazylayer (optimized) / byte floor. "
+      "Speedup = podman / lazylayer (optimized), beside the paper's figure for that link "
+      "(4.9x at 1 Gbit/s, 10x at 100 Mbit/s, 15x at 10 Mbit/s; docs/architecture.md).")
     w("")
     cs = m.get("contenders", list(NAMES))
-    w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | floor | lazylayer / floor |")
-    w("|---|---|" + "---:|" * (len(cs) + 2))
+    w("| image | link | " + " | ".join(NAMES[c] for c in cs)
+      + " | file floor | byte floor | ll / byte floor | speedup | paper |")
+    w("|---|---|" + "---:|" * (len(cs) + 5))
     slower = []
     for cell in d["cells"]:
         img, ln = cell["image"], LINK_NAMES.get(cell["link"], cell["link"])
+        paper = f"{PAPER[cell['link']]:g}x" if cell["link"] in PAPER else "-"
         if cell.get("skipped"):
-            w(f"| {img} | {ln} | " + " | ".join(["skipped"] * len(cs)) + f" | | |")
+            w(f"| {img} | {ln} | " + " | ".join(["skipped"] * len(cs)) + f" | | | | | {paper} |")
             continue
         ccs = cell["contenders"]
         base = ccs.get("podman")
         fl, _ = floor_of(d, cell)
+        bf, exact = byte_floor_of(d, cell)
         llm = (ccs.get("lazylayer") or {}).get("median")
-        close = f"{llm / fl:.2f}x" if (llm and fl) else "-"
+        close = f"{llm / bf:.2f}x" if (llm and bf) else "-"
+        bft = secs(bf) if (exact or bf is None) else f"({secs(bf)})"
+        sp = speedup(ccs)
         w(f"| {img} | {ln} | " + " | ".join(cell_text(ccs.get(c), base) for c in cs)
-          + f" | {secs(fl)} | {close} |")
+          + f" | {secs(fl)} | {bft} | {close} | {'-' if sp is None else f'{sp:.1f}x'} | {paper} |")
         for c in ("lazylayer", "lazylayer-unopt", "containerd-lazylayer"):
             cm = (ccs.get(c) or {}).get("median")
             for other in ("podman", "containerd"):
@@ -182,6 +243,17 @@ def markdown(d, seconds):
                 if cm and om and cm > om:
                     slower.append(f"{img} @ {ln}: {NAMES[c]} {secs(cm)} vs {other} {secs(om)}")
     w("")
+    for link in d["links"]:
+        sps = [(c["image"], speedup(c["contenders"])) for c in d["cells"]
+               if c["link"] == link and not c.get("skipped")]
+        sps = [(i, x) for i, x in sps if x]
+        if not sps:
+            continue
+        lo, hi = min(sps, key=lambda t: t[1]), max(sps, key=lambda t: t[1])
+        over = (f"geometric mean of {len(sps)} images; {lo[1]:.1f}x {lo[0]} to {hi[1]:.1f}x {hi[0]}"
+                if len(sps) > 1 else sps[0][0])
+        w(f"- {LINK_NAMES.get(link, link)}: podman / lazylayer {geomean([x for _, x in sps]):.1f}x ({over})"
+          + (f"; paper {PAPER[link]:g}x." if link in PAPER else "; the paper has no unshaped figure."))
     skipped = [c for c in d["cells"] if c.get("skipped")]
     for c in skipped:
         w(f"- Skipped {c['image']} @ {LINK_NAMES.get(c['link'], c['link'])}: {c['skipped']}.")
@@ -214,6 +286,37 @@ def markdown(d, seconds):
         w(f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | " + " | ".join(row)
           + f" | {mb(info.get('boot_bytes'))}{share} |")
     w("")
+    if any(cc.get("median_lo_bytes_ready") is not None for c in d["cells"]
+           for cc in c.get("contenders", {}).values()):
+        w("Bytes over the link before ready: what the namespace's loopback carried from the start of "
+          "the clock to ready (its transmit counter in `/proc/self/net/dev`, read by the harness inside "
+          "the namespace right before the clock starts and at ready; both directions, TCP/IP headers "
+          "and retransmitted segments included; median). Read before start = the compressed bytes the traced start read "
+          "(`boot_start_bytes`; in brackets the boot layer where it is not reported):")
+        w("")
+        w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | read before start |")
+        w("|---|---|" + "---:|" * (len(cs) + 1))
+        for cell in d["cells"]:
+            if cell.get("skipped"):
+                continue
+            ccs, info = cell["contenders"], d["images"][cell["image"]]
+            row = []
+            for c in cs:
+                cc = ccs.get(c) or {}
+                row.append("n/a" if cc.get("na") else mb(cc.get("median_lo_bytes_ready")))
+            sb, exact = start_bytes(info)
+            sbt = mb(sb) if exact else ("-" if sb is None else f"({mb(sb)})")
+            w(f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | " + " | ".join(row)
+              + f" | {sbt} |")
+        w("")
+        re = [f"{c['image']} @ {LINK_NAMES.get(c['link'], c['link'])}, {NAMES.get(k, k)}: "
+              f"{cc['max_tcp_retrans_ready']}"
+              for c in d["cells"] for k, cc in c.get("contenders", {}).items()
+              if cc.get("max_tcp_retrans_ready")]
+        if re:
+            w("- TCP retransmitted segments before ready (most in one run; each counts again above): "
+              + "; ".join(re) + ".")
+            w("")
     if d["warm"]:
         w("Warm start (image already local, page cache warm; measured on the run's first link, median):")
         w("")
@@ -340,15 +443,19 @@ def chart(d, path):
                 fl, _ = floor_of(d, cell)
                 if fl:
                     ax.hlines(fl, x - 0.42, x + 0.42, colors="black", linestyles="dotted", linewidth=1)
+                bf, exact = byte_floor_of(d, cell)
+                if bf and exact:
+                    ax.hlines(bf, x - 0.42, x + 0.42, colors="black", linestyles="dashed", linewidth=1)
         ax.set_yscale("log")
         vals = [c["contenders"][k]["median"] for c in cells for k in c.get("contenders", {})
-                if c["contenders"][k].get("median")] + [f for f in (floor_of(d, c)[0] for c in cells) if f]
+                if c["contenders"][k].get("median")] + [f for f in (floor_of(d, c)[0] for c in cells) if f] \
+            + [f for f in (byte_floor_of(d, c)[0] for c in cells) if f]
         ax.set_ylim(min([0.1] + [0.7 * v for v in vals]), None)
         ax.set_xticks(range(len(cells)))
         ax.set_xticklabels([c["image"] for c in cells], rotation=30)
         ax.set_title(LINK_NAMES.get(ln, ln))
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0][0].set_ylabel("time to ready, s (log; dotted = floor)")
+    axes[0][0].set_ylabel("time to ready, s (log)\ndotted = file floor, dashed = byte floor")
     handles, labels = [], []
     for ax in axes[0]:
         for h, l in zip(*ax.get_legend_handles_labels()):

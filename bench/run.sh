@@ -7,12 +7,13 @@
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
-#                 section on python3, 1 repetition. ~8 min here (images cached).
+#                 section on python3, 1 repetition. ~13 min here (images cached).
 #   --runs N      cold runs per cell and contender (default 3; the median is reported)
 #   --out DIR     where latest.{json,md,png} go (default bench/results)
-#   --images L    comma list of busybox,minbase,python3,nginx,redis,gcc (default all)
+#   --images L    comma list of busybox,minbase,python3,nginx,redis,gcc,pydev (default all)
 #   --links L     comma list of loopback,1gbit,100mbit,10mbit (default all)
-#   --all-cells   also run gcc at 10 Mbit (skipped by default: ~4 min per cold pull)
+#   --all-cells   also run gcc and pydev at 10 Mbit (skipped by default: ~3-4 min
+#                 per cold pull)
 #   --no-fs       skip section 2 (file-system overhead)
 #   --no-build    use the existing target/release/lazylayer (no cargo build)
 #
@@ -39,7 +40,7 @@ while (($#)); do
     --all-cells) ALL_CELLS=1; shift ;;
     --no-fs) FS=0; shift ;;
     --no-build) BUILD=0; shift ;;
-    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -47,16 +48,17 @@ log() { printf 'run.sh: %s\n' "$*" >&2; }
 ((EUID == 0)) || { log "must run as root"; exit 1; }
 
 if ((QUICK)); then
-  : "${RUNS:=1}" "${IMAGES:=busybox,minbase,python3,nginx,redis,gcc}" "${LINKS:=loopback,100mbit}"
+  : "${RUNS:=1}" "${IMAGES:=busybox,minbase,python3,nginx,redis,gcc,pydev}" "${LINKS:=loopback,100mbit}"
   FS_IMAGE=python3 FS_REPS=1 FS_READS=5000
 else
-  : "${RUNS:=3}" "${IMAGES:=busybox,minbase,python3,nginx,redis,gcc}" "${LINKS:=loopback,1gbit,100mbit,10mbit}"
+  : "${RUNS:=3}" "${IMAGES:=busybox,minbase,python3,nginx,redis,gcc,pydev}" "${LINKS:=loopback,1gbit,100mbit,10mbit}"
   FS_IMAGE=gcc FS_REPS=3 FS_READS=20000
 fi
 ((FS)) || FS_REPS=0
 SKIP=
 if ((!ALL_CELLS)); then
   SKIP="gcc@10mbit=skipped by default: 266 MB compressed is ~4 min per cold pull per contender (--all-cells runs it)"
+  SKIP+=";pydev@10mbit=skipped by default: 212 MB compressed is ~3 min per cold pull per contender (--all-cells runs it)"
 fi
 
 # --- dependencies (like scripts/install-deps.sh; python3-matplotlib for the chart) ----

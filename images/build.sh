@@ -4,7 +4,8 @@
 #
 #   images/build.sh [--cache DIR] [--registry HOST:PORT] IMAGE...
 #   IMAGE: busybox | multilayer | python3 | all
-#          | minbase | nginx | redis | gcc | bench (busybox minbase python3 nginx redis gcc)
+#          | minbase | nginx | redis | gcc | pydev
+#          | bench (busybox minbase python3 nginx redis gcc pydev)
 #
 # stdout: one line per requested image, "NAME MANIFEST_DIGEST" (the digest of the
 # manifest as stored in the layout; with --registry the pushed digest is the same).
@@ -28,6 +29,11 @@ readonly PATH_ENV=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 # The same mirror the host's apt uses (/etc/apt/sources.list.d/debian.sources).
 readonly MIRROR=http://deb.debian.org/debian
 readonly SUITE=bookworm
+# pydev's packages: Debian's python3 plus what building C extensions needs (the
+# python image people pull carries the same toolchain and -dev libraries).
+readonly PYDEV_PACKAGES=(python3 python3-dev python3-venv python3-pip build-essential pkg-config
+  libssl-dev zlib1g-dev libffi-dev libsqlite3-dev libbz2-dev libreadline-dev liblzma-dev
+  libncurses-dev libexpat1-dev libgdbm-dev uuid-dev)
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${LAZYLAYER_IMAGE_CACHE:-$REPO_ROOT/.cache/images}
@@ -40,7 +46,8 @@ usage() {
   cat >&2 <<'EOF'
 usage: images/build.sh [--cache DIR] [--registry HOST:PORT] IMAGE...
   IMAGE: busybox | multilayer | python3 | all
-         | minbase | nginx | redis | gcc | bench (busybox minbase python3 nginx redis gcc)
+         | minbase | nginx | redis | gcc | pydev
+         | bench (busybox minbase python3 nginx redis gcc pydev)
   --cache DIR           where OCI layouts are built and cached
                         (default ${LAZYLAYER_IMAGE_CACHE:-<repo>/.cache/images})
   --registry HOST:PORT  push each image to docker://HOST:PORT/lazylayer/NAME:latest
@@ -516,6 +523,64 @@ C
   [[ $out == "hello from gcc" ]] || die "gcc smoke test printed '$out'"
 }
 
+# pydev: the big python image, like the python image people pull (Debian python3 with
+# a C toolchain and the usual -dev libraries to build extension modules): its own
+# debootstrap minbase (as python3), the packages, /app/hello.py. Several hundred MB
+# unpacked. Cmd imports a few stdlib modules backed by C libraries and prints one line.
+build_pydev() {
+  local dir=$1 layout=$1/oci bundle=$1/work/bundle
+  local root=$bundle/rootfs
+  log "pydev: umoci init + new"
+  run umoci init --layout "$layout"
+  run umoci new --image "$layout:$TAG"
+  run umoci unpack --image "$layout:$TAG" "$bundle"
+  log "pydev: debootstrap --variant=minbase $SUITE from $MIRROR (~1-2 min)"
+  run unshare --mount --propagation private -- \
+    debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR"
+  clean_rootfs "$root"
+  log "pydev: repack layer 1/3 (minbase)"
+  repack "$layout" "$bundle" "debootstrap --variant=minbase $SUITE"
+
+  log "pydev: apt-get install python3, build-essential and -dev libraries in chroot (~2-4 min)"
+  apt_install "$root" "${PYDEV_PACKAGES[@]}"
+  log "pydev: repack layer 2/3 (packages)"
+  repack "$layout" "$bundle" "apt-get install --no-install-recommends ${PYDEV_PACKAGES[*]}"
+
+  log "pydev: /app/hello.py"
+  mkdir -p "$root/app"
+  cat >"$root/app/hello.py" <<'EOF'
+import decimal, hashlib, json, lzma, sqlite3, ssl, uuid  # stdlib modules backed by C libraries
+
+db = sqlite3.connect(":memory:")
+n = db.execute("select count(*) from (select 1 union select 2)").fetchone()[0]
+d = decimal.Decimal(1) / decimal.Decimal(8)
+h = hashlib.sha256(lzma.compress(json.dumps({"n": n}).encode())).hexdigest()
+ssl.create_default_context(); uuid.uuid4()
+print(f"hello from pydev: sqlite {sqlite3.sqlite_version}, {ssl.OPENSSL_VERSION}, {n} rows, {d}, {h[:8]}")
+EOF
+  chmod 0644 "$root/app/hello.py"
+  touch -h -d "@$EPOCH" "$root/app" "$root/app/hello.py"
+  log "pydev: repack layer 3/3 (app)"
+  repack "$layout" "$bundle" "/app/hello.py"
+
+  log "pydev: config"
+  run umoci config --image "$layout:$TAG" --created "$CREATED" \
+    --history.created "$CREATED" --history.created_by "config" \
+    --config.env "$PATH_ENV" --config.workingdir /app \
+    --config.cmd python3 --config.cmd /app/hello.py
+
+  log "pydev: smoke test (chroot python3 /app/hello.py; a C program embedding libpython)"
+  local out
+  out=$(chroot_run "$root" python3 /app/hello.py)
+  [[ $out == "hello from pydev: "* ]] || die "pydev smoke test printed '$out'"
+  # shellcheck disable=SC2016 # expanded in the chroot
+  run chroot_run "$root" sh -ec '
+    printf "#include <Python.h>\nint main(void) { Py_Initialize(); return Py_FinalizeEx(); }\n" >/tmp/t.c
+    gcc -o /tmp/t /tmp/t.c $(python3-config --includes) $(python3-config --embed --ldflags)
+    /tmp/t
+    rm -f /tmp/t /tmp/t.c'
+}
+
 # --- cache + push -----------------------------------------------------------------
 
 # The cache key of a recipe: its function bodies as bash prints them (comments are
@@ -528,6 +593,7 @@ recipe_key() {
       busybox) declare -f build_busybox populate_busybox_rootfs repack ;;
       multilayer) declare -f build_multilayer gen_multilayer_tars; layout_digest "$CACHE/busybox/oci" ;;
       python3) declare -f build_python3 clean_rootfs chroot_run repack; echo "$SUITE $MIRROR" ;;
+      pydev) declare -f build_pydev apt_install clean_rootfs chroot_run repack; echo "$SUITE $MIRROR ${PYDEV_PACKAGES[*]}" ;;
       minbase) declare -f build_minbase clean_rootfs repack; echo "$SUITE $MIRROR" ;;
       nginx | redis | gcc)
         declare -f "build_$name" derive_from_minbase apt_install clean_rootfs chroot_run repack
@@ -589,8 +655,8 @@ main() {
       --registry=*) REGISTRY=${arg#*=}; shift ;;
       -h | --help) usage ;;
       all) want+=(busybox multilayer python3); shift ;;
-      bench) want+=(busybox minbase python3 nginx redis gcc); shift ;;
-      busybox | multilayer | python3 | minbase | nginx | redis | gcc) want+=("$arg"); shift ;;
+      bench) want+=(busybox minbase python3 nginx redis gcc pydev); shift ;;
+      busybox | multilayer | python3 | minbase | nginx | redis | gcc | pydev) want+=("$arg"); shift ;;
       *) printf 'build.sh: unknown argument: %s\n' "$arg" >&2; usage ;;
     esac
   done
@@ -628,7 +694,7 @@ main() {
     case $name in
       nginx | redis | gcc) ensure_image minbase ;;
     esac
-    if [[ $name == python3 || $name == minbase ]] && ! command -v debootstrap >/dev/null; then
+    if [[ $name == python3 || $name == minbase || $name == pydev ]] && ! command -v debootstrap >/dev/null; then
       die "missing tool: debootstrap"
     fi
     ensure_image "$name"

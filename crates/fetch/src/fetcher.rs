@@ -271,15 +271,20 @@ impl LayerFetcher {
     /// `activity` (a count of file-system requests) has moved and then stood
     /// still for `quiet`, or after `max_wait`. Prefetching decompresses and
     /// extracts on the same CPUs the starting program needs, so it waits.
+    /// `also` runs at the same moment (the boot layer's own prefetch).
     pub fn start_prefetch_when_idle(
         &self,
         activity: impl Fn() -> u64 + Send + 'static,
         quiet: Duration,
         max_wait: Duration,
+        also: impl FnOnce() + Send + 'static,
     ) {
         let me = self.clone();
         self.track(self.inner.rt.spawn(async move {
             wait_until_idle(activity, quiet, max_wait).await;
+            if !me.inner.cancelled.load(Ordering::SeqCst) {
+                also();
+            }
             me.prefetch_all().await
         }));
     }

@@ -6,15 +6,29 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lazylayer_fs::source::open_beneath;
-use lazylayer_fs::{ContentSource, FsOptions, LazyFs};
-use lazylayer_layer::index::{BootIndex, IndexEntry, ANNOTATION_BOOT_LAYER, INDEX_FILE_NAME};
+use lazylayer_fs::{ContentSource, FsOptions, LazyFs, RangedContent};
+use lazylayer_layer::index::{
+    BootIndex, FileKind, IndexEntry, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX_REGION_DIGEST,
+    ANNOTATION_INDEX_REGION_SIZE, INDEX_FILE_NAME,
+};
 use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
 
+use crate::boot::{BootChunks, ChunkedBoot};
 use crate::fetcher::{FetchOptions, LayerFetcher};
 use crate::span::{Quick, SpanReader};
 use crate::FetchError;
+
+/// Where the boot layer's file content is read from.
+#[derive(Clone)]
+pub(crate) enum BootContentSource {
+    /// Extracted in the store (an older, unchunked boot layer, or one
+    /// already stored whole).
+    Dir(PathBuf),
+    /// Fetched by chunks while the image runs.
+    Chunks(BootChunks),
+}
 
 /// Why an image cannot be opened lazily.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +50,7 @@ pub struct LazyImage {
     pub(crate) record: ImageRecord,
     pub(crate) config_bytes: Vec<u8>,
     pub(crate) index: Arc<BootIndex>,
-    pub(crate) boot_dir: PathBuf,
+    pub(crate) boot: BootContentSource,
     pub(crate) client: Arc<RegistryClient>,
     pub(crate) opts: FetchOptions,
     /// True when everything came from the store, without any network.
@@ -109,27 +123,52 @@ impl LazyImage {
                     format!("the boot layer {boot_digest} is not the image's top layer"),
                 ))
             })?;
-        store
-            .ensure_layer(
-                &RegistryBlobs::new(&*client, reference.repository.clone()),
-                &boot,
-                &opts.pull,
-                Arc::new(NoProgress),
-                Arc::new(NoEvents),
-            )
-            .await
-            .map_err(FetchError::from)?;
-        let boot_dir = store.layer_fs_path(&boot.digest);
-        let index_path = boot_dir.join(INDEX_FILE_NAME);
-        let bytes = std::fs::read(&index_path).map_err(|source| FetchError::Io {
-            what: "reading the boot index".into(),
-            path: index_path.clone(),
-            source,
-        })?;
-        let index = BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
-            image: reference.to_string(),
-            source,
-        })?;
+        let region = index_region(reference, &raw)?;
+        let (index, boot_source) = match region {
+            // A chunked boot layer not in the store yet: the index first,
+            // the content while the container runs.
+            Some((region_len, region_digest)) if store.layer_dir(&boot.digest).is_none() => {
+                let (index, chunks) = BootChunks::open(
+                    store,
+                    ChunkedBoot {
+                        image: &reference.to_string(),
+                        client: client.clone(),
+                        repo: reference.repository.clone(),
+                        layer: &boot,
+                        region_len,
+                        region_digest: &region_digest,
+                        read_timeout: opts.read_timeout,
+                        pull: opts.pull.clone(),
+                    },
+                )
+                .await?;
+                (index, BootContentSource::Chunks(chunks))
+            }
+            _ => {
+                store
+                    .ensure_layer(
+                        &RegistryBlobs::new(&*client, reference.repository.clone()),
+                        &boot,
+                        &opts.pull,
+                        Arc::new(NoProgress),
+                        Arc::new(NoEvents),
+                    )
+                    .await
+                    .map_err(FetchError::from)?;
+                let boot_dir = store.layer_fs_path(&boot.digest);
+                let index_path = boot_dir.join(INDEX_FILE_NAME);
+                let bytes = std::fs::read(&index_path).map_err(|source| FetchError::Io {
+                    what: "reading the boot index".into(),
+                    path: index_path.clone(),
+                    source,
+                })?;
+                let index = BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
+                    image: reference.to_string(),
+                    source,
+                })?;
+                (index, BootContentSource::Dir(boot_dir))
+            }
+        };
         let lower = &layers[..layers.len() - 1];
         let expected: Vec<String> = lower.iter().map(|l| l.diff_id.to_string()).collect();
         if index.layers != expected {
@@ -155,7 +194,7 @@ impl LazyImage {
             record,
             config_bytes,
             index: Arc::new(index),
-            boot_dir,
+            boot: boot_source,
             client,
             opts,
             offline,
@@ -179,6 +218,19 @@ impl LazyImage {
     /// True when everything came from the store, without any network.
     pub fn offline(&self) -> bool {
         self.offline
+    }
+
+    /// The chunked boot layer being fetched, if the image started from one.
+    pub fn boot_chunks(&self) -> Option<&BootChunks> {
+        match &self.boot {
+            BootContentSource::Chunks(c) => Some(c),
+            BootContentSource::Dir(_) => None,
+        }
+    }
+
+    /// True when the boot layer is stored whole (no chunk left to fetch).
+    pub(crate) fn boot_stored(&self) -> bool {
+        self.boot_chunks().is_none_or(|c| c.stored())
     }
 
     /// A fetcher for the layers below the boot layer (index order).
@@ -213,10 +265,47 @@ impl LazyImage {
         });
         let source = LazySource {
             fetcher: fetcher.clone(),
-            boot_dir: self.boot_dir.clone(),
+            boot: self.boot.clone(),
             spans,
         };
         LazyFs::new(self.index.clone(), source, None, opts)
+    }
+}
+
+/// The chunked boot layer's index region a manifest announces, if any:
+/// its compressed length and digest.
+fn index_region(
+    reference: &Reference,
+    raw: &RawManifest,
+) -> Result<Option<(u64, Digest)>, FetchError> {
+    let m = match parse_manifest(&reference.to_string(), raw).map_err(FetchError::from)? {
+        ManifestKind::Image(m) => m,
+        ManifestKind::Index(_) => return Ok(None),
+    };
+    let Some(a) = m.annotations().as_ref() else {
+        return Ok(None);
+    };
+    match (
+        a.get(ANNOTATION_INDEX_REGION_SIZE),
+        a.get(ANNOTATION_INDEX_REGION_DIGEST),
+    ) {
+        (Some(len), Some(d)) => {
+            let len = len.parse::<u64>().map_err(|_| {
+                bad(
+                    reference,
+                    format!("{ANNOTATION_INDEX_REGION_SIZE} {len:?} is not a size"),
+                )
+            })?;
+            let d = d
+                .parse()
+                .map_err(|e: lazylayer_oci::OciError| bad(reference, e.to_string()))?;
+            Ok(Some((len, d)))
+        }
+        (None, None) => Ok(None),
+        _ => Err(bad(
+            reference,
+            "the manifest gives only half of the index region's size and digest",
+        )),
     }
 }
 
@@ -246,7 +335,7 @@ pub fn boot_layer_digest(
 #[derive(Clone)]
 pub struct LazySource {
     fetcher: LayerFetcher,
-    boot_dir: PathBuf,
+    boot: BootContentSource,
     /// Untraced files by range through the image's seek indexes, if any.
     spans: Option<Arc<SpanReader>>,
 }
@@ -254,7 +343,14 @@ pub struct LazySource {
 impl ContentSource for LazySource {
     fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
         if entry.in_boot {
-            return open_beneath(&self.boot_dir, &entry.path);
+            return match &self.boot {
+                BootContentSource::Dir(d) => open_beneath(d, &entry.path),
+                // Served by ranges (`ranged`): never opened as a file.
+                BootContentSource::Chunks(_) => Err(io::Error::other(format!(
+                    "{} is in the chunked boot layer, not in a file",
+                    String::from_utf8_lossy(&entry.path)
+                ))),
+            };
         }
         if let Some(f) = self.spans.as_ref().and_then(|s| s.open(entry)) {
             return Ok(f);
@@ -265,6 +361,15 @@ impl ContentSource for LazySource {
 
     /// Boot layer files and layers already stored answer at once; a file
     /// still to be fetched is waited for off the FUSE worker threads.
+    fn ranged(&self, idx: u32, entry: &IndexEntry) -> Option<Arc<dyn RangedContent>> {
+        match &self.boot {
+            BootContentSource::Chunks(c) if entry.in_boot && entry.kind == FileKind::File => {
+                c.file(idx, entry.size)
+            }
+            _ => None,
+        }
+    }
+
     fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
         if entry.in_boot {
             return Some(self.open(idx, entry));

@@ -14,12 +14,14 @@
 //! system, prefetched once the start has settled, recorded once complete,
 //! and all of it undone on drop.
 
+mod boot;
 mod fetcher;
 mod image_root;
 mod lazy;
 mod root;
 mod span;
 
+pub use boot::{reap_chunk_caches, BootChunks};
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use image_root::ImageRoot;
 pub use lazy::{LazyImage, LazySource, OpenError};

@@ -99,16 +99,30 @@ impl LazyRoot {
                 reason: "its lazy root is mounted already".into(),
             });
         }
-        let fs = self.image.file_system(&self.fetcher, opts.fs);
+        let mut fs_opts = opts.fs;
+        if self.image.boot_chunks().is_some() {
+            // Read ahead as the trace did: it then asks for the chunks the
+            // trace saw, which are the ones on their way.
+            fs_opts
+                .max_readahead
+                .get_or_insert(lazylayer_fs::BOOT_READAHEAD);
+        }
+        let fs = self.image.file_system(&self.fetcher, fs_opts);
         let m = FsMount::mount(fs, target, 8)?;
         if opts.prefetch {
             // The start reads from the boot layer; prefetching earlier takes
-            // the CPU it needs (decompression, extraction).
+            // the CPU it needs (decompression, extraction) and the link.
             let stats = m.stats();
+            let boot = self.image.boot_chunks().cloned();
             self.fetcher.start_prefetch_when_idle(
                 move || stats.requests(),
                 PREFETCH_QUIET,
                 PREFETCH_MAX_WAIT,
+                move || {
+                    if let Some(b) = boot {
+                        b.start_rest();
+                    }
+                },
             );
         }
         self.mount = Some(m);
@@ -122,17 +136,19 @@ impl LazyRoot {
             (self.fetcher.clone(), self.store.clone(), self.saved.clone());
         let record = self.image.record.clone();
         let reference = self.image.reference.to_string();
+        let image = self.image.clone();
         tokio::runtime::Handle::current()
             .spawn(async move {
                 loop {
-                    if fetcher.all_done() {
+                    if fetcher.all_done() && image.boot_stored() {
                         save(&store, &record, &saved, &reference);
                         return;
                     }
-                    if fetcher
-                        .status()
-                        .iter()
-                        .any(|l| matches!(l.state, LayerState::Failed(_)))
+                    if image.boot_chunks().is_some_and(|b| b.failed())
+                        || fetcher
+                            .status()
+                            .iter()
+                            .any(|l| matches!(l.state, LayerState::Failed(_)))
                     {
                         return;
                     }
@@ -163,14 +179,15 @@ impl LazyRoot {
         }
     }
 
-    /// Bytes downloaded for this root (layers found in the store count 0).
+    /// Bytes downloaded for this root (layers found in the store count 0),
+    /// the chunked boot layer's included.
     pub fn bytes_fetched(&self) -> u64 {
-        self.fetcher.bytes_fetched()
+        self.fetcher.bytes_fetched() + self.image.boot_chunks().map_or(0, |b| b.bytes_fetched())
     }
 
     /// True when every layer is local.
     pub fn complete(&self) -> bool {
-        self.fetcher.all_done()
+        self.fetcher.all_done() && self.image.boot_stored()
     }
 
     /// True when the image came from the store, without any network.
@@ -217,7 +234,7 @@ impl Drop for LazyRoot {
         if let Some(r) = self.recorder.take() {
             r.abort();
         }
-        if self.fetcher.all_done() {
+        if self.complete() {
             save(&self.store, &self.image.record, &self.saved, &image);
         }
         self.fetcher.cancel();

@@ -17,7 +17,7 @@ use fuser::{
 };
 use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 
-use crate::source::ContentSource;
+use crate::source::{Content, ContentSource, RangedContent};
 use crate::trace::{Access, Trace};
 
 #[derive(Debug, Clone)]
@@ -32,6 +32,13 @@ pub struct FsOptions {
     /// then counts as one stacking level: an overlayfs on it is allowed,
     /// but nothing can stack on that overlay in turn.
     pub passthrough: bool,
+    /// Largest readahead the kernel may do on files read through this
+    /// daemon (not passthrough ones, which use their backing file's). None:
+    /// the kernel's default (128 KiB). A trace limits it so that what it
+    /// records is close to what the program reads; a lazy start from a
+    /// chunked boot layer uses the same limit, so that it asks for the
+    /// chunks the trace saw.
+    pub max_readahead: Option<u32>,
 }
 
 impl Default for FsOptions {
@@ -39,6 +46,7 @@ impl Default for FsOptions {
         FsOptions {
             ttl: Duration::from_secs(3600),
             passthrough: true,
+            max_readahead: None,
         }
     }
 }
@@ -87,7 +95,7 @@ struct InodeIo {
 
 struct OpenFile {
     ino: u64,
-    file: Arc<File>,
+    content: Content,
 }
 
 #[derive(Default)]
@@ -247,7 +255,7 @@ impl<S: ContentSource> Shared<S> {
             fh,
             OpenFile {
                 ino,
-                file: Arc::new(file),
+                content: Content::File(Arc::new(file)),
             },
         );
         match &io.backing {
@@ -262,6 +270,57 @@ impl<S: ContentSource> Shared<S> {
                 self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
                 // Content never changes: let the page cache keep it across opens.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+        }
+    }
+
+    /// Give ranged content a handle; read through this daemon, cached.
+    fn register_ranged(&self, ino: u64, content: Arc<dyn RangedContent>, reply: ReplyOpen) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.open.lock().unwrap();
+        st.inodes
+            .entry(ino)
+            .or_insert(InodeIo {
+                opens: 0,
+                backing: None,
+            })
+            .opens += 1;
+        st.files.insert(
+            fh,
+            OpenFile {
+                ino,
+                content: Content::Ranged(content),
+            },
+        );
+        drop(st);
+        self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    /// Reply to a read of ranged content at `offset` of entry `i`.
+    fn reply_ranged(
+        &self,
+        i: u32,
+        r: std::io::Result<()>,
+        buf: &[u8],
+        offset: u64,
+        reply: ReplyData,
+    ) {
+        match r {
+            Ok(()) => {
+                if let Some(t) = &self.trace {
+                    t.record_read(&self.entry(i).path, offset, buf.len() as u64);
+                }
+                reply.data(buf)
+            }
+            Err(err) => {
+                let e = self.entry(i);
+                if err.kind() == std::io::ErrorKind::InvalidData {
+                    tracing::error!(path = %String::from_utf8_lossy(&e.path), offset, error = %err, "refused content that does not match the boot index");
+                } else {
+                    tracing::warn!(path = %String::from_utf8_lossy(&e.path), offset, error = %err, "content unavailable");
+                }
+                reply.error(Errno::EIO)
             }
         }
     }
@@ -363,6 +422,9 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         // one request per directory instead of one per entry.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        if let Some(n) = self.opts.max_readahead {
+            let _ = config.set_max_readahead(n.max(4096));
+        }
         if !self.opts.passthrough {
             return Ok(());
         }
@@ -440,6 +502,9 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             return reply.error(Errno::EINVAL);
         }
         self.record(&e.path, Access::Open);
+        if let Some(c) = self.source.ranged(i, e) {
+            return self.register_ranged(ino.0, c, reply);
+        }
         if let Some(r) = self.source.try_open(i, e) {
             return self.finish_open(ino.0, i, r, reply);
         }
@@ -464,7 +529,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -473,17 +538,43 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         reply: ReplyData,
     ) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let Some(f) = self
+        let Some(content) = self
             .open
             .lock()
             .unwrap()
             .files
             .get(&fh.0)
-            .map(|o| o.file.clone())
+            .map(|o| o.content.clone())
         else {
             return reply.error(Errno::EBADF);
         };
         self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
+        let Some(i) = self.idx(ino) else {
+            return reply.error(Errno::EBADF);
+        };
+        let f = match content {
+            Content::File(f) => f,
+            Content::Ranged(c) => {
+                let size_left = self.entry(i).size.saturating_sub(offset);
+                let mut buf = vec![0u8; (size as u64).min(size_left) as usize];
+                if let Some(r) = c.try_read_at(&mut buf, offset) {
+                    return self.reply_ranged(i, r, &buf, offset, reply);
+                }
+                // Bytes still on their way: wait off the worker threads, as
+                // a waiting open does.
+                let shared = self.shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("lazylayer-read".into())
+                    .spawn(move || {
+                        let r = c.read_at(&mut buf, offset);
+                        shared.reply_ranged(i, r, &buf, offset, reply);
+                    });
+                if let Err(err) = spawned {
+                    tracing::error!(error = %err, "cannot start a thread for a waiting read");
+                }
+                return;
+            }
+        };
         let mut buf = vec![0u8; size as usize];
         let mut got = 0usize;
         while got < buf.len() {
@@ -493,6 +584,9 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return reply.error(Errno::from(e)),
             }
+        }
+        if let Some(t) = &self.trace {
+            t.record_read(&self.entry(i).path, offset, got as u64);
         }
         reply.data(&buf[..got]);
     }

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use lazylayer_index::IndexEntry;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -21,6 +21,31 @@ pub trait ContentSource: Send + Sync + 'static {
     fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
         Some(self.open(idx, entry))
     }
+
+    /// Content read by ranges instead of through a file, for a file whose
+    /// bytes arrive piece by piece (a chunked boot layer): asked before
+    /// `open`, and `None` (the default) means "open it as a file".
+    fn ranged(&self, _idx: u32, _entry: &IndexEntry) -> Option<Arc<dyn RangedContent>> {
+        None
+    }
+}
+
+/// A file's content, readable at any offset, possibly before all of it is
+/// local. Reads never go past the file's size (the file system clamps them).
+pub trait RangedContent: Send + Sync {
+    /// Read `buf.len()` bytes at `offset` if they are local (or known to be
+    /// unavailable); `None` when they must be waited for. Never blocks on the
+    /// network: called on the file system's worker threads.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>>;
+    /// Read, waiting for the bytes, for a bounded time; then an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+/// What the file system reads an open file's bytes from.
+#[derive(Clone)]
+pub enum Content {
+    File(Arc<File>),
+    Ranged(Arc<dyn RangedContent>),
 }
 
 /// Open the regular file `rel` below `dir` read-only, never following a

@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use sha2::{Digest, Sha256};
 
 use super::{BootIndex, FileKind, IndexEntry, IndexError, FORMAT_VERSION, MAX_NAME_LEN};
-use crate::MAX_PATH_LEN;
+use crate::chunks::{BootContent, Chunk, ChunkCompression};
+use crate::{CHUNKED_FORMAT_VERSION, MAX_PATH_LEN};
 
 pub(crate) const MAGIC: [u8; 8] = *b"LLIDX\0\0\0";
 pub(crate) const HEADER_LEN: usize = 88;
@@ -73,6 +74,13 @@ const DIGEST_LEN: usize = 32;
 const VERSION_1: u32 = 1;
 /// Version 3's layout with the link count field reserved (zero).
 const VERSION_2: u32 = 2;
+/// Header flag (version 4): a boot content section (chunk table, boot file
+/// offsets, start list) follows the blob.
+const HDR_FLAG_BOOT_CONTENT: u32 = 1;
+/// Fixed part of the boot content section.
+const BOOT_HEADER_LEN: usize = 32;
+const CHUNK_RECORD_LEN: usize = 36;
+const FILE_RECORD_LEN: usize = 12;
 
 impl BootIndex {
     /// Serialise the index. Deterministic: the same index always gives the
@@ -145,12 +153,19 @@ impl BootIndex {
         let entries_off = layers_off + layers.len() as u64;
         let names_off = entries_off + records.len() as u64;
         let blob_off = names_off + names.len() as u64;
-        let total = blob_off + blob.len() as u64 + CHECKSUM_LEN as u64;
+        let boot = self.boot.as_ref().map(encode_boot).unwrap_or_default();
+        let total = blob_off + blob.len() as u64 + boot.len() as u64 + CHECKSUM_LEN as u64;
+        // Version 3 where nothing needs 4, so indexes without boot content
+        // stay readable by releases that read 1 to 3.
+        let (version, hflags) = match self.boot {
+            Some(_) => (CHUNKED_FORMAT_VERSION, HDR_FLAG_BOOT_CONTENT),
+            None => (FORMAT_VERSION, 0),
+        };
 
         let mut h = [0u8; HEADER_LEN];
         h[..8].copy_from_slice(&MAGIC);
-        set_u32(&mut h, hdr::VERSION, FORMAT_VERSION);
-        set_u32(&mut h, hdr::FLAGS, 0);
+        set_u32(&mut h, hdr::VERSION, version);
+        set_u32(&mut h, hdr::FLAGS, hflags);
         set_u32(&mut h, hdr::LAYER_COUNT, self.layers.len() as u32);
         set_u32(&mut h, hdr::ENTRY_COUNT, self.entries.len() as u32);
         set_u64(&mut h, hdr::LAYERS_OFF, layers_off);
@@ -168,6 +183,7 @@ impl BootIndex {
         out.extend_from_slice(&records);
         out.extend_from_slice(&names);
         out.extend_from_slice(&blob);
+        out.extend_from_slice(&boot);
         let sum = Sha256::digest(&out);
         out.extend_from_slice(&sum);
         out
@@ -200,7 +216,7 @@ impl BootIndex {
             return Err(truncated((HEADER_LEN + CHECKSUM_LEN) as u64));
         }
         let version = get_u32(bytes, hdr::VERSION);
-        if ![VERSION_1, VERSION_2, FORMAT_VERSION].contains(&version) {
+        if ![VERSION_1, VERSION_2, FORMAT_VERSION, CHUNKED_FORMAT_VERSION].contains(&version) {
             return Err(IndexError::UnsupportedVersion { found: version });
         }
         if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
@@ -221,14 +237,26 @@ impl BootIndex {
             return Err(IndexError::ChecksumMismatch);
         }
         let flags = get_u32(bytes, hdr::FLAGS);
-        if flags != 0 {
+        let known = if version == CHUNKED_FORMAT_VERSION {
+            HDR_FLAG_BOOT_CONTENT
+        } else {
+            0
+        };
+        if flags & !known != 0 {
             return Err(IndexError::UnknownFlags { flags });
         }
+        let has_boot = flags & HDR_FLAG_BOOT_CONTENT != 0;
 
-        let s = Sections::read(body)?;
+        let s = Sections::read(body, has_boot)?;
         let layers = decode_layers(body, &s)?;
         let entries = decode_entries(body, &s, version)?;
-        BootIndex::new(layers, entries)
+        let mut index = BootIndex::new(layers, entries)?;
+        if has_boot {
+            let b = decode_boot(body, s.boot)?;
+            b.validate(&index)?;
+            index.boot = Some(b);
+        }
+        Ok(index)
     }
 }
 
@@ -240,10 +268,12 @@ struct Sections {
     entries: (usize, usize),
     names: (usize, usize),
     blob: (usize, usize),
+    /// The boot content section (version 4), empty when absent.
+    boot: (usize, usize),
 }
 
 impl Sections {
-    fn read(body: &[u8]) -> Result<Self, IndexError> {
+    fn read(body: &[u8], has_boot: bool) -> Result<Self, IndexError> {
         let layer_count = get_u32(body, hdr::LAYER_COUNT) as u64;
         let entry_count = get_u32(body, hdr::ENTRY_COUNT) as u64;
         let layers_off = get_u64(body, hdr::LAYERS_OFF);
@@ -276,7 +306,8 @@ impl Sections {
         )?;
         expect(hdr::BLOB_OFF, blob_off, names_off.checked_add(names_len))?;
         match blob_off.checked_add(blob_len) {
-            Some(end) if end == body.len() as u64 => {}
+            Some(end) if end == body.len() as u64 && !has_boot => {}
+            Some(end) if has_boot && end + BOOT_HEADER_LEN as u64 <= body.len() as u64 => {}
             _ => {
                 // Also what a count claiming more entries than there are
                 // bytes ends up as: the sections no longer fit the input.
@@ -306,6 +337,7 @@ impl Sections {
             entries: range(entries_off, entries_len),
             names: range(names_off, names_len),
             blob: range(blob_off, blob_len),
+            boot: ((blob_off + blob_len) as usize, body.len()),
         })
     }
 }
@@ -485,6 +517,95 @@ fn decode_entries(body: &[u8], s: &Sections, version: u32) -> Result<Vec<IndexEn
         ));
     }
     Ok(entries)
+}
+
+fn encode_boot(b: &BootContent) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        BOOT_HEADER_LEN
+            + b.chunks.len() * CHUNK_RECORD_LEN
+            + b.files.len() * FILE_RECORD_LEN
+            + b.start.len() * 4,
+    );
+    out.extend_from_slice(&[b.compression.code(), 0, 0, 0]);
+    put_u32(&mut out, b.chunk_size);
+    out.extend_from_slice(&b.content_len.to_le_bytes());
+    put_u32(&mut out, b.chunks.len() as u32);
+    put_u32(&mut out, b.files.len() as u32);
+    put_u32(&mut out, b.start.len() as u32);
+    put_u32(&mut out, 0);
+    for c in &b.chunks {
+        put_u32(&mut out, c.compressed_len);
+        out.extend_from_slice(&c.sha256);
+    }
+    for &(idx, off) in &b.files {
+        put_u32(&mut out, idx);
+        out.extend_from_slice(&off.to_le_bytes());
+    }
+    for &s in &b.start {
+        put_u32(&mut out, s);
+    }
+    out
+}
+
+/// The boot content section; its counts must account for every byte, so
+/// nothing is allocated beyond what the input holds.
+fn decode_boot(body: &[u8], (from, to): (usize, usize)) -> Result<BootContent, IndexError> {
+    let sec = &body[from..to];
+    let at = |off: usize, what: String| malformed(from + off, format!("boot content: {what}"));
+    let compression = ChunkCompression::from_code(sec[0])
+        .ok_or_else(|| at(0, format!("unknown compression {}", sec[0])))?;
+    if sec[1..4] != [0, 0, 0] || get_u32(sec, 28) != 0 {
+        return Err(at(1, "reserved bytes not zero".into()));
+    }
+    let chunk_size = get_u32(sec, 4);
+    let content_len = get_u64(sec, 8);
+    let (nc, nf, ns) = (
+        get_u32(sec, 16) as u64,
+        get_u32(sec, 20) as u64,
+        get_u32(sec, 24) as u64,
+    );
+    let need = BOOT_HEADER_LEN as u64
+        + nc * CHUNK_RECORD_LEN as u64
+        + nf * FILE_RECORD_LEN as u64
+        + ns * 4;
+    if need != sec.len() as u64 {
+        return Err(at(
+            16,
+            format!(
+                "{nc} chunks, {nf} files and {ns} start chunks need {need} bytes, {} present",
+                sec.len()
+            ),
+        ));
+    }
+    let mut p = BOOT_HEADER_LEN;
+    let mut chunks = Vec::with_capacity(nc as usize);
+    for _ in 0..nc {
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(&sec[p + 4..p + CHUNK_RECORD_LEN]);
+        chunks.push(Chunk {
+            compressed_len: get_u32(sec, p),
+            sha256,
+        });
+        p += CHUNK_RECORD_LEN;
+    }
+    let mut files = Vec::with_capacity(nf as usize);
+    for _ in 0..nf {
+        files.push((get_u32(sec, p), get_u64(sec, p + 4)));
+        p += FILE_RECORD_LEN;
+    }
+    let mut start = Vec::with_capacity(ns as usize);
+    for _ in 0..ns {
+        start.push(get_u32(sec, p));
+        p += 4;
+    }
+    Ok(BootContent {
+        compression,
+        chunk_size,
+        content_len,
+        chunks,
+        files,
+        start,
+    })
 }
 
 /// Bounds-checked sequential reads; `base` turns positions into offsets in

@@ -20,6 +20,7 @@
 //! stale: rebuild with `BootIndex::new(index.layers, index.entries)`.
 
 mod build;
+pub mod chunks;
 mod format;
 
 pub use build::build_index;
@@ -39,6 +40,12 @@ pub const INDEX_FILE_NAME: &str = ".wh..wh.lazylayer.index.v1";
 /// Manifest annotation naming the boot layer's digest: how `run` (and the
 /// snapshotter) recognise an optimized image.
 pub const ANNOTATION_BOOT_LAYER: &str = "dev.lazylayer.boot-layer";
+/// Manifest annotations of a chunked boot layer (index format 4): the
+/// compressed length of the index region at the blob's start, and its
+/// digest, so a reader fetches it with one Range GET and checks it before
+/// decompressing anything.
+pub const ANNOTATION_INDEX_REGION_SIZE: &str = "dev.lazylayer.index-region.size";
+pub const ANNOTATION_INDEX_REGION_DIGEST: &str = "dev.lazylayer.index-region.digest";
 /// Boot layer descriptor annotation naming the index file inside it.
 pub const ANNOTATION_INDEX: &str = "dev.lazylayer.index";
 /// Boot layer descriptor annotation giving the index format version.
@@ -48,6 +55,9 @@ pub const ANNOTATION_VERSION: &str = "dev.lazylayer.version";
 /// reads it and versions 1 (no per-file digests) and 2 (no link counts), so
 /// images optimised by an older release keep working.
 pub const FORMAT_VERSION: u32 = 3;
+/// The version written when the index carries a chunked boot layer's
+/// content table ([`BootIndex::boot`]); otherwise [`FORMAT_VERSION`].
+pub const CHUNKED_FORMAT_VERSION: u32 = 4;
 
 /// Longest file name (one path component) an index may hold: Linux's
 /// `NAME_MAX`, so no extracted layer can hold a longer one.
@@ -172,13 +182,16 @@ pub struct BootIndex {
     pub layers: Vec<String>,
     /// `entries[0]` is the root directory; every directory precedes its children.
     pub entries: Vec<IndexEntry>,
+    /// Where the boot files' bytes lie in a chunked boot layer (format 4);
+    /// None for a boot layer read whole.
+    pub boot: Option<chunks::BootContent>,
     tables: Tables,
 }
 
 /// Derived entirely from `entries`, so equality ignores it.
 impl PartialEq for BootIndex {
     fn eq(&self, other: &Self) -> bool {
-        self.layers == other.layers && self.entries == other.entries
+        self.layers == other.layers && self.entries == other.entries && self.boot == other.boot
     }
 }
 impl Eq for BootIndex {}
@@ -205,11 +218,11 @@ pub enum IndexError {
 
     #[error(
         "boot index format version {found} is not supported: this lazylayer reads \
-         versions 1 to 3; the image was optimised by a different lazylayer release"
+         versions 1 to 4; the image was optimised by a different lazylayer release"
     )]
     UnsupportedVersion { found: u32 },
 
-    #[error("boot index sets unknown flags {flags:#x}: versions 1 to 3 define none")]
+    #[error("boot index sets unknown flags {flags:#x}: only version 4 defines one (1)")]
     UnknownFlags { flags: u32 },
 
     #[error("boot index truncated: {expected} bytes expected, {actual} present")]
@@ -295,6 +308,7 @@ impl BootIndex {
         Ok(BootIndex {
             layers,
             entries,
+            boot: None,
             tables,
         })
     }

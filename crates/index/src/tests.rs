@@ -239,17 +239,17 @@ fn index_decode_refuses_wrong_magic() {
 }
 
 #[test]
-fn index_decode_refuses_version_4() {
+fn index_decode_refuses_version_5() {
     let mut b = small_index().encode();
-    set_u32(&mut b, hdr::VERSION, 4);
+    set_u32(&mut b, hdr::VERSION, 5);
     let err = BootIndex::decode(&b).unwrap_err();
     assert!(
-        matches!(err, IndexError::UnsupportedVersion { found: 4 }),
+        matches!(err, IndexError::UnsupportedVersion { found: 5 }),
         "{err}"
     );
     assert!(
         err.to_string().contains(
-            "boot index format version 4 is not supported: this lazylayer reads versions 1 to 3"
+            "boot index format version 5 is not supported: this lazylayer reads versions 1 to 4"
         ),
         "{err}"
     );
@@ -257,12 +257,12 @@ fn index_decode_refuses_version_4() {
     reseal(&mut b);
     assert!(matches!(
         BootIndex::decode(&b),
-        Err(IndexError::UnsupportedVersion { found: 4 })
+        Err(IndexError::UnsupportedVersion { found: 5 })
     ));
     // A future index may be shorter than a v2 header: still a version error.
     assert!(matches!(
         BootIndex::decode(&b[..12]),
-        Err(IndexError::UnsupportedVersion { found: 4 })
+        Err(IndexError::UnsupportedVersion { found: 5 })
     ));
     for v in [0, u32::MAX] {
         set_u32(&mut b, hdr::VERSION, v);
@@ -927,4 +927,107 @@ fn index_format_matches_the_documented_example() {
     assert_eq!(golden.len(), 494);
     assert_eq!(doc_example().encode(), golden);
     assert_eq!(BootIndex::decode(&golden).unwrap(), doc_example());
+}
+
+/// A boot content table for `small_index()`'s in-boot files, laid out the
+/// way the boot layer writer does (each file at a 512-byte boundary).
+fn with_boot(mut idx: BootIndex) -> BootIndex {
+    use crate::chunks::{BootContent, Chunk, ChunkCompression};
+    let mut files = Vec::new();
+    let mut at = 0u64;
+    for (i, e) in idx.entries.iter().enumerate() {
+        if e.in_boot && e.kind == FileKind::File {
+            at += 512;
+            files.push((i as u32, at));
+            at += e.size.div_ceil(512) * 512;
+        }
+    }
+    let content_len = at + 1024;
+    let chunk_size = 4096u32;
+    let n = content_len.div_ceil(u64::from(chunk_size));
+    idx.boot = Some(BootContent {
+        compression: ChunkCompression::Zstd,
+        chunk_size,
+        content_len,
+        chunks: (0..n)
+            .map(|i| Chunk {
+                compressed_len: 100 + i as u32,
+                sha256: [i as u8; 32],
+            })
+            .collect(),
+        files,
+        start: vec![0],
+    });
+    idx
+}
+
+#[test]
+fn index_with_boot_content_round_trips_as_version_4() {
+    let idx = with_boot(small_index());
+    assert!(!idx.boot.as_ref().unwrap().files.is_empty());
+    let bytes = idx.encode();
+    assert_eq!(get_u32(&bytes, hdr::VERSION), 4);
+    assert_eq!(get_u32(&bytes, hdr::FLAGS), 1);
+    let back = BootIndex::decode(&bytes).unwrap();
+    assert_eq!(back, idx);
+    assert_eq!(back.encode(), bytes);
+    let b = back.boot.unwrap();
+    let (i, off) = b.files[0];
+    assert_eq!(b.file_offset(i), Some(off));
+    assert_eq!(b.chunks_covering(off, 1), 0..1);
+    assert_eq!(b.chunk_range(0), (0, 100));
+    assert_eq!(b.chunk_offsets()[1], 100);
+    // Without boot content the same index is still written as version 3.
+    assert_eq!(get_u32(&small_index().encode(), hdr::VERSION), 3);
+}
+
+#[test]
+fn index_decode_refuses_hostile_boot_content() {
+    let idx = with_boot(small_index());
+    let bytes = idx.encode();
+    let boot_at = bytes.len() - CHECKSUM_LEN - {
+        let b = idx.boot.as_ref().unwrap();
+        32 + b.chunks.len() * 36 + b.files.len() * 12 + b.start.len() * 4
+    };
+    let edited = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = bytes.clone();
+        f(&mut b);
+        reseal(&mut b);
+        BootIndex::decode(&b)
+    };
+    let refused = |r: Result<BootIndex, IndexError>, want: &str| {
+        let e = r.expect_err("hostile boot content accepted");
+        assert!(e.to_string().contains(want), "{e}");
+    };
+    // Counts that claim more records than there are bytes.
+    refused(edited(&|b| set_u32(b, boot_at + 16, u32::MAX)), "need");
+    refused(edited(&|b| set_u32(b, boot_at + 20, 1_000_000)), "need");
+    // Unknown compression, reserved bytes.
+    refused(edited(&|b| b[boot_at] = 9), "unknown compression");
+    refused(edited(&|b| b[boot_at + 2] = 1), "reserved");
+    // A chunk size out of bounds; a content length that needs other chunks.
+    refused(edited(&|b| set_u32(b, boot_at + 4, 16)), "chunk size");
+    refused(
+        edited(&|b| b[boot_at + 8..boot_at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes())),
+        "chunks for",
+    );
+    // A file offset past the content's end, a file that is not a boot file.
+    let files_at = boot_at + 32 + idx.boot.as_ref().unwrap().chunks.len() * 36;
+    refused(
+        edited(&|b| b[files_at + 4..files_at + 12].copy_from_slice(&u64::MAX.to_le_bytes())),
+        "outside the content",
+    );
+    refused(edited(&|b| set_u32(b, files_at, 0)), "not a boot file");
+    // The flag on a version 3 index is unknown.
+    assert!(matches!(
+        edited(&|b| set_u32(b, hdr::VERSION, 3)),
+        Err(IndexError::UnknownFlags { flags: 1 })
+    ));
+    // Truncated by a start entry: the counts no longer add up.
+    let mut short = bytes.clone();
+    short.drain(short.len() - CHECKSUM_LEN - 4..short.len() - CHECKSUM_LEN);
+    let total = short.len() as u64;
+    short[hdr::TOTAL_LEN..hdr::TOTAL_LEN + 8].copy_from_slice(&total.to_le_bytes());
+    reseal(&mut short);
+    assert!(BootIndex::decode(&short).is_err());
 }

@@ -45,6 +45,7 @@
 //! diff_id together.
 
 mod beneath;
+pub mod chunked;
 mod compression;
 mod error;
 mod extract;

@@ -65,6 +65,10 @@ impl Default for ClientConfig {
     }
 }
 
+/// A response body as it arrives.
+pub type BodyStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes>> + Send + 'static>>;
+
 /// Where [`RegistryClient::download_blob_from`] starts: after `offset` bytes
 /// the caller holds already, with `hasher` fed exactly those bytes.
 pub struct BlobResume {
@@ -964,9 +968,69 @@ impl RegistryClient {
         Ok(Bytes::from(out))
     }
 
-    /// [`RegistryClient::get_blob_range`] for callers that want the range
-    /// or nothing: `None` when the registry ignores Range (answers 200), and
-    /// the body is not read. The answer's bytes are not verified here.
+    /// GET bytes `[start, start + len)` of a blob with HTTP Range and hand
+    /// back the body as it streams. `true`: the server sent that range (206
+    /// with a matching Content-Range); `false`: it ignored Range and sends
+    /// the whole blob from byte 0 (200), which the caller may use as a
+    /// stream of everything. Nothing is verified here: callers check what the
+    /// bytes hold.
+    pub async fn blob_range_stream(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        start: u64,
+        len: u64,
+    ) -> Result<(bool, BodyStream)> {
+        let what = format!("bytes {start}+{len} of blob {digest} of {repo}");
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let end = start + len.max(1) - 1;
+        let resp = self
+            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
+                c.get(&url).header(RANGE, format!("bytes={start}-{end}"))
+            })
+            .await?;
+        let status = resp.status();
+        let ranged = match status {
+            StatusCode::PARTIAL_CONTENT => {
+                let cr = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if !cr.starts_with(&format!("bytes {start}-")) {
+                    return Err(OciError::Status {
+                        what,
+                        registry: repo.registry.clone(),
+                        status: 206,
+                        body: format!("Content-Range {cr:?} is not the range asked for"),
+                    });
+                }
+                true
+            }
+            StatusCode::OK => false,
+            _ => {
+                return Err(status_error(
+                    &what,
+                    &repo.registry,
+                    status,
+                    Self::body_text(resp).await,
+                ))
+            }
+        };
+        let registry = repo.registry.clone();
+        let body = resp.bytes_stream().map(move |c| {
+            c.map_err(|e| OciError::Http {
+                what: what.clone(),
+                registry: registry.clone(),
+                source: e,
+            })
+        });
+        Ok((ranged, Box::pin(body)))
+    }
+
+    /// `len` bytes of a blob from `start` for callers that want the range or
+    /// nothing: `None` when the registry ignores Range (answers 200), whose
+    /// body is then not read. The bytes are not verified here.
     pub async fn get_blob_range_only(
         &self,
         repo: &Repository,
@@ -978,35 +1042,31 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Some(Bytes::new()));
         }
-        let url = self.url(repo, &format!("blobs/{digest}"));
-        let end = start + len - 1;
-        let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
-                c.get(&url).header(RANGE, format!("bytes={start}-{end}"))
-            })
-            .await?;
-        match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {}
+        let (ranged, mut body) = self.blob_range_stream(repo, digest, start, len).await?;
+        if !ranged {
             // Dropped unread: the connection closes, the blob is not sent.
-            StatusCode::OK => return Ok(None),
-            status => {
-                return Err(status_error(
-                    &what,
-                    &repo.registry,
-                    status,
-                    Self::body_text(resp).await,
-                ))
-            }
+            return Ok(None);
         }
-        let body = Self::read_limited(&what, &repo.registry, resp, len).await?;
-        if body.len() as u64 != len {
+        let mut out = Vec::new();
+        while let Some(c) = body.next().await {
+            let c = c?;
+            if out.len() as u64 + c.len() as u64 > len {
+                return Err(OciError::TooLarge {
+                    what,
+                    size: out.len() as u64 + c.len() as u64,
+                    limit: len,
+                });
+            }
+            out.extend_from_slice(&c);
+        }
+        if out.len() as u64 != len {
             return Err(OciError::SizeMismatch {
                 what,
                 expected: len,
-                actual: body.len() as u64,
+                actual: out.len() as u64,
             });
         }
-        Ok(Some(body))
+        Ok(Some(Bytes::from(out)))
     }
 
     /// The referrers of `subject` of type `artifact_type` (an OCI image

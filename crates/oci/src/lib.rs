@@ -11,7 +11,7 @@ pub mod error;
 pub mod manifest;
 pub mod reference;
 
-pub use client::{human_bytes, BlobResume, ClientConfig, PushOutcome, RegistryClient};
+pub use client::{human_bytes, BlobResume, BodyStream, ClientConfig, PushOutcome, RegistryClient};
 pub use digest::{Digest, DigestHasher};
 pub use error::OciError;
 pub use manifest::{Platform, ResolvedImage};

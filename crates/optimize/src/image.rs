@@ -8,8 +8,23 @@ use serde_json::{json, Value};
 
 use crate::OptimizeError;
 
+use lazylayer_layer::index::chunks::ChunkCompression;
 pub use lazylayer_layer::index::{ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION};
+use lazylayer_layer::index::{ANNOTATION_INDEX_REGION_DIGEST, ANNOTATION_INDEX_REGION_SIZE};
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+/// The boot layer as the manifest describes it.
+#[derive(Debug, Clone)]
+pub struct BootDescriptor<'a> {
+    pub digests: &'a LayerDigests,
+    pub index_name: &'a str,
+    /// Format version of the index inside.
+    pub index_version: u32,
+    pub compression: ChunkCompression,
+    /// A chunked boot layer's index region: compressed length and digest.
+    pub region: Option<(u64, String)>,
+}
 
 #[derive(Debug)]
 pub struct OptimizedImage {
@@ -26,10 +41,10 @@ fn bad(reason: impl Into<String>) -> OptimizeError {
 pub fn optimized_image(
     src_manifest: &[u8],
     src_config: &[u8],
-    boot: &LayerDigests,
-    index_name: &str,
+    desc: &BootDescriptor<'_>,
     created: &str,
 ) -> Result<OptimizedImage, OptimizeError> {
+    let boot = desc.digests;
     let mut config: Value =
         serde_json::from_slice(src_config).map_err(|e| bad(format!("config: {e}")))?;
     let rootfs = config
@@ -60,10 +75,15 @@ pub fn optimized_image(
         .and_then(|m| m.as_str())
         .unwrap_or(lazylayer_oci::manifest::OCI_MANIFEST)
         .to_string();
-    let layer_type = if media_type == DOCKER_MANIFEST {
-        DOCKER_LAYER_GZIP
-    } else {
-        OCI_LAYER_GZIP
+    let layer_type = match (media_type == DOCKER_MANIFEST, desc.compression) {
+        (true, ChunkCompression::Gzip) => DOCKER_LAYER_GZIP,
+        (false, ChunkCompression::Gzip) => OCI_LAYER_GZIP,
+        (false, ChunkCompression::Zstd) => OCI_LAYER_ZSTD,
+        (true, ChunkCompression::Zstd) => {
+            return Err(bad(
+                "a Docker schema 2 manifest cannot name a zstd layer: use gzip for this image",
+            ))
+        }
     };
     let m = manifest
         .as_object_mut()
@@ -93,13 +113,17 @@ pub fn optimized_image(
         "digest": boot.digest,
         "size": boot.size,
         "annotations": {
-            ANNOTATION_INDEX: index_name,
-            ANNOTATION_VERSION: lazylayer_layer::index::FORMAT_VERSION.to_string(),
+            ANNOTATION_INDEX: desc.index_name,
+            ANNOTATION_VERSION: desc.index_version.to_string(),
         }
     }));
     let ann = m.entry("annotations").or_insert_with(|| json!({}));
     if let Some(a) = ann.as_object_mut() {
         a.insert(ANNOTATION_BOOT_LAYER.into(), json!(boot.digest));
+        if let Some((len, digest)) = &desc.region {
+            a.insert(ANNOTATION_INDEX_REGION_SIZE.into(), json!(len.to_string()));
+            a.insert(ANNOTATION_INDEX_REGION_DIGEST.into(), json!(digest));
+        }
     }
     let manifest_bytes = serde_json::to_vec(&manifest).expect("serialisable");
     Ok(OptimizedImage {
@@ -114,6 +138,16 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn desc<'a>(d: &'a LayerDigests, name: &'a str) -> BootDescriptor<'a> {
+        BootDescriptor {
+            digests: d,
+            index_name: name,
+            index_version: 3,
+            compression: ChunkCompression::Gzip,
+            region: None,
+        }
+    }
 
     fn boot() -> LayerDigests {
         LayerDigests {
@@ -134,8 +168,7 @@ mod tests {
         let out = optimized_image(
             man.as_bytes(),
             cfg.as_bytes(),
-            &boot(),
-            ".wh..wh.idx",
+            &desc(&boot(), ".wh..wh.idx"),
             "2026-01-01T00:00:00Z",
         )
         .unwrap();
@@ -154,13 +187,18 @@ mod tests {
         );
         assert_eq!(m["annotations"][ANNOTATION_BOOT_LAYER], boot().digest);
         // Optimizing an optimized image is refused.
-        let again = optimized_image(&out.manifest, &out.config, &boot(), ".wh..wh.idx", "x");
+        let again = optimized_image(
+            &out.manifest,
+            &out.config,
+            &desc(&boot(), ".wh..wh.idx"),
+            "x",
+        );
         assert!(again.unwrap_err().to_string().contains("already optimized"));
     }
 
     #[test]
     fn broken_inputs_are_errors() {
-        assert!(optimized_image(b"{}", b"{}", &boot(), "i", "x").is_err());
-        assert!(optimized_image(b"not json", b"{}", &boot(), "i", "x").is_err());
+        assert!(optimized_image(b"{}", b"{}", &desc(&boot(), "i"), "x").is_err());
+        assert!(optimized_image(b"not json", b"{}", &desc(&boot(), "i"), "x").is_err());
     }
 }

@@ -21,15 +21,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use lazylayer_fs::{LayerDirSource, Trace, TraceEvent, TraceFile};
+use lazylayer_fs::{LayerDirSource, Trace, TraceEvent, TraceFile, TraceRead};
+use lazylayer_layer::index::chunks::ChunkCompression;
 use lazylayer_layer::index::{build_index, BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_runtime::{NetworkMode, WaitCondition};
 use lazylayer_store::{PullOptions, PullProgress, Store};
 
-pub use bootlayer::{write_boot_layer, BootLayer};
+pub use bootlayer::{write_boot_layer, BootLayer, BootLayout, DEFAULT_CHUNK_SIZE};
 pub use image::{
-    optimized_image, OptimizedImage, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION,
+    optimized_image, BootDescriptor, OptimizedImage, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX,
+    ANNOTATION_VERSION,
 };
 pub use push::{push_optimized, BootBlob, PushReport};
 pub use seek::{push_seek_indexes, SeekReport};
@@ -105,6 +107,8 @@ pub struct OptimizeOptions {
     /// referring to DST) so that `run` reads untraced files by range.
     pub seek_index: bool,
     pub pull: PullOptions,
+    /// Chunk size and compression of the boot layer.
+    pub boot_layout: BootLayout,
 }
 
 /// What `optimize` did, for the summary and `--json`.
@@ -123,7 +127,20 @@ pub struct OptimizeReport {
     pub boot_entries: usize,
     pub boot_file_bytes: u64,
     pub index_bytes: u64,
+    /// "gzip" or "zstd".
+    pub boot_compression: String,
+    pub boot_chunk_size: u32,
+    pub boot_chunks: usize,
+    /// Chunks the trace read, fetched first at a lazy start.
+    pub boot_start_chunks: usize,
+    /// Compressed bytes a lazy start fetches before anything else: the
+    /// index region and the chunks the trace read.
+    pub boot_start_bytes: u64,
+    /// Compressed length of the index region at the boot layer's start.
+    pub index_region_bytes: u64,
     pub trace_events: usize,
+    /// Byte ranges the trace recorded (merged where contiguous).
+    pub trace_reads: usize,
     pub workload_exit_code: Option<i32>,
     /// With `verify`: paths whose content the boot-only run needed but the boot layer lacks (empty = complete).
     pub verify_missing: Option<Vec<String>>,
@@ -198,10 +215,11 @@ pub async fn optimize(
         timeout: opts.timeout,
     };
     let t = Instant::now();
-    let (events, exit_code) = match &opts.trace_in {
+    let (events, reads, exit_code): (Vec<TraceEvent>, Vec<TraceRead>, _) = match &opts.trace_in {
         Some(p) => {
             phase(&format!("using the trace in {}", p.display()));
-            (TraceFile::read(p)?, None)
+            let (events, reads) = TraceFile::read_all(p)?;
+            (events, reads, None)
         }
         None => {
             phase("running the workload under the tracing file system");
@@ -218,20 +236,22 @@ pub async fn optimize(
                     Some(trace.clone()),
                     &cancel2,
                 )?;
-                Ok::<_, OptimizeError>((trace.events(), outcome))
+                Ok::<_, OptimizeError>((trace.events(), trace.reads(), outcome))
             })
             .await
             .map_err(|e| OptimizeError::BadImage(format!("workload worker: {e}")))??;
-            let (events, outcome) = out;
+            let (events, reads, outcome) = out;
             if cancel.is_cancelled() {
                 return Err(OptimizeError::Interrupted);
             }
             check_outcome(&opts.wait, &outcome)?;
-            (events, outcome.exit_code)
+            (events, reads, outcome.exit_code)
         }
     };
     if let Some(p) = &opts.trace_out {
-        TraceFile::from_events(&events).write(p)?;
+        TraceFile::from_events(&events)
+            .with_reads(&reads)
+            .write(p)?;
     }
     let seconds_trace = t.elapsed().as_secs_f64();
 
@@ -251,13 +271,29 @@ pub async fn optimize(
         let boot_path = boot_path.clone();
         let dirs = layer_dirs.clone();
         let events = events.clone();
+        let reads = reads.clone();
+        let mut layout = opts.boot_layout;
+        // A Docker schema 2 manifest has no zstd layer type.
+        let docker = serde_json::from_slice::<serde_json::Value>(&manifest_bytes)
+            .ok()
+            .and_then(|m| {
+                m.get("mediaType")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned)
+            })
+            .is_some_and(|t| t == lazylayer_oci::manifest::DOCKER_MANIFEST);
+        if docker && layout.compression == ChunkCompression::Zstd {
+            tracing::info!("Docker schema 2 manifest: the boot layer is gzip, not zstd");
+            layout.compression = ChunkCompression::Gzip;
+        }
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir(&merged)
                 .map_err(|e| OptimizeError::io("creating merged view", &merged, e))?;
             let lowers: Vec<PathBuf> = dirs.iter().rev().cloned().collect();
             let _view = lazylayer_runtime::OverlayMount::readonly(&lowers, &merged)?;
             let selection = select_boot_entries(&index, &events);
-            let boot = write_boot_layer(&mut index, &selection, &merged, &boot_path)?;
+            let boot =
+                write_boot_layer(&mut index, &selection, &reads, &merged, &boot_path, layout)?;
             Ok::<_, OptimizeError>((boot, index))
         })
         .await
@@ -266,8 +302,13 @@ pub async fn optimize(
     let image = optimized_image(
         &manifest_bytes,
         &config_bytes,
-        &boot.digests,
-        INDEX_FILE_NAME,
+        &BootDescriptor {
+            digests: &boot.digests,
+            index_name: INDEX_FILE_NAME,
+            index_version: lazylayer_layer::index::CHUNKED_FORMAT_VERSION,
+            compression: boot.layout.compression,
+            region: Some(boot.region.clone()),
+        },
         &rfc3339_now(),
     )?;
     let seconds_build = t.elapsed().as_secs_f64();
@@ -278,6 +319,7 @@ pub async fn optimize(
         let boot_path = boot_path.clone();
         let workload = workload.clone();
         let cancel2 = cancel.clone();
+        let layout = boot.layout;
         let (missing, outcome) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir(&boot_dir)
                 .map_err(|e| OptimizeError::io("creating boot dir", &boot_dir, e))?;
@@ -287,11 +329,9 @@ pub async fn optimize(
                 what: "extracting the boot layer".into(),
                 source,
             };
-            let dec = lazylayer_layer::decoder(
-                std::io::BufReader::new(f),
-                lazylayer_layer::Compression::Gzip,
-            )
-            .map_err(layer)?;
+            let dec =
+                lazylayer_layer::decoder(std::io::BufReader::new(f), layout.compression.into())
+                    .map_err(layer)?;
             lazylayer_layer::extract(dec, &boot_dir, &Default::default(), &mut |_| {})
                 .map_err(layer)?;
             verify_boot_layer(&boot_dir, &workload, &cancel2)
@@ -364,7 +404,17 @@ pub async fn optimize(
         boot_entries: boot.entries,
         boot_file_bytes: boot.file_bytes,
         index_bytes: boot.index_bytes,
+        boot_compression: match boot.layout.compression {
+            lazylayer_layer::index::chunks::ChunkCompression::Gzip => "gzip".into(),
+            lazylayer_layer::index::chunks::ChunkCompression::Zstd => "zstd".into(),
+        },
+        boot_chunk_size: boot.layout.chunk_size,
+        boot_chunks: boot.chunks,
+        boot_start_chunks: boot.start_chunks,
+        boot_start_bytes: boot.start_bytes,
+        index_region_bytes: boot.region.0,
         trace_events: events.len(),
+        trace_reads: reads.len(),
         workload_exit_code: exit_code,
         verify_missing,
         seconds_pull,

@@ -101,11 +101,17 @@ pub fn run_workload<S: ContentSource>(
             .to_ascii_lowercase()
     );
 
-    let fuse = FsMount::mount(
-        LazyFs::new(index, source, trace, FsOptions::default()),
-        &lower,
-        4,
-    )?;
+    // A trace sees reads only when they come through the daemon, with
+    // readahead limited as a lazy start will have it.
+    let fs_opts = match trace {
+        Some(_) => FsOptions {
+            passthrough: false,
+            max_readahead: Some(lazylayer_fs::BOOT_READAHEAD),
+            ..FsOptions::default()
+        },
+        None => FsOptions::default(),
+    };
+    let fuse = FsMount::mount(LazyFs::new(index, source, trace, fs_opts), &lower, 4)?;
     let mut spec = RunSpec::new(id.clone(), PathBuf::new(), config);
     spec.args = w.args.clone();
     spec.env = w.env.clone();

@@ -41,7 +41,7 @@ pub use pins::Pin;
 pub use pull::{unix_now, NoProgress, PullOptions, PullProgress};
 pub use push::{PushCounts, PushReport};
 pub use resolve::{layer_refs, resolve_layers, ResolvedLayers};
-pub use source::{BlobStream, BoxFuture, LayerEvents, NoEvents, RegistryBlobs};
+pub use source::{BlobStream, BoxFuture, LayerEvents, LocalBlob, NoEvents, RegistryBlobs};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 

@@ -93,3 +93,65 @@ impl LayerEvents for NoEvents {
     fn extracting(&self, _fs_dir: &Path) {}
     fn entry_landed(&self, _path: &Path) {}
 }
+
+/// A blob already on local disk, e.g. a chunked boot layer assembled from
+/// the ranges a lazy start fetched: streamed like a download, and checked
+/// against its digest and size the same way.
+pub struct LocalBlob {
+    pub path: std::path::PathBuf,
+}
+
+impl BlobStream for LocalBlob {
+    fn stream<'a>(
+        &'a self,
+        digest: &'a Digest,
+        expected_size: u64,
+        mut resume: BlobResume,
+        tx: mpsc::Sender<Bytes>,
+        progress: &'a (dyn Fn(u64) + Send + Sync),
+    ) -> BoxFuture<'a, Result<u64, OciError>> {
+        Box::pin(async move {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
+            let what = format!("local copy of blob {digest}");
+            let io = |source| OciError::Io {
+                what: format!("{what} ({})", self.path.display()),
+                source,
+            };
+            let mut f = tokio::fs::File::open(&self.path).await.map_err(io)?;
+            f.seek(std::io::SeekFrom::Start(resume.offset))
+                .await
+                .map_err(io)?;
+            let mut total = resume.offset;
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let n = f.read(&mut buf).await.map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                resume.hasher.update(&buf);
+                total += n as u64;
+                progress(n as u64);
+                if tx.send(Bytes::from(buf)).await.is_err() {
+                    return Err(OciError::ConsumerGone { what });
+                }
+            }
+            if total != expected_size {
+                return Err(OciError::SizeMismatch {
+                    what,
+                    expected: expected_size,
+                    actual: total,
+                });
+            }
+            let actual = resume.hasher.finish();
+            if actual != *digest {
+                return Err(OciError::DigestMismatch {
+                    what,
+                    expected: digest.clone(),
+                    actual,
+                });
+            }
+            Ok(total)
+        })
+    }
+}

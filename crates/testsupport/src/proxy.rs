@@ -33,6 +33,11 @@ pub struct CuttingProxy {
     /// (blob digest, bytes per second): answers to requests for that blob
     /// are relayed at this rate (0: unlimited).
     pub slow_blob: Arc<Mutex<(String, usize)>>,
+    /// (blob digest, n): the next n answers to Range requests for that blob
+    /// that do not start at byte 0 get one body byte flipped: a registry (or
+    /// a cache in front of it) serving wrong bytes.
+    pub corrupt_ranges: Arc<Mutex<(String, usize)>>,
+    dead: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Copy)]
@@ -67,6 +72,8 @@ struct RelayState {
     hold: Arc<AtomicBool>,
     /// Set by the request side: this connection's rate (0: the proxy's).
     conn_rate: Arc<AtomicUsize>,
+    /// Set by the request side: flip a byte of this answer's body.
+    corrupt: Arc<AtomicBool>,
 }
 
 impl CuttingProxy {
@@ -78,6 +85,7 @@ impl CuttingProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let cuts = Arc::new(AtomicUsize::new(0));
         let dead = Arc::new(AtomicBool::new(false));
+        let dead_handle = dead.clone();
         let relayed = Arc::new(AtomicUsize::new(0));
         let rate = Arc::new(AtomicUsize::new(0));
         let (rq, st, ct) = (requests.clone(), stop.clone(), cuts.clone());
@@ -88,6 +96,8 @@ impl CuttingProxy {
         let ha = hold_answers.clone();
         let slow_blob = Arc::new(Mutex::new((String::new(), 0)));
         let sb = slow_blob.clone();
+        let corrupt_ranges = Arc::new(Mutex::new((String::new(), 0)));
+        let cr_all = corrupt_ranges.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -105,14 +115,16 @@ impl CuttingProxy {
                 let client_gone = Arc::new(AtomicBool::new(false));
                 let hold = Arc::new(AtomicBool::new(false));
                 let conn_rate = Arc::new(AtomicUsize::new(0));
+                let corrupt = Arc::new(AtomicBool::new(false));
                 let (cg, h2, cr, sb) = (
                     client_gone.clone(),
                     hold.clone(),
                     conn_rate.clone(),
                     sb.clone(),
                 );
+                let (cra, co) = (cr_all.clone(), corrupt.clone());
                 std::thread::spawn(move || {
-                    relay_requests(c2, s2, rq, d2, sr, (ha, h2), (sb, cr));
+                    relay_requests(c2, s2, rq, d2, sr, (ha, h2), (sb, cr), (cra, co));
                     cg.store(true, Ordering::SeqCst);
                 });
                 let state = RelayState {
@@ -126,6 +138,7 @@ impl CuttingProxy {
                     client_gone,
                     hold,
                     conn_rate,
+                    corrupt,
                 };
                 std::thread::spawn(move || relay_responses(server, client, state));
             }
@@ -140,7 +153,15 @@ impl CuttingProxy {
             strip_range,
             hold_answers,
             slow_blob,
+            corrupt_ranges,
+            dead: dead_handle,
         }
+    }
+
+    /// The "registry" dies now: open connections are closed at their next
+    /// read, new ones refused.
+    pub fn die_now(&self) {
+        self.dead.store(true, Ordering::SeqCst);
     }
 
     /// A proxy that relays everything (no cut), for counting and slowing.
@@ -185,6 +206,7 @@ fn close(a: &TcpStream, b: &TcpStream) {
     let _ = b.shutdown(Shutdown::Both);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn relay_requests(
     mut from: TcpStream,
     mut to: TcpStream,
@@ -193,6 +215,7 @@ fn relay_requests(
     strip_range: Arc<AtomicBool>,
     (hold_answers, hold): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
     (slow_blob, conn_rate): (Arc<Mutex<(String, usize)>>, Arc<AtomicUsize>),
+    (corrupt_ranges, corrupt): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
 ) {
     let mut buf = vec![0u8; 16384];
     loop {
@@ -215,6 +238,19 @@ fn relay_requests(
             let sb = slow_blob.lock().unwrap();
             if !sb.0.is_empty() && text.contains(&format!("/blobs/{}", sb.0)) {
                 conn_rate.store(sb.1, Ordering::Relaxed);
+            }
+        }
+        {
+            let mut c = corrupt_ranges.lock().unwrap();
+            let lower = text.to_lowercase();
+            if c.1 > 0
+                && !c.0.is_empty()
+                && lower.contains(&format!("/blobs/{}", c.0))
+                && lower.contains("\r\nrange: bytes=")
+                && !lower.contains("\r\nrange: bytes=0-")
+            {
+                c.1 -= 1;
+                corrupt.store(true, Ordering::SeqCst);
             }
         }
         log.lock().unwrap().push(text);
@@ -271,6 +307,15 @@ fn relay_responses(mut from: TcpStream, mut to: TcpStream, s: RelayState) {
         };
         if s.dead.load(Ordering::Relaxed) {
             break;
+        }
+        if s.corrupt.load(Ordering::SeqCst) {
+            // The first body byte after the headers, once per answer.
+            if let Some(h) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+                if h + 4 < n {
+                    buf[h + 4] ^= 0x55;
+                    s.corrupt.store(false, Ordering::SeqCst);
+                }
+            }
         }
         if s.hold.load(Ordering::SeqCst) {
             // No answer at all, and no error either.

@@ -3,7 +3,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use lazylayer_optimize::{optimize, CancelHandle, OptimizeOptions};
+use lazylayer_layer::index::chunks::{ChunkCompression, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use lazylayer_optimize::{optimize, BootLayout, CancelHandle, OptimizeOptions};
 use lazylayer_runtime::{NetworkMode, WaitCondition};
 use lazylayer_store::PullOptions;
 
@@ -47,6 +48,14 @@ pub struct Args {
     /// by range instead of its whole layer)
     #[arg(long)]
     pub no_seek_index: bool,
+    /// Uncompressed bytes per boot layer chunk: the unit a lazy start fetches
+    /// (4 KiB to 16 MiB; suffixes K and M)
+    #[arg(long, value_name = "BYTES", default_value = "16K", value_parser = parse_size)]
+    pub chunk_size: u32,
+    /// Compression of the boot layer's chunks: zstd or gzip (zstd needs an
+    /// OCI manifest: Docker schema 2 images get gzip)
+    #[arg(long, value_name = "ALG", default_value = "zstd")]
+    pub boot_compression: String,
     /// Platform to pick from a multi-platform image (OS/ARCH[/VARIANT])
     #[arg(long)]
     pub platform: Option<String>,
@@ -69,7 +78,16 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     for e in &a.env {
         anyhow::ensure!(e.contains('='), "--env {e:?}: expected K=V");
     }
+    let compression = match a.boot_compression.as_str() {
+        "gzip" => ChunkCompression::Gzip,
+        "zstd" => ChunkCompression::Zstd,
+        other => anyhow::bail!("--boot-compression {other}: expected gzip or zstd"),
+    };
     let opts = OptimizeOptions {
+        boot_layout: BootLayout {
+            chunk_size: a.chunk_size,
+            compression,
+        },
         wait: a.wait,
         timeout: Duration::from_secs_f64(a.timeout),
         env: a.env,
@@ -125,7 +143,18 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         human_bytes(rep.boot_file_bytes),
         human_bytes(rep.index_bytes)
     );
-    println!("  traced       {} accesses", rep.trace_events);
+    println!(
+        "  chunks       {} of {} ({}), {} read at start: a lazy start fetches {} first",
+        rep.boot_chunks,
+        human_bytes(u64::from(rep.boot_chunk_size)),
+        rep.boot_compression,
+        rep.boot_start_chunks,
+        human_bytes(rep.boot_start_bytes)
+    );
+    println!(
+        "  traced       {} accesses, {} read ranges",
+        rep.trace_events, rep.trace_reads
+    );
     if rep.verify_missing.is_some() {
         println!("  verified     the workload runs with only the boot layer's content");
     }
@@ -149,4 +178,23 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         (None, None) => {}
     }
     Ok(())
+}
+
+/// `65536`, `64K`, `1M`, within the chunk size bounds.
+fn parse_size(s: &str) -> Result<u32, String> {
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1u64 << 20),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 65536, 64K or 1M"))?;
+    let n = n.saturating_mul(mul);
+    if !(u64::from(MIN_CHUNK_SIZE)..=u64::from(MAX_CHUNK_SIZE)).contains(&n) {
+        return Err(format!(
+            "{s}: a chunk size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
+        ));
+    }
+    Ok(n as u32)
 }

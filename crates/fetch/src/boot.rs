@@ -1,0 +1,808 @@
+//! A chunked boot layer read lazily (index format 4, see
+//! `lazylayer_index::chunks`): the index region first (one Range GET,
+//! checked against the manifest's digest), then the chunks the traced
+//! workload read, in the order it read them, then, once the start has
+//! settled, the rest. Every chunk is checked against its SHA-256 from the
+//! index before it is decompressed; a reader waits only for the chunks that
+//! hold its bytes, for a bounded time.
+//!
+//! A registry that ignores Range answers the first request with the whole
+//! blob: it is then read as one stream, chunk after chunk, and readers wait
+//! for theirs to pass by. Either way, when every chunk is local the blob is
+//! assembled, verified against its digest and stored as an ordinary layer,
+//! so the next start needs no network.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lazylayer_fs::RangedContent;
+use lazylayer_layer::chunked::decompress_piece;
+use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
+use lazylayer_layer::index::{BootIndex, INDEX_FILE_NAME};
+use lazylayer_layer::Compression;
+use lazylayer_oci::{BodyStream, Digest, RegistryClient, Repository};
+use lazylayer_store::{LayerRef, LocalBlob, NoEvents, NoProgress, PullOptions, Store};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::FetchError;
+
+/// Largest index region accepted (compressed and decompressed): far above
+/// any real index (a 100k-path image's is a few MB), small enough to hold.
+const MAX_REGION: u64 = 256 << 20;
+/// Compressed bytes asked for in one Range GET at start (adjacent chunks
+/// are coalesced up to this), and by the background fetch of the rest.
+const START_REQUEST: u64 = 512 << 10;
+const REST_REQUEST: u64 = 4 << 20;
+/// Range GETs of the start list and the prefetch in flight at once (a
+/// reader's request never waits for one).
+const IN_FLIGHT: usize = 2;
+/// Tries of one range before its chunks count as failed.
+const TRIES: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChunkState {
+    Absent,
+    Fetching,
+    Present,
+    Failed(String),
+}
+
+struct State {
+    chunks: Vec<ChunkState>,
+    /// The registry ignored Range: the whole blob streams in, in order.
+    streaming: bool,
+    /// The whole blob is verified and in the store as a layer.
+    stored: bool,
+    ingesting: bool,
+    rest_started: bool,
+}
+
+struct Inner {
+    image: String,
+    client: Arc<RegistryClient>,
+    repo: Repository,
+    layer: LayerRef,
+    store: Store,
+    pull: PullOptions,
+    region_len: u64,
+    content: BootContent,
+    /// Chunk starts relative to the content's start, and the end.
+    offsets: Vec<u64>,
+    dir: PathBuf,
+    /// The uncompressed content tar, filled chunk by chunk (sparse).
+    cache: File,
+    /// The compressed blob, filled range by range (sparse): stored as a
+    /// layer once complete.
+    blob: File,
+    state: Mutex<State>,
+    changed: Condvar,
+    read_timeout: Duration,
+    rt: tokio::runtime::Handle,
+    fetched: AtomicU64,
+    cancelled: AtomicBool,
+    slots: Arc<Semaphore>,
+}
+
+/// The content of a chunked boot layer, fetched by ranges. Cheap to clone.
+#[derive(Clone)]
+pub struct BootChunks {
+    inner: Arc<Inner>,
+}
+
+fn bad(image: &str, reason: impl Into<String>) -> FetchError {
+    FetchError::BadImage {
+        image: image.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// What [`BootChunks::open`] needs to know of the image.
+pub(crate) struct ChunkedBoot<'a> {
+    pub image: &'a str,
+    pub client: Arc<RegistryClient>,
+    pub repo: Repository,
+    pub layer: &'a LayerRef,
+    pub region_len: u64,
+    pub region_digest: &'a Digest,
+    pub read_timeout: Duration,
+    pub pull: PullOptions,
+}
+
+impl BootChunks {
+    /// Fetch and check the index region, decode the index, and start
+    /// fetching the chunks the trace read. Returns once the index is in.
+    pub(crate) async fn open(
+        store: &Store,
+        b: ChunkedBoot<'_>,
+    ) -> Result<(BootIndex, BootChunks), FetchError> {
+        let image = b.image;
+        let compression = match Compression::from_media_type(&b.layer.media_type) {
+            Some(Compression::Gzip) => ChunkCompression::Gzip,
+            Some(Compression::Zstd) => ChunkCompression::Zstd,
+            _ => {
+                return Err(bad(
+                    image,
+                    format!(
+                        "boot layer media type {} is not chunkable",
+                        b.layer.media_type
+                    ),
+                ))
+            }
+        };
+        if b.region_len == 0 || b.region_len > b.layer.size.min(MAX_REGION) {
+            return Err(bad(
+                image,
+                format!(
+                    "index region of {} bytes in a boot layer of {}",
+                    b.region_len, b.layer.size
+                ),
+            ));
+        }
+        let (ranged, mut body) = b
+            .client
+            .blob_range_stream(&b.repo, &b.layer.digest, 0, b.region_len)
+            .await?;
+        let mut got = Vec::with_capacity(b.region_len as usize);
+        while (got.len() as u64) < b.region_len {
+            match body.next().await {
+                Some(c) => got.extend_from_slice(&c?),
+                None => {
+                    return Err(bad(
+                        image,
+                        format!(
+                            "the registry sent {} of the index region's {} bytes",
+                            got.len(),
+                            b.region_len
+                        ),
+                    ))
+                }
+            }
+        }
+        let leftover = Bytes::from(got.split_off(b.region_len as usize));
+        let region = got;
+        let actual = Digest::sha256_of(&region);
+        if actual != *b.region_digest {
+            return Err(bad(
+                image,
+                format!(
+                    "the boot index region is {actual}, the manifest says {}: refusing it",
+                    b.region_digest
+                ),
+            ));
+        }
+        let index = decode_region(image, &region, compression)?;
+        let content = index
+            .boot
+            .clone()
+            .ok_or_else(|| bad(image, "the boot index has no chunk table"))?;
+        if content.compression != compression {
+            return Err(bad(
+                image,
+                "the chunk table and the layer's media type disagree on compression",
+            ));
+        }
+        if b.region_len + content.compressed_len() != b.layer.size {
+            return Err(bad(
+                image,
+                format!(
+                    "index region ({}) and chunks ({}) do not add up to the boot layer's {} bytes",
+                    b.region_len,
+                    content.compressed_len(),
+                    b.layer.size
+                ),
+            ));
+        }
+        let dir = cache_dir(store)?;
+        let io = |what: &str, p: &Path| {
+            let (what, p) = (what.to_string(), p.to_path_buf());
+            move |source| FetchError::Io {
+                what,
+                path: p,
+                source,
+            }
+        };
+        let cache_path = dir.join("content");
+        let cache = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&cache_path)
+            .map_err(io("creating the boot content cache", &cache_path))?;
+        cache
+            .set_len(content.content_len)
+            .map_err(io("sizing the boot content cache", &cache_path))?;
+        let blob_path = dir.join("blob");
+        let blob = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&blob_path)
+            .map_err(io("creating the boot blob", &blob_path))?;
+        blob.write_all_at(&region, 0)
+            .map_err(io("writing the boot blob", &blob_path))?;
+        let n = content.chunks.len();
+        let offsets = content.chunk_offsets();
+        let chunks = BootChunks {
+            inner: Arc::new(Inner {
+                image: image.to_string(),
+                client: b.client,
+                repo: b.repo,
+                layer: b.layer.clone(),
+                store: store.clone(),
+                pull: b.pull,
+                region_len: b.region_len,
+                content,
+                offsets,
+                dir,
+                cache,
+                blob,
+                state: Mutex::new(State {
+                    chunks: vec![ChunkState::Absent; n],
+                    streaming: !ranged,
+                    stored: false,
+                    ingesting: false,
+                    rest_started: false,
+                }),
+                changed: Condvar::new(),
+                read_timeout: b.read_timeout,
+                rt: tokio::runtime::Handle::current(),
+                fetched: AtomicU64::new(region.len() as u64 + leftover.len() as u64),
+                cancelled: AtomicBool::new(false),
+                slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+            }),
+        };
+        if ranged {
+            drop(body);
+            let me = chunks.clone();
+            chunks.inner.rt.spawn(async move { me.fetch_start().await });
+        } else {
+            tracing::info!(
+                image,
+                "the registry ignored Range: streaming the whole boot layer"
+            );
+            let me = chunks.clone();
+            chunks
+                .inner
+                .rt
+                .spawn(async move { me.stream_all(leftover, body).await });
+        }
+        Ok((index, chunks))
+    }
+
+    /// The content for entry `idx` (an in-boot regular file), if it has any.
+    pub(crate) fn file(&self, idx: u32, size: u64) -> Option<Arc<dyn RangedContent>> {
+        let start = self.inner.content.file_offset(idx)?;
+        Some(Arc::new(BootFile {
+            chunks: self.clone(),
+            start,
+            size,
+        }))
+    }
+
+    /// Compressed bytes received from the registry.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.inner.fetched.load(Ordering::Relaxed)
+    }
+
+    /// True once the whole boot layer is verified and stored as a layer.
+    pub fn stored(&self) -> bool {
+        self.inner.state.lock().unwrap().stored
+    }
+
+    /// True when a chunk failed for good (the image cannot complete).
+    pub fn failed(&self) -> bool {
+        let s = self.inner.state.lock().unwrap();
+        s.chunks.iter().any(|c| matches!(c, ChunkState::Failed(_)))
+    }
+
+    /// Stop fetching (the image's last user is gone). Readers still waiting
+    /// get an error.
+    pub fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        self.inner.slots.close();
+        self.inner.changed.notify_all();
+    }
+
+    /// Fetch every chunk not yet local, in order, in the background; then
+    /// store the whole layer. Idempotent.
+    pub fn start_rest(&self) {
+        {
+            let mut s = self.inner.state.lock().unwrap();
+            if s.rest_started || s.streaming {
+                return;
+            }
+            s.rest_started = true;
+        }
+        let me = self.clone();
+        self.inner.rt.spawn(async move {
+            let all: Vec<u32> = (0..me.inner.content.chunks.len() as u32).collect();
+            me.fetch_list(&all, REST_REQUEST).await;
+        });
+    }
+
+    async fn fetch_start(&self) {
+        let start = self.inner.content.start.clone();
+        self.fetch_list(&start, START_REQUEST).await;
+    }
+
+    /// Fetch the chunks of `list` that are absent, in its order, adjacent
+    /// ones coalesced into Range GETs of up to `max` bytes, [`IN_FLIGHT`] at
+    /// a time.
+    async fn fetch_list(&self, list: &[u32], max: u64) {
+        let mut i = 0;
+        while i < list.len() {
+            if self.inner.cancelled.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
+                return;
+            };
+            // The run: list[i], list[i]+1, ... while they follow in the list
+            // and are absent, up to `max` bytes.
+            let run = {
+                let mut s = self.inner.state.lock().unwrap();
+                let first = list[i];
+                i += 1;
+                if s.chunks[first as usize] != ChunkState::Absent {
+                    continue;
+                }
+                let mut end = first + 1;
+                while i < list.len()
+                    && list[i] == end
+                    && s.chunks[end as usize] == ChunkState::Absent
+                    && self.inner.offsets[end as usize + 1] - self.inner.offsets[first as usize]
+                        <= max
+                {
+                    end += 1;
+                    i += 1;
+                }
+                for c in first..end {
+                    s.chunks[c as usize] = ChunkState::Fetching;
+                }
+                first..end
+            };
+            let me = self.clone();
+            self.inner.rt.spawn(async move {
+                me.fetch_range(run).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Mark the absent chunks of `range` as fetching and fetch them at once
+    /// (a reader waits for them), one Range GET per run.
+    fn demand(&self, range: std::ops::Range<u32>) {
+        if self.inner.cancelled.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut runs = Vec::new();
+        {
+            let mut s = self.inner.state.lock().unwrap();
+            if s.streaming {
+                // They pass by in the stream; a second copy would only compete with it.
+                return;
+            }
+            let mut c = range.start;
+            while c < range.end {
+                if s.chunks[c as usize] != ChunkState::Absent {
+                    c += 1;
+                    continue;
+                }
+                let first = c;
+                while c < range.end && s.chunks[c as usize] == ChunkState::Absent {
+                    s.chunks[c as usize] = ChunkState::Fetching;
+                    c += 1;
+                }
+                runs.push(first..c);
+            }
+        }
+        for run in runs {
+            let me = self.clone();
+            self.inner
+                .rt
+                .spawn(async move { me.fetch_range(run).await });
+        }
+    }
+
+    /// One Range GET for chunks `run` (adjacent), retried; each chunk checked
+    /// and stored as it is cut from the response.
+    async fn fetch_range(&self, run: std::ops::Range<u32>) {
+        let inner = &self.inner;
+        let from = inner.region_len + inner.offsets[run.start as usize];
+        let len = inner.offsets[run.end as usize] - inner.offsets[run.start as usize];
+        let mut last_err = String::new();
+        for attempt in 0..TRIES {
+            if inner.cancelled.load(Ordering::SeqCst) {
+                break;
+            }
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            }
+            match inner
+                .client
+                .get_blob_range(&inner.repo, &inner.layer.digest, from, len)
+                .await
+            {
+                Ok(bytes) => {
+                    inner
+                        .fetched
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    for c in run.clone() {
+                        let a = (inner.offsets[c as usize] - inner.offsets[run.start as usize])
+                            as usize;
+                        let b = (inner.offsets[c as usize + 1] - inner.offsets[run.start as usize])
+                            as usize;
+                        self.accept(c, &bytes[a..b]);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    last_err = e.to_string();
+                    tracing::debug!(image = %inner.image, chunks = ?run, attempt, error = %last_err, "boot chunk fetch failed");
+                }
+            }
+        }
+        let mut s = inner.state.lock().unwrap();
+        for c in run.clone() {
+            if s.chunks[c as usize] == ChunkState::Fetching {
+                s.chunks[c as usize] = if inner.cancelled.load(Ordering::SeqCst) {
+                    ChunkState::Absent
+                } else {
+                    ChunkState::Failed(format!(
+                        "boot layer {} chunk {c}: {last_err}",
+                        inner.layer.digest
+                    ))
+                };
+            }
+        }
+        drop(s);
+        if !inner.cancelled.load(Ordering::SeqCst) {
+            tracing::error!(image = %inner.image, chunks = ?run, error = %last_err, "boot chunks could not be fetched");
+        }
+        inner.changed.notify_all();
+    }
+
+    /// The whole blob as one stream (the registry ignored Range): cut it
+    /// into chunks as it passes.
+    async fn stream_all(&self, mut pending: Bytes, mut body: BodyStream) {
+        let inner = &self.inner;
+        let mut buf: Vec<u8> = Vec::new();
+        for c in 0..inner.content.chunks.len() as u32 {
+            let need = (inner.offsets[c as usize + 1] - inner.offsets[c as usize]) as usize;
+            while buf.len() < need {
+                if !pending.is_empty() {
+                    buf.extend_from_slice(&pending);
+                    pending = Bytes::new();
+                    continue;
+                }
+                if inner.cancelled.load(Ordering::SeqCst) {
+                    return;
+                }
+                match body.next().await {
+                    Some(Ok(b)) => {
+                        inner.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        buf.extend_from_slice(&b);
+                    }
+                    other => {
+                        let why = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "the response ended early".into(),
+                        };
+                        tracing::warn!(image = %inner.image, chunk = c, error = %why, "the boot layer stream broke; fetching the rest by ranges");
+                        inner.state.lock().unwrap().streaming = false;
+                        inner.changed.notify_all();
+                        // Readers waiting now ask for their chunks themselves.
+                        self.start_rest();
+                        return;
+                    }
+                }
+            }
+            let rest = buf.split_off(need);
+            let present = inner.state.lock().unwrap().chunks[c as usize] == ChunkState::Present;
+            if !present {
+                self.accept(c, &buf);
+            }
+            buf = rest;
+        }
+        inner.state.lock().unwrap().streaming = false;
+        inner.changed.notify_all();
+    }
+
+    /// Check chunk `c`'s compressed bytes, decompress them into the cache,
+    /// keep them for the blob, and wake its readers.
+    fn accept(&self, c: u32, compressed: &[u8]) {
+        let inner = &self.inner;
+        let meta = &inner.content.chunks[c as usize];
+        let result = if Sha256::digest(compressed).as_slice() != meta.sha256 {
+            Err(format!(
+                "chunk {c} of boot layer {} does not match its digest in the index: the registry sent other bytes",
+                inner.layer.digest
+            ))
+        } else {
+            decompress_piece(
+                compressed,
+                inner.content.compression,
+                inner.content.chunk_len(c) as usize,
+            )
+            .map_err(|e| format!("chunk {c} of boot layer {}: {e}", inner.layer.digest))
+            .and_then(|data| {
+                inner
+                    .cache
+                    .write_all_at(&data, u64::from(c) * u64::from(inner.content.chunk_size))
+                    .and_then(|_| {
+                        inner
+                            .blob
+                            .write_all_at(compressed, inner.region_len + inner.offsets[c as usize])
+                    })
+                    .map_err(|e| format!("writing boot chunk {c} in {}: {e}", inner.dir.display()))
+            })
+        };
+        let mut s = inner.state.lock().unwrap();
+        let complete = match result {
+            Ok(()) => {
+                s.chunks[c as usize] = ChunkState::Present;
+                let done = s.chunks.iter().all(|x| *x == ChunkState::Present);
+                let go = done && !s.ingesting && !s.stored;
+                if go {
+                    s.ingesting = true;
+                }
+                go
+            }
+            Err(msg) => {
+                tracing::error!(image = %inner.image, error = %msg, "boot chunk refused");
+                s.chunks[c as usize] = ChunkState::Failed(msg);
+                false
+            }
+        };
+        drop(s);
+        inner.changed.notify_all();
+        if complete {
+            let me = self.clone();
+            inner.rt.spawn(async move { me.ingest().await });
+        }
+    }
+
+    /// Every chunk is local: store the assembled blob as a layer (verified
+    /// against its digest on the way), so the next start is offline.
+    async fn ingest(&self) {
+        let inner = &self.inner;
+        let src = LocalBlob {
+            path: inner.dir.join("blob"),
+        };
+        let r = inner
+            .store
+            .ensure_layer(
+                &src,
+                &inner.layer,
+                &inner.pull,
+                Arc::new(NoProgress),
+                Arc::new(NoEvents),
+            )
+            .await;
+        let mut s = inner.state.lock().unwrap();
+        s.ingesting = false;
+        match r {
+            Ok(_) => {
+                s.stored = true;
+                tracing::info!(image = %inner.image, "boot layer complete and stored");
+            }
+            Err(e) => {
+                tracing::warn!(image = %inner.image, error = %e, "storing the assembled boot layer");
+            }
+        }
+        drop(s);
+        inner.changed.notify_all();
+    }
+
+    /// Read `buf.len()` content bytes at `off` if every chunk is local;
+    /// `None` (and the missing chunks asked for) otherwise.
+    fn try_read(&self, off: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let range = self.inner.content.chunks_covering(off, buf.len() as u64);
+        let verdict = {
+            let s = self.inner.state.lock().unwrap();
+            verdict(&s, range.clone())
+        };
+        match verdict {
+            Some(Ok(())) => Some(self.inner.cache.read_exact_at(buf, off)),
+            Some(Err(e)) => Some(Err(e)),
+            None => {
+                self.demand(range);
+                None
+            }
+        }
+    }
+
+    /// Read, waiting (at most the read timeout) for the chunks.
+    fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let inner = &self.inner;
+        let range = inner.content.chunks_covering(off, buf.len() as u64);
+        self.demand(range.clone());
+        let deadline = Instant::now() + inner.read_timeout;
+        let mut s = inner.state.lock().unwrap();
+        loop {
+            if let Some(v) = verdict(&s, range.clone()) {
+                drop(s);
+                v?;
+                return inner.cache.read_exact_at(buf, off);
+            }
+            if inner.cancelled.load(Ordering::SeqCst) {
+                return Err(io::Error::other("boot layer fetch cancelled"));
+            }
+            // The stream broke meanwhile: ask for the chunks ourselves.
+            if !s.streaming
+                && range
+                    .clone()
+                    .any(|c| s.chunks[c as usize] == ChunkState::Absent)
+            {
+                drop(s);
+                self.demand(range.clone());
+                s = inner.state.lock().unwrap();
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "waited {:?} for chunks {range:?} of boot layer {}",
+                        inner.read_timeout, inner.layer.digest
+                    ),
+                ));
+            }
+            s = inner.changed.wait_timeout(s, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// Whether chunks `range` can be read: all present (Ok), one failed (the
+/// error; InvalidData so the file system logs it as bad content), or not yet.
+fn verdict(s: &State, range: std::ops::Range<u32>) -> Option<io::Result<()>> {
+    let mut all = true;
+    for c in range {
+        match &s.chunks[c as usize] {
+            ChunkState::Present => {}
+            ChunkState::Failed(m) => {
+                return Some(Err(io::Error::new(io::ErrorKind::InvalidData, m.clone())))
+            }
+            _ => all = false,
+        }
+    }
+    all.then_some(Ok(()))
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::debug!(dir = %self.dir.display(), error = %e, "removing the boot chunk cache");
+        }
+    }
+}
+
+/// Remove the chunk caches of processes that are gone (killed before they
+/// could clean up): `<store root>/chunks/<pid>-N` whose pid is not running.
+pub fn reap_chunk_caches(store_root: &Path) {
+    let Ok(rd) = std::fs::read_dir(store_root.join("chunks")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => {
+                    tracing::debug!(dir = %e.path().display(), "removed the chunk cache of a process that is gone")
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "removing a stale chunk cache")
+                }
+            }
+        }
+    }
+}
+
+/// A private directory for one image's chunk cache: `<store>/chunks/<pid>-N`.
+/// Stale ones are removed on the way.
+fn cache_dir(store: &Store) -> Result<PathBuf, FetchError> {
+    let base = store.root().join("chunks");
+    lazylayer_store::create_private_dir(&base).map_err(|source| FetchError::Io {
+        what: "creating the chunk cache directory".into(),
+        path: base.clone(),
+        source,
+    })?;
+    reap_chunk_caches(store.root());
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = base.join(format!(
+        "{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    lazylayer_store::create_private_dir(&dir).map_err(|source| FetchError::Io {
+        what: "creating the chunk cache directory".into(),
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
+/// The index region: one tar entry, the index file, compressed as one piece.
+fn decode_region(image: &str, region: &[u8], c: ChunkCompression) -> Result<BootIndex, FetchError> {
+    let tar = lazylayer_layer::chunked::decompress_bounded(region, c, MAX_REGION)
+        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    let mut a = tar::Archive::new(&tar[..]);
+    let mut entries = a
+        .entries()
+        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    let mut e = entries
+        .next()
+        .ok_or_else(|| bad(image, "the boot index region holds no entry"))?
+        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    if &*e.path_bytes() != INDEX_FILE_NAME.as_bytes()
+        || e.header().entry_type() != tar::EntryType::Regular
+    {
+        return Err(bad(
+            image,
+            format!(
+                "the boot index region holds {}, not the index",
+                String::from_utf8_lossy(&e.path_bytes())
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    e.read_to_end(&mut bytes)
+        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
+        image: image.to_string(),
+        source,
+    })
+}
+
+/// One boot file's bytes: `size` bytes at `start` of the content tar.
+struct BootFile {
+    chunks: BootChunks,
+    start: u64,
+    size: u64,
+}
+
+impl BootFile {
+    fn clamp(&self, buf_len: usize, offset: u64) -> io::Result<()> {
+        if offset.saturating_add(buf_len as u64) > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read past the file's end",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RangedContent for BootFile {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = self.clamp(buf.len(), offset) {
+            return Some(Err(e));
+        }
+        if buf.is_empty() {
+            return Some(Ok(()));
+        }
+        self.chunks.try_read(self.start + offset, buf)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.clamp(buf.len(), offset)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.chunks.read(self.start + offset, buf)
+    }
+}
