@@ -12,9 +12,13 @@ use common::proxy::CuttingProxy;
 use common::*;
 
 /// Optimize `name` from `reg` into `optimized/NAME:boot` (store of its own);
-/// returns (src, dst, layer digests of SRC bottom first).
+/// returns (src, dst, layer digests of SRC bottom first). Without seek
+/// indexes: these tests count whole-layer fetches (one per layer, shared,
+/// resumed, cut); ranged reads through seek indexes are tests/seek.rs'.
 fn optimized(reg: &Registry, name: &str, cmd: &[&str]) -> (String, String, Vec<String>) {
-    let (store, src, dst) = optimize_image(reg, name, cmd);
+    let mut extra = vec!["--no-seek-index"];
+    extra.extend_from_slice(cmd);
+    let (store, src, dst) = optimize_image(reg, name, &extra);
     let (_, layers) = layer_digests(store.path(), &src);
     (src, dst, layers)
 }

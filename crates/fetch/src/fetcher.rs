@@ -403,6 +403,48 @@ impl LayerFetcher {
         Some(open_beneath(&dir, path))
     }
 
+    /// Whether layer `i` is in the store, or streaming with `path` landed
+    /// (then the whole-layer path serves it at once).
+    pub(crate) fn local_or_landed(&self, i: usize, path: &[u8]) -> bool {
+        let s = self.inner.slots.lock().unwrap();
+        s.get(i)
+            .is_some_and(|slot| slot.state == LayerState::Done || slot.ready.contains(path))
+    }
+
+    /// The file when layer `i` is in the store, without starting any fetch.
+    pub(crate) fn try_open_stored(&self, i: usize, path: &[u8]) -> Option<io::Result<File>> {
+        let s = self.inner.slots.lock().unwrap();
+        let slot = s.get(i).filter(|s| s.state == LayerState::Done)?;
+        let dir = self.inner.store.layer_fs_path(&slot.layer.digest);
+        drop(s);
+        Some(open_beneath(&dir, path))
+    }
+
+    pub(crate) fn layer(&self, i: usize) -> Option<LayerRef> {
+        self.inner
+            .slots
+            .lock()
+            .unwrap()
+            .get(i)
+            .map(|s| s.layer.clone())
+    }
+
+    /// Bytes of layer `i` read some other way than its fetch (seek indexes,
+    /// ranges): counted in `status` and `bytes_fetched` all the same.
+    pub(crate) fn count_fetched(&self, i: usize, n: u64) {
+        if let Some(f) = self.inner.fetched.get(i) {
+            f.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn runtime(&self) -> tokio::runtime::Handle {
+        self.inner.rt.clone()
+    }
+
     /// Blocks until `decide` answers for the current slots (re-asked after
     /// every change) or `deadline` passes (None).
     fn wait_for<T>(

@@ -17,6 +17,7 @@ use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs
 
 use crate::boot::{BootChunks, ChunkedBoot};
 use crate::fetcher::{FetchOptions, LayerFetcher};
+use crate::span::{Quick, SpanReader};
 use crate::FetchError;
 
 /// Where the boot layer's file content is read from.
@@ -253,9 +254,19 @@ impl LazyImage {
         fetcher: &LayerFetcher,
         opts: FsOptions,
     ) -> LazyFs<LazySource> {
+        // Everything local: nothing to read by range.
+        let spans = (!self.offline).then(|| {
+            Arc::new(SpanReader::new(
+                self.client.clone(),
+                self.reference.clone(),
+                self.record.manifest_digest.clone(),
+                fetcher.clone(),
+            ))
+        });
         let source = LazySource {
             fetcher: fetcher.clone(),
             boot: self.boot.clone(),
+            spans,
         };
         LazyFs::new(self.index.clone(), source, None, opts)
     }
@@ -325,6 +336,8 @@ pub fn boot_layer_digest(
 pub struct LazySource {
     fetcher: LayerFetcher,
     boot: BootContentSource,
+    /// Untraced files by range through the image's seek indexes, if any.
+    spans: Option<Arc<SpanReader>>,
 }
 
 impl ContentSource for LazySource {
@@ -338,6 +351,9 @@ impl ContentSource for LazySource {
                     String::from_utf8_lossy(&entry.path)
                 ))),
             };
+        }
+        if let Some(f) = self.spans.as_ref().and_then(|s| s.open(entry)) {
+            return Ok(f);
         }
         self.fetcher
             .open_file(entry.layer as usize, &entry.path, entry.digest.as_ref())
@@ -357,6 +373,18 @@ impl ContentSource for LazySource {
     fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
         if entry.in_boot {
             return Some(self.open(idx, entry));
+        }
+        if let Some(spans) = &self.spans {
+            match spans.try_open(entry) {
+                Quick::Ready(r) => return Some(r),
+                // Not the layer's fetch: the range may make it needless.
+                Quick::NeedsFetch => {
+                    return self
+                        .fetcher
+                        .try_open_stored(entry.layer as usize, &entry.path)
+                }
+                Quick::NotMine => {}
+            }
         }
         self.fetcher
             .try_open_file(entry.layer as usize, &entry.path)

@@ -19,12 +19,14 @@ mod fetcher;
 mod image_root;
 mod lazy;
 mod root;
+mod span;
 
 pub use boot::{reap_chunk_caches, BootChunks};
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use image_root::ImageRoot;
 pub use lazy::{LazyImage, LazySource, OpenError};
 pub use root::{LazyRoot, MountOptions, RootProgress};
+pub use span::MAX_SPAN_FILE;
 
 /// Background prefetch of a lazily started container waits until its start
 /// has settled: file-system requests stopped for this long...

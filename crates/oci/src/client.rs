@@ -1028,6 +1028,76 @@ impl RegistryClient {
         Ok((ranged, Box::pin(body)))
     }
 
+    /// `len` bytes of a blob from `start` for callers that want the range or
+    /// nothing: `None` when the registry ignores Range (answers 200), whose
+    /// body is then not read. The bytes are not verified here.
+    pub async fn get_blob_range_only(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        start: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>> {
+        let what = format!("bytes {start}+{len} of blob {digest} of {repo}");
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        let (ranged, mut body) = self.blob_range_stream(repo, digest, start, len).await?;
+        if !ranged {
+            // Dropped unread: the connection closes, the blob is not sent.
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        while let Some(c) = body.next().await {
+            let c = c?;
+            if out.len() as u64 + c.len() as u64 > len {
+                return Err(OciError::TooLarge {
+                    what,
+                    size: out.len() as u64 + c.len() as u64,
+                    limit: len,
+                });
+            }
+            out.extend_from_slice(&c);
+        }
+        if out.len() as u64 != len {
+            return Err(OciError::SizeMismatch {
+                what,
+                expected: len,
+                actual: out.len() as u64,
+            });
+        }
+        Ok(Some(Bytes::from(out)))
+    }
+
+    /// The referrers of `subject` of type `artifact_type` (an OCI image
+    /// index, its bytes), or `None` when the registry has no referrers API
+    /// (404, or any other answer but 200: callers then try the tag schema).
+    pub async fn get_referrers(
+        &self,
+        repo: &Repository,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>> {
+        let what = format!("referrers of {subject} in {repo}");
+        let mut url =
+            url::Url::parse(&self.url(repo, &format!("referrers/{subject}"))).expect("valid URL");
+        url.query_pairs_mut()
+            .append_pair("artifactType", artifact_type);
+        let resp = self
+            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
+                c.get(url.clone())
+                    .header(ACCEPT, "application/vnd.oci.image.index.v1+json")
+            })
+            .await?;
+        if resp.status() != StatusCode::OK {
+            tracing::debug!(%what, status = %resp.status(), "no referrers API");
+            return Ok(None);
+        }
+        Self::read_limited(&what, &repo.registry, resp, MAX_MANIFEST_BYTES)
+            .await
+            .map(Some)
+    }
+
     /// Size of a blob if the repository has it.
     pub async fn blob_exists(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
         let what = format!("blob {digest} of {repo}");

@@ -6,11 +6,14 @@
 //!    trace mode under a writable overlayfs, until a readiness condition;
 //! 4. copy what the workload touched, from the merged view, into a boot layer
 //!    whose last entry is the index;
-//! 5. push DST = SRC's layers (mounted, never re-uploaded) + the boot layer.
+//! 5. push DST = SRC's layers (mounted, never re-uploaded) + the boot layer;
+//! 6. push a seek index of each of SRC's gzip layers, as an artifact
+//!    referring to DST (docs/seek-index.md).
 
 mod bootlayer;
 mod image;
 mod push;
+mod seek;
 mod select;
 mod workload;
 
@@ -31,6 +34,7 @@ pub use image::{
     ANNOTATION_VERSION,
 };
 pub use push::{push_optimized, BootBlob, PushReport};
+pub use seek::{push_seek_indexes, SeekReport};
 pub use select::select_boot_entries;
 pub use workload::{run_workload, CancelHandle, Workload, WorkloadOutcome};
 
@@ -56,6 +60,12 @@ pub enum OptimizeError {
         what: String,
         #[source]
         source: lazylayer_layer::LayerError,
+    },
+    #[error("building the seek index of layer {layer}")]
+    Seek {
+        layer: String,
+        #[source]
+        source: lazylayer_seek::SeekError,
     },
     #[error("indexing the image")]
     Index(#[from] lazylayer_layer::index::IndexError),
@@ -93,6 +103,9 @@ pub struct OptimizeOptions {
     /// After building, run the workload again with content served only from
     /// the boot layer, and fail if it needed anything else.
     pub verify: bool,
+    /// After DST, push seek indexes of SRC's gzip layers (an artifact
+    /// referring to DST) so that `run` reads untraced files by range.
+    pub seek_index: bool,
     pub pull: PullOptions,
     /// Chunk size and compression of the boot layer.
     pub boot_layout: BootLayout,
@@ -137,6 +150,13 @@ pub struct OptimizeReport {
     pub seconds_build: f64,
     pub seconds_push: f64,
     pub push: PushReport,
+    /// Encoded bytes of the seek indexes pushed (0 without them).
+    pub seek_index_bytes: u64,
+    /// The seek-index artifact's manifest, when pushed.
+    pub seek_manifest_digest: Option<String>,
+    /// Why the seek indexes are missing, when building or pushing them
+    /// failed (DST is pushed and fine: runs fetch whole layers).
+    pub seek_index_error: Option<String>,
 }
 
 /// Called with a short line at each phase, for progress output.
@@ -343,6 +363,32 @@ pub async fn optimize(
         size: boot.digests.size,
     };
     let push = push_optimized(client, store, src, &rec, dst, &blob, &image).await?;
+    // DST is complete and pushed: a failure from here on costs only the
+    // ranged reads, so it is reported, not fatal.
+    let (mut seek_index_bytes, mut seek_manifest_digest, mut seek_index_error) = (0, None, None);
+    if opts.seek_index {
+        phase("pushing seek indexes of the source layers");
+        match push_seek_indexes(
+            client,
+            store,
+            &rec.layers,
+            dst,
+            &image.manifest,
+            &image.media_type,
+        )
+        .await
+        {
+            Ok(r) => {
+                seek_index_bytes = r.index_bytes;
+                seek_manifest_digest = (!r.manifest_digest.is_empty()).then_some(r.manifest_digest);
+            }
+            Err(e) => {
+                let msg = error_chain(&e);
+                tracing::warn!(image = %dst, error = %msg, "seek indexes not pushed: runs of this image will fetch whole layers for untraced files");
+                seek_index_error = Some(msg);
+            }
+        }
+    }
     let seconds_push = t.elapsed().as_secs_f64();
 
     let image_size = rec.total_size();
@@ -377,7 +423,22 @@ pub async fn optimize(
         seconds_build,
         seconds_push,
         push,
+        seek_index_bytes,
+        seek_manifest_digest,
+        seek_index_error,
     })
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }
 
 /// A workload that fails is not a basis for a boot layer: say so clearly.

@@ -10,6 +10,8 @@
 //! locks/                        flock files: one per layer, one for the store
 //! pins/<name>.json              content live processes use without an image record
 //! tmp/                          work in progress; renamed into place when verified
+//! files/sha256/<hex>            single files read by range from a layer not fetched
+//!                               whole (seek indexes), keyed by their content's SHA-256
 //! partial/sha256/<hex>          the received prefix of a cut layer download, resumed
 //!                               by the next fetch of that layer (which holds its lock)
 //! ```
@@ -99,6 +101,8 @@ pub struct PruneReport {
     pub tmp_removed: u64,
     /// Prefixes of cut layer downloads.
     pub partials_removed: u64,
+    /// Single files read by range (a cache: kept while any lazy root runs).
+    pub files_removed: u64,
     pub bytes_freed: u64,
 }
 
@@ -170,6 +174,37 @@ impl Store {
             source: e.error,
         })?;
         Ok(())
+    }
+
+    /// Where a single file read by range is kept, by its content's digest.
+    pub fn file_path(&self, d: &Digest) -> PathBuf {
+        self.root
+            .join("files")
+            .join(d.algorithm().as_str())
+            .join(d.hex())
+    }
+
+    /// Keep one file's content (read by range from a layer not fetched
+    /// whole) after checking it hashes to `d`; returns its path. Private
+    /// directories, and a temp file renamed into place, as for blobs.
+    pub fn put_file(&self, d: &Digest, data: &[u8]) -> Result<PathBuf> {
+        d.verify(&format!("file content {d}"), data)?;
+        let dest = self.file_path(d);
+        if dest.is_file() {
+            return Ok(dest);
+        }
+        let dir = dest.parent().expect("file paths have a parent");
+        create_private_dir(dir).map_err(io_err("creating the files directory", dir))?;
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .map_err(io_err("creating temp file", &self.root))?;
+        std::fs::write(tmp.path(), data)
+            .map_err(io_err(format!("writing file content {d}"), tmp.path()))?;
+        tmp.persist(&dest).map_err(|e| StoreError::Io {
+            what: format!("storing file content {d}"),
+            path: dest.clone(),
+            source: e.error,
+        })?;
+        Ok(dest)
     }
 
     fn layer_base(&self, d: &Digest) -> PathBuf {
@@ -285,6 +320,7 @@ impl Store {
     pub fn prune(&self) -> Result<PruneReport> {
         let _lock = FileLock::exclusive(&self.lock_path("store.lock"))?;
         let mut keep = self.pinned();
+        let keep_files = !keep.is_empty();
         for img in self.images()? {
             keep.insert(img.manifest_digest.hex().to_string());
             keep.insert(img.config_digest.hex().to_string());
@@ -329,6 +365,19 @@ impl Store {
             };
             r.map_err(io_err("removing leftover", &p))?;
             rep.tmp_removed += 1;
+        }
+        // Files read by range are keyed by content, not by image: kept while
+        // any lazy root is live (it may open them again), removed otherwise.
+        let files = if keep_files {
+            Vec::new()
+        } else {
+            read_dir_or_empty(&self.root.join("files").join("sha256"))?
+        };
+        for e in files {
+            let p = e.path();
+            rep.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(&p).map_err(io_err("removing file content", &p))?;
+            rep.files_removed += 1;
         }
         for alg in ["sha256", "sha512"] {
             for e in read_dir_or_empty(&self.root.join("partial").join(alg))? {

@@ -43,6 +43,11 @@ pub struct Args {
     /// layer (metadata from its index) and fail if it needs anything else
     #[arg(long)]
     pub verify: bool,
+    /// Do not push seek indexes of the source's layers (an extra artifact
+    /// tagged sha256-<DST digest> that lets `run` fetch one untraced file
+    /// by range instead of its whole layer)
+    #[arg(long)]
+    pub no_seek_index: bool,
     /// Uncompressed bytes per boot layer chunk: the unit a lazy start fetches
     /// (4 KiB to 16 MiB; suffixes K and M)
     #[arg(long, value_name = "BYTES", default_value = "8K", value_parser = parse_size)]
@@ -91,6 +96,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         trace_in: a.trace_in,
         trace_out: a.trace_out,
         verify: a.verify,
+        seek_index: !a.no_seek_index,
         pull: PullOptions {
             platform: super::parse_platform(a.platform.as_deref())?,
             ..PullOptions::default()
@@ -163,6 +169,14 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         rep.push.layers_uploaded,
         human_bytes(rep.push.bytes_uploaded)
     );
+    match (&rep.seek_manifest_digest, &rep.seek_index_error) {
+        (Some(d), _) => println!(
+            "  seek index   {} for the source layers ({d})",
+            human_bytes(rep.seek_index_bytes)
+        ),
+        (None, Some(e)) => println!("  seek index   not pushed: {e}"),
+        (None, None) => {}
+    }
     Ok(())
 }
 

@@ -1,0 +1,370 @@
+//! Untraced files read by range: an optimized image's seek indexes (an
+//! artifact `optimize` pushes beside it, docs/seek-index.md) locate a file
+//! inside its original gzip layer, and one ranged GET brings the compressed
+//! span that holds it, instead of the whole layer.
+//!
+//! Every step may fail — no artifact, a registry that ignores Range, a span
+//! that decompresses to other bytes — and each failure only sends the open
+//! back to the whole-layer fetch: bytes are served only when they hash to the
+//! SHA-256 the boot index records for the file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use lazylayer_layer::index::IndexEntry;
+use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_seek::artifact::{
+    referrers_tag, ArtifactManifest, ReferrersIndex, MAX_INDEX_BLOB, OCI_INDEX,
+};
+use lazylayer_seek::{SeekIndex, MEDIA_TYPE};
+use lazylayer_store::{LayerRef, Store};
+
+use crate::fetcher::LayerFetcher;
+
+/// Files larger than this take the whole-layer path: a big file is likely
+/// most of its layer, and its one long read would hold a FUSE open.
+pub const MAX_SPAN_FILE: u64 = 8 << 20;
+
+/// What [`SpanReader::try_open`] can say without any network.
+pub(crate) enum Quick {
+    /// Read by range before: here it is.
+    Ready(io::Result<File>),
+    /// A ranged read is worth a try: open on a thread that may wait.
+    NeedsFetch,
+    /// Not for spans (layer local or landing, no digest, too big, spans off).
+    NotMine,
+}
+
+#[derive(Default)]
+struct State {
+    /// The image's seek-index artifact: None until looked for.
+    artifact: Option<Result<Arc<ArtifactManifest>, ()>>,
+    /// Decoded seek indexes by layer position; None: that layer has none usable.
+    indexes: HashMap<usize, Option<Arc<SeekIndex>>>,
+    /// No more spans for this image (no artifact, or Range ignored).
+    off: bool,
+    /// The last compressed range fetched per layer (start, bytes): files
+    /// side by side in a layer (a package's modules) often share a span.
+    recent: HashMap<usize, (u64, bytes::Bytes)>,
+}
+
+/// One lazily started image's ranged reads. Shared by the FUSE threads.
+pub(crate) struct SpanReader {
+    client: Arc<RegistryClient>,
+    /// The optimized image, pinned to its manifest digest (the artifact's subject).
+    image: Reference,
+    subject: Digest,
+    fetcher: LayerFetcher,
+    store: Store,
+    rt: tokio::runtime::Handle,
+    state: Mutex<State>,
+}
+
+impl SpanReader {
+    pub fn new(
+        client: Arc<RegistryClient>,
+        image: Reference,
+        subject: Digest,
+        fetcher: LayerFetcher,
+    ) -> SpanReader {
+        SpanReader {
+            client,
+            image,
+            subject,
+            store: fetcher.store().clone(),
+            rt: fetcher.runtime(),
+            fetcher,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Whether `entry` is for this reader, and the file if it is at hand.
+    pub fn try_open(&self, entry: &IndexEntry) -> Quick {
+        let Some(digest) = self.candidate(entry) else {
+            return Quick::NotMine;
+        };
+        let path = self.store.file_path(&digest);
+        if path.is_file() {
+            // A damaged copy is not served: the whole-layer path is.
+            return match open_stored(&path, entry.size) {
+                Ok(f) => Quick::Ready(Ok(f)),
+                Err(_) => Quick::NotMine,
+            };
+        }
+        // try_lock: a lookup may hold the lock across the network, and a
+        // FUSE worker must not wait for it; the open's thread will.
+        let Ok(s) = self.state.try_lock() else {
+            return Quick::NeedsFetch;
+        };
+        if s.off || s.indexes.get(&(entry.layer as usize)) == Some(&None) {
+            return Quick::NotMine;
+        }
+        Quick::NeedsFetch
+    }
+
+    /// The file by range, or None (logged) for the whole-layer path.
+    /// Blocking: called on a thread of its own, never in async context.
+    pub fn open(&self, entry: &IndexEntry) -> Option<File> {
+        let digest = self.candidate(entry)?;
+        let stored = self.store.file_path(&digest);
+        if stored.is_file() {
+            return open_stored(&stored, entry.size).ok();
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // block_on would panic inside a runtime: not for this caller.
+            return None;
+        }
+        let i = entry.layer as usize;
+        let index = self.index(i)?;
+        let path = String::from_utf8_lossy(&entry.path).into_owned();
+        let layer = self.fetcher.layer(i)?;
+        match self.read_span(i, &layer, &index, entry, &digest) {
+            Ok(Some(f)) => Some(f),
+            Ok(None) => None,
+            Err(reason) => {
+                tracing::warn!(image = %self.image, layer = %layer.digest, %path, %reason, "ranged read failed; fetching the whole layer");
+                None
+            }
+        }
+    }
+
+    /// The file's digest when a ranged read may serve it.
+    fn candidate(&self, entry: &IndexEntry) -> Option<Digest> {
+        let want = entry.digest?;
+        if entry.size > MAX_SPAN_FILE
+            || self
+                .fetcher
+                .local_or_landed(entry.layer as usize, &entry.path)
+        {
+            return None;
+        }
+        Some(Digest::from_sha256_bytes(want))
+    }
+
+    /// Layer `i`'s seek index, fetched once; None (remembered) without one.
+    fn index(&self, i: usize) -> Option<Arc<SeekIndex>> {
+        let mut s = self.state.lock().unwrap();
+        if s.off {
+            return None;
+        }
+        if let Some(known) = s.indexes.get(&i) {
+            return known.clone();
+        }
+        // Under the lock: concurrent first opens wait for one lookup
+        // instead of each asking the registry.
+        let artifact = match &s.artifact {
+            Some(Ok(a)) => a.clone(),
+            Some(Err(())) => return None,
+            None => match self.rt.block_on(self.find_artifact()) {
+                Ok(a) => {
+                    let a = Arc::new(a);
+                    s.artifact = Some(Ok(a.clone()));
+                    a
+                }
+                Err(reason) => {
+                    tracing::info!(image = %self.image, %reason, "no seek indexes: untraced files come with their whole layer");
+                    s.artifact = Some(Err(()));
+                    s.off = true;
+                    return None;
+                }
+            },
+        };
+        let layer = self.fetcher.layer(i)?;
+        let index = match self.rt.block_on(self.fetch_index(i, &layer, &artifact)) {
+            Ok(idx) => Some(Arc::new(idx)),
+            Err(reason) => {
+                tracing::warn!(image = %self.image, layer = %layer.digest, %reason, "no usable seek index for this layer");
+                None
+            }
+        };
+        s.indexes.insert(i, index.clone());
+        index
+    }
+
+    /// The artifact: referrers API first, then the referrers tag (which the
+    /// artifact itself, or an index listing it, may carry).
+    async fn find_artifact(&self) -> Result<ArtifactManifest, String> {
+        let repo = &self.image.repository;
+        let subject = self.subject.to_string();
+        let found = self
+            .client
+            .get_referrers(repo, &self.subject, MEDIA_TYPE)
+            .await
+            .map_err(|e| format!("referrers API: {e}"))?;
+        if let Some(bytes) = found {
+            let idx: ReferrersIndex = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("referrers answer is not an index: {e}"))?;
+            if let Some(d) = idx
+                .manifests
+                .iter()
+                .find(|d| d.artifact_type.as_deref() == Some(MEDIA_TYPE))
+            {
+                return self.artifact_at(&d.digest, &subject).await;
+            }
+        }
+        let tag = self.image.with_tag(&referrers_tag(&subject));
+        let raw = self
+            .client
+            .get_manifest(&tag)
+            .await
+            .map_err(|e| format!("referrers tag: {e}"))?;
+        if raw.media_type == OCI_INDEX {
+            let idx: ReferrersIndex =
+                serde_json::from_slice(&raw.bytes).map_err(|e| format!("referrers tag: {e}"))?;
+            let d = idx
+                .manifests
+                .iter()
+                .find(|d| d.artifact_type.as_deref() == Some(MEDIA_TYPE))
+                .ok_or("the referrers tag lists no seek-index artifact")?;
+            return self.artifact_at(&d.digest, &subject).await;
+        }
+        ArtifactManifest::parse(&raw.bytes, &subject)
+    }
+
+    async fn artifact_at(&self, digest: &str, subject: &str) -> Result<ArtifactManifest, String> {
+        let d: Digest = digest.parse().map_err(|e| format!("{e}"))?;
+        let raw = self
+            .client
+            .get_manifest(&self.image.with_digest(d))
+            .await
+            .map_err(|e| e.to_string())?;
+        ArtifactManifest::parse(&raw.bytes, subject)
+    }
+
+    async fn fetch_index(
+        &self,
+        i: usize,
+        layer: &LayerRef,
+        artifact: &ArtifactManifest,
+    ) -> Result<SeekIndex, String> {
+        let blob = artifact
+            .index_for(&layer.digest.to_string())
+            .ok_or("the artifact has no seek index for this layer")?;
+        let digest: Digest = blob.digest.parse().map_err(|e| format!("{e}"))?;
+        // Verified against its digest by fetch_blob.
+        let bytes = self
+            .client
+            .fetch_blob(
+                &self.image.repository,
+                &digest,
+                Some(blob.size),
+                MAX_INDEX_BLOB,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.fetcher.count_fetched(i, bytes.len() as u64);
+        let idx = SeekIndex::decode(&bytes).map_err(|e| e.to_string())?;
+        if Digest::from_sha256_bytes(idx.layer_digest) != layer.digest
+            || idx.compressed_size != layer.size
+        {
+            return Err("the seek index describes another blob".into());
+        }
+        Ok(idx)
+    }
+
+    /// One ranged GET, decompress, verify, keep, open. Ok(None): not worth a
+    /// range (the whole-layer path is as good), said at debug level.
+    fn read_span(
+        &self,
+        i: usize,
+        layer: &LayerRef,
+        index: &SeekIndex,
+        entry: &IndexEntry,
+        digest: &Digest,
+    ) -> Result<Option<File>, String> {
+        let f = index
+            .file(&entry.path)
+            .ok_or("the seek index has no such file")?;
+        if f.size != entry.size {
+            return Err(format!(
+                "the seek index says {} bytes, the boot index {}",
+                f.size, entry.size
+            ));
+        }
+        if f.size == 0 {
+            // Nothing to fetch; the SHA-256 check below still applies.
+            return self.keep_and_open(entry, digest, &[]).map(Some);
+        }
+        let plan = index.plan(f.offset, f.size);
+        if plan.compressed_len() > layer.size / 2 {
+            tracing::debug!(layer = %layer.digest, span = plan.compressed_len(), "span is most of the layer: fetching it whole");
+            return Ok(None);
+        }
+        let compressed = match self.recent_span(i, plan.compressed_start, plan.compressed_end) {
+            Some(b) => b,
+            None => {
+                let got = self.rt.block_on(self.client.get_blob_range_only(
+                    &self.image.repository,
+                    &layer.digest,
+                    plan.compressed_start,
+                    plan.compressed_len(),
+                ));
+                let Some(b) = got.map_err(|e| e.to_string())? else {
+                    tracing::info!(image = %self.image, "the registry ignores Range: no more ranged reads for this image");
+                    self.state.lock().unwrap().off = true;
+                    return Ok(None);
+                };
+                self.fetcher.count_fetched(i, b.len() as u64);
+                self.state
+                    .lock()
+                    .unwrap()
+                    .recent
+                    .insert(i, (plan.compressed_start, b.clone()));
+                b
+            }
+        };
+        let data = index
+            .extract(&plan, &compressed, f.offset, f.size)
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(layer = %layer.digest, file = %String::from_utf8_lossy(&entry.path), span = plan.compressed_len(), "file read by range");
+        self.keep_and_open(entry, digest, &data).map(Some)
+    }
+
+    /// Verify `data` against the boot index, keep it in the store, open it.
+    fn keep_and_open(
+        &self,
+        entry: &IndexEntry,
+        digest: &Digest,
+        data: &[u8],
+    ) -> Result<File, String> {
+        if Digest::sha256_of(data) != *digest {
+            return Err("the span's bytes differ from the boot index's SHA-256".into());
+        }
+        let path = self
+            .store
+            .put_file(digest, data)
+            .map_err(|e| e.to_string())?;
+        open_stored(&path, entry.size).map_err(|e| e.to_string())
+    }
+}
+
+impl SpanReader {
+    /// Blob bytes `start..end` of layer `i` if the last range fetched of it
+    /// covers them.
+    fn recent_span(&self, i: usize, start: u64, end: u64) -> Option<bytes::Bytes> {
+        let s = self.state.lock().unwrap();
+        let (at, b) = s.recent.get(&i)?;
+        let to = at + b.len() as u64;
+        (start >= *at && end <= to).then(|| b.slice((start - at) as usize..(end - at) as usize))
+    }
+}
+
+/// A file the store kept: a regular file of the announced size, opened
+/// without following links.
+fn open_stored(path: &std::path::Path, size: u64) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() || m.len() != size {
+        return Err(io::Error::other(format!(
+            "{} is not the {size}-byte file expected",
+            path.display()
+        )));
+    }
+    Ok(f)
+}

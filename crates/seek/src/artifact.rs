@@ -1,0 +1,176 @@
+//! The registry vocabulary of seek indexes: the artifact manifest that
+//! carries an image's seek indexes, and where it is found.
+//!
+//! One OCI image manifest per optimized image, `artifactType`
+//! [`MEDIA_TYPE`], empty config, one layer per seek index (annotated with the
+//! original layer's digest) and `subject` = the optimized image's manifest.
+//! It is found through the referrers API or, on registries without it, the
+//! referrers tag schema's tag `sha256-<hex>` ([`referrers_tag`]).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::{ANNOTATION_LAYER, MEDIA_TYPE};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+/// The empty descriptor's blob, `{}`.
+pub const EMPTY_BLOB: &[u8] = b"{}";
+pub const EMPTY_DIGEST: &str =
+    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+/// Largest seek-index blob a reader fetches (a 1 GB layer's index at the
+/// default span is a few MB).
+pub const MAX_INDEX_BLOB: u64 = 64 << 20;
+
+/// The referrers tag schema's tag for referrers of `digest` (`sha256:HEX`).
+pub fn referrers_tag(digest: &str) -> String {
+    digest.replacen(':', "-", 1)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactManifest {
+    pub schema_version: u32,
+    pub media_type: String,
+    #[serde(default)]
+    pub artifact_type: Option<String>,
+    pub config: Descriptor,
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+    #[serde(default)]
+    pub subject: Option<Descriptor>,
+}
+
+/// A referrers response (an OCI image index).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReferrersIndex {
+    #[serde(default)]
+    pub manifests: Vec<Descriptor>,
+}
+
+/// One seek index in an artifact: its blob and the layer it indexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexBlob {
+    pub layer: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+impl ArtifactManifest {
+    /// The artifact for `subject` holding `indexes`.
+    pub fn new(subject: Descriptor, indexes: &[IndexBlob]) -> ArtifactManifest {
+        ArtifactManifest {
+            schema_version: 2,
+            media_type: OCI_MANIFEST.into(),
+            artifact_type: Some(MEDIA_TYPE.into()),
+            config: Descriptor {
+                media_type: EMPTY_MEDIA_TYPE.into(),
+                digest: EMPTY_DIGEST.into(),
+                size: EMPTY_BLOB.len() as u64,
+                artifact_type: None,
+                data: Some("e30=".into()),
+                annotations: BTreeMap::new(),
+            },
+            layers: indexes
+                .iter()
+                .map(|i| Descriptor {
+                    media_type: MEDIA_TYPE.into(),
+                    digest: i.digest.clone(),
+                    size: i.size,
+                    artifact_type: None,
+                    data: None,
+                    annotations: [(ANNOTATION_LAYER.to_string(), i.layer.clone())].into(),
+                })
+                .collect(),
+            subject: Some(subject),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("plain data serialises")
+    }
+
+    /// Parse an artifact fetched for the image `subject` (manifest digest):
+    /// refused unless it is a seek-index artifact whose subject is that image.
+    pub fn parse(bytes: &[u8], subject: &str) -> Result<ArtifactManifest, String> {
+        let m: ArtifactManifest =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+        if m.artifact_type.as_deref() != Some(MEDIA_TYPE) {
+            return Err(format!(
+                "artifact type {:?}, not {MEDIA_TYPE}",
+                m.artifact_type
+            ));
+        }
+        match &m.subject {
+            Some(s) if s.digest == subject => Ok(m),
+            Some(s) => Err(format!("its subject is {}, not {subject}", s.digest)),
+            None => Err("it has no subject".into()),
+        }
+    }
+
+    /// The seek index of `layer` (a layer digest), if the artifact has one.
+    pub fn index_for(&self, layer: &str) -> Option<IndexBlob> {
+        self.layers
+            .iter()
+            .find(|d| {
+                d.media_type == MEDIA_TYPE
+                    && d.annotations.get(ANNOTATION_LAYER).map(String::as_str) == Some(layer)
+            })
+            .map(|d| IndexBlob {
+                layer: layer.to_string(),
+                digest: d.digest.clone(),
+                size: d.size,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_digest_is_that_of_the_empty_object() {
+        use sha2::Digest as _;
+        let d = format!("sha256:{:x}", sha2::Sha256::digest(EMPTY_BLOB));
+        assert_eq!(d, EMPTY_DIGEST);
+    }
+
+    #[test]
+    fn artifact_round_trip_and_subject_check() {
+        let subject = Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest: "sha256:aa".into(),
+            size: 10,
+            artifact_type: None,
+            data: None,
+            annotations: BTreeMap::new(),
+        };
+        let blob = IndexBlob {
+            layer: "sha256:11".into(),
+            digest: "sha256:22".into(),
+            size: 5,
+        };
+        let m = ArtifactManifest::new(subject, std::slice::from_ref(&blob));
+        let bytes = m.to_bytes();
+        let back = ArtifactManifest::parse(&bytes, "sha256:aa").unwrap();
+        assert_eq!(back.index_for("sha256:11"), Some(blob));
+        assert_eq!(back.index_for("sha256:33"), None);
+        assert!(ArtifactManifest::parse(&bytes, "sha256:bb").is_err());
+        assert_eq!(referrers_tag("sha256:abc"), "sha256-abc");
+    }
+}
