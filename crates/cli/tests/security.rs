@@ -62,7 +62,8 @@ fn push_hostile_image(reg: &Registry) -> String {
             .await
             .unwrap();
         let mut tar_bytes = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..])
+        lazylayer_layer::decoder(&gz[..], lazylayer_layer::Compression::sniff(&gz))
+            .unwrap()
             .read_to_end(&mut tar_bytes)
             .unwrap();
 
@@ -102,6 +103,13 @@ fn push_hostile_image(reg: &Registry) -> String {
             .unwrap();
         last["digest"] = layer_digest.to_string().into();
         last["size"] = layer.len().into();
+        // An unchunked gzip boot layer, index last (as earlier releases
+        // wrote them): read whole before the start, then served from disk.
+        last["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+        if let Some(a) = manifest["annotations"].as_object_mut() {
+            a.remove(lazylayer_layer::index::ANNOTATION_INDEX_REGION_SIZE);
+            a.remove(lazylayer_layer::index::ANNOTATION_INDEX_REGION_DIGEST);
+        }
         manifest["annotations"][lazylayer_layer::index::ANNOTATION_BOOT_LAYER] =
             layer_digest.to_string().into();
         // Same repository: the base layers are there already.
@@ -128,24 +136,32 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-/// The boot tar up to its index, then the disguised nodes, then a new index
-/// claiming them as regular files held by the boot layer.
+/// The boot tar's entries but its index, then the disguised nodes, then a
+/// new index claiming them as regular files held by the boot layer.
 fn hostile_boot_tar(tar_bytes: &[u8]) -> (Vec<u8>, BootIndex) {
     let mut ar = tar::Archive::new(tar_bytes);
-    let mut cut = 0u64;
+    let mut kept = Vec::new();
     let mut index = None;
+    // Each entry's bytes run from the previous entry's end (so extension
+    // headers before it come along) to the end of its padded data.
+    let mut prev_end = 0usize;
     for e in ar.entries().unwrap() {
         let mut e = e.unwrap();
+        let (from, to) = (
+            prev_end,
+            (e.raw_file_position() + e.size().div_ceil(512) * 512) as usize,
+        );
+        prev_end = to;
         if e.path_bytes().as_ref() == INDEX_FILE_NAME.as_bytes() {
             let mut b = Vec::new();
             e.read_to_end(&mut b).unwrap();
             index = Some(BootIndex::decode(&b).unwrap());
-            break;
+            continue;
         }
-        cut = e.raw_file_position() + e.size().div_ceil(512) * 512;
+        kept.extend_from_slice(&tar_bytes[from..to]);
     }
     let index = index.expect("the boot layer has an index");
-    let mut b = tar::Builder::new(tar_bytes[..cut as usize].to_vec());
+    let mut b = tar::Builder::new(kept);
     let mut dir = tar::Header::new_ustar();
     dir.set_entry_type(tar::EntryType::Directory);
     dir.set_mode(0o755);

@@ -357,9 +357,10 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
         assert_eq!(info.labels["containerd.io/snapshot.ref"], target);
         parent = target;
     }
-    // Only manifest, config and the boot layer came from the registry.
+    // Only manifest, config and the boot layer came from the registry (the
+    // boot layer by ranges: its index, then its chunks).
     let boot = opt_layers.last().unwrap();
-    assert_eq!(gets_since(boot), 1);
+    assert!(gets_since(boot) >= 1);
     for l in &opt_layers[..opt_layers.len() - 1] {
         assert_eq!(gets_since(l), 0, "layer {l} fetched before any container");
     }
@@ -521,8 +522,8 @@ fn containerd_pull_registers_an_optimized_image_lazily() {
     assert_eq!(rep["manifest_digest"], manifest.as_str(), "{rep}");
 
     // The pull fetched manifest and config (and the snapshotter the boot
-    // layer, once): no original layer.
-    assert_eq!(gets_since(&boot), 1, "the boot layer is fetched once");
+    // layer, by ranges): no original layer.
+    assert!(gets_since(&boot) >= 1, "the boot layer is fetched");
     for l in &src_layers {
         assert_eq!(gets_since(l), 0, "layer {l} fetched by the pull");
     }
@@ -690,12 +691,13 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
     assert!(image_id.starts_with("sha256:"), "{image_id}");
     let log = reg.log()[log_start..].to_string();
     eprintln!("registry requests of the CRI pull:\n{log}");
-    // The snapshotter fetched the boot layer once; containerd fetched no
-    // layer at all, and nobody fetched an original layer.
+    // The snapshotter fetched the boot layer (by ranges: its index, then
+    // its chunks); containerd fetched no layer at all, and nobody fetched an
+    // original layer.
     let boot_gets = blob_gets_since(&boot);
-    assert_eq!(boot_gets.len(), 1, "{boot_gets:?}");
+    assert!(!boot_gets.is_empty(), "{boot_gets:?}");
     assert!(
-        !boot_gets[0].contains("containerd/"),
+        boot_gets.iter().all(|g| !g.contains("containerd/")),
         "containerd fetched the boot layer: {boot_gets:?}"
     );
     for l in &src_layers {
