@@ -120,8 +120,44 @@ fn root_lazy_start_fetches_the_index_then_only_the_chunks_read() {
         "fetched {relayed} of a {}-byte boot layer",
         o.boot_size
     );
-    // Not stored whole (prefetch off), and the chunk cache went with the run.
+    // Not stored whole (prefetch off); the chunks read are kept for the
+    // next start of the image, which then fetches none of them again.
     assert!(!stored_layer(root.path(), &o.boot_digest).exists());
+    assert!(!tree_listing(&root.path().join("chunks")).is_empty());
+    let before = blob_gets(&proxy, &o.boot_digest).len();
+    let out = run(
+        root.path(),
+        &["--rm", "--prefetch", "off", &via(&o, &proxy)],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    assert_eq!(
+        blob_gets(&proxy, &o.boot_digest).len(),
+        before,
+        "a second start re-fetched boot chunks"
+    );
+    // Kept chunks whose bytes went bad are checked again and fetched anew.
+    let cache = root
+        .path()
+        .join("chunks")
+        .join(o.boot_digest.trim_start_matches("sha256:"));
+    let blob = cache.join("blob");
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let region = r["index_region_bytes"].as_u64().unwrap() as usize;
+    for b in bytes[region..].iter_mut().step_by(512) {
+        *b ^= 0x55;
+    }
+    std::fs::write(&blob, &bytes).unwrap();
+    let out = run(
+        root.path(),
+        &["--rm", "--prefetch", "off", &via(&o, &proxy)],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    assert!(
+        blob_gets(&proxy, &o.boot_digest).len() > before,
+        "the damaged chunks were fetched again"
+    );
+    // prune removes the cache nobody uses.
+    lazylayer_ok(root.path(), &["prune"]);
     assert!(tree_listing(&root.path().join("chunks")).is_empty());
 
     // With the prefetch on, the rest of the boot layer arrives, is checked

@@ -78,11 +78,6 @@ fn assert_nothing_left(root: &Path) {
         "container dirs left: {:?}",
         tree_listing(&root.join("containers"))
     );
-    assert!(
-        tree_listing(&root.join("chunks")).is_empty(),
-        "boot chunk caches left: {:?}",
-        tree_listing(&root.join("chunks"))
-    );
 }
 
 #[test]

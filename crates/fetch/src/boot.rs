@@ -82,6 +82,11 @@ struct Inner {
     /// The compressed blob, filled range by range (sparse): stored as a
     /// layer once complete.
     blob: File,
+    /// One byte a chunk, 1 once its bytes are written: what the next start
+    /// of the image may reuse (after checking them again).
+    present: File,
+    /// Shared while the cache is in use: prune takes it exclusively.
+    _lock: lazylayer_store::FileLock,
     state: Mutex<State>,
     changed: Condvar,
     read_timeout: Duration,
@@ -146,28 +151,53 @@ impl BootChunks {
                 ),
             ));
         }
-        let (ranged, mut body) = b
-            .client
-            .blob_range_stream(&b.repo, &b.layer.digest, 0, b.region_len)
-            .await?;
-        let mut got = Vec::with_capacity(b.region_len as usize);
-        while (got.len() as u64) < b.region_len {
-            match body.next().await {
-                Some(c) => got.extend_from_slice(&c?),
-                None => {
-                    return Err(bad(
-                        image,
-                        format!(
-                            "the registry sent {} of the index region's {} bytes",
-                            got.len(),
-                            b.region_len
-                        ),
-                    ))
-                }
+        let (dir, lock) = cache_dir(store, &b.layer.digest)?;
+        let io = |what: &str, p: &Path| {
+            let (what, p) = (what.to_string(), p.to_path_buf());
+            move |source| FetchError::Io {
+                what,
+                path: p,
+                source,
             }
-        }
-        let leftover = Bytes::from(got.split_off(b.region_len as usize));
-        let region = got;
+        };
+        let blob_path = dir.join("blob");
+        let blob = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&blob_path)
+            .map_err(io("opening the boot blob", &blob_path))?;
+        // The region an earlier start of this image kept, if it still is
+        // the one the manifest names; else from the registry.
+        let cached = cached_region(&blob, b.region_len, b.region_digest);
+        let (ranged, body, region, leftover) = match cached {
+            Some(region) => (true, None, region, Bytes::new()),
+            None => {
+                let (ranged, mut body) = b
+                    .client
+                    .blob_range_stream(&b.repo, &b.layer.digest, 0, b.region_len)
+                    .await?;
+                let mut got = Vec::with_capacity(b.region_len as usize);
+                while (got.len() as u64) < b.region_len {
+                    match body.next().await {
+                        Some(c) => got.extend_from_slice(&c?),
+                        None => {
+                            return Err(bad(
+                                image,
+                                format!(
+                                    "the registry sent {} of the index region's {} bytes",
+                                    got.len(),
+                                    b.region_len
+                                ),
+                            ))
+                        }
+                    }
+                }
+                let leftover = Bytes::from(got.split_off(b.region_len as usize));
+                (ranged, Some(body), got, leftover)
+            }
+        };
         let actual = Digest::sha256_of(&region);
         if actual != *b.region_digest {
             return Err(bad(
@@ -200,36 +230,43 @@ impl BootChunks {
                 ),
             ));
         }
-        let dir = cache_dir(store)?;
-        let io = |what: &str, p: &Path| {
-            let (what, p) = (what.to_string(), p.to_path_buf());
-            move |source| FetchError::Io {
-                what,
-                path: p,
-                source,
+        let open_rw = |name: &str, len: u64| -> Result<File, FetchError> {
+            let p = dir.join(name);
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .map_err(io("opening the boot chunk cache", &p))?;
+            if f.metadata()
+                .map_err(io("reading the boot chunk cache", &p))?
+                .len()
+                != len
+            {
+                f.set_len(len)
+                    .map_err(io("sizing the boot chunk cache", &p))?;
             }
+            Ok(f)
         };
-        let cache_path = dir.join("content");
-        let cache = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&cache_path)
-            .map_err(io("creating the boot content cache", &cache_path))?;
-        cache
-            .set_len(content.content_len)
-            .map_err(io("sizing the boot content cache", &cache_path))?;
-        let blob_path = dir.join("blob");
-        let blob = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&blob_path)
-            .map_err(io("creating the boot blob", &blob_path))?;
+        let n = content.chunks.len();
+        let cache = open_rw("content", content.content_len)?;
+        let present_file = open_rw("present", n as u64)?;
+        blob.set_len(b.layer.size)
+            .map_err(io("sizing the boot blob", &blob_path))?;
         blob.write_all_at(&region, 0)
             .map_err(io("writing the boot blob", &blob_path))?;
-        let n = content.chunks.len();
         let offsets = content.chunk_offsets();
+        // Chunks an earlier start kept: trusted only after their digest is
+        // checked again, and their content rewritten from the checked bytes.
+        let kept = load_kept(
+            &content,
+            &offsets,
+            b.region_len,
+            &blob,
+            &cache,
+            &present_file,
+        );
         let chunks = BootChunks {
             inner: Arc::new(Inner {
                 image: image.to_string(),
@@ -244,8 +281,10 @@ impl BootChunks {
                 dir,
                 cache,
                 blob,
+                present: present_file,
+                _lock: lock,
                 state: Mutex::new(State {
-                    chunks: vec![ChunkState::Absent; n],
+                    chunks: kept,
                     streaming: !ranged,
                     stored: false,
                     ingesting: false,
@@ -254,25 +293,41 @@ impl BootChunks {
                 changed: Condvar::new(),
                 read_timeout: b.read_timeout,
                 rt: tokio::runtime::Handle::current(),
-                fetched: AtomicU64::new(region.len() as u64 + leftover.len() as u64),
+                fetched: AtomicU64::new(if body.is_some() {
+                    region.len() as u64 + leftover.len() as u64
+                } else {
+                    0
+                }),
                 cancelled: AtomicBool::new(false),
                 slots: Arc::new(Semaphore::new(IN_FLIGHT)),
             }),
         };
-        if ranged {
-            drop(body);
-            let me = chunks.clone();
-            chunks.inner.rt.spawn(async move { me.fetch_start().await });
-        } else {
-            tracing::info!(
-                image,
-                "the registry ignored Range: streaming the whole boot layer"
-            );
-            let me = chunks.clone();
-            chunks
-                .inner
-                .rt
-                .spawn(async move { me.stream_all(leftover, body).await });
+        {
+            // Every chunk kept by earlier starts: only the storing is left.
+            let mut s = chunks.inner.state.lock().unwrap();
+            if s.chunks.iter().all(|c| *c == ChunkState::Present) && !s.ingesting {
+                s.ingesting = true;
+                drop(s);
+                let me = chunks.clone();
+                chunks.inner.rt.spawn(async move { me.ingest().await });
+            }
+        }
+        match body {
+            Some(body) if !ranged => {
+                tracing::info!(
+                    image,
+                    "the registry ignored Range: streaming the whole boot layer"
+                );
+                let me = chunks.clone();
+                chunks
+                    .inner
+                    .rt
+                    .spawn(async move { me.stream_all(leftover, body).await });
+            }
+            _ => {
+                let me = chunks.clone();
+                chunks.inner.rt.spawn(async move { me.fetch_start().await });
+            }
         }
         Ok((index, chunks))
     }
@@ -562,6 +617,7 @@ impl BootChunks {
                             .blob
                             .write_all_at(compressed, inner.region_len + inner.offsets[c as usize])
                     })
+                    .and_then(|_| inner.present.write_all_at(&[1], u64::from(c)))
                     .map_err(|e| format!("writing boot chunk {c} in {}: {e}", inner.dir.display()))
             })
         };
@@ -698,62 +754,140 @@ fn verdict(s: &State, range: std::ops::Range<u32>) -> Option<io::Result<()>> {
     all.then_some(Ok(()))
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::debug!(dir = %self.dir.display(), error = %e, "removing the boot chunk cache");
-        }
-    }
-}
-
-/// Remove the chunk caches of processes that are gone (killed before they
-/// could clean up): `<store root>/chunks/<pid>-N` whose pid is not running.
-pub fn reap_chunk_caches(store_root: &Path) {
+/// Remove boot chunk caches no process uses (`<store root>/chunks/<hex>`):
+/// with `all`, every one (prune); else those whose boot layer is stored whole
+/// (they will not be read again).
+pub fn reap_chunk_caches(store_root: &Path, all: bool) -> usize {
     let Ok(rd) = std::fs::read_dir(store_root.join("chunks")) else {
-        return;
+        return 0;
     };
+    let mut removed = 0;
     for e in rd.flatten() {
-        let name = e.file_name();
-        let pid = name
-            .to_str()
-            .and_then(|n| n.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok());
-        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
-            match std::fs::remove_dir_all(e.path()) {
-                Ok(()) => {
-                    tracing::debug!(dir = %e.path().display(), "removed the chunk cache of a process that is gone")
-                }
-                Err(err) => {
-                    tracing::warn!(dir = %e.path().display(), error = %err, "removing a stale chunk cache")
-                }
+        let dir = e.path();
+        let stored = store_root
+            .join("layers/sha256")
+            .join(e.file_name())
+            .join("layer.json")
+            .is_file();
+        if !all && !stored {
+            continue;
+        }
+        // In use: a start holds the lock shared.
+        let Ok(lock) = File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("lock"))
+        else {
+            continue;
+        };
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                removed += 1;
+                tracing::debug!(dir = %dir.display(), "removed a boot chunk cache");
+            }
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), error = %err, "removing a boot chunk cache")
             }
         }
     }
+    removed
 }
 
-/// A private directory for one image's chunk cache: `<store>/chunks/<pid>-N`.
-/// Stale ones are removed on the way.
-fn cache_dir(store: &Store) -> Result<PathBuf, FetchError> {
+/// The private cache directory of boot layer `digest`, `<store>/chunks/<hex>`,
+/// locked shared for this start (a prune removing it meanwhile is noticed:
+/// the lock file is then gone, and the directory is made anew).
+fn cache_dir(
+    store: &Store,
+    digest: &Digest,
+) -> Result<(PathBuf, lazylayer_store::FileLock), FetchError> {
+    use std::os::unix::fs::MetadataExt;
     let base = store.root().join("chunks");
-    lazylayer_store::create_private_dir(&base).map_err(|source| FetchError::Io {
-        what: "creating the chunk cache directory".into(),
-        path: base.clone(),
-        source,
-    })?;
-    reap_chunk_caches(store.root());
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = base.join(format!(
-        "{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    lazylayer_store::create_private_dir(&dir).map_err(|source| FetchError::Io {
-        what: "creating the chunk cache directory".into(),
-        path: dir.clone(),
-        source,
-    })?;
-    Ok(dir)
+    let dir = base.join(digest.hex());
+    let err = |what: &str, path: &Path| {
+        let (what, path) = (what.to_string(), path.to_path_buf());
+        move |source| FetchError::Io { what, path, source }
+    };
+    for _ in 0..3 {
+        lazylayer_store::create_private_dir(&base)
+            .and_then(|_| lazylayer_store::create_private_dir(&dir))
+            .map_err(err("creating the chunk cache directory", &dir))?;
+        let lock_path = dir.join("lock");
+        let lock = lazylayer_store::FileLock::shared(&lock_path)?;
+        // Still the lock file at that path: not removed by a prune while we
+        // waited for it.
+        if std::fs::metadata(&lock_path).is_ok_and(|m| m.nlink() > 0) {
+            return Ok((dir, lock));
+        }
+    }
+    Err(FetchError::Io {
+        what: "locking the chunk cache (removed under us three times)".into(),
+        path: dir,
+        source: io::Error::other("cache directory keeps disappearing"),
+    })
+}
+
+/// The index region kept in `blob` by an earlier start, if its bytes are
+/// the ones the manifest names.
+fn cached_region(blob: &File, len: u64, digest: &Digest) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    blob.read_exact_at(&mut buf, 0).ok()?;
+    (Digest::sha256_of(&buf) == *digest).then_some(buf)
+}
+
+/// The chunk states at open: chunks marked present whose kept bytes still
+/// match their digest (their content rewritten from those bytes) are
+/// present, the rest absent (and unmarked).
+fn load_kept(
+    content: &BootContent,
+    offsets: &[u64],
+    region_len: u64,
+    blob: &File,
+    cache: &File,
+    present: &File,
+) -> Vec<ChunkState> {
+    let n = content.chunks.len();
+    let mut marks = vec![0u8; n];
+    if present.read_exact_at(&mut marks, 0).is_err() {
+        marks.fill(0);
+    }
+    let mut out = vec![ChunkState::Absent; n];
+    let mut kept = 0usize;
+    for c in 0..n {
+        if marks[c] != 1 {
+            continue;
+        }
+        let meta = &content.chunks[c];
+        let mut buf = vec![0u8; meta.compressed_len as usize];
+        let ok = blob
+            .read_exact_at(&mut buf, region_len + offsets[c])
+            .is_ok()
+            && Sha256::digest(&buf).as_slice() == meta.sha256
+            && decompress_piece(
+                &buf,
+                content.compression,
+                content.chunk_len(c as u32) as usize,
+            )
+            .ok()
+            .is_some_and(|data| {
+                cache
+                    .write_all_at(&data, c as u64 * u64::from(content.chunk_size))
+                    .is_ok()
+            });
+        if ok {
+            out[c] = ChunkState::Present;
+            kept += 1;
+        } else {
+            let _ = present.write_all_at(&[0], c as u64);
+        }
+    }
+    if kept > 0 {
+        tracing::debug!(kept, chunks = n, "boot chunks kept by an earlier start");
+    }
+    out
 }
 
 /// The index region: one tar entry, the index file, compressed as one piece.

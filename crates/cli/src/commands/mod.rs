@@ -37,7 +37,7 @@ pub fn parse_platform(s: Option<&str>) -> Result<Platform> {
 pub fn reap_orphans(root: &Path) -> Vec<Reaped> {
     let runc = Runc::for_store(root);
     let reaped = ContainerDir::reap_orphans(root, &runc);
-    lazylayer_fetch::reap_chunk_caches(root);
+    lazylayer_fetch::reap_chunk_caches(root, false);
     for r in &reaped {
         let what = if r.removed {
             "removed it (--rm)"

@@ -17,7 +17,10 @@ pub fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let store = g.store()?;
     // Dead runs' pins would keep content, and their mounts stand on it.
     super::reap_orphans(&g.root);
+    // Boot chunks kept for the next start of an image, unless one runs.
+    let caches = lazylayer_fetch::reap_chunk_caches(&g.root, true);
     let rep = store.prune().context("pruning the store")?;
+    tracing::debug!(caches, "boot chunk caches removed");
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
