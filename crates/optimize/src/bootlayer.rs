@@ -16,7 +16,7 @@ use lazylayer_fs::TraceRead;
 use lazylayer_layer::chunked::{compress_chunks, compress_piece, file_entry_tar};
 use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
 use lazylayer_layer::index::{BootIndex, FileKind, INDEX_FILE_NAME};
-use lazylayer_layer::{Compression, LayerDigests, LayerWriter};
+use lazylayer_layer::{Compression, DataSpan, LayerDigests, LayerWriter};
 use sha2::{Digest as _, Sha256};
 
 use crate::OptimizeError;
@@ -120,7 +120,7 @@ pub fn write_boot_layer(
     let mut files = Vec::new();
     for (i, e) in index.entries.iter().enumerate() {
         if e.in_boot && e.kind == FileKind::File {
-            let off = offsets.get(&e.path).copied().ok_or_else(|| {
+            let off = offsets.get(&e.path).map(|s| s.offset).ok_or_else(|| {
                 OptimizeError::BadImage(format!(
                     "boot layer: no data written for {}",
                     String::from_utf8_lossy(&e.path)
@@ -255,37 +255,11 @@ fn hash_file(path: &Path, h: &mut Sha256) -> Result<(), OptimizeError> {
     Ok(())
 }
 
-/// Offset of every regular file's data in the tar at `path`, by normalised
-/// path; a hardlink maps to its target's data.
-fn data_offsets(path: &Path) -> Result<HashMap<Vec<u8>, u64>, OptimizeError> {
+/// Where every regular file's data lies in the tar at `path`.
+fn data_offsets(path: &Path) -> Result<HashMap<Vec<u8>, DataSpan>, OptimizeError> {
     let bad = |e: std::io::Error| OptimizeError::io("reading boot content", path, e);
     let f = File::open(path).map_err(bad)?;
-    let mut a = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
-    let mut out = HashMap::new();
-    let norm = |p: &[u8]| -> Vec<u8> {
-        let p = p.strip_prefix(b"./").unwrap_or(p);
-        p.strip_suffix(b"/").unwrap_or(p).to_vec()
-    };
-    for entry in a.entries().map_err(bad)? {
-        let entry = entry.map_err(bad)?;
-        let p = norm(&entry.path_bytes());
-        match entry.header().entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                out.insert(p, entry.raw_file_position());
-            }
-            tar::EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| norm(&t))
-                    .unwrap_or_default();
-                if let Some(&off) = out.get(&target) {
-                    out.insert(p, off);
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
+    lazylayer_layer::data_spans(BufReader::with_capacity(1 << 20, f)).map_err(bad)
 }
 
 #[cfg(test)]

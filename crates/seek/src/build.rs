@@ -1,7 +1,6 @@
 //! Building a seek index: one pass of inflate over the blob, checkpoints at
 //! block boundaries, a tar walk over the output.
 
-use std::collections::HashMap;
 use std::io::{self, BufReader, Read};
 
 use sha2::{Digest as _, Sha256};
@@ -20,48 +19,8 @@ impl SeekIndex {
     /// the member is accepted.
     pub fn build(blob: impl Read, span: u64) -> Result<SeekIndex> {
         let mut gz = GzipIndexer::new(blob, span.max(1))?;
-        let mut files: HashMap<Vec<u8>, FileSpan> = HashMap::new();
-        {
-            let mut ar = tar::Archive::new(BufReader::with_capacity(64 * 1024, &mut gz));
-            for entry in ar.entries().map_err(tar_err)? {
-                let entry = entry.map_err(tar_err)?;
-                // Names the extractor would refuse never reach the boot
-                // index, so they need no span either.
-                let Ok(path) = lazylayer_layer::normalize(&entry.path_bytes()) else {
-                    continue;
-                };
-                let path = path.into_os_string().into_encoded_bytes();
-                if is_whiteout(&path) {
-                    continue;
-                }
-                use tar::EntryType as T;
-                match entry.header().entry_type() {
-                    T::Regular | T::Continuous => {
-                        let span = FileSpan {
-                            offset: entry.raw_file_position(),
-                            size: entry.size(),
-                        };
-                        files.insert(path, span);
-                    }
-                    T::Link => {
-                        let target = entry
-                            .link_name_bytes()
-                            .and_then(|t| lazylayer_layer::normalize(&t).ok())
-                            .map(|t| t.into_os_string().into_encoded_bytes());
-                        match target.and_then(|t| files.get(&t).copied()) {
-                            Some(span) => files.insert(path, span),
-                            None => files.remove(&path),
-                        };
-                    }
-                    // Tar semantics: a later entry replaces the path, and
-                    // anything else (directory, symlink, sparse file) has no
-                    // plain data span.
-                    _ => {
-                        files.remove(&path);
-                    }
-                }
-            }
-        }
+        let files = lazylayer_layer::data_spans(BufReader::with_capacity(64 * 1024, &mut gz))
+            .map_err(tar_err)?;
         // The tar's end marker may come before the gzip member's end: read
         // to the end so the trailer (CRC, size) and the digest are checked.
         io::copy(&mut gz, &mut io::sink()).map_err(tar_err)?;
@@ -104,11 +63,6 @@ fn wrap(e: SeekError) -> io::Error {
 
 /// `.wh.NAME` deletes NAME and `.wh..wh..opq` marks an opaque directory:
 /// neither is a file of the image (other `.wh..wh.` names are plain files).
-fn is_whiteout(path: &[u8]) -> bool {
-    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
-    name == b".wh..wh..opq" || (name.starts_with(b".wh.") && !name.starts_with(b".wh..wh."))
-}
-
 /// Inflates a gzip blob as a `Read` of its uncompressed bytes, recording
 /// checkpoints as it goes.
 struct GzipIndexer<R> {

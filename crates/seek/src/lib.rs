@@ -52,12 +52,8 @@ pub struct Checkpoint {
     pub window: Vec<u8>,
 }
 
-/// A regular file's data in the uncompressed tar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileSpan {
-    pub offset: u64,
-    pub size: u64,
-}
+/// A regular file's data in the uncompressed tar (the layer codec's type).
+pub use lazylayer_layer::DataSpan as FileSpan;
 
 /// What to fetch to read some uncompressed bytes: blob bytes
 /// `compressed_start..compressed_end`, inflated from checkpoint `checkpoint`.
