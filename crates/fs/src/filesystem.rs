@@ -313,16 +313,28 @@ impl<S: ContentSource> Shared<S> {
                 }
                 reply.data(buf)
             }
-            Err(err) => {
-                let e = self.entry(i);
-                if err.kind() == std::io::ErrorKind::InvalidData {
-                    tracing::error!(path = %String::from_utf8_lossy(&e.path), offset, error = %err, "refused content that does not match the boot index");
-                } else {
-                    tracing::warn!(path = %String::from_utf8_lossy(&e.path), offset, error = %err, "content unavailable");
-                }
-                reply.error(Errno::EIO)
-            }
+            Err(err) => self.content_error(i, Some(offset), &err, |e| reply.error(e)),
         }
+    }
+
+    /// Log why entry `i`'s content cannot be served (at `offset`, for a
+    /// read) and answer EIO through `reply`.
+    fn content_error(
+        &self,
+        i: u32,
+        offset: Option<u64>,
+        err: &std::io::Error,
+        reply: impl FnOnce(Errno),
+    ) {
+        let path = String::from_utf8_lossy(&self.entry(i).path);
+        if err.kind() == std::io::ErrorKind::InvalidData {
+            // The image's layer and its own index disagree: hostile or
+            // corrupt content, never served.
+            tracing::error!(%path, offset, error = %err, "refused content that does not match the boot index");
+        } else {
+            tracing::warn!(%path, offset, error = %err, "content unavailable");
+        }
+        reply(Errno::EIO)
     }
 
     /// Reply to an open of entry `i` (inode `ino`) with what the source gave.
@@ -330,16 +342,7 @@ impl<S: ContentSource> Shared<S> {
         let e = self.entry(i);
         match r.and_then(|f| matches_index(f, e)) {
             Ok(f) => self.register_open(ino, f, reply),
-            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
-                // The image's layer and its own index disagree: hostile or
-                // corrupt content, never served.
-                tracing::error!(path = %String::from_utf8_lossy(&e.path), error = %err, "refused content that does not match the boot index");
-                reply.error(Errno::EIO)
-            }
-            Err(err) => {
-                tracing::warn!(path = %String::from_utf8_lossy(&e.path), error = %err, "content unavailable");
-                reply.error(Errno::EIO)
-            }
+            Err(err) => self.content_error(i, None, &err, |e| reply.error(e)),
         }
     }
 
