@@ -111,7 +111,10 @@ impl LazyImage {
                 )
             }
         };
-        let boot_digest = boot_layer_digest(reference, &raw)?
+        let BootAnnotations {
+            layer: boot_digest,
+            region,
+        } = boot_annotations(reference, &raw)?
             .ok_or_else(|| OpenError::NoBootLayer(reference.to_string()))?;
         let boot = layers
             .last()
@@ -123,7 +126,6 @@ impl LazyImage {
                     format!("the boot layer {boot_digest} is not the image's top layer"),
                 ))
             })?;
-        let region = index_region(reference, &raw)?;
         let (index, boot_source) = match region {
             // A chunked boot layer not in the store yet: the index first,
             // the content while the container runs.
@@ -272,12 +274,18 @@ impl LazyImage {
     }
 }
 
-/// The chunked boot layer's index region a manifest announces, if any:
-/// its compressed length and digest.
-fn index_region(
+/// What a manifest says of its boot layer.
+struct BootAnnotations {
+    layer: Digest,
+    /// A chunked boot layer's index region: compressed length and digest.
+    region: Option<(u64, Digest)>,
+}
+
+/// The boot layer a manifest announces, if any, parsed once.
+fn boot_annotations(
     reference: &Reference,
     raw: &RawManifest,
-) -> Result<Option<(u64, Digest)>, FetchError> {
+) -> Result<Option<BootAnnotations>, FetchError> {
     let m = match parse_manifest(&reference.to_string(), raw).map_err(FetchError::from)? {
         ManifestKind::Image(m) => m,
         ManifestKind::Index(_) => return Ok(None),
@@ -285,7 +293,15 @@ fn index_region(
     let Some(a) = m.annotations().as_ref() else {
         return Ok(None);
     };
-    match (
+    let Some(layer) = a.get(ANNOTATION_BOOT_LAYER) else {
+        return Ok(None);
+    };
+    let digest = |d: &String| {
+        d.parse()
+            .map_err(|e: lazylayer_oci::OciError| bad(reference, e.to_string()))
+    };
+    let layer = digest(layer)?;
+    let region = match (
         a.get(ANNOTATION_INDEX_REGION_SIZE),
         a.get(ANNOTATION_INDEX_REGION_DIGEST),
     ) {
@@ -296,38 +312,17 @@ fn index_region(
                     format!("{ANNOTATION_INDEX_REGION_SIZE} {len:?} is not a size"),
                 )
             })?;
-            let d = d
-                .parse()
-                .map_err(|e: lazylayer_oci::OciError| bad(reference, e.to_string()))?;
-            Ok(Some((len, d)))
+            Some((len, digest(d)?))
         }
-        (None, None) => Ok(None),
-        _ => Err(bad(
-            reference,
-            "the manifest gives only half of the index region's size and digest",
-        )),
-    }
-}
-
-/// The boot layer a manifest announces, if any.
-pub fn boot_layer_digest(
-    reference: &Reference,
-    raw: &RawManifest,
-) -> Result<Option<Digest>, FetchError> {
-    let m = match parse_manifest(&reference.to_string(), raw).map_err(FetchError::from)? {
-        ManifestKind::Image(m) => m,
-        ManifestKind::Index(_) => return Ok(None),
+        (None, None) => None,
+        _ => {
+            return Err(bad(
+                reference,
+                "the manifest gives only half of the index region's size and digest",
+            ))
+        }
     };
-    let Some(d) = m
-        .annotations()
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_BOOT_LAYER))
-    else {
-        return Ok(None);
-    };
-    d.parse()
-        .map(Some)
-        .map_err(|e: lazylayer_oci::OciError| bad(reference, e.to_string()))
+    Ok(Some(BootAnnotations { layer, region }))
 }
 
 /// Content for the lazy file system: the boot layer's copy when it has one,
