@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lazylayer_run as run;
 use common::proxy::{AfterCut, CuttingProxy};
 use common::*;
 
@@ -44,25 +43,6 @@ fn python3_optimized() -> Optimized {
 fn via(o: &Optimized, proxy: &CuttingProxy) -> String {
     o.dst
         .replace(&o.reg.addr(), &format!("127.0.0.1:{}", proxy.port))
-}
-
-fn run(root: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(root)
-        .arg("run")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    eprintln!(
-        "$ lazylayer run {}\n-- stdout:\n{}-- stderr:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// GET requests the proxy relayed for blob `digest`.

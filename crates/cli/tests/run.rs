@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lazylayer_run as run;
 use common::proxy::CuttingProxy;
 use common::*;
 
@@ -40,17 +41,6 @@ fn run_cmd(root: &Path, args: &[&str]) -> Command {
         .args(args)
         .env_remove("RUST_LOG");
     c
-}
-
-fn run(root: &Path, args: &[&str]) -> std::process::Output {
-    let out = run_cmd(root, args).stdin(Stdio::null()).output().unwrap();
-    eprintln!(
-        "$ lazylayer run {}\n-- stdout:\n{}-- stderr:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn stdout(o: &std::process::Output) -> String {

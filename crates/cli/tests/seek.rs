@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-
+use common::lazylayer_run as run;
 use common::*;
 use lazylayer_oci::client::{BlobSource, ClientConfig};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
@@ -19,25 +17,6 @@ use lazylayer_seek::SeekIndex;
 const SQLITE: &str = "import sqlite3; print(sqlite3.sqlite_version)";
 /// At most this much of any layer may come for it.
 const MAX_LAYER_BYTES: u64 = 3_000_000;
-
-fn run(root: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(root)
-        .arg("run")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    eprintln!(
-        "$ lazylayer run {}\n-- stdout:\n{}-- stderr:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Bytes the registry sent answering GETs of blob `digest`, from its
 /// access log (combined format: `"GET PATH HTTP/1.1" STATUS BYTES ...`),

@@ -28,6 +28,14 @@ pub fn lazylayer(root: &Path, args: &[&str]) -> Output {
     out
 }
 
+/// `lazylayer run ARGS` with a store at `root` (stdin closed, as `output`
+/// leaves it), its output printed.
+pub fn lazylayer_run(root: &Path, args: &[&str]) -> Output {
+    let mut a = vec!["run"];
+    a.extend_from_slice(args);
+    lazylayer(root, &a)
+}
+
 pub fn lazylayer_ok(root: &Path, args: &[&str]) -> String {
     let out = lazylayer(root, args);
     assert!(
