@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,7 +92,6 @@ struct Inner {
     read_timeout: Duration,
     rt: tokio::runtime::Handle,
     fetched: AtomicU64,
-    cancelled: AtomicBool,
     slots: Arc<Semaphore>,
 }
 
@@ -298,7 +297,6 @@ impl BootChunks {
                 } else {
                     0
                 }),
-                cancelled: AtomicBool::new(false),
                 slots: Arc::new(Semaphore::new(IN_FLIGHT)),
             }),
         };
@@ -370,14 +368,6 @@ impl BootChunks {
         s.chunks.iter().any(|c| matches!(c, ChunkState::Failed(_)))
     }
 
-    /// Stop fetching (the image's last user is gone). Readers still waiting
-    /// get an error.
-    pub fn cancel(&self) {
-        self.inner.cancelled.store(true, Ordering::SeqCst);
-        self.inner.slots.close();
-        self.inner.changed.notify_all();
-    }
-
     /// Fetch every chunk not yet local, in order, in the background; then
     /// store the whole layer. Idempotent.
     pub fn start_rest(&self) {
@@ -414,9 +404,6 @@ impl BootChunks {
     async fn fetch_list(&self, list: &[u32], max: u64) {
         let mut i = 0;
         while i < list.len() {
-            if self.inner.cancelled.load(Ordering::SeqCst) {
-                return;
-            }
             let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
                 return;
             };
@@ -455,9 +442,6 @@ impl BootChunks {
     /// Mark the absent chunks of `range` as fetching and fetch them at once
     /// (a reader waits for them), one Range GET per run.
     fn demand(&self, range: std::ops::Range<u32>) {
-        if self.inner.cancelled.load(Ordering::SeqCst) {
-            return;
-        }
         let mut runs = Vec::new();
         {
             let mut s = self.inner.state.lock().unwrap();
@@ -495,9 +479,6 @@ impl BootChunks {
         let len = inner.offsets[run.end as usize] - inner.offsets[run.start as usize];
         let mut last_err = String::new();
         for attempt in 0..TRIES {
-            if inner.cancelled.load(Ordering::SeqCst) {
-                break;
-            }
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
             }
@@ -528,20 +509,14 @@ impl BootChunks {
         let mut s = inner.state.lock().unwrap();
         for c in run.clone() {
             if s.chunks[c as usize] == ChunkState::Fetching {
-                s.chunks[c as usize] = if inner.cancelled.load(Ordering::SeqCst) {
-                    ChunkState::Absent
-                } else {
-                    ChunkState::Failed(format!(
-                        "boot layer {} chunk {c}: {last_err}",
-                        inner.layer.digest
-                    ))
-                };
+                s.chunks[c as usize] = ChunkState::Failed(format!(
+                    "boot layer {} chunk {c}: {last_err}",
+                    inner.layer.digest
+                ));
             }
         }
         drop(s);
-        if !inner.cancelled.load(Ordering::SeqCst) {
-            tracing::error!(image = %inner.image, chunks = ?run, error = %last_err, "boot chunks could not be fetched");
-        }
+        tracing::error!(image = %inner.image, chunks = ?run, error = %last_err, "boot chunks could not be fetched");
         inner.changed.notify_all();
     }
 
@@ -557,9 +532,6 @@ impl BootChunks {
                     buf.extend_from_slice(&pending);
                     pending = Bytes::new();
                     continue;
-                }
-                if inner.cancelled.load(Ordering::SeqCst) {
-                    return;
                 }
                 match body.next().await {
                     Some(Ok(b)) => {
@@ -708,9 +680,6 @@ impl BootChunks {
                 drop(s);
                 v?;
                 return inner.cache.read_exact_at(buf, off);
-            }
-            if inner.cancelled.load(Ordering::SeqCst) {
-                return Err(io::Error::other("boot layer fetch cancelled"));
             }
             // The stream broke meanwhile: ask for the chunks ourselves.
             if !s.streaming
