@@ -125,6 +125,21 @@ def cell_text(cc, base):
     return t
 
 
+def bytes_rows(d, cs, key, last):
+    """Table rows of a per-contender byte count `key` for every measured cell, with
+    `last(image info)` as the final column."""
+    for cell in d["cells"]:
+        if cell.get("skipped"):
+            continue
+        ccs, info = cell["contenders"], d["images"][cell["image"]]
+        row = []
+        for c in cs:
+            cc = ccs.get(c) or {}
+            row.append("n/a" if cc.get("na") else mb(cc.get(key)))
+        yield (f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | "
+               + " | ".join(row) + f" | {last(info)} |")
+
+
 def markdown(d, seconds):
     m = d["meta"]
     L = []
@@ -274,17 +289,11 @@ def markdown(d, seconds):
     w("")
     w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | boot layer |")
     w("|---|---|" + "---:|" * (len(cs) + 1))
-    for cell in d["cells"]:
-        if cell.get("skipped"):
-            continue
-        ccs, info = cell["contenders"], d["images"][cell["image"]]
-        row = []
-        for c in cs:
-            cc = ccs.get(c) or {}
-            row.append("n/a" if cc.get("na") else mb(cc.get("median_bytes")))
+    def boot_col(info):
         share = f" ({100 * info['boot_share']:.1f}%)" if info.get("boot_share") is not None else ""
-        w(f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | " + " | ".join(row)
-          + f" | {mb(info.get('boot_bytes'))}{share} |")
+        return f"{mb(info.get('boot_bytes'))}{share}"
+    for line in bytes_rows(d, cs, "median_bytes", boot_col):
+        w(line)
     w("")
     if any(cc.get("median_lo_bytes_ready") is not None for c in d["cells"]
            for cc in c.get("contenders", {}).values()):
@@ -296,18 +305,11 @@ def markdown(d, seconds):
         w("")
         w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | read before start |")
         w("|---|---|" + "---:|" * (len(cs) + 1))
-        for cell in d["cells"]:
-            if cell.get("skipped"):
-                continue
-            ccs, info = cell["contenders"], d["images"][cell["image"]]
-            row = []
-            for c in cs:
-                cc = ccs.get(c) or {}
-                row.append("n/a" if cc.get("na") else mb(cc.get("median_lo_bytes_ready")))
+        def start_col(info):
             sb, exact = start_bytes(info)
-            sbt = mb(sb) if exact else ("-" if sb is None else f"({mb(sb)})")
-            w(f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | " + " | ".join(row)
-              + f" | {sbt} |")
+            return mb(sb) if exact else ("-" if sb is None else f"({mb(sb)})")
+        for line in bytes_rows(d, cs, "median_lo_bytes_ready", start_col):
+            w(line)
         w("")
         re = [f"{c['image']} @ {LINK_NAMES.get(c['link'], c['link'])}, {NAMES.get(k, k)}: "
               f"{cc['max_tcp_retrans_ready']}"
