@@ -65,6 +65,9 @@ enum Command {
     Snapshotter(commands::snapshotter::Args),
     /// Talk to containerd: `containerd pull` registers an optimized image lazily
     Containerd(commands::containerd::Args),
+    /// Keep live lazy roots' FUSE connections across server restarts (started by the servers)
+    #[command(name = "fd-holder", hide = true)]
+    FdHolder(commands::holder::Args),
 }
 
 static EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
             Command::Prune(a) => commands::prune::run(&cli.global, a),
             Command::Snapshotter(a) => commands::snapshotter::run(&cli.global, a).await,
             Command::Containerd(a) => commands::containerd::run(&cli.global, a).await,
+            Command::FdHolder(a) => commands::holder::run(a),
         }
     });
     // Work still in flight belongs to nobody now (a background prefetch cut by

@@ -3,11 +3,13 @@
 //! mount per image while containers use it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, LazyRoot, MountOptions, OpenError};
-use lazylayer_fs::FsOptions;
+use lazylayer_fs::{FsOptions, Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{NoEvents, NoProgress, PullOptions, RegistryBlobs, Store};
 use tokio::sync::Mutex;
@@ -162,7 +164,27 @@ pub struct Snapshotter {
     /// What the pin names now: it is rewritten only when this changes
     /// (most Removes are of ordinary snapshots).
     pinned: std::sync::Mutex<Option<Vec<String>>>,
+    /// Keeps each lazy root's FUSE connection while no snapshotter serves
+    /// it (a crash, a restart, an upgrade); None: roots die with the process.
+    holder: Option<Holder>,
 }
+
+/// How long a graceful stop waits for reads waiting on content to be
+/// answered before it leaves them to the next snapshotter (the kernel sends
+/// them again).
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+
+/// What the holder keeps beside a lazy root's descriptors: enough to open
+/// the same image again.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HeldRoot {
+    kind: String,
+    target: String,
+    image_ref: String,
+    manifest_digest: String,
+}
+
+const HELD_KIND: &str = "containerd-snapshotter";
 
 impl Snapshotter {
     /// Open the snapshotter's state in `dir`. Without `images`, nothing is
@@ -172,17 +194,153 @@ impl Snapshotter {
         if let Some(i) = &images {
             snapshots = snapshots.with_layer_store(i.store.clone());
         }
-        // Our FUSE mounts die with the process that served them; a restart
-        // finds them dead (ENOTCONN). Detach them so they can be mounted anew.
-        detach_mounts_below(&dir.join("lazy"));
         let sn = Snapshotter {
             snapshots,
             images,
             mounts: Mutex::new(HashMap::new()),
             pinned: std::sync::Mutex::new(None),
+            holder: None,
         };
         sn.repin();
         Ok(sn)
+    }
+
+    /// Keep every lazy root's FUSE connection in `holder`, so that running
+    /// containers keep their file system across a crash or restart of this
+    /// process ([`Snapshotter::recover`] takes them back).
+    pub fn with_holder(mut self, holder: Holder) -> Snapshotter {
+        self.holder = Some(holder);
+        self
+    }
+
+    /// At start: take over the lazy roots a previous snapshotter left
+    /// mounted (their connections kept by the holder), and detach those
+    /// nobody kept (dead: ENOTCONN) so they can be mounted anew. Returns the
+    /// roots taken over.
+    pub async fn recover(&self) -> usize {
+        let mut mounts = self.mounts.lock().await;
+        let held = match &self.holder {
+            Some(h) => h.list().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "asking the descriptor holder for the lazy roots it keeps");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let lazy = self.snapshots.dir().join("lazy");
+        for h in held {
+            let name = h.name.clone();
+            match self.take_over(&mut mounts, h).await {
+                Ok(image) => {
+                    tracing::info!(image, mount = %name, "took over a lazy root left by the previous snapshotter")
+                }
+                Err(e) => {
+                    tracing::error!(mount = %name, error = %error_chain(&*e), "cannot take over a lazy root; detaching it");
+                    if Path::new(&name).starts_with(&lazy) {
+                        let _ = rustix::mount::unmount(
+                            name.as_str(),
+                            rustix::mount::UnmountFlags::DETACH,
+                        );
+                    }
+                    if let Some(hd) = &self.holder {
+                        let _ = hd.drop_entry(&name);
+                    }
+                }
+            }
+        }
+        // Our FUSE mounts die with the process that served them unless the
+        // holder kept them; a dead one answers ENOTCONN.
+        let kept: Vec<PathBuf> = mounts.keys().map(|m| self.snapshots.lazy_dir(m)).collect();
+        detach_mounts_below(&lazy, &kept);
+        self.repin();
+        mounts.len()
+    }
+
+    async fn take_over(
+        &self,
+        mounts: &mut HashMap<String, LazyRoot>,
+        h: Held,
+    ) -> std::result::Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        let meta: HeldRoot = serde_json::from_value(h.meta)?;
+        if meta.kind != HELD_KIND {
+            return Err(format!("kept by a {}, not by this snapshotter", meta.kind).into());
+        }
+        let dir = self.snapshots.lazy_dir(&meta.manifest_digest);
+        if dir != Path::new(&meta.target) || h.name != meta.target {
+            return Err(format!("not this snapshotter's mount ({})", dir.display()).into());
+        }
+        if !lazylayer_fs::holder::is_mount_point(&dir) {
+            return Err("no longer mounted".into());
+        }
+        let [device, table]: [OwnedFd; 2] = h
+            .fds
+            .try_into()
+            .map_err(|v: Vec<OwnedFd>| format!("{} descriptors kept, not 2", v.len()))?;
+        let images = self
+            .images
+            .as_ref()
+            .ok_or("this snapshotter has no registry access")?;
+        let img = images
+            .open(&meta.image_ref, &meta.manifest_digest)
+            .await?
+            .ok_or("the image no longer has a boot layer")?;
+        let mut root = LazyRoot::new(
+            &images.store,
+            (*img).clone(),
+            &self.pin_name(&meta.manifest_digest),
+        )?;
+        root.resume(&dir, Self::mount_options(), device, table)?;
+        mounts.insert(meta.manifest_digest, root);
+        Ok(meta.image_ref)
+    }
+
+    fn pin_name(&self, manifest_digest: &str) -> String {
+        let hex: String = (manifest_digest.chars())
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        format!("snapshotter-{}-{hex}", std::process::id())
+    }
+
+    fn mount_options() -> MountOptions {
+        // The container starts from the boot layer, the rest follows once
+        // its start has settled (prefetching earlier takes its CPU).
+        MountOptions {
+            fs: FsOptions::default(),
+            prefetch: true,
+        }
+    }
+
+    /// Hand `root`'s connection to the holder (logged, not fatal: the root
+    /// works, it just dies with this process).
+    fn hold(&self, r: &RemoteLayer, root: &LazyRoot) {
+        let (Some(h), Some(fds)) = (&self.holder, root.handover_fds()) else {
+            return;
+        };
+        let target = self
+            .snapshots
+            .lazy_dir(&r.manifest_digest)
+            .display()
+            .to_string();
+        let meta = HeldRoot {
+            kind: HELD_KIND.into(),
+            target: target.clone(),
+            image_ref: r.image_ref.clone(),
+            manifest_digest: r.manifest_digest.clone(),
+        };
+        let meta = serde_json::to_value(meta).expect("serialisable");
+        if let Err(e) = h.put(&target, meta, &fds) {
+            tracing::warn!(mount = target, error = %e, "the lazy root will not survive a restart of the snapshotter");
+        }
+    }
+
+    /// Unmount a root nothing uses and tell the holder.
+    fn release(&self, manifest_digest: &str, root: LazyRoot) {
+        release(root);
+        if let Some(h) = &self.holder {
+            let target = self.snapshots.lazy_dir(manifest_digest);
+            if let Err(e) = h.drop_entry(&target.display().to_string()) {
+                tracing::warn!(mount = %target.display(), error = %e, "telling the descriptor holder");
+            }
+        }
     }
 
     /// Keep `lazylayer prune` off the content remote snapshots use (their
@@ -304,7 +462,7 @@ impl Snapshotter {
         if let Some(r) = under {
             if self.snapshots.lazy_users(&r.manifest_digest) == 0 {
                 if let Some(root) = mounts.remove(&r.manifest_digest) {
-                    release(root);
+                    self.release(&r.manifest_digest, root);
                 }
             }
         }
@@ -331,11 +489,24 @@ impl Snapshotter {
         self.snapshots.cleanup()
     }
 
-    /// Unmount every lazy root (at shutdown).
+    /// At a graceful stop (no new requests come): unmount the lazy roots no
+    /// container uses; keep those in use mounted for the next snapshotter,
+    /// after reads waiting for content were answered (up to [`DRAIN_MAX`];
+    /// the kernel sends the rest again to the next one). Without a holder,
+    /// every root is unmounted.
     pub async fn shutdown(&self) {
         let mut mounts = self.mounts.lock().await;
-        for (_, root) in mounts.drain() {
-            release(root);
+        let t0 = std::time::Instant::now();
+        for (digest, root) in mounts.drain() {
+            if self.holder.is_none() || self.snapshots.lazy_users(&digest) == 0 {
+                self.release(&digest, root);
+                continue;
+            }
+            while root.waiting() > 0 && t0.elapsed() < DRAIN_MAX {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::info!(image = %root.reference(), waiting = root.waiting(), "lazy root in use: left mounted for the next snapshotter");
+            root.leave();
         }
     }
 
@@ -367,17 +538,11 @@ impl Snapshotter {
         // Pinned (until every layer is here no image record names them),
         // mounted; the container starts from the boot layer, the rest follows
         // once its start has settled (prefetching earlier takes its CPU).
-        let hex: String = (r.manifest_digest.chars())
-            .filter(char::is_ascii_alphanumeric)
-            .collect();
-        let pin = format!("snapshotter-{}-{hex}", std::process::id());
+        let pin = self.pin_name(&r.manifest_digest);
         let mut root = LazyRoot::new(&images.store, (*img).clone(), &pin).map_err(failed)?;
-        let opts = MountOptions {
-            fs: FsOptions::default(),
-            prefetch: true,
-        };
-        root.mount(&dir, opts).map_err(failed)?;
+        root.mount(&dir, Self::mount_options()).map_err(failed)?;
         tracing::info!(image = %r.image_ref, dir = %dir.display(), "lazy root mounted");
+        self.hold(r, &root);
         mounts.insert(r.manifest_digest.clone(), root);
         Ok(())
     }
@@ -391,16 +556,16 @@ fn release(root: LazyRoot) {
     tracing::info!(image, "lazy root unmounted");
 }
 
-fn detach_mounts_below(dir: &Path) {
+/// Detach every mount below `dir` but those in `keep`.
+fn detach_mounts_below(dir: &Path, keep: &[PathBuf]) {
     let prefix = format!("{}/", dir.display());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut targets: Vec<&str> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
+    let mut targets: Vec<String> = lazylayer_fs::holder::mount_points()
+        .into_iter()
         .filter(|t| t.starts_with(&prefix))
+        .filter(|t| !keep.iter().any(|k| Path::new(t) == k))
         .collect();
     targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    for t in targets {
+    for t in targets.iter().map(String::as_str) {
         match rustix::mount::unmount(t, rustix::mount::UnmountFlags::DETACH) {
             Ok(()) => tracing::info!(mount = t, "detached a lazy mount left by a previous run"),
             Err(e) => tracing::warn!(mount = t, error = %e, "detaching a stale lazy mount"),

@@ -2,6 +2,7 @@
 //! container, containerd's containers, Podman's), with everything that goes
 //! with it, in one place.
 
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -100,6 +101,28 @@ impl LazyRoot {
 
     /// Mount the image's merged root, read-only, at `target` (once).
     pub fn mount(&mut self, target: &Path, opts: MountOptions) -> Result<(), FetchError> {
+        self.serve(target, opts, None)
+    }
+
+    /// Serve the root an earlier server left mounted at `target` and handed
+    /// over (its /dev/fuse connection and state, [`LazyRoot::handover_fds`]):
+    /// the same image, so the kernel's inode numbers and handles stay valid.
+    pub fn resume(
+        &mut self,
+        target: &Path,
+        opts: MountOptions,
+        device: OwnedFd,
+        table: OwnedFd,
+    ) -> Result<(), FetchError> {
+        self.serve(target, opts, Some((device, table)))
+    }
+
+    fn serve(
+        &mut self,
+        target: &Path,
+        opts: MountOptions,
+        handed_over: Option<(OwnedFd, OwnedFd)>,
+    ) -> Result<(), FetchError> {
         if self.mount.is_some() {
             return Err(FetchError::BadImage {
                 image: self.image.reference.to_string(),
@@ -115,7 +138,10 @@ impl LazyRoot {
                 .get_or_insert(lazylayer_fs::BOOT_READAHEAD);
         }
         let fs = self.image.file_system(&self.fetcher, fs_opts);
-        let m = FsMount::mount(fs, target, 8)?;
+        let m = match handed_over {
+            None => FsMount::mount(fs, target, 8)?,
+            Some((device, table)) => FsMount::resume(fs, target, 8, device, table)?,
+        };
         if opts.prefetch {
             // The start reads from the boot layer; prefetching earlier takes
             // the CPU it needs (decompression, extraction) and the link. On
@@ -178,6 +204,26 @@ impl LazyRoot {
                 }
             })
             .abort_handle()
+    }
+
+    /// What a descriptor holder keeps so that the mount outlives this
+    /// process ([`lazylayer_fs::Holder`]).
+    pub fn handover_fds(&self) -> Option<[BorrowedFd<'_>; 2]> {
+        self.mount.as_ref().map(|m| m.handover_fds())
+    }
+
+    /// Stop serving here but keep the root mounted, for the next server to
+    /// take over (a holder keeps its connection): fetches are cancelled
+    /// (what they received stays for the next fetch to resume).
+    pub fn leave(mut self) {
+        if let Some(m) = self.mount.take() {
+            m.leave();
+        }
+    }
+
+    /// Opens and reads of this root waiting for content now.
+    pub fn waiting(&self) -> u64 {
+        self.mount.as_ref().map_or(0, |m| m.stats().waiting())
     }
 
     /// Where the root is mounted.

@@ -4,20 +4,22 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 
 use crate::source::{Content, ContentSource, RangedContent};
+use crate::table::{OpenTable, FLAG_INITIALIZED, FLAG_PASSTHROUGH};
 use crate::trace::{Access, Trace};
 
 #[derive(Debug, Clone)]
@@ -62,6 +64,8 @@ pub struct FsStats {
     passthrough_opens: AtomicU64,
     daemon_opens: AtomicU64,
     read_requests: AtomicU64,
+    /// Opens and reads waiting for content on threads of their own.
+    waiting: AtomicU64,
 }
 
 impl FsStats {
@@ -81,27 +85,37 @@ impl FsStats {
     pub fn read_requests(&self) -> u64 {
         self.read_requests.load(Ordering::Relaxed)
     }
+    /// Opens and reads waiting for their content now.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
 }
 
-/// How the kernel does I/O on one inode while it has open files. The kernel
-/// fails (EIO) an open whose mode conflicts with the inode's other open
-/// files: a second backing file, or mixing passthrough and cached opens.
-struct InodeIo {
-    opens: u32,
-    /// Some: every open of this inode is passthrough, to this one backing
-    /// file, kept registered until the last release.
-    backing: Option<BackingId>,
+/// Counts one waiting request while alive.
+struct Waiting(Arc<FsStats>);
+
+impl Waiting {
+    fn new(stats: &Arc<FsStats>) -> Waiting {
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(stats.clone())
+    }
 }
 
-struct OpenFile {
-    ino: u64,
-    content: Content,
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
+/// Content of the handles this process gave out or took over. How the
+/// kernel does I/O on each inode (open count, backing file) is in the
+/// [`OpenTable`], which outlives the process: the kernel fails (EIO) an open
+/// whose mode conflicts with the inode's other open files (a second backing
+/// file, or mixing passthrough and cached opens), so every open of an inode
+/// follows the first one's mode until the last release.
 #[derive(Default)]
 struct OpenState {
-    files: HashMap<u64, OpenFile>,
-    inodes: HashMap<u64, InodeIo>,
+    files: HashMap<u64, Content>,
 }
 
 pub struct LazyFs<S: ContentSource> {
@@ -127,7 +141,11 @@ pub struct Shared<S: ContentSource> {
     /// Canonical entry per entry: the first member of its hardlink group.
     canonical: Vec<u32>,
     open: Mutex<OpenState>,
-    next_fh: AtomicU64,
+    /// Set by the mount, before the first request: the connection's state
+    /// that outlives this process, and a descriptor of the connection (to
+    /// unregister backing files).
+    table: OnceLock<Arc<OpenTable>>,
+    device: OnceLock<OwnedFd>,
     /// Whether the kernel agreed to passthrough at init; cleared when it
     /// turns out not to allow backing files at all.
     passthrough: AtomicBool,
@@ -203,7 +221,8 @@ impl<S: ContentSource> LazyFs<S> {
                 nlink,
                 canonical,
                 open: Mutex::new(OpenState::default()),
-                next_fh: AtomicU64::new(1),
+                table: OnceLock::new(),
+                device: OnceLock::new(),
                 passthrough: AtomicBool::new(false),
                 fallback_logged: AtomicBool::new(false),
                 stats: Arc::new(FsStats::default()),
@@ -215,6 +234,23 @@ impl<S: ContentSource> LazyFs<S> {
     pub fn stats(&self) -> Arc<FsStats> {
         self.stats.clone()
     }
+
+    /// Inodes it serves (the index's entries).
+    pub fn inodes(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Give the file system its connection's state and a descriptor of the
+    /// connection, before it serves (done by [`crate::FsMount`]). A table
+    /// handed over by an earlier server also says what INIT negotiated.
+    pub(crate) fn attach(&self, table: Arc<OpenTable>, device: OwnedFd) {
+        if table.flags() & FLAG_INITIALIZED != 0 {
+            self.passthrough
+                .store(table.flags() & FLAG_PASSTHROUGH != 0, Ordering::Relaxed);
+        }
+        let _ = self.table.set(table);
+        let _ = self.device.set(device);
+    }
 }
 
 impl<S: ContentSource> Shared<S> {
@@ -224,77 +260,182 @@ impl<S: ContentSource> Shared<S> {
         }
     }
 
+    /// Ask the kernel at INIT for what this file system uses.
+    fn negotiate(&self, config: &mut KernelConfig) {
+        // Listings with attributes: a `find`/`ls -l` over the image then costs
+        // one request per directory instead of one per entry.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        if let Some(n) = self.opts.max_readahead {
+            let _ = config.set_max_readahead(n.max(4096));
+        }
+        if !self.opts.passthrough {
+            return;
+        }
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+            self.log_fallback(&format_args!("kernel lacks {missing:?}"));
+            return;
+        }
+        // Backing files live on the host file system (depth 0), so depth 1
+        // suffices, and it leaves room for the overlayfs the container root
+        // stacks on this mount (kernel maximum 2). Depth 2 would let backing
+        // files sit on an overlayfs but make that overlay mount fail.
+        if let Err(max) = config.set_max_stack_depth(1) {
+            self.log_fallback(&format_args!("kernel stack depth limit {max}"));
+            return;
+        }
+        self.passthrough.store(true, Ordering::Relaxed);
+    }
+
+    fn table(&self) -> &OpenTable {
+        self.table
+            .get()
+            .expect("FsMount attaches the table before serving")
+    }
+
     /// Give `file` a handle for inode `ino` and reply, with passthrough when
     /// the kernel allows it.
     fn register_open(&self, ino: u64, file: File, reply: ReplyOpen) {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let mut guard = self.open.lock().unwrap();
-        let st = &mut *guard;
-        let io = st.inodes.entry(ino).or_insert(InodeIo {
-            opens: 0,
-            backing: None,
-        });
+        let table = self.table();
+        let fh = table.next_fh();
+        let mut st = self.open.lock().unwrap();
+        let (opens, mut backing) = table.get(ino);
         // Only the first open of an inode picks its mode; later ones follow
         // it, because the kernel refuses a mix.
-        if io.opens == 0 && self.passthrough.load(Ordering::Relaxed) {
-            match reply.open_backing(&file) {
-                Ok(id) => io.backing = Some(id),
-                Err(e) => {
-                    // EPERM: the connection has no passthrough (or we lack
-                    // CAP_SYS_ADMIN); later opens would fail the same way.
-                    if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) {
-                        self.passthrough.store(false, Ordering::Relaxed);
+        if opens == 0 {
+            backing = 0;
+            if self.passthrough.load(Ordering::Relaxed) {
+                match reply.open_backing(&file) {
+                    // Ours to unregister at the last release (also by the
+                    // next server: the id is in the table).
+                    Ok(id) => backing = id.into_raw(),
+                    Err(e) => {
+                        // EPERM: the connection has no passthrough (or we
+                        // lack CAP_SYS_ADMIN); later opens would fail the same way.
+                        if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) {
+                            self.passthrough.store(false, Ordering::Relaxed);
+                            table.clear_flags(FLAG_PASSTHROUGH);
+                        }
+                        self.log_fallback(&e);
                     }
-                    self.log_fallback(&e);
                 }
             }
         }
-        io.opens += 1;
+        table.set(ino, opens + 1, backing);
         // Registered before replying, so a RELEASE always finds it.
-        st.files.insert(
-            fh,
-            OpenFile {
-                ino,
-                content: Content::File(Arc::new(file)),
-            },
-        );
-        match &io.backing {
-            Some(id) => {
-                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                // No FOPEN_KEEP_CACHE: the kernel fails (EIO) a passthrough
-                // open with any flag outside FOPEN_PASSTHROUGH_MASK, and the
-                // page cache used is the backing file's anyway.
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
-            }
-            None => {
-                self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
-                // Content never changes: let the page cache keep it across opens.
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-            }
+        st.files.insert(fh, Content::File(Arc::new(file)));
+        drop(st);
+        if backing != 0 {
+            self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: a backing id registered on this connection, kept
+            // open until the inode's last release (into_raw below keeps
+            // the wrapper from closing it).
+            let id = unsafe { reply.wrap_backing(backing) };
+            // No FOPEN_KEEP_CACHE: the kernel fails (EIO) a passthrough
+            // open with any flag outside FOPEN_PASSTHROUGH_MASK, and the
+            // page cache used is the backing file's anyway.
+            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            let _ = id.into_raw();
+        } else {
+            self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
+            // Content never changes: let the page cache keep it across opens.
+            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
         }
     }
 
     /// Give ranged content a handle; read through this daemon, cached.
     fn register_ranged(&self, ino: u64, content: Arc<dyn RangedContent>, reply: ReplyOpen) {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let table = self.table();
+        let fh = table.next_fh();
         let mut st = self.open.lock().unwrap();
-        st.inodes
-            .entry(ino)
-            .or_insert(InodeIo {
-                opens: 0,
-                backing: None,
-            })
-            .opens += 1;
-        st.files.insert(
-            fh,
-            OpenFile {
-                ino,
-                content: Content::Ranged(content),
-            },
-        );
+        let (opens, backing) = table.get(ino);
+        table.set(ino, opens + 1, if opens == 0 { 0 } else { backing });
+        st.files.insert(fh, Content::Ranged(content));
         drop(st);
         self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    /// The content of a handle an earlier server gave out (taken over): open
+    /// it again, under the same handle. May wait for the content.
+    fn reopen(&self, i: u32, fh: u64) -> std::io::Result<Content> {
+        let e = self.entry(i);
+        if e.kind != FileKind::File {
+            return Err(std::io::Error::from_raw_os_error(
+                rustix::io::Errno::BADF.raw_os_error(),
+            ));
+        }
+        let content = match self.source.ranged(i, e) {
+            Some(c) => Content::Ranged(c),
+            None => Content::File(Arc::new(matches_index(self.source.open(i, e)?, e)?)),
+        };
+        let mut st = self.open.lock().unwrap();
+        Ok(st.files.entry(fh).or_insert(content).clone())
+    }
+
+    /// Serve a read of `content` (entry `i`): at once when its bytes are
+    /// here, else on a thread of its own.
+    fn read_content(
+        self: &Arc<Self>,
+        i: u32,
+        content: Content,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    ) {
+        let f = match content {
+            Content::File(f) => f,
+            Content::Ranged(c) => {
+                let size_left = self.entry(i).size.saturating_sub(offset);
+                let mut buf = vec![0u8; (size as u64).min(size_left) as usize];
+                if let Some(r) = c.try_read_at(&mut buf, offset) {
+                    return self.reply_ranged(i, r, &buf, offset, reply);
+                }
+                // Bytes still on their way: wait off the worker threads, as
+                // a waiting open does.
+                let shared = self.clone();
+                let waiting = Waiting::new(&self.stats);
+                let spawned = std::thread::Builder::new()
+                    .name("lazylayer-read".into())
+                    .spawn(move || {
+                        let r = c.read_at(&mut buf, offset);
+                        shared.reply_ranged(i, r, &buf, offset, reply);
+                        drop(waiting);
+                    });
+                if let Err(err) = spawned {
+                    tracing::error!(error = %err, "cannot start a thread for a waiting read");
+                }
+                return;
+            }
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0usize;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return reply.error(Errno::from(e)),
+            }
+        }
+        if let Some(t) = &self.trace {
+            t.record_read(&self.entry(i).path, offset, got as u64);
+        }
+        reply.data(&buf[..got]);
+    }
+
+    /// Unregister a backing file (its inode's last open is released).
+    fn close_backing(&self, id: u32) {
+        let Some(dev) = self.device.get() else { return };
+        // FUSE_DEV_IOC_BACKING_CLOSE = _IOW(229, 2, uint32_t).
+        const CLOSE: rustix::ioctl::Opcode = rustix::ioctl::opcode::write::<u32>(229, 2);
+        // SAFETY: the opcode takes a u32 backing id.
+        let r = unsafe {
+            rustix::ioctl::ioctl(dev.as_fd(), rustix::ioctl::Setter::<CLOSE, u32>::new(id))
+        };
+        if let Err(e) = r {
+            tracing::debug!(id, error = %e, "unregistering a backing file");
+        }
     }
 
     /// Reply to a read of ranged content at `offset` of entry `i`.
@@ -421,29 +562,15 @@ fn matches_index(f: File, e: &IndexEntry) -> std::io::Result<File> {
 
 impl<S: ContentSource> Filesystem for LazyFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Listings with attributes: a `find`/`ls -l` over the image then costs
-        // one request per directory instead of one per entry.
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
-        if let Some(n) = self.opts.max_readahead {
-            let _ = config.set_max_readahead(n.max(4096));
+        self.negotiate(config);
+        // What a server taking this connection over must know.
+        let mut flags = FLAG_INITIALIZED;
+        if self.passthrough.load(Ordering::Relaxed) {
+            flags |= FLAG_PASSTHROUGH;
         }
-        if !self.opts.passthrough {
-            return Ok(());
+        if let Some(t) = self.table.get() {
+            t.set_flags(flags);
         }
-        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
-            self.log_fallback(&format_args!("kernel lacks {missing:?}"));
-            return Ok(());
-        }
-        // Backing files live on the host file system (depth 0), so depth 1
-        // suffices, and it leaves room for the overlayfs the container root
-        // stacks on this mount (kernel maximum 2). Depth 2 would let backing
-        // files sit on an overlayfs but make that overlay mount fail.
-        if let Err(max) = config.set_max_stack_depth(1) {
-            self.log_fallback(&format_args!("kernel stack depth limit {max}"));
-            return Ok(());
-        }
-        self.passthrough.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -516,11 +643,13 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         // stat of a present file would stall). The wait is bounded by the
         // source.
         let shared = self.shared.clone();
+        let waiting = Waiting::new(&self.stats);
         let spawned = std::thread::Builder::new()
             .name("lazylayer-open".into())
             .spawn(move || {
                 let r = shared.source.open(i, shared.entry(i));
                 shared.finish_open(ino.0, i, r, reply);
+                drop(waiting);
             });
         if let Err(err) = spawned {
             // The reply went with the closure: dropped unanswered, it
@@ -541,80 +670,57 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         reply: ReplyData,
     ) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let Some(content) = self
-            .open
-            .lock()
-            .unwrap()
-            .files
-            .get(&fh.0)
-            .map(|o| o.content.clone())
-        else {
-            return reply.error(Errno::EBADF);
-        };
         self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
         let Some(i) = self.idx(ino) else {
             return reply.error(Errno::EBADF);
         };
-        let f = match content {
-            Content::File(f) => f,
-            Content::Ranged(c) => {
-                let size_left = self.entry(i).size.saturating_sub(offset);
-                let mut buf = vec![0u8; (size as u64).min(size_left) as usize];
-                if let Some(r) = c.try_read_at(&mut buf, offset) {
-                    return self.reply_ranged(i, r, &buf, offset, reply);
-                }
-                // Bytes still on their way: wait off the worker threads, as
-                // a waiting open does.
-                let shared = self.shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("lazylayer-read".into())
-                    .spawn(move || {
-                        let r = c.read_at(&mut buf, offset);
-                        shared.reply_ranged(i, r, &buf, offset, reply);
-                    });
-                if let Err(err) = spawned {
-                    tracing::error!(error = %err, "cannot start a thread for a waiting read");
-                }
-                return;
-            }
-        };
-        let mut buf = vec![0u8; size as usize];
-        let mut got = 0usize;
-        while got < buf.len() {
-            match f.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return reply.error(Errno::from(e)),
-            }
+        let content = self.open.lock().unwrap().files.get(&fh.0).cloned();
+        if let Some(c) = content {
+            return self.shared.read_content(i, c, offset, size, reply);
         }
-        if let Some(t) = &self.trace {
-            t.record_read(&self.entry(i).path, offset, got as u64);
+        // A handle the server before this one gave out: the kernel kept it
+        // across the takeover. Open the content again, off the workers.
+        let shared = self.shared.clone();
+        let waiting = Waiting::new(&self.stats);
+        let spawned = std::thread::Builder::new()
+            .name("lazylayer-reopen".into())
+            .spawn(move || {
+                match shared.reopen(i, fh.0) {
+                    Ok(c) => shared.read_content(i, c, offset, size, reply),
+                    Err(err) => shared.content_error(i, Some(offset), &err, |e| reply.error(e)),
+                }
+                drop(waiting);
+            });
+        if let Err(err) = spawned {
+            tracing::error!(error = %err, "cannot start a thread for a taken-over read");
         }
-        reply.data(&buf[..got]);
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // By inode, not by handle: the handle may be an earlier server's.
+        let table = self.table();
         let mut st = self.open.lock().unwrap();
-        if let Some(of) = st.files.remove(&fh.0) {
-            if let Some(io) = st.inodes.get_mut(&of.ino) {
-                io.opens -= 1;
-                // The kernel has dropped this file's hold on the inode's I/O
-                // mode before sending RELEASE, so the last release may
-                // unregister the backing file.
-                if io.opens == 0 {
-                    st.inodes.remove(&of.ino);
-                }
+        st.files.remove(&fh.0);
+        let (opens, backing) = table.get(ino.0);
+        if opens <= 1 {
+            // The kernel has dropped this file's hold on the inode's I/O
+            // mode before sending RELEASE, so the last release may
+            // unregister the backing file.
+            table.set(ino.0, 0, 0);
+            if backing != 0 {
+                self.close_backing(backing);
             }
+        } else {
+            table.set(ino.0, opens - 1, backing);
         }
         drop(st);
         reply.ok();

@@ -15,11 +15,14 @@
 //! A kernel overlayfs is mounted on top by the caller for the container's writes.
 
 mod filesystem;
+pub mod holder;
 mod mount;
 pub mod source;
+mod table;
 mod trace;
 
 pub use filesystem::{FsOptions, FsStats, LazyFs};
+pub use holder::{Held, Holder};
 pub use mount::FsMount;
 pub use source::{BootOnlySource, Content, ContentSource, LayerDirSource, RangedContent};
 pub use trace::{Access, Trace, TraceEvent, TraceFile, TraceRead};

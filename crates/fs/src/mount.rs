@@ -1,18 +1,42 @@
-//! A mounted lazylayer file system as a value: unmounted on drop.
+//! A mounted lazylayer file system as a value: unmounted on drop, unless
+//! left mounted for the next server ([`FsMount::leave`]), which takes it over
+//! with [`FsMount::resume`].
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, Config, Session, SessionACL};
 
 use crate::filesystem::{FsStats, LazyFs};
 use crate::source::ContentSource;
+use crate::table::{OpenTable, FLAG_INITIALIZED};
 use crate::FsError;
 
 pub struct FsMount {
     session: Option<BackgroundSession>,
     target: PathBuf,
     stats: Arc<FsStats>,
+    /// The connection, kept for a holder ([`FsMount::handover_fds`]).
+    device: OwnedFd,
+    table: Arc<OpenTable>,
+}
+
+/// `FUSE_NOTIFY_RESEND` (Linux 6.9): the kernel queues again every request
+/// a server read and did not answer.
+const FUSE_NOTIFY_RESEND: i32 = 7;
+
+fn session_config(threads: usize) -> Config {
+    let mut cfg = Config::default();
+    cfg.acl = SessionACL::All;
+    // Several threads so that one reader blocked on a download does not
+    // stall every other file access. All on the one descriptor (no
+    // FUSE_DEV_IOC_CLONE): requests read on a cloned descriptor are failed
+    // by the kernel when the process holding it dies, while those on a
+    // descriptor the holder keeps open stay queued for the next server.
+    cfg.n_threads = Some(threads.max(1));
+    cfg.clone_fd = false;
+    cfg
 }
 
 impl FsMount {
@@ -29,30 +53,106 @@ impl FsMount {
         target: &Path,
         threads: usize,
     ) -> Result<FsMount, FsError> {
-        let mut cfg = Config::default();
-        cfg.mount_options = vec![
-            MountOption::FSName("lazylayer".into()),
-            MountOption::Subtype("lazylayer".into()),
-            MountOption::RO,
-            MountOption::DefaultPermissions,
-            MountOption::NoSuid,
-            MountOption::NoDev,
-            MountOption::Exec,
-        ];
-        cfg.acl = SessionACL::All;
-        // Several threads so that one reader blocked on a download does not
-        // stall every other file access.
-        cfg.n_threads = Some(threads.max(1));
-        cfg.clone_fd = true;
-        let stats = fs.stats();
-        let session = fuser::spawn_mount(fs, target, &cfg).map_err(|source| FsError::Mount {
+        let err = |source: std::io::Error| FsError::Mount {
             path: target.to_path_buf(),
             source,
-        })?;
+        };
+        let table = Arc::new(OpenTable::create(fs.inodes()).map_err(err)?);
+        let device = rustix::fs::open(
+            "/dev/fuse",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| err(e.into()))?;
+        // rootmode: the root's file type as the kernel must see it before
+        // INIT; allow_other: containers run as any user.
+        let data = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other",
+            std::os::fd::AsRawFd::as_raw_fd(&device)
+        );
+        let flags = rustix::mount::MountFlags::RDONLY
+            | rustix::mount::MountFlags::NOSUID
+            | rustix::mount::MountFlags::NODEV;
+        let data = std::ffi::CString::new(data).expect("no NUL in mount options");
+        rustix::mount::mount(
+            "lazylayer",
+            target,
+            "fuse.lazylayer",
+            flags,
+            data.as_c_str(),
+        )
+        .map_err(|e| err(e.into()))?;
+        let dup = |fd: &OwnedFd| fd.try_clone();
+        let started = (|| {
+            fs.attach(table.clone(), dup(&device)?);
+            let stats = fs.stats();
+            // The handshake answers the INIT the mount queued.
+            let session =
+                Session::from_fd(fs, dup(&device)?, SessionACL::All, session_config(threads))?;
+            Ok::<_, std::io::Error>((session.spawn()?, stats))
+        })();
+        match started {
+            Ok((session, stats)) => Ok(FsMount {
+                session: Some(session),
+                target: target.to_path_buf(),
+                stats,
+                device,
+                table,
+            }),
+            Err(e) => {
+                let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
+                Err(err(e))
+            }
+        }
+    }
+
+    /// Serve the live mount at `target` that an earlier server left (its
+    /// /dev/fuse descriptor `device` and its state `table`, as
+    /// [`FsMount::handover_fds`] gave them), for the same index. Requests
+    /// the earlier server read and never answered are sent again.
+    pub fn resume<S: ContentSource>(
+        fs: LazyFs<S>,
+        target: &Path,
+        threads: usize,
+        device: OwnedFd,
+        table: OwnedFd,
+    ) -> Result<FsMount, FsError> {
+        let err = |source: std::io::Error| FsError::Mount {
+            path: target.to_path_buf(),
+            source,
+        };
+        let table = Arc::new(OpenTable::adopt(table, fs.inodes()).map_err(err)?);
+        if table.flags() & FLAG_INITIALIZED == 0 {
+            return Err(err(std::io::Error::other(
+                "the handed-over connection never finished its INIT",
+            )));
+        }
+        fs.attach(table.clone(), device.try_clone().map_err(err)?);
+        let stats = fs.stats();
+        let session = Session::resume(
+            fs,
+            device.try_clone().map_err(err)?,
+            SessionACL::All,
+            session_config(threads),
+        )
+        .spawn()
+        .map_err(err)?;
+        // Serving first, then the resend: the requests come back to us.
+        let header = notify_header(FUSE_NOTIFY_RESEND);
+        match rustix::io::write(&device, &header) {
+            Ok(_) => {}
+            // Before Linux 6.9: what the dead server had read stays
+            // unanswered; later requests are served.
+            Err(e) => {
+                tracing::warn!(target = %target.display(), error = %e, "the kernel cannot resend requests in flight")
+            }
+        }
         Ok(FsMount {
             session: Some(session),
             target: target.to_path_buf(),
             stats,
+            device,
+            table,
         })
     }
 
@@ -65,23 +165,50 @@ impl FsMount {
         self.stats.clone()
     }
 
+    /// What a holder must keep for the next server: the /dev/fuse
+    /// connection and the shared state.
+    pub fn handover_fds(&self) -> [BorrowedFd<'_>; 2] {
+        [self.device.as_fd(), self.table.fd()]
+    }
+
     /// Unmount now (also done on drop).
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.do_unmount()
     }
 
-    fn do_unmount(&mut self) -> std::io::Result<()> {
+    /// Keep the mount for the next server: nothing is unmounted; this
+    /// process's threads serve on until it exits, and a holder keeps the
+    /// connection open after that.
+    pub fn leave(mut self) {
         if let Some(s) = self.session.take() {
-            // If something still holds the mount (a crashed overlay user),
-            // detach it so no mount outlives us.
-            if let Err(e) = s.umount_and_join() {
-                tracing::warn!(target = %self.target.display(), error = %e, "unmount failed; detaching");
-                let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
-                return Err(e);
-            }
+            std::mem::forget(s);
         }
-        Ok(())
     }
+
+    fn do_unmount(&mut self) -> std::io::Result<()> {
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        if let Err(e) = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::empty()) {
+            // Still in use (an overlay user that crashed): detach it so no
+            // mount outlives us. The connection ends when its last user
+            // lets go; the threads are not waited for.
+            tracing::warn!(target = %self.target.display(), error = %e, "unmount failed; detaching");
+            let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
+            std::mem::forget(s);
+            return Err(e.into());
+        }
+        // The kernel ended the connection: the threads see ENODEV.
+        s.join()
+    }
+}
+
+/// A notification's header: length, code (as the error field), unique 0.
+fn notify_header(code: i32) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    h[4..8].copy_from_slice(&code.to_ne_bytes());
+    h
 }
 
 impl Drop for FsMount {

@@ -7,11 +7,14 @@
 //! are empty. Podman then pulls only manifest and config, and its containers
 //! run on the lazy root. See docs/podman.md.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use lazylayer_fetch::{FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
+use lazylayer_fs::{Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::Store;
 
@@ -50,6 +53,23 @@ pub struct StoreOptions {
     /// Fetch the remaining layers in the background once a start has
     /// settled (a container's first reads, or 2 s after the mount).
     pub prefetch: bool,
+    /// Keeps each lazy root's FUSE connection while no store serves it (a
+    /// crash, a restart, an upgrade); None: roots die with the process.
+    pub holder: Option<Holder>,
+}
+
+/// How long a graceful stop waits for reads waiting on content.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+
+const HELD_KIND: &str = "podman-store";
+
+/// What the holder keeps beside a lazy root's descriptors.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HeldRoot {
+    kind: String,
+    target: String,
+    image_ref: String,
+    base: String,
 }
 
 /// Podman's name for an image's directory in the store: the reference as
@@ -60,23 +80,49 @@ pub fn image_dir_name(reference: &str) -> String {
 }
 
 /// One image laid out for Podman; undone on drop (bind mount, directories,
-/// then the lazy root: FUSE, fetches, pin).
+/// then the lazy root: FUSE, fetches, pin) unless left for the next store.
 struct Served {
     base: PathBuf,
     bind: PathBuf,
-    root: LazyRoot,
+    root: Option<LazyRoot>,
+    holder: Option<Holder>,
+}
+
+impl Served {
+    fn root(&self) -> &LazyRoot {
+        self.root.as_ref().expect("present until dropped or left")
+    }
+
+    /// Leave everything mounted and laid out for the next store.
+    fn leave(mut self) {
+        if let Some(r) = self.root.take() {
+            r.leave();
+        }
+        self.holder = None;
+        self.base = PathBuf::new();
+    }
 }
 
 impl Drop for Served {
     fn drop(&mut self) {
+        if self.base.as_os_str().is_empty() {
+            return;
+        }
         let _ = rustix::mount::unmount(&self.bind, rustix::mount::UnmountFlags::DETACH);
         let _ = std::fs::remove_dir_all(&self.base);
+        if let Some(root) = self.root.take() {
+            let target = root.path().map(Path::to_path_buf);
+            drop(root);
+            if let (Some(h), Some(t)) = (&self.holder, target) {
+                let _ = h.drop_entry(&t.display().to_string());
+            }
+        }
     }
 }
 
 /// The images a running store serves. Dropped: every entry is removed and
 /// every lazy root unmounted (each image is recorded in the lazylayer store
-/// once all its layers arrived).
+/// once all its layers arrived); [`LayerStore::stop`] keeps those in use.
 pub struct LayerStore {
     served: Vec<Served>,
 }
@@ -98,9 +144,49 @@ impl LayerStore {
     ) -> Result<LayerStore, PodmanError> {
         lazylayer_store::create_private_dir(&opts.dir)
             .map_err(io("creating the layer store directory", &opts.dir))?;
+        let mut held: Vec<Held> = match &opts.holder {
+            Some(h) => h.list().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "asking the descriptor holder for the lazy roots it keeps");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
         let mut served = Vec::new();
         for (i, reference) in images.iter().enumerate() {
             let pin = format!("podman-store-{}-{i}", std::process::id());
+            let work = work_dir(store, &opts.dir, reference);
+            let target = work.join("root");
+            let base = opts.dir.join(image_dir_name(&reference.to_string()));
+            let kept = held
+                .iter()
+                .position(|h| Path::new(&h.name) == target)
+                .map(|k| held.swap_remove(k));
+            if let Some(h) = kept {
+                match take_over(
+                    store,
+                    client.clone(),
+                    reference,
+                    opts,
+                    &pin,
+                    &base,
+                    &target,
+                    h,
+                )
+                .await
+                {
+                    Ok(s) => {
+                        tracing::info!(image = %reference, mount = %target.display(), "took over a lazy root left by the previous store");
+                        served.push(s);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(image = %reference, error = %e, "cannot take over the lazy root; serving it anew")
+                    }
+                }
+            }
+            // Left by a store that died with nobody keeping its connection
+            // (dead: ENOTCONN), or by one that could not be taken over.
+            clear_layout(&base, &target, opts.holder.as_ref());
             let opened = LazyRoot::open(store, client.clone(), reference, opts.fetch.clone(), &pin);
             let root = match opened.await {
                 Ok(root) => root,
@@ -112,21 +198,197 @@ impl LayerStore {
                     })
                 }
             };
-            let work = store
-                .root()
-                .join("podman-store")
-                .join(format!("{}-{i}", std::process::id()));
-            served.push(lay_out(root, &opts.dir, &work, opts.prefetch)?);
+            let s = lay_out(root, &opts.dir, &work, opts.prefetch, opts.holder.clone())?;
+            hold(&s, opts.holder.as_ref());
+            served.push(s);
+        }
+        // Kept for images this store no longer serves: no user is known
+        // to this store; they are cleared once nobody has them mounted.
+        for h in held {
+            tracing::warn!(
+                mount = h.name,
+                "the descriptor holder keeps a root of an image not served now; leaving it"
+            );
         }
         Ok(LayerStore { served })
     }
 
     pub fn images(&self) -> impl Iterator<Item = ServedImage<'_>> {
         self.served.iter().map(|s| ServedImage {
-            reference: s.root.reference(),
-            layers: s.root.layers().len(),
+            reference: s.root().reference(),
+            layers: s.root().layers().len(),
         })
     }
+
+    /// A graceful stop: unmount and remove the images no container uses;
+    /// leave those in use mounted and laid out for the next store (when a
+    /// holder keeps their connections), once reads waiting for content were
+    /// answered (up to 10 s; the kernel sends the rest again to the next one).
+    pub async fn stop(self) {
+        let t0 = std::time::Instant::now();
+        for s in self.served {
+            if s.holder.is_none() || !in_use(&s.base) {
+                drop(s);
+                continue;
+            }
+            while s.root().waiting() > 0 && t0.elapsed() < DRAIN_MAX {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::info!(image = %s.root().reference(), "in use by a container: left mounted for the next store");
+            s.leave();
+        }
+    }
+}
+
+/// Where an image's lazy root is mounted: stable across restarts (the
+/// next store finds it), one per layer store directory and image.
+fn work_dir(store: &Store, dir: &Path, reference: &Reference) -> PathBuf {
+    let key = Digest::sha256_of(format!("{}\n{reference}", dir.display()).as_bytes());
+    let hex = key.to_string();
+    let hex = hex.trim_start_matches("sha256:");
+    store.root().join("podman-store").join(&hex[..16])
+}
+
+/// Hand `s`'s connection to the holder (logged, not fatal: the root works,
+/// it just dies with this process).
+fn hold(s: &Served, holder: Option<&Holder>) {
+    let root = s.root();
+    let (Some(h), Some(fds), Some(target)) = (holder, root.handover_fds(), root.path()) else {
+        return;
+    };
+    let target = target.display().to_string();
+    let meta = HeldRoot {
+        kind: HELD_KIND.into(),
+        target: target.clone(),
+        image_ref: root.reference().to_string(),
+        base: s.base.display().to_string(),
+    };
+    let meta = serde_json::to_value(meta).expect("serialisable");
+    if let Err(e) = h.put(&target, meta, &fds) {
+        tracing::warn!(mount = target, error = %e, "the lazy root will not survive a restart of the store");
+    }
+}
+
+/// Take over the root an earlier store left at `target`, laid out in `base`.
+#[allow(clippy::too_many_arguments)]
+async fn take_over(
+    store: &Store,
+    client: Arc<RegistryClient>,
+    reference: &Reference,
+    opts: &StoreOptions,
+    pin: &str,
+    base: &Path,
+    target: &Path,
+    h: Held,
+) -> Result<Served, String> {
+    let meta: HeldRoot = serde_json::from_value(h.meta).map_err(|e| e.to_string())?;
+    if meta.kind != HELD_KIND || meta.image_ref != reference.to_string() {
+        return Err(format!("kept for {} {}", meta.kind, meta.image_ref));
+    }
+    if !lazylayer_fs::holder::is_mount_point(target) {
+        return Err("no longer mounted".into());
+    }
+    let [device, table]: [OwnedFd; 2] = h
+        .fds
+        .try_into()
+        .map_err(|v: Vec<OwnedFd>| format!("{} descriptors kept, not 2", v.len()))?;
+    let mut root = match LazyRoot::open(store, client, reference, opts.fetch.clone(), pin).await {
+        Ok(r) => r,
+        Err(OpenError::NoBootLayer(r)) => return Err(format!("{r} has no boot layer")),
+        Err(OpenError::Failed(e)) => return Err(error_chain(&e)),
+    };
+    let mount = MountOptions {
+        prefetch: opts.prefetch,
+        ..MountOptions::default()
+    };
+    root.resume(target, mount, device, table)
+        .map_err(|e| error_chain(&e))?;
+    let top = root
+        .layers()
+        .last()
+        .map(|l| l.digest.to_string())
+        .unwrap_or_default();
+    let bind = base.join(top).join("diff");
+    if !lazylayer_fs::holder::is_mount_point(&bind) {
+        rustix::mount::mount_bind(target, &bind)
+            .map_err(|e| format!("bind-mounting the lazy root: {e}"))?;
+    }
+    Ok(Served {
+        base: base.to_path_buf(),
+        bind,
+        root: Some(root),
+        holder: opts.holder.clone(),
+    })
+}
+
+/// Remove what an earlier store left of an image: its layout in `base`
+/// (bind mounts detached) and its lazy mount at `target`.
+fn clear_layout(base: &Path, target: &Path, holder: Option<&Holder>) {
+    let below = format!("{}/", base.display());
+    for m in lazylayer_fs::holder::mount_points() {
+        if m.starts_with(&below) {
+            let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+    if lazylayer_fs::holder::is_mount_point(target) {
+        tracing::info!(mount = %target.display(), "detached a lazy mount left by a previous store");
+        let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
+    }
+    if let Some(h) = holder {
+        let _ = h.drop_entry(&target.display().to_string());
+    }
+    if base.exists() {
+        let _ = std::fs::remove_dir_all(base);
+    }
+}
+
+/// Whether a container's overlay stands on a layer of the image laid out in
+/// `base` (its lowerdir names a directory there). Overlayfs takes private
+/// clones of its lower mounts, so an unmount would succeed under a running
+/// container: mountinfo's overlay options are what tell. Relative lower
+/// paths (which Podman uses for long option strings) cannot be placed:
+/// counted as in use, so that nothing running loses its root.
+fn in_use(base: &Path) -> bool {
+    let Ok(base) = base.canonicalize() else {
+        return false;
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in info.lines() {
+        let Some((_, after)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut f = after.split(' ');
+        if f.next() != Some("overlay") {
+            continue;
+        }
+        let opts = f.nth(1).unwrap_or("");
+        for o in opts.split(',') {
+            let Some(lowers) = o.strip_prefix("lowerdir=") else {
+                continue;
+            };
+            for l in lowers.split(':').filter(|l| !l.is_empty()) {
+                let p = Path::new(l);
+                if !p.is_absolute() {
+                    return true;
+                }
+                if p.canonicalize().is_ok_and(|c| c.starts_with(&base)) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 fn lay_out(
@@ -134,6 +396,7 @@ fn lay_out(
     dir: &Path,
     work: &Path,
     prefetch: bool,
+    holder: Option<Holder>,
 ) -> Result<Served, PodmanError> {
     let reference = root.reference().to_string();
     let base = dir.join(image_dir_name(&reference));
@@ -181,7 +444,8 @@ fn lay_out(
     Ok(Served {
         base,
         bind: top_diff,
-        root,
+        root: Some(root),
+        holder,
     })
 }
 

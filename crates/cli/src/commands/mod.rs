@@ -1,4 +1,5 @@
 pub mod containerd;
+pub mod holder;
 pub mod images;
 pub mod inspect;
 pub mod optimize;

@@ -22,11 +22,20 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let store = g.store()?;
     let client = Arc::new(g.client()?);
     let dir = g.root.join("snapshotter");
+    // Lazy roots outlive this process: their FUSE connections are kept by a
+    // holder, and a restart takes them over before it serves.
+    let holder = super::holder::client(&dir.join("holder.sock"))?;
     let sn = Snapshotter::open(&dir, Some(Images::new(store, client)))
-        .with_context(|| format!("opening the snapshotter state in {}", dir.display()))?;
+        .with_context(|| format!("opening the snapshotter state in {}", dir.display()))?
+        .with_holder(holder);
+    let n = sn.recover().await;
+    if n > 0 {
+        eprintln!("took over {n} lazy root(s) left mounted by the previous snapshotter");
+    }
     let shutdown = async {
-        // SIGTERM (service managers, tests) as well as Ctrl-C: unmount the
-        // lazy roots and remove the socket on the way out.
+        // SIGTERM (service managers, tests) as well as Ctrl-C: stop serving,
+        // unmount the lazy roots no container uses, leave those in use to
+        // the next snapshotter, and remove the socket on the way out.
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,

@@ -38,6 +38,13 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let images = (a.images.iter())
         .map(|i| super::parse_reference(i))
         .collect::<Result<Vec<_>>>()?;
+    let store = g.store()?;
+    // Lazy roots outlive this process: their FUSE connections are kept by a
+    // holder, and a restart with the same images takes them over.
+    let holder_dir = store.root().join("podman-store");
+    lazylayer_store::create_private_dir(&holder_dir)
+        .with_context(|| format!("creating {}", holder_dir.display()))?;
+    let holder = super::holder::client(&holder_dir.join("holder.sock"))?;
     let opts = StoreOptions {
         dir: a.dir.clone(),
         fetch: FetchOptions {
@@ -45,8 +52,9 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             ..FetchOptions::default()
         },
         prefetch: a.prefetch == "on",
+        holder: Some(holder),
     };
-    let (store, client) = (g.store()?, Arc::new(g.client()?));
+    let client = Arc::new(g.client()?);
     let served = LayerStore::serve(&store, client, &images, &opts)
         .await
         .with_context(|| format!("serving images in {}", a.dir.display()))?;
@@ -63,8 +71,10 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    eprintln!("stopping: unmounting and removing the layer store entries");
+    eprintln!(
+        "stopping: unmounting the images no container uses (those in use stay for the next store)"
+    );
     // Each image is recorded in the store once all its layers arrived.
-    drop(served);
+    served.stop().await;
     Ok(())
 }

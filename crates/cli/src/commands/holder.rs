@@ -1,0 +1,31 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use lazylayer_fs::Holder;
+
+/// Keep the FUSE connections of live lazy roots while no server serves them
+/// (started by `lazylayer snapshotter` and `lazylayer store` on their first
+/// mount, in a session of its own; exits once it holds nothing).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Unix socket to serve on
+    #[arg(long)]
+    pub socket: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    lazylayer_fs::holder::serve(&a.socket)
+        .with_context(|| format!("holding descriptors on {}", a.socket.display()))
+}
+
+/// A client of the holder on `socket`, started from this very executable
+/// when none runs.
+pub fn client(socket: &Path) -> Result<Holder> {
+    let exe = std::env::current_exe().context("finding the lazylayer executable")?;
+    let args = vec![
+        "fd-holder".to_string(),
+        "--socket".to_string(),
+        socket.display().to_string(),
+    ];
+    Ok(Holder::new(socket, &exe, args))
+}
