@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,6 +14,7 @@ use common::*;
 /// failing test leaves nothing mounted.
 struct ServedStore {
     process: KillOnDrop,
+    args: Vec<String>,
     _leftovers: (StoreLeftovers, UnmountBelow),
     root: tempfile::TempDir,
     als: tempfile::TempDir,
@@ -29,38 +30,88 @@ impl ServedStore {
             StoreLeftovers(root.path().to_path_buf()),
             UnmountBelow(als.path().to_path_buf()),
         );
-        let mut process = KillOnDrop(
+        let mut args: Vec<String> = vec!["--root".into(), root.path().display().to_string()];
+        args.push("store".into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend([
+            "--dir".into(),
+            als.path().display().to_string(),
+            image.into(),
+        ]);
+        let process = ServedStore::spawn(&args, root.path());
+        let mut s = ServedStore {
+            process,
+            args,
+            _leftovers: leftovers,
+            root,
+            als,
+            ready: Instant::now(),
+        };
+        s.wait_ready(1);
+        s
+    }
+
+    fn spawn(args: &[String], root: &std::path::Path) -> KillOnDrop {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("store.out"))
+            .unwrap();
+        KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-                .arg("--root")
-                .arg(root.path())
-                .arg("store")
-                .args(extra)
-                .arg("--dir")
-                .arg(als.path())
-                .arg(image)
-                .stdout(Stdio::null())
+                .args(args)
+                .stdout(out)
                 .spawn()
                 .unwrap(),
-        );
+        )
+    }
+
+    /// Until the `n`th start of the store says it serves its image.
+    fn wait_ready(&mut self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while mounts_below(als.path()).is_empty() {
+        let served = || {
+            let out =
+                std::fs::read_to_string(self.root.path().join("store.out")).unwrap_or_default();
+            out.lines().filter(|l| l.starts_with("serving ")).count()
+        };
+        while served() < n || mounts_below(self.als.path()).is_empty() {
             assert!(
                 Instant::now() < deadline,
                 "lazylayer store did not get ready"
             );
             assert!(
-                process.0.try_wait().unwrap().is_none(),
+                self.process.0.try_wait().unwrap().is_none(),
                 "lazylayer store exited early"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        ServedStore {
-            process,
-            _leftovers: leftovers,
-            root,
-            als,
-            ready: Instant::now(),
+        self.ready = Instant::now();
+    }
+
+    /// Kill the store (SIGKILL, or SIGTERM and a clean exit when
+    /// `graceful`) and start it again with the same arguments; ready when
+    /// returned (the `n`th start).
+    fn restart(&mut self, graceful: bool, n: usize) {
+        if graceful {
+            send_signal(self.process.0.id(), rustix::process::Signal::TERM);
+            assert_eq!(
+                wait_exit(&mut self.process.0, Duration::from_secs(30)),
+                Some(0)
+            );
+        } else {
+            let _ = self.process.0.kill();
+            let _ = self.process.0.wait();
         }
+        self.process = ServedStore::spawn(&self.args, self.root.path());
+        self.wait_ready(n);
+    }
+
+    fn holder_pid(&self) -> Option<u32> {
+        let p = self.root.path().join("podman-store/holder.pid");
+        let pid: u32 = std::fs::read_to_string(p).ok()?.trim().parse().ok()?;
+        std::path::Path::new(&format!("/proc/{pid}"))
+            .exists()
+            .then_some(pid)
     }
 
     /// `podman ARGS` with this layer store, which must succeed; its stdout.
@@ -206,4 +257,178 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
     }
 
     store.stop();
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn vm_rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A running Podman container of a lazy image keeps its file system while
+/// `lazylayer store` is killed (SIGKILL) and restarted, or upgraded
+/// (SIGTERM, then a new one), 20 times, alternating: a read waiting for the
+/// streaming base layer when the store dies completes with the right bytes,
+/// later first reads and listings work, the container is never stopped,
+/// and neither mounts nor the holder's descriptors or memory grow.
+#[test]
+fn root_podman_store_restarts_keep_a_running_container_serving() {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (opt, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, layers) = layer_digests(opt.path(), &dst);
+    let proxy = common::proxy::CuttingProxy::relay(reg.port);
+    *proxy.slow_blob.lock().unwrap() = (layers[0].clone(), 1_000_000);
+    let img = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
+    let base_fs = stored_layer(opt.path(), &layers[0]).join("fs");
+    let mut files = Vec::new();
+    for p in tree_listing(&base_fs.join("usr")) {
+        let m = std::fs::symlink_metadata(base_fs.join("usr").join(&p)).unwrap();
+        if m.is_file() && (64 << 10..4 << 20).contains(&m.len()) {
+            files.push(format!("usr/{p}"));
+        }
+    }
+    assert!(files.len() > 25, "{} files", files.len());
+
+    let mut store = ServedStore::start(&img, &[]);
+    let podman = Podman::new();
+    let pm = |store: &ServedStore, args: &[&str]| store.podman(&podman, args);
+    pm(&store, &["pull", "-q", "--tls-verify=false", &img]);
+    pm(
+        &store,
+        &[
+            "run",
+            "-d",
+            "--network=none",
+            "--name",
+            "long",
+            &img,
+            "sleep",
+            "1000",
+        ],
+    );
+    let state = |store: &ServedStore| {
+        pm(
+            store,
+            &[
+                "inspect",
+                "long",
+                "--format",
+                "{{.State.Status}} {{.State.Pid}}",
+            ],
+        )
+        .trim()
+        .to_string()
+    };
+    let state0 = state(&store);
+    assert!(state0.starts_with("running "), "{state0}");
+    let merged = std::path::PathBuf::from(
+        pm(
+            &store,
+            &[
+                "inspect",
+                "long",
+                "--format",
+                "{{.GraphDriver.Data.MergedDir}}",
+            ],
+        )
+        .trim(),
+    );
+    let expect = |f: &str| std::fs::read(base_fs.join(f)).unwrap();
+    let read_in_thread = |f: &str| {
+        let p = merged.join(f);
+        std::thread::spawn(move || std::fs::read(p))
+    };
+    let check_alive = |store: &ServedStore, when: &str| {
+        assert_eq!(state(store), state0, "the container after {when}");
+        let n = std::fs::read_dir(merged.join("usr/lib")).unwrap().count();
+        assert!(n > 10, "ls /usr/lib after {when}: {n} entries");
+    };
+
+    // SIGKILL while a first read of perl waits for the base layer.
+    let perl = read_in_thread("usr/bin/perl");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !perl.is_finished(),
+        "the read must still be waiting for the layer"
+    );
+    store.restart(false, 2);
+    assert!(perl.join().unwrap().expect("read across the crash") == expect("usr/bin/perl"));
+    check_alive(&store, "a SIGKILL");
+    // An upgrade while a read waits.
+    let r = read_in_thread(&files[0]);
+    std::thread::sleep(Duration::from_millis(200));
+    store.restart(true, 3);
+    assert!(r.join().unwrap().expect("read across the upgrade") == expect(&files[0]));
+    check_alive(&store, "an upgrade");
+
+    let holder = store.holder_pid().expect("a holder runs");
+    let mounts0 = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    let (hfd0, hrss0) = (fd_count(holder), vm_rss_kb(holder));
+    let mut figures = Vec::new();
+    for k in 0..20 {
+        store.restart(k % 2 == 1, 4 + k);
+        let f = &files[1 + k];
+        let got = read_in_thread(f).join().unwrap();
+        assert!(
+            got.unwrap_or_else(|e| panic!("{f} after restart {k}: {e}")) == expect(f),
+            "{f}"
+        );
+        check_alive(&store, &format!("restart {k}"));
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .count();
+        let pid = store.process.0.id();
+        figures.push((
+            k,
+            mounts,
+            store.holder_pid(),
+            fd_count(holder),
+            vm_rss_kb(holder),
+            vm_rss_kb(pid),
+            fd_count(pid),
+        ));
+    }
+    eprintln!("restart mounts holder_pid holder_fds holder_rss_kb store_rss_kb store_fds");
+    for f in &figures {
+        eprintln!("{} {} {:?} {} {} {} {}", f.0, f.1, f.2, f.3, f.4, f.5, f.6);
+    }
+    eprintln!("before: mounts {mounts0} holder fds {hfd0} holder rss {hrss0} kB");
+    for f in &figures {
+        assert_eq!(f.1, mounts0, "mounts after restart {}", f.0);
+        assert_eq!(f.2, Some(holder), "the same holder keeps the root");
+        assert_eq!(f.3, hfd0, "holder descriptors after restart {}", f.0);
+    }
+    let last = figures.last().unwrap();
+    assert!(
+        last.4 < hrss0 + 1024,
+        "holder memory grew: {hrss0} -> {} kB",
+        last.4
+    );
+    assert!(
+        last.6 <= figures[1].6 + 8,
+        "store fds {} -> {}",
+        figures[1].6,
+        last.6
+    );
+
+    // With the container gone, a graceful stop removes everything.
+    pm(&store, &["rm", "-f", "-t", "0", "long"]);
+    let als = store.stop();
+    assert!(
+        tree_listing(als.path()).is_empty(),
+        "{:?}",
+        tree_listing(als.path())
+    );
 }

@@ -495,6 +495,17 @@ impl Drop for StoreLeftovers {
                 .output();
         }
         unmount_below(&self.0);
+        // A descriptor holder keeps the connections of roots a killed
+        // server left; with the mounts gone it exits on its own, and is
+        // stopped here in any case.
+        for h in ["podman-store/holder.pid", "snapshotter/holder.pid"] {
+            let pid = std::fs::read_to_string(self.0.join(h)).ok();
+            if let Some(pid) = pid.and_then(|p| p.trim().parse::<i32>().ok()) {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
     }
 }
 
