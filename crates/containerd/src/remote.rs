@@ -247,6 +247,17 @@ impl Snapshotter {
                 }
             }
         }
+        // Taken over but no longer used (its last snapshot went while no
+        // snapshotter ran): nothing will remove it later.
+        let unused: Vec<String> = (mounts.keys())
+            .filter(|d| self.snapshots.lazy_users(d) == 0)
+            .cloned()
+            .collect();
+        for d in unused {
+            if let Some(root) = mounts.remove(&d) {
+                self.release(&d, root);
+            }
+        }
         // Our FUSE mounts die with the process that served them unless the
         // holder kept them; a dead one answers ENOTCONN.
         let kept: Vec<PathBuf> = mounts.keys().map(|m| self.snapshots.lazy_dir(m)).collect();

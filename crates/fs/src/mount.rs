@@ -198,7 +198,19 @@ impl FsMount {
             std::mem::forget(s);
             return Err(e.into());
         }
-        // The kernel ended the connection: the threads see ENODEV.
+        // The kernel ends the connection when the superblock goes and the
+        // threads see ENODEV. An overlay that still stands on this mount
+        // (overlayfs keeps a private clone of its lowers) keeps it alive:
+        // then the threads serve it until it goes, not waited for.
+        let t0 = std::time::Instant::now();
+        while !s.guard.is_finished() {
+            if t0.elapsed() > std::time::Duration::from_secs(2) {
+                tracing::warn!(target = %self.target.display(), "unmounted, but still in use below an overlay: served until it goes");
+                std::mem::forget(s);
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         s.join()
     }
 }
