@@ -259,19 +259,6 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
     store.stop();
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-fn vm_rss_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A running Podman container of a lazy image keeps its file system while
 /// `lazylayer store` is killed (SIGKILL) and restarted, or upgraded
 /// (SIGTERM, then a new one), 20 times, alternating: a read waiting for the
@@ -288,13 +275,7 @@ fn root_podman_store_restarts_keep_a_running_container_serving() {
     *proxy.slow_blob.lock().unwrap() = (layers[0].clone(), 1_000_000);
     let img = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
     let base_fs = stored_layer(opt.path(), &layers[0]).join("fs");
-    let mut files = Vec::new();
-    for p in tree_listing(&base_fs.join("usr")) {
-        let m = std::fs::symlink_metadata(base_fs.join("usr").join(&p)).unwrap();
-        if m.is_file() && (64 << 10..4 << 20).contains(&m.len()) {
-            files.push(format!("usr/{p}"));
-        }
-    }
+    let files = files_to_read(&base_fs);
     assert!(files.len() > 25, "{} files", files.len());
 
     let mut store = ServedStore::start(&img, &[]);
@@ -370,12 +351,12 @@ fn root_podman_store_restarts_keep_a_running_container_serving() {
     check_alive(&store, "an upgrade");
 
     let holder = store.holder_pid().expect("a holder runs");
-    let mounts0 = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .count();
-    let (hfd0, hrss0) = (fd_count(holder), vm_rss_kb(holder));
-    let mut figures = Vec::new();
+    let (store_root, als) = (
+        store.root.path().to_path_buf(),
+        store.als.path().to_path_buf(),
+    );
+    let count_mounts = || mounts_below(&store_root).len() + mounts_below(&als).len();
+    let mut figures = lazylayer_testsupport::RestartFigures::new(count_mounts(), holder);
     for k in 0..20 {
         store.restart(k % 2 == 1, 4 + k);
         let f = &files[1 + k];
@@ -385,43 +366,9 @@ fn root_podman_store_restarts_keep_a_running_container_serving() {
             "{f}"
         );
         check_alive(&store, &format!("restart {k}"));
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .count();
-        let pid = store.process.0.id();
-        figures.push((
-            k,
-            mounts,
-            store.holder_pid(),
-            fd_count(holder),
-            vm_rss_kb(holder),
-            vm_rss_kb(pid),
-            fd_count(pid),
-        ));
+        figures.record(k, count_mounts(), store.holder_pid(), store.process.0.id());
     }
-    eprintln!("restart mounts holder_pid holder_fds holder_rss_kb store_rss_kb store_fds");
-    for f in &figures {
-        eprintln!("{} {} {:?} {} {} {} {}", f.0, f.1, f.2, f.3, f.4, f.5, f.6);
-    }
-    eprintln!("before: mounts {mounts0} holder fds {hfd0} holder rss {hrss0} kB");
-    for f in &figures {
-        assert_eq!(f.1, mounts0, "mounts after restart {}", f.0);
-        assert_eq!(f.2, Some(holder), "the same holder keeps the root");
-        assert_eq!(f.3, hfd0, "holder descriptors after restart {}", f.0);
-    }
-    let last = figures.last().unwrap();
-    assert!(
-        last.4 < hrss0 + 1024,
-        "holder memory grew: {hrss0} -> {} kB",
-        last.4
-    );
-    assert!(
-        last.6 <= figures[1].6 + 8,
-        "store fds {} -> {}",
-        figures[1].6,
-        last.6
-    );
+    figures.check("store");
 
     // With the container gone, a graceful stop removes everything.
     pm(&store, &["rm", "-f", "-t", "0", "long"]);

@@ -819,34 +819,6 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
     drop(cd);
 }
 
-/// Regular files of `layer_fs` under usr/ between 64 KiB and 4 MiB, by
-/// path: files to read for the first time, one per restart.
-fn files_to_read(layer_fs: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for p in tree_listing(&layer_fs.join("usr")) {
-        let full = layer_fs.join("usr").join(&p);
-        if let Ok(m) = std::fs::symlink_metadata(&full) {
-            if m.is_file() && (64 << 10..4 << 20).contains(&m.len()) {
-                out.push(format!("usr/{p}"));
-            }
-        }
-    }
-    out
-}
-
-fn vm_rss_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 /// The PID of the container's task, from `ctr tasks ls` (None: not running).
 fn task_pid(cd: &Containerd, id: &str) -> Option<String> {
     let tasks = ctr_retry(cd, &["tasks", "ls"]);
@@ -962,9 +934,8 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
 
     // (c) 20 more, alternating; a new file read after each.
     let holder_pid = sn.holder_pid().expect("a holder runs");
-    let mounts0 = mounts_below(root.path()).len() + mounts_below(cd.dir.path()).len();
-    let (hfd0, hrss0) = (fd_count(holder_pid), vm_rss_kb(holder_pid));
-    let mut figures = Vec::new();
+    let count_mounts = || mounts_below(root.path()).len() + mounts_below(cd.dir.path()).len();
+    let mut figures = lazylayer_testsupport::RestartFigures::new(count_mounts(), holder_pid);
     for k in 0..20 {
         if k % 2 == 0 {
             sn.restart();
@@ -979,43 +950,9 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
             "{f}"
         );
         check_alive(&format!("restart {k}"));
-        let mounts = mounts_below(root.path()).len() + mounts_below(cd.dir.path()).len();
-        figures.push((
-            k,
-            mounts,
-            sn.holder_pid(),
-            fd_count(holder_pid),
-            vm_rss_kb(holder_pid),
-            vm_rss_kb(sn.pid()),
-            fd_count(sn.pid()),
-        ));
+        figures.record(k, count_mounts(), sn.holder_pid(), sn.pid());
     }
-    eprintln!(
-        "restart mounts holder_pid holder_fds holder_rss_kb snapshotter_rss_kb snapshotter_fds"
-    );
-    for f in &figures {
-        eprintln!("{} {} {:?} {} {} {} {}", f.0, f.1, f.2, f.3, f.4, f.5, f.6);
-    }
-    eprintln!("before: mounts {mounts0} holder fds {hfd0} holder rss {hrss0} kB");
-    for f in &figures {
-        assert_eq!(f.1, mounts0, "mounts after restart {}", f.0);
-        assert_eq!(f.2, Some(holder_pid), "the same holder keeps the roots");
-        assert_eq!(f.3, hfd0, "holder descriptors after restart {}", f.0);
-    }
-    let last = figures.last().unwrap();
-    assert!(
-        last.4 < hrss0 + 1024,
-        "holder memory grew: {hrss0} -> {} kB",
-        last.4
-    );
-    // Snapshotter descriptors level off: the last restart's count is close
-    // to the first's (each is a fresh process; a leak would be per root).
-    assert!(
-        last.6 <= figures[1].6 + 8,
-        "snapshotter fds {} -> {}",
-        figures[1].6,
-        last.6
-    );
+    figures.check("snapshotter");
 
     cd.ok(&["tasks", "kill", "-s", "KILL", "long"]);
     drop(cd);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use lazylayer_fetch::error_chain;
 use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, LazyRoot, MountOptions, OpenError};
 use lazylayer_fs::{FsOptions, Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
@@ -582,16 +583,4 @@ fn detach_mounts_below(dir: &Path, keep: &[PathBuf]) {
             Err(e) => tracing::warn!(mount = t, error = %e, "detaching a stale lazy mount"),
         }
     }
-}
-
-/// An error with its causes, one line (for logs and gRPC messages).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

@@ -584,10 +584,10 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
         }
         // Cancelled while it ended: cancel() has set the state already.
         Err(e) if inner.cancelled.load(Ordering::SeqCst) => {
-            tracing::debug!(layer = %layer.digest, error = %anyhow_like(&e), "cancelled layer fetch ended");
+            tracing::debug!(layer = %layer.digest, error = %error_chain(&e), "cancelled layer fetch ended");
         }
         Err(e) => {
-            let msg = format!("{:#}", anyhow_like(&e));
+            let msg = format!("{:#}", error_chain(&e));
             tracing::error!(layer = %layer.digest, error = %msg, "layer fetch failed");
             s[i].state = LayerState::Failed(msg);
         }
@@ -596,8 +596,9 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
     inner.changed.notify_all();
 }
 
-/// The error and its causes on one line.
-fn anyhow_like(e: &dyn std::error::Error) -> String {
+/// An error and its causes on one line (for logs, gRPC messages and
+/// reports).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

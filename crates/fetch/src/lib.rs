@@ -22,7 +22,7 @@ mod root;
 mod span;
 
 pub use boot::{reap_chunk_caches, BootChunks};
-pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
+pub use fetcher::{error_chain, FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use image_root::ImageRoot;
 pub use lazy::{LazyImage, LazySource, OpenError};
 pub use root::{LazyRoot, MountOptions, RootProgress};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use lazylayer_fetch::{FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
+use lazylayer_fetch::{error_chain, FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
 use lazylayer_fs::{Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::Store;
@@ -378,17 +378,6 @@ fn in_use(base: &Path) -> bool {
         }
     }
     false
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 fn lay_out(

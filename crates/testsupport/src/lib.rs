@@ -603,3 +603,97 @@ impl Drop for Overlay {
         }
     }
 }
+
+/// A process's open descriptors (0 when it is gone).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A process's resident memory (VmRSS) in kB (0 when it is gone).
+pub fn vm_rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Leak figures of a server restarted again and again under a running
+/// container, its lazy roots kept by a descriptor holder.
+pub struct RestartFigures {
+    mounts0: usize,
+    holder: u32,
+    holder_fds0: usize,
+    holder_rss0: u64,
+    rows: Vec<RestartRow>,
+}
+
+/// (restart, mounts, holder PID, holder fds, holder kB, server kB, server fds)
+type RestartRow = (usize, usize, Option<u32>, usize, u64, u64, usize);
+
+impl RestartFigures {
+    /// The baseline: `mounts` the test counts, the holder's PID.
+    pub fn new(mounts: usize, holder: u32) -> RestartFigures {
+        RestartFigures {
+            mounts0: mounts,
+            holder,
+            holder_fds0: fd_count(holder),
+            holder_rss0: vm_rss_kb(holder),
+            rows: Vec::new(),
+        }
+    }
+
+    /// After restart `k`: the mounts counted, the holder's PID now, the
+    /// new server's PID.
+    pub fn record(&mut self, k: usize, mounts: usize, holder: Option<u32>, server: u32) {
+        let h = self.holder;
+        self.rows.push((
+            k,
+            mounts,
+            holder,
+            fd_count(h),
+            vm_rss_kb(h),
+            vm_rss_kb(server),
+            fd_count(server),
+        ));
+    }
+
+    /// Print the table; fail on any growth: mounts and holder descriptors
+    /// constant, the same holder throughout, its memory within 1 MB, the
+    /// servers' descriptors level (each is a new process).
+    pub fn check(&self, server: &str) {
+        eprintln!(
+            "restart mounts holder_pid holder_fds holder_rss_kb {server}_rss_kb {server}_fds"
+        );
+        for r in &self.rows {
+            eprintln!("{} {} {:?} {} {} {} {}", r.0, r.1, r.2, r.3, r.4, r.5, r.6);
+        }
+        eprintln!(
+            "before: mounts {} holder fds {} holder rss {} kB",
+            self.mounts0, self.holder_fds0, self.holder_rss0
+        );
+        for r in &self.rows {
+            assert_eq!(r.1, self.mounts0, "mounts after restart {}", r.0);
+            assert_eq!(r.2, Some(self.holder), "the same holder keeps the roots");
+            assert_eq!(
+                r.3, self.holder_fds0,
+                "holder descriptors after restart {}",
+                r.0
+            );
+        }
+        let (first, last) = (&self.rows[1], self.rows.last().unwrap());
+        assert!(
+            last.4 < self.holder_rss0 + 1024,
+            "holder memory grew: {} -> {} kB",
+            self.holder_rss0,
+            last.4
+        );
+        assert!(
+            last.6 <= first.6 + 8,
+            "{server} fds {} -> {}",
+            first.6,
+            last.6
+        );
+    }
+}

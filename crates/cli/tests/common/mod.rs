@@ -114,3 +114,18 @@ pub fn interrupt_when_mounted(child: &Child, root: &Path, n: usize) {
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
 }
+
+/// Regular files of `layer_fs` under usr/ between 64 KiB and 4 MiB, by
+/// path: files to read for the first time, one per restart.
+pub fn files_to_read(layer_fs: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in tree_listing(&layer_fs.join("usr")) {
+        let full = layer_fs.join("usr").join(&p);
+        if let Ok(m) = std::fs::symlink_metadata(&full) {
+            if m.is_file() && (64 << 10..4 << 20).contains(&m.len()) {
+                out.push(format!("usr/{p}"));
+            }
+        }
+    }
+    out
+}
