@@ -1,7 +1,8 @@
 //! Running a container from an image reference, as `lazylayer run` does:
 //! the container's directory and record (written first, so that a run killed
 //! outright can be cleared by the next command), its root ([`ImageRoot`]:
-//! lazy when the image has a boot layer, else pulled in full), one container
+//! the store's layers without FUSE when an optimized image is local whole,
+//! lazy when it has a boot layer, else pulled in full), one container
 //! start ([`ContainerBuilder`]), the signals the caller receives passed on,
 //! and everything undone in reverse at exit.
 
