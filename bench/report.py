@@ -351,11 +351,14 @@ def markdown(d, seconds):
         w(f"Image {fs['image']}; the same extracted layers (a full `lazylayer pull`) under kernel "
           "overlayfs and fuse-overlayfs, each with an empty upper dir; the workload runs with "
           "the image's own binaries (`chroot MERGED /bin/sh -c ...`; lazylayer: as the command "
-          "of `lazylayer run --prefetch off` after `lazylayer pull` of the optimized image). "
+          "of `lazylayer run --prefetch off` after `lazylayer pull` of the optimized image, which "
+          "then stacks the store's layers under kernel overlayfs without FUSE; lazylayer-fuse: the "
+          "same with the image's record forgotten (`rmi`), so the root is the lazy FUSE mount over "
+          "local layers, the path a lazily started container keeps). "
           "Cold = right after dropping the page cache, warm = the same workload again at once. "
           "Median seconds; in brackets the ratio to kernel overlayfs.")
         w("")
-        fsn = ["overlayfs", "fuse-overlayfs", "lazylayer"]
+        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse"] if c in fs["fs"]]
         w("| workload | " + " | ".join(f"{c} cold" for c in fsn) + " | "
           + " | ".join(f"{c} warm" for c in fsn) + " |")
         w("|---|" + "---:|" * (2 * len(fsn)))
@@ -366,7 +369,7 @@ def markdown(d, seconds):
                 for c in fsn:
                     v = fs["fs"][c][k].get(f"{phase}_median")
                     if v is None:
-                        row.append("n/a" if c == "lazylayer" else "failed")
+                        row.append("n/a" if c.startswith("lazylayer") else "failed")
                     elif c == "overlayfs" or not base:
                         row.append(secs(v))
                     else:

@@ -15,6 +15,7 @@
 #   --all-cells   also run gcc and pydev at 10 Mbit (skipped by default: ~3-4 min
 #                 per cold pull)
 #   --no-fs       skip section 2 (file-system overhead)
+#   --fs-image I  the image of section 2 (default gcc; python3 with --quick)
 #   --no-build    use the existing target/release/lazylayer (no cargo build)
 #
 # LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
@@ -40,6 +41,7 @@ while (($#)); do
     --all-cells) ALL_CELLS=1; shift ;;
     --no-fs) FS=0; shift ;;
     --no-build) BUILD=0; shift ;;
+    --fs-image) FS_IMAGE_ARG=$2; shift 2 ;;
     -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -54,6 +56,7 @@ else
   : "${RUNS:=3}" "${IMAGES:=busybox,minbase,python3,nginx,redis,gcc,pydev}" "${LINKS:=loopback,1gbit,100mbit,10mbit}"
   FS_IMAGE=gcc FS_REPS=3 FS_READS=20000
 fi
+[[ -z ${FS_IMAGE_ARG:-} ]] || FS_IMAGE=$FS_IMAGE_ARG
 ((FS)) || FS_REPS=0
 SKIP=
 if ((!ALL_CELLS)); then

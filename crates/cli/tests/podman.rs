@@ -24,7 +24,11 @@ struct ServedStore {
 
 impl ServedStore {
     fn start(image: &str, extra: &[&str]) -> ServedStore {
-        let root = tempfile::tempdir().unwrap();
+        ServedStore::start_in(tempfile::tempdir().unwrap(), image, extra)
+    }
+
+    /// [`ServedStore::start`] with a lazylayer store made beforehand.
+    fn start_in(root: tempfile::TempDir, image: &str, extra: &[&str]) -> ServedStore {
         let als = tempfile::tempdir().unwrap();
         let leftovers = (
             StoreLeftovers(root.path().to_path_buf()),
@@ -378,4 +382,70 @@ fn root_podman_store_restarts_keep_a_running_container_serving() {
         "{:?}",
         tree_listing(als.path())
     );
+}
+
+/// FUSE mounts at or below `dir` (mount points).
+fn fuse_mounts_below(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[2].starts_with("fuse") && std::path::Path::new(f[1]).starts_with(dir))
+                .then(|| f[1].to_string())
+        })
+        .collect()
+}
+
+/// An optimized image the lazylayer store holds whole is laid out from the
+/// store's extracted layers: no FUSE mount, Podman stacks them itself, the
+/// root lists and reads the same as the lazy one and has no index file.
+#[test]
+fn root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse() {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (_opt, _src, dst) = optimize_image(&reg, "python3", &[]);
+    // The image's files (podman's own /proc, /sys, /dev, /run and the
+    // per-container /etc files left out): type, mode, owner, file sizes,
+    // the bytes of /app and /usr/bin, and whether the index shows.
+    let skip = "\\( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /etc/hosts \
+                -o -path /etc/hostname -o -path /etc/resolv.conf \\) -prune -o";
+    let script = format!(
+        "find / -xdev {skip} -printf '%p %y %m %U %G\\n' | sort; \
+         find / -xdev {skip} -type f -printf '%p %s\\n' | sort | md5sum; \
+         cat /app/* /usr/bin/* | md5sum; ls -a / | grep -c lazylayer; true"
+    );
+    let podman = Podman::new();
+    let run = |store: &ServedStore| {
+        store.podman(&podman, &["pull", "-q", "--tls-verify=false", &dst]);
+        let out = store.podman(
+            &podman,
+            &["run", "--rm", "--network=none", &dst, "sh", "-c", &script],
+        );
+        // Podman's record of these layers goes with this store's layout.
+        store.podman(&podman, &["rmi", "-a", "-f"]);
+        out
+    };
+
+    let lazy_store = ServedStore::start(&dst, &["--prefetch", "off"]);
+    assert!(!fuse_mounts_below(lazy_store.root.path()).is_empty());
+    let lazy = run(&lazy_store);
+    lazy_store.stop();
+
+    let root = tempfile::tempdir().unwrap();
+    lazylayer_ok(root.path(), &["pull", "-q", &dst]);
+    let store = ServedStore::start_in(root, &dst, &[]);
+    assert_eq!(
+        fuse_mounts_below(store.root.path()),
+        Vec::<String>::new(),
+        "no FUSE for an image local whole"
+    );
+    // One mount per layer's diff: the store's layers (the boot one under the
+    // index mask), nothing mounted as the whole image.
+    let (_, layers) = layer_digests(store.root.path(), &dst);
+    assert_eq!(mounts_below(store.als.path()).len(), layers.len());
+    let native = run(&store);
+    assert_eq!(native, lazy, "the native root differs from the lazy one");
+    assert!(native.ends_with("\n0\n"), "the index file shows: {native}");
+    store.stop();
 }

@@ -259,6 +259,35 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
         let n = reg.blob_gets(d) - b;
         assert!(n <= 1, "layer {d} fetched {n} times by two concurrent runs");
     }
+    // Files of layers already local are read by the kernel straight from
+    // the store, unless passthrough is turned off (then every open comes to
+    // lazylayer). The prefetch stays off: the image is not local whole yet.
+    let opens = |o: &std::process::Output| -> (u64, u64) {
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        let num = |before: &str| -> u64 {
+            let head = err.split(before).next().unwrap_or_default();
+            head.rsplit(' ')
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{err}"))
+        };
+        (num("opens by passthrough"), num("through lazylayer"))
+    };
+    let sqlite = ["python3", "-c", "import sqlite3; print('one')"];
+    let stats_run = |passthrough: &str| {
+        let mut args = vec!["--rm", "--stats", "--prefetch", "off"];
+        args.extend(["--passthrough", passthrough, &dst, "--"]);
+        args.extend(sqlite);
+        let out = run(root.path(), &args);
+        assert_eq!(stdout(&out), "one\n");
+        opens(&out)
+    };
+    let (pt, daemon) = stats_run("on");
+    assert!(pt > 0, "passthrough opens: {pt}, daemon: {daemon}");
+    let (pt, daemon) = stats_run("off");
+    assert_eq!(pt, 0);
+    assert!(daemon > 0);
+
     // Make sure every layer is in the store (prefetch may have been cut by the exit).
     lazylayer_ok(root.path(), &["pull", "-q", &dst]);
     let gets: usize = layers
@@ -272,7 +301,8 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
         "each layer fetched exactly once by the runs and the pull together"
     );
 
-    // All local: a run with the registry gone works.
+    // All local: a run with the registry gone works, on the store's layers
+    // under the kernel's overlayfs (no FUSE at all).
     let mut reg = reg;
     reg.stop();
     let out = run(root.path(), &["--rm", "--stats", &dst]);
@@ -281,29 +311,11 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
         "run with every layer local must not need the registry"
     );
     assert_eq!(stdout(&out), "ok\n");
-    // Local files are read by the kernel straight from the store, unless
-    // passthrough is turned off (then every open comes to lazylayer).
-    let opens = |o: &std::process::Output| -> (u64, u64) {
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        let num = |before: &str| -> u64 {
-            let head = err.split(before).next().unwrap_or_default();
-            head.rsplit(' ')
-                .nth(1)
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("{err}"))
-        };
-        (num("opens by passthrough"), num("through lazylayer"))
-    };
-    let (pt, daemon) = opens(&out);
-    assert!(pt > 0, "passthrough opens: {pt}, daemon: {daemon}");
-    let out = run(
-        root.path(),
-        &["--rm", "--stats", "--passthrough", "off", &dst],
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no FUSE"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout(&out), "ok\n");
-    let (pt, daemon) = opens(&out);
-    assert_eq!(pt, 0);
-    assert!(daemon > 0);
     assert_nothing_left(root.path());
 }
 
@@ -942,5 +954,117 @@ fn root_container_a_going_leaves_container_ab_alone() {
 
     ab.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
     assert_eq!(wait_exit(&mut ab.0, Duration::from_secs(30)), Some(0));
+    assert_nothing_left(root.path());
+}
+
+/// The mounts of this mount namespace whose mount point is below `dir`:
+/// (mount point, file-system type, super options).
+fn mounts_below_with_type(dir: &Path) -> Vec<(String, String, String)> {
+    let prefix = format!("{}/", dir.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let (target, fstype, opts) = (f[4], f[sep + 1], f.get(sep + 3).copied()?);
+            target
+                .starts_with(&prefix)
+                .then(|| (target.to_string(), fstype.to_string(), opts.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn root_a_fully_local_optimized_image_runs_on_the_stores_layers_without_fuse() {
+    let (_reg, _src, dst, _layers) = python3_optimized();
+    let root = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(root.path().to_path_buf());
+    // Everything but /proc, /sys, /dev (the runtime's, not the image's):
+    // type, mode and owner of every path, size of every file, and the
+    // bytes of /app and /usr/bin. Then it waits, so the test can look at
+    // the mounts while it runs.
+    let script = "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -printf '%p %y %m %U %G\\n' | sort; \
+                  find / -xdev -type f -printf '%p %s\\n' | sort | md5sum; \
+                  cat /app/* /usr/bin/* | md5sum; \
+                  ls -a / | grep -c lazylayer; \
+                  echo END; read go";
+    let listing = |lazy: bool| -> (String, Vec<(String, String, String)>) {
+        let mut child = KillOnDrop(
+            run_cmd(
+                root.path(),
+                &["--rm", "--stats", &dst, "--", "sh", "-c", script],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        );
+        let mut out = String::new();
+        let mut reader = std::io::BufReader::new(child.0.stdout.take().unwrap());
+        loop {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+            assert!(n > 0, "the container ended before END: {out}");
+            if line == "END\n" {
+                break;
+            }
+            out.push_str(&line);
+        }
+        // The container is running: these are its mounts.
+        let mounts = mounts_below_with_type(root.path());
+        {
+            use std::io::Write;
+            child.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        }
+        let status = child.0.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "{err}");
+        assert_eq!(
+            err.contains("no FUSE"),
+            !lazy,
+            "--stats says how the root was served: {err}"
+        );
+        (out, mounts)
+    };
+
+    // First start: lazy, the FUSE root under the container's overlay.
+    let (lazy, mounts) = listing(true);
+    assert!(
+        mounts.iter().any(|(_, t, _)| t.starts_with("fuse")),
+        "a lazy start mounts FUSE: {mounts:?}"
+    );
+    // Make the image local whole (the prefetch may have been cut by the exit).
+    lazylayer_ok(root.path(), &["pull", "-q", &dst]);
+
+    let (native, mounts) = listing(false);
+    assert!(
+        !mounts.iter().any(|(_, t, _)| t.starts_with("fuse")),
+        "no FUSE for an image local whole: {mounts:?}"
+    );
+    let store_layers = root.path().join("layers/sha256");
+    let overlay = mounts
+        .iter()
+        .find(|(_, t, _)| t == "overlay")
+        .unwrap_or_else(|| panic!("no container overlay: {mounts:?}"));
+    assert!(
+        overlay.2.contains(&store_layers.display().to_string())
+            && overlay
+                .2
+                .contains(&root.path().join("masks").display().to_string()),
+        "the overlay stacks the store's layers under the index mask: {overlay:?}"
+    );
+    assert_eq!(native, lazy, "the native root differs from the lazy one");
+    assert!(
+        native.ends_with("0\n"),
+        "the index file is visible in the container: {native}"
+    );
+    // The store's boot layer does hold the index file: the mask hides it.
+    let (_, layers) = layer_digests(root.path(), &dst);
+    let boot = stored_layer(root.path(), layers.last().unwrap());
+    assert!(boot.join("fs/.wh..wh.lazylayer.index.v1").is_file());
+    assert!(!native.contains(".wh..wh.lazylayer.index.v1"));
     assert_nothing_left(root.path());
 }

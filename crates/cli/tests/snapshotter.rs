@@ -957,3 +957,102 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
     cd.ok(&["tasks", "kill", "-s", "KILL", "long"]);
     drop(cd);
 }
+
+/// After the image became local whole, a new container's snapshot stands on
+/// the store's extracted layers (under the index mask), no lazy mount; its
+/// root equals the lazy one and shows no index file.
+#[test]
+fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse() {
+    if let Some(why) = skip_reason() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run every test: {why}"
+        );
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (_opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let root = tempfile::tempdir().unwrap();
+    let sn = Snapshotterd::start(root.path());
+    let cd = Containerd::start_with(&sn.proxy_toml());
+    let sock = cd.socket();
+    lazylayer_ok(
+        root.path(),
+        &[
+            "containerd",
+            "pull",
+            "--address",
+            sock.to_str().unwrap(),
+            &dst,
+        ],
+    );
+    let script = "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -printf '%p %y %m %U %G\\n' | sort; \
+                  find / -xdev -type f -printf '%p %s\\n' | sort | md5sum; \
+                  cat /app/* /usr/bin/* | md5sum; \
+                  ls -a / | grep -c lazylayer; true";
+    let fuse_mounts = || {
+        mounts_below(root.path())
+            .into_iter()
+            .filter(|m| m.contains("/snapshotter/lazy/"))
+            .count()
+    };
+
+    // A container while the image is still remote: the lazy root.
+    let lazy = cd.ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazylayer",
+        &dst,
+        "t1",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(sn.log().contains("lazy root mounted"), "{}", sn.log());
+    let lazy_mounts = sn.log().matches("lazy root mounted").count();
+
+    // Every layer into the snapshotter's store (what its prefetch ends in).
+    lazylayer_ok(root.path(), &["pull", "-q", &dst]);
+    cd.ok(&[
+        "containers",
+        "create",
+        "--snapshotter",
+        "lazylayer",
+        &dst,
+        "t2",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let mounts = cd.ok(&[
+        "snapshots",
+        "--snapshotter",
+        "lazylayer",
+        "mounts",
+        "/mnt",
+        "t2",
+    ]);
+    let store_layers = root.path().join("layers/sha256").display().to_string();
+    let mask = root.path().join("masks").display().to_string();
+    assert!(
+        mounts.contains(&store_layers) && mounts.contains(&mask),
+        "the snapshot stacks the store's layers under the index mask: {mounts}"
+    );
+    assert!(!mounts.contains("/snapshotter/lazy/"), "{mounts}");
+    assert_eq!(fuse_mounts(), 0, "{:?}", mounts_below(root.path()));
+    let native = cd.ok(&["task", "start", "t2"]);
+    assert_eq!(
+        sn.log().matches("lazy root mounted").count(),
+        lazy_mounts,
+        "a lazy root was mounted for the local image: {}",
+        sn.log()
+    );
+    assert_eq!(native.replace('\r', ""), lazy.replace('\r', ""));
+    assert!(native.replace('\r', "").ends_with("\n0\n"), "{native}");
+    cd.ok(&["containers", "rm", "t2"]);
+    drop(cd);
+}

@@ -425,9 +425,38 @@ impl Snapshotter {
         self.ensure_remote_layers(parent).await?;
         let mut mounts = self.mounts.lock().await;
         if let Some(r) = self.snapshots.remote_top_of(parent) {
+            if let Some(lowers) = self.local_image_lowers(&r).await? {
+                return self
+                    .snapshots
+                    .create_on_local_image(kind, key, parent, labels, lowers);
+            }
             self.ensure_mounted(&mut mounts, &r).await?;
         }
         self.snapshots.create(kind, key, parent, labels)
+    }
+
+    /// The store's layer directories (top first, the boot index hidden) for
+    /// a new snapshot on the image whose boot layer is `r`, when every layer
+    /// of it is in the store: the kernel's overlayfs then serves it, no FUSE.
+    /// None while something is still to fetch (the lazy root serves it).
+    async fn local_image_lowers(&self, r: &RemoteLayer) -> Result<Option<Vec<PathBuf>>> {
+        let Some(images) = &self.images else {
+            return Ok(None);
+        };
+        let Some(img) = images.open(&r.image_ref, &r.manifest_digest).await? else {
+            return Ok(None);
+        };
+        let lowers =
+            lazylayer_fetch::stacked_lowers(&images.store, img.layers()).map_err(|source| {
+                SnapshotError::Image {
+                    image: r.image_ref.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+        if lowers.is_some() {
+            tracing::info!(image = %r.image_ref, "every layer is local: the snapshot stands on the store's layers, no FUSE");
+        }
+        Ok(lowers)
     }
 
     /// A snapshot on a remote layer *below* a boot layer (say a plain image

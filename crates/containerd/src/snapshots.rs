@@ -76,6 +76,12 @@ struct Snapshot {
     updated: Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     remote: Option<RemoteLayer>,
+    /// For an active or view snapshot on an optimized image that was local
+    /// whole when it was made: the store's layer directories (top first)
+    /// that stand in for the image's lazy mount. Kept, so its mounts never
+    /// change under containerd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    image_lowers: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -241,8 +247,11 @@ impl Snapshots {
     /// The remote top layer under the active or view snapshot `key`, if any.
     pub fn remote_top_under(&self, key: &str) -> Option<RemoteLayer> {
         let db = self.lock();
-        let parent = db.snapshots.get(key)?.parent.clone()?;
-        remote_top(&db, &parent)
+        let s = db
+            .snapshots
+            .get(key)
+            .filter(|s| s.image_lowers.is_empty())?;
+        remote_top(&db, s.parent.as_deref()?)
     }
 
     /// Active and view snapshots standing on this image's lazy mount.
@@ -250,7 +259,7 @@ impl Snapshots {
         let db = self.lock();
         db.snapshots
             .values()
-            .filter(|s| s.kind != Kind::Committed)
+            .filter(|s| s.kind != Kind::Committed && s.image_lowers.is_empty())
             .filter_map(|s| s.parent.as_deref())
             .filter_map(|p| remote_top(&db, p))
             .filter(|r| r.manifest_digest == manifest_digest)
@@ -263,7 +272,7 @@ impl Snapshots {
         let mut seen = HashSet::new();
         db.snapshots
             .values()
-            .filter(|s| s.kind != Kind::Committed)
+            .filter(|s| s.kind != Kind::Committed && s.image_lowers.is_empty())
             .filter_map(|s| s.parent.as_deref())
             .filter_map(|p| remote_top(&db, p))
             .filter(|r| seen.insert(r.manifest_digest.clone()))
@@ -278,6 +287,31 @@ impl Snapshots {
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create_on(kind, key, parent, labels, Vec::new())
+    }
+
+    /// [`Snapshots::create`] on a parent chain topped by a remote boot layer
+    /// whose image is local whole: `image_lowers` (the store's layer
+    /// directories, top first) stand in for the image's lazy mount.
+    pub fn create_on_local_image(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        image_lowers: Vec<PathBuf>,
+    ) -> Result<Vec<Mount>> {
+        self.create_on(kind, key, parent, labels, image_lowers)
+    }
+
+    fn create_on(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        image_lowers: Vec<PathBuf>,
     ) -> Result<Vec<Mount>> {
         if key.is_empty() {
             return Err(SnapshotError::InvalidArgument(
@@ -310,6 +344,7 @@ impl Snapshots {
                 created: now,
                 updated: now,
                 remote: None,
+                image_lowers,
             },
         );
         let mounts = self.mounts_in(&db, key);
@@ -351,6 +386,7 @@ impl Snapshots {
                 created: now,
                 updated: now,
                 remote: Some(remote),
+                image_lowers: Vec::new(),
             },
         );
         if let Err(e) = self.save(&db) {
@@ -376,7 +412,7 @@ impl Snapshots {
                 reason: "a committed snapshot has no mounts; view or prepare on it".into(),
             });
         }
-        let lowers = self.lowers(db, s.parent.as_deref())?;
+        let lowers = self.lowers(db, s.parent.as_deref(), &s.image_lowers)?;
         let sdir = self.snapshot_dir(s.id);
         let path = |p: &Path| p.display().to_string();
         let bind = |src: &Path, ro: bool| Mount {
@@ -412,15 +448,26 @@ impl Snapshots {
         }])
     }
 
-    /// Lower directories for a snapshot on `parent`, top first.
-    fn lowers(&self, db: &Db, parent: Option<&str>) -> Result<Vec<PathBuf>> {
+    /// Lower directories for a snapshot on `parent`, top first; a remote
+    /// boot layer stands for the whole image: its lazy mount, or
+    /// `image_lowers` when the snapshot was made on the image local whole.
+    fn lowers(
+        &self,
+        db: &Db,
+        parent: Option<&str>,
+        image_lowers: &[PathBuf],
+    ) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for (name, p) in ancestry(db, parent) {
             let p = p.ok_or_else(|| SnapshotError::NotFound(name.to_string()))?;
             match &p.remote {
-                // The lazy mount is the whole merged image: nothing below it counts.
+                // The whole merged image: nothing below it counts.
                 Some(r) if r.top => {
-                    out.push(self.lazy_dir(&r.manifest_digest));
+                    if image_lowers.is_empty() {
+                        out.push(self.lazy_dir(&r.manifest_digest));
+                    } else {
+                        out.extend_from_slice(image_lowers);
+                    }
                     break;
                 }
                 Some(r) => match self.remote_layer_dir(r) {
@@ -908,6 +955,38 @@ mod tests {
         assert_eq!(s.lazy_users("sha256:abcd"), 0);
         assert_eq!(s.remove("c2").unwrap(), None);
         s.remove("c1").unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_made_on_a_local_image_keeps_its_store_lowers() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Snapshots::open(t.path()).unwrap();
+        s.commit_remote("c1", "", BTreeMap::new(), remote("sha256:l1", false))
+            .unwrap();
+        s.commit_remote("c2", "c1", BTreeMap::new(), remote("sha256:boot", true))
+            .unwrap();
+        let lazy_ctr = s
+            .create(Kind::Active, "lazy", "c2", BTreeMap::new())
+            .unwrap();
+        let store_dirs = vec![PathBuf::from("/store/mask"), PathBuf::from("/store/boot")];
+        let m = s
+            .create_on_local_image(Kind::Active, "native", "c2", BTreeMap::new(), store_dirs)
+            .unwrap();
+        assert_eq!(lowerdir(&m[0]), "/store/mask:/store/boot");
+        // The lazy one keeps its mount; only it needs the lazy root.
+        assert_eq!(
+            lowerdir(&lazy_ctr[0]),
+            s.lazy_dir("sha256:abcd").display().to_string()
+        );
+        assert_eq!(s.lazy_users("sha256:abcd"), 1);
+        assert_eq!(s.remote_top_under("native"), None);
+        // The same mounts after a restart (metadata reread).
+        drop(s);
+        let s = Snapshots::open(t.path()).unwrap();
+        assert_eq!(s.mounts("native").unwrap(), m);
+        s.remove("lazy").unwrap();
+        assert_eq!(s.lazy_users("sha256:abcd"), 0);
+        assert_eq!(s.lazy_images_in_use(), Vec::new());
     }
 
     #[test]

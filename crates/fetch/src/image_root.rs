@@ -1,12 +1,13 @@
 //! An image's root for a container: lazily behind FUSE when the image has a
 //! boot layer, else pulled fully and stacked from the store's extracted layers
-//! (the fallback every plain image gets).
+//! (the fallback every plain image gets). An optimized image the store holds
+//! whole is stacked from the store too: no FUSE once everything is local.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lazylayer_oci::{Reference, RegistryClient};
-use lazylayer_store::{PullProgress, Store};
+use lazylayer_store::{Pin, PullProgress, Store};
 
 use crate::{FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
 
@@ -17,6 +18,10 @@ pub struct ImageRoot {
     /// Top first.
     lowers: Vec<PathBuf>,
     config_bytes: Vec<u8>,
+    /// An optimized image served from the store's layers without FUSE.
+    native: bool,
+    /// Keeps `prune` off the layers a native root stacks (a lazy root pins its own).
+    _pin: Option<Pin>,
 }
 
 impl ImageRoot {
@@ -34,6 +39,9 @@ impl ImageRoot {
         mount: MountOptions,
         progress: Arc<dyn PullProgress>,
     ) -> Result<ImageRoot, FetchError> {
+        if let Some(root) = ImageRoot::open_native(store, reference, pin_name)? {
+            return Ok(root);
+        }
         let pull = opts.pull.clone();
         match LazyRoot::open(store, client.clone(), reference, opts, pin_name).await {
             Ok(mut root) => {
@@ -42,6 +50,8 @@ impl ImageRoot {
                     lowers: vec![mount_at.to_path_buf()],
                     config_bytes: root.config_bytes().to_vec(),
                     lazy: Some(root),
+                    native: false,
+                    _pin: None,
                 })
             }
             Err(OpenError::NoBootLayer(_)) => {
@@ -57,10 +67,45 @@ impl ImageRoot {
                     lazy: None,
                     lowers,
                     config_bytes: store.read_blob(&rec.config_digest)?,
+                    native: false,
+                    _pin: None,
                 })
             }
             Err(OpenError::Failed(e)) => Err(e),
         }
+    }
+
+    /// An optimized image the store holds whole (image record, every layer
+    /// extracted, the boot layer included): the kernel's overlayfs over the
+    /// store's layers, no FUSE and no network. None when it is not that.
+    fn open_native(
+        store: &Store,
+        reference: &Reference,
+        pin_name: &str,
+    ) -> Result<Option<ImageRoot>, FetchError> {
+        let Some(rec) = crate::local_image(store, reference) else {
+            return Ok(None);
+        };
+        if !crate::is_optimized(store, reference, &rec)? {
+            return Ok(None);
+        }
+        let Some(lowers) = crate::stacked_lowers(store, &rec.layers)? else {
+            return Ok(None);
+        };
+        let pin = store.pin_guard(pin_name, &rec.digests())?;
+        tracing::info!(image = %reference, layers = rec.layers.len(), "every layer is local: kernel overlayfs over the store, no FUSE");
+        Ok(Some(ImageRoot {
+            lazy: None,
+            lowers,
+            config_bytes: store.read_blob(&rec.config_digest)?,
+            native: true,
+            _pin: Some(pin),
+        }))
+    }
+
+    /// True for an optimized image stacked from the store without FUSE.
+    pub fn native(&self) -> bool {
+        self.native
     }
 
     pub fn lazy(&self) -> Option<&LazyRoot> {

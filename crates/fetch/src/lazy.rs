@@ -73,11 +73,7 @@ impl LazyImage {
         reference: &Reference,
         opts: FetchOptions,
     ) -> Result<LazyImage, OpenError> {
-        let local = store.image(reference).filter(|r| {
-            r.layers
-                .iter()
-                .all(|l| store.layer_dir(&l.digest).is_some())
-        });
+        let local = crate::local::local_image(store, reference);
         let (raw, config_bytes, layers, offline) = match local {
             Some(rec) => {
                 let manifest = store
@@ -275,14 +271,14 @@ impl LazyImage {
 }
 
 /// What a manifest says of its boot layer.
-struct BootAnnotations {
-    layer: Digest,
+pub(crate) struct BootAnnotations {
+    pub(crate) layer: Digest,
     /// A chunked boot layer's index region: compressed length and digest.
     region: Option<(u64, Digest)>,
 }
 
 /// The boot layer a manifest announces, if any, parsed once.
-fn boot_annotations(
+pub(crate) fn boot_annotations(
     reference: &Reference,
     raw: &RawManifest,
 ) -> Result<Option<BootAnnotations>, FetchError> {

@@ -18,6 +18,7 @@ mod boot;
 mod fetcher;
 mod image_root;
 mod lazy;
+mod local;
 mod root;
 mod span;
 
@@ -25,6 +26,7 @@ pub use boot::{reap_chunk_caches, BootChunks};
 pub use fetcher::{error_chain, FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use image_root::ImageRoot;
 pub use lazy::{LazyImage, LazySource, OpenError};
+pub use local::{holds_index, index_mask, is_optimized, local_image, stacked_lowers};
 pub use root::{LazyRoot, MountOptions, RootProgress};
 pub use span::MAX_SPAN_FILE;
 

@@ -5,7 +5,10 @@
 //! with `diff`, `info` and `blob`: the top (boot) layer's `diff` is the
 //! image's lazy merged root (a [`LazyRoot`], bind-mounted), the other layers'
 //! are empty. Podman then pulls only manifest and config, and its containers
-//! run on the lazy root. See docs/podman.md.
+//! run on the lazy root. An image the lazylayer store holds whole is laid
+//! out without FUSE: each layer's `diff` is that layer's extracted tree in
+//! the store (the boot layer's with its index file hidden), and Podman
+//! stacks them with overlayfs itself. See docs/podman.md.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -16,7 +19,7 @@ use base64::Engine as _;
 use lazylayer_fetch::{error_chain, FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
 use lazylayer_fs::{Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
-use lazylayer_store::Store;
+use lazylayer_store::{Pin, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
@@ -79,26 +82,27 @@ pub fn image_dir_name(reference: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(reference.as_bytes())
 }
 
-/// One image laid out for Podman; undone on drop (bind mount, directories,
-/// then the lazy root: FUSE, fetches, pin) unless left for the next store.
+/// One image laid out for Podman; undone on drop (the mounts on its `diff`
+/// directories, directories, then the lazy root: FUSE, fetches, pin; or the
+/// pin of a local image's layers) unless left for the next store.
 struct Served {
     base: PathBuf,
-    bind: PathBuf,
+    mounted: Vec<PathBuf>,
+    reference: Reference,
+    layers: usize,
     root: Option<LazyRoot>,
+    _pin: Option<Pin>,
     holder: Option<Holder>,
 }
 
 impl Served {
-    fn root(&self) -> &LazyRoot {
-        self.root.as_ref().expect("present until dropped or left")
-    }
-
     /// Leave everything mounted and laid out for the next store.
     fn leave(mut self) {
         if let Some(r) = self.root.take() {
             r.leave();
         }
         self.holder = None;
+        self.mounted.clear();
         self.base = PathBuf::new();
     }
 }
@@ -108,7 +112,9 @@ impl Drop for Served {
         if self.base.as_os_str().is_empty() {
             return;
         }
-        let _ = rustix::mount::unmount(&self.bind, rustix::mount::UnmountFlags::DETACH);
+        for m in self.mounted.iter().rev() {
+            let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
+        }
         let _ = std::fs::remove_dir_all(&self.base);
         if let Some(root) = self.root.take() {
             let target = root.path().map(Path::to_path_buf);
@@ -187,6 +193,10 @@ impl LayerStore {
             // Left by a store that died with nobody keeping its connection
             // (dead: ENOTCONN), or by one that could not be taken over.
             clear_layout(&base, &target, opts.holder.as_ref());
+            if let Some(local) = lay_out_local(store, reference, &opts.dir, &pin)? {
+                served.push(local);
+                continue;
+            }
             let opened = LazyRoot::open(store, client.clone(), reference, opts.fetch.clone(), &pin);
             let root = match opened.await {
                 Ok(root) => root,
@@ -215,8 +225,8 @@ impl LayerStore {
 
     pub fn images(&self) -> impl Iterator<Item = ServedImage<'_>> {
         self.served.iter().map(|s| ServedImage {
-            reference: s.root().reference(),
-            layers: s.root().layers().len(),
+            reference: &s.reference,
+            layers: s.layers,
         })
     }
 
@@ -227,14 +237,17 @@ impl LayerStore {
     pub async fn stop(self) {
         let t0 = std::time::Instant::now();
         for s in self.served {
-            if s.holder.is_none() || !in_use(&s.base) {
+            // Only lazy roots are left: a local image's layers are plain
+            // directories, which containers keep through their overlay.
+            if s.holder.is_none() || s.root.is_none() || !in_use(&s.base) {
                 drop(s);
                 continue;
             }
-            while s.root().waiting() > 0 && t0.elapsed() < DRAIN_MAX {
+            let waiting = || s.root.as_ref().map_or(0, |r| r.waiting());
+            while waiting() > 0 && t0.elapsed() < DRAIN_MAX {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tracing::info!(image = %s.root().reference(), "in use by a container: left mounted for the next store");
+            tracing::info!(image = %s.reference, "in use by a container: left mounted for the next store");
             s.leave();
         }
     }
@@ -252,7 +265,7 @@ fn work_dir(store: &Store, dir: &Path, reference: &Reference) -> PathBuf {
 /// Hand `s`'s connection to the holder (logged, not fatal: the root works,
 /// it just dies with this process).
 fn hold(s: &Served, holder: Option<&Holder>) {
-    let root = s.root();
+    let Some(root) = &s.root else { return };
     let (Some(h), Some(fds), Some(target)) = (holder, root.handover_fds(), root.path()) else {
         return;
     };
@@ -315,8 +328,11 @@ async fn take_over(
     }
     Ok(Served {
         base: base.to_path_buf(),
-        bind,
+        mounted: vec![bind],
+        reference: reference.clone(),
+        layers: root.layers().len(),
         root: Some(root),
+        _pin: None,
         holder: opts.holder.clone(),
     })
 }
@@ -397,6 +413,7 @@ fn lay_out(
     }
     let target = work.join("root");
     std::fs::create_dir_all(&target).map_err(io("creating the mount point", &target))?;
+    let (reference, layers) = (root.reference().clone(), root.layers().to_vec());
     // Prefetch once the start has settled, as `run` and the snapshotter do.
     let opts = MountOptions {
         prefetch,
@@ -404,38 +421,135 @@ fn lay_out(
     };
     root.mount(&target, opts)
         .map_err(|source| PodmanError::Open {
-            image: reference.clone(),
+            image: reference.to_string(),
             source: Box::new(source),
         })?;
-    let n = root.layers().len();
-    let mut top_diff = PathBuf::new();
-    for (i, l) in root.layers().iter().enumerate() {
+    // A view of the lazy root, not the layers themselves: the top one holds
+    // the whole image, the others nothing.
+    let diffs = layer_dirs(&base, &reference, &layers, "lazylayer-view")?;
+    let mut served = Served {
+        base,
+        mounted: Vec::new(),
+        reference,
+        layers: layers.len(),
+        root: Some(root),
+        _pin: None,
+        holder,
+    };
+    let top_diff = diffs.last().expect("an optimized image has layers");
+    rustix::mount::mount_bind(&target, top_diff)
+        .map_err(|e| io("bind-mounting the lazy root", top_diff)(e.into()))?;
+    served.mounted.push(top_diff.clone());
+    Ok(served)
+}
+
+/// Podman's directory for each of `layers` (`diff`, empty `blob`, `info`)
+/// under `base`; returns the `diff` directories, bottom first. The
+/// diff-digest is one of our own, tagged `view`, not the layer's real one:
+/// containers-storage reuses layers by digest, and these are views.
+fn layer_dirs(
+    base: &Path,
+    reference: &Reference,
+    layers: &[lazylayer_store::LayerRef],
+    view: &str,
+) -> Result<Vec<PathBuf>, PodmanError> {
+    let mut diffs = Vec::new();
+    for l in layers {
         let ld = base.join(l.digest.to_string());
         let diff = ld.join("diff");
         std::fs::create_dir_all(&diff).map_err(io("creating a layer directory", &diff))?;
         let blob = ld.join("blob");
         std::fs::write(&blob, b"").map_err(io("writing a layer blob", &blob))?;
-        // A diff-digest of our own, not the layer's real one: containers-storage
-        // reuses layers by digest, and these are views (the top one holds the
-        // whole image, the others nothing), not the layers themselves.
-        let view =
-            Digest::sha256_of(format!("lazylayer-view:{reference}:{}", l.diff_id).as_bytes());
+        let digest = Digest::sha256_of(format!("{view}:{reference}:{}", l.diff_id).as_bytes());
         let info =
-            serde_json::json!({ "compressed-size": l.size, "diff-digest": view.to_string() });
+            serde_json::json!({ "compressed-size": l.size, "diff-digest": digest.to_string() });
         let path = ld.join("info");
         std::fs::write(&path, info.to_string()).map_err(io("writing a layer info", &path))?;
-        if i == n - 1 {
-            top_diff = diff;
-        }
+        diffs.push(diff);
     }
-    rustix::mount::mount_bind(&target, &top_diff)
-        .map_err(|e| io("bind-mounting the lazy root", &top_diff)(e.into()))?;
-    Ok(Served {
+    Ok(diffs)
+}
+
+/// Lay out an optimized image the lazylayer store holds whole, without FUSE:
+/// each layer's `diff` is its extracted tree in the store (bound read-only),
+/// the boot layer's a read-only overlayfs of the index whiteout over it, so
+/// that the index file stays out of containers. None when the image is not
+/// local whole (it is served lazily then).
+fn lay_out_local(
+    store: &Store,
+    reference: &Reference,
+    dir: &Path,
+    pin: &str,
+) -> Result<Option<Served>, PodmanError> {
+    let failed = |source: FetchError| PodmanError::Open {
+        image: reference.to_string(),
+        source: Box::new(source),
+    };
+    let Some(rec) = lazylayer_fetch::local_image(store, reference) else {
+        return Ok(None);
+    };
+    if !lazylayer_fetch::is_optimized(store, reference, &rec).map_err(failed)? {
+        return Ok(None);
+    }
+    let Some(stores) = rec
+        .layers
+        .iter()
+        .map(|l| store.layer_dir(&l.digest))
+        .collect::<Option<Vec<PathBuf>>>()
+    else {
+        return Ok(None);
+    };
+    let pin = store
+        .pin_guard(pin, &rec.digests())
+        .map_err(|e| failed(e.into()))?;
+    let base = dir.join(image_dir_name(&reference.to_string()));
+    if base.exists() {
+        return Err(PodmanError::AlreadyServed {
+            image: reference.to_string(),
+            path: base,
+        });
+    }
+    // The real layers this time (the boot one with its index hidden): a
+    // tag of their own, so Podman never mixes them up with lazy views.
+    let diffs = layer_dirs(&base, reference, &rec.layers, "lazylayer-native-view")?;
+    let mut served = Served {
         base,
-        bind: top_diff,
-        root: Some(root),
-        holder,
-    })
+        mounted: Vec::new(),
+        reference: reference.clone(),
+        layers: rec.layers.len(),
+        root: None,
+        _pin: Some(pin),
+        holder: None,
+    };
+    let top = stores.len() - 1;
+    for (i, (src, diff)) in stores.iter().zip(&diffs).enumerate() {
+        if i == top && lazylayer_fetch::holds_index(src) {
+            let mask = lazylayer_fetch::index_mask(store).map_err(failed)?;
+            let data = format!("lowerdir={}:{}", mask.display(), src.display());
+            let data = std::ffi::CString::new(data).expect("store paths hold no NUL");
+            rustix::mount::mount(
+                "overlay",
+                diff,
+                "overlay",
+                rustix::mount::MountFlags::RDONLY,
+                data.as_c_str(),
+            )
+            .map_err(|e| io("mounting the boot layer without its index", diff)(e.into()))?;
+            served.mounted.push(diff.clone());
+            continue;
+        }
+        rustix::mount::mount_bind(src, diff)
+            .map_err(|e| io("bind-mounting a stored layer", diff)(e.into()))?;
+        served.mounted.push(diff.clone());
+        // Read-only: Podman only stacks it, and the store is shared.
+        rustix::mount::mount_remount(
+            diff,
+            rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
+            "",
+        )
+        .map_err(|e| io("making a stored layer's bind read-only", diff)(e.into()))?;
+    }
+    Ok(Some(served))
 }
 
 #[cfg(test)]

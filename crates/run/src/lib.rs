@@ -1,7 +1,8 @@
 //! Running a container from an image reference, as `lazylayer run` does:
 //! the container's directory and record (written first, so that a run killed
 //! outright can be cleared by the next command), its root ([`ImageRoot`]:
-//! lazy when the image has a boot layer, else pulled in full), one container
+//! the store's layers without FUSE when an optimized image is local whole,
+//! lazy when it has a boot layer, else pulled in full), one container
 //! start ([`ContainerBuilder`]), the signals the caller receives passed on,
 //! and everything undone in reverse at exit.
 
@@ -69,6 +70,9 @@ pub struct RunReport {
     pub t_ready: Option<Duration>,
     /// For a lazily started container.
     pub lazy: Option<LazyStats>,
+    /// The image was local whole: its root was the store's layers under the
+    /// kernel's overlayfs, without FUSE.
+    pub native: bool,
 }
 
 /// What a lazy root served and fetched, at the container's exit.
@@ -160,7 +164,7 @@ impl Run<'_> {
             p = self.prepare(progress) => p?,
             sig = signals.recv() => {
                 eprintln!("{}: stopping before container {name} started", signal_name(sig));
-                return Ok(RunReport { code: 128 + sig, started: false, t_ready: None, lazy: None });
+                return Ok(RunReport { code: 128 + sig, started: false, t_ready: None, lazy: None, native: false });
             }
         };
         let t_ready = self.opts.t0.elapsed();
@@ -186,6 +190,7 @@ impl Run<'_> {
             .await?;
         drop(status);
         let lazy = lazy.map(lazy_stats);
+        let native = root.native();
         // The container is torn down (its overlay first): now the root goes,
         // the image recorded once every layer arrived (the next run then
         // needs no network).
@@ -200,6 +205,7 @@ impl Run<'_> {
             started: true,
             t_ready: Some(t_ready),
             lazy,
+            native,
         })
     }
 

@@ -130,6 +130,12 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
     };
     let bars = Arc::new(PullBars::new(false));
     let rep = run_container(&store, client, opts, &mut signals, bars).await?;
+    if let (true, true, Some(t)) = (a.stats, rep.native, rep.t_ready) {
+        eprintln!(
+            "lazylayer: started after {:.3}s (all local: the store's layers under the kernel's overlayfs, no FUSE)",
+            t.as_secs_f64()
+        );
+    }
     if let (true, Some(l), Some(t)) = (a.stats, &rep.lazy, rep.t_ready) {
         eprintln!(
             "lazylayer: started after {:.3}s ({}), {} of {} layers fetched on demand, {} bytes fetched after start, {} opens by passthrough, {} through lazylayer",
