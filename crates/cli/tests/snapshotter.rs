@@ -1006,7 +1006,7 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
         "--snapshotter",
         "lazylayer",
         &dst,
-        "t1",
+        "whole-t1",
         "sh",
         "-c",
         script,
@@ -1022,7 +1022,7 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
         "--snapshotter",
         "lazylayer",
         &dst,
-        "t2",
+        "whole-t2",
         "--",
         "sh",
         "-c",
@@ -1034,7 +1034,7 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
         "lazylayer",
         "mounts",
         "/mnt",
-        "t2",
+        "whole-t2",
     ]);
     let store_layers = root.path().join("layers/sha256").display().to_string();
     let mask = root.path().join("masks").display().to_string();
@@ -1044,7 +1044,7 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
     );
     assert!(!mounts.contains("/snapshotter/lazy/"), "{mounts}");
     assert_eq!(fuse_mounts(), 0, "{:?}", mounts_below(root.path()));
-    let native = cd.ok(&["task", "start", "t2"]);
+    let native = cd.ok(&["task", "start", "whole-t2"]);
     assert_eq!(
         sn.log().matches("lazy root mounted").count(),
         lazy_mounts,
@@ -1053,6 +1053,6 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
     );
     assert_eq!(native.replace('\r', ""), lazy.replace('\r', ""));
     assert!(native.replace('\r', "").ends_with("\n0\n"), "{native}");
-    cd.ok(&["containers", "rm", "t2"]);
+    cd.ok(&["containers", "rm", "whole-t2"]);
     drop(cd);
 }

@@ -266,6 +266,9 @@ impl<S: ContentSource> Shared<S> {
         // one request per directory instead of one per entry.
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Symlink targets never change: the kernel keeps them in its page
+        // cache after the first READLINK (`tar c` reads every one).
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
         if let Some(n) = self.opts.max_readahead {
             let _ = config.set_max_readahead(n.max(4096));
         }
@@ -740,6 +743,14 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if self.trace.is_none() {
+            // Zero-message opendir (Linux 5.1): the kernel stops sending
+            // OPENDIR and RELEASEDIR, and keeps every listing cached
+            // (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR is its default then): a
+            // walk over directories seen before costs no round trip. A trace
+            // needs the opens, to record listings.
+            return reply.error(Errno::ENOSYS);
+        }
         match self.idx(ino) {
             Some(i) if self.entry(i).kind == FileKind::Dir => {
                 self.record(&self.entry(i).path, Access::Readdir);

@@ -1294,3 +1294,49 @@ fn mount_options(target: &Path) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Every entry under `root`, its metadata, each directory listed and each
+/// symlink read: what `find -printf` or `tar c` asks of a file system.
+fn walk_metadata(root: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            n += 1;
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&p).unwrap();
+            }
+        }
+    }
+    n
+}
+
+/// After a first walk, the kernel answers a walk over the same tree from its
+/// caches (entries, attributes, listings, symlink targets): not one request
+/// reaches the daemon, so a warm `find`/`tar c` of a lazy root costs what it
+/// costs on a local file system.
+#[test]
+fn root_metadata_walks_after_the_first_are_served_by_kernel_caches() {
+    if !have_root("root_metadata_walks_after_the_first_are_served_by_kernel_caches") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let m = Mounted::layer_dir(src.path(), true);
+    let n = walk_metadata(&m.path);
+    let after_first = m.stats.requests();
+    assert!(
+        n >= 20 && after_first > 0,
+        "{n} entries, {after_first} requests"
+    );
+    assert_eq!(walk_metadata(&m.path), n);
+    assert_eq!(
+        m.stats.requests() - after_first,
+        0,
+        "requests of a second walk reached the daemon"
+    );
+}
