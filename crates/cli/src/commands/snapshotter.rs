@@ -11,6 +11,13 @@ use crate::context::GlobalArgs;
 /// containerd) and mounts them lazily; other images get overlayfs snapshots.
 /// Plug it in with `[proxy_plugins.lazylayer] type = "snapshot" address = SOCK`.
 /// State (snapshot metadata and directories) lives in `<root>/snapshotter/`.
+///
+/// Lazy roots outlive this process: a descriptor holder (started on the first
+/// mount) keeps their FUSE connections, and the next snapshotter takes them
+/// over, so running containers keep their file system across a crash, a
+/// restart or an upgrade. SIGTERM unmounts the roots no container uses and
+/// leaves the others to the next snapshotter. Images the store holds whole
+/// get plain overlayfs snapshots of the store's layers.
 #[derive(clap::Args)]
 pub struct Args {
     /// Unix socket to serve on

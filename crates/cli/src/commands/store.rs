@@ -13,7 +13,11 @@ use crate::context::GlobalArgs;
 /// `DIR/<base64 of REF>/<layer digest>/{diff,info,blob}`; the top (boot)
 /// layer's `diff` is the image's lazy merged root (FUSE), the others are
 /// empty. Podman then pulls only manifest and config, and its containers run
-/// on the lazy root. Keep this running while Podman uses the images.
+/// on the lazy root. Keep this running while Podman uses the images; a
+/// restart with the same images (after a crash, or SIGTERM for an upgrade)
+/// takes over the roots in use, whose FUSE connections a descriptor holder
+/// keeps meanwhile. Images the store holds whole are laid out from its
+/// extracted layers, no FUSE.
 ///
 /// Configure Podman with `--storage-opt overlay.additionallayerstore=DIR:ref`
 /// (or storage.conf: `additionallayerstores = ["DIR:ref"]`). See docs/podman.md.
