@@ -135,6 +135,20 @@ fn skip_reason() -> Option<&'static str> {
     None
 }
 
+/// True (after saying why) when this machine cannot run these tests; under
+/// CI that is a failure instead, since a silent skip would pass as green.
+fn cannot_run() -> bool {
+    let Some(why) = skip_reason() else {
+        return false;
+    };
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run every test: {why}"
+    );
+    eprintln!("skipping: {why}");
+    true
+}
+
 /// `ctr` with retries: after a snapshotter restart containerd's gRPC client
 /// reconnects with backoff, and the first calls may fail as unavailable.
 fn ctr_retry(cd: &Containerd, args: &[&str]) -> String {
@@ -172,12 +186,7 @@ fn snapshots_ls(cd: &Containerd) -> Vec<(String, String, String)> {
 
 #[test]
 fn plain_image_pull_run_snapshot_commands_and_restart() {
-    if let Some(why) = skip_reason() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: {why}"
-        );
-        eprintln!("skipping: {why}");
+    if cannot_run() {
         return;
     }
     let reg = Registry::start();
@@ -303,12 +312,7 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     use lazylayer_containerd::proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
     use std::collections::HashMap;
 
-    if let Some(why) = skip_reason() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: {why}"
-        );
-        eprintln!("skipping: {why}");
+    if cannot_run() {
         return;
     }
     let reg = Registry::start();
@@ -498,12 +502,7 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
 /// config and the boot layer came from the registry for the pull.
 #[test]
 fn containerd_pull_registers_an_optimized_image_lazily() {
-    if let Some(why) = skip_reason() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: {why}"
-        );
-        eprintln!("skipping: {why}");
+    if cannot_run() {
         return;
     }
     let reg = Registry::start();
@@ -684,12 +683,7 @@ fn cri_pull(cd: &Containerd, image: &str) -> String {
 /// downloaded and unpacked by containerd as usual, and runs.
 #[test]
 fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
-    if let Some(why) = skip_reason() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: {why}"
-        );
-        eprintln!("skipping: {why}");
+    if cannot_run() {
         return;
     }
     let reg = Registry::start();
@@ -838,12 +832,7 @@ fn task_pid(cd: &Containerd, id: &str) -> Option<String> {
 /// the mounts, the holder's descriptors and memory checked for leaks.
 #[test]
 fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
-    if let Some(why) = skip_reason() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: {why}"
-        );
-        eprintln!("skipping: {why}");
+    if cannot_run() {
         return;
     }
     let reg = Registry::start();
@@ -963,12 +952,7 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
 /// root equals the lazy one and shows no index file.
 #[test]
 fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse() {
-    if let Some(why) = skip_reason() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: {why}"
-        );
-        eprintln!("skipping: {why}");
+    if cannot_run() {
         return;
     }
     let reg = Registry::start();

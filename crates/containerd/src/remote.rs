@@ -264,6 +264,13 @@ impl Snapshotter {
         let kept: Vec<PathBuf> = mounts.keys().map(|m| self.snapshots.lazy_dir(m)).collect();
         detach_mounts_below(&lazy, &kept);
         self.repin();
+        // Started now rather than by the first mount, which a container's
+        // start waits for.
+        if let (Some(h), Some(_)) = (&self.holder, &self.images) {
+            if let Err(e) = h.start() {
+                tracing::warn!(error = %e, "starting the descriptor holder; lazy roots will not survive a restart");
+            }
+        }
         mounts.len()
     }
 

@@ -12,7 +12,8 @@
 //! `{"op":"list"}` (answered by one message per entry, descriptors attached,
 //! then `{"end":true}`). Only the holder's own user may talk to it. It drops
 //! an entry whose mount (`meta.target`) is gone, and exits once it holds
-//! nothing: it never outlives the mounts it keeps.
+//! nothing and the server that last talked to it is gone: it never outlives
+//! both its server and the mounts it keeps.
 
 use std::collections::BTreeMap;
 use std::io::{Error, ErrorKind, IoSlice, IoSliceMut, Result};
@@ -99,6 +100,20 @@ impl Holder {
         };
         send(&s, &serde_json::to_vec(&req)?, fds)?;
         expect_ok(&s)
+    }
+
+    /// Make sure a holder runs (started now if none does), so that the
+    /// first [`Holder::put`] finds it.
+    pub fn start(&self) -> Result<()> {
+        let s = self.connect_or_start()?;
+        send(&s, &serde_json::to_vec(&Request::List)?, &[])?;
+        loop {
+            let (bytes, _) = recv(&s)?.ok_or_else(|| closed(&self.socket))?;
+            let r: Reply = serde_json::from_slice(&bytes).map_err(invalid)?;
+            if r.end || r.error.is_some() {
+                return Ok(());
+            }
+        }
     }
 
     /// Stop keeping `name` (nothing to do when no holder runs).
@@ -294,13 +309,22 @@ struct Entry {
     fds: Vec<OwnedFd>,
 }
 
-/// Run a holder on `socket` until it holds nothing after having held
-/// something (or, never given anything, for a minute).
+/// Run a holder on `socket` until it holds nothing and the server that
+/// last talked to it (its owner) is gone; never talked to, for a minute.
+/// Kept while its server runs, the holder is there for the server's next
+/// mount: starting one is not on a container start's path.
 pub fn serve(socket: &Path) -> Result<()> {
+    serve_with(socket, |pid| {
+        rustix::process::Pid::from_raw(pid as i32)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+    })
+}
+
+fn serve_with(socket: &Path, alive: impl Fn(u32) -> bool) -> Result<()> {
     let listener = bind(socket)?;
     std::fs::write(pid_file(socket), std::process::id().to_string())?;
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
-    let mut held_any = false;
+    let mut owner: Option<u32> = None;
     let started = Instant::now();
     let me = rustix::process::geteuid();
     loop {
@@ -323,14 +347,18 @@ pub fn serve(socket: &Path) -> Result<()> {
                 );
                 continue;
             }
+            owner = Some(peer.pid.as_raw_nonzero().get() as u32);
             if let Err(e) = serve_conn(&conn, &mut entries) {
                 tracing::warn!(error = %e, "descriptor holder client");
             }
-            held_any |= !entries.is_empty();
         } else {
             sweep(&mut entries);
         }
-        if entries.is_empty() && (held_any || started.elapsed() > Duration::from_secs(60)) {
+        let unowned = match owner {
+            Some(pid) => !alive(pid),
+            None => started.elapsed() > Duration::from_secs(60),
+        };
+        if entries.is_empty() && unowned {
             break;
         }
     }
@@ -493,7 +521,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("h.sock");
         let s2 = sock.clone();
-        let server = std::thread::spawn(move || serve(&s2));
+        // Its owner (this process) counts as gone: it exits once empty.
+        let server = std::thread::spawn(move || serve_with(&s2, |_| false));
         let h = Holder::new(&sock, Path::new("/nonexistent"), vec![]);
         let t0 = Instant::now();
         while h.pid().is_none() && t0.elapsed() < Duration::from_secs(5) {

@@ -4,8 +4,8 @@ use anyhow::{Context, Result};
 use lazylayer_fs::Holder;
 
 /// Keep the FUSE connections of live lazy roots while no server serves them
-/// (started by `lazylayer snapshotter` and `lazylayer store` on their first
-/// mount, in a session of its own; exits once it holds nothing).
+/// (started by `lazylayer snapshotter` and `lazylayer store`, in a session of
+/// its own; exits once it holds nothing and its server is gone).
 #[derive(clap::Args)]
 pub struct Args {
     /// Unix socket to serve on
