@@ -12,6 +12,7 @@ PACKAGES=(
   fuse-overlayfs    # benchmark peer
   apache2-utils     # htpasswd: a registry with Basic auth in tests
   protobuf-compiler libprotobuf-dev  # protoc + google/protobuf/*.proto: the snapshotter's gRPC codegen
+  systemd           # systemd-analyze: the units in packaging/systemd are verified
   curl jq bc openssl iproute2 util-linux python3 ca-certificates
 )
 

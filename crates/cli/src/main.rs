@@ -124,3 +124,55 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// `ExecStart=` of a unit file, split into words.
+    fn exec_start(unit: &str) -> Vec<String> {
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("the unit has an ExecStart line");
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    /// The systemd units in packaging/systemd start `lazylayer` with a
+    /// command line this very CLI accepts, as the server each one is for.
+    #[test]
+    fn systemd_units_exec_start_lines_parse_as_this_cli() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/systemd");
+        let mut seen = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let unit = std::fs::read_to_string(&path).unwrap();
+            let mut argv = exec_start(&unit);
+            assert_eq!(argv[0], "/usr/local/bin/lazylayer", "{}", path.display());
+            // What /etc/lazylayer/store.env would name.
+            for a in argv.iter_mut() {
+                if a == "$LAZYLAYER_STORE_IMAGES" {
+                    *a = "registry.example.com/app:lazy".into();
+                }
+            }
+            let cli = Cli::try_parse_from(&argv)
+                .unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", path.display()));
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            match (name.as_str(), &cli.command) {
+                ("lazylayer-snapshotter.service", Command::Snapshotter(_))
+                | ("lazylayer-store.service", Command::Store(_)) => {}
+                _ => panic!("{name} starts another command: {argv:?}"),
+            }
+            // The descriptor holder must outlive a stop of the service.
+            assert!(unit.lines().any(|l| l == "KillMode=process"), "{name}");
+            seen.push(name);
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            ["lazylayer-snapshotter.service", "lazylayer-store.service"]
+        );
+    }
+}
