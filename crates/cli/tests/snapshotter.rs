@@ -14,14 +14,23 @@ struct Snapshotterd {
     root: PathBuf,
     sock: PathBuf,
     child: Option<Child>,
+    /// Extra environment of the snapshotter (and so of its holder).
+    env: Vec<(String, String)>,
 }
 
 impl Snapshotterd {
     fn start(root: &Path) -> Snapshotterd {
+        Snapshotterd::start_with_env(root, &[])
+    }
+
+    fn start_with_env(root: &Path, env: &[(&str, &str)]) -> Snapshotterd {
         let mut s = Snapshotterd {
             root: root.to_path_buf(),
             sock: root.join("snapshotter.sock"),
             child: None,
+            env: (env.iter())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.spawn();
         s
@@ -44,6 +53,7 @@ impl Snapshotterd {
             .arg("--address")
             .arg(&self.sock)
             .env("RUST_LOG", "lazylayer_containerd=debug,info,fuser=off")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1038,5 +1048,99 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
     assert_eq!(native.replace('\r', ""), lazy.replace('\r', ""));
     assert!(native.replace('\r', "").ends_with("\n0\n"), "{native}");
     cd.ok(&["containers", "rm", "whole-t2"]);
+    drop(cd);
+}
+
+/// A snapshotter that dies for good (no new one comes): its holder keeps the
+/// lazy root for the orphan timeout only (3 s here, 60 s by default), then
+/// lets the connection go. A reader that was waiting gets an error after that
+/// bounded wait instead of hanging; a later snapshotter detaches the dead
+/// mount and serves new containers.
+#[test]
+fn snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout() {
+    if cannot_run() {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (_opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let root = tempfile::tempdir().unwrap();
+    let mut sn = Snapshotterd::start_with_env(root.path(), &[("LAZYLAYER_ORPHAN_TIMEOUT", "3")]);
+    let cd = Containerd::start_with(&sn.proxy_toml());
+    let sock = cd.socket();
+    lazylayer_ok(
+        root.path(),
+        &[
+            "containerd",
+            "pull",
+            "--address",
+            sock.to_str().unwrap(),
+            &dst,
+        ],
+    );
+    cd.ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "lazylayer",
+        &dst,
+        "orphan",
+        "sleep",
+        "1000",
+    ]);
+    let rootfs = cd
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task/default/orphan/rootfs");
+    assert!(std::fs::read(rootfs.join("etc/debian_version")).is_ok());
+    let holder = sn.holder_pid().expect("a holder runs");
+
+    sn.kill();
+    let t0 = Instant::now();
+    let read = std::fs::read(rootfs.join("usr/lib/os-release"));
+    let waited = t0.elapsed();
+    eprintln!("read with no snapshotter: {read:?} after {waited:?}");
+    let err = read.expect_err("no server: the read must fail, not hang");
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(e) if e == rustix::io::Errno::NOTCONN.raw_os_error()
+                || e == rustix::io::Errno::CONNABORTED.raw_os_error()
+        ),
+        "{err}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(30),
+        "the read waited {waited:?}: the orphan timeout is 3 s"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{holder}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned holder did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A new snapshotter detaches the dead mount and serves a new container.
+    sn.spawn();
+    let out = ctr_retry(
+        &cd,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazylayer",
+            &dst,
+            "orphan-t2",
+        ],
+    );
+    assert_eq!(out.replace('\r', ""), "ok\n");
+    // The old container lost its root with the connection (its process may
+    // have died of it already): kill it if it still runs.
+    let _ = cd
+        .ctr()
+        .args(["tasks", "kill", "-s", "KILL", "orphan"])
+        .output();
     drop(cd);
 }

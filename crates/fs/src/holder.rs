@@ -309,23 +309,33 @@ struct Entry {
     fds: Vec<OwnedFd>,
 }
 
+/// How long the holder keeps connections that no server serves, by default:
+/// readers of those mounts wait meanwhile, and a lazy file system's reader
+/// must get an error after a bounded wait, never hang.
+pub const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Run a holder on `socket` until it holds nothing and the server that
 /// last talked to it (its owner) is gone; never talked to, for a minute.
 /// Kept while its server runs, the holder is there for the server's next
-/// mount: starting one is not on a container start's path.
-pub fn serve(socket: &Path) -> Result<()> {
-    serve_with(socket, |pid| {
+/// mount: starting one is not on a container start's path. When the owner
+/// is gone and no server talks to the holder for `orphan_timeout`, it lets
+/// the connections go: the kernel ends them (waiting readers get an error,
+/// ENOTCONN after that), and the next server detaches the dead mounts.
+pub fn serve(socket: &Path, orphan_timeout: Duration) -> Result<()> {
+    serve_with(socket, orphan_timeout, |pid| {
         rustix::process::Pid::from_raw(pid as i32)
             .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
     })
 }
 
-fn serve_with(socket: &Path, alive: impl Fn(u32) -> bool) -> Result<()> {
+fn serve_with(socket: &Path, orphan_timeout: Duration, alive: impl Fn(u32) -> bool) -> Result<()> {
     let listener = bind(socket)?;
     std::fs::write(pid_file(socket), std::process::id().to_string())?;
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
     let mut owner: Option<u32> = None;
     let started = Instant::now();
+    // Since when the owner is known to be gone (None: alive, or not checked).
+    let mut orphaned: Option<Instant> = None;
     let me = rustix::process::geteuid();
     loop {
         let mut pfd = [rustix::event::PollFd::new(
@@ -358,6 +368,21 @@ fn serve_with(socket: &Path, alive: impl Fn(u32) -> bool) -> Result<()> {
             Some(pid) => !alive(pid),
             None => started.elapsed() > Duration::from_secs(60),
         };
+        if !unowned {
+            orphaned = None;
+        } else if !entries.is_empty() {
+            let since = *orphaned.get_or_insert_with(Instant::now);
+            if since.elapsed() >= orphan_timeout {
+                tracing::warn!(
+                    mounts = entries.len(),
+                    after = ?orphan_timeout,
+                    "no server took the lazy roots over: letting their connections go (readers get an error)"
+                );
+                // The last descriptors of those connections: closing them
+                // ends each connection.
+                entries.clear();
+            }
+        }
         if entries.is_empty() && unowned {
             break;
         }
@@ -522,7 +547,8 @@ mod tests {
         let sock = dir.path().join("h.sock");
         let s2 = sock.clone();
         // Its owner (this process) counts as gone: it exits once empty.
-        let server = std::thread::spawn(move || serve_with(&s2, |_| false));
+        let server =
+            std::thread::spawn(move || serve_with(&s2, Duration::from_secs(3600), |_| false));
         let h = Holder::new(&sock, Path::new("/nonexistent"), vec![]);
         let t0 = Instant::now();
         while h.pid().is_none() && t0.elapsed() < Duration::from_secs(5) {
@@ -551,5 +577,42 @@ mod tests {
         );
         assert!(h.list().unwrap().is_empty());
         assert!(h.pid().is_none());
+    }
+}
+
+#[cfg(test)]
+mod orphan_tests {
+    use super::*;
+
+    /// With no server for `orphan_timeout`, the holder closes what it held
+    /// (so the kernel ends those connections) and exits: a reader of such a
+    /// mount gets an error after a bounded wait instead of hanging.
+    #[test]
+    fn an_orphaned_holder_lets_its_descriptors_go_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("h.sock");
+        let s2 = sock.clone();
+        let t0 = Instant::now();
+        let server =
+            std::thread::spawn(move || serve_with(&s2, Duration::from_millis(500), |_| false));
+        let h = Holder::new(&sock, Path::new("/nonexistent"), vec![]);
+        while h.pid().is_none() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        h.put("/", serde_json::json!({"target": "/"}), &[r.as_fd()])
+            .unwrap();
+        drop(r);
+        // Held: the pipe still has a reader.
+        assert!(rustix::io::write(&w, b"x").is_ok());
+        server.join().unwrap().unwrap();
+        // Let go: no reader is left, so a write fails with EPIPE.
+        assert_eq!(
+            rustix::io::write(&w, b"x").unwrap_err(),
+            rustix::io::Errno::PIPE
+        );
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(500), "let go after {took:?}");
+        assert!(!sock.exists());
     }
 }

@@ -11,10 +11,17 @@ pub struct Args {
     /// Unix socket to serve on
     #[arg(long)]
     pub socket: PathBuf,
+    /// Seconds to keep connections no server serves (its server died and no
+    /// new one took over) before letting them go: their readers then get an
+    /// error instead of waiting without end
+    #[arg(long, env = "LAZYLAYER_ORPHAN_TIMEOUT", default_value_t = lazylayer_fs::holder::ORPHAN_TIMEOUT.as_secs_f64())]
+    pub orphan_timeout: f64,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    lazylayer_fs::holder::serve(&a.socket)
+    let timeout = std::time::Duration::try_from_secs_f64(a.orphan_timeout)
+        .context("--orphan-timeout must be a number of seconds")?;
+    lazylayer_fs::holder::serve(&a.socket, timeout)
         .with_context(|| format!("holding descriptors on {}", a.socket.display()))
 }
 
