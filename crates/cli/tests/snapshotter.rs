@@ -823,6 +823,30 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
     drop(cd);
 }
 
+/// `lazylayer snapshotter` (with `env`) on a fresh root, a containerd using
+/// it, and `image` registered in containerd lazily (`lazylayer containerd
+/// pull`). Bound in this order, they drop in reverse: containerd first.
+fn snapshotter_with_image(
+    image: &str,
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, Snapshotterd, Containerd) {
+    let root = tempfile::tempdir().unwrap();
+    let sn = Snapshotterd::start_with_env(root.path(), env);
+    let cd = Containerd::start_with(&sn.proxy_toml());
+    let sock = cd.socket();
+    lazylayer_ok(
+        root.path(),
+        &[
+            "containerd",
+            "pull",
+            "--address",
+            sock.to_str().unwrap(),
+            image,
+        ],
+    );
+    (root, sn, cd)
+}
+
 /// The PID of the container's task, from `ctr tasks ls` (None: not running).
 fn task_pid(cd: &Containerd, id: &str) -> Option<String> {
     let tasks = ctr_retry(cd, &["tasks", "ls"]);
@@ -858,20 +882,7 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
     let files = files_to_read(&base_fs);
     assert!(files.len() > 30, "{} files", files.len());
 
-    let root = tempfile::tempdir().unwrap();
-    let mut sn = Snapshotterd::start(root.path());
-    let cd = Containerd::start_with(&sn.proxy_toml());
-    let sock = cd.socket();
-    lazylayer_ok(
-        root.path(),
-        &[
-            "containerd",
-            "pull",
-            "--address",
-            sock.to_str().unwrap(),
-            &via,
-        ],
-    );
+    let (root, mut sn, cd) = snapshotter_with_image(&via, &[]);
     cd.ok(&[
         "run",
         "-d",
@@ -968,20 +979,7 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
     let (_opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
-    let root = tempfile::tempdir().unwrap();
-    let sn = Snapshotterd::start(root.path());
-    let cd = Containerd::start_with(&sn.proxy_toml());
-    let sock = cd.socket();
-    lazylayer_ok(
-        root.path(),
-        &[
-            "containerd",
-            "pull",
-            "--address",
-            sock.to_str().unwrap(),
-            &dst,
-        ],
-    );
+    let (root, sn, cd) = snapshotter_with_image(&dst, &[]);
     let script = "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -printf '%p %y %m %U %G\\n' | sort; \
                   find / -xdev -type f -printf '%p %s\\n' | sort | md5sum; \
                   cat /app/* /usr/bin/* | md5sum; \
@@ -1064,20 +1062,7 @@ fn snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout() {
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
     let (_opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
-    let root = tempfile::tempdir().unwrap();
-    let mut sn = Snapshotterd::start_with_env(root.path(), &[("LAZYLAYER_ORPHAN_TIMEOUT", "3")]);
-    let cd = Containerd::start_with(&sn.proxy_toml());
-    let sock = cd.socket();
-    lazylayer_ok(
-        root.path(),
-        &[
-            "containerd",
-            "pull",
-            "--address",
-            sock.to_str().unwrap(),
-            &dst,
-        ],
-    );
+    let (_root, mut sn, cd) = snapshotter_with_image(&dst, &[("LAZYLAYER_ORPHAN_TIMEOUT", "3")]);
     cd.ok(&[
         "run",
         "-d",
