@@ -73,8 +73,10 @@ pub enum LayerError {
     FileChanged { path: PathBuf },
 
     /// Reading or parsing the tar stream failed; `after` is the last entry read
-    /// completely, or empty at the start of the archive.
-    #[error("reading tar stream after entry {:?}: {source}", after.display().to_string())]
+    /// completely, or empty at the start of the archive. A layer read as it
+    /// downloads can fail here before its digest is known: the message says
+    /// what that means.
+    #[error("reading tar stream after entry {:?}: {source} (corrupt or cut-short layer data)", after.display().to_string())]
     ReadArchive {
         after: PathBuf,
         #[source]
