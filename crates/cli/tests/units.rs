@@ -11,12 +11,8 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .arg("--version")
         .output()
         .is_err()
+        && lazylayer_testsupport::skip_because("systemd-analyze is not installed")
     {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every test: systemd-analyze is not installed"
-        );
-        eprintln!("skipping: systemd-analyze is not installed");
         return;
     }
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/systemd");

@@ -31,15 +31,18 @@ pub fn free_port() -> u16 {
 /// test without root is skipped with the reason printed; under `CI` it fails,
 /// since a skipped test would pass as green.
 pub fn require_root(test: &str, why: &str) -> bool {
-    if is_root() {
-        return true;
-    }
+    is_root() || !skip_because(&format!("{test} needs root ({why})"))
+}
+
+/// Skip a test for `reason` (printed), or, under `CI`, fail it: a skipped
+/// test would pass as green there. Returns true (skip) off CI.
+pub fn skip_because(reason: &str) -> bool {
     assert!(
         std::env::var_os("CI").is_none(),
-        "{test} needs root ({why}); CI must run every test"
+        "CI must run every test: {reason}"
     );
-    eprintln!("skipping {test}: needs root ({why})");
-    false
+    eprintln!("skipping: {reason}");
+    true
 }
 
 /// A running docker-registry (distribution v2) with its storage and access
