@@ -1,6 +1,8 @@
-//! Options every subcommand shares, and the objects built from them.
+//! Options every subcommand shares, merged with the configuration file, and
+//! the objects built from them.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -8,35 +10,98 @@ use lazylayer_oci::auth::AuthStore;
 use lazylayer_oci::{ClientConfig, RegistryClient};
 use lazylayer_store::Store;
 
+use crate::config::{self, Config};
+
+/// The shared flags as typed; [`GlobalArgs::resolve`] merges them with the
+/// configuration file. Unset flags fall back to the file, then to defaults.
 #[derive(Args, Debug, Clone)]
-pub struct GlobalArgs {
+pub struct GlobalFlags {
+    /// Configuration file [default: /etc/lazylayer/config.toml, if present].
+    /// Flags and environment variables override it; `lazylayer config`
+    /// prints the result
+    #[arg(long, global = true, env = "LAZYLAYER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Store directory (blobs, extracted layers, image records)
-    #[arg(
-        long,
-        global = true,
-        env = "LAZYLAYER_ROOT",
-        default_value = "/var/lib/lazylayer"
-    )]
-    pub root: PathBuf,
-    /// Speak plain HTTP to this registry (HOST or HOST:PORT); loopback hosts always are. Repeatable.
+    /// [config: store.root; default: /var/lib/lazylayer]
+    #[arg(long, global = true, env = "LAZYLAYER_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Speak plain HTTP to this registry (HOST or HOST:PORT); loopback hosts
+    /// always are. Repeatable; added to the config's registries.insecure
     #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
     pub insecure_registries: Vec<String>,
+    /// An auth.json (Docker/Podman format) read before the usual ones
+    /// [config: registries.auth_file]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub auth_file: Option<PathBuf>,
     /// Seconds a blob download may bring no data (or under 1 KiB/s on average)
     /// before it is dropped and resumed; gives up after 5 tries
+    /// [config: fetch.stall_timeout; default: 10]
     #[arg(
         long,
         global = true,
         env = "LAZYLAYER_STALL_TIMEOUT",
-        default_value_t = 10.0,
         value_name = "SECS"
     )]
-    pub stall_timeout: f64,
+    pub stall_timeout: Option<f64>,
+    /// Bytes per second the background prefetch may take ("20MB", "none");
+    /// reads a container waits on are never held back
+    /// [config: fetch.prefetch_bandwidth; default: none]
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_PREFETCH_BANDWIDTH",
+        value_name = "RATE"
+    )]
+    pub prefetch_bandwidth: Option<String>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
 
+/// The effective settings every command works with.
+#[derive(Debug, Clone)]
+pub struct GlobalArgs {
+    pub root: PathBuf,
+    /// Every key filled in (file, then flags and environment, then defaults).
+    pub config: Config,
+    /// The file it was read from, if any.
+    pub config_file: Option<PathBuf>,
+}
+
 impl GlobalArgs {
+    /// Read the configuration file and lay the flags over it.
+    pub fn resolve(f: GlobalFlags) -> Result<GlobalArgs> {
+        let (path, optional) = match &f.config {
+            Some(p) => (p.clone(), false),
+            None => (PathBuf::from(config::DEFAULT_PATH), true),
+        };
+        let mut cfg = Config::load(&path, optional)?;
+        let config_file = (!optional || path.exists()).then_some(path);
+        if let Some(r) = f.root {
+            cfg.store.root = Some(r);
+        }
+        cfg.registries
+            .insecure
+            .extend(f.insecure_registries.iter().cloned());
+        if let Some(a) = f.auth_file {
+            cfg.registries.auth_file = Some(a);
+        }
+        if let Some(s) = f.stall_timeout {
+            config::seconds(s).with_context(|| format!("--stall-timeout {s}"))?;
+            cfg.fetch.stall_timeout = Some(s);
+        }
+        if let Some(b) = f.prefetch_bandwidth {
+            config::parse_limit(&b).with_context(|| format!("--prefetch-bandwidth {b:?}"))?;
+            cfg.fetch.prefetch_bandwidth = Some(b);
+        }
+        let config = cfg.with_defaults();
+        Ok(GlobalArgs {
+            root: config.store.root.clone().expect("defaulted"),
+            config,
+            config_file,
+        })
+    }
+
     pub fn store(&self) -> Result<Store> {
         Store::open(&self.root).with_context(|| format!("opening store at {}", self.root.display()))
     }
@@ -46,17 +111,60 @@ impl GlobalArgs {
     }
 
     pub fn client_with(&self, tweak: impl FnOnce(&mut ClientConfig)) -> Result<RegistryClient> {
+        let r = &self.config.registries;
+        let f = &self.config.fetch;
+        let mut auth_paths = Vec::new();
+        auth_paths.extend(r.auth_file.clone());
+        auth_paths.extend(AuthStore::default_paths());
         let mut cfg = ClientConfig {
-            insecure_registries: self.insecure_registries.clone(),
-            auth: AuthStore::load(&AuthStore::default_paths()),
-            stall_timeout: std::time::Duration::try_from_secs_f64(self.stall_timeout)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .context("--stall-timeout must be a positive number of seconds")?,
+            insecure_registries: r.insecure.clone(),
+            auth: AuthStore::load(&auth_paths),
+            stall_timeout: config::seconds(f.stall_timeout.expect("defaulted"))?,
+            connect_timeout: config::seconds(f.connect_timeout.expect("defaulted"))?,
             ..ClientConfig::default()
         };
         tweak(&mut cfg);
         Ok(RegistryClient::new(cfg)?)
+    }
+
+    /// How long a read on a lazy root waits for its file (a command's own
+    /// flag wins).
+    pub fn read_timeout(&self, flag: Option<f64>) -> Result<Duration> {
+        match flag {
+            Some(s) => config::seconds(s).with_context(|| format!("--fetch-timeout {s}")),
+            None => config::seconds(self.config.fetch.read_timeout.expect("defaulted")),
+        }
+    }
+
+    /// Whether to prefetch in the background (a command's own flag wins).
+    pub fn prefetch(&self, flag: Option<&str>) -> bool {
+        match flag {
+            Some(v) => v == "on",
+            None => self.config.fetch.prefetch.expect("defaulted"),
+        }
+    }
+
+    /// Whether lazy roots use FUSE passthrough (a command's own flag wins).
+    pub fn passthrough(&self, flag: Option<&str>) -> bool {
+        match flag {
+            Some(v) => v == "on",
+            None => self.config.fs.passthrough.expect("defaulted"),
+        }
+    }
+
+    /// The fetch options of lazy roots, from the configuration.
+    pub fn fetch_options(
+        &self,
+        read_timeout_flag: Option<f64>,
+    ) -> Result<lazylayer_fetch::FetchOptions> {
+        let f = &self.config.fetch;
+        let limit = config::parse_limit(f.prefetch_bandwidth.as_deref().unwrap_or("none"))?;
+        Ok(lazylayer_fetch::FetchOptions {
+            read_timeout: self.read_timeout(read_timeout_flag)?,
+            prefetch_concurrency: f.prefetch_concurrency.expect("defaulted"),
+            prefetch_bandwidth: limit.map(lazylayer_fetch::Bandwidth::shared),
+            ..lazylayer_fetch::FetchOptions::default()
+        })
     }
 }
 

@@ -4,14 +4,16 @@
 //! library crates (`lazylayer-oci`, `lazylayer-store`, `lazylayer-layer`).
 
 mod commands;
+mod config;
 mod context;
+mod metrics;
 mod progress;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use context::GlobalArgs;
+use context::{GlobalArgs, GlobalFlags};
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +32,7 @@ use context::GlobalArgs;
 )]
 struct Cli {
     #[command(flatten)]
-    global: GlobalArgs,
+    global: GlobalFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +67,8 @@ enum Command {
     Snapshotter(commands::snapshotter::Args),
     /// Talk to containerd: `containerd pull` registers an optimized image lazily
     Containerd(commands::containerd::Args),
+    /// Print the effective configuration (file, environment and flags merged)
+    Config(commands::config::Args),
     /// Keep live lazy roots' FUSE connections across server restarts (started by the servers)
     #[command(name = "fd-holder", hide = true)]
     FdHolder(commands::holder::Args),
@@ -85,25 +89,45 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The descriptor holder reads no configuration: it must start even
+    // when a broken file stops everything else.
+    if let Command::FdHolder(a) = cli.command {
+        return match commands::holder::run(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let global = match GlobalArgs::resolve(cli.global) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("Error: configuration: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = rt.block_on(async {
+        let g = &global;
         match cli.command {
-            Command::Pull(a) => commands::pull::run(&cli.global, a).await,
-            Command::Run(a) => commands::run::run(&cli.global, a).await.map(|code| {
+            Command::Pull(a) => commands::pull::run(g, a).await,
+            Command::Run(a) => commands::run::run(g, a).await.map(|code| {
                 EXIT_CODE.store(code, std::sync::atomic::Ordering::SeqCst);
             }),
-            Command::Ps(a) => commands::ps::run(&cli.global, a),
-            Command::Rm(a) => commands::rm::run(&cli.global, a),
-            Command::Status(a) => commands::status::run(&cli.global, a),
-            Command::Store(a) => commands::store::run(&cli.global, a).await,
-            Command::Inspect(a) => commands::inspect::run(&cli.global, a).await,
-            Command::Images(a) => commands::images::run(&cli.global, a),
-            Command::Optimize(a) => commands::optimize::run(&cli.global, a).await,
-            Command::Push(a) => commands::push::run(&cli.global, a).await,
-            Command::Rmi(a) => commands::rmi::run(&cli.global, a),
-            Command::Prune(a) => commands::prune::run(&cli.global, a),
-            Command::Snapshotter(a) => commands::snapshotter::run(&cli.global, a).await,
-            Command::Containerd(a) => commands::containerd::run(&cli.global, a).await,
-            Command::FdHolder(a) => commands::holder::run(a),
+            Command::Ps(a) => commands::ps::run(g, a),
+            Command::Rm(a) => commands::rm::run(g, a),
+            Command::Status(a) => commands::status::run(g, a),
+            Command::Store(a) => commands::store::run(g, a).await,
+            Command::Inspect(a) => commands::inspect::run(g, a).await,
+            Command::Images(a) => commands::images::run(g, a),
+            Command::Optimize(a) => commands::optimize::run(g, a).await,
+            Command::Push(a) => commands::push::run(g, a).await,
+            Command::Rmi(a) => commands::rmi::run(g, a),
+            Command::Prune(a) => commands::prune::run(g, a),
+            Command::Snapshotter(a) => commands::snapshotter::run(g, a).await,
+            Command::Containerd(a) => commands::containerd::run(g, a).await,
+            Command::Config(a) => commands::config::run(g, a),
+            Command::FdHolder(_) => unreachable!("served above"),
         }
     });
     // Work still in flight belongs to nobody now (a background prefetch cut by

@@ -33,6 +33,8 @@ pub struct Images {
     /// lock for all: it also keeps two layers of one image from opening
     /// (fetching the boot layer) twice.
     opened: Mutex<HashMap<String, Option<Arc<LazyImage>>>>,
+    fetch: FetchOptions,
+    mount: MountOptions,
 }
 
 impl Images {
@@ -41,7 +43,22 @@ impl Images {
             store,
             client,
             opened: Mutex::new(HashMap::new()),
+            fetch: FetchOptions::default(),
+            // The container starts from the boot layer, the rest follows once
+            // its start has settled (prefetching earlier takes its CPU).
+            mount: MountOptions {
+                fs: FsOptions::default(),
+                prefetch: true,
+            },
         }
+    }
+
+    /// How lazy roots fetch (timeouts, prefetch bandwidth) and serve
+    /// (prefetch, passthrough).
+    pub fn with_options(mut self, fetch: FetchOptions, mount: MountOptions) -> Images {
+        self.fetch = fetch;
+        self.mount = mount;
+        self
     }
 
     /// The image `image_ref` pinned at `manifest_digest`, opened lazily
@@ -68,7 +85,7 @@ impl Images {
             &self.store,
             self.client.clone(),
             &reference,
-            FetchOptions::default(),
+            self.fetch.clone(),
         )
         .await
         {
@@ -307,7 +324,7 @@ impl Snapshotter {
             (*img).clone(),
             &self.pin_name(&meta.manifest_digest),
         )?;
-        root.resume(&dir, Self::mount_options(), device, table)?;
+        root.resume(&dir, images.mount.clone(), device, table)?;
         mounts.insert(meta.manifest_digest, root);
         Ok(meta.image_ref)
     }
@@ -317,15 +334,6 @@ impl Snapshotter {
             .filter(char::is_ascii_alphanumeric)
             .collect();
         format!("snapshotter-{}-{hex}", std::process::id())
-    }
-
-    fn mount_options() -> MountOptions {
-        // The container starts from the boot layer, the rest follows once
-        // its start has settled (prefetching earlier takes its CPU).
-        MountOptions {
-            fs: FsOptions::default(),
-            prefetch: true,
-        }
     }
 
     /// Hand `root`'s connection to the holder (logged, not fatal: the root
@@ -588,7 +596,7 @@ impl Snapshotter {
         // once its start has settled (prefetching earlier takes its CPU).
         let pin = self.pin_name(&r.manifest_digest);
         let mut root = LazyRoot::new(&images.store, (*img).clone(), &pin).map_err(failed)?;
-        root.mount(&dir, Self::mount_options()).map_err(failed)?;
+        root.mount(&dir, images.mount.clone()).map_err(failed)?;
         tracing::info!(image = %r.image_ref, dir = %dir.display(), "lazy root mounted");
         self.hold(r, &root);
         mounts.insert(r.manifest_digest.clone(), root);

@@ -14,6 +14,8 @@ use lazylayer_store::{BlobStream, LayerEvents, LayerRef, PullOptions, PullProgre
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::bandwidth::{Bandwidth, Throttled};
+
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
     /// Longest a reader waits for its file before getting EIO.
@@ -26,6 +28,9 @@ pub struct FetchOptions {
     /// readers wait for the whole layer to be verified.
     pub serve_unverified: bool,
     pub pull: PullOptions,
+    /// Paces the background prefetch (shared by every image of a process);
+    /// a layer a reader asked for goes at full speed from then on.
+    pub prefetch_bandwidth: Option<Arc<Bandwidth>>,
 }
 
 impl Default for FetchOptions {
@@ -35,6 +40,7 @@ impl Default for FetchOptions {
             prefetch_concurrency: 2,
             serve_unverified: true,
             pull: PullOptions::default(),
+            prefetch_bandwidth: None,
         }
     }
 }
@@ -84,6 +90,9 @@ struct Inner {
     slots: Mutex<Vec<Slot>>,
     changed: Condvar,
     fetched: Vec<AtomicU64>,
+    /// Per layer: a reader asked for it (its bytes count as on demand and
+    /// are not paced by the prefetch's bandwidth limit).
+    urgent: Vec<Arc<AtomicBool>>,
     rt: tokio::runtime::Handle,
     /// Set by [`LayerFetcher::cancel`]: no fetch starts any more.
     cancelled: AtomicBool,
@@ -106,6 +115,12 @@ struct SlotProgress {
 impl PullProgress for SlotProgress {
     fn layer_bytes(&self, _d: &Digest, n: u64) {
         self.inner.fetched[self.layer].fetch_add(n, Ordering::Relaxed);
+        let reason = if self.inner.urgent[self.layer].load(Ordering::Relaxed) {
+            lazylayer_metrics::Reason::OnDemand
+        } else {
+            lazylayer_metrics::Reason::Prefetch
+        };
+        lazylayer_metrics::fetched(reason, n);
     }
 }
 
@@ -143,6 +158,10 @@ impl LayerFetcher {
         rt: tokio::runtime::Handle,
     ) -> LayerFetcher {
         let fetched = layers.iter().map(|_| AtomicU64::new(0)).collect();
+        let urgent = layers
+            .iter()
+            .map(|_| Arc::new(AtomicBool::new(false)))
+            .collect();
         let slots = layers
             .into_iter()
             .map(|layer| {
@@ -169,6 +188,7 @@ impl LayerFetcher {
                 slots: Mutex::new(slots),
                 changed: Condvar::new(),
                 fetched,
+                urgent,
                 rt,
                 cancelled: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
@@ -178,6 +198,12 @@ impl LayerFetcher {
 
     /// Start fetching layer `i` unless it is fetching or done. Returns at once.
     pub fn request(&self, i: usize, on_demand: bool) {
+        if on_demand {
+            // Also when the prefetch has it already: unpaced from now on.
+            if let Some(u) = self.inner.urgent.get(i) {
+                u.store(true, Ordering::Relaxed);
+            }
+        }
         // A reader's fetch starts at once; it holds a prefetch slot if one is
         // free, so the prefetch does not start more beside it.
         let permit = if on_demand {
@@ -435,6 +461,7 @@ impl LayerFetcher {
         if let Some(f) = self.inner.fetched.get(i) {
             f.fetch_add(n, Ordering::Relaxed);
         }
+        lazylayer_metrics::fetched(lazylayer_metrics::Reason::OnDemand, n);
     }
 
     pub(crate) fn store(&self) -> &Store {
@@ -565,15 +592,23 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
         layer: i,
     });
     tracing::info!(layer = %layer.digest, "fetching layer");
+    // The prefetch's share of the link is bounded; a reader's is not.
+    let paced: Option<Throttled> = inner
+        .opts
+        .prefetch_bandwidth
+        .clone()
+        .map(|limit| Throttled {
+            inner: inner.source.clone(),
+            limit,
+            urgent: inner.urgent[i].clone(),
+        });
+    let source: &dyn BlobStream = match &paced {
+        Some(t) => t,
+        None => inner.source.as_ref(),
+    };
     let r = inner
         .store
-        .ensure_layer(
-            inner.source.as_ref(),
-            &layer,
-            &inner.opts.pull,
-            progress,
-            events,
-        )
+        .ensure_layer(source, &layer, &inner.opts.pull, progress, events)
         .await;
     let mut s = inner.slots.lock().unwrap();
     match r {
@@ -589,6 +624,7 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
         Err(e) => {
             let msg = format!("{:#}", error_chain(&e));
             tracing::error!(layer = %layer.digest, error = %msg, "layer fetch failed");
+            lazylayer_metrics::fetch_error(crate::error_cause(&e));
             s[i].state = LayerState::Failed(msg);
         }
     }

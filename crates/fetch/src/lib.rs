@@ -14,6 +14,7 @@
 //! system, prefetched once the start has settled, recorded once complete,
 //! and all of it undone on drop.
 
+mod bandwidth;
 mod boot;
 mod fetcher;
 mod image_root;
@@ -22,6 +23,7 @@ mod local;
 mod root;
 mod span;
 
+pub use bandwidth::Bandwidth;
 pub use boot::{reap_chunk_caches, BootChunks};
 pub use fetcher::{error_chain, FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use image_root::ImageRoot;
@@ -59,4 +61,32 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The metrics' word for why a layer fetch failed.
+pub(crate) fn error_cause(e: &lazylayer_store::StoreError) -> lazylayer_metrics::FetchErrorCause {
+    use lazylayer_metrics::FetchErrorCause as C;
+    use lazylayer_oci::OciError as O;
+    use lazylayer_store::StoreError as S;
+    match e {
+        S::Io { .. } => C::Disk,
+        S::Layer { .. } | S::BadImage { .. } => C::Content,
+        S::DiffIdMismatch { .. } => C::Digest,
+        S::Worker { .. } => C::Other,
+        S::Oci(o) => match o {
+            O::DigestMismatch { .. } | O::SizeMismatch { .. } | O::TooLarge { .. } => C::Digest,
+            O::NotFound { .. } | O::Unauthorized { .. } | O::Status { .. } | O::Auth { .. } => {
+                C::Status
+            }
+            O::NoAnswer { .. } => C::Timeout,
+            O::Interrupted { reason, .. }
+                if reason.starts_with("no data") || reason.starts_with("only") =>
+            {
+                C::Timeout
+            }
+            O::Interrupted { .. } | O::Http { .. } => C::Connection,
+            O::Io { .. } => C::Disk,
+            _ => C::Other,
+        },
+    }
 }

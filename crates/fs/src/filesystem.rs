@@ -91,13 +91,17 @@ impl FsStats {
     }
 }
 
-/// Counts one waiting request while alive.
-struct Waiting(Arc<FsStats>);
+/// Counts one waiting request while alive (here and in the process's
+/// metrics, which also time it).
+struct Waiting(
+    Arc<FsStats>,
+    #[allow(dead_code)] lazylayer_metrics::ReadWait,
+);
 
 impl Waiting {
     fn new(stats: &Arc<FsStats>) -> Waiting {
         stats.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(stats.clone())
+        Waiting(stats.clone(), lazylayer_metrics::ReadWait::start())
     }
 }
 

@@ -56,6 +56,8 @@ pub struct StoreOptions {
     /// Fetch the remaining layers in the background once a start has
     /// settled (a container's first reads, or 2 s after the mount).
     pub prefetch: bool,
+    /// How lazy roots serve (passthrough).
+    pub fs: lazylayer_fs::FsOptions,
     /// Keeps each lazy root's FUSE connection while no store serves it (a
     /// crash, a restart, an upgrade); None: roots die with the process.
     pub holder: Option<Holder>,
@@ -208,7 +210,12 @@ impl LayerStore {
                     })
                 }
             };
-            let s = lay_out(root, &opts.dir, &work, opts.prefetch, opts.holder.clone())?;
+            // Prefetch once the start has settled, as `run` and the snapshotter do.
+            let mount = MountOptions {
+                prefetch: opts.prefetch,
+                fs: opts.fs.clone(),
+            };
+            let s = lay_out(root, &opts.dir, &work, mount, opts.holder.clone())?;
             hold(&s, opts.holder.as_ref());
             served.push(s);
         }
@@ -312,7 +319,7 @@ async fn take_over(
     };
     let mount = MountOptions {
         prefetch: opts.prefetch,
-        ..MountOptions::default()
+        fs: opts.fs.clone(),
     };
     root.resume(target, mount, device, table)
         .map_err(|e| error_chain(&e))?;
@@ -400,7 +407,7 @@ fn lay_out(
     mut root: LazyRoot,
     dir: &Path,
     work: &Path,
-    prefetch: bool,
+    opts: MountOptions,
     holder: Option<Holder>,
 ) -> Result<Served, PodmanError> {
     let reference = root.reference().to_string();
@@ -414,11 +421,6 @@ fn lay_out(
     let target = work.join("root");
     std::fs::create_dir_all(&target).map_err(io("creating the mount point", &target))?;
     let (reference, layers) = (root.reference().clone(), root.layers().to_vec());
-    // Prefetch once the start has settled, as `run` and the snapshotter do.
-    let opts = MountOptions {
-        prefetch,
-        ..MountOptions::default()
-    };
     root.mount(&target, opts)
         .map_err(|source| PodmanError::Open {
             image: reference.to_string(),

@@ -1,3 +1,4 @@
+pub mod config;
 pub mod containerd;
 pub mod holder;
 pub mod images;
@@ -51,4 +52,45 @@ pub fn reap_orphans(root: &Path) -> Vec<Reaped> {
         );
     }
     reaped
+}
+
+/// Start the Prometheus endpoint of a long-lived server when `flag` or the
+/// configuration names an address; the store's size is measured per scrape.
+pub async fn serve_metrics(
+    g: &crate::context::GlobalArgs,
+    flag: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    let Some(addr) = flag.or(g.config.metrics.address) else {
+        return Ok(());
+    };
+    let limit = crate::config::parse_limit(g.config.store.size_limit.as_deref().unwrap_or("none"))?;
+    let root = g.root.clone();
+    let bound = crate::metrics::serve(addr, move || {
+        lazylayer_metrics::store_usage(store_usage(&root), limit);
+    })
+    .await?;
+    eprintln!("metrics on http://{bound}/metrics");
+    Ok(())
+}
+
+/// Bytes on disk under the store's content directories (TEMPORARY: replaced
+/// by the store's own accounting).
+fn store_usage(root: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(m) = std::fs::symlink_metadata(p) else {
+            return 0;
+        };
+        let mut n = m.blocks() * 512;
+        if m.is_dir() {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                n += walk(&e.path());
+            }
+        }
+        n
+    }
+    ["blobs", "layers", "files", "partial"]
+        .iter()
+        .map(|d| walk(&root.join(d)))
+        .sum()
 }

@@ -32,12 +32,13 @@ pub struct Args {
     pub net: String,
     /// Fetch the remaining layers in the background while the container runs
     /// (starting once its start has settled: file-system requests quiet for
-    /// 0.2 s, or 2 s after the mount)
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    pub prefetch: String,
-    /// Longest a read waits for its file to arrive before it fails with EIO (seconds)
-    #[arg(long, default_value_t = 60.0)]
-    pub fetch_timeout: f64,
+    /// 0.2 s, or 2 s after the mount) [config: fetch.prefetch; default: on]
+    #[arg(long, value_parser = ["on", "off"])]
+    pub prefetch: Option<String>,
+    /// Longest a read waits for its file to arrive before it fails with EIO
+    /// (seconds) [config: fetch.read_timeout; default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub fetch_timeout: Option<f64>,
     /// Serve a file only once its whole layer is verified against its digest
     /// (default: as soon as its tar entry lands and its bytes match the
     /// SHA-256 the boot index records for it)
@@ -56,8 +57,9 @@ pub struct Args {
     /// passthrough). `off` routes every read through lazylayer instead, which
     /// a container needs to stack an overlayfs of its own on its root (nested
     /// container storage): the kernel allows only two stacked file systems.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    pub passthrough: String,
+    /// [config: fs.passthrough; default: on]
+    #[arg(long, value_parser = ["on", "off"])]
+    pub passthrough: Option<String>,
     /// Print timings and fetch statistics on stderr when the container exits
     #[arg(long)]
     pub stats: bool,
@@ -105,20 +107,19 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
         reference,
         rm: a.rm,
         fetch: FetchOptions {
-            read_timeout: Duration::from_secs_f64(a.fetch_timeout),
             serve_unverified: !a.verified_only,
             pull: PullOptions {
                 platform: super::parse_platform(a.platform.as_deref())?,
                 ..PullOptions::default()
             },
-            ..FetchOptions::default()
+            ..g.fetch_options(a.fetch_timeout)?
         },
         mount: MountOptions {
             fs: FsOptions {
-                passthrough: a.passthrough == "on",
+                passthrough: g.passthrough(a.passthrough.as_deref()),
                 ..FsOptions::default()
             },
-            prefetch: a.prefetch == "on",
+            prefetch: g.prefetch(a.prefetch.as_deref()),
         },
         args: (!a.command.is_empty()).then(|| a.command.clone()),
         env: a.env.clone(),

@@ -1,9 +1,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use lazylayer_fetch::FetchOptions;
 use lazylayer_podman::{LayerStore, StoreOptions};
 
 use crate::context::GlobalArgs;
@@ -28,11 +26,17 @@ pub struct Args {
     pub dir: PathBuf,
     /// Fetch the remaining layers in the background (starting once a start
     /// has settled: file-system requests quiet for 0.2 s, or 2 s after the mount)
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
-    pub prefetch: String,
+    /// [config: fetch.prefetch; default: on]
+    #[arg(long, value_parser = ["on", "off"])]
+    pub prefetch: Option<String>,
     /// Longest a read waits for its file before EIO (seconds)
-    #[arg(long, default_value_t = 60.0)]
-    pub fetch_timeout: f64,
+    /// [config: fetch.read_timeout; default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub fetch_timeout: Option<f64>,
+    /// Serve Prometheus metrics on HOST:PORT (/metrics)
+    /// [config: metrics.address; default: none]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Optimized images to serve, named exactly as Podman will pull them
     #[arg(required = true)]
     pub images: Vec<String>,
@@ -51,14 +55,16 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let holder = super::holder::client(&holder_dir.join("holder.sock"))?;
     let opts = StoreOptions {
         dir: a.dir.clone(),
-        fetch: FetchOptions {
-            read_timeout: Duration::from_secs_f64(a.fetch_timeout),
-            ..FetchOptions::default()
+        fetch: g.fetch_options(a.fetch_timeout)?,
+        prefetch: g.prefetch(a.prefetch.as_deref()),
+        fs: lazylayer_fs::FsOptions {
+            passthrough: g.passthrough(None),
+            ..lazylayer_fs::FsOptions::default()
         },
-        prefetch: a.prefetch == "on",
         holder: Some(holder),
     };
     let client = Arc::new(g.client()?);
+    super::serve_metrics(g, a.metrics_address).await?;
     let served = LayerStore::serve(&store, client, &images, &opts)
         .await
         .with_context(|| format!("serving images in {}", a.dir.display()))?;
