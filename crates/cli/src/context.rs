@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use lazylayer_oci::auth::AuthStore;
-use lazylayer_oci::{ClientConfig, RegistryClient};
+use lazylayer_oci::{ClientConfig, Hosts, RegistryClient};
 use lazylayer_store::Store;
 
 #[derive(Args, Debug, Clone)]
@@ -31,6 +31,27 @@ pub struct GlobalArgs {
         value_name = "SECS"
     )]
     pub stall_timeout: f64,
+    /// containerd-style registry host configuration: DIR/<registry host[:port]>/hosts.toml
+    /// (and DIR/_default/hosts.toml) lists mirrors tried before the registry; a missing
+    /// directory means none
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_HOSTS_DIR",
+        default_value = "/etc/containerd/certs.d",
+        value_name = "DIR"
+    )]
+    pub hosts_dir: PathBuf,
+    /// containers-registries.conf(5) file ([[registry]] mirrors, blocked registries);
+    /// a missing file means none
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_REGISTRIES_CONF",
+        default_value = "/etc/containers/registries.conf",
+        value_name = "FILE"
+    )]
+    pub registries_conf: PathBuf,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -46,7 +67,10 @@ impl GlobalArgs {
     }
 
     pub fn client_with(&self, tweak: impl FnOnce(&mut ClientConfig)) -> Result<RegistryClient> {
+        let hosts = Hosts::load(Some(&self.hosts_dir), Some(&self.registries_conf))
+            .context("loading registry mirror configuration")?;
         let mut cfg = ClientConfig {
+            hosts,
             insecure_registries: self.insecure_registries.clone(),
             auth: AuthStore::load(&AuthStore::default_paths()),
             stall_timeout: std::time::Duration::try_from_secs_f64(self.stall_timeout)
