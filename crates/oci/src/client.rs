@@ -165,12 +165,15 @@ pub struct RegistryClient {
     tokens: Arc<Mutex<HashMap<String, String>>>,
     /// HTTP clients for hosts with TLS settings of their own (skip_verify,
     /// extra CAs), built once.
-    tls_clients: Arc<Mutex<HashMap<(bool, Vec<PathBuf>), reqwest::Client>>>,
+    tls_clients: Arc<Mutex<HashMap<TlsKey, reqwest::Client>>>,
     /// Hosts (`scheme://host`) that failed recently, until when: tried after
     /// the others for a while, so a dead mirror does not cost every read a
     /// connect timeout.
     failed: Arc<Mutex<HashMap<String, Instant>>>,
 }
+
+/// A host's TLS settings: skip_verify, extra CA files.
+type TlsKey = (bool, Vec<PathBuf>);
 
 /// How long a host that failed is tried after the others.
 const FAILED_HOST_PENALTY: Duration = Duration::from_secs(30);
