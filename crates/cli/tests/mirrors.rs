@@ -259,3 +259,59 @@ fn blocked_registry_is_refused() {
         "{stderr}"
     );
 }
+
+/// A mirror that dies in the middle of a layer: the download resumes with
+/// Range on the upstream (the bytes so far are kept) and the blob's digest
+/// is still checked over the whole.
+#[test]
+fn a_mirror_dying_mid_blob_resumes_on_the_upstream() {
+    let upstream = Registry::start();
+    push_images(&upstream, &["busybox"]);
+    let src = image_ref(&upstream, "busybox");
+    // The "mirror" relays the upstream itself and dies after 400 kB: in the
+    // middle of busybox's 1 MB layer.
+    let mirror = proxy::CuttingProxy::start(upstream.port, 400_000, proxy::AfterCut::Die);
+    let dir = tempfile::tempdir().unwrap();
+    let host_dir = dir.path().join(upstream.addr());
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "[host.\"http://127.0.0.1:{}\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+            mirror.port
+        ),
+    )
+    .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let out = with_hosts(
+        store.path(),
+        dir.path(),
+        &dir.path().join("none.conf"),
+        &["pull", "-v", &src],
+    );
+    ok(&out);
+    let (_, layers) = layer_digests(store.path(), &src);
+    let layer = &layers[0];
+    assert!(
+        mirror.requests_text().contains(&format!("/blobs/{layer}")),
+        "the layer was asked of the mirror first"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let resumed = stderr
+        .lines()
+        .find(|l| l.contains("resuming from the next one") && l.contains(layer.as_str()))
+        .unwrap_or_else(|| panic!("no resume on the next host: {stderr}"));
+    let at: u64 = resumed
+        .split(" at=")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {resumed}"));
+    assert!(at > 0, "resumed after the bytes the mirror sent: {resumed}");
+    assert!(
+        from_lazylayer(&upstream)
+            .iter()
+            .any(|l| l.contains(&format!("/blobs/{layer}"))),
+        "the rest came from the upstream"
+    );
+}
