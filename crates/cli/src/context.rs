@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use lazylayer_oci::auth::AuthStore;
-use lazylayer_oci::{ClientConfig, RegistryClient};
+use lazylayer_oci::{ClientConfig, Hosts, RegistryClient};
 use lazylayer_store::Store;
 
 use crate::config::{self, Config};
@@ -53,6 +53,16 @@ pub struct GlobalFlags {
         value_name = "RATE"
     )]
     pub prefetch_bandwidth: Option<String>,
+    /// containerd-style registry host configuration: DIR/<registry host[:port]>/hosts.toml
+    /// (and DIR/_default/hosts.toml) lists mirrors tried before the registry; a missing
+    /// directory means none [config: registries.hosts_dir; default: /etc/containerd/certs.d]
+    #[arg(long, global = true, env = "LAZYLAYER_HOSTS_DIR", value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
+    /// containers-registries.conf(5) file ([[registry]] mirrors, blocked registries);
+    /// a missing file means none
+    /// [config: registries.registries_conf; default: /etc/containers/registries.conf]
+    #[arg(long, global = true, env = "LAZYLAYER_REGISTRIES_CONF", value_name = "FILE")]
+    pub registries_conf: Option<PathBuf>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -83,6 +93,12 @@ impl GlobalArgs {
         cfg.registries
             .insecure
             .extend(f.insecure_registries.iter().cloned());
+        if let Some(d) = f.hosts_dir {
+            cfg.registries.hosts_dir = Some(d);
+        }
+        if let Some(r) = f.registries_conf {
+            cfg.registries.registries_conf = Some(r);
+        }
         if let Some(a) = f.auth_file {
             cfg.registries.auth_file = Some(a);
         }
@@ -113,10 +129,22 @@ impl GlobalArgs {
     pub fn client_with(&self, tweak: impl FnOnce(&mut ClientConfig)) -> Result<RegistryClient> {
         let r = &self.config.registries;
         let f = &self.config.fetch;
+        let mut hosts = Hosts::load(r.hosts_dir.as_deref(), r.registries_conf.as_deref())
+            .context("loading registry mirror configuration")?;
+        // The configuration file's mirrors come first (`add_mirror` puts
+        // them before the hosts.toml / registries.conf ones).
+        for (registry, urls) in &r.mirrors {
+            for u in urls {
+                hosts
+                    .add_mirror(registry, u)
+                    .with_context(|| format!("registries.mirrors.{registry:?}: {u}"))?;
+            }
+        }
         let mut auth_paths = Vec::new();
         auth_paths.extend(r.auth_file.clone());
         auth_paths.extend(AuthStore::default_paths());
         let mut cfg = ClientConfig {
+            hosts,
             insecure_registries: r.insecure.clone(),
             auth: AuthStore::load(&auth_paths),
             stall_timeout: config::seconds(f.stall_timeout.expect("defaulted"))?,

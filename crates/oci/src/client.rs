@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use crate::auth::{parse_challenge, AuthStore};
 use crate::digest::{Digest, DigestHasher};
 use crate::error::{OciError, Result};
+use crate::hosts::{Endpoint, Hosts, Purpose};
 use crate::manifest::{
     descriptor_digest, parse_manifest, select_platform, ManifestKind, Platform, RawManifest,
     ResolvedImage, MANIFEST_ACCEPT, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES,
@@ -47,6 +48,9 @@ pub struct ClientConfig {
     /// (averaged over `stall_timeout`); 0: only silence counts.
     pub min_speed: u64,
     pub user_agent: String,
+    /// Mirrors and per-host settings (containerd's hosts.toml, containers'
+    /// registries.conf); none by default.
+    pub hosts: Hosts,
 }
 
 impl Default for ClientConfig {
@@ -61,6 +65,7 @@ impl Default for ClientConfig {
             stall_timeout: Duration::from_secs(10),
             min_speed: 1024,
             user_agent: concat!("lazylayer/", env!("CARGO_PKG_VERSION")).to_string(),
+            hosts: Hosts::default(),
         }
     }
 }
@@ -150,19 +155,56 @@ pub enum BlobSource {
     File(PathBuf),
 }
 
+/// A client for one or more registries. Cheap to clone: clones share the
+/// HTTP connections, tokens and what is known about hosts that failed.
+#[derive(Clone)]
 pub struct RegistryClient {
     http: reqwest::Client,
-    cfg: ClientConfig,
+    cfg: Arc<ClientConfig>,
     /// Authorization header values by `host` + scope (bearer) or `host` (basic).
-    tokens: Mutex<HashMap<String, String>>,
+    tokens: Arc<Mutex<HashMap<String, String>>>,
+    /// HTTP clients for hosts with TLS settings of their own (skip_verify,
+    /// extra CAs), built once.
+    tls_clients: Arc<Mutex<HashMap<TlsKey, reqwest::Client>>>,
+    /// Hosts (`scheme://host`) that failed recently, until when: tried after
+    /// the others for a while, so a dead mirror does not cost every read a
+    /// connect timeout.
+    failed: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
-fn is_loopback(host: &str) -> bool {
-    let h = match host.rsplit_once(':') {
-        Some((h, p)) if !p.contains(']') => h,
-        _ => host,
-    };
-    h == "localhost" || h.starts_with("127.") || h == "[::1]"
+/// A host's TLS settings: skip_verify, extra CA files.
+type TlsKey = (bool, Vec<PathBuf>);
+
+/// How long a host that failed is tried after the others.
+const FAILED_HOST_PENALTY: Duration = Duration::from_secs(30);
+/// Attempts per request on a mirror before moving on to the next host (the
+/// upstream registry gets `max_attempts`): a mirror that fails twice is not
+/// waited for.
+const MIRROR_ATTEMPTS: u32 = 2;
+
+/// Whether an error from one host sends the request to the next host: a
+/// fault of that host (unreachable, busy, missing content, bad content), not
+/// of this process (a consumer gone, a local file).
+fn fails_over(e: &OciError) -> bool {
+    !matches!(
+        e,
+        OciError::ConsumerGone { .. }
+            | OciError::Io { .. }
+            | OciError::Config { .. }
+            | OciError::Blocked { .. }
+            | OciError::NoHost { .. }
+            | OciError::InvalidReference { .. }
+            | OciError::InvalidDigest { .. }
+    )
+}
+
+/// Whether an error says the host is down (rather than missing one item).
+fn host_is_down(e: &OciError) -> bool {
+    match e {
+        OciError::Http { .. } | OciError::NoAnswer { .. } | OciError::Interrupted { .. } => true,
+        OciError::Status { status, .. } => *status >= 500,
+        _ => false,
+    }
 }
 
 fn status_error(what: &str, registry: &str, status: StatusCode, body: String) -> OciError {
@@ -228,90 +270,203 @@ impl RegistryClient {
         // reqwest is built without a default crypto provider so that the
         // slow-to-build aws-lc is not pulled in; ring is installed here.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = Self::builder(&cfg).build().map_err(|e| OciError::Http {
+            what: "creating HTTP client".into(),
+            registry: String::new(),
+            source: e,
+        })?;
+        Ok(RegistryClient {
+            http,
+            cfg: Arc::new(cfg),
+            tokens: Arc::new(Mutex::new(HashMap::new())),
+            tls_clients: Arc::new(Mutex::new(HashMap::new())),
+            failed: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    fn builder(cfg: &ClientConfig) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
             .user_agent(cfg.user_agent.clone())
             .connect_timeout(cfg.connect_timeout)
             // A longer stall timeout must not be pre-empted by the per-read one.
             .read_timeout(cfg.read_timeout.max(cfg.stall_timeout))
-            .build()
-            .map_err(|e| OciError::Http {
-                what: "creating HTTP client".into(),
-                registry: String::new(),
-                source: e,
-            })?;
-        Ok(RegistryClient {
-            http,
-            cfg,
-            tokens: Mutex::new(HashMap::new()),
-        })
     }
 
     pub fn config(&self) -> &ClientConfig {
         &self.cfg
     }
 
-    fn scheme(&self, repo: &Repository) -> &'static str {
-        if is_loopback(&repo.registry)
-            || self
-                .cfg
-                .insecure_registries
-                .iter()
-                .any(|h| h == &repo.registry)
-        {
-            "http"
-        } else {
-            "https"
+    /// The HTTP client for `ep`: the shared one, or one with the host's own
+    /// TLS settings (built on first use and kept).
+    fn http_for(&self, ep: &Endpoint) -> Result<reqwest::Client> {
+        if !ep.skip_verify && ep.ca_files.is_empty() {
+            return Ok(self.http.clone());
+        }
+        let key = (ep.skip_verify, ep.ca_files.clone());
+        if let Some(c) = self.tls_clients.lock().unwrap().get(&key) {
+            return Ok(c.clone());
+        }
+        let mut b = Self::builder(&self.cfg);
+        if ep.skip_verify {
+            b = b.tls_danger_accept_invalid_certs(true);
+        }
+        let mut certs = Vec::new();
+        for f in &ep.ca_files {
+            let pem = std::fs::read(f).map_err(|e| OciError::Config {
+                path: f.display().to_string(),
+                reason: format!(
+                    "cannot read the CA certificate of {} ({}): {e}",
+                    ep.host, ep.source
+                ),
+            })?;
+            certs.extend(reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                OciError::Config {
+                    path: f.display().to_string(),
+                    reason: format!("not a PEM certificate bundle: {e}"),
+                }
+            })?);
+        }
+        if !certs.is_empty() {
+            b = b.tls_certs_merge(certs);
+        }
+        let c = b.build().map_err(|e| OciError::Http {
+            what: format!("creating the HTTP client for {} ({})", ep.host, ep.source),
+            registry: ep.host.clone(),
+            source: e,
+        })?;
+        self.tls_clients.lock().unwrap().insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// The hosts to try for `purpose` on `repo`, mirrors first, those that
+    /// failed recently after the others.
+    pub fn endpoints(&self, repo: &Repository, purpose: Purpose) -> Result<Vec<Endpoint>> {
+        let mut eps = self
+            .cfg
+            .hosts
+            .endpoints(repo, purpose, &self.cfg.insecure_registries)?;
+        if eps.len() > 1 {
+            let now = Instant::now();
+            let mut failed = self.failed.lock().unwrap();
+            failed.retain(|_, until| *until > now);
+            if !failed.is_empty() {
+                // Stable: configured order within each group.
+                eps.sort_by_key(|e| failed.contains_key(&Self::host_key(e)));
+            }
+        }
+        Ok(eps)
+    }
+
+    fn host_key(ep: &Endpoint) -> String {
+        format!("{}://{}", ep.scheme, ep.host)
+    }
+
+    fn note_failure(&self, ep: &Endpoint, e: &OciError) {
+        if host_is_down(e) {
+            self.failed
+                .lock()
+                .unwrap()
+                .insert(Self::host_key(ep), Instant::now() + FAILED_HOST_PENALTY);
         }
     }
 
-    fn url(&self, repo: &Repository, tail: &str) -> String {
-        format!(
-            "{}://{}/v2/{}/{}",
-            self.scheme(repo),
-            repo.api_host(),
-            repo.name,
-            tail
-        )
+    /// Attempts per request on `ep`.
+    fn attempts(&self, ep: &Endpoint) -> u32 {
+        if ep.mirror {
+            self.cfg.max_attempts.min(MIRROR_ATTEMPTS)
+        } else {
+            self.cfg.max_attempts
+        }
     }
 
-    fn pull_scope(repo: &Repository) -> String {
-        format!("repository:{}:pull", repo.name)
-    }
-    fn push_scope(repo: &Repository) -> String {
-        format!("repository:{}:pull,push", repo.name)
+    /// Run `at` on each host for `purpose` in turn until one succeeds; a
+    /// failure of a host that is not the last is logged (naming it) and the
+    /// next is tried; the last host's error is returned.
+    async fn on_hosts<T, F, Fut>(
+        &self,
+        what: &str,
+        repo: &Repository,
+        purpose: Purpose,
+        mut at: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Endpoint) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let eps = self.endpoints(repo, purpose)?;
+        let n = eps.len();
+        for (i, ep) in eps.into_iter().enumerate() {
+            match at(ep.clone()).await {
+                Ok(v) => {
+                    if ep.mirror {
+                        tracing::debug!(%what, host = %ep.host, "served by mirror");
+                    }
+                    return Ok(v);
+                }
+                Err(e) if i + 1 < n && fails_over(&e) => {
+                    tracing::warn!(%what, host = %ep.label(), source = %ep.source, error = %e, "host failed; trying the next one");
+                    self.note_failure(&ep, &e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("Hosts::endpoints returns at least one host")
     }
 
-    /// Send a request built by `build`, answering auth challenges and retrying
-    /// transient failures. `build` is called once per attempt, so bodies must
-    /// be re-creatable. Non-idempotent requests are retried only when the
-    /// connection failed before anything was sent.
+    /// The token scope for pulls of the repository as `ep` names it.
+    fn pull_scope(ep: &Endpoint) -> String {
+        format!("repository:{}:pull", ep.name)
+    }
+    fn push_scope(ep: &Endpoint) -> String {
+        format!("repository:{}:pull,push", ep.name)
+    }
+
+    /// The upstream registry, the only host pushes go to.
+    fn push_host(&self, repo: &Repository) -> Result<Endpoint> {
+        let eps = self
+            .cfg
+            .hosts
+            .endpoints(repo, Purpose::Push, &self.cfg.insecure_registries)?;
+        Ok(eps.into_iter().last().expect("at least one host"))
+    }
+
+    /// Send a request built by `build` to `ep`, answering auth challenges
+    /// and retrying transient failures. `build` is called once per attempt,
+    /// so bodies must be re-creatable. Non-idempotent requests are retried
+    /// only when the connection failed before anything was sent.
     async fn send(
         &self,
         what: &str,
         repo: &Repository,
+        ep: &Endpoint,
         scopes: &[String],
         idempotent: bool,
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
-        self.send_within(what, repo, scopes, idempotent, None, build)
+        self.send_within(what, repo, ep, scopes, idempotent, None, build)
             .await
     }
 
     /// [`RegistryClient::send`], where each attempt's response (its status
     /// and headers) must come within `answer_timeout`, else the attempt
     /// counts as failed (idempotent requests only).
+    #[allow(clippy::too_many_arguments)]
     async fn send_within(
         &self,
         what: &str,
         repo: &Repository,
+        ep: &Endpoint,
         scopes: &[String],
         idempotent: bool,
         answer_timeout: Option<Duration>,
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
-        let registry = repo.registry.clone();
-        let scope_key = format!("{} {}", repo.api_host(), scopes.join(" "));
-        let basic_key = repo.api_host().to_string();
+        let registry = ep.label().to_string();
+        let http = self.http_for(ep)?;
+        let max_attempts = self.attempts(ep);
+        // Tokens are per host: a mirror answers its own challenges.
+        let scope_key = format!("{} {}", ep.host, scopes.join(" "));
+        let basic_key = ep.host.clone();
         let mut authed = false;
         let mut attempt = 0;
         loop {
@@ -319,7 +474,10 @@ impl RegistryClient {
                 let t = self.tokens.lock().unwrap();
                 t.get(&scope_key).or_else(|| t.get(&basic_key)).cloned()
             };
-            let mut rb = build(&self.http);
+            let mut rb = build(&http);
+            for (k, v) in &ep.headers {
+                rb = rb.header(k.as_str(), v.as_str());
+            }
             if let Some(h) = &cached {
                 rb = rb.header(AUTHORIZATION, h);
             }
@@ -327,8 +485,8 @@ impl RegistryClient {
                 None => rb.send().await,
                 Some(limit) => match tokio::time::timeout(limit, rb.send()).await {
                     Ok(r) => r,
-                    Err(_) if attempt + 1 < self.cfg.max_attempts => {
-                        tracing::warn!(%what, attempt, "no answer for {:.0} s, retrying", limit.as_secs_f64());
+                    Err(_) if attempt + 1 < max_attempts => {
+                        tracing::warn!(%what, host = %registry, attempt, "no answer for {:.0} s, retrying", limit.as_secs_f64());
                         tokio::time::sleep(backoff(attempt)).await;
                         attempt += 1;
                         continue;
@@ -347,7 +505,7 @@ impl RegistryClient {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !authed => {
                     authed = true;
                     let header = self
-                        .authenticate(what, repo, scopes, resp.headers())
+                        .authenticate(what, repo, ep, &http, scopes, resp.headers())
                         .await?;
                     let key = if header.starts_with("Basic ") {
                         basic_key.clone()
@@ -358,10 +516,10 @@ impl RegistryClient {
                 }
                 Ok(resp)
                     if retryable_status(resp.status())
-                        && attempt + 1 < self.cfg.max_attempts
+                        && attempt + 1 < max_attempts
                         && idempotent =>
                 {
-                    tracing::warn!(%what, status = %resp.status(), attempt, "registry busy, retrying");
+                    tracing::warn!(%what, host = %registry, status = %resp.status(), attempt, "registry busy, retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
                 }
@@ -369,8 +527,8 @@ impl RegistryClient {
                     if resp.status() == StatusCode::UNAUTHORIZED
                         || resp.status() == StatusCode::FORBIDDEN
                     {
-                        let hint = if self.cfg.auth.get(&repo.registry).is_none() {
-                            format!("; no credentials for {} in the auth files", repo.registry)
+                        let hint = if self.credential(repo, ep).is_none() {
+                            format!("; no credentials for {} in the auth files", ep.label())
                         } else {
                             "; the credentials in the auth files were refused".to_string()
                         };
@@ -383,8 +541,8 @@ impl RegistryClient {
                     }
                     return Ok(resp);
                 }
-                Err(e) if attempt + 1 < self.cfg.max_attempts && (idempotent || e.is_connect()) => {
-                    tracing::warn!(%what, error = %e, attempt, "request failed, retrying");
+                Err(e) if attempt + 1 < max_attempts && (idempotent || e.is_connect()) => {
+                    tracing::warn!(%what, host = %registry, error = %e, attempt, "request failed, retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
                 }
@@ -399,12 +557,27 @@ impl RegistryClient {
         }
     }
 
+    /// Credentials for `ep`: a mirror's own (by its host), else the
+    /// registry's (a mirror in front of a private registry may pass them on).
+    fn credential(&self, repo: &Repository, ep: &Endpoint) -> Option<crate::auth::Credential> {
+        if ep.mirror {
+            self.cfg
+                .auth
+                .get(&ep.host)
+                .or_else(|| self.cfg.auth.get(&repo.registry))
+        } else {
+            self.cfg.auth.get(&repo.registry)
+        }
+    }
+
     /// Answer a 401: Basic from the auth files, or a Bearer token from the
     /// realm the registry names (with Basic credentials when we have them).
     async fn authenticate(
         &self,
         what: &str,
         repo: &Repository,
+        ep: &Endpoint,
+        http: &reqwest::Client,
         scopes: &[String],
         headers: &HeaderMap,
     ) -> Result<String> {
@@ -418,12 +591,12 @@ impl RegistryClient {
             .ok_or_else(|| auth_err("401 without a WWW-Authenticate challenge".into()))?;
         let ch = parse_challenge(raw)
             .ok_or_else(|| auth_err(format!("unparseable challenge {raw:?}")))?;
-        let cred = self.cfg.auth.get(&repo.registry);
+        let cred = self.credential(repo, ep);
         match ch.scheme.as_str() {
             "basic" => cred.map(|c| c.basic_header()).ok_or_else(|| {
                 auth_err(format!(
                     "{} asks for a password and the auth files have none for it",
-                    repo.registry
+                    ep.label()
                 ))
             }),
             "bearer" => {
@@ -443,7 +616,7 @@ impl RegistryClient {
                     }
                 }
                 tracing::debug!(realm = %realm, scopes = ?scopes, "fetching bearer token");
-                let mut rb = self.http.get(url);
+                let mut rb = http.get(url);
                 if let Some(c) = cred {
                     rb = rb.header(AUTHORIZATION, c.basic_header());
                 }
@@ -543,20 +716,42 @@ impl RegistryClient {
 
     /// Fetch a manifest or index by tag or digest. Verified against the
     /// reference's digest when pinned, and against `Docker-Content-Digest`.
+    /// By tag only hosts that may resolve tags are asked; by digest, every
+    /// mirror that may pull.
     pub async fn get_manifest(&self, reference: &Reference) -> Result<RawManifest> {
         let what = format!("manifest of {reference}");
         let repo = &reference.repository;
-        let url = self.url(repo, &format!("manifests/{}", reference.manifest_ref()));
+        let purpose = if reference.digest.is_some() {
+            Purpose::Pull
+        } else {
+            Purpose::Resolve
+        };
+        self.on_hosts(&what, repo, purpose, |ep| {
+            let what = what.clone();
+            async move { self.get_manifest_at(&what, reference, &ep).await }
+        })
+        .await
+    }
+
+    async fn get_manifest_at(
+        &self,
+        what: &str,
+        reference: &Reference,
+        ep: &Endpoint,
+    ) -> Result<RawManifest> {
+        let what = what.to_string();
+        let repo = &reference.repository;
+        let url = ep.url(&format!("manifests/{}", reference.manifest_ref()));
         let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
-                c.get(&url).header(ACCEPT, MANIFEST_ACCEPT)
+            .send(&what, repo, ep, &[Self::pull_scope(ep)], true, &|c| {
+                c.get(url.clone()).header(ACCEPT, MANIFEST_ACCEPT)
             })
             .await?;
         if !resp.status().is_success() {
             let st = resp.status();
             return Err(status_error(
                 &what,
-                &repo.registry,
+                ep.label(),
                 st,
                 Self::body_text(resp).await,
             ));
@@ -572,7 +767,7 @@ impl RegistryClient {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse().ok());
-        let bytes = Self::read_limited(&what, &repo.registry, resp, MAX_MANIFEST_BYTES).await?;
+        let bytes = Self::read_limited(&what, ep.label(), resp, MAX_MANIFEST_BYTES).await?;
         let digest = match &reference.digest {
             Some(d) => {
                 d.verify(&what, &bytes)?;
@@ -589,6 +784,7 @@ impl RegistryClient {
                 });
             }
         }
+        tracing::info!(manifest = %reference, digest = %digest, host = %ep.label(), "manifest served");
         Ok(RawManifest {
             bytes,
             media_type,
@@ -646,7 +842,8 @@ impl RegistryClient {
         })
     }
 
-    /// Fetch a small blob into memory, verified (for configs and the like).
+    /// Fetch a small blob into memory, verified (for configs and the like);
+    /// a host that sends other bytes than the digest names is passed over.
     pub async fn fetch_blob(
         &self,
         repo: &Repository,
@@ -655,39 +852,46 @@ impl RegistryClient {
         limit: u64,
     ) -> Result<Bytes> {
         let what = format!("blob {digest} of {repo}");
-        let url = self.url(repo, &format!("blobs/{digest}"));
-        let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
-                c.get(&url)
-            })
-            .await?;
-        if !resp.status().is_success() {
-            let st = resp.status();
-            return Err(status_error(
-                &what,
-                &repo.registry,
-                st,
-                Self::body_text(resp).await,
-            ));
-        }
-        let bytes = Self::read_limited(
-            &what,
-            &repo.registry,
-            resp,
-            limit.min(size.unwrap_or(u64::MAX)),
-        )
-        .await?;
-        if let Some(s) = size {
-            if bytes.len() as u64 != s {
-                return Err(OciError::SizeMismatch {
-                    what,
-                    expected: s,
-                    actual: bytes.len() as u64,
-                });
+        self.on_hosts(&what, repo, Purpose::Pull, |ep| {
+            let what = what.clone();
+            async move {
+                let url = ep.url(&format!("blobs/{digest}"));
+                let resp = self
+                    .send(&what, repo, &ep, &[Self::pull_scope(&ep)], true, &|c| {
+                        c.get(url.clone())
+                    })
+                    .await?;
+                if !resp.status().is_success() {
+                    let st = resp.status();
+                    return Err(status_error(
+                        &what,
+                        ep.label(),
+                        st,
+                        Self::body_text(resp).await,
+                    ));
+                }
+                let bytes = Self::read_limited(
+                    &what,
+                    ep.label(),
+                    resp,
+                    limit.min(size.unwrap_or(u64::MAX)),
+                )
+                .await?;
+                if let Some(s) = size {
+                    if bytes.len() as u64 != s {
+                        return Err(OciError::SizeMismatch {
+                            what,
+                            expected: s,
+                            actual: bytes.len() as u64,
+                        });
+                    }
+                }
+                digest.verify(&what, &bytes)?;
+                tracing::info!(blob = %digest, host = %ep.label(), bytes = bytes.len(), "blob served");
+                Ok(bytes)
             }
-        }
-        digest.verify(&what, &bytes)?;
-        Ok(bytes)
+        })
+        .await
     }
 
     /// Stream a blob into `tx`, resuming with `Range` after a broken or
@@ -711,7 +915,9 @@ impl RegistryClient {
     /// [`RegistryClient::download_blob`] after a prefix the caller already
     /// holds (`from.offset` bytes, already fed to `from.hasher`): only the
     /// rest is requested and sent to `tx`, and counted in `progress`; the
-    /// digest and size checks at the end cover the whole blob.
+    /// digest and size checks at the end cover the whole blob. When a host
+    /// fails (unreachable, missing the blob, or broken mid-download after
+    /// its attempts) the download resumes with Range from the next host.
     pub async fn download_blob_from(
         &self,
         repo: &Repository,
@@ -722,10 +928,11 @@ impl RegistryClient {
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64> {
         let what = format!("blob {digest} of {repo}");
-        let url = self.url(repo, &format!("blobs/{digest}"));
-        let scopes = [Self::pull_scope(repo)];
+        let eps = self.endpoints(repo, Purpose::Pull)?;
+        let mut host = 0usize;
         let mut hasher = from.hasher;
         let mut got: u64 = from.offset;
+        let from_offset = from.offset;
         if let Some(exp) = expected_size.filter(|e| got > *e) {
             return Err(OciError::SizeMismatch {
                 what,
@@ -737,20 +944,44 @@ impl RegistryClient {
         // Bytes a stall window must bring for the connection to count as alive.
         let window_min = (self.cfg.min_speed as f64 * stall.as_secs_f64()) as u64;
         let mut failures = 0u32;
+        // On a fault of the current host: on to the next one (the bytes so
+        // far are kept; the next host is asked for the rest), or, on the
+        // last host, the error.
+        macro_rules! next_host_or_fail {
+            ($err:expr) => {{
+                let e = $err;
+                let ep = &eps[host];
+                if host + 1 < eps.len() && fails_over(&e) {
+                    tracing::warn!(%what, host = %ep.label(), source = %ep.source, at = got, error = %e, "host failed; resuming from the next one");
+                    self.note_failure(ep, &e);
+                    host += 1;
+                    failures = 0;
+                    continue;
+                }
+                return Err(e);
+            }};
+        }
         // Nothing left to ask for when the prefix is the whole blob.
         while expected_size != Some(got) {
+            let ep = &eps[host];
+            let url = ep.url(&format!("blobs/{digest}"));
+            let scopes = [Self::pull_scope(ep)];
             let offset = got;
             // A registry that takes the request but never answers is a stall too.
-            let resp = self
-                .send_within(&what, repo, &scopes, true, Some(stall), &|c| {
-                    let rb = c.get(&url);
+            let sent = self
+                .send_within(&what, repo, ep, &scopes, true, Some(stall), &|c| {
+                    let rb = c.get(url.clone());
                     if offset > 0 {
                         rb.header(RANGE, format!("bytes={offset}-"))
                     } else {
                         rb
                     }
                 })
-                .await?;
+                .await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) => next_host_or_fail!(e),
+            };
             let status = resp.status();
             let mut skip = 0u64;
             if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
@@ -762,9 +993,9 @@ impl RegistryClient {
                     .and_then(|s| s.split('-').next())
                     .and_then(|s| s.parse::<u64>().ok());
                 if start != Some(offset) {
-                    return Err(OciError::Status {
-                        what,
-                        registry: repo.registry.clone(),
+                    next_host_or_fail!(OciError::Status {
+                        what: what.clone(),
+                        registry: ep.label().to_string(),
                         status: 206,
                         body: format!(
                             "asked to resume at {offset}, got range starting at {start:?}"
@@ -784,12 +1015,8 @@ impl RegistryClient {
                     tracing::info!(%what, offset, "server ignored Range; skipping already received bytes");
                 }
             } else {
-                return Err(status_error(
-                    &what,
-                    &repo.registry,
-                    status,
-                    Self::body_text(resp).await,
-                ));
+                let e = status_error(&what, ep.label(), status, Self::body_text(resp).await);
+                next_host_or_fail!(e);
             }
             // A complete response that is shorter than the descriptor says is
             // a truncated blob, not a broken connection: retrying cannot help.
@@ -856,8 +1083,8 @@ impl RegistryClient {
             }
             let short = expected_size.is_some_and(|e| got < e);
             if short && outcome.is_ok() && resp_len == Some(got - resp_start) {
-                return Err(OciError::SizeMismatch {
-                    what,
+                next_host_or_fail!(OciError::SizeMismatch {
+                    what: what.clone(),
                     expected: expected_size.unwrap_or(0),
                     actual: got,
                 });
@@ -868,21 +1095,23 @@ impl RegistryClient {
                 Err(b) => b,
             };
             failures += 1;
-            if failures >= self.cfg.max_attempts {
-                tracing::debug!(%what, got, %reason, failures, "giving up");
-                return Err(OciError::Interrupted {
-                    what,
-                    registry: repo.registry.clone(),
+            if failures >= self.attempts(ep) {
+                tracing::debug!(%what, got, %reason, failures, "giving up on this host");
+                next_host_or_fail!(OciError::Interrupted {
+                    what: what.clone(),
+                    registry: ep.label().to_string(),
                     at: got,
                     total: expected_size,
                     reason: reason.to_string(),
                     tries: failures,
                 });
             }
-            tracing::warn!(%what, at = got, %reason, "download interrupted; resuming");
+            tracing::warn!(%what, host = %ep.label(), at = got, %reason, "download interrupted; resuming");
             tokio::time::sleep(backoff(failures - 1)).await;
         }
         let actual = hasher.finish();
+        // Verified whatever host served it; the bytes went to the consumer
+        // already, so a bad blob is an error here, not a reason to fail over.
         if &actual != digest {
             return Err(OciError::DigestMismatch {
                 what,
@@ -899,11 +1128,14 @@ impl RegistryClient {
                 });
             }
         }
+        tracing::info!(blob = %digest, host = %eps[host].label(), bytes = got - from_offset, "blob served");
         Ok(got)
     }
 
     /// Read `len` bytes of a blob from `start`. Uses HTTP Range; when the
-    /// server answers 200 instead of 206 the prefix is read and discarded.
+    /// server answers 200 instead of 206 the prefix is read and discarded
+    /// (docker-registry as a pull-through mirror does so for a blob it has
+    /// not cached yet). A broken response resumes on the next host.
     /// A range cannot be digest-verified on its own: callers check what it holds.
     pub async fn get_blob_range(
         &self,
@@ -916,35 +1148,12 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let url = self.url(repo, &format!("blobs/{digest}"));
-        let end = start + len - 1;
-        let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
-                c.get(&url).header(RANGE, format!("bytes={start}-{end}"))
-            })
-            .await?;
-        let status = resp.status();
-        let skip = match status {
-            StatusCode::PARTIAL_CONTENT => 0,
-            StatusCode::OK => start,
-            _ => {
-                return Err(status_error(
-                    &what,
-                    &repo.registry,
-                    status,
-                    Self::body_text(resp).await,
-                ))
-            }
-        };
+        let (ranged, mut body) = self.blob_range_stream(repo, digest, start, len).await?;
+        let skip = if ranged { 0 } else { start };
         let mut out = Vec::with_capacity(len as usize);
         let mut seen = 0u64;
-        let mut body = resp.bytes_stream();
         while let Some(c) = body.next().await {
-            let c = c.map_err(|e| OciError::Http {
-                what: what.clone(),
-                registry: repo.registry.clone(),
-                source: e,
-            })?;
+            let c = c?;
             let c_start = seen;
             seen += c.len() as u64;
             if seen <= skip {
@@ -968,12 +1177,71 @@ impl RegistryClient {
         Ok(Bytes::from(out))
     }
 
+    /// One GET of a blob from byte `from` (to `to`, inclusive, or the end)
+    /// on `ep`: `(true, end)` for a 206 of exactly that start (`end`: one
+    /// past its last byte), `(false, length)` for a 200 (the whole blob).
+    async fn open_range_at(
+        &self,
+        what: &str,
+        repo: &Repository,
+        ep: &Endpoint,
+        digest: &Digest,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<(bool, Option<u64>, Response)> {
+        let url = ep.url(&format!("blobs/{digest}"));
+        let range = match to {
+            Some(to) => format!("bytes={from}-{to}"),
+            None => format!("bytes={from}-"),
+        };
+        let resp = self
+            .send(what, repo, ep, &[Self::pull_scope(ep)], true, &|c| {
+                c.get(url.clone()).header(RANGE, range.clone())
+            })
+            .await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let cr = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let bounds = cr
+                    .strip_prefix("bytes ")
+                    .and_then(|r| r.split('/').next())
+                    .and_then(|r| r.split_once('-'))
+                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+                match bounds {
+                    Some((a, b)) if a == from && b >= a => Ok((true, Some(b + 1), resp)),
+                    _ => Err(OciError::Status {
+                        what: what.into(),
+                        registry: ep.label().into(),
+                        status: 206,
+                        body: format!("Content-Range {cr:?} is not the range asked for ({range})"),
+                    }),
+                }
+            }
+            StatusCode::OK => {
+                let len = resp.content_length();
+                Ok((false, len, resp))
+            }
+            st => Err(status_error(
+                what,
+                ep.label(),
+                st,
+                Self::body_text(resp).await,
+            )),
+        }
+    }
+
     /// GET bytes `[start, start + len)` of a blob with HTTP Range and hand
     /// back the body as it streams. `true`: the server sent that range (206
     /// with a matching Content-Range); `false`: it ignored Range and sends
     /// the whole blob from byte 0 (200), which the caller may use as a
-    /// stream of everything. Nothing is verified here: callers check what the
-    /// bytes hold.
+    /// stream of everything. A response that breaks is resumed with Range
+    /// on the next host, if any. Nothing is verified here: callers check
+    /// what the bytes hold.
     pub async fn blob_range_stream(
         &self,
         repo: &Repository,
@@ -981,56 +1249,74 @@ impl RegistryClient {
         start: u64,
         len: u64,
     ) -> Result<(bool, BodyStream)> {
+        self.blob_range_stream_inner(repo, digest, start, len, false)
+            .await
+            .map(|(r, b)| (r, b.expect("a body unless range_only")))
+    }
+
+    /// With `range_only`, a mirror that answers 200 is passed over (its
+    /// body unread) for the next host, and a 200 from the last host gives `None`.
+    async fn blob_range_stream_inner(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        start: u64,
+        len: u64,
+        range_only: bool,
+    ) -> Result<(bool, Option<BodyStream>)> {
         let what = format!("bytes {start}+{len} of blob {digest} of {repo}");
-        let url = self.url(repo, &format!("blobs/{digest}"));
-        let end = start + len.max(1) - 1;
-        let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
-                c.get(&url).header(RANGE, format!("bytes={start}-{end}"))
-            })
-            .await?;
-        let status = resp.status();
-        let ranged = match status {
-            StatusCode::PARTIAL_CONTENT => {
-                let cr = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                if !cr.starts_with(&format!("bytes {start}-")) {
-                    return Err(OciError::Status {
-                        what,
-                        registry: repo.registry.clone(),
-                        status: 206,
-                        body: format!("Content-Range {cr:?} is not the range asked for"),
-                    });
+        let eps = self.endpoints(repo, Purpose::Pull)?;
+        let to = start + len.max(1) - 1;
+        let mut host = 0;
+        loop {
+            let ep = &eps[host];
+            let last = host + 1 == eps.len();
+            let opened = self
+                .open_range_at(&what, repo, ep, digest, start, Some(to))
+                .await;
+            let e = match opened {
+                Ok((false, _, _)) if range_only && last => return Ok((false, None)),
+                Ok((false, _, resp)) if range_only => {
+                    drop(resp);
+                    OciError::Status {
+                        what: what.clone(),
+                        registry: ep.label().into(),
+                        status: 200,
+                        body: "the whole blob instead of the range asked for (a mirror that has not cached it yet)".into(),
+                    }
                 }
-                true
+                Ok((ranged, end, resp)) => {
+                    tracing::debug!(%what, host = %ep.label(), ranged, "range served");
+                    let state = ResumingBody {
+                        client: self.clone(),
+                        what,
+                        repo: repo.clone(),
+                        digest: digest.clone(),
+                        eps,
+                        host,
+                        pos: if ranged { start } else { 0 },
+                        end,
+                        skip: 0,
+                        body: Some(Box::pin(resp.bytes_stream())),
+                    };
+                    return Ok((ranged, Some(state.into_stream())));
+                }
+                Err(e) => e,
+            };
+            if last || !fails_over(&e) {
+                return Err(e);
             }
-            StatusCode::OK => false,
-            _ => {
-                return Err(status_error(
-                    &what,
-                    &repo.registry,
-                    status,
-                    Self::body_text(resp).await,
-                ))
-            }
-        };
-        let registry = repo.registry.clone();
-        let body = resp.bytes_stream().map(move |c| {
-            c.map_err(|e| OciError::Http {
-                what: what.clone(),
-                registry: registry.clone(),
-                source: e,
-            })
-        });
-        Ok((ranged, Box::pin(body)))
+            tracing::warn!(%what, host = %ep.label(), source = %ep.source, error = %e, "host failed; trying the next one");
+            self.note_failure(ep, &e);
+            host += 1;
+        }
     }
 
     /// `len` bytes of a blob from `start` for callers that want the range or
     /// nothing: `None` when the registry ignores Range (answers 200), whose
-    /// body is then not read. The bytes are not verified here.
+    /// body is then not read. A mirror answering 200 (docker-registry's
+    /// proxy does for a blob it has not cached) is passed over for the next
+    /// host. The bytes are not verified here.
     pub async fn get_blob_range_only(
         &self,
         repo: &Repository,
@@ -1042,11 +1328,13 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Some(Bytes::new()));
         }
-        let (ranged, mut body) = self.blob_range_stream(repo, digest, start, len).await?;
-        if !ranged {
-            // Dropped unread: the connection closes, the blob is not sent.
+        let (_, body) = self
+            .blob_range_stream_inner(repo, digest, start, len, true)
+            .await?;
+        // Dropped unread: the connection closes, the blob is not sent.
+        let Some(mut body) = body else {
             return Ok(None);
-        }
+        };
         let mut out = Vec::new();
         while let Some(c) = body.next().await {
             let c = c?;
@@ -1072,6 +1360,7 @@ impl RegistryClient {
     /// The referrers of `subject` of type `artifact_type` (an OCI image
     /// index, its bytes), or `None` when the registry has no referrers API
     /// (404, or any other answer but 200: callers then try the tag schema).
+    /// A mirror without the API is passed over: the registry decides.
     pub async fn get_referrers(
         &self,
         repo: &Repository,
@@ -1079,32 +1368,43 @@ impl RegistryClient {
         artifact_type: &str,
     ) -> Result<Option<Bytes>> {
         let what = format!("referrers of {subject} in {repo}");
-        let mut url =
-            url::Url::parse(&self.url(repo, &format!("referrers/{subject}"))).expect("valid URL");
-        url.query_pairs_mut()
-            .append_pair("artifactType", artifact_type);
-        let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
-                c.get(url.clone())
-                    .header(ACCEPT, "application/vnd.oci.image.index.v1+json")
-            })
-            .await?;
-        if resp.status() != StatusCode::OK {
-            tracing::debug!(%what, status = %resp.status(), "no referrers API");
-            return Ok(None);
-        }
-        Self::read_limited(&what, &repo.registry, resp, MAX_MANIFEST_BYTES)
-            .await
-            .map(Some)
+        self.on_hosts(&what, repo, Purpose::Pull, |ep| {
+            let what = what.clone();
+            async move {
+                let mut url = ep.url(&format!("referrers/{subject}"));
+                url.query_pairs_mut()
+                    .append_pair("artifactType", artifact_type);
+                let resp = self
+                    .send(&what, repo, &ep, &[Self::pull_scope(&ep)], true, &|c| {
+                        c.get(url.clone())
+                            .header(ACCEPT, "application/vnd.oci.image.index.v1+json")
+                    })
+                    .await?;
+                if resp.status() != StatusCode::OK {
+                    if ep.mirror {
+                        let st = resp.status();
+                        return Err(status_error(&what, ep.label(), st, String::new()));
+                    }
+                    tracing::debug!(%what, status = %resp.status(), "no referrers API");
+                    return Ok(None);
+                }
+                Self::read_limited(&what, ep.label(), resp, MAX_MANIFEST_BYTES)
+                    .await
+                    .map(Some)
+            }
+        })
+        .await
     }
 
-    /// Size of a blob if the repository has it.
+    /// Size of a blob if the repository (on the registry itself, where
+    /// pushes go) has it.
     pub async fn blob_exists(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
         let what = format!("blob {digest} of {repo}");
-        let url = self.url(repo, &format!("blobs/{digest}"));
+        let ep = self.push_host(repo)?;
+        let url = ep.url(&format!("blobs/{digest}"));
         let resp = self
-            .send(&what, repo, &[Self::pull_scope(repo)], true, &|c| {
-                c.head(&url)
+            .send(&what, repo, &ep, &[Self::pull_scope(&ep)], true, &|c| {
+                c.head(url.clone())
             })
             .await?;
         match resp.status() {
@@ -1119,7 +1419,12 @@ impl RegistryClient {
         }
     }
 
-    fn resolve_location(&self, repo: &Repository, what: &str, resp: &Response) -> Result<url::Url> {
+    fn resolve_location(
+        repo: &Repository,
+        ep: &Endpoint,
+        what: &str,
+        resp: &Response,
+    ) -> Result<url::Url> {
         let loc = resp
             .headers()
             .get(LOCATION)
@@ -1130,9 +1435,7 @@ impl RegistryClient {
                 status: resp.status().as_u16(),
                 body: "upload session without Location header".into(),
             })?;
-        let base = url::Url::parse(&format!("{}://{}/", self.scheme(repo), repo.api_host()))
-            .expect("valid base URL");
-        base.join(loc).map_err(|e| OciError::Status {
+        ep.base().join(loc).map_err(|e| OciError::Status {
             what: what.into(),
             registry: repo.registry.clone(),
             status: resp.status().as_u16(),
@@ -1154,22 +1457,22 @@ impl RegistryClient {
         if self.blob_exists(repo, digest).await?.is_some() {
             return Ok(PushOutcome::Existed);
         }
-        let mut scopes = vec![Self::push_scope(repo)];
-        let start_url = match mount_from
-            .filter(|f| f.registry == repo.registry && f.name != repo.name)
-        {
-            Some(from) => {
-                scopes.push(Self::pull_scope(from));
-                let mut u = url::Url::parse(&self.url(repo, "blobs/uploads/")).expect("valid URL");
-                u.query_pairs_mut()
-                    .append_pair("mount", &digest.to_string())
-                    .append_pair("from", &from.name);
-                u
-            }
-            None => url::Url::parse(&self.url(repo, "blobs/uploads/")).expect("valid URL"),
-        };
+        let ep = self.push_host(repo)?;
+        let mut scopes = vec![Self::push_scope(&ep)];
+        let start_url =
+            match mount_from.filter(|f| f.registry == repo.registry && f.name != repo.name) {
+                Some(from) => {
+                    scopes.push(format!("repository:{}:pull", from.name));
+                    let mut u = ep.url("blobs/uploads/");
+                    u.query_pairs_mut()
+                        .append_pair("mount", &digest.to_string())
+                        .append_pair("from", &from.name);
+                    u
+                }
+                None => ep.url("blobs/uploads/"),
+            };
         let resp = self
-            .send(&what, repo, &scopes, false, &|c| {
+            .send(&what, repo, &ep, &scopes, false, &|c| {
                 c.post(start_url.clone()).header(CONTENT_LENGTH, 0)
             })
             .await?;
@@ -1185,7 +1488,7 @@ impl RegistryClient {
                 ))
             }
         }
-        let mut location = self.resolve_location(repo, &what, &resp)?;
+        let mut location = Self::resolve_location(repo, &ep, &what, &resp)?;
         let chunk = self.cfg.upload_chunk_size.filter(|c| *c > 0 && size > *c);
         if let Some(chunk) = chunk {
             let mut offset = 0u64;
@@ -1194,7 +1497,7 @@ impl RegistryClient {
                 let data = read_source(&what, source, offset, n)?;
                 let loc = location.clone();
                 let resp = self
-                    .send(&what, repo, &scopes, false, &|c| {
+                    .send(&what, repo, &ep, &scopes, false, &|c| {
                         c.request(Method::PATCH, loc.clone())
                             .header(CONTENT_TYPE, "application/octet-stream")
                             .header(CONTENT_RANGE, format!("{}-{}", offset, offset + n - 1))
@@ -1211,14 +1514,14 @@ impl RegistryClient {
                         Self::body_text(resp).await,
                     ));
                 }
-                location = self.resolve_location(repo, &what, &resp)?;
+                location = Self::resolve_location(repo, &ep, &what, &resp)?;
                 offset += n;
             }
             let mut fin = location.clone();
             fin.query_pairs_mut()
                 .append_pair("digest", &digest.to_string());
             let resp = self
-                .send(&what, repo, &scopes, false, &|c| {
+                .send(&what, repo, &ep, &scopes, false, &|c| {
                     c.put(fin.clone()).header(CONTENT_LENGTH, 0)
                 })
                 .await?;
@@ -1230,7 +1533,7 @@ impl RegistryClient {
         let src = source.clone();
         let open_err = std::sync::Mutex::new(None);
         let resp = self
-            .send(&what, repo, &scopes, false, &|c| {
+            .send(&what, repo, &ep, &scopes, false, &|c| {
                 let rb = c
                     .put(fin.clone())
                     .header(CONTENT_TYPE, "application/octet-stream")
@@ -1263,16 +1566,14 @@ impl RegistryClient {
         let what = format!("push of manifest {reference}");
         let repo = &reference.repository;
         let digest = Digest::sha256_of(&bytes);
-        let url = self.url(
-            repo,
-            &format!(
-                "manifests/{}",
-                reference.tag.clone().unwrap_or_else(|| digest.to_string())
-            ),
-        );
+        let ep = self.push_host(repo)?;
+        let url = ep.url(&format!(
+            "manifests/{}",
+            reference.tag.clone().unwrap_or_else(|| digest.to_string())
+        ));
         let resp = self
-            .send(&what, repo, &[Self::push_scope(repo)], true, &|c| {
-                c.put(&url)
+            .send(&what, repo, &ep, &[Self::push_scope(&ep)], true, &|c| {
+                c.put(url.clone())
                     .header(CONTENT_TYPE, media_type)
                     .body(bytes.clone())
             })
@@ -1287,6 +1588,112 @@ impl RegistryClient {
             ));
         }
         Ok(digest)
+    }
+}
+
+/// The body of a ranged blob GET that, when it breaks before its end,
+/// resumes with Range on the next host (mirror → registry).
+struct ResumingBody {
+    client: RegistryClient,
+    what: String,
+    repo: Repository,
+    digest: Digest,
+    eps: Vec<Endpoint>,
+    host: usize,
+    /// Blob offset of the next byte handed out.
+    pos: u64,
+    /// One past the last byte wanted, when known.
+    end: Option<u64>,
+    /// Bytes of the current response to drop before `pos` (a host that
+    /// answered a resume with the whole blob).
+    skip: u64,
+    body: Option<RawBody>,
+}
+
+type RawBody =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send + 'static>>;
+
+impl ResumingBody {
+    fn into_stream(self) -> BodyStream {
+        Box::pin(futures_util::stream::unfold(self, |mut st| async move {
+            loop {
+                let body = st.body.as_mut()?;
+                let broken = match body.next().await {
+                    Some(Ok(mut c)) => {
+                        if st.skip > 0 {
+                            let n = st.skip.min(c.len() as u64) as usize;
+                            st.skip -= n as u64;
+                            c = c.slice(n..);
+                        }
+                        if let Some(end) = st.end {
+                            // Never more than was asked for, whatever a host sends.
+                            let room = end.saturating_sub(st.pos) as usize;
+                            if c.len() > room {
+                                c = c.slice(..room);
+                            }
+                        }
+                        if c.is_empty() {
+                            if st.end.is_some_and(|e| st.pos >= e) {
+                                return None;
+                            }
+                            continue;
+                        }
+                        st.pos += c.len() as u64;
+                        return Some((Ok(c), st));
+                    }
+                    Some(Err(e)) => OciError::Http {
+                        what: st.what.clone(),
+                        registry: st.eps[st.host].label().to_string(),
+                        source: e,
+                    },
+                    None if st.end.is_none_or(|e| st.pos >= e) => return None,
+                    None => OciError::Interrupted {
+                        what: st.what.clone(),
+                        registry: st.eps[st.host].label().to_string(),
+                        at: st.pos,
+                        total: st.end,
+                        reason: "response ended early".into(),
+                        tries: 1,
+                    },
+                };
+                st.body = None;
+                if let Err(e) = st.resume(broken).await {
+                    // An early end on the last host ends the stream, as it did
+                    // before mirrors: the caller sees the bytes are short.
+                    if matches!(e, OciError::Interrupted { .. }) {
+                        return None;
+                    }
+                    return Some((Err(e), st));
+                }
+            }
+        }))
+    }
+
+    /// Open the rest (`pos..end`) on the hosts after the current one; the
+    /// error that broke the current one when none can.
+    async fn resume(&mut self, broken: OciError) -> Result<()> {
+        let mut err = broken;
+        while self.host + 1 < self.eps.len() {
+            let ep = &self.eps[self.host];
+            tracing::warn!(what = %self.what, host = %ep.label(), at = self.pos, error = %err, "host failed mid-download; resuming from the next one");
+            self.client.note_failure(ep, &err);
+            self.host += 1;
+            let ep = &self.eps[self.host];
+            let to = self.end.map(|e| e - 1);
+            match self
+                .client
+                .open_range_at(&self.what, &self.repo, ep, &self.digest, self.pos, to)
+                .await
+            {
+                Ok((ranged, _, resp)) => {
+                    self.skip = if ranged { 0 } else { self.pos };
+                    self.body = Some(Box::pin(resp.bytes_stream()));
+                    return Ok(());
+                }
+                Err(e) => err = e,
+            }
+        }
+        Err(err)
     }
 }
 
@@ -1328,6 +1735,8 @@ fn read_source(what: &str, src: &BlobSource, offset: u64, len: u64) -> Result<By
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::hosts::is_loopback;
 
     #[test]
     fn loopback_detection() {

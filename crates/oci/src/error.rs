@@ -88,6 +88,14 @@ pub enum OciError {
         secs: f64,
         tries: u32,
     },
+    #[error("{path}: {reason}")]
+    Config { path: String, reason: String },
+    #[error("{registry} is blocked in {path}: refusing to pull from it")]
+    Blocked { registry: String, path: String },
+    #[error(
+        "no host configured to {purpose} images of {registry} (see its hosts.toml capabilities)"
+    )]
+    NoHost { registry: String, purpose: String },
     #[error("{what}: larger than the limit of {limit} bytes (at least {size}); refused")]
     TooLarge { what: String, size: u64, limit: u64 },
 }

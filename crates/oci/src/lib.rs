@@ -8,11 +8,13 @@ pub mod auth;
 pub mod client;
 pub mod digest;
 pub mod error;
+pub mod hosts;
 pub mod manifest;
 pub mod reference;
 
 pub use client::{human_bytes, BlobResume, BodyStream, ClientConfig, PushOutcome, RegistryClient};
 pub use digest::{Digest, DigestHasher};
 pub use error::OciError;
+pub use hosts::{Endpoint, Hosts, Purpose};
 pub use manifest::{Platform, ResolvedImage};
 pub use reference::{Reference, Repository};
