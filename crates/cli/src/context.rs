@@ -31,6 +31,18 @@ pub struct GlobalArgs {
         value_name = "SECS"
     )]
     pub stall_timeout: f64,
+    /// Keep the store under SIZE (e.g. 200MB, 1.5GiB, 500000000): after a
+    /// layer or an image lands, and every 30 s in the snapshotter and the
+    /// Podman store, the least recently used images no container uses are
+    /// evicted (fetched again when next needed). Unset: unlimited
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_STORE_SIZE_LIMIT",
+        value_name = "SIZE",
+        value_parser = lazylayer_store::parse_size
+    )]
+    pub store_size_limit: Option<u64>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -39,6 +51,11 @@ pub struct GlobalArgs {
 impl GlobalArgs {
     pub fn store(&self) -> Result<Store> {
         Store::open(&self.root).with_context(|| format!("opening store at {}", self.root.display()))
+    }
+
+    /// The store size limit in bytes; None: unlimited.
+    pub fn size_limit(&self) -> Option<u64> {
+        self.store_size_limit
     }
 
     pub fn client(&self) -> Result<RegistryClient> {

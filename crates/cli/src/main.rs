@@ -59,8 +59,10 @@ enum Command {
     Push(commands::push::Args),
     /// Forget an image reference (its content goes at the next prune)
     Rmi(commands::rmi::Args),
-    /// Remove blobs and layers that no image references
+    /// Remove blobs and layers that no image references (or, with --to SIZE, evict down to a size)
     Prune(commands::prune::Args),
+    /// Show the store's disk usage: per image, per directory, and the size limit
+    Df(commands::df::Args),
     /// Serve containerd's snapshots API (remote snapshotter for optimized images)
     Snapshotter(commands::snapshotter::Args),
     /// Talk to containerd: `containerd pull` registers an optimized image lazily
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
             Command::Push(a) => commands::push::run(&cli.global, a).await,
             Command::Rmi(a) => commands::rmi::run(&cli.global, a),
             Command::Prune(a) => commands::prune::run(&cli.global, a),
+            Command::Df(a) => commands::df::run(&cli.global, a),
             Command::Snapshotter(a) => commands::snapshotter::run(&cli.global, a).await,
             Command::Containerd(a) => commands::containerd::run(&cli.global, a).await,
             Command::FdHolder(a) => commands::holder::run(a),

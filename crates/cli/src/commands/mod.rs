@@ -1,4 +1,5 @@
 pub mod containerd;
+pub mod df;
 pub mod holder;
 pub mod images;
 pub mod inspect;
@@ -19,6 +20,29 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use lazylayer_oci::{Platform, Reference};
 use lazylayer_runtime::{ContainerDir, Reaped, Runc};
+
+/// The store with the size limit of `--store-size-limit` applied (eviction
+/// after layers and images land in this process).
+pub fn limited_store(g: &crate::context::GlobalArgs) -> Result<lazylayer_store::Store> {
+    Ok(g.store()?.with_size_limit(g.size_limit()))
+}
+
+/// In a long-lived server: evict down to the size limit now and every 30 s
+/// (content in use may have been let go since). Nothing without a limit.
+pub fn evict_periodically(store: &lazylayer_store::Store) {
+    if store.size_limit().is_none() {
+        return;
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.enforce_limit()).await;
+        }
+    });
+}
 
 pub fn parse_reference(s: &str) -> Result<Reference> {
     s.parse::<Reference>()

@@ -96,7 +96,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
     // Caught from here on, so that a service manager's TERM (or a HUP, or Ctrl-C)
     // stops the container and we clean up, instead of dying with the mounts left.
     let mut signals = ForwardedSignals::install().context("installing signal handlers")?;
-    let store = g.store()?;
+    let store = super::limited_store(g)?;
     let client = Arc::new(g.client()?);
     // A container left by a run killed outright may hold the name we want.
     super::reap_orphans(store.root());
