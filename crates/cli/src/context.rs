@@ -40,7 +40,9 @@ pub struct GlobalArgs {
         global = true,
         env = "LAZYLAYER_STORE_SIZE_LIMIT",
         value_name = "SIZE",
-        value_parser = lazylayer_store::parse_size
+        value_parser = lazylayer_store::parse_size,
+        // So that "-1GB" reaches the parser and gets its clear error.
+        allow_hyphen_values = true
     )]
     pub store_size_limit: Option<u64>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides

@@ -37,6 +37,10 @@ static EVICTED_BYTES: AtomicU64 = AtomicU64::new(0);
 /// Set once "the limit cannot be reached" was logged; cleared once it is.
 static WARNED_OVER: AtomicBool = AtomicBool::new(false);
 
+/// References evicted by this process (the latest, bounded).
+static EVICTED_REFS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+const EVICTED_REFS_KEPT: usize = 1000;
+
 /// Images evicted and bytes freed by eviction in this process so far (for
 /// a metrics endpoint).
 pub fn eviction_totals() -> (u64, u64) {
@@ -44,6 +48,15 @@ pub fn eviction_totals() -> (u64, u64) {
         EVICTED_IMAGES.load(Ordering::Relaxed),
         EVICTED_BYTES.load(Ordering::Relaxed),
     )
+}
+
+/// The references this process evicted so far, oldest first (the latest
+/// thousand), including those evicted on the background thread.
+pub fn evicted_images() -> Vec<String> {
+    EVICTED_REFS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
 }
 
 /// Bytes on disk per content directory.
@@ -326,7 +339,7 @@ impl Store {
                     bytes,
                     shared_bytes: shared,
                     last_used_ms: Self::last_used_of(&used, img),
-                    in_use: dedup_hex(img).iter().any(|d| in_use.contains(d)),
+                    in_use: image_in_use(img, &in_use),
                 }
             })
             .collect();
@@ -458,7 +471,7 @@ impl Store {
                 break;
             }
             let hexes = dedup_hex(img);
-            if hexes.iter().any(|d| in_use.contains(d)) {
+            if image_in_use(img, &in_use) {
                 rep.images_in_use.push(img.reference.clone());
                 continue;
             }
@@ -475,7 +488,9 @@ impl Store {
             for d in hexes {
                 let n = named.get_mut(&d).expect("counted above");
                 *n -= 1;
-                if *n == 0 {
+                // A layer a running container of another image stacks
+                // (the base they share) stays.
+                if *n == 0 && !in_use.contains(&d) {
                     if let Some(freed) = self.remove_content(&d)? {
                         rep.bytes_freed += freed;
                     }
@@ -497,6 +512,12 @@ impl Store {
             .map(|d| self.content_bytes(d, &mut seen))
             .sum();
         EVICTED_IMAGES.fetch_add(rep.images_evicted.len() as u64, Ordering::Relaxed);
+        {
+            let mut refs = EVICTED_REFS.lock().unwrap_or_else(|e| e.into_inner());
+            refs.extend(rep.images_evicted.iter().cloned());
+            let over = refs.len().saturating_sub(EVICTED_REFS_KEPT);
+            refs.drain(..over);
+        }
         EVICTED_BYTES.fetch_add(rep.bytes_freed, Ordering::Relaxed);
         Ok(rep)
     }
@@ -568,6 +589,15 @@ impl Store {
             }
         }
     }
+}
+
+/// Whether a living process uses the image itself: its manifest is pinned
+/// (every user pins it: run, the snapshotter, the Podman store, a pull), or
+/// every one of its layers is pinned or mounted. An image that merely
+/// shares a layer with one in use is not (that layer stays when it goes).
+fn image_in_use(img: &ImageRecord, in_use: &HashSet<String>) -> bool {
+    in_use.contains(img.manifest_digest.hex())
+        || (!img.layers.is_empty() && img.layers.iter().all(|l| in_use.contains(l.digest.hex())))
 }
 
 /// The hex digests an image's record names, once each.
@@ -756,6 +786,26 @@ mod tests {
         assert!(f.has_layer("shared-base"), "shared with the image kept");
         assert!(!f.has_layer("old-top"));
         assert!(f.has_layer("new-top"));
+    }
+
+    #[test]
+    fn an_image_sharing_a_layer_with_a_running_one_goes_but_the_layer_stays() {
+        let f = Fixture::new();
+        f.image("running", &["common-base", "run-top"], 256, 2_000);
+        f.image("sharer", &["common-base", "sharer-top"], 256, 1_000);
+        let rec = f
+            .store
+            .images()
+            .unwrap()
+            .into_iter()
+            .find(|i| i.reference == "running")
+            .unwrap();
+        let _pin = f.store.pin_guard("test-run", &rec.digests()).unwrap();
+        let rep = f.store.evict_to(0).unwrap();
+        assert_eq!(rep.images_evicted, vec!["sharer".to_string()]);
+        assert_eq!(f.refs(), vec!["running".to_string()]);
+        assert!(f.has_layer("common-base") && f.has_layer("run-top"));
+        assert!(!f.has_layer("sharer-top"));
     }
 
     #[test]

@@ -42,7 +42,9 @@ use std::path::{Path, PathBuf};
 use lazylayer_oci::{Digest, Reference};
 use serde::{Deserialize, Serialize};
 
-pub use cache::{eviction_totals, EvictReport, ImageUsage, StoreUsage, COUNTED_DIRS};
+pub use cache::{
+    evicted_images, eviction_totals, EvictReport, ImageUsage, StoreUsage, COUNTED_DIRS,
+};
 pub use error::StoreError;
 pub use lock::FileLock;
 pub use pins::Pin;

@@ -45,14 +45,14 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         .with_context(|| format!("pulling {reference}"))?;
     // Under the size limit before returning, the image just pulled kept
     // (pinned) even if it alone is over: it is what was asked for.
-    let evicted = tokio::task::spawn_blocking({
+    let _ = tokio::task::spawn_blocking({
         let store = store.clone();
         move || store.enforce_limit()
     })
-    .await
-    .ok()
-    .flatten();
+    .await;
     drop(pin);
+    // Evicted here, as the layers landed or just now.
+    let evicted = lazylayer_store::evicted_images();
     let secs = start.elapsed().as_secs_f64();
     let fetched = bars.fetched.load(Relaxed);
     if a.json {
@@ -65,7 +65,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             "layers_fetched": bars.fetched_layers.load(Relaxed),
             "layers_cached": bars.cached_layers.load(Relaxed),
             "seconds": secs,
-            "evicted": evicted.as_ref().map(|e| &e.images_evicted),
+            "evicted": evicted,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -79,13 +79,13 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             bars.cached_layers.load(Relaxed)
         );
     }
-    if let Some(e) = evicted.filter(|e| !e.images_evicted.is_empty()) {
+    if let (false, Some(limit)) = (evicted.is_empty(), store.size_limit()) {
         // On stderr: scripts parse stdout.
         eprintln!(
             "Evicted {} least recently used image(s) to stay under the {} store size limit: {} (pulled again when next needed)",
-            e.images_evicted.len(),
-            human_bytes(e.limit),
-            e.images_evicted.join(", ")
+            evicted.len(),
+            human_bytes(limit),
+            evicted.join(", ")
         );
     }
     Ok(())
