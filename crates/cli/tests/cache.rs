@@ -56,8 +56,8 @@ fn layer_present(root: &Path, digest: &str) -> bool {
     stored_layer(root, digest).join("layer.json").is_file()
 }
 
-/// Three images over a 200 MB limit (minbase 184 MB on disk, nginx minbase
-/// + 25 MB, busybox 3 MB): a container of minbase runs throughout. Pulls
+/// Three images over a 200 MB limit (minbase 184 MB on disk, nginx 25 MB
+/// more on minbase's layer, busybox 3 MB): a container of minbase runs throughout. Pulls
 /// evict the least recently used image no container uses, never the
 /// running container's layers, nor a layer a kept image shares; the
 /// container reads its files all along; `df` equals `du`.
