@@ -43,6 +43,20 @@ pub struct GlobalFlags {
         value_name = "SECS"
     )]
     pub stall_timeout: Option<f64>,
+    /// Keep the store under SIZE (e.g. 200MB, 1.5GiB, 500000000, none): after a
+    /// layer or an image lands, and every 30 s in the snapshotter and the
+    /// Podman store, the least recently used images no container uses are
+    /// evicted (fetched again when next needed)
+    /// [config: store.size_limit; default: none]
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_STORE_SIZE_LIMIT",
+        value_name = "SIZE",
+        // So that "-1GB" reaches the parser and gets its clear error.
+        allow_hyphen_values = true
+    )]
+    pub store_size_limit: Option<String>,
     /// Bytes per second the background prefetch may take ("20MB", "none");
     /// reads a container waits on are never held back
     /// [config: fetch.prefetch_bandwidth; default: none]
@@ -61,7 +75,12 @@ pub struct GlobalFlags {
     /// containers-registries.conf(5) file ([[registry]] mirrors, blocked registries);
     /// a missing file means none
     /// [config: registries.registries_conf; default: /etc/containers/registries.conf]
-    #[arg(long, global = true, env = "LAZYLAYER_REGISTRIES_CONF", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYLAYER_REGISTRIES_CONF",
+        value_name = "FILE"
+    )]
     pub registries_conf: Option<PathBuf>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -76,6 +95,8 @@ pub struct GlobalArgs {
     pub config: Config,
     /// The file it was read from, if any.
     pub config_file: Option<PathBuf>,
+    /// `store.size_limit` in bytes; None: unlimited.
+    size_limit: Option<u64>,
 }
 
 impl GlobalArgs {
@@ -106,20 +127,35 @@ impl GlobalArgs {
             config::seconds(s).with_context(|| format!("--stall-timeout {s}"))?;
             cfg.fetch.stall_timeout = Some(s);
         }
+        if let Some(s) = f.store_size_limit {
+            config::parse_limit(&s).with_context(|| format!("--store-size-limit {s:?}"))?;
+            cfg.store.size_limit = Some(s);
+        }
         if let Some(b) = f.prefetch_bandwidth {
             config::parse_limit(&b).with_context(|| format!("--prefetch-bandwidth {b:?}"))?;
             cfg.fetch.prefetch_bandwidth = Some(b);
         }
         let config = cfg.with_defaults();
+        let size_limit = config::parse_limit(config.store.size_limit.as_deref().unwrap_or("none"))?;
         Ok(GlobalArgs {
             root: config.store.root.clone().expect("defaulted"),
             config,
             config_file,
+            size_limit,
         })
     }
 
+    /// The store, with the size limit applied (eviction after layers and
+    /// images land in this process).
     pub fn store(&self) -> Result<Store> {
-        Store::open(&self.root).with_context(|| format!("opening store at {}", self.root.display()))
+        let store = Store::open(&self.root)
+            .with_context(|| format!("opening store at {}", self.root.display()))?;
+        Ok(store.with_size_limit(self.size_limit))
+    }
+
+    /// The store size limit in bytes; None: unlimited.
+    pub fn size_limit(&self) -> Option<u64> {
+        self.size_limit
     }
 
     pub fn client(&self) -> Result<RegistryClient> {

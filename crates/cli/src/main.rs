@@ -61,8 +61,10 @@ enum Command {
     Push(commands::push::Args),
     /// Forget an image reference (its content goes at the next prune)
     Rmi(commands::rmi::Args),
-    /// Remove blobs and layers that no image references
+    /// Remove blobs and layers that no image references (or, with --to SIZE, evict down to a size)
     Prune(commands::prune::Args),
+    /// Show the store's disk usage: per image, per directory, and the size limit
+    Df(commands::df::Args),
     /// Serve containerd's snapshots API (remote snapshotter for optimized images)
     Snapshotter(commands::snapshotter::Args),
     /// Talk to containerd: `containerd pull` registers an optimized image lazily
@@ -124,6 +126,7 @@ fn main() -> ExitCode {
             Command::Push(a) => commands::push::run(g, a).await,
             Command::Rmi(a) => commands::rmi::run(g, a),
             Command::Prune(a) => commands::prune::run(g, a),
+            Command::Df(a) => commands::df::run(g, a),
             Command::Snapshotter(a) => commands::snapshotter::run(g, a).await,
             Command::Containerd(a) => commands::containerd::run(g, a).await,
             Command::Config(a) => commands::config::run(g, a),

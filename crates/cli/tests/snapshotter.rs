@@ -1121,3 +1121,82 @@ fn snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout() {
         .output();
     drop(cd);
 }
+
+/// When the last container of a lazily started image ends (its snapshot
+/// removed, so the snapshotter lets the lazy root go), the image's
+/// background prefetch stops: the original layers' fetches and the boot
+/// layer's chunks alike. The registry (behind a proxy at 3 MB/s, so the
+/// prefetch is far from done when the container exits) then sees no new
+/// request for the image's blobs and its relayed bytes stop growing, and
+/// the store does not end up with the whole image.
+#[test]
+fn prefetch_stops_when_the_last_container_of_an_image_ends() {
+    if cannot_run() {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, layers) = layer_digests(opt_root.path(), &dst);
+    let proxy = lazylayer_testsupport::proxy::CuttingProxy::relay(reg.port);
+    let via = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
+    let (root, sn, cd) = snapshotter_with_image(&via, &[]);
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    proxy
+        .rate
+        .store(3_000_000, std::sync::atomic::Ordering::SeqCst);
+    let blob_gets = || {
+        let text = proxy.requests_text();
+        layers
+            .iter()
+            .map(|d| text.matches(&format!("/blobs/{d}")).count())
+            .sum::<usize>()
+    };
+
+    let out = cd.ok(&["run", "--rm", "--snapshotter", "lazylayer", &via, "once"]);
+    assert_eq!(out.replace('\r', ""), "ok\n");
+    // ctr run --rm removed the snapshot: the root goes (logged once dropped).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sn.log().contains("lazy root unmounted") {
+        assert!(
+            Instant::now() < deadline,
+            "the lazy root was not let go: {}",
+            sn.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gets_at_release = blob_gets();
+    // Connections cut by the cancel close within a moment; then nothing
+    // more flows. (Bounded wait for "3 s without a relayed byte".)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let relayed = || proxy.relayed.load(std::sync::atomic::Ordering::SeqCst);
+    loop {
+        let before = relayed();
+        std::thread::sleep(Duration::from_secs(3));
+        if relayed() == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the registry kept sending after the last container ended ({} bytes relayed)",
+            relayed()
+        );
+    }
+    assert_eq!(
+        blob_gets(),
+        gets_at_release,
+        "blob requests after the last container ended:\n{}",
+        proxy.requests_text()
+    );
+    // Far from all of it arrived: the prefetch did not run to its end.
+    let whole = layers
+        .iter()
+        .all(|d| stored_layer(root.path(), d).join("layer.json").is_file());
+    assert!(!whole, "every layer was fetched after the last user went");
+    let recorded = lazylayer_json(root.path(), &["images"]);
+    assert_eq!(
+        recorded,
+        serde_json::json!([]),
+        "the image was not completed"
+    );
+}

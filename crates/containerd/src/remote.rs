@@ -441,13 +441,27 @@ impl Snapshotter {
         let mut mounts = self.mounts.lock().await;
         if let Some(r) = self.snapshots.remote_top_of(parent) {
             if let Some(lowers) = self.local_image_lowers(&r).await? {
-                return self
+                let m = self
                     .snapshots
-                    .create_on_local_image(kind, key, parent, labels, lowers);
+                    .create_on_local_image(kind, key, parent, labels, lowers)?;
+                // Pinned before eviction may look: the snapshot stacks the
+                // store's layers directly.
+                self.repin();
+                self.touch(&r).await;
+                return Ok(m);
             }
             self.ensure_mounted(&mut mounts, &r).await?;
         }
         self.snapshots.create(kind, key, parent, labels)
+    }
+
+    /// Record that a container uses the image of `r` now (for eviction's
+    /// least-recently-used order).
+    async fn touch(&self, r: &RemoteLayer) {
+        let Some(images) = &self.images else { return };
+        if let Ok(Some(img)) = images.open(&r.image_ref, &r.manifest_digest).await {
+            images.store.touch_image(&img.record_reference());
+        }
     }
 
     /// The store's layer directories (top first, the boot index hidden) for

@@ -93,6 +93,11 @@ struct Inner {
     rt: tokio::runtime::Handle,
     fetched: AtomicU64,
     slots: Arc<Semaphore>,
+    /// Set by [`BootChunks::stop_background`]: no background fetch starts.
+    stopped: std::sync::atomic::AtomicBool,
+    /// The start-list and prefetch tasks and their range GETs, to abort
+    /// when the image's last user goes (readers' own GETs are not here).
+    background: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// The content of a chunked boot layer, fetched by ranges. Cheap to clone.
@@ -298,6 +303,8 @@ impl BootChunks {
                     0
                 }),
                 slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+                stopped: std::sync::atomic::AtomicBool::new(false),
+                background: Mutex::new(Vec::new()),
             }),
         };
         {
@@ -324,10 +331,65 @@ impl BootChunks {
             }
             _ => {
                 let me = chunks.clone();
-                chunks.inner.rt.spawn(async move { me.fetch_start().await });
+                let t = chunks.inner.rt.spawn(async move { me.fetch_start().await });
+                chunks.track(t);
             }
         }
         Ok((index, chunks))
+    }
+
+    /// Remember a background task for [`BootChunks::stop_background`].
+    fn track(&self, t: tokio::task::JoinHandle<()>) {
+        let mut bg = self.inner.background.lock().unwrap();
+        bg.retain(|t| !t.is_finished());
+        bg.push(t.abort_handle());
+        // Stopped meanwhile: stop_background may have run before the push.
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            t.abort();
+        }
+    }
+
+    /// The image's last user is gone: stop fetching the start list and the
+    /// prefetch of the rest, range GETs in flight included (their chunks
+    /// are absent again; what arrived stays for the next start). A reader's
+    /// own fetch finishes. [`BootChunks::resume_background`] undoes it.
+    pub fn stop_background(&self) {
+        if self.inner.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let bg = std::mem::take(&mut *self.inner.background.lock().unwrap());
+        let running = bg.iter().filter(|t| !t.is_finished()).count();
+        for t in bg {
+            t.abort();
+        }
+        let mut s = self.inner.state.lock().unwrap();
+        s.rest_started = false;
+        for c in s.chunks.iter_mut() {
+            if *c == ChunkState::Fetching {
+                *c = ChunkState::Absent;
+            }
+        }
+        drop(s);
+        self.inner.changed.notify_all();
+        tracing::debug!(image = %self.inner.image, running, "boot chunk prefetch stopped");
+    }
+
+    /// A new user of an image whose background fetches were stopped: fetch
+    /// the start list again (the rest follows with [`BootChunks::start_rest`]).
+    pub fn resume_background(&self) {
+        if !self.inner.stopped.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        let t = self.inner.rt.spawn(async move { me.fetch_start().await });
+        self.track(t);
+    }
+
+    /// Background fetch tasks (start list, prefetch, their range GETs) not
+    /// finished yet.
+    pub fn background_running(&self) -> usize {
+        let bg = self.inner.background.lock().unwrap();
+        bg.iter().filter(|t| !t.is_finished()).count()
     }
 
     /// The content for entry `idx` (an in-boot regular file), if it has any.
@@ -378,11 +440,16 @@ impl BootChunks {
             }
             s.rest_started = true;
         }
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            self.inner.state.lock().unwrap().rest_started = false;
+            return;
+        }
         let me = self.clone();
-        self.inner.rt.spawn(async move {
+        let t = self.inner.rt.spawn(async move {
             let all: Vec<u32> = (0..me.inner.content.chunks.len() as u32).collect();
             me.fetch_list(&all, REST_REQUEST).await;
         });
+        self.track(t);
     }
 
     /// The chunks the trace read, in blob order: the content is laid out in
@@ -407,6 +474,9 @@ impl BootChunks {
             let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
                 return;
             };
+            if self.inner.stopped.load(Ordering::SeqCst) {
+                return;
+            }
             // The run: list[i], list[i]+1, ... while they follow in the list
             // and are absent, up to `max` bytes.
             let run = {
@@ -432,10 +502,11 @@ impl BootChunks {
                 first..end
             };
             let me = self.clone();
-            self.inner.rt.spawn(async move {
+            let t = self.inner.rt.spawn(async move {
                 me.fetch_range(run).await;
                 drop(permit);
             });
+            self.track(t);
         }
     }
 

@@ -20,7 +20,8 @@ pub struct ImageRoot {
     config_bytes: Vec<u8>,
     /// An optimized image served from the store's layers without FUSE.
     native: bool,
-    /// Keeps `prune` off the layers a native root stacks (a lazy root pins its own).
+    /// Keeps `prune` and eviction off the layers a native or fully pulled
+    /// root stacks (a lazy root pins its own).
     _pin: Option<Pin>,
 }
 
@@ -40,6 +41,7 @@ impl ImageRoot {
         progress: Arc<dyn PullProgress>,
     ) -> Result<ImageRoot, FetchError> {
         if let Some(root) = ImageRoot::open_native(store, reference, pin_name)? {
+            store.touch_image(&lazylayer_store::reference_key(reference));
             return Ok(root);
         }
         let pull = opts.pull.clone();
@@ -56,7 +58,11 @@ impl ImageRoot {
             }
             Err(OpenError::NoBootLayer(_)) => {
                 progress.full_pull(reference);
-                let rec = store.pull(&client, reference, &pull, progress).await?;
+                // Pinned from the pull on: the eviction a pull triggers,
+                // and prune, must leave the running container's layers.
+                let (rec, pin) = store
+                    .pull_pinned(&client, reference, &pull, progress, pin_name)
+                    .await?;
                 let lowers = rec
                     .layers
                     .iter()
@@ -68,7 +74,7 @@ impl ImageRoot {
                     lowers,
                     config_bytes: store.read_blob(&rec.config_digest)?,
                     native: false,
-                    _pin: None,
+                    _pin: Some(pin),
                 })
             }
             Err(OpenError::Failed(e)) => Err(e),

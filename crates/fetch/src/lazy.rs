@@ -199,6 +199,11 @@ impl LazyImage {
         })
     }
 
+    /// The reference its record is (or will be) filed under in the store.
+    pub fn record_reference(&self) -> String {
+        self.record.reference.clone()
+    }
+
     pub fn reference(&self) -> &Reference {
         &self.reference
     }

@@ -88,6 +88,7 @@ impl LazyRoot {
     /// images, and mounts and unmounts their roots as containers come and go).
     pub fn new(store: &Store, image: LazyImage, pin_name: &str) -> Result<LazyRoot, FetchError> {
         let pin = store.pin_guard(pin_name, &image.record.digests())?;
+        store.touch_image(&image.record.reference);
         let fetcher = image.fetcher(store);
         Ok(LazyRoot {
             image,
@@ -139,6 +140,10 @@ impl LazyRoot {
             fs_opts
                 .max_readahead
                 .get_or_insert(lazylayer_fs::BOOT_READAHEAD);
+        }
+        if let Some(b) = self.image.boot_chunks() {
+            // An earlier root of this image stopped them when it went.
+            b.resume_background();
         }
         let fs = self.image.file_system(&self.fetcher, fs_opts);
         let m = match handed_over {
@@ -314,5 +319,11 @@ impl Drop for LazyRoot {
             save(&self.store, &self.image.record, &self.saved, &image);
         }
         self.fetcher.cancel();
+        // The boot layer's chunks too: its last user is gone. (The image
+        // may be opened again, as the snapshotter does: a later root
+        // resumes them.)
+        if let Some(b) = self.image.boot_chunks() {
+            b.stop_background();
+        }
     }
 }

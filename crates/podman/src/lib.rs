@@ -504,6 +504,7 @@ fn lay_out_local(
     let pin = store
         .pin_guard(pin, &rec.digests())
         .map_err(|e| failed(e.into()))?;
+    store.touch_image(&rec.reference);
     let base = dir.join(image_dir_name(&reference.to_string()));
     if base.exists() {
         return Err(PodmanError::AlreadyServed {

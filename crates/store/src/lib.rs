@@ -20,7 +20,13 @@
 //! lock exclusive (two processes never fetch the same layer twice), and so
 //! does every single-layer fetch; `prune` holds the store lock exclusive and
 //! keeps what image records and the pins of living processes name.
+//!
+//! With a size limit ([`Store::with_size_limit`]) the store is a cache:
+//! `used.json` records when each image was last used, and the least
+//! recently used images nobody uses are evicted when it grows past the
+//! limit (see the `cache` module).
 
+mod cache;
 mod error;
 mod lock;
 mod pins;
@@ -28,6 +34,7 @@ mod pull;
 mod push;
 mod reader;
 mod resolve;
+mod size;
 mod source;
 
 use std::path::{Path, PathBuf};
@@ -35,12 +42,14 @@ use std::path::{Path, PathBuf};
 use lazylayer_oci::{Digest, Reference};
 use serde::{Deserialize, Serialize};
 
+pub use cache::{evicted_images, EvictReport, ImageUsage, StoreUsage, COUNTED_DIRS};
 pub use error::StoreError;
 pub use lock::FileLock;
 pub use pins::Pin;
 pub use pull::{unix_now, NoProgress, PullOptions, PullProgress};
 pub use push::{PushCounts, PushReport};
 pub use resolve::{layer_refs, resolve_layers, ResolvedLayers};
+pub use size::{parse_size, SizeError};
 pub use source::{BlobStream, BoxFuture, LayerEvents, LocalBlob, NoEvents, RegistryBlobs};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -109,6 +118,8 @@ pub struct PruneReport {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Evict down to this after content lands; None: unlimited.
+    limit: Option<std::sync::Arc<cache::Limit>>,
 }
 
 fn io_err(what: impl Into<String>, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -131,7 +142,7 @@ impl Store {
             let p = root.join(sub);
             create_private_dir(&p).map_err(io_err("creating store directory", &p))?;
         }
-        Ok(Store { root })
+        Ok(Store { root, limit: None })
     }
 
     pub fn root(&self) -> &Path {
@@ -277,6 +288,9 @@ impl Store {
             path: dest.clone(),
             source: e.error,
         })?;
+        // Recorded means just pulled or just fully fetched: used now.
+        self.touch_image(&rec.reference);
+        self.enforce_limit_soon();
         Ok(())
     }
 

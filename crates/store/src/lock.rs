@@ -39,6 +39,19 @@ impl FileLock {
         Self::take(path, FlockOperation::LockExclusive)
     }
 
+    /// Without waiting: None when another holder has it.
+    pub fn try_exclusive(path: &Path) -> Result<Option<FileLock>, StoreError> {
+        match Self::take(path, FlockOperation::NonBlockingLockExclusive) {
+            Ok(l) => Ok(Some(l)),
+            Err(StoreError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn shared(path: &Path) -> Result<FileLock, StoreError> {
         Self::take(path, FlockOperation::LockShared)
     }

@@ -74,6 +74,27 @@ impl Store {
         opts: &PullOptions,
         progress: Arc<dyn PullProgress>,
     ) -> Result<ImageRecord> {
+        static PULLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PULLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin = format!("pull-{}-{n}", std::process::id());
+        let (rec, _pin) = self
+            .pull_pinned(client, reference, opts, progress, &pin)
+            .await?;
+        Ok(rec)
+    }
+
+    /// [`Store::pull`], the image's content pinned as `pin_name` from the
+    /// moment its layers are known; the pin is returned, for a caller that
+    /// goes on using the image (eviction, which a pull may trigger, and
+    /// `prune` leave it alone while the pin lives).
+    pub async fn pull_pinned(
+        &self,
+        client: &RegistryClient,
+        reference: &Reference,
+        opts: &PullOptions,
+        progress: Arc<dyn PullProgress>,
+        pin_name: &str,
+    ) -> Result<(ImageRecord, crate::Pin)> {
         let span = info_span!("pull", image = %reference);
         async {
             let _store_lock = FileLock::shared_async(&self.lock_path("store.lock")).await?;
@@ -82,6 +103,10 @@ impl Store {
                 config_digest,
                 layers,
             } = crate::resolve_layers(client, reference, &opts.platform).await?;
+            let mut digests = vec![image.manifest.digest.clone(), config_digest.clone()];
+            digests.extend(image.index.as_ref().map(|i| i.digest.clone()));
+            digests.extend(layers.iter().map(|l| l.digest.clone()));
+            let pin = self.pin_guard(pin_name, &digests)?;
             progress.image_resolved(&image);
             if let Some(idx) = &image.index {
                 self.put_blob_bytes(&idx.digest, &idx.bytes)?;
@@ -111,7 +136,7 @@ impl Store {
             };
             self.save_image(&rec)?;
             info!(manifest = %rec.manifest_digest, "pulled");
-            Ok(rec)
+            Ok((rec, pin))
         }
         .instrument(span)
         .await
@@ -302,6 +327,9 @@ impl Store {
             }
             progress.layer_done(digest);
             info!(entries, file_bytes, "layer stored");
+            // The layer lock is still ours: eviction skips this layer, and
+            // runs on its own thread so the fetch does not wait for it.
+            self.enforce_limit_soon();
             Ok(rec)
         }
         .instrument(span)

@@ -1,5 +1,6 @@
 pub mod config;
 pub mod containerd;
+pub mod df;
 pub mod holder;
 pub mod images;
 pub mod inspect;
@@ -20,6 +21,23 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use lazylayer_oci::{Platform, Reference};
 use lazylayer_runtime::{ContainerDir, Reaped, Runc};
+
+/// In a long-lived server: evict down to the size limit now and every 30 s
+/// (content in use may have been let go since). Nothing without a limit.
+pub fn evict_periodically(store: &lazylayer_store::Store) {
+    if store.size_limit().is_none() {
+        return;
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.enforce_limit()).await;
+        }
+    });
+}
 
 pub fn parse_reference(s: &str) -> Result<Reference> {
     s.parse::<Reference>()
@@ -63,34 +81,11 @@ pub async fn serve_metrics(
     let Some(addr) = flag.or(g.config.metrics.address) else {
         return Ok(());
     };
-    let limit = crate::config::parse_limit(g.config.store.size_limit.as_deref().unwrap_or("none"))?;
-    let root = g.root.clone();
+    let store = g.store()?;
     let bound = crate::metrics::serve(addr, move || {
-        lazylayer_metrics::store_usage(store_usage(&root), limit);
+        lazylayer_metrics::store_usage(store.usage_bytes(), store.size_limit());
     })
     .await?;
     eprintln!("metrics on http://{bound}/metrics");
     Ok(())
-}
-
-/// Bytes on disk under the store's content directories (TEMPORARY: replaced
-/// by the store's own accounting).
-fn store_usage(root: &Path) -> u64 {
-    fn walk(p: &Path) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(m) = std::fs::symlink_metadata(p) else {
-            return 0;
-        };
-        let mut n = m.blocks() * 512;
-        if m.is_dir() {
-            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-                n += walk(&e.path());
-            }
-        }
-        n
-    }
-    ["blobs", "layers", "files", "partial"]
-        .iter()
-        .map(|d| walk(&root.join(d)))
-        .sum()
 }

@@ -38,10 +38,21 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let client = g.client()?;
     let bars = Arc::new(PullBars::new(a.quiet || a.json));
     let start = Instant::now();
-    let rec = store
-        .pull(&client, &reference, &opts, bars.clone())
+    let pin = format!("pull-{}", std::process::id());
+    let (rec, pin) = store
+        .pull_pinned(&client, &reference, &opts, bars.clone(), &pin)
         .await
         .with_context(|| format!("pulling {reference}"))?;
+    // Under the size limit before returning, the image just pulled kept
+    // (pinned) even if it alone is over: it is what was asked for.
+    let _ = tokio::task::spawn_blocking({
+        let store = store.clone();
+        move || store.enforce_limit()
+    })
+    .await;
+    drop(pin);
+    // Evicted here, as the layers landed or just now.
+    let evicted = lazylayer_store::evicted_images();
     let secs = start.elapsed().as_secs_f64();
     let fetched = bars.fetched.load(Relaxed);
     if a.json {
@@ -54,6 +65,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             "layers_fetched": bars.fetched_layers.load(Relaxed),
             "layers_cached": bars.cached_layers.load(Relaxed),
             "seconds": secs,
+            "evicted": evicted,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -65,6 +77,15 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             rec.layers.len(),
             human_bytes(fetched),
             bars.cached_layers.load(Relaxed)
+        );
+    }
+    if let (false, Some(limit)) = (evicted.is_empty(), store.size_limit()) {
+        // On stderr: scripts parse stdout.
+        eprintln!(
+            "Evicted {} least recently used image(s) to stay under the {} store size limit: {} (pulled again when next needed)",
+            evicted.len(),
+            human_bytes(limit),
+            evicted.join(", ")
         );
     }
     Ok(())

@@ -33,6 +33,7 @@ pub struct Args {
 
 pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let store = g.store()?;
+    super::evict_periodically(&store);
     let client = Arc::new(g.client()?);
     let dir = g.root.join("snapshotter");
     // Lazy roots outlive this process: their FUSE connections are kept by a

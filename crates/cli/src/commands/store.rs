@@ -47,6 +47,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         .map(|i| super::parse_reference(i))
         .collect::<Result<Vec<_>>>()?;
     let store = g.store()?;
+    super::evict_periodically(&store);
     // Lazy roots outlive this process: their FUSE connections are kept by a
     // holder, and a restart with the same images takes them over.
     let holder_dir = store.root().join("podman-store");
