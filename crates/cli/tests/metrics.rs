@@ -26,6 +26,18 @@ fn scrape(port: u16) -> String {
     body.to_string()
 }
 
+/// Scrapes until `done` holds for the text (bounded: the last one).
+fn scrape_until(port: u16, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(port);
+        if done(&m) || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The value of one series (`name{labels}`), 0 when absent.
 fn value(text: &str, series: &str) -> f64 {
     text.lines()
@@ -132,7 +144,9 @@ fn root_store_metrics_scrape_and_count_what_happens() {
     let templates = std::fs::read(lazy_root.join("var/lib/dpkg/info/tzdata.templates"))
         .expect("a first read of a file at the end of the base layer");
     assert!(templates.starts_with(b"Template: "));
-    let m = scrape(port);
+    // The file system answers the read, then counts its wait as over: a
+    // scrape right after the read may come in between.
+    let m = scrape_until(port, |m| value(m, "lazylayer_reads_waiting") == 0.0);
     assert!(
         value(&m, "lazylayer_fetched_bytes_total{reason=\"on_demand\"}") > 1e6,
         "{m}"

@@ -208,6 +208,40 @@ fn root_lazy_runs_and_pulls_go_through_the_mirror_and_fall_back() {
         "nothing of lazylayer's reached the upstream: {:#?}",
         &from_lazylayer(&upstream)[upstream_before..]
     );
+
+    // (e) The same from lazylayer's own configuration file
+    // ([registries.mirrors]), with no hosts.toml and no registries.conf.
+    let config = hosts.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registries]\nhosts_dir = {:?}\nregistries_conf = {:?}\n\
+             [registries.mirrors]\n{:?} = [\"http://{}\"]\n",
+            no_hosts.to_str().unwrap(),
+            no_conf.to_str().unwrap(),
+            upstream.addr(),
+            mirror.addr()
+        ),
+    )
+    .unwrap();
+    let upstream_before = from_lazylayer(&upstream).len();
+    let mirror_before = from_lazylayer(&mirror).len();
+    let store = tempfile::tempdir().unwrap();
+    let out = lazylayer(
+        store.path(),
+        &["--config", config.to_str().unwrap(), "pull", &src],
+    );
+    ok(&out);
+    let via_mirror = from_lazylayer(&mirror)[mirror_before..].to_vec();
+    for d in &src_layers {
+        assert!(
+            via_mirror
+                .iter()
+                .any(|l| l.contains(&format!("/blobs/{d}"))),
+            "layer {d} pulled through the config file's mirror: {via_mirror:#?}"
+        );
+    }
+    assert_eq!(from_lazylayer(&upstream).len(), upstream_before);
 }
 
 #[test]
