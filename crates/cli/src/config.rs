@@ -330,6 +330,29 @@ address = "127.0.0.1:9155"
         }
     }
 
+    /// The examples users copy: README's fleet set-up and the reference in
+    /// docs/configuration.md (every key) are valid files.
+    #[test]
+    fn the_documented_examples_parse() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+        let start = readme
+            .find("cat > /etc/lazylayer/config.toml <<'EOF'\n")
+            .expect("README shows a configuration file");
+        let body = &readme[start..];
+        let body = &body[body.find('\n').unwrap() + 1..];
+        let example = &body[..body.find("\nEOF\n").unwrap()];
+        let cfg = parse(example).unwrap();
+        assert_eq!(cfg.store.size_limit.as_deref(), Some("20GB"));
+
+        let doc = std::fs::read_to_string(repo.join("docs/configuration.md")).unwrap();
+        let body = &doc[doc.find("```toml\n").expect("a toml block") + 8..];
+        let example = &body[..body.find("```").unwrap()];
+        let cfg = parse(example).unwrap();
+        // The reference names every section and key: nothing left at its default.
+        assert_eq!(cfg.clone().with_defaults(), cfg);
+    }
+
     #[test]
     fn limits_are_none_or_a_size() {
         assert_eq!(parse_limit("none").unwrap(), None);

@@ -677,6 +677,14 @@ mod tests {
                 .collect()
         }
 
+        /// What a running container's process holds on its image.
+        fn pin_image(&self, reference: &str) -> crate::Pin {
+            let rec = (self.store.images().unwrap().into_iter())
+                .find(|i| i.reference == reference)
+                .unwrap();
+            self.store.pin_guard("test-run", &rec.digests()).unwrap()
+        }
+
         fn has_layer(&self, name: &str) -> bool {
             self.store.layer_dir(&digest(name)).is_some()
                 && self.store.blob_path(&digest(name)).exists()
@@ -742,14 +750,7 @@ mod tests {
         let f = Fixture::new();
         f.image("running", &["run-base"], 256, 1_000);
         f.image("idle", &["idle-base"], 256, 2_000);
-        let rec = f
-            .store
-            .images()
-            .unwrap()
-            .into_iter()
-            .find(|i| i.reference == "running")
-            .unwrap();
-        let _pin = f.store.pin_guard("test-run", &rec.digests()).unwrap();
+        let _pin = f.pin_image("running");
         let rep = f.store.evict_to(0).unwrap();
         assert_eq!(rep.images_evicted, vec!["idle".to_string()]);
         assert_eq!(rep.images_in_use, vec!["running".to_string()]);
@@ -782,14 +783,7 @@ mod tests {
         let f = Fixture::new();
         f.image("running", &["common-base", "run-top"], 256, 2_000);
         f.image("sharer", &["common-base", "sharer-top"], 256, 1_000);
-        let rec = f
-            .store
-            .images()
-            .unwrap()
-            .into_iter()
-            .find(|i| i.reference == "running")
-            .unwrap();
-        let _pin = f.store.pin_guard("test-run", &rec.digests()).unwrap();
+        let _pin = f.pin_image("running");
         let rep = f.store.evict_to(0).unwrap();
         assert_eq!(rep.images_evicted, vec!["sharer".to_string()]);
         assert_eq!(f.refs(), vec!["running".to_string()]);
