@@ -349,3 +349,61 @@ fn a_mirror_dying_mid_blob_resumes_on_the_upstream() {
         "the rest came from the upstream"
     );
 }
+
+/// A mirror with a bad copy of a layer (its first byte flipped: the
+/// unpacker refuses it): the layer is fetched once more, from the upstream
+/// (the mirror is asked last for a while), and the pull completes with the
+/// right bytes. Mirrors named in the configuration file.
+#[test]
+fn a_mirror_serving_a_bad_layer_is_passed_over_for_the_upstream() {
+    let upstream = Registry::start();
+    push_images(&upstream, &["busybox"]);
+    let src = image_ref(&upstream, "busybox");
+    let probe = tempfile::tempdir().unwrap();
+    let (_, layers) = layer_digests(probe.path(), &src);
+    let layer = layers[0].clone();
+    let mirror = proxy::CuttingProxy::relay(upstream.port);
+    *mirror.corrupt_blob.lock().unwrap() = (layer.clone(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registries]\nhosts_dir = {:?}\nregistries_conf = {:?}\n\
+             [registries.mirrors]\n{:?} = [\"http://127.0.0.1:{}\"]\n",
+            dir.path().join("no-certs.d").to_str().unwrap(),
+            dir.path().join("no.conf").to_str().unwrap(),
+            upstream.addr(),
+            mirror.port
+        ),
+    )
+    .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let out = lazylayer(
+        store.path(),
+        &["--config", config.to_str().unwrap(), "pull", "-v", &src],
+    );
+    ok(&out);
+    assert!(
+        mirror.requests_text().contains(&format!("/blobs/{layer}")),
+        "the layer was asked of the mirror first"
+    );
+    assert_eq!(
+        mirror.corrupt_blob.lock().unwrap().1,
+        0,
+        "the mirror sent its bad copy"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad layer bytes from a mirror"), "{stderr}");
+    assert!(
+        from_lazylayer(&upstream)
+            .iter()
+            .any(|l| l.contains(&format!("/blobs/{layer}"))),
+        "the layer came again from the upstream"
+    );
+    // What the store keeps is the layer itself.
+    let hex = layer.strip_prefix("sha256:").unwrap();
+    let blob = std::fs::read(store.path().join("blobs/sha256").join(hex)).unwrap();
+    use sha2::Digest as _;
+    assert_eq!(hex::encode(sha2::Sha256::digest(&blob)), hex);
+}

@@ -97,6 +97,10 @@ impl BlobStream for Throttled {
             r
         })
     }
+
+    fn distrust(&self, digest: &Digest) -> bool {
+        self.inner.distrust(digest)
+    }
 }
 
 #[cfg(test)]

@@ -134,6 +134,8 @@ impl LayerEvents for SlotEvents {
     fn extracting(&self, fs_dir: &Path) {
         let mut s = self.inner.slots.lock().unwrap();
         s[self.layer].extracting_in = Some(fs_dir.to_path_buf());
+        // A new extraction (a fetch tried again) has nothing on disk yet.
+        s[self.layer].ready.clear();
     }
     fn entry_landed(&self, path: &Path) {
         use std::os::unix::ffi::OsStrExt;

@@ -170,6 +170,11 @@ pub struct RegistryClient {
     /// the others for a while, so a dead mirror does not cost every read a
     /// connect timeout.
     failed: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Per blob: the mirrors (host keys) that sent bytes of its download in
+    /// progress or last failed, so that bad bytes found after the fact (by
+    /// the digest, or by the unpacker) can be laid at their door
+    /// ([`RegistryClient::distrust`]). Forgotten once a download verifies.
+    served_by: Arc<Mutex<HashMap<Digest, Vec<String>>>>,
 }
 
 /// A host's TLS settings: skip_verify, extra CA files.
@@ -281,6 +286,7 @@ impl RegistryClient {
             tokens: Arc::new(Mutex::new(HashMap::new())),
             tls_clients: Arc::new(Mutex::new(HashMap::new())),
             failed: Arc::new(Mutex::new(HashMap::new())),
+            served_by: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -368,6 +374,24 @@ impl RegistryClient {
                 .unwrap()
                 .insert(Self::host_key(ep), Instant::now() + FAILED_HOST_PENALTY);
         }
+    }
+
+    /// `digest`'s last download brought bytes that are not the blob (its
+    /// digest, or the layer they make, is wrong): the mirrors that sent them
+    /// are asked after the others for a while. True when there was such a
+    /// mirror, so that fetching again goes elsewhere; false when only the
+    /// registry itself served it.
+    pub fn distrust(&self, digest: &Digest) -> bool {
+        let Some(hosts) = self.served_by.lock().unwrap().remove(digest) else {
+            return false;
+        };
+        let until = Instant::now() + FAILED_HOST_PENALTY;
+        let mut failed = self.failed.lock().unwrap();
+        for h in &hosts {
+            tracing::warn!(blob = %digest, host = %h, "a mirror served bytes that are not this blob; asking the other hosts first");
+            failed.insert(h.clone(), until);
+        }
+        !hosts.is_empty()
     }
 
     /// Attempts per request on `ep`.
@@ -964,6 +988,13 @@ impl RegistryClient {
         // Nothing left to ask for when the prefix is the whole blob.
         while expected_size != Some(got) {
             let ep = &eps[host];
+            if ep.mirror {
+                let mut s = self.served_by.lock().unwrap();
+                let hosts = s.entry(digest.clone()).or_default();
+                if !hosts.contains(&Self::host_key(ep)) {
+                    hosts.push(Self::host_key(ep));
+                }
+            }
             let url = ep.url(&format!("blobs/{digest}"));
             let scopes = [Self::pull_scope(ep)];
             let offset = got;
@@ -1128,6 +1159,8 @@ impl RegistryClient {
                 });
             }
         }
+        // Verified: whoever served it served it right.
+        self.served_by.lock().unwrap().remove(digest);
         tracing::info!(blob = %digest, host = %eps[host].label(), bytes = got - from_offset, "blob served");
         Ok(got)
     }

@@ -147,7 +147,33 @@ impl Store {
     /// per-layer lock makes the second one wait and then find the layer done.
     /// `events` hears the extraction (where, and each entry as it lands);
     /// `progress` the bytes.
+    ///
+    /// Bytes that are not the layer (a wrong digest, or data the unpacker
+    /// refuses) fetched through a mirror get one more try, which the source
+    /// sends to the other hosts first: a broken or poisoned mirror costs a
+    /// second download, not the layer.
     pub async fn ensure_layer(
+        &self,
+        source: &dyn BlobStream,
+        layer: &LayerRef,
+        opts: &PullOptions,
+        progress: Arc<dyn PullProgress>,
+        events: Arc<dyn LayerEvents>,
+    ) -> Result<LayerRecord> {
+        let first = self
+            .ensure_layer_once(source, layer, opts, progress.clone(), events.clone())
+            .await;
+        match first {
+            Err(e) if is_bad_bytes(&e) && source.distrust(&layer.digest) => {
+                tracing::warn!(layer = %layer.digest, error = %e, "bad layer bytes from a mirror; fetching the layer again");
+                self.ensure_layer_once(source, layer, opts, progress, events)
+                    .await
+            }
+            r => r,
+        }
+    }
+
+    async fn ensure_layer_once(
         &self,
         source: &dyn BlobStream,
         layer: &LayerRef,
@@ -567,4 +593,16 @@ mod tests {
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
     }
+}
+
+/// Errors that say the bytes received were not the layer (as opposed to a
+/// connection, a disk or a lock).
+fn is_bad_bytes(e: &StoreError) -> bool {
+    use lazylayer_oci::OciError;
+    matches!(
+        e,
+        StoreError::Layer { .. }
+            | StoreError::DiffIdMismatch { .. }
+            | StoreError::Oci(OciError::DigestMismatch { .. } | OciError::SizeMismatch { .. })
+    )
 }

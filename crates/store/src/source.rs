@@ -36,6 +36,13 @@ pub trait BlobStream: Send + Sync {
         tx: mpsc::Sender<Bytes>,
         progress: &'a (dyn Fn(u64) + Send + Sync),
     ) -> BoxFuture<'a, Result<u64, OciError>>;
+
+    /// The last stream of `digest` brought bad bytes (the digest, or the
+    /// layer they make, is wrong). True when another host may serve it
+    /// right (a mirror sent them and is now asked last): worth one more try.
+    fn distrust(&self, _digest: &Digest) -> bool {
+        false
+    }
 }
 
 /// Blobs of one repository of a registry. `C` is how the client is held:
@@ -72,6 +79,10 @@ where
             tx,
             progress,
         ))
+    }
+
+    fn distrust(&self, digest: &Digest) -> bool {
+        self.client.distrust(digest)
     }
 }
 

@@ -37,6 +37,9 @@ pub struct CuttingProxy {
     /// that do not start at byte 0 get one body byte flipped: a registry (or
     /// a cache in front of it) serving wrong bytes.
     pub corrupt_ranges: Arc<Mutex<(String, usize)>>,
+    /// (blob digest, n): the next n answers for that blob, whole or ranged,
+    /// get their first body byte flipped: a mirror with a bad copy.
+    pub corrupt_blob: Arc<Mutex<(String, usize)>>,
     dead: Arc<AtomicBool>,
 }
 
@@ -98,6 +101,8 @@ impl CuttingProxy {
         let sb = slow_blob.clone();
         let corrupt_ranges = Arc::new(Mutex::new((String::new(), 0)));
         let cr_all = corrupt_ranges.clone();
+        let corrupt_blob = Arc::new(Mutex::new((String::new(), 0)));
+        let cb_all = corrupt_blob.clone();
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -122,9 +127,9 @@ impl CuttingProxy {
                     conn_rate.clone(),
                     sb.clone(),
                 );
-                let (cra, co) = (cr_all.clone(), corrupt.clone());
+                let (cra, cba, co) = (cr_all.clone(), cb_all.clone(), corrupt.clone());
                 std::thread::spawn(move || {
-                    relay_requests(c2, s2, rq, d2, sr, (ha, h2), (sb, cr), (cra, co));
+                    relay_requests(c2, s2, rq, d2, sr, (ha, h2), (sb, cr), (cra, cba, co));
                     cg.store(true, Ordering::SeqCst);
                 });
                 let state = RelayState {
@@ -154,6 +159,7 @@ impl CuttingProxy {
             hold_answers,
             slow_blob,
             corrupt_ranges,
+            corrupt_blob,
             dead: dead_handle,
         }
     }
@@ -206,6 +212,9 @@ fn close(a: &TcpStream, b: &TcpStream) {
     let _ = b.shutdown(Shutdown::Both);
 }
 
+/// (blob digest, how many more answers): a fault armed for one blob.
+type BlobFault = Arc<Mutex<(String, usize)>>;
+
 #[allow(clippy::too_many_arguments)]
 fn relay_requests(
     mut from: TcpStream,
@@ -215,7 +224,7 @@ fn relay_requests(
     strip_range: Arc<AtomicBool>,
     (hold_answers, hold): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
     (slow_blob, conn_rate): (Arc<Mutex<(String, usize)>>, Arc<AtomicUsize>),
-    (corrupt_ranges, corrupt): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
+    (corrupt_ranges, corrupt_blob, corrupt): (BlobFault, BlobFault, Arc<AtomicBool>),
 ) {
     let mut buf = vec![0u8; 16384];
     loop {
@@ -249,6 +258,13 @@ fn relay_requests(
                 && lower.contains("\r\nrange: bytes=")
                 && !lower.contains("\r\nrange: bytes=0-")
             {
+                c.1 -= 1;
+                corrupt.store(true, Ordering::SeqCst);
+            }
+        }
+        {
+            let mut c = corrupt_blob.lock().unwrap();
+            if c.1 > 0 && !c.0.is_empty() && text.contains(&format!("/blobs/{}", c.0)) {
                 c.1 -= 1;
                 corrupt.store(true, Ordering::SeqCst);
             }
