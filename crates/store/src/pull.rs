@@ -548,6 +548,18 @@ fn extract_stream(
     Ok((diff_id, stats.entries, stats.file_bytes))
 }
 
+/// Errors that say the bytes received were not the layer (as opposed to a
+/// connection, a disk or a lock).
+fn is_bad_bytes(e: &StoreError) -> bool {
+    use lazylayer_oci::OciError;
+    matches!(
+        e,
+        StoreError::Layer { .. }
+            | StoreError::DiffIdMismatch { .. }
+            | StoreError::Oci(OciError::DigestMismatch { .. } | OciError::SizeMismatch { .. })
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,16 +605,4 @@ mod tests {
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
     }
-}
-
-/// Errors that say the bytes received were not the layer (as opposed to a
-/// connection, a disk or a lock).
-fn is_bad_bytes(e: &StoreError) -> bool {
-    use lazylayer_oci::OciError;
-    matches!(
-        e,
-        StoreError::Layer { .. }
-            | StoreError::DiffIdMismatch { .. }
-            | StoreError::Oci(OciError::DigestMismatch { .. } | OciError::SizeMismatch { .. })
-    )
 }
