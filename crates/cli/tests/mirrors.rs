@@ -58,6 +58,21 @@ fn with_hosts(root: &Path, hosts_dir: &Path, conf: &Path, args: &[&str]) -> std:
     lazylayer(root, &a)
 }
 
+/// An upstream registry holding busybox, and the image's reference there.
+fn busybox_upstream() -> (Registry, String) {
+    let upstream = Registry::start();
+    push_images(&upstream, &["busybox"]);
+    let src = image_ref(&upstream, "busybox");
+    (upstream, src)
+}
+
+/// Whether lazylayer itself asked `reg` for the blob `digest`.
+fn asked_for(reg: &Registry, digest: &str) -> bool {
+    from_lazylayer(reg)
+        .iter()
+        .any(|l| l.contains(&format!("/blobs/{digest}")))
+}
+
 fn ok(out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
@@ -299,9 +314,7 @@ fn blocked_registry_is_refused() {
 /// is still checked over the whole.
 #[test]
 fn a_mirror_dying_mid_blob_resumes_on_the_upstream() {
-    let upstream = Registry::start();
-    push_images(&upstream, &["busybox"]);
-    let src = image_ref(&upstream, "busybox");
+    let (upstream, src) = busybox_upstream();
     // The "mirror" relays the upstream itself and dies after 400 kB: in the
     // middle of busybox's 1 MB layer.
     let mirror = proxy::CuttingProxy::start(upstream.port, 400_000, proxy::AfterCut::Die);
@@ -343,9 +356,7 @@ fn a_mirror_dying_mid_blob_resumes_on_the_upstream() {
         .unwrap_or_else(|| panic!("no offset in {resumed}"));
     assert!(at > 0, "resumed after the bytes the mirror sent: {resumed}");
     assert!(
-        from_lazylayer(&upstream)
-            .iter()
-            .any(|l| l.contains(&format!("/blobs/{layer}"))),
+        asked_for(&upstream, &layer),
         "the rest came from the upstream"
     );
 }
@@ -356,9 +367,7 @@ fn a_mirror_dying_mid_blob_resumes_on_the_upstream() {
 /// right bytes. Mirrors named in the configuration file.
 #[test]
 fn a_mirror_serving_a_bad_layer_is_passed_over_for_the_upstream() {
-    let upstream = Registry::start();
-    push_images(&upstream, &["busybox"]);
-    let src = image_ref(&upstream, "busybox");
+    let (upstream, src) = busybox_upstream();
     let probe = tempfile::tempdir().unwrap();
     let (_, layers) = layer_digests(probe.path(), &src);
     let layer = layers[0].clone();
@@ -396,9 +405,7 @@ fn a_mirror_serving_a_bad_layer_is_passed_over_for_the_upstream() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad layer bytes from a mirror"), "{stderr}");
     assert!(
-        from_lazylayer(&upstream)
-            .iter()
-            .any(|l| l.contains(&format!("/blobs/{layer}"))),
+        asked_for(&upstream, &layer),
         "the layer came again from the upstream"
     );
     // What the store keeps is the layer itself.
