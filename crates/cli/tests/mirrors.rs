@@ -356,7 +356,7 @@ fn a_mirror_dying_mid_blob_resumes_on_the_upstream() {
         .unwrap_or_else(|| panic!("no offset in {resumed}"));
     assert!(at > 0, "resumed after the bytes the mirror sent: {resumed}");
     assert!(
-        asked_for(&upstream, &layer),
+        asked_for(&upstream, layer),
         "the rest came from the upstream"
     );
 }
