@@ -32,6 +32,7 @@ use lazylayer_store::{LayerRef, LocalBlob, NoEvents, NoProgress, PullOptions, St
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::tasks::Tasks;
 use crate::FetchError;
 
 /// Largest index region accepted (compressed and decompressed): far above
@@ -93,11 +94,9 @@ struct Inner {
     rt: tokio::runtime::Handle,
     fetched: AtomicU64,
     slots: Arc<Semaphore>,
-    /// Set by [`BootChunks::stop_background`]: no background fetch starts.
-    stopped: std::sync::atomic::AtomicBool,
-    /// The start-list and prefetch tasks and their range GETs, to abort
-    /// when the image's last user goes (readers' own GETs are not here).
-    background: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The start-list and prefetch tasks and their range GETs, stopped when
+    /// the image's last user goes (readers' own GETs are not here).
+    background: Tasks,
 }
 
 /// The content of a chunked boot layer, fetched by ranges. Cheap to clone.
@@ -303,8 +302,7 @@ impl BootChunks {
                     0
                 }),
                 slots: Arc::new(Semaphore::new(IN_FLIGHT)),
-                stopped: std::sync::atomic::AtomicBool::new(false),
-                background: Mutex::new(Vec::new()),
+                background: Tasks::default(),
             }),
         };
         {
@@ -340,13 +338,7 @@ impl BootChunks {
 
     /// Remember a background task for [`BootChunks::stop_background`].
     fn track(&self, t: tokio::task::JoinHandle<()>) {
-        let mut bg = self.inner.background.lock().unwrap();
-        bg.retain(|t| !t.is_finished());
-        bg.push(t.abort_handle());
-        // Stopped meanwhile: stop_background may have run before the push.
-        if self.inner.stopped.load(Ordering::SeqCst) {
-            t.abort();
-        }
+        self.inner.background.track(t);
     }
 
     /// The image's last user is gone: stop fetching the start list and the
@@ -354,14 +346,9 @@ impl BootChunks {
     /// are absent again; what arrived stays for the next start). A reader's
     /// own fetch finishes. [`BootChunks::resume_background`] undoes it.
     pub fn stop_background(&self) {
-        if self.inner.stopped.swap(true, Ordering::SeqCst) {
+        let Some(running) = self.inner.background.stop() else {
             return;
-        }
-        let bg = std::mem::take(&mut *self.inner.background.lock().unwrap());
-        let running = bg.iter().filter(|t| !t.is_finished()).count();
-        for t in bg {
-            t.abort();
-        }
+        };
         let mut s = self.inner.state.lock().unwrap();
         s.rest_started = false;
         for c in s.chunks.iter_mut() {
@@ -377,19 +364,12 @@ impl BootChunks {
     /// A new user of an image whose background fetches were stopped: fetch
     /// the start list again (the rest follows with [`BootChunks::start_rest`]).
     pub fn resume_background(&self) {
-        if !self.inner.stopped.swap(false, Ordering::SeqCst) {
+        if !self.inner.background.restart() {
             return;
         }
         let me = self.clone();
         let t = self.inner.rt.spawn(async move { me.fetch_start().await });
         self.track(t);
-    }
-
-    /// Background fetch tasks (start list, prefetch, their range GETs) not
-    /// finished yet.
-    pub fn background_running(&self) -> usize {
-        let bg = self.inner.background.lock().unwrap();
-        bg.iter().filter(|t| !t.is_finished()).count()
     }
 
     /// The content for entry `idx` (an in-boot regular file), if it has any.
@@ -440,7 +420,7 @@ impl BootChunks {
             }
             s.rest_started = true;
         }
-        if self.inner.stopped.load(Ordering::SeqCst) {
+        if self.inner.background.stopped() {
             self.inner.state.lock().unwrap().rest_started = false;
             return;
         }
@@ -474,7 +454,7 @@ impl BootChunks {
             let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
                 return;
             };
-            if self.inner.stopped.load(Ordering::SeqCst) {
+            if self.inner.background.stopped() {
                 return;
             }
             // The run: list[i], list[i]+1, ... while they follow in the list

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::bandwidth::{Bandwidth, Throttled};
+use crate::tasks::Tasks;
 
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
@@ -94,10 +95,9 @@ struct Inner {
     /// are not paced by the prefetch's bandwidth limit).
     urgent: Vec<Arc<AtomicBool>>,
     rt: tokio::runtime::Handle,
-    /// Set by [`LayerFetcher::cancel`]: no fetch starts any more.
-    cancelled: AtomicBool,
-    /// The fetch and prefetch tasks spawned, to abort them on cancel.
-    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The fetch and prefetch tasks; stopped by [`LayerFetcher::cancel`],
+    /// after which no fetch starts any more.
+    tasks: Tasks,
 }
 
 /// Shares fetch state between FUSE threads (blocking) and fetch tasks (async).
@@ -192,8 +192,7 @@ impl LayerFetcher {
                 fetched,
                 urgent,
                 rt,
-                cancelled: AtomicBool::new(false),
-                tasks: Mutex::new(Vec::new()),
+                tasks: Tasks::default(),
             }),
         }
     }
@@ -219,7 +218,7 @@ impl LayerFetcher {
     /// Start layer `i`'s fetch unless it is fetching or done; `permit` (a
     /// prefetch slot) is held until the fetch ends, or dropped at once.
     fn start(&self, i: usize, on_demand: bool, permit: Option<OwnedSemaphorePermit>) {
-        if self.inner.cancelled.load(Ordering::SeqCst) {
+        if self.inner.tasks.stopped() {
             return;
         }
         let layer = {
@@ -239,16 +238,9 @@ impl LayerFetcher {
         }));
     }
 
-    /// Remember a spawned task for [`LayerFetcher::cancel`] (finished ones
-    /// are forgotten on the way).
+    /// Remember a spawned task for [`LayerFetcher::cancel`].
     fn track(&self, task: tokio::task::JoinHandle<()>) {
-        let mut tasks = self.inner.tasks.lock().unwrap();
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task.abort_handle());
-        // Cancelled meanwhile: cancel() may have run before the push.
-        if self.inner.cancelled.load(Ordering::SeqCst) {
-            task.abort();
-        }
+        self.inner.tasks.track(task);
     }
 
     /// Stop every fetch and the prefetch: the image's user is gone (its
@@ -258,18 +250,11 @@ impl LayerFetcher {
     /// resumes from. Readers still waiting get an error at once. Idempotent;
     /// [`LazyRoot`](crate::LazyRoot) calls it when dropped.
     pub fn cancel(&self) {
-        if self.inner.cancelled.swap(true, Ordering::SeqCst) {
+        let Some(running) = self.inner.tasks.stop() else {
             return;
-        }
+        };
         // No prefetch waits for a slot any more.
         self.inner.prefetch_slots.close();
-        // Aborted but kept: tasks_running() tells when they are gone.
-        let tasks = self.inner.tasks.lock().unwrap();
-        let running = tasks.iter().filter(|t| !t.is_finished()).count();
-        for t in tasks.iter() {
-            t.abort();
-        }
-        drop(tasks);
         let mut s = self.inner.slots.lock().unwrap();
         for slot in s.iter_mut() {
             if matches!(slot.state, LayerState::Pending | LayerState::Fetching) {
@@ -284,8 +269,7 @@ impl LayerFetcher {
     /// Fetch and prefetch tasks not finished yet (after
     /// [`LayerFetcher::cancel`], the ones still unwinding).
     pub fn tasks_running(&self) -> usize {
-        let tasks = self.inner.tasks.lock().unwrap();
-        tasks.iter().filter(|t| !t.is_finished()).count()
+        self.inner.tasks.running()
     }
 
     /// Fetch every pending layer in the background, `prefetch_concurrency`
@@ -310,7 +294,7 @@ impl LayerFetcher {
         let me = self.clone();
         self.track(self.inner.rt.spawn(async move {
             wait_until_idle(activity, quiet, max_wait).await;
-            if !me.inner.cancelled.load(Ordering::SeqCst) {
+            if !me.inner.tasks.stopped() {
                 also();
             }
             me.prefetch_all().await
@@ -320,7 +304,7 @@ impl LayerFetcher {
     async fn prefetch_all(&self) {
         let n = self.inner.slots.lock().unwrap().len();
         for i in 0..n {
-            if self.inner.cancelled.load(Ordering::SeqCst) {
+            if self.inner.tasks.stopped() {
                 return;
             }
             let pending = self.inner.slots.lock().unwrap()[i].state == LayerState::Pending;
@@ -620,7 +604,7 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
             s[i].extracting_in = None;
         }
         // Cancelled while it ended: cancel() has set the state already.
-        Err(e) if inner.cancelled.load(Ordering::SeqCst) => {
+        Err(e) if inner.tasks.stopped() => {
             tracing::debug!(layer = %layer.digest, error = %error_chain(&e), "cancelled layer fetch ended");
         }
         Err(e) => {

@@ -22,6 +22,7 @@ mod lazy;
 mod local;
 mod root;
 mod span;
+mod tasks;
 
 pub use bandwidth::Bandwidth;
 pub use boot::{reap_chunk_caches, BootChunks};
