@@ -35,8 +35,6 @@ pub struct LazyRoot {
     store: Store,
     fetcher: LayerFetcher,
     mount: Option<FsMount>,
-    /// Counts this root in the process's metrics while it is mounted here.
-    counted: Option<lazylayer_metrics::MountedRoot>,
     saved: Arc<AtomicBool>,
     /// Records the image when its last layer lands (aborted on drop).
     recorder: Option<tokio::task::AbortHandle>,
@@ -95,7 +93,6 @@ impl LazyRoot {
             store: store.clone(),
             fetcher,
             mount: None,
-            counted: None,
             saved: Arc::new(AtomicBool::new(false)),
             recorder: None,
             prefetch_gate: None,
@@ -182,7 +179,6 @@ impl LazyRoot {
             );
         }
         self.mount = Some(m);
-        self.counted = Some(lazylayer_metrics::MountedRoot::start());
         self.recorder = Some(self.spawn_recorder());
         Ok(())
     }
@@ -228,7 +224,6 @@ impl LazyRoot {
         if let Some(m) = self.mount.take() {
             m.leave();
         }
-        self.counted = None;
     }
 
     /// Opens and reads of this root waiting for content now.

@@ -20,6 +20,8 @@ pub struct FsMount {
     /// The connection, kept for a holder ([`FsMount::handover_fds`]).
     device: OwnedFd,
     table: Arc<OpenTable>,
+    /// Counted in the process's metrics while served here.
+    _counted: lazylayer_metrics::MountedRoot,
 }
 
 /// `FUSE_NOTIFY_RESEND` (Linux 6.9): the kernel queues again every request
@@ -98,6 +100,7 @@ impl FsMount {
                 stats,
                 device,
                 table,
+                _counted: lazylayer_metrics::MountedRoot::start(),
             }),
             Err(e) => {
                 let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
@@ -153,6 +156,7 @@ impl FsMount {
             stats,
             device,
             table,
+            _counted: lazylayer_metrics::MountedRoot::start(),
         })
     }
 
