@@ -200,19 +200,23 @@ impl GlobalArgs {
         }
     }
 
-    /// Whether to prefetch in the background (a command's own flag wins).
-    pub fn prefetch(&self, flag: Option<&str>) -> bool {
-        match flag {
+    /// How lazy roots serve: background prefetch and FUSE passthrough, from
+    /// a command's own `on`/`off` flags, else the configuration.
+    pub fn mount_options(
+        &self,
+        prefetch_flag: Option<&str>,
+        passthrough_flag: Option<&str>,
+    ) -> lazylayer_fetch::MountOptions {
+        let on = |flag: Option<&str>, configured: Option<bool>| match flag {
             Some(v) => v == "on",
-            None => self.config.fetch.prefetch.expect("defaulted"),
-        }
-    }
-
-    /// Whether lazy roots use FUSE passthrough (a command's own flag wins).
-    pub fn passthrough(&self, flag: Option<&str>) -> bool {
-        match flag {
-            Some(v) => v == "on",
-            None => self.config.fs.passthrough.expect("defaulted"),
+            None => configured.expect("defaulted"),
+        };
+        lazylayer_fetch::MountOptions {
+            fs: lazylayer_fs::FsOptions {
+                passthrough: on(passthrough_flag, self.config.fs.passthrough),
+                ..lazylayer_fs::FsOptions::default()
+            },
+            prefetch: on(prefetch_flag, self.config.fetch.prefetch),
         }
     }
 

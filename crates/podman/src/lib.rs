@@ -53,11 +53,10 @@ pub struct StoreOptions {
     /// The additional layer store directory Podman is configured with.
     pub dir: PathBuf,
     pub fetch: FetchOptions,
-    /// Fetch the remaining layers in the background once a start has
-    /// settled (a container's first reads, or 2 s after the mount).
-    pub prefetch: bool,
-    /// How lazy roots serve (passthrough).
-    pub fs: lazylayer_fs::FsOptions,
+    /// How lazy roots serve: the background prefetch once a start has
+    /// settled (a container's first reads, or 2 s after the mount), FUSE
+    /// passthrough.
+    pub mount: MountOptions,
     /// Keeps each lazy root's FUSE connection while no store serves it (a
     /// crash, a restart, an upgrade); None: roots die with the process.
     pub holder: Option<Holder>,
@@ -210,12 +209,13 @@ impl LayerStore {
                     })
                 }
             };
-            // Prefetch once the start has settled, as `run` and the snapshotter do.
-            let mount = MountOptions {
-                prefetch: opts.prefetch,
-                fs: opts.fs.clone(),
-            };
-            let s = lay_out(root, &opts.dir, &work, mount, opts.holder.clone())?;
+            let s = lay_out(
+                root,
+                &opts.dir,
+                &work,
+                opts.mount.clone(),
+                opts.holder.clone(),
+            )?;
             hold(&s, opts.holder.as_ref());
             served.push(s);
         }
@@ -317,11 +317,7 @@ async fn take_over(
         Err(OpenError::NoBootLayer(r)) => return Err(format!("{r} has no boot layer")),
         Err(OpenError::Failed(e)) => return Err(error_chain(&e)),
     };
-    let mount = MountOptions {
-        prefetch: opts.prefetch,
-        fs: opts.fs.clone(),
-    };
-    root.resume(target, mount, device, table)
+    root.resume(target, opts.mount.clone(), device, table)
         .map_err(|e| error_chain(&e))?;
     let top = root
         .layers()

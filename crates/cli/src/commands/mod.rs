@@ -73,15 +73,16 @@ pub fn reap_orphans(root: &Path) -> Vec<Reaped> {
 }
 
 /// Start the Prometheus endpoint of a long-lived server when `flag` or the
-/// configuration names an address; the store's size is measured per scrape.
+/// configuration names an address; `store`'s size is measured per scrape.
 pub async fn serve_metrics(
     g: &crate::context::GlobalArgs,
+    store: &lazylayer_store::Store,
     flag: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     let Some(addr) = flag.or(g.config.metrics.address) else {
         return Ok(());
     };
-    let store = g.store()?;
+    let store = store.clone();
     let bound = crate::metrics::serve(addr, move || {
         lazylayer_metrics::store_usage(store.usage_bytes(), store.size_limit());
     })

@@ -2,8 +2,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lazylayer_fetch::{FetchOptions, MountOptions};
-use lazylayer_fs::FsOptions;
+use lazylayer_fetch::FetchOptions;
 use lazylayer_run::{run_container, RunOptions};
 use lazylayer_runtime::{ForwardedSignals, NetworkMode};
 use lazylayer_store::PullOptions;
@@ -114,13 +113,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
             },
             ..g.fetch_options(a.fetch_timeout)?
         },
-        mount: MountOptions {
-            fs: FsOptions {
-                passthrough: g.passthrough(a.passthrough.as_deref()),
-                ..FsOptions::default()
-            },
-            prefetch: g.prefetch(a.prefetch.as_deref()),
-        },
+        mount: g.mount_options(a.prefetch.as_deref(), a.passthrough.as_deref()),
         args: (!a.command.is_empty()).then(|| a.command.clone()),
         env: a.env.clone(),
         network,

@@ -3,8 +3,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use lazylayer_containerd::{grpc, Images, Snapshotter};
-use lazylayer_fetch::MountOptions;
-use lazylayer_fs::FsOptions;
 
 use crate::context::GlobalArgs;
 
@@ -39,20 +37,12 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     // Lazy roots outlive this process: their FUSE connections are kept by a
     // holder, and a restart takes them over before it serves.
     let holder = super::holder::client(&dir.join("holder.sock"))?;
-    let images = Images::new(store, client).with_options(
-        g.fetch_options(None)?,
-        MountOptions {
-            fs: FsOptions {
-                passthrough: g.passthrough(None),
-                ..FsOptions::default()
-            },
-            prefetch: g.prefetch(None),
-        },
-    );
+    let images = Images::new(store.clone(), client)
+        .with_options(g.fetch_options(None)?, g.mount_options(None, None));
     let sn = Snapshotter::open(&dir, Some(images))
         .with_context(|| format!("opening the snapshotter state in {}", dir.display()))?
         .with_holder(holder);
-    super::serve_metrics(g, a.metrics_address).await?;
+    super::serve_metrics(g, &store, a.metrics_address).await?;
     let n = sn.recover().await;
     if n > 0 {
         eprintln!("took over {n} lazy root(s) left mounted by the previous snapshotter");

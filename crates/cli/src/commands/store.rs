@@ -57,15 +57,11 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let opts = StoreOptions {
         dir: a.dir.clone(),
         fetch: g.fetch_options(a.fetch_timeout)?,
-        prefetch: g.prefetch(a.prefetch.as_deref()),
-        fs: lazylayer_fs::FsOptions {
-            passthrough: g.passthrough(None),
-            ..lazylayer_fs::FsOptions::default()
-        },
+        mount: g.mount_options(a.prefetch.as_deref(), None),
         holder: Some(holder),
     };
     let client = Arc::new(g.client()?);
-    super::serve_metrics(g, a.metrics_address).await?;
+    super::serve_metrics(g, &store, a.metrics_address).await?;
     let served = LayerStore::serve(&store, client, &images, &opts)
         .await
         .with_context(|| format!("serving images in {}", a.dir.display()))?;
