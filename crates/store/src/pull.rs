@@ -103,10 +103,18 @@ impl Store {
                 config_digest,
                 layers,
             } = crate::resolve_layers(client, reference, &opts.platform).await?;
-            let mut digests = vec![image.manifest.digest.clone(), config_digest.clone()];
-            digests.extend(image.index.as_ref().map(|i| i.digest.clone()));
-            digests.extend(layers.iter().map(|l| l.digest.clone()));
-            let pin = self.pin_guard(pin_name, &digests)?;
+            let mut rec = ImageRecord {
+                reference: crate::reference_key(reference),
+                manifest_digest: image.manifest.digest.clone(),
+                manifest_media_type: image.manifest.media_type.clone(),
+                index_digest: image.index.as_ref().map(|i| i.digest.clone()),
+                config_digest: config_digest.clone(),
+                layers,
+                platform: opts.platform.to_string(),
+                // Set when every layer is in.
+                pulled_at: 0,
+            };
+            let pin = self.pin_guard(pin_name, &rec.digests())?;
             progress.image_resolved(&image);
             if let Some(idx) = &image.index {
                 self.put_blob_bytes(&idx.digest, &idx.bytes)?;
@@ -116,7 +124,7 @@ impl Store {
 
             let blobs = RegistryBlobs::new(client, reference.repository.clone());
             let events: Arc<dyn LayerEvents> = Arc::new(NoEvents);
-            let results: Vec<Result<LayerRecord>> = futures_util::stream::iter(layers.iter())
+            let results: Vec<Result<LayerRecord>> = futures_util::stream::iter(rec.layers.iter())
                 .map(|l| self.ensure_layer(&blobs, l, opts, progress.clone(), events.clone()))
                 .buffer_unordered(opts.concurrency.max(1))
                 .collect()
@@ -124,16 +132,7 @@ impl Store {
             for r in results {
                 r?;
             }
-            let rec = ImageRecord {
-                reference: crate::reference_key(reference),
-                manifest_digest: image.manifest.digest.clone(),
-                manifest_media_type: image.manifest.media_type.clone(),
-                index_digest: image.index.as_ref().map(|i| i.digest.clone()),
-                config_digest,
-                layers,
-                platform: opts.platform.to_string(),
-                pulled_at: unix_now(),
-            };
+            rec.pulled_at = unix_now();
             self.save_image(&rec)?;
             info!(manifest = %rec.manifest_digest, "pulled");
             Ok((rec, pin))
