@@ -177,7 +177,7 @@ impl Snapshots {
             db.snapshots
                 .values()
                 .flat_map(|s| s.image_lowers.iter())
-                .filter_map(|p| store_layer_digest(p)),
+                .filter_map(|p| lazylayer_store::layer_digest_of_fs_path(p)),
         );
         v.sort();
         v.dedup();
@@ -1018,33 +1018,5 @@ mod tests {
         assert_eq!(s.cleanup().unwrap(), 1);
         assert!(!t.path().join("snapshots/999").exists());
         assert!(t.path().join("snapshots/1/fs").exists());
-    }
-}
-
-/// `sha256:<hex>` of a store layer directory `.../layers/sha256/<hex>/fs`
-/// (None for any other path, like the index whiteout's directory).
-fn store_layer_digest(p: &Path) -> Option<String> {
-    let hex_dir = p.parent()?;
-    let alg = hex_dir.parent()?;
-    (alg.parent()?.file_name()? == "layers").then_some(())?;
-    let hex = hex_dir.file_name()?.to_str()?;
-    let alg = alg.file_name()?.to_str()?;
-    (hex.chars().all(|c| c.is_ascii_hexdigit()) && !hex.is_empty()).then(|| format!("{alg}:{hex}"))
-}
-
-#[cfg(test)]
-mod store_layer_digest_tests {
-    use super::*;
-
-    #[test]
-    fn store_layer_paths_name_their_digest() {
-        let hex = "ab".repeat(32);
-        let p = PathBuf::from(format!("/var/lib/lazylayer/layers/sha256/{hex}/fs"));
-        assert_eq!(store_layer_digest(&p), Some(format!("sha256:{hex}")));
-        assert_eq!(
-            store_layer_digest(Path::new("/var/lib/lazylayer/snapshotter/hide")),
-            None
-        );
-        assert_eq!(store_layer_digest(Path::new("/fs")), None);
     }
 }

@@ -426,6 +426,18 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The inverse of [`Store::layer_fs_path`]: `sha256:<hex>` of a store layer
+/// directory `.../layers/sha256/<hex>/fs` (None for any other path), for
+/// callers that hold layer paths (overlay lowerdirs) rather than digests.
+pub fn layer_digest_of_fs_path(p: &Path) -> Option<String> {
+    let hex_dir = p.parent()?;
+    let alg = hex_dir.parent()?;
+    (alg.parent()?.file_name()? == "layers").then_some(())?;
+    let hex = hex_dir.file_name()?.to_str()?;
+    let alg = alg.file_name()?.to_str()?;
+    (hex.chars().all(|c| c.is_ascii_hexdigit()) && !hex.is_empty()).then(|| format!("{alg}:{hex}"))
+}
+
 /// The key an image is filed under: the reference as the user wrote it, normalised.
 pub fn reference_key(r: &Reference) -> String {
     r.to_string()
@@ -442,5 +454,30 @@ fn read_dir_or_empty(p: &Path) -> Result<Vec<std::fs::DirEntry>> {
             path: p.to_path_buf(),
             source: e,
         }),
+    }
+}
+
+#[cfg(test)]
+mod layer_path_tests {
+    use super::*;
+
+    #[test]
+    fn store_layer_paths_name_their_digest() {
+        let hex = "ab".repeat(32);
+        let p = PathBuf::from(format!("/var/lib/lazylayer/layers/sha256/{hex}/fs"));
+        assert_eq!(layer_digest_of_fs_path(&p), Some(format!("sha256:{hex}")));
+        assert_eq!(
+            layer_digest_of_fs_path(Path::new("/var/lib/lazylayer/snapshotter/hide")),
+            None
+        );
+        assert_eq!(layer_digest_of_fs_path(Path::new("/fs")), None);
+        // What layer_fs_path gives reads back.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d: Digest = format!("sha256:{hex}").parse().unwrap();
+        assert_eq!(
+            layer_digest_of_fs_path(&store.layer_fs_path(&d)),
+            Some(d.to_string())
+        );
     }
 }
