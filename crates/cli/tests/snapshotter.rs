@@ -304,6 +304,26 @@ fn plain_image_pull_run_snapshot_commands_and_restart() {
     drop(cd);
 }
 
+/// The optimized python3 image in a registry, reached through a relaying
+/// proxy (to slow or count its blobs): the registry, the optimizing store,
+/// the optimized image's layer digests, the proxy, and the image's
+/// reference through the proxy.
+fn optimized_python3_behind_a_proxy() -> (
+    Registry,
+    tempfile::TempDir,
+    Vec<String>,
+    lazylayer_testsupport::proxy::CuttingProxy,
+    String,
+) {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, layers) = layer_digests(opt_root.path(), &dst);
+    let proxy = lazylayer_testsupport::proxy::CuttingProxy::relay(reg.port);
+    let via = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
+    (reg, opt_root, layers, proxy, via)
+}
+
 /// The remote path through the snapshotter's own gRPC API, as containerd's
 /// metadata layer drives it when the CRI labels are present: every layer of
 /// an optimized image is claimed (AlreadyExists, committed, no directory),
@@ -861,15 +881,10 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
     if cannot_run() {
         return;
     }
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
-    let (_, layers) = layer_digests(opt_root.path(), &dst);
+    let (_reg, opt_root, layers, proxy, via) = optimized_python3_behind_a_proxy();
     // The base layer (and its ranges) at 1 MB/s: it is still streaming
     // when the snapshotter goes.
-    let proxy = lazylayer_testsupport::proxy::CuttingProxy::relay(reg.port);
     *proxy.slow_blob.lock().unwrap() = (layers[0].clone(), 1_000_000);
-    let via = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
     let base_fs = stored_layer(opt_root.path(), &layers[0]).join("fs");
     let files = files_to_read(&base_fs);
     assert!(files.len() > 30, "{} files", files.len());
@@ -1134,12 +1149,7 @@ fn prefetch_stops_when_the_last_container_of_an_image_ends() {
     if cannot_run() {
         return;
     }
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
-    let (_, layers) = layer_digests(opt_root.path(), &dst);
-    let proxy = lazylayer_testsupport::proxy::CuttingProxy::relay(reg.port);
-    let via = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
+    let (_reg, _opt_root, layers, proxy, via) = optimized_python3_behind_a_proxy();
     let (root, sn, cd) = snapshotter_with_image(&via, &[]);
     let _leftovers = StoreLeftovers(root.path().to_path_buf());
     proxy
