@@ -1210,3 +1210,251 @@ fn prefetch_stops_when_the_last_container_of_an_image_ends() {
         "the image was not completed"
     );
 }
+
+/// One `ctr run --rm` of a load test: which image, how long until it
+/// returned, and what it returned.
+struct LoadRun {
+    image: String,
+    id: String,
+    elapsed: Duration,
+    out: Output,
+}
+
+/// Start `per_image` containers of each image at once (`ctr run --rm`, the
+/// image's own command) and wait for every one, at most `bound`.
+fn start_at_once(cd: &Containerd, images: &[&str], per_image: usize, tag: &str) -> Vec<LoadRun> {
+    let bound = Duration::from_secs(180);
+    let t0 = Instant::now();
+    let mut children = Vec::new();
+    for (n, image) in images.iter().enumerate() {
+        for k in 0..per_image {
+            let id = format!("{tag}-{n}-{k}");
+            let child = cd
+                .ctr()
+                .args(["run", "--rm", "--snapshotter", "lazylayer", image, &id])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            children.push((image.to_string(), id, KillOnDrop(child)));
+        }
+    }
+    // Each child is waited for on a thread of its own, so every elapsed
+    // time is its own and not the order of the waits.
+    let waiters: Vec<_> = children
+        .into_iter()
+        .map(|(image, id, mut child)| {
+            std::thread::spawn(move || {
+                let deadline = t0 + bound;
+                loop {
+                    if let Some(_status) = child.0.try_wait().unwrap() {
+                        let elapsed = t0.elapsed();
+                        let out = take_output(&mut child.0);
+                        return Some(LoadRun {
+                            image,
+                            id,
+                            elapsed,
+                            out,
+                        });
+                    }
+                    if Instant::now() > deadline {
+                        eprintln!("{id} ({image}) still running after {bound:?}");
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    let runs: Vec<Option<LoadRun>> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(
+        runs.iter().all(Option::is_some),
+        "containers hung for {bound:?} (killed)"
+    );
+    runs.into_iter().flatten().collect()
+}
+
+/// The output of an exited child whose stdout and stderr were piped.
+fn take_output(child: &mut Child) -> Output {
+    use std::io::Read;
+    let status = child.wait().unwrap();
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_end(&mut stdout).unwrap();
+    }
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_end(&mut stderr).unwrap();
+    }
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// When the last of `image`'s containers returned (the time to start and
+/// run them all), and that each succeeded.
+fn makespan_of(runs: &[LoadRun], image: &str) -> Duration {
+    let mine: Vec<&LoadRun> = runs.iter().filter(|r| r.image == image).collect();
+    assert!(!mine.is_empty(), "no container of {image}");
+    for r in &mine {
+        assert!(
+            r.out.status.success(),
+            "{} ({image}) failed: {}",
+            r.id,
+            String::from_utf8_lossy(&r.out.stderr)
+        );
+    }
+    mine.iter().map(|r| r.elapsed).max().unwrap()
+}
+
+/// Threads, descriptors and resident kB of a process.
+fn process_figures(pid: u32) -> (usize, usize, u64) {
+    (thread_count(pid), fd_count(pid), vm_rss_kb(pid))
+}
+
+/// A node under load: one snapshotter and containerd start 30 containers
+/// of 3 optimized images from 2 registries at once, while the second
+/// registry is stalled (SIGSTOP) for the first 20 s. Each phase follows a
+/// snapshotter restart (prefetch off), so every image is opened from its
+/// registry again, as on a node that just came up. The healthy registry's
+/// images start within 1.5x of their time alone (the same 20 containers
+/// with no stalled image beside them); the stalled image's containers start
+/// once the registry resumes, or fail with an error naming the image; the
+/// snapshotter's threads, descriptors and memory come back to their idle
+/// level, and nothing stays mounted.
+#[test]
+fn load_thirty_containers_from_two_registries_one_stalled() {
+    if cannot_run() {
+        return;
+    }
+    const PER_IMAGE: usize = 10;
+    const STALL: Duration = Duration::from_secs(20);
+    let healthy = Registry::start();
+    let slow = Registry::start();
+    push_images(&healthy, &["busybox", "multilayer"]);
+    push_images(&slow, &["minbase"]);
+    let (_o1, _, busybox) = optimize_image(&healthy, "busybox", &[]);
+    let (_o2, _, multilayer) = optimize_image(&healthy, "multilayer", &[]);
+    let (_o3, _, minbase) = optimize_image(&slow, "minbase", &[]);
+
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("config.toml");
+    // No prefetch: no image becomes local, so each phase opens all of them
+    // from their registries.
+    std::fs::write(&cfg, "[fetch]\nprefetch = false\n").unwrap();
+    let mut sn =
+        Snapshotterd::start_with_env(root.path(), &[("LAZYLAYER_CONFIG", cfg.to_str().unwrap())]);
+    let cd = Containerd::start_with(&sn.proxy_toml());
+    let sock = cd.socket();
+    for image in [&busybox, &multilayer, &minbase] {
+        lazylayer_ok(
+            root.path(),
+            &[
+                "containerd",
+                "pull",
+                "--address",
+                sock.to_str().unwrap(),
+                image,
+            ],
+        );
+    }
+    let wait_unmounted = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !mounts_below(root.path()).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "still mounted {what}: {:?}",
+                mounts_below(root.path())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // Alone: the healthy registry's 20 containers.
+    sn.restart();
+    ctr_retry(&cd, &["snapshots", "--snapshotter", "lazylayer", "ls"]);
+    let alone = start_at_once(&cd, &[&busybox, &multilayer], PER_IMAGE, "alone");
+    let alone_spans = [
+        makespan_of(&alone, &busybox),
+        makespan_of(&alone, &multilayer),
+    ];
+    wait_unmounted("after the healthy containers alone");
+
+    // Loaded: all 30, the second registry stopped for the first 20 s.
+    sn.restart();
+    ctr_retry(&cd, &["snapshots", "--snapshotter", "lazylayer", "ls"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = process_figures(sn.pid());
+    let slow_pid = slow.pid();
+    send_signal(slow_pid, rustix::process::Signal::STOP);
+    let resumer = std::thread::spawn(move || {
+        std::thread::sleep(STALL);
+        send_signal(slow_pid, rustix::process::Signal::CONT);
+    });
+    let loaded = start_at_once(&cd, &[&busybox, &multilayer, &minbase], PER_IMAGE, "load");
+    let resumed_after = STALL.saturating_sub(Duration::from_secs(1));
+    resumer.join().unwrap();
+    let loaded_spans = [
+        makespan_of(&loaded, &busybox),
+        makespan_of(&loaded, &multilayer),
+    ];
+
+    // The stalled image: started after the registry came back, or a clear
+    // error naming it; never a hang (start_at_once bounds the wait).
+    let mut started = 0;
+    for r in loaded.iter().filter(|r| r.image == minbase) {
+        if r.out.status.success() {
+            assert!(
+                r.elapsed >= resumed_after,
+                "{} of the stalled image returned after {:?}, before its registry resumed",
+                r.id,
+                r.elapsed
+            );
+            started += 1;
+        } else {
+            let err = String::from_utf8_lossy(&r.out.stderr);
+            assert!(
+                err.contains("minbase") || err.contains(&slow.addr()),
+                "{}: an error that does not name the image or its registry: {err}",
+                r.id
+            );
+        }
+    }
+    eprintln!(
+        "load: healthy images alone {alone_spans:?}, beside a stalled registry {loaded_spans:?}; \
+         stalled image: {started}/{PER_IMAGE} started after the registry resumed"
+    );
+    for (a, l) in alone_spans.iter().zip(&loaded_spans) {
+        assert!(
+            l.as_secs_f64() <= 1.5 * a.as_secs_f64(),
+            "a healthy image took {l:?} beside a stalled registry, {a:?} alone"
+        );
+    }
+
+    // Back to idle: threads, descriptors, memory; nothing mounted.
+    wait_unmounted("after the load");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (threads0, fds0, rss0) = idle;
+    loop {
+        let (threads, fds, rss) = process_figures(sn.pid());
+        let settled = threads <= threads0 + 2 && fds <= fds0 + 2 && rss <= rss0 * 3 / 2 + 16 * 1024;
+        if settled || Instant::now() > deadline {
+            eprintln!(
+                "snapshotter idle: {threads0} threads, {fds0} fds, {rss0} kB; \
+                 after the load: {threads} threads, {fds} fds, {rss} kB"
+            );
+            assert!(
+                settled,
+                "the snapshotter did not come back to its idle level"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(cd);
+}

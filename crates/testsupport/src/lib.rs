@@ -138,6 +138,11 @@ impl Registry {
         ))
     }
 
+    /// The registry process's PID (0 when stopped), to SIGSTOP it.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -610,6 +615,11 @@ impl Drop for Overlay {
 /// A process's open descriptors (0 when it is gone).
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A process's thread count (0 when it is gone).
+pub fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
 /// A process's resident memory (VmRSS) in kB (0 when it is gone).
