@@ -1310,6 +1310,18 @@ fn makespan_of(runs: &[LoadRun], image: &str) -> Duration {
     mine.iter().map(|r| r.elapsed).max().unwrap()
 }
 
+/// Where each of a process's descriptors points.
+fn fd_targets(pid: u32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .map(|e| {
+            std::fs::read_link(e.path()).map_or_else(|e| e.to_string(), |t| t.display().to_string())
+        })
+        .collect()
+}
+
 /// Threads, descriptors and resident kB of a process.
 fn process_figures(pid: u32) -> (usize, usize, u64) {
     (thread_count(pid), fd_count(pid), vm_rss_kb(pid))
@@ -1450,7 +1462,8 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
             );
             assert!(
                 settled,
-                "the snapshotter did not come back to its idle level"
+                "the snapshotter did not come back to its idle level; its descriptors: {:?}",
+                fd_targets(sn.pid())
             );
             break;
         }
