@@ -25,7 +25,9 @@ pub fn status(e: SnapshotError) -> Status {
         SnapshotError::FailedPrecondition { .. } => Status::failed_precondition(msg),
         SnapshotError::InvalidArgument(_) => Status::invalid_argument(msg),
         SnapshotError::Image { .. } => Status::unavailable(msg),
-        SnapshotError::Io { .. } | SnapshotError::Metadata { .. } => Status::internal(msg),
+        SnapshotError::Io { .. } | SnapshotError::Metadata { .. } | SnapshotError::Internal(_) => {
+            Status::internal(msg)
+        }
     }
 }
 
@@ -178,7 +180,7 @@ impl SnapshotsApi for Service {
     }
 
     async fn usage(&self, r: Request<pb::UsageRequest>) -> R<pb::UsageResponse> {
-        let u = self.0.usage(&r.into_inner().key).map_err(status)?;
+        let u = self.0.usage(&r.into_inner().key).await.map_err(status)?;
         Ok(Response::new(pb::UsageResponse {
             size: u.size,
             inodes: u.inodes,
@@ -186,7 +188,7 @@ impl SnapshotsApi for Service {
     }
 
     async fn cleanup(&self, _r: Request<pb::CleanupRequest>) -> R<()> {
-        let n = self.0.cleanup().map_err(status)?;
+        let n = self.0.cleanup().await.map_err(status)?;
         tracing::debug!(removed = n, "Cleanup");
         Ok(Response::new(()))
     }
