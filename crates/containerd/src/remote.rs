@@ -415,6 +415,11 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        // A fault only the tests inject: no outside input is known to panic.
+        #[cfg(test)]
+        if key.starts_with("test-panic") {
+            panic!("injected fault preparing {key}");
+        }
         if let (Some(images), Some(claim)) = (&self.images, Claim::from_labels(&labels)) {
             if self.snapshots.exists(&claim.target) {
                 return Err(SnapshotError::AlreadyExists(claim.target));
