@@ -896,6 +896,54 @@ fn root_waiting_opens_leave_the_worker_threads_free() {
     }
 }
 
+/// A source with a bug: opening `boom` panics (on the FUSE worker thread,
+/// since `try_open` answers at once), anything else opens from `dir`.
+struct PanickingSource {
+    dir: PathBuf,
+}
+
+impl ContentSource for PanickingSource {
+    fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
+        if entry.path.ends_with(b"boom") {
+            panic!(
+                "injected fault opening {}",
+                String::from_utf8_lossy(&entry.path)
+            );
+        }
+        lazylayer_fs::source::open_beneath(&self.dir, &entry.path)
+    }
+}
+
+/// A panic while serving one request answers that request EIO and leaves
+/// the mount served: more panics than the mount has worker threads (2), and
+/// then other files still read.
+#[test]
+fn root_a_panicking_request_gets_eio_and_the_mount_keeps_serving() {
+    if !have_root("root_a_panicking_request_gets_eio_and_the_mount_keeps_serving") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("boom"), b"never served").unwrap();
+    std::fs::write(src.path().join("fine"), b"served").unwrap();
+    let source = PanickingSource {
+        dir: src.path().to_path_buf(),
+    };
+    let m = Mounted::new(index_of(src.path()), source, None, false);
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..4 {
+        let (boom, fine, tx) = (m.p("boom"), m.p("fine"), tx.clone());
+        // On threads of their own: a mount that stopped serving hangs them.
+        std::thread::spawn(move || {
+            let _ = tx.send((std::fs::read(boom), std::fs::read(fine)));
+        });
+        let (boom, fine) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the mount stopped serving after a panic");
+        assert_eq!(errno(&boom.unwrap_err()), EIO);
+        assert_eq!(fine.unwrap(), b"served");
+    }
+}
+
 /// A listing much larger than one readdir buffer resumes from each reply's
 /// last offset.
 #[test]
