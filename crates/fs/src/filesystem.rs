@@ -20,6 +20,7 @@ use fuser::{
 use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 
 use crate::panics::panic_message;
+use crate::pool::WaitPool;
 use crate::source::{Content, ContentSource, RangedContent};
 use crate::table::{OpenTable, FLAG_INITIALIZED, FLAG_PASSTHROUGH};
 use crate::trace::{Access, Trace};
@@ -43,6 +44,15 @@ pub struct FsOptions {
     /// chunked boot layer uses the same limit, so that it asks for the
     /// chunks the trace saw.
     pub max_readahead: Option<u32>,
+    /// Threads that serve requests which must wait for content (an open
+    /// or a read of bytes still on their way), so that the few FUSE worker
+    /// threads never wait. Started as needed.
+    pub waiting_threads: usize,
+    /// Waiting requests queued for one of those threads; past this many,
+    /// a further one is answered EIO at once (and counted in
+    /// [`FsStats::refused_waits`]) rather than holding memory and a kernel
+    /// request without bound.
+    pub waiting_queue: usize,
 }
 
 impl Default for FsOptions {
@@ -51,6 +61,8 @@ impl Default for FsOptions {
             ttl: Duration::from_secs(3600),
             passthrough: true,
             max_readahead: None,
+            waiting_threads: 32,
+            waiting_queue: 1024,
         }
     }
 }
@@ -66,8 +78,10 @@ pub struct FsStats {
     passthrough_opens: AtomicU64,
     daemon_opens: AtomicU64,
     read_requests: AtomicU64,
-    /// Opens and reads waiting for content on threads of their own.
+    /// Opens and reads waiting for content (running or queued).
     waiting: AtomicU64,
+    /// Waiting requests answered EIO because the pool's queue was full.
+    refused_waits: AtomicU64,
 }
 
 impl FsStats {
@@ -90,6 +104,10 @@ impl FsStats {
     /// Opens and reads waiting for their content now.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Relaxed)
+    }
+    /// Waiting requests refused (EIO) past the pool's bound.
+    pub fn refused_waits(&self) -> u64 {
+        self.refused_waits.load(Ordering::Relaxed)
     }
 }
 
@@ -158,6 +176,8 @@ pub struct Shared<S: ContentSource> {
     /// Set once the fallback to daemon reads has been logged.
     fallback_logged: AtomicBool,
     stats: Arc<FsStats>,
+    /// Serves the requests that must wait for content.
+    waiting_pool: WaitPool,
 }
 
 fn ino_of(idx: u32) -> INodeNo {
@@ -223,7 +243,6 @@ impl<S: ContentSource> LazyFs<S> {
                 index,
                 source,
                 trace,
-                opts,
                 nlink,
                 canonical,
                 open: Mutex::new(OpenState::default()),
@@ -232,6 +251,8 @@ impl<S: ContentSource> LazyFs<S> {
                 passthrough: AtomicBool::new(false),
                 fallback_logged: AtomicBool::new(false),
                 stats: Arc::new(FsStats::default()),
+                waiting_pool: WaitPool::new(opts.waiting_threads, opts.waiting_queue),
+                opts,
             }),
         }
     }
@@ -382,8 +403,29 @@ impl<S: ContentSource> Shared<S> {
         Ok(st.files.entry(fh).or_insert(content).clone())
     }
 
+    /// Run `serve` (which owns a request's reply) on the waiting pool,
+    /// counted as waiting meanwhile. Past the pool's bound it is dropped
+    /// unrun, which answers the request EIO.
+    fn wait_off_workers(&self, request: &str, i: u32, serve: impl FnOnce() + Send + 'static) {
+        let waiting = Waiting::new(&self.stats);
+        let accepted = self.waiting_pool.submit(Box::new(move || {
+            serve();
+            drop(waiting);
+        }));
+        if !accepted {
+            self.stats.refused_waits.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                request,
+                path = %String::from_utf8_lossy(&self.entry(i).path),
+                threads = self.opts.waiting_threads,
+                queue = self.opts.waiting_queue,
+                "too many requests waiting for content; answered EIO"
+            );
+        }
+    }
+
     /// Serve a read of `content` (entry `i`): at once when its bytes are
-    /// here, else on a thread of its own.
+    /// here, else on the waiting pool.
     fn read_content(
         self: &Arc<Self>,
         i: u32,
@@ -403,17 +445,10 @@ impl<S: ContentSource> Shared<S> {
                 // Bytes still on their way: wait off the worker threads, as
                 // a waiting open does.
                 let shared = self.clone();
-                let waiting = Waiting::new(&self.stats);
-                let spawned = std::thread::Builder::new()
-                    .name("lazylayer-read".into())
-                    .spawn(move || {
-                        let r = c.read_at(&mut buf, offset);
-                        shared.reply_ranged(i, r, &buf, offset, reply);
-                        drop(waiting);
-                    });
-                if let Err(err) = spawned {
-                    tracing::error!(error = %err, "cannot start a thread for a waiting read");
-                }
+                self.wait_off_workers("read", i, move || {
+                    let r = c.read_at(&mut buf, offset);
+                    shared.reply_ranged(i, r, &buf, offset, reply);
+                });
                 return;
             }
         };
@@ -667,24 +702,15 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             if let Some(r) = self.source.try_open(i, e) {
                 return self.finish_open(ino.0, i, r, reply);
             }
-            // The content is on its way: wait on a thread of its own, not on one
-            // of the few FUSE worker threads (with all of them waiting, even a
-            // stat of a present file would stall). The wait is bounded by the
+            // The content is on its way: wait on the pool, not on one of the
+            // few FUSE worker threads (with all of them waiting, even a stat
+            // of a present file would stall). The wait is bounded by the
             // source.
             let shared = self.shared.clone();
-            let waiting = Waiting::new(&self.stats);
-            let spawned = std::thread::Builder::new()
-                .name("lazylayer-open".into())
-                .spawn(move || {
-                    let r = shared.source.open(i, shared.entry(i));
-                    shared.finish_open(ino.0, i, r, reply);
-                    drop(waiting);
-                });
-            if let Err(err) = spawned {
-                // The reply went with the closure: dropped unanswered, it
-                // answers EIO.
-                tracing::error!(error = %err, "cannot start a thread for a waiting open");
-            }
+            self.shared.wait_off_workers("open", i, move || {
+                let r = shared.source.open(i, shared.entry(i));
+                shared.finish_open(ino.0, i, r, reply);
+            });
         })
     }
 
@@ -718,19 +744,11 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             // A handle the server before this one gave out: the kernel kept it
             // across the takeover. Open the content again, off the workers.
             let shared = self.shared.clone();
-            let waiting = Waiting::new(&self.stats);
-            let spawned = std::thread::Builder::new()
-                .name("lazylayer-reopen".into())
-                .spawn(move || {
-                    match shared.reopen(i, fh.0) {
-                        Ok(c) => shared.read_content(i, c, offset, size, reply),
-                        Err(err) => shared.content_error(i, Some(offset), &err, |e| reply.error(e)),
-                    }
-                    drop(waiting);
+            self.shared
+                .wait_off_workers("reopen", i, move || match shared.reopen(i, fh.0) {
+                    Ok(c) => shared.read_content(i, c, offset, size, reply),
+                    Err(err) => shared.content_error(i, Some(offset), &err, |e| reply.error(e)),
                 });
-            if let Err(err) = spawned {
-                tracing::error!(error = %err, "cannot start a thread for a taken-over read");
-            }
         })
     }
 

@@ -18,6 +18,7 @@ mod filesystem;
 pub mod holder;
 mod mount;
 pub mod panics;
+mod pool;
 pub mod source;
 mod table;
 mod trace;
