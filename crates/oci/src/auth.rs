@@ -478,11 +478,27 @@ mod tests {
             e.contains("identity token") && !e.contains("refresh"),
             "{e}"
         );
+        // From any kind of caller: a runtime's own thread, a worker of a
+        // multi-threaded one, a current-thread one.
+        let multi = tokio::runtime::Runtime::new().unwrap();
+        let single = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ask = || run_helper(&h, "reg:5000").unwrap().unwrap().username;
+        assert_eq!(multi.block_on(async { ask() }), "bob");
+        let h2 = h.clone();
+        let on_worker = multi.spawn(async move { run_helper(&h2, "reg:5000").unwrap().unwrap() });
+        assert_eq!(multi.block_on(on_worker).unwrap().username, "bob");
+        assert_eq!(single.block_on(async { ask() }), "bob");
         let e = run_helper(&dir.path().join("missing"), "reg:5000").unwrap_err();
         assert!(e.contains("cannot start"), "{e}");
         let asked =
             std::fs::read_to_string(dir.path().join("docker-credential-fake.asked")).unwrap();
-        assert_eq!(asked, "reg:5000\nother:1\ntok:1\n");
+        assert_eq!(
+            asked,
+            "reg:5000\nother:1\ntok:1\nreg:5000\nreg:5000\nreg:5000\n"
+        );
     }
 
     /// A helper runs off the async workers: on a runtime with one worker,
