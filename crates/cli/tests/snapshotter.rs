@@ -1470,4 +1470,154 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
         std::thread::sleep(Duration::from_millis(500));
     }
     drop(cd);
+
+/// A registry that stalls (accepts, never answers) for one image holds up
+/// only that image: while image A's open hangs, the layers of image B, on a
+/// healthy registry, are claimed; two Prepares of one image at once share one
+/// open (its manifest is fetched once); and A's Prepare, once its bounded
+/// retries are spent, gets a plain snapshot (containerd then downloads the
+/// layer itself).
+#[test]
+fn a_stalled_registry_holds_up_only_its_own_image() {
+    use lazylayer_containerd::proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
+    use lazylayer_testsupport::proxy::{AfterCut, CuttingProxy};
+    use std::collections::HashMap;
+
+    if cannot_run() {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer"]);
+    let (opt_root, src, dst) = optimize_image(&reg, "multilayer", &[]);
+    let (manifest_b, layers_b) = layer_digests(opt_root.path(), &dst);
+    let (manifest_a, layers_a) = layer_digests(opt_root.path(), &src);
+    // Image A is reached through a proxy that accepts and never answers.
+    let stalled = CuttingProxy::start(reg.port, 0, AfterCut::StallAlways);
+    let image_a = src.replace(&reg.addr(), &format!("127.0.0.1:{}", stalled.port));
+    let log_start = reg.log().len();
+
+    let root = tempfile::tempdir().unwrap();
+    // Short stalls keep A's bounded retries (5 tries) short.
+    let sn = Snapshotterd::start_with_env(root.path(), &[("LAZYLAYER_STALL_TIMEOUT", "2")]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(async {
+        SnapshotsClient::new(lazylayer_containerd::grpc::connect(&sn.sock).await.unwrap())
+    });
+    let request =
+        |key: &str, target: &str, parent: &str, image: &str, manifest: &str, layer: &str| {
+            let labels: HashMap<String, String> = [
+                ("containerd.io/snapshot.ref", target),
+                ("containerd.io/snapshot/cri.image-ref", image),
+                ("containerd.io/snapshot/cri.manifest-digest", manifest),
+                ("containerd.io/snapshot/cri.layer-digest", layer),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            pb::PrepareSnapshotRequest {
+                snapshotter: "lazylayer".into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels,
+            }
+        };
+
+    rt.block_on(async {
+        let stalled_prepare = tokio::spawn({
+            let mut c = client.clone();
+            let r = request("a-extract", "a-0", "", &image_a, &manifest_a, &layers_a[0]);
+            async move { c.prepare(r).await }
+        });
+        let t = Instant::now();
+        while stalled.requests.lock().unwrap().is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "A's open never reached the registry"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // A's open hangs now. B's first layer, twice at once, then the rest.
+        let t = Instant::now();
+        let (mut c1, mut c2) = (client.clone(), client.clone());
+        let (r1, r2) = tokio::join!(
+            c1.prepare(request(
+                "b-extract-0",
+                "b-0",
+                "",
+                &dst,
+                &manifest_b,
+                &layers_b[0]
+            )),
+            c2.prepare(request(
+                "b-twin-0",
+                "b-twin",
+                "",
+                &dst,
+                &manifest_b,
+                &layers_b[0]
+            )),
+        );
+        for r in [r1, r2] {
+            let err = r.expect_err("B's layer must be claimed");
+            assert_eq!(
+                err.code(),
+                lazylayer_containerd::tonic::Code::AlreadyExists,
+                "{err:?}"
+            );
+        }
+        let mut parent = "b-0".to_string();
+        for (i, layer) in layers_b.iter().enumerate().skip(1) {
+            let target = format!("b-{i}");
+            let r = request(
+                &format!("b-extract-{i}"),
+                &target,
+                &parent,
+                &dst,
+                &manifest_b,
+                layer,
+            );
+            let err = c1.prepare(r).await.expect_err("B's layer must be claimed");
+            assert_eq!(
+                err.code(),
+                lazylayer_containerd::tonic::Code::AlreadyExists,
+                "{err:?}"
+            );
+            parent = target;
+        }
+        eprintln!(
+            "B's {} layers claimed in {:?} while A's open hung",
+            layers_b.len(),
+            t.elapsed()
+        );
+        assert!(
+            !stalled_prepare.is_finished(),
+            "A's Prepare ended before B's layers were claimed: B waited behind A's stalled open"
+        );
+        let manifest_gets = reg.log()[log_start..]
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/manifests/{manifest_b}")))
+            .count();
+        assert_eq!(manifest_gets, 1, "two Prepares of B at once share one open");
+
+        // A gives up after its bounded retries (sooner once its registry is
+        // gone: each try then fails at once): a plain snapshot, so that
+        // containerd can still download the layer itself.
+        stalled.die_now();
+        let t = Instant::now();
+        let a = tokio::time::timeout(Duration::from_secs(120), stalled_prepare)
+            .await
+            .expect("A's Prepare never ended")
+            .unwrap()
+            .expect("A's Prepare falls back to a plain snapshot")
+            .into_inner();
+        eprintln!("A's Prepare ended {:?} after B was done", t.elapsed());
+        assert_eq!(a.mounts[0].r#type, "bind", "{:?}", a.mounts);
+    });
+    assert!(
+        sn.log()
+            .contains("cannot resolve the image; preparing a plain snapshot"),
+        "{}",
+        sn.log()
+    );
 }

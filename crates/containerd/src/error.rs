@@ -25,6 +25,9 @@ pub enum SnapshotError {
         #[source]
         source: serde_json::Error,
     },
+    /// A panic while serving a call: that call fails, the server goes on.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("image {image}")]
     Image {
         image: String,

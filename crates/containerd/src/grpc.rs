@@ -2,10 +2,13 @@
 //! and status codes only; the logic is in [`Snapshotter`].
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -25,7 +28,9 @@ pub fn status(e: SnapshotError) -> Status {
         SnapshotError::FailedPrecondition { .. } => Status::failed_precondition(msg),
         SnapshotError::InvalidArgument(_) => Status::invalid_argument(msg),
         SnapshotError::Image { .. } => Status::unavailable(msg),
-        SnapshotError::Io { .. } | SnapshotError::Metadata { .. } => Status::internal(msg),
+        SnapshotError::Io { .. } | SnapshotError::Metadata { .. } | SnapshotError::Internal(_) => {
+            Status::internal(msg)
+        }
     }
 }
 
@@ -91,6 +96,35 @@ pub struct Service(pub Arc<Snapshotter>);
 
 type R<T> = std::result::Result<Response<T>, Status>;
 
+/// Serve one call with `handler`: a panic in it fails this call with
+/// Internal, naming `what` it served (the key, the image), and leaves the
+/// connection, the other calls and the other images served. The
+/// snapshotter's locks tolerate poisoning, so nothing cascades.
+async fn guarded<T>(what: String, handler: impl Future<Output = R<T>>) -> R<T> {
+    match AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = lazylayer_fs::panic_message(&*panic);
+            tracing::error!(
+                call = what,
+                panic = msg,
+                "a call panicked; failing it alone"
+            );
+            Err(Status::internal(format!(
+                "internal error serving {what}: {msg}"
+            )))
+        }
+    }
+}
+
+/// The image a call's labels name, for a panic's message.
+fn naming_image(what: String, labels: &std::collections::HashMap<String, String>) -> String {
+    match labels.get(crate::remote::LABEL_IMAGE_REF) {
+        Some(image) => format!("{what} (image {image})"),
+        None => what,
+    }
+}
+
 #[tonic::async_trait]
 impl SnapshotsApi for Service {
     async fn prepare(
@@ -99,55 +133,76 @@ impl SnapshotsApi for Service {
     ) -> R<pb::PrepareSnapshotResponse> {
         let r = r.into_inner();
         tracing::debug!(key = %r.key, parent = %r.parent, labels = ?r.labels, "Prepare");
-        let m = self
-            .0
-            .prepare(&r.key, &r.parent, labels(r.labels))
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::PrepareSnapshotResponse {
-            mounts: mounts(m),
-        }))
+        let what = naming_image(format!("Prepare of {}", r.key), &r.labels);
+        guarded(what, async {
+            let m = self
+                .0
+                .prepare(&r.key, &r.parent, labels(r.labels))
+                .await
+                .map_err(status)?;
+            Ok(Response::new(pb::PrepareSnapshotResponse {
+                mounts: mounts(m),
+            }))
+        })
+        .await
     }
 
     async fn view(&self, r: Request<pb::ViewSnapshotRequest>) -> R<pb::ViewSnapshotResponse> {
         let r = r.into_inner();
         tracing::debug!(key = %r.key, parent = %r.parent, "View");
-        let m = self
-            .0
-            .view(&r.key, &r.parent, labels(r.labels))
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::ViewSnapshotResponse {
-            mounts: mounts(m),
-        }))
+        guarded(format!("View of {}", r.key), async {
+            let m = self
+                .0
+                .view(&r.key, &r.parent, labels(r.labels))
+                .await
+                .map_err(status)?;
+            Ok(Response::new(pb::ViewSnapshotResponse {
+                mounts: mounts(m),
+            }))
+        })
+        .await
     }
 
     async fn mounts(&self, r: Request<pb::MountsRequest>) -> R<pb::MountsResponse> {
-        let m = self.0.mounts(&r.into_inner().key).await.map_err(status)?;
-        Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
+        let key = r.into_inner().key;
+        guarded(format!("Mounts of {key}"), async {
+            let m = self.0.mounts(&key).await.map_err(status)?;
+            Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
+        })
+        .await
     }
 
     async fn commit(&self, r: Request<pb::CommitSnapshotRequest>) -> R<()> {
         let r = r.into_inner();
         tracing::debug!(key = %r.key, name = %r.name, "Commit");
-        self.0
-            .commit(&r.name, &r.key, labels(r.labels))
-            .map_err(status)?;
-        Ok(Response::new(()))
+        guarded(format!("Commit of {}", r.key), async {
+            self.0
+                .commit(&r.name, &r.key, labels(r.labels))
+                .map_err(status)?;
+            Ok(Response::new(()))
+        })
+        .await
     }
 
     async fn remove(&self, r: Request<pb::RemoveSnapshotRequest>) -> R<()> {
         let key = r.into_inner().key;
         tracing::debug!(%key, "Remove");
-        self.0.remove(&key).await.map_err(status)?;
-        Ok(Response::new(()))
+        guarded(format!("Remove of {key}"), async {
+            self.0.remove(&key).await.map_err(status)?;
+            Ok(Response::new(()))
+        })
+        .await
     }
 
     async fn stat(&self, r: Request<pb::StatSnapshotRequest>) -> R<pb::StatSnapshotResponse> {
-        let i = self.0.stat(&r.into_inner().key).map_err(status)?;
-        Ok(Response::new(pb::StatSnapshotResponse {
-            info: Some(to_pb(i)),
-        }))
+        let key = r.into_inner().key;
+        guarded(format!("Stat of {key}"), async {
+            let i = self.0.stat(&key).map_err(status)?;
+            Ok(Response::new(pb::StatSnapshotResponse {
+                info: Some(to_pb(i)),
+            }))
+        })
+        .await
     }
 
     async fn update(&self, r: Request<pb::UpdateSnapshotRequest>) -> R<pb::UpdateSnapshotResponse> {
@@ -156,10 +211,13 @@ impl SnapshotsApi for Service {
             .info
             .ok_or_else(|| Status::invalid_argument("update without info"))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let i = self.0.update(&from_pb(info), &paths).map_err(status)?;
-        Ok(Response::new(pb::UpdateSnapshotResponse {
-            info: Some(to_pb(i)),
-        }))
+        guarded(format!("Update of {}", info.name), async {
+            let i = self.0.update(&from_pb(info), &paths).map_err(status)?;
+            Ok(Response::new(pb::UpdateSnapshotResponse {
+                info: Some(to_pb(i)),
+            }))
+        })
+        .await
     }
 
     type ListStream =
@@ -169,26 +227,37 @@ impl SnapshotsApi for Service {
     /// callers (the metadata store's remote-snapshot lookup) check each
     /// result themselves, and `ctr snapshots ls` reads containerd's own db.
     async fn list(&self, _r: Request<pb::ListSnapshotsRequest>) -> R<Self::ListStream> {
-        let all: Vec<pb::Info> = self.0.list().into_iter().map(to_pb).collect();
-        let batches: Vec<_> = all
-            .chunks(100)
-            .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+        guarded("List".into(), async {
+            let all: Vec<pb::Info> = self.0.list().into_iter().map(to_pb).collect();
+            let batches: Vec<_> = all
+                .chunks(100)
+                .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
+                .collect();
+            let stream: Self::ListStream = Box::pin(tokio_stream::iter(batches));
+            Ok(Response::new(stream))
+        })
+        .await
     }
 
     async fn usage(&self, r: Request<pb::UsageRequest>) -> R<pb::UsageResponse> {
-        let u = self.0.usage(&r.into_inner().key).map_err(status)?;
-        Ok(Response::new(pb::UsageResponse {
-            size: u.size,
-            inodes: u.inodes,
-        }))
+        let key = r.into_inner().key;
+        guarded(format!("Usage of {key}"), async {
+            let u = self.0.usage(&key).await.map_err(status)?;
+            Ok(Response::new(pb::UsageResponse {
+                size: u.size,
+                inodes: u.inodes,
+            }))
+        })
+        .await
     }
 
     async fn cleanup(&self, _r: Request<pb::CleanupRequest>) -> R<()> {
-        let n = self.0.cleanup().map_err(status)?;
-        tracing::debug!(removed = n, "Cleanup");
-        Ok(Response::new(()))
+        guarded("Cleanup".into(), async {
+            let n = self.0.cleanup().await.map_err(status)?;
+            tracing::debug!(removed = n, "Cleanup");
+            Ok(Response::new(()))
+        })
+        .await
     }
 }
 
@@ -244,4 +313,60 @@ pub async fn connect(
             }
         }))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::snapshots::snapshots_client::SnapshotsClient;
+
+    /// A panic while serving one call fails that call with Internal, naming
+    /// what it served; the next calls on the same connection are served.
+    #[test]
+    fn a_panicking_call_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sn = Arc::new(Snapshotter::open(&dir.path().join("state"), None).unwrap());
+        let sock = dir.path().join("sn.sock");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn({
+            let sock = sock.clone();
+            async move {
+                serve(sn, &sock, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        rt.block_on(async {
+            let mut client = loop {
+                match connect(&sock).await {
+                    Ok(c) => break SnapshotsClient::new(c),
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                }
+            };
+            let prepare = |key: &str| pb::PrepareSnapshotRequest {
+                snapshotter: "lazylayer".into(),
+                key: key.into(),
+                parent: String::new(),
+                labels: Default::default(),
+            };
+            let err = client.prepare(prepare("test-panic-1")).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+            assert!(err.message().contains("Prepare of test-panic-1"), "{err:?}");
+            assert!(err.message().contains("injected fault"), "{err:?}");
+            let m = client.prepare(prepare("after")).await.unwrap().into_inner();
+            assert_eq!(m.mounts[0].r#type, "bind");
+            let info = client
+                .stat(pb::StatSnapshotRequest {
+                    snapshotter: "lazylayer".into(),
+                    key: "after".into(),
+                })
+                .await
+                .unwrap();
+            assert_eq!(info.into_inner().info.unwrap().name, "after");
+        });
+        stop.send(()).unwrap();
+        rt.block_on(server).unwrap().unwrap();
+    }
 }

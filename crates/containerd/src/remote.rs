@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 pub use lazylayer_fetch::error_chain;
@@ -13,7 +13,7 @@ use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, LazyRoot, MountOption
 use lazylayer_fs::{FsOptions, Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{NoEvents, NoProgress, PullOptions, RegistryBlobs, Store};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 
 use crate::error::{io, Result, SnapshotError};
 use crate::snapshots::{Info, Kind, Mount, RemoteLayer, Snapshots, Usage, LABEL_TARGET_REF};
@@ -25,14 +25,19 @@ pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-dig
 pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const LABEL_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 
+/// One image's open: the image, or None for a plain one, once resolved. A
+/// failed open leaves it empty, so the next caller tries again.
+type Opening = Arc<OnceCell<Option<Arc<LazyImage>>>>;
+
 /// Optimized images, resolved from the registry into the lazylayer store.
 pub struct Images {
     store: Store,
     client: Arc<RegistryClient>,
-    /// manifest digest → the opened image, or None for a plain one. One
-    /// lock for all: it also keeps two layers of one image from opening
-    /// (fetching the boot layer) twice.
-    opened: Mutex<HashMap<String, Option<Arc<LazyImage>>>>,
+    /// manifest digest → the image's open, shared by every caller (two
+    /// layers of one image open it, fetching its boot layer, once). The map
+    /// is locked only to find or add a cell, never across the registry:
+    /// a stalled image holds up its own callers, not other images'.
+    opened: std::sync::Mutex<HashMap<String, Opening>>,
     fetch: FetchOptions,
     mount: MountOptions,
 }
@@ -42,7 +47,7 @@ impl Images {
         Images {
             store,
             client,
-            opened: Mutex::new(HashMap::new()),
+            opened: std::sync::Mutex::new(HashMap::new()),
             fetch: FetchOptions::default(),
             // The container starts from the boot layer, the rest follows once
             // its start has settled (prefetching earlier takes its CPU).
@@ -68,10 +73,22 @@ impl Images {
         image_ref: &str,
         manifest_digest: &str,
     ) -> Result<Option<Arc<LazyImage>>> {
-        let mut opened = self.opened.lock().await;
-        if let Some(o) = opened.get(manifest_digest) {
-            return Ok(o.clone());
-        }
+        let opening = (self.opened.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(manifest_digest.to_string())
+            .or_default()
+            .clone();
+        let image = opening
+            .get_or_try_init(|| self.open_from_registry(image_ref, manifest_digest))
+            .await?;
+        Ok(image.clone())
+    }
+
+    async fn open_from_registry(
+        &self,
+        image_ref: &str,
+        manifest_digest: &str,
+    ) -> Result<Option<Arc<LazyImage>>> {
         let err = |source: FetchError| SnapshotError::Image {
             image: format!("{image_ref}@{manifest_digest}"),
             source: Box::new(source),
@@ -81,7 +98,7 @@ impl Images {
             .parse()
             .map_err(|e| err(FetchError::Oci(e)))?;
         reference.digest = Some(digest);
-        let o = match LazyImage::open(
+        match LazyImage::open(
             &self.store,
             self.client.clone(),
             &reference,
@@ -89,12 +106,10 @@ impl Images {
         )
         .await
         {
-            Ok(img) => Some(Arc::new(img)),
-            Err(OpenError::NoBootLayer(_)) => None,
-            Err(OpenError::Failed(e)) => return Err(err(e)),
-        };
-        opened.insert(manifest_digest.to_string(), o.clone());
-        Ok(o)
+            Ok(img) => Ok(Some(Arc::new(img))),
+            Err(OpenError::NoBootLayer(_)) => Ok(None),
+            Err(OpenError::Failed(e)) => Err(err(e)),
+        }
     }
 
     /// Fetch remote layer `r` of its image into the store, whole and verified.
@@ -175,10 +190,12 @@ impl Claim {
 pub struct Snapshotter {
     snapshots: Snapshots,
     images: Option<Images>,
-    /// manifest digest → its lazy root, mounted. The lock is held across
-    /// "mount, then record the snapshot" and "remove, then maybe unmount", so
-    /// a root is never dropped under a snapshot being created on it.
-    mounts: Mutex<HashMap<String, LazyRoot>>,
+    /// manifest digest → the slot of its lazy root. The map is locked only
+    /// to find or add a slot; a slot is locked across "mount, then record
+    /// the snapshot" and "remove, then maybe unmount", so a root is never
+    /// dropped under a snapshot being created on it, and an image whose
+    /// mount waits on its registry holds up only its own snapshots.
+    mounts: std::sync::Mutex<HashMap<String, RootSlot>>,
     /// What the pin names now: it is rewritten only when this changes
     /// (most Removes are of ordinary snapshots).
     pinned: std::sync::Mutex<Option<Vec<String>>>,
@@ -186,6 +203,9 @@ pub struct Snapshotter {
     /// it (a crash, a restart, an upgrade); None: roots die with the process.
     holder: Option<Holder>,
 }
+
+/// One image's lazy root, None while not mounted.
+type RootSlot = Arc<Mutex<Option<LazyRoot>>>;
 
 /// How long a graceful stop waits for reads waiting on content to be
 /// answered before it leaves them to the next snapshotter (the kernel sends
@@ -215,7 +235,7 @@ impl Snapshotter {
         let sn = Snapshotter {
             snapshots,
             images,
-            mounts: Mutex::new(HashMap::new()),
+            mounts: std::sync::Mutex::new(HashMap::new()),
             pinned: std::sync::Mutex::new(None),
             holder: None,
         };
@@ -236,7 +256,8 @@ impl Snapshotter {
     /// nobody kept (dead: ENOTCONN) so they can be mounted anew. Returns the
     /// roots taken over.
     pub async fn recover(&self) -> usize {
-        let mut mounts = self.mounts.lock().await;
+        // Runs before the snapshotter serves: nothing else uses the roots.
+        let mut mounts = HashMap::new();
         let held = match &self.holder {
             Some(h) => h.list().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "asking the descriptor holder for the lazy roots it keeps");
@@ -273,7 +294,7 @@ impl Snapshotter {
             .collect();
         for d in unused {
             if let Some(root) = mounts.remove(&d) {
-                self.release(&d, root);
+                self.release(&d, root).await;
             }
         }
         // Our FUSE mounts die with the process that served them unless the
@@ -288,7 +309,21 @@ impl Snapshotter {
                 tracing::warn!(error = %e, "starting the descriptor holder; lazy roots will not survive a restart");
             }
         }
-        mounts.len()
+        let n = mounts.len();
+        let mut slots = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
+        for (digest, root) in mounts {
+            slots.insert(digest, Arc::new(Mutex::new(Some(root))));
+        }
+        n
+    }
+
+    /// The slot of the image `manifest_digest`'s lazy root.
+    fn slot(&self, manifest_digest: &str) -> RootSlot {
+        (self.mounts.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(manifest_digest.to_string())
+            .or_default()
+            .clone()
     }
 
     async fn take_over(
@@ -336,37 +371,20 @@ impl Snapshotter {
         format!("snapshotter-{}-{hex}", std::process::id())
     }
 
-    /// Hand `root`'s connection to the holder (logged, not fatal: the root
-    /// works, it just dies with this process).
-    fn hold(&self, r: &RemoteLayer, root: &LazyRoot) {
-        let (Some(h), Some(fds)) = (&self.holder, root.handover_fds()) else {
-            return;
-        };
-        let target = self
-            .snapshots
-            .lazy_dir(&r.manifest_digest)
-            .display()
-            .to_string();
-        let meta = HeldRoot {
-            kind: HELD_KIND.into(),
-            target: target.clone(),
-            image_ref: r.image_ref.clone(),
-            manifest_digest: r.manifest_digest.clone(),
-        };
-        let meta = serde_json::to_value(meta).expect("serialisable");
-        if let Err(e) = h.put(&target, meta, &fds) {
-            tracing::warn!(mount = target, error = %e, "the lazy root will not survive a restart of the snapshotter");
-        }
-    }
-
-    /// Unmount a root nothing uses and tell the holder.
-    fn release(&self, manifest_digest: &str, root: LazyRoot) {
-        release(root);
-        if let Some(h) = &self.holder {
-            let target = self.snapshots.lazy_dir(manifest_digest);
-            if let Err(e) = h.drop_entry(&target.display().to_string()) {
-                tracing::warn!(mount = %target.display(), error = %e, "telling the descriptor holder");
-            }
+    /// Unmount a root nothing uses and tell the holder, off the async
+    /// workers (an unmount waits for the kernel and the FUSE threads).
+    async fn release(&self, manifest_digest: &str, root: LazyRoot) {
+        let holder = self.holder.clone();
+        let target = self.snapshots.lazy_dir(manifest_digest);
+        let image = root.reference().to_string();
+        let released =
+            tokio::task::spawn_blocking(move || release(root, holder.as_ref(), &target)).await;
+        if let Err(e) = released {
+            tracing::error!(
+                image,
+                error = join_failure(e),
+                "unmounting a lazy root failed"
+            );
         }
     }
 
@@ -375,7 +393,7 @@ impl Snapshotter {
     fn repin(&self) {
         let Some(images) = &self.images else { return };
         let wanted = self.snapshots.remote_digests();
-        let mut pinned = self.pinned.lock().unwrap();
+        let mut pinned = self.pinned.lock().unwrap_or_else(PoisonError::into_inner);
         if pinned.as_ref() == Some(&wanted) {
             return;
         }
@@ -397,6 +415,11 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        // A fault only the tests inject: no outside input is known to panic.
+        #[cfg(test)]
+        if key.starts_with("test-panic") {
+            panic!("injected fault preparing {key}");
+        }
         if let (Some(images), Some(claim)) = (&self.images, Claim::from_labels(&labels)) {
             if self.snapshots.exists(&claim.target) {
                 return Err(SnapshotError::AlreadyExists(claim.target));
@@ -438,8 +461,9 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
         self.ensure_remote_layers(parent).await?;
-        let mut mounts = self.mounts.lock().await;
         if let Some(r) = self.snapshots.remote_top_of(parent) {
+            let slot = self.slot(&r.manifest_digest);
+            let mut root = slot.lock().await;
             if let Some(lowers) = self.local_image_lowers(&r).await? {
                 let m = self
                     .snapshots
@@ -450,7 +474,8 @@ impl Snapshotter {
                 self.touch(&r).await;
                 return Ok(m);
             }
-            self.ensure_mounted(&mut mounts, &r).await?;
+            self.ensure_mounted(&mut root, &r).await?;
+            return self.snapshots.create(kind, key, parent, labels);
         }
         self.snapshots.create(kind, key, parent, labels)
     }
@@ -515,8 +540,9 @@ impl Snapshotter {
     pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         // After a restart the lazy root is mounted again on first need.
         if let Some(r) = self.snapshots.remote_top_under(key) {
-            let mut mounts = self.mounts.lock().await;
-            self.ensure_mounted(&mut mounts, &r).await?;
+            let slot = self.slot(&r.manifest_digest);
+            let mut root = slot.lock().await;
+            self.ensure_mounted(&mut root, &r).await?;
         }
         self.snapshots.mounts(key)
     }
@@ -525,14 +551,21 @@ impl Snapshotter {
         self.snapshots.commit(name, key, labels)
     }
 
-    pub async fn remove(&self, key: &str) -> Result<()> {
-        let mut mounts = self.mounts.lock().await;
-        let under = self.snapshots.remove(key)?;
+    /// Remove `key` (its directory deleted off the async workers: a
+    /// container's upper dir can be a big tree); its image's lazy root goes
+    /// with its last user.
+    pub async fn remove(self: &Arc<Self>, key: &str) -> Result<()> {
+        let (sn, k) = (self.clone(), key.to_string());
+        let under = blocking(move || sn.snapshots.remove(&k)).await?;
         self.repin();
         if let Some(r) = under {
+            // Users are counted under the slot's lock: a Create that mounted
+            // the root has recorded its snapshot by then.
+            let slot = self.slot(&r.manifest_digest);
+            let mut root = slot.lock().await;
             if self.snapshots.lazy_users(&r.manifest_digest) == 0 {
-                if let Some(root) = mounts.remove(&r.manifest_digest) {
-                    self.release(&r.manifest_digest, root);
+                if let Some(root) = root.take() {
+                    self.release(&r.manifest_digest, root).await;
                 }
             }
         }
@@ -551,12 +584,16 @@ impl Snapshotter {
         self.snapshots.list()
     }
 
-    pub fn usage(&self, key: &str) -> Result<Usage> {
-        self.snapshots.usage(key)
+    /// Disk use, walked off the async workers.
+    pub async fn usage(self: &Arc<Self>, key: &str) -> Result<Usage> {
+        let (sn, k) = (self.clone(), key.to_string());
+        blocking(move || sn.snapshots.usage(&k)).await
     }
 
-    pub fn cleanup(&self) -> Result<usize> {
-        self.snapshots.cleanup()
+    /// Directories no snapshot owns, deleted off the async workers.
+    pub async fn cleanup(self: &Arc<Self>) -> Result<usize> {
+        let sn = self.clone();
+        blocking(move || sn.snapshots.cleanup()).await
     }
 
     /// At a graceful stop (no new requests come): unmount the lazy roots no
@@ -565,11 +602,17 @@ impl Snapshotter {
     /// the kernel sends the rest again to the next one). Without a holder,
     /// every root is unmounted.
     pub async fn shutdown(&self) {
-        let mut mounts = self.mounts.lock().await;
+        let slots: Vec<(String, RootSlot)> = (self.mounts.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect();
         let t0 = std::time::Instant::now();
-        for (digest, root) in mounts.drain() {
+        for (digest, slot) in slots {
+            let Some(root) = slot.lock().await.take() else {
+                continue;
+            };
             if self.holder.is_none() || self.snapshots.lazy_users(&digest) == 0 {
-                self.release(&digest, root);
+                self.release(&digest, root).await;
                 continue;
             }
             while root.waiting() > 0 && t0.elapsed() < DRAIN_MAX {
@@ -580,12 +623,11 @@ impl Snapshotter {
         }
     }
 
-    async fn ensure_mounted(
-        &self,
-        mounts: &mut HashMap<String, LazyRoot>,
-        r: &RemoteLayer,
-    ) -> Result<()> {
-        if mounts.contains_key(&r.manifest_digest) {
+    /// Mount the lazy root of `r`'s image into its (locked) slot unless
+    /// it is there: the image is opened (maybe from the registry) with only
+    /// this image's slot held, and mounted off the async workers.
+    async fn ensure_mounted(&self, slot: &mut Option<LazyRoot>, r: &RemoteLayer) -> Result<()> {
+        if slot.is_some() {
             return Ok(());
         }
         let precondition = |reason: String| SnapshotError::FailedPrecondition {
@@ -600,30 +642,83 @@ impl Snapshotter {
             .await?
             .ok_or_else(|| precondition(format!("{} no longer has a boot layer", r.image_ref)))?;
         let dir = self.snapshots.lazy_dir(&r.manifest_digest);
-        std::fs::create_dir_all(&dir).map_err(io("creating the lazy mount point", &dir))?;
-        let failed = |source: FetchError| SnapshotError::Image {
-            image: r.image_ref.clone(),
+        let image = r.image_ref.clone();
+        let failed = move |source: FetchError| SnapshotError::Image {
+            image: image.clone(),
             source: Box::new(source),
         };
         // Pinned (until every layer is here no image record names them),
         // mounted; the container starts from the boot layer, the rest follows
         // once its start has settled (prefetching earlier takes its CPU).
         let pin = self.pin_name(&r.manifest_digest);
-        let mut root = LazyRoot::new(&images.store, (*img).clone(), &pin).map_err(failed)?;
-        root.mount(&dir, images.mount.clone()).map_err(failed)?;
-        tracing::info!(image = %r.image_ref, dir = %dir.display(), "lazy root mounted");
-        self.hold(r, &root);
-        mounts.insert(r.manifest_digest.clone(), root);
+        let (store, opts, holder, img, r2) = (
+            images.store.clone(),
+            images.mount.clone(),
+            self.holder.clone(),
+            (*img).clone(),
+            r.clone(),
+        );
+        let root = blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(io("creating the lazy mount point", &dir))?;
+            let mut root = LazyRoot::new(&store, img, &pin).map_err(&failed)?;
+            root.mount(&dir, opts).map_err(&failed)?;
+            tracing::info!(image = %r2.image_ref, dir = %dir.display(), "lazy root mounted");
+            hold(holder.as_ref(), &dir, &r2, &root);
+            Ok(root)
+        })
+        .await?;
+        *slot = Some(root);
         Ok(())
     }
 }
 
+/// Run blocking work (syscalls, tree walks) off the async workers. A panic
+/// in it fails this call only.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(SnapshotError::Internal(join_failure(e))))
+}
+
+/// What a blocking task that did not finish said.
+fn join_failure(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => format!("panicked: {}", lazylayer_fs::panic_message(&*payload)),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Hand `root`'s connection (mounted at `target`) to the holder (logged,
+/// not fatal: the root works, it just dies with this process).
+fn hold(holder: Option<&Holder>, target: &Path, r: &RemoteLayer, root: &LazyRoot) {
+    let (Some(h), Some(fds)) = (holder, root.handover_fds()) else {
+        return;
+    };
+    let target = target.display().to_string();
+    let meta = HeldRoot {
+        kind: HELD_KIND.into(),
+        target: target.clone(),
+        image_ref: r.image_ref.clone(),
+        manifest_digest: r.manifest_digest.clone(),
+    };
+    let meta = serde_json::to_value(meta).expect("serialisable");
+    if let Err(e) = h.put(&target, meta, &fds) {
+        tracing::warn!(mount = target, error = %e, "the lazy root will not survive a restart of the snapshotter");
+    }
+}
+
 /// Unmount an image's lazy root (the image is recorded in the store once
-/// every layer arrived, so `lazylayer run` and later mounts need no network).
-fn release(root: LazyRoot) {
+/// every layer arrived, so `lazylayer run` and later mounts need no network)
+/// and tell the holder, which kept its connection at `target`.
+fn release(root: LazyRoot, holder: Option<&Holder>, target: &Path) {
     let image = root.reference().to_string();
     drop(root);
     tracing::info!(image, "lazy root unmounted");
+    if let Some(h) = holder {
+        if let Err(e) = h.drop_entry(&target.display().to_string()) {
+            tracing::warn!(mount = %target.display(), error = %e, "telling the descriptor holder");
+        }
+    }
 }
 
 /// Detach every mount below `dir` but those in `keep`.

@@ -3,11 +3,13 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use lazylayer_fs::source::open_beneath;
 use lazylayer_oci::Digest;
 use lazylayer_store::{BlobStream, LayerEvents, LayerRef, PullOptions, PullProgress, Store};
@@ -233,7 +235,22 @@ impl LayerFetcher {
         };
         let inner = self.inner.clone();
         self.track(self.inner.rt.spawn(async move {
-            fetch_one(inner, i, layer).await;
+            // A panic (a bug, say in a decoder fed a hostile layer) fails
+            // this layer's readers at once; left Fetching, they would wait
+            // out their timeout.
+            let fetched = AssertUnwindSafe(fetch_one(inner.clone(), i, layer.clone()))
+                .catch_unwind()
+                .await;
+            if let Err(panic) = fetched {
+                let msg = format!("internal error: {}", lazylayer_fs::panic_message(&*panic));
+                tracing::error!(layer = %layer.digest, error = %msg, "layer fetch panicked");
+                let mut s = inner.slots.lock().unwrap_or_else(PoisonError::into_inner);
+                if matches!(s[i].state, LayerState::Pending | LayerState::Fetching) {
+                    s[i].state = LayerState::Failed(msg);
+                }
+                drop(s);
+                inner.changed.notify_all();
+            }
             drop(permit);
         }));
     }

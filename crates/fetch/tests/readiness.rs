@@ -512,3 +512,60 @@ fn prefetch_is_ordered_bounded_and_readers_jump_the_queue() {
     assert!(at("end 1") < at("start 2"), "{log:?}");
     assert_eq!(log.len(), 8, "{log:?}");
 }
+
+/// A source with a bug: streaming `digest` panics; other blobs stream
+/// from `inner`.
+struct PanicsOn {
+    inner: Arc<FileSource>,
+    digest: Digest,
+}
+
+impl BlobStream for PanicsOn {
+    fn stream<'a>(
+        &'a self,
+        digest: &'a Digest,
+        expected_size: u64,
+        resume: BlobResume,
+        tx: mpsc::Sender<Bytes>,
+        progress: &'a (dyn Fn(u64) + Send + Sync),
+    ) -> BoxFuture<'a, Result<u64, OciError>> {
+        if *digest == self.digest {
+            panic!("injected fault streaming {digest}");
+        }
+        self.inner
+            .stream(digest, expected_size, resume, tx, progress)
+    }
+}
+
+/// A fetch task that panics fails its layer: readers of it get an error at
+/// once (not after their far-away timeout), naming an internal error; the
+/// other layers are served.
+#[test]
+fn a_panicking_fetch_fails_its_layer_alone() {
+    let mut w = World::new();
+    let bad = w.layer(&[("bad.txt", b"bad")]);
+    let good = w.layer(&[("good.txt", b"good")]);
+    let src = PanicsOn {
+        inner: w.source(|_, _| {}),
+        digest: w.layers[bad].0.digest.clone(),
+    };
+    let f = LayerFetcher::new(
+        w.store.clone(),
+        Arc::new(src),
+        w.layers.iter().map(|(l, _)| l.clone()).collect(),
+        opts(Duration::from_secs(3600)),
+        w.rt.handle().clone(),
+    );
+    let e = open_async(&f, bad, "bad.txt", None)
+        .recv_timeout(SOON)
+        .expect("the reader of the panicked layer hung")
+        .unwrap_err();
+    assert!(e.to_string().contains("internal error"), "{e}");
+    assert!(e.to_string().contains("injected fault"), "{e}");
+    assert!(matches!(f.status()[bad].state, LayerState::Failed(_)));
+    let good = open_async(&f, good, "good.txt", None)
+        .recv_timeout(SOON)
+        .expect("the reader of another layer hung");
+    assert_eq!(good.unwrap(), b"good");
+    f.cancel();
+}

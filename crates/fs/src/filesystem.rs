@@ -7,8 +7,9 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -18,6 +19,8 @@ use fuser::{
 };
 use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 
+use crate::panics::panic_message;
+use crate::pool::WaitPool;
 use crate::source::{Content, ContentSource, RangedContent};
 use crate::table::{OpenTable, FLAG_INITIALIZED, FLAG_PASSTHROUGH};
 use crate::trace::{Access, Trace};
@@ -41,6 +44,15 @@ pub struct FsOptions {
     /// chunked boot layer uses the same limit, so that it asks for the
     /// chunks the trace saw.
     pub max_readahead: Option<u32>,
+    /// Threads that serve requests which must wait for content (an open
+    /// or a read of bytes still on their way), so that the few FUSE worker
+    /// threads never wait. Started as needed.
+    pub waiting_threads: usize,
+    /// Waiting requests queued for one of those threads; past this many,
+    /// a further one is answered EIO at once (and counted in
+    /// [`FsStats::refused_waits`]) rather than holding memory and a kernel
+    /// request without bound.
+    pub waiting_queue: usize,
 }
 
 impl Default for FsOptions {
@@ -49,6 +61,8 @@ impl Default for FsOptions {
             ttl: Duration::from_secs(3600),
             passthrough: true,
             max_readahead: None,
+            waiting_threads: 32,
+            waiting_queue: 1024,
         }
     }
 }
@@ -64,8 +78,10 @@ pub struct FsStats {
     passthrough_opens: AtomicU64,
     daemon_opens: AtomicU64,
     read_requests: AtomicU64,
-    /// Opens and reads waiting for content on threads of their own.
+    /// Opens and reads waiting for content (running or queued).
     waiting: AtomicU64,
+    /// Waiting requests answered EIO because the pool's queue was full.
+    refused_waits: AtomicU64,
 }
 
 impl FsStats {
@@ -88,6 +104,10 @@ impl FsStats {
     /// Opens and reads waiting for their content now.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Relaxed)
+    }
+    /// Waiting requests refused (EIO) past the pool's bound.
+    pub fn refused_waits(&self) -> u64 {
+        self.refused_waits.load(Ordering::Relaxed)
     }
 }
 
@@ -156,6 +176,8 @@ pub struct Shared<S: ContentSource> {
     /// Set once the fallback to daemon reads has been logged.
     fallback_logged: AtomicBool,
     stats: Arc<FsStats>,
+    /// Serves the requests that must wait for content.
+    waiting_pool: WaitPool,
 }
 
 fn ino_of(idx: u32) -> INodeNo {
@@ -221,7 +243,6 @@ impl<S: ContentSource> LazyFs<S> {
                 index,
                 source,
                 trace,
-                opts,
                 nlink,
                 canonical,
                 open: Mutex::new(OpenState::default()),
@@ -230,6 +251,8 @@ impl<S: ContentSource> LazyFs<S> {
                 passthrough: AtomicBool::new(false),
                 fallback_logged: AtomicBool::new(false),
                 stats: Arc::new(FsStats::default()),
+                waiting_pool: WaitPool::new(opts.waiting_threads, opts.waiting_queue),
+                opts,
             }),
         }
     }
@@ -305,7 +328,7 @@ impl<S: ContentSource> Shared<S> {
     fn register_open(&self, ino: u64, file: File, reply: ReplyOpen) {
         let table = self.table();
         let fh = table.next_fh();
-        let mut st = self.open.lock().unwrap();
+        let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let (opens, mut backing) = table.get(ino);
         // Only the first open of an inode picks its mode; later ones follow
         // it, because the kernel refuses a mix.
@@ -354,7 +377,7 @@ impl<S: ContentSource> Shared<S> {
     fn register_ranged(&self, ino: u64, content: Arc<dyn RangedContent>, reply: ReplyOpen) {
         let table = self.table();
         let fh = table.next_fh();
-        let mut st = self.open.lock().unwrap();
+        let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let (opens, backing) = table.get(ino);
         table.set(ino, opens + 1, if opens == 0 { 0 } else { backing });
         st.files.insert(fh, Content::Ranged(content));
@@ -376,12 +399,33 @@ impl<S: ContentSource> Shared<S> {
             Some(c) => Content::Ranged(c),
             None => Content::File(Arc::new(matches_index(self.source.open(i, e)?, e)?)),
         };
-        let mut st = self.open.lock().unwrap();
+        let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(st.files.entry(fh).or_insert(content).clone())
     }
 
+    /// Run `serve` (which owns a request's reply) on the waiting pool,
+    /// counted as waiting meanwhile. Past the pool's bound it is dropped
+    /// unrun, which answers the request EIO.
+    fn wait_off_workers(&self, request: &str, i: u32, serve: impl FnOnce() + Send + 'static) {
+        let waiting = Waiting::new(&self.stats);
+        let accepted = self.waiting_pool.submit(Box::new(move || {
+            serve();
+            drop(waiting);
+        }));
+        if !accepted {
+            self.stats.refused_waits.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                request,
+                path = %String::from_utf8_lossy(&self.entry(i).path),
+                threads = self.opts.waiting_threads,
+                queue = self.opts.waiting_queue,
+                "too many requests waiting for content; answered EIO"
+            );
+        }
+    }
+
     /// Serve a read of `content` (entry `i`): at once when its bytes are
-    /// here, else on a thread of its own.
+    /// here, else on the waiting pool.
     fn read_content(
         self: &Arc<Self>,
         i: u32,
@@ -401,17 +445,10 @@ impl<S: ContentSource> Shared<S> {
                 // Bytes still on their way: wait off the worker threads, as
                 // a waiting open does.
                 let shared = self.clone();
-                let waiting = Waiting::new(&self.stats);
-                let spawned = std::thread::Builder::new()
-                    .name("lazylayer-read".into())
-                    .spawn(move || {
-                        let r = c.read_at(&mut buf, offset);
-                        shared.reply_ranged(i, r, &buf, offset, reply);
-                        drop(waiting);
-                    });
-                if let Err(err) = spawned {
-                    tracing::error!(error = %err, "cannot start a thread for a waiting read");
-                }
+                self.wait_off_workers("read", i, move || {
+                    let r = c.read_at(&mut buf, offset);
+                    shared.reply_ranged(i, r, &buf, offset, reply);
+                });
                 return;
             }
         };
@@ -567,6 +604,19 @@ fn matches_index(f: File, e: &IndexEntry) -> std::io::Result<File> {
     Ok(f)
 }
 
+/// Serve one request with `serve`: a panic in it answers that request EIO
+/// (its reply, dropped unanswered, says so) and leaves the worker thread
+/// serving the rest; the locks it may have held tolerate poisoning.
+fn isolate(request: &str, serve: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(serve)) {
+        tracing::error!(
+            request,
+            panic = %panic_message(&*panic),
+            "serving a FUSE request panicked; answered EIO"
+        );
+    }
+}
+
 impl<S: ContentSource> Filesystem for LazyFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         self.negotiate(config);
@@ -582,87 +632,86 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let Some(p) = self.idx(parent) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match self.index.lookup_child(p, name.as_bytes()) {
-            Some(c) => {
-                self.record(&self.entry(c).path, Access::Lookup);
-                reply.entry(&self.opts.ttl, &self.attr(c), Generation(0));
+        isolate("lookup", || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let Some(p) = self.idx(parent) else {
+                return reply.error(Errno::ENOENT);
+            };
+            match self.index.lookup_child(p, name.as_bytes()) {
+                Some(c) => {
+                    self.record(&self.entry(c).path, Access::Lookup);
+                    reply.entry(&self.opts.ttl, &self.attr(c), Generation(0));
+                }
+                None => {
+                    self.record(&self.child_path(p, name.as_bytes()), Access::Missing);
+                    // A negative entry (inode 0) with a TTL lets the kernel cache
+                    // the miss: programs probe many absent paths (python's module
+                    // search), and the image never changes under the mount.
+                    let mut attr = self.attr(p);
+                    attr.ino = INodeNo(0);
+                    reply.entry(&self.opts.ttl, &attr, Generation(0));
+                }
             }
-            None => {
-                self.record(&self.child_path(p, name.as_bytes()), Access::Missing);
-                // A negative entry (inode 0) with a TTL lets the kernel cache
-                // the miss: programs probe many absent paths (python's module
-                // search), and the image never changes under the mount.
-                let mut attr = self.attr(p);
-                attr.ino = INodeNo(0);
-                reply.entry(&self.opts.ttl, &attr, Generation(0));
-            }
-        }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        match self.idx(ino) {
-            Some(i) => reply.attr(&self.opts.ttl, &self.attr(i)),
-            None => reply.error(Errno::ENOENT),
-        }
+        isolate("getattr", || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            match self.idx(ino) {
+                Some(i) => reply.attr(&self.opts.ttl, &self.attr(i)),
+                None => reply.error(Errno::ENOENT),
+            }
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let Some(i) = self.idx(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let e = self.entry(i);
-        match &e.link_target {
-            Some(t) => {
-                self.record(&e.path, Access::Readlink);
-                reply.data(t)
+        isolate("readlink", || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let Some(i) = self.idx(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let e = self.entry(i);
+            match &e.link_target {
+                Some(t) => {
+                    self.record(&e.path, Access::Readlink);
+                    reply.data(t)
+                }
+                None => reply.error(Errno::EINVAL),
             }
-            None => reply.error(Errno::EINVAL),
-        }
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let Some(i) = self.idx(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        if flags.0 & libc_accmode() != rustix::fs::OFlags::RDONLY.bits() as i32 {
-            return reply.error(Errno::EROFS);
-        }
-        let e = self.entry(i);
-        if e.kind != FileKind::File {
-            return reply.error(Errno::EINVAL);
-        }
-        self.record(&e.path, Access::Open);
-        if let Some(c) = self.source.ranged(i, e) {
-            return self.register_ranged(ino.0, c, reply);
-        }
-        if let Some(r) = self.source.try_open(i, e) {
-            return self.finish_open(ino.0, i, r, reply);
-        }
-        // The content is on its way: wait on a thread of its own, not on one
-        // of the few FUSE worker threads (with all of them waiting, even a
-        // stat of a present file would stall). The wait is bounded by the
-        // source.
-        let shared = self.shared.clone();
-        let waiting = Waiting::new(&self.stats);
-        let spawned = std::thread::Builder::new()
-            .name("lazylayer-open".into())
-            .spawn(move || {
+        isolate("open", || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let Some(i) = self.idx(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            if flags.0 & libc_accmode() != rustix::fs::OFlags::RDONLY.bits() as i32 {
+                return reply.error(Errno::EROFS);
+            }
+            let e = self.entry(i);
+            if e.kind != FileKind::File {
+                return reply.error(Errno::EINVAL);
+            }
+            self.record(&e.path, Access::Open);
+            if let Some(c) = self.source.ranged(i, e) {
+                return self.register_ranged(ino.0, c, reply);
+            }
+            if let Some(r) = self.source.try_open(i, e) {
+                return self.finish_open(ino.0, i, r, reply);
+            }
+            // The content is on its way: wait on the pool, not on one of the
+            // few FUSE worker threads (with all of them waiting, even a stat
+            // of a present file would stall). The wait is bounded by the
+            // source.
+            let shared = self.shared.clone();
+            self.shared.wait_off_workers("open", i, move || {
                 let r = shared.source.open(i, shared.entry(i));
                 shared.finish_open(ino.0, i, r, reply);
-                drop(waiting);
             });
-        if let Err(err) = spawned {
-            // The reply went with the closure: dropped unanswered, it
-            // answers EIO.
-            tracing::error!(error = %err, "cannot start a thread for a waiting open");
-        }
+        })
     }
 
     fn read(
@@ -676,31 +725,31 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
-        let Some(i) = self.idx(ino) else {
-            return reply.error(Errno::EBADF);
-        };
-        let content = self.open.lock().unwrap().files.get(&fh.0).cloned();
-        if let Some(c) = content {
-            return self.shared.read_content(i, c, offset, size, reply);
-        }
-        // A handle the server before this one gave out: the kernel kept it
-        // across the takeover. Open the content again, off the workers.
-        let shared = self.shared.clone();
-        let waiting = Waiting::new(&self.stats);
-        let spawned = std::thread::Builder::new()
-            .name("lazylayer-reopen".into())
-            .spawn(move || {
-                match shared.reopen(i, fh.0) {
+        isolate("read", || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
+            let Some(i) = self.idx(ino) else {
+                return reply.error(Errno::EBADF);
+            };
+            let content = self
+                .open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .files
+                .get(&fh.0)
+                .cloned();
+            if let Some(c) = content {
+                return self.shared.read_content(i, c, offset, size, reply);
+            }
+            // A handle the server before this one gave out: the kernel kept it
+            // across the takeover. Open the content again, off the workers.
+            let shared = self.shared.clone();
+            self.shared
+                .wait_off_workers("reopen", i, move || match shared.reopen(i, fh.0) {
                     Ok(c) => shared.read_content(i, c, offset, size, reply),
                     Err(err) => shared.content_error(i, Some(offset), &err, |e| reply.error(e)),
-                }
-                drop(waiting);
-            });
-        if let Err(err) = spawned {
-            tracing::error!(error = %err, "cannot start a thread for a taken-over read");
-        }
+                });
+        })
     }
 
     fn release(
@@ -713,24 +762,26 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // By inode, not by handle: the handle may be an earlier server's.
-        let table = self.table();
-        let mut st = self.open.lock().unwrap();
-        st.files.remove(&fh.0);
-        let (opens, backing) = table.get(ino.0);
-        if opens <= 1 {
-            // The kernel has dropped this file's hold on the inode's I/O
-            // mode before sending RELEASE, so the last release may
-            // unregister the backing file.
-            table.set(ino.0, 0, 0);
-            if backing != 0 {
-                self.close_backing(backing);
+        isolate("release", || {
+            // By inode, not by handle: the handle may be an earlier server's.
+            let table = self.table();
+            let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+            st.files.remove(&fh.0);
+            let (opens, backing) = table.get(ino.0);
+            if opens <= 1 {
+                // The kernel has dropped this file's hold on the inode's I/O
+                // mode before sending RELEASE, so the last release may
+                // unregister the backing file.
+                table.set(ino.0, 0, 0);
+                if backing != 0 {
+                    self.close_backing(backing);
+                }
+            } else {
+                table.set(ino.0, opens - 1, backing);
             }
-        } else {
-            table.set(ino.0, opens - 1, backing);
-        }
-        drop(st);
-        reply.ok();
+            drop(st);
+            reply.ok();
+        })
     }
 
     fn flush(
@@ -741,31 +792,35 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Read-only: nothing to write back.
-        reply.ok();
+        isolate("flush", || {
+            // Read-only: nothing to write back.
+            reply.ok();
+        })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        if self.trace.is_none() {
-            // Zero-message opendir (Linux 5.1): the kernel stops sending
-            // OPENDIR and RELEASEDIR, and keeps every listing cached
-            // (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR is its default then): a
-            // walk over directories seen before costs no round trip. A trace
-            // needs the opens, to record listings.
-            return reply.error(Errno::ENOSYS);
-        }
-        match self.idx(ino) {
-            Some(i) if self.entry(i).kind == FileKind::Dir => {
-                self.record(&self.entry(i).path, Access::Readdir);
-                reply.opened(
-                    FileHandle(0),
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                )
+        isolate("opendir", || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if self.trace.is_none() {
+                // Zero-message opendir (Linux 5.1): the kernel stops sending
+                // OPENDIR and RELEASEDIR, and keeps every listing cached
+                // (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR is its default then): a
+                // walk over directories seen before costs no round trip. A trace
+                // needs the opens, to record listings.
+                return reply.error(Errno::ENOSYS);
             }
-            Some(_) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
-        }
+            match self.idx(ino) {
+                Some(i) if self.entry(i).kind == FileKind::Dir => {
+                    self.record(&self.entry(i).path, Access::Readdir);
+                    reply.opened(
+                        FileHandle(0),
+                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                    )
+                }
+                Some(_) => reply.error(Errno::ENOTDIR),
+                None => reply.error(Errno::ENOENT),
+            }
+        })
     }
 
     fn readdirplus(
@@ -776,37 +831,39 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let Some(i) = self.idx(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let children = self.index.children(i);
-        let total = children.len() as u64 + 2;
-        let ttl = self.opts.ttl;
-        for off in offset..total {
-            let full = match off {
-                0 => reply.add(ino_of(i), 1, ".", &ttl, &self.attr(i), Generation(0)),
-                1 => {
-                    let p = self.entry(i).parent;
-                    reply.add(ino_of(p), 2, "..", &ttl, &self.attr(p), Generation(0))
-                }
-                n => {
-                    let c = children[(n - 2) as usize];
-                    reply.add(
-                        ino_of(self.canonical[c as usize]),
-                        n + 1,
-                        OsStr::from_bytes(self.index.name(c)),
-                        &ttl,
-                        &self.attr(c),
-                        Generation(0),
-                    )
-                }
+        isolate("readdirplus", || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let Some(i) = self.idx(ino) else {
+                return reply.error(Errno::ENOENT);
             };
-            if full {
-                break;
+            let children = self.index.children(i);
+            let total = children.len() as u64 + 2;
+            let ttl = self.opts.ttl;
+            for off in offset..total {
+                let full = match off {
+                    0 => reply.add(ino_of(i), 1, ".", &ttl, &self.attr(i), Generation(0)),
+                    1 => {
+                        let p = self.entry(i).parent;
+                        reply.add(ino_of(p), 2, "..", &ttl, &self.attr(p), Generation(0))
+                    }
+                    n => {
+                        let c = children[(n - 2) as usize];
+                        reply.add(
+                            ino_of(self.canonical[c as usize]),
+                            n + 1,
+                            OsStr::from_bytes(self.index.name(c)),
+                            &ttl,
+                            &self.attr(c),
+                            Generation(0),
+                        )
+                    }
+                };
+                if full {
+                    break;
+                }
             }
-        }
-        reply.ok();
+            reply.ok();
+        })
     }
 
     fn readdir(
@@ -817,78 +874,86 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let Some(i) = self.idx(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let children = self.index.children(i);
-        let total = children.len() as u64 + 2;
-        for off in offset..total {
-            let full = match off {
-                0 => reply.add(ino_of(i), 1, FileType::Directory, "."),
-                1 => reply.add(ino_of(self.entry(i).parent), 2, FileType::Directory, ".."),
-                n => {
-                    let c = children[(n - 2) as usize];
-                    let e = self.entry(c);
-                    reply.add(
-                        ino_of(self.canonical[c as usize]),
-                        n + 1,
-                        file_type(e.kind),
-                        OsStr::from_bytes(self.index.name(c)),
-                    )
-                }
+        isolate("readdir", || {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let Some(i) = self.idx(ino) else {
+                return reply.error(Errno::ENOENT);
             };
-            if full {
-                break;
+            let children = self.index.children(i);
+            let total = children.len() as u64 + 2;
+            for off in offset..total {
+                let full = match off {
+                    0 => reply.add(ino_of(i), 1, FileType::Directory, "."),
+                    1 => reply.add(ino_of(self.entry(i).parent), 2, FileType::Directory, ".."),
+                    n => {
+                        let c = children[(n - 2) as usize];
+                        let e = self.entry(c);
+                        reply.add(
+                            ino_of(self.canonical[c as usize]),
+                            n + 1,
+                            file_type(e.kind),
+                            OsStr::from_bytes(self.index.name(c)),
+                        )
+                    }
+                };
+                if full {
+                    break;
+                }
             }
-        }
-        reply.ok();
+            reply.ok();
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let used: u64 = self
-            .index
-            .entries
-            .iter()
-            .map(|e| e.size.div_ceil(4096))
-            .sum();
-        reply.statfs(used, 0, 0, self.index.len() as u64, 0, 4096, 255, 4096);
+        isolate("statfs", || {
+            let used: u64 = self
+                .index
+                .entries
+                .iter()
+                .map(|e| e.size.div_ceil(4096))
+                .sum();
+            reply.statfs(used, 0, 0, self.index.len() as u64, 0, 4096, 255, 4096);
+        })
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some(i) = self.idx(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let e = self.entry(self.canonical[i as usize]);
-        match e
-            .xattrs
-            .iter()
-            .find(|(n, _)| n.as_slice() == name.as_bytes())
-        {
-            None => reply.error(Errno::ENODATA),
-            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
-            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
-            Some((_, v)) => reply.data(v),
-        }
+        isolate("getxattr", || {
+            let Some(i) = self.idx(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let e = self.entry(self.canonical[i as usize]);
+            match e
+                .xattrs
+                .iter()
+                .find(|(n, _)| n.as_slice() == name.as_bytes())
+            {
+                None => reply.error(Errno::ENODATA),
+                Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+                Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+                Some((_, v)) => reply.data(v),
+            }
+        })
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let Some(i) = self.idx(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let e = self.entry(self.canonical[i as usize]);
-        let mut buf = Vec::new();
-        for (n, _) in &e.xattrs {
-            buf.extend_from_slice(n);
-            buf.push(0);
-        }
-        if size == 0 {
-            reply.size(buf.len() as u32)
-        } else if buf.len() > size as usize {
-            reply.error(Errno::ERANGE)
-        } else {
-            reply.data(&buf)
-        }
+        isolate("listxattr", || {
+            let Some(i) = self.idx(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let e = self.entry(self.canonical[i as usize]);
+            let mut buf = Vec::new();
+            for (n, _) in &e.xattrs {
+                buf.extend_from_slice(n);
+                buf.push(0);
+            }
+            if size == 0 {
+                reply.size(buf.len() as u32)
+            } else if buf.len() > size as usize {
+                reply.error(Errno::ERANGE)
+            } else {
+                reply.data(&buf)
+            }
+        })
     }
 }
 

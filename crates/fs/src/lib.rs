@@ -17,6 +17,8 @@
 mod filesystem;
 pub mod holder;
 mod mount;
+pub mod panics;
+mod pool;
 pub mod source;
 mod table;
 mod trace;
@@ -24,6 +26,7 @@ mod trace;
 pub use filesystem::{FsOptions, FsStats, LazyFs};
 pub use holder::{Held, Holder};
 pub use mount::FsMount;
+pub use panics::panic_message;
 pub use source::{BootOnlySource, Content, ContentSource, LayerDirSource, RangedContent};
 pub use trace::{Access, Trace, TraceEvent, TraceFile, TraceRead};
 

@@ -16,6 +16,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rustix::fs::SealFlags;
+
 const MAGIC: u64 = u64::from_le_bytes(*b"llfstab1");
 const HEADER_WORDS: usize = 4;
 /// Header word: the next file handle to give out.
@@ -29,6 +31,14 @@ const SLOTS: usize = 3;
 pub const FLAG_INITIALIZED: u64 = 1;
 /// The kernel agreed to FUSE passthrough at INIT.
 pub const FLAG_PASSTHROUGH: u64 = 2;
+
+/// Seals of the memfd: its size is fixed once made, since a shrink under
+/// the servers' mappings would kill them (SIGBUS) on their next access, and
+/// the seals themselves are final. Writes stay allowed: the table is
+/// written through a shared mapping.
+const SIZE_SEALS: SealFlags = SealFlags::SHRINK
+    .union(SealFlags::GROW)
+    .union(SealFlags::SEAL);
 
 /// Per-inode I/O state in shared memory.
 pub struct OpenTable {
@@ -45,9 +55,14 @@ unsafe impl Sync for OpenTable {}
 impl OpenTable {
     /// A new, zeroed table for `slots` inodes.
     pub fn create(slots: usize) -> std::io::Result<OpenTable> {
-        let fd = rustix::fs::memfd_create("lazylayer-fs-state", rustix::fs::MemfdFlags::CLOEXEC)?;
+        use rustix::fs::MemfdFlags;
+        let fd = rustix::fs::memfd_create(
+            "lazylayer-fs-state",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )?;
         let words = HEADER_WORDS + slots;
         rustix::fs::ftruncate(&fd, (words * 8) as u64)?;
+        rustix::fs::fcntl_add_seals(&fd, SIZE_SEALS)?;
         let t = OpenTable::map(fd, words)?;
         t.word(0).store(MAGIC, Ordering::Relaxed);
         t.word(NEXT_FH).store(1, Ordering::Relaxed);
@@ -66,6 +81,13 @@ impl OpenTable {
                 "the handed-over file-system state is {len} bytes, not {} for {slots} inodes",
                 words * 8
             )));
+        }
+        // Tables made before they were sealed: seal them now if the memfd
+        // allows it (one made without ALLOW_SEALING never does).
+        if !rustix::fs::fcntl_get_seals(&fd)?.contains(SealFlags::SHRINK) {
+            if let Err(e) = rustix::fs::fcntl_add_seals(&fd, SIZE_SEALS) {
+                tracing::warn!(error = %e, "the handed-over file-system state cannot be sealed; a holder of it could still resize it");
+            }
         }
         let t = OpenTable::map(fd, words)?;
         if t.word(0).load(Ordering::Relaxed) != MAGIC
@@ -183,5 +205,22 @@ mod tests {
             .err()
             .expect("another index's size");
         assert!(e.to_string().contains("112 bytes, not 120"), "{e}");
+    }
+
+    /// The memfd is sealed at its size: whoever else holds it (the
+    /// descriptor holder, a server taking over) cannot shrink it under a
+    /// mapping, which would SIGBUS the server, nor grow it.
+    #[test]
+    fn the_shared_table_cannot_change_size() {
+        let t = OpenTable::create(10).unwrap();
+        let other = t.fd().try_clone_to_owned().unwrap();
+        for len in [0, 8, 4096] {
+            let e = rustix::fs::ftruncate(&other, len).expect_err("a resize must be refused");
+            assert_eq!(e, rustix::io::Errno::PERM, "ftruncate to {len}");
+        }
+        t.set(10, 1, 2);
+        assert_eq!(t.get(10), (1, 2), "the table still works");
+        let adopted = OpenTable::adopt(other, 10).unwrap();
+        assert_eq!(adopted.get(10), (1, 2));
     }
 }

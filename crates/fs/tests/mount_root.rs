@@ -160,13 +160,22 @@ impl Mounted {
         trace: Option<Arc<Trace>>,
         passthrough: bool,
     ) -> Mounted {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mnt");
-        std::fs::create_dir(&path).unwrap();
         let opts = FsOptions {
             passthrough,
             ..FsOptions::default()
         };
+        Mounted::with_options(index, source, trace, opts)
+    }
+
+    fn with_options<S: ContentSource>(
+        index: BootIndex,
+        source: S,
+        trace: Option<Arc<Trace>>,
+        opts: FsOptions,
+    ) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
         let fs = LazyFs::new(Arc::new(index), source, trace, opts);
         let stats = fs.stats();
         let mount = FsMount::mount(fs, &path, 2).unwrap();
@@ -891,6 +900,126 @@ fn root_waiting_opens_leave_the_worker_threads_free() {
 
     gate.release();
     for _ in 0..OPENS {
+        let (i, r) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(r.unwrap(), format!("file {i}").into_bytes());
+    }
+}
+
+/// A source with a bug: opening `boom` panics (on the FUSE worker thread,
+/// since `try_open` answers at once), anything else opens from `dir`.
+struct PanickingSource {
+    dir: PathBuf,
+}
+
+impl ContentSource for PanickingSource {
+    fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
+        if entry.path.ends_with(b"boom") {
+            panic!(
+                "injected fault opening {}",
+                String::from_utf8_lossy(&entry.path)
+            );
+        }
+        lazylayer_fs::source::open_beneath(&self.dir, &entry.path)
+    }
+}
+
+/// A panic while serving one request answers that request EIO and leaves
+/// the mount served: more panics than the mount has worker threads (2), and
+/// then other files still read.
+#[test]
+fn root_a_panicking_request_gets_eio_and_the_mount_keeps_serving() {
+    if !have_root("root_a_panicking_request_gets_eio_and_the_mount_keeps_serving") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("boom"), b"never served").unwrap();
+    std::fs::write(src.path().join("fine"), b"served").unwrap();
+    let source = PanickingSource {
+        dir: src.path().to_path_buf(),
+    };
+    let m = Mounted::new(index_of(src.path()), source, None, false);
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..4 {
+        let (boom, fine, tx) = (m.p("boom"), m.p("fine"), tx.clone());
+        // On threads of their own: a mount that stopped serving hangs them.
+        std::thread::spawn(move || {
+            let _ = tx.send((std::fs::read(boom), std::fs::read(fine)));
+        });
+        let (boom, fine) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the mount stopped serving after a panic");
+        assert_eq!(errno(&boom.unwrap_err()), EIO);
+        assert_eq!(fine.unwrap(), b"served");
+    }
+}
+
+/// Requests that must wait run on a bounded pool. With 2 threads and a
+/// queue of 2, of 8 opens waiting at once 2 reach the source, 2 queue, and
+/// the other 4 are answered EIO at once (counted); once the content is there
+/// the 4 accepted ones complete.
+#[test]
+fn root_waiting_requests_past_the_pool_bound_get_eio_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    if !have_root("root_waiting_requests_past_the_pool_bound_get_eio_at_once") {
+        return;
+    }
+    const OPENS: usize = 8;
+    let (threads, queue) = (2, 2);
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..OPENS {
+        std::fs::write(src.path().join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let gate = Arc::new(Gate::default());
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let source = WaitingSource {
+        dir: src.path().to_path_buf(),
+        gate: gate.clone(),
+        waiting: waiting.clone(),
+    };
+    let opts = FsOptions {
+        passthrough: false,
+        waiting_threads: threads,
+        waiting_queue: queue,
+        ..FsOptions::default()
+    };
+    let m = Mounted::with_options(index_of(src.path()), source, None, opts);
+    let _release = ReleaseOnDrop(gate.clone());
+
+    let (tx, rx) = mpsc::channel();
+    let t = Instant::now();
+    for i in 0..OPENS {
+        let (p, tx) = (m.p(&format!("f{i}")), tx.clone());
+        std::thread::spawn(move || tx.send((i, std::fs::read(p))).unwrap());
+    }
+    let refused = OPENS - threads - queue;
+    for _ in 0..refused {
+        let (i, r) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("no waiting open past the bound was refused");
+        assert_eq!(errno(&r.unwrap_err()), EIO, "f{i}");
+    }
+    eprintln!(
+        "{refused} opens past the bound refused within {:?}",
+        t.elapsed()
+    );
+    assert_eq!(m.stats.refused_waits(), refused as u64);
+    let t = Instant::now();
+    while waiting.load(SeqCst) < threads {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the pool's threads never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        waiting.load(SeqCst),
+        threads,
+        "no more than the pool's threads wait"
+    );
+    assert_eq!(m.stats.waiting(), (threads + queue) as u64);
+
+    gate.release();
+    for _ in 0..threads + queue {
         let (i, r) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
         assert_eq!(r.unwrap(), format!("file {i}").into_bytes());
     }

@@ -5,11 +5,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 
@@ -57,6 +56,8 @@ pub struct AuthStore {
     asked: Arc<Mutex<HashMap<String, Option<Credential>>>>,
     /// Files read, for `--help`-style diagnostics.
     pub sources: Vec<PathBuf>,
+    /// Where `docker-credential-NAME` helpers are; None: found on PATH.
+    pub helper_dir: Option<PathBuf>,
 }
 
 impl AuthStore {
@@ -146,8 +147,12 @@ impl AuthStore {
             tracing::warn!(%name, "ignoring credential helper with a bad name");
             None
         } else {
-            run_helper(Path::new(&program), server).unwrap_or_else(|e| {
-                tracing::warn!(helper = %program, %host, error = %e, "credential helper failed");
+            let program = match &self.helper_dir {
+                Some(d) => d.join(&program),
+                None => PathBuf::from(&program),
+            };
+            run_helper(&program, server).unwrap_or_else(|e| {
+                tracing::warn!(helper = %program.display(), %host, error = %e, "credential helper failed");
                 None
             })
         };
@@ -162,42 +167,59 @@ fn is_docker_hub(host: &str) -> bool {
 
 /// `docker-credential-NAME get` with the server on stdin (the protocol Docker
 /// and Podman share). Ok(None): the helper has nothing for this server.
+///
+/// Synchronous for its callers (the registry client asks from async code):
+/// on a multi-threaded runtime the helper runs in place of the worker, whose
+/// other tasks move to another thread meanwhile; elsewhere on a runtime of
+/// its own.
 fn run_helper(program: &Path, server: &str) -> Result<Option<Credential>, String> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let helper = helper_answer(program, server);
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(helper))
+        }
+        // A current-thread runtime cannot wait in place: a thread of its own.
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(|| helper_runtime()?.block_on(helper))
+                .join()
+                .unwrap_or_else(|_| Err("the credential helper's thread panicked".into()))
+        }),
+        Err(_) => helper_runtime()?.block_on(helper),
+    }
+}
+
+fn helper_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime for the credential helper: {e}"))
+}
+
+/// Run the helper (killed when it has not answered within
+/// [`HELPER_TIMEOUT`], or when this future is dropped) and read its answer.
+async fn helper_answer(program: &Path, server: &str) -> Result<Option<Credential>, String> {
+    use tokio::io::AsyncWriteExt;
     let shown = program.display();
-    let mut child = Command::new(program)
+    let mut child = tokio::process::Command::new(program)
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    let mut stdin = child.stdin.take().expect("piped");
     // The request is one line; the pipe cannot fill before the helper reads.
-    let _ = child.stdin.take().unwrap().write_all(server.as_bytes());
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = String::new();
-        let _ = err.read_to_string(&mut v);
-        v
-    });
-    let deadline = Instant::now() + HELPER_TIMEOUT;
-    let status = loop {
-        match child.try_wait().map_err(|e| e.to_string())? {
-            Some(st) => break st,
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("no answer within {HELPER_TIMEOUT:?}"));
-            }
-            None => std::thread::sleep(Duration::from_millis(10)),
-        }
+    let _ = stdin.write_all(server.as_bytes()).await;
+    drop(stdin);
+    let output = match tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output()).await {
+        Ok(r) => r.map_err(|e| format!("waiting for {shown}: {e}"))?,
+        // Dropping the wait dropped the child: killed (and reaped by tokio).
+        Err(_) => return Err(format!("no answer within {HELPER_TIMEOUT:?}")),
     };
-    let out = out_reader.join().unwrap_or_default();
-    let err = err_reader.join().unwrap_or_default();
+    let (status, out) = (output.status, output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
     if !status.success() {
         // The protocol's "nothing stored" answer, from every helper Docker ships.
         if err.contains("credentials not found")
@@ -456,11 +478,83 @@ mod tests {
             e.contains("identity token") && !e.contains("refresh"),
             "{e}"
         );
+        // From any kind of caller: a runtime's own thread, a worker of a
+        // multi-threaded one, a current-thread one.
+        let multi = tokio::runtime::Runtime::new().unwrap();
+        let single = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ask = || run_helper(&h, "reg:5000").unwrap().unwrap().username;
+        assert_eq!(multi.block_on(async { ask() }), "bob");
+        let h2 = h.clone();
+        let on_worker = multi.spawn(async move { run_helper(&h2, "reg:5000").unwrap().unwrap() });
+        assert_eq!(multi.block_on(on_worker).unwrap().username, "bob");
+        assert_eq!(single.block_on(async { ask() }), "bob");
         let e = run_helper(&dir.path().join("missing"), "reg:5000").unwrap_err();
         assert!(e.contains("cannot start"), "{e}");
         let asked =
             std::fs::read_to_string(dir.path().join("docker-credential-fake.asked")).unwrap();
-        assert_eq!(asked, "reg:5000\nother:1\ntok:1\n");
+        assert_eq!(
+            asked,
+            "reg:5000\nother:1\ntok:1\nreg:5000\nreg:5000\nreg:5000\n"
+        );
+    }
+
+    /// A helper runs off the async workers: on a runtime with one worker,
+    /// a helper that answers only once another task has run (it waits for
+    /// the file that task writes) still answers, and no later than that.
+    #[test]
+    fn a_credential_helper_leaves_the_async_workers_free() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("other-task-ran");
+        let helper = dir.path().join("docker-credential-waits");
+        std::fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh
+read -r server
+n=0
+while [ ! -e '{}' ]; do
+  n=$((n+1)); [ $n -gt 2000 ] && exit 3
+  sleep 0.01
+done
+                 echo '{{\"Username\":\"ann\",\"Secret\":\"pw\"}}'
+",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut store = AuthStore::default();
+        store
+            .by_host
+            .insert("reg:5000".into(), Entry::Helper("waits".into()));
+        store.helper_dir = Some(dir.path().to_path_buf());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async {
+            let (asking, asked_now) = tokio::sync::oneshot::channel();
+            let m = marker.clone();
+            // Runs only once the helper was asked, on the one worker.
+            let other = tokio::spawn(async move {
+                asked_now.await.unwrap();
+                std::fs::write(m, b"").unwrap()
+            });
+            let asked = tokio::spawn(async move {
+                asking.send(()).unwrap();
+                store.get("reg:5000")
+            });
+            let got = asked.await.unwrap();
+            other.await.unwrap();
+            got
+        });
+        let c = got.expect("the helper answered once the other task ran");
+        assert_eq!(c.username, "ann");
     }
 
     #[test]
