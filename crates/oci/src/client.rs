@@ -18,6 +18,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::auth::{parse_challenge, AuthStore};
+use crate::breaker::Breakers;
 use crate::digest::{Digest, DigestHasher};
 use crate::error::{OciError, Result};
 use crate::hosts::{Endpoint, Hosts, Purpose};
@@ -122,6 +123,22 @@ impl std::fmt::Display for Broken {
     }
 }
 
+/// An error and its sources on one line: reqwest's own text ("error sending
+/// request for url ...") does not say what failed.
+pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = cause.source();
+    }
+    out
+}
+
 /// `12.3 MB` style sizes (decimal, as registries and podman report them).
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
@@ -175,6 +192,9 @@ pub struct RegistryClient {
     /// the digest, or by the unpacker) can be laid at their door
     /// ([`RegistryClient::distrust`]). Forgotten once a download verifies.
     served_by: Arc<Mutex<HashMap<Digest, Vec<String>>>>,
+    /// Hosts given up on for network reasons: asked no more until a probe
+    /// finds them back (shared by clones, so by every image of a process).
+    breakers: Breakers,
 }
 
 /// A host's TLS settings: skip_verify, extra CA files.
@@ -287,6 +307,7 @@ impl RegistryClient {
             tls_clients: Arc::new(Mutex::new(HashMap::new())),
             failed: Arc::new(Mutex::new(HashMap::new())),
             served_by: Arc::new(Mutex::new(HashMap::new())),
+            breakers: Breakers::default(),
         })
     }
 
@@ -345,12 +366,24 @@ impl RegistryClient {
     }
 
     /// The hosts to try for `purpose` on `repo`, mirrors first, those that
-    /// failed recently after the others.
+    /// failed recently after the others; hosts known to be down (breaker
+    /// open) left out while another remains.
     pub fn endpoints(&self, repo: &Repository, purpose: Purpose) -> Result<Vec<Endpoint>> {
         let mut eps = self
             .cfg
             .hosts
             .endpoints(repo, purpose, &self.cfg.insecure_registries)?;
+        if eps.len() > 1 {
+            let up: Vec<Endpoint> = eps
+                .iter()
+                .filter(|e| !self.breakers.is_open(&Self::host_key(e)))
+                .cloned()
+                .collect();
+            // All down: asked anyway, so the caller gets their errors.
+            if !up.is_empty() {
+                eps = up;
+            }
+        }
         if eps.len() > 1 {
             let now = Instant::now();
             let mut failed = self.failed.lock().unwrap();
@@ -373,6 +406,25 @@ impl RegistryClient {
                 .lock()
                 .unwrap()
                 .insert(Self::host_key(ep), Instant::now() + FAILED_HOST_PENALTY);
+        }
+    }
+
+    /// `ep` failed with `e` after all its tries: a network failure opens its
+    /// breaker (and starts the probe that closes it).
+    fn gave_up(&self, ep: &Endpoint, e: &OciError) {
+        let key = Self::host_key(ep);
+        if self.breakers.trip(&key, e) {
+            let root = format!(
+                "{}://{}{}/",
+                ep.scheme,
+                ep.host,
+                ep.path.trim_end_matches('/')
+            );
+            match (self.http_for(ep), url::Url::parse(&root)) {
+                (Ok(http), Ok(root)) => self.breakers.start_probe(&key, http, root),
+                // Never probed: do not keep it closed to requests either.
+                _ => self.breakers.close(&key),
+            }
         }
     }
 
@@ -457,7 +509,9 @@ impl RegistryClient {
     /// Send a request built by `build` to `ep`, answering auth challenges
     /// and retrying transient failures. `build` is called once per attempt,
     /// so bodies must be re-creatable. Non-idempotent requests are retried
-    /// only when the connection failed before anything was sent.
+    /// only when the connection failed before anything was sent. An
+    /// idempotent request whose answer does not come within the stall
+    /// timeout is a stalled registry too: tried again, then given up.
     async fn send(
         &self,
         what: &str,
@@ -467,8 +521,17 @@ impl RegistryClient {
         idempotent: bool,
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
-        self.send_within(what, repo, ep, scopes, idempotent, None, build)
-            .await
+        let answer_timeout = self.cfg.stall_timeout.max(Duration::from_millis(100));
+        self.send_within(
+            what,
+            repo,
+            ep,
+            scopes,
+            idempotent,
+            Some(answer_timeout),
+            build,
+        )
+        .await
     }
 
     /// [`RegistryClient::send`], where each attempt's response (its status
@@ -486,6 +549,7 @@ impl RegistryClient {
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
         let registry = ep.label().to_string();
+        let host_key = Self::host_key(ep);
         let http = self.http_for(ep)?;
         let max_attempts = self.attempts(ep);
         // Tokens are per host: a mirror answers its own challenges.
@@ -494,6 +558,9 @@ impl RegistryClient {
         let mut authed = false;
         let mut attempt = 0;
         loop {
+            // A host known to be down (given up on by this request or another
+            // meanwhile) costs nothing but this error.
+            self.breakers.admit(&host_key, what, &registry)?;
             let cached = {
                 let t = self.tokens.lock().unwrap();
                 t.get(&scope_key).or_else(|| t.get(&basic_key)).cloned()
@@ -516,15 +583,21 @@ impl RegistryClient {
                         continue;
                     }
                     Err(_) => {
-                        return Err(OciError::NoAnswer {
+                        let e = OciError::NoAnswer {
                             what: what.into(),
                             registry,
                             secs: limit.as_secs_f64(),
                             tries: attempt + 1,
-                        })
+                        };
+                        self.gave_up(ep, &e);
+                        return Err(e);
                     }
                 },
             };
+            if sent.is_ok() {
+                // It answers (whatever the status): not down.
+                self.breakers.close(&host_key);
+            }
             match sent {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !authed => {
                     authed = true;
@@ -571,11 +644,13 @@ impl RegistryClient {
                     attempt += 1;
                 }
                 Err(e) => {
-                    return Err(OciError::Http {
+                    let e = OciError::Http {
                         what: what.into(),
                         registry,
                         source: e,
-                    })
+                    };
+                    self.gave_up(ep, &e);
+                    return Err(e);
                 }
             }
         }
@@ -1128,14 +1203,16 @@ impl RegistryClient {
             failures += 1;
             if failures >= self.attempts(ep) {
                 tracing::debug!(%what, got, %reason, failures, "giving up on this host");
-                next_host_or_fail!(OciError::Interrupted {
+                let e = OciError::Interrupted {
                     what: what.clone(),
                     registry: ep.label().to_string(),
                     at: got,
                     total: expected_size,
                     reason: reason.to_string(),
                     tries: failures,
-                });
+                };
+                self.gave_up(ep, &e);
+                next_host_or_fail!(e);
             }
             tracing::warn!(%what, host = %ep.label(), at = got, %reason, "download interrupted; resuming");
             tokio::time::sleep(backoff(failures - 1)).await;
