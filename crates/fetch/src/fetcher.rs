@@ -77,6 +77,10 @@ struct Slot {
     /// Paths (relative) already on disk in `extracting_in`.
     ready: HashSet<Vec<u8>>,
     on_demand: bool,
+    /// Failed because the registry could not be reached: a reader's next
+    /// request fetches it again (failing at once while the host's breaker
+    /// is open, succeeding once the host is back).
+    failed_by_network: bool,
 }
 
 struct Inner {
@@ -178,6 +182,7 @@ impl LayerFetcher {
                     extracting_in: None,
                     ready: HashSet::new(),
                     on_demand: false,
+                    failed_by_network: false,
                 }
             })
             .collect();
@@ -224,10 +229,12 @@ impl LayerFetcher {
         let layer = {
             let mut s = self.inner.slots.lock().unwrap();
             let Some(slot) = s.get_mut(i) else { return };
-            if slot.state != LayerState::Pending {
+            let again = on_demand && slot.failed_by_network;
+            if slot.state != LayerState::Pending && !again {
                 return;
             }
             slot.state = LayerState::Fetching;
+            slot.failed_by_network = false;
             slot.on_demand = on_demand;
             slot.layer.clone()
         };
@@ -352,10 +359,14 @@ impl LayerFetcher {
                 let stored = self.inner.store.layer_fs_path(&slot.layer.digest);
                 match &slot.state {
                     LayerState::Done => Some(Found::Stored(stored)),
-                    LayerState::Failed(msg) => Some(Found::Failed(io::Error::other(format!(
-                        "layer {} could not be fetched: {msg}",
-                        slot.layer.digest
-                    )))),
+                    LayerState::Failed(msg) => Some(Found::Failed(io::Error::new(
+                        if slot.failed_by_network {
+                            io::ErrorKind::HostUnreachable
+                        } else {
+                            io::ErrorKind::Other
+                        },
+                        format!("layer {} could not be fetched: {msg}", slot.layer.digest),
+                    ))),
                     _ if early && slot.ready.contains(path) => {
                         Some(Found::Streaming(slot.extracting_in.clone(), stored))
                     }
@@ -612,6 +623,7 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
             tracing::error!(layer = %layer.digest, error = %msg, "layer fetch failed");
             lazylayer_metrics::fetch_error(crate::error_cause(&e));
             s[i].state = LayerState::Failed(msg);
+            s[i].failed_by_network = crate::is_network(&e);
         }
     }
     drop(s);
