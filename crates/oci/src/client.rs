@@ -1899,6 +1899,62 @@ mod tests {
         );
     }
 
+    /// A host that takes connections and never answers (as a SIGSTOPped
+    /// registry does): given up after its tries, then failed at once
+    /// without being asked; once it answers again (any status), the probe
+    /// closes its breaker and requests reach it. The assertions are on
+    /// which error comes, not on times.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_that_stops_answering_fails_fast_then_is_probed_back() {
+        use std::io::{Read, Write};
+        // Connections land in the backlog; nobody reads them yet.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = RegistryClient::new(ClientConfig {
+            stall_timeout: Duration::from_millis(200),
+            max_attempts: 2,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let r: Reference = format!("127.0.0.1:{port}/x/y:latest").parse().unwrap();
+        let e = client.get_manifest(&r).await.unwrap_err();
+        assert!(matches!(e, OciError::NoAnswer { tries: 2, .. }), "{e}");
+        let e = client.get_manifest(&r).await.unwrap_err();
+        assert!(matches!(e, OciError::Unreachable { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("registry 127.0.0.1:{port} unreachable for "))
+                && msg.contains("(network failure: no answer within "),
+            "{msg}"
+        );
+
+        // The host answers again: every request gets a 404.
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while matches!(c.read(&mut buf), Ok(n) if n > 0) {
+                        let answer = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+                        if c.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut unreachable = 0;
+        loop {
+            match client.get_manifest(&r).await {
+                Err(OciError::Unreachable { .. }) => unreachable += 1,
+                Err(OciError::NotFound { .. }) => break,
+                other => panic!("{:?}", other.map(|m| m.digest)),
+            }
+            assert!(unreachable < 300, "the probe never closed the breaker");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     #[test]
     fn backoff_grows_and_is_bounded() {
         assert!(backoff(1) > backoff(0));

@@ -90,9 +90,9 @@ pub enum OciError {
     },
     /// The host's breaker is open (see `breaker`): not asked at all.
     #[error(
-        "{what}: registry {registry} unreachable for {} s (network failure: {cause}); next probe in {} s",
+        "{what}: registry {registry} unreachable for {} s (network failure: {cause}); {}",
         down_for.as_secs(),
-        retry_in.as_secs_f64().ceil()
+        next_probe(retry_in)
     )]
     Unreachable {
         what: String,
@@ -112,6 +112,16 @@ pub enum OciError {
     NoHost { registry: String, purpose: String },
     #[error("{what}: larger than the limit of {limit} bytes (at least {size}); refused")]
     TooLarge { what: String, size: u64, limit: u64 },
+}
+
+/// When an open breaker's host is asked again, in words.
+fn next_probe(retry_in: &std::time::Duration) -> String {
+    let secs = retry_in.as_secs_f64().ceil();
+    if secs < 1.0 {
+        "probing it now".into()
+    } else {
+        format!("next probe in {secs} s")
+    }
 }
 
 impl OciError {
