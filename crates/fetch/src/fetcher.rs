@@ -534,6 +534,17 @@ impl LayerFetcher {
             .all(|s| s.state == LayerState::Done)
     }
 
+    /// True when a layer failed for good: not for want of the network (such
+    /// a layer is fetched again when a reader asks for it).
+    pub fn failed_for_good(&self) -> bool {
+        self.inner
+            .slots
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| matches!(s.state, LayerState::Failed(_)) && !s.failed_by_network)
+    }
+
     /// Block until every layer is done or one failed (or `timeout`).
     pub fn wait_all(&self, timeout: Duration) -> Result<(), String> {
         self.wait_for(Instant::now() + timeout, |s| {
