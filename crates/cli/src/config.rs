@@ -78,7 +78,8 @@ pub struct RegistriesSection {
 #[serde(deny_unknown_fields)]
 pub struct FetchSection {
     /// Seconds a blob download may bring no data (or under 1 KiB/s on
-    /// average) before it is dropped and resumed.
+    /// average) before it is dropped and resumed, and a request may wait
+    /// for its answer before it is sent again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stall_timeout: Option<f64>,
     /// Seconds to wait for a registry connection.

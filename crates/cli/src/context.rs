@@ -34,7 +34,9 @@ pub struct GlobalFlags {
     #[arg(long, global = true, value_name = "FILE")]
     pub auth_file: Option<PathBuf>,
     /// Seconds a blob download may bring no data (or under 1 KiB/s on average)
-    /// before it is dropped and resumed; gives up after 5 tries
+    /// before it is dropped and resumed, and a request may wait for its answer
+    /// before it is sent again; gives up on the host after 5 tries (its later
+    /// requests then fail at once until it answers a probe)
     /// [config: fetch.stall_timeout; default: 10]
     #[arg(
         long,

@@ -1320,3 +1320,201 @@ fn prefetch_cut_by_container_exit_is_quiet_and_resumed() {
         "the next run resumed the partial"
     );
 }
+
+// ---- a registry that goes down while a lazily started container runs ------
+
+/// The pid of `reg`'s docker-registry process (found by its config file), to
+/// stop and continue it as a stalled host would be: connections are still
+/// accepted by the kernel, and nothing answers.
+fn registry_pid(reg: &Registry) -> u32 {
+    let config = reg.dir.path().join("config.yml");
+    let config = config.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*config))
+        })
+        .expect("the registry's process")
+}
+
+/// SIGCONTs a stopped registry on drop, so that a failing test leaves no
+/// stopped process behind (the registry's own drop then kills it).
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        send_signal(self.0, rustix::process::Signal::CONT);
+    }
+}
+
+/// Prints a file (a command's stderr) on drop, even when a test panics.
+struct ShowOnDrop(std::path::PathBuf);
+
+impl Drop for ShowOnDrop {
+    fn drop(&mut self) {
+        let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+        eprintln!("-- {}:\n{text}", self.0.display());
+    }
+}
+
+/// The registry stalls (SIGSTOP: it accepts connections and never answers)
+/// while a lazily started container runs. The first read that needs it (A,
+/// an untraced file of a lower layer, small in a big one: read by range) fails with EIO once the client has
+/// given up on the host (its tries bounded by the stall timeout); the next
+/// one (B, boot-layer bytes the trace did not read) fails within seconds, not
+/// after another full wait: the host's breaker is open. The messages say it
+/// was the network and name the host, the image and the layer. Once the
+/// registry runs again, the breaker's re-probe closes it and the same reads
+/// succeed, in the same container, without a restart.
+#[test]
+fn stalled_registry_fails_reads_fast_and_recovers_by_itself() {
+    use std::io::{BufRead, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    if !require_root(
+        "stalled_registry_fails_reads_fast_and_recovers_by_itself",
+        "runc, FUSE",
+    ) {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer"]);
+    // The trace opens random.bin and reads none of it: the file is in the
+    // boot layer, but none of its chunks is in the start list.
+    let (_optimized_in, _src, dst) = optimize_image(
+        &reg,
+        "multilayer",
+        &[
+            "--",
+            "sh",
+            "-c",
+            "true </data/random.bin; cat /data/keep/a.txt",
+        ],
+    );
+    let probe = tempfile::tempdir().unwrap();
+    let (_, layers) = layer_digests(probe.path(), &dst);
+    // The boot layer is last.
+    let (boot, lower) = layers.split_last().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let _leftovers = StoreLeftovers(root.path().to_path_buf());
+    let fetch_timeout = Duration::from_secs(20);
+    let script = "cat /bin/busybox >/dev/null; echo ready; read go; \
+        echo A; cat /data/modes/0644.txt && echo A-ok || echo A-eio; \
+        echo B; tail -c 100000 /data/random.bin | wc -c; \
+        read go; \
+        echo C; cat /data/modes/0644.txt; tail -c 100000 /data/random.bin | wc -c; echo C-done";
+    let err_file = root.path().join("run.stderr");
+    // Shown after the run is killed (dropped after it), when the test fails.
+    let _show = ShowOnDrop(err_file.clone());
+    let mut child = KillOnDrop(
+        lazylayer_cmd(root.path())
+            .args(["--stall-timeout", "2", "run", "--rm", "--prefetch", "off"])
+            .args(["--fetch-timeout", &fetch_timeout.as_secs().to_string()])
+            .args([&dst, "--", "sh", "-c", script])
+            .env("RUST_LOG", "warn,fuser=off")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err_file).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = child.0.stdin.take().unwrap();
+    let out = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("container: {line}");
+            let _ = tx.send((line, Instant::now()));
+        }
+    });
+    // The next line the container prints, within `limit`.
+    let next = |limit: Duration, what: &str| -> (String, Instant) {
+        rx.recv_timeout(limit)
+            .unwrap_or_else(|e| panic!("{what}: no line from the container within {limit:?}: {e}"))
+    };
+    let (l, _) = next(Duration::from_secs(60), "start");
+    assert_eq!(l, "ready");
+
+    let pid = registry_pid(&reg);
+    send_signal(pid, rustix::process::Signal::STOP);
+    let cont = Continue(pid);
+    stdin.write_all(b"go\n").unwrap();
+    let (l, a_start) = next(Duration::from_secs(10), "A");
+    assert_eq!(l, "A");
+    // Bounded: the client's tries (stall timeout 2 s) or the fetch timeout,
+    // whichever ends first, and some slack for a loaded machine.
+    let (a, a_end) = next(fetch_timeout + Duration::from_secs(15), "A's read");
+    eprintln!("A: {a} after {:?}", a_end - a_start);
+    assert_eq!(a, "A-eio", "A needs the stalled registry");
+    let (l, b_start) = next(Duration::from_secs(10), "B");
+    assert_eq!(l, "B");
+    let (b, b_end) = next(fetch_timeout, "B's read");
+    let b_took = b_end - b_start;
+    eprintln!("B: {b} after {b_took:?}");
+    // busybox tail exits 0 after a read error: the count tells.
+    assert_eq!(b, "0", "B needs the stalled registry");
+    assert!(
+        b_took < fetch_timeout / 2,
+        "B failed fast, the host known down: {b_took:?}"
+    );
+
+    // The registry is back: the breaker's probe finds it, and the same reads
+    // succeed in the same container.
+    drop(cont);
+    std::thread::sleep(Duration::from_secs(6));
+    stdin.write_all(b"go\n").unwrap();
+    let (l, _) = next(Duration::from_secs(10), "C");
+    assert_eq!(l, "C");
+    let (l, _) = next(fetch_timeout, "C's first read");
+    assert_eq!(l, "mode 0644", "A's file after the registry came back");
+    let (l, _) = next(fetch_timeout, "C's second read");
+    assert_eq!(l, "100000", "B's bytes after the registry came back");
+    let (l, _) = next(Duration::from_secs(10), "C-done");
+    assert_eq!(l, "C-done");
+    drop(stdin);
+    let code = wait_exit(&mut child.0, Duration::from_secs(30));
+    let err = std::fs::read_to_string(&err_file).unwrap();
+    assert_eq!(code, Some(0), "{err}");
+
+    // What the user read: a network failure, naming the host, the image and
+    // the layer; never bad content.
+    assert!(
+        !err.contains("refused content"),
+        "a stalled registry is not bad content: {err}"
+    );
+    let host = reg.addr();
+    let unreachable: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(&format!("registry {host} unreachable")))
+        .collect();
+    assert!(!unreachable.is_empty(), "says the host is down: {err}");
+    // The file system's line for each failed read (its path, the error).
+    let read_error = |path: &str| -> String {
+        err.lines()
+            .find(|l| l.contains(&format!("path={path} ")))
+            .unwrap_or_else(|| panic!("no message for {path}: {err}"))
+            .to_string()
+    };
+    let a = read_error("data/modes/0644.txt");
+    let b = read_error("data/random.bin");
+    for (line, layers) in [(&a, lower), (&b, std::slice::from_ref(boot))] {
+        assert!(line.contains("network failure"), "{line}");
+        assert!(line.contains(&dst), "names the image: {line}");
+        assert!(
+            layers.iter().any(|l| line.contains(l.as_str())),
+            "names the layer: {line}"
+        );
+    }
+    // A's file came back by range (the seek index, looked up again once the
+    // registry answered), not with its whole layer: a lookup that failed
+    // for want of the network is not held against the image.
+    let a_layer = lower.iter().find(|l| a.contains(l.as_str())).unwrap();
+    assert!(
+        !stored_layer(root.path(), a_layer).exists(),
+        "A's layer {a_layer} was fetched whole after the registry came back"
+    );
+}

@@ -53,7 +53,11 @@ enum ChunkState {
     Absent,
     Fetching,
     Present,
+    /// Bad bytes (or none to be had): never fetched again.
     Failed(String),
+    /// The registry could not be reached: fetched again when a reader asks
+    /// (failing at once while the host's breaker is open).
+    Unreachable(String),
 }
 
 struct State {
@@ -399,12 +403,13 @@ impl BootChunks {
         self.inner.content.start.iter().all(|&c| {
             matches!(
                 s.chunks[c as usize],
-                ChunkState::Present | ChunkState::Failed(_)
+                ChunkState::Present | ChunkState::Failed(_) | ChunkState::Unreachable(_)
             )
         })
     }
 
-    /// True when a chunk failed for good (the image cannot complete).
+    /// True when a chunk failed for good (the image cannot complete); not
+    /// for chunks the registry could not be reached for (they may come yet).
     pub fn failed(&self) -> bool {
         let s = self.inner.state.lock().unwrap();
         s.chunks.iter().any(|c| matches!(c, ChunkState::Failed(_)))
@@ -500,14 +505,17 @@ impl BootChunks {
                 // They pass by in the stream; a second copy would only compete with it.
                 return;
             }
+            // Chunks the registry could not be reached for are asked again.
+            let wanted =
+                |c: &ChunkState| matches!(c, ChunkState::Absent | ChunkState::Unreachable(_));
             let mut c = range.start;
             while c < range.end {
-                if s.chunks[c as usize] != ChunkState::Absent {
+                if !wanted(&s.chunks[c as usize]) {
                     c += 1;
                     continue;
                 }
                 let first = c;
-                while c < range.end && s.chunks[c as usize] == ChunkState::Absent {
+                while c < range.end && wanted(&s.chunks[c as usize]) {
                     s.chunks[c as usize] = ChunkState::Fetching;
                     c += 1;
                 }
@@ -529,6 +537,7 @@ impl BootChunks {
         let from = inner.region_len + inner.offsets[run.start as usize];
         let len = inner.offsets[run.end as usize] - inner.offsets[run.start as usize];
         let mut last_err = String::new();
+        let mut network = false;
         for attempt in 0..TRIES {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
@@ -553,21 +562,32 @@ impl BootChunks {
                 }
                 Err(e) => {
                     last_err = e.to_string();
+                    network = e.is_network();
                     tracing::debug!(image = %inner.image, chunks = ?run, attempt, error = %last_err, "boot chunk fetch failed");
+                    // The client gave up on the host already: another try
+                    // here would only fail the same way.
+                    if network {
+                        break;
+                    }
                 }
             }
         }
         let mut s = inner.state.lock().unwrap();
         for c in run.clone() {
             if s.chunks[c as usize] == ChunkState::Fetching {
-                s.chunks[c as usize] = ChunkState::Failed(format!(
-                    "boot layer {} chunk {c}: {last_err}",
-                    inner.layer.digest
-                ));
+                let msg = format!(
+                    "chunk {c} of boot layer {} of {}: {last_err}",
+                    inner.layer.digest, inner.image
+                );
+                s.chunks[c as usize] = if network {
+                    ChunkState::Unreachable(msg)
+                } else {
+                    ChunkState::Failed(msg)
+                };
             }
         }
         drop(s);
-        tracing::error!(image = %inner.image, chunks = ?run, error = %last_err, "boot chunks could not be fetched");
+        tracing::error!(image = %inner.image, layer = %inner.layer.digest, chunks = ?run, error = %last_err, "boot chunks could not be fetched");
         inner.changed.notify_all();
     }
 
@@ -621,8 +641,8 @@ impl BootChunks {
         let meta = &inner.content.chunks[c as usize];
         let result = if Sha256::digest(compressed).as_slice() != meta.sha256 {
             Err(format!(
-                "chunk {c} of boot layer {} does not match its digest in the index: the registry sent other bytes",
-                inner.layer.digest
+                "chunk {c} of boot layer {} of {} does not match its digest in the index: the registry sent other bytes",
+                inner.layer.digest, inner.image
             ))
         } else {
             decompress_piece(
@@ -630,7 +650,12 @@ impl BootChunks {
                 inner.content.compression,
                 inner.content.chunk_len(c) as usize,
             )
-            .map_err(|e| format!("chunk {c} of boot layer {}: {e}", inner.layer.digest))
+            .map_err(|e| {
+                format!(
+                    "chunk {c} of boot layer {} of {}: {e}",
+                    inner.layer.digest, inner.image
+                )
+            })
             .and_then(|data| {
                 inner
                     .cache
@@ -707,7 +732,11 @@ impl BootChunks {
         let range = self.inner.content.chunks_covering(off, buf.len() as u64);
         let verdict = {
             let s = self.inner.state.lock().unwrap();
-            verdict(&s, range.clone())
+            let retry = range
+                .clone()
+                .any(|c| matches!(s.chunks[c as usize], ChunkState::Unreachable(_)));
+            // Asked again below, and waited for in `read`.
+            (!retry).then(|| verdict(&s, range.clone())).flatten()
         };
         match verdict {
             Some(Ok(())) => Some(self.inner.cache.read_exact_at(buf, off)),
@@ -748,8 +777,8 @@ impl BootChunks {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "waited {:?} for chunks {range:?} of boot layer {}",
-                        inner.read_timeout, inner.layer.digest
+                        "waited {:?} for chunks {range:?} of boot layer {} of {}",
+                        inner.read_timeout, inner.layer.digest, inner.image
                     ),
                 ));
             }
@@ -759,7 +788,8 @@ impl BootChunks {
 }
 
 /// Whether chunks `range` can be read: all present (Ok), one failed (the
-/// error; InvalidData so the file system logs it as bad content), or not yet.
+/// error: InvalidData for bad bytes, which the file system logs as refused
+/// content; HostUnreachable when the registry could not be reached), or not yet.
 fn verdict(s: &State, range: std::ops::Range<u32>) -> Option<io::Result<()>> {
     let mut all = true;
     for c in range {
@@ -767,6 +797,12 @@ fn verdict(s: &State, range: std::ops::Range<u32>) -> Option<io::Result<()>> {
             ChunkState::Present => {}
             ChunkState::Failed(m) => {
                 return Some(Err(io::Error::new(io::ErrorKind::InvalidData, m.clone())))
+            }
+            ChunkState::Unreachable(m) => {
+                return Some(Err(io::Error::new(
+                    io::ErrorKind::HostUnreachable,
+                    m.clone(),
+                )))
             }
             _ => all = false,
         }

@@ -79,6 +79,10 @@ struct Slot {
     /// Paths (relative) already on disk in `extracting_in`.
     ready: HashSet<Vec<u8>>,
     on_demand: bool,
+    /// Failed because the registry could not be reached: a reader's next
+    /// request fetches it again (failing at once while the host's breaker
+    /// is open, succeeding once the host is back).
+    failed_by_network: bool,
 }
 
 struct Inner {
@@ -180,6 +184,7 @@ impl LayerFetcher {
                     extracting_in: None,
                     ready: HashSet::new(),
                     on_demand: false,
+                    failed_by_network: false,
                 }
             })
             .collect();
@@ -226,10 +231,12 @@ impl LayerFetcher {
         let layer = {
             let mut s = self.inner.slots.lock().unwrap();
             let Some(slot) = s.get_mut(i) else { return };
-            if slot.state != LayerState::Pending {
+            let again = on_demand && slot.failed_by_network;
+            if slot.state != LayerState::Pending && !again {
                 return;
             }
             slot.state = LayerState::Fetching;
+            slot.failed_by_network = false;
             slot.on_demand = on_demand;
             slot.layer.clone()
         };
@@ -369,10 +376,14 @@ impl LayerFetcher {
                 let stored = self.inner.store.layer_fs_path(&slot.layer.digest);
                 match &slot.state {
                     LayerState::Done => Some(Found::Stored(stored)),
-                    LayerState::Failed(msg) => Some(Found::Failed(io::Error::other(format!(
-                        "layer {} could not be fetched: {msg}",
-                        slot.layer.digest
-                    )))),
+                    LayerState::Failed(msg) => Some(Found::Failed(io::Error::new(
+                        if slot.failed_by_network {
+                            io::ErrorKind::HostUnreachable
+                        } else {
+                            io::ErrorKind::Other
+                        },
+                        format!("layer {} could not be fetched: {msg}", slot.layer.digest),
+                    ))),
                     _ if early && slot.ready.contains(path) => {
                         Some(Found::Streaming(slot.extracting_in.clone(), stored))
                     }
@@ -540,6 +551,17 @@ impl LayerFetcher {
             .all(|s| s.state == LayerState::Done)
     }
 
+    /// True when a layer failed for good: not for want of the network (such
+    /// a layer is fetched again when a reader asks for it).
+    pub fn failed_for_good(&self) -> bool {
+        self.inner
+            .slots
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| matches!(s.state, LayerState::Failed(_)) && !s.failed_by_network)
+    }
+
     /// Block until every layer is done or one failed (or `timeout`).
     pub fn wait_all(&self, timeout: Duration) -> Result<(), String> {
         self.wait_for(Instant::now() + timeout, |s| {
@@ -629,6 +651,7 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
             tracing::error!(layer = %layer.digest, error = %msg, "layer fetch failed");
             lazylayer_metrics::fetch_error(crate::error_cause(&e));
             s[i].state = LayerState::Failed(msg);
+            s[i].failed_by_network = crate::is_network(&e);
         }
     }
     drop(s);

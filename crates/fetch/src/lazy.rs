@@ -267,6 +267,7 @@ impl LazyImage {
             ))
         });
         let source = LazySource {
+            image: self.reference.to_string().into(),
             fetcher: fetcher.clone(),
             boot: self.boot.clone(),
             spans,
@@ -330,6 +331,8 @@ pub(crate) fn boot_annotations(
 /// else the layer that holds the path, fetched on demand.
 #[derive(Clone)]
 pub struct LazySource {
+    /// The image reference, for messages.
+    image: Arc<str>,
     fetcher: LayerFetcher,
     boot: BootContentSource,
     /// Untraced files by range through the image's seek indexes, if any.
@@ -353,6 +356,8 @@ impl ContentSource for LazySource {
         }
         self.fetcher
             .open_file(entry.layer as usize, &entry.path, entry.digest.as_ref())
+            // The fetcher knows layers, not images: say which image.
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.image)))
     }
 
     /// Boot layer files and layers already stored answer at once; a file

@@ -64,6 +64,12 @@ pub enum FetchError {
     },
 }
 
+/// Whether a layer fetch failed because the registry could not be reached
+/// (worth trying again once it can), not because of what it sent.
+pub(crate) fn is_network(e: &lazylayer_store::StoreError) -> bool {
+    matches!(e, lazylayer_store::StoreError::Oci(o) if o.is_network())
+}
+
 /// The metrics' word for why a layer fetch failed.
 pub(crate) fn error_cause(e: &lazylayer_store::StoreError) -> lazylayer_metrics::FetchErrorCause {
     use lazylayer_metrics::FetchErrorCause as C;
@@ -85,7 +91,7 @@ pub(crate) fn error_cause(e: &lazylayer_store::StoreError) -> lazylayer_metrics:
             {
                 C::Timeout
             }
-            O::Interrupted { .. } | O::Http { .. } => C::Connection,
+            O::Interrupted { .. } | O::Http { .. } | O::Unreachable { .. } => C::Connection,
             O::Io { .. } => C::Disk,
             _ => C::Other,
         },

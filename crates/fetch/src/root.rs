@@ -12,7 +12,7 @@ use lazylayer_fs::{FsMount, FsOptions, FsStats};
 use lazylayer_oci::{Reference, RegistryClient};
 use lazylayer_store::{LayerRef, Pin, Store};
 
-use crate::fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
+use crate::fetcher::{FetchOptions, LayerFetcher, LayerStatus};
 use crate::lazy::{LazyImage, OpenError};
 use crate::{FetchError, PREFETCH_MAX_WAIT, PREFETCH_QUIET};
 
@@ -197,11 +197,9 @@ impl LazyRoot {
                         save(&store, &record, &saved, &reference);
                         return;
                     }
-                    if image.boot_chunks().is_some_and(|b| b.failed())
-                        || fetcher
-                            .status()
-                            .iter()
-                            .any(|l| matches!(l.state, LayerState::Failed(_)))
+                    // Failures for want of the network may heal (the next
+                    // reader fetches again): only others end the wait.
+                    if image.boot_chunks().is_some_and(|b| b.failed()) || fetcher.failed_for_good()
                     {
                         return;
                     }

@@ -50,6 +50,37 @@ struct State {
     recent: HashMap<usize, (u64, bytes::Bytes)>,
 }
 
+/// Why a seek-index lookup found nothing, and whether for want of the
+/// network: such a miss is not remembered, so the lookup is made again once
+/// the registry is back (it costs nothing while the host's breaker is open).
+struct Miss {
+    reason: String,
+    network: bool,
+}
+
+impl From<String> for Miss {
+    fn from(reason: String) -> Miss {
+        Miss {
+            reason,
+            network: false,
+        }
+    }
+}
+
+impl From<&str> for Miss {
+    fn from(reason: &str) -> Miss {
+        reason.to_string().into()
+    }
+}
+
+/// A registry error as a [`Miss`], `what` saying which lookup it ended.
+fn miss(what: &'static str) -> impl Fn(lazylayer_oci::OciError) -> Miss {
+    move |e| Miss {
+        network: e.is_network(),
+        reason: format!("{what}{e}"),
+    }
+}
+
 /// One lazily started image's ranged reads. Shared by the FUSE threads.
 pub(crate) struct SpanReader {
     client: Arc<RegistryClient>,
@@ -163,7 +194,14 @@ impl SpanReader {
                     s.artifact = Some(Ok(a.clone()));
                     a
                 }
-                Err(reason) => {
+                Err(Miss {
+                    reason,
+                    network: true,
+                }) => {
+                    tracing::info!(image = %self.image, %reason, "seek indexes out of reach for now: this file comes with its whole layer");
+                    return None;
+                }
+                Err(Miss { reason, .. }) => {
                     tracing::info!(image = %self.image, %reason, "no seek indexes: untraced files come with their whole layer");
                     s.artifact = Some(Err(()));
                     s.off = true;
@@ -174,7 +212,14 @@ impl SpanReader {
         let layer = self.fetcher.layer(i)?;
         let index = match self.rt.block_on(self.fetch_index(i, &layer, &artifact)) {
             Ok(idx) => Some(Arc::new(idx)),
-            Err(reason) => {
+            Err(Miss {
+                reason,
+                network: true,
+            }) => {
+                tracing::info!(image = %self.image, layer = %layer.digest, %reason, "seek index out of reach for now: this file comes with its whole layer");
+                return None;
+            }
+            Err(Miss { reason, .. }) => {
                 tracing::warn!(image = %self.image, layer = %layer.digest, %reason, "no usable seek index for this layer");
                 None
             }
@@ -185,14 +230,14 @@ impl SpanReader {
 
     /// The artifact: referrers API first, then the referrers tag (which the
     /// artifact itself, or an index listing it, may carry).
-    async fn find_artifact(&self) -> Result<ArtifactManifest, String> {
+    async fn find_artifact(&self) -> Result<ArtifactManifest, Miss> {
         let repo = &self.image.repository;
         let subject = self.subject.to_string();
         let found = self
             .client
             .get_referrers(repo, &self.subject, MEDIA_TYPE)
             .await
-            .map_err(|e| format!("referrers API: {e}"))?;
+            .map_err(miss("referrers API: "))?;
         if let Some(bytes) = found {
             let idx: ReferrersIndex = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("referrers answer is not an index: {e}"))?;
@@ -209,7 +254,7 @@ impl SpanReader {
             .client
             .get_manifest(&tag)
             .await
-            .map_err(|e| format!("referrers tag: {e}"))?;
+            .map_err(miss("referrers tag: "))?;
         if raw.media_type == OCI_INDEX {
             let idx: ReferrersIndex =
                 serde_json::from_slice(&raw.bytes).map_err(|e| format!("referrers tag: {e}"))?;
@@ -220,17 +265,17 @@ impl SpanReader {
                 .ok_or("the referrers tag lists no seek-index artifact")?;
             return self.artifact_at(&d.digest, &subject).await;
         }
-        ArtifactManifest::parse(&raw.bytes, &subject)
+        Ok(ArtifactManifest::parse(&raw.bytes, &subject)?)
     }
 
-    async fn artifact_at(&self, digest: &str, subject: &str) -> Result<ArtifactManifest, String> {
+    async fn artifact_at(&self, digest: &str, subject: &str) -> Result<ArtifactManifest, Miss> {
         let d: Digest = digest.parse().map_err(|e| format!("{e}"))?;
         let raw = self
             .client
             .get_manifest(&self.image.with_digest(d))
             .await
-            .map_err(|e| e.to_string())?;
-        ArtifactManifest::parse(&raw.bytes, subject)
+            .map_err(miss(""))?;
+        Ok(ArtifactManifest::parse(&raw.bytes, subject)?)
     }
 
     async fn fetch_index(
@@ -238,7 +283,7 @@ impl SpanReader {
         i: usize,
         layer: &LayerRef,
         artifact: &ArtifactManifest,
-    ) -> Result<SeekIndex, String> {
+    ) -> Result<SeekIndex, Miss> {
         let blob = artifact
             .index_for(&layer.digest.to_string())
             .ok_or("the artifact has no seek index for this layer")?;
@@ -253,7 +298,7 @@ impl SpanReader {
                 MAX_INDEX_BLOB,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(miss(""))?;
         self.fetcher.count_fetched(i, bytes.len() as u64);
         let idx = SeekIndex::decode(&bytes).map_err(|e| e.to_string())?;
         if Digest::from_sha256_bytes(idx.layer_digest) != layer.digest

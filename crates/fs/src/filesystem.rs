@@ -511,13 +511,25 @@ impl<S: ContentSource> Shared<S> {
         err: &std::io::Error,
         reply: impl FnOnce(Errno),
     ) {
+        use std::io::ErrorKind as K;
         let path = String::from_utf8_lossy(&self.entry(i).path);
-        if err.kind() == std::io::ErrorKind::InvalidData {
-            // The image's layer and its own index disagree: hostile or
-            // corrupt content, never served.
-            tracing::error!(%path, offset, error = %err, "refused content that does not match the boot index");
-        } else {
-            tracing::warn!(%path, offset, error = %err, "content unavailable");
+        match err.kind() {
+            // Bytes that do not match their digest, or the image's layer and
+            // its own index disagree: hostile or corrupt content, never served.
+            K::InvalidData => {
+                tracing::error!(%path, offset, error = %err, "refused content that does not match its digest or the boot index")
+            }
+            // Not the content's fault: the registry could not be reached.
+            K::HostUnreachable
+            | K::NetworkUnreachable
+            | K::NetworkDown
+            | K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::NotConnected => {
+                tracing::warn!(%path, offset, error = %err, "content unavailable: network failure, the registry cannot be reached")
+            }
+            _ => tracing::warn!(%path, offset, error = %err, "content unavailable"),
         }
         reply(Errno::EIO)
     }

@@ -18,6 +18,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::auth::{parse_challenge, AuthStore};
+use crate::breaker::Breakers;
 use crate::digest::{Digest, DigestHasher};
 use crate::error::{OciError, Result};
 use crate::hosts::{Endpoint, Hosts, Purpose};
@@ -122,6 +123,22 @@ impl std::fmt::Display for Broken {
     }
 }
 
+/// An error and its sources on one line: reqwest's own text ("error sending
+/// request for url ...") does not say what failed.
+pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = cause.source();
+    }
+    out
+}
+
 /// `12.3 MB` style sizes (decimal, as registries and podman report them).
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
@@ -175,6 +192,9 @@ pub struct RegistryClient {
     /// the digest, or by the unpacker) can be laid at their door
     /// ([`RegistryClient::distrust`]). Forgotten once a download verifies.
     served_by: Arc<Mutex<HashMap<Digest, Vec<String>>>>,
+    /// Hosts given up on for network reasons: asked no more until a probe
+    /// finds them back (shared by clones, so by every image of a process).
+    breakers: Breakers,
 }
 
 /// A host's TLS settings: skip_verify, extra CA files.
@@ -287,6 +307,7 @@ impl RegistryClient {
             tls_clients: Arc::new(Mutex::new(HashMap::new())),
             failed: Arc::new(Mutex::new(HashMap::new())),
             served_by: Arc::new(Mutex::new(HashMap::new())),
+            breakers: Breakers::default(),
         })
     }
 
@@ -345,12 +366,24 @@ impl RegistryClient {
     }
 
     /// The hosts to try for `purpose` on `repo`, mirrors first, those that
-    /// failed recently after the others.
+    /// failed recently after the others; hosts known to be down (breaker
+    /// open) left out while another remains.
     pub fn endpoints(&self, repo: &Repository, purpose: Purpose) -> Result<Vec<Endpoint>> {
         let mut eps = self
             .cfg
             .hosts
             .endpoints(repo, purpose, &self.cfg.insecure_registries)?;
+        if eps.len() > 1 {
+            let up: Vec<Endpoint> = eps
+                .iter()
+                .filter(|e| !self.breakers.is_open(&Self::host_key(e)))
+                .cloned()
+                .collect();
+            // All down: asked anyway, so the caller gets their errors.
+            if !up.is_empty() {
+                eps = up;
+            }
+        }
         if eps.len() > 1 {
             let now = Instant::now();
             let mut failed = self.failed.lock().unwrap();
@@ -373,6 +406,25 @@ impl RegistryClient {
                 .lock()
                 .unwrap()
                 .insert(Self::host_key(ep), Instant::now() + FAILED_HOST_PENALTY);
+        }
+    }
+
+    /// `ep` failed with `e` after all its tries: a network failure opens its
+    /// breaker (and starts the probe that closes it).
+    fn gave_up(&self, ep: &Endpoint, e: &OciError) {
+        let key = Self::host_key(ep);
+        if self.breakers.trip(&key, e) {
+            let root = format!(
+                "{}://{}{}/",
+                ep.scheme,
+                ep.host,
+                ep.path.trim_end_matches('/')
+            );
+            match (self.http_for(ep), url::Url::parse(&root)) {
+                (Ok(http), Ok(root)) => self.breakers.start_probe(&key, http, root),
+                // Never probed: do not keep it closed to requests either.
+                _ => self.breakers.close(&key),
+            }
         }
     }
 
@@ -457,7 +509,9 @@ impl RegistryClient {
     /// Send a request built by `build` to `ep`, answering auth challenges
     /// and retrying transient failures. `build` is called once per attempt,
     /// so bodies must be re-creatable. Non-idempotent requests are retried
-    /// only when the connection failed before anything was sent.
+    /// only when the connection failed before anything was sent. An
+    /// idempotent request whose answer does not come within the stall
+    /// timeout is a stalled registry too: tried again, then given up.
     async fn send(
         &self,
         what: &str,
@@ -467,8 +521,17 @@ impl RegistryClient {
         idempotent: bool,
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
-        self.send_within(what, repo, ep, scopes, idempotent, None, build)
-            .await
+        let answer_timeout = self.cfg.stall_timeout.max(Duration::from_millis(100));
+        self.send_within(
+            what,
+            repo,
+            ep,
+            scopes,
+            idempotent,
+            Some(answer_timeout),
+            build,
+        )
+        .await
     }
 
     /// [`RegistryClient::send`], where each attempt's response (its status
@@ -486,6 +549,7 @@ impl RegistryClient {
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
         let registry = ep.label().to_string();
+        let host_key = Self::host_key(ep);
         let http = self.http_for(ep)?;
         let max_attempts = self.attempts(ep);
         // Tokens are per host: a mirror answers its own challenges.
@@ -494,6 +558,9 @@ impl RegistryClient {
         let mut authed = false;
         let mut attempt = 0;
         loop {
+            // A host known to be down (given up on by this request or another
+            // meanwhile) costs nothing but this error.
+            self.breakers.admit(&host_key, what, &registry)?;
             let cached = {
                 let t = self.tokens.lock().unwrap();
                 t.get(&scope_key).or_else(|| t.get(&basic_key)).cloned()
@@ -516,15 +583,21 @@ impl RegistryClient {
                         continue;
                     }
                     Err(_) => {
-                        return Err(OciError::NoAnswer {
+                        let e = OciError::NoAnswer {
                             what: what.into(),
                             registry,
                             secs: limit.as_secs_f64(),
                             tries: attempt + 1,
-                        })
+                        };
+                        self.gave_up(ep, &e);
+                        return Err(e);
                     }
                 },
             };
+            if sent.is_ok() {
+                // It answers (whatever the status): not down.
+                self.breakers.close(&host_key);
+            }
             match sent {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !authed => {
                     authed = true;
@@ -571,11 +644,13 @@ impl RegistryClient {
                     attempt += 1;
                 }
                 Err(e) => {
-                    return Err(OciError::Http {
+                    let e = OciError::Http {
                         what: what.into(),
                         registry,
                         source: e,
-                    })
+                    };
+                    self.gave_up(ep, &e);
+                    return Err(e);
                 }
             }
         }
@@ -1128,14 +1203,16 @@ impl RegistryClient {
             failures += 1;
             if failures >= self.attempts(ep) {
                 tracing::debug!(%what, got, %reason, failures, "giving up on this host");
-                next_host_or_fail!(OciError::Interrupted {
+                let e = OciError::Interrupted {
                     what: what.clone(),
                     registry: ep.label().to_string(),
                     at: got,
                     total: expected_size,
                     reason: reason.to_string(),
                     tries: failures,
-                });
+                };
+                self.gave_up(ep, &e);
+                next_host_or_fail!(e);
             }
             tracing::warn!(%what, host = %ep.label(), at = got, %reason, "download interrupted; resuming");
             tokio::time::sleep(backoff(failures - 1)).await;
@@ -1820,6 +1897,111 @@ mod tests {
             e.to_string(),
             "registry 127.0.0.1:5000 stopped sending blob sha256:ab of r/x at 7.7 MB of 25.0 MB (no data for 10 s); tried 5 times"
         );
+    }
+
+    /// A host that takes connections and never answers (as a SIGSTOPped
+    /// registry does): given up after its tries, then failed at once
+    /// without being asked; once it answers again (any status), the probe
+    /// closes its breaker and requests reach it. The assertions are on
+    /// which error comes, not on times.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_that_stops_answering_fails_fast_then_is_probed_back() {
+        // Connections land in the backlog; nobody reads them yet.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = RegistryClient::new(ClientConfig {
+            stall_timeout: Duration::from_millis(200),
+            max_attempts: 2,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let r: Reference = format!("127.0.0.1:{port}/x/y:latest").parse().unwrap();
+        let e = client.get_manifest(&r).await.unwrap_err();
+        assert!(matches!(e, OciError::NoAnswer { tries: 2, .. }), "{e}");
+        let e = client.get_manifest(&r).await.unwrap_err();
+        assert!(matches!(e, OciError::Unreachable { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("registry 127.0.0.1:{port} unreachable for "))
+                && msg.contains("(network failure: no answer within "),
+            "{msg}"
+        );
+
+        // The host answers again: every request gets a 404.
+        answer_404(listener);
+        let mut unreachable = 0;
+        loop {
+            match client.get_manifest(&r).await {
+                Err(OciError::Unreachable { .. }) => unreachable += 1,
+                Err(OciError::NotFound { .. }) => break,
+                other => panic!("{:?}", other.map(|m| m.digest)),
+            }
+            assert!(unreachable < 300, "the probe never closed the breaker");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A new listener whose every request gets a 404; its port.
+    fn answering_404() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        answer_404(listener);
+        port
+    }
+
+    /// Answer every request on `listener` with a 404, from now on.
+    fn answer_404(listener: std::net::TcpListener) {
+        use std::io::{Read, Write};
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while matches!(c.read(&mut buf), Ok(n) if n > 0) {
+                        let answer = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+                        if c.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    /// A mirror that stops answering is given up on once; after that its
+    /// open breaker leaves it out: requests go straight to the registry,
+    /// and the mirror is not connected to again (until its probe).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mirror_known_down_is_passed_over_without_a_connection() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mirror = silent.local_addr().unwrap().port();
+        let upstream = answering_404();
+        let registry = format!("127.0.0.1:{upstream}");
+        let mut hosts = Hosts::default();
+        hosts
+            .add_mirror(&registry, &format!("http://127.0.0.1:{mirror}"))
+            .unwrap();
+        let client = RegistryClient::new(ClientConfig {
+            stall_timeout: Duration::from_millis(200),
+            hosts,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let repo = format!("{registry}/x/y:latest")
+            .parse::<Reference>()
+            .unwrap()
+            .repository;
+        let digest = Digest::sha256_of(b"nothing");
+        // Connections the mirror's backlog holds (accepted here, unread).
+        silent.set_nonblocking(true).unwrap();
+        let drain = || std::iter::from_fn(|| silent.accept().ok()).count();
+
+        let e = client.fetch_blob(&repo, &digest, None, 1024).await;
+        assert!(matches!(e, Err(OciError::NotFound { .. })), "{e:?}");
+        assert!(drain() > 0, "the mirror was asked first");
+        let e = client.fetch_blob(&repo, &digest, None, 1024).await;
+        assert!(matches!(e, Err(OciError::NotFound { .. })), "{e:?}");
+        assert_eq!(drain(), 0, "the mirror known down was not asked again");
     }
 
     #[test]

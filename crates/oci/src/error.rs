@@ -88,6 +88,20 @@ pub enum OciError {
         secs: f64,
         tries: u32,
     },
+    /// The host's breaker is open (see `breaker`): not asked at all.
+    #[error(
+        "{what}: registry {registry} unreachable for {} s (network failure: {cause}); {}",
+        down_for.as_secs(),
+        next_probe(retry_in)
+    )]
+    Unreachable {
+        what: String,
+        registry: String,
+        down_for: std::time::Duration,
+        /// Why the host's last try failed.
+        cause: String,
+        retry_in: std::time::Duration,
+    },
     #[error("{path}: {reason}")]
     Config { path: String, reason: String },
     #[error("{registry} is blocked in {path}: refusing to pull from it")]
@@ -98,6 +112,31 @@ pub enum OciError {
     NoHost { registry: String, purpose: String },
     #[error("{what}: larger than the limit of {limit} bytes (at least {size}); refused")]
     TooLarge { what: String, size: u64, limit: u64 },
+}
+
+/// When an open breaker's host is asked again, in words.
+fn next_probe(retry_in: &std::time::Duration) -> String {
+    let secs = retry_in.as_secs_f64().ceil();
+    if secs < 1.0 {
+        "probing it now".into()
+    } else {
+        format!("next probe in {secs} s")
+    }
+}
+
+impl OciError {
+    /// The registry could not be reached or stopped answering (refused or
+    /// broken connections, no answer, a stalled download, its breaker
+    /// open), as opposed to answering with an error or with bad bytes.
+    pub fn is_network(&self) -> bool {
+        matches!(
+            self,
+            OciError::Http { .. }
+                | OciError::NoAnswer { .. }
+                | OciError::Interrupted { .. }
+                | OciError::Unreachable { .. }
+        )
+    }
 }
 
 pub type Result<T, E = OciError> = std::result::Result<T, E>;

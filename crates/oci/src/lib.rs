@@ -5,6 +5,7 @@
 //! registry protocol, and nothing about stores, file systems or runtimes.
 
 pub mod auth;
+mod breaker;
 pub mod client;
 pub mod digest;
 pub mod error;
