@@ -1470,6 +1470,7 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
         std::thread::sleep(Duration::from_millis(500));
     }
     drop(cd);
+}
 
 /// A registry that stalls (accepts, never answers) for one image holds up
 /// only that image: while image A's open hangs, the layers of image B, on a

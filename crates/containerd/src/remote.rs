@@ -84,6 +84,16 @@ impl Images {
         Ok(image.clone())
     }
 
+    /// Let the image go once no lazy root uses it, so its boot chunks'
+    /// files are closed and memory freed on a node that has run many images;
+    /// the next container opens it again (manifest and config from the
+    /// registry, the boot chunks from the store's chunk cache).
+    fn forget(&self, manifest_digest: &str) {
+        (self.opened.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(manifest_digest);
+    }
+
     async fn open_from_registry(
         &self,
         image_ref: &str,
@@ -385,6 +395,9 @@ impl Snapshotter {
                 error = join_failure(e),
                 "unmounting a lazy root failed"
             );
+        }
+        if let Some(images) = &self.images {
+            images.forget(manifest_digest);
         }
     }
 

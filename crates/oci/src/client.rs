@@ -207,6 +207,9 @@ const FAILED_HOST_PENALTY: Duration = Duration::from_secs(30);
 /// waited for.
 const MIRROR_ATTEMPTS: u32 = 2;
 
+/// How long an idle pooled connection to a registry is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Whether an error from one host sends the request to the next host: a
 /// fault of that host (unreachable, busy, missing content, bad content), not
 /// of this process (a consumer gone, a local file).
@@ -317,6 +320,10 @@ impl RegistryClient {
             .connect_timeout(cfg.connect_timeout)
             // A longer stall timeout must not be pre-empted by the per-read one.
             .read_timeout(cfg.read_timeout.max(cfg.stall_timeout))
+            // A server serving many images from many registries keeps a burst's
+            // connections (and their descriptors) only briefly once idle; a start
+            // reuses them, a new one later costs one round trip.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
     }
 
     pub fn config(&self) -> &ClientConfig {
