@@ -1454,7 +1454,7 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
     let (threads0, fds0, rss0) = idle;
     loop {
         let (threads, fds, rss) = process_figures(sn.pid());
-        let settled = threads <= threads0 + 2 && fds <= fds0 + 2 && rss <= rss0 * 3 / 2 + 16 * 1024;
+        let settled = threads <= threads0 + 2 && fds <= fds0 + 2 && rss <= rss0 + 16 * 1024;
         if settled || Instant::now() > deadline {
             eprintln!(
                 "snapshotter idle: {threads0} threads, {fds0} fds, {rss0} kB; \

@@ -94,20 +94,37 @@ impl Images {
             .remove(manifest_digest);
     }
 
+    /// The image, opened, when that costs no network: already opened, or
+    /// held whole by the store. None when opening it would ask the registry.
+    pub async fn open_offline(
+        &self,
+        image_ref: &str,
+        manifest_digest: &str,
+    ) -> Result<Option<Arc<LazyImage>>> {
+        let opened = (self.opened.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(manifest_digest)
+            .and_then(|cell| cell.get().cloned());
+        if let Some(image) = opened {
+            return Ok(image);
+        }
+        let reference = image_reference(image_ref, manifest_digest)?;
+        if lazylayer_fetch::local_image(&self.store, &reference).is_none() {
+            return Ok(None);
+        }
+        self.open(image_ref, manifest_digest).await
+    }
+
     async fn open_from_registry(
         &self,
         image_ref: &str,
         manifest_digest: &str,
     ) -> Result<Option<Arc<LazyImage>>> {
+        let reference = image_reference(image_ref, manifest_digest)?;
         let err = |source: FetchError| SnapshotError::Image {
             image: format!("{image_ref}@{manifest_digest}"),
             source: Box::new(source),
         };
-        let mut reference: Reference = image_ref.parse().map_err(|e| err(FetchError::Oci(e)))?;
-        let digest: Digest = manifest_digest
-            .parse()
-            .map_err(|e| err(FetchError::Oci(e)))?;
-        reference.digest = Some(digest);
         match LazyImage::open(
             &self.store,
             self.client.clone(),
@@ -216,6 +233,13 @@ pub struct Snapshotter {
 
 /// One image's lazy root, None while not mounted.
 type RootSlot = Arc<Mutex<Option<LazyRoot>>>;
+
+/// How long a Prepare (or View) on an optimized image waits for its lazy
+/// root before it answers anyway. containerd calls Prepare under a lock its
+/// garbage collector takes exclusively, so a Prepare waiting on a stalled
+/// registry would hold up every container start of the node; Mounts, which
+/// a task's start calls under no such lock, waits for the root instead.
+const PREPARE_MOUNT_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a graceful stop waits for reads waiting on content to be
 /// answered before it leaves them to the next snapshotter (the kernel sends
@@ -423,7 +447,7 @@ impl Snapshotter {
     }
 
     pub async fn prepare(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
@@ -458,7 +482,7 @@ impl Snapshotter {
     }
 
     pub async fn view(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
@@ -467,7 +491,7 @@ impl Snapshotter {
     }
 
     async fn create(
-        &self,
+        self: &Arc<Self>,
         kind: Kind,
         key: &str,
         parent: &str,
@@ -476,7 +500,7 @@ impl Snapshotter {
         self.ensure_remote_layers(parent).await?;
         if let Some(r) = self.snapshots.remote_top_of(parent) {
             let slot = self.slot(&r.manifest_digest);
-            let mut root = slot.lock().await;
+            let root = slot.lock().await;
             if let Some(lowers) = self.local_image_lowers(&r).await? {
                 let m = self
                     .snapshots
@@ -487,10 +511,58 @@ impl Snapshotter {
                 self.touch(&r).await;
                 return Ok(m);
             }
-            self.ensure_mounted(&mut root, &r).await?;
-            return self.snapshots.create(kind, key, parent, labels);
+            // Recorded under the slot's lock, so a Remove of another
+            // container cannot let the root go under this one.
+            let m = self.snapshots.create(kind, key, parent, labels)?;
+            let mounted = root.is_some();
+            drop(root);
+            if mounted {
+                return Ok(m);
+            }
+            let task = tokio::spawn(self.clone().mount_root(r));
+            return match tokio::time::timeout(PREPARE_MOUNT_WAIT, task).await {
+                Ok(Ok(Ok(()))) => Ok(m),
+                Ok(done) => {
+                    let e = done.unwrap_or_else(|e| Err(SnapshotError::Internal(join_failure(e))));
+                    let (sn, k) = (self.clone(), key.to_string());
+                    if let Err(undo) = blocking(move || sn.snapshots.remove(&k)).await {
+                        tracing::warn!(key, error = %error_chain(&undo), "removing the snapshot of a failed Prepare");
+                    }
+                    e.map(|()| m)
+                }
+                // Mounts, which the container's start calls, waits for the root.
+                Err(_) => {
+                    tracing::info!(
+                        key,
+                        "the lazy root is still being mounted; Mounts will wait for it"
+                    );
+                    Ok(m)
+                }
+            };
         }
         self.snapshots.create(kind, key, parent, labels)
+    }
+
+    /// Open `r`'s image before its slot is locked: the open may wait on the
+    /// registry, and a Prepare of the image must not wait behind it for the
+    /// slot (containerd holds a node-wide lock across Prepare).
+    async fn open_unlocked(&self, r: &RemoteLayer) -> Result<()> {
+        if let Some(images) = &self.images {
+            images.open(&r.image_ref, &r.manifest_digest).await?;
+        }
+        Ok(())
+    }
+
+    /// Mount the lazy root of `r`'s image unless every snapshot on it went
+    /// meanwhile (a Remove then has nothing to let go).
+    async fn mount_root(self: Arc<Self>, r: RemoteLayer) -> Result<()> {
+        self.open_unlocked(&r).await?;
+        let slot = self.slot(&r.manifest_digest);
+        let mut root = slot.lock().await;
+        if self.snapshots.lazy_users(&r.manifest_digest) == 0 {
+            return Ok(());
+        }
+        self.ensure_mounted(&mut root, &r).await
     }
 
     /// Record that a container uses the image of `r` now (for eviction's
@@ -510,7 +582,12 @@ impl Snapshotter {
         let Some(images) = &self.images else {
             return Ok(None);
         };
-        let Some(img) = images.open(&r.image_ref, &r.manifest_digest).await? else {
+        // Whether the image is local is a question for the store: asking
+        // the registry here would hold up the Prepare.
+        let Some(img) = images
+            .open_offline(&r.image_ref, &r.manifest_digest)
+            .await?
+        else {
             return Ok(None);
         };
         let lowers =
@@ -553,6 +630,7 @@ impl Snapshotter {
     pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         // After a restart the lazy root is mounted again on first need.
         if let Some(r) = self.snapshots.remote_top_under(key) {
+            self.open_unlocked(&r).await?;
             let slot = self.slot(&r.manifest_digest);
             let mut root = slot.lock().await;
             self.ensure_mounted(&mut root, &r).await?;
@@ -683,6 +761,17 @@ impl Snapshotter {
         *slot = Some(root);
         Ok(())
     }
+}
+
+/// `image_ref` pinned at `manifest_digest`.
+fn image_reference(image_ref: &str, manifest_digest: &str) -> Result<Reference> {
+    let err = |source: lazylayer_oci::OciError| SnapshotError::Image {
+        image: format!("{image_ref}@{manifest_digest}"),
+        source: Box::new(FetchError::Oci(source)),
+    };
+    let mut reference: Reference = image_ref.parse().map_err(err)?;
+    reference.digest = Some(manifest_digest.parse::<Digest>().map_err(err)?);
+    Ok(reference)
 }
 
 /// Run blocking work (syscalls, tree walks) off the async workers. A panic
