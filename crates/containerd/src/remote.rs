@@ -816,6 +816,10 @@ fn release(root: LazyRoot, holder: Option<&Holder>, target: &Path) {
     let image = root.reference().to_string();
     drop(root);
     tracing::info!(image, "lazy root unmounted");
+    // Until the next root is mounted there, a snapshot's mounts (which
+    // Prepare may hand out before its root is mounted) name a lower that
+    // does not exist, and fail, rather than an empty one.
+    let _ = std::fs::remove_dir(target);
     if let Some(h) = holder {
         if let Err(e) = h.drop_entry(&target.display().to_string()) {
             tracing::warn!(mount = %target.display(), error = %e, "telling the descriptor holder");
