@@ -1031,3 +1031,23 @@ fn index_decode_refuses_hostile_boot_content() {
     reseal(&mut short);
     assert!(BootIndex::decode(&short).is_err());
 }
+
+/// Issue #19: a version 4 index whose blob section claims to end near
+/// `u64::MAX`. The check `end + BOOT_HEADER_LEN <= body` overflowed (a panic
+/// in debug builds; in release the sum wrapped, passed, and slicing the boot
+/// section panicked). The checksum is recomputed, as an attacker would.
+#[test]
+fn index_decode_refuses_boot_section_offsets_that_overflow() {
+    let bytes = with_boot(small_index()).encode();
+    let blob_off = get_u64(&bytes, hdr::BLOB_OFF);
+    for end in [u64::MAX, u64::MAX - 1, u64::MAX - 31, u64::MAX - 32] {
+        let mut b = bytes.clone();
+        set_u64(&mut b, hdr::BLOB_LEN, end - blob_off);
+        reseal(&mut b);
+        let r = BootIndex::decode(&b);
+        assert!(
+            malformed_what(r).contains("do not fit"),
+            "blob ending at {end}"
+        );
+    }
+}
