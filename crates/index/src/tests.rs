@@ -94,7 +94,7 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 /// Entry flag bit 1 (version 2): the entry's data starts with a digest.
 const FLAG_DIGEST: u8 = 2;
 
-fn small_index() -> BootIndex {
+pub(crate) fn small_index() -> BootIndex {
     BootIndex::new(layer_ids(2), small_entries()).unwrap()
 }
 
@@ -931,7 +931,7 @@ fn index_format_matches_the_documented_example() {
 
 /// A boot content table for `small_index()`'s in-boot files, laid out the
 /// way the boot layer writer does (each file at a 512-byte boundary).
-fn with_boot(mut idx: BootIndex) -> BootIndex {
+pub(crate) fn with_boot(mut idx: BootIndex) -> BootIndex {
     use crate::chunks::{BootContent, Chunk, ChunkCompression};
     let mut files = Vec::new();
     let mut at = 0u64;
