@@ -314,3 +314,58 @@ fn fuzz_tar_headers_through_the_extractor() {
     });
     eprintln!("tar: {} archives extracted", extracted.into_inner());
 }
+
+/// A boot layer's chunks and its index region, as the lazy reader takes
+/// them from the registry: one gzip member or zstd frame each, decompressed
+/// to an expected length (a chunk) or up to a bound (the region). Damaged
+/// pieces must be refused or decompress within the bound.
+#[test]
+fn fuzz_boot_chunks_and_index_region_decompression() {
+    use lazylayer_layer::chunked::{compress_piece, decompress_bounded, decompress_piece};
+    use lazylayer_layer::index::chunks::ChunkCompression;
+
+    let plain: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let pieces = [ChunkCompression::Gzip, ChunkCompression::Zstd]
+        .map(|c| (c, compress_piece(&plain, c).unwrap()));
+    let damage = prop_oneof![
+        3 => (any::<Index>(), any::<u8>()).prop_map(|(i, b)| (i, Some(b), 0usize)),
+        1 => any::<Index>().prop_map(|i| (i, None, 0usize)),
+        1 => (any::<Index>(), 1usize..64).prop_map(|(i, n)| (i, None, n)),
+    ];
+    let input = (
+        0usize..2,
+        prop::collection::vec(damage, 0..4),
+        prop_oneof![Just(0i64), -2i64..=2, any::<i16>().prop_map(i64::from)],
+    );
+    fuzz(
+        "boot chunk and index region",
+        input,
+        |(which, damages, delta)| {
+            let (c, piece) = &pieces[which];
+            let mut bytes = piece.clone();
+            for (at, put, append) in damages {
+                if append > 0 {
+                    bytes.extend(std::iter::repeat_n(0x5a, append));
+                    continue;
+                }
+                if bytes.is_empty() {
+                    continue;
+                }
+                let i = at.index(bytes.len());
+                match put {
+                    Some(b) => bytes[i] = b,
+                    None => bytes.truncate(i),
+                }
+            }
+            let expected = (plain.len() as i64 + delta).max(0) as usize;
+            if let Ok(out) = decompress_piece(&bytes, *c, expected) {
+                prop_assert_eq!(out.len(), expected);
+            }
+            let max = expected as u64;
+            if let Ok(out) = decompress_bounded(&bytes, *c, max) {
+                prop_assert!(out.len() as u64 <= max);
+            }
+            Ok(())
+        },
+    );
+}
