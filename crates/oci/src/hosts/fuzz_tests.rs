@@ -250,3 +250,19 @@ fn fuzz_registries_conf() {
         parsed_files.into_inner()
     );
 }
+
+/// Nesting deeper than any file needs is an error, not a stack overflow
+/// (toml_edit bounds its recursion).
+#[test]
+fn deeply_nested_values_are_refused() {
+    let file = Path::new("hosts.toml");
+    for (open, close) in [("[", "]"), ("{a=", "}")] {
+        let text = format!(
+            "server = {}1{}",
+            open.repeat(100_000),
+            close.repeat(100_000)
+        );
+        assert!(parse_hosts_toml(file, Path::new("."), &text).is_err());
+        assert!(parse_registries_conf(file, &text).is_err());
+    }
+}
