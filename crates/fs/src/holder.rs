@@ -513,11 +513,15 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+        // In u32, and only a byte's worth: `\777` is text, not an escape
+        // (issue #19: the u8 arithmetic overflowed).
+        let escaped = b
+            .get(i + 1..i + 4)
+            .filter(|oct| b[i] == b'\\' && oct.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|oct| {
+                u8::try_from(oct.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'))).ok()
+            });
+        if let Some(v) = escaped {
             out.push(v);
             i += 4;
         } else {
@@ -537,6 +541,34 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/a\040b\134c"), r"/a b\c");
         assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
         assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
+    }
+
+    /// Issue #19: three octal digits above 0o377 are no escape the kernel
+    /// writes; the byte arithmetic overflowed on them ("attempt to multiply
+    /// with overflow").
+    #[test]
+    fn octal_beyond_a_byte_is_kept_as_text() {
+        assert_eq!(unescape_mountinfo(r"/a\777\040b"), r"/a\777 b");
+        assert_eq!(unescape_mountinfo(r"/a\400"), r"/a\400");
+        assert_eq!(unescape_mountinfo(r"/a\377"), "/a\u{fffd}");
+    }
+
+    #[test]
+    fn fuzz_mountinfo_unescape() {
+        use lazylayer_testsupport::fuzz::fuzz;
+        use proptest::prelude::*;
+        let piece = proptest::sample::select(vec![
+            "\\", "\\040", "\\777", "\\0", "\\04", "0", "7", "8", "/a", " ", "é",
+        ]);
+        let text = prop_oneof![
+            3 => proptest::collection::vec(piece, 0..24).prop_map(|p| p.concat()),
+            1 => any::<String>(),
+        ];
+        fuzz("mountinfo (fs holder)", text, |t| {
+            // Never longer: an escape is four bytes for one.
+            prop_assert!(unescape_mountinfo(&t).len() <= t.len() * 3);
+            Ok(())
+        });
     }
 
     /// The holder keeps what it is given, hands out duplicates, drops on

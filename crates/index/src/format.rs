@@ -307,7 +307,13 @@ impl Sections {
         expect(hdr::BLOB_OFF, blob_off, names_off.checked_add(names_len))?;
         match blob_off.checked_add(blob_len) {
             Some(end) if end == body.len() as u64 && !has_boot => {}
-            Some(end) if has_boot && end + BOOT_HEADER_LEN as u64 <= body.len() as u64 => {}
+            // Checked: a hostile blob length can put `end` next to u64::MAX
+            // (issue #19), and a wrapped sum would pass this test.
+            Some(end)
+                if has_boot
+                    && end
+                        .checked_add(BOOT_HEADER_LEN as u64)
+                        .is_some_and(|boot_end| boot_end <= body.len() as u64) => {}
             _ => {
                 // Also what a count claiming more entries than there are
                 // bytes ends up as: the sections no longer fit the input.

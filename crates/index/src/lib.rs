@@ -620,4 +620,6 @@ fn check_fields(e: &IndexEntry, layer_count: usize) -> Result<(), &'static str> 
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 pub(crate) mod tests;

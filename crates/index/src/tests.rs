@@ -94,7 +94,7 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 /// Entry flag bit 1 (version 2): the entry's data starts with a digest.
 const FLAG_DIGEST: u8 = 2;
 
-fn small_index() -> BootIndex {
+pub(crate) fn small_index() -> BootIndex {
     BootIndex::new(layer_ids(2), small_entries()).unwrap()
 }
 
@@ -931,7 +931,7 @@ fn index_format_matches_the_documented_example() {
 
 /// A boot content table for `small_index()`'s in-boot files, laid out the
 /// way the boot layer writer does (each file at a 512-byte boundary).
-fn with_boot(mut idx: BootIndex) -> BootIndex {
+pub(crate) fn with_boot(mut idx: BootIndex) -> BootIndex {
     use crate::chunks::{BootContent, Chunk, ChunkCompression};
     let mut files = Vec::new();
     let mut at = 0u64;
@@ -1030,4 +1030,24 @@ fn index_decode_refuses_hostile_boot_content() {
     short[hdr::TOTAL_LEN..hdr::TOTAL_LEN + 8].copy_from_slice(&total.to_le_bytes());
     reseal(&mut short);
     assert!(BootIndex::decode(&short).is_err());
+}
+
+/// Issue #19: a version 4 index whose blob section claims to end near
+/// `u64::MAX`. The check `end + BOOT_HEADER_LEN <= body` overflowed (a panic
+/// in debug builds; in release the sum wrapped, passed, and slicing the boot
+/// section panicked). The checksum is recomputed, as an attacker would.
+#[test]
+fn index_decode_refuses_boot_section_offsets_that_overflow() {
+    let bytes = with_boot(small_index()).encode();
+    let blob_off = get_u64(&bytes, hdr::BLOB_OFF);
+    for end in [u64::MAX, u64::MAX - 1, u64::MAX - 31, u64::MAX - 32] {
+        let mut b = bytes.clone();
+        set_u64(&mut b, hdr::BLOB_LEN, end - blob_off);
+        reseal(&mut b);
+        let r = BootIndex::decode(&b);
+        assert!(
+            malformed_what(r).contains("do not fit"),
+            "blob ending at {end}"
+        );
+    }
 }

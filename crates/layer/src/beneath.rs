@@ -221,7 +221,38 @@ impl Beneath {
 
 /// `rm -r` of `name` in `dir`, never following a symlink: every directory is
 /// opened by a single name with `O_NOFOLLOW` relative to its parent's fd.
+/// A loop over an explicit stack, not recursion: a layer may nest
+/// directories as deep as the path limit allows (~2,000 levels), which
+/// overflowed a 2 MiB thread stack (issue #19). One fd per level is open.
 fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let mut stack = vec![open_for_removal(dir, name)?];
+    loop {
+        let Some(top) = stack.last_mut() else {
+            return Ok(());
+        };
+        if let Some(sub) = top.subdirs.pop() {
+            let level = open_for_removal(top.fd.as_fd(), OsStr::from_bytes(&sub))?;
+            stack.push(level);
+            continue;
+        }
+        let done = stack.pop().expect("the stack has a top");
+        drop(done.fd);
+        let parent = stack.last().map_or(dir, |l| l.fd.as_fd());
+        rfs::unlinkat(parent, OsStr::from_bytes(&done.name), AtFlags::REMOVEDIR)?;
+    }
+}
+
+/// A directory being removed: open, emptied of everything but the
+/// subdirectories still listed.
+struct RemovalLevel {
+    fd: OwnedFd,
+    name: Vec<u8>,
+    subdirs: Vec<Vec<u8>>,
+}
+
+/// Open directory `name` in `dir`, unlink what in it is not a directory,
+/// and list its subdirectories.
+fn open_for_removal(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<RemovalLevel> {
     let fd = rfs::openat(
         dir,
         name,
@@ -242,24 +273,27 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
             children.push((n.to_vec(), ent.file_type()));
         }
     }
+    let mut subdirs = Vec::new();
     for (child, ftype) in children {
-        let child = OsStr::from_bytes(&child);
         let is_dir = match ftype {
             rfs::FileType::Directory => true,
             rfs::FileType::Unknown => {
-                let st = rfs::statat(&fd, child, AtFlags::SYMLINK_NOFOLLOW)?;
+                let st = rfs::statat(&fd, OsStr::from_bytes(&child), AtFlags::SYMLINK_NOFOLLOW)?;
                 rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory
             }
             _ => false,
         };
         if is_dir {
-            remove_tree(fd.as_fd(), child)?;
+            subdirs.push(child);
         } else {
-            rfs::unlinkat(&fd, child, AtFlags::empty())?;
+            rfs::unlinkat(&fd, OsStr::from_bytes(&child), AtFlags::empty())?;
         }
     }
-    rfs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
-    Ok(())
+    Ok(RemovalLevel {
+        fd,
+        name: name.as_bytes().to_vec(),
+        subdirs,
+    })
 }
 
 /// A path that reaches `name` inside the directory `dir` without resolving

@@ -535,3 +535,30 @@ fn missing_end_of_archive_marker_is_tolerated() {
     assert_eq!(stats.entries, 1);
     assert_eq!(std::fs::read(sb.root.join("f")).unwrap(), b"abc");
 }
+
+/// Issue #19: a tree 2,000 directories deep (within the 4,095-byte path
+/// limit), then replaced by a file. Removing it recursed once per level and
+/// overflowed a 2 MiB thread stack (the test thread's, a tokio worker's):
+/// "thread ... has overflowed its stack", an abort no caller can catch.
+#[test]
+fn deep_tree_replaced_by_a_file_is_removed_without_recursion() {
+    let deep = "d/".repeat(2000);
+    let mut t = RawTar::new();
+    t.pax(&[("path", deep.as_bytes())]);
+    t.add(Raw::dir(b"placeholder"));
+    t.add(Raw::file(b"d", b"now a file"));
+    let tar = t.finish();
+    let sb = Sandbox::in_memory();
+    // On a thread with the stack size tokio's workers and test threads get.
+    let root = sb.root.clone();
+    let stats = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || extract(&tar[..], &root, &opts(), &mut |_| {}))
+        .unwrap()
+        .join()
+        .expect("extraction thread")
+        .unwrap();
+    assert_eq!(stats.entries, 2);
+    assert_eq!(std::fs::read(sb.root.join("d")).unwrap(), b"now a file");
+    sb.assert_outside_untouched();
+}

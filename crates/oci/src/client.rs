@@ -1330,7 +1330,10 @@ impl RegistryClient {
                     .and_then(|r| r.split_once('-'))
                     .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
                 match bounds {
-                    Some((a, b)) if a == from && b >= a => Ok((true, Some(b + 1), resp)),
+                    // `b < u64::MAX`: one past it must not overflow (issue #19).
+                    Some((a, b)) if a == from && b >= a && b < u64::MAX => {
+                        Ok((true, Some(b + 1), resp))
+                    }
                     _ => Err(OciError::Status {
                         what: what.into(),
                         registry: ep.label().into(),
@@ -1796,7 +1799,7 @@ impl ResumingBody {
             self.client.note_failure(ep, &err);
             self.host += 1;
             let ep = &self.eps[self.host];
-            let to = self.end.map(|e| e - 1);
+            let to = self.end.and_then(|e| e.checked_sub(1));
             match self
                 .client
                 .open_range_at(&self.what, &self.repo, ep, &self.digest, self.pos, to)

@@ -870,4 +870,6 @@ fn conf_specs(file: &Path, host: &str, insecure: bool, plain: bool) -> Vec<HostS
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

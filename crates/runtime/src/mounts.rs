@@ -54,9 +54,14 @@ fn unescape(s: &str) -> String {
         if b[i] == b'\\' && i + 4 <= b.len() {
             let oct = &b[i + 1..i + 4];
             if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
-                i += 4;
-                continue;
+                // In u32, and only a byte's worth: `\777` is text, not an
+                // escape (issue #19: the u8 arithmetic overflowed).
+                let v = oct.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                if let Ok(byte) = u8::try_from(v) {
+                    out.push(byte);
+                    i += 4;
+                    continue;
+                }
             }
         }
         out.push(b[i]);
@@ -105,5 +110,54 @@ mod tests {
         );
         assert_eq!(mounts_below_in(INFO, Path::new("/s/containers/")).len(), 6);
         assert!(mounts_below_in(INFO, Path::new("/s/cont")).is_empty());
+    }
+
+    /// Issue #19: `\777` is not an escape the kernel writes (it escapes a
+    /// backslash as `\134`), but three octal digits above 0o377 made the
+    /// byte arithmetic overflow ("attempt to multiply with overflow").
+    #[test]
+    fn octal_beyond_a_byte_is_kept_as_text() {
+        let info = "36 22 0:46 / /s/x\\777\\040y rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            mounts_below_in(info, Path::new("/s")),
+            [PathBuf::from("/s/x\\777 y")]
+        );
+    }
+
+    /// Any line, however broken, gives mount points or nothing, never a
+    /// panic; what is found is below the directory asked for.
+    #[test]
+    fn fuzz_mountinfo_lines() {
+        use lazylayer_testsupport::fuzz::fuzz;
+        use proptest::prelude::*;
+        let piece = proptest::sample::select(vec![
+            " ",
+            "\\",
+            "\\040",
+            "\\777",
+            "\\0",
+            "\\",
+            "7",
+            "/s",
+            "/s/a",
+            "/",
+            "-",
+            " - ",
+            "\n",
+            "é",
+            "22 1 0:21 ",
+            "overlay",
+            "lowerdir=/s/a:/s/b",
+        ]);
+        let text = prop_oneof![
+            3 => proptest::collection::vec(piece, 0..24).prop_map(|p| p.concat()),
+            1 => any::<String>(),
+        ];
+        fuzz("mountinfo (runtime)", text, |t| {
+            for m in mounts_below_in(&t, Path::new("/s")) {
+                prop_assert!(m.starts_with("/s"), "{}", m.display());
+            }
+            Ok(())
+        });
     }
 }

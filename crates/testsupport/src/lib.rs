@@ -1,9 +1,10 @@
 //! Test support shared by lazylayer's crates (a dev-dependency only): the
 //! real peers a test talks to (Debian's docker-registry, podman, containerd),
 //! guards that undo mounts and processes even when a test panics, tree
-//! snapshots to compare root file systems, and a fault-injecting proxy for
-//! what a real registry cannot be made to do.
+//! snapshots to compare root file systems, a fault-injecting proxy for
+//! what a real registry cannot be made to do, and the bounded fuzz harness.
 
+pub mod fuzz;
 pub mod proxy;
 pub mod tree;
 

@@ -276,7 +276,19 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::with_dir(tempfile::tempdir().unwrap())
+    }
+
+    /// A sandbox in memory (tmpfs) when the machine has one: for tests that
+    /// make thousands.
+    pub fn in_memory() -> Self {
+        match tempfile::tempdir_in("/dev/shm") {
+            Ok(dir) => Self::with_dir(dir),
+            Err(_) => Self::new(),
+        }
+    }
+
+    fn with_dir(dir: tempfile::TempDir) -> Self {
         let root = dir.path().join("root");
         let outside = dir.path().join("outside");
         std::fs::create_dir(&root).unwrap();
