@@ -16,7 +16,9 @@
 //!                               by the next fetch of that layer (which holds its lock)
 //! ```
 //! Everything enters through `tmp/` and a rename, so a crash or a bad blob
-//! leaves the store as it was. Pulls hold the store lock shared and a per-layer
+//! leaves the store as it was; content is synced before the rename and the
+//! directory after it ([`durable`]), so a power loss does too. `check`
+//! verifies all of it after the fact (see the `check` module). Pulls hold the store lock shared and a per-layer
 //! lock exclusive (two processes never fetch the same layer twice), and so
 //! does every single-layer fetch; `prune` holds the store lock exclusive and
 //! keeps what image records and the pins of living processes name.
