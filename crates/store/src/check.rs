@@ -232,7 +232,7 @@ impl Store {
             }
         }
         for p in &rep.problems {
-            tracing::warn!(path = %p.path.display(), kind = ?p.kind, detail = %p.detail, repaired = p.repaired, "store damage");
+            tracing::debug!(path = %p.path.display(), kind = ?p.kind, detail = %p.detail, repaired = p.repaired, "store damage");
         }
         Ok(rep)
     }
@@ -245,15 +245,21 @@ impl Store {
         blobs.extend(rec.index_digest.as_ref());
         for d in blobs {
             if !blob_ok(d) {
-                out.push(format!("blob {d}, which is missing"));
+                out.push(format!("blob {d}, which is missing or damaged"));
             }
         }
         for l in &rec.layers {
             if !blob_ok(&l.digest) {
-                out.push(format!("layer blob {}, which is missing", l.digest));
+                out.push(format!(
+                    "layer blob {}, which is missing or damaged",
+                    l.digest
+                ));
             }
             if self.layer_dir(&l.digest).is_none() || damaged.contains(l.digest.hex()) {
-                out.push(format!("extracted layer {}, which is missing", l.digest));
+                out.push(format!(
+                    "extracted layer {}, which is missing or damaged",
+                    l.digest
+                ));
             }
         }
         out
