@@ -63,6 +63,8 @@ enum Command {
     Rmi(commands::rmi::Args),
     /// Remove blobs and layers that no image references (or, with --to SIZE, evict down to a size)
     Prune(commands::prune::Args),
+    /// Verify the store (digests, complete layers, records, partials); --repair removes damage
+    Check(commands::check::Args),
     /// Show the store's disk usage: per image, per directory, and the size limit
     Df(commands::df::Args),
     /// Serve containerd's snapshots API (remote snapshotter for optimized images)
@@ -127,6 +129,9 @@ fn main() -> ExitCode {
             Command::Rmi(a) => commands::rmi::run(g, a),
             Command::Prune(a) => commands::prune::run(g, a),
             Command::Df(a) => commands::df::run(g, a),
+            Command::Check(a) => commands::check::run(g, a).map(|code| {
+                EXIT_CODE.store(code, std::sync::atomic::Ordering::SeqCst);
+            }),
             Command::Snapshotter(a) => commands::snapshotter::run(g, a).await,
             Command::Containerd(a) => commands::containerd::run(g, a).await,
             Command::Config(a) => commands::config::run(g, a),

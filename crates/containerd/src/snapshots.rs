@@ -224,19 +224,14 @@ impl Snapshots {
 
     fn save(&self, db: &Db) -> Result<()> {
         let path = self.dir.join("metadata.json");
-        let tmp = self.dir.join("metadata.json.tmp");
         let bytes = serde_json::to_vec_pretty(db).map_err(|source| SnapshotError::Metadata {
             path: path.clone(),
             source,
         })?;
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().map_err(io("writing snapshot metadata", &path))
+        // Its directory synced too: containerd is told a snapshot exists
+        // only once its record would survive a power loss.
+        lazylayer_store::durable::write_atomically(&path, &bytes)
+            .map_err(io("writing snapshot metadata", &path))
     }
 
     pub fn exists(&self, key: &str) -> bool {

@@ -462,7 +462,9 @@ fn layer_dirs(
         let info =
             serde_json::json!({ "compressed-size": l.size, "diff-digest": digest.to_string() });
         let path = ld.join("info");
-        std::fs::write(&path, info.to_string()).map_err(io("writing a layer info", &path))?;
+        // Podman may read it at any moment: never a half-written one.
+        lazylayer_store::durable::write_atomically(&path, info.to_string().as_bytes())
+            .map_err(io("writing a layer info", &path))?;
         diffs.push(diff);
     }
     Ok(diffs)

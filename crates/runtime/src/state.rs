@@ -142,16 +142,12 @@ impl ContainerDir {
         self.path.join(name)
     }
 
-    fn write_json(&self, file: &str, v: &impl Serialize) -> Result<(), RuntimeError> {
-        let tmp = self.path.join(format!(".{file}.tmp"));
-        let dest = self.path.join(file);
-        std::fs::write(&tmp, serde_json::to_vec_pretty(v).expect("serialisable"))
-            .map_err(io("writing", &tmp))?;
-        std::fs::rename(&tmp, &dest).map_err(io("writing", &dest))
-    }
-
+    /// Durable as well as atomic: a state.json naming a container whose
+    /// mounts and runc state exist must survive a power loss with them.
     pub fn write_state(&self, s: &ContainerState) -> Result<(), RuntimeError> {
-        self.write_json("state.json", s)
+        let dest = self.path.join("state.json");
+        let bytes = serde_json::to_vec_pretty(s).expect("serialisable");
+        lazylayer_store::durable::write_atomically(&dest, &bytes).map_err(io("writing", &dest))
     }
 
     pub fn read_state(&self) -> Result<ContainerState, RuntimeError> {
@@ -160,9 +156,16 @@ impl ContainerDir {
         serde_json::from_slice(&b).map_err(|e| io("parsing", &p)(std::io::Error::other(e)))
     }
 
-    /// Per-layer progress, written by the serving process.
+    /// Per-layer progress, written by the serving process four times a
+    /// second: atomic (temp + rename) but not synced. A progress display
+    /// lost to a power loss is rewritten by the next start, and an fsync
+    /// this often would make ext4 flush the layer being fetched each time.
     pub fn write_status(&self, v: &impl Serialize) -> Result<(), RuntimeError> {
-        self.write_json("status.json", v)
+        let tmp = self.path.join(".status.json.tmp");
+        let dest = self.path.join("status.json");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(v).expect("serialisable"))
+            .map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(io("writing", &dest))
     }
 
     pub fn read_status(&self) -> Result<serde_json::Value, RuntimeError> {

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::{io_err, read_dir_or_empty, FileLock, ImageRecord, Result, Store, StoreError};
+use crate::{io_err, read_dir_or_empty, FileLock, ImageRecord, Result, Store};
 
 /// Content directories whose bytes count towards the limit, in the order
 /// they are walked (a hard link between two counts in the first).
@@ -226,7 +226,7 @@ impl Store {
         self.usage().total()
     }
 
-    fn used_path(&self) -> PathBuf {
+    pub(crate) fn used_path(&self) -> PathBuf {
         self.root.join("used.json")
     }
 
@@ -249,16 +249,9 @@ impl Store {
         let mut used = self.last_used();
         f(&mut used);
         let dest = self.used_path();
-        let tmp = tempfile::NamedTempFile::new_in(self.tmp_dir())
-            .map_err(io_err("creating temp file", &self.root))?;
-        std::fs::write(tmp.path(), serde_json::to_vec(&used).expect("serialisable"))
-            .map_err(io_err("writing the last-used file", tmp.path()))?;
-        tmp.persist(&dest).map_err(|e| StoreError::Io {
-            what: "saving the last-used file".into(),
-            path: dest.clone(),
-            source: e.error,
-        })?;
-        Ok(())
+        let bytes = serde_json::to_vec(&used).expect("serialisable");
+        crate::durable::write_atomically_via(&self.tmp_dir(), &dest, &bytes)
+            .map_err(io_err("saving the last-used file", &dest))
     }
 
     /// Record that the image filed under `reference` (as in its record) was
@@ -338,7 +331,7 @@ impl Store {
 
     /// Remove one digest's blob and extracted layer unless its lock is held
     /// (a fetch of it runs); returns the bytes freed, None when skipped.
-    fn remove_content(&self, hex: &str) -> Result<Option<u64>> {
+    pub(crate) fn remove_content(&self, hex: &str) -> Result<Option<u64>> {
         let Some(_lock) = FileLock::try_exclusive(&self.lock_path(&format!("{hex}.lock")))? else {
             return Ok(None);
         };

@@ -16,7 +16,9 @@
 //!                               by the next fetch of that layer (which holds its lock)
 //! ```
 //! Everything enters through `tmp/` and a rename, so a crash or a bad blob
-//! leaves the store as it was. Pulls hold the store lock shared and a per-layer
+//! leaves the store as it was; content is synced before the rename and the
+//! directory after it ([`durable`]), so a power loss does too. `check`
+//! verifies all of it after the fact (see the `check` module). Pulls hold the store lock shared and a per-layer
 //! lock exclusive (two processes never fetch the same layer twice), and so
 //! does every single-layer fetch; `prune` holds the store lock exclusive and
 //! keeps what image records and the pins of living processes name.
@@ -27,6 +29,8 @@
 //! limit (see the `cache` module).
 
 mod cache;
+mod check;
+pub mod durable;
 mod error;
 mod lock;
 mod pins;
@@ -43,6 +47,7 @@ use lazylayer_oci::{Digest, Reference};
 use serde::{Deserialize, Serialize};
 
 pub use cache::{evicted_images, EvictReport, ImageUsage, StoreUsage, COUNTED_DIRS};
+pub use check::{CheckReport, Problem, ProblemKind};
 pub use error::StoreError;
 pub use lock::FileLock;
 pub use pins::Pin;
@@ -168,23 +173,16 @@ impl Store {
         Ok(data)
     }
 
-    /// Store a small blob (manifest, config) after checking its digest.
+    /// Store a small blob (manifest, config) after checking its digest;
+    /// durable when this returns (see [`durable`]).
     pub fn put_blob_bytes(&self, d: &Digest, data: &[u8]) -> Result<()> {
         d.verify(&format!("blob {d}"), data)?;
         let dest = self.blob_path(d);
         if dest.is_file() {
             return Ok(());
         }
-        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(io_err("creating temp file", &self.root))?;
-        std::fs::write(tmp.path(), data)
-            .map_err(io_err(format!("writing blob {d}"), tmp.path()))?;
-        tmp.persist(&dest).map_err(|e| StoreError::Io {
-            what: format!("storing blob {d}"),
-            path: dest.clone(),
-            source: e.error,
-        })?;
-        Ok(())
+        durable::write_atomically_via(&self.tmp_dir(), &dest, data)
+            .map_err(io_err(format!("storing blob {d}"), &dest))
     }
 
     /// Where a single file read by range is kept, by its content's digest.
@@ -206,15 +204,8 @@ impl Store {
         }
         let dir = dest.parent().expect("file paths have a parent");
         create_private_dir(dir).map_err(io_err("creating the files directory", dir))?;
-        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(io_err("creating temp file", &self.root))?;
-        std::fs::write(tmp.path(), data)
-            .map_err(io_err(format!("writing file content {d}"), tmp.path()))?;
-        tmp.persist(&dest).map_err(|e| StoreError::Io {
-            what: format!("storing file content {d}"),
-            path: dest.clone(),
-            source: e.error,
-        })?;
+        durable::write_atomically_via(&self.tmp_dir(), &dest, data)
+            .map_err(io_err(format!("storing file content {d}"), &dest))?;
         Ok(dest)
     }
 
@@ -276,18 +267,9 @@ impl Store {
 
     pub fn save_image(&self, rec: &ImageRecord) -> Result<()> {
         let dest = self.image_path(&rec.reference);
-        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
-            .map_err(io_err("creating temp file", &self.root))?;
-        std::fs::write(
-            tmp.path(),
-            serde_json::to_vec_pretty(rec).expect("serialisable record"),
-        )
-        .map_err(io_err("writing image record", tmp.path()))?;
-        tmp.persist(&dest).map_err(|e| StoreError::Io {
-            what: "saving image record".into(),
-            path: dest.clone(),
-            source: e.error,
-        })?;
+        let bytes = serde_json::to_vec_pretty(rec).expect("serialisable record");
+        durable::write_atomically_via(&self.tmp_dir(), &dest, &bytes)
+            .map_err(io_err("saving image record", &dest))?;
         // Recorded means just pulled or just fully fetched: used now.
         self.touch_image(&rec.reference);
         self.enforce_limit_soon();

@@ -51,15 +51,10 @@ impl Store {
             digests: digests.iter().map(|d| d.to_string()).collect(),
         };
         let path = self.pin_path(name);
-        let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err("creating a pin", &dir))?;
-        std::fs::write(tmp.path(), serde_json::to_vec(&file).expect("serialisable"))
-            .map_err(io_err("writing a pin", tmp.path()))?;
-        tmp.persist(&path).map_err(|e| crate::StoreError::Io {
-            what: "storing a pin".into(),
-            path: path.clone(),
-            source: e.error,
-        })?;
-        Ok(())
+        let bytes = serde_json::to_vec(&file).expect("serialisable");
+        // The temp file beside the pin, not in tmp/: `prune` empties tmp/
+        // and pins are written without the store lock.
+        crate::durable::write_atomically(&path, &bytes).map_err(io_err("storing a pin", &path))
     }
 
     /// [`Store::pin`], taken off again when the returned value is dropped.
@@ -83,6 +78,10 @@ impl Store {
             return keep;
         };
         for e in rd.flatten() {
+            // A pin being written (its temp file): not one yet.
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             let Ok(bytes) = std::fs::read(e.path()) else {
                 continue;
             };
