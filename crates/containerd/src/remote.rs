@@ -38,6 +38,10 @@ pub struct Images {
     /// is locked only to find or add a cell, never across the registry:
     /// a stalled image holds up its own callers, not other images'.
     opened: std::sync::Mutex<HashMap<String, Opening>>,
+    /// manifest digest → what an open found (kept when the image is let go,
+    /// a few hundred bytes): whether a new snapshot can stand on the store's
+    /// layers is then answered without the registry.
+    known: std::sync::Mutex<HashMap<String, KnownImage>>,
     fetch: FetchOptions,
     mount: MountOptions,
 }
@@ -48,6 +52,7 @@ impl Images {
             store,
             client,
             opened: std::sync::Mutex::new(HashMap::new()),
+            known: std::sync::Mutex::new(HashMap::new()),
             fetch: FetchOptions::default(),
             // The container starts from the boot layer, the rest follows once
             // its start has settled (prefetching earlier takes its CPU).
@@ -81,6 +86,15 @@ impl Images {
         let image = opening
             .get_or_try_init(|| self.open_from_registry(image_ref, manifest_digest))
             .await?;
+        if let Some(img) = image {
+            (self.known.lock())
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(manifest_digest.to_string())
+                .or_insert_with(|| KnownImage {
+                    record_reference: img.record_reference(),
+                    layers: img.layers().to_vec(),
+                });
+        }
         Ok(image.clone())
     }
 
@@ -94,25 +108,22 @@ impl Images {
             .remove(manifest_digest);
     }
 
-    /// The image, opened, when that costs no network: already opened, or
-    /// held whole by the store. None when opening it would ask the registry.
-    pub async fn open_offline(
-        &self,
-        image_ref: &str,
-        manifest_digest: &str,
-    ) -> Result<Option<Arc<LazyImage>>> {
-        let opened = (self.opened.lock())
+    /// What an open of the image found, when that costs no network: it was
+    /// opened before, or the store holds its record. None when only the
+    /// registry could tell.
+    fn known_offline(&self, image_ref: &str, manifest_digest: &str) -> Option<KnownImage> {
+        let known = (self.known.lock())
             .unwrap_or_else(PoisonError::into_inner)
             .get(manifest_digest)
-            .and_then(|cell| cell.get().cloned());
-        if let Some(image) = opened {
-            return Ok(image);
-        }
-        let reference = image_reference(image_ref, manifest_digest)?;
-        if lazylayer_fetch::local_image(&self.store, &reference).is_none() {
-            return Ok(None);
-        }
-        self.open(image_ref, manifest_digest).await
+            .cloned();
+        known.or_else(|| {
+            let reference = image_reference(image_ref, manifest_digest).ok()?;
+            let rec = self.store.image(&reference)?;
+            Some(KnownImage {
+                record_reference: rec.reference,
+                layers: rec.layers,
+            })
+        })
     }
 
     async fn open_from_registry(
@@ -569,8 +580,8 @@ impl Snapshotter {
     /// least-recently-used order).
     async fn touch(&self, r: &RemoteLayer) {
         let Some(images) = &self.images else { return };
-        if let Ok(Some(img)) = images.open(&r.image_ref, &r.manifest_digest).await {
-            images.store.touch_image(&img.record_reference());
+        if let Some(known) = images.known_offline(&r.image_ref, &r.manifest_digest) {
+            images.store.touch_image(&known.record_reference);
         }
     }
 
@@ -584,14 +595,11 @@ impl Snapshotter {
         };
         // Whether the image is local is a question for the store: asking
         // the registry here would hold up the Prepare.
-        let Some(img) = images
-            .open_offline(&r.image_ref, &r.manifest_digest)
-            .await?
-        else {
+        let Some(known) = images.known_offline(&r.image_ref, &r.manifest_digest) else {
             return Ok(None);
         };
         let lowers =
-            lazylayer_fetch::stacked_lowers(&images.store, img.layers()).map_err(|source| {
+            lazylayer_fetch::stacked_lowers(&images.store, &known.layers).map_err(|source| {
                 SnapshotError::Image {
                     image: r.image_ref.clone(),
                     source: Box::new(source),
@@ -761,6 +769,13 @@ impl Snapshotter {
         *slot = Some(root);
         Ok(())
     }
+}
+
+/// An opened image's record name and layers, bottom first.
+#[derive(Clone)]
+struct KnownImage {
+    record_reference: String,
+    layers: Vec<lazylayer_store::LayerRef>,
 }
 
 /// `image_ref` pinned at `manifest_digest`.
