@@ -304,26 +304,6 @@ fn plain_image_pull_run_snapshot_commands_and_restart() {
     drop(cd);
 }
 
-/// The optimized python3 image in a registry, reached through a relaying
-/// proxy (to slow or count its blobs): the registry, the optimizing store,
-/// the optimized image's layer digests, the proxy, and the image's
-/// reference through the proxy.
-fn optimized_python3_behind_a_proxy() -> (
-    Registry,
-    tempfile::TempDir,
-    Vec<String>,
-    lazylayer_testsupport::proxy::CuttingProxy,
-    String,
-) {
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
-    let (_, layers) = layer_digests(opt_root.path(), &dst);
-    let proxy = lazylayer_testsupport::proxy::CuttingProxy::relay(reg.port);
-    let via = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
-    (reg, opt_root, layers, proxy, via)
-}
-
 /// The remote path through the snapshotter's own gRPC API, as containerd's
 /// metadata layer drives it when the CRI labels are present: every layer of
 /// an optimized image is claimed (AlreadyExists, committed, no directory),
