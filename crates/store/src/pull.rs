@@ -556,6 +556,7 @@ fn keep_received(
             Err(e)
         }
     };
+    tracing::debug!(partial = %partial.display(), ?len, "download ended; its bytes are kept");
     if matches!(len, Ok(0)) {
         // The layer lock is still held, so no other fetch has this file open.
         let _ = std::fs::remove_file(partial);

@@ -60,9 +60,11 @@ impl Received {
         self.update(|s| s.cancelled = true);
     }
 
-    /// The extractor gave up: the writer stops taking bytes.
+    /// The extractor gave up: the writer stops taking bytes. Not when it
+    /// stopped because the fetch was cancelled: the bytes still on their way
+    /// to the file (up to a channel's worth) are kept then.
     pub fn extraction_failed(&self) {
-        self.update(|s| s.extraction_failed = true);
+        self.update(|s| s.extraction_failed = !s.cancelled);
     }
 }
 
@@ -216,8 +218,19 @@ mod tests {
             assert_eq!(w.join().unwrap().unwrap(), 13);
         });
 
+        // A cancel stops the reader but not the writer: every byte the
+        // download received still reaches the file.
         let received = Received::new(4);
         received.cancel();
+        received.extraction_failed();
+        let (tx, rx) = mpsc::channel(2);
+        tx.blocking_send(Bytes::from_static(b"!")).unwrap();
+        drop(tx);
+        let mut out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(write_received(rx, &mut out, &received, &|_| {}).unwrap(), 5);
         let mut r = FollowReader {
             file: File::open(&path).unwrap(),
             received: &received,
