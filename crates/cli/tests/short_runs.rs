@@ -58,7 +58,14 @@ fn short_runs_keep_every_byte_and_complete_the_image() {
     let mut complete_after = None;
     for n in 1..=5 {
         let t = std::time::Instant::now();
-        let out = lazylayer_run(root.path(), &["--rm", "--stats", &via]);
+        // The first container is kept (no --rm): `status` reads it after.
+        let name = format!("short{n}");
+        let args: &[&str] = if n == 1 {
+            &["--name", &name, "--stats", &via]
+        } else {
+            &["--rm", "--stats", &via]
+        };
+        let out = lazylayer_run(root.path(), args);
         eprintln!("run {n}: {:?}", t.elapsed());
         assert!(out.status.success());
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
@@ -72,6 +79,25 @@ fn short_runs_keep_every_byte_and_complete_the_image() {
                 stats.contains(" kept of "),
                 "--stats shows per-layer progress: {stats}"
             );
+            // `status` too: the base layer half kept, no more extracted.
+            let st = lazylayer_json(root.path(), &["status", &name]);
+            let base = st["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["digest"] == layers[0].as_str())
+                .unwrap_or_else(|| panic!("no base layer in {st}"))
+                .clone();
+            let kept = base["kept"].as_u64().unwrap();
+            let extracted = base["extracted"].as_u64().unwrap();
+            assert!(kept > 0 && kept < sizes[0], "{base}");
+            assert!(extracted <= kept, "{base}");
+            let table = lazylayer_ok(root.path(), &["status", &name]);
+            assert!(
+                table.contains("KEPT") && table.contains("EXTRACTED"),
+                "{table}"
+            );
+            lazylayer_ok(root.path(), &["rm", &name]);
         }
         if recorded(root.path()) {
             complete_after = Some(n);
