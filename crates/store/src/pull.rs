@@ -267,13 +267,13 @@ impl Store {
             let writer = {
                 let (partial, received, progress) =
                     (partial.clone(), received.clone(), progress.clone());
-                let d = digest.clone();
+                let (d, size) = (digest.clone(), layer.size);
                 // The lock lives until the partial file is written, even when
                 // this future is dropped first.
                 let lock = layer_lock.clone();
                 tokio::task::spawn_blocking(move || {
                     let _lock = lock;
-                    keep_received(rx, &partial, prefix_len, &received, &|n| {
+                    keep_received(rx, &partial, (prefix_len, size), &received, &|n| {
                         progress.layer_kept(&d, n)
                     })
                 })
@@ -531,11 +531,11 @@ impl Drop for CancelOnDrop {
 /// The writing half of a layer fetch: append what the download receives to
 /// the partial file, which holds `prefix_len` bytes already (anything past
 /// them, hashed by nobody, is dropped). A file left empty (cut before any
-/// byte) is removed. Returns the file's length.
+/// byte of a blob that has some) is removed. Returns the file's length.
 fn keep_received(
     rx: mpsc::Receiver<bytes::Bytes>,
     partial: &Path,
-    prefix_len: u64,
+    (prefix_len, size): (u64, u64),
     received: &Received,
     kept: &dyn Fn(u64),
 ) -> std::io::Result<u64> {
@@ -557,7 +557,7 @@ fn keep_received(
         }
     };
     tracing::debug!(partial = %partial.display(), ?len, "download ended; its bytes are kept");
-    if matches!(len, Ok(0)) {
+    if matches!(len, Ok(0)) && size > 0 {
         // The layer lock is still held, so no other fetch has this file open.
         let _ = std::fs::remove_file(partial);
     }
