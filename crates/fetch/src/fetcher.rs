@@ -65,6 +65,12 @@ pub struct LayerStatus {
     pub digest: String,
     pub size: u64,
     pub fetched: u64,
+    /// Bytes of the blob kept in the store (received by this fetch or by
+    /// earlier ones): a later fetch resumes after them.
+    pub kept: u64,
+    /// Bytes of the blob the extraction has consumed (`size` once the
+    /// layer is in the store).
+    pub extracted: u64,
     #[serde(flatten)]
     pub state: LayerState,
     /// Fetched because a reader asked (rather than by prefetch).
@@ -97,6 +103,10 @@ struct Inner {
     slots: Mutex<Vec<Slot>>,
     changed: Condvar,
     fetched: Vec<AtomicU64>,
+    /// Per layer: bytes of its blob kept on disk, and consumed by the
+    /// extraction under way (for `status` and `run --stats`).
+    kept: Vec<AtomicU64>,
+    extracted: Vec<AtomicU64>,
     /// Per layer: a reader asked for it (its bytes count as on demand and
     /// are not paced by the prefetch's bandwidth limit).
     urgent: Vec<Arc<AtomicBool>>,
@@ -127,6 +137,15 @@ impl PullProgress for SlotProgress {
             lazylayer_metrics::Reason::Prefetch
         };
         lazylayer_metrics::fetched(reason, n);
+    }
+    fn layer_kept(&self, _d: &Digest, total: u64) {
+        self.inner.kept[self.layer].store(total, Ordering::Relaxed);
+    }
+    fn layer_resumed(&self, _d: &Digest, offset: u64) {
+        self.inner.kept[self.layer].store(offset, Ordering::Relaxed);
+    }
+    fn layer_extracted(&self, _d: &Digest, total: u64) {
+        self.inner.extracted[self.layer].store(total, Ordering::Relaxed);
     }
 }
 
@@ -166,6 +185,17 @@ impl LayerFetcher {
         rt: tokio::runtime::Handle,
     ) -> LayerFetcher {
         let fetched = layers.iter().map(|_| AtomicU64::new(0)).collect();
+        let kept = layers
+            .iter()
+            .map(|l| AtomicU64::new(store.layer_kept(l)))
+            .collect();
+        let extracted = layers
+            .iter()
+            .map(|l| {
+                let done = store.layer_dir(&l.digest).is_some();
+                AtomicU64::new(if done { l.size } else { 0 })
+            })
+            .collect();
         let urgent = layers
             .iter()
             .map(|_| Arc::new(AtomicBool::new(false)))
@@ -197,6 +227,8 @@ impl LayerFetcher {
                 slots: Mutex::new(slots),
                 changed: Condvar::new(),
                 fetched,
+                kept,
+                extracted,
                 urgent,
                 rt,
                 tasks: Tasks::default(),
@@ -526,10 +558,23 @@ impl LayerFetcher {
                 } else {
                     self.inner.fetched[i].load(Ordering::Relaxed)
                 },
+                kept: self.inner.kept[i].load(Ordering::Relaxed),
+                extracted: self.inner.extracted[i].load(Ordering::Relaxed),
                 state: slot.state.clone(),
                 on_demand: slot.on_demand,
             })
             .collect()
+    }
+
+    /// True when no fetch is under way and, with `pending_too`, none is
+    /// left to start: every layer is in the store or failed.
+    pub fn settled(&self, pending_too: bool) -> bool {
+        let s = self.inner.slots.lock().unwrap();
+        s.iter().all(|slot| match slot.state {
+            LayerState::Done | LayerState::Failed(_) => true,
+            LayerState::Pending => !pending_too,
+            LayerState::Fetching => false,
+        })
     }
 
     /// Bytes downloaded by this fetcher (layers found in the store count 0).
@@ -638,6 +683,8 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
     let mut s = inner.slots.lock().unwrap();
     match r {
         Ok(_) => {
+            inner.kept[i].store(layer.size, Ordering::Relaxed);
+            inner.extracted[i].store(layer.size, Ordering::Relaxed);
             s[i].state = LayerState::Done;
             s[i].ready.clear();
             s[i].extracting_in = None;

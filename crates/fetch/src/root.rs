@@ -40,6 +40,8 @@ pub struct LazyRoot {
     recorder: Option<tokio::task::AbortHandle>,
     /// Waits for the start's chunks before the prefetch (aborted on drop).
     prefetch_gate: Option<tokio::task::AbortHandle>,
+    /// The mount prefetches the layers nobody asked for.
+    prefetch: bool,
     /// Last: released only once the rest is undone.
     _pin: Pin,
 }
@@ -96,6 +98,7 @@ impl LazyRoot {
             saved: Arc::new(AtomicBool::new(false)),
             recorder: None,
             prefetch_gate: None,
+            prefetch: false,
             _pin: pin,
         })
     }
@@ -147,6 +150,7 @@ impl LazyRoot {
             None => FsMount::mount(fs, target, 8)?,
             Some((device, table)) => FsMount::resume(fs, target, 8, device, table)?,
         };
+        self.prefetch = opts.prefetch;
         if opts.prefetch {
             // The start reads from the boot layer; prefetching earlier takes
             // the CPU it needs (decompression, extraction) and the link. On
@@ -254,6 +258,34 @@ impl LazyRoot {
     /// the chunked boot layer's included.
     pub fn bytes_fetched(&self) -> u64 {
         self.fetcher.bytes_fetched() + self.image.boot_chunks().map_or(0, |b| b.bytes_fetched())
+    }
+
+    /// Give the fetches of this root up to `bound` to finish, its user
+    /// being gone (a `run` container exited): the prefetch goes on
+    /// meanwhile, so that a short run still completes the image when the
+    /// rest takes less than `bound` (the next run is then all local), and
+    /// otherwise keeps more of it. Without a prefetch only the fetches
+    /// under way are waited for. True when nothing was left to wait for.
+    pub async fn finish_fetching(&self, bound: Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        loop {
+            let boot = !self.prefetch || self.image.boot_stored();
+            if boot && self.fetcher.settled(self.prefetch) {
+                tracing::debug!(waited = ?t0.elapsed(), "the image's fetches ended");
+                return true;
+            }
+            if self.image.boot_chunks().is_some_and(|b| b.failed()) {
+                return false;
+            }
+            if t0.elapsed() >= bound {
+                tracing::info!(
+                    ?bound,
+                    "stopping with fetches still under way (what arrived is kept)"
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// True when every layer is local.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lazylayer_fetch::{FetchError, FetchOptions, ImageRoot, LazyRoot, MountOptions};
+use lazylayer_fetch::{FetchError, FetchOptions, ImageRoot, LayerStatus, LazyRoot, MountOptions};
 use lazylayer_oci::{Reference, RegistryClient};
 use lazylayer_runtime::{
     process_start_time, signal_name, ContainerBuilder, ContainerDir, ContainerState,
@@ -59,7 +59,18 @@ pub struct RunOptions {
     pub stop_timeout: Duration,
     /// When the run started, for the time to ready.
     pub t0: Instant,
+    /// After the container's exit, how long the image's fetches get to
+    /// finish (a lazily started image only): a short run then still
+    /// completes an image whose rest takes less than this, and keeps more
+    /// of it otherwise. The exit code is the container's either way.
+    pub finish_after_exit: Duration,
 }
+
+/// The default of [`RunOptions::finish_after_exit`]: a few seconds, so a
+/// short job's exit is delayed by at most that much, while the rest of an
+/// image a run has half fetched has time to arrive (and be extracted) on a
+/// usual link.
+pub const FINISH_AFTER_EXIT: Duration = Duration::from_secs(5);
 
 /// How a run ended.
 pub struct RunReport {
@@ -84,6 +95,8 @@ pub struct LazyStats {
     pub bytes_fetched: u64,
     pub passthrough_opens: u64,
     pub daemon_opens: u64,
+    /// Per layer below the boot layer: what is kept and extracted at exit.
+    pub layer_status: Vec<LayerStatus>,
 }
 
 /// The store pin a run of container `name` holds (container names are pin names).
@@ -188,6 +201,13 @@ impl Run<'_> {
         let code = container
             .wait_forwarding(signals, self.opts.stop_timeout)
             .await?;
+        if let Some(lazy) = lazy {
+            // Bounded; a signal ends it at once (what arrived is kept).
+            tokio::select! {
+                _ = lazy.finish_fetching(self.opts.finish_after_exit) => {}
+                _ = signals.recv() => {}
+            }
+        }
         drop(status);
         let lazy = lazy.map(lazy_stats);
         let native = root.native();
@@ -263,6 +283,7 @@ fn lazy_stats(root: &LazyRoot) -> LazyStats {
         bytes_fetched: root.bytes_fetched(),
         passthrough_opens: fs.as_ref().map_or(0, |s| s.passthrough_opens()),
         daemon_opens: fs.map_or(0, |s| s.daemon_opens()),
+        layer_status: st,
     }
 }
 

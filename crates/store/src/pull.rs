@@ -1,9 +1,11 @@
 //! Full pull of an image into the store: every layer is streamed, hashed,
-//! decompressed and extracted in one pass (the download never waits for the
-//! extraction to finish, nor the other way round), then verified and renamed
-//! into place.
+//! decompressed and extracted in one pass, then verified and renamed into
+//! place. Each received byte is appended to the layer's partial download
+//! as it arrives and the extractor reads that file behind it (the download
+//! never waits for the extraction): a fetch cut at any point keeps all it
+//! received, and a blob received whole is never fetched again.
 
-use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,7 +16,7 @@ use lazylayer_oci::{Digest, Platform, Reference, RegistryClient, ResolvedImage};
 use tokio::sync::mpsc;
 use tracing::{info, info_span, Instrument};
 
-use crate::reader::{ChannelReader, HashingReader, TeeReader};
+use crate::reader::{write_received, FollowReader, HashingReader, Received};
 use crate::source::{BlobStream, LayerEvents, NoEvents, RegistryBlobs};
 use crate::{io_err, FileLock, ImageRecord, LayerRecord, LayerRef, Result, Store, StoreError};
 
@@ -31,6 +33,11 @@ pub trait PullProgress: Send + Sync {
     /// The first `offset` bytes come from a partial download kept from an
     /// earlier, cut fetch: they are read locally, not fetched.
     fn layer_resumed(&self, _digest: &Digest, _offset: u64) {}
+    /// The partial download now holds `total` bytes of the blob, kept on
+    /// disk whatever becomes of this fetch.
+    fn layer_kept(&self, _digest: &Digest, _total: u64) {}
+    /// The extraction has consumed `total` bytes of the (compressed) blob.
+    fn layer_extracted(&self, _digest: &Digest, _total: u64) {}
     fn layer_done(&self, _digest: &Digest) {}
 }
 
@@ -141,6 +148,16 @@ impl Store {
         .await
     }
 
+    /// Bytes of `layer`'s blob kept in the store: all of them once the layer
+    /// is extracted (or its blob stored), else what its partial download
+    /// holds (a later fetch resumes after them).
+    pub fn layer_kept(&self, layer: &LayerRef) -> u64 {
+        if self.layer_dir(&layer.digest).is_some() || self.has_blob(&layer.digest) {
+            return layer.size;
+        }
+        std::fs::metadata(self.partial_path(&layer.digest)).map_or(0, |m| m.len().min(layer.size))
+    }
+
     /// Make sure one layer is extracted in the store, fetching it from
     /// `source` if needed. Safe against other processes doing the same: the
     /// per-layer lock makes the second one wait and then find the layer done.
@@ -238,36 +255,62 @@ impl Store {
             }
 
             // The channel is bounded so a slow disk throttles the download
-            // instead of buffering the layer in memory.
+            // instead of buffering the layer in memory; the extraction does
+            // not: it reads the partial file behind the writer.
             events.extracting(&fs_dir);
+            let received = Arc::new(Received::new(prefix_len));
             let (tx, rx) = mpsc::channel::<bytes::Bytes>(32);
+            let worker_err = |what: &str, e: tokio::task::JoinError| StoreError::Worker {
+                what: format!("{what} layer {digest}"),
+                reason: e.to_string(),
+            };
+            let writer = {
+                let (partial, received, progress) =
+                    (partial.clone(), received.clone(), progress.clone());
+                let (d, size) = (digest.clone(), layer.size);
+                // The lock lives until the partial file is written, even when
+                // this future is dropped first.
+                let lock = layer_lock.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _lock = lock;
+                    keep_received(rx, &partial, (prefix_len, size), &received, &|n| {
+                        progress.layer_kept(&d, n)
+                    })
+                })
+            };
             let consumer = {
                 let partial = partial.clone();
                 let fs_dir = fs_dir.clone();
                 let eopts = opts.extract.clone();
                 let media_type = layer.media_type.clone();
                 let digest = digest.clone();
-                let events = events.clone();
-                // The lock lives until the extractor has stopped writing the
-                // partial file too, even when this future is dropped first.
+                let (events, progress) = (events.clone(), progress.clone());
+                let received = received.clone();
                 let lock = layer_lock.clone();
                 tokio::task::spawn_blocking(move || {
                     let _lock = lock;
                     let on_entry = &mut |ev: &lazylayer_layer::EntryEvent<'_>| {
                         events.entry_landed(ev.path)
                     };
-                    extract_stream(
-                        rx,
+                    let r = extract_partial(
                         &partial,
-                        prefix_len,
+                        &received,
                         &fs_dir,
                         &media_type,
                         &digest,
                         &eopts,
                         on_entry,
-                    )
+                        &|n| progress.layer_extracted(&digest, n),
+                    );
+                    if r.is_err() {
+                        received.extraction_failed();
+                    }
+                    r
                 })
             };
+            // Dropped (this fetch cancelled), the extractor stops: what it
+            // did is redone from the kept bytes by the next fetch.
+            let _stop_extraction = CancelOnDrop(received.clone());
             let p = progress.clone();
             let d2 = digest.clone();
             let downloaded = source
@@ -275,10 +318,11 @@ impl Store {
                     p.layer_bytes(&d2, n)
                 })
                 .await;
-            let extracted = consumer.await.map_err(|e| StoreError::Worker {
-                what: format!("extracting layer {digest}"),
-                reason: e.to_string(),
-            })?;
+            let written = writer.await.map_err(|e| worker_err("keeping", e))?;
+            let extracted = consumer.await.map_err(|e| worker_err("extracting", e))?;
+            // The file holds what was received, as far as it goes: kept.
+            let kept = written.map_err(io_err("keeping downloaded bytes", &partial))?;
+            tracing::debug!(kept, "download ended");
             // Bad bytes must not be resumed from: drop the partial then. A
             // broken connection keeps it (the extractor then failed only
             // because its input ended early).
@@ -290,7 +334,7 @@ impl Store {
                 }
             };
             let (diff_id, entries, file_bytes) = match (downloaded, extracted) {
-                // The extractor failing first makes the downloader see a closed channel.
+                // The extractor failing first makes the writer drop the channel.
                 (Err(lazylayer_oci::OciError::ConsumerGone { .. }), Err(e)) => {
                     discard();
                     return Err(e);
@@ -372,19 +416,63 @@ impl Store {
     }
 }
 
-/// Remove work directories of this layer's earlier fetches (a process
-/// killed mid-fetch leaves its own): the caller holds the layer's lock, so
-/// none of them is in use.
+/// Prefix of the work directories of earlier fetches, set aside in `tmp/`
+/// to be removed in the background.
+const TRASH_PREFIX: &str = "trash-";
+
+/// Set aside the work directories of this layer's earlier fetches (a
+/// process killed or cut mid-fetch leaves its own): the caller holds the
+/// layer's lock, so none of them is in use. They are renamed at once and
+/// removed on a thread of their own, with any set aside earlier: removing a
+/// half-extracted layer's thousands of files can take seconds on a busy
+/// disk, which the new extraction (a short run's whole life, maybe) need
+/// not wait for. What a process leaves unremoved at exit, the next one
+/// (or `prune`) removes.
 fn remove_stale_work(tmp: &Path, prefix: &str) {
     let Ok(rd) = std::fs::read_dir(tmp) else {
         return;
     };
+    let mut set_aside = false;
     for e in rd.flatten() {
-        if e.file_name().to_string_lossy().starts_with(prefix) {
-            let p = e.path();
-            tracing::debug!(path = %p.display(), "removing the work directory of an earlier fetch");
-            if let Err(err) = std::fs::remove_dir_all(&p) {
-                tracing::warn!(path = %p.display(), error = %err, "cannot remove an old work directory");
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(TRASH_PREFIX) {
+            set_aside = true;
+        } else if name.starts_with(prefix) {
+            let (p, trash) = (e.path(), tmp.join(format!("{TRASH_PREFIX}{name}")));
+            tracing::debug!(path = %p.display(), "setting aside the work directory of an earlier fetch");
+            match std::fs::rename(&p, &trash) {
+                Ok(()) => set_aside = true,
+                Err(err) => {
+                    tracing::warn!(path = %p.display(), error = %err, "cannot set aside an old work directory");
+                    if let Err(err) = std::fs::remove_dir_all(&p) {
+                        tracing::warn!(path = %p.display(), error = %err, "cannot remove an old work directory");
+                    }
+                }
+            }
+        }
+    }
+    if set_aside {
+        let tmp = tmp.to_path_buf();
+        std::thread::spawn(move || remove_trash(&tmp));
+    }
+}
+
+/// Remove the work directories set aside in `tmp/`. Another process may be
+/// removing the same: what vanishes meanwhile is not an error.
+fn remove_trash(tmp: &Path) {
+    let Ok(rd) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(TRASH_PREFIX) {
+            continue;
+        }
+        let p = e.path();
+        match std::fs::remove_dir_all(&p) {
+            Ok(()) => tracing::debug!(path = %p.display(), "removed an old work directory"),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::debug!(path = %p.display(), error = %err, "removing an old work directory")
             }
         }
     }
@@ -441,87 +529,83 @@ fn open_partial(
     Ok(resume)
 }
 
-/// Appends to the partial file; on drop (a cut or cancelled fetch included)
-/// whatever is buffered is written, so the file holds what was received. A
-/// file left empty (cut before any byte) is removed.
-struct PartialWriter {
-    out: BufWriter<std::fs::File>,
-    path: std::path::PathBuf,
-    /// The whole stream went through (an empty blob is then kept).
-    complete: bool,
-}
+/// Stops the extraction of a fetch when the fetch's future is dropped.
+struct CancelOnDrop(Arc<Received>);
 
-impl Write for PartialWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.out.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
-}
-
-impl Drop for PartialWriter {
+impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        // BufWriter flushes on drop too, but silently: say when it fails.
-        if let Err(e) = self.out.flush() {
-            tracing::debug!(error = %e, "flushing partial download");
-        }
-        // The layer lock is still held (the extractor owns a share), so no
-        // other fetch has this file open.
-        if !self.complete && self.out.get_ref().metadata().is_ok_and(|m| m.len() == 0) {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        self.0.cancel();
     }
 }
 
-/// The blocking half of a layer fetch: read the `prefix_len` bytes the
-/// partial file holds already, then the downloaded rest, which is appended
-/// to that file; decompress, hash the tar (diff_id) and extract it. Returns
-/// (diff_id, entries, file bytes).
-#[allow(clippy::too_many_arguments)]
-fn extract_stream(
+/// The writing half of a layer fetch: append what the download receives to
+/// the partial file, which holds `prefix_len` bytes already (anything past
+/// them, hashed by nobody, is dropped). A file left empty (cut before any
+/// byte of a blob that has some) is removed. Returns the file's length.
+fn keep_received(
     rx: mpsc::Receiver<bytes::Bytes>,
     partial: &Path,
-    prefix_len: u64,
+    (prefix_len, size): (u64, u64),
+    received: &Received,
+    kept: &dyn Fn(u64),
+) -> std::io::Result<u64> {
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .open(partial)
+        .and_then(|mut out| {
+            out.set_len(prefix_len)?;
+            out.seek(SeekFrom::Start(prefix_len))?;
+            Ok(out)
+        });
+    let len = match opened {
+        Ok(mut out) => write_received(rx, &mut out, received, kept),
+        Err(e) => {
+            // Dropping `rx` stops the download; the reader must not wait
+            // for bytes that will never come.
+            received.end();
+            Err(e)
+        }
+    };
+    tracing::debug!(partial = %partial.display(), ?len, "download ended; its bytes are kept");
+    if matches!(len, Ok(0)) && size > 0 {
+        // The layer lock is still held, so no other fetch has this file open.
+        let _ = std::fs::remove_file(partial);
+    }
+    len
+}
+
+/// The extracting half of a layer fetch: read the partial file from its
+/// start as the download appends to it; decompress, hash the tar (diff_id)
+/// and extract it. `consumed` hears how many bytes of the blob have been
+/// read. Returns (diff_id, entries, file bytes).
+#[allow(clippy::too_many_arguments)]
+fn extract_partial(
+    partial: &Path,
+    received: &Received,
     fs_dir: &Path,
     media_type: &str,
     digest: &Digest,
     opts: &ExtractOptions,
     on_entry: &mut dyn FnMut(&lazylayer_layer::EntryEvent<'_>),
+    consumed: &dyn Fn(u64),
 ) -> Result<(Digest, u64, u64)> {
     let layer_err = |source| StoreError::Layer {
         digest: digest.clone(),
         source,
     };
-    let blob_tmp = partial;
-    let open = |write: bool| {
-        std::fs::OpenOptions::new()
-            .read(!write)
-            .write(write)
-            .open(partial)
-            .map_err(io_err("opening partial download", partial))
-    };
-    let prefix = open(false)?.take(prefix_len);
-    let mut out = open(true)?;
-    // Drop anything past the prefix that was hashed (written since, or
-    // a last buffer only partly written).
-    out.set_len(prefix_len)
-        .map_err(io_err("writing partial download", partial))?;
-    out.seek(SeekFrom::Start(prefix_len))
-        .map_err(io_err("writing partial download", partial))?;
-    let tee = TeeReader {
-        inner: ChannelReader::new(rx),
-        out: PartialWriter {
-            out: BufWriter::with_capacity(256 << 10, out),
-            path: partial.to_path_buf(),
-            complete: false,
+    let file = std::fs::File::open(partial).map_err(io_err("opening partial download", partial))?;
+    let follow = ProgressReader {
+        inner: FollowReader {
+            file,
+            received,
+            pos: 0,
         },
+        consumed,
     };
-    let tee = prefix.chain(tee);
-    let mut buffered = BufReader::with_capacity(1 << 20, tee);
+    let mut buffered = BufReader::with_capacity(1 << 20, follow);
     let head = buffered
         .fill_buf()
-        .map_err(io_err("reading layer stream", blob_tmp))?;
+        .map_err(io_err("reading layer stream", partial))?;
     // Trust the bytes over the label: some registries mislabel compression.
     let compression = Compression::sniff(head);
     if let Some(declared) = Compression::from_media_type(media_type) {
@@ -540,21 +624,30 @@ fn extract_stream(
             lazylayer_layer::extract(&mut hashing, fs_dir, opts, on_entry).map_err(layer_err)?;
         // Drain anything after the tar's end so both digests cover every byte.
         std::io::copy(&mut hashing, &mut std::io::sink())
-            .map_err(io_err("reading layer stream", blob_tmp))?;
+            .map_err(io_err("reading layer stream", partial))?;
         (
             Digest::from_sha256_bytes(sha2::Digest::finalize(hashing.hasher).into()),
             stats,
         )
     };
-    // Whatever the decompressor left unread still belongs to the blob file.
+    // Read to the download's end, so that the extraction ends with it.
     std::io::copy(&mut buffered, &mut std::io::sink())
-        .map_err(io_err("reading layer stream", blob_tmp))?;
-    let (_, mut tee) = buffered.into_inner().into_inner();
-    tee.out
-        .flush()
-        .map_err(io_err("writing blob file", blob_tmp))?;
-    tee.out.complete = true;
+        .map_err(io_err("reading layer stream", partial))?;
     Ok((diff_id, stats.entries, stats.file_bytes))
+}
+
+/// Tells `consumed` the bytes read so far, after each read.
+struct ProgressReader<'a> {
+    inner: FollowReader<'a>,
+    consumed: &'a dyn Fn(u64),
+}
+
+impl Read for ProgressReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.consumed)(self.inner.pos);
+        Ok(n)
+    }
 }
 
 /// Errors that say the bytes received were not the layer (as opposed to a

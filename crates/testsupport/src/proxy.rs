@@ -2,6 +2,7 @@
 //! the real registry, and cuts, stalls, trickles or slows a connection when
 //! told to.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,6 +11,14 @@ use std::time::{Duration, Instant};
 
 /// Longest a stalled connection is held open.
 const STALL_HOLD: Duration = Duration::from_secs(120);
+
+/// Receive buffer of the proxy's connection to the registry: small, so that
+/// a slowed answer waits in the registry rather than in the proxy's kernel
+/// buffers (megabytes on loopback otherwise). The registry's access log then
+/// counts about what the client received, as over a real link whose
+/// in-flight bytes are a bandwidth-delay product, when a client cuts a
+/// download.
+const UPSTREAM_RECV_BUFFER: usize = 64 << 10;
 
 /// A TCP proxy in front of the registry that records requests and cuts a
 /// connection after `cut_after` response bytes. It relays real HTTP between a
@@ -21,6 +30,9 @@ pub struct CuttingProxy {
     pub cuts: Arc<AtomicUsize>,
     /// Response bytes relayed to clients, all connections.
     pub relayed: Arc<AtomicUsize>,
+    /// Body bytes of answers relayed to clients, by the blob digest asked
+    /// for: what a slowed link carried of each blob.
+    pub relayed_by_blob: Arc<Mutex<HashMap<String, usize>>>,
     /// Responses are relayed at this many bytes per second; 0: unlimited.
     /// May be changed while the proxy runs.
     pub rate: Arc<AtomicUsize>,
@@ -67,6 +79,10 @@ struct RelayState {
     dead: Arc<AtomicBool>,
     after: AfterCut,
     relayed: Arc<AtomicUsize>,
+    relayed_by_blob: Arc<Mutex<HashMap<String, usize>>>,
+    /// Set by the request side: the blob this connection's answer is of,
+    /// and whether that answer's headers are still to come.
+    blob: AnswerOf,
     rate: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     /// Set when the client's side of this connection has closed.
@@ -93,6 +109,8 @@ impl CuttingProxy {
         let rate = Arc::new(AtomicUsize::new(0));
         let (rq, st, ct) = (requests.clone(), stop.clone(), cuts.clone());
         let (rl, rt) = (relayed.clone(), rate.clone());
+        let relayed_by_blob = Arc::new(Mutex::new(HashMap::new()));
+        let rb = relayed_by_blob.clone();
         let strip_range = Arc::new(AtomicBool::new(false));
         let sr = strip_range.clone();
         let hold_answers = Arc::new(Mutex::new((String::new(), 0)));
@@ -115,12 +133,15 @@ impl CuttingProxy {
                 }
                 client.set_nonblocking(false).unwrap();
                 let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                let _ = socket2::SockRef::from(&server).set_recv_buffer_size(UPSTREAM_RECV_BUFFER);
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (rq, d2, sr, ha) = (rq.clone(), dead.clone(), sr.clone(), ha.clone());
                 let client_gone = Arc::new(AtomicBool::new(false));
                 let hold = Arc::new(AtomicBool::new(false));
                 let conn_rate = Arc::new(AtomicUsize::new(0));
                 let corrupt = Arc::new(AtomicBool::new(false));
+                let blob = Arc::new(Mutex::new((String::new(), false)));
+                let b2 = blob.clone();
                 let (cg, h2, cr, sb) = (
                     client_gone.clone(),
                     hold.clone(),
@@ -129,7 +150,7 @@ impl CuttingProxy {
                 );
                 let (cra, cba, co) = (cr_all.clone(), cb_all.clone(), corrupt.clone());
                 std::thread::spawn(move || {
-                    relay_requests(c2, s2, rq, d2, sr, (ha, h2), (sb, cr), (cra, cba, co));
+                    relay_requests(c2, s2, (rq, b2), d2, sr, (ha, h2), (sb, cr), (cra, cba, co));
                     cg.store(true, Ordering::SeqCst);
                 });
                 let state = RelayState {
@@ -138,6 +159,8 @@ impl CuttingProxy {
                     dead: dead.clone(),
                     after,
                     relayed: rl.clone(),
+                    relayed_by_blob: rb.clone(),
+                    blob,
                     rate: rt.clone(),
                     stop: st.clone(),
                     client_gone,
@@ -154,6 +177,7 @@ impl CuttingProxy {
             stop,
             cuts,
             relayed,
+            relayed_by_blob,
             rate,
             strip_range,
             hold_answers,
@@ -178,6 +202,16 @@ impl CuttingProxy {
     /// The requests seen so far, lower-cased, one after the other.
     pub fn requests_text(&self) -> String {
         self.requests.lock().unwrap().join("\n").to_lowercase()
+    }
+
+    /// Body bytes relayed for blob `digest` so far.
+    pub fn relayed_for(&self, digest: &str) -> usize {
+        self.relayed_by_blob
+            .lock()
+            .unwrap()
+            .get(digest)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The `N` of every `Range: bytes=N-` header the proxy relayed for
@@ -212,6 +246,10 @@ fn close(a: &TcpStream, b: &TcpStream) {
     let _ = b.shutdown(Shutdown::Both);
 }
 
+/// (blob digest, whether its answer's headers are still to come): what a
+/// connection's next answer is of.
+type AnswerOf = Arc<Mutex<(String, bool)>>;
+
 /// (blob digest, how many more answers): a fault armed for one blob.
 type BlobFault = Arc<Mutex<(String, usize)>>;
 
@@ -219,7 +257,7 @@ type BlobFault = Arc<Mutex<(String, usize)>>;
 fn relay_requests(
     mut from: TcpStream,
     mut to: TcpStream,
-    log: Arc<Mutex<Vec<String>>>,
+    (log, blob): (Arc<Mutex<Vec<String>>>, AnswerOf),
     dead: Arc<AtomicBool>,
     strip_range: Arc<AtomicBool>,
     (hold_answers, hold): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
@@ -269,6 +307,17 @@ fn relay_requests(
                 corrupt.store(true, Ordering::SeqCst);
             }
         }
+        // Requests on one connection follow each other (no pipelining):
+        // what comes back next is this blob's.
+        if text.contains(" HTTP/1.1\r\n") {
+            let digest = text
+                .lines()
+                .next()
+                .and_then(|l| l.split("/blobs/").nth(1))
+                .and_then(|rest| rest.split([' ', '?']).next())
+                .unwrap_or("");
+            *blob.lock().unwrap() = (digest.to_string(), true);
+        }
         log.lock().unwrap().push(text);
         if strip_range.load(Ordering::Relaxed) {
             // Same length, so nothing else in the request moves.
@@ -293,13 +342,41 @@ impl RelayState {
             || since.elapsed() > STALL_HOLD
     }
 
+    /// How many bytes at the start of `data` are an answer's headers (all
+    /// of them while its header block has not ended), and the blob the
+    /// answer is of (empty: not a blob).
+    fn headers_in(&self, data: &[u8]) -> (usize, String) {
+        let mut b = self.blob.lock().unwrap();
+        if !b.1 {
+            return (0, b.0.clone());
+        }
+        match data.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(h) => {
+                b.1 = false;
+                (h + 4, b.0.clone())
+            }
+            None => (data.len(), b.0.clone()),
+        }
+    }
+
     /// Write to the client at the configured rate.
     fn send(&self, to: &mut TcpStream, data: &[u8]) -> bool {
+        let (mut headers, blob) = self.headers_in(data);
         for part in data.chunks(4096) {
             if to.write_all(part).is_err() {
                 return false;
             }
             self.relayed.fetch_add(part.len(), Ordering::Relaxed);
+            let body = part.len().saturating_sub(headers);
+            headers = headers.saturating_sub(part.len());
+            if !blob.is_empty() && body > 0 {
+                *self
+                    .relayed_by_blob
+                    .lock()
+                    .unwrap()
+                    .entry(blob.clone())
+                    .or_default() += body;
+            }
             let rate = match self.conn_rate.load(Ordering::Relaxed) {
                 0 => self.rate.load(Ordering::Relaxed),
                 r => r,

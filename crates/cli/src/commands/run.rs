@@ -7,7 +7,7 @@ use lazylayer_run::{run_container, RunOptions};
 use lazylayer_runtime::{ForwardedSignals, NetworkMode};
 use lazylayer_store::PullOptions;
 
-use crate::context::GlobalArgs;
+use crate::context::{human_bytes, short_digest, GlobalArgs};
 use crate::progress::PullBars;
 
 /// Run a container from an image, starting at once when the image has a
@@ -121,6 +121,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
         workdir: a.workdir.clone(),
         stop_timeout,
         t0,
+        finish_after_exit: lazylayer_run::FINISH_AFTER_EXIT,
     };
     let bars = Arc::new(PullBars::new(false));
     let rep = run_container(&store, client, opts, &mut signals, bars).await?;
@@ -141,6 +142,34 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
             l.passthrough_opens,
             l.daemon_opens,
         );
+        for layer in &l.layer_status {
+            eprintln!("lazylayer:   {}", layer_progress(layer));
+        }
     }
     Ok(rep.code)
+}
+
+/// One layer's progress across runs, for `--stats` and `status`: what is
+/// kept of its blob (a later run resumes after it) and what is extracted.
+pub fn layer_progress(l: &lazylayer_fetch::LayerStatus) -> String {
+    let pct = |n: u64| {
+        if l.size == 0 {
+            100.0
+        } else {
+            n as f64 * 100.0 / l.size as f64
+        }
+    };
+    format!(
+        "layer {}: {} kept of {} ({:.0}%), {} extracted ({:.0}%){}",
+        short_digest(&l.digest),
+        human_bytes(l.kept),
+        human_bytes(l.size),
+        pct(l.kept),
+        human_bytes(l.extracted),
+        pct(l.extracted),
+        match &l.state {
+            lazylayer_fetch::LayerState::Done => ", in the store",
+            _ => "",
+        }
+    )
 }

@@ -29,15 +29,18 @@ pub fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         return Ok(());
     }
     println!("{} ({:?}) image {}", state.name, state.status, state.image);
+    // KEPT: of the blob, on disk across runs (a later fetch resumes after
+    // it); EXTRACTED: of the blob, consumed by the extraction.
     println!(
-        "{:<14} {:>10} {:>10} {:>6}  {:<9} HOW",
-        "LAYER", "FETCHED", "SIZE", "%", "STATE"
+        "{:<14} {:>10} {:>10} {:>6} {:>10} {:>10}  {:<9} HOW",
+        "LAYER", "FETCHED", "SIZE", "%", "KEPT", "EXTRACTED", "STATE"
     );
     for l in status["layers"].as_array().cloned().unwrap_or_default() {
         let size = l["size"].as_u64().unwrap_or(0);
         let got = l["fetched"].as_u64().unwrap_or(0);
+        let bytes = |key: &str| human_bytes(l[key].as_u64().unwrap_or(0));
         println!(
-            "{:<14} {:>10} {:>10} {:>5.0}%  {:<9} {}",
+            "{:<14} {:>10} {:>10} {:>5.0}% {:>10} {:>10}  {:<9} {}",
             short_digest(&l["digest"].as_str().unwrap_or("")),
             human_bytes(got),
             human_bytes(size),
@@ -46,6 +49,8 @@ pub fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             } else {
                 got as f64 * 100.0 / size as f64
             },
+            bytes("kept"),
+            bytes("extracted"),
             l["state"].as_str().unwrap_or("?"),
             if l["on_demand"].as_bool().unwrap_or(false) {
                 "on demand"

@@ -85,6 +85,26 @@ pub fn layer_digests(root: &Path, image: &str) -> (String, Vec<String>) {
     (v["digest"].as_str().unwrap().to_string(), layers)
 }
 
+/// The optimized python3 image in a registry, reached through a relaying
+/// proxy (to slow or count its blobs): the registry, the optimizing store,
+/// the optimized image's layer digests, the proxy, and the image's
+/// reference through the proxy.
+pub fn optimized_python3_behind_a_proxy() -> (
+    Registry,
+    tempfile::TempDir,
+    Vec<String>,
+    lazylayer_testsupport::proxy::CuttingProxy,
+    String,
+) {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, layers) = layer_digests(opt_root.path(), &dst);
+    let proxy = lazylayer_testsupport::proxy::CuttingProxy::relay(reg.port);
+    let via = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
+    (reg, opt_root, layers, proxy, via)
+}
+
 pub fn tree_listing(dir: &Path) -> Vec<String> {
     let mut v = Vec::new();
     fn walk(base: &Path, d: &Path, v: &mut Vec<String>) {
