@@ -304,6 +304,26 @@ fn plain_image_pull_run_snapshot_commands_and_restart() {
     drop(cd);
 }
 
+/// The labels containerd's unpacker puts on a layer's Prepare when the
+/// CRI's snapshot annotations are on: the target chain and the image,
+/// manifest and layer it unpacks.
+fn cri_layer_labels(
+    target: &str,
+    image: &str,
+    manifest: &str,
+    layer: &str,
+) -> std::collections::HashMap<String, String> {
+    [
+        ("containerd.io/snapshot.ref", target),
+        ("containerd.io/snapshot/cri.image-ref", image),
+        ("containerd.io/snapshot/cri.manifest-digest", manifest),
+        ("containerd.io/snapshot/cri.layer-digest", layer),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// The remote path through the snapshotter's own gRPC API, as containerd's
 /// metadata layer drives it when the CRI labels are present: every layer of
 /// an optimized image is claimed (AlreadyExists, committed, no directory),
@@ -338,18 +358,7 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     let mut client = rt.block_on(async {
         SnapshotsClient::new(lazylayer_containerd::grpc::connect(&sn.sock).await.unwrap())
     });
-    let labels =
-        |target: &str, image: &str, manifest: &str, layer: &str| -> HashMap<String, String> {
-            [
-                ("containerd.io/snapshot.ref", target),
-                ("containerd.io/snapshot/cri.image-ref", image),
-                ("containerd.io/snapshot/cri.manifest-digest", manifest),
-                ("containerd.io/snapshot/cri.layer-digest", layer),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-        };
+    let labels = cri_layer_labels;
     let prepare = |client: &mut SnapshotsClient<_>, key: &str, parent: &str, labels| {
         rt.block_on(client.prepare(pb::PrepareSnapshotRequest {
             snapshotter: "lazylayer".into(),
@@ -1462,7 +1471,6 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
 fn a_stalled_registry_holds_up_only_its_own_image() {
     use lazylayer_containerd::proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
     use lazylayer_testsupport::proxy::{AfterCut, CuttingProxy};
-    use std::collections::HashMap;
 
     if cannot_run() {
         return;
@@ -1486,20 +1494,11 @@ fn a_stalled_registry_holds_up_only_its_own_image() {
     });
     let request =
         |key: &str, target: &str, parent: &str, image: &str, manifest: &str, layer: &str| {
-            let labels: HashMap<String, String> = [
-                ("containerd.io/snapshot.ref", target),
-                ("containerd.io/snapshot/cri.image-ref", image),
-                ("containerd.io/snapshot/cri.manifest-digest", manifest),
-                ("containerd.io/snapshot/cri.layer-digest", layer),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
             pb::PrepareSnapshotRequest {
                 snapshotter: "lazylayer".into(),
                 key: key.into(),
                 parent: parent.into(),
-                labels,
+                labels: cri_layer_labels(target, image, manifest, layer),
             }
         };
 
