@@ -232,6 +232,11 @@ fn root_hostile_index_disguising_devices_and_fifos_gives_the_container_eio() {
                 "--rm",
                 "--fetch-timeout",
                 "20",
+                // Every run lazy, as this tests the index's lies: a prefetch
+                // (which `run` lets finish after the exit) would make the image
+                // local, and a local image runs on its true layers, no index.
+                "--prefetch",
+                "off",
                 &image,
                 "--",
                 "head",
