@@ -1376,69 +1376,88 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
         }
     };
 
-    // Alone: the healthy registry's 20 containers.
-    sn.restart();
-    ctr_retry(&cd, &["snapshots", "--snapshotter", "lazylayer", "ls"]);
-    let alone = start_at_once(&cd, &[&busybox, &multilayer], PER_IMAGE, "alone");
-    let alone_spans = [
-        makespan_of(&alone, &busybox),
-        makespan_of(&alone, &multilayer),
-    ];
-    wait_unmounted("after the healthy containers alone");
-
-    // Loaded: all 30, the second registry stopped for the first 20 s.
-    sn.restart();
-    ctr_retry(&cd, &["snapshots", "--snapshotter", "lazylayer", "ls"]);
-    std::thread::sleep(Duration::from_secs(1));
-    let idle = process_figures(sn.pid());
-    let slow_pid = slow.pid();
-    send_signal(slow_pid, rustix::process::Signal::STOP);
-    let resumer = std::thread::spawn(move || {
-        std::thread::sleep(STALL);
-        send_signal(slow_pid, rustix::process::Signal::CONT);
-    });
-    let loaded = start_at_once(&cd, &[&busybox, &multilayer, &minbase], PER_IMAGE, "load");
-    let resumed_after = STALL.saturating_sub(Duration::from_secs(1));
-    resumer.join().unwrap();
-    let loaded_spans = [
-        makespan_of(&loaded, &busybox),
-        makespan_of(&loaded, &multilayer),
-    ];
-
-    // The stalled image: started after the registry came back, or a clear
-    // error naming it; never a hang (start_at_once bounds the wait).
-    let mut started = 0;
-    for r in loaded.iter().filter(|r| r.image == minbase) {
-        if r.out.status.success() {
-            assert!(
-                r.elapsed >= resumed_after,
-                "{} of the stalled image returned after {:?}, before its registry resumed",
-                r.id,
-                r.elapsed
-            );
-            started += 1;
-        } else {
-            let err = String::from_utf8_lossy(&r.out.stderr);
-            assert!(
-                err.contains("minbase") || err.contains(&slow.addr()),
-                "{}: an error that does not name the image or its registry: {err}",
-                r.id
-            );
-        }
-    }
-    eprintln!(
-        "load: healthy images alone {alone_spans:?}, beside a stalled registry {loaded_spans:?}; \
-         stalled image: {started}/{PER_IMAGE} started after the registry resumed"
-    );
-    for (a, l) in alone_spans.iter().zip(&loaded_spans) {
-        assert!(
-            l.as_secs_f64() <= 1.5 * a.as_secs_f64(),
-            "a healthy image took {l:?} beside a stalled registry, {a:?} alone"
+    let mut round = 0;
+    let idle = loop {
+        round += 1;
+        // Alone: the healthy registry's 20 containers.
+        sn.restart();
+        ctr_retry(&cd, &["snapshots", "--snapshotter", "lazylayer", "ls"]);
+        let alone = start_at_once(
+            &cd,
+            &[&busybox, &multilayer],
+            PER_IMAGE,
+            &format!("alone{round}"),
         );
-    }
+        let alone_spans = [
+            makespan_of(&alone, &busybox),
+            makespan_of(&alone, &multilayer),
+        ];
+        wait_unmounted("after the healthy containers alone");
+
+        // Loaded: all 30, the second registry stopped for the first 20 s.
+        sn.restart();
+        ctr_retry(&cd, &["snapshots", "--snapshotter", "lazylayer", "ls"]);
+        std::thread::sleep(Duration::from_secs(1));
+        let idle = process_figures(sn.pid());
+        let slow_pid = slow.pid();
+        send_signal(slow_pid, rustix::process::Signal::STOP);
+        let resumer = std::thread::spawn(move || {
+            std::thread::sleep(STALL);
+            send_signal(slow_pid, rustix::process::Signal::CONT);
+        });
+        let loaded = start_at_once(
+            &cd,
+            &[&busybox, &multilayer, &minbase],
+            PER_IMAGE,
+            &format!("load{round}"),
+        );
+        let resumed_after = STALL.saturating_sub(Duration::from_secs(1));
+        resumer.join().unwrap();
+        let loaded_spans = [
+            makespan_of(&loaded, &busybox),
+            makespan_of(&loaded, &multilayer),
+        ];
+
+        // The stalled image: started after the registry came back, or a clear
+        // error naming it; never a hang (start_at_once bounds the wait).
+        let mut started = 0;
+        for r in loaded.iter().filter(|r| r.image == minbase) {
+            if r.out.status.success() {
+                assert!(
+                    r.elapsed >= resumed_after,
+                    "{} of the stalled image returned after {:?}, before its registry resumed",
+                    r.id,
+                    r.elapsed
+                );
+                started += 1;
+            } else {
+                let err = String::from_utf8_lossy(&r.out.stderr);
+                assert!(
+                    err.contains("minbase") || err.contains(&slow.addr()),
+                    "{}: an error that does not name the image or its registry: {err}",
+                    r.id
+                );
+            }
+        }
+        eprintln!(
+            "load: healthy images alone {alone_spans:?}, beside a stalled registry {loaded_spans:?}; \
+             stalled image: {started}/{PER_IMAGE} started after the registry resumed"
+        );
+        wait_unmounted("after the load");
+        let within = (alone_spans.iter().zip(&loaded_spans))
+            .all(|(a, l)| l.as_secs_f64() <= 1.5 * a.as_secs_f64());
+        if within {
+            break idle;
+        }
+        // A stall holds healthy images up by its whole 20 s; a noisy machine by a
+        // second or so: one more pair of phases tells the two apart.
+        assert!(
+            round < 2,
+            "a healthy image took {loaded_spans:?} beside a stalled registry, {alone_spans:?} alone"
+        );
+    };
 
     // Back to idle: threads, descriptors, memory; nothing mounted.
-    wait_unmounted("after the load");
     let deadline = Instant::now() + Duration::from_secs(60);
     let (threads0, fds0, rss0) = idle;
     loop {
