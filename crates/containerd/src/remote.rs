@@ -530,7 +530,18 @@ impl Snapshotter {
             if mounted {
                 return Ok(m);
             }
-            let task = tokio::spawn(self.clone().mount_root(r));
+            let task = tokio::spawn({
+                let sn = self.clone();
+                async move {
+                    let image = r.image_ref.clone();
+                    let mounted = sn.mount_root(r).await;
+                    if let Err(e) = &mounted {
+                        // Past the Prepare's wait nobody else hears of it.
+                        tracing::warn!(image, error = %error_chain(e), "mounting the lazy root failed; Mounts tries again");
+                    }
+                    mounted
+                }
+            });
             return match tokio::time::timeout(PREPARE_MOUNT_WAIT, task).await {
                 Ok(Ok(Ok(()))) => Ok(m),
                 Ok(done) => {
