@@ -200,6 +200,10 @@ class Bench:
         self.a = a
         self.work = a.work
         self.ll = a.lazylayer
+        # --baseline: an older lazylayer binary timed beside this one in the same run
+        # (contenders lazylayer-base, lazylayer-fuse-base), the side-by-side check that a
+        # change did not make starts or reads slower.
+        self.ll_base = a.baseline
         self.reglog = RegistryLog(os.path.join(self.work, "registry", "registry.log"))
         self.logs = os.path.join(self.work, "logs")
         os.makedirs(self.logs, exist_ok=True)
@@ -353,11 +357,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             run = self.ctr + ["run", "--rm", "--snapshotter", "lazylayer", "--net-host", opt_ref, cid]
             stop = lambda p: sh(self.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         else:
-            r = opt_ref if contender == "lazylayer" else ref
+            r = opt_ref if contender in ("lazylayer", "lazylayer-base") else ref
+            ll = self.ll_base if contender == "lazylayer-base" else self.ll
             pull = None
             # LAZYLAYER_RUN_ARGS: extra `run` options for experiments (e.g. "--prefetch off").
             extra = os.environ.get("LAZYLAYER_RUN_ARGS", "").split()
-            run = [self.ll, "--root", self.ll_root, "run", "--rm", *extra, "--name", cid, "--net", "host", r]
+            run = [ll, "--root", self.ll_root, "run", "--rm", *extra, "--name", cid, "--net", "host", r]
             stop = lambda p: p.send_signal(signal.SIGINT)
         return pull, run, stop
 
@@ -479,10 +484,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         snapshotter cuts its own when the image's last lazy snapshot goes, so both get
         the rest by `lazylayer pull` into their store (for the snapshotter, its --root,
         shared by design). Returns True when every layer is there."""
-        root = {"lazylayer": self.ll_root, "containerd-lazylayer": self.snap_root}.get(contender)
+        root = {"lazylayer": self.ll_root, "lazylayer-base": self.ll_root,
+                "containerd-lazylayer": self.snap_root}.get(contender)
         if root is None:
             return True
-        if sh([self.ll, "--root", root, "pull", "-q", opt_ref], check=False, timeout=1200).returncode != 0:
+        ll = self.ll_base if contender == "lazylayer-base" else self.ll
+        if sh([ll, "--root", root, "pull", "-q", opt_ref], check=False, timeout=1200).returncode != 0:
             return False
         # The pull leaves its extracted files dirty in the page cache (no fsync, as
         # podman's overlay driver); the warm start's own small syncs would otherwise
@@ -613,7 +620,7 @@ def section1(b, addr, images, links, runs, skip, out):
                     if c == "containerd-lazylayer" and not b.snap_available:
                         cc["na"] = "snapshotter not available"
                         continue
-                    if c in ("lazylayer", "containerd-lazylayer") and not opt_ref:
+                    if c in ("lazylayer", "lazylayer-base", "containerd-lazylayer") and not opt_ref:
                         cc["na"] = "optimize failed"
                         continue
                     try:
@@ -739,11 +746,17 @@ def section2(b, addr, img, reps, reads, out):
     # the root through FUSE (passthrough reads), the path a lazily started
     # container keeps; its warm pass is the metadata after first touch.
     contenders = ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse"]
+    if b.ll_base:
+        contenders.append("lazylayer-fuse-base")
     opt_ref = info.get("opt_ref")
     llroot = os.path.join(base, "ll")
+    # The baseline binary keeps a store of its own: an older binary need not read a newer store.
+    llroot_base = os.path.join(base, "ll-base")
     if b.run_available and opt_ref:
         log(f"fs: lazylayer pull {opt_ref} (every layer local before run)")
         sh([b.ll, "--root", llroot, "pull", "-q", opt_ref], timeout=1200)
+        if b.ll_base:
+            sh([b.ll_base, "--root", llroot_base, "pull", "-q", opt_ref], timeout=1200)
     else:
         res["notes"].append("lazylayer: " + ("`lazylayer run` not available yet" if not b.run_available
                                              else "no optimized image") + " - slot left empty")
@@ -758,13 +771,14 @@ def section2(b, addr, img, reps, reads, out):
             for k, (snippet, _) in wl.items():
                 script = fs_script(snippet)
                 if c.startswith("lazylayer"):
+                    ll, root = (b.ll_base, llroot_base) if c.endswith("-base") else (b.ll, llroot)
                     # native needs the image record (a lazylayer-fuse run writes it back
                     # once it finds every layer local); lazylayer-fuse needs it gone.
                     if c == "lazylayer":
-                        sh([b.ll, "--root", llroot, "pull", "-q", opt_ref], timeout=1200)
+                        sh([ll, "--root", root, "pull", "-q", opt_ref], timeout=1200)
                     else:
-                        sh([b.ll, "--root", llroot, "rmi", opt_ref], check=False)
-                    argv = [b.ll, "--root", llroot, "run", "--rm", "--stats", "--net", "none", "--prefetch", "off",
+                        sh([ll, "--root", root, "rmi", opt_ref], check=False)
+                    argv = [ll, "--root", root, "run", "--rm", "--stats", "--net", "none", "--prefetch", "off",
                             opt_ref, "--", "/bin/sh", "-c", script]
                 else:
                     argv = ["chroot", mnts[c], "/bin/sh", "-c", script]
@@ -835,6 +849,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--registry", required=True)
     ap.add_argument("--lazylayer", required=True)
+    ap.add_argument("--baseline", default=None, help="an older lazylayer binary timed side by side")
     ap.add_argument("--json", required=True)
     ap.add_argument("--images", required=True)
     ap.add_argument("--links", required=True)
@@ -854,12 +869,17 @@ def main():
         i, l = k.split("@")
         skip[(i, l)] = reason
     b = Bench(a)
+    if a.baseline:
+        CONTENDERS.insert(CONTENDERS.index("lazylayer") + 1, "lazylayer-base")
     out = {"meta": json.loads(a.meta), "images": {}, "links": {}, "cells": [], "warm": {}, "fs": None}
     out["meta"].update({"runs": a.runs, "run_available": b.run_available, "contenders": CONTENDERS,
                         "poll_ms": POLL * 1000,
                         "links_not_run": [l for l in LINKS if l not in links],
                         "images_not_run": [i for i in IMAGES if i not in images]})
     out["meta"]["snapshotter_available"] = b.snap_available
+    if a.baseline:
+        out["meta"]["baseline"] = a.baseline
+        out["meta"]["baseline_version"] = sh([a.baseline, "--version"], check=False).stdout.strip()
     log(f"lazylayer run available: {b.run_available}; snapshotter: {b.snap_available}")
     set_link("loopback")
     wanted = set(images) | ({a.fs_image} if a.fs_reps > 0 and a.fs_image else set())

@@ -13,9 +13,10 @@ NAMES = {
     "containerd-lazylayer": "ctr + lazylayer snapshotter",
     "lazylayer": "lazylayer run (optimized)",
     "lazylayer-unopt": "lazylayer run (unoptimized)",
+    "lazylayer-base": "lazylayer run (optimized, baseline binary)",
 }
 COLORS = {"podman": "#7f7f7f", "containerd": "#1f77b4", "containerd-lazylayer": "#9467bd",
-          "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896"}
+          "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896", "lazylayer-base": "#bcbd22"}
 LINK_NAMES = {"loopback": "loopback (unshaped)", "1gbit": "1 Gbit/s", "100mbit": "100 Mbit/s", "10mbit": "10 Mbit/s"}
 # Start-up speedup over a full pull that the layer-granular method lazylayer follows
 # reported per link (docs/architecture.md): podman-like pull + run / optimized start.
@@ -258,6 +259,17 @@ def markdown(d, seconds):
                 if cm and om and cm > om:
                     slower.append(f"{img} @ {ln}: {NAMES[c]} {secs(cm)} vs {other} {secs(om)}")
     w("")
+    if "lazylayer-base" in cs:
+        w(f"Baseline: `{m.get('baseline')}` ({m.get('baseline_version', '?')}); this binary / baseline, "
+          "median start (below 1 is faster):")
+        w("")
+        for cell in d["cells"]:
+            cur = (cell.get("contenders", {}).get("lazylayer") or {}).get("median")
+            old = (cell.get("contenders", {}).get("lazylayer-base") or {}).get("median")
+            if cur and old:
+                w(f"- {cell['image']} @ {LINK_NAMES.get(cell['link'], cell['link'])}: "
+                  f"{secs(cur)} vs {secs(old)} ({cur / old:.2f}x)")
+        w("")
     for link in d["links"]:
         sps = [(c["image"], speedup(c["contenders"])) for c in d["cells"]
                if c["link"] == link and not c.get("skipped")]
@@ -358,7 +370,8 @@ def markdown(d, seconds):
           "Cold = right after dropping the page cache, warm = the same workload again at once. "
           "Median seconds; in brackets the ratio to kernel overlayfs.")
         w("")
-        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse"] if c in fs["fs"]]
+        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse", "lazylayer-fuse-base"]
+               if c in fs["fs"]]
         w("| workload | " + " | ".join(f"{c} cold" for c in fsn) + " | "
           + " | ".join(f"{c} warm" for c in fsn) + " |")
         w("|---|" + "---:|" * (2 * len(fsn)))

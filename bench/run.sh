@@ -5,6 +5,7 @@
 #
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
+#                     [--baseline BIN]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
 #                 section on python3, 1 repetition. ~13 min here (images cached).
@@ -17,6 +18,9 @@
 #   --no-fs       skip section 2 (file-system overhead)
 #   --fs-image I  the image of section 2 (default gcc; python3 with --quick)
 #   --no-build    use the existing target/release/lazylayer (no cargo build)
+#   --baseline B  also time an older lazylayer binary B side by side in the same run
+#                 (lazylayer run, and the FUSE root in section 2): a change's regression check,
+#                 e.g. a release build of the commit before a refactor
 #
 # LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
 # the harness times, for side experiments; the default tables never set it.
@@ -30,7 +34,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
-QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1
+QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1 BASELINE=''
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -41,6 +45,7 @@ while (($#)); do
     --all-cells) ALL_CELLS=1; shift ;;
     --no-fs) FS=0; shift ;;
     --no-build) BUILD=0; shift ;;
+    --baseline) BASELINE=$(realpath "$2"); shift 2 ;;
     --fs-image) FS_IMAGE_ARG=$2; shift 2 ;;
     -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
@@ -206,7 +211,7 @@ START=$SECONDS
 "${NSENTER[@]}" "$PY" "$ROOT/bench/bench.py" --work "$WORK" --registry "$ADDR" --lazylayer "$LL" \
   --json "$OUT/latest.json" --images "$IMAGES" --links "$LINKS" --runs "$RUNS" --skip "$SKIP" \
   --fs-image "$FS_IMAGE" --fs-reps "$FS_REPS" --fs-reads "$FS_READS" --meta "$META" \
-  --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" &
+  --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" ${BASELINE:+--baseline "$BASELINE"} &
 BENCH_PID=$!
 wait "$BENCH_PID"
 BENCH_PID=
