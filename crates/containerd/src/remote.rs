@@ -869,3 +869,6 @@ fn detach_mounts_below(dir: &Path, keep: &[PathBuf]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,12 +14,18 @@
 //!
 //! A kernel overlayfs is mounted on top by the caller for the container's writes.
 
+// FUSE passthrough: wrapping and closing backing ids.
+#[allow(unsafe_code)]
 mod filesystem;
+// The holder's pre_exec (setsid in the child).
+#[allow(unsafe_code)]
 pub mod holder;
 mod mount;
 pub mod panics;
 mod pool;
 pub mod source;
+// The open table: a shared memfd mapping read through atomics.
+#[allow(unsafe_code)]
 mod table;
 mod trace;
 

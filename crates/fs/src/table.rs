@@ -50,6 +50,7 @@ pub struct OpenTable {
 // SAFETY: the mapping is only accessed through atomics, and lives as long as
 // the value.
 unsafe impl Send for OpenTable {}
+// SAFETY: as for Send: shared access goes through atomics only.
 unsafe impl Sync for OpenTable {}
 
 impl OpenTable {

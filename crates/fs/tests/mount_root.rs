@@ -389,6 +389,8 @@ fn root_statfs_describes_the_image() {
 /// A read-only view of `len` bytes of `f`, for as long as it lives.
 struct Mapping(*mut std::ffi::c_void, usize);
 
+// A mapping of a file the test reads through the kernel's page cache.
+#[allow(unsafe_code)]
 impl Mapping {
     fn new(f: &File, len: usize) -> Mapping {
         use rustix::mm::{mmap, MapFlags, ProtFlags};
@@ -413,6 +415,7 @@ impl Mapping {
     }
 }
 
+#[allow(unsafe_code)]
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what new() mapped.

@@ -147,3 +147,6 @@ async fn build_one(store: &Store, l: &LayerRef) -> Result<Vec<u8>, OptimizeError
     .await
     .map_err(|e| OptimizeError::BadImage(format!("seek index worker: {e}")))?
 }
+
+#[cfg(test)]
+mod tests;

@@ -64,3 +64,6 @@ fn include_with_ancestors(
         out.push(i);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -554,6 +554,9 @@ fn lay_out_local(
 }
 
 #[cfg(test)]
+mod layout_tests;
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn image_dirs_are_standard_base64() {

@@ -13,10 +13,13 @@ use std::time::{Duration, Instant};
 use lazylayer_fetch::{FetchError, FetchOptions, ImageRoot, LayerStatus, LazyRoot, MountOptions};
 use lazylayer_oci::{Reference, RegistryClient};
 use lazylayer_runtime::{
-    process_start_time, signal_name, ContainerBuilder, ContainerDir, ContainerState,
-    ContainerStatus, ForwardedSignals, NetworkMode, RunSpec, Runc, RuntimeError, Stdio,
+    process_start_time, ContainerBuilder, ContainerDir, ContainerState, ContainerStatus,
+    ForwardedSignals, NetworkMode, RunSpec, Runc, RunningContainer, RuntimeError, Stdio,
 };
 use lazylayer_store::{PullProgress, Store, StoreError};
+
+mod steps;
+use steps::RunSteps;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -129,29 +132,15 @@ pub async fn run_container(
         pin: Some(pin_name(&name)),
         owner_lost: false,
     };
-    // From here on, the directory is ours: remove it on any early error.
-    // The record goes first: should we be killed outright from here on, it names
-    // the owner and what to clear (`ContainerDir::reap_orphans`).
-    let result = match cdir.write_state(&state) {
-        Ok(()) => {
-            let run = Run {
-                store,
-                client,
-                opts: &opts,
-                cdir: &cdir,
-                runc: &runc,
-            };
-            run.run(state, signals, progress).await
-        }
-        Err(e) => Err(e.into()),
+    let run = Run {
+        store,
+        client,
+        opts: &opts,
+        cdir: &cdir,
+        runc: &runc,
+        progress,
     };
-    // A container that never started leaves nothing worth keeping.
-    if opts.rm || !matches!(result, Ok(RunReport { started: true, .. })) {
-        if let Err(e) = cdir.remove(&runc, true) {
-            tracing::warn!(container = %name, error = %e, "cleaning up the container");
-        }
-    }
-    result
+    steps::run(&run, state, opts.rm, opts.t0, signals).await
 }
 
 /// One run's context.
@@ -161,76 +150,81 @@ struct Run<'a> {
     opts: &'a RunOptions,
     cdir: &'a ContainerDir,
     runc: &'a Runc,
+    progress: Arc<dyn PullProgress>,
 }
 
-impl Run<'_> {
-    async fn run(
-        &self,
-        state: ContainerState,
-        signals: &mut ForwardedSignals,
-        progress: Arc<dyn PullProgress>,
-    ) -> Result<RunReport, RunError> {
-        let (cdir, name) = (self.cdir, state.name.clone());
-        // A signal before the start ends the run: dropping `prepare` unmounts
-        // what it mounted, and the caller removes the directory.
-        let (root, spec) = tokio::select! {
-            p = self.prepare(progress) => p?,
-            sig = signals.recv() => {
-                eprintln!("{}: stopping before container {name} started", signal_name(sig));
-                return Ok(RunReport { code: 128 + sig, started: false, t_ready: None, lazy: None, native: false });
-            }
-        };
-        let t_ready = self.opts.t0.elapsed();
-        let lazy = root.lazy();
-        let state = ContainerState {
-            lazy: lazy.is_some(),
-            ..state
-        };
-        cdir.write_state(&state)?;
-        let status = lazy.map(|root| StatusWriter::start(root, cdir.clone()));
+impl RunSteps for Run<'_> {
+    type Root = ImageRoot;
+    type Status = StatusWriter;
+    type Container = RunningContainer;
+    type Signals = ForwardedSignals;
 
-        // The overlay over the lowers, the bundle and runc, in the container's
-        // directory; the writable layer outlives the run unless --rm.
-        let container = ContainerBuilder::new(&name, self.runc)
+    fn write_state(&self, state: &ContainerState) -> Result<(), RunError> {
+        Ok(self.cdir.write_state(state)?)
+    }
+
+    async fn prepare(&self) -> Result<(ImageRoot, RunSpec), RunError> {
+        self.open_root(self.progress.clone()).await
+    }
+
+    fn is_lazy(root: &ImageRoot) -> bool {
+        root.lazy().is_some()
+    }
+
+    fn is_native(root: &ImageRoot) -> bool {
+        root.native()
+    }
+
+    fn lazy_stats(root: &ImageRoot) -> Option<LazyStats> {
+        root.lazy().map(lazy_stats)
+    }
+
+    fn start_status(&self, root: &ImageRoot) -> Option<StatusWriter> {
+        root.lazy()
+            .map(|lazy| StatusWriter::start(lazy, self.cdir.clone()))
+    }
+
+    fn start_container(
+        &self,
+        root: &ImageRoot,
+        spec: RunSpec,
+    ) -> Result<RunningContainer, RunError> {
+        Ok(ContainerBuilder::new(&self.opts.name, self.runc)
             .lowers(root.lowers().to_vec())
-            .writable(&cdir.path)
+            .writable(&self.cdir.path)
             .spec(spec)
             .stdio(Stdio::Inherit)
             .keep_upper(!self.opts.rm)
-            .start()?;
-        let code = container
-            .wait_forwarding(signals, self.opts.stop_timeout)
-            .await?;
-        if let Some(lazy) = lazy {
-            // Bounded; a signal ends it at once (what arrived is kept).
-            tokio::select! {
-                _ = lazy.finish_fetching(self.opts.finish_after_exit) => {}
-                _ = signals.recv() => {}
-            }
-        }
-        drop(status);
-        let lazy = lazy.map(lazy_stats);
-        let native = root.native();
-        // The container is torn down (its overlay first): now the root goes,
-        // the image recorded once every layer arrived (the next run then
-        // needs no network).
-        drop(root);
-        cdir.write_state(&ContainerState {
-            status: ContainerStatus::Exited,
-            exit_code: Some(code),
-            ..state
-        })?;
-        Ok(RunReport {
-            code,
-            started: true,
-            t_ready: Some(t_ready),
-            lazy,
-            native,
-        })
+            .start()?)
     }
 
+    async fn wait(
+        &self,
+        container: RunningContainer,
+        signals: &mut ForwardedSignals,
+    ) -> Result<i32, RunError> {
+        Ok(container
+            .wait_forwarding(signals, self.opts.stop_timeout)
+            .await?)
+    }
+
+    async fn finish_fetching(&self, root: &ImageRoot) {
+        if let Some(lazy) = root.lazy() {
+            lazy.finish_fetching(self.opts.finish_after_exit).await;
+        }
+    }
+
+    fn remove_dir(&self) {
+        // Its last use: the run is over.
+        if let Err(e) = self.cdir.clone().remove(self.runc, true) {
+            tracing::warn!(container = %self.opts.name, error = %e, "cleaning up the container");
+        }
+    }
+}
+
+impl Run<'_> {
     /// The container's root, mounted, and what to run on it.
-    async fn prepare(
+    async fn open_root(
         &self,
         progress: Arc<dyn PullProgress>,
     ) -> Result<(ImageRoot, RunSpec), RunError> {

@@ -99,6 +99,7 @@ mod tests {
 
     /// Pages of `path` in the page cache not yet written to disk, from
     /// cachestat(2) (Linux 6.5): what a power loss would lose.
+    #[allow(unsafe_code)] // cachestat(2) has no wrapper in libc or rustix.
     fn dirty_pages(path: &Path) -> u64 {
         #[repr(C)]
         struct Range {
