@@ -117,7 +117,7 @@ fn bad(image: &str, reason: impl Into<String>) -> FetchError {
 }
 
 /// What [`BootChunks::open`] needs to know of the image.
-pub(crate) struct ChunkedBoot<'a> {
+pub struct ChunkedBoot<'a> {
     pub image: &'a str,
     pub client: Arc<RegistryClient>,
     pub repo: Repository,
@@ -131,7 +131,7 @@ pub(crate) struct ChunkedBoot<'a> {
 impl BootChunks {
     /// Fetch and check the index region, decode the index, and start
     /// fetching the chunks the trace read. Returns once the index is in.
-    pub(crate) async fn open(
+    pub async fn open(
         store: &Store,
         b: ChunkedBoot<'_>,
     ) -> Result<(BootIndex, BootChunks), FetchError> {

@@ -14,7 +14,7 @@ use lazylayer_oci::Reference;
 use lazylayer_store::{ImageRecord, LayerRef, Store};
 
 use crate::lazy::boot_annotations;
-use crate::FetchError;
+use lazylayer_fetch::FetchError;
 
 /// The store's record of `reference` when the store also holds every one of
 /// its layers extracted (what lets a start need no network at all).
