@@ -2,18 +2,16 @@
 
 use std::sync::Arc;
 
-use lazylayer_fs::{FsOptions, LazyFs};
-use lazylayer_layer::index::{
-    BootIndex, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX_REGION_DIGEST, ANNOTATION_INDEX_REGION_SIZE,
-    INDEX_FILE_NAME,
-};
-use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
-use lazylayer_oci::{Digest, Reference, RegistryClient};
-use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
-
 use lazylayer_fetch::{
     BootChunks, BootContentSource, ChunkedBoot, FetchError, FetchOptions, LayerFetcher, LazySource,
 };
+use lazylayer_fs::{FsOptions, LazyFs};
+use lazylayer_layer::index::{BootIndex, INDEX_FILE_NAME};
+use lazylayer_oci::manifest::RawManifest;
+use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
+
+use crate::annotations::{boot_annotations, BootAnnotations};
 
 /// Why an image cannot be opened lazily.
 #[derive(Debug, thiserror::Error)]
@@ -252,55 +250,4 @@ impl LazyImage {
         );
         LazyFs::new(self.index.clone(), source, None, opts)
     }
-}
-
-/// What a manifest says of its boot layer.
-pub(crate) struct BootAnnotations {
-    pub(crate) layer: Digest,
-    /// A chunked boot layer's index region: compressed length and digest.
-    region: Option<(u64, Digest)>,
-}
-
-/// The boot layer a manifest announces, if any, parsed once.
-pub(crate) fn boot_annotations(
-    reference: &Reference,
-    raw: &RawManifest,
-) -> Result<Option<BootAnnotations>, FetchError> {
-    let m = match parse_manifest(&reference.to_string(), raw).map_err(FetchError::from)? {
-        ManifestKind::Image(m) => m,
-        ManifestKind::Index(_) => return Ok(None),
-    };
-    let Some(a) = m.annotations().as_ref() else {
-        return Ok(None);
-    };
-    let Some(layer) = a.get(ANNOTATION_BOOT_LAYER) else {
-        return Ok(None);
-    };
-    let digest = |d: &String| {
-        d.parse()
-            .map_err(|e: lazylayer_oci::OciError| bad(reference, e.to_string()))
-    };
-    let layer = digest(layer)?;
-    let region = match (
-        a.get(ANNOTATION_INDEX_REGION_SIZE),
-        a.get(ANNOTATION_INDEX_REGION_DIGEST),
-    ) {
-        (Some(len), Some(d)) => {
-            let len = len.parse::<u64>().map_err(|_| {
-                bad(
-                    reference,
-                    format!("{ANNOTATION_INDEX_REGION_SIZE} {len:?} is not a size"),
-                )
-            })?;
-            Some((len, digest(d)?))
-        }
-        (None, None) => None,
-        _ => {
-            return Err(bad(
-                reference,
-                "the manifest gives only half of the index region's size and digest",
-            ))
-        }
-    };
-    Ok(Some(BootAnnotations { layer, region }))
 }

@@ -10,6 +10,7 @@
 //!
 //! The fetching itself (layers, boot chunks, ranges) is `lazylayer_fetch`'s.
 
+mod annotations;
 mod image_root;
 mod lazy;
 mod local;
