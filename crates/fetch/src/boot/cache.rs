@@ -151,3 +151,63 @@ pub(super) fn load_kept(
     }
     out
 }
+
+/// The cache's sparse copy of the compressed blob (`<dir>/blob`).
+pub(super) fn open_blob(dir: &Path) -> Result<File, FetchError> {
+    let blob_path = dir.join("blob");
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&blob_path)
+        .map_err(io("opening the boot blob", &blob_path))
+}
+
+/// The content tar and the chunk marks of the cache in `dir`, sized for
+/// `content`; the blob sized to `layer_size` with `region` at its head.
+pub(super) fn open_cache(
+    dir: &Path,
+    content: &BootContent,
+    layer_size: u64,
+    blob: &File,
+    region: &[u8],
+) -> Result<(File, File), FetchError> {
+    let open_rw = |name: &str, len: u64| -> Result<File, FetchError> {
+        let p = dir.join(name);
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(io("opening the boot chunk cache", &p))?;
+        if f.metadata()
+            .map_err(io("reading the boot chunk cache", &p))?
+            .len()
+            != len
+        {
+            f.set_len(len)
+                .map_err(io("sizing the boot chunk cache", &p))?;
+        }
+        Ok(f)
+    };
+    let n = content.chunks.len();
+    let cache = open_rw("content", content.content_len)?;
+    let present = open_rw("present", n as u64)?;
+    let blob_path = dir.join("blob");
+    blob.set_len(layer_size)
+        .map_err(io("sizing the boot blob", &blob_path))?;
+    blob.write_all_at(region, 0)
+        .map_err(io("writing the boot blob", &blob_path))?;
+    Ok((cache, present))
+}
+
+fn io(what: &str, p: &Path) -> impl FnOnce(io::Error) -> FetchError {
+    let (what, p) = (what.to_string(), p.to_path_buf());
+    move |source| FetchError::Io {
+        what,
+        path: p,
+        source,
+    }
+}

@@ -12,10 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use lazylayer_layer::chunked::decompress_piece;
-use lazylayer_oci::BodyStream;
+use lazylayer_oci::{BodyStream, OciError};
 use lazylayer_store::{LocalBlob, NoEvents, NoProgress};
 use sha2::{Digest as _, Sha256};
 
+use super::remote::ChunkRemote;
 use super::state::ChunkState;
 use super::{BootChunks, REST_REQUEST, START_REQUEST, TRIES};
 
@@ -67,29 +68,14 @@ impl BootChunks {
             if self.inner.background.stopped() {
                 return;
             }
-            // The run: list[i], list[i]+1, ... while they follow in the list
-            // and are absent, up to `max` bytes.
-            let run = {
-                let mut s = self.inner.state.lock().unwrap();
-                let first = list[i];
-                i += 1;
-                if s.chunks[first as usize] != ChunkState::Absent {
-                    continue;
-                }
-                let mut end = first + 1;
-                while i < list.len()
-                    && list[i] == end
-                    && s.chunks[end as usize] == ChunkState::Absent
-                    && self.inner.offsets[end as usize + 1] - self.inner.offsets[first as usize]
-                        <= max
-                {
-                    end += 1;
-                    i += 1;
-                }
-                for c in first..end {
-                    s.chunks[c as usize] = ChunkState::Fetching;
-                }
-                first..end
+            let taken =
+                self.inner
+                    .state
+                    .lock()
+                    .unwrap()
+                    .take_run(list, &mut i, &self.inner.offsets, max);
+            let Some(run) = taken else {
+                continue;
             };
             let me = self.clone();
             let t = self.inner.rt.spawn(async move {
@@ -103,30 +89,14 @@ impl BootChunks {
     /// Mark the absent chunks of `range` as fetching and fetch them at once
     /// (a reader waits for them), one Range GET per run.
     pub(super) fn demand(&self, range: std::ops::Range<u32>) {
-        let mut runs = Vec::new();
-        {
+        let runs = {
             let mut s = self.inner.state.lock().unwrap();
             if s.streaming {
                 // They pass by in the stream; a second copy would only compete with it.
                 return;
             }
-            // Chunks the registry could not be reached for are asked again.
-            let wanted =
-                |c: &ChunkState| matches!(c, ChunkState::Absent | ChunkState::Unreachable(_));
-            let mut c = range.start;
-            while c < range.end {
-                if !wanted(&s.chunks[c as usize]) {
-                    c += 1;
-                    continue;
-                }
-                let first = c;
-                while c < range.end && wanted(&s.chunks[c as usize]) {
-                    s.chunks[c as usize] = ChunkState::Fetching;
-                    c += 1;
-                }
-                runs.push(first..c);
-            }
-        }
+            s.claim_wanted(range)
+        };
         for run in runs {
             let me = self.clone();
             self.inner
@@ -141,42 +111,25 @@ impl BootChunks {
         let inner = &self.inner;
         let from = inner.region_len + inner.offsets[run.start as usize];
         let len = inner.offsets[run.end as usize] - inner.offsets[run.start as usize];
-        let mut last_err = String::new();
-        let mut network = false;
-        for attempt in 0..TRIES {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
-            }
-            match inner
-                .client
-                .get_blob_range(&inner.repo, &inner.layer.digest, from, len)
-                .await
-            {
-                Ok(bytes) => {
-                    inner
-                        .fetched
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    for c in run.clone() {
-                        let a = (inner.offsets[c as usize] - inner.offsets[run.start as usize])
-                            as usize;
-                        let b = (inner.offsets[c as usize + 1] - inner.offsets[run.start as usize])
-                            as usize;
-                        self.accept(c, &bytes[a..b]);
-                    }
-                    return;
+        let (last_err, network) = match fetch_with_retries(&*inner.remote, from, len, |attempt, e| {
+            tracing::debug!(image = %inner.image, chunks = ?run, attempt, error = %e, "boot chunk fetch failed");
+        })
+        .await
+        {
+            Ok(bytes) => {
+                inner
+                    .fetched
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                for c in run.clone() {
+                    let a = (inner.offsets[c as usize] - inner.offsets[run.start as usize]) as usize;
+                    let b =
+                        (inner.offsets[c as usize + 1] - inner.offsets[run.start as usize]) as usize;
+                    self.accept(c, &bytes[a..b]);
                 }
-                Err(e) => {
-                    last_err = e.to_string();
-                    network = e.is_network();
-                    tracing::debug!(image = %inner.image, chunks = ?run, attempt, error = %last_err, "boot chunk fetch failed");
-                    // The client gave up on the host already: another try
-                    // here would only fail the same way.
-                    if network {
-                        break;
-                    }
-                }
+                return;
             }
-        }
+            Err(e) => (e.to_string(), e.is_network()),
+        };
         let mut s = inner.state.lock().unwrap();
         for c in run.clone() {
             if s.chunks[c as usize] == ChunkState::Fetching {
@@ -329,5 +282,33 @@ impl BootChunks {
         }
         drop(s);
         inner.changed.notify_all();
+    }
+}
+
+/// One range from `remote`, tried up to [`TRIES`] times with a growing pause
+/// (`failed` hears of each failure). A network error ends it at once: the
+/// client gave up on the host already, and another try here would only fail
+/// the same way.
+async fn fetch_with_retries(
+    remote: &dyn ChunkRemote,
+    from: u64,
+    len: u64,
+    mut failed: impl FnMut(u32, &OciError),
+) -> Result<Bytes, OciError> {
+    let mut attempt = 0;
+    loop {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+        }
+        match remote.range(from, len).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => {
+                failed(attempt, &e);
+                attempt += 1;
+                if e.is_network() || attempt >= TRIES {
+                    return Err(e);
+                }
+            }
+        }
     }
 }

@@ -13,19 +13,17 @@
 //! so the next start needs no network.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use lazylayer_fs::RangedContent;
 use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
 use lazylayer_layer::index::BootIndex;
 use lazylayer_layer::Compression;
-use lazylayer_oci::{Digest, RegistryClient, Repository};
+use lazylayer_oci::{BodyStream, Digest, RegistryClient, Repository};
 use lazylayer_store::{LayerRef, PullOptions, Store};
 use tokio::sync::Semaphore;
 
@@ -33,13 +31,15 @@ mod cache;
 mod ingest;
 mod reader;
 mod region;
+mod remote;
 mod state;
 
 pub use cache::reap_chunk_caches;
 
-use cache::{cache_dir, cached_region, load_kept};
+use cache::{cache_dir, cached_region, load_kept, open_blob, open_cache};
 use reader::BootFile;
-use region::decode_region;
+use region::{check_region, fetch_region, RegionHead};
+use remote::{ChunkRemote, RegistryChunks};
 use state::{ChunkState, State};
 
 use crate::tasks::Tasks;
@@ -60,8 +60,8 @@ const TRIES: u32 = 3;
 
 struct Inner {
     image: String,
-    client: Arc<RegistryClient>,
-    repo: Repository,
+    /// Where the chunks come from (the registry).
+    remote: Arc<dyn ChunkRemote>,
     layer: LayerRef,
     store: Store,
     pull: PullOptions,
@@ -104,6 +104,32 @@ fn bad(image: &str, reason: impl Into<String>) -> FetchError {
     }
 }
 
+/// The boot layer [`BootChunks::open_with`] opens, wherever its bytes come from.
+pub(crate) struct BootLayer<'a> {
+    pub image: &'a str,
+    pub layer: &'a LayerRef,
+    pub region_len: u64,
+    pub region_digest: &'a Digest,
+    pub read_timeout: Duration,
+    pub pull: PullOptions,
+}
+
+/// The boot layer's compression as a chunk table names it: only gzip and
+/// zstd layers are chunked.
+fn chunk_compression(image: &str, layer: &LayerRef) -> Result<ChunkCompression, FetchError> {
+    match Compression::from_media_type(&layer.media_type) {
+        Some(Compression::Gzip) => Ok(ChunkCompression::Gzip),
+        Some(Compression::Zstd) => Ok(ChunkCompression::Zstd),
+        _ => Err(bad(
+            image,
+            format!(
+                "boot layer media type {} is not chunkable",
+                layer.media_type
+            ),
+        )),
+    }
+}
+
 /// What [`BootChunks::open`] needs to know of the image.
 pub struct ChunkedBoot<'a> {
     pub image: &'a str,
@@ -123,20 +149,30 @@ impl BootChunks {
         store: &Store,
         b: ChunkedBoot<'_>,
     ) -> Result<(BootIndex, BootChunks), FetchError> {
-        let image = b.image;
-        let compression = match Compression::from_media_type(&b.layer.media_type) {
-            Some(Compression::Gzip) => ChunkCompression::Gzip,
-            Some(Compression::Zstd) => ChunkCompression::Zstd,
-            _ => {
-                return Err(bad(
-                    image,
-                    format!(
-                        "boot layer media type {} is not chunkable",
-                        b.layer.media_type
-                    ),
-                ))
-            }
+        let remote = Arc::new(RegistryChunks {
+            client: b.client,
+            repo: b.repo,
+            digest: b.layer.digest.clone(),
+        });
+        let layer = BootLayer {
+            image: b.image,
+            layer: b.layer,
+            region_len: b.region_len,
+            region_digest: b.region_digest,
+            read_timeout: b.read_timeout,
+            pull: b.pull,
         };
+        Self::open_with(store, layer, remote).await
+    }
+
+    /// [`BootChunks::open`], its ranges from `remote`.
+    pub(crate) async fn open_with(
+        store: &Store,
+        b: BootLayer<'_>,
+        remote: Arc<dyn ChunkRemote>,
+    ) -> Result<(BootIndex, BootChunks), FetchError> {
+        let image = b.image;
+        let compression = chunk_compression(image, b.layer)?;
         if b.region_len == 0 || b.region_len > b.layer.size.min(MAX_REGION) {
             return Err(bad(
                 image,
@@ -147,126 +183,38 @@ impl BootChunks {
             ));
         }
         let (dir, lock) = cache_dir(store, &b.layer.digest)?;
-        let io = |what: &str, p: &Path| {
-            let (what, p) = (what.to_string(), p.to_path_buf());
-            move |source| FetchError::Io {
-                what,
-                path: p,
-                source,
-            }
-        };
-        let blob_path = dir.join("blob");
-        let blob = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&blob_path)
-            .map_err(io("opening the boot blob", &blob_path))?;
+        let blob = open_blob(&dir)?;
         // The region an earlier start of this image kept, if it still is
         // the one the manifest names; else from the registry.
-        let cached = cached_region(&blob, b.region_len, b.region_digest);
-        let (ranged, body, region, leftover) = match cached {
-            Some(region) => (true, None, region, Bytes::new()),
-            None => {
-                let (ranged, mut body) = b
-                    .client
-                    .blob_range_stream(&b.repo, &b.layer.digest, 0, b.region_len)
-                    .await?;
-                let mut got = Vec::with_capacity(b.region_len as usize);
-                while (got.len() as u64) < b.region_len {
-                    match body.next().await {
-                        Some(c) => got.extend_from_slice(&c?),
-                        None => {
-                            return Err(bad(
-                                image,
-                                format!(
-                                    "the registry sent {} of the index region's {} bytes",
-                                    got.len(),
-                                    b.region_len
-                                ),
-                            ))
-                        }
-                    }
-                }
-                let leftover = Bytes::from(got.split_off(b.region_len as usize));
-                (ranged, Some(body), got, leftover)
-            }
+        let head = match cached_region(&blob, b.region_len, b.region_digest) {
+            Some(region) => RegionHead {
+                ranged: true,
+                body: None,
+                region,
+                leftover: Bytes::new(),
+            },
+            None => fetch_region(&*remote, image, b.region_len).await?,
         };
-        let actual = Digest::sha256_of(&region);
-        if actual != *b.region_digest {
-            return Err(bad(
-                image,
-                format!(
-                    "the boot index region is {actual}, the manifest says {}: refusing it",
-                    b.region_digest
-                ),
-            ));
-        }
-        let index = decode_region(image, &region, compression)?;
-        let content = index
-            .boot
-            .clone()
-            .ok_or_else(|| bad(image, "the boot index has no chunk table"))?;
-        if content.compression != compression {
-            return Err(bad(
-                image,
-                "the chunk table and the layer's media type disagree on compression",
-            ));
-        }
-        if b.region_len + content.compressed_len() != b.layer.size {
-            return Err(bad(
-                image,
-                format!(
-                    "index region ({}) and chunks ({}) do not add up to the boot layer's {} bytes",
-                    b.region_len,
-                    content.compressed_len(),
-                    b.layer.size
-                ),
-            ));
-        }
-        let open_rw = |name: &str, len: u64| -> Result<File, FetchError> {
-            let p = dir.join(name);
-            let f = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&p)
-                .map_err(io("opening the boot chunk cache", &p))?;
-            if f.metadata()
-                .map_err(io("reading the boot chunk cache", &p))?
-                .len()
-                != len
-            {
-                f.set_len(len)
-                    .map_err(io("sizing the boot chunk cache", &p))?;
-            }
-            Ok(f)
-        };
-        let n = content.chunks.len();
-        let cache = open_rw("content", content.content_len)?;
-        let present_file = open_rw("present", n as u64)?;
-        blob.set_len(b.layer.size)
-            .map_err(io("sizing the boot blob", &blob_path))?;
-        blob.write_all_at(&region, 0)
-            .map_err(io("writing the boot blob", &blob_path))?;
+        let (index, content) = check_region(
+            image,
+            &head.region,
+            b.region_digest,
+            compression,
+            b.layer.size,
+        )?;
+        let (cache, present) = open_cache(&dir, &content, b.layer.size, &blob, &head.region)?;
         let offsets = content.chunk_offsets();
         // Chunks an earlier start kept: trusted only after their digest is
         // checked again, and their content rewritten from the checked bytes.
-        let kept = load_kept(
-            &content,
-            &offsets,
-            b.region_len,
-            &blob,
-            &cache,
-            &present_file,
-        );
+        let kept = load_kept(&content, &offsets, b.region_len, &blob, &cache, &present);
+        let fetched = match head.body {
+            Some(_) => head.region.len() as u64 + head.leftover.len() as u64,
+            None => 0,
+        };
         let chunks = BootChunks {
             inner: Arc::new(Inner {
                 image: image.to_string(),
-                client: b.client,
-                repo: b.repo,
+                remote,
                 layer: b.layer.clone(),
                 store: store.clone(),
                 pull: b.pull,
@@ -276,11 +224,11 @@ impl BootChunks {
                 dir,
                 cache,
                 blob,
-                present: present_file,
+                present,
                 _lock: lock,
                 state: Mutex::new(State {
                     chunks: kept,
-                    streaming: !ranged,
+                    streaming: !head.ranged,
                     stored: false,
                     ingesting: false,
                     rest_started: false,
@@ -288,23 +236,28 @@ impl BootChunks {
                 changed: Condvar::new(),
                 read_timeout: b.read_timeout,
                 rt: tokio::runtime::Handle::current(),
-                fetched: AtomicU64::new(if body.is_some() {
-                    region.len() as u64 + leftover.len() as u64
-                } else {
-                    0
-                }),
+                fetched: AtomicU64::new(fetched),
                 slots: Arc::new(Semaphore::new(IN_FLIGHT)),
                 background: Tasks::default(),
             }),
         };
+        chunks.start_workers(head.ranged, head.body, head.leftover);
+        Ok((index, chunks))
+    }
+
+    /// Set the worker going: the storing alone when every chunk was kept,
+    /// the whole blob's stream when the registry ignored Range, else the
+    /// start list.
+    fn start_workers(&self, ranged: bool, body: Option<BodyStream>, leftover: Bytes) {
+        let image = self.inner.image.as_str();
         {
             // Every chunk kept by earlier starts: only the storing is left.
-            let mut s = chunks.inner.state.lock().unwrap();
+            let mut s = self.inner.state.lock().unwrap();
             if s.chunks.iter().all(|c| *c == ChunkState::Present) && !s.ingesting {
                 s.ingesting = true;
                 drop(s);
-                let me = chunks.clone();
-                chunks.inner.rt.spawn(async move { me.ingest().await });
+                let me = self.clone();
+                self.inner.rt.spawn(async move { me.ingest().await });
             }
         }
         match body {
@@ -313,19 +266,17 @@ impl BootChunks {
                     image,
                     "the registry ignored Range: streaming the whole boot layer"
                 );
-                let me = chunks.clone();
-                chunks
-                    .inner
+                let me = self.clone();
+                self.inner
                     .rt
                     .spawn(async move { me.stream_all(leftover, body).await });
             }
             _ => {
-                let me = chunks.clone();
-                let t = chunks.inner.rt.spawn(async move { me.fetch_start().await });
-                chunks.track(t);
+                let me = self.clone();
+                let t = self.inner.rt.spawn(async move { me.fetch_start().await });
+                self.track(t);
             }
         }
-        Ok((index, chunks))
     }
 
     /// Remember a background task for [`BootChunks::stop_background`].
