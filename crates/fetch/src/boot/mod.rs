@@ -33,6 +33,8 @@ mod reader;
 mod region;
 mod remote;
 mod state;
+#[cfg(test)]
+mod tests;
 
 pub use cache::reap_chunk_caches;
 
