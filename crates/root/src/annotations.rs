@@ -9,12 +9,7 @@ use lazylayer_layer::index::{
 use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Digest, Reference};
 
-fn bad(image: &Reference, reason: impl Into<String>) -> FetchError {
-    FetchError::BadImage {
-        image: image.to_string(),
-        reason: reason.into(),
-    }
-}
+use crate::bad;
 
 /// What a manifest says of its boot layer.
 pub(crate) struct BootAnnotations {

@@ -12,6 +12,7 @@ use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
 
 use crate::annotations::{boot_annotations, BootAnnotations};
+use crate::bad;
 
 /// Why an image cannot be opened lazily.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +39,6 @@ pub struct LazyImage {
     pub(crate) opts: FetchOptions,
     /// True when everything came from the store, without any network.
     pub(crate) offline: bool,
-}
-
-fn bad(image: &Reference, reason: impl Into<String>) -> FetchError {
-    FetchError::BadImage {
-        image: image.to_string(),
-        reason: reason.into(),
-    }
 }
 
 impl LazyImage {

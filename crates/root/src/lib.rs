@@ -26,3 +26,14 @@ pub use root::{LazyRoot, MountOptions, RootProgress};
 pub const PREFETCH_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
 /// ...or this long after the mount at the latest.
 pub const PREFETCH_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An image that is not what a lazy start needs, and why.
+pub(crate) fn bad(
+    image: &lazylayer_oci::Reference,
+    reason: impl Into<String>,
+) -> lazylayer_fetch::FetchError {
+    lazylayer_fetch::FetchError::BadImage {
+        image: image.to_string(),
+        reason: reason.into(),
+    }
+}

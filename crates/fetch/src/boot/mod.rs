@@ -11,6 +11,13 @@
 //! for theirs to pass by. Either way, when every chunk is local the blob is
 //! assembled, verified against its digest and stored as an ordinary layer,
 //! so the next start needs no network.
+//!
+//! Split as a chunk cache is (state + worker + file): `state` says which
+//! chunks are local and never blocks; `ingest` is the worker, the only one
+//! that talks to the registry (through `remote`, the seam the tests feed
+//! from memory); `reader` waits on the state and asks the worker, never the
+//! network; `cache` is the on-disk layout and its reaping; `region` decodes
+//! the index region at the blob's head.
 
 use std::fs::File;
 use std::path::PathBuf;
