@@ -13,7 +13,7 @@ use bytes::Bytes;
 use lazylayer_layer::chunked::{compress_chunks, compress_piece, file_entry_tar};
 use lazylayer_layer::index::chunks::{BootContent, ChunkCompression, MIN_CHUNK_SIZE};
 use lazylayer_layer::index::{BootIndex, FileKind, IndexEntry, INDEX_FILE_NAME};
-use lazylayer_layer::{Compression, LayerWriter};
+use lazylayer_layer::{Compression, ExtractOptions, LayerWriter};
 use lazylayer_oci::{BodyStream, Digest, OciError};
 use lazylayer_store::{BoxFuture, LayerRef, PullOptions, Store};
 use sha2::{Digest as _, Sha256};
@@ -302,7 +302,14 @@ async fn open(
             region_len: l.region_len,
             region_digest: &l.region_digest,
             read_timeout,
-            pull: PullOptions::default(),
+            pull: PullOptions {
+                // Owners as the tar says need root; these tests do not.
+                extract: ExtractOptions {
+                    chown: false,
+                    ..ExtractOptions::default()
+                },
+                ..PullOptions::default()
+            },
         },
         remote,
     )
