@@ -208,12 +208,12 @@ impl GlobalArgs {
         &self,
         prefetch_flag: Option<&str>,
         passthrough_flag: Option<&str>,
-    ) -> lazylayer_fetch::MountOptions {
+    ) -> lazylayer_root::MountOptions {
         let on = |flag: Option<&str>, configured: Option<bool>| match flag {
             Some(v) => v == "on",
             None => configured.expect("defaulted"),
         };
-        lazylayer_fetch::MountOptions {
+        lazylayer_root::MountOptions {
             fs: lazylayer_fs::FsOptions {
                 passthrough: on(passthrough_flag, self.config.fs.passthrough),
                 ..lazylayer_fs::FsOptions::default()

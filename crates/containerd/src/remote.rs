@@ -9,9 +9,10 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 pub use lazylayer_fetch::error_chain;
-use lazylayer_fetch::{FetchError, FetchOptions, LazyImage, LazyRoot, MountOptions, OpenError};
+use lazylayer_fetch::{FetchError, FetchOptions};
 use lazylayer_fs::{FsOptions, Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_root::{LazyImage, LazyRoot, MountOptions, OpenError};
 use lazylayer_store::{NoEvents, NoProgress, PullOptions, RegistryBlobs, Store};
 use tokio::sync::{Mutex, OnceCell};
 
@@ -610,7 +611,7 @@ impl Snapshotter {
             return Ok(None);
         };
         let lowers =
-            lazylayer_fetch::stacked_lowers(&images.store, &known.layers).map_err(|source| {
+            lazylayer_root::stacked_lowers(&images.store, &known.layers).map_err(|source| {
                 SnapshotError::Image {
                     image: r.image_ref.clone(),
                     source: Box::new(source),

@@ -304,7 +304,7 @@ impl LayerFetcher {
     /// logged above debug level, and what each cut download received stays
     /// in the store as a partial download the next fetch of that layer
     /// resumes from. Readers still waiting get an error at once. Idempotent;
-    /// [`LazyRoot`](crate::LazyRoot) calls it when dropped.
+    /// `lazylayer_root::LazyRoot` calls it when dropped.
     pub fn cancel(&self) {
         let Some(running) = self.inner.tasks.stop() else {
             return;

@@ -8,36 +8,22 @@
 //! its tar entry is on disk. A reader waits only for *its* file, and never
 //! longer than a bound: then it gets EIO.
 //!
-//! [`LazyImage`] opens an optimized image: resolve it, fetch its boot layer,
-//! load the index. [`LazyRoot`] is what `run`, the containerd snapshotter and
-//! the Podman store use: the image pinned, mounted through the FUSE file
-//! system, prefetched once the start has settled, recorded once complete,
-//! and all of it undone on drop.
+//! [`BootChunks`] fetches a chunked boot layer by ranges, and [`LazySource`]
+//! serves the lazy file system's content from all of these. Mounting them
+//! as an image's root is `lazylayer_root`'s.
 
 mod bandwidth;
 mod boot;
 mod fetcher;
-mod image_root;
-mod lazy;
-mod local;
-mod root;
+mod source;
 mod span;
 mod tasks;
 
 pub use bandwidth::Bandwidth;
-pub use boot::{reap_chunk_caches, BootChunks};
+pub use boot::{reap_chunk_caches, BootChunks, ChunkedBoot};
 pub use fetcher::{error_chain, FetchOptions, LayerFetcher, LayerState, LayerStatus};
-pub use image_root::ImageRoot;
-pub use lazy::{LazyImage, LazySource, OpenError};
-pub use local::{holds_index, index_mask, is_optimized, local_image, stacked_lowers};
-pub use root::{LazyRoot, MountOptions, RootProgress};
+pub use source::{BootContentSource, LazySource};
 pub use span::MAX_SPAN_FILE;
-
-/// Background prefetch of a lazily started container waits until its start
-/// has settled: file-system requests stopped for this long...
-pub const PREFETCH_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
-/// ...or this long after the mount at the latest.
-pub const PREFETCH_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use lazylayer_fetch::{error_chain, FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
+use lazylayer_fetch::{error_chain, FetchError, FetchOptions};
 use lazylayer_fs::{Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_root::{LazyRoot, MountOptions, OpenError};
 use lazylayer_store::{Pin, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -485,10 +486,10 @@ fn lay_out_local(
         image: reference.to_string(),
         source: Box::new(source),
     };
-    let Some(rec) = lazylayer_fetch::local_image(store, reference) else {
+    let Some(rec) = lazylayer_root::local_image(store, reference) else {
         return Ok(None);
     };
-    if !lazylayer_fetch::is_optimized(store, reference, &rec).map_err(failed)? {
+    if !lazylayer_root::is_optimized(store, reference, &rec).map_err(failed)? {
         return Ok(None);
     }
     let Some(stores) = rec
@@ -524,8 +525,8 @@ fn lay_out_local(
     };
     let top = stores.len() - 1;
     for (i, (src, diff)) in stores.iter().zip(&diffs).enumerate() {
-        if i == top && lazylayer_fetch::holds_index(src) {
-            let mask = lazylayer_fetch::index_mask(store).map_err(failed)?;
+        if i == top && lazylayer_root::holds_index(src) {
+            let mask = lazylayer_root::index_mask(store).map_err(failed)?;
             let data = format!("lowerdir={}:{}", mask.display(), src.display());
             let data = std::ffi::CString::new(data).expect("store paths hold no NUL");
             rustix::mount::mount(

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lazylayer_fetch::{FetchError, FetchOptions, ImageRoot, LayerStatus, LazyRoot, MountOptions};
+use lazylayer_fetch::{FetchError, FetchOptions, LayerStatus};
 use lazylayer_oci::{Reference, RegistryClient};
+use lazylayer_root::{ImageRoot, LazyRoot, MountOptions};
 use lazylayer_runtime::{
     process_start_time, ContainerBuilder, ContainerDir, ContainerState, ContainerStatus,
     ForwardedSignals, NetworkMode, RunSpec, Runc, RunningContainer, RuntimeError, Stdio,

@@ -9,12 +9,12 @@
 
 use std::path::{Path, PathBuf};
 
+use lazylayer_fetch::FetchError;
 use lazylayer_layer::index::INDEX_FILE_NAME;
 use lazylayer_oci::Reference;
 use lazylayer_store::{ImageRecord, LayerRef, Store};
 
-use crate::lazy::boot_annotations;
-use crate::FetchError;
+use crate::annotations::boot_annotations;
 
 /// The store's record of `reference` when the store also holds every one of
 /// its layers extracted (what lets a start need no network at all).

@@ -1,34 +1,18 @@
 //! An optimized image opened for a lazy start.
 
-use std::fs::File;
-use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use lazylayer_fs::source::open_beneath;
-use lazylayer_fs::{ContentSource, FsOptions, LazyFs, RangedContent};
-use lazylayer_layer::index::{
-    BootIndex, FileKind, IndexEntry, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX_REGION_DIGEST,
-    ANNOTATION_INDEX_REGION_SIZE, INDEX_FILE_NAME,
+use lazylayer_fetch::{
+    BootChunks, BootContentSource, ChunkedBoot, FetchError, FetchOptions, LayerFetcher, LazySource,
 };
-use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
+use lazylayer_fs::{FsOptions, LazyFs};
+use lazylayer_layer::index::{BootIndex, INDEX_FILE_NAME};
+use lazylayer_oci::manifest::RawManifest;
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
 
-use crate::boot::{BootChunks, ChunkedBoot};
-use crate::fetcher::{FetchOptions, LayerFetcher};
-use crate::span::{Quick, SpanReader};
-use crate::FetchError;
-
-/// Where the boot layer's file content is read from.
-#[derive(Clone)]
-pub(crate) enum BootContentSource {
-    /// Extracted in the store (an older, unchunked boot layer, or one
-    /// already stored whole).
-    Dir(PathBuf),
-    /// Fetched by chunks while the image runs.
-    Chunks(BootChunks),
-}
+use crate::annotations::{boot_annotations, BootAnnotations};
+use crate::bad;
 
 /// Why an image cannot be opened lazily.
 #[derive(Debug, thiserror::Error)]
@@ -55,13 +39,6 @@ pub struct LazyImage {
     pub(crate) opts: FetchOptions,
     /// True when everything came from the store, without any network.
     pub(crate) offline: bool,
-}
-
-fn bad(image: &Reference, reason: impl Into<String>) -> FetchError {
-    FetchError::BadImage {
-        image: image.to_string(),
-        reason: reason.into(),
-    }
 }
 
 impl LazyImage {
@@ -257,137 +234,14 @@ impl LazyImage {
         fetcher: &LayerFetcher,
         opts: FsOptions,
     ) -> LazyFs<LazySource> {
-        // Everything local: nothing to read by range.
-        let spans = (!self.offline).then(|| {
-            Arc::new(SpanReader::new(
-                self.client.clone(),
-                self.reference.clone(),
-                self.record.manifest_digest.clone(),
-                fetcher.clone(),
-            ))
-        });
-        let source = LazySource {
-            image: self.reference.to_string().into(),
-            fetcher: fetcher.clone(),
-            boot: self.boot.clone(),
-            spans,
-        };
+        let source = LazySource::new(
+            &self.reference,
+            &self.record.manifest_digest,
+            self.client.clone(),
+            fetcher,
+            self.boot.clone(),
+            self.offline,
+        );
         LazyFs::new(self.index.clone(), source, None, opts)
-    }
-}
-
-/// What a manifest says of its boot layer.
-pub(crate) struct BootAnnotations {
-    pub(crate) layer: Digest,
-    /// A chunked boot layer's index region: compressed length and digest.
-    region: Option<(u64, Digest)>,
-}
-
-/// The boot layer a manifest announces, if any, parsed once.
-pub(crate) fn boot_annotations(
-    reference: &Reference,
-    raw: &RawManifest,
-) -> Result<Option<BootAnnotations>, FetchError> {
-    let m = match parse_manifest(&reference.to_string(), raw).map_err(FetchError::from)? {
-        ManifestKind::Image(m) => m,
-        ManifestKind::Index(_) => return Ok(None),
-    };
-    let Some(a) = m.annotations().as_ref() else {
-        return Ok(None);
-    };
-    let Some(layer) = a.get(ANNOTATION_BOOT_LAYER) else {
-        return Ok(None);
-    };
-    let digest = |d: &String| {
-        d.parse()
-            .map_err(|e: lazylayer_oci::OciError| bad(reference, e.to_string()))
-    };
-    let layer = digest(layer)?;
-    let region = match (
-        a.get(ANNOTATION_INDEX_REGION_SIZE),
-        a.get(ANNOTATION_INDEX_REGION_DIGEST),
-    ) {
-        (Some(len), Some(d)) => {
-            let len = len.parse::<u64>().map_err(|_| {
-                bad(
-                    reference,
-                    format!("{ANNOTATION_INDEX_REGION_SIZE} {len:?} is not a size"),
-                )
-            })?;
-            Some((len, digest(d)?))
-        }
-        (None, None) => None,
-        _ => {
-            return Err(bad(
-                reference,
-                "the manifest gives only half of the index region's size and digest",
-            ))
-        }
-    };
-    Ok(Some(BootAnnotations { layer, region }))
-}
-
-/// Content for the lazy file system: the boot layer's copy when it has one,
-/// else the layer that holds the path, fetched on demand.
-#[derive(Clone)]
-pub struct LazySource {
-    /// The image reference, for messages.
-    image: Arc<str>,
-    fetcher: LayerFetcher,
-    boot: BootContentSource,
-    /// Untraced files by range through the image's seek indexes, if any.
-    spans: Option<Arc<SpanReader>>,
-}
-
-impl ContentSource for LazySource {
-    fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
-        if entry.in_boot {
-            return match &self.boot {
-                BootContentSource::Dir(d) => open_beneath(d, &entry.path),
-                // Served by ranges (`ranged`): never opened as a file.
-                BootContentSource::Chunks(_) => Err(io::Error::other(format!(
-                    "{} is in the chunked boot layer, not in a file",
-                    String::from_utf8_lossy(&entry.path)
-                ))),
-            };
-        }
-        if let Some(f) = self.spans.as_ref().and_then(|s| s.open(entry)) {
-            return Ok(f);
-        }
-        self.fetcher
-            .open_file(entry.layer as usize, &entry.path, entry.digest.as_ref())
-            // The fetcher knows layers, not images: say which image.
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.image)))
-    }
-
-    /// Boot layer files and layers already stored answer at once; a file
-    /// still to be fetched is waited for off the FUSE worker threads.
-    fn ranged(&self, idx: u32, entry: &IndexEntry) -> Option<Arc<dyn RangedContent>> {
-        match &self.boot {
-            BootContentSource::Chunks(c) if entry.in_boot && entry.kind == FileKind::File => {
-                c.file(idx, entry.size)
-            }
-            _ => None,
-        }
-    }
-
-    fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
-        if entry.in_boot {
-            return Some(self.open(idx, entry));
-        }
-        if let Some(spans) = &self.spans {
-            match spans.try_open(entry) {
-                Quick::Ready(r) => return Some(r),
-                // Not the layer's fetch: the range may make it needless.
-                Quick::NeedsFetch => {
-                    return self
-                        .fetcher
-                        .try_open_stored(entry.layer as usize, &entry.path)
-                }
-                Quick::NotMine => {}
-            }
-        }
-        self.fetcher
-            .try_open_file(entry.layer as usize, &entry.path)
     }
 }

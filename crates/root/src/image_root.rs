@@ -6,10 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use lazylayer_fetch::{FetchError, FetchOptions};
 use lazylayer_oci::{Reference, RegistryClient};
 use lazylayer_store::{Pin, PullProgress, Store};
 
-use crate::{FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
+use crate::{LazyRoot, MountOptions, OpenError};
 
 pub struct ImageRoot {
     /// Pinned, mounted, prefetching, recorded once complete; None for a

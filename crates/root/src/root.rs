@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use lazylayer_fetch::{FetchError, FetchOptions, LayerFetcher, LayerStatus};
 use lazylayer_fs::{FsMount, FsOptions, FsStats};
 use lazylayer_oci::{Reference, RegistryClient};
 use lazylayer_store::{LayerRef, Pin, Store};
 
-use crate::fetcher::{FetchOptions, LayerFetcher, LayerStatus};
 use crate::lazy::{LazyImage, OpenError};
-use crate::{FetchError, PREFETCH_MAX_WAIT, PREFETCH_QUIET};
+use crate::{PREFETCH_MAX_WAIT, PREFETCH_QUIET};
 
 /// Longest the prefetch waits for the chunks the trace read (a start that
 /// never reads some of them must not hold the prefetch back for ever).

@@ -1,0 +1,365 @@
+//! A chunked boot layer read lazily (index format 4, see
+//! `lazylayer_index::chunks`): the index region first (one Range GET,
+//! checked against the manifest's digest), then the chunks the traced
+//! workload read, in the order it read them, then, once the start has
+//! settled, the rest. Every chunk is checked against its SHA-256 from the
+//! index before it is decompressed; a reader waits only for the chunks that
+//! hold its bytes, for a bounded time.
+//!
+//! A registry that ignores Range answers the first request with the whole
+//! blob: it is then read as one stream, chunk after chunk, and readers wait
+//! for theirs to pass by. Either way, when every chunk is local the blob is
+//! assembled, verified against its digest and stored as an ordinary layer,
+//! so the next start needs no network.
+//!
+//! Split as a chunk cache is (state + worker + file): `state` says which
+//! chunks are local and never blocks; `ingest` is the worker, the only one
+//! that talks to the registry (through `remote`, the seam the tests feed
+//! from memory); `reader` waits on the state and asks the worker, never the
+//! network; `cache` is the on-disk layout and its reaping; `region` decodes
+//! the index region at the blob's head.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use lazylayer_fs::RangedContent;
+use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
+use lazylayer_layer::index::BootIndex;
+use lazylayer_layer::Compression;
+use lazylayer_oci::{BodyStream, Digest, RegistryClient, Repository};
+use lazylayer_store::{LayerRef, PullOptions, Store};
+use tokio::sync::Semaphore;
+
+mod cache;
+mod ingest;
+mod reader;
+mod region;
+mod remote;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use cache::reap_chunk_caches;
+
+use cache::{cache_dir, cached_region, load_kept, open_blob, open_cache};
+use reader::BootFile;
+use region::{check_region, fetch_region, RegionHead};
+use remote::{ChunkRemote, RegistryChunks};
+use state::{ChunkState, State};
+
+use crate::tasks::Tasks;
+use crate::FetchError;
+
+/// Largest index region accepted (compressed and decompressed): far above
+/// any real index (a 100k-path image's is a few MB), small enough to hold.
+const MAX_REGION: u64 = 256 << 20;
+/// Compressed bytes asked for in one Range GET at start (adjacent chunks
+/// are coalesced up to this), and by the background fetch of the rest.
+const START_REQUEST: u64 = 256 << 10;
+const REST_REQUEST: u64 = 4 << 20;
+/// Range GETs of the start list and the prefetch in flight at once (a
+/// reader's request never waits for one).
+const IN_FLIGHT: usize = 3;
+/// Tries of one range before its chunks count as failed.
+const TRIES: u32 = 3;
+
+struct Inner {
+    image: String,
+    /// Where the chunks come from (the registry).
+    remote: Arc<dyn ChunkRemote>,
+    layer: LayerRef,
+    store: Store,
+    pull: PullOptions,
+    region_len: u64,
+    content: BootContent,
+    /// Chunk starts relative to the content's start, and the end.
+    offsets: Vec<u64>,
+    dir: PathBuf,
+    /// The uncompressed content tar, filled chunk by chunk (sparse).
+    cache: File,
+    /// The compressed blob, filled range by range (sparse): stored as a
+    /// layer once complete.
+    blob: File,
+    /// One byte a chunk, 1 once its bytes are written: what the next start
+    /// of the image may reuse (after checking them again).
+    present: File,
+    /// Shared while the cache is in use: prune takes it exclusively.
+    _lock: lazylayer_store::FileLock,
+    state: Mutex<State>,
+    changed: Condvar,
+    read_timeout: Duration,
+    rt: tokio::runtime::Handle,
+    fetched: AtomicU64,
+    slots: Arc<Semaphore>,
+    /// The start-list and prefetch tasks and their range GETs, stopped when
+    /// the image's last user goes (readers' own GETs are not here).
+    background: Tasks,
+}
+
+/// The content of a chunked boot layer, fetched by ranges. Cheap to clone.
+#[derive(Clone)]
+pub struct BootChunks {
+    inner: Arc<Inner>,
+}
+
+fn bad(image: &str, reason: impl Into<String>) -> FetchError {
+    FetchError::BadImage {
+        image: image.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The boot layer [`BootChunks::open_with`] opens, wherever its bytes come from.
+pub(crate) struct BootLayer<'a> {
+    pub image: &'a str,
+    pub layer: &'a LayerRef,
+    pub region_len: u64,
+    pub region_digest: &'a Digest,
+    pub read_timeout: Duration,
+    pub pull: PullOptions,
+}
+
+/// The boot layer's compression as a chunk table names it: only gzip and
+/// zstd layers are chunked.
+fn chunk_compression(image: &str, layer: &LayerRef) -> Result<ChunkCompression, FetchError> {
+    match Compression::from_media_type(&layer.media_type) {
+        Some(Compression::Gzip) => Ok(ChunkCompression::Gzip),
+        Some(Compression::Zstd) => Ok(ChunkCompression::Zstd),
+        _ => Err(bad(
+            image,
+            format!(
+                "boot layer media type {} is not chunkable",
+                layer.media_type
+            ),
+        )),
+    }
+}
+
+/// What [`BootChunks::open`] needs to know of the image.
+pub struct ChunkedBoot<'a> {
+    pub image: &'a str,
+    pub client: Arc<RegistryClient>,
+    pub repo: Repository,
+    pub layer: &'a LayerRef,
+    pub region_len: u64,
+    pub region_digest: &'a Digest,
+    pub read_timeout: Duration,
+    pub pull: PullOptions,
+}
+
+impl BootChunks {
+    /// Fetch and check the index region, decode the index, and start
+    /// fetching the chunks the trace read. Returns once the index is in.
+    pub async fn open(
+        store: &Store,
+        b: ChunkedBoot<'_>,
+    ) -> Result<(BootIndex, BootChunks), FetchError> {
+        let remote = Arc::new(RegistryChunks {
+            client: b.client,
+            repo: b.repo,
+            digest: b.layer.digest.clone(),
+        });
+        let layer = BootLayer {
+            image: b.image,
+            layer: b.layer,
+            region_len: b.region_len,
+            region_digest: b.region_digest,
+            read_timeout: b.read_timeout,
+            pull: b.pull,
+        };
+        Self::open_with(store, layer, remote).await
+    }
+
+    /// [`BootChunks::open`], its ranges from `remote`.
+    pub(crate) async fn open_with(
+        store: &Store,
+        b: BootLayer<'_>,
+        remote: Arc<dyn ChunkRemote>,
+    ) -> Result<(BootIndex, BootChunks), FetchError> {
+        let image = b.image;
+        let compression = chunk_compression(image, b.layer)?;
+        if b.region_len == 0 || b.region_len > b.layer.size.min(MAX_REGION) {
+            return Err(bad(
+                image,
+                format!(
+                    "index region of {} bytes in a boot layer of {}",
+                    b.region_len, b.layer.size
+                ),
+            ));
+        }
+        let (dir, lock) = cache_dir(store, &b.layer.digest)?;
+        let blob = open_blob(&dir)?;
+        // The region an earlier start of this image kept, if it still is
+        // the one the manifest names; else from the registry.
+        let head = match cached_region(&blob, b.region_len, b.region_digest) {
+            Some(region) => RegionHead {
+                ranged: true,
+                body: None,
+                region,
+                leftover: Bytes::new(),
+            },
+            None => fetch_region(&*remote, image, b.region_len).await?,
+        };
+        let (index, content) = check_region(
+            image,
+            &head.region,
+            b.region_digest,
+            compression,
+            b.layer.size,
+        )?;
+        let (cache, present) = open_cache(&dir, &content, b.layer.size, &blob, &head.region)?;
+        let offsets = content.chunk_offsets();
+        // Chunks an earlier start kept: trusted only after their digest is
+        // checked again, and their content rewritten from the checked bytes.
+        let kept = load_kept(&content, &offsets, b.region_len, &blob, &cache, &present);
+        let fetched = match head.body {
+            Some(_) => head.region.len() as u64 + head.leftover.len() as u64,
+            None => 0,
+        };
+        let chunks = BootChunks {
+            inner: Arc::new(Inner {
+                image: image.to_string(),
+                remote,
+                layer: b.layer.clone(),
+                store: store.clone(),
+                pull: b.pull,
+                region_len: b.region_len,
+                content,
+                offsets,
+                dir,
+                cache,
+                blob,
+                present,
+                _lock: lock,
+                state: Mutex::new(State {
+                    chunks: kept,
+                    streaming: !head.ranged,
+                    stored: false,
+                    ingesting: false,
+                    rest_started: false,
+                }),
+                changed: Condvar::new(),
+                read_timeout: b.read_timeout,
+                rt: tokio::runtime::Handle::current(),
+                fetched: AtomicU64::new(fetched),
+                slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+                background: Tasks::default(),
+            }),
+        };
+        chunks.start_workers(head.ranged, head.body, head.leftover);
+        Ok((index, chunks))
+    }
+
+    /// Set the worker going: the storing alone when every chunk was kept,
+    /// the whole blob's stream when the registry ignored Range, else the
+    /// start list.
+    fn start_workers(&self, ranged: bool, body: Option<BodyStream>, leftover: Bytes) {
+        let image = self.inner.image.as_str();
+        {
+            // Every chunk kept by earlier starts: only the storing is left.
+            let mut s = self.inner.state.lock().unwrap();
+            if s.chunks.iter().all(|c| *c == ChunkState::Present) && !s.ingesting {
+                s.ingesting = true;
+                drop(s);
+                let me = self.clone();
+                self.inner.rt.spawn(async move { me.ingest().await });
+            }
+        }
+        match body {
+            Some(body) if !ranged => {
+                tracing::info!(
+                    image,
+                    "the registry ignored Range: streaming the whole boot layer"
+                );
+                let me = self.clone();
+                self.inner
+                    .rt
+                    .spawn(async move { me.stream_all(leftover, body).await });
+            }
+            _ => {
+                let me = self.clone();
+                let t = self.inner.rt.spawn(async move { me.fetch_start().await });
+                self.track(t);
+            }
+        }
+    }
+
+    /// Remember a background task for [`BootChunks::stop_background`].
+    fn track(&self, t: tokio::task::JoinHandle<()>) {
+        self.inner.background.track(t);
+    }
+
+    /// The image's last user is gone: stop fetching the start list and the
+    /// prefetch of the rest, range GETs in flight included (their chunks
+    /// are absent again; what arrived stays for the next start). A reader's
+    /// own fetch finishes. [`BootChunks::resume_background`] undoes it.
+    pub fn stop_background(&self) {
+        let Some(running) = self.inner.background.stop() else {
+            return;
+        };
+        let mut s = self.inner.state.lock().unwrap();
+        s.rest_started = false;
+        for c in s.chunks.iter_mut() {
+            if *c == ChunkState::Fetching {
+                *c = ChunkState::Absent;
+            }
+        }
+        drop(s);
+        self.inner.changed.notify_all();
+        tracing::debug!(image = %self.inner.image, running, "boot chunk prefetch stopped");
+    }
+
+    /// A new user of an image whose background fetches were stopped: fetch
+    /// the start list again (the rest follows with [`BootChunks::start_rest`]).
+    pub fn resume_background(&self) {
+        if !self.inner.background.restart() {
+            return;
+        }
+        let me = self.clone();
+        let t = self.inner.rt.spawn(async move { me.fetch_start().await });
+        self.track(t);
+    }
+
+    /// The content for entry `idx` (an in-boot regular file), if it has any.
+    pub(crate) fn file(&self, idx: u32, size: u64) -> Option<Arc<dyn RangedContent>> {
+        let start = self.inner.content.file_offset(idx)?;
+        Some(Arc::new(BootFile {
+            chunks: self.clone(),
+            start,
+            size,
+        }))
+    }
+
+    /// Compressed bytes received from the registry.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.inner.fetched.load(Ordering::Relaxed)
+    }
+
+    /// True once the whole boot layer is verified and stored as a layer.
+    pub fn stored(&self) -> bool {
+        self.inner.state.lock().unwrap().stored
+    }
+
+    /// True once every chunk of the start list is local (or failed): the
+    /// start's own bytes are in, and a prefetch no longer competes with them.
+    pub fn start_list_done(&self) -> bool {
+        let s = self.inner.state.lock().unwrap();
+        self.inner.content.start.iter().all(|&c| {
+            matches!(
+                s.chunks[c as usize],
+                ChunkState::Present | ChunkState::Failed(_) | ChunkState::Unreachable(_)
+            )
+        })
+    }
+
+    /// True when a chunk failed for good (the image cannot complete); not
+    /// for chunks the registry could not be reached for (they may come yet).
+    pub fn failed(&self) -> bool {
+        let s = self.inner.state.lock().unwrap();
+        s.chunks.iter().any(|c| matches!(c, ChunkState::Failed(_)))
+    }
+}

@@ -1,0 +1,135 @@
+//! The index region at the head of a chunked boot layer: one tar entry,
+//! the index file, compressed as one piece.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
+use lazylayer_layer::index::{BootIndex, INDEX_FILE_NAME};
+use lazylayer_oci::{BodyStream, Digest};
+
+use super::remote::ChunkRemote;
+use super::{bad, MAX_REGION};
+use crate::FetchError;
+
+/// The head of a boot layer as the first request brought it.
+pub(super) struct RegionHead {
+    /// False when the registry ignored Range: `body` is the whole blob.
+    pub ranged: bool,
+    /// The rest of the response (None for a region kept by an earlier start).
+    pub body: Option<BodyStream>,
+    pub region: Vec<u8>,
+    /// Bytes past the region that came with its last piece.
+    pub leftover: Bytes,
+}
+
+/// The index region's `region_len` bytes, with one Range GET (or the start
+/// of the whole blob, if the registry ignores Range).
+pub(super) async fn fetch_region(
+    remote: &dyn ChunkRemote,
+    image: &str,
+    region_len: u64,
+) -> Result<RegionHead, FetchError> {
+    let (ranged, mut body) = remote.range_stream(0, region_len).await?;
+    let mut got = Vec::with_capacity(region_len as usize);
+    while (got.len() as u64) < region_len {
+        match body.next().await {
+            Some(c) => got.extend_from_slice(&c?),
+            None => {
+                return Err(bad(
+                    image,
+                    format!(
+                        "the registry sent {} of the index region's {} bytes",
+                        got.len(),
+                        region_len
+                    ),
+                ))
+            }
+        }
+    }
+    let leftover = Bytes::from(got.split_off(region_len as usize));
+    Ok(RegionHead {
+        ranged,
+        body: Some(body),
+        region: got,
+        leftover,
+    })
+}
+
+/// The index a region holds and its chunk table, once the region is the
+/// one the manifest names (`digest`) and the table fits the layer: its
+/// compression, and with the region its `layer_size`.
+pub(super) fn check_region(
+    image: &str,
+    region: &[u8],
+    digest: &Digest,
+    compression: ChunkCompression,
+    layer_size: u64,
+) -> Result<(BootIndex, BootContent), FetchError> {
+    let actual = Digest::sha256_of(region);
+    if actual != *digest {
+        return Err(bad(
+            image,
+            format!(
+                "the boot index region is {actual}, the manifest says {}: refusing it",
+                digest
+            ),
+        ));
+    }
+    let index = decode_region(image, region, compression)?;
+    let content = index
+        .boot
+        .clone()
+        .ok_or_else(|| bad(image, "the boot index has no chunk table"))?;
+    if content.compression != compression {
+        return Err(bad(
+            image,
+            "the chunk table and the layer's media type disagree on compression",
+        ));
+    }
+    if region.len() as u64 + content.compressed_len() != layer_size {
+        return Err(bad(
+            image,
+            format!(
+                "index region ({}) and chunks ({}) do not add up to the boot layer's {} bytes",
+                region.len(),
+                content.compressed_len(),
+                layer_size
+            ),
+        ));
+    }
+    Ok((index, content))
+}
+
+/// The index region: one tar entry, the index file, compressed as one piece.
+fn decode_region(image: &str, region: &[u8], c: ChunkCompression) -> Result<BootIndex, FetchError> {
+    let tar = lazylayer_layer::chunked::decompress_bounded(region, c, MAX_REGION)
+        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    let mut a = tar::Archive::new(&tar[..]);
+    let mut entries = a
+        .entries()
+        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    let mut e = entries
+        .next()
+        .ok_or_else(|| bad(image, "the boot index region holds no entry"))?
+        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    if &*e.path_bytes() != INDEX_FILE_NAME.as_bytes()
+        || e.header().entry_type() != tar::EntryType::Regular
+    {
+        return Err(bad(
+            image,
+            format!(
+                "the boot index region holds {}, not the index",
+                String::from_utf8_lossy(&e.path_bytes())
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    e.read_to_end(&mut bytes)
+        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
+        image: image.to_string(),
+        source,
+    })
+}

@@ -1,0 +1,781 @@
+//! Boot chunk scheduling and the chunk cache, against a real chunked boot
+//! layer (built with the layer crate's own chunk writer and a real index)
+//! served from memory through the `ChunkRemote` seam: no registry, no root.
+
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lazylayer_layer::chunked::{compress_chunks, compress_piece, file_entry_tar};
+use lazylayer_layer::index::chunks::{BootContent, ChunkCompression, MIN_CHUNK_SIZE};
+use lazylayer_layer::index::{BootIndex, FileKind, IndexEntry, INDEX_FILE_NAME};
+use lazylayer_layer::{Compression, ExtractOptions, LayerWriter};
+use lazylayer_oci::{BodyStream, Digest, OciError};
+use lazylayer_store::{BoxFuture, LayerRef, PullOptions, Store};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
+
+use super::remote::ChunkRemote;
+use super::state::{verdict, ChunkState, State};
+use super::{reap_chunk_caches, BootChunks, BootLayer};
+use crate::FetchError;
+
+/// The file the test layer holds: entry 1 of its index.
+const FILE: u32 = 1;
+/// Where its bytes start in the content tar (after its one header block).
+const FILE_START: u64 = 512;
+
+/// Bytes that do not compress (so every chunk has its own size).
+fn sample(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn entry(path: &[u8], kind: FileKind, size: u64) -> IndexEntry {
+    IndexEntry {
+        path: path.to_vec(),
+        parent: 0,
+        kind,
+        mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        size,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 0,
+        rdev: 0,
+        link_target: None,
+        xattrs: Vec::new(),
+        hardlink_group: 0,
+        link_count: 0,
+        layer: 0,
+        in_boot: true,
+        digest: None,
+    }
+}
+
+/// A chunked boot layer as optimize writes it: the index region (the
+/// index file's tar entry, one compressed piece), then the content tar in
+/// chunks of `MIN_CHUNK_SIZE`.
+struct TestLayer {
+    blob: Vec<u8>,
+    region_len: u64,
+    region_digest: Digest,
+    layer: LayerRef,
+    /// The file's bytes.
+    data: Vec<u8>,
+    offsets: Vec<u64>,
+}
+
+impl TestLayer {
+    fn new(file_len: usize, start: Vec<u32>, c: ChunkCompression, seed: u64) -> TestLayer {
+        let data = sample(file_len, seed);
+        let mut w = LayerWriter::new(Vec::new(), Compression::None);
+        w.append_bytes(Path::new("data.bin"), 0o644, 0, &data)
+            .unwrap();
+        let (_, content_tar) = w.finish_into_inner().unwrap();
+        let mut pieces = Vec::new();
+        let (chunks, content_len) = compress_chunks(
+            &mut &content_tar[..],
+            MIN_CHUNK_SIZE,
+            c,
+            &mut pieces,
+            &mut Sha256::new(),
+        )
+        .unwrap();
+        let content = BootContent {
+            compression: c,
+            chunk_size: MIN_CHUNK_SIZE,
+            content_len,
+            chunks,
+            files: vec![(FILE, FILE_START)],
+            start,
+        };
+        let offsets = content.chunk_offsets();
+        let mut index = BootIndex::new(
+            vec![format!("sha256:{:064x}", 1)],
+            vec![
+                entry(b"", FileKind::Dir, 0),
+                entry(b"data.bin", FileKind::File, file_len as u64),
+            ],
+        )
+        .unwrap();
+        index.boot = Some(content);
+        let region_tar =
+            file_entry_tar(Path::new(INDEX_FILE_NAME), 0o644, 0, &index.encode()).unwrap();
+        let region = compress_piece(&region_tar, c).unwrap();
+        let region_len = region.len() as u64;
+        let region_digest = Digest::sha256_of(&region);
+        let mut blob = region;
+        blob.extend_from_slice(&pieces);
+        let mut diff = Sha256::new();
+        diff.update(&region_tar);
+        diff.update(&content_tar);
+        let diff_id: Digest = format!("sha256:{}", hex::encode(diff.finalize()))
+            .parse()
+            .unwrap();
+        let media_type = match c {
+            ChunkCompression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            ChunkCompression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        };
+        let layer = LayerRef {
+            digest: Digest::sha256_of(&blob),
+            diff_id,
+            size: blob.len() as u64,
+            media_type: media_type.into(),
+        };
+        TestLayer {
+            blob,
+            region_len,
+            region_digest,
+            layer,
+            data,
+            offsets,
+        }
+    }
+
+    /// 40 KiB of file: eleven gzip chunks.
+    fn small(start: Vec<u32>) -> TestLayer {
+        TestLayer::new(40 << 10, start, ChunkCompression::Gzip, 7)
+    }
+
+    fn chunk_count(&self) -> u32 {
+        self.offsets.len() as u32 - 1
+    }
+
+    /// The chunks a blob range covers (ranges are cut on chunk bounds).
+    fn chunks_of(&self, from: u64, len: u64) -> Range<u32> {
+        let at = |off: u64| {
+            self.offsets
+                .iter()
+                .position(|&o| o == off - self.region_len)
+                .expect("a range on chunk bounds") as u32
+        };
+        at(from)..at(from + len)
+    }
+}
+
+/// How the in-memory registry answers a range.
+#[derive(Clone, Copy, PartialEq)]
+enum Answer {
+    Bytes,
+    /// Other bytes than the blob's (one flipped).
+    Corrupt,
+    /// The host is down (a network error).
+    Unreachable,
+    /// A 404 (not a network error: tried again).
+    NotFound,
+}
+
+/// The boot layer's blob served from memory, every range request logged.
+struct MemoryRemote {
+    blob: Vec<u8>,
+    /// Answer the region's request with the whole blob.
+    ignores_range: bool,
+    answer: Mutex<Answer>,
+    /// Requests wait for a permit here once logged (a closed gate holds
+    /// them in flight).
+    gate: Semaphore,
+    ranges: Mutex<Vec<(u64, u64)>>,
+    streams: AtomicUsize,
+}
+
+impl MemoryRemote {
+    fn new(l: &TestLayer) -> Arc<MemoryRemote> {
+        Self::build(l, false, Semaphore::MAX_PERMITS)
+    }
+
+    /// Range requests wait until `open_gate`.
+    fn gated(l: &TestLayer) -> Arc<MemoryRemote> {
+        Self::build(l, false, 0)
+    }
+
+    fn build(l: &TestLayer, ignores_range: bool, permits: usize) -> Arc<MemoryRemote> {
+        Arc::new(MemoryRemote {
+            blob: l.blob.clone(),
+            ignores_range,
+            answer: Mutex::new(Answer::Bytes),
+            gate: Semaphore::new(permits),
+            ranges: Mutex::new(Vec::new()),
+            streams: AtomicUsize::new(0),
+        })
+    }
+
+    fn answering(self: Arc<Self>, a: Answer) -> Arc<Self> {
+        *self.answer.lock().unwrap() = a;
+        self
+    }
+
+    fn open_gate(&self) {
+        self.gate.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges.lock().unwrap().clone()
+    }
+
+    fn error(&self, a: Answer) -> OciError {
+        match a {
+            Answer::Unreachable => OciError::Unreachable {
+                what: "a boot chunk".into(),
+                registry: "memory".into(),
+                down_for: Duration::from_secs(1),
+                cause: "connection refused".into(),
+                retry_in: Duration::from_secs(1),
+            },
+            _ => OciError::Status {
+                what: "a boot chunk".into(),
+                registry: "memory".into(),
+                status: 404,
+                body: String::new(),
+            },
+        }
+    }
+}
+
+impl ChunkRemote for MemoryRemote {
+    fn range_stream(
+        &self,
+        from: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<(bool, BodyStream), OciError>> {
+        Box::pin(async move {
+            self.streams.fetch_add(1, Ordering::SeqCst);
+            let (ranged, bytes) = if self.ignores_range {
+                (false, self.blob.clone())
+            } else {
+                (
+                    true,
+                    self.blob[from as usize..(from + len) as usize].to_vec(),
+                )
+            };
+            // In pieces, as a response body comes.
+            let pieces: Vec<Result<Bytes, OciError>> = bytes
+                .chunks(1000)
+                .map(|p| Ok(Bytes::copy_from_slice(p)))
+                .collect();
+            let body: BodyStream = Box::pin(futures_util::stream::iter(pieces));
+            Ok((ranged, body))
+        })
+    }
+
+    fn range(&self, from: u64, len: u64) -> BoxFuture<'_, Result<Bytes, OciError>> {
+        Box::pin(async move {
+            self.ranges.lock().unwrap().push((from, len));
+            let _permit = self.gate.acquire().await.unwrap();
+            let answer = *self.answer.lock().unwrap();
+            match answer {
+                Answer::Bytes | Answer::Corrupt => {
+                    let mut b = self.blob[from as usize..(from + len) as usize].to_vec();
+                    if answer == Answer::Corrupt {
+                        b[0] ^= 0xff;
+                    }
+                    Ok(Bytes::from(b))
+                }
+                a => Err(self.error(a)),
+            }
+        })
+    }
+}
+
+async fn open(
+    store: &Store,
+    l: &TestLayer,
+    remote: Arc<MemoryRemote>,
+    read_timeout: Duration,
+) -> Result<BootChunks, FetchError> {
+    let (index, chunks) = BootChunks::open_with(
+        store,
+        BootLayer {
+            image: "registry.test/boot:1",
+            layer: &l.layer,
+            region_len: l.region_len,
+            region_digest: &l.region_digest,
+            read_timeout,
+            pull: PullOptions {
+                // Owners as the tar says need root; these tests do not.
+                extract: ExtractOptions {
+                    chown: false,
+                    ..ExtractOptions::default()
+                },
+                ..PullOptions::default()
+            },
+        },
+        remote,
+    )
+    .await?;
+    assert_eq!(index.entries[FILE as usize].size, l.data.len() as u64);
+    Ok(chunks)
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// `len` bytes of the file at `offset`, read as the file system reads it
+/// (blocking, off the runtime's threads).
+async fn read(chunks: &BootChunks, size: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let file = chunks.file(FILE, size).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        file.read_at(&mut buf, offset).map(|()| buf)
+    })
+    .await
+    .unwrap()
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < deadline, "still not {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn states(chunks: &BootChunks) -> Vec<ChunkState> {
+    chunks.inner.state.lock().unwrap().chunks.clone()
+}
+
+fn all_present(chunks: &BootChunks) -> bool {
+    states(chunks).iter().all(|c| *c == ChunkState::Present)
+}
+
+fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store")).unwrap();
+    (dir, store)
+}
+
+fn state(chunks: Vec<ChunkState>) -> State {
+    State {
+        chunks,
+        streaming: false,
+        stored: false,
+        ingesting: false,
+        rest_started: false,
+    }
+}
+
+use ChunkState::{Absent, Failed, Fetching, Present, Unreachable};
+
+#[test]
+fn a_run_coalesces_adjacent_absent_chunks_up_to_the_request_size() {
+    // Chunks of 100 bytes each.
+    let offsets: Vec<u64> = (0..=8).map(|c| c * 100).collect();
+    let mut s = state(vec![Absent; 8]);
+    let list = [1, 2, 3, 4, 6, 7];
+    let mut i = 0;
+    // 300 bytes at most: 1..4, then 4 alone (5 is not in the list), then 6..8.
+    assert_eq!(s.take_run(&list, &mut i, &offsets, 300), Some(1..4));
+    assert_eq!(i, 3);
+    assert_eq!(s.take_run(&list, &mut i, &offsets, 300), Some(4..5));
+    assert_eq!(s.take_run(&list, &mut i, &offsets, 300), Some(6..8));
+    assert_eq!(i, list.len());
+    for c in [1, 2, 3, 4, 6, 7] {
+        assert_eq!(s.chunks[c], Fetching, "chunk {c}");
+    }
+    assert_eq!(s.chunks[0], Absent);
+    assert_eq!(s.chunks[5], Absent);
+}
+
+#[test]
+fn a_run_stops_at_a_chunk_already_local_or_on_its_way() {
+    let offsets: Vec<u64> = (0..=6).map(|c| c * 100).collect();
+    let mut s = state(vec![Absent, Present, Absent, Fetching, Absent, Absent]);
+    let list = [0, 1, 2, 3, 4, 5];
+    let mut i = 0;
+    assert_eq!(s.take_run(&list, &mut i, &offsets, 1 << 20), Some(0..1));
+    // Present: skipped, nothing marked.
+    assert_eq!(s.take_run(&list, &mut i, &offsets, 1 << 20), None);
+    assert_eq!(s.chunks[1], Present);
+    assert_eq!(s.take_run(&list, &mut i, &offsets, 1 << 20), Some(2..3));
+    // Fetching already: not asked twice.
+    assert_eq!(s.take_run(&list, &mut i, &offsets, 1 << 20), None);
+    assert_eq!(s.take_run(&list, &mut i, &offsets, 1 << 20), Some(4..6));
+}
+
+#[test]
+fn a_reader_claims_absent_and_unreachable_chunks_not_failed_or_fetching_ones() {
+    let mut s = state(vec![
+        Absent,
+        Unreachable("down".into()),
+        Fetching,
+        Absent,
+        Failed("bad bytes".into()),
+        Absent,
+        Present,
+        Absent,
+    ]);
+    assert_eq!(s.claim_wanted(0..7), vec![0..2, 3..4, 5..6]);
+    assert_eq!(
+        s.chunks,
+        vec![
+            Fetching,
+            Fetching,
+            Fetching,
+            Fetching,
+            Failed("bad bytes".into()),
+            Fetching,
+            Present,
+            Absent
+        ]
+    );
+    // Asked again: everything wanted is on its way already.
+    assert!(s.claim_wanted(0..7).is_empty());
+}
+
+#[test]
+fn the_verdict_waits_for_missing_chunks_and_names_the_failure() {
+    let s = state(vec![
+        Present,
+        Fetching,
+        Failed("refused".into()),
+        Unreachable("down".into()),
+    ]);
+    assert!(matches!(verdict(&s, 0..1), Some(Ok(()))));
+    assert!(verdict(&s, 0..2).is_none());
+    let e = verdict(&s, 0..3).unwrap().unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    assert_eq!(e.to_string(), "refused");
+    let e = verdict(&s, 3..4).unwrap().unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::HostUnreachable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_list_is_fetched_in_blob_order_adjacent_chunks_in_one_request() {
+    let l = TestLayer::small(vec![6, 3, 2]);
+    let remote = MemoryRemote::new(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    wait_until("start list done", || chunks.start_list_done()).await;
+    let mut runs: Vec<Range<u32>> = remote
+        .ranges()
+        .iter()
+        .map(|&(from, len)| l.chunks_of(from, len))
+        .collect();
+    runs.sort_by_key(|r| r.start);
+    assert_eq!(runs, vec![2..4, 6..7]);
+    let s = states(&chunks);
+    assert_eq!(s.len(), l.chunk_count() as usize);
+    for (c, got) in s.iter().enumerate() {
+        let want = if [2, 3, 6].contains(&c) {
+            Present
+        } else {
+            Absent
+        };
+        assert_eq!(*got, want, "chunk {c}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_gets_its_bytes_fetching_only_the_chunks_that_hold_them() {
+    let l = TestLayer::small(Vec::new());
+    let remote = MemoryRemote::new(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let size = l.data.len() as u64;
+    // Bytes 10000..18200 of the file: content 10512..18712, chunks 2..5.
+    let got = read(&chunks, size, 10_000, 8_200).await.unwrap();
+    assert_eq!(got, l.data[10_000..18_200]);
+    let runs: Vec<Range<u32>> = remote
+        .ranges()
+        .iter()
+        .map(|&(from, len)| l.chunks_of(from, len))
+        .collect();
+    assert_eq!(runs, vec![2..5]);
+    // The index region, then those chunks' compressed bytes.
+    assert_eq!(
+        chunks.bytes_fetched(),
+        l.region_len + l.offsets[5] - l.offsets[2]
+    );
+    // Reading past the file's end is refused, fetching nothing.
+    let e = read(&chunks, size, size - 10, 20).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(remote.ranges().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_in_flight_is_fetched_once_for_two_readers() {
+    let l = TestLayer::small(Vec::new());
+    let remote = MemoryRemote::gated(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let size = l.data.len() as u64;
+    let first = tokio::spawn({
+        let chunks = chunks.clone();
+        async move { read(&chunks, size, 5_000, 100).await }
+    });
+    wait_until("the first reader's request", || remote.ranges().len() == 1).await;
+    assert_eq!(states(&chunks)[1], Fetching);
+    let second = tokio::spawn({
+        let chunks = chunks.clone();
+        async move { read(&chunks, size, 5_050, 100).await }
+    });
+    // The second reader is waiting on the same chunk (its read asks for
+    // nothing new while the chunk is on its way).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!second.is_finished());
+    remote.open_gate();
+    assert_eq!(first.await.unwrap().unwrap(), l.data[5_000..5_100]);
+    assert_eq!(second.await.unwrap().unwrap(), l.data[5_050..5_150]);
+    assert_eq!(remote.ranges().len(), 1, "{:?}", remote.ranges());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_chunks_serve_reads_without_a_fetch() {
+    let l = TestLayer::small(Vec::new());
+    let remote = MemoryRemote::new(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    chunks.start_rest();
+    wait_until("every chunk local", || all_present(&chunks)).await;
+    let asked = remote.ranges().len();
+    // The rest comes in requests of up to 4 MiB: this layer in one.
+    assert_eq!(asked, 1);
+    let got = read(&chunks, l.data.len() as u64, 0, l.data.len())
+        .await
+        .unwrap();
+    assert_eq!(got, l.data);
+    assert_eq!(remote.ranges().len(), asked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_serves_a_reopen_without_the_network() {
+    let l = TestLayer::small(Vec::new());
+    let (_d, store) = store();
+    {
+        let chunks = open(&store, &l, MemoryRemote::new(&l), LONG).await.unwrap();
+        chunks.start_rest();
+        wait_until("every chunk local", || all_present(&chunks)).await;
+        wait_until("stored", || chunks.stored()).await;
+    }
+    // A registry that is down for everything: the region and the chunks
+    // come from the cache.
+    let down = MemoryRemote::new(&l).answering(Answer::Unreachable);
+    let chunks = open(&store, &l, down.clone(), LONG).await.unwrap();
+    assert_eq!(down.streams.load(Ordering::SeqCst), 0);
+    assert!(all_present(&chunks));
+    let got = read(&chunks, l.data.len() as u64, 0, l.data.len())
+        .await
+        .unwrap();
+    assert_eq!(got, l.data);
+    assert!(down.ranges().is_empty());
+    assert_eq!(chunks.bytes_fetched(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_cached_chunk_is_fetched_again_the_others_kept() {
+    let l = TestLayer::small(Vec::new());
+    let (_d, store) = store();
+    {
+        let chunks = open(&store, &l, MemoryRemote::new(&l), LONG).await.unwrap();
+        chunks.start_rest();
+        wait_until("every chunk local", || all_present(&chunks)).await;
+    }
+    // One byte of chunk 3's kept compressed bytes changed on disk.
+    let blob = store
+        .root()
+        .join("chunks")
+        .join(l.layer.digest.hex())
+        .join("blob");
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[(l.region_len + l.offsets[3] + 10) as usize] ^= 0x55;
+    std::fs::write(&blob, &bytes).unwrap();
+    let remote = MemoryRemote::new(&l);
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let s = states(&chunks);
+    assert_eq!(s.len(), l.chunk_count() as usize);
+    for (c, got) in s.iter().enumerate() {
+        assert_eq!(*got, if c == 3 { Absent } else { Present }, "chunk {c}");
+    }
+    let got = read(&chunks, l.data.len() as u64, 0, l.data.len())
+        .await
+        .unwrap();
+    assert_eq!(got, l.data);
+    let runs: Vec<Range<u32>> = remote
+        .ranges()
+        .iter()
+        .map(|&(from, len)| l.chunks_of(from, len))
+        .collect();
+    assert_eq!(runs, vec![3..4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaping_removes_stored_caches_not_in_use_and_keeps_the_rest() {
+    let (d, store) = store();
+    let root = d.path().join("store");
+    // One layer fetched whole (stored), one with a single chunk in.
+    let whole = TestLayer::small(Vec::new());
+    let part = TestLayer::new(20 << 10, vec![0], ChunkCompression::Zstd, 11);
+    let whole_dir = root.join("chunks").join(whole.layer.digest.hex());
+    let part_dir = root.join("chunks").join(part.layer.digest.hex());
+    {
+        let chunks = open(&store, &whole, MemoryRemote::new(&whole), LONG)
+            .await
+            .unwrap();
+        chunks.start_rest();
+        wait_until("stored", || chunks.stored()).await;
+        let partial = open(&store, &part, MemoryRemote::new(&part), LONG)
+            .await
+            .unwrap();
+        wait_until("start list done", || partial.start_list_done()).await;
+        drop(partial);
+        // In use: kept, even by a prune.
+        assert_eq!(reap_chunk_caches(&root, true), 1);
+        assert!(whole_dir.is_dir());
+        assert!(!part_dir.exists());
+        let partial = open(&store, &part, MemoryRemote::new(&part), LONG)
+            .await
+            .unwrap();
+        wait_until("start list done", || partial.start_list_done()).await;
+    }
+    // Stored whole: removed (once its last task has let go of it); not
+    // stored: kept for the next start...
+    let mut removed = 0;
+    wait_until("the stored layer's cache reaped", || {
+        removed += reap_chunk_caches(&root, false);
+        !whole_dir.exists()
+    })
+    .await;
+    assert_eq!(removed, 1);
+    assert!(part_dir.join("blob").is_file());
+    // ...unless everything goes.
+    assert_eq!(reap_chunk_caches(&root, true), 1);
+    assert!(!part_dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_registry_wakes_the_reader_with_an_error_and_is_asked_again() {
+    let l = TestLayer::small(Vec::new());
+    let remote = MemoryRemote::new(&l).answering(Answer::Unreachable);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let size = l.data.len() as u64;
+    let e = read(&chunks, size, 0, 100).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::HostUnreachable, "{e}");
+    // A network error is not tried again by the fetch itself...
+    assert_eq!(remote.ranges().len(), 1);
+    // ...nor does it fail the image: the next read asks again.
+    assert!(!chunks.failed());
+    *remote.answer.lock().unwrap() = Answer::Bytes;
+    assert_eq!(read(&chunks, size, 0, 100).await.unwrap(), l.data[..100]);
+    assert_eq!(remote.ranges().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_with_other_bytes_is_refused_for_good() {
+    let l = TestLayer::small(Vec::new());
+    let remote = MemoryRemote::new(&l).answering(Answer::Corrupt);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let size = l.data.len() as u64;
+    let e = read(&chunks, size, 0, 100).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    assert!(e.to_string().contains("does not match its digest"), "{e}");
+    assert!(chunks.failed());
+    // Never fetched again, and nothing of it in the cache.
+    let e = read(&chunks, size, 0, 100).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    assert_eq!(remote.ranges().len(), 1);
+    let present = store
+        .root()
+        .join("chunks")
+        .join(l.layer.digest.hex())
+        .join("present");
+    assert_eq!(std::fs::read(present).unwrap()[0], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_tried_three_times_then_fails_the_chunk() {
+    let l = TestLayer::small(Vec::new());
+    let remote = MemoryRemote::new(&l).answering(Answer::NotFound);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let e = read(&chunks, l.data.len() as u64, 0, 100)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    let asked = remote.ranges();
+    assert_eq!(asked.len(), 3, "{asked:?}");
+    assert!(asked.iter().all(|r| *r == asked[0]));
+    assert!(chunks.failed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_background_puts_its_chunks_back_and_resuming_fetches_them() {
+    let l = TestLayer::small((0..11).collect());
+    let remote = MemoryRemote::gated(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    wait_until("a start list request", || !remote.ranges().is_empty()).await;
+    chunks.stop_background();
+    assert!(states(&chunks).iter().all(|c| *c == Absent));
+    // Stopped: the prefetch of the rest does not start either.
+    chunks.start_rest();
+    assert!(!chunks.inner.state.lock().unwrap().rest_started);
+    let before = remote.ranges().len();
+    remote.open_gate();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(remote.ranges().len(), before);
+    assert!(states(&chunks).iter().all(|c| *c == Absent));
+    chunks.resume_background();
+    wait_until("start list done", || chunks.start_list_done()).await;
+    assert!(all_present(&chunks));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_other_than_the_manifest_names_is_refused() {
+    let l = TestLayer::small(Vec::new());
+    let other = TestLayer::new(40 << 10, Vec::new(), ChunkCompression::Gzip, 99);
+    let (_d, store) = store();
+    let mut wrong = TestLayer::small(Vec::new());
+    wrong.region_digest = other.region_digest.clone();
+    let err = open(&store, &wrong, MemoryRemote::new(&l), LONG)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, FetchError::BadImage { reason, .. } if reason.contains("refusing it")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_ignoring_range_streams_every_chunk_once() {
+    let l = TestLayer::small(vec![4]);
+    let remote = MemoryRemote::build(&l, true, Semaphore::MAX_PERMITS);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let got = read(&chunks, l.data.len() as u64, 30_000, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(got, l.data[30_000..31_000]);
+    wait_until("every chunk local", || all_present(&chunks)).await;
+    wait_until("stored", || chunks.stored()).await;
+    assert_eq!(remote.streams.load(Ordering::SeqCst), 1);
+    assert!(remote.ranges().is_empty());
+    assert_eq!(chunks.bytes_fetched(), l.blob.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_chunk_never_comes_times_out() {
+    let l = TestLayer::small(Vec::new());
+    let remote = MemoryRemote::gated(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), Duration::from_millis(200))
+        .await
+        .unwrap();
+    let e = read(&chunks, l.data.len() as u64, 0, 100)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    remote.open_gate();
+}
