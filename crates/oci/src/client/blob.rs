@@ -1,0 +1,387 @@
+//! Whole blobs: small ones into memory, large ones streamed with resumes
+//! after broken or stalled connections, verified at the end.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::StatusCode;
+use tokio::sync::mpsc;
+
+use crate::digest::Digest;
+use crate::error::{OciError, Result};
+use crate::hosts::Purpose;
+use crate::reference::Repository;
+
+use super::failover::*;
+use super::request::*;
+use super::status::*;
+use super::{human_bytes, BlobResume, RegistryClient};
+
+/// Why one response of a blob download ended before the blob did.
+pub(super) enum Broken {
+    Error(String),
+    Stalled {
+        bytes: u64,
+        secs: f64,
+        min_speed: u64,
+    },
+    EndedEarly,
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::Error(e) => write!(f, "connection broken: {e}"),
+            Broken::Stalled { bytes: 0, secs, .. } => write!(f, "no data for {secs:.0} s"),
+            Broken::Stalled {
+                bytes,
+                secs,
+                min_speed,
+            } => write!(
+                f,
+                "only {} in {secs:.0} s, below {}/s",
+                human_bytes(*bytes),
+                human_bytes(*min_speed)
+            ),
+            Broken::EndedEarly => write!(f, "response ended early"),
+        }
+    }
+}
+
+impl RegistryClient {
+    /// Fetch a small blob into memory, verified (for configs and the like);
+    /// a host that sends other bytes than the digest names is passed over.
+    pub async fn fetch_blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        size: Option<u64>,
+        limit: u64,
+    ) -> Result<Bytes> {
+        let what = format!("blob {digest} of {repo}");
+        self.on_hosts(&what, repo, Purpose::Pull, |ep| {
+            let what = what.clone();
+            async move {
+                let url = ep.url(&format!("blobs/{digest}"));
+                let resp = self
+                    .send(&what, repo, &ep, &[Self::pull_scope(&ep)], true, &|c| {
+                        c.get(url.clone())
+                    })
+                    .await?;
+                if !resp.status().is_success() {
+                    let st = resp.status();
+                    return Err(status_error(
+                        &what,
+                        ep.label(),
+                        st,
+                        Self::body_text(resp).await,
+                    ));
+                }
+                let bytes = Self::read_limited(
+                    &what,
+                    ep.label(),
+                    resp,
+                    limit.min(size.unwrap_or(u64::MAX)),
+                )
+                .await?;
+                if let Some(s) = size {
+                    if bytes.len() as u64 != s {
+                        return Err(OciError::SizeMismatch {
+                            what,
+                            expected: s,
+                            actual: bytes.len() as u64,
+                        });
+                    }
+                }
+                digest.verify(&what, &bytes)?;
+                tracing::info!(blob = %digest, host = %ep.label(), bytes = bytes.len(), "blob served");
+                Ok(bytes)
+            }
+        })
+        .await
+    }
+
+    /// Stream a blob into `tx`, resuming with `Range` after a broken or
+    /// stalled connection (or skipping what we have when the server ignores
+    /// Range), and verify its digest and size at the end. The consumer must
+    /// not trust the bytes until this returns `Ok`. `progress` is told each
+    /// chunk's length.
+    pub async fn download_blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        expected_size: Option<u64>,
+        tx: mpsc::Sender<Bytes>,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64> {
+        let from = BlobResume::start(digest);
+        self.download_blob_from(repo, digest, expected_size, from, tx, progress)
+            .await
+    }
+
+    /// [`RegistryClient::download_blob`] after a prefix the caller already
+    /// holds (`from.offset` bytes, already fed to `from.hasher`): only the
+    /// rest is requested and sent to `tx`, and counted in `progress`; the
+    /// digest and size checks at the end cover the whole blob. When a host
+    /// fails (unreachable, missing the blob, or broken mid-download after
+    /// its attempts) the download resumes with Range from the next host.
+    pub async fn download_blob_from(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        expected_size: Option<u64>,
+        from: BlobResume,
+        tx: mpsc::Sender<Bytes>,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64> {
+        let what = format!("blob {digest} of {repo}");
+        let eps = self.endpoints(repo, Purpose::Pull)?;
+        let mut host = 0usize;
+        let mut hasher = from.hasher;
+        let mut got: u64 = from.offset;
+        let from_offset = from.offset;
+        if let Some(exp) = expected_size.filter(|e| got > *e) {
+            return Err(OciError::SizeMismatch {
+                what,
+                expected: exp,
+                actual: got,
+            });
+        }
+        let stall = self.cfg.stall_timeout.max(Duration::from_millis(100));
+        // Bytes a stall window must bring for the connection to count as alive.
+        let window_min = (self.cfg.min_speed as f64 * stall.as_secs_f64()) as u64;
+        let mut failures = 0u32;
+        // On a fault of the current host: on to the next one (the bytes so
+        // far are kept; the next host is asked for the rest), or, on the
+        // last host, the error.
+        macro_rules! next_host_or_fail {
+            ($err:expr) => {{
+                let e = $err;
+                let ep = &eps[host];
+                if host + 1 < eps.len() && fails_over(&e) {
+                    tracing::warn!(%what, host = %ep.label(), source = %ep.source, at = got, error = %e, "host failed; resuming from the next one");
+                    self.note_failure(ep, &e);
+                    host += 1;
+                    failures = 0;
+                    continue;
+                }
+                return Err(e);
+            }};
+        }
+        // Nothing left to ask for when the prefix is the whole blob.
+        while expected_size != Some(got) {
+            let ep = &eps[host];
+            if ep.mirror {
+                let mut s = self.served_by.lock().unwrap();
+                let hosts = s.entry(digest.clone()).or_default();
+                if !hosts.contains(&Self::host_key(ep)) {
+                    hosts.push(Self::host_key(ep));
+                }
+            }
+            let url = ep.url(&format!("blobs/{digest}"));
+            let scopes = [Self::pull_scope(ep)];
+            let offset = got;
+            // A registry that takes the request but never answers is a stall too.
+            let sent = self
+                .send_within(&what, repo, ep, &scopes, true, Some(stall), &|c| {
+                    let rb = c.get(url.clone());
+                    if offset > 0 {
+                        rb.header(RANGE, format!("bytes={offset}-"))
+                    } else {
+                        rb
+                    }
+                })
+                .await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) => next_host_or_fail!(e),
+            };
+            let status = resp.status();
+            let mut skip = 0u64;
+            if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
+                let start = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| s.strip_prefix("bytes "))
+                    .and_then(|s| s.split('-').next())
+                    .and_then(|s| s.parse::<u64>().ok());
+                if start != Some(offset) {
+                    next_host_or_fail!(OciError::Status {
+                        what: what.clone(),
+                        registry: ep.label().to_string(),
+                        status: 206,
+                        body: format!(
+                            "asked to resume at {offset}, got range starting at {start:?}"
+                        ),
+                    });
+                }
+            } else if offset > 0
+                && expected_size.is_none()
+                && status == StatusCode::RANGE_NOT_SATISFIABLE
+            {
+                // Size unknown and the prefix was all of it: the digest decides.
+                break;
+            } else if status == StatusCode::OK {
+                // A server without Range support resends everything: drop what we have.
+                skip = offset;
+                if offset > 0 {
+                    tracing::info!(%what, offset, "server ignored Range; skipping already received bytes");
+                }
+            } else {
+                let e = status_error(&what, ep.label(), status, Self::body_text(resp).await);
+                next_host_or_fail!(e);
+            }
+            // A complete response that is shorter than the descriptor says is
+            // a truncated blob, not a broken connection: retrying cannot help.
+            let resp_len = resp.content_length().map(|l| l.saturating_sub(skip));
+            let resp_start = got;
+            let mut body = resp.bytes_stream();
+            // Stall detection: each window of `stall` must bring `window_min`
+            // bytes (and at least one). reqwest's read timeout alone lets a
+            // server trickling a byte now and then hold a download forever.
+            let mut window_start = tokio::time::Instant::now();
+            let mut window_bytes = 0u64;
+            let outcome: std::result::Result<(), Broken> = loop {
+                let deadline = window_start + stall;
+                let next = tokio::time::timeout_at(deadline, body.next()).await;
+                match next {
+                    Ok(Some(Ok(mut chunk))) => {
+                        if skip > 0 {
+                            let n = skip.min(chunk.len() as u64) as usize;
+                            skip -= n as u64;
+                            window_bytes += n as u64;
+                            chunk = chunk.slice(n..);
+                        }
+                        if !chunk.is_empty() {
+                            got += chunk.len() as u64;
+                            window_bytes += chunk.len() as u64;
+                            if let Some(exp) = expected_size.filter(|e| got > *e) {
+                                return Err(OciError::SizeMismatch {
+                                    what,
+                                    expected: exp,
+                                    actual: got,
+                                });
+                            }
+                            hasher.update(&chunk);
+                            progress(chunk.len() as u64);
+                            // Time waiting for a slow consumer is not the registry's.
+                            let waited = tokio::time::Instant::now();
+                            if tx.send(chunk).await.is_err() {
+                                return Err(OciError::ConsumerGone { what });
+                            }
+                            window_start += waited.elapsed();
+                        }
+                    }
+                    Ok(Some(Err(e))) => break Err(Broken::Error(e.to_string())),
+                    Ok(None) => break Ok(()),
+                    Err(_elapsed) => {}
+                }
+                if tokio::time::Instant::now() >= window_start + stall {
+                    if window_bytes == 0 || window_bytes < window_min {
+                        break Err(Broken::Stalled {
+                            bytes: window_bytes,
+                            secs: stall.as_secs_f64(),
+                            min_speed: self.cfg.min_speed,
+                        });
+                    }
+                    window_start = tokio::time::Instant::now();
+                    window_bytes = 0;
+                }
+            };
+            // Dropping the body closes the connection (a stalled one included).
+            drop(body);
+            if outcome.is_err() && tx.is_closed() {
+                // Nobody wants the rest (a cancelled fetch): not a registry fault.
+                return Err(OciError::ConsumerGone { what });
+            }
+            let short = expected_size.is_some_and(|e| got < e);
+            if short && outcome.is_ok() && resp_len == Some(got - resp_start) {
+                next_host_or_fail!(OciError::SizeMismatch {
+                    what: what.clone(),
+                    expected: expected_size.unwrap_or(0),
+                    actual: got,
+                });
+            }
+            let reason = match outcome {
+                Ok(()) if !short => break,
+                Ok(()) => Broken::EndedEarly,
+                Err(b) => b,
+            };
+            failures += 1;
+            if failures >= self.attempts(ep) {
+                tracing::debug!(%what, got, %reason, failures, "giving up on this host");
+                let e = OciError::Interrupted {
+                    what: what.clone(),
+                    registry: ep.label().to_string(),
+                    at: got,
+                    total: expected_size,
+                    reason: reason.to_string(),
+                    tries: failures,
+                };
+                self.gave_up(ep, &e);
+                next_host_or_fail!(e);
+            }
+            tracing::warn!(%what, host = %ep.label(), at = got, %reason, "download interrupted; resuming");
+            tokio::time::sleep(backoff(failures - 1)).await;
+        }
+        let actual = hasher.finish();
+        // Verified whatever host served it; the bytes went to the consumer
+        // already, so a bad blob is an error here, not a reason to fail over.
+        if &actual != digest {
+            return Err(OciError::DigestMismatch {
+                what,
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        if let Some(exp) = expected_size {
+            if got != exp {
+                return Err(OciError::SizeMismatch {
+                    what,
+                    expected: exp,
+                    actual: got,
+                });
+            }
+        }
+        // Verified: whoever served it served it right.
+        self.served_by.lock().unwrap().remove(digest);
+        tracing::info!(blob = %digest, host = %eps[host].label(), bytes = got - from_offset, "blob served");
+        Ok(got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stall_reasons_are_plain_words() {
+        let no_data = Broken::Stalled {
+            bytes: 0,
+            secs: 10.0,
+            min_speed: 1024,
+        };
+        assert_eq!(no_data.to_string(), "no data for 10 s");
+        let slow = Broken::Stalled {
+            bytes: 3,
+            secs: 2.0,
+            min_speed: 1024,
+        };
+        assert_eq!(slow.to_string(), "only 3 B in 2 s, below 1.0 kB/s");
+        let e = OciError::Interrupted {
+            what: "blob sha256:ab of r/x".into(),
+            registry: "127.0.0.1:5000".into(),
+            at: 7_700_000,
+            total: Some(25_000_000),
+            reason: no_data.to_string(),
+            tries: 5,
+        };
+        assert_eq!(
+            e.to_string(),
+            "registry 127.0.0.1:5000 stopped sending blob sha256:ab of r/x at 7.7 MB of 25.0 MB (no data for 10 s); tried 5 times"
+        );
+    }
+}
