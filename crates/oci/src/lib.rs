@@ -12,6 +12,7 @@ pub mod error;
 pub mod hosts;
 pub mod manifest;
 pub mod reference;
+pub mod retry;
 
 pub use client::{human_bytes, BlobResume, BodyStream, ClientConfig, PushOutcome, RegistryClient};
 pub use digest::{Digest, DigestHasher};

@@ -15,7 +15,6 @@ use crate::hosts::Purpose;
 use crate::reference::Repository;
 
 use super::failover::*;
-use super::request::*;
 use super::status::*;
 use super::{human_bytes, BlobResume, RegistryClient};
 
@@ -311,7 +310,7 @@ impl RegistryClient {
                 Err(b) => b,
             };
             failures += 1;
-            if failures >= self.attempts(ep) {
+            if failures >= self.retry_for(ep).attempts() {
                 tracing::debug!(%what, got, %reason, failures, "giving up on this host");
                 let e = OciError::Interrupted {
                     what: what.clone(),
@@ -325,7 +324,7 @@ impl RegistryClient {
                 next_host_or_fail!(e);
             }
             tracing::warn!(%what, host = %ep.label(), at = got, %reason, "download interrupted; resuming");
-            tokio::time::sleep(backoff(failures - 1)).await;
+            tokio::time::sleep(self.retry_for(ep).delay(failures - 1)).await;
         }
         let actual = hasher.finish();
         // Verified whatever host served it; the bytes went to the consumer

@@ -8,6 +8,7 @@ use crate::digest::Digest;
 use crate::error::{OciError, Result};
 use crate::hosts::{Endpoint, Purpose};
 use crate::reference::Repository;
+use crate::retry::RetryPolicy;
 
 use super::RegistryClient;
 
@@ -125,12 +126,13 @@ impl RegistryClient {
         !hosts.is_empty()
     }
 
-    /// Attempts per request on `ep`.
-    pub(super) fn attempts(&self, ep: &Endpoint) -> u32 {
+    /// The retry policy for one request on `ep`: a mirror gets fewer tries.
+    pub(super) fn retry_for(&self, ep: &Endpoint) -> RetryPolicy {
         if ep.mirror {
-            self.cfg.max_attempts.min(MIRROR_ATTEMPTS)
+            self.retry
+                .with_attempts(self.retry.attempts().min(MIRROR_ATTEMPTS))
         } else {
-            self.cfg.max_attempts
+            self.retry
         }
     }
 

@@ -15,6 +15,7 @@ use crate::breaker::Breakers;
 use crate::digest::{Digest, DigestHasher};
 use crate::error::{OciError, Result};
 use crate::hosts::Hosts;
+use crate::retry::RetryPolicy;
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -152,6 +153,8 @@ pub struct RegistryClient {
     /// Hosts given up on for network reasons: asked no more until a probe
     /// finds them back (shared by clones, so by every image of a process).
     breakers: Breakers,
+    /// Tries and pauses per request (`max_attempts` of the config).
+    retry: RetryPolicy,
 }
 
 impl RegistryClient {
@@ -164,6 +167,7 @@ impl RegistryClient {
             registry: String::new(),
             source: e,
         })?;
+        let retry = RetryPolicy::default().with_attempts(cfg.max_attempts);
         Ok(RegistryClient {
             http,
             cfg: Arc::new(cfg),
@@ -172,6 +176,7 @@ impl RegistryClient {
             failed: Arc::new(Mutex::new(HashMap::new())),
             served_by: Arc::new(Mutex::new(HashMap::new())),
             breakers: Breakers::default(),
+            retry,
         })
     }
 

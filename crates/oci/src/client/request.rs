@@ -13,10 +13,6 @@ use crate::reference::Repository;
 use super::status::*;
 use super::RegistryClient;
 
-pub(super) fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6)))
-}
-
 impl RegistryClient {
     /// Send a request built by `build` to `ep`, answering auth challenges
     /// and retrying transient failures. `build` is called once per attempt,
@@ -63,7 +59,7 @@ impl RegistryClient {
         let registry = ep.label().to_string();
         let host_key = Self::host_key(ep);
         let http = self.http_for(ep)?;
-        let max_attempts = self.attempts(ep);
+        let retry = self.retry_for(ep);
         // Tokens are per host: a mirror answers its own challenges.
         let scope_key = format!("{} {}", ep.host, scopes.join(" "));
         let basic_key = ep.host.clone();
@@ -88,9 +84,9 @@ impl RegistryClient {
                 None => rb.send().await,
                 Some(limit) => match tokio::time::timeout(limit, rb.send()).await {
                     Ok(r) => r,
-                    Err(_) if attempt + 1 < max_attempts => {
+                    Err(_) if retry.allows_another(attempt) => {
                         tracing::warn!(%what, host = %registry, attempt, "no answer for {:.0} s, retrying", limit.as_secs_f64());
-                        tokio::time::sleep(backoff(attempt)).await;
+                        tokio::time::sleep(retry.delay(attempt)).await;
                         attempt += 1;
                         continue;
                     }
@@ -125,11 +121,11 @@ impl RegistryClient {
                 }
                 Ok(resp)
                     if retryable_status(resp.status())
-                        && attempt + 1 < max_attempts
+                        && retry.allows_another(attempt)
                         && idempotent =>
                 {
                     tracing::warn!(%what, host = %registry, status = %resp.status(), attempt, "registry busy, retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    tokio::time::sleep(retry.delay(attempt)).await;
                     attempt += 1;
                 }
                 Ok(resp) => {
@@ -150,9 +146,9 @@ impl RegistryClient {
                     }
                     return Ok(resp);
                 }
-                Err(e) if attempt + 1 < max_attempts && (idempotent || e.is_connect()) => {
+                Err(e) if retry.allows_another(attempt) && (idempotent || e.is_connect()) => {
                     tracing::warn!(%what, host = %registry, error = %e, attempt, "request failed, retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    tokio::time::sleep(retry.delay(attempt)).await;
                     attempt += 1;
                 }
                 Err(e) => {
@@ -166,16 +162,5 @@ impl RegistryClient {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_bounded() {
-        assert!(backoff(1) > backoff(0));
-        assert!(backoff(30) <= Duration::from_millis(200 * 64));
     }
 }

@@ -120,3 +120,88 @@ async fn a_mirror_known_down_is_passed_over_without_a_connection() {
     assert!(matches!(e, Err(OciError::NotFound { .. })), "{e:?}");
     assert_eq!(drain(), 0, "the mirror known down was not asked again");
 }
+
+/// A new listener answering every request with a 503; its port and how
+/// many requests it got.
+fn answering_503() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = c.read(&mut buf) {
+                    // Requests, not reads: one read may hold more than one.
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    for _ in text.matches("HTTP/1.1\r\n") {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let answer =
+                            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+                        if c.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, asked)
+}
+
+/// A registry that stays busy is asked exactly as often as the retry
+/// policy allows (`max_attempts`, the first try included), then its
+/// status is the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_registry_is_asked_as_often_as_the_policy_allows() {
+    use std::sync::atomic::Ordering;
+    for max_attempts in [1, 3] {
+        let (port, asked) = answering_503();
+        let client = RegistryClient::new(ClientConfig {
+            max_attempts,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let r: Reference = format!("127.0.0.1:{port}/x/y:latest").parse().unwrap();
+        let e = client.get_manifest(&r).await.unwrap_err();
+        assert!(matches!(e, OciError::Status { status: 503, .. }), "{e}");
+        assert_eq!(asked.load(Ordering::SeqCst), max_attempts as usize);
+    }
+}
+
+/// A busy mirror gets the mirror's budget of tries (fewer than the
+/// registry's), then the request moves on to the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_mirror_gets_fewer_tries_than_the_registry() {
+    use std::sync::atomic::Ordering;
+    let (mirror, asked) = answering_503();
+    let upstream = answering_404();
+    let registry = format!("127.0.0.1:{upstream}");
+    let mut hosts = Hosts::default();
+    hosts
+        .add_mirror(&registry, &format!("http://127.0.0.1:{mirror}"))
+        .unwrap();
+    let client = RegistryClient::new(ClientConfig {
+        max_attempts: 5,
+        hosts,
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let repo = format!("{registry}/x/y:latest")
+        .parse::<Reference>()
+        .unwrap()
+        .repository;
+    let e = client
+        .fetch_blob(&repo, &Digest::sha256_of(b"nothing"), None, 1024)
+        .await;
+    assert!(matches!(e, Err(OciError::NotFound { .. })), "{e:?}");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        super::failover::MIRROR_ATTEMPTS as usize
+    );
+}
