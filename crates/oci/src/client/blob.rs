@@ -6,12 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{CONTENT_RANGE, RANGE};
-use reqwest::StatusCode;
+use reqwest::{Response, StatusCode};
 use tokio::sync::mpsc;
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestHasher};
 use crate::error::{OciError, Result};
-use crate::hosts::Purpose;
+use crate::hosts::{Endpoint, Purpose};
 use crate::reference::Repository;
 
 use super::failover::*;
@@ -69,15 +69,7 @@ impl RegistryClient {
                         c.get(url.clone())
                     })
                     .await?;
-                if !resp.status().is_success() {
-                    let st = resp.status();
-                    return Err(status_error(
-                        &what,
-                        ep.label(),
-                        st,
-                        Self::body_text(resp).await,
-                    ));
-                }
+                let resp = expect_status(&what, ep.label(), resp, |s| s.is_success()).await?;
                 let bytes = Self::read_limited(
                     &what,
                     ep.label(),
@@ -138,19 +130,23 @@ impl RegistryClient {
         let what = format!("blob {digest} of {repo}");
         let eps = self.endpoints(repo, Purpose::Pull)?;
         let mut host = 0usize;
-        let mut hasher = from.hasher;
-        let mut got: u64 = from.offset;
         let from_offset = from.offset;
-        if let Some(exp) = expected_size.filter(|e| got > *e) {
+        let mut dl = Download {
+            what,
+            expected_size,
+            hasher: from.hasher,
+            got: from.offset,
+            tx,
+            progress,
+        };
+        if let Some(exp) = expected_size.filter(|e| dl.got > *e) {
             return Err(OciError::SizeMismatch {
-                what,
+                what: dl.what,
                 expected: exp,
-                actual: got,
+                actual: dl.got,
             });
         }
         let stall = self.cfg.stall_timeout.max(Duration::from_millis(100));
-        // Bytes a stall window must bring for the connection to count as alive.
-        let window_min = (self.cfg.min_speed as f64 * stall.as_secs_f64()) as u64;
         let mut failures = 0u32;
         // On a fault of the current host: on to the next one (the bytes so
         // far are kept; the next host is asked for the rest), or, on the
@@ -160,7 +156,7 @@ impl RegistryClient {
                 let e = $err;
                 let ep = &eps[host];
                 if host + 1 < eps.len() && fails_over(&e) {
-                    tracing::warn!(%what, host = %ep.label(), source = %ep.source, at = got, error = %e, "host failed; resuming from the next one");
+                    tracing::warn!(what = %dl.what, host = %ep.label(), source = %ep.source, at = dl.got, error = %e, "host failed; resuming from the next one");
                     self.note_failure(ep, &e);
                     host += 1;
                     failures = 0;
@@ -170,138 +166,29 @@ impl RegistryClient {
             }};
         }
         // Nothing left to ask for when the prefix is the whole blob.
-        while expected_size != Some(got) {
+        while expected_size != Some(dl.got) {
             let ep = &eps[host];
-            if ep.mirror {
-                let mut s = self.served_by.lock().unwrap();
-                let hosts = s.entry(digest.clone()).or_default();
-                if !hosts.contains(&Self::host_key(ep)) {
-                    hosts.push(Self::host_key(ep));
-                }
-            }
-            let url = ep.url(&format!("blobs/{digest}"));
-            let scopes = [Self::pull_scope(ep)];
-            let offset = got;
-            // A registry that takes the request but never answers is a stall too.
-            let sent = self
-                .send_within(&what, repo, ep, &scopes, true, Some(stall), &|c| {
-                    let rb = c.get(url.clone());
-                    if offset > 0 {
-                        rb.header(RANGE, format!("bytes={offset}-"))
-                    } else {
-                        rb
-                    }
-                })
-                .await;
-            let resp = match sent {
-                Ok(r) => r,
+            self.note_served_by(ep, digest);
+            let (resp, skip) = match self.open_rest(&dl, repo, ep, digest, stall).await {
+                Ok(Rest::Body { resp, skip }) => (resp, skip),
+                Ok(Rest::None) => break,
                 Err(e) => next_host_or_fail!(e),
             };
-            let status = resp.status();
-            let mut skip = 0u64;
-            if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
-                let start = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|s| s.strip_prefix("bytes "))
-                    .and_then(|s| s.split('-').next())
-                    .and_then(|s| s.parse::<u64>().ok());
-                if start != Some(offset) {
-                    next_host_or_fail!(OciError::Status {
-                        what: what.clone(),
-                        registry: ep.label().to_string(),
-                        status: 206,
-                        body: format!(
-                            "asked to resume at {offset}, got range starting at {start:?}"
-                        ),
-                    });
-                }
-            } else if offset > 0
-                && expected_size.is_none()
-                && status == StatusCode::RANGE_NOT_SATISFIABLE
-            {
-                // Size unknown and the prefix was all of it: the digest decides.
-                break;
-            } else if status == StatusCode::OK {
-                // A server without Range support resends everything: drop what we have.
-                skip = offset;
-                if offset > 0 {
-                    tracing::info!(%what, offset, "server ignored Range; skipping already received bytes");
-                }
-            } else {
-                let e = status_error(&what, ep.label(), status, Self::body_text(resp).await);
-                next_host_or_fail!(e);
-            }
             // A complete response that is shorter than the descriptor says is
             // a truncated blob, not a broken connection: retrying cannot help.
             let resp_len = resp.content_length().map(|l| l.saturating_sub(skip));
-            let resp_start = got;
-            let mut body = resp.bytes_stream();
-            // Stall detection: each window of `stall` must bring `window_min`
-            // bytes (and at least one). reqwest's read timeout alone lets a
-            // server trickling a byte now and then hold a download forever.
-            let mut window_start = tokio::time::Instant::now();
-            let mut window_bytes = 0u64;
-            let outcome: std::result::Result<(), Broken> = loop {
-                let deadline = window_start + stall;
-                let next = tokio::time::timeout_at(deadline, body.next()).await;
-                match next {
-                    Ok(Some(Ok(mut chunk))) => {
-                        if skip > 0 {
-                            let n = skip.min(chunk.len() as u64) as usize;
-                            skip -= n as u64;
-                            window_bytes += n as u64;
-                            chunk = chunk.slice(n..);
-                        }
-                        if !chunk.is_empty() {
-                            got += chunk.len() as u64;
-                            window_bytes += chunk.len() as u64;
-                            if let Some(exp) = expected_size.filter(|e| got > *e) {
-                                return Err(OciError::SizeMismatch {
-                                    what,
-                                    expected: exp,
-                                    actual: got,
-                                });
-                            }
-                            hasher.update(&chunk);
-                            progress(chunk.len() as u64);
-                            // Time waiting for a slow consumer is not the registry's.
-                            let waited = tokio::time::Instant::now();
-                            if tx.send(chunk).await.is_err() {
-                                return Err(OciError::ConsumerGone { what });
-                            }
-                            window_start += waited.elapsed();
-                        }
-                    }
-                    Ok(Some(Err(e))) => break Err(Broken::Error(e.to_string())),
-                    Ok(None) => break Ok(()),
-                    Err(_elapsed) => {}
-                }
-                if tokio::time::Instant::now() >= window_start + stall {
-                    if window_bytes == 0 || window_bytes < window_min {
-                        break Err(Broken::Stalled {
-                            bytes: window_bytes,
-                            secs: stall.as_secs_f64(),
-                            min_speed: self.cfg.min_speed,
-                        });
-                    }
-                    window_start = tokio::time::Instant::now();
-                    window_bytes = 0;
-                }
-            };
-            // Dropping the body closes the connection (a stalled one included).
-            drop(body);
-            if outcome.is_err() && tx.is_closed() {
+            let resp_start = dl.got;
+            let outcome = self.receive(&mut dl, resp, skip, stall).await?;
+            if outcome.is_err() && dl.tx.is_closed() {
                 // Nobody wants the rest (a cancelled fetch): not a registry fault.
-                return Err(OciError::ConsumerGone { what });
+                return Err(OciError::ConsumerGone { what: dl.what });
             }
-            let short = expected_size.is_some_and(|e| got < e);
-            if short && outcome.is_ok() && resp_len == Some(got - resp_start) {
+            let short = expected_size.is_some_and(|e| dl.got < e);
+            if short && outcome.is_ok() && resp_len == Some(dl.got - resp_start) {
                 next_host_or_fail!(OciError::SizeMismatch {
-                    what: what.clone(),
+                    what: dl.what.clone(),
                     expected: expected_size.unwrap_or(0),
-                    actual: got,
+                    actual: dl.got,
                 });
             }
             let reason = match outcome {
@@ -311,11 +198,11 @@ impl RegistryClient {
             };
             failures += 1;
             if failures >= self.retry_for(ep).attempts() {
-                tracing::debug!(%what, got, %reason, failures, "giving up on this host");
+                tracing::debug!(what = %dl.what, got = dl.got, %reason, failures, "giving up on this host");
                 let e = OciError::Interrupted {
-                    what: what.clone(),
+                    what: dl.what.clone(),
                     registry: ep.label().to_string(),
-                    at: got,
+                    at: dl.got,
                     total: expected_size,
                     reason: reason.to_string(),
                     tries: failures,
@@ -323,32 +210,213 @@ impl RegistryClient {
                 self.gave_up(ep, &e);
                 next_host_or_fail!(e);
             }
-            tracing::warn!(%what, host = %ep.label(), at = got, %reason, "download interrupted; resuming");
+            tracing::warn!(what = %dl.what, host = %ep.label(), at = dl.got, %reason, "download interrupted; resuming");
             tokio::time::sleep(self.retry_for(ep).delay(failures - 1)).await;
         }
-        let actual = hasher.finish();
-        // Verified whatever host served it; the bytes went to the consumer
-        // already, so a bad blob is an error here, not a reason to fail over.
-        if &actual != digest {
-            return Err(OciError::DigestMismatch {
-                what,
-                expected: digest.clone(),
-                actual,
-            });
-        }
-        if let Some(exp) = expected_size {
-            if got != exp {
-                return Err(OciError::SizeMismatch {
-                    what,
-                    expected: exp,
-                    actual: got,
-                });
-            }
-        }
+        let got = dl.verify(digest)?;
         // Verified: whoever served it served it right.
         self.served_by.lock().unwrap().remove(digest);
         tracing::info!(blob = %digest, host = %eps[host].label(), bytes = got - from_offset, "blob served");
         Ok(got)
+    }
+
+    /// Remember that mirror `ep` sends bytes of `digest` (see
+    /// [`RegistryClient::distrust`]).
+    fn note_served_by(&self, ep: &Endpoint, digest: &Digest) {
+        if ep.mirror {
+            let mut s = self.served_by.lock().unwrap();
+            let hosts = s.entry(digest.clone()).or_default();
+            if !hosts.contains(&Self::host_key(ep)) {
+                hosts.push(Self::host_key(ep));
+            }
+        }
+    }
+
+    /// Ask `ep` for the blob from byte `dl.got` on (with Range past byte 0)
+    /// and check that the answer is that rest, or the whole blob (then
+    /// `skip` is what the consumer has already).
+    async fn open_rest(
+        &self,
+        dl: &Download<'_>,
+        repo: &Repository,
+        ep: &Endpoint,
+        digest: &Digest,
+        stall: Duration,
+    ) -> Result<Rest> {
+        let what = &dl.what;
+        let url = ep.url(&format!("blobs/{digest}"));
+        let scopes = [Self::pull_scope(ep)];
+        let offset = dl.got;
+        // A registry that takes the request but never answers is a stall too.
+        let resp = self
+            .send_within(what, repo, ep, &scopes, true, Some(stall), &|c| {
+                let rb = c.get(url.clone());
+                if offset > 0 {
+                    rb.header(RANGE, format!("bytes={offset}-"))
+                } else {
+                    rb
+                }
+            })
+            .await?;
+        let status = resp.status();
+        let mut skip = 0u64;
+        if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
+            let start = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.strip_prefix("bytes "))
+                .and_then(|s| s.split('-').next())
+                .and_then(|s| s.parse::<u64>().ok());
+            if start != Some(offset) {
+                return Err(OciError::Status {
+                    what: what.clone(),
+                    registry: ep.label().to_string(),
+                    status: 206,
+                    body: format!("asked to resume at {offset}, got range starting at {start:?}"),
+                });
+            }
+        } else if offset > 0
+            && dl.expected_size.is_none()
+            && status == StatusCode::RANGE_NOT_SATISFIABLE
+        {
+            // Size unknown and the prefix was all of it: the digest decides.
+            return Ok(Rest::None);
+        } else if status == StatusCode::OK {
+            // A server without Range support resends everything: drop what we have.
+            skip = offset;
+            if offset > 0 {
+                tracing::info!(%what, offset, "server ignored Range; skipping already received bytes");
+            }
+        } else {
+            return Err(status_failure(what, ep.label(), resp).await);
+        }
+        Ok(Rest::Body { resp, skip })
+    }
+
+    /// Pass `resp`'s body on to the consumer (its first `skip` bytes
+    /// dropped) until it ends, breaks or stalls: `Ok(Err(why))` when it
+    /// ended before the blob may have; `Err` when the download must stop
+    /// (too many bytes, the consumer gone).
+    async fn receive(
+        &self,
+        dl: &mut Download<'_>,
+        resp: Response,
+        mut skip: u64,
+        stall: Duration,
+    ) -> Result<std::result::Result<(), Broken>> {
+        // Bytes a stall window must bring for the connection to count as alive.
+        let window_min = (self.cfg.min_speed as f64 * stall.as_secs_f64()) as u64;
+        let mut body = resp.bytes_stream();
+        // Stall detection: each window of `stall` must bring `window_min`
+        // bytes (and at least one). reqwest's read timeout alone lets a
+        // server trickling a byte now and then hold a download forever.
+        let mut window_start = tokio::time::Instant::now();
+        let mut window_bytes = 0u64;
+        let outcome: std::result::Result<(), Broken> = loop {
+            let deadline = window_start + stall;
+            let next = tokio::time::timeout_at(deadline, body.next()).await;
+            match next {
+                Ok(Some(Ok(mut chunk))) => {
+                    if skip > 0 {
+                        let n = skip.min(chunk.len() as u64) as usize;
+                        skip -= n as u64;
+                        window_bytes += n as u64;
+                        chunk = chunk.slice(n..);
+                    }
+                    if !chunk.is_empty() {
+                        window_bytes += chunk.len() as u64;
+                        // Time waiting for a slow consumer is not the registry's.
+                        let waited = dl.pass_on(chunk).await?;
+                        window_start += waited;
+                    }
+                }
+                Ok(Some(Err(e))) => break Err(Broken::Error(e.to_string())),
+                Ok(None) => break Ok(()),
+                Err(_elapsed) => {}
+            }
+            if tokio::time::Instant::now() >= window_start + stall {
+                if window_bytes == 0 || window_bytes < window_min {
+                    break Err(Broken::Stalled {
+                        bytes: window_bytes,
+                        secs: stall.as_secs_f64(),
+                        min_speed: self.cfg.min_speed,
+                    });
+                }
+                window_start = tokio::time::Instant::now();
+                window_bytes = 0;
+            }
+        };
+        // Dropping the body closes the connection (a stalled one included).
+        drop(body);
+        Ok(outcome)
+    }
+}
+
+/// What a host answered to a request for the rest of a blob.
+enum Rest {
+    /// A body to read, whose first `skip` bytes the consumer has already.
+    Body { resp: Response, skip: u64 },
+    /// Nothing more (the size was unknown and the prefix was all of it).
+    None,
+}
+
+/// A blob download in progress: the bytes passed on to the consumer so far.
+struct Download<'a> {
+    what: String,
+    expected_size: Option<u64>,
+    /// Fed every byte of the blob up to `got`.
+    hasher: DigestHasher,
+    got: u64,
+    tx: mpsc::Sender<Bytes>,
+    progress: &'a (dyn Fn(u64) + Send + Sync),
+}
+
+impl Download<'_> {
+    /// Hash, count and send the next bytes of the blob; how long sending
+    /// waited for the consumer.
+    async fn pass_on(&mut self, chunk: Bytes) -> Result<Duration> {
+        self.got += chunk.len() as u64;
+        if let Some(exp) = self.expected_size.filter(|e| self.got > *e) {
+            return Err(OciError::SizeMismatch {
+                what: self.what.clone(),
+                expected: exp,
+                actual: self.got,
+            });
+        }
+        self.hasher.update(&chunk);
+        (self.progress)(chunk.len() as u64);
+        let waited = tokio::time::Instant::now();
+        if self.tx.send(chunk).await.is_err() {
+            return Err(OciError::ConsumerGone {
+                what: self.what.clone(),
+            });
+        }
+        Ok(waited.elapsed())
+    }
+
+    /// The whole blob's digest and size checked; its size.
+    fn verify(self, digest: &Digest) -> Result<u64> {
+        let actual = self.hasher.finish();
+        // Verified whatever host served it; the bytes went to the consumer
+        // already, so a bad blob is an error here, not a reason to fail over.
+        if &actual != digest {
+            return Err(OciError::DigestMismatch {
+                what: self.what,
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        if let Some(exp) = self.expected_size {
+            if self.got != exp {
+                return Err(OciError::SizeMismatch {
+                    what: self.what,
+                    expected: exp,
+                    actual: self.got,
+                });
+            }
+        }
+        Ok(self.got)
     }
 }
 

@@ -97,14 +97,7 @@ impl RegistryClient {
         match resp.status() {
             StatusCode::CREATED => return Ok(PushOutcome::Mounted),
             StatusCode::ACCEPTED => {}
-            s => {
-                return Err(status_error(
-                    &what,
-                    &repo.registry,
-                    s,
-                    Self::body_text(resp).await,
-                ))
-            }
+            _ => return Err(status_failure(&what, &repo.registry, resp).await),
         }
         let mut location = Self::resolve_location(repo, &ep, &what, &resp)?;
         let chunk = self.cfg.upload_chunk_size.filter(|c| *c > 0 && size > *c);
@@ -123,15 +116,9 @@ impl RegistryClient {
                             .body(data.clone())
                     })
                     .await?;
-                if resp.status() != StatusCode::ACCEPTED {
-                    let s = resp.status();
-                    return Err(status_error(
-                        &what,
-                        &repo.registry,
-                        s,
-                        Self::body_text(resp).await,
-                    ));
-                }
+                let resp =
+                    expect_status(&what, &repo.registry, resp, |s| s == StatusCode::ACCEPTED)
+                        .await?;
                 location = Self::resolve_location(repo, &ep, &what, &resp)?;
                 offset += n;
             }
@@ -196,15 +183,8 @@ impl RegistryClient {
                     .body(bytes.clone())
             })
             .await?;
-        if resp.status() != StatusCode::CREATED && !resp.status().is_success() {
-            let s = resp.status();
-            return Err(status_error(
-                &what,
-                &repo.registry,
-                s,
-                Self::body_text(resp).await,
-            ));
-        }
+        // 201 Created is the usual answer; any success will do.
+        expect_status(&what, &repo.registry, resp, |s| s.is_success()).await?;
         Ok(digest)
     }
 }
@@ -214,20 +194,14 @@ pub(super) async fn finish_upload(
     repo: &Repository,
     resp: Response,
 ) -> Result<PushOutcome> {
-    if resp.status() == StatusCode::CREATED
-        || resp.status() == StatusCode::ACCEPTED
-        || resp.status() == StatusCode::OK
-    {
-        Ok(PushOutcome::Uploaded)
-    } else {
-        let s = resp.status();
-        Err(status_error(
-            what,
-            &repo.registry,
+    let done = |s| {
+        matches!(
             s,
-            RegistryClient::body_text(resp).await,
-        ))
-    }
+            StatusCode::CREATED | StatusCode::ACCEPTED | StatusCode::OK
+        )
+    };
+    expect_status(what, &repo.registry, resp, done).await?;
+    Ok(PushOutcome::Uploaded)
 }
 
 pub(super) fn read_source(what: &str, src: &BlobSource, offset: u64, len: u64) -> Result<Bytes> {

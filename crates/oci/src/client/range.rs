@@ -113,12 +113,7 @@ impl RegistryClient {
                 let len = resp.content_length();
                 Ok((false, len, resp))
             }
-            st => Err(status_error(
-                what,
-                ep.label(),
-                st,
-                Self::body_text(resp).await,
-            )),
+            _ => Err(status_failure(what, ep.label(), resp).await),
         }
     }
 

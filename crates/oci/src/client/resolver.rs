@@ -51,15 +51,7 @@ impl RegistryClient {
                 c.get(url.clone()).header(ACCEPT, MANIFEST_ACCEPT)
             })
             .await?;
-        if !resp.status().is_success() {
-            let st = resp.status();
-            return Err(status_error(
-                &what,
-                ep.label(),
-                st,
-                Self::body_text(resp).await,
-            ));
-        }
+        let resp = expect_status(&what, ep.label(), resp, |s| s.is_success()).await?;
         let media_type = resp
             .headers()
             .get(CONTENT_TYPE)

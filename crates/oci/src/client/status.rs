@@ -39,6 +39,32 @@ pub(super) fn status_error(
     }
 }
 
+/// The error for `resp`'s status (not one the caller accepts), with the
+/// start of its body.
+pub(super) async fn status_failure(what: &str, registry: &str, resp: Response) -> OciError {
+    let status = resp.status();
+    status_error(
+        what,
+        registry,
+        status,
+        RegistryClient::body_text(resp).await,
+    )
+}
+
+/// `resp` when `accepted` takes its status, else the error for it.
+pub(super) async fn expect_status(
+    what: &str,
+    registry: &str,
+    resp: Response,
+    accepted: impl Fn(StatusCode) -> bool,
+) -> Result<Response> {
+    if accepted(resp.status()) {
+        Ok(resp)
+    } else {
+        Err(status_failure(what, registry, resp).await)
+    }
+}
+
 /// Most of an error body that is read: enough for a registry's JSON error,
 /// while an endless body (hostile or broken server) cannot fill memory.
 pub(super) const MAX_ERROR_BODY: usize = 16 * 1024;
