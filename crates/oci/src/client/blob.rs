@@ -10,13 +10,13 @@ use reqwest::{Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::digest::{Digest, DigestHasher};
-use crate::error::{OciError, Result};
+use crate::error::{ByteSize, OciError, Result};
 use crate::hosts::{Endpoint, Purpose};
 use crate::reference::Repository;
 
 use super::failover::*;
 use super::status::*;
-use super::{human_bytes, BlobResume, RegistryClient};
+use super::{BlobResume, RegistryClient};
 
 /// Why one response of a blob download ended before the blob did.
 pub(super) enum Broken {
@@ -41,8 +41,8 @@ impl std::fmt::Display for Broken {
             } => write!(
                 f,
                 "only {} in {secs:.0} s, below {}/s",
-                human_bytes(*bytes),
-                human_bytes(*min_speed)
+                ByteSize(*bytes),
+                ByteSize(*min_speed)
             ),
             Broken::EndedEarly => write!(f, "response ended early"),
         }
