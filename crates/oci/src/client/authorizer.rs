@@ -12,7 +12,7 @@ use crate::reference::Repository;
 use super::RegistryClient;
 
 /// A bearer token response is a small JSON object; refuse anything larger.
-pub(super) const MAX_TOKEN_BYTES: u64 = 1 << 20;
+const MAX_TOKEN_BYTES: u64 = 1 << 20;
 
 impl RegistryClient {
     /// The token scope for pulls of the repository as `ep` names it.

@@ -14,12 +14,12 @@ use crate::error::{ByteSize, OciError, Result};
 use crate::hosts::{Endpoint, Purpose};
 use crate::reference::Repository;
 
-use super::failover::*;
-use super::status::*;
+use super::failover::fails_over;
+use super::status::{expect_status, status_failure};
 use super::{BlobResume, RegistryClient};
 
 /// Why one response of a blob download ended before the blob did.
-pub(super) enum Broken {
+enum Broken {
     Error(String),
     Stalled {
         bytes: u64,

@@ -13,7 +13,7 @@ use crate::retry::RetryPolicy;
 use super::RegistryClient;
 
 /// How long a host that failed is tried after the others.
-pub(super) const FAILED_HOST_PENALTY: Duration = Duration::from_secs(30);
+const FAILED_HOST_PENALTY: Duration = Duration::from_secs(30);
 /// Attempts per request on a mirror before moving on to the next host (the
 /// upstream registry gets `max_attempts`): a mirror that fails twice is not
 /// waited for.
@@ -36,7 +36,7 @@ pub(super) fn fails_over(e: &OciError) -> bool {
 }
 
 /// Whether an error says the host is down (rather than missing one item).
-pub(super) fn host_is_down(e: &OciError) -> bool {
+fn host_is_down(e: &OciError) -> bool {
     match e {
         OciError::Http { .. } | OciError::NoAnswer { .. } | OciError::Interrupted { .. } => true,
         OciError::Status { status, .. } => *status >= 500,

@@ -2,6 +2,14 @@
 //! resumable), pushes (monolithic, chunked, cross-repository mount) and the
 //! token/basic auth dance. Plain HTTP is used for loopback hosts and hosts the
 //! user names as insecure; TLS (rustls) everywhere else.
+//!
+//! One file per concept: `tls` (the HTTP clients per TLS settings),
+//! `failover` (which hosts, in what order, what a failure does to them),
+//! `request` (one request to one host: auth, retries), `authorizer` (the
+//! 401 answer and the token flow), `status` (reading answers and their
+//! errors), `resolver` (manifests), `blob` (whole blobs), `range` and
+//! `resuming_body` (byte ranges), `push`. The retry policy is
+//! [`crate::retry`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;

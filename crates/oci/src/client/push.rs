@@ -10,7 +10,7 @@ use crate::error::{OciError, Result};
 use crate::hosts::Endpoint;
 use crate::reference::{Reference, Repository};
 
-use super::status::*;
+use super::status::{expect_status, status_error, status_failure};
 use super::{BlobSource, PushOutcome, RegistryClient};
 
 impl RegistryClient {
@@ -189,11 +189,7 @@ impl RegistryClient {
     }
 }
 
-pub(super) async fn finish_upload(
-    what: &str,
-    repo: &Repository,
-    resp: Response,
-) -> Result<PushOutcome> {
+async fn finish_upload(what: &str, repo: &Repository, resp: Response) -> Result<PushOutcome> {
     let done = |s| {
         matches!(
             s,
@@ -204,7 +200,7 @@ pub(super) async fn finish_upload(
     Ok(PushOutcome::Uploaded)
 }
 
-pub(super) fn read_source(what: &str, src: &BlobSource, offset: u64, len: u64) -> Result<Bytes> {
+fn read_source(what: &str, src: &BlobSource, offset: u64, len: u64) -> Result<Bytes> {
     match src {
         BlobSource::Bytes(b) => Ok(b.slice(offset as usize..(offset + len) as usize)),
         BlobSource::File(p) => {

@@ -10,9 +10,9 @@ use crate::error::{OciError, Result};
 use crate::hosts::{Endpoint, Purpose};
 use crate::reference::Repository;
 
-use super::failover::*;
-use super::resuming_body::*;
-use super::status::*;
+use super::failover::fails_over;
+use super::resuming_body::ResumingBody;
+use super::status::status_failure;
 use super::{BodyStream, RegistryClient};
 
 impl RegistryClient {

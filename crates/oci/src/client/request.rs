@@ -10,7 +10,7 @@ use crate::error::{OciError, Result};
 use crate::hosts::Endpoint;
 use crate::reference::Repository;
 
-use super::status::*;
+use super::status::retryable_status;
 use super::RegistryClient;
 
 impl RegistryClient {

@@ -14,7 +14,7 @@ use crate::manifest::{
 };
 use crate::reference::{Reference, Repository};
 
-use super::status::*;
+use super::status::{expect_status, status_error};
 use super::RegistryClient;
 
 impl RegistryClient {

@@ -29,7 +29,7 @@ pub(super) struct ResumingBody {
     pub(super) body: Option<RawBody>,
 }
 
-pub(super) type RawBody =
+type RawBody =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send + 'static>>;
 
 impl ResumingBody {

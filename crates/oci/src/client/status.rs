@@ -67,16 +67,16 @@ pub(super) async fn expect_status(
 
 /// Most of an error body that is read: enough for a registry's JSON error,
 /// while an endless body (hostile or broken server) cannot fill memory.
-pub(super) const MAX_ERROR_BODY: usize = 16 * 1024;
+const MAX_ERROR_BODY: usize = 16 * 1024;
 /// How much of an error body goes into the message.
-pub(super) const SHOWN_ERROR_BODY: usize = 300;
+const SHOWN_ERROR_BODY: usize = 300;
 /// Longest time spent reading an error body: one trickling byte by byte
 /// must not hold the error back.
-pub(super) const ERROR_BODY_TIME: Duration = Duration::from_secs(5);
+const ERROR_BODY_TIME: Duration = Duration::from_secs(5);
 
 /// An error body as shown in a message: its first characters, and a note
 /// when it was longer or was cut off while reading.
-pub(super) fn shown_body(body: &[u8], cut: bool) -> String {
+fn shown_body(body: &[u8], cut: bool) -> String {
     let text = String::from_utf8_lossy(body);
     let mut shown: String = text.chars().take(SHOWN_ERROR_BODY).collect();
     if cut {
@@ -177,6 +177,64 @@ mod tests {
         assert!(
             s.ends_with("(body cut: read only its first 1000 bytes)"),
             "{s}"
+        );
+    }
+
+    /// A registry's answer with `status` and `body`, built in memory.
+    fn answer(status: u16, body: &'static str) -> Response {
+        Response::from(http::Response::builder().status(status).body(body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_accepted_answer_is_handed_back() {
+        let resp = expect_status("manifest of r/x", "reg", answer(201, "{}"), |s| {
+            s.is_success()
+        })
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
+
+    #[tokio::test]
+    async fn a_refused_answer_becomes_the_error_for_its_status() {
+        let only_202 = |s| s == StatusCode::ACCEPTED;
+        let e = expect_status("push of r/x", "reg", answer(200, ""), only_202)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, OciError::Status { status: 200, .. }), "{e}");
+
+        let e = status_failure("blob b of r/x", "reg", answer(404, "gone")).await;
+        assert!(
+            matches!(&e, OciError::NotFound { status: 404, registry, .. } if registry == "reg"),
+            "{e}"
+        );
+        for code in [401, 403] {
+            let e = status_failure("blob b of r/x", "reg", answer(code, "")).await;
+            assert!(
+                matches!(e, OciError::Unauthorized { status, .. } if status == code),
+                "{e}"
+            );
+        }
+        let e = status_failure("blob b of r/x", "reg", answer(500, "{\"errors\":[]}")).await;
+        assert_eq!(
+            e.to_string(),
+            "blob b of r/x: registry reg answered 500: {\"errors\":[]}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_only_up_to_the_limit() {
+        let huge: &'static str = "y".repeat(MAX_ERROR_BODY * 3).leak();
+        let e = status_failure("manifest of r/x", "reg", answer(502, huge)).await;
+        let OciError::Status { body, .. } = e else {
+            panic!("{e}")
+        };
+        assert!(body.starts_with(&"y".repeat(SHOWN_ERROR_BODY)), "{body}");
+        assert!(
+            body.ends_with(&format!(
+                "(body cut: read only its first {MAX_ERROR_BODY} bytes)"
+            )),
+            "{body}"
         );
     }
 }

@@ -13,7 +13,7 @@ use super::{ClientConfig, RegistryClient};
 pub(super) type TlsKey = (bool, Vec<PathBuf>);
 
 /// How long an idle pooled connection to a registry is kept.
-pub(super) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl RegistryClient {
     pub(super) fn builder(cfg: &ClientConfig) -> reqwest::ClientBuilder {
