@@ -451,4 +451,100 @@ mod tests {
             "registry 127.0.0.1:5000 stopped sending blob sha256:ab of r/x at 7.7 MB of 25.0 MB (no data for 10 s); tried 5 times"
         );
     }
+
+    /// A download of `blob` (expected `size`) whose consumer is `tx`.
+    fn download<'a>(
+        blob: &[u8],
+        size: Option<u64>,
+        tx: mpsc::Sender<Bytes>,
+        progress: &'a (dyn Fn(u64) + Send + Sync),
+    ) -> Download<'a> {
+        Download {
+            what: "blob b of r/x".into(),
+            expected_size: size,
+            hasher: Digest::sha256_of(blob).hasher(),
+            got: 0,
+            tx,
+            progress,
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_passed_on_are_counted_sent_and_verified_whole() {
+        let blob = b"hello, lazy world";
+        let seen = std::sync::atomic::AtomicU64::new(0);
+        let progress = |n| {
+            seen.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        };
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut dl = download(blob, Some(blob.len() as u64), tx, &progress);
+        dl.pass_on(Bytes::from_static(&blob[..5])).await.unwrap();
+        dl.pass_on(Bytes::from_static(&blob[5..])).await.unwrap();
+        assert_eq!(
+            dl.verify(&Digest::sha256_of(blob)).unwrap(),
+            blob.len() as u64
+        );
+        assert_eq!(seen.into_inner(), blob.len() as u64);
+        let mut received = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            received.extend_from_slice(&c);
+        }
+        assert_eq!(received, blob);
+    }
+
+    #[tokio::test]
+    async fn a_blob_with_other_bytes_or_size_is_refused_at_the_end() {
+        let (tx, _rx) = mpsc::channel(4);
+        let mut dl = download(b"good", None, tx, &|_| {});
+        dl.pass_on(Bytes::from_static(b"evil")).await.unwrap();
+        let e = dl.verify(&Digest::sha256_of(b"good")).unwrap_err();
+        assert!(matches!(e, OciError::DigestMismatch { .. }), "{e}");
+
+        let (tx, _rx) = mpsc::channel(4);
+        let mut dl = download(b"abc", Some(4), tx, &|_| {});
+        dl.pass_on(Bytes::from_static(b"abc")).await.unwrap();
+        let e = dl.verify(&Digest::sha256_of(b"abc")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OciError::SizeMismatch {
+                    expected: 4,
+                    actual: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn more_bytes_than_the_descriptor_says_stop_the_download_unsent() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut dl = download(b"abc", Some(3), tx, &|_| {});
+        let e = dl.pass_on(Bytes::from_static(b"abcd")).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OciError::SizeMismatch {
+                    expected: 3,
+                    actual: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing past the size reaches the consumer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_consumer_gone_stops_the_download() {
+        let (tx, rx) = mpsc::channel(4);
+        drop(rx);
+        let mut dl = download(b"abc", None, tx, &|_| {});
+        let e = dl.pass_on(Bytes::from_static(b"a")).await.unwrap_err();
+        assert!(matches!(e, OciError::ConsumerGone { .. }), "{e}");
+    }
 }
