@@ -14,7 +14,64 @@ use super::RegistryClient;
 /// A bearer token response is a small JSON object; refuse anything larger.
 const MAX_TOKEN_BYTES: u64 = 1 << 20;
 
+/// Where the Authorization header values for one request are kept. Per
+/// host: a mirror answers its own challenges.
+pub(super) struct AuthKeys {
+    /// Bearer tokens: by host and scopes.
+    scoped: String,
+    /// Basic credentials: by host.
+    host: String,
+}
+
+impl AuthKeys {
+    pub(super) fn new(ep: &Endpoint, scopes: &[String]) -> AuthKeys {
+        AuthKeys {
+            scoped: format!("{} {}", ep.host, scopes.join(" ")),
+            host: ep.host.clone(),
+        }
+    }
+}
+
 impl RegistryClient {
+    /// The Authorization header value known for a request, if any.
+    pub(super) fn cached_authorization(&self, keys: &AuthKeys) -> Option<String> {
+        let t = self.tokens.lock().unwrap();
+        t.get(&keys.scoped).or_else(|| t.get(&keys.host)).cloned()
+    }
+
+    /// Keep `header` (from [`RegistryClient::authenticate`]) for the next
+    /// requests: a token for these scopes, Basic for the whole host.
+    pub(super) fn remember_authorization(&self, keys: &AuthKeys, header: String) {
+        let key = if header.starts_with("Basic ") {
+            keys.host.clone()
+        } else {
+            keys.scoped.clone()
+        };
+        self.tokens.lock().unwrap().insert(key, header);
+    }
+
+    /// The error for a request refused (401 after authenticating, or 403),
+    /// with a hint on the credentials.
+    pub(super) fn refused(
+        &self,
+        what: &str,
+        repo: &Repository,
+        ep: &Endpoint,
+        status: reqwest::StatusCode,
+    ) -> OciError {
+        let hint = if self.credential(repo, ep).is_none() {
+            format!("; no credentials for {} in the auth files", ep.label())
+        } else {
+            "; the credentials in the auth files were refused".to_string()
+        };
+        OciError::Unauthorized {
+            what: what.into(),
+            registry: ep.label().to_string(),
+            status: status.as_u16(),
+            hint,
+        }
+    }
+
     /// The token scope for pulls of the repository as `ep` names it.
     pub(super) fn pull_scope(ep: &Endpoint) -> String {
         format!("repository:{}:pull", ep.name)
@@ -121,5 +178,68 @@ impl RegistryClient {
             }
             other => Err(auth_err(format!("unsupported auth scheme {other:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hosts::Purpose;
+    use crate::ClientConfig;
+
+    fn endpoint(registry: &str) -> Endpoint {
+        let repo = Repository {
+            registry: registry.into(),
+            name: "team/app".into(),
+        };
+        let client = RegistryClient::new(ClientConfig::default()).unwrap();
+        client.endpoints(&repo, Purpose::Pull).unwrap().remove(0)
+    }
+
+    #[test]
+    fn a_token_serves_its_scopes_on_its_host_only() {
+        let client = RegistryClient::new(ClientConfig::default()).unwrap();
+        let a = endpoint("a.example");
+        let pull = [RegistryClient::pull_scope(&a)];
+        let push = [RegistryClient::push_scope(&a)];
+        client.remember_authorization(&AuthKeys::new(&a, &pull), "Bearer t1".into());
+        let cached = |ep: &Endpoint, scopes: &[String]| {
+            client.cached_authorization(&AuthKeys::new(ep, scopes))
+        };
+        assert_eq!(cached(&a, &pull).as_deref(), Some("Bearer t1"));
+        assert_eq!(cached(&a, &push), None);
+        assert_eq!(cached(&endpoint("b.example"), &pull), None);
+    }
+
+    #[test]
+    fn basic_credentials_serve_every_scope_of_their_host() {
+        let client = RegistryClient::new(ClientConfig::default()).unwrap();
+        let a = endpoint("a.example");
+        let pull = [RegistryClient::pull_scope(&a)];
+        let push = [RegistryClient::push_scope(&a)];
+        client.remember_authorization(&AuthKeys::new(&a, &pull), "Basic dTpw".into());
+        let cached = |ep: &Endpoint, scopes: &[String]| {
+            client.cached_authorization(&AuthKeys::new(ep, scopes))
+        };
+        assert_eq!(cached(&a, &push).as_deref(), Some("Basic dTpw"));
+        assert_eq!(cached(&endpoint("b.example"), &push), None);
+        // A token for the exact scopes is preferred to the host's Basic.
+        client.remember_authorization(&AuthKeys::new(&a, &push), "Bearer t2".into());
+        assert_eq!(cached(&a, &push).as_deref(), Some("Bearer t2"));
+    }
+
+    #[test]
+    fn a_refusal_says_whether_credentials_were_there() {
+        let ep = endpoint("a.example");
+        let repo = Repository {
+            registry: "a.example".into(),
+            name: "team/app".into(),
+        };
+        let client = RegistryClient::new(ClientConfig::default()).unwrap();
+        let e = client.refused("manifest", &repo, &ep, reqwest::StatusCode::FORBIDDEN);
+        assert_eq!(
+            e.to_string(),
+            "manifest: access denied by a.example (403); no credentials for a.example in the auth files"
+        );
     }
 }

@@ -10,6 +10,7 @@ use crate::error::{OciError, Result};
 use crate::hosts::Endpoint;
 use crate::reference::Repository;
 
+use super::authorizer::AuthKeys;
 use super::status::retryable_status;
 use super::RegistryClient;
 
@@ -60,19 +61,14 @@ impl RegistryClient {
         let host_key = Self::host_key(ep);
         let http = self.http_for(ep)?;
         let retry = self.retry_for(ep);
-        // Tokens are per host: a mirror answers its own challenges.
-        let scope_key = format!("{} {}", ep.host, scopes.join(" "));
-        let basic_key = ep.host.clone();
+        let keys = AuthKeys::new(ep, scopes);
         let mut authed = false;
         let mut attempt = 0;
         loop {
             // A host known to be down (given up on by this request or another
             // meanwhile) costs nothing but this error.
             self.breakers.admit(&host_key, what, &registry)?;
-            let cached = {
-                let t = self.tokens.lock().unwrap();
-                t.get(&scope_key).or_else(|| t.get(&basic_key)).cloned()
-            };
+            let cached = self.cached_authorization(&keys);
             let mut rb = build(&http);
             for (k, v) in &ep.headers {
                 rb = rb.header(k.as_str(), v.as_str());
@@ -112,12 +108,7 @@ impl RegistryClient {
                     let header = self
                         .authenticate(what, repo, ep, &http, scopes, resp.headers())
                         .await?;
-                    let key = if header.starts_with("Basic ") {
-                        basic_key.clone()
-                    } else {
-                        scope_key.clone()
-                    };
-                    self.tokens.lock().unwrap().insert(key, header);
+                    self.remember_authorization(&keys, header);
                 }
                 Ok(resp)
                     if retryable_status(resp.status())
@@ -132,17 +123,7 @@ impl RegistryClient {
                     if resp.status() == StatusCode::UNAUTHORIZED
                         || resp.status() == StatusCode::FORBIDDEN
                     {
-                        let hint = if self.credential(repo, ep).is_none() {
-                            format!("; no credentials for {} in the auth files", ep.label())
-                        } else {
-                            "; the credentials in the auth files were refused".to_string()
-                        };
-                        return Err(OciError::Unauthorized {
-                            what: what.into(),
-                            registry,
-                            status: resp.status().as_u16(),
-                            hint,
-                        });
+                        return Err(self.refused(what, repo, ep, resp.status()));
                     }
                     return Ok(resp);
                 }
