@@ -91,17 +91,9 @@ impl RegistryClient {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
-                let bounds = cr
-                    .strip_prefix("bytes ")
-                    .and_then(|r| r.split('/').next())
-                    .and_then(|r| r.split_once('-'))
-                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
-                match bounds {
-                    // `b < u64::MAX`: one past it must not overflow (issue #19).
-                    Some((a, b)) if a == from && b >= a && b < u64::MAX => {
-                        Ok((true, Some(b + 1), resp))
-                    }
-                    _ => Err(OciError::Status {
+                match range_end(&cr, from) {
+                    Some(end) => Ok((true, Some(end), resp)),
+                    None => Err(OciError::Status {
                         what: what.into(),
                         registry: ep.label().into(),
                         status: 206,
@@ -237,5 +229,52 @@ impl RegistryClient {
             });
         }
         Ok(Some(Bytes::from(out)))
+    }
+}
+
+/// One past the last byte of a 206's `Content-Range` (`bytes a-b/total`)
+/// when it starts at `from`; `None` for any other or a malformed one.
+fn range_end(content_range: &str, from: u64) -> Option<u64> {
+    let (a, b) = content_range
+        .strip_prefix("bytes ")
+        .and_then(|r| r.split('/').next())
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))?;
+    // `b < u64::MAX`: one past it must not overflow (issue #19).
+    (a == from && b >= a && b < u64::MAX).then(|| b + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_content_range_must_start_where_asked() {
+        assert_eq!(range_end("bytes 100-199/1000", 100), Some(200));
+        assert_eq!(range_end("bytes 100-199/*", 100), Some(200));
+        assert_eq!(range_end("bytes 0-0/1", 0), Some(1));
+        assert_eq!(range_end("bytes 0-199/1000", 100), None, "another start");
+        assert_eq!(
+            range_end("bytes 100-99/1000", 100),
+            None,
+            "end before start"
+        );
+    }
+
+    #[test]
+    fn a_malformed_or_overflowing_content_range_is_refused() {
+        for cr in [
+            "",
+            "bytes",
+            "bytes 100-",
+            "bytes -199/1000",
+            "items 100-199/1000",
+            "bytes x-y/z",
+        ] {
+            assert_eq!(range_end(cr, 100), None, "{cr:?}");
+        }
+        let max = u64::MAX;
+        assert_eq!(range_end(&format!("bytes 5-{max}/*"), 5), None);
+        assert_eq!(range_end(&format!("bytes 5-{}/*", max - 1), 5), Some(max));
     }
 }
