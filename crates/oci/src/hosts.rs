@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use toml_edit::{Item, Table, TableLike, Value};
+use toml::{Table, Value};
 
 use crate::error::{OciError, Result};
 use crate::reference::{Repository, DEFAULT_REGISTRY};
@@ -255,18 +255,32 @@ fn api_path(url_path: &str, override_path: bool) -> String {
     }
 }
 
-fn item_str<'a>(file: &Path, key: &str, item: &'a Item) -> Result<&'a str> {
+/// A whole file as a TOML table. The parser bounds its nesting (a deeply
+/// nested value is an error, not a stack overflow) and says where a
+/// mistake is (line and column).
+fn parse_toml(file: &Path, text: &str) -> Result<Table> {
+    text.parse::<Table>()
+        .map_err(|e| config_err(file, format!("not valid TOML: {e}")))
+}
+
+/// The tables of an array of tables (`[[name]]`, or an inline array of
+/// inline tables, which is the same value to TOML).
+fn tables(item: &Value) -> Option<Vec<&Table>> {
+    item.as_array()?.iter().map(Value::as_table).collect()
+}
+
+fn item_str<'a>(file: &Path, key: &str, item: &'a Value) -> Result<&'a str> {
     item.as_str()
         .ok_or_else(|| config_err(file, format!("{key} must be a string")))
 }
 
-fn item_bool(file: &Path, key: &str, item: &Item) -> Result<bool> {
+fn item_bool(file: &Path, key: &str, item: &Value) -> Result<bool> {
     item.as_bool()
         .ok_or_else(|| config_err(file, format!("{key} must be true or false")))
 }
 
 /// A string or an array of strings.
-fn item_strings(file: &Path, key: &str, item: &Item) -> Result<Vec<String>> {
+fn item_strings(file: &Path, key: &str, item: &Value) -> Result<Vec<String>> {
     if let Some(s) = item.as_str() {
         return Ok(vec![s.to_string()]);
     }
@@ -294,7 +308,7 @@ struct HostSettings {
 fn parse_host_settings(
     file: &Path,
     dir: &Path,
-    table: &dyn TableLike,
+    table: &Table,
     context: &str,
     top_level: bool,
 ) -> Result<HostSettings> {
@@ -305,9 +319,9 @@ fn parse_host_settings(
         headers: Vec::new(),
         override_path: false,
     };
-    for (key, item) in table.iter() {
+    for (key, item) in table {
         let name = format!("{context}{key}");
-        match key {
+        match key.as_str() {
             "capabilities" => {
                 let mut caps = Capabilities {
                     pull: false,
@@ -344,9 +358,9 @@ fn parse_host_settings(
             }
             "header" => {
                 let t = item
-                    .as_table_like()
+                    .as_table()
                     .ok_or_else(|| config_err(file, format!("{name} must be a table")))?;
-                for (h, v) in t.iter() {
+                for (h, v) in t {
                     let hname = reqwest::header::HeaderName::from_bytes(h.as_bytes())
                         .map_err(|_| config_err(file, format!("{name}: bad header name {h:?}")))?;
                     for value in item_strings(file, &format!("{name}.{h}"), v)? {
@@ -392,18 +406,17 @@ fn host_spec(
 
 /// Parse one `hosts.toml` (at `file`, in host directory `dir`).
 fn parse_hosts_toml(file: &Path, dir: &Path, text: &str) -> Result<HostsFile> {
-    let doc = toml_edit::Document::parse(text)
-        .map_err(|e| config_err(file, format!("not valid TOML: {e}")))?;
-    let root: &Table = doc.as_table();
+    let root = parse_toml(file, text)?;
+    let root = &root;
     let mut out = HostsFile::default();
     let top = parse_host_settings(file, dir, root, "", true)?;
     if let Some(item) = root.get("host") {
         let t = item
-            .as_table_like()
+            .as_table()
             .ok_or_else(|| config_err(file, "host must be a table of [host.\"URL\"] tables"))?;
-        for (url, h) in t.iter() {
+        for (url, h) in t {
             let ht = h
-                .as_table_like()
+                .as_table()
                 .ok_or_else(|| config_err(file, format!("host.{url:?} must be a table")))?;
             let s = parse_host_settings(file, dir, ht, &format!("host.\"{url}\"."), false)?;
             // containerd gives a host without `capabilities` all of them; push
@@ -432,7 +445,7 @@ fn parse_hosts_toml(file: &Path, dir: &Path, text: &str) -> Result<HostsFile> {
     Ok(out)
 }
 
-fn parse_pull_from(file: &Path, key: &str, item: &Item) -> Result<PullFrom> {
+fn parse_pull_from(file: &Path, key: &str, item: &Value) -> Result<PullFrom> {
     match item_str(file, key, item)? {
         "all" => Ok(PullFrom::All),
         "digest-only" => Ok(PullFrom::DigestOnly),
@@ -467,16 +480,15 @@ fn check_location(file: &Path, key: &str, loc: &str) -> Result<()> {
 
 /// Parse containers' registries.conf (v2: `[[registry]]` tables).
 fn parse_registries_conf(file: &Path, text: &str) -> Result<Vec<ConfRegistry>> {
-    let doc = toml_edit::Document::parse(text)
-        .map_err(|e| config_err(file, format!("not valid TOML: {e}")))?;
+    let doc = parse_toml(file, text)?;
     let mut out = Vec::new();
-    for (key, item) in doc.as_table().iter() {
-        match key {
+    for (key, item) in &doc {
+        match key.as_str() {
             "registry" => {
-                let arr = item.as_array_of_tables().ok_or_else(|| {
+                let arr = tables(item).ok_or_else(|| {
                     config_err(file, "registry must be a list of [[registry]] tables")
                 })?;
-                for (i, t) in arr.iter().enumerate() {
+                for (i, t) in arr.into_iter().enumerate() {
                     out.push(parse_conf_registry(file, i, t)?);
                 }
             }
@@ -514,9 +526,9 @@ fn parse_conf_registry(file: &Path, i: usize, t: &Table) -> Result<ConfRegistry>
     let mut blocked = false;
     let mut pull_from = PullFrom::All;
     let mut mirror_tables = Vec::new();
-    for (key, item) in t.iter() {
+    for (key, item) in t {
         let name = format!("{ctx} {key}");
-        match key {
+        match key.as_str() {
             "prefix" => prefix = Some(item_str(file, &name, item)?.to_string()),
             "location" => location = Some(item_str(file, &name, item)?.to_string()),
             "insecure" => insecure = item_bool(file, &name, item)?,
@@ -527,10 +539,10 @@ fn parse_conf_registry(file: &Path, i: usize, t: &Table) -> Result<ConfRegistry>
                 }
             }
             "mirror" => {
-                let arr = item.as_array_of_tables().ok_or_else(|| {
+                let arr = tables(item).ok_or_else(|| {
                     config_err(file, format!("{name} must be [[registry.mirror]] tables"))
                 })?;
-                mirror_tables.extend(arr.iter());
+                mirror_tables.extend(arr);
             }
             other => {
                 tracing::warn!(file = %file.display(), key = %format!("{ctx} {other}"), "unknown key in registries.conf; ignored")
@@ -561,9 +573,9 @@ fn parse_conf_registry(file: &Path, i: usize, t: &Table) -> Result<ConfRegistry>
         let mut loc = None;
         let mut m_insecure = false;
         let mut m_pull = pull_from;
-        for (key, item) in m.iter() {
+        for (key, item) in m {
             let name = format!("{mctx} {key}");
-            match key {
+            match key.as_str() {
                 "location" => loc = Some(item_str(file, &name, item)?.to_string()),
                 "insecure" => m_insecure = item_bool(file, &name, item)?,
                 "pull-from-mirror" => m_pull = parse_pull_from(file, &name, item)?,

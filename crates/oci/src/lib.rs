@@ -12,8 +12,9 @@ pub mod error;
 pub mod hosts;
 pub mod manifest;
 pub mod reference;
+pub mod retry;
 
-pub use client::{human_bytes, BlobResume, BodyStream, ClientConfig, PushOutcome, RegistryClient};
+pub use client::{BlobResume, BodyStream, ClientConfig, PushOutcome, RegistryClient};
 pub use digest::{Digest, DigestHasher};
 pub use error::OciError;
 pub use hosts::{Endpoint, Hosts, Purpose};

@@ -252,7 +252,7 @@ fn fuzz_registries_conf() {
 }
 
 /// Nesting deeper than any file needs is an error, not a stack overflow
-/// (toml_edit bounds its recursion).
+/// (the TOML parser bounds its recursion).
 #[test]
 fn deeply_nested_values_are_refused() {
     let file = Path::new("hosts.toml");

@@ -390,3 +390,29 @@ fn the_machines_podman_style_files_load() {
     let h = Hosts::load(None, Some(&p)).unwrap();
     assert!(h.is_empty());
 }
+
+/// `registry = [{ ... }]` is the same TOML value as `[[registry]]` tables,
+/// and containers/image reads both; anything else in the list is refused.
+#[test]
+fn registries_conf_inline_tables_are_registry_tables() {
+    let (_d, p) = conf(
+        r#"registry = [{ prefix = "docker.io", location = "docker.io", mirror = [{ location = "m.example" }] }]"#,
+    );
+    let h = Hosts::load(None, Some(&p)).unwrap();
+    let eps = h
+        .endpoints(&repo("docker.io", "library/x"), Purpose::Pull, &[])
+        .unwrap();
+    let hosts: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
+    assert_eq!(hosts.first(), Some(&"m.example"), "{hosts:?}");
+    assert_eq!(hosts.len(), 2, "{hosts:?}");
+
+    for text in [
+        "registry = [1]",
+        "registry = \"docker.io\"",
+        "[[registry]]\nmirror = [2]",
+    ] {
+        let (_d, p) = conf(text);
+        let e = Hosts::load(None, Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("[[registry"), "{text}: {e}");
+    }
+}
