@@ -16,8 +16,9 @@ use crate::error::{io, Result, SnapshotError};
 use crate::proto::snapshots as pb;
 use crate::proto::snapshots::snapshots_server::{Snapshots as SnapshotsApi, SnapshotsServer};
 use crate::proto::types as pbt;
-use crate::remote::{error_chain, Snapshotter};
+use crate::remote::Snapshotter;
 use crate::snapshots::{Info, Kind, Mount, Time};
+use lazylayer_sys::error_chain;
 
 /// The status containerd maps back to its errdefs (NotFound, AlreadyExists...).
 pub fn status(e: SnapshotError) -> Status {

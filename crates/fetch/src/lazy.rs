@@ -5,7 +5,6 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lazylayer_fs::source::open_beneath;
 use lazylayer_fs::{ContentSource, FsOptions, LazyFs, RangedContent};
 use lazylayer_layer::index::{
     BootIndex, FileKind, IndexEntry, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX_REGION_DIGEST,
@@ -14,6 +13,7 @@ use lazylayer_layer::index::{
 use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
+use lazylayer_sys::beneath::open_beneath;
 
 use crate::boot::{BootChunks, ChunkedBoot};
 use crate::fetcher::{FetchOptions, LayerFetcher};

@@ -26,7 +26,7 @@ mod tasks;
 
 pub use bandwidth::Bandwidth;
 pub use boot::{reap_chunk_caches, BootChunks};
-pub use fetcher::{error_chain, FetchOptions, LayerFetcher, LayerState, LayerStatus};
+pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use image_root::ImageRoot;
 pub use lazy::{LazyImage, LazySource, OpenError};
 pub use local::{holds_index, index_mask, is_optimized, local_image, stacked_lowers};

@@ -27,6 +27,7 @@ use lazylayer_layer::index::{build_index, BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_runtime::{NetworkMode, WaitCondition};
 use lazylayer_store::{PullOptions, PullProgress, Store};
+use lazylayer_sys::error_chain;
 
 pub use bootlayer::{write_boot_layer, BootLayer, BootLayout, DEFAULT_CHUNK_SIZE};
 pub use image::{
@@ -427,18 +428,6 @@ pub async fn optimize(
         seek_manifest_digest,
         seek_index_error,
     })
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }
 
 /// A workload that fails is not a basis for a boot layer: say so clearly.

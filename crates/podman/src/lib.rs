@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use lazylayer_fetch::{error_chain, FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
+use lazylayer_fetch::{FetchError, FetchOptions, LazyRoot, MountOptions, OpenError};
 use lazylayer_fs::{Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{Pin, Store};
+use lazylayer_sys::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
@@ -305,7 +306,7 @@ async fn take_over(
     if meta.kind != HELD_KIND || meta.image_ref != reference.to_string() {
         return Err(format!("kept for {} {}", meta.kind, meta.image_ref));
     }
-    if !lazylayer_fs::holder::is_mount_point(target) {
+    if !lazylayer_sys::mountinfo::is_mount_point(target) {
         return Err("no longer mounted".into());
     }
     let [device, table]: [OwnedFd; 2] = h
@@ -325,7 +326,7 @@ async fn take_over(
         .map(|l| l.digest.to_string())
         .unwrap_or_default();
     let bind = base.join(top).join("diff");
-    if !lazylayer_fs::holder::is_mount_point(&bind) {
+    if !lazylayer_sys::mountinfo::is_mount_point(&bind) {
         rustix::mount::mount_bind(target, &bind)
             .map_err(|e| format!("bind-mounting the lazy root: {e}"))?;
     }
@@ -344,12 +345,12 @@ async fn take_over(
 /// (bind mounts detached) and its lazy mount at `target`.
 fn clear_layout(base: &Path, target: &Path, holder: Option<&Holder>) {
     let below = format!("{}/", base.display());
-    for m in lazylayer_fs::holder::mount_points() {
+    for m in lazylayer_sys::mountinfo::mount_points() {
         if m.starts_with(&below) {
             let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
         }
     }
-    if lazylayer_fs::holder::is_mount_point(target) {
+    if lazylayer_sys::mountinfo::is_mount_point(target) {
         tracing::info!(mount = %target.display(), "detached a lazy mount left by a previous store");
         let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
     }
@@ -371,17 +372,11 @@ fn in_use(base: &Path) -> bool {
     let Ok(base) = base.canonicalize() else {
         return false;
     };
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for line in info.lines() {
-        let Some((_, after)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut f = after.split(' ');
-        if f.next() != Some("overlay") {
+    for m in lazylayer_sys::mountinfo::read() {
+        if m.fs_type != "overlay" {
             continue;
         }
-        let opts = f.nth(1).unwrap_or("");
-        for o in opts.split(',') {
+        for o in &m.super_options {
             let Some(lowers) = o.strip_prefix("lowerdir=") else {
                 continue;
             };
@@ -463,7 +458,7 @@ fn layer_dirs(
             serde_json::json!({ "compressed-size": l.size, "diff-digest": digest.to_string() });
         let path = ld.join("info");
         // Podman may read it at any moment: never a half-written one.
-        lazylayer_store::durable::write_atomically(&path, info.to_string().as_bytes())
+        lazylayer_sys::durable::write_atomically(&path, info.to_string().as_bytes())
             .map_err(io("writing a layer info", &path))?;
         diffs.push(diff);
     }
