@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lazylayer_fs::{ContentSource, FsOptions, LazyFs, RangedContent};
-use lazylayer_layer::index::{
+use lazylayer_index::{
     BootIndex, FileKind, IndexEntry, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX_REGION_DIGEST,
     ANNOTATION_INDEX_REGION_SIZE, INDEX_FILE_NAME,
 };

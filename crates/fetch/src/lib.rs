@@ -51,7 +51,7 @@ pub enum FetchError {
     Index {
         image: String,
         #[source]
-        source: lazylayer_layer::index::IndexError,
+        source: lazylayer_index::IndexError,
     },
     #[error("{image}: {reason}")]
     BadImage { image: String, reason: String },

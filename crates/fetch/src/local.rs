@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lazylayer_layer::index::INDEX_FILE_NAME;
+use lazylayer_index::INDEX_FILE_NAME;
 use lazylayer_oci::Reference;
 use lazylayer_store::{ImageRecord, LayerRef, Store};
 

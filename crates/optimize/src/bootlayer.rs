@@ -13,9 +13,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use lazylayer_fs::TraceRead;
+use lazylayer_index::chunks::{BootContent, ChunkCompression};
+use lazylayer_index::{BootIndex, FileKind, INDEX_FILE_NAME};
 use lazylayer_layer::chunked::{compress_chunks, compress_piece, file_entry_tar};
-use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
-use lazylayer_layer::index::{BootIndex, FileKind, INDEX_FILE_NAME};
 use lazylayer_layer::{Compression, DataSpan, LayerDigests, LayerWriter};
 use lazylayer_sys::{sha256_digest, sha256_digest_of};
 use sha2::{Digest as _, Sha256};
@@ -266,7 +266,7 @@ fn data_offsets(path: &Path) -> Result<HashMap<Vec<u8>, DataSpan>, OptimizeError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lazylayer_layer::index::build_index;
+    use lazylayer_index::build_index;
 
     fn read_of(p: &str, offset: u64, len: u64) -> TraceRead {
         TraceRead {
