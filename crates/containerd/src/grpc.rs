@@ -29,7 +29,7 @@ pub fn status(e: SnapshotError) -> Status {
         SnapshotError::FailedPrecondition { .. } => Status::failed_precondition(msg),
         SnapshotError::InvalidArgument(_) => Status::invalid_argument(msg),
         SnapshotError::Image { .. } => Status::unavailable(msg),
-        SnapshotError::Io { .. } | SnapshotError::Metadata { .. } | SnapshotError::Internal(_) => {
+        SnapshotError::Io(_) | SnapshotError::Metadata { .. } | SnapshotError::Internal(_) => {
             Status::internal(msg)
         }
     }
@@ -291,10 +291,12 @@ pub async fn serve(
         .await;
     snapshotter.shutdown().await;
     let _ = std::fs::remove_file(address);
-    res.map_err(|e| SnapshotError::Io {
-        what: format!("serving gRPC: {e}"),
-        path: address.to_path_buf(),
-        source: std::io::Error::other(e),
+    res.map_err(|e| {
+        SnapshotError::Io(lazylayer_sys::IoError {
+            what: format!("serving gRPC: {e}"),
+            path: address.to_path_buf(),
+            source: std::io::Error::other(e),
+        })
     })
 }
 

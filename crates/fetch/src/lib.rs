@@ -76,7 +76,7 @@ pub(crate) fn error_cause(e: &lazylayer_store::StoreError) -> lazylayer_metrics:
     use lazylayer_oci::OciError as O;
     use lazylayer_store::StoreError as S;
     match e {
-        S::Io { .. } => C::Disk,
+        S::Io(_) => C::Disk,
         S::Layer { .. } | S::BadImage { .. } => C::Content,
         S::DiffIdMismatch { .. } => C::Digest,
         S::Worker { .. } => C::Other,
