@@ -369,10 +369,15 @@ fn clear_layout(base: &Path, target: &Path, holder: Option<&Holder>) {
 /// paths (which Podman uses for long option strings) cannot be placed:
 /// counted as in use, so that nothing running loses its root.
 fn in_use(base: &Path) -> bool {
+    overlay_stands_on(&lazylayer_sys::mountinfo::read(), base)
+}
+
+/// [`in_use`] for the given mounts.
+fn overlay_stands_on(mounts: &[lazylayer_sys::mountinfo::Mount], base: &Path) -> bool {
     let Ok(base) = base.canonicalize() else {
         return false;
     };
-    for m in lazylayer_sys::mountinfo::read() {
+    for m in mounts {
         if m.fs_type != "overlay" {
             continue;
         }
@@ -560,5 +565,35 @@ mod tests {
             super::image_dir_name("127.0.0.1:58775/lazylayer/busybox:latest"),
             "MTI3LjAuMC4xOjU4Nzc1L2xhenlsYXllci9idXN5Ym94OmxhdGVzdA=="
         );
+    }
+
+    /// An overlay whose lowerdir is below the layout counts, even under a
+    /// path with a space (mountinfo writes `\040`); one elsewhere, or a
+    /// mount of another type naming it, does not; a relative lowerdir
+    /// cannot be placed and counts.
+    #[test]
+    fn an_overlay_on_the_layout_keeps_it_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("image a");
+        std::fs::create_dir_all(base.join("layer/diff")).unwrap();
+        std::fs::create_dir_all(dir.path().join("other")).unwrap();
+        let esc = |p: &std::path::Path| p.display().to_string().replace(' ', "\\040");
+        let line = |fs: &str, lower: &str| {
+            format!(
+                "50 22 0:50 / /run/c/rootfs rw - {fs} overlay rw,lowerdir={lower},upperdir=/u\n"
+            )
+        };
+        let stands_on =
+            |text: String| super::overlay_stands_on(&lazylayer_sys::mountinfo::parse(&text), &base);
+        let lower = format!(
+            "{}:{}",
+            esc(&dir.path().join("other")),
+            esc(&base.join("layer/diff"))
+        );
+        assert!(stands_on(line("overlay", &lower)));
+        assert!(!stands_on(line("overlay", &esc(&dir.path().join("other")))));
+        assert!(!stands_on(line("tmpfs", &lower)));
+        assert!(stands_on(line("overlay", "l/ABC:l/DEF")));
+        assert!(!stands_on(String::new()));
     }
 }
