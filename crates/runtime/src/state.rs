@@ -400,4 +400,21 @@ mod tests {
         // Done once: nothing left to reap.
         assert!(ContainerDir::reap_orphans(root, &runc).is_empty());
     }
+
+    /// The progress file is replaced whole each time (a reader never sees
+    /// half of one) and no temp file stays beside it.
+    #[test]
+    fn status_is_replaced_whole_and_leaves_no_temp_file() {
+        let root = tempfile::tempdir().unwrap();
+        let d = ContainerDir::create(root.path(), "c1").unwrap();
+        d.write_status(&serde_json::json!({"layers": [1, 2]}))
+            .unwrap();
+        d.write_status(&serde_json::json!({"layers": [3]})).unwrap();
+        assert_eq!(d.read_status().unwrap(), serde_json::json!({"layers": [3]}));
+        let names: Vec<_> = std::fs::read_dir(d.sub(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["status.json"]);
+    }
 }
