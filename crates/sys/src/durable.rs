@@ -176,8 +176,9 @@ mod tests {
         assert_eq!(names.len(), 2, "no temp file is left: {names:?}");
     }
 
-    /// Atomic only: the content is whole and no temp file stays, but its
-    /// pages are left to the kernel's writeback.
+    /// Atomic only: the content is whole and no temp file stays. (Its pages
+    /// are left to the kernel's writeback, which may or may not have run:
+    /// nothing to assert there.)
     #[test]
     fn an_unsynced_write_replaces_whole_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -185,7 +186,6 @@ mod tests {
         write_atomically_unsynced(&dest, b"{\"a\":1}").unwrap();
         write_atomically_unsynced(&dest, &[5u8; 256 * 1024]).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), vec![5u8; 256 * 1024]);
-        assert!(dirty_pages(&dest) > 0, "not synced");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
