@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export LAZYLAYER_FUZZ_CASES="${LAZYLAYER_FUZZ_CASES:-100000}"
 for target in "-p lazylayer-index --lib" "-p lazylayer-seek --test fuzz" \
     "-p lazylayer-oci --lib" "-p lazylayer-oci --test fuzz" \
-    "-p lazylayer-layer --test fuzz" "-p lazylayer-runtime --lib" "-p lazylayer-fs --lib"; do
+    "-p lazylayer-layer --test fuzz" "-p lazylayer-runtime --lib" "-p lazylayer-sys --lib"; do
     # shellcheck disable=SC2086
     cargo test $target -- fuzz_ --nocapture --test-threads=1
 done

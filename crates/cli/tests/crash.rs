@@ -8,7 +8,7 @@
 //! `CRASH_SEED=N` replays it. Only kills that hit a running process count.
 //! A `kill -9` keeps the page cache, so these tests prove the store's
 //! crash consistency, not its power-loss durability (that is the syncs'
-//! job: see `lazylayer_store::durable` and its tests).
+//! job: see `lazylayer_sys::durable` and its tests).
 
 mod common;
 

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lazylayer_layer::index::{BootIndex, FileKind, INDEX_FILE_NAME};
+use lazylayer_index::{BootIndex, FileKind, INDEX_FILE_NAME};
 use lazylayer_oci::client::BlobSource;
 use lazylayer_oci::{ClientConfig, Digest, Reference, RegistryClient};
 
@@ -107,10 +107,10 @@ fn push_hostile_image(reg: &Registry) -> String {
         // wrote them): read whole before the start, then served from disk.
         last["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
         if let Some(a) = manifest["annotations"].as_object_mut() {
-            a.remove(lazylayer_layer::index::ANNOTATION_INDEX_REGION_SIZE);
-            a.remove(lazylayer_layer::index::ANNOTATION_INDEX_REGION_DIGEST);
+            a.remove(lazylayer_index::ANNOTATION_INDEX_REGION_SIZE);
+            a.remove(lazylayer_index::ANNOTATION_INDEX_REGION_DIGEST);
         }
-        manifest["annotations"][lazylayer_layer::index::ANNOTATION_BOOT_LAYER] =
+        manifest["annotations"][lazylayer_index::ANNOTATION_BOOT_LAYER] =
             layer_digest.to_string().into();
         // Same repository: the base layers are there already.
         let hostile: Reference = format!("{}/optimized/busybox:hostile", reg.addr())

@@ -1,5 +1,7 @@
 use std::path::PathBuf;
 
+use lazylayer_sys::IoError;
+
 /// What went wrong, with the snapshot or path it concerns. Each variant maps
 /// to the gRPC status containerd expects (see `grpc::status`).
 #[derive(Debug, thiserror::Error)]
@@ -12,13 +14,9 @@ pub enum SnapshotError {
     FailedPrecondition { key: String, reason: String },
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("{what} ({path})")]
-    Io {
-        what: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// `{what} ({path})`, the cause as its source.
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("snapshot metadata {path}")]
     Metadata {
         path: PathBuf,
@@ -43,5 +41,5 @@ pub(crate) fn io(
     path: &std::path::Path,
 ) -> impl FnOnce(std::io::Error) -> SnapshotError {
     let (what, path) = (what.into(), path.to_path_buf());
-    move |source| SnapshotError::Io { what, path, source }
+    move |source| SnapshotError::Io(IoError { what, path, source })
 }

@@ -16,8 +16,9 @@ use crate::error::{io, Result, SnapshotError};
 use crate::proto::snapshots as pb;
 use crate::proto::snapshots::snapshots_server::{Snapshots as SnapshotsApi, SnapshotsServer};
 use crate::proto::types as pbt;
-use crate::remote::{error_chain, Snapshotter};
+use crate::remote::Snapshotter;
 use crate::snapshots::{Info, Kind, Mount, Time};
+use lazylayer_sys::error_chain;
 
 /// The status containerd maps back to its errdefs (NotFound, AlreadyExists...).
 pub fn status(e: SnapshotError) -> Status {
@@ -28,7 +29,7 @@ pub fn status(e: SnapshotError) -> Status {
         SnapshotError::FailedPrecondition { .. } => Status::failed_precondition(msg),
         SnapshotError::InvalidArgument(_) => Status::invalid_argument(msg),
         SnapshotError::Image { .. } => Status::unavailable(msg),
-        SnapshotError::Io { .. } | SnapshotError::Metadata { .. } | SnapshotError::Internal(_) => {
+        SnapshotError::Io(_) | SnapshotError::Metadata { .. } | SnapshotError::Internal(_) => {
             Status::internal(msg)
         }
     }
@@ -290,10 +291,12 @@ pub async fn serve(
         .await;
     snapshotter.shutdown().await;
     let _ = std::fs::remove_file(address);
-    res.map_err(|e| SnapshotError::Io {
-        what: format!("serving gRPC: {e}"),
-        path: address.to_path_buf(),
-        source: std::io::Error::other(e),
+    res.map_err(|e| {
+        SnapshotError::Io(lazylayer_sys::IoError {
+            what: format!("serving gRPC: {e}"),
+            path: address.to_path_buf(),
+            source: std::io::Error::other(e),
+        })
     })
 }
 

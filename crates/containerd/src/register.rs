@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use lazylayer_layer::index::ANNOTATION_BOOT_LAYER;
+use lazylayer_index::ANNOTATION_BOOT_LAYER;
 use lazylayer_oci::{Platform, Reference, RegistryClient, ResolvedImage};
 use lazylayer_store::{resolve_layers, ResolvedLayers, StoreError};
 use serde::Serialize;

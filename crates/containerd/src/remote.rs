@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-pub use lazylayer_fetch::error_chain;
 use lazylayer_fetch::{FetchError, FetchOptions};
 use lazylayer_fs::{FsOptions, Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_root::{LazyImage, LazyRoot, MountOptions, OpenError};
 use lazylayer_store::{NoEvents, NoProgress, PullOptions, RegistryBlobs, Store};
+use lazylayer_sys::error_chain;
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::error::{io, Result, SnapshotError};
@@ -385,7 +385,7 @@ impl Snapshotter {
         if dir != Path::new(&meta.target) || h.name != meta.target {
             return Err(format!("not this snapshotter's mount ({})", dir.display()).into());
         }
-        if !lazylayer_fs::holder::is_mount_point(&dir) {
+        if !lazylayer_sys::mountinfo::is_mount_point(&dir) {
             return Err("no longer mounted".into());
         }
         let [device, table]: [OwnedFd; 2] = h
@@ -857,7 +857,7 @@ fn release(root: LazyRoot, holder: Option<&Holder>, target: &Path) {
 /// Detach every mount below `dir` but those in `keep`.
 fn detach_mounts_below(dir: &Path, keep: &[PathBuf]) {
     let prefix = format!("{}/", dir.display());
-    let mut targets: Vec<String> = lazylayer_fs::holder::mount_points()
+    let mut targets: Vec<String> = lazylayer_sys::mountinfo::mount_points()
         .into_iter()
         .filter(|t| t.starts_with(&prefix))
         .filter(|t| !keep.iter().any(|k| Path::new(t) == k))

@@ -10,9 +10,10 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use lazylayer_fs::source::open_beneath;
 use lazylayer_oci::Digest;
 use lazylayer_store::{BlobStream, LayerEvents, LayerRef, PullOptions, PullProgress, Store};
+use lazylayer_sys::beneath::open_beneath;
+use lazylayer_sys::error_chain;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -703,19 +704,6 @@ async fn fetch_one(inner: Arc<Inner>, i: usize, layer: LayerRef) {
     }
     drop(s);
     inner.changed.notify_all();
-}
-
-/// An error and its causes on one line (for logs, gRPC messages and
-/// reports).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ mod tasks;
 
 pub use bandwidth::Bandwidth;
 pub use boot::{reap_chunk_caches, BootChunks, ChunkedBoot};
-pub use fetcher::{error_chain, FetchOptions, LayerFetcher, LayerState, LayerStatus};
+pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use source::{BootContentSource, LazySource};
 pub use span::MAX_SPAN_FILE;
 
@@ -37,7 +37,7 @@ pub enum FetchError {
     Index {
         image: String,
         #[source]
-        source: lazylayer_layer::index::IndexError,
+        source: lazylayer_index::IndexError,
     },
     #[error("{image}: {reason}")]
     BadImage { image: String, reason: String },
@@ -62,7 +62,7 @@ pub(crate) fn error_cause(e: &lazylayer_store::StoreError) -> lazylayer_metrics:
     use lazylayer_oci::OciError as O;
     use lazylayer_store::StoreError as S;
     match e {
-        S::Io { .. } => C::Disk,
+        S::Io(_) => C::Disk,
         S::Layer { .. } | S::BadImage { .. } => C::Content,
         S::DiffIdMismatch { .. } => C::Digest,
         S::Worker { .. } => C::Other,

@@ -7,10 +7,10 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lazylayer_fs::source::open_beneath;
 use lazylayer_fs::{ContentSource, RangedContent};
-use lazylayer_layer::index::{FileKind, IndexEntry};
+use lazylayer_index::{FileKind, IndexEntry};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_sys::beneath::open_beneath;
 
 use crate::boot::BootChunks;
 use crate::fetcher::LayerFetcher;

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use lazylayer_layer::index::IndexEntry;
+use lazylayer_index::IndexEntry;
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_seek::artifact::{
     referrers_tag, ArtifactManifest, ReferrersIndex, MAX_INDEX_BLOB, OCI_INDEX,

@@ -22,6 +22,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use lazylayer_sys::mountinfo::mount_points;
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
@@ -492,84 +493,9 @@ fn sweep(entries: &mut BTreeMap<String, Entry>) {
     });
 }
 
-/// Every mount point of this mount namespace, unescaped.
-pub fn mount_points() -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .collect()
-}
-
-/// True when `path` is a mount point in this mount namespace.
-pub fn is_mount_point(path: &Path) -> bool {
-    let p = path.to_string_lossy();
-    mount_points().iter().any(|m| *m == p)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        // In u32, and only a byte's worth: `\777` is text, not an escape
-        // (issue #19: the u8 arithmetic overflowed).
-        let escaped = b
-            .get(i + 1..i + 4)
-            .filter(|oct| b[i] == b'\\' && oct.iter().all(|c| (b'0'..=b'7').contains(c)))
-            .and_then(|oct| {
-                u8::try_from(oct.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'))).ok()
-            });
-        if let Some(v) = escaped {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), r"/a b\c");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
-    }
-
-    /// Issue #19: three octal digits above 0o377 are no escape the kernel
-    /// writes; the byte arithmetic overflowed on them ("attempt to multiply
-    /// with overflow").
-    #[test]
-    fn octal_beyond_a_byte_is_kept_as_text() {
-        assert_eq!(unescape_mountinfo(r"/a\777\040b"), r"/a\777 b");
-        assert_eq!(unescape_mountinfo(r"/a\400"), r"/a\400");
-        assert_eq!(unescape_mountinfo(r"/a\377"), "/a\u{fffd}");
-    }
-
-    #[test]
-    fn fuzz_mountinfo_unescape() {
-        use lazylayer_testsupport::fuzz::fuzz;
-        use proptest::prelude::*;
-        let piece = proptest::sample::select(vec![
-            "\\", "\\040", "\\777", "\\0", "\\04", "0", "7", "8", "/a", " ", "é",
-        ]);
-        let text = prop_oneof![
-            3 => proptest::collection::vec(piece, 0..24).prop_map(|p| p.concat()),
-            1 => any::<String>(),
-        ];
-        fuzz("mountinfo (fs holder)", text, |t| {
-            // Never longer: an escape is four bytes for one.
-            prop_assert!(unescape_mountinfo(&t).len() <= t.len() * 3);
-            Ok(())
-        });
-    }
 
     /// The holder keeps what it is given, hands out duplicates, drops on
     /// request, and exits once empty; run in-process on a thread.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use lazylayer_index::IndexEntry;
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use lazylayer_sys::beneath::open_beneath;
 
 /// Supplies the content of regular files. `open` may block (a lazy source
 /// waits for a download) but must give up after a bounded time with an error,
@@ -46,86 +46,6 @@ pub trait RangedContent: Send + Sync {
 pub enum Content {
     File(Arc<File>),
     Ranged(Arc<dyn RangedContent>),
-}
-
-/// Open the regular file `rel` below `dir` read-only, never following a
-/// symlink on the way: layer directories come from untrusted images.
-///
-/// Anything but a regular file is refused *before* it is opened for reading:
-/// the path is first opened `O_PATH` (which opens nothing on a device or a
-/// FIFO) and its type checked, then reopened `O_NONBLOCK | O_NOCTTY` and
-/// checked to be the same inode. Opening a device node as root would hand the
-/// host's device to a container outside its device rules; opening a FIFO
-/// would block the reader in the kernel for good.
-pub fn open_beneath(dir: &std::path::Path, rel: &[u8]) -> io::Result<File> {
-    use std::os::unix::ffi::OsStrExt;
-    let root = rustix::fs::open(
-        dir,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let rel = std::ffi::OsStr::from_bytes(rel);
-    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-    let probe = rustix::fs::openat2(
-        &root,
-        rel,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        resolve,
-    )?;
-    let before = rustix::fs::fstat(&probe)?;
-    refuse_unless_regular(&before, dir, rel)?;
-    let fd = rustix::fs::openat2(
-        &root,
-        rel,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-        resolve,
-    )?;
-    let after = rustix::fs::fstat(&fd)?;
-    refuse_unless_regular(&after, dir, rel)?;
-    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) {
-        return Err(io::Error::other(format!(
-            "{} in {} was replaced while being opened",
-            rel.to_string_lossy(),
-            dir.display()
-        )));
-    }
-    Ok(File::from(fd))
-}
-
-fn refuse_unless_regular(
-    st: &rustix::fs::Stat,
-    dir: &std::path::Path,
-    rel: &std::ffi::OsStr,
-) -> io::Result<()> {
-    let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
-    if kind == rustix::fs::FileType::RegularFile {
-        return Ok(());
-    }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!(
-            "the index names {} a regular file, but {} holds a {} there; refusing to open it",
-            rel.to_string_lossy(),
-            dir.display(),
-            kind_name(kind)
-        ),
-    ))
-}
-
-fn kind_name(k: rustix::fs::FileType) -> &'static str {
-    use rustix::fs::FileType as T;
-    match k {
-        T::RegularFile => "regular file",
-        T::Directory => "directory",
-        T::Symlink => "symlink",
-        T::Fifo => "FIFO",
-        T::Socket => "socket",
-        T::CharacterDevice => "character device",
-        T::BlockDevice => "block device",
-        T::Unknown => "file of unknown type",
-    }
 }
 
 /// Content from extracted layer directories, all local (trace mode, and

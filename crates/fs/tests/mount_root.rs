@@ -830,7 +830,7 @@ impl ContentSource for WaitingSource {
             .unwrap();
         drop(g);
         self.waiting.fetch_sub(1, SeqCst);
-        lazylayer_fs::source::open_beneath(&self.dir, &entry.path)
+        lazylayer_sys::beneath::open_beneath(&self.dir, &entry.path)
     }
     fn try_open(&self, idx: u32, entry: &IndexEntry) -> Option<io::Result<File>> {
         let open = *self.gate.open.lock().unwrap();
@@ -922,7 +922,7 @@ impl ContentSource for PanickingSource {
                 String::from_utf8_lossy(&entry.path)
             );
         }
-        lazylayer_fs::source::open_beneath(&self.dir, &entry.path)
+        lazylayer_sys::beneath::open_beneath(&self.dir, &entry.path)
     }
 }
 

@@ -20,7 +20,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{self as rfs, AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, Stat};
+// Layers are lazylayer's own extractions, but resolving beneath the root
+// without symlinks costs nothing and keeps a damaged store from making the
+// builder read outside a layer.
+use lazylayer_sys::beneath::openat_beneath;
+use rustix::fs::{self as rfs, AtFlags, Dir, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
@@ -34,13 +38,6 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 /// An xattr call failed: the xattr's name (empty for a listing) and why.
 type XattrFault = (Vec<u8>, io::Error);
-
-/// Layers are lazylayer's own extractions, but resolving beneath the root
-/// without symlinks costs nothing and keeps a damaged store from making the
-/// builder read outside a layer.
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
 
 /// Read size when hashing file contents: files may be GBs, memory stays flat.
 const HASH_BUF_LEN: usize = 256 * 1024;
@@ -324,12 +321,10 @@ impl ContentHasher {
         // Beneath the layer root without following symlinks, like every
         // other lookup here; NONBLOCK so that a file swapped for a fifo since
         // the lstat cannot hang the open (the fstat below then refuses it).
-        let fd = rfs::openat2(
+        let fd = openat_beneath(
             &layer.root,
             rel,
             OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
-            Mode::empty(),
-            RESOLVE,
         )
         .map_err(|e| layer.io_err(rel, "open file", e))?;
         // The digest must describe the file the entry's metadata came from.
@@ -384,12 +379,10 @@ fn list_merged(
     let rel: &[u8] = if dir.rel.is_empty() { b"." } else { &dir.rel };
     for &li in &dir.stack {
         let layer = &layers[li];
-        let fd = rfs::openat2(
+        let fd = openat_beneath(
             &layer.root,
             rel,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            RESOLVE,
         )
         .map_err(|e| layer.io_err(&dir.rel, "open directory", e))?;
         let mut listing =

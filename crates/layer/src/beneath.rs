@@ -13,17 +13,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags};
+use lazylayer_sys::beneath::{open_root, openat_beneath};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::LayerError;
-
-/// No `O_NOFOLLOW` goes with these: `RESOLVE_NO_SYMLINKS` already refuses a
-/// trailing symlink, with `ELOOP`, whereas `O_NOFOLLOW|O_DIRECTORY` would turn
-/// that into an `ENOTDIR` indistinguishable from a regular file in the way.
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
 
 /// Mode given to directories the archive implies but does not list.
 pub(crate) const IMPLICIT_DIR_MODE: u32 = 0o755;
@@ -90,12 +84,7 @@ pub(crate) struct Beneath {
 
 impl Beneath {
     pub(crate) fn open(root: &Path) -> Result<Self, LayerError> {
-        let root_fd = rfs::open(
-            root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| LayerError::io(root, "open layer root", e))?;
+        let root_fd = open_root(root).map_err(|e| LayerError::io(root, "open layer root", e))?;
         Ok(Beneath {
             root: root_fd,
             cache: None,
@@ -115,12 +104,11 @@ impl Beneath {
         } else {
             rel
         };
-        Ok(rfs::openat2(
+        // No `O_NOFOLLOW`: see `RESOLVE_BENEATH` on trailing symlinks.
+        Ok(openat_beneath(
             &self.root,
             rel,
             access | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            RESOLVE,
         )?)
     }
 
@@ -150,12 +138,10 @@ impl Beneath {
         let mut cur = self.open_dir(Path::new(""), false)?;
         for comp in rel.iter() {
             let open = |dir: &OwnedFd| {
-                rfs::openat2(
+                openat_beneath(
                     dir,
                     comp,
                     OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                    RESOLVE,
                 )
             };
             cur = match open(&cur) {
@@ -165,12 +151,10 @@ impl Beneath {
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(e) => return Err(e.into()),
                     }
-                    let fd = rfs::openat2(
+                    let fd = openat_beneath(
                         &cur,
                         comp,
                         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                        Mode::empty(),
-                        RESOLVE,
                     )?;
                     // Explicit, so neither the umask nor a setgid parent
                     // decides an implicit directory's mode or group.

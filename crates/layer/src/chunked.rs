@@ -9,8 +9,8 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::index::chunks::{Chunk, ChunkCompression};
 use crate::{Compression, LayerError, LayerWriter};
+use lazylayer_index::chunks::{Chunk, ChunkCompression};
 
 /// gzip -9: chunks are compressed once, at optimize, and fetched at every
 /// cold start; the level costs nothing at read time.

@@ -49,17 +49,14 @@ pub mod chunked;
 mod compression;
 mod error;
 mod extract;
-mod spans;
-/// The boot index lives in its own crate (the file system needs it without
-/// the tar codec); re-exported for the codec's users.
-pub use lazylayer_index as index;
 mod path;
+mod spans;
 mod writer;
 
 pub use compression::{decoder, Compression};
 pub use error::LayerError;
 pub use extract::{extract, EntryEvent, EntryKind, ExtractOptions, ExtractStats};
-pub use path::{normalize, MAX_PATH_LEN, OPAQUE_MARKER, WHITEOUT_META_PREFIX, WHITEOUT_PREFIX};
+pub use path::{normalize, OPAQUE_MARKER, WHITEOUT_META_PREFIX, WHITEOUT_PREFIX};
 pub use spans::{data_spans, DataSpan};
 pub use writer::{LayerDigests, LayerWriter};
 

@@ -18,7 +18,7 @@ pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Longest relative path accepted: the index's limit, so that every path a
 /// layer can hold fits the boot index.
-pub use lazylayer_index::MAX_PATH_LEN;
+use lazylayer_index::MAX_PATH_LEN;
 
 /// Normalise a path from a tar header into a relative path inside the layer.
 ///

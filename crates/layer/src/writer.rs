@@ -9,6 +9,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use lazylayer_sys::sha256_digest;
 use rustix::fs::{self as rfs, Mode, OFlags};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
@@ -267,7 +268,7 @@ impl<W: Write> LayerWriter<W> {
             hasher,
             count,
         } = self.out;
-        let diff_id = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let diff_id = sha256_digest(hasher.finalize());
         let (digest, size, mut w) = match enc {
             Encoder::Plain(w) => (diff_id.clone(), count, w),
             Encoder::Gzip(gz) => gz.finish().map_err(out_err)?.into_parts(),
@@ -505,7 +506,7 @@ impl<W> Hashed<W> {
 
     fn into_parts(self) -> (String, u64, W) {
         (
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            sha256_digest(self.hasher.finalize()),
             self.count,
             self.inner,
         )

@@ -321,8 +321,8 @@ fn fuzz_tar_headers_through_the_extractor() {
 /// pieces must be refused or decompress within the bound.
 #[test]
 fn fuzz_boot_chunks_and_index_region_decompression() {
+    use lazylayer_index::chunks::ChunkCompression;
     use lazylayer_layer::chunked::{compress_piece, decompress_bounded, decompress_piece};
-    use lazylayer_layer::index::chunks::ChunkCompression;
 
     let plain: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let pieces = [ChunkCompression::Gzip, ChunkCompression::Zstd]

@@ -13,10 +13,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use lazylayer_fs::TraceRead;
+use lazylayer_index::chunks::{BootContent, ChunkCompression};
+use lazylayer_index::{BootIndex, FileKind, INDEX_FILE_NAME};
 use lazylayer_layer::chunked::{compress_chunks, compress_piece, file_entry_tar};
-use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
-use lazylayer_layer::index::{BootIndex, FileKind, INDEX_FILE_NAME};
 use lazylayer_layer::{Compression, DataSpan, LayerDigests, LayerWriter};
+use lazylayer_sys::{sha256_digest, sha256_digest_of};
 use sha2::{Digest as _, Sha256};
 
 use crate::OptimizeError;
@@ -231,11 +232,11 @@ pub fn write_boot_layer(
     outf.flush().map_err(io("writing boot layer", out))?;
     let _ = std::fs::remove_file(&tar_path);
     let _ = std::fs::remove_file(&chunks_path);
-    let region_digest = format!("sha256:{}", hex::encode(Sha256::digest(&region)));
+    let region_digest = sha256_digest_of(&region);
     Ok(BootLayer {
         digests: LayerDigests {
-            digest: format!("sha256:{}", hex::encode(blob_hash.finalize())),
-            diff_id: format!("sha256:{}", hex::encode(diff.finalize())),
+            digest: sha256_digest(blob_hash.finalize()),
+            diff_id: sha256_digest(diff.finalize()),
             size,
         },
         entries: selection.len(),
@@ -265,7 +266,7 @@ fn data_offsets(path: &Path) -> Result<HashMap<Vec<u8>, DataSpan>, OptimizeError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lazylayer_layer::index::build_index;
+    use lazylayer_index::build_index;
 
     fn read_of(p: &str, offset: u64, len: u64) -> TraceRead {
         TraceRead {

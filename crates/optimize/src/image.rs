@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 
 use crate::OptimizeError;
 
-use lazylayer_layer::index::chunks::ChunkCompression;
-pub use lazylayer_layer::index::{ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION};
-use lazylayer_layer::index::{ANNOTATION_INDEX_REGION_DIGEST, ANNOTATION_INDEX_REGION_SIZE};
+use lazylayer_index::chunks::ChunkCompression;
+pub use lazylayer_index::{ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION};
+use lazylayer_index::{ANNOTATION_INDEX_REGION_DIGEST, ANNOTATION_INDEX_REGION_SIZE};
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 

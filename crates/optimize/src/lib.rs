@@ -1,7 +1,7 @@
 //! The boot layer generator (`lazylayer optimize`).
 //!
 //! 1. pull SRC fully into the store;
-//! 2. index its merged root file system ([`lazylayer_layer::index`]);
+//! 2. index its merged root file system ([`lazylayer_index`]);
 //! 3. run its workload once, with that root served by the FUSE file system in
 //!    trace mode under a writable overlayfs, until a readiness condition;
 //! 4. copy what the workload touched, from the merged view, into a boot layer
@@ -22,11 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use lazylayer_fs::{LayerDirSource, Trace, TraceEvent, TraceFile, TraceRead};
-use lazylayer_layer::index::chunks::ChunkCompression;
-use lazylayer_layer::index::{build_index, BootIndex, INDEX_FILE_NAME};
+use lazylayer_index::chunks::ChunkCompression;
+use lazylayer_index::{build_index, BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_runtime::{NetworkMode, WaitCondition};
 use lazylayer_store::{PullOptions, PullProgress, Store};
+use lazylayer_sys::error_chain;
 
 pub use bootlayer::{write_boot_layer, BootLayer, BootLayout, DEFAULT_CHUNK_SIZE};
 pub use image::{
@@ -68,7 +69,7 @@ pub enum OptimizeError {
         source: lazylayer_seek::SeekError,
     },
     #[error("indexing the image")]
-    Index(#[from] lazylayer_layer::index::IndexError),
+    Index(#[from] lazylayer_index::IndexError),
     #[error("{0}")]
     BadImage(String),
     #[error("the workload exited with code {code}{detail}")]
@@ -305,7 +306,7 @@ pub async fn optimize(
         &BootDescriptor {
             digests: &boot.digests,
             index_name: INDEX_FILE_NAME,
-            index_version: lazylayer_layer::index::CHUNKED_FORMAT_VERSION,
+            index_version: lazylayer_index::CHUNKED_FORMAT_VERSION,
             compression: boot.layout.compression,
             region: Some(boot.region.clone()),
         },
@@ -405,8 +406,8 @@ pub async fn optimize(
         boot_file_bytes: boot.file_bytes,
         index_bytes: boot.index_bytes,
         boot_compression: match boot.layout.compression {
-            lazylayer_layer::index::chunks::ChunkCompression::Gzip => "gzip".into(),
-            lazylayer_layer::index::chunks::ChunkCompression::Zstd => "zstd".into(),
+            lazylayer_index::chunks::ChunkCompression::Gzip => "gzip".into(),
+            lazylayer_index::chunks::ChunkCompression::Zstd => "zstd".into(),
         },
         boot_chunk_size: boot.layout.chunk_size,
         boot_chunks: boot.chunks,
@@ -427,18 +428,6 @@ pub async fn optimize(
         seek_manifest_digest,
         seek_index_error,
     })
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }
 
 /// A workload that fails is not a basis for a boot layer: say so clearly.

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use lazylayer_fs::{Access, TraceEvent};
-use lazylayer_layer::index::{BootIndex, FileKind};
+use lazylayer_index::{BootIndex, FileKind};
 
 /// Pick the boot layer's entries from a trace, in first-access order:
 /// - files whose content was opened (their bytes are what a start needs);

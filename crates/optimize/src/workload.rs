@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lazylayer_fs::{ContentSource, FsMount, FsOptions, LazyFs, Trace};
-use lazylayer_layer::index::BootIndex;
+use lazylayer_index::BootIndex;
 use lazylayer_runtime::{
     ContainerBuilder, Killer, NetworkMode, Readiness, RunSpec, Runc, RuntimeError, Stdio,
     WaitCondition,

@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use lazylayer_fetch::{FetchOptions, MountOptions};
+use lazylayer_fetch::FetchOptions;
 use lazylayer_fs::Held;
 use lazylayer_oci::client::ClientConfig;
 use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_root::MountOptions;
 use lazylayer_store::{ImageRecord, LayerRef, Store};
 
 use super::*;
@@ -187,7 +188,7 @@ fn a_plain_image_held_whole_is_not_laid_out_locally() {
         })
         .unwrap();
     assert!(
-        lazylayer_fetch::local_image(&store, &r).is_some(),
+        lazylayer_root::local_image(&store, &r).is_some(),
         "held whole"
     );
     let dir = tmp.path().join("als");

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use lazylayer_fetch::{error_chain, FetchError, FetchOptions};
+use lazylayer_fetch::{FetchError, FetchOptions};
 use lazylayer_fs::{Held, Holder};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_root::{LazyRoot, MountOptions, OpenError};
 use lazylayer_store::{Pin, Store};
+use lazylayer_sys::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
@@ -306,7 +307,7 @@ async fn take_over(
     if meta.kind != HELD_KIND || meta.image_ref != reference.to_string() {
         return Err(format!("kept for {} {}", meta.kind, meta.image_ref));
     }
-    if !lazylayer_fs::holder::is_mount_point(target) {
+    if !lazylayer_sys::mountinfo::is_mount_point(target) {
         return Err("no longer mounted".into());
     }
     let [device, table]: [OwnedFd; 2] = h
@@ -326,7 +327,7 @@ async fn take_over(
         .map(|l| l.digest.to_string())
         .unwrap_or_default();
     let bind = base.join(top).join("diff");
-    if !lazylayer_fs::holder::is_mount_point(&bind) {
+    if !lazylayer_sys::mountinfo::is_mount_point(&bind) {
         rustix::mount::mount_bind(target, &bind)
             .map_err(|e| format!("bind-mounting the lazy root: {e}"))?;
     }
@@ -345,12 +346,12 @@ async fn take_over(
 /// (bind mounts detached) and its lazy mount at `target`.
 fn clear_layout(base: &Path, target: &Path, holder: Option<&Holder>) {
     let below = format!("{}/", base.display());
-    for m in lazylayer_fs::holder::mount_points() {
+    for m in lazylayer_sys::mountinfo::mount_points() {
         if m.starts_with(&below) {
             let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
         }
     }
-    if lazylayer_fs::holder::is_mount_point(target) {
+    if lazylayer_sys::mountinfo::is_mount_point(target) {
         tracing::info!(mount = %target.display(), "detached a lazy mount left by a previous store");
         let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
     }
@@ -369,20 +370,19 @@ fn clear_layout(base: &Path, target: &Path, holder: Option<&Holder>) {
 /// paths (which Podman uses for long option strings) cannot be placed:
 /// counted as in use, so that nothing running loses its root.
 fn in_use(base: &Path) -> bool {
+    overlay_stands_on(&lazylayer_sys::mountinfo::read(), base)
+}
+
+/// [`in_use`] for the given mounts.
+fn overlay_stands_on(mounts: &[lazylayer_sys::mountinfo::Mount], base: &Path) -> bool {
     let Ok(base) = base.canonicalize() else {
         return false;
     };
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for line in info.lines() {
-        let Some((_, after)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut f = after.split(' ');
-        if f.next() != Some("overlay") {
+    for m in mounts {
+        if m.fs_type != "overlay" {
             continue;
         }
-        let opts = f.nth(1).unwrap_or("");
-        for o in opts.split(',') {
+        for o in &m.super_options {
             let Some(lowers) = o.strip_prefix("lowerdir=") else {
                 continue;
             };
@@ -464,7 +464,7 @@ fn layer_dirs(
             serde_json::json!({ "compressed-size": l.size, "diff-digest": digest.to_string() });
         let path = ld.join("info");
         // Podman may read it at any moment: never a half-written one.
-        lazylayer_store::durable::write_atomically(&path, info.to_string().as_bytes())
+        lazylayer_sys::durable::write_atomically(&path, info.to_string().as_bytes())
             .map_err(io("writing a layer info", &path))?;
         diffs.push(diff);
     }
@@ -569,5 +569,35 @@ mod tests {
             super::image_dir_name("127.0.0.1:58775/lazylayer/busybox:latest"),
             "MTI3LjAuMC4xOjU4Nzc1L2xhenlsYXllci9idXN5Ym94OmxhdGVzdA=="
         );
+    }
+
+    /// An overlay whose lowerdir is below the layout counts, even under a
+    /// path with a space (mountinfo writes `\040`); one elsewhere, or a
+    /// mount of another type naming it, does not; a relative lowerdir
+    /// cannot be placed and counts.
+    #[test]
+    fn an_overlay_on_the_layout_keeps_it_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("image a");
+        std::fs::create_dir_all(base.join("layer/diff")).unwrap();
+        std::fs::create_dir_all(dir.path().join("other")).unwrap();
+        let esc = |p: &std::path::Path| p.display().to_string().replace(' ', "\\040");
+        let line = |fs: &str, lower: &str| {
+            format!(
+                "50 22 0:50 / /run/c/rootfs rw - {fs} overlay rw,lowerdir={lower},upperdir=/u\n"
+            )
+        };
+        let stands_on =
+            |text: String| super::overlay_stands_on(&lazylayer_sys::mountinfo::parse(&text), &base);
+        let lower = format!(
+            "{}:{}",
+            esc(&dir.path().join("other")),
+            esc(&base.join("layer/diff"))
+        );
+        assert!(stands_on(line("overlay", &lower)));
+        assert!(!stands_on(line("overlay", &esc(&dir.path().join("other")))));
+        assert!(!stands_on(line("tmpfs", &lower)));
+        assert!(stands_on(line("overlay", "l/ABC:l/DEF")));
+        assert!(!stands_on(String::new()));
     }
 }

@@ -3,7 +3,7 @@
 //! start (is this an optimized image) read.
 
 use lazylayer_fetch::FetchError;
-use lazylayer_layer::index::{
+use lazylayer_index::{
     ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX_REGION_DIGEST, ANNOTATION_INDEX_REGION_SIZE,
 };
 use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};

@@ -6,7 +6,7 @@ use lazylayer_fetch::{
     BootChunks, BootContentSource, ChunkedBoot, FetchError, FetchOptions, LayerFetcher, LazySource,
 };
 use lazylayer_fs::{FsOptions, LazyFs};
-use lazylayer_layer::index::{BootIndex, INDEX_FILE_NAME};
+use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::manifest::RawManifest;
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};

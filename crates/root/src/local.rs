@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use lazylayer_fetch::FetchError;
-use lazylayer_layer::index::INDEX_FILE_NAME;
+use lazylayer_index::INDEX_FILE_NAME;
 use lazylayer_oci::Reference;
 use lazylayer_store::{ImageRecord, LayerRef, Store};
 

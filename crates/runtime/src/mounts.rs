@@ -8,11 +8,9 @@ use rustix::mount::UnmountFlags;
 /// Mount points at or below `dir` in `mountinfo` (the text of
 /// /proc/self/mountinfo), in mount order (a mount stacked on another comes after it).
 pub fn mounts_below_in(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        // Field 5 is the mount point.
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|t| PathBuf::from(unescape(t)))
+    lazylayer_sys::mountinfo::parse(mountinfo)
+        .into_iter()
+        .map(|m| PathBuf::from(m.mount_point))
         // Path::starts_with compares components: "/x/ab" does not start with "/x/a".
         .filter(|t| t.starts_with(dir))
         .collect()
@@ -43,31 +41,6 @@ pub fn unmount_below(dir: &Path) {
             Err(e) => tracing::warn!(mount = %t.display(), error = %e, "cannot unmount"),
         }
     }
-}
-
-/// The kernel writes space, tab, newline and backslash in mount points as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let oct = &b[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                // In u32, and only a byte's worth: `\777` is text, not an
-                // escape (issue #19: the u8 arithmetic overflowed).
-                let v = oct.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
-                if let Ok(byte) = u8::try_from(v) {
-                    out.push(byte);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -147,7 +147,7 @@ impl ContainerDir {
     pub fn write_state(&self, s: &ContainerState) -> Result<(), RuntimeError> {
         let dest = self.path.join("state.json");
         let bytes = serde_json::to_vec_pretty(s).expect("serialisable");
-        lazylayer_store::durable::write_atomically(&dest, &bytes).map_err(io("writing", &dest))
+        lazylayer_sys::durable::write_atomically(&dest, &bytes).map_err(io("writing", &dest))
     }
 
     pub fn read_state(&self) -> Result<ContainerState, RuntimeError> {
@@ -161,11 +161,10 @@ impl ContainerDir {
     /// lost to a power loss is rewritten by the next start, and an fsync
     /// this often would make ext4 flush the layer being fetched each time.
     pub fn write_status(&self, v: &impl Serialize) -> Result<(), RuntimeError> {
-        let tmp = self.path.join(".status.json.tmp");
         let dest = self.path.join("status.json");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(v).expect("serialisable"))
-            .map_err(io("writing", &tmp))?;
-        std::fs::rename(&tmp, &dest).map_err(io("writing", &dest))
+        let bytes = serde_json::to_vec_pretty(v).expect("serialisable");
+        lazylayer_sys::durable::write_atomically_unsynced(&dest, &bytes)
+            .map_err(io("writing", &dest))
     }
 
     pub fn read_status(&self) -> Result<serde_json::Value, RuntimeError> {
@@ -400,5 +399,22 @@ mod tests {
         assert!(kept.owner_lost && kept.exit_code.is_none());
         // Done once: nothing left to reap.
         assert!(ContainerDir::reap_orphans(root, &runc).is_empty());
+    }
+
+    /// The progress file is replaced whole each time (a reader never sees
+    /// half of one) and no temp file stays beside it.
+    #[test]
+    fn status_is_replaced_whole_and_leaves_no_temp_file() {
+        let root = tempfile::tempdir().unwrap();
+        let d = ContainerDir::create(root.path(), "c1").unwrap();
+        d.write_status(&serde_json::json!({"layers": [1, 2]}))
+            .unwrap();
+        d.write_status(&serde_json::json!({"layers": [3]})).unwrap();
+        assert_eq!(d.read_status().unwrap(), serde_json::json!({"layers": [3]}));
+        let names: Vec<_> = std::fs::read_dir(d.sub(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["status.json"]);
     }
 }

@@ -145,19 +145,24 @@ fn mounted_layers(root: &Path) -> HashSet<String> {
 /// shows its source as a path inside its file system (field 4), so that is
 /// also read as a full path through where that file system is mounted.
 fn layers_in_mountinfo(text: &str, root: &Path) -> HashSet<String> {
-    // (device, root inside it, mount point) of every mount.
-    let mounts: Vec<(&str, &str, &str)> = text
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            Some((*f.get(2)?, *f.get(3)?, *f.get(4)?))
+    let mounts = lazylayer_sys::mountinfo::parse(text);
+    // Every path a mount names, unescaped: its root, mount point, source
+    // and options (an overlay's lowerdir).
+    let mut texts: Vec<String> = mounts
+        .iter()
+        .flat_map(|m| {
+            [&m.root, &m.mount_point, &m.source]
+                .into_iter()
+                .chain(&m.super_options)
+                .cloned()
         })
         .collect();
-    let mut texts: Vec<String> = text.lines().map(str::to_string).collect();
-    for (dev, src, _) in &mounts {
-        for (dev2, root2, at) in &mounts {
+    for m in &mounts {
+        let (dev, src) = (&m.device, &m.root);
+        for m2 in &mounts {
+            let (dev2, root2, at) = (&m2.device, &m2.root, &m2.mount_point);
             if dev2 == dev {
-                if let Some(rest) = src.strip_prefix(root2) {
+                if let Some(rest) = src.strip_prefix(root2.as_str()) {
                     let at = at.trim_end_matches('/');
                     texts.push(format!("{at}/{}", rest.trim_start_matches('/')));
                 }
@@ -814,6 +819,20 @@ mod tests {
              41 25 8:17 /layers/sha256/{a}/fs /mnt/view ro - ext4 /dev/sdb1 rw\n"
         );
         assert_eq!(layers_in_mountinfo(&text, root), HashSet::from([a]));
+    }
+
+    /// mountinfo writes a space as `\040`: a store under a path with a
+    /// space still sees its layers under an overlay and a bind.
+    #[test]
+    fn layers_named_by_mounts_are_found_under_a_path_with_a_space() {
+        let root = Path::new("/srv/lazy layer");
+        let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+        let text = format!(
+            "36 25 0:33 / /run/c\\040d/rootfs rw - overlay overlay rw,lowerdir=/srv/lazy\\040layer/layers/sha256/{a}/fs,upperdir=/u\n\
+             40 25 8:17 / /srv/lazy\\040layer rw - ext4 /dev/sdb1 rw\n\
+             41 25 8:17 /layers/sha256/{b}/fs /mnt/view ro - ext4 /dev/sdb1 rw\n"
+        );
+        assert_eq!(layers_in_mountinfo(&text, root), HashSet::from([a, b]));
     }
 
     /// The real /proc/self/mountinfo: a layer directory bound somewhere

@@ -1,16 +1,11 @@
-use std::path::PathBuf;
-
 use lazylayer_oci::{Digest, OciError};
+use lazylayer_sys::IoError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{what} ({path})")]
-    Io {
-        what: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// `{what} ({path})`, the cause as its source.
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(transparent)]
     Oci(#[from] OciError),
     #[error("layer {digest}")]

@@ -30,7 +30,7 @@
 
 mod cache;
 mod check;
-pub mod durable;
+pub use lazylayer_sys::durable;
 mod error;
 mod lock;
 mod pins;
@@ -44,6 +44,7 @@ mod source;
 use std::path::{Path, PathBuf};
 
 use lazylayer_oci::{Digest, Reference};
+use lazylayer_sys::IoError;
 use serde::{Deserialize, Serialize};
 
 pub use cache::{evicted_images, EvictReport, ImageUsage, StoreUsage, COUNTED_DIRS};
@@ -130,7 +131,7 @@ pub struct Store {
 fn io_err(what: impl Into<String>, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
     let what = what.into();
     let path = path.to_path_buf();
-    move |source| StoreError::Io { what, path, source }
+    move |source| StoreError::Io(IoError { what, path, source })
 }
 
 impl Store {
@@ -282,11 +283,11 @@ impl Store {
         match std::fs::remove_file(&p) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StoreError::Io {
+            Err(e) => Err(StoreError::Io(IoError {
                 what: "removing image record".into(),
                 path: p,
                 source: e,
-            }),
+            })),
         }
     }
 
@@ -431,11 +432,11 @@ fn read_dir_or_empty(p: &Path) -> Result<Vec<std::fs::DirEntry>> {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(io_err("listing", p)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(StoreError::Io {
+        Err(e) => Err(StoreError::Io(IoError {
             what: "listing".into(),
             path: p.to_path_buf(),
             source: e,
-        }),
+        })),
     }
 }
 

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::path::Path;
 
+use lazylayer_sys::IoError;
 use rustix::fs::{flock, FlockOperation};
 
 use crate::StoreError;
@@ -21,16 +22,8 @@ impl FileLock {
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(|source| StoreError::Io {
-                what: "opening lock".into(),
-                path: path.to_path_buf(),
-                source,
-            })?;
-        flock(&file, op).map_err(|e| StoreError::Io {
-            what: "taking lock".into(),
-            path: path.to_path_buf(),
-            source: e.into(),
-        })?;
+            .map_err(IoError::on("opening lock", path))?;
+        flock(&file, op).map_err(|e| IoError::on("taking lock", path)(e.into()))?;
         Ok(FileLock { _file: file })
     }
 
@@ -43,7 +36,7 @@ impl FileLock {
     pub fn try_exclusive(path: &Path) -> Result<Option<FileLock>, StoreError> {
         match Self::take(path, FlockOperation::NonBlockingLockExclusive) {
             Ok(l) => Ok(Some(l)),
-            Err(StoreError::Io { source, .. })
+            Err(StoreError::Io(IoError { source, .. }))
                 if source.kind() == std::io::ErrorKind::WouldBlock =>
             {
                 Ok(None)

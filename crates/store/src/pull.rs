@@ -398,11 +398,11 @@ impl Store {
             let work_path = work.keep();
             if let Err(e) = crate::durable::rename_durably(&work_path, &dest) {
                 let _ = std::fs::remove_dir_all(&work_path);
-                return Err(StoreError::Io {
+                return Err(StoreError::Io(lazylayer_sys::IoError {
                     what: "storing layer".into(),
                     path: dest,
                     source: e,
-                });
+                }));
             }
             progress.layer_done(digest);
             info!(entries, file_bytes, "layer stored");

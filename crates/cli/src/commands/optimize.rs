@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use lazylayer_layer::index::chunks::{ChunkCompression, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use lazylayer_index::chunks::{ChunkCompression, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use lazylayer_optimize::{optimize, BootLayout, CancelHandle, OptimizeOptions};
 use lazylayer_runtime::{NetworkMode, WaitCondition};
 use lazylayer_store::PullOptions;

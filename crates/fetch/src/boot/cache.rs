@@ -7,8 +7,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use lazylayer_index::chunks::BootContent;
 use lazylayer_layer::chunked::decompress_piece;
-use lazylayer_layer::index::chunks::BootContent;
 use lazylayer_oci::Digest;
 use lazylayer_store::Store;
 use sha2::{Digest as _, Sha256};

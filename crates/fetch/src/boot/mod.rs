@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lazylayer_fs::RangedContent;
-use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
-use lazylayer_layer::index::BootIndex;
+use lazylayer_index::chunks::{BootContent, ChunkCompression};
+use lazylayer_index::BootIndex;
 use lazylayer_layer::Compression;
 use lazylayer_oci::{BodyStream, Digest, RegistryClient, Repository};
 use lazylayer_store::{LayerRef, PullOptions, Store};

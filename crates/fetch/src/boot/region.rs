@@ -5,8 +5,8 @@ use std::io::Read;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use lazylayer_layer::index::chunks::{BootContent, ChunkCompression};
-use lazylayer_layer::index::{BootIndex, INDEX_FILE_NAME};
+use lazylayer_index::chunks::{BootContent, ChunkCompression};
+use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::{BodyStream, Digest};
 
 use super::remote::ChunkRemote;

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use lazylayer_index::chunks::{BootContent, ChunkCompression, MIN_CHUNK_SIZE};
+use lazylayer_index::{BootIndex, FileKind, IndexEntry, INDEX_FILE_NAME};
 use lazylayer_layer::chunked::{compress_chunks, compress_piece, file_entry_tar};
-use lazylayer_layer::index::chunks::{BootContent, ChunkCompression, MIN_CHUNK_SIZE};
-use lazylayer_layer::index::{BootIndex, FileKind, IndexEntry, INDEX_FILE_NAME};
 use lazylayer_layer::{Compression, ExtractOptions, LayerWriter};
 use lazylayer_oci::{BodyStream, Digest, OciError};
 use lazylayer_store::{BoxFuture, LayerRef, PullOptions, Store};

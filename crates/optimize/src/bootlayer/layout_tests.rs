@@ -5,9 +5,9 @@ use std::io::Read;
 use std::path::Path;
 
 use lazylayer_fs::TraceRead;
-use lazylayer_layer::index::build_index;
-use lazylayer_layer::index::chunks::ChunkCompression;
-use lazylayer_layer::index::{BootIndex, INDEX_FILE_NAME};
+use lazylayer_index::build_index;
+use lazylayer_index::chunks::ChunkCompression;
+use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
 
 use super::{write_boot_layer, BootLayout};
 

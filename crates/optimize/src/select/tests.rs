@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use lazylayer_fs::{Access, TraceEvent};
-use lazylayer_layer::index::{build_index, BootIndex};
+use lazylayer_index::{build_index, BootIndex};
 
 use super::select_boot_entries;
 

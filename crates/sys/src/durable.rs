@@ -41,6 +41,25 @@ pub fn write_atomically_via(scratch: &Path, dest: &Path, bytes: &[u8]) -> std::i
     sync_dir(parent_of(dest)?)
 }
 
+/// Replace `dest` with `bytes` atomically against a crash of the process
+/// (temp file and rename), but with no `fsync`: after a power loss `dest`
+/// may be empty or old. Only for what is rewritten often and worthless once
+/// stale (a progress display), where a sync each time would make the file
+/// system flush everything else being written.
+pub fn write_atomically_unsynced(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(parent_of(dest)?)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(dest).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// Rename `from` (a file or a tree whose content is already synced) to
 /// `to`, then sync `to`'s directory so that the new name is on disk when
 /// this returns.
@@ -156,6 +175,19 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 2, "no temp file is left: {names:?}");
+    }
+
+    /// Atomic only: the content is whole and no temp file stays. (Its pages
+    /// are left to the kernel's writeback, which may or may not have run:
+    /// nothing to assert there.)
+    #[test]
+    fn an_unsynced_write_replaces_whole_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("status.json");
+        write_atomically_unsynced(&dest, b"{\"a\":1}").unwrap();
+        write_atomically_unsynced(&dest, &[5u8; 256 * 1024]).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), vec![5u8; 256 * 1024]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

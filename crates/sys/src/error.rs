@@ -1,0 +1,64 @@
+//! Errors as the crates report them: a chain of causes on one line, and the
+//! I/O failure that names what was being done and on which path.
+
+use std::path::PathBuf;
+
+/// An error and its causes on one line (for logs, gRPC messages and
+/// reports).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// An I/O operation that failed: what was being done, on which path. The
+/// message leaves the cause to [`error_chain`] (it is the `source`).
+#[derive(Debug, thiserror::Error)]
+#[error("{what} ({})", path.display())]
+pub struct IoError {
+    pub what: String,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl IoError {
+    /// A `map_err` closure: `.map_err(IoError::on("reading", &path))`.
+    pub fn on(
+        what: impl Into<String>,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> IoError {
+        let (what, path) = (what.into(), path.into());
+        move |source| IoError { what, path, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_names_every_cause_in_order() {
+        let inner = IoError::on("reading the record", "/s/a b.json")(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "gone",
+        ));
+        assert_eq!(inner.to_string(), "reading the record (/s/a b.json)");
+        assert_eq!(
+            error_chain(&inner),
+            "reading the record (/s/a b.json): gone"
+        );
+        #[derive(Debug, thiserror::Error)]
+        #[error("starting the container")]
+        struct Outer(#[source] IoError);
+        assert_eq!(
+            error_chain(&Outer(inner)),
+            "starting the container: reading the record (/s/a b.json): gone"
+        );
+    }
+}
