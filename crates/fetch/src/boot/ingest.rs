@@ -7,7 +7,6 @@
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -18,7 +17,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::remote::ChunkRemote;
 use super::state::ChunkState;
-use super::{BootChunks, REST_REQUEST, START_REQUEST, TRIES};
+use super::{chunk_retry, BootChunks, REST_REQUEST, START_REQUEST};
 
 impl BootChunks {
     /// Fetch every chunk not yet local, in order, in the background; then
@@ -285,7 +284,7 @@ impl BootChunks {
     }
 }
 
-/// One range from `remote`, tried up to [`TRIES`] times with a growing pause
+/// One range from `remote`, tried as [`chunk_retry`] allows with a growing pause
 /// (`failed` hears of each failure). A network error ends it at once: the
 /// client gave up on the host already, and another try here would only fail
 /// the same way.
@@ -295,19 +294,18 @@ async fn fetch_with_retries(
     len: u64,
     mut failed: impl FnMut(u32, &OciError),
 ) -> Result<Bytes, OciError> {
+    let policy = chunk_retry();
     let mut attempt = 0;
     loop {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
-        }
         match remote.range(from, len).await {
             Ok(bytes) => return Ok(bytes),
             Err(e) => {
                 failed(attempt, &e);
-                attempt += 1;
-                if e.is_network() || attempt >= TRIES {
+                if e.is_network() || !policy.allows_another(attempt) {
                     return Err(e);
                 }
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
             }
         }
     }

@@ -64,8 +64,13 @@ const REST_REQUEST: u64 = 4 << 20;
 /// Range GETs of the start list and the prefetch in flight at once (a
 /// reader's request never waits for one).
 const IN_FLIGHT: usize = 3;
-/// Tries of one range before its chunks count as failed.
-const TRIES: u32 = 3;
+/// Tries of one range before its chunks count as failed, and the pauses
+/// between them: the registry client's policy (with jitter), shorter than
+/// its own, since a reader may be waiting on the chunk (pauses of ~0.5 s
+/// and ~1 s).
+fn chunk_retry() -> lazylayer_oci::retry::RetryPolicy {
+    lazylayer_oci::retry::RetryPolicy::new(Duration::from_millis(500), Duration::from_secs(1), 3)
+}
 
 struct Inner {
     image: String,
