@@ -41,13 +41,8 @@ pub enum FetchError {
     },
     #[error("{image}: {reason}")]
     BadImage { image: String, reason: String },
-    #[error("{what} ({path})")]
-    Io {
-        what: String,
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] lazylayer_sys::IoError),
 }
 
 /// Whether a layer fetch failed because the registry could not be reached

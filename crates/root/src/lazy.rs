@@ -132,11 +132,12 @@ impl LazyImage {
                     .map_err(FetchError::from)?;
                 let boot_dir = store.layer_fs_path(&boot.digest);
                 let index_path = boot_dir.join(INDEX_FILE_NAME);
-                let bytes = std::fs::read(&index_path).map_err(|source| FetchError::Io {
-                    what: "reading the boot index".into(),
-                    path: index_path.clone(),
-                    source,
-                })?;
+                let bytes = std::fs::read(&index_path)
+                    .map_err(lazylayer_sys::IoError::on(
+                        "reading the boot index",
+                        &index_path,
+                    ))
+                    .map_err(FetchError::Io)?;
                 let index = BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
                     image: reference.to_string(),
                     source,

@@ -79,8 +79,8 @@ pub fn index_mask(store: &Store) -> Result<PathBuf, FetchError> {
         return Ok(dir);
     }
     let io = |what: &str, path: &Path| {
-        let (what, path) = (what.to_string(), path.to_path_buf());
-        move |source: std::io::Error| FetchError::Io { what, path, source }
+        let io = lazylayer_sys::IoError::on(what.to_string(), path.to_path_buf());
+        move |source: std::io::Error| FetchError::Io(io(source))
     };
     let parent = store.root().join("masks");
     lazylayer_store::create_private_dir(&parent)

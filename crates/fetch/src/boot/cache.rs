@@ -11,6 +11,7 @@ use lazylayer_index::chunks::BootContent;
 use lazylayer_layer::chunked::decompress_piece;
 use lazylayer_oci::Digest;
 use lazylayer_store::Store;
+use lazylayer_sys::IoError;
 use sha2::{Digest as _, Sha256};
 
 use super::state::ChunkState;
@@ -69,10 +70,7 @@ pub(super) fn cache_dir(
     use std::os::unix::fs::MetadataExt;
     let base = store.root().join("chunks");
     let dir = base.join(digest.hex());
-    let err = |what: &str, path: &Path| {
-        let (what, path) = (what.to_string(), path.to_path_buf());
-        move |source| FetchError::Io { what, path, source }
-    };
+    let err = |what: &str, path: &Path| IoError::on(what.to_string(), path.to_path_buf());
     for _ in 0..3 {
         lazylayer_store::create_private_dir(&base)
             .and_then(|_| lazylayer_store::create_private_dir(&dir))
@@ -85,11 +83,11 @@ pub(super) fn cache_dir(
             return Ok((dir, lock));
         }
     }
-    Err(FetchError::Io {
+    Err(FetchError::Io(IoError {
         what: "locking the chunk cache (removed under us three times)".into(),
         path: dir,
         source: io::Error::other("cache directory keeps disappearing"),
-    })
+    }))
 }
 
 /// The index region kept in `blob` by an earlier start, if its bytes are
@@ -204,10 +202,6 @@ pub(super) fn open_cache(
 }
 
 fn io(what: &str, p: &Path) -> impl FnOnce(io::Error) -> FetchError {
-    let (what, p) = (what.to_string(), p.to_path_buf());
-    move |source| FetchError::Io {
-        what,
-        path: p,
-        source,
-    }
+    let io = IoError::on(what.to_string(), p.to_path_buf());
+    move |source| FetchError::Io(io(source))
 }
