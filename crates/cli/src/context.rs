@@ -258,36 +258,11 @@ pub fn init_logging(verbose: u8) {
 
 /// `12.3 MB` style sizes (decimal, as registries and podman report them).
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    lazylayer_sys::ByteSize(n).to_string()
 }
 
 pub fn short_digest(d: &impl std::fmt::Display) -> String {
     let s = d.to_string();
     let hex = s.split(':').nth(1).unwrap_or(&s);
     hex.chars().take(12).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_are_decimal_with_one_digit() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(999), "999 B");
-        assert_eq!(human_bytes(1000), "1.0 kB");
-        assert_eq!(human_bytes(12_345_678), "12.3 MB");
-        assert_eq!(human_bytes(5_200_000_000_000), "5.2 TB");
-    }
 }

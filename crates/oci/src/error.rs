@@ -1,6 +1,5 @@
-use std::fmt;
-
 use crate::digest::Digest;
+use lazylayer_sys::ByteSize;
 
 /// Errors of the registry client and the format types. Each names the image,
 /// repository or blob it concerns.
@@ -115,29 +114,6 @@ pub enum OciError {
     TooLarge { what: String, size: u64, limit: u64 },
 }
 
-/// A byte count as this crate's messages print it: `12.3 MB` (decimal
-/// units, as registries and podman report sizes). The CLI's tables have a
-/// formatter of their own: how a front end shows sizes is its choice, and
-/// it takes no display code from the registry client.
-pub(crate) struct ByteSize(pub u64);
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-        let mut v = self.0 as f64;
-        let mut u = 0;
-        while v >= 1000.0 && u < UNITS.len() - 1 {
-            v /= 1000.0;
-            u += 1;
-        }
-        if u == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{v:.1} {}", UNITS[u])
-        }
-    }
-}
-
 /// When an open breaker's host is asked again, in words.
 fn next_probe(retry_in: &std::time::Duration) -> String {
     let secs = retry_in.as_secs_f64().ceil();
@@ -168,18 +144,6 @@ pub type Result<T, E = OciError> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_sizes_read_as_registries_print_them() {
-        assert_eq!(ByteSize(0).to_string(), "0 B");
-        assert_eq!(ByteSize(999).to_string(), "999 B");
-        assert_eq!(ByteSize(1000).to_string(), "1.0 kB");
-        assert_eq!(ByteSize(1024).to_string(), "1.0 kB");
-        assert_eq!(ByteSize(7_700_000).to_string(), "7.7 MB");
-        assert_eq!(ByteSize(25_000_000_000).to_string(), "25.0 GB");
-        // No unit past TB: a large count stays in TB.
-        assert_eq!(ByteSize(3_000_000_000_000_000).to_string(), "3000.0 TB");
-    }
 
     #[test]
     fn an_interrupted_download_says_how_far_it_got() {

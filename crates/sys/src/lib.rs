@@ -11,12 +11,15 @@
 //! - [`error`]: an error with its causes on one line, and the
 //!   `{what} {path}: {source}` I/O error the crates' own errors wrap.
 //! - [`digest`]: the `sha256:<hex>` text of a hash.
+//! - [`size`]: a byte count as people read it.
 
 pub mod beneath;
 pub mod digest;
 pub mod durable;
 pub mod error;
 pub mod mountinfo;
+pub mod size;
 
 pub use digest::{sha256_digest, sha256_digest_of};
 pub use error::{error_chain, IoError};
+pub use size::ByteSize;

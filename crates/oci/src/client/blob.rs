@@ -10,9 +10,10 @@ use reqwest::{Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::digest::{Digest, DigestHasher};
-use crate::error::{ByteSize, OciError, Result};
+use crate::error::{OciError, Result};
 use crate::hosts::{Endpoint, Purpose};
 use crate::reference::Repository;
+use lazylayer_sys::ByteSize;
 
 use super::failover::fails_over;
 use super::status::{expect_status, status_failure};
