@@ -447,6 +447,137 @@ mod tests {
             .any(|n| n["type"] == "network"));
     }
 
+    /// A rootfs with a passwd and group file, for the golden configs.
+    fn golden_rootfs() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\napp:x:1000:\nextra:x:2000:app\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    /// The representative inputs whose config.json is kept under tests/golden/:
+    /// (file name, spec).
+    fn golden_cases(rootfs: &Path) -> Vec<(&'static str, RunSpec)> {
+        let image = |c: ConfigBuilder| {
+            ImageConfigurationBuilder::default()
+                .config(c.build().unwrap())
+                .build()
+                .unwrap()
+        };
+        // An image config as a real one looks: user, env, cwd, entrypoint and cmd.
+        let full = || {
+            ConfigBuilder::default()
+                .user("app".to_owned())
+                .env(strings(&[
+                    "FOO=image",
+                    "PATH=/opt/bin:/usr/bin",
+                    "LANG=C.UTF-8",
+                ]))
+                .working_dir("/srv".to_owned())
+                .entrypoint(strings(&["/usr/bin/python3", "-u"]))
+                .cmd(strings(&["/app/hello.py"]))
+        };
+        let image_defaults = RunSpec::new("lazy-1", rootfs, image(full()));
+
+        // Everything the caller may override, as root, read-only, on the host network.
+        let mut overridden = RunSpec::new("local_2.x", rootfs, image(full()));
+        overridden.args = Some(strings(&["-c", "print(1)"]));
+        overridden.entrypoint = Some(strings(&["/usr/bin/python3"]));
+        overridden.env = strings(&["FOO=given", "NEW=1"]);
+        overridden.workdir = Some("/tmp".to_owned());
+        overridden.user = Some("0:0".to_owned());
+        overridden.network = NetworkMode::Host;
+        overridden.hostname = Some("box".to_owned());
+        overridden.terminal = true;
+        overridden.readonly_rootfs = true;
+
+        // A bare image: cmd only, no user (root), no env, no cwd.
+        let bare = RunSpec::new(
+            "bare",
+            rootfs,
+            image(ConfigBuilder::default().cmd(strings(&["/bin/sh"]))),
+        );
+
+        // A numeric user with a named group and supplementary groups from /etc/group.
+        let mut grouped = RunSpec::new("grouped", rootfs, image(full()));
+        grouped.user = Some("1000:extra".to_owned());
+        grouped.entrypoint = Some(Vec::new());
+        grouped.args = Some(strings(&["id"]));
+
+        vec![
+            ("image_defaults.json", image_defaults),
+            ("overridden_readonly_host.json", overridden),
+            ("bare_root.json", bare),
+            ("numeric_user_group.json", grouped),
+        ]
+    }
+
+    /// The config with what depends on the machine or the run replaced by markers:
+    /// the rootfs path (a tempdir) and the NOFILE hard limit (this process's own).
+    fn normalized(mut config: Value) -> Value {
+        config["root"]["path"] = json!("ROOTFS");
+        for rlimit in config["process"]["rlimits"].as_array_mut().unwrap() {
+            if rlimit["type"] == "RLIMIT_NOFILE" {
+                rlimit["hard"] = json!("NOFILE_HARD");
+                rlimit["soft"] = json!("NOFILE_HARD");
+            }
+        }
+        // The host's resolver is bound in only where the host has one.
+        if let Some(mounts) = config["mounts"].as_array_mut() {
+            mounts.retain(|m| m["destination"] != "/etc/resolv.conf");
+        }
+        config
+    }
+
+    /// config.json for representative inputs equals the kept golden files (as JSON
+    /// values, so key order and whitespace do not matter). `LAZYLAYER_BLESS=1`
+    /// rewrites them; review the diff before committing one.
+    #[test]
+    fn config_matches_golden_files() {
+        let rootfs = golden_rootfs();
+        let golden_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+        let bless = std::env::var_os("LAZYLAYER_BLESS").is_some();
+        for (name, spec) in golden_cases(rootfs.path()) {
+            let config = runtime_config(&spec).unwrap();
+            // Only the host network case binds the resolver, and only where it exists.
+            let resolv = config["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["destination"] == "/etc/resolv.conf");
+            assert_eq!(
+                resolv,
+                spec.network == NetworkMode::Host && Path::new("/etc/resolv.conf").exists(),
+                "{name}"
+            );
+            assert_eq!(
+                config["root"]["path"],
+                json!(rootfs.path()),
+                "{name}: root.path is the absolute rootfs"
+            );
+            let actual = normalized(config);
+            let path = golden_dir.join(name);
+            if bless {
+                std::fs::create_dir_all(&golden_dir).unwrap();
+                let mut text = serde_json::to_string_pretty(&actual).unwrap();
+                text.push('\n');
+                std::fs::write(&path, text).unwrap();
+                continue;
+            }
+            let expected: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(actual, expected, "{name} differs from {}", path.display());
+        }
+    }
+
     #[test]
     fn config_errors_name_the_container() {
         let (_dir, spec) = config_for(None, None);
