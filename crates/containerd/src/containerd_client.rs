@@ -6,15 +6,19 @@
 
 use std::collections::HashMap;
 
+// containerd-client generates every service's messages into one module; the
+// three names say which service a message belongs to.
+use containerd_client::services::v1 as cpb;
+use containerd_client::services::v1 as ipb;
+use containerd_client::services::v1 as lpb;
+use containerd_client::services::v1::snapshots::{self as spb, snapshots_client::SnapshotsClient};
+use containerd_client::services::v1::{
+    content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
+};
+use containerd_client::types as pbt;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
-
-use crate::proto::content::{self as cpb, content_client::ContentClient};
-use crate::proto::images::{self as ipb, images_client::ImagesClient};
-use crate::proto::leases::{self as lpb, leases_client::LeasesClient};
-use crate::proto::snapshots::{self as spb, snapshots_client::SnapshotsClient};
-use crate::proto::types as pbt;
 
 /// Labels containerd's garbage collector follows from content.
 pub const LABEL_GC_REF_CONTENT_CONFIG: &str = "containerd.io/gc.ref.content.config";
@@ -281,6 +285,7 @@ impl Containerd {
         let mut client = ImagesClient::new(self.channel.clone());
         let r = self.req(ipb::CreateImageRequest {
             image: Some(image.clone()),
+            source_date_epoch: None,
         })?;
         match client.create(r).await {
             Ok(_) => Ok(true),
@@ -288,6 +293,7 @@ impl Containerd {
                 let r = self.req(ipb::UpdateImageRequest {
                     image: Some(image),
                     update_mask: None,
+                    source_date_epoch: None,
                 })?;
                 client.update(r).await?;
                 Ok(false)

@@ -41,21 +41,6 @@ pub mod proto {
                     tonic::include_proto!("containerd.services.snapshots.v1");
                 }
             }
-            pub mod content {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.content.v1");
-                }
-            }
-            pub mod images {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.images.v1");
-                }
-            }
-            pub mod leases {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.leases.v1");
-                }
-            }
         }
     }
     /// Kubernetes' CRI (`runtime.v1`), client side, PullImage only: what
@@ -65,9 +50,6 @@ pub mod proto {
             tonic::include_proto!("runtime.v1");
         }
     }
-    pub use containerd::services::content::v1 as content;
-    pub use containerd::services::images::v1 as images;
-    pub use containerd::services::leases::v1 as leases;
     pub use containerd::services::snapshots::v1 as snapshots;
     pub use containerd::types;
     pub use runtime::v1 as cri;
