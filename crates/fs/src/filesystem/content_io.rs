@@ -110,19 +110,33 @@ impl<S: ContentSource> Shared<S> {
 
     /// Run `serve` (which owns a request's reply) on the waiting pool,
     /// counted as waiting meanwhile. Past the pool's bound it is dropped
-    /// unrun, which answers the request EIO.
+    /// unrun, which answers the request EIO: counted before, so whoever
+    /// sees the EIO sees the count.
     pub(super) fn wait_off_workers(
         &self,
         request: &str,
         i: u32,
         serve: impl FnOnce() + Send + 'static,
     ) {
-        let waiting = Waiting::new(&self.stats);
-        let accepted = self.waiting_pool.submit(Box::new(move || {
+        /// A job's parts in drop order (fields drop as declared): refused
+        /// and dropped unrun, it stops counting as waiting before `serve`'s
+        /// reply answers EIO, so whoever sees the EIO sees the counts final.
+        struct WaitingJob<F> {
+            waiting: Waiting,
+            serve: F,
+        }
+        let job = WaitingJob {
+            waiting: Waiting::new(&self.stats),
+            serve,
+        };
+        let submitted = self.waiting_pool.submit(Box::new(move || {
+            // Moved whole: the closure then holds the struct, not its fields.
+            let job = job;
+            let WaitingJob { waiting, serve } = job;
             serve();
             drop(waiting);
         }));
-        if !accepted {
+        if let Err(refused) = submitted {
             self.stats.refused_waits.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 request,
@@ -131,6 +145,7 @@ impl<S: ContentSource> Shared<S> {
                 queue = self.opts.waiting_queue,
                 "too many requests waiting for content; answered EIO"
             );
+            drop(refused);
         }
     }
 
