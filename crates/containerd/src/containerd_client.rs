@@ -330,4 +330,56 @@ mod tests {
         );
         assert!(chain_ids(&[]).is_empty());
     }
+
+    /// A client that never connects (no containerd needed); its channel
+    /// wants a runtime to exist, not to run.
+    fn offline(namespace: &str) -> (tokio::runtime::Runtime, Containerd) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let channel = {
+            let _entered = rt.enter();
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy()
+        };
+        (rt, Containerd::new(channel, namespace))
+    }
+
+    /// Every request names the namespace, and the lease once there is one:
+    /// that is what scopes containerd's records and keeps its GC away.
+    #[test]
+    fn requests_carry_the_namespace_and_the_lease() {
+        let (_rt, mut cd) = offline("lazylayer");
+        let r = cd.req(()).unwrap();
+        assert_eq!(
+            r.metadata().get("containerd-namespace").unwrap(),
+            "lazylayer"
+        );
+        assert!(r.metadata().get("containerd-lease").is_none());
+
+        cd.lease = Some("lazylayer-pull-1".into());
+        let r = cd.req(()).unwrap();
+        assert_eq!(
+            r.metadata().get("containerd-namespace").unwrap(),
+            "lazylayer"
+        );
+        assert_eq!(
+            r.metadata().get("containerd-lease").unwrap(),
+            "lazylayer-pull-1"
+        );
+    }
+
+    /// A namespace or lease that cannot be a header value is refused
+    /// before anything is sent.
+    #[test]
+    fn a_namespace_that_is_no_header_value_is_an_invalid_argument() {
+        let (_rt, cd) = offline("bad\nname");
+        let e = cd.req(()).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("namespace"), "{e}");
+        let (_rt, mut cd) = offline("ok");
+        cd.lease = Some("bad\nlease".into());
+        let e = cd.req(()).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("lease"), "{e}");
+    }
 }

@@ -45,3 +45,53 @@ fn du(p: &Path, u: &mut Usage, seen: &mut HashSet<(u64, u64)>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::PathBuf;
+
+    use crate::snapshots::{Kind, RemoteLayer, Snapshots, Usage};
+    use crate::SnapshotError;
+
+    /// A snapshot's own directory counted as `du` does: every inode once (a
+    /// hardlink is not counted twice), allocated blocks; a remote snapshot
+    /// has no directory and uses nothing; an unknown key is NotFound.
+    #[test]
+    fn usage_counts_inodes_once_and_remote_snapshots_as_empty() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Snapshots::open(t.path()).unwrap();
+        let m = s.create(Kind::Active, "a", "", BTreeMap::new()).unwrap();
+        let fs = PathBuf::from(&m[0].source);
+        let empty = s.usage("a").unwrap();
+        assert_eq!(empty.inodes, 1, "the fs directory itself");
+
+        std::fs::create_dir(fs.join("d")).unwrap();
+        std::fs::write(fs.join("d/f"), vec![7u8; 100_000]).unwrap();
+        std::fs::hard_link(fs.join("d/f"), fs.join("link")).unwrap();
+        let u = s.usage("a").unwrap();
+        assert_eq!(u.inodes, 3, "fs, d and f (its hardlink counted once)");
+        let blocks: i64 = [fs.clone(), fs.join("d"), fs.join("d/f")]
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().blocks() as i64 * 512)
+            .sum();
+        assert_eq!(u.size, blocks);
+        assert!(u.size >= 100_000, "{u:?}");
+
+        s.commit_remote(
+            "r",
+            "",
+            BTreeMap::new(),
+            RemoteLayer {
+                image_ref: "reg/img:boot".into(),
+                manifest_digest: "sha256:abcd".into(),
+                layer_digest: "sha256:1234".into(),
+                top: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.usage("r").unwrap(), Usage::default());
+        assert!(matches!(s.usage("nope"), Err(SnapshotError::NotFound(_))));
+    }
+}
