@@ -725,6 +725,25 @@ mod tests {
         }
     }
 
+    /// The written config.json is what runc reads: it loads back as an OCI
+    /// runtime spec equal to the one built, with root.path the absolute rootfs.
+    #[test]
+    fn write_bundle_writes_a_spec_that_loads_back() {
+        let rootfs = golden_rootfs();
+        let bundles = tempfile::tempdir().unwrap();
+        for (name, spec) in golden_cases(rootfs.path()) {
+            let bundle = bundles.path().join(name.trim_end_matches(".json"));
+            write_bundle(&spec, &bundle).unwrap();
+            let loaded = Spec::load(bundle.join("config.json")).unwrap();
+            assert_eq!(loaded, runtime_spec(&spec).unwrap(), "{name}");
+            assert_eq!(
+                loaded.root().as_ref().unwrap().path(),
+                rootfs.path(),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn config_errors_name_the_container() {
         let (_dir, spec) = config_for(None, None);
