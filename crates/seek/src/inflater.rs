@@ -144,3 +144,105 @@ pub(crate) fn inflate_raw_bounded(data: &[u8], limit: usize) -> Option<Vec<u8>> 
     out.truncate(step.produced);
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes that compress somewhat but not to nothing.
+    fn sample(len: usize) -> Vec<u8> {
+        let mut x = 0x2545_f491_u32;
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                if i % 3 == 0 {
+                    b'a' + (x % 4) as u8
+                } else {
+                    (x >> 8) as u8 % 16
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn raw_deflate_round_trips_within_its_bound() {
+        let data = sample(100_000);
+        let packed = deflate_raw(&data);
+        assert!(packed.len() < data.len());
+        assert_eq!(inflate_raw_bounded(&packed, data.len()).unwrap(), data);
+        // One byte short of the size: refused, not truncated.
+        assert!(inflate_raw_bounded(&packed, data.len() - 1).is_none());
+        // Input past the stream's end, or a stream cut short: refused.
+        let mut trailing = packed.clone();
+        trailing.push(0);
+        assert!(inflate_raw_bounded(&trailing, data.len()).is_none());
+        assert!(inflate_raw_bounded(&packed[..packed.len() / 2], data.len()).is_none());
+    }
+
+    /// The zran resume: stop at a block boundary with Z_BLOCK, then a new
+    /// inflater primed with the boundary byte's leftover bits and given the
+    /// 32 KiB window before it inflates the rest exactly.
+    #[test]
+    fn a_new_inflater_resumes_at_a_block_boundary_with_prime_and_dictionary() {
+        let data = sample(400_000);
+        let packed = deflate_raw(&data);
+        let mut inf = RawInflater::new();
+        let (mut consumed, mut produced) = (0usize, 0usize);
+        let mut out = vec![0u8; data.len()];
+        let mut resume = None;
+        loop {
+            let step = inf.inflate(
+                &packed[consumed..],
+                &mut out[produced..],
+                InflateFlush::Block,
+            );
+            consumed += step.consumed;
+            produced += step.produced;
+            assert!(
+                matches!(step.code, ReturnCode::Ok | ReturnCode::StreamEnd),
+                "{:?}",
+                step.code
+            );
+            let at_boundary =
+                step.data_type & AT_BLOCK_BOUNDARY != 0 && step.data_type & LAST_BLOCK == 0;
+            if at_boundary && produced > 100_000 {
+                // Bits inflate holds but has not used belong to the next block;
+                // zlib-rs may hold more than 7.
+                let pos = consumed * 8 - (step.data_type & BUFFERED_BITS) as usize;
+                let next_byte = pos.div_ceil(8);
+                resume = Some((next_byte, (next_byte * 8 - pos) as u8, produced));
+                break;
+            }
+            if step.code == ReturnCode::StreamEnd {
+                break;
+            }
+        }
+        let (next_byte, bits, produced) = resume.expect("a block boundary past 100 kB");
+        assert!(bits < 8);
+        let mut again = RawInflater::new();
+        let mut input = &packed[next_byte..];
+        if bits > 0 {
+            let before = packed[next_byte - 1];
+            again.prime(bits, before >> (8 - bits)).unwrap();
+        }
+        again
+            .set_dictionary(&data[produced - crate::WINDOW_SIZE..produced])
+            .unwrap();
+        let mut rest = vec![0u8; data.len() - produced];
+        let mut got = 0;
+        while got < rest.len() {
+            let step = again.inflate(input, &mut rest[got..], InflateFlush::NoFlush);
+            input = &input[step.consumed..];
+            got += step.produced;
+            if step.code == ReturnCode::StreamEnd {
+                break;
+            }
+            assert_eq!(step.code, ReturnCode::Ok);
+            assert!(step.consumed > 0 || step.produced > 0, "no progress");
+        }
+        assert_eq!(got, rest.len());
+        assert!(rest == data[produced..], "resumed bytes differ");
+    }
+}
