@@ -28,8 +28,11 @@ pub use snapshots::{Info, Kind, Mount, RemoteLayer, Snapshots, Usage};
 /// The gRPC library our generated code is built on, for clients of [`proto`].
 pub use tonic;
 
-/// Code generated from containerd's API (see `proto/`); modules mirror the
-/// protobuf packages because generated code refers across them by `super::`.
+/// Code generated from `proto/`: containerd's snapshots API, which the
+/// snapshotter serves (the `containerd-client` crate generates clients only),
+/// and the CRI client; [`containerd_client`] talks to containerd through the
+/// `containerd-client` crate's bindings. Modules mirror the protobuf packages
+/// because generated code refers across them by `super::`.
 pub mod proto {
     pub mod containerd {
         pub mod types {
