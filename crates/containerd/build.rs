@@ -1,16 +1,13 @@
-// Generates containerd's snapshots API (server and client) and the client side
-// of its content, images and leases APIs from the hand-kept .proto files, and
-// the client of the CRI ImageService (PullImage only, for tests that pull as
-// the kubelet does); needs `protoc` (Debian: protobuf-compiler + libprotobuf-dev).
+// Generates containerd's snapshots API (server, and the client tests use) from
+// the hand-kept .proto files, and the client of the CRI ImageService
+// (PullImage only, for tests that pull as the kubelet does); needs `protoc`
+// (Debian: protobuf-compiler + libprotobuf-dev). The client side of
+// containerd's own API comes from the containerd-client crate, which builds
+// no servers; the CRI API is not in it.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure().compile_protos(
-        &[
-            "proto/containerd/services/snapshots/v1/snapshots.proto",
-            "proto/containerd/services/content/v1/content.proto",
-            "proto/containerd/services/images/v1/images.proto",
-            "proto/containerd/services/leases/v1/leases.proto",
-        ],
+        &["proto/containerd/services/snapshots/v1/snapshots.proto"],
         &["proto", "/usr/include"],
     )?;
     tonic_prost_build::configure()

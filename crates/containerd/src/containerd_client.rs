@@ -6,15 +6,19 @@
 
 use std::collections::HashMap;
 
+// containerd-client generates every service's messages into one module; the
+// three names say which service a message belongs to.
+use containerd_client::services::v1 as cpb;
+use containerd_client::services::v1 as ipb;
+use containerd_client::services::v1 as lpb;
+use containerd_client::services::v1::snapshots::{self as spb, snapshots_client::SnapshotsClient};
+use containerd_client::services::v1::{
+    content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
+};
+use containerd_client::types as pbt;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
-
-use crate::proto::content::{self as cpb, content_client::ContentClient};
-use crate::proto::images::{self as ipb, images_client::ImagesClient};
-use crate::proto::leases::{self as lpb, leases_client::LeasesClient};
-use crate::proto::snapshots::{self as spb, snapshots_client::SnapshotsClient};
-use crate::proto::types as pbt;
 
 /// Labels containerd's garbage collector follows from content.
 pub const LABEL_GC_REF_CONTENT_CONFIG: &str = "containerd.io/gc.ref.content.config";
@@ -281,6 +285,7 @@ impl Containerd {
         let mut client = ImagesClient::new(self.channel.clone());
         let r = self.req(ipb::CreateImageRequest {
             image: Some(image.clone()),
+            source_date_epoch: None,
         })?;
         match client.create(r).await {
             Ok(_) => Ok(true),
@@ -288,6 +293,7 @@ impl Containerd {
                 let r = self.req(ipb::UpdateImageRequest {
                     image: Some(image),
                     update_mask: None,
+                    source_date_epoch: None,
                 })?;
                 client.update(r).await?;
                 Ok(false)
@@ -323,5 +329,57 @@ mod tests {
             lazylayer_oci::Digest::sha256_of(format!("{a} {b}").as_bytes()).to_string()
         );
         assert!(chain_ids(&[]).is_empty());
+    }
+
+    /// A client that never connects (no containerd needed); its channel
+    /// wants a runtime to exist, not to run.
+    fn offline(namespace: &str) -> (tokio::runtime::Runtime, Containerd) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let channel = {
+            let _entered = rt.enter();
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy()
+        };
+        (rt, Containerd::new(channel, namespace))
+    }
+
+    /// Every request names the namespace, and the lease once there is one:
+    /// that is what scopes containerd's records and keeps its GC away.
+    #[test]
+    fn requests_carry_the_namespace_and_the_lease() {
+        let (_rt, mut cd) = offline("lazylayer");
+        let r = cd.req(()).unwrap();
+        assert_eq!(
+            r.metadata().get("containerd-namespace").unwrap(),
+            "lazylayer"
+        );
+        assert!(r.metadata().get("containerd-lease").is_none());
+
+        cd.lease = Some("lazylayer-pull-1".into());
+        let r = cd.req(()).unwrap();
+        assert_eq!(
+            r.metadata().get("containerd-namespace").unwrap(),
+            "lazylayer"
+        );
+        assert_eq!(
+            r.metadata().get("containerd-lease").unwrap(),
+            "lazylayer-pull-1"
+        );
+    }
+
+    /// A namespace or lease that cannot be a header value is refused
+    /// before anything is sent.
+    #[test]
+    fn a_namespace_that_is_no_header_value_is_an_invalid_argument() {
+        let (_rt, cd) = offline("bad\nname");
+        let e = cd.req(()).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("namespace"), "{e}");
+        let (_rt, mut cd) = offline("ok");
+        cd.lease = Some("bad\nlease".into());
+        let e = cd.req(()).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("lease"), "{e}");
     }
 }

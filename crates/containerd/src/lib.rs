@@ -28,8 +28,11 @@ pub use snapshots::{Info, Kind, Mount, RemoteLayer, Snapshots, Usage};
 /// The gRPC library our generated code is built on, for clients of [`proto`].
 pub use tonic;
 
-/// Code generated from containerd's API (see `proto/`); modules mirror the
-/// protobuf packages because generated code refers across them by `super::`.
+/// Code generated from `proto/`: containerd's snapshots API, which the
+/// snapshotter serves (the `containerd-client` crate generates clients only),
+/// and the CRI client; [`containerd_client`] talks to containerd through the
+/// `containerd-client` crate's bindings. Modules mirror the protobuf packages
+/// because generated code refers across them by `super::`.
 pub mod proto {
     pub mod containerd {
         pub mod types {
@@ -41,21 +44,6 @@ pub mod proto {
                     tonic::include_proto!("containerd.services.snapshots.v1");
                 }
             }
-            pub mod content {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.content.v1");
-                }
-            }
-            pub mod images {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.images.v1");
-                }
-            }
-            pub mod leases {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.leases.v1");
-                }
-            }
         }
     }
     /// Kubernetes' CRI (`runtime.v1`), client side, PullImage only: what
@@ -65,9 +53,6 @@ pub mod proto {
             tonic::include_proto!("runtime.v1");
         }
     }
-    pub use containerd::services::content::v1 as content;
-    pub use containerd::services::images::v1 as images;
-    pub use containerd::services::leases::v1 as leases;
     pub use containerd::services::snapshots::v1 as snapshots;
     pub use containerd::types;
     pub use runtime::v1 as cri;

@@ -17,10 +17,11 @@ use crate::containerd_client::{
     chain_ids, Containerd, PrepareOutcome, LABEL_GC_REF_CONTENT_CONFIG,
     LABEL_GC_REF_SNAPSHOT_PREFIX, LABEL_SNAPSHOT_REF,
 };
-use crate::proto::{snapshots as spb, types as pbt};
 use crate::remote::{
     LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
 };
+use containerd_client::services::v1::snapshots as spb;
+use containerd_client::types as pbt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {

@@ -3,12 +3,10 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -21,9 +19,15 @@ use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 
 use crate::panics::panic_message;
 use crate::pool::WaitPool;
-use crate::source::{Content, ContentSource, RangedContent};
+use crate::source::{Content, ContentSource};
 use crate::table::{OpenTable, FLAG_INITIALIZED, FLAG_PASSTHROUGH};
 use crate::trace::{Access, Trace};
+
+mod content_io;
+mod stats;
+
+pub use stats::FsStats;
+use stats::Waiting;
 
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -64,70 +68,6 @@ impl Default for FsOptions {
             waiting_threads: 32,
             waiting_queue: 1024,
         }
-    }
-}
-
-/// Counters of how opens were served, shared with the caller (see
-/// [`LazyFs::stats`]) so tests and benchmarks can tell passthrough from
-/// daemon reads.
-#[derive(Debug, Default)]
-pub struct FsStats {
-    /// Requests of the kinds a starting program makes (lookups, attributes,
-    /// opens, reads, directory listings): a measure of activity.
-    requests: AtomicU64,
-    passthrough_opens: AtomicU64,
-    daemon_opens: AtomicU64,
-    read_requests: AtomicU64,
-    /// Opens and reads waiting for content (running or queued).
-    waiting: AtomicU64,
-    /// Waiting requests answered EIO because the pool's queue was full.
-    refused_waits: AtomicU64,
-}
-
-impl FsStats {
-    /// Lookups, getattrs, opens, reads and listings served so far.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-    /// Opens the kernel serves from the backing file directly.
-    pub fn passthrough_opens(&self) -> u64 {
-        self.passthrough_opens.load(Ordering::Relaxed)
-    }
-    /// Opens whose reads come to this daemon.
-    pub fn daemon_opens(&self) -> u64 {
-        self.daemon_opens.load(Ordering::Relaxed)
-    }
-    /// READ requests this daemon answered.
-    pub fn read_requests(&self) -> u64 {
-        self.read_requests.load(Ordering::Relaxed)
-    }
-    /// Opens and reads waiting for their content now.
-    pub fn waiting(&self) -> u64 {
-        self.waiting.load(Ordering::Relaxed)
-    }
-    /// Waiting requests refused (EIO) past the pool's bound.
-    pub fn refused_waits(&self) -> u64 {
-        self.refused_waits.load(Ordering::Relaxed)
-    }
-}
-
-/// Counts one waiting request while alive (here and in the process's
-/// metrics, which also time it).
-struct Waiting(
-    Arc<FsStats>,
-    #[allow(dead_code)] lazylayer_metrics::ReadWait,
-);
-
-impl Waiting {
-    fn new(stats: &Arc<FsStats>) -> Waiting {
-        stats.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(stats.clone(), lazylayer_metrics::ReadWait::start())
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -317,232 +257,6 @@ impl<S: ContentSource> Shared<S> {
         self.passthrough.store(true, Ordering::Relaxed);
     }
 
-    fn table(&self) -> &OpenTable {
-        self.table
-            .get()
-            .expect("FsMount attaches the table before serving")
-    }
-
-    /// Give `file` a handle for inode `ino` and reply, with passthrough when
-    /// the kernel allows it.
-    fn register_open(&self, ino: u64, file: File, reply: ReplyOpen) {
-        let table = self.table();
-        let fh = table.next_fh();
-        let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let (opens, mut backing) = table.get(ino);
-        // Only the first open of an inode picks its mode; later ones follow
-        // it, because the kernel refuses a mix.
-        if opens == 0 {
-            backing = 0;
-            if self.passthrough.load(Ordering::Relaxed) {
-                match reply.open_backing(&file) {
-                    // Ours to unregister at the last release (also by the
-                    // next server: the id is in the table).
-                    Ok(id) => backing = id.into_raw(),
-                    Err(e) => {
-                        // EPERM: the connection has no passthrough (or we
-                        // lack CAP_SYS_ADMIN); later opens would fail the same way.
-                        if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) {
-                            self.passthrough.store(false, Ordering::Relaxed);
-                            table.clear_flags(FLAG_PASSTHROUGH);
-                        }
-                        self.log_fallback(&e);
-                    }
-                }
-            }
-        }
-        table.set(ino, opens + 1, backing);
-        // Registered before replying, so a RELEASE always finds it.
-        st.files.insert(fh, Content::File(Arc::new(file)));
-        drop(st);
-        if backing != 0 {
-            self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: a backing id registered on this connection, kept
-            // open until the inode's last release (into_raw below keeps
-            // the wrapper from closing it).
-            let id = unsafe { reply.wrap_backing(backing) };
-            // No FOPEN_KEEP_CACHE: the kernel fails (EIO) a passthrough
-            // open with any flag outside FOPEN_PASSTHROUGH_MASK, and the
-            // page cache used is the backing file's anyway.
-            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-            let _ = id.into_raw();
-        } else {
-            self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
-            // Content never changes: let the page cache keep it across opens.
-            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-        }
-    }
-
-    /// Give ranged content a handle; read through this daemon, cached.
-    fn register_ranged(&self, ino: u64, content: Arc<dyn RangedContent>, reply: ReplyOpen) {
-        let table = self.table();
-        let fh = table.next_fh();
-        let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let (opens, backing) = table.get(ino);
-        table.set(ino, opens + 1, if opens == 0 { 0 } else { backing });
-        st.files.insert(fh, Content::Ranged(content));
-        drop(st);
-        self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-    }
-
-    /// The content of a handle an earlier server gave out (taken over): open
-    /// it again, under the same handle. May wait for the content.
-    fn reopen(&self, i: u32, fh: u64) -> std::io::Result<Content> {
-        let e = self.entry(i);
-        if e.kind != FileKind::File {
-            return Err(std::io::Error::from_raw_os_error(
-                rustix::io::Errno::BADF.raw_os_error(),
-            ));
-        }
-        let content = match self.source.ranged(i, e) {
-            Some(c) => Content::Ranged(c),
-            None => Content::File(Arc::new(matches_index(self.source.open(i, e)?, e)?)),
-        };
-        let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(st.files.entry(fh).or_insert(content).clone())
-    }
-
-    /// Run `serve` (which owns a request's reply) on the waiting pool,
-    /// counted as waiting meanwhile. Past the pool's bound it is dropped
-    /// unrun, which answers the request EIO.
-    fn wait_off_workers(&self, request: &str, i: u32, serve: impl FnOnce() + Send + 'static) {
-        let waiting = Waiting::new(&self.stats);
-        let accepted = self.waiting_pool.submit(Box::new(move || {
-            serve();
-            drop(waiting);
-        }));
-        if !accepted {
-            self.stats.refused_waits.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                request,
-                path = %String::from_utf8_lossy(&self.entry(i).path),
-                threads = self.opts.waiting_threads,
-                queue = self.opts.waiting_queue,
-                "too many requests waiting for content; answered EIO"
-            );
-        }
-    }
-
-    /// Serve a read of `content` (entry `i`): at once when its bytes are
-    /// here, else on the waiting pool.
-    fn read_content(
-        self: &Arc<Self>,
-        i: u32,
-        content: Content,
-        offset: u64,
-        size: u32,
-        reply: ReplyData,
-    ) {
-        let f = match content {
-            Content::File(f) => f,
-            Content::Ranged(c) => {
-                let size_left = self.entry(i).size.saturating_sub(offset);
-                let mut buf = vec![0u8; (size as u64).min(size_left) as usize];
-                if let Some(r) = c.try_read_at(&mut buf, offset) {
-                    return self.reply_ranged(i, r, &buf, offset, reply);
-                }
-                // Bytes still on their way: wait off the worker threads, as
-                // a waiting open does.
-                let shared = self.clone();
-                self.wait_off_workers("read", i, move || {
-                    let r = c.read_at(&mut buf, offset);
-                    shared.reply_ranged(i, r, &buf, offset, reply);
-                });
-                return;
-            }
-        };
-        let mut buf = vec![0u8; size as usize];
-        let mut got = 0usize;
-        while got < buf.len() {
-            match f.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return reply.error(Errno::from(e)),
-            }
-        }
-        if let Some(t) = &self.trace {
-            t.record_read(&self.entry(i).path, offset, got as u64);
-        }
-        reply.data(&buf[..got]);
-    }
-
-    /// Unregister a backing file (its inode's last open is released).
-    fn close_backing(&self, id: u32) {
-        let Some(dev) = self.device.get() else { return };
-        // FUSE_DEV_IOC_BACKING_CLOSE = _IOW(229, 2, uint32_t).
-        const CLOSE: rustix::ioctl::Opcode = rustix::ioctl::opcode::write::<u32>(229, 2);
-        // SAFETY: the opcode takes a u32 backing id.
-        let r = unsafe {
-            rustix::ioctl::ioctl(dev.as_fd(), rustix::ioctl::Setter::<CLOSE, u32>::new(id))
-        };
-        if let Err(e) = r {
-            tracing::debug!(id, error = %e, "unregistering a backing file");
-        }
-    }
-
-    /// Reply to a read of ranged content at `offset` of entry `i`.
-    fn reply_ranged(
-        &self,
-        i: u32,
-        r: std::io::Result<()>,
-        buf: &[u8],
-        offset: u64,
-        reply: ReplyData,
-    ) {
-        match r {
-            Ok(()) => {
-                if let Some(t) = &self.trace {
-                    t.record_read(&self.entry(i).path, offset, buf.len() as u64);
-                }
-                reply.data(buf)
-            }
-            Err(err) => self.content_error(i, Some(offset), &err, |e| reply.error(e)),
-        }
-    }
-
-    /// Log why entry `i`'s content cannot be served (at `offset`, for a
-    /// read) and answer EIO through `reply`.
-    fn content_error(
-        &self,
-        i: u32,
-        offset: Option<u64>,
-        err: &std::io::Error,
-        reply: impl FnOnce(Errno),
-    ) {
-        use std::io::ErrorKind as K;
-        let path = String::from_utf8_lossy(&self.entry(i).path);
-        match err.kind() {
-            // Bytes that do not match their digest, or the image's layer and
-            // its own index disagree: hostile or corrupt content, never served.
-            K::InvalidData => {
-                tracing::error!(%path, offset, error = %err, "refused content that does not match its digest or the boot index")
-            }
-            // Not the content's fault: the registry could not be reached.
-            K::HostUnreachable
-            | K::NetworkUnreachable
-            | K::NetworkDown
-            | K::ConnectionRefused
-            | K::ConnectionReset
-            | K::ConnectionAborted
-            | K::NotConnected => {
-                tracing::warn!(%path, offset, error = %err, "content unavailable: network failure, the registry cannot be reached")
-            }
-            _ => tracing::warn!(%path, offset, error = %err, "content unavailable"),
-        }
-        reply(Errno::EIO)
-    }
-
-    /// Reply to an open of entry `i` (inode `ino`) with what the source gave.
-    fn finish_open(&self, ino: u64, i: u32, r: std::io::Result<File>, reply: ReplyOpen) {
-        let e = self.entry(i);
-        match r.and_then(|f| matches_index(f, e)) {
-            Ok(f) => self.register_open(ino, f, reply),
-            Err(err) => self.content_error(i, None, &err, |e| reply.error(e)),
-        }
-    }
-
     fn idx(&self, ino: INodeNo) -> Option<u32> {
         let i = ino.0.checked_sub(1)?;
         (i < self.index.len() as u64).then_some(i as u32)
@@ -596,24 +310,6 @@ impl<S: ContentSource> Shared<S> {
             v
         }
     }
-}
-
-/// The opened content must be what the index announced: a regular file of
-/// the size `stat` reported (sources refuse anything but regular files; the
-/// size is checked here, once for every source).
-fn matches_index(f: File, e: &IndexEntry) -> std::io::Result<File> {
-    let len = f.metadata()?.len();
-    if len != e.size {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!(
-                "the boot index says {} is a regular file of {} bytes, the layer holds one of {len} bytes",
-                String::from_utf8_lossy(&e.path),
-                e.size
-            ),
-        ));
-    }
-    Ok(f)
 }
 
 /// Serve one request with `serve`: a panic in it answers that request EIO

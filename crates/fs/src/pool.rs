@@ -48,20 +48,20 @@ impl WaitPool {
         }
     }
 
-    /// Run `job` on a pool thread. False when the queue is full (or no
-    /// thread could be started): `job` was dropped, which answers its
-    /// request EIO.
-    pub(crate) fn submit(&self, job: Job) -> bool {
+    /// Run `job` on a pool thread. When the queue is full (or no thread
+    /// could be started) `job` comes back unrun: dropping it answers its
+    /// request EIO, so the caller counts the refusal first.
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
         let mut inner = self.state.lock();
         if inner.busy + inner.jobs.len() >= self.threads + self.queue {
-            return false;
+            return Err(job);
         }
         inner.jobs.push_back(job);
         // Threads not running a job (waiting, or started and about to look).
         let free = inner.started - inner.busy;
         if free >= inner.jobs.len() {
             self.state.work.notify_one();
-            return true;
+            return Ok(());
         }
         if inner.started < self.threads {
             let state = self.state.clone();
@@ -73,13 +73,14 @@ impl WaitPool {
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start a thread for waiting requests");
                     if inner.started == 0 {
-                        inner.jobs.pop_back();
-                        return false;
+                        if let Some(job) = inner.jobs.pop_back() {
+                            return Err(job);
+                        }
                     }
                 }
             }
         }
-        true
+        Ok(())
     }
 }
 
@@ -142,7 +143,7 @@ mod tests {
                 let _ = gate.lock().unwrap().recv();
                 done.send(i).unwrap();
             });
-            if pool.submit(job) {
+            if pool.submit(job).is_ok() {
                 accepted += 1;
             }
         }

@@ -1,0 +1,68 @@
+//! Counters of the file system's activity, shared with its owner.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Counters of how opens were served, shared with the caller (see
+/// [`LazyFs::stats`]) so tests and benchmarks can tell passthrough from
+/// daemon reads.
+#[derive(Debug, Default)]
+pub struct FsStats {
+    /// Requests of the kinds a starting program makes (lookups, attributes,
+    /// opens, reads, directory listings): a measure of activity.
+    pub(super) requests: AtomicU64,
+    pub(super) passthrough_opens: AtomicU64,
+    pub(super) daemon_opens: AtomicU64,
+    pub(super) read_requests: AtomicU64,
+    /// Opens and reads waiting for content (running or queued).
+    pub(super) waiting: AtomicU64,
+    /// Waiting requests answered EIO because the pool's queue was full.
+    pub(super) refused_waits: AtomicU64,
+}
+
+impl FsStats {
+    /// Lookups, getattrs, opens, reads and listings served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+    /// Opens the kernel serves from the backing file directly.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.passthrough_opens.load(Ordering::Relaxed)
+    }
+    /// Opens whose reads come to this daemon.
+    pub fn daemon_opens(&self) -> u64 {
+        self.daemon_opens.load(Ordering::Relaxed)
+    }
+    /// READ requests this daemon answered.
+    pub fn read_requests(&self) -> u64 {
+        self.read_requests.load(Ordering::Relaxed)
+    }
+    /// Opens and reads waiting for their content now.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+    /// Waiting requests refused (EIO) past the pool's bound.
+    pub fn refused_waits(&self) -> u64 {
+        self.refused_waits.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one waiting request while alive (here and in the process's
+/// metrics, which also time it).
+pub(super) struct Waiting(
+    Arc<FsStats>,
+    #[allow(dead_code)] lazylayer_metrics::ReadWait,
+);
+
+impl Waiting {
+    pub(super) fn new(stats: &Arc<FsStats>) -> Waiting {
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(stats.clone(), lazylayer_metrics::ReadWait::start())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
