@@ -184,7 +184,7 @@ impl Snapshots {
         })?;
         // Its directory synced too: containerd is told a snapshot exists
         // only once its record would survive a power loss.
-        lazylayer_store::durable::write_atomically(&path, &bytes)
+        lazylayer_sys::durable::write_atomically(&path, &bytes)
             .map_err(io("writing snapshot metadata", &path))
     }
 

@@ -255,7 +255,7 @@ impl Store {
         f(&mut used);
         let dest = self.used_path();
         let bytes = serde_json::to_vec(&used).expect("serialisable");
-        crate::durable::write_atomically_via(&self.tmp_dir(), &dest, &bytes)
+        lazylayer_sys::durable::write_atomically_via(&self.tmp_dir(), &dest, &bytes)
             .map_err(io_err("saving the last-used file", &dest))
     }
 

@@ -30,7 +30,7 @@
 
 mod cache;
 mod check;
-pub use lazylayer_sys::durable;
+use lazylayer_sys::durable;
 mod error;
 mod lock;
 mod pins;

@@ -54,7 +54,8 @@ impl Store {
         let bytes = serde_json::to_vec(&file).expect("serialisable");
         // The temp file beside the pin, not in tmp/: `prune` empties tmp/
         // and pins are written without the store lock.
-        crate::durable::write_atomically(&path, &bytes).map_err(io_err("storing a pin", &path))
+        lazylayer_sys::durable::write_atomically(&path, &bytes)
+            .map_err(io_err("storing a pin", &path))
     }
 
     /// [`Store::pin`], taken off again when the returned value is dropped.

@@ -379,7 +379,7 @@ impl Store {
             // The blob's and the tree's bytes reach the disk before the names
             // that publish them (see `durable`): one syncfs for both.
             let synced = work.path().to_path_buf();
-            tokio::task::spawn_blocking(move || crate::durable::sync_filesystem(&synced))
+            tokio::task::spawn_blocking(move || lazylayer_sys::durable::sync_filesystem(&synced))
                 .await
                 .map_err(|e| StoreError::Worker {
                     what: format!("syncing layer {digest}"),
@@ -389,14 +389,14 @@ impl Store {
             // Blob first, then the layer: a layer.json in place means all is there.
             let blob_dest = self.blob_path(digest);
             if !blob_dest.exists() {
-                crate::durable::rename_durably(&partial, &blob_dest)
+                lazylayer_sys::durable::rename_durably(&partial, &blob_dest)
                     .map_err(io_err("storing layer blob", &blob_dest))?;
             } else {
                 discard();
             }
             let dest = self.layer_base(digest);
             let work_path = work.keep();
-            if let Err(e) = crate::durable::rename_durably(&work_path, &dest) {
+            if let Err(e) = lazylayer_sys::durable::rename_durably(&work_path, &dest) {
                 let _ = std::fs::remove_dir_all(&work_path);
                 return Err(StoreError::Io(lazylayer_sys::IoError {
                     what: "storing layer".into(),
