@@ -1091,21 +1091,6 @@ fn registry_not_answering_a_blob_request_is_a_stall() {
 
 // ---- resuming cut layers from their partial download ---------------------
 
-/// `n` bytes that do not compress (xorshift), so a layer's blob size is
-/// about its content's.
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
-
 /// A one-layer image `lazylayer/NAME` whose layer is one file of `mb` MB of
 /// random data: (reference, layer digest, layer size).
 fn random_layer_image(reg: &Registry, name: &str, mb: usize) -> (String, String, u64) {
@@ -1115,7 +1100,7 @@ fn random_layer_image(reg: &Registry, name: &str, mb: usize) -> (String, String,
         "random.bin",
         b'0',
         "",
-        &random_bytes(mb * 1_000_000, name.len() as u64 + 7),
+        &lazylayer_testsupport::incompressible(mb * 1_000_000, name.len() as u64 + 7),
     );
     tar.extend_from_slice(&[0u8; 1024]);
     let layer = gzip(&tar);

@@ -26,20 +26,6 @@ fn sha(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
-/// Incompressible bytes (deterministic), so a layer's gzip stream is long
-/// and its raw bytes appear in it.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// One layer blob served by [`FileSource`].
 struct Blob {
     name: usize,
@@ -293,7 +279,7 @@ fn find(blob: &[u8], needle: &[u8]) -> usize {
 #[test]
 fn a_file_is_served_while_its_layer_still_streams() {
     let mut w = World::new();
-    let big = noise(1 << 20, 1);
+    let big = lazylayer_testsupport::incompressible(1 << 20, 1);
     let l = w.layer(&[("hello.txt", b"hello"), ("big.bin", &big)]);
     let half = w.blob(l).len() as u64 / 2;
     let src = w.source(|_, b| b.pause_at = Some(half));
@@ -319,7 +305,7 @@ fn a_file_is_served_while_its_layer_still_streams() {
 #[test]
 fn verified_only_waits_for_the_whole_layer() {
     let mut w = World::new();
-    let big = noise(1 << 20, 7);
+    let big = lazylayer_testsupport::incompressible(1 << 20, 7);
     let l = w.layer(&[("hello.txt", b"hello"), ("marker", b"m"), ("big.bin", &big)]);
     let half = w.blob(l).len() as u64 / 2;
     let src = w.source(|_, b| b.pause_at = Some(half));
@@ -357,7 +343,7 @@ fn verified_only_waits_for_the_whole_layer() {
 #[test]
 fn a_file_not_matching_the_index_waits_for_the_verified_layer() {
     let mut w = World::new();
-    let big = noise(1 << 20, 2);
+    let big = lazylayer_testsupport::incompressible(1 << 20, 2);
     let l = w.layer(&[
         ("app.conf", b"old"),
         ("marker", b"m"),
@@ -388,8 +374,8 @@ fn a_file_not_matching_the_index_waits_for_the_verified_layer() {
 #[test]
 fn a_corrupted_file_is_never_served() {
     let mut w = World::new();
-    let payload = noise(64 << 10, 3);
-    let big = noise(1 << 20, 4);
+    let payload = lazylayer_testsupport::incompressible(64 << 10, 3);
+    let big = lazylayer_testsupport::incompressible(1 << 20, 4);
     let l = w.layer(&[("lib.so", &payload), ("marker", b"m"), ("big.bin", &big)]);
     let flip = find(w.blob(l), &payload[32 << 10..(32 << 10) + 64]) as u64 + 8;
     let half = w.blob(l).len() as u64 / 2;
@@ -421,7 +407,7 @@ fn a_corrupted_file_is_never_served() {
 #[test]
 fn a_stalled_source_gives_readers_an_error() {
     let mut w = World::new();
-    let big = noise(1 << 20, 5);
+    let big = lazylayer_testsupport::incompressible(1 << 20, 5);
     let l = w.layer(&[("big.bin", &big), ("late.txt", b"late")]);
     let half = w.blob(l).len() as u64 / 2;
     let src = w.source(|_, b| b.pause_at = Some(half));
@@ -441,7 +427,7 @@ fn a_stalled_source_gives_readers_an_error() {
 #[test]
 fn cancel_fails_readers_at_once_and_leaves_nothing_running() {
     let mut w = World::new();
-    let big = noise(1 << 20, 6);
+    let big = lazylayer_testsupport::incompressible(1 << 20, 6);
     let l = w.layer(&[("big.bin", &big), ("late.txt", b"late")]);
     let half = w.blob(l).len() as u64 / 2;
     let src = w.source(|_, b| b.pause_at = Some(half));
@@ -477,7 +463,7 @@ fn cancel_fails_readers_at_once_and_leaves_nothing_running() {
 fn prefetch_is_ordered_bounded_and_readers_jump_the_queue() {
     let mut w = World::new();
     for i in 0..4 {
-        let big = noise(256 << 10, 10 + i);
+        let big = lazylayer_testsupport::incompressible(256 << 10, 10 + i);
         w.layer(&[("big.bin", &big)]);
     }
     let half0 = w.blob(0).len() as u64 / 2;

@@ -33,17 +33,9 @@ const HEADER_LEN: usize = 76;
 /// several checkpoints with windows and a dozen file records.
 fn layer() -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for i in 0..24 {
         let data: Vec<u8> = if i % 3 == 0 {
-            (0..8000)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
+            lazylayer_testsupport::incompressible(8000, i)
         } else {
             format!("line {i} of a text file\n")
                 .repeat(200)

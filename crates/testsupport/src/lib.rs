@@ -711,3 +711,19 @@ impl RestartFigures {
         );
     }
 }
+
+/// `len` bytes that do not compress (xorshift from `seed`), the same for the
+/// same seed: a layer's or chunk's compressed size is then about its
+/// content's, and its raw bytes appear in the compressed stream.
+pub fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

@@ -29,19 +29,6 @@ const FILE: u32 = 1;
 /// Where its bytes start in the content tar (after its one header block).
 const FILE_START: u64 = 512;
 
-/// Bytes that do not compress (so every chunk has its own size).
-fn sample(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn entry(path: &[u8], kind: FileKind, size: u64) -> IndexEntry {
     IndexEntry {
         path: path.to_vec(),
@@ -79,7 +66,7 @@ struct TestLayer {
 
 impl TestLayer {
     fn new(file_len: usize, start: Vec<u32>, c: ChunkCompression, seed: u64) -> TestLayer {
-        let data = sample(file_len, seed);
+        let data = lazylayer_testsupport::incompressible(file_len, seed);
         let mut w = LayerWriter::new(Vec::new(), Compression::None);
         w.append_bytes(Path::new("data.bin"), 0o644, 0, &data)
             .unwrap();
