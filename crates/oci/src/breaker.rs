@@ -134,7 +134,8 @@ impl Breakers {
                         breakers.close(&host);
                         return;
                     }
-                    Ok(Err(e)) => breakers.probe_failed(&host, crate::client::error_text(&e)),
+                    Ok(Err(e)) => breakers
+                        .probe_failed(&host, lazylayer_sys::error::error_chain_without_repeats(&e)),
                     Err(_) => breakers.probe_failed(
                         &host,
                         format!("no answer to a probe within {} s", PROBE_TIMEOUT.as_secs()),
@@ -149,7 +150,7 @@ impl Breakers {
 /// it was fetching, which the next error names itself).
 fn short_cause(e: &OciError) -> String {
     match e {
-        OciError::Http { source, .. } => crate::client::error_text(source),
+        OciError::Http { source, .. } => lazylayer_sys::error::error_chain_without_repeats(source),
         OciError::NoAnswer { secs, tries, .. } => {
             format!("no answer within {secs:.0} s, {tries} tries")
         }

@@ -6,12 +6,26 @@ use std::path::PathBuf;
 /// An error and its causes on one line (for logs, gRPC messages and
 /// reports).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
+    chain(e, false)
+}
+
+/// [`error_chain`] leaving out a cause whose text the line already holds:
+/// for errors that repeat their cause in their own message (hyper's and
+/// reqwest's do), so that a short line (a breaker's reason) says it once.
+pub fn error_chain_without_repeats(e: &dyn std::error::Error) -> String {
+    chain(e, true)
+}
+
+fn chain(e: &dyn std::error::Error, skip_repeats: bool) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
+    while let Some(cause) = src {
+        let text = cause.to_string();
+        if !(skip_repeats && out.contains(&text)) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = cause.source();
     }
     out
 }
@@ -41,6 +55,24 @@ impl IoError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_the_line_already_says_is_left_out_only_when_asked() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connection refused")]
+        struct Refused;
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request: connection refused")]
+        struct Sending(#[source] Refused);
+        assert_eq!(
+            error_chain_without_repeats(&Sending(Refused)),
+            "error sending request: connection refused"
+        );
+        assert_eq!(
+            error_chain(&Sending(Refused)),
+            "error sending request: connection refused: connection refused"
+        );
+    }
 
     #[test]
     fn a_chain_names_every_cause_in_order() {

@@ -89,22 +89,6 @@ impl BlobResume {
     }
 }
 
-/// An error and its sources on one line: reqwest's own text ("error sending
-/// request for url ...") does not say what failed.
-pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        src = cause.source();
-    }
-    out
-}
-
 /// What a push of one blob did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushOutcome {
