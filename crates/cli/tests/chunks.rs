@@ -148,9 +148,15 @@ fn root_lazy_start_fetches_the_index_then_only_the_chunks_read() {
     let deadline = Instant::now() + Duration::from_secs(60);
     // `run` records the image once every layer (the boot layer's chunks
     // included) is local; a container that exits at once may beat it, so
-    // a second, longer run finishes the job if needed.
-    while !stored_layer(root.path(), &o.boot_digest).exists() {
-        assert!(Instant::now() < deadline, "boot layer never stored whole");
+    // a second, longer run finishes the job if needed. The wait is for the
+    // record, not just the boot layer: the other layers may still be
+    // arriving when the boot layer is whole, and the offline start below
+    // needs them all.
+    while !(stored_layer(root.path(), &o.boot_digest).exists() && image_recorded(root.path())) {
+        assert!(
+            Instant::now() < deadline,
+            "boot layer never stored whole, or the image never recorded"
+        );
         let out = run(
             root.path(),
             &[

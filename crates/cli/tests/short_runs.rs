@@ -27,12 +27,6 @@ fn blob_bytes_sent(log: &str, digest: &str) -> u64 {
 }
 
 /// Whether the store at `root` records the image (every layer local).
-fn recorded(root: &std::path::Path) -> bool {
-    lazylayer_json(root, &["images"])
-        .as_array()
-        .is_some_and(|a| !a.is_empty())
-}
-
 #[test]
 fn short_runs_keep_every_byte_and_complete_the_image() {
     let (reg, opt_root, layers, proxy, via) = optimized_python3_behind_a_proxy();
@@ -72,7 +66,7 @@ fn short_runs_keep_every_byte_and_complete_the_image() {
         let stats = String::from_utf8_lossy(&out.stderr);
         if n == 1 {
             assert!(
-                !recorded(root.path()),
+                !image_recorded(root.path()),
                 "the first run was not cut: it fetched the whole image"
             );
             assert!(
@@ -99,7 +93,7 @@ fn short_runs_keep_every_byte_and_complete_the_image() {
             );
             lazylayer_ok(root.path(), &["rm", &name]);
         }
-        if recorded(root.path()) {
+        if image_recorded(root.path()) {
             complete_after = Some(n);
             break;
         }

@@ -123,6 +123,14 @@ pub fn tree_listing(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Whether the store at `root` has recorded an image: every layer of it is
+/// local, so a start needs no registry.
+pub fn image_recorded(root: &Path) -> bool {
+    lazylayer_json(root, &["images"])
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+}
+
 pub fn stored_layer(root: &Path, digest: &str) -> PathBuf {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     root.join("layers/sha256").join(hex)
