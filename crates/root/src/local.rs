@@ -79,7 +79,7 @@ pub fn index_mask(store: &Store) -> Result<PathBuf, FetchError> {
         return Ok(dir);
     }
     let io = |what: &str, path: &Path| {
-        let io = lazylayer_sys::IoError::on(what.to_string(), path.to_path_buf());
+        let io = lazylayer_sys::IoError::on(what, path);
         move |source: std::io::Error| FetchError::Io(io(source))
     };
     let parent = store.root().join("masks");

@@ -25,19 +25,7 @@ pub fn write_atomically(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// file system as `dest`): for a store whose `tmp/` is where leftovers of a
 /// killed process are cleared.
 pub fn write_atomically_via(scratch: &Path, dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(scratch)?;
-    tmp.write_all(bytes)?;
-    // The data first: a rename that reaches the disk before its data would
-    // name an empty file after a power loss.
-    tmp.as_file().sync_all()?;
-    tmp.persist(dest).map_err(|e| e.error)?;
+    replace_via_temp(scratch, dest, bytes, true)?;
     sync_dir(parent_of(dest)?)
 }
 
@@ -47,6 +35,17 @@ pub fn write_atomically_via(scratch: &Path, dest: &Path, bytes: &[u8]) -> std::i
 /// stale (a progress display), where a sync each time would make the file
 /// system flush everything else being written.
 pub fn write_atomically_unsynced(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace_via_temp(parent_of(dest)?, dest, bytes, false)
+}
+
+/// `bytes` into a temp file in `scratch` (`.NAME.*.tmp`), synced first when
+/// `sync_data`, then renamed over `dest`.
+fn replace_via_temp(
+    scratch: &Path,
+    dest: &Path,
+    bytes: &[u8],
+    sync_data: bool,
+) -> std::io::Result<()> {
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -54,8 +53,13 @@ pub fn write_atomically_unsynced(dest: &Path, bytes: &[u8]) -> std::io::Result<(
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
-        .tempfile_in(parent_of(dest)?)?;
+        .tempfile_in(scratch)?;
     tmp.write_all(bytes)?;
+    if sync_data {
+        // The data first: a rename that reaches the disk before its data
+        // would name an empty file after a power loss.
+        tmp.as_file().sync_all()?;
+    }
     tmp.persist(dest).map_err(|e| e.error)?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Errors as the crates report them: a chain of causes on one line, and the
 //! I/O failure that names what was being done and on which path.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// An error and its causes on one line (for logs, gRPC messages and
 /// reports).
@@ -42,12 +42,11 @@ pub struct IoError {
 }
 
 impl IoError {
-    /// A `map_err` closure: `.map_err(IoError::on("reading", &path))`.
-    pub fn on(
-        what: impl Into<String>,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> IoError {
-        let (what, path) = (what.into(), path.into());
+    /// A `map_err` closure: `.map_err(IoError::on("reading", &path))`. It
+    /// owns copies of both, so it borrows nothing from the caller (a helper
+    /// can return it).
+    pub fn on(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> IoError {
+        let (what, path) = (what.to_string(), path.to_path_buf());
         move |source| IoError { what, path, source }
     }
 }
@@ -76,10 +75,9 @@ mod tests {
 
     #[test]
     fn a_chain_names_every_cause_in_order() {
-        let inner = IoError::on("reading the record", "/s/a b.json")(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "gone",
-        ));
+        let inner = IoError::on("reading the record", Path::new("/s/a b.json"))(
+            std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        );
         assert_eq!(inner.to_string(), "reading the record (/s/a b.json)");
         assert_eq!(
             error_chain(&inner),

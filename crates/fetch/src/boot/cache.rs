@@ -70,11 +70,10 @@ pub(super) fn cache_dir(
     use std::os::unix::fs::MetadataExt;
     let base = store.root().join("chunks");
     let dir = base.join(digest.hex());
-    let err = |what: &str, path: &Path| IoError::on(what.to_string(), path.to_path_buf());
     for _ in 0..3 {
         lazylayer_store::create_private_dir(&base)
             .and_then(|_| lazylayer_store::create_private_dir(&dir))
-            .map_err(err("creating the chunk cache directory", &dir))?;
+            .map_err(io("creating the chunk cache directory", &dir))?;
         let lock_path = dir.join("lock");
         let lock = lazylayer_store::FileLock::shared(&lock_path)?;
         // Still the lock file at that path: not removed by a prune while we
@@ -202,6 +201,6 @@ pub(super) fn open_cache(
 }
 
 fn io(what: &str, p: &Path) -> impl FnOnce(io::Error) -> FetchError {
-    let io = IoError::on(what.to_string(), p.to_path_buf());
+    let io = IoError::on(what, p);
     move |source| FetchError::Io(io(source))
 }
