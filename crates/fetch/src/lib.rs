@@ -20,7 +20,7 @@ mod span;
 mod tasks;
 
 pub use bandwidth::Bandwidth;
-pub use boot::{reap_chunk_caches, BootChunks, ChunkedBoot};
+pub use boot::{reap_chunk_caches, BootBlob, BootChunks, BootRegion, ChunkedBoot};
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use source::{BootContentSource, LazySource};
 pub use span::MAX_SPAN_FILE;

@@ -18,5 +18,5 @@ pub use client::{BlobResume, BodyStream, ClientConfig, PushOutcome, RegistryClie
 pub use digest::{Digest, DigestHasher};
 pub use error::OciError;
 pub use hosts::{Endpoint, Hosts, Purpose};
-pub use manifest::{Platform, ResolvedImage};
+pub use manifest::{Platform, ResolvedImage, ResolvedManifest};
 pub use reference::{Reference, Repository};

@@ -192,6 +192,16 @@ pub fn descriptor_digest(what: &str, d: &Descriptor) -> Result<Digest, OciError>
         })
 }
 
+/// A single-platform image manifest, resolved and verified; its config not
+/// fetched yet.
+#[derive(Debug, Clone)]
+pub struct ResolvedManifest {
+    /// When the reference named an index: the index document.
+    pub index: Option<RawManifest>,
+    pub manifest: RawManifest,
+    pub parsed: ImageManifest,
+}
+
 /// A single-platform image, resolved: manifest and config fetched and verified.
 #[derive(Debug, Clone)]
 pub struct ResolvedImage {

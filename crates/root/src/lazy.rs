@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use lazylayer_fetch::{
-    BootChunks, BootContentSource, ChunkedBoot, FetchError, FetchOptions, LayerFetcher, LazySource,
+    BootBlob, BootChunks, BootContentSource, BootRegion, ChunkedBoot, FetchError, FetchOptions,
+    LayerFetcher, LazySource,
 };
 use lazylayer_fs::{FsOptions, LazyFs};
 use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::manifest::RawManifest;
-use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_oci::{Digest, Reference, RegistryClient, ResolvedImage};
 use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
 
 use crate::annotations::{boot_annotations, BootAnnotations};
@@ -51,7 +52,7 @@ impl LazyImage {
         opts: FetchOptions,
     ) -> Result<LazyImage, OpenError> {
         let local = crate::local::local_image(store, reference);
-        let (raw, config_bytes, layers, offline) = match local {
+        let (raw, config_bytes, layers, offline, fetched_region) = match local {
             Some(rec) => {
                 let manifest = store
                     .read_blob(&rec.manifest_digest)
@@ -64,23 +65,25 @@ impl LazyImage {
                     media_type: rec.manifest_media_type.clone(),
                     digest: rec.manifest_digest.clone(),
                 };
-                (raw, config, rec.layers.clone(), true)
+                (raw, config, rec.layers.clone(), true, None)
             }
             None => {
-                let r = lazylayer_store::resolve_layers(&client, reference, &opts.pull.platform)
-                    .await
-                    .map_err(FetchError::from)?;
+                let (image, region) = Self::resolve(store, &client, reference, &opts).await?;
+                let layers =
+                    lazylayer_store::layer_refs(reference, &image).map_err(FetchError::from)?;
                 store
-                    .put_blob_bytes(&r.image.manifest.digest, &r.image.manifest.bytes)
+                    .put_blob_bytes(&image.manifest.digest, &image.manifest.bytes)
                     .map_err(FetchError::from)?;
+                let config_digest = image.config_digest().map_err(FetchError::from)?;
                 store
-                    .put_blob_bytes(&r.config_digest, &r.image.config_bytes)
+                    .put_blob_bytes(&config_digest, &image.config_bytes)
                     .map_err(FetchError::from)?;
                 (
-                    r.image.manifest.clone(),
-                    r.image.config_bytes.to_vec(),
-                    r.layers,
+                    image.manifest.clone(),
+                    image.config_bytes.to_vec(),
+                    layers,
                     false,
+                    region,
                 )
             }
         };
@@ -103,20 +106,36 @@ impl LazyImage {
             // A chunked boot layer not in the store yet: the index first,
             // the content while the container runs.
             Some((region_len, region_digest)) if store.layer_dir(&boot.digest).is_none() => {
+                let fetched = match fetched_region {
+                    Some(r) => r?,
+                    None => {
+                        BootChunks::fetch_region(
+                            store,
+                            BootBlob {
+                                image: &reference.to_string(),
+                                client: client.clone(),
+                                repo: reference.repository.clone(),
+                                digest: &boot.digest,
+                                size: boot.size,
+                                region_len,
+                                region_digest: &region_digest,
+                            },
+                        )
+                        .await?
+                    }
+                };
                 let (index, chunks) = BootChunks::open(
                     store,
+                    fetched,
                     ChunkedBoot {
                         image: &reference.to_string(),
-                        client: client.clone(),
-                        repo: reference.repository.clone(),
                         layer: &boot,
                         region_len,
                         region_digest: &region_digest,
                         read_timeout: opts.read_timeout,
                         pull: opts.pull.clone(),
                     },
-                )
-                .await?;
+                )?;
                 (index, BootContentSource::Chunks(chunks))
             }
             _ => {
@@ -175,6 +194,55 @@ impl LazyImage {
             opts,
             offline,
         })
+    }
+
+    /// Manifest, then the config and (for a chunked boot layer not in the
+    /// store) the boot layer's index region at once: one round trip for
+    /// both, where one after the other cost two. The region's result is
+    /// the caller's to check (None: not fetched here).
+    async fn resolve(
+        store: &Store,
+        client: &Arc<RegistryClient>,
+        reference: &Reference,
+        opts: &FetchOptions,
+    ) -> Result<(ResolvedImage, Option<Result<BootRegion, FetchError>>), OpenError> {
+        let m = client
+            .resolve_manifest(reference, &opts.pull.platform)
+            .await
+            .map_err(FetchError::from)?;
+        let blob = match boot_annotations(reference, &m.manifest)? {
+            Some(BootAnnotations {
+                layer,
+                region: Some((region_len, region_digest)),
+            }) if store.layer_dir(&layer).is_none() => m
+                .parsed
+                .layers()
+                .last()
+                .filter(|d| d.digest().to_string() == layer.to_string())
+                .map(|d| (layer, d.size(), region_len, region_digest)),
+            _ => None,
+        };
+        let image_name = reference.to_string();
+        let region = async {
+            let (digest, size, region_len, region_digest) = blob.as_ref()?;
+            Some(
+                BootChunks::fetch_region(
+                    store,
+                    BootBlob {
+                        image: &image_name,
+                        client: client.clone(),
+                        repo: reference.repository.clone(),
+                        digest,
+                        size: *size,
+                        region_len: *region_len,
+                        region_digest,
+                    },
+                )
+                .await,
+            )
+        };
+        let (image, region) = tokio::join!(client.fetch_config(reference, m), region);
+        Ok((image.map_err(FetchError::from)?, region))
     }
 
     /// The reference its record is (or will be) filed under in the store.

@@ -36,6 +36,7 @@ use tokio::sync::Semaphore;
 
 mod cache;
 mod ingest;
+mod plan;
 mod reader;
 mod region;
 mod remote;
@@ -57,13 +58,16 @@ use crate::FetchError;
 /// Largest index region accepted (compressed and decompressed): far above
 /// any real index (a 100k-path image's is a few MB), small enough to hold.
 const MAX_REGION: u64 = 256 << 20;
-/// Compressed bytes asked for in one Range GET at start (adjacent chunks
-/// are coalesced up to this), and by the background fetch of the rest.
-const START_REQUEST: u64 = 256 << 10;
+/// Compressed bytes asked for in one Range GET at start (spans of the start
+/// set are joined up to this, see `plan`), and by the background fetch of
+/// the rest. Chunks are served as they arrive, so a large request delays
+/// no reader; several requests share the link as one would.
+const START_REQUEST: u64 = 2 << 20;
 const REST_REQUEST: u64 = 4 << 20;
-/// Range GETs of the start list and the prefetch in flight at once (a
-/// reader's request never waits for one).
-const IN_FLIGHT: usize = 3;
+/// Range GETs of the start set and the prefetch in flight at once (a
+/// reader's request never waits for one): enough that the start set goes
+/// out in one or two round trips (HTTP/1.1, a connection each).
+const IN_FLIGHT: usize = 8;
 /// Tries of one range before its chunks count as failed, and the pauses
 /// between them: the registry client's policy (with jitter), shorter than
 /// its own, since a reader may be waiting on the chunk (pauses of ~0.5 s
@@ -100,6 +104,9 @@ struct Inner {
     rt: tokio::runtime::Handle,
     fetched: AtomicU64,
     slots: Arc<Semaphore>,
+    /// What the index region's response told of the link (None when the
+    /// region came from the cache, or too fast to time).
+    link: Option<plan::LinkEstimate>,
     /// The start-list and prefetch tasks and their range GETs, stopped when
     /// the image's last user goes (readers' own GETs are not here).
     background: Tasks,
@@ -118,8 +125,8 @@ fn bad(image: &str, reason: impl Into<String>) -> FetchError {
     }
 }
 
-/// The boot layer [`BootChunks::open_with`] opens, wherever its bytes come from.
-pub(crate) struct BootLayer<'a> {
+/// The boot layer [`BootChunks::open`] opens, its index region in hand.
+pub struct ChunkedBoot<'a> {
     pub image: &'a str,
     pub layer: &'a LayerRef,
     pub region_len: u64,
@@ -144,71 +151,122 @@ fn chunk_compression(image: &str, layer: &LayerRef) -> Result<ChunkCompression, 
     }
 }
 
-/// What [`BootChunks::open`] needs to know of the image.
-pub struct ChunkedBoot<'a> {
+/// Where a chunked boot layer's index region is: all the manifest says,
+/// so that it can be fetched while the image's config is (one round trip
+/// for both).
+pub struct BootBlob<'a> {
     pub image: &'a str,
     pub client: Arc<RegistryClient>,
     pub repo: Repository,
-    pub layer: &'a LayerRef,
+    pub digest: &'a Digest,
+    pub size: u64,
     pub region_len: u64,
     pub region_digest: &'a Digest,
-    pub read_timeout: Duration,
-    pub pull: PullOptions,
+}
+
+/// A boot layer's index region, fetched or found in the chunk cache, not
+/// checked yet: [`BootChunks::open`] checks and decodes it.
+pub struct BootRegion {
+    dir: PathBuf,
+    lock: lazylayer_store::FileLock,
+    blob: File,
+    head: RegionHead,
+    remote: Arc<dyn ChunkRemote>,
 }
 
 impl BootChunks {
-    /// Fetch and check the index region, decode the index, and start
-    /// fetching the chunks the trace read. Returns once the index is in.
-    pub async fn open(
-        store: &Store,
-        b: ChunkedBoot<'_>,
-    ) -> Result<(BootIndex, BootChunks), FetchError> {
+    /// The index region of `b`: the one an earlier start kept if it is
+    /// still the one the manifest names, else one Range GET.
+    pub async fn fetch_region(store: &Store, b: BootBlob<'_>) -> Result<BootRegion, FetchError> {
         let remote = Arc::new(RegistryChunks {
             client: b.client,
             repo: b.repo,
-            digest: b.layer.digest.clone(),
+            digest: b.digest.clone(),
         });
-        let layer = BootLayer {
-            image: b.image,
-            layer: b.layer,
-            region_len: b.region_len,
-            region_digest: b.region_digest,
-            read_timeout: b.read_timeout,
-            pull: b.pull,
-        };
-        Self::open_with(store, layer, remote).await
+        Self::region_with(
+            store,
+            b.image,
+            b.digest,
+            b.size,
+            b.region_len,
+            b.region_digest,
+            remote,
+        )
+        .await
     }
 
-    /// [`BootChunks::open`], its ranges from `remote`.
-    pub(crate) async fn open_with(
+    async fn region_with(
         store: &Store,
-        b: BootLayer<'_>,
+        image: &str,
+        digest: &Digest,
+        size: u64,
+        region_len: u64,
+        region_digest: &Digest,
         remote: Arc<dyn ChunkRemote>,
-    ) -> Result<(BootIndex, BootChunks), FetchError> {
-        let image = b.image;
-        let compression = chunk_compression(image, b.layer)?;
-        if b.region_len == 0 || b.region_len > b.layer.size.min(MAX_REGION) {
+    ) -> Result<BootRegion, FetchError> {
+        if region_len == 0 || region_len > size.min(MAX_REGION) {
             return Err(bad(
                 image,
-                format!(
-                    "index region of {} bytes in a boot layer of {}",
-                    b.region_len, b.layer.size
-                ),
+                format!("index region of {region_len} bytes in a boot layer of {size}"),
             ));
         }
-        let (dir, lock) = cache_dir(store, &b.layer.digest)?;
+        let (dir, lock) = cache_dir(store, digest)?;
         let blob = open_blob(&dir)?;
-        // The region an earlier start of this image kept, if it still is
-        // the one the manifest names; else from the registry.
-        let head = match cached_region(&blob, b.region_len, b.region_digest) {
+        let head = match cached_region(&blob, region_len, region_digest) {
             Some(region) => RegionHead {
                 ranged: true,
                 body: None,
                 region,
                 leftover: Bytes::new(),
+                link: None,
             },
-            None => fetch_region(&*remote, image, b.region_len).await?,
+            None => fetch_region(&*remote, image, region_len).await?,
         };
+        Ok(BootRegion {
+            dir,
+            lock,
+            blob,
+            head,
+            remote,
+        })
+    }
+
+    /// [`BootChunks::fetch_region`] then [`BootChunks::open`], its ranges from `remote`.
+    #[cfg(test)]
+    pub(crate) async fn open_with(
+        store: &Store,
+        b: ChunkedBoot<'_>,
+        remote: Arc<dyn ChunkRemote>,
+    ) -> Result<(BootIndex, BootChunks), FetchError> {
+        let region = Self::region_with(
+            store,
+            b.image,
+            &b.layer.digest,
+            b.layer.size,
+            b.region_len,
+            b.region_digest,
+            remote,
+        )
+        .await?;
+        Self::open(store, region, b)
+    }
+
+    /// Check `region` against the manifest's digest, decode the index, and
+    /// start fetching the chunks the trace read. Call in a runtime.
+    pub fn open(
+        store: &Store,
+        region: BootRegion,
+        b: ChunkedBoot<'_>,
+    ) -> Result<(BootIndex, BootChunks), FetchError> {
+        let image = b.image;
+        let compression = chunk_compression(image, b.layer)?;
+        let BootRegion {
+            dir,
+            lock,
+            blob,
+            head,
+            remote,
+        } = region;
         let (index, content) = check_region(
             image,
             &head.region,
@@ -252,6 +310,7 @@ impl BootChunks {
                 rt: tokio::runtime::Handle::current(),
                 fetched: AtomicU64::new(fetched),
                 slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+                link: head.link,
                 background: Tasks::default(),
             }),
         };

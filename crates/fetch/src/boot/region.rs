@@ -2,6 +2,7 @@
 //! the index file, compressed as one piece.
 
 use std::io::Read;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -9,6 +10,7 @@ use lazylayer_index::chunks::{BootContent, ChunkCompression};
 use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::{BodyStream, Digest};
 
+use super::plan::LinkEstimate;
 use super::remote::ChunkRemote;
 use super::{bad, MAX_REGION};
 use crate::FetchError;
@@ -22,6 +24,8 @@ pub(super) struct RegionHead {
     pub region: Vec<u8>,
     /// Bytes past the region that came with its last piece.
     pub leftover: Bytes,
+    /// The link as this response measured it (the start set's plan).
+    pub link: Option<LinkEstimate>,
 }
 
 /// The index region's `region_len` bytes, with one Range GET (or the start
@@ -31,11 +35,17 @@ pub(super) async fn fetch_region(
     image: &str,
     region_len: u64,
 ) -> Result<RegionHead, FetchError> {
+    let sent = Instant::now();
     let (ranged, mut body) = remote.range_stream(0, region_len).await?;
     let mut got = Vec::with_capacity(region_len as usize);
+    let mut first = None;
     while (got.len() as u64) < region_len {
         match body.next().await {
-            Some(c) => got.extend_from_slice(&c?),
+            Some(c) => {
+                let c = c?;
+                first.get_or_insert_with(Instant::now);
+                got.extend_from_slice(&c);
+            }
             None => {
                 return Err(bad(
                     image,
@@ -48,12 +58,15 @@ pub(super) async fn fetch_region(
             }
         }
     }
+    let link =
+        first.and_then(|first| LinkEstimate::measure(region_len, first - sent, first.elapsed()));
     let leftover = Bytes::from(got.split_off(region_len as usize));
     Ok(RegionHead {
         ranged,
         body: Some(body),
         region: got,
         leftover,
+        link,
     })
 }
 

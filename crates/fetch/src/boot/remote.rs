@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use lazylayer_oci::{BodyStream, Digest, OciError, RegistryClient, Repository};
 use lazylayer_store::BoxFuture;
 
@@ -17,8 +16,6 @@ pub(crate) trait ChunkRemote: Send + Sync {
         from: u64,
         len: u64,
     ) -> BoxFuture<'_, Result<(bool, BodyStream), OciError>>;
-    /// Exactly `len` bytes from `from`.
-    fn range(&self, from: u64, len: u64) -> BoxFuture<'_, Result<Bytes, OciError>>;
 }
 
 /// A boot layer blob in a registry.
@@ -37,13 +34,6 @@ impl ChunkRemote for RegistryChunks {
         Box::pin(
             self.client
                 .blob_range_stream(&self.repo, &self.digest, from, len),
-        )
-    }
-
-    fn range(&self, from: u64, len: u64) -> BoxFuture<'_, Result<Bytes, OciError>> {
-        Box::pin(
-            self.client
-                .get_blob_range(&self.repo, &self.digest, from, len),
         )
     }
 }

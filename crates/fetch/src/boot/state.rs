@@ -58,27 +58,45 @@ impl State {
         Some(first..end)
     }
 
-    /// The runs of `range` a reader needs fetched, marked fetching: absent
-    /// chunks, and those the registry could not be reached for (asked
-    /// again); not those present, failed for good, or already on the way.
-    pub(super) fn claim_wanted(&mut self, range: Range<u32>) -> Vec<Range<u32>> {
-        let wanted = |c: &ChunkState| matches!(c, ChunkState::Absent | ChunkState::Unreachable(_));
-        let mut runs = Vec::new();
-        let mut c = range.start;
-        while c < range.end {
-            if !wanted(&self.chunks[c as usize]) {
-                c += 1;
-                continue;
-            }
-            let first = c;
-            while c < range.end && wanted(&self.chunks[c as usize]) {
-                self.chunks[c as usize] = ChunkState::Fetching;
-                c += 1;
-            }
-            runs.push(first..c);
-        }
-        runs
+    /// The chunks of `range` a reader needs fetched, claimed for one request
+    /// (marked fetching): absent chunks, and those the registry could not be
+    /// reached for (asked again); not those present, failed for good, or
+    /// already on the way. One span from the first to the last claimed, so a
+    /// read window costs one request even when chunks in it are local or on
+    /// their way already (a few of them come twice).
+    pub(super) fn claim_wanted(&mut self, range: Range<u32>) -> Option<Claim> {
+        self.claim(range, |c| {
+            matches!(c, ChunkState::Absent | ChunkState::Unreachable(_))
+        })
     }
+
+    /// The absent chunks of `span` claimed for one request of the start set
+    /// or the prefetch; the span trimmed to them. None when none is absent.
+    pub(super) fn claim_span(&mut self, span: Range<u32>) -> Option<Claim> {
+        self.claim(span, |c| *c == ChunkState::Absent)
+    }
+
+    fn claim(&mut self, range: Range<u32>, wanted: impl Fn(&ChunkState) -> bool) -> Option<Claim> {
+        let claimed: Vec<u32> = range
+            .filter(|&c| wanted(&self.chunks[c as usize]))
+            .collect();
+        let (&first, &last) = (claimed.first()?, claimed.last()?);
+        for &c in &claimed {
+            self.chunks[c as usize] = ChunkState::Fetching;
+        }
+        Some(Claim {
+            span: first..last + 1,
+            claimed,
+        })
+    }
+}
+
+/// One request's chunks: the span it asks for, and the chunks it claimed
+/// (the others in the span are local or another request's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Claim {
+    pub span: Range<u32>,
+    pub claimed: Vec<u32>,
 }
 
 /// Whether chunks `range` can be read: all present (Ok), one failed (the

@@ -20,8 +20,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
 use super::remote::ChunkRemote;
-use super::state::{verdict, ChunkState, State};
-use super::{reap_chunk_caches, BootChunks, BootLayer};
+use super::state::{verdict, ChunkState, Claim, State};
+use super::{reap_chunk_caches, BootChunks, ChunkedBoot};
 use crate::FetchError;
 
 /// The file the test layer holds: entry 1 of its index.
@@ -231,20 +231,37 @@ impl MemoryRemote {
 }
 
 impl ChunkRemote for MemoryRemote {
+    /// The index region is the request from byte 0 (it heads the blob; a
+    /// chunk never starts there): counted in `streams`, whole blob when the
+    /// registry ignores Range. Every other request is a chunk range: logged
+    /// in `ranges`, held at the gate, answered as `answer` says.
     fn range_stream(
         &self,
         from: u64,
         len: u64,
     ) -> BoxFuture<'_, Result<(bool, BodyStream), OciError>> {
         Box::pin(async move {
-            self.streams.fetch_add(1, Ordering::SeqCst);
-            let (ranged, bytes) = if self.ignores_range {
-                (false, self.blob.clone())
+            let (ranged, bytes) = if from == 0 {
+                self.streams.fetch_add(1, Ordering::SeqCst);
+                if self.ignores_range {
+                    (false, self.blob.clone())
+                } else {
+                    (true, self.blob[..len as usize].to_vec())
+                }
             } else {
-                (
-                    true,
-                    self.blob[from as usize..(from + len) as usize].to_vec(),
-                )
+                self.ranges.lock().unwrap().push((from, len));
+                let _permit = self.gate.acquire().await.unwrap();
+                let answer = *self.answer.lock().unwrap();
+                match answer {
+                    Answer::Bytes | Answer::Corrupt => {
+                        let mut b = self.blob[from as usize..(from + len) as usize].to_vec();
+                        if answer == Answer::Corrupt {
+                            b[0] ^= 0xff;
+                        }
+                        (true, b)
+                    }
+                    a => return Err(self.error(a)),
+                }
             };
             // In pieces, as a response body comes.
             let pieces: Vec<Result<Bytes, OciError>> = bytes
@@ -253,24 +270,6 @@ impl ChunkRemote for MemoryRemote {
                 .collect();
             let body: BodyStream = Box::pin(futures_util::stream::iter(pieces));
             Ok((ranged, body))
-        })
-    }
-
-    fn range(&self, from: u64, len: u64) -> BoxFuture<'_, Result<Bytes, OciError>> {
-        Box::pin(async move {
-            self.ranges.lock().unwrap().push((from, len));
-            let _permit = self.gate.acquire().await.unwrap();
-            let answer = *self.answer.lock().unwrap();
-            match answer {
-                Answer::Bytes | Answer::Corrupt => {
-                    let mut b = self.blob[from as usize..(from + len) as usize].to_vec();
-                    if answer == Answer::Corrupt {
-                        b[0] ^= 0xff;
-                    }
-                    Ok(Bytes::from(b))
-                }
-                a => Err(self.error(a)),
-            }
         })
     }
 }
@@ -283,7 +282,7 @@ async fn open(
 ) -> Result<BootChunks, FetchError> {
     let (index, chunks) = BootChunks::open_with(
         store,
-        BootLayer {
+        ChunkedBoot {
             image: "registry.test/boot:1",
             layer: &l.layer,
             region_len: l.region_len,
@@ -401,7 +400,15 @@ fn a_reader_claims_absent_and_unreachable_chunks_not_failed_or_fetching_ones() {
         Present,
         Absent,
     ]);
-    assert_eq!(s.claim_wanted(0..7), vec![0..2, 3..4, 5..6]);
+    // One request from the first wanted chunk to the last: a read window
+    // costs one round trip; the fetching one in it is not claimed.
+    assert_eq!(
+        s.claim_wanted(0..7),
+        Some(Claim {
+            span: 0..6,
+            claimed: vec![0, 1, 3, 5]
+        })
+    );
     assert_eq!(
         s.chunks,
         vec![
@@ -416,7 +423,31 @@ fn a_reader_claims_absent_and_unreachable_chunks_not_failed_or_fetching_ones() {
         ]
     );
     // Asked again: everything wanted is on its way already.
-    assert!(s.claim_wanted(0..7).is_empty());
+    assert_eq!(s.claim_wanted(0..7), None);
+}
+
+#[test]
+fn a_start_span_claims_only_absent_chunks_trimmed_to_them() {
+    let mut s = state(vec![
+        Present,
+        Absent,
+        Fetching,
+        Absent,
+        Unreachable("down".into()),
+        Present,
+    ]);
+    assert_eq!(
+        s.claim_span(0..6),
+        Some(Claim {
+            span: 1..4,
+            claimed: vec![1, 3]
+        })
+    );
+    assert_eq!(s.chunks[1], Fetching);
+    assert_eq!(s.chunks[3], Fetching);
+    // Unreachable chunks wait for a reader to ask again.
+    assert_eq!(s.chunks[4], Unreachable("down".into()));
+    assert_eq!(s.claim_span(0..6), None);
 }
 
 #[test]
@@ -436,30 +467,48 @@ fn the_verdict_waits_for_missing_chunks_and_names_the_failure() {
     assert_eq!(e.kind(), io::ErrorKind::HostUnreachable);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_start_list_is_fetched_in_blob_order_adjacent_chunks_in_one_request() {
-    let l = TestLayer::small(vec![6, 3, 2]);
-    let remote = MemoryRemote::new(&l);
-    let (_d, store) = store();
-    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
-    wait_until("start list done", || chunks.start_list_done()).await;
+/// The spans a remote was asked for, in blob order.
+fn spans_asked(l: &TestLayer, remote: &MemoryRemote) -> Vec<Range<u32>> {
     let mut runs: Vec<Range<u32>> = remote
         .ranges()
         .iter()
         .map(|&(from, len)| l.chunks_of(from, len))
         .collect();
     runs.sort_by_key(|r| r.start);
-    assert_eq!(runs, vec![2..4, 6..7]);
+    runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_set_goes_out_as_one_request_across_a_small_gap() {
+    let l = TestLayer::small(vec![6, 3, 2]);
+    let remote = MemoryRemote::new(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    wait_until("start list done", || chunks.start_list_done()).await;
+    // Chunks 4 and 5 (8 KiB) cost less than one more request: fetched too.
+    assert_eq!(spans_asked(&l, &remote), vec![2..7]);
     let s = states(&chunks);
     assert_eq!(s.len(), l.chunk_count() as usize);
     for (c, got) in s.iter().enumerate() {
-        let want = if [2, 3, 6].contains(&c) {
-            Present
-        } else {
-            Absent
-        };
+        let want = if (2..7).contains(&c) { Present } else { Absent };
         assert_eq!(*got, want, "chunk {c}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_runs_far_apart_are_separate_requests_sent_at_once() {
+    // 400 KiB of file: ~100 chunks of 4 KiB; a gap of ~90 chunks (360 KiB)
+    // is more than the default gap.
+    let l = TestLayer::new(400 << 10, vec![95, 1, 2, 96], ChunkCompression::Gzip, 9);
+    let remote = MemoryRemote::gated(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    // Both requests are in flight before either is answered.
+    wait_until("both requests sent", || remote.ranges().len() == 2).await;
+    assert_eq!(spans_asked(&l, &remote), vec![1..3, 95..97]);
+    remote.open_gate();
+    wait_until("start list done", || chunks.start_list_done()).await;
+    assert_eq!(states(&chunks)[50], Absent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

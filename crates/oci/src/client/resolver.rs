@@ -10,7 +10,7 @@ use crate::error::{OciError, Result};
 use crate::hosts::{Endpoint, Purpose};
 use crate::manifest::{
     descriptor_digest, parse_manifest, select_platform, ManifestKind, Platform, RawManifest,
-    ResolvedImage, MANIFEST_ACCEPT, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES,
+    ResolvedImage, ResolvedManifest, MANIFEST_ACCEPT, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES,
 };
 use crate::reference::{Reference, Repository};
 
@@ -95,6 +95,19 @@ impl RegistryClient {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<ResolvedImage> {
+        let m = self.resolve_manifest(reference, platform).await?;
+        self.fetch_config(reference, m).await
+    }
+
+    /// The image manifest of `reference` for `platform` (through an index if
+    /// need be), verified: what [`RegistryClient::resolve`] knows before it
+    /// asks for the config, so that a caller can ask for other blobs the
+    /// manifest names at the same time.
+    pub async fn resolve_manifest(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<ResolvedManifest> {
         let what = reference.to_string();
         let first = self.get_manifest(reference).await?;
         let (index, manifest, parsed) = match parse_manifest(&what, &first)? {
@@ -114,6 +127,25 @@ impl RegistryClient {
                 }
             }
         };
+        Ok(ResolvedManifest {
+            index,
+            manifest,
+            parsed,
+        })
+    }
+
+    /// The config of a resolved manifest, verified: the whole image.
+    pub async fn fetch_config(
+        &self,
+        reference: &Reference,
+        m: ResolvedManifest,
+    ) -> Result<ResolvedImage> {
+        let what = reference.to_string();
+        let ResolvedManifest {
+            index,
+            manifest,
+            parsed,
+        } = m;
         let cfg_digest = descriptor_digest(&what, parsed.config())?;
         let config_bytes = self
             .fetch_blob(
