@@ -6,7 +6,8 @@
 //! One file per concept: `tls` (the HTTP clients per TLS settings),
 //! `failover` (which hosts, in what order, what a failure does to them),
 //! `request` (one request to one host: auth, retries), `authorizer` (the
-//! 401 answer and the token flow), `status` (reading answers and their
+//! 401 answer and the token flow), `token_cache` (bearer tokens kept on
+//! disk for the next process), `status` (reading answers and their
 //! errors), `resolver` (manifests), `blob` (whole blobs), `range` and
 //! `resuming_body` (byte ranges), `push`. The retry policy is
 //! [`crate::retry`].
