@@ -247,7 +247,13 @@ impl TokenCache {
             return;
         }
         if let Err(e) = self.write(&path, &bytes) {
-            tracing::warn!(path = %path.display(), error = %e, "could not keep the bearer token");
+            // A user running a read-only command against a store it may not
+            // write (`inspect` as non-root) is not told at every token.
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                tracing::debug!(path = %path.display(), error = %e, "could not keep the bearer token");
+            } else {
+                tracing::warn!(path = %path.display(), error = %e, "could not keep the bearer token");
+            }
             return;
         }
         self.absent.lock().unwrap().remove(&Self::key(host, scopes));
@@ -308,6 +314,11 @@ fn read_token_file(path: &Path) -> Option<TokenFile> {
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        // Another user's store: not ours to read, nothing to warn about.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::debug!(path = %path.display(), error = %e, "token file not readable");
+            return None;
+        }
         Err(e) => {
             ignore(&e.to_string());
             return None;
