@@ -629,4 +629,67 @@ mod tests {
             Some(270)
         );
     }
+
+    /// A token file may have been edited by anything: whatever it holds,
+    /// loading never panics, and what it gives is a sendable token expiring
+    /// within a day. The same for `expires_in`/`issued_at` of a token server.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn file_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let token = prop_oneof![
+                Just("good".to_string()),
+                any::<String>(),
+                "[ -~\\r\\n\\t]{0,40}",
+            ];
+            let expires = prop_oneof![Just(u64::MAX), Just(0u64), any::<u64>()];
+            let crafted = (token, expires, any::<bool>(), any::<u32>()).prop_map(
+                |(token, expires_at, same_host, version)| {
+                    serde_json::json!({
+                        "version": if version % 2 == 0 { 1 } else { version },
+                        "host": if same_host { HOST } else { "https://x" },
+                        "scopes": ["repository:team/app:pull"],
+                        "tokens": [{"credential": CredentialId::of(None).0,
+                                    "token": token, "expires_at": expires_at}],
+                    })
+                    .to_string()
+                    .into_bytes()
+                },
+            );
+            prop_oneof![proptest::collection::vec(any::<u8>(), 0..512), crafted]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            #[test]
+            fn fuzz_token_file(bytes in file_bytes()) {
+                let d = tempfile::tempdir().unwrap();
+                let pull = scopes("repository:team/app:pull");
+                let cache = TokenCache::new(d.path().to_path_buf());
+                let path = cache.path(HOST, &pull);
+                std::fs::write(&path, &bytes).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                let now = SystemTime::now();
+                if let Some((token, expires)) = cache.load(HOST, &pull, now, || CredentialId::of(None)) {
+                    prop_assert!(sendable(&token));
+                    prop_assert!(reqwest::header::HeaderValue::from_str(&(String::from("Bearer ") + &token)).is_ok());
+                    prop_assert!(expires > now && expires <= now + MAX_LIFETIME);
+                }
+                // Writing over it works whatever it held.
+                cache.store(HOST, &pull, &CredentialId::of(None), "next", in_a_minute());
+                let again = TokenCache::new(d.path().to_path_buf()).load(HOST, &pull, SystemTime::now(), || CredentialId::of(None));
+                prop_assert_eq!(again.map(|(t, _)| t), Some("next".to_string()));
+            }
+
+            #[test]
+            fn fuzz_token_lifetime(expires_in in proptest::option::of(any::<u64>()),
+                                   issued_at in proptest::option::of(prop_oneof![any::<String>(), "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z"])) {
+                let now = SystemTime::now();
+                if let Some(end) = token_expiry(now, expires_in, issued_at.as_deref()) {
+                    prop_assert!(end > now && end <= now + MAX_LIFETIME);
+                }
+            }
+        }
+    }
 }
