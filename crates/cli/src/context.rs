@@ -187,6 +187,10 @@ impl GlobalArgs {
             auth: AuthStore::load(&auth_paths),
             stall_timeout: config::seconds(f.stall_timeout.expect("defaulted"))?,
             connect_timeout: config::seconds(f.connect_timeout.expect("defaulted"))?,
+            // Every command that talks to registries (run, pull, optimize,
+            // push, the snapshotter, the Podman store) shares the store's
+            // tokens, so the next process skips the 401 round trip.
+            token_cache: Some(self.root.join("tokens")),
             ..ClientConfig::default()
         };
         tweak(&mut cfg);

@@ -499,131 +499,159 @@ fn path_with(dir: &tempfile::TempDir) -> std::ffi::OsString {
     std::env::join_paths(paths).unwrap()
 }
 
+/// A token issuer for a real docker-registry configured for token auth:
+/// the registry verifies RS256 JWTs signed by a key whose certificate it
+/// trusts. The issuer is a small HTTP endpoint in the test that signs with
+/// `openssl` (no mock: the registry does the verifying). It grants the
+/// scopes asked for only to a client that sends Basic alice:s3cret-pw.
+struct TokenIssuer {
+    port: u16,
+    /// Tokens issued so far.
+    issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    keys: tempfile::TempDir,
+}
+
+impl TokenIssuer {
+    fn start() -> TokenIssuer {
+        let keys = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let issuer = TokenIssuer { port, issued, keys };
+        issuer.new_signing_key();
+        let (issued, key, cert) = (issuer.issued.clone(), issuer.key(), issuer.cert());
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut buf = vec![0u8; 8192];
+                let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let token = Self::sign(&req, &key, &cert, issued.fetch_add(1, Ordering::SeqCst));
+                let body = format!(r#"{{"token":"{token}","expires_in":300}}"#);
+                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = conn.write_all(resp.as_bytes());
+            }
+        });
+        issuer
+    }
+
+    fn key(&self) -> std::path::PathBuf {
+        self.keys.path().join("key.pem")
+    }
+
+    fn cert(&self) -> std::path::PathBuf {
+        self.keys.path().join("cert.pem")
+    }
+
+    fn issued(&self) -> usize {
+        self.issued.load(Ordering::SeqCst)
+    }
+
+    /// A new key and certificate in place of the old (the registry trusts
+    /// the new one once restarted, and refuses tokens signed by the old).
+    fn new_signing_key(&self) {
+        let st = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=lazylayer-test-issuer", "-keyout"])
+            .arg(self.key())
+            .arg("-out")
+            .arg(self.cert())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// The registry's `auth:` block trusting this issuer.
+    fn registry_config(&self) -> String {
+        format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: lazylayer-test\n    issuer: lazylayer-test-issuer\n    rootcertbundle: {}\n",
+            self.port,
+            self.cert().display()
+        )
+    }
+
+    /// A JWT answering the token request `req` (GET /token?service=..&scope=..),
+    /// granting its scopes if it carries alice's credentials.
+    fn sign(req: &str, key: &Path, cert: &Path, jti: usize) -> String {
+        let authorized = req.lines().any(|l| {
+            l.to_ascii_lowercase().starts_with("authorization: basic ")
+                && l.ends_with("YWxpY2U6czNjcmV0LXB3")
+        });
+        let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+        let query = path
+            .split_once('?')
+            .map(|(_, q)| q.to_string())
+            .unwrap_or_default();
+        let mut access = Vec::new();
+        for kv in query.split('&') {
+            if let Some(v) = kv.strip_prefix("scope=") {
+                let v = v
+                    .replace("%3A", ":")
+                    .replace("%2F", "/")
+                    .replace("%2C", ",");
+                let parts: Vec<&str> = v.splitn(3, ':').collect();
+                if parts.len() == 3 && authorized {
+                    let actions: Vec<String> =
+                        parts[2].split(',').map(|a| format!("\"{a}\"")).collect();
+                    access.push(format!(
+                        r#"{{"type":"{}","name":"{}","actions":[{}]}}"#,
+                        parts[0],
+                        parts[1],
+                        actions.join(",")
+                    ));
+                }
+            }
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let b64 = |d: &[u8]| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
+        };
+        // x5c is the certificate's DER in standard base64: the PEM's body.
+        // Read at each request, so that a new signing key takes effect.
+        let pem = std::fs::read_to_string(cert).unwrap();
+        let x5c: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let header = format!(r#"{{"typ":"JWT","alg":"RS256","x5c":["{x5c}"]}}"#);
+        let claims = format!(
+            r#"{{"iss":"lazylayer-test-issuer","sub":"alice","aud":"lazylayer-test","exp":{},"nbf":{},"iat":{},"jti":"{}","access":[{}]}}"#,
+            now + 300,
+            now - 10,
+            now,
+            jti,
+            access.join(",")
+        );
+        let signing_input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+        let mut child = std::process::Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(signing_input.as_bytes())
+            .unwrap();
+        let sig = child.wait_with_output().unwrap().stdout;
+        format!("{signing_input}.{}", b64(&sig))
+    }
+}
+
 /// The Bearer token flow against the real registry configured for token
-/// auth: the registry verifies RS256 JWTs signed by a key whose certificate
-/// it trusts. The token issuer here is a small HTTP endpoint in the test that
-/// signs with `openssl` (no mock: the registry does the verifying).
+/// auth ([`TokenIssuer`]).
 #[test]
 fn bearer_token_auth_against_real_registry() {
     let open = Registry::start();
     let digests = push_images(&open, &["busybox"]);
-    let keys = tempfile::tempdir().unwrap();
-    let (key, cert) = (keys.path().join("key.pem"), keys.path().join("cert.pem"));
-    let st = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=lazylayer-test-issuer",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let der = std::process::Command::new("openssl")
-        .args(["x509", "-outform", "DER", "-in"])
-        .arg(&cert)
-        .output()
-        .unwrap()
-        .stdout;
-
-    // Token endpoint: answers GET /token?service=..&scope=.. with a JWT granting the scopes,
-    // only to a client that sends Basic credentials alice:s3cret-pw.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let token_port = listener.local_addr().unwrap().port();
-    let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let issued2 = issued.clone();
-    let key2 = key.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut conn = conn;
-            let mut buf = vec![0u8; 8192];
-            let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]).to_string();
-            let authorized = req.lines().any(|l| {
-                l.to_ascii_lowercase().starts_with("authorization: basic ")
-                    && l.ends_with("YWxpY2U6czNjcmV0LXB3")
-            });
-            let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
-            let query = path
-                .split_once('?')
-                .map(|(_, q)| q.to_string())
-                .unwrap_or_default();
-            let mut access = Vec::new();
-            for kv in query.split('&') {
-                if let Some(v) = kv.strip_prefix("scope=") {
-                    let v = v
-                        .replace("%3A", ":")
-                        .replace("%2F", "/")
-                        .replace("%2C", ",");
-                    let parts: Vec<&str> = v.splitn(3, ':').collect();
-                    if parts.len() == 3 && authorized {
-                        let actions: Vec<String> =
-                            parts[2].split(',').map(|a| format!("\"{a}\"")).collect();
-                        access.push(format!(
-                            r#"{{"type":"{}","name":"{}","actions":[{}]}}"#,
-                            parts[0],
-                            parts[1],
-                            actions.join(",")
-                        ));
-                    }
-                }
-            }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs();
-            let b64 = |d: &[u8]| {
-                use base64::Engine;
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
-            };
-            let std_b64 = {
-                use base64::Engine;
-                base64::engine::general_purpose::STANDARD.encode(&der)
-            };
-            let header = format!(r#"{{"typ":"JWT","alg":"RS256","x5c":["{std_b64}"]}}"#);
-            let claims = format!(
-                r#"{{"iss":"lazylayer-test-issuer","sub":"alice","aud":"lazylayer-test","exp":{},"nbf":{},"iat":{},"jti":"{}","access":[{}]}}"#,
-                now + 300,
-                now - 10,
-                now,
-                issued2.fetch_add(1, Ordering::SeqCst),
-                access.join(",")
-            );
-            let signing_input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
-            let mut child = std::process::Command::new("openssl")
-                .args(["dgst", "-sha256", "-sign"])
-                .arg(&key2)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(signing_input.as_bytes())
-                .unwrap();
-            let sig = child.wait_with_output().unwrap().stdout;
-            let token = format!("{signing_input}.{}", b64(&sig));
-            let body = format!(r#"{{"token":"{token}","expires_in":300}}"#);
-            let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            let _ = conn.write_all(resp.as_bytes());
-        }
-    });
-    let locked = Registry::start_with(&format!(
-        "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: lazylayer-test\n    issuer: lazylayer-test-issuer\n    rootcertbundle: {}\n",
-        cert.display()
-    ));
+    let issuer = TokenIssuer::start();
+    let locked = Registry::start_with(&issuer.registry_config());
     let secrets = tempfile::tempdir().unwrap();
     let auth_file = alice_auth_file(secrets.path(), &locked.addr());
     let root = tempfile::tempdir().unwrap();
@@ -633,7 +661,7 @@ fn bearer_token_auth_against_real_registry() {
         |args: &[&str]| lazylayer_authed(root.path(), secrets.path(), Some(&auth_file), args);
     let pushed = with_auth(&["push", &image_ref(&open, "busybox"), &dst]);
     assert!(pushed.status.success(), "{}", stderr(&pushed));
-    assert!(issued.load(Ordering::SeqCst) >= 1, "a token was requested");
+    assert!(issuer.issued() >= 1, "a token was requested");
     pull_fresh_authed(secrets.path(), &auth_file, &dst, &digests["busybox"]);
     // Without credentials the issuer grants nothing and the registry refuses.
     let anon = lazylayer_authed(
@@ -648,6 +676,130 @@ fn bearer_token_auth_against_real_registry() {
         "{}",
         stderr(&anon)
     );
+}
+
+/// Requests the registry answered 401 so far (its access log).
+fn unauthorized_answers(reg: &Registry) -> usize {
+    reg.log().lines().filter(|l| l.contains("\" 401 ")).count()
+}
+
+/// A bearer token outlives the process that obtained it: the next process
+/// with the same store sends it with its first request (no 401, no token
+/// request) while it is valid, the token file is private, and a token the
+/// registry no longer accepts (its signing key rotated) costs one fresh
+/// token request, not the pull. Other credentials never get it.
+#[test]
+fn bearer_tokens_are_reused_by_the_next_process_until_refused() {
+    let open = Registry::start();
+    let digests = push_images(&open, &["busybox"]);
+    let issuer = TokenIssuer::start();
+    let mut locked = Registry::start_with(&issuer.registry_config());
+    let secrets = tempfile::tempdir().unwrap();
+    let auth_file = alice_auth_file(secrets.path(), &locked.addr());
+    let dst = format!("{}/private/busybox:latest", locked.addr());
+    // Pushed from a store of its own: the pulls below start from none.
+    let pusher = tempfile::tempdir().unwrap();
+    lazylayer_json(pusher.path(), &["pull", &image_ref(&open, "busybox")]);
+    let pushed = lazylayer_authed(
+        pusher.path(),
+        secrets.path(),
+        Some(&auth_file),
+        &["push", &image_ref(&open, "busybox"), &dst],
+    );
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+
+    let root = tempfile::tempdir().unwrap();
+    let pull = |root: &Path| {
+        let out = lazylayer_authed(
+            root,
+            secrets.path(),
+            Some(&auth_file),
+            &["pull", "--json", &dst],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["manifest_digest"], digests["busybox"]);
+    };
+    // The first process pays the 401 and the token request.
+    let (issued, refused) = (issuer.issued(), unauthorized_answers(&locked));
+    pull(root.path());
+    assert_eq!(issuer.issued(), issued + 1, "one token for the pull");
+    assert!(unauthorized_answers(&locked) > refused);
+
+    // The next process (the image dropped, so it fetches again) sends the
+    // kept token at once: no token request, and no request refused.
+    let rmi = lazylayer_authed(
+        root.path(),
+        secrets.path(),
+        Some(&auth_file),
+        &["rmi", &dst],
+    );
+    assert!(rmi.status.success(), "{}", stderr(&rmi));
+    let (issued, refused) = (issuer.issued(), unauthorized_answers(&locked));
+    let gets = locked.log().matches("\"GET /v2/private/busybox/").count();
+    pull(root.path());
+    assert_eq!(
+        issuer.issued(),
+        issued,
+        "no token request by the second process"
+    );
+    assert_eq!(unauthorized_answers(&locked), refused, "no 401 round trip");
+    assert!(
+        locked.log().matches("\"GET /v2/private/busybox/").count() > gets,
+        "the second pull did ask the registry"
+    );
+
+    // Kept private in the store.
+    use std::os::unix::fs::MetadataExt;
+    let tokens = root.path().join("tokens");
+    assert_eq!(std::fs::metadata(&tokens).unwrap().mode() & 0o777, 0o700);
+    let files: Vec<_> = std::fs::read_dir(&tokens)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().mode() & 0o777, 0o600);
+    let kept = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(!kept.contains("s3cret"), "no secret but the token: {kept}");
+
+    // Another user of the same store (anonymous) is not given alice's token.
+    let anon = lazylayer_authed(root.path(), secrets.path(), None, &["inspect", &dst]);
+    assert!(
+        !anon.status.success(),
+        "{}",
+        String::from_utf8_lossy(&anon.stdout)
+    );
+
+    // The registry's signing key rotates: the kept token is refused, one
+    // new token is requested, the pull succeeds and the new token is kept.
+    issuer.new_signing_key();
+    locked.restart();
+    let rmi = lazylayer_authed(
+        root.path(),
+        secrets.path(),
+        Some(&auth_file),
+        &["rmi", &dst],
+    );
+    assert!(rmi.status.success(), "{}", stderr(&rmi));
+    let issued = issuer.issued();
+    pull(root.path());
+    assert_eq!(
+        issuer.issued(),
+        issued + 1,
+        "one fresh token after the refusal"
+    );
+    let renewed = std::fs::read_to_string(&files[0]).unwrap();
+    assert_ne!(renewed, kept, "the refused token was replaced");
+    let issued = issuer.issued();
+    let rmi = lazylayer_authed(
+        root.path(),
+        secrets.path(),
+        Some(&auth_file),
+        &["rmi", &dst],
+    );
+    assert!(rmi.status.success(), "{}", stderr(&rmi));
+    pull(root.path());
+    assert_eq!(issuer.issued(), issued, "the renewed token is reused");
 }
 
 // ---- endless bodies -------------------------------------------------------

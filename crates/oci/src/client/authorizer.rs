@@ -1,6 +1,10 @@
 //! The token flow: answering a 401 with Basic credentials or a Bearer
 //! token from the realm the registry names (challenge parsing and the
-//! credential store are in `crate::auth`).
+//! credential store are in `crate::auth`). Bearer tokens are also kept
+//! across processes when the client has a token directory
+//! ([`super::token_cache`]).
+
+use std::time::SystemTime;
 
 use reqwest::header::{HeaderMap, AUTHORIZATION, WWW_AUTHENTICATE};
 
@@ -9,10 +13,29 @@ use crate::error::{OciError, Result};
 use crate::hosts::Endpoint;
 use crate::reference::Repository;
 
+use super::token_cache::{token_expiry, CredentialId};
 use super::RegistryClient;
 
 /// A bearer token response is a small JSON object; refuse anything larger.
 const MAX_TOKEN_BYTES: u64 = 1 << 20;
+
+/// An Authorization header value, and for a bearer token when it stops
+/// being sent (None: until the registry refuses it).
+#[derive(Debug, Clone)]
+pub(super) struct Authorization {
+    pub(super) header: String,
+    pub(super) expires: Option<SystemTime>,
+}
+
+impl Authorization {
+    fn usable_at(&self, now: SystemTime) -> bool {
+        self.expires.is_none_or(|e| now < e)
+    }
+
+    pub(super) fn is_bearer(header: &str) -> bool {
+        header.starts_with("Bearer ")
+    }
+}
 
 /// Where the Authorization header values for one request are kept. Per
 /// host: a mirror answers its own challenges.
@@ -21,6 +44,10 @@ pub(super) struct AuthKeys {
     scoped: String,
     /// Basic credentials: by host.
     host: String,
+    /// `scheme://host`, the endpoint actually spoken to, and the exact
+    /// scopes: what tokens kept on disk are filed under.
+    endpoint: String,
+    scopes: Vec<String>,
 }
 
 impl AuthKeys {
@@ -28,26 +55,83 @@ impl AuthKeys {
         AuthKeys {
             scoped: format!("{} {}", ep.host, scopes.join(" ")),
             host: ep.host.clone(),
+            endpoint: RegistryClient::host_key(ep),
+            scopes: scopes.to_vec(),
         }
     }
 }
 
 impl RegistryClient {
-    /// The Authorization header value known for a request, if any.
-    pub(super) fn cached_authorization(&self, keys: &AuthKeys) -> Option<String> {
+    /// The Authorization header value known for a request, if any: a
+    /// valid token for its scopes (from this process, else from the token
+    /// directory), else the host's Basic credentials.
+    pub(super) fn cached_authorization(
+        &self,
+        keys: &AuthKeys,
+        repo: &Repository,
+        ep: &Endpoint,
+    ) -> Option<String> {
+        let now = SystemTime::now();
+        {
+            let t = self.tokens.lock().unwrap();
+            if let Some(a) = t.get(&keys.scoped).filter(|a| a.usable_at(now)) {
+                return Some(a.header.clone());
+            }
+        }
+        // Not under the lock: the credential may come from a helper.
+        if let Some(cache) = &self.token_cache {
+            let kept = cache.load(&keys.endpoint, &keys.scopes, now, || {
+                CredentialId::of(self.credential(repo, ep).as_ref())
+            });
+            if let Some((token, expires)) = kept {
+                let header = format!("Bearer {token}");
+                self.tokens.lock().unwrap().insert(
+                    keys.scoped.clone(),
+                    Authorization {
+                        header: header.clone(),
+                        expires: Some(expires),
+                    },
+                );
+                return Some(header);
+            }
+        }
         let t = self.tokens.lock().unwrap();
-        t.get(&keys.scoped).or_else(|| t.get(&keys.host)).cloned()
+        t.get(&keys.host).map(|a| a.header.clone())
     }
 
-    /// Keep `header` (from [`RegistryClient::authenticate`]) for the next
-    /// requests: a token for these scopes, Basic for the whole host.
-    pub(super) fn remember_authorization(&self, keys: &AuthKeys, header: String) {
-        let key = if header.starts_with("Basic ") {
-            keys.host.clone()
-        } else {
-            keys.scoped.clone()
-        };
-        self.tokens.lock().unwrap().insert(key, header);
+    /// Keep `auth` (from [`RegistryClient::authenticate`]) for the next
+    /// requests: a token for these scopes (in the token directory too, if
+    /// any), Basic for the whole host.
+    pub(super) fn remember_authorization(
+        &self,
+        keys: &AuthKeys,
+        repo: &Repository,
+        ep: &Endpoint,
+        auth: Authorization,
+    ) {
+        if !Authorization::is_bearer(&auth.header) {
+            self.tokens.lock().unwrap().insert(keys.host.clone(), auth);
+            return;
+        }
+        if let (Some(cache), Some(expires)) = (&self.token_cache, auth.expires) {
+            let token = &auth.header["Bearer ".len()..];
+            let cred = CredentialId::of(self.credential(repo, ep).as_ref());
+            cache.store(&keys.endpoint, &keys.scopes, &cred, token, expires);
+        }
+        self.tokens
+            .lock()
+            .unwrap()
+            .insert(keys.scoped.clone(), auth);
+    }
+
+    /// Drop the token kept for a request's scopes, here and on disk: the
+    /// registry refused it (revoked, signing key rotated).
+    pub(super) fn forget_token(&self, keys: &AuthKeys, repo: &Repository, ep: &Endpoint) {
+        self.tokens.lock().unwrap().remove(&keys.scoped);
+        if let Some(cache) = &self.token_cache {
+            let cred = CredentialId::of(self.credential(repo, ep).as_ref());
+            cache.forget(&keys.endpoint, &keys.scopes, &cred);
+        }
     }
 
     /// The error for a request refused (401 after authenticating, or 403),
@@ -107,7 +191,7 @@ impl RegistryClient {
         http: &reqwest::Client,
         scopes: &[String],
         headers: &HeaderMap,
-    ) -> Result<String> {
+    ) -> Result<Authorization> {
         let auth_err = |reason: String| OciError::Auth {
             what: what.to_string(),
             reason,
@@ -120,12 +204,17 @@ impl RegistryClient {
             .ok_or_else(|| auth_err(format!("unparseable challenge {raw:?}")))?;
         let cred = self.credential(repo, ep);
         match ch.scheme.as_str() {
-            "basic" => cred.map(|c| c.basic_header()).ok_or_else(|| {
-                auth_err(format!(
-                    "{} asks for a password and the auth files have none for it",
-                    ep.label()
-                ))
-            }),
+            "basic" => cred
+                .map(|c| Authorization {
+                    header: c.basic_header(),
+                    expires: None,
+                })
+                .ok_or_else(|| {
+                    auth_err(format!(
+                        "{} asks for a password and the auth files have none for it",
+                        ep.label()
+                    ))
+                }),
             "bearer" => {
                 let realm = ch
                     .params
@@ -159,6 +248,10 @@ impl RegistryClient {
                 struct Token {
                     token: Option<String>,
                     access_token: Option<String>,
+                    // Values, not numbers and strings: a field of another
+                    // type must not cost the token, only its lifetime.
+                    expires_in: Option<serde_json::Value>,
+                    issued_at: Option<serde_json::Value>,
                 }
                 // Bounded: a token server streaming JSON forever must not fill memory.
                 let body = Self::read_limited(
@@ -174,7 +267,15 @@ impl RegistryClient {
                     .token
                     .or(t.access_token)
                     .ok_or_else(|| auth_err("token response without a token".into()))?;
-                Ok(format!("Bearer {tok}"))
+                let expires_in = t.expires_in.as_ref().and_then(|v| {
+                    v.as_u64()
+                        .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                });
+                let issued_at = t.issued_at.as_ref().and_then(|v| v.as_str());
+                Ok(Authorization {
+                    header: format!("Bearer {tok}"),
+                    expires: token_expiry(SystemTime::now(), expires_in, issued_at),
+                })
             }
             other => Err(auth_err(format!("unsupported auth scheme {other:?}"))),
         }
@@ -183,17 +284,41 @@ impl RegistryClient {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::hosts::Purpose;
     use crate::ClientConfig;
 
-    fn endpoint(registry: &str) -> Endpoint {
-        let repo = Repository {
+    fn repo(registry: &str) -> Repository {
+        Repository {
             registry: registry.into(),
             name: "team/app".into(),
-        };
+        }
+    }
+
+    fn endpoint(registry: &str) -> Endpoint {
         let client = RegistryClient::new(ClientConfig::default()).unwrap();
-        client.endpoints(&repo, Purpose::Pull).unwrap().remove(0)
+        client
+            .endpoints(&repo(registry), Purpose::Pull)
+            .unwrap()
+            .remove(0)
+    }
+
+    fn lasting(header: &str) -> Authorization {
+        Authorization {
+            header: header.into(),
+            expires: None,
+        }
+    }
+
+    /// What `client` would send to `ep` for `scopes`.
+    fn cached(client: &RegistryClient, ep: &Endpoint, scopes: &[String]) -> Option<String> {
+        client.cached_authorization(&AuthKeys::new(ep, scopes), &repo(&ep.registry), ep)
+    }
+
+    fn remember(client: &RegistryClient, ep: &Endpoint, scopes: &[String], auth: Authorization) {
+        client.remember_authorization(&AuthKeys::new(ep, scopes), &repo(&ep.registry), ep, auth);
     }
 
     #[test]
@@ -202,13 +327,10 @@ mod tests {
         let a = endpoint("a.example");
         let pull = [RegistryClient::pull_scope(&a)];
         let push = [RegistryClient::push_scope(&a)];
-        client.remember_authorization(&AuthKeys::new(&a, &pull), "Bearer t1".into());
-        let cached = |ep: &Endpoint, scopes: &[String]| {
-            client.cached_authorization(&AuthKeys::new(ep, scopes))
-        };
-        assert_eq!(cached(&a, &pull).as_deref(), Some("Bearer t1"));
-        assert_eq!(cached(&a, &push), None);
-        assert_eq!(cached(&endpoint("b.example"), &pull), None);
+        remember(&client, &a, &pull, lasting("Bearer t1"));
+        assert_eq!(cached(&client, &a, &pull).as_deref(), Some("Bearer t1"));
+        assert_eq!(cached(&client, &a, &push), None);
+        assert_eq!(cached(&client, &endpoint("b.example"), &pull), None);
     }
 
     #[test]
@@ -217,26 +339,75 @@ mod tests {
         let a = endpoint("a.example");
         let pull = [RegistryClient::pull_scope(&a)];
         let push = [RegistryClient::push_scope(&a)];
-        client.remember_authorization(&AuthKeys::new(&a, &pull), "Basic dTpw".into());
-        let cached = |ep: &Endpoint, scopes: &[String]| {
-            client.cached_authorization(&AuthKeys::new(ep, scopes))
-        };
-        assert_eq!(cached(&a, &push).as_deref(), Some("Basic dTpw"));
-        assert_eq!(cached(&endpoint("b.example"), &push), None);
+        remember(&client, &a, &pull, lasting("Basic dTpw"));
+        assert_eq!(cached(&client, &a, &push).as_deref(), Some("Basic dTpw"));
+        assert_eq!(cached(&client, &endpoint("b.example"), &push), None);
         // A token for the exact scopes is preferred to the host's Basic.
-        client.remember_authorization(&AuthKeys::new(&a, &push), "Bearer t2".into());
-        assert_eq!(cached(&a, &push).as_deref(), Some("Bearer t2"));
+        remember(&client, &a, &push, lasting("Bearer t2"));
+        assert_eq!(cached(&client, &a, &push).as_deref(), Some("Bearer t2"));
+    }
+
+    #[test]
+    fn an_expired_token_is_not_sent() {
+        let client = RegistryClient::new(ClientConfig::default()).unwrap();
+        let a = endpoint("a.example");
+        let pull = [RegistryClient::pull_scope(&a)];
+        let past = SystemTime::now() - Duration::from_secs(1);
+        remember(
+            &client,
+            &a,
+            &pull,
+            Authorization {
+                header: "Bearer old".into(),
+                expires: Some(past),
+            },
+        );
+        assert_eq!(cached(&client, &a, &pull), None);
+    }
+
+    /// A token one client obtained is sent by the next client on the same
+    /// directory (the next process), until the registry refuses it; Basic
+    /// credentials are never written there.
+    #[test]
+    fn tokens_outlive_the_client_through_the_token_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = ClientConfig {
+            token_cache: Some(d.path().join("tokens")),
+            ..ClientConfig::default()
+        };
+        let a = endpoint("a.example");
+        let pull = [RegistryClient::pull_scope(&a)];
+        let first = RegistryClient::new(cfg.clone()).unwrap();
+        let soon = SystemTime::now() + Duration::from_secs(60);
+        let granted = Authorization {
+            header: "Bearer kept".into(),
+            expires: Some(soon),
+        };
+        remember(&first, &a, &pull, granted);
+        remember(&first, &a, &pull, lasting("Basic dTpw"));
+        let second = RegistryClient::new(cfg.clone()).unwrap();
+        assert_eq!(cached(&second, &a, &pull).as_deref(), Some("Bearer kept"));
+        let text = std::fs::read_dir(d.path().join("tokens"))
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect::<String>();
+        assert!(!text.contains("dTpw"), "{text}");
+        second.forget_token(&AuthKeys::new(&a, &pull), &repo("a.example"), &a);
+        assert_eq!(cached(&second, &a, &pull), None);
+        let third = RegistryClient::new(cfg).unwrap();
+        assert_eq!(cached(&third, &a, &pull), None);
     }
 
     #[test]
     fn a_refusal_says_whether_credentials_were_there() {
         let ep = endpoint("a.example");
-        let repo = Repository {
-            registry: "a.example".into(),
-            name: "team/app".into(),
-        };
         let client = RegistryClient::new(ClientConfig::default()).unwrap();
-        let e = client.refused("manifest", &repo, &ep, reqwest::StatusCode::FORBIDDEN);
+        let e = client.refused(
+            "manifest",
+            &repo("a.example"),
+            &ep,
+            reqwest::StatusCode::FORBIDDEN,
+        );
         assert_eq!(
             e.to_string(),
             "manifest: access denied by a.example (403); no credentials for a.example in the auth files"

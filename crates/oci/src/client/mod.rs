@@ -6,7 +6,8 @@
 //! One file per concept: `tls` (the HTTP clients per TLS settings),
 //! `failover` (which hosts, in what order, what a failure does to them),
 //! `request` (one request to one host: auth, retries), `authorizer` (the
-//! 401 answer and the token flow), `status` (reading answers and their
+//! 401 answer and the token flow), `token_cache` (bearer tokens kept on
+//! disk for the next process), `status` (reading answers and their
 //! errors), `resolver` (manifests), `blob` (whole blobs), `range` and
 //! `resuming_body` (byte ranges), `push`. The retry policy is
 //! [`crate::retry`].
@@ -49,6 +50,10 @@ pub struct ClientConfig {
     /// Mirrors and per-host settings (containerd's hosts.toml, containers'
     /// registries.conf); none by default.
     pub hosts: Hosts,
+    /// A directory where bearer tokens are kept until they expire, so that
+    /// the next process sends one with its first request (no 401 round
+    /// trip); None: tokens live in this process only.
+    pub token_cache: Option<PathBuf>,
 }
 
 impl Default for ClientConfig {
@@ -64,6 +69,7 @@ impl Default for ClientConfig {
             min_speed: 1024,
             user_agent: concat!("lazylayer/", env!("CARGO_PKG_VERSION")).to_string(),
             hosts: Hosts::default(),
+            token_cache: None,
         }
     }
 }
@@ -113,7 +119,9 @@ pub struct RegistryClient {
     http: reqwest::Client,
     cfg: Arc<ClientConfig>,
     /// Authorization header values by `host` + scope (bearer) or `host` (basic).
-    tokens: Arc<Mutex<HashMap<String, String>>>,
+    tokens: Arc<Mutex<HashMap<String, Authorization>>>,
+    /// Bearer tokens kept across processes (`token_cache` of the config).
+    token_cache: Option<Arc<TokenCache>>,
     /// HTTP clients for hosts with TLS settings of their own (skip_verify,
     /// extra CAs), built once.
     tls_clients: Arc<Mutex<HashMap<TlsKey, reqwest::Client>>>,
@@ -144,10 +152,15 @@ impl RegistryClient {
             source: e,
         })?;
         let retry = RetryPolicy::default().with_attempts(cfg.max_attempts);
+        let token_cache = cfg
+            .token_cache
+            .clone()
+            .map(|dir| Arc::new(TokenCache::new(dir)));
         Ok(RegistryClient {
             http,
             cfg: Arc::new(cfg),
             tokens: Arc::new(Mutex::new(HashMap::new())),
+            token_cache,
             tls_clients: Arc::new(Mutex::new(HashMap::new())),
             failed: Arc::new(Mutex::new(HashMap::new())),
             served_by: Arc::new(Mutex::new(HashMap::new())),
@@ -171,8 +184,11 @@ mod resolver;
 mod resuming_body;
 mod status;
 mod tls;
+mod token_cache;
 
+use authorizer::Authorization;
 use tls::TlsKey;
+use token_cache::TokenCache;
 
 #[cfg(test)]
 mod tests;

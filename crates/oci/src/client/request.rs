@@ -10,7 +10,7 @@ use crate::error::{OciError, Result};
 use crate::hosts::Endpoint;
 use crate::reference::Repository;
 
-use super::authorizer::AuthKeys;
+use super::authorizer::{AuthKeys, Authorization};
 use super::status::retryable_status;
 use super::RegistryClient;
 
@@ -68,7 +68,7 @@ impl RegistryClient {
             // A host known to be down (given up on by this request or another
             // meanwhile) costs nothing but this error.
             self.breakers.admit(&host_key, what, &registry)?;
-            let cached = self.cached_authorization(&keys);
+            let cached = self.cached_authorization(&keys, repo, ep);
             let mut rb = build(&http);
             for (k, v) in &ep.headers {
                 rb = rb.header(k.as_str(), v.as_str());
@@ -105,10 +105,17 @@ impl RegistryClient {
             match sent {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !authed => {
                     authed = true;
-                    let header = self
+                    if cached.as_deref().is_some_and(Authorization::is_bearer) {
+                        // Refused (revoked, expired early, the registry's
+                        // key rotated): never sent again, here or by the
+                        // next process.
+                        tracing::debug!(%what, host = %registry, "bearer token refused, asking for a new one");
+                        self.forget_token(&keys, repo, ep);
+                    }
+                    let auth = self
                         .authenticate(what, repo, ep, &http, scopes, resp.headers())
                         .await?;
-                    self.remember_authorization(&keys, header);
+                    self.remember_authorization(&keys, repo, ep, auth);
                 }
                 Ok(resp)
                     if retryable_status(resp.status())
