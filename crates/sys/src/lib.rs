@@ -12,12 +12,14 @@
 //!   `{what} {path}: {source}` I/O error the crates' own errors wrap.
 //! - [`digest`]: the `sha256:<hex>` text of a hash.
 //! - [`size`]: a byte count as people read it.
+//! - [`range_lock`]: byte-range locks between processes (one chunk each).
 
 pub mod beneath;
 pub mod digest;
 pub mod durable;
 pub mod error;
 pub mod mountinfo;
+pub mod range_lock;
 pub mod size;
 
 pub use digest::{sha256_digest, sha256_digest_of};

@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use lazylayer_layer::chunked::decompress_piece;
 use lazylayer_oci::{BodyStream, OciError};
 use lazylayer_store::{LocalBlob, NoEvents, NoProgress};
+use lazylayer_sys::range_lock;
 use sha2::{Digest as _, Sha256};
 
 use super::plan::{start_spans, DEFAULT_GAP};
@@ -140,13 +141,18 @@ impl BootChunks {
     /// are marked (the others are another request's).
     pub(super) async fn fetch_claim(&self, claim: Claim) {
         let inner = &self.inner;
-        let Claim { span, claimed } = claim;
+        let Some(Claim { span, claimed }) = self.share_with_peers(claim) else {
+            return;
+        };
         let policy = chunk_retry();
         let mut next = span.start;
         let mut attempt = 0;
         let (last_err, network) = loop {
             match self.stream_span(next..span.end, &mut next).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.release(&claimed);
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(image = %inner.image, chunks = ?(next..span.end), attempt, error = %e, "boot chunk fetch failed");
                     if e.is_network() || !policy.allows_another(attempt) {
@@ -157,6 +163,7 @@ impl BootChunks {
                 }
             }
         };
+        self.release(&claimed);
         let mut s = inner.state.lock().unwrap();
         for &c in claimed.iter().filter(|&&c| c >= next) {
             if s.chunks[c as usize] == ChunkState::Fetching {
@@ -220,11 +227,116 @@ impl BootChunks {
             if !present {
                 self.accept(*next, &buf[..cut]);
             }
+            // Its mark is written: a peer waiting for it may take it now.
+            self.release(&[*next]);
             buf.drain(..cut);
             at = end;
             *next += 1;
         }
         Ok(())
+    }
+
+    /// Other processes starting the same image share the chunk cache: a
+    /// chunk is fetched by the one holding its lock (a byte of `present`,
+    /// see `lazylayer_sys::range_lock`). Of `claim`, the chunks this process
+    /// could lock and that no peer has finished are left to fetch (the
+    /// returned claim); those a peer finished are taken from the cache; those
+    /// a peer is fetching are waited for on a thread of their own, and
+    /// fetched here only if the peer let go without them (it failed, or
+    /// died: the kernel drops a dead process's locks).
+    fn share_with_peers(&self, claim: Claim) -> Option<Claim> {
+        let present = &self.inner.present;
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        for c in claim.claimed {
+            match range_lock::try_lock_range(present, u64::from(c), 1) {
+                Ok(true) if self.adopt(c) => self.release(&[c]),
+                Ok(false) => theirs.push(c),
+                // Locked, or locks unavailable here: fetched by us.
+                _ => mine.push(c),
+            }
+        }
+        if !theirs.is_empty() {
+            tracing::debug!(image = %self.inner.image, chunks = theirs.len(), "boot chunks on their way in another process");
+            let me = self.clone();
+            self.inner.rt.spawn(async move {
+                let left = {
+                    let me = me.clone();
+                    tokio::task::spawn_blocking(move || me.wait_for_peers(theirs)).await
+                };
+                if let Ok(left) = left {
+                    if let (Some(&first), Some(&last)) = (left.first(), left.last()) {
+                        me.fetch_claim_locked(Claim {
+                            span: first..last + 1,
+                            claimed: left,
+                        })
+                        .await;
+                    }
+                }
+            });
+        }
+        let (&first, &last) = (mine.first()?, mine.last()?);
+        Some(Claim {
+            span: first..last + 1,
+            claimed: mine,
+        })
+    }
+
+    /// Blocking: wait for each chunk's lock (its peer is done with it);
+    /// the chunks the peer did not leave in the cache (locked by us now).
+    fn wait_for_peers(&self, chunks: Vec<u32>) -> Vec<u32> {
+        let mut left = Vec::new();
+        for c in chunks {
+            if range_lock::lock_range(&self.inner.present, u64::from(c), 1).is_ok() && self.adopt(c)
+            {
+                self.release(&[c]);
+            } else {
+                left.push(c);
+            }
+        }
+        left
+    }
+
+    /// [`BootChunks::fetch_claim`] for chunks whose locks are ours already
+    /// (taking an OFD lock again is granted at once): boxed, since the two
+    /// call each other through a spawned task.
+    fn fetch_claim_locked(&self, claim: Claim) -> futures_util::future::BoxFuture<'static, ()> {
+        let me = self.clone();
+        Box::pin(async move { me.fetch_claim(claim).await })
+    }
+
+    /// Chunk `c` from the cache if a peer wrote it there (its mark is set and
+    /// its bytes match the index): accepted as if fetched. False otherwise.
+    fn adopt(&self, c: u32) -> bool {
+        let inner = &self.inner;
+        let mut mark = [0u8];
+        if inner
+            .present
+            .read_exact_at(&mut mark, u64::from(c))
+            .is_err()
+            || mark[0] != 1
+        {
+            return false;
+        }
+        let at = inner.offsets[c as usize];
+        let mut bytes = vec![0u8; (inner.offsets[c as usize + 1] - at) as usize];
+        if inner
+            .blob
+            .read_exact_at(&mut bytes, inner.region_len + at)
+            .is_err()
+            || Sha256::digest(&bytes).as_slice() != inner.content.chunks[c as usize].sha256
+        {
+            return false;
+        }
+        self.accept(c, &bytes);
+        true
+    }
+
+    /// Let peers have `chunks` (a lock not held is no error).
+    fn release(&self, chunks: &[u32]) {
+        for &c in chunks {
+            let _ = range_lock::unlock_range(&self.inner.present, u64::from(c), 1);
+        }
     }
 
     /// The whole blob as one stream (the registry ignored Range): cut it

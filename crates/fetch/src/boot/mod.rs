@@ -32,6 +32,7 @@ use lazylayer_index::BootIndex;
 use lazylayer_layer::Compression;
 use lazylayer_oci::{BodyStream, Digest, RegistryClient, Repository};
 use lazylayer_store::{LayerRef, PullOptions, Store};
+use lazylayer_sys::range_lock;
 use tokio::sync::Semaphore;
 
 mod cache;
@@ -212,6 +213,12 @@ impl BootChunks {
         }
         let (dir, lock) = cache_dir(store, digest)?;
         let blob = open_blob(&dir)?;
+        // A peer process fetching this region writes it at the blob's head
+        // before it lets go of the blob's first byte: wait for it, then
+        // find it below (its lock is ours until `open` has written it).
+        if let Ok(held) = blob.try_clone() {
+            let _ = tokio::task::spawn_blocking(move || range_lock::lock_range(&held, 0, 1)).await;
+        }
         let head = match cached_region(&blob, region_len, region_digest) {
             Some(region) => RegionHead {
                 ranged: true,
@@ -275,6 +282,7 @@ impl BootChunks {
             b.layer.size,
         )?;
         let (cache, present) = open_cache(&dir, &content, b.layer.size, &blob, &head.region)?;
+        let _ = range_lock::unlock_range(&blob, 0, 1);
         let offsets = content.chunk_offsets();
         // Chunks an earlier start kept: trusted only after their digest is
         // checked again, and their content rewritten from the checked bytes.

@@ -815,3 +815,48 @@ async fn a_read_whose_chunk_never_comes_times_out() {
     assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
     remote.open_gate();
 }
+
+/// Two opens of one boot layer on one store stand for two processes: each
+/// has its own open files, so their chunk locks conflict as processes' do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_starts_sharing_the_cache_fetch_each_chunk_once() {
+    let l = TestLayer::small(vec![2, 3, 6]);
+    let remote = MemoryRemote::gated(&l);
+    let (_d, store) = store();
+    let a = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    wait_until("the first start's request", || remote.ranges().len() == 1).await;
+    let b = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    // The second start's set is on its way for the first: it waits.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(remote.ranges().len(), 1, "{:?}", remote.ranges());
+    remote.open_gate();
+    wait_until("the first start's set", || a.start_list_done()).await;
+    wait_until("the second start's set", || b.start_list_done()).await;
+    assert_eq!(remote.ranges().len(), 1, "{:?}", remote.ranges());
+    assert_eq!(states(&b)[6], Present);
+    // And its bytes are the file's.
+    let size = l.data.len() as u64;
+    let got = read(&b, size, 7_000, 1_000).await.unwrap();
+    assert_eq!(got, l.data[7_000..8_000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_a_peer_failed_to_fetch_are_fetched_by_the_one_waiting() {
+    let l = TestLayer::small(vec![2, 3]);
+    let failing = MemoryRemote::gated(&l);
+    let working = MemoryRemote::new(&l);
+    let (_d, store) = store();
+    let a = open(&store, &l, failing.clone(), LONG).await.unwrap();
+    wait_until("the first start's request", || failing.ranges().len() == 1).await;
+    let b = open(&store, &l, working.clone(), LONG).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(working.ranges().is_empty(), "{:?}", working.ranges());
+    // The first start's registry goes away: it lets go, the second fetches.
+    let failing = failing.answering(Answer::Unreachable);
+    failing.open_gate();
+    wait_until("the second start's set", || b.start_list_done()).await;
+    assert_eq!(states(&b)[2], Present);
+    assert_eq!(states(&b)[3], Present);
+    assert_eq!(spans_asked(&l, &working), vec![2..4]);
+    assert!(matches!(states(&a)[2], Unreachable(_)));
+}
