@@ -288,18 +288,40 @@ impl SpanReader {
             .index_for(&layer.digest.to_string())
             .ok_or("the artifact has no seek index for this layer")?;
         let digest: Digest = blob.digest.parse().map_err(|e| format!("{e}"))?;
-        // Verified against its digest by fetch_blob.
-        let bytes = self
-            .client
-            .fetch_blob(
-                &self.image.repository,
-                &digest,
-                Some(blob.size),
-                MAX_INDEX_BLOB,
-            )
-            .await
-            .map_err(miss(""))?;
-        self.fetcher.count_fetched(i, bytes.len() as u64);
+        if blob.size > MAX_INDEX_BLOB {
+            return Err("the seek index is larger than any real one".into());
+        }
+        // One process fetches it and keeps it in the store (verified there
+        // again on read); the others wait for it and read it from there.
+        let lock = {
+            let (store, d) = (self.store.clone(), digest.clone());
+            tokio::task::spawn_blocking(move || store.fetch_lock(&d, 0))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
+        };
+        let bytes = match self.store.read_blob(&digest) {
+            Ok(b) => bytes::Bytes::from(b),
+            Err(_) => {
+                // Verified against its digest by fetch_blob.
+                let bytes = self
+                    .client
+                    .fetch_blob(
+                        &self.image.repository,
+                        &digest,
+                        Some(blob.size),
+                        MAX_INDEX_BLOB,
+                    )
+                    .await
+                    .map_err(miss(""))?;
+                self.fetcher.count_fetched(i, bytes.len() as u64);
+                if let Err(e) = self.store.put_blob_bytes(&digest, &bytes) {
+                    tracing::debug!(error = %e, "keeping a seek index for other starts");
+                }
+                bytes
+            }
+        };
+        drop(lock);
         let idx = SeekIndex::decode(&bytes).map_err(|e| e.to_string())?;
         if Digest::from_sha256_bytes(idx.layer_digest) != layer.digest
             || idx.compressed_size != layer.size
@@ -337,21 +359,40 @@ impl SpanReader {
             tracing::debug!(layer = %layer.digest, span = plan.compressed_len(), "span is most of the layer: fetching it whole");
             return Ok(None);
         }
-        let compressed = match self.recent_span(i, plan.compressed_start, plan.compressed_end) {
+        let (start, end) = (plan.compressed_start, plan.compressed_end);
+        let compressed = match self.recent_span(i, start, end) {
             Some(b) => b,
             None => {
-                let got = self.rt.block_on(self.client.get_blob_range_only(
-                    &self.image.repository,
-                    &layer.digest,
-                    plan.compressed_start,
-                    plan.compressed_len(),
-                ));
-                let Some(b) = got.map_err(|e| e.to_string())? else {
-                    tracing::info!(image = %self.image, "the registry ignores Range: no more ranged reads for this image");
-                    self.state.lock().unwrap().off = true;
-                    return Ok(None);
+                // One reader of this span at a time, across processes: the
+                // others find the file, or the span, that it kept.
+                let _lock = self
+                    .store
+                    .fetch_lock(&layer.digest, start)
+                    .map_err(|e| e.to_string())?;
+                if let Ok(f) = open_stored(&self.store.file_path(digest), entry.size) {
+                    return Ok(Some(f));
+                }
+                let b = match self.store.kept_span(&layer.digest, start, end) {
+                    Some(b) => bytes::Bytes::from(b),
+                    None => {
+                        let got = self.rt.block_on(self.client.get_blob_range_only(
+                            &self.image.repository,
+                            &layer.digest,
+                            start,
+                            plan.compressed_len(),
+                        ));
+                        let Some(b) = got.map_err(|e| e.to_string())? else {
+                            tracing::info!(image = %self.image, "the registry ignores Range: no more ranged reads for this image");
+                            self.state.lock().unwrap().off = true;
+                            return Ok(None);
+                        };
+                        self.fetcher.count_fetched(i, b.len() as u64);
+                        if let Err(e) = self.store.keep_span(&layer.digest, start, &b) {
+                            tracing::debug!(error = %e, "keeping a span for other starts");
+                        }
+                        b
+                    }
                 };
-                self.fetcher.count_fetched(i, b.len() as u64);
                 self.state
                     .lock()
                     .unwrap()

@@ -40,6 +40,7 @@ mod reader;
 mod resolve;
 mod size;
 mod source;
+mod spans;
 
 use std::path::{Path, PathBuf};
 
@@ -57,6 +58,7 @@ pub use push::{PushCounts, PushReport};
 pub use resolve::{layer_refs, resolve_layers, ResolvedLayers};
 pub use size::{parse_size, SizeError};
 pub use source::{BlobStream, BoxFuture, LayerEvents, LocalBlob, NoEvents, RegistryBlobs};
+pub use spans::FetchLock;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -353,6 +355,9 @@ impl Store {
                 }
             }
         }
+        // Spans are kept only for lazy starts in flight (a span lost here is
+        // fetched again).
+        let _ = std::fs::remove_dir_all(self.root.join("spans"));
         for e in read_dir_or_empty(&self.tmp_dir())? {
             let p = e.path();
             let r = if p.is_dir() {

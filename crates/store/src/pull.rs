@@ -179,14 +179,18 @@ impl Store {
         let first = self
             .ensure_layer_once(source, layer, opts, progress.clone(), events.clone())
             .await;
-        match first {
+        let r = match first {
             Err(e) if is_bad_bytes(&e) && source.distrust(&layer.digest) => {
                 tracing::warn!(layer = %layer.digest, error = %e, "bad layer bytes from a mirror; fetching the layer again");
                 self.ensure_layer_once(source, layer, opts, progress, events)
                     .await
             }
             r => r,
+        };
+        if r.is_ok() {
+            self.forget_spans(&layer.digest);
         }
+        r
     }
 
     async fn ensure_layer_once(
