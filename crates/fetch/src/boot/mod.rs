@@ -220,14 +220,22 @@ impl BootChunks {
             let _ = tokio::task::spawn_blocking(move || range_lock::lock_range(&held, 0, 1)).await;
         }
         let head = match cached_region(&blob, region_len, region_digest) {
+            // The link as the start that fetched it measured it: a peer
+            // starting at the same time then plans the same requests.
             Some(region) => RegionHead {
                 ranged: true,
                 body: None,
                 region,
                 leftover: Bytes::new(),
-                link: None,
+                link: plan::LinkEstimate::load(&dir),
             },
-            None => fetch_region(&*remote, image, region_len).await?,
+            None => {
+                let head = fetch_region(&*remote, image, region_len).await?;
+                if let Some(link) = head.link {
+                    link.save(&dir);
+                }
+                head
+            }
         };
         Ok(BootRegion {
             dir,

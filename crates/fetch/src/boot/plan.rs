@@ -12,7 +12,11 @@
 //! `g <= r * t / n`, the bandwidth-delay product shared by the requests.
 
 use std::ops::Range;
+use std::path::Path;
 use std::time::Duration;
+
+/// The file beside a chunk cache that keeps the link's estimate.
+const LINK_FILE: &str = "link";
 
 /// Smallest gap always bridged: below it a request's headers and the
 /// registry's per-request work cost more than the bytes.
@@ -44,6 +48,31 @@ impl LinkEstimate {
         (transfer >= Duration::from_millis(1) && bytes >= 16 << 10).then(|| LinkEstimate {
             first_byte,
             bytes_per_sec: bytes as f64 / transfer.as_secs_f64(),
+        })
+    }
+
+    /// Kept beside a chunk cache (`dir/link`, two numbers) for the starts
+    /// that find the index region there.
+    pub(crate) fn save(&self, dir: &Path) {
+        let text = format!(
+            "{} {}\n",
+            self.first_byte.as_micros(),
+            self.bytes_per_sec as u64
+        );
+        let _ = lazylayer_sys::durable::write_atomically_unsynced(
+            &dir.join(LINK_FILE),
+            text.as_bytes(),
+        );
+    }
+
+    /// What [`LinkEstimate::save`] kept, if it reads as a sane estimate.
+    pub(crate) fn load(dir: &Path) -> Option<LinkEstimate> {
+        let text = std::fs::read_to_string(dir.join(LINK_FILE)).ok()?;
+        let mut it = text.split_whitespace().map(|n| n.parse::<u64>().ok());
+        let (micros, rate) = (it.next()??, it.next()??);
+        (micros <= 60_000_000 && rate > 0).then(|| LinkEstimate {
+            first_byte: Duration::from_micros(micros),
+            bytes_per_sec: rate as f64,
         })
     }
 
@@ -137,6 +166,22 @@ mod tests {
             bytes_per_sec: 1.25e9,
         };
         assert_eq!(huge.gap(8), MAX_GAP);
+    }
+
+    #[test]
+    fn an_estimate_kept_beside_the_cache_reads_back_and_junk_reads_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(LinkEstimate::load(dir.path()).is_none());
+        let e = LinkEstimate {
+            first_byte: Duration::from_micros(20_500),
+            bytes_per_sec: 12_500_000.0,
+        };
+        e.save(dir.path());
+        assert_eq!(LinkEstimate::load(dir.path()), Some(e));
+        for junk in ["", "12", "x 5", "5 0", "99999999999 5", "-1 5"] {
+            std::fs::write(dir.path().join(LINK_FILE), junk).unwrap();
+            assert!(LinkEstimate::load(dir.path()).is_none(), "{junk:?}");
+        }
     }
 
     #[test]
