@@ -634,6 +634,7 @@ def summarize(path, offset, t0, t1):
         "body_bytes": sum(r["body_bytes"] or 0 for r in win if r["t_done"] is not None and r["t_done"] <= t1),
         "blob_gets": sum(1 for r in win if r.get("method") == "GET" and "/blobs/" in (r.get("path") or "")),
         "unparsed": len([u for u in unparsed if t0 <= u["t"] <= t1]),
+        "unparsed_reasons": sorted({u["reason"][:80] for u in unparsed if t0 <= u["t"] <= t1})[:5],
     }
 
 
