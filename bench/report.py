@@ -187,14 +187,15 @@ def round_trip_table(d, cs, w):
       "requests whose first byte reached the relay between the clock's start and ready; rounds = the "
       "longest chain of them in which each one's first byte reached the relay after the previous one's "
       "response had left it whole, the first request of a connection counting its handshake as one more "
-      "round; registry sent = the registry's access log (table below); floor = bytes / nominal rate + "
+      "round; sent before ready = the body bytes of the responses that had left the relay whole by ready; "
+      "registry sent = the registry's access log until the command ended (table below); floor = bytes / nominal rate + "
       f"{FLOOR_ROUND_TRIPS} x RTT + the fastest warm start, where bytes = `boot_start_bytes` for a lazy "
       "start and the compressed image for a full pull (bench/README.md); x floor = median / floor; "
       "vs podman = podman / this contender.")
     w("")
-    w("| image | link | RTT | contender | ready | requests | rounds | connections | registry sent | floor "
-      "| x floor | vs podman |")
-    w("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w("| image | link | RTT | contender | ready | requests | rounds | connections | sent before ready "
+      "| registry sent | floor | x floor | vs podman |")
+    w("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     unparsed = []
     for cell in cells:
         ccs = cell["contenders"]
@@ -211,7 +212,8 @@ def round_trip_table(d, cs, w):
                 return "-" if v is None else f"{v:g}"
             w(f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | {cell['rtt_ms']} ms | {NAMES[c]} "
               f"| {secs(t) if t else 'failed'} | {num('median_requests_ready')} | {num('median_rounds_ready')} "
-              f"| {num('median_connections_ready')} | {mb(cc.get('median_bytes'))} | {secs(fl)} "
+              f"| {num('median_connections_ready')} | {mb(cc.get('median_body_bytes_ready'))} "
+              f"| {mb(cc.get('median_bytes'))} | {secs(fl)} "
               f"| {f'{t / fl:.2f}x' if (t and fl) else '-'} | {f'{pm / t:.1f}x' if (t and pm) else '-'} |")
             if cc.get("unparsed"):
                 why = sorted({r for x in cc["runs"] for r in (x.get("relay") or {}).get("unparsed_reasons", [])})
