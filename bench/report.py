@@ -248,8 +248,11 @@ def markdown(d, seconds):
           + ", ".join(LINK_NAMES.get(x, x) for x in m.get("rtt_links", []))
           + ": every contender of such a cell fetches through `bench/relay.py` in the namespace, in front "
           "of the registry, which holds each direction RTT/2 and a new connection's first bytes one RTT more "
-          "(the handshake); the payload crosses the shaped loopback twice, so tbf runs at twice the nominal "
-          "rate (the payload rate measured through the relay is in the links table). Other links: no relay, "
+          "(the handshake). The payload crosses the loopback twice: "
+          + ("only the relay <-> client hop is shaped, at the nominal rate (the registry's port bypasses the tbf)"
+             if m.get("relay_shaping") != "double" else
+             "tbf runs at twice the nominal rate over both hops")
+          + "; the payload rate measured through the relay is in the links table. Other links: no relay, "
           "no added round trip.")
     if "containerd-lazylayer" in m.get("contenders", []):
         w("- ctr + lazylayer snapshotter: containerd with `lazylayer snapshotter` as its `lazylayer` proxy "

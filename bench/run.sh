@@ -5,7 +5,7 @@
 #
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
-#                     [--baseline BIN] [--rtts LIST] [--rtt-links LIST]
+#                     [--baseline BIN] [--rtts LIST] [--rtt-links LIST] [--relay-shaping S]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
 #                 section on python3, 1 repetition. ~13 min here (images cached).
@@ -24,10 +24,11 @@
 #   --rtts L      comma list of round-trip times in ms (e.g. 0,20,80): the links of
 #                 --rtt-links are measured once per RTT, every contender fetching through
 #                 bench/relay.py (a delay relay in the namespace, in front of the
-#                 registry; tbf at twice the nominal rate, since payload crosses lo twice).
-#                 Without it nothing changes: no relay, as before.
+#                 registry). Without it nothing changes: no relay, as before.
 #   --rtt-links L the links --rtts applies to (default 1gbit,100mbit); the others keep
 #                 RTT 0 without the relay
+#   --relay-shaping S  client-hop (default: only the relay <-> client hop shaped, at the
+#                 nominal rate) or double (one tbf at twice the rate over both hops)
 #
 # LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
 # the harness times, for side experiments; the default tables never set it.
@@ -42,7 +43,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
 QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1 BASELINE=''
-RTTS='' RTT_LINKS=1gbit,100mbit
+RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -57,6 +58,7 @@ while (($#)); do
     --fs-image) FS_IMAGE_ARG=$2; shift 2 ;;
     --rtts) RTTS=$2; shift 2 ;;
     --rtt-links) RTT_LINKS=$2; shift 2 ;;
+    --relay-shaping) RELAY_SHAPING=$2; shift 2 ;;
     -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -229,7 +231,7 @@ START=$SECONDS
   --json "$OUT/latest.json" --images "$IMAGES" --links "$LINKS" --runs "$RUNS" --skip "$SKIP" \
   --fs-image "$FS_IMAGE" --fs-reps "$FS_REPS" --fs-reads "$FS_READS" --meta "$META" \
   --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" ${BASELINE:+--baseline "$BASELINE"} \
-  --rtts "$RTTS" --rtt-links "$RTT_LINKS" &
+  --rtts "$RTTS" --rtt-links "$RTT_LINKS" --relay-shaping "$RELAY_SHAPING" &
 BENCH_PID=$!
 wait "$BENCH_PID"
 BENCH_PID=
