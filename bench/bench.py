@@ -527,6 +527,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             # their responses complete by ready.
             t0 = res["t_start"]
             res["relay"] = relay.summarize(relay_log, roff, t0, t0 + res["ready"])
+            # Where this start's requests are in the log run.sh keeps (OUT/relay/*.log.gz).
+            res["relay_log"] = {"file": os.path.basename(relay_log), "offset": roff}
             if res["relay"]["requests"] == 0:
                 # A cold start fetches something: none through the relay means the
                 # contender reached the registry some other way, without the RTT.

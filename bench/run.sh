@@ -236,6 +236,12 @@ BENCH_PID=$!
 wait "$BENCH_PID"
 BENCH_PID=
 log "measurements took $((SECONDS - START)) s"
+# The relay's request logs (every request of every start, for a look at the critical
+# path; each run's JSON has its file, offset, t_start and ready).
+if compgen -G "$WORK/relay/*.log" >/dev/null; then
+  mkdir -p "$OUT/relay"
+  for f in "$WORK"/relay/*.log; do gzip -c "$f" >"$OUT/relay/$(basename "$f").gz"; done
+fi
 "$PY" "$ROOT/bench/report.py" "$OUT/latest.json" --md "$OUT/latest.md" --png "$OUT/latest.png" \
   --seconds "$((SECONDS - START))"
 log "wrote $OUT/latest.md, $OUT/latest.png, $OUT/latest.json"
