@@ -3,6 +3,7 @@
 that crosses it.
 
     bench/relay.py --upstream 127.0.0.1:5000 --rtt-ms 20 --log FILE [--listen 127.0.0.1:0]
+    bench/relay.py --show FILE [--offset N] [--since T --until T]   (a log's critical path)
 
 prints the port it listens on (one line) once it accepts connections, and relays until
 SIGTERM or SIGINT. The kernel here has no netem, so distance is made here:
@@ -356,7 +357,8 @@ class Connection:
     # upstream -> client -------------------------------------------------------------
     def _response_body(self, start_line, headers):
         parts = start_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (parts[1].isascii() and parts[1].isdigit() and len(parts[1]) == 3):
+        code = parts[1] if len(parts) > 1 else ""
+        if not parts[0].startswith("HTTP/1.") or not (code.isascii() and code.isdigit() and len(code) == 3):
             raise Unparsed(f"bad status line {start_line[:80]!r}")
         if not self.pending:
             raise Unparsed("a response without a request")
@@ -611,24 +613,49 @@ def requests_between(reqs, t0, t1):
     return [r for r in reqs if t0 <= r["t_first"] <= t1]
 
 
-def critical_rounds(reqs):
+def critical_path(reqs):
     """The longest chain of requests in which each one's first byte reached the relay
-    after the previous one's response had left it whole: the sequential round trips
-    of the critical path. The first request on a connection counts its handshake as
-    one more round, chained after the requests complete before its connection was
-    accepted (a connection opened ahead of time overlaps its handshake)."""
+    after the previous one's response had left it whole: the sequential round trips of
+    the critical path. The first request on a connection counts its handshake as one
+    more round, chained after the requests complete before its connection was accepted
+    (a connection opened ahead of time overlaps its handshake). Returns (rounds, the
+    chain's requests in order, ending at the earliest request that ends a longest chain);
+    a request whose handshake is on the chain has "handshake_on_path" set in the
+    returned copy."""
     reqs = sorted(reqs, key=lambda r: r["t_first"])
-    depth = []
+    depth, prev, handshake = [], [], []
 
-    def before(t):
-        return max((d for r, d in zip(reqs, depth) if r["t_done"] is not None and r["t_done"] <= t), default=0)
+    def deepest(i, t):
+        best = None
+        for j in range(i):
+            done = reqs[j]["t_done"]
+            if done is not None and done <= t and (best is None or depth[j] > depth[best]):
+                best = j
+        return best, (depth[best] if best is not None else 0)
 
-    for r in reqs:
-        d = before(r["t_first"])
+    for i, r in enumerate(reqs):
+        p, d = deepest(i, r["t_first"])
+        hs = False
         if r["new_conn"]:
-            d = max(d, before(r["t_accept"]) + 1)
+            hp, hd = deepest(i, r["t_accept"])
+            if hd + 1 > d:
+                p, d, hs = hp, hd + 1, True
         depth.append(d + 1)
-    return max(depth, default=0)
+        prev.append(p)
+        handshake.append(hs)
+    if not reqs:
+        return 0, []
+    i = max(range(len(reqs)), key=lambda k: depth[k])
+    rounds, chain = depth[i], []
+    while i is not None:
+        chain.append(dict(reqs[i], handshake_on_path=handshake[i]))
+        i = prev[i]
+    return rounds, chain[::-1]
+
+
+def critical_rounds(reqs):
+    """The number of sequential rounds on the critical path (see critical_path)."""
+    return critical_path(reqs)[0]
 
 
 def summarize(path, offset, t0, t1):
@@ -647,13 +674,45 @@ def summarize(path, offset, t0, t1):
     }
 
 
+def show(path, offset, t0, t1):
+    """Print the requests of a log between t0 and t1 (monotonic seconds; default: all),
+    the critical path's marked with its round number."""
+    reqs, unparsed = read_log(path, offset)
+    t0 = reqs[0]["t_first"] if (t0 is None and reqs) else (t0 or 0)
+    win = requests_between(reqs, t0, float("inf") if t1 is None else t1)
+    rounds, chain = critical_path(win)
+    on_path, n = {}, 0
+    for r in chain:
+        n += 2 if r["handshake_on_path"] else 1
+        on_path[(r["conn"], r["seq"])] = n
+    print(f"{len(win)} requests, {rounds} rounds on the critical path, {len(unparsed)} unparsed; "
+          "times in ms from --since (else the first request)")
+    print(" round  conn seq   accept    first     done  status      bytes  request")
+    for r in win:
+        mark = on_path.get((r["conn"], r["seq"]))
+        done = "-" if r["t_done"] is None else f"{1000 * (r['t_done'] - t0):8.1f}"
+        print(f"{mark if mark else '':>6} {r['conn']:5d} {r['seq']:3d} {1000 * (r['t_accept'] - t0):8.1f} "
+              f"{1000 * (r['t_first'] - t0):8.1f} {done:>8} {r.get('status') or '-':>7} "
+              f"{r.get('body_bytes') if r.get('body_bytes') is not None else '-':>10}  "
+              f"{r.get('method')} {r.get('path')}" + (f" {r['range']}" if r.get("range") else ""))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--upstream", required=True, help="HOST:PORT of the registry")
-    ap.add_argument("--rtt-ms", type=float, required=True)
+    ap.add_argument("--upstream", help="HOST:PORT of the registry (relay mode)")
+    ap.add_argument("--rtt-ms", type=float)
     ap.add_argument("--log", default=None, help="request log (JSON lines, appended)")
     ap.add_argument("--listen", default="127.0.0.1:0")
+    ap.add_argument("--show", metavar="LOG", help="print a request log and its critical path instead")
+    ap.add_argument("--offset", type=int, default=0, help="--show: from this byte of the log")
+    ap.add_argument("--since", type=float, help="--show: from this monotonic time (a run's t_start)")
+    ap.add_argument("--until", type=float, help="--show: up to this monotonic time (t_start + ready)")
     a = ap.parse_args()
+    if a.show:
+        show(a.show, a.offset, a.since, a.until)
+        return
+    if a.upstream is None or a.rtt_ms is None:
+        ap.error("--upstream and --rtt-ms are required (or --show LOG)")
     asyncio.run(Relay(host_port(a.listen), host_port(a.upstream), a.rtt_ms, a.log).serve())
 
 

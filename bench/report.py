@@ -333,7 +333,8 @@ def markdown(d, seconds):
       "compressed bytes the traced start read (`boot_start_bytes`, images table) / link rate + 4 x RTT + the "
       "same warm start; in brackets where lazylayer does not report them and the boot layer stands "
       "in (then it equals the file floor). 4 x RTT: the round trips no start avoids (connect, manifest, "
-      "config with the index region, the start set; bench/README.md). ll / byte floor = lazylayer (optimized) / byte floor. "
+      "config with the index region, the start set; bench/README.md). "
+      "ll / byte floor = lazylayer (optimized) / byte floor. "
       "Speedup = podman / lazylayer (optimized), beside the paper's figure for that link "
       "(4.9x at 1 Gbit/s, 10x at 100 Mbit/s, 15x at 10 Mbit/s; docs/architecture.md).")
     w("")

@@ -144,6 +144,11 @@ class RoundsTest(unittest.TestCase):
         reqs = [req(0.0, 1.0, 1, 0), req(1.1, 2.0, 1, 1),
                 req(2.1, 3.0, 1, 2), req(2.1, 3.1, 2, 1, t_accept=0.5), req(2.2, 3.2, 3, 1, t_accept=0.5)]
         self.assertEqual(relay.critical_rounds(reqs), 4)  # handshake, manifest, config, blobs
+        rounds, chain = relay.critical_path(reqs)
+        self.assertEqual(rounds, 4)
+        # Three blob GETs end equally long chains: the earliest one is shown.
+        self.assertEqual([(r["conn"], r["seq"]) for r in chain], [(1, 0), (1, 1), (1, 2)])
+        self.assertEqual([r["handshake_on_path"] for r in chain], [True, False, False])
 
     def test_new_connection_costs_a_round_unless_opened_ahead(self):
         base = [req(0.0, 1.0, 1, 0), req(1.1, 2.0, 1, 1)]
