@@ -361,6 +361,10 @@ class Connection:
         if not parts[0].startswith("HTTP/1.") or not (code.isascii() and code.isdigit() and len(code) == 3):
             raise Unparsed(f"bad status line {start_line[:80]!r}")
         if not self.pending:
+            if self.req_framer.in_message:
+                # The client's bytes never made a request head: not HTTP/1.1 (podman
+                # tries a TLS ClientHello first), answered by the registry's 400.
+                raise Unparsed("a response before any complete request head (not HTTP/1.1, e.g. TLS)")
             raise Unparsed("a response without a request")
         status = int(parts[1])
         if status == 101:

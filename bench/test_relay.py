@@ -262,18 +262,23 @@ class LiveRelayTest(unittest.TestCase):
     def test_garbage_connection_is_relayed_and_counted(self):
         r, log = self.start_relay(0)
         t0 = time.monotonic()
-        with socket.create_connection(("127.0.0.1", r.port)) as s:
-            s.sendall(b"\x16\x03\x01 not http\r\n\r\n")
-            s.settimeout(5)
-            reply = s.recv(4096)
-        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])  # the registry answered
+        # A bad request line, and a TLS-like record that never makes a request head.
+        for garbage in (b"\x16\x03\x01 not http\r\n\r\n", b"\x16\x03\x01\x00\x05\x01\x00\n"):
+            with socket.create_connection(("127.0.0.1", r.port)) as s:
+                s.sendall(garbage)
+                s.settimeout(5)
+                reply = s.recv(4096)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:60])  # the registry answered
         c = http.client.HTTPConnection(r.addr)  # and the relay still serves
         c.request("GET", "/v2/")
         self.assertEqual(c.getresponse().status, 200)
         c.close()
         time.sleep(0.3)
         s = relay.summarize(log, 0, t0, time.monotonic())
-        self.assertEqual((s["requests"], s["unparsed"]), (1, 1))
+        self.assertEqual((s["requests"], s["unparsed"]), (1, 2))
+        self.assertEqual(len(s["unparsed_reasons"]), 2)
+        self.assertTrue(any("bad request line" in x for x in s["unparsed_reasons"]), s["unparsed_reasons"])
+        self.assertTrue(any("not HTTP/1.1" in x for x in s["unparsed_reasons"]), s["unparsed_reasons"])
         with open(log) as f:
             self.assertTrue(any(json.loads(l)["ev"] == "close" for l in f))
 
