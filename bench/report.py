@@ -442,7 +442,7 @@ def markdown(d, seconds):
               + "; ".join(re) + ".")
             w("")
     if d["warm"]:
-        w("Warm start (image already local, page cache warm; measured on the run's first link, median):")
+        w("Warm start (image already local, page cache warm; measured on the run's first link and RTT, median):")
         w("")
         wc = [c for c in ("podman", "containerd", "containerd-lazylayer", "lazylayer")
               if any(wd.get(c) for wd in d["warm"].values())]
