@@ -35,7 +35,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 MAX_HEAD = 64 * 1024  # request/response head, chunk-size line or trailer; larger = unparsed
 # Bytes one direction of one connection may hold while they wait out the delay before
