@@ -5,8 +5,9 @@ needs (network namespace, registry with the images pushed, lazylayer built) and 
 registry over the namespace's own shaped loopback.
 
 Sections (see bench/README.md):
-  1. time to ready, cold, per image x link x contender (+ bytes over the link before
-     ready, warm starts, link rates)
+  1. time to ready, cold, per image x link (x RTT, --rtts) x contender (+ bytes over
+     the link before ready, requests and sequential rounds through the delay relay,
+     warm starts, link rates)
   2. steady-state file-system overhead over the same extracted layers
   3. optimize cost
 
@@ -29,6 +30,8 @@ import time
 import urllib.request
 import zlib
 
+import relay  # bench/relay.py: the delay relay of the RTT axis and its request log
+
 # --- what is measured -------------------------------------------------------------
 
 # kind: batch (ready = first byte on stdout; whole stdout must contain `expect`),
@@ -46,6 +49,15 @@ IMAGES = {
 }
 # bits per second; None = loopback without a qdisc.
 LINKS = {"loopback": None, "1gbit": 1e9, "100mbit": 1e8, "10mbit": 1e7}
+# With the delay relay in the path every payload byte crosses the loopback twice
+# (registry -> relay, relay -> client). Two ways to keep the payload rate nominal
+# (--relay-shaping): "client-hop" (default) shapes only the relay <-> client hop at the
+# nominal rate and leaves the registry <-> relay hop unshaped (htb, a u32 filter on the
+# registry's port); "double" shapes both at RELAY_HOPS x the nominal rate with one tbf,
+# where the two hops share one bucket, so a transfer gets up to RTT/2 ahead while the
+# other hop is idle (measured: -22 ms for 20 MB at 1 Gbit/s, RTT 80 ms; bench/README.md).
+RELAY_HOPS = 2
+RELAY_SHAPINGS = ("client-hop", "double")
 # containerd-lazylayer: containerd with `lazylayer snapshotter` as a proxy plugin, the
 # optimized image registered by `lazylayer containerd pull` and run by `ctr run
 # --snapshotter lazylayer` (docs/containerd.md, the ctr path).
@@ -381,6 +393,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         res = {"ok": False}
         lo0, re0 = lo_bytes(), tcp_retrans()
         t0 = now()
+        # The relay's request log is on the same clock (CLOCK_MONOTONIC).
+        res["t_start"] = t0
         deadline = t0 + timeout
         try:
             if pull:
@@ -500,22 +514,53 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         return all(os.path.exists(os.path.join(root, "layers", "sha256", l["digest"].split(":")[1], "layer.json"))
                    for l in manifest(addr, repo, tag)["layers"])
 
-    def cold(self, contender, img, ref, opt_ref, timeout):
+    def cold(self, contender, img, ref, opt_ref, timeout, relay_log=None):
         self.prepare(contender)
         drop_caches()
         off = self.reglog.offset()
+        roff = relay.log_offset(relay_log) if relay_log else None
         res = self.start(contender, img, ref, opt_ref, timeout)
         res["bytes"], res["blob_gets"] = self.reglog.since(off)
+        if relay_log and res["ok"]:
+            # Requests whose first byte reached the relay between the clock's start and
+            # ready: how many, the sequential rounds among them, and the body bytes of
+            # their responses complete by ready.
+            t0 = res["t_start"]
+            res["relay"] = relay.summarize(relay_log, roff, t0, t0 + res["ready"])
+            # Where this start's requests are in the log run.sh keeps (OUT/relay/*.log.gz).
+            res["relay_log"] = {"file": os.path.basename(relay_log), "offset": roff}
+            if res["relay"]["requests"] == 0:
+                # A cold start fetches something: none through the relay means the
+                # contender reached the registry some other way, without the RTT.
+                res["ok"] = False
+                res["error"] = "no request went through the relay before ready"
         return res
 
 
-def set_link(name):
+def set_link(name, hops=1, unshaped_port=None):
+    """Shape the namespace's loopback for link `name`. hops = how many times each payload
+    byte crosses the one tbf (RELAY_HOPS for the relay's "double" shaping), so the payload
+    rate stays the nominal one. unshaped_port: TCP traffic from or to this port (the
+    registry's, behind the relay) bypasses the tbf, under an htb root whose default class
+    holds it. Returns the tbf rate (bits/s) or None."""
     rate = LINKS[name]
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], stderr=subprocess.DEVNULL)
     if rate is None:
-        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], stderr=subprocess.DEVNULL)
-    else:
-        sh(["tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", f"{int(rate)}bit",
-            "burst", "256kb", "latency", "400ms"])
+        return None
+    tbf = ["tbf", "rate", f"{int(rate * hops)}bit", "burst", "256kb", "latency", "400ms"]
+    if unshaped_port is None:
+        sh(["tc", "qdisc", "replace", "dev", "lo", "root"] + tbf)
+        return rate * hops
+    tc = ["tc", "qdisc", "add", "dev", "lo"]
+    sh(tc + ["root", "handle", "1:", "htb", "default", "20"])
+    # htb classes far above any link here: only the tbf under 1:20 shapes.
+    for cls in ("1:10", "1:20"):
+        sh(["tc", "class", "add", "dev", "lo", "parent", "1:", "classid", cls, "htb", "rate", "100gbit"])
+    sh(tc + ["parent", "1:20", "handle", "20:"] + tbf)
+    for way in ("sport", "dport"):
+        sh(["tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+            "match", "ip", way, str(unshaped_port), "0xffff", "flowid", "1:10"])
+    return rate * hops
 
 
 def registry_get(addr, path, headers=None, limit=None):
@@ -532,15 +577,32 @@ def manifest(addr, repo, tag):
     return json.loads(registry_get(addr, f"/v2/{repo}/manifests/{tag}", {"Accept": MANIFEST_ACCEPT}))
 
 
-def measure_link(addr, name, blob):
-    """Measured throughput of a blob GET (a Range of at most ~2 s of the link)."""
+def measure_link(addr, name, blob, rly=None):
+    """Measured throughput of a blob GET (a Range of at most ~2 s of the link): Bps over
+    the whole request, body_Bps from the response's first byte (without the round
+    trips a relay adds), and with a relay, the CPU it used meanwhile."""
     rate = LINKS[name]
     repo, digest, size = blob
     want = size if rate is None else min(size, int(rate / 8 * 2))
-    t0 = now()
-    data = registry_get(addr, f"/v2/{repo}/blobs/{digest}", {"Range": f"bytes=0-{want - 1}"})
-    dt = now() - t0
-    return {"bytes": len(data), "seconds": dt, "Bps": len(data) / dt}
+    cpu0 = rly.cpu_seconds() if rly else None
+    host, port = addr.rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=600)
+    try:
+        t0 = now()
+        c.request("GET", f"/v2/{repo}/blobs/{digest}", headers={"Range": f"bytes=0-{want - 1}"})
+        r = c.getresponse()
+        first = r.read(1)
+        t1 = now()
+        n = len(first)
+        while chunk := r.read(1 << 20):
+            n += len(chunk)
+        dt = now() - t0
+    finally:
+        c.close()
+    out = {"bytes": n, "seconds": dt, "Bps": n / dt, "body_Bps": (n - 1) / max(dt - (t1 - t0), 1e-9)}
+    if rly:
+        out["relay_cpu_seconds"] = rly.cpu_seconds() - cpu0
+    return out
 
 
 # --- main -------------------------------------------------------------------------
@@ -588,74 +650,129 @@ def optimize_images(b, addr, images, out):
         rmtree(root)
 
 
-def section1(b, addr, images, links, runs, skip, out):
+def section1(b, addr, images, links, runs, skip, out, rtts=(), rtt_links=(), relay_shaping="client-hop"):
+    """Cold starts per image x link x contender. With `rtts`, the links in `rtt_links` are
+    measured once per RTT with the delay relay (bench/relay.py) in front of the registry:
+    every contender of such a cell fetches through it, at the nominal payload rate."""
+    first_path = None
     for link in links:
-        set_link(link)
         out["links"][link] = {"nominal_bps": LINKS[link]}
         big = max(((f"lazylayer/{i}", l["digest"], l["size"]) for i in images
                    for l in manifest(addr, f"lazylayer/{i}", "latest")["layers"]), key=lambda x: x[2])
-        out["links"][link].update(measure_link(addr, link, big))
-        log(f"link {link}: measured {out['links'][link]['Bps'] * 8 / 1e6:.0f} Mbit/s")
-        for img in images:
-            cell = {"image": img, "link": link, "contenders": {}}
-            out["cells"].append(cell)
-            if (img, link) in skip:
-                cell["skipped"] = skip[(img, link)]
-                log(f"{img} @ {link}: skipped ({cell['skipped']})")
-                continue
-            info = out["images"][img]
-            ref, opt_ref = info["ref"], info.get("opt_ref")
-            rate = LINKS[link] or 8e9
-            timeout = 300 + 3 * info["compressed"] * 8 / rate
-            for c in CONTENDERS:
-                cell["contenders"][c] = {"runs": []}
-            for r in range(runs):
-                k = r % len(CONTENDERS)
-                order = CONTENDERS[k:] + CONTENDERS[:k]
-                for c in order:
-                    cc = cell["contenders"][c]
-                    if c.startswith("lazylayer") and not b.run_available:
-                        cc["na"] = "run not available"
+        for rtt in (rtts if link in rtt_links else [None]):
+            first_path = first_path or (link, rtt)
+            rly = None
+            try:
+                if rtt is None:
+                    out["links"][link]["tbf_bps"] = set_link(link)
+                    out["links"][link].update(measure_link(addr, link, big))
+                    log(f"link {link}: measured {out['links'][link]['Bps'] * 8 / 1e6:.0f} Mbit/s")
+                    path_addr, relay_log = addr, None
+                else:
+                    os.makedirs(os.path.join(b.work, "relay"), exist_ok=True)
+                    relay_log = os.path.join(b.work, "relay", f"{link}-{rtt}ms.log")
+                    rly = relay.RelayProcess(addr, rtt, relay_log, pid_file=os.path.join(b.work, "relay.pid"))
+                    path_addr = rly.addr
+                    if relay_shaping == "double":
+                        tbf = set_link(link, hops=RELAY_HOPS)
+                    else:
+                        tbf = set_link(link, unshaped_port=int(addr.rsplit(":", 1)[1]))
+                    m = measure_link(path_addr, link, big, rly)
+                    m.update(tbf_bps=tbf, relay_shaping=relay_shaping)
+                    out["links"][link]["tbf_bps"] = tbf
+                    out["links"][link].setdefault("rtts", {})[str(rtt)] = m
+                    # The link's own figure: through the relay (the path every contender takes).
+                    for k in ("bytes", "seconds", "Bps", "body_Bps"):
+                        out["links"][link].setdefault(k, m[k])
+                    log(f"link {link} at RTT {rtt} ms through the relay (tbf {tbf / 1e6:.0f} Mbit/s, "
+                        f"{relay_shaping}): payload "
+                        f"{m['body_Bps'] * 8 / 1e6:.0f} Mbit/s from the first byte, "
+                        f"{m['Bps'] * 8 / 1e6:.0f} Mbit/s whole request; relay CPU "
+                        f"{100 * m['relay_cpu_seconds'] / m['seconds']:.0f}% of a core")
+                for img in images:
+                    cell = {"image": img, "link": link, "rtt_ms": rtt, "relay": rtt is not None,
+                            "lo_hops": RELAY_HOPS if rtt is not None else 1, "contenders": {}}
+                    out["cells"].append(cell)
+                    if (img, link) in skip:
+                        cell["skipped"] = skip[(img, link)]
+                        log(f"{img} @ {link}: skipped ({cell['skipped']})")
                         continue
-                    if c == "containerd-lazylayer" and not b.snap_available:
-                        cc["na"] = "snapshotter not available"
-                        continue
-                    if c in ("lazylayer", "lazylayer-base", "containerd-lazylayer") and not opt_ref:
-                        cc["na"] = "optimize failed"
-                        continue
-                    try:
-                        res = b.cold(c, img, ref, opt_ref, timeout)
-                    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                        res = {"ok": False, "error": str(e)[-600:], "bytes": None, "blob_gets": None}
-                        log(f"  {img} @ {link} {c}: FAILED: {res['error']}")
-                    cc["runs"].append(res)
-                    log(f"{img} @ {link} run {r + 1}/{runs} {c}: "
-                        + (f"{res['ready']:.2f} s, {res['lo_bytes_ready'] / 1e6:.1f} MB on lo before ready, "
-                           f"registry sent {res['bytes'] / 1e6:.1f} MB" if res["ok"] else "failed"))
-                    # Warm starts (for the floor) once per image, on the first link of the run.
-                    if link == links[0] and res["ok"] and c != "lazylayer-unopt":
-                        # Warm = the image local whole, as containerd's and podman's are.
-                        if not b.make_local(c, addr, img, opt_ref):
-                            log(f"  {img} {c}: the image did not become local before the warm start")
-                        w = b.start(c, img, ref, opt_ref, timeout, warm=True)
-                        out["warm"].setdefault(img, {}).setdefault(c, []).append(
-                            w.get("ready") if w["ok"] else None)
-                    if c.startswith("containerd"):
-                        # Not left running under the next contender: the snapshotter
-                        # may still be prefetching over the link (not timed).
-                        b.containerd_stop()
-            for c, cc in cell["contenders"].items():
-                ok = [x for x in cc["runs"] if x["ok"]]
-                cc["median"] = median([x["ready"] for x in ok])
-                cc["median_bytes"] = median([x["bytes"] for x in ok])
-                cc["median_lo_bytes_ready"] = median([x.get("lo_bytes_ready") for x in ok])
-                cc["max_tcp_retrans_ready"] = max([x.get("tcp_retrans_ready") or 0 for x in ok], default=None)
-                cc["failed"] = len(cc["runs"]) - len(ok)
-            b.containerd_stop()
-            b.podman_empty()
-            b.ll_empty()
-            save(out)
+                    warm = (link, rtt) == first_path
+                    run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out)
+                    save(out)
+            finally:
+                if rly:
+                    rly.stop()
     set_link("loopback")
+
+
+def run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out):
+    """The cold runs of one cell, every contender fetching from `path_addr` (the registry
+    or the relay in front of it); with `warm`, a warm start after each contender's cold one
+    (once per image, for the floor)."""
+    img, link = cell["image"], cell["link"]
+    where = f"{img} @ {link}" + (f" RTT {cell['rtt_ms']} ms" if cell["relay"] else "")
+    info = out["images"][img]
+    ref, opt_ref = info["ref"], info.get("opt_ref")
+    if path_addr != addr:
+        ref = ref.replace(addr, path_addr, 1)
+        opt_ref = opt_ref and opt_ref.replace(addr, path_addr, 1)
+    rate = LINKS[link] or 8e9
+    timeout = 300 + 3 * info["compressed"] * 8 / rate
+    for c in CONTENDERS:
+        cell["contenders"][c] = {"runs": []}
+    for r in range(runs):
+        k = r % len(CONTENDERS)
+        order = CONTENDERS[k:] + CONTENDERS[:k]
+        for c in order:
+            cc = cell["contenders"][c]
+            if c.startswith("lazylayer") and not b.run_available:
+                cc["na"] = "run not available"
+                continue
+            if c == "containerd-lazylayer" and not b.snap_available:
+                cc["na"] = "snapshotter not available"
+                continue
+            if c in ("lazylayer", "lazylayer-base", "containerd-lazylayer") and not opt_ref:
+                cc["na"] = "optimize failed"
+                continue
+            try:
+                res = b.cold(c, img, ref, opt_ref, timeout, relay_log)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                res = {"ok": False, "error": str(e)[-600:], "bytes": None, "blob_gets": None}
+                log(f"  {where} {c}: FAILED: {res['error']}")
+            cc["runs"].append(res)
+            rq = res.get("relay")
+            log(f"{where} run {r + 1}/{runs} {c}: "
+                + (f"{res['ready']:.2f} s, {res['lo_bytes_ready'] / 1e6:.1f} MB on lo before ready, "
+                   f"registry sent {res['bytes'] / 1e6:.1f} MB"
+                   + (f", {rq['requests']} requests in {rq['rounds']} rounds before ready" if rq else "")
+                   if res["ok"] else "failed"))
+            # Warm starts (for the floor) once per image, on the first link of the run.
+            if warm and res["ok"] and c != "lazylayer-unopt":
+                # Warm = the image local whole, as containerd's and podman's are.
+                if not b.make_local(c, addr, img, opt_ref):
+                    log(f"  {img} {c}: the image did not become local before the warm start")
+                w = b.start(c, img, ref, opt_ref, timeout, warm=True)
+                out["warm"].setdefault(img, {}).setdefault(c, []).append(
+                    w.get("ready") if w["ok"] else None)
+            if c.startswith("containerd"):
+                # Not left running under the next contender: the snapshotter
+                # may still be prefetching over the link (not timed).
+                b.containerd_stop()
+    for c, cc in cell["contenders"].items():
+        ok = [x for x in cc["runs"] if x["ok"]]
+        cc["median"] = median([x["ready"] for x in ok])
+        cc["median_bytes"] = median([x["bytes"] for x in ok])
+        cc["median_lo_bytes_ready"] = median([x.get("lo_bytes_ready") for x in ok])
+        cc["max_tcp_retrans_ready"] = max([x.get("tcp_retrans_ready") or 0 for x in ok], default=None)
+        if cell["relay"]:
+            for k in ("requests", "rounds", "connections", "body_bytes", "blob_gets"):
+                cc[f"median_{k}_ready"] = median([(x.get("relay") or {}).get(k) for x in ok])
+            cc["unparsed"] = sum((x.get("relay") or {}).get("unparsed", 0) for x in ok)
+        cc["failed"] = len(cc["runs"]) - len(ok)
+    b.containerd_stop()
+    b.podman_empty()
+    b.ll_empty()
 
 
 # --- section 2: steady-state file-system overhead ------------------------------------
@@ -853,6 +970,11 @@ def main():
     ap.add_argument("--json", required=True)
     ap.add_argument("--images", required=True)
     ap.add_argument("--links", required=True)
+    ap.add_argument("--rtts", default="", help="round-trip times in ms through the delay relay, e.g. 0,20,80 "
+                    "(empty: no relay)")
+    ap.add_argument("--rtt-links", default="1gbit,100mbit", help="the links --rtts applies to")
+    ap.add_argument("--relay-shaping", default="client-hop", choices=RELAY_SHAPINGS,
+                    help="how the relay's two hops are shaped (see RELAY_HOPS)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip", default="", help="IMAGE@LINK=reason;...")
     ap.add_argument("--fs-image", default="gcc")
@@ -863,6 +985,8 @@ def main():
     a = ap.parse_args()
     OUT_PATH = a.json
     images, links = a.images.split(","), a.links.split(",")
+    rtts = [int(x) for x in a.rtts.split(",") if x.strip()]
+    rtt_links = [l for l in a.rtt_links.split(",") if l] if rtts else []
     skip = {}
     for s in filter(None, a.skip.split(";")):
         k, reason = s.split("=", 1)
@@ -873,7 +997,8 @@ def main():
         CONTENDERS.insert(CONTENDERS.index("lazylayer") + 1, "lazylayer-base")
     out = {"meta": json.loads(a.meta), "images": {}, "links": {}, "cells": [], "warm": {}, "fs": None}
     out["meta"].update({"runs": a.runs, "run_available": b.run_available, "contenders": CONTENDERS,
-                        "poll_ms": POLL * 1000,
+                        "poll_ms": POLL * 1000, "rtts_ms": rtts, "rtt_links": rtt_links,
+                        "relay_shaping": a.relay_shaping if rtts else None,
                         "links_not_run": [l for l in LINKS if l not in links],
                         "images_not_run": [i for i in IMAGES if i not in images]})
     out["meta"]["snapshotter_available"] = b.snap_available
@@ -897,7 +1022,7 @@ def main():
         out["meta"]["seconds_optimize"] = now() - t0
         save(out)
         t0 = now()
-        section1(b, a.registry, images, links, a.runs, skip, out)
+        section1(b, a.registry, images, links, a.runs, skip, out, rtts, rtt_links, a.relay_shaping)
         out["meta"]["seconds_section1"] = now() - t0
         save(out)
         t0 = now()

@@ -21,6 +21,10 @@ LINK_NAMES = {"loopback": "loopback (unshaped)", "1gbit": "1 Gbit/s", "100mbit":
 # Start-up speedup over a full pull that the layer-granular method lazylayer follows
 # reported per link (docs/architecture.md): podman-like pull + run / optimized start.
 PAPER = {"1gbit": 4.9, "100mbit": 10.0, "10mbit": 15.0}
+# Round trips no start can avoid, on top of its bytes: connect, manifest, config (with a
+# lazy start: and the boot layer's index region), then the start set (or the layers).
+FLOOR_ROUND_TRIPS = 4
+LAZY = ("lazylayer", "lazylayer-base", "containerd-lazylayer")
 
 
 def esc(text):
@@ -56,6 +60,21 @@ def warm_of(d, img):
     return min(best) if best else (None, None)
 
 
+def rtt_of(cell):
+    """The cell's round-trip time in seconds (0 without the relay)."""
+    return (cell.get("rtt_ms") or 0) / 1000
+
+
+def rtt_text(cell):
+    return f"{cell['rtt_ms']} ms" if cell.get("relay") else "- (no relay)"
+
+
+def where(cell):
+    """A cell's name in running text."""
+    return (f"{cell['image']} @ {LINK_NAMES.get(cell['link'], cell['link'])}"
+            + (f", RTT {cell['rtt_ms']} ms" if cell.get("relay") else ""))
+
+
 def link_rate(d, link):
     """Bytes/s: shaped links, the tbf rate (a 2 s sample overstates it by the 256 kB
     burst); unshaped loopback, the measured rate of one blob GET."""
@@ -77,25 +96,39 @@ def start_bytes(info):
 
 def floor_of(d, cell):
     """File floor: the whole boot layer (every file the workload touched) / link rate
-    + the fastest warm start."""
+    + the unavoidable round trips + the fastest warm start."""
     info = d["images"][cell["image"]]
     warm, by = warm_of(d, cell["image"])
     rate = link_rate(d, cell["link"])
     if info.get("boot_bytes") is None or warm is None or not rate:
         return None, None
-    return info["boot_bytes"] / rate + warm, by
+    return info["boot_bytes"] / rate + FLOOR_ROUND_TRIPS * rtt_of(cell) + warm, by
 
 
 def byte_floor_of(d, cell):
-    """Byte floor: the compressed bytes read before the start / link rate + the fastest
-    warm start. (value, exact): exact is False when the boot layer stood in."""
+    """Byte floor of a lazy start: the compressed bytes read before the start / link rate
+    + the unavoidable round trips (FLOOR_ROUND_TRIPS x RTT) + the fastest warm start.
+    (value, exact): exact is False when the boot layer stood in."""
     info = d["images"][cell["image"]]
     warm, _ = warm_of(d, cell["image"])
     rate = link_rate(d, cell["link"])
     n, exact = start_bytes(info)
     if n is None or warm is None or not rate:
         return None, exact
-    return n / rate + warm, exact
+    return n / rate + FLOOR_ROUND_TRIPS * rtt_of(cell) + warm, exact
+
+
+def contender_floor(d, cell, c):
+    """The floor of contender c's start: a lazy start's byte floor; a full pull's
+    compressed image / link rate + the same round trips + the fastest warm start."""
+    if c in LAZY:
+        return byte_floor_of(d, cell)[0]
+    info = d["images"][cell["image"]]
+    warm, _ = warm_of(d, cell["image"])
+    rate = link_rate(d, cell["link"])
+    if warm is None or not rate:
+        return None
+    return info["compressed"] / rate + FLOOR_ROUND_TRIPS * rtt_of(cell) + warm
 
 
 def speedup(ccs):
@@ -126,19 +159,71 @@ def cell_text(cc, base):
     return t
 
 
-def bytes_rows(d, cs, key, last):
+def bytes_rows(d, cs, key, last, per_hop=False):
     """Table rows of a per-contender byte count `key` for every measured cell, with
-    `last(image info)` as the final column."""
+    `last(image info)` as the final column; per_hop divides by the times each byte
+    crossed the loopback (2 with the relay in the path)."""
     for cell in d["cells"]:
         if cell.get("skipped"):
             continue
         ccs, info = cell["contenders"], d["images"][cell["image"]]
+        hops = cell.get("lo_hops", 1) if per_hop else 1
         row = []
         for c in cs:
             cc = ccs.get(c) or {}
-            row.append("n/a" if cc.get("na") else mb(cc.get(key)))
-        yield (f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | "
+            v = cc.get(key)
+            row.append("n/a" if cc.get("na") else mb(None if v is None else v / hops))
+        yield (f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | {rtt_text(cell)} | "
                + " | ".join(row) + f" | {last(info)} |")
+
+
+def round_trip_table(d, cs, w):
+    """Per relay cell and contender: requests and sequential rounds before ready, the
+    bytes, the floor with its round trips and the ratio to it, the speedup vs podman."""
+    cells = [c for c in d["cells"] if c.get("relay") and not c.get("skipped")]
+    if not cells:
+        return
+    w("Requests and round trips before ready (cells through the delay relay, median): requests = HTTP "
+      "requests whose first byte reached the relay between the clock's start and ready; rounds = the "
+      "longest chain of them in which each one's first byte reached the relay after the previous one's "
+      "response had left it whole, the first request of a connection counting its handshake as one more "
+      "round; sent before ready = the body bytes of the responses that had left the relay whole by ready; "
+      "registry sent = the registry's access log until the command ended (table below); floor = bytes / nominal rate + "
+      f"{FLOOR_ROUND_TRIPS} x RTT + the fastest warm start, where bytes = `boot_start_bytes` for a lazy "
+      "start and the compressed image for a full pull (bench/README.md); x floor = median / floor; "
+      "vs podman = podman / this contender.")
+    w("")
+    w("| image | link | RTT | contender | ready | requests | rounds | connections | sent before ready "
+      "| registry sent | floor | x floor | vs podman |")
+    w("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    unparsed = []
+    for cell in cells:
+        ccs = cell["contenders"]
+        pm = (ccs.get("podman") or {}).get("median")
+        for c in cs:
+            cc = ccs.get(c) or {}
+            if cc.get("na") or not cc.get("runs"):
+                continue
+            t = cc.get("median")
+            fl = contender_floor(d, cell, c)
+
+            def num(k):
+                v = cc.get(k)
+                return "-" if v is None else f"{v:g}"
+            w(f"| {cell['image']} | {LINK_NAMES.get(cell['link'], cell['link'])} | {cell['rtt_ms']} ms | {NAMES[c]} "
+              f"| {secs(t) if t else 'failed'} | {num('median_requests_ready')} | {num('median_rounds_ready')} "
+              f"| {num('median_connections_ready')} | {mb(cc.get('median_body_bytes_ready'))} "
+              f"| {mb(cc.get('median_bytes'))} | {secs(fl)} "
+              f"| {f'{t / fl:.2f}x' if (t and fl) else '-'} | {f'{pm / t:.1f}x' if (t and pm) else '-'} |")
+            if cc.get("unparsed"):
+                why = sorted({r for x in cc["runs"] for r in (x.get("relay") or {}).get("unparsed_reasons", [])})
+                unparsed.append(f"{where(cell)}, {NAMES[c]}: {cc['unparsed']}"
+                                + (f" (`{esc('`; `'.join(why[:3]))}`)" if why else ""))
+    w("")
+    if unparsed:
+        w("- Connections the relay could not frame as HTTP/1.1 (relayed, their requests not counted; podman "
+          "tries TLS first on a registry it may reach over plain HTTP): " + "; ".join(unparsed) + ".")
+        w("")
 
 
 def markdown(d, seconds):
@@ -158,6 +243,17 @@ def markdown(d, seconds):
     w("- Registry and clients share a network namespace whose loopback is shaped with "
       "`tc tbf burst 256kb latency 400ms` (both directions go through it); every contender "
       "starts from an empty store with the page cache dropped; contender order rotates per run.")
+    if m.get("rtts_ms"):
+        w(f"- Round-trip times {', '.join(f'{x} ms' for x in m['rtts_ms'])} at "
+          + ", ".join(LINK_NAMES.get(x, x) for x in m.get("rtt_links", []))
+          + ": every contender of such a cell fetches through `bench/relay.py` in the namespace, in front "
+          "of the registry, which holds each direction RTT/2 and a new connection's first bytes one RTT more "
+          "(the handshake). The payload crosses the loopback twice: "
+          + ("only the relay <-> client hop is shaped, at the nominal rate (the registry's port bypasses the tbf)"
+             if m.get("relay_shaping") != "double" else
+             "tbf runs at twice the nominal rate over both hops")
+          + "; the payload rate measured through the relay is in the links table. Other links: no relay, "
+          "no added round trip.")
     if "containerd-lazylayer" in m.get("contenders", []):
         w("- ctr + lazylayer snapshotter: containerd with `lazylayer snapshotter` as its `lazylayer` proxy "
           "snapshotter (both on empty roots, restarted per cold run, not timed); pull = `lazylayer "
@@ -212,35 +308,46 @@ def markdown(d, seconds):
     w("")
 
     # links ----------------------------------------------------------------------------
-    w("| link | nominal | measured (one blob GET) |")
-    w("|---|---:|---:|")
+    w("| link | RTT | nominal | tbf rate | measured (one blob GET) | payload from its first byte | relay CPU |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+
+    def mbit(x):
+        return "-" if not x else f"{x * 8 / 1e6:.0f} Mbit/s"
     for ln, li in d["links"].items():
         nom = "-" if not li.get("nominal_bps") else f"{li['nominal_bps'] / 1e6:.0f} Mbit/s"
-        w(f"| {LINK_NAMES.get(ln, ln)} | {nom} | {li['Bps'] * 8 / 1e6:.0f} Mbit/s |")
+        tbf = "-" if not li.get("tbf_bps") else f"{li['tbf_bps'] / 1e6:.0f} Mbit/s"
+        for rtt, mm in (li.get("rtts") or {None: li}).items():
+            cpu = (f"{100 * mm['relay_cpu_seconds'] / mm['seconds']:.0f}% of a core"
+                   if mm.get("relay_cpu_seconds") is not None else "-")
+            w(f"| {LINK_NAMES.get(ln, ln)} | {'-' if rtt is None else f'{rtt} ms'} | {nom} | {tbf} | "
+              f"{mbit(mm.get('Bps'))} | {mbit(mm.get('body_Bps'))} | {cpu} |")
     w("")
 
     # section 1 ------------------------------------------------------------------------
     w("## 1. Time to ready, cold")
     w("")
-    w("Median time; in brackets the ratio to podman (lower is better). File floor = boot layer / "
-      "link rate (tbf rate; unshaped: measured) + the fastest warm start of that container "
+    w("Median time; in brackets the ratio to podman (lower is better). RTT = the round-trip time the "
+      "delay relay added (\"- (no relay)\": fetched straight from the registry). File floor = boot layer / "
+      "link rate (nominal; unshaped: measured) + 4 x RTT + the fastest warm start of that container "
       "by any contender (table below): every file the workload touched, whole. Byte floor = the "
-      "compressed bytes the traced start read (`boot_start_bytes`, images table) / link rate + the "
+      "compressed bytes the traced start read (`boot_start_bytes`, images table) / link rate + 4 x RTT + the "
       "same warm start; in brackets where lazylayer does not report them and the boot layer stands "
-      "in (then it equals the file floor). ll / byte floor = lazylayer (optimized) / byte floor. "
+      "in (then it equals the file floor). 4 x RTT: the round trips no start avoids (connect, manifest, "
+      "config with the index region, the start set; bench/README.md). "
+      "ll / byte floor = lazylayer (optimized) / byte floor. "
       "Speedup = podman / lazylayer (optimized), beside the paper's figure for that link "
       "(4.9x at 1 Gbit/s, 10x at 100 Mbit/s, 15x at 10 Mbit/s; docs/architecture.md).")
     w("")
     cs = m.get("contenders", list(NAMES))
-    w("| image | link | " + " | ".join(NAMES[c] for c in cs)
+    w("| image | link | RTT | " + " | ".join(NAMES[c] for c in cs)
       + " | file floor | byte floor | ll / byte floor | speedup | paper |")
-    w("|---|---|" + "---:|" * (len(cs) + 5))
+    w("|---|---|---:|" + "---:|" * (len(cs) + 5))
     slower = []
     for cell in d["cells"]:
         img, ln = cell["image"], LINK_NAMES.get(cell["link"], cell["link"])
         paper = f"{PAPER[cell['link']]:g}x" if cell["link"] in PAPER else "-"
         if cell.get("skipped"):
-            w(f"| {img} | {ln} | " + " | ".join(["skipped"] * len(cs)) + f" | | | | | {paper} |")
+            w(f"| {img} | {ln} | {rtt_text(cell)} | " + " | ".join(["skipped"] * len(cs)) + f" | | | | | {paper} |")
             continue
         ccs = cell["contenders"]
         base = ccs.get("podman")
@@ -250,14 +357,14 @@ def markdown(d, seconds):
         close = f"{llm / bf:.2f}x" if (llm and bf) else "-"
         bft = secs(bf) if (exact or bf is None) else f"({secs(bf)})"
         sp = speedup(ccs)
-        w(f"| {img} | {ln} | " + " | ".join(cell_text(ccs.get(c), base) for c in cs)
+        w(f"| {img} | {ln} | {rtt_text(cell)} | " + " | ".join(cell_text(ccs.get(c), base) for c in cs)
           + f" | {secs(fl)} | {bft} | {close} | {'-' if sp is None else f'{sp:.1f}x'} | {paper} |")
         for c in ("lazylayer", "lazylayer-unopt", "containerd-lazylayer"):
             cm = (ccs.get(c) or {}).get("median")
             for other in ("podman", "containerd"):
                 om = (ccs.get(other) or {}).get("median")
                 if cm and om and cm > om:
-                    slower.append(f"{img} @ {ln}: {NAMES[c]} {secs(cm)} vs {other} {secs(om)}")
+                    slower.append(f"{where(cell)}: {NAMES[c]} {secs(cm)} vs {other} {secs(om)}")
     w("")
     if "lazylayer-base" in cs:
         w(f"Baseline: `{m.get('baseline')}` ({m.get('baseline_version', '?')}); this binary / baseline, "
@@ -267,19 +374,20 @@ def markdown(d, seconds):
             cur = (cell.get("contenders", {}).get("lazylayer") or {}).get("median")
             old = (cell.get("contenders", {}).get("lazylayer-base") or {}).get("median")
             if cur and old:
-                w(f"- {cell['image']} @ {LINK_NAMES.get(cell['link'], cell['link'])}: "
-                  f"{secs(cur)} vs {secs(old)} ({cur / old:.2f}x)")
+                w(f"- {where(cell)}: {secs(cur)} vs {secs(old)} ({cur / old:.2f}x)")
         w("")
-    for link in d["links"]:
+    paths = list(dict.fromkeys((c["link"], c.get("rtt_ms") if c.get("relay") else None) for c in d["cells"]))
+    for link, rtt in paths:
         sps = [(c["image"], speedup(c["contenders"])) for c in d["cells"]
-               if c["link"] == link and not c.get("skipped")]
+               if (c["link"], c.get("rtt_ms") if c.get("relay") else None) == (link, rtt) and not c.get("skipped")]
         sps = [(i, x) for i, x in sps if x]
         if not sps:
             continue
         lo, hi = min(sps, key=lambda t: t[1]), max(sps, key=lambda t: t[1])
         over = (f"geometric mean of {len(sps)} images; {lo[1]:.1f}x {lo[0]} to {hi[1]:.1f}x {hi[0]}"
                 if len(sps) > 1 else sps[0][0])
-        w(f"- {LINK_NAMES.get(link, link)}: podman / lazylayer {geomean([x for _, x in sps]):.1f}x ({over})"
+        w(f"- {LINK_NAMES.get(link, link)}{'' if rtt is None else f', RTT {rtt} ms'}: podman / lazylayer "
+          f"{geomean([x for _, x in sps]):.1f}x ({over})"
           + (f"; paper {PAPER[link]:g}x." if link in PAPER else "; the paper has no unshaped figure."))
     skipped = [c for c in d["cells"] if c.get("skipped")]
     for c in skipped:
@@ -288,19 +396,20 @@ def markdown(d, seconds):
         w("- **Cells where a lazylayer contender is slower:** " + "; ".join(slower) + ".")
     elif m.get("run_available"):
         w("- No lazylayer contender was slower than podman or containerd in any measured cell.")
-    fails = [(c["image"], c["link"], k, r.get("error", "")) for c in d["cells"]
+    fails = [(where(c), k, r.get("error", "")) for c in d["cells"]
              for k, cc in c.get("contenders", {}).items() for r in cc.get("runs", []) if not r.get("ok")]
-    for img, ln, k, e in fails[:10]:
-        w(f"- Failed run: {img} @ {ln}, {k}: `{e.splitlines()[0][:200] if e else ''}`")
+    for wh, k, e in fails[:10]:
+        w(f"- Failed run: {wh}, {k}: `{e.splitlines()[0][:200] if e else ''}`")
     w("")
+    round_trip_table(d, cs, w)
 
     w("Bytes the registry sent from the start of each cold start until its command ended (from the "
       "access log, median; for lazylayer this includes the background prefetch until the container "
       "exited or, for servers, was stopped once ready; for the snapshotter, whose prefetch outlives "
       "the container, what it fetched until 0.5 s after the container's end):")
     w("")
-    w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | boot layer |")
-    w("|---|---|" + "---:|" * (len(cs) + 1))
+    w("| image | link | RTT | " + " | ".join(NAMES[c] for c in cs) + " | boot layer |")
+    w("|---|---|---:|" + "---:|" * (len(cs) + 1))
     def boot_col(info):
         share = f" ({100 * info['boot_share']:.1f}%)" if info.get("boot_share") is not None else ""
         return f"{mb(info.get('boot_bytes'))}{share}"
@@ -312,18 +421,19 @@ def markdown(d, seconds):
         w("Bytes over the link before ready: what the namespace's loopback carried from the start of "
           "the clock to ready (its transmit counter in `/proc/self/net/dev`, read by the harness inside "
           "the namespace right before the clock starts and at ready; both directions, TCP/IP headers "
-          "and retransmitted segments included; median). Read before start = the compressed bytes the traced start read "
+          "and retransmitted segments included; median; with the relay in the path every byte crosses the "
+          "loopback twice, and the figure is halved). Read before start = the compressed bytes the traced start read "
           "(`boot_start_bytes`; in brackets the boot layer where it is not reported):")
         w("")
-        w("| image | link | " + " | ".join(NAMES[c] for c in cs) + " | read before start |")
-        w("|---|---|" + "---:|" * (len(cs) + 1))
+        w("| image | link | RTT | " + " | ".join(NAMES[c] for c in cs) + " | read before start |")
+        w("|---|---|---:|" + "---:|" * (len(cs) + 1))
         def start_col(info):
             sb, exact = start_bytes(info)
             return mb(sb) if exact else ("-" if sb is None else f"({mb(sb)})")
-        for line in bytes_rows(d, cs, "median_lo_bytes_ready", start_col):
+        for line in bytes_rows(d, cs, "median_lo_bytes_ready", start_col, per_hop=True):
             w(line)
         w("")
-        re = [f"{c['image']} @ {LINK_NAMES.get(c['link'], c['link'])}, {NAMES.get(k, k)}: "
+        re = [f"{where(c)}, {NAMES.get(k, k)}: "
               f"{cc['max_tcp_retrans_ready']}"
               for c in d["cells"] for k, cc in c.get("contenders", {}).items()
               if cc.get("max_tcp_retrans_ready")]
@@ -332,7 +442,7 @@ def markdown(d, seconds):
               + "; ".join(re) + ".")
             w("")
     if d["warm"]:
-        w("Warm start (image already local, page cache warm; measured on the run's first link, median):")
+        w("Warm start (image already local, page cache warm; measured on the run's first link and RTT, median):")
         w("")
         wc = [c for c in ("podman", "containerd", "containerd-lazylayer", "lazylayer")
               if any(wd.get(c) for wd in d["warm"].values())]
@@ -470,7 +580,8 @@ def chart(d, path):
             + [f for f in (byte_floor_of(d, c)[0] for c in cells) if f]
         ax.set_ylim(min([0.1] + [0.7 * v for v in vals]), None)
         ax.set_xticks(range(len(cells)))
-        ax.set_xticklabels([c["image"] for c in cells], rotation=30)
+        ax.set_xticklabels([c["image"] + (f"\n{c['rtt_ms']} ms" if c.get("relay") else "") for c in cells],
+                           rotation=30)
         ax.set_title(LINK_NAMES.get(ln, ln))
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0][0].set_ylabel("time to ready, s (log)\ndotted = file floor, dashed = byte floor")

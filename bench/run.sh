@@ -5,7 +5,7 @@
 #
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
-#                     [--baseline BIN]
+#                     [--baseline BIN] [--rtts LIST] [--rtt-links LIST] [--relay-shaping S]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
 #                 section on python3, 1 repetition. ~13 min here (images cached).
@@ -21,6 +21,14 @@
 #   --baseline B  also time an older lazylayer binary B side by side in the same run
 #                 (lazylayer run, and the FUSE root in section 2): a change's regression check,
 #                 e.g. a release build of the commit before a refactor
+#   --rtts L      comma list of round-trip times in ms (e.g. 0,20,80): the links of
+#                 --rtt-links are measured once per RTT, every contender fetching through
+#                 bench/relay.py (a delay relay in the namespace, in front of the
+#                 registry). Without it nothing changes: no relay, as before.
+#   --rtt-links L the links --rtts applies to (default 1gbit,100mbit); the others keep
+#                 RTT 0 without the relay
+#   --relay-shaping S  client-hop (default: only the relay <-> client hop shaped, at the
+#                 nominal rate) or double (one tbf at twice the rate over both hops)
 #
 # LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
 # the harness times, for side experiments; the default tables never set it.
@@ -35,6 +43,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
 QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1 BASELINE=''
+RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -47,7 +56,10 @@ while (($#)); do
     --no-build) BUILD=0; shift ;;
     --baseline) BASELINE=$(realpath "$2"); shift 2 ;;
     --fs-image) FS_IMAGE_ARG=$2; shift 2 ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    --rtts) RTTS=$2; shift 2 ;;
+    --rtt-links) RTT_LINKS=$2; shift 2 ;;
+    --relay-shaping) RELAY_SHAPING=$2; shift 2 ;;
+    -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -146,6 +158,13 @@ cleanup() {
       kill -KILL "$pid" 2>/dev/null || true
     fi
   done < <(grep -l -s -F "$WORK/containerd/" /proc/[0-9]*/cmdline | cut -d/ -f3)
+  # The delay relay (bench/relay.py, started by bench.py; pid in WORK).
+  if [[ -f $WORK/relay.pid ]]; then
+    pid=$(<"$WORK/relay.pid")
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "bench/relay.py --upstream"; then
+      kill "$pid" 2>/dev/null || true
+    fi
+  fi
   # lazylayer containers named llbench-* left to runc by a killed run.
   for r in "$WORK/ll/runc" /run/lazylayer/runc; do
     [[ -d $r ]] || continue
@@ -211,11 +230,18 @@ START=$SECONDS
 "${NSENTER[@]}" "$PY" "$ROOT/bench/bench.py" --work "$WORK" --registry "$ADDR" --lazylayer "$LL" \
   --json "$OUT/latest.json" --images "$IMAGES" --links "$LINKS" --runs "$RUNS" --skip "$SKIP" \
   --fs-image "$FS_IMAGE" --fs-reps "$FS_REPS" --fs-reads "$FS_READS" --meta "$META" \
-  --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" ${BASELINE:+--baseline "$BASELINE"} &
+  --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" ${BASELINE:+--baseline "$BASELINE"} \
+  --rtts "$RTTS" --rtt-links "$RTT_LINKS" --relay-shaping "$RELAY_SHAPING" &
 BENCH_PID=$!
 wait "$BENCH_PID"
 BENCH_PID=
 log "measurements took $((SECONDS - START)) s"
+# The relay's request logs (every request of every start, for a look at the critical
+# path; each run's JSON has its file, offset, t_start and ready).
+if compgen -G "$WORK/relay/*.log" >/dev/null; then
+  mkdir -p "$OUT/relay"
+  for f in "$WORK"/relay/*.log; do gzip -c "$f" >"$OUT/relay/$(basename "$f").gz"; done
+fi
 "$PY" "$ROOT/bench/report.py" "$OUT/latest.json" --md "$OUT/latest.md" --png "$OUT/latest.png" \
   --seconds "$((SECONDS - START))"
 log "wrote $OUT/latest.md, $OUT/latest.png, $OUT/latest.json"
