@@ -414,3 +414,115 @@ fn a_mirror_serving_a_bad_layer_is_passed_over_for_the_upstream() {
     use sha2::Digest as _;
     assert_eq!(hex::encode(sha2::Sha256::digest(&blob)), hex);
 }
+
+/// A registry spoken to over TLS (named `https://` in hosts.toml): its
+/// certificate is checked against the system's trust store (read on the
+/// first handshake, not when the client is built) and refused when it is
+/// self-signed, and accepted with its CA given in hosts.toml (`ca`).
+#[test]
+fn a_tls_registry_is_verified_against_the_system_store_unless_its_ca_is_given() {
+    // A CA, and the registry's certificate signed by it.
+    let keys = tempfile::tempdir().unwrap();
+    let k = |name: &str| keys.path().join(name);
+    std::fs::write(
+        k("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let st = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(keys.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl {args:?}");
+    };
+    openssl(
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ]
+        .into_iter()
+        .chain([
+            "-subj",
+            "/CN=lazylayer-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ])
+        .collect::<Vec<_>>(),
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]
+        .into_iter()
+        .chain(["-keyout", "key.pem", "-out", "leaf.csr"])
+        .collect::<Vec<_>>(),
+    );
+    openssl(
+        &[
+            "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        ]
+        .into_iter()
+        .chain([
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "cert.pem",
+        ])
+        .collect::<Vec<_>>(),
+    );
+    let (key, cert) = (k("key.pem"), k("cert.pem"));
+    let reg = Registry::start_with(&format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        cert.display(),
+        key.display()
+    ));
+    push_images(&reg, &["busybox"]);
+    let image = image_ref(&reg, "busybox");
+    let hosts_toml = |ca: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let host_dir = dir.path().join(reg.addr());
+        std::fs::create_dir_all(&host_dir).unwrap();
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!("server = \"https://{}\"\n{ca}", reg.addr()),
+        )
+        .unwrap();
+        dir
+    };
+    let root = tempfile::tempdir().unwrap();
+
+    let system_only = hosts_toml("");
+    let out = with_hosts(
+        root.path(),
+        system_only.path(),
+        &system_only.path().join("no-registries.conf"),
+        &["inspect", &image],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a self-signed registry was trusted");
+    assert!(
+        stderr.to_lowercase().contains("certificate"),
+        "says why: {stderr}"
+    );
+
+    let with_ca = hosts_toml(&format!("ca = {:?}\n", k("ca.pem").display().to_string()));
+    let out = with_hosts(
+        root.path(),
+        with_ca.path(),
+        &with_ca.path().join("no-registries.conf"),
+        &["inspect", &image],
+    );
+    assert!(ok(&out).contains("sha256:"), "inspect through TLS");
+}

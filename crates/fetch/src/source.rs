@@ -69,15 +69,21 @@ impl LazySource {
 }
 
 impl ContentSource for LazySource {
-    fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
+    fn open(&self, idx: u32, entry: &IndexEntry) -> io::Result<File> {
         if entry.in_boot {
             return match &self.boot {
                 BootContentSource::Dir(d) => open_beneath(d, &entry.path),
                 // Served by ranges (`ranged`): never opened as a file.
-                BootContentSource::Chunks(_) => Err(io::Error::other(format!(
-                    "{} is in the chunked boot layer, not in a file",
-                    String::from_utf8_lossy(&entry.path)
-                ))),
+                // Whole once every chunk is local; before, served by
+                // ranges (`ranged`), never opened as a file.
+                BootContentSource::Chunks(c) => {
+                    c.whole_file(idx, entry.size).unwrap_or_else(|| {
+                        Err(io::Error::other(format!(
+                            "{} is in the chunked boot layer, not all local yet",
+                            String::from_utf8_lossy(&entry.path)
+                        )))
+                    })
+                }
             };
         }
         if let Some(f) = self.spans.as_ref().and_then(|s| s.open(entry)) {
@@ -93,7 +99,13 @@ impl ContentSource for LazySource {
     /// still to be fetched is waited for off the FUSE worker threads.
     fn ranged(&self, idx: u32, entry: &IndexEntry) -> Option<Arc<dyn RangedContent>> {
         match &self.boot {
-            BootContentSource::Chunks(c) if entry.in_boot && entry.kind == FileKind::File => {
+            // A file whose chunks are all local is opened whole (`open`),
+            // for passthrough.
+            BootContentSource::Chunks(c)
+                if entry.in_boot
+                    && entry.kind == FileKind::File
+                    && !c.file_complete(idx, entry.size) =>
+            {
                 c.file(idx, entry.size)
             }
             _ => None,

@@ -47,6 +47,11 @@ pub fn compress_piece(data: &[u8], c: ChunkCompression) -> io::Result<Vec<u8>> {
     }
 }
 
+thread_local! {
+    static ZSTD_CONTEXT: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Decompress one piece that must hold exactly `expected_len` bytes. Never
 /// produces more than that (a hostile piece cannot inflate past it), and a
 /// piece with trailing data or fewer bytes is an error.
@@ -86,13 +91,21 @@ pub fn decompress_piece(
                     )))
                 }
             }
-            let mut d = zstd::stream::read::Decoder::with_buffer(compressed)
-                .map_err(err)?
-                .single_frame();
-            d.window_log_max(23).map_err(err)?;
-            d.by_ref()
-                .take(expected_len as u64 + 1)
-                .read_to_end(&mut out)
+            // One decompression context per thread, reused: creating one
+            // per chunk (~100 KB zeroed) was most of a start's decompression
+            // time. The output is bounded by its capacity (a frame that
+            // holds more fails), the window as the stream decoder's was.
+            ZSTD_CONTEXT
+                .with(|cell| {
+                    let mut cell = cell.borrow_mut();
+                    if cell.is_none() {
+                        let mut d = zstd::bulk::Decompressor::new()?;
+                        d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(23))?;
+                        *cell = Some(d);
+                    }
+                    let d = cell.as_mut().expect("set above");
+                    d.decompress_to_buffer(compressed, &mut out)
+                })
                 .map_err(err)?;
         }
     }

@@ -44,6 +44,7 @@ mod remote;
 mod state;
 #[cfg(test)]
 mod tests;
+mod whole;
 
 pub use cache::reap_chunk_caches;
 
@@ -108,6 +109,8 @@ struct Inner {
     /// What the index region's response told of the link (None when the
     /// region came from the cache, or too fast to time).
     link: Option<plan::LinkEstimate>,
+    /// Boot files copied out whole once local (passthrough opens).
+    whole: whole::WholeFiles,
     /// The start-list and prefetch tasks and their range GETs, stopped when
     /// the image's last user goes (readers' own GETs are not here).
     background: Tasks,
@@ -327,6 +330,7 @@ impl BootChunks {
                 fetched: AtomicU64::new(fetched),
                 slots: Arc::new(Semaphore::new(IN_FLIGHT)),
                 link: head.link,
+                whole: whole::WholeFiles::default(),
                 background: Tasks::default(),
             }),
         };

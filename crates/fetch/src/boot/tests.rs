@@ -860,3 +860,45 @@ async fn chunks_a_peer_failed_to_fetch_are_fetched_by_the_one_waiting() {
     assert_eq!(spans_asked(&l, &working), vec![2..4]);
     assert!(matches!(states(&a)[2], Unreachable(_)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_chunks_are_all_local_opens_whole_and_not_before() {
+    let l = TestLayer::small(Vec::new());
+    let remote = MemoryRemote::new(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let size = l.data.len() as u64;
+    assert!(!chunks.file_complete(FILE, size));
+    assert!(chunks.whole_file(FILE, size).is_none());
+    // Read it all by ranges: then every chunk is local.
+    assert_eq!(read(&chunks, size, 0, size as usize).await.unwrap(), l.data);
+    assert!(chunks.file_complete(FILE, size));
+    let mut got = Vec::new();
+    use std::io::Read as _;
+    chunks
+        .whole_file(FILE, size)
+        .unwrap()
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert_eq!(got, l.data);
+    // Copied once: a second open is the same file, no fetch either.
+    let fetched = remote.ranges().len();
+    let f = chunks.whole_file(FILE, size).unwrap().unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size);
+    assert_eq!(remote.ranges().len(), fetched);
+    // Kept in a private directory of this open's.
+    use std::os::unix::fs::PermissionsExt;
+    let dirs: Vec<_> = std::fs::read_dir(&chunks.inner.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("files."))
+        .collect();
+    assert_eq!(dirs.len(), 1);
+    assert_eq!(
+        dirs[0].metadata().unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    drop(f);
+    drop(chunks);
+}

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use crate::auth::AuthStore;
 use crate::breaker::Breakers;
 use crate::digest::{Digest, DigestHasher};
-use crate::error::{OciError, Result};
+use crate::error::Result;
 use crate::hosts::Hosts;
 use crate::retry::RetryPolicy;
 
@@ -146,11 +146,7 @@ impl RegistryClient {
         // reqwest is built without a default crypto provider so that the
         // slow-to-build aws-lc is not pulled in; ring is installed here.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = Self::builder(&cfg).build().map_err(|e| OciError::Http {
-            what: "creating HTTP client".into(),
-            registry: String::new(),
-            source: e,
-        })?;
+        let http = Self::shared_client(&cfg)?;
         let retry = RetryPolicy::default().with_attempts(cfg.max_attempts);
         let token_cache = cfg
             .token_cache
