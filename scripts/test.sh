@@ -12,3 +12,6 @@ cargo build --workspace --all-targets
 # End-to-end tests start registries and mount file systems; two at a time
 # keeps the 2-core machine responsive.
 cargo test --workspace -- --test-threads=2
+# The benchmark's delay relay (HTTP framing, round counting, a live relay in
+# front of a real registry): what the RTT axis of bench/ measures with.
+python3 -m unittest bench/test_relay.py
