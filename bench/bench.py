@@ -976,6 +976,8 @@ def main():
     ap.add_argument("--relay-shaping", default="client-hop", choices=RELAY_SHAPINGS,
                     help="how the relay's two hops are shaped (see RELAY_HOPS)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--contenders", default="", help="a comma list of contenders to time (default: all; "
+                    "lazylayer-base comes with --baseline)")
     ap.add_argument("--skip", default="", help="IMAGE@LINK=reason;...")
     ap.add_argument("--fs-image", default="gcc")
     ap.add_argument("--fs-reps", type=int, default=3)
@@ -993,8 +995,15 @@ def main():
         i, l = k.split("@")
         skip[(i, l)] = reason
     b = Bench(a)
+    if a.contenders:
+        wanted = a.contenders.split(",")
+        unknown = [c for c in wanted if c not in CONTENDERS + ["lazylayer-base"]]
+        if unknown:
+            raise SystemExit(f"bench: unknown contenders {unknown}; known: {CONTENDERS}")
+        CONTENDERS[:] = [c for c in CONTENDERS if c in wanted]
     if a.baseline:
-        CONTENDERS.insert(CONTENDERS.index("lazylayer") + 1, "lazylayer-base")
+        CONTENDERS.insert(CONTENDERS.index("lazylayer") + 1 if "lazylayer" in CONTENDERS else len(CONTENDERS),
+                          "lazylayer-base")
     out = {"meta": json.loads(a.meta), "images": {}, "links": {}, "cells": [], "warm": {}, "fs": None}
     out["meta"].update({"runs": a.runs, "run_available": b.run_available, "contenders": CONTENDERS,
                         "poll_ms": POLL * 1000, "rtts_ms": rtts, "rtt_links": rtt_links,

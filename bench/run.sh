@@ -6,6 +6,7 @@
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
 #                     [--baseline BIN] [--rtts LIST] [--rtt-links LIST] [--relay-shaping S]
+#                     [--contenders LIST]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
 #                 section on python3, 1 repetition. ~13 min here (images cached).
@@ -29,6 +30,8 @@
 #                 RTT 0 without the relay
 #   --relay-shaping S  client-hop (default: only the relay <-> client hop shaped, at the
 #                 nominal rate) or double (one tbf at twice the rate over both hops)
+#   --contenders L  a comma list of podman,containerd,containerd-lazylayer,lazylayer,
+#                 lazylayer-unopt (default all; lazylayer-base comes with --baseline)
 #
 # LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
 # the harness times, for side experiments; the default tables never set it.
@@ -43,7 +46,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
 QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1 BASELINE=''
-RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop
+RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop CONTENDERS=''
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -59,7 +62,8 @@ while (($#)); do
     --rtts) RTTS=$2; shift 2 ;;
     --rtt-links) RTT_LINKS=$2; shift 2 ;;
     --relay-shaping) RELAY_SHAPING=$2; shift 2 ;;
-    -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
+    --contenders) CONTENDERS=$2; shift 2 ;;
+    -h | --help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -231,7 +235,8 @@ START=$SECONDS
   --json "$OUT/latest.json" --images "$IMAGES" --links "$LINKS" --runs "$RUNS" --skip "$SKIP" \
   --fs-image "$FS_IMAGE" --fs-reps "$FS_REPS" --fs-reads "$FS_READS" --meta "$META" \
   --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" ${BASELINE:+--baseline "$BASELINE"} \
-  --rtts "$RTTS" --rtt-links "$RTT_LINKS" --relay-shaping "$RELAY_SHAPING" &
+  --rtts "$RTTS" --rtt-links "$RTT_LINKS" --relay-shaping "$RELAY_SHAPING" \
+  ${CONTENDERS:+--contenders "$CONTENDERS"} &
 BENCH_PID=$!
 wait "$BENCH_PID"
 BENCH_PID=

@@ -369,3 +369,63 @@ fn root_registry_ignoring_range_costs_the_layer_not_the_bytes() {
     assert!(!gets[1].contains("\r\nrange:"), "{}", gets[1]);
     assert!(tree_listing(&root.path().join("files")).is_empty());
 }
+
+/// A workload that reads much of a layer outside the boot set (every file
+/// of python's standard library): once its spans would pass half the layer,
+/// the layer comes whole, once, instead of a ranged GET a file. What the
+/// layer cost in all stays under 1.5 times its size.
+#[test]
+fn root_spans_past_half_a_layer_fetch_it_whole() {
+    if !require_root(
+        "root_spans_past_half_a_layer_fetch_it_whole",
+        "optimize runs runc; run mounts FUSE",
+    ) {
+        return;
+    }
+    let reg = Registry::start();
+    let (_rep, _src, dst, layers) = optimized_python3(&reg);
+    let root = tempfile::tempdir().unwrap();
+    let _guard = StoreLeftovers(root.path().to_path_buf());
+    let from = reg.log().len();
+    let out = run(
+        root.path(),
+        &[
+            "--rm",
+            "--prefetch",
+            "off",
+            &dst,
+            "--",
+            "sh",
+            "-c",
+            "find /usr/lib/python3.11 -type f -exec cat {} + | wc -c",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = log_since(&reg, from);
+    // The layer holding the standard library: the one most bytes came of.
+    let sizes: Vec<(u64, usize, u64)> = layers
+        .iter()
+        .map(|d| {
+            let (bytes, ranged) = blob_bytes(&log, d);
+            let size = std::fs::metadata(reg.blob_data_path(d)).unwrap().len();
+            (bytes, ranged, size)
+        })
+        .collect();
+    eprintln!("per SRC layer (bytes fetched, ranged GETs, size): {sizes:?}");
+    let &(bytes, ranged, size) = sizes.iter().max_by_key(|s| s.0).unwrap();
+    let whole = log
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("\" 200 "))
+        .filter(|l| layers.iter().any(|d| l.contains(&format!("/blobs/{d}"))))
+        .count();
+    assert_eq!(whole, 1, "one layer came whole, once");
+    assert!(ranged > 0, "spans came first");
+    assert!(
+        bytes * 2 <= size * 3,
+        "{bytes} bytes fetched of a {size}-byte layer"
+    );
+}
