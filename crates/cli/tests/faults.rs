@@ -720,6 +720,11 @@ fn bearer_tokens_are_reused_by_the_next_process_until_refused() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["manifest_digest"], digests["busybox"]);
     };
+    // The image dropped from the store, so that the next pull fetches again.
+    let rmi = |root: &Path| {
+        let out = lazylayer_authed(root, secrets.path(), Some(&auth_file), &["rmi", &dst]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
     // The first process pays the 401 and the token request.
     let (issued, refused) = (issuer.issued(), unauthorized_answers(&locked));
     pull(root.path());
@@ -728,13 +733,7 @@ fn bearer_tokens_are_reused_by_the_next_process_until_refused() {
 
     // The next process (the image dropped, so it fetches again) sends the
     // kept token at once: no token request, and no request refused.
-    let rmi = lazylayer_authed(
-        root.path(),
-        secrets.path(),
-        Some(&auth_file),
-        &["rmi", &dst],
-    );
-    assert!(rmi.status.success(), "{}", stderr(&rmi));
+    rmi(root.path());
     let (issued, refused) = (issuer.issued(), unauthorized_answers(&locked));
     let gets = locked.log().matches("\"GET /v2/private/busybox/").count();
     pull(root.path());
@@ -774,13 +773,7 @@ fn bearer_tokens_are_reused_by_the_next_process_until_refused() {
     // new token is requested, the pull succeeds and the new token is kept.
     issuer.new_signing_key();
     locked.restart();
-    let rmi = lazylayer_authed(
-        root.path(),
-        secrets.path(),
-        Some(&auth_file),
-        &["rmi", &dst],
-    );
-    assert!(rmi.status.success(), "{}", stderr(&rmi));
+    rmi(root.path());
     let issued = issuer.issued();
     pull(root.path());
     assert_eq!(
@@ -791,13 +784,7 @@ fn bearer_tokens_are_reused_by_the_next_process_until_refused() {
     let renewed = std::fs::read_to_string(&files[0]).unwrap();
     assert_ne!(renewed, kept, "the refused token was replaced");
     let issued = issuer.issued();
-    let rmi = lazylayer_authed(
-        root.path(),
-        secrets.path(),
-        Some(&auth_file),
-        &["rmi", &dst],
-    );
-    assert!(rmi.status.success(), "{}", stderr(&rmi));
+    rmi(root.path());
     pull(root.path());
     assert_eq!(issuer.issued(), issued, "the renewed token is reused");
 }
