@@ -9,6 +9,7 @@
 //! and clears them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -71,7 +72,16 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 #[derive(Debug, Clone)]
 pub struct ContainerDir {
     pub path: PathBuf,
+    /// For the directory this process created: its creation lock (see
+    /// [`CREATING`]), held for as long as any copy of this lives.
+    _creating: Option<Arc<std::fs::File>>,
 }
+
+/// A lock file in a container's directory, held (flock) by the process that
+/// created the directory until it exits: a directory without a state file
+/// whose lock is free was left by a `run` killed before it wrote one, and
+/// is removed by the reaping; one whose lock is held is being created.
+const CREATING: &str = ".creating";
 
 fn io(action: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let p = p.to_path_buf();
@@ -101,7 +111,16 @@ impl ContainerDir {
             .map_err(io("creating", &base))?;
         let path = base.join(name);
         match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => Ok(ContainerDir { path }),
+            Ok(()) => {
+                let lock_path = path.join(CREATING);
+                let lock = std::fs::File::create(&lock_path).map_err(io("creating", &lock_path))?;
+                rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                    .map_err(|e| io("locking", &lock_path)(e.into()))?;
+                Ok(ContainerDir {
+                    path,
+                    _creating: Some(Arc::new(lock)),
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(RuntimeError::Config {
                 id: name.to_string(),
                 reason: format!("a container named {name} exists already (remove it with `lazylayer rm {name}`)"),
@@ -119,7 +138,10 @@ impl ContainerDir {
                 reason: "no such container".into(),
             });
         }
-        Ok(ContainerDir { path })
+        Ok(ContainerDir {
+            path,
+            _creating: None,
+        })
     }
 
     pub fn list(root: &Path) -> Result<Vec<ContainerState>, RuntimeError> {
@@ -129,7 +151,10 @@ impl ContainerDir {
             return Ok(out);
         };
         for e in rd.flatten() {
-            let d = ContainerDir { path: e.path() };
+            let d = ContainerDir {
+                path: e.path(),
+                _creating: None,
+            };
             if let Ok(s) = d.read_state() {
                 out.push(s.refreshed());
             }
@@ -206,7 +231,10 @@ impl ContainerDir {
             return reaped;
         };
         for e in rd.flatten() {
-            let d = ContainerDir { path: e.path() };
+            let d = ContainerDir {
+                path: e.path(),
+                _creating: None,
+            };
             match d.reap_if_orphaned(root, runc) {
                 Ok(Some(r)) => reaped.push(r),
                 Ok(None) => {}
@@ -236,6 +264,7 @@ impl ContainerDir {
             })
         };
         if orphaned(self).is_none() {
+            self.remove_if_abandoned();
             return Ok(None);
         }
         // Two commands may reap at once: one does it, the other then sees it done.
@@ -249,6 +278,35 @@ impl ContainerDir {
         match orphaned(self) {
             Some(s) => self.reap(root, runc, s).map(Some),
             None => Ok(None),
+        }
+    }
+
+    /// A directory without a state file whose creator is gone (its
+    /// [`CREATING`] lock is free): the `run` was killed before it wrote its
+    /// state, so nothing was mounted or started yet. Removed.
+    fn remove_if_abandoned(&self) {
+        if self.path.join("state.json").exists() {
+            return;
+        }
+        let Ok(lock) = std::fs::File::open(self.path.join(CREATING)) else {
+            // Not made by a `create` that locks (or already removed): left alone.
+            return;
+        };
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            return;
+        }
+        // The state may have been written between the look and the lock.
+        if self.path.join("state.json").exists() {
+            return;
+        }
+        crate::unmount_below(&self.path);
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => {
+                tracing::info!(dir = %self.path.display(), "removed a container directory whose run died before it started")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), error = %e, "removing an abandoned container directory")
+            }
         }
     }
 
@@ -368,8 +426,10 @@ mod tests {
             d.write_state(s).unwrap();
             std::fs::write(root.join(format!("pins/run-{name}.json")), "{}").unwrap();
         }
-        // Being created: no state yet.
-        ContainerDir::create(root, "new").unwrap();
+        // Being created: no state yet, its creator (this test) alive.
+        let _creating = ContainerDir::create(root, "new").unwrap();
+        // Its creator killed before it wrote a state (the lock dropped).
+        drop(ContainerDir::create(root, "abandoned").unwrap());
         // A record that names another container than its directory: left alone.
         ContainerDir::create(root, "misnamed")
             .unwrap()
@@ -389,6 +449,7 @@ mod tests {
             .all(|n| base.join(n).is_dir()));
         assert!(root.join("pins/run-alive.json").exists());
         assert!(!base.join("reused-pid-rm").exists());
+        assert!(!base.join("abandoned").exists());
         assert!(!root.join("pins/run-reused-pid-rm.json").exists());
         assert!(!root.join("pins/run-dead-kept.json").exists());
         let kept = ContainerDir::open(root, "dead-kept")
