@@ -472,10 +472,12 @@ mod tests {
             .unwrap();
         d.write_status(&serde_json::json!({"layers": [3]})).unwrap();
         assert_eq!(d.read_status().unwrap(), serde_json::json!({"layers": [3]}));
-        let names: Vec<_> = std::fs::read_dir(d.sub(""))
+        // Beside it only the creator's lock file.
+        let mut names: Vec<_> = std::fs::read_dir(d.sub(""))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["status.json"]);
+        names.sort();
+        assert_eq!(names, [CREATING, "status.json"]);
     }
 }
