@@ -219,8 +219,12 @@ impl BootChunks {
         // A peer process fetching this region writes it at the blob's head
         // before it lets go of the blob's first byte: wait for it, then
         // find it below (its lock is ours until `open` has written it).
-        if let Ok(held) = blob.try_clone() {
-            let _ = tokio::task::spawn_blocking(move || range_lock::lock_range(&held, 0, 1)).await;
+        // Free in the common case (no peer): taken at once, no thread hop.
+        if !matches!(range_lock::try_lock_range(&blob, 0, 1), Ok(true)) {
+            if let Ok(held) = blob.try_clone() {
+                let _ =
+                    tokio::task::spawn_blocking(move || range_lock::lock_range(&held, 0, 1)).await;
+            }
         }
         let head = match cached_region(&blob, region_len, region_digest) {
             // The link as the start that fetched it measured it: a peer
