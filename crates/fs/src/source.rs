@@ -39,6 +39,12 @@ pub trait RangedContent: Send + Sync {
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>>;
     /// Read, waiting for the bytes, for a bounded time; then an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// The byte ranges that are local and verified now, in order: the file
+    /// system hands them to the kernel's page cache when the file is opened,
+    /// so a program's reads of them never come to the daemon. None by default.
+    fn local_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        Vec::new()
+    }
 }
 
 /// What the file system reads an open file's bytes from.

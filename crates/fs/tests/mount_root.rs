@@ -1472,3 +1472,82 @@ fn root_metadata_walks_after_the_first_are_served_by_kernel_caches() {
         "requests of a second walk reached the daemon"
     );
 }
+
+/// Ranged content (a boot file arriving by chunks) with only `local` of
+/// its bytes here; the rest "arrives" when a reader waits for it.
+struct PartlyLocal {
+    bytes: Arc<Vec<u8>>,
+    local: std::ops::Range<u64>,
+}
+
+impl lazylayer_fs::RangedContent for PartlyLocal {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        let end = offset + buf.len() as u64;
+        (offset >= self.local.start && end <= self.local.end).then(|| self.read_at(buf, offset))
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.bytes[o..o + buf.len()]);
+        Ok(())
+    }
+    fn local_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        vec![self.local.clone()]
+    }
+}
+
+struct RangedSource {
+    dir: PathBuf,
+    file: Vec<u8>,
+    content: Arc<PartlyLocal>,
+}
+
+impl ContentSource for RangedSource {
+    fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
+        lazylayer_sys::beneath::open_beneath(&self.dir, &entry.path)
+    }
+    fn ranged(
+        &self,
+        _idx: u32,
+        entry: &IndexEntry,
+    ) -> Option<Arc<dyn lazylayer_fs::RangedContent>> {
+        (entry.path == self.file)
+            .then(|| self.content.clone() as Arc<dyn lazylayer_fs::RangedContent>)
+    }
+}
+
+/// The local bytes of ranged content are in the page cache once the file
+/// is open: reading them brings no READ to the daemon (a program mapping
+/// its libraries faulted them in a page at a time, ~1,400 READs for
+/// python3), only whole pages are handed over, and what was not local is
+/// still read through the daemon, every byte right.
+#[test]
+fn root_local_bytes_of_ranged_content_are_in_the_page_cache_at_open() {
+    if !have_root("root_local_bytes_of_ranged_content_are_in_the_page_cache_at_open") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let bytes = Arc::new(std::fs::read(src.path().join("data/big.bin")).unwrap());
+    // Unaligned at both ends: the pages 8192..696320 are whole.
+    let local = 5000..700_000u64;
+    let source = RangedSource {
+        dir: src.path().to_path_buf(),
+        file: b"data/big.bin".to_vec(),
+        content: Arc::new(PartlyLocal {
+            bytes: bytes.clone(),
+            local: local.clone(),
+        }),
+    };
+    let m = Mounted::new(index_of(src.path()), source, None, true);
+    let f = File::open(m.p("data/big.bin")).unwrap();
+    assert_eq!(m.stats.preloaded_bytes(), 696_320 - 8192);
+    let mut buf = vec![0u8; 696_320 - 8192];
+    f.read_exact_at(&mut buf, 8192).unwrap();
+    assert!(buf == bytes[8192..696_320], "preloaded bytes differ");
+    assert_eq!(m.stats.read_requests(), 0, "preloaded pages were READ");
+    // The rest comes through the daemon.
+    let mut all = Vec::new();
+    (&f).read_to_end(&mut all).unwrap();
+    assert!(all == *bytes, "the file read back differs");
+    assert!(m.stats.read_requests() > 0);
+}

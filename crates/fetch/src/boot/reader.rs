@@ -34,6 +34,28 @@ impl BootChunks {
         }
     }
 
+    /// The parts of content bytes `start..start + len` whose chunks are
+    /// present (verified), relative to `start`, in order.
+    pub(super) fn present_within(&self, start: u64, len: u64) -> Vec<std::ops::Range<u64>> {
+        let content = &self.inner.content;
+        let cs = u64::from(content.chunk_size);
+        let end = start + len;
+        let s = self.inner.state.lock().unwrap();
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        for c in content.chunks_covering(start, len) {
+            if s.chunks[c as usize] != ChunkState::Present {
+                continue;
+            }
+            let from = (u64::from(c) * cs).max(start) - start;
+            let to = (u64::from(c + 1) * cs).min(end) - start;
+            match out.last_mut() {
+                Some(last) if last.end == from => last.end = to,
+                _ => out.push(from..to),
+            }
+        }
+        out
+    }
+
     /// Read, waiting (at most the read timeout) for the chunks.
     pub(super) fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let inner = &self.inner;
@@ -109,5 +131,9 @@ impl RangedContent for BootFile {
             return Ok(());
         }
         self.chunks.read(self.start + offset, buf)
+    }
+
+    fn local_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        self.chunks.present_within(self.start, self.size)
     }
 }

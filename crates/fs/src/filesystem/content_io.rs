@@ -4,7 +4,8 @@
 //! gives turned into replies.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -15,6 +16,39 @@ use lazylayer_index::{FileKind, IndexEntry};
 use super::{Shared, Waiting};
 use crate::source::{Content, ContentSource, RangedContent};
 use crate::table::{OpenTable, FLAG_PASSTHROUGH};
+
+/// Bytes of one file stored into the page cache at one open, at most.
+const PRELOAD_MAX: u64 = 32 << 20;
+/// Bytes per store notification (one write to /dev/fuse each).
+const PRELOAD_PIECE: u64 = 1 << 20;
+
+/// FUSE_NOTIFY_STORE: put `data` into the page cache of inode `ino` at
+/// `offset`. The message is the reply header (error = the notify code,
+/// unique = 0) and `fuse_notify_store_out`, then the bytes.
+fn notify_store(dev: BorrowedFd<'_>, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    const FUSE_NOTIFY_STORE: i32 = 4;
+    const HEAD: usize = 16 + 24;
+    let total = HEAD + data.len();
+    let too_big = || std::io::Error::other("page cache store too large");
+    let mut head = [0u8; HEAD];
+    head[0..4].copy_from_slice(&u32::try_from(total).map_err(|_| too_big())?.to_ne_bytes());
+    head[4..8].copy_from_slice(&FUSE_NOTIFY_STORE.to_ne_bytes());
+    // 8..16: unique, 0 for a notification.
+    head[16..24].copy_from_slice(&ino.to_ne_bytes());
+    head[24..32].copy_from_slice(&offset.to_ne_bytes());
+    head[32..36].copy_from_slice(
+        &u32::try_from(data.len())
+            .map_err(|_| too_big())?
+            .to_ne_bytes(),
+    );
+    let n = rustix::io::writev(dev, &[IoSlice::new(&head), IoSlice::new(data)])?;
+    if n != total {
+        return Err(std::io::Error::other(format!(
+            "page cache store: {n} of {total} bytes written"
+        )));
+    }
+    Ok(())
+}
 
 impl<S: ContentSource> Shared<S> {
     pub(super) fn table(&self) -> &OpenTable {
@@ -85,10 +119,50 @@ impl<S: ContentSource> Shared<S> {
         let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let (opens, backing) = table.get(ino);
         table.set(ino, opens + 1, if opens == 0 { 0 } else { backing });
-        st.files.insert(fh, Content::Ranged(content));
+        st.files.insert(fh, Content::Ranged(content.clone()));
         drop(st);
         self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
+        // Before the reply: the opener cannot fault a page in meanwhile.
+        self.preload(ino, &*content);
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    /// Hand the local bytes of ranged content to the kernel's page cache
+    /// (FUSE_NOTIFY_STORE), up to [`PRELOAD_MAX`] per open. A program maps
+    /// its executable and libraries and faults them in a page at a time
+    /// (readahead is one page while the boot layer arrives): python3 made
+    /// ~1,400 READs of 4 KiB before its first output, each a round trip
+    /// through this daemon. Only whole pages are sent (the kernel marks
+    /// nothing else valid); the kernel keeps them (`FOPEN_KEEP_CACHE`).
+    fn preload(&self, ino: u64, content: &dyn RangedContent) {
+        let Some(dev) = self.device.get() else { return };
+        let page = rustix::param::page_size() as u64;
+        let size = self.entry((ino - 1) as u32).size;
+        let mut left = PRELOAD_MAX;
+        for r in content.local_ranges() {
+            let start = r.start.next_multiple_of(page);
+            let end = if r.end >= size {
+                size
+            } else {
+                r.end / page * page
+            };
+            let mut off = start;
+            while off < end && left > 0 {
+                let n = (end - off).min(PRELOAD_PIECE).min(left);
+                let mut buf = vec![0u8; n as usize];
+                if !matches!(content.try_read_at(&mut buf, off), Some(Ok(()))) {
+                    return;
+                }
+                if let Err(e) = notify_store(dev.as_fd(), ino, off, &buf) {
+                    // An old kernel or an inode it has dropped: reads still work.
+                    tracing::debug!(ino, off, error = %e, "page cache store refused");
+                    return;
+                }
+                self.stats.preloaded_bytes.fetch_add(n, Ordering::Relaxed);
+                off += n;
+                left -= n;
+            }
+        }
     }
 
     /// The content of a handle an earlier server gave out (taken over): open

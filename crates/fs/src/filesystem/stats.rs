@@ -14,6 +14,8 @@ pub struct FsStats {
     pub(super) passthrough_opens: AtomicU64,
     pub(super) daemon_opens: AtomicU64,
     pub(super) read_requests: AtomicU64,
+    /// Bytes handed to the kernel's page cache at open (never READ here).
+    pub(super) preloaded_bytes: AtomicU64,
     /// Opens and reads waiting for content (running or queued).
     pub(super) waiting: AtomicU64,
     /// Waiting requests answered EIO because the pool's queue was full.
@@ -36,6 +38,10 @@ impl FsStats {
     /// READ requests this daemon answered.
     pub fn read_requests(&self) -> u64 {
         self.read_requests.load(Ordering::Relaxed)
+    }
+    /// Bytes of ranged content handed to the page cache when opened.
+    pub fn preloaded_bytes(&self) -> u64 {
+        self.preloaded_bytes.load(Ordering::Relaxed)
     }
     /// Opens and reads waiting for their content now.
     pub fn waiting(&self) -> u64 {
