@@ -217,7 +217,7 @@ class Bench:
         # change did not make starts or reads slower.
         self.ll_base = a.baseline
         self.reglog = RegistryLog(os.path.join(self.work, "registry", "registry.log"))
-        self.logs = os.path.join(self.work, "logs")
+        self.logs = os.environ.get("LLBENCH_LOGS") or os.path.join(self.work, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.ctrd_dir = os.path.join(self.work, "containerd")
         self.ctrd_sock = os.path.join(self.ctrd_dir, "containerd.sock")

@@ -67,8 +67,9 @@ const MAX_REGION: u64 = 256 << 20;
 const START_REQUEST: u64 = 2 << 20;
 const REST_REQUEST: u64 = 4 << 20;
 /// Range GETs of the start set and the prefetch in flight at once (a
-/// reader's request never waits for one): enough that the start set goes
-/// out in one or two round trips (HTTP/1.1, a connection each).
+/// reader's request never waits for one), for a registry near by; a far
+/// one gets [`plan::IN_FLIGHT_FAR`]. Over HTTP/1.1 each is a connection of
+/// its own, serving one request at a time; HTTP/2 shares one connection.
 const IN_FLIGHT: usize = 8;
 /// Tries of one range before its chunks count as failed, and the pauses
 /// between them: the registry client's policy (with jitter), shorter than
@@ -332,7 +333,9 @@ impl BootChunks {
                 read_timeout: b.read_timeout,
                 rt: tokio::runtime::Handle::current(),
                 fetched: AtomicU64::new(fetched),
-                slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+                slots: Arc::new(Semaphore::new(
+                    head.link.map_or(IN_FLIGHT, |l| l.in_flight()),
+                )),
                 link: head.link,
                 whole: whole::WholeFiles::default(),
                 background: Tasks::default(),

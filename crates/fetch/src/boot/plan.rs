@@ -27,28 +27,35 @@ pub(super) const MAX_GAP: u64 = 4 << 20;
 /// cache): a link of ~100 Mbit/s with a few milliseconds' round trip.
 pub(super) const DEFAULT_GAP: u64 = 64 << 10;
 
+/// A first byte later than this says the registry is far (another region,
+/// a CDN): the start set then goes out [`IN_FLIGHT_FAR`] requests wide.
+/// Nearer, every connection and request costs more CPU than the round trip
+/// it saves (a loopback start took 0.25 s with 8, 0.28 s with 32).
+pub(crate) const FAR: Duration = Duration::from_millis(40);
+/// Requests in flight for a far registry's start set: python3's 27 spans
+/// took three sequential rounds with 8 at 80 ms, one with 32.
+pub(crate) const IN_FLIGHT_FAR: usize = 32;
+
 /// What one response told of the link to the registry.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct LinkEstimate {
     /// From sending the request to the first byte of the body.
     pub first_byte: Duration,
-    /// Body bytes per second after the first byte.
-    pub bytes_per_sec: f64,
+    /// Body bytes per second after the first byte; None when the body came
+    /// too fast to time.
+    pub bytes_per_sec: Option<f64>,
 }
 
 impl LinkEstimate {
     /// From a response of `bytes` whose first byte came `first_byte` after
-    /// the request and whose last came `transfer` after that. None when the
-    /// transfer was too short to time (a rate from microseconds is noise).
-    pub(crate) fn measure(
-        bytes: u64,
-        first_byte: Duration,
-        transfer: Duration,
-    ) -> Option<LinkEstimate> {
-        (transfer >= Duration::from_millis(1) && bytes >= 16 << 10).then(|| LinkEstimate {
+    /// the request and whose last came `transfer` after that; no rate when
+    /// the transfer was too short to time (a rate from microseconds is noise).
+    pub(crate) fn measure(bytes: u64, first_byte: Duration, transfer: Duration) -> LinkEstimate {
+        LinkEstimate {
             first_byte,
-            bytes_per_sec: bytes as f64 / transfer.as_secs_f64(),
-        })
+            bytes_per_sec: (transfer >= Duration::from_millis(1) && bytes >= 16 << 10)
+                .then(|| bytes as f64 / transfer.as_secs_f64()),
+        }
     }
 
     /// Kept beside a chunk cache (`dir/link`, two numbers) for the starts
@@ -57,7 +64,7 @@ impl LinkEstimate {
         let text = format!(
             "{} {}\n",
             self.first_byte.as_micros(),
-            self.bytes_per_sec as u64
+            self.bytes_per_sec.unwrap_or(0.0) as u64
         );
         let _ = lazylayer_sys::durable::write_atomically_unsynced(
             &dir.join(LINK_FILE),
@@ -70,17 +77,30 @@ impl LinkEstimate {
         let text = std::fs::read_to_string(dir.join(LINK_FILE)).ok()?;
         let mut it = text.split_whitespace().map(|n| n.parse::<u64>().ok());
         let (micros, rate) = (it.next()??, it.next()??);
-        (micros <= 60_000_000 && rate > 0).then(|| LinkEstimate {
+        (micros <= 60_000_000).then(|| LinkEstimate {
             first_byte: Duration::from_micros(micros),
-            bytes_per_sec: rate as f64,
+            bytes_per_sec: (rate > 0).then_some(rate as f64),
         })
     }
 
     /// The gap (compressed bytes) worth fetching rather than opening one
-    /// more request, with `in_flight` requests at once (module docs).
+    /// more request, with `in_flight` requests at once (module docs);
+    /// [`DEFAULT_GAP`] without a rate.
     pub(crate) fn gap(&self, in_flight: usize) -> u64 {
-        let bdp = self.bytes_per_sec * self.first_byte.as_secs_f64();
+        let Some(rate) = self.bytes_per_sec else {
+            return DEFAULT_GAP;
+        };
+        let bdp = rate * self.first_byte.as_secs_f64();
         ((bdp / in_flight.max(1) as f64) as u64).clamp(MIN_GAP, MAX_GAP)
+    }
+
+    /// Range GETs to keep in flight at start (see [`FAR`]).
+    pub(crate) fn in_flight(&self) -> usize {
+        if self.first_byte >= FAR {
+            IN_FLIGHT_FAR
+        } else {
+            super::IN_FLIGHT
+        }
     }
 }
 
@@ -111,6 +131,37 @@ pub(super) fn start_spans(list: &[u32], offsets: &[u64], gap: u64, max: u64) -> 
         spans.push(c..c + 1);
     }
     spans
+}
+
+/// [`start_spans`] with the largest gap up to `gap` whose bridged bytes
+/// stay within `share` of the wanted chunks' own (never below
+/// [`MIN_GAP`]). A rate measured on one small response is not to be
+/// trusted: the index region (a few hundred kB) fits in a token bucket's
+/// burst and the socket buffers, and showed 54 MB/s on a 100 Mbit/s link.
+/// The gap that rate asked for fetched 7.2 MB for python3's 3.7 MB start.
+pub(super) fn budgeted_spans(
+    list: &[u32],
+    offsets: &[u64],
+    gap: u64,
+    max: u64,
+    share: f64,
+) -> (Vec<Range<u32>>, u64) {
+    let span_bytes = |spans: &[Range<u32>]| -> u64 {
+        spans
+            .iter()
+            .map(|r| offsets[r.end as usize] - offsets[r.start as usize])
+            .sum()
+    };
+    let wanted = span_bytes(&start_spans(list, offsets, 0, max));
+    let budget = wanted + (wanted as f64 * share) as u64;
+    let mut g = gap;
+    loop {
+        let spans = start_spans(list, offsets, g, max);
+        if g <= MIN_GAP || span_bytes(&spans) <= budget {
+            return (spans, g);
+        }
+        g = (g / 2).max(MIN_GAP);
+    }
 }
 
 #[cfg(test)]
@@ -147,11 +198,55 @@ mod tests {
     }
 
     #[test]
+    fn an_overestimated_rate_bridges_no_more_than_the_budget_allows() {
+        // 8 KiB chunks; the start read every fourth (24 KiB gaps) and then a
+        // run of ten after a 336 KiB gap.
+        let o: Vec<u64> = (0..=200u64).map(|c| c * 8192).collect();
+        let mut list: Vec<u32> = (0..40).step_by(4).collect();
+        list.extend(79..89);
+        let wanted = 20 * 8192;
+        // The index region's 54 MB/s at 52 ms (a 100 Mbit/s link behind a
+        // burst): a gap of 351 kB, which would fetch chunks 0..89 whole.
+        let inflated = LinkEstimate {
+            first_byte: Duration::from_millis(52),
+            bytes_per_sec: Some(54e6),
+        };
+        let gap = inflated.gap(8);
+        assert!(gap > 42 * 8192);
+        assert_eq!(start_spans(&list, &o, gap, 8 << 20), vec![0..89]);
+        let (spans, used) = budgeted_spans(&list, &o, gap, 8 << 20, 0.25);
+        let bytes: u64 = spans
+            .iter()
+            .map(|r| o[r.end as usize] - o[r.start as usize])
+            .sum();
+        assert!(bytes <= wanted + wanted / 4, "{bytes} bytes for {wanted}");
+        assert!(used >= MIN_GAP && used < gap);
+        // The budget never goes below the floor gap: 24 KiB gaps are past
+        // it, so every wanted run is a span of its own.
+        assert_eq!(spans.len(), 11);
+        // A generous budget keeps the measured gap.
+        let (spans, used) = budgeted_spans(&list, &o, gap, 8 << 20, 10.0);
+        assert_eq!((spans.len(), spans[0].clone(), used), (1, 0..89, gap));
+    }
+
+    #[test]
+    fn a_far_registry_gets_more_requests_in_flight() {
+        let at = |ms| LinkEstimate {
+            first_byte: Duration::from_millis(ms),
+            bytes_per_sec: None,
+        };
+        assert_eq!(at(15).in_flight(), super::super::IN_FLIGHT);
+        assert_eq!(at(39).in_flight(), super::super::IN_FLIGHT);
+        assert_eq!(at(40).in_flight(), IN_FLIGHT_FAR);
+        assert_eq!(at(170).in_flight(), IN_FLIGHT_FAR);
+    }
+
+    #[test]
     fn the_gap_is_the_bandwidth_delay_product_shared_by_the_requests_in_flight() {
         // 100 Mbit/s, 80 ms: a BDP of 1 MB, 125 kB a request with 8 in flight.
         let far = LinkEstimate {
             first_byte: Duration::from_millis(80),
-            bytes_per_sec: 12.5e6,
+            bytes_per_sec: Some(12.5e6),
         };
         assert_eq!(far.gap(8), 125_000);
         // The same rate next door: the floor.
@@ -163,9 +258,15 @@ mod tests {
         // 10 Gbit/s and 100 ms: capped.
         let huge = LinkEstimate {
             first_byte: Duration::from_millis(100),
-            bytes_per_sec: 1.25e9,
+            bytes_per_sec: Some(1.25e9),
         };
         assert_eq!(huge.gap(8), MAX_GAP);
+        // No rate (the body came at once): the default.
+        let untimed = LinkEstimate {
+            bytes_per_sec: None,
+            ..far
+        };
+        assert_eq!(untimed.gap(8), DEFAULT_GAP);
     }
 
     #[test]
@@ -174,23 +275,33 @@ mod tests {
         assert!(LinkEstimate::load(dir.path()).is_none());
         let e = LinkEstimate {
             first_byte: Duration::from_micros(20_500),
-            bytes_per_sec: 12_500_000.0,
+            bytes_per_sec: Some(12_500_000.0),
         };
         e.save(dir.path());
         assert_eq!(LinkEstimate::load(dir.path()), Some(e));
-        for junk in ["", "12", "x 5", "5 0", "99999999999 5", "-1 5"] {
+        let untimed = LinkEstimate {
+            bytes_per_sec: None,
+            ..e
+        };
+        untimed.save(dir.path());
+        assert_eq!(LinkEstimate::load(dir.path()), Some(untimed));
+        for junk in ["", "12", "x 5", "99999999999 5", "-1 5"] {
             std::fs::write(dir.path().join(LINK_FILE), junk).unwrap();
             assert!(LinkEstimate::load(dir.path()).is_none(), "{junk:?}");
         }
     }
 
     #[test]
-    fn a_transfer_too_short_or_too_small_measures_nothing() {
+    fn a_transfer_too_short_or_too_small_measures_no_rate_but_its_first_byte() {
         let ms = Duration::from_millis;
-        assert!(LinkEstimate::measure(1 << 20, ms(20), Duration::from_micros(200)).is_none());
-        assert!(LinkEstimate::measure(1000, ms(20), ms(5)).is_none());
-        let e = LinkEstimate::measure(1_000_000, ms(20), ms(80)).unwrap();
+        let fast = LinkEstimate::measure(1 << 20, ms(20), Duration::from_micros(200));
+        assert_eq!((fast.first_byte, fast.bytes_per_sec), (ms(20), None));
+        assert_eq!(
+            LinkEstimate::measure(1000, ms(20), ms(5)).bytes_per_sec,
+            None
+        );
+        let e = LinkEstimate::measure(1_000_000, ms(20), ms(80));
         assert_eq!(e.first_byte, ms(20));
-        assert!((e.bytes_per_sec - 12.5e6).abs() < 1.0);
+        assert!((e.bytes_per_sec.unwrap() - 12.5e6).abs() < 1.0);
     }
 }

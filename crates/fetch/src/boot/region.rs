@@ -58,8 +58,7 @@ pub(super) async fn fetch_region(
             }
         }
     }
-    let link =
-        first.and_then(|first| LinkEstimate::measure(region_len, first - sent, first.elapsed()));
+    let link = first.map(|first| LinkEstimate::measure(region_len, first - sent, first.elapsed()));
     let leftover = Bytes::from(got.split_off(region_len as usize));
     Ok(RegionHead {
         ranged,

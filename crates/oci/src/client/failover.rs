@@ -35,6 +35,9 @@ pub(super) fn fails_over(e: &OciError) -> bool {
     )
 }
 
+/// How long a warm-up request may take before it is dropped.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Whether an error says the host is down (rather than missing one item).
 fn host_is_down(e: &OciError) -> bool {
     match e {
@@ -76,6 +79,50 @@ impl RegistryClient {
         Ok(eps)
     }
 
+    /// The host's API root (`/v2/`): what a probe or a warm-up asks for.
+    fn api_root(ep: &Endpoint) -> std::result::Result<url::Url, url::ParseError> {
+        url::Url::parse(&format!(
+            "{}://{}{}/",
+            ep.scheme,
+            ep.host,
+            ep.path.trim_end_matches('/')
+        ))
+    }
+
+    /// Open `n` connections to the host that serves `repo` first, in the
+    /// background, each with a `GET /v2/` whose answer is thrown away: a
+    /// start that is about to send `n` requests at once then finds them
+    /// connected (and through TLS) instead of paying a handshake's round
+    /// trips first. Over HTTP/2 the requests share one connection. Nothing
+    /// happens outside a tokio runtime or without a usable host.
+    pub fn warm_up(&self, repo: &Repository, purpose: Purpose, n: usize) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(ep) = self
+            .endpoints(repo, purpose)
+            .ok()
+            .and_then(|e| e.into_iter().next())
+        else {
+            return;
+        };
+        let (Ok(http), Ok(root)) = (self.http_for(&ep), Self::api_root(&ep)) else {
+            return;
+        };
+        for _ in 0..n {
+            let (http, root) = (http.clone(), root.clone());
+            rt.spawn(async move {
+                let warm = async {
+                    if let Ok(r) = http.get(root).send().await {
+                        // Read to the end, so the connection goes back to the pool.
+                        let _ = r.bytes().await;
+                    }
+                };
+                let _ = tokio::time::timeout(WARM_UP_TIMEOUT, warm).await;
+            });
+        }
+    }
+
     pub(super) fn host_key(ep: &Endpoint) -> String {
         format!("{}://{}", ep.scheme, ep.host)
     }
@@ -94,13 +141,7 @@ impl RegistryClient {
     pub(super) fn gave_up(&self, ep: &Endpoint, e: &OciError) {
         let key = Self::host_key(ep);
         if self.breakers.trip(&key, e) {
-            let root = format!(
-                "{}://{}{}/",
-                ep.scheme,
-                ep.host,
-                ep.path.trim_end_matches('/')
-            );
-            match (self.http_for(ep), url::Url::parse(&root)) {
+            match (self.http_for(ep), Self::api_root(ep)) {
                 (Ok(http), Ok(root)) => self.breakers.start_probe(&key, http, root),
                 // Never probed: do not keep it closed to requests either.
                 _ => self.breakers.close(&key),

@@ -205,3 +205,89 @@ async fn a_busy_mirror_gets_fewer_tries_than_the_registry() {
         super::failover::MIRROR_ATTEMPTS as usize
     );
 }
+
+/// A listener answering every request 404 (kept alive), counting the
+/// connections it accepted and the request lines it read.
+fn counting_404() -> (
+    u16,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (a, l) = (accepted.clone(), lines.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            a.fetch_add(1, Ordering::SeqCst);
+            let l = l.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = c.read(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    // One request per read: the client waits for each answer.
+                    l.lock()
+                        .unwrap()
+                        .push(text.lines().next().unwrap_or("").to_string());
+                    let answer = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+                    if c.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, accepted, lines)
+}
+
+/// `warm_up(n)` opens n connections with a `GET /v2/` each, and the next
+/// n requests at once go out on them: no connection is opened for them
+/// (a start's requests then pay no handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warmed_up_connections_carry_the_next_requests() {
+    use std::sync::atomic::Ordering;
+    let (port, accepted, lines) = counting_404();
+    let client = RegistryClient::new(ClientConfig::default()).unwrap();
+    let r: Reference = format!("127.0.0.1:{port}/x/y:latest").parse().unwrap();
+    client.warm_up(&r.repository, crate::hosts::Purpose::Pull, 3);
+    let t0 = std::time::Instant::now();
+    while lines.lock().unwrap().len() < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no warm-up came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Their answers are read and the connections back in the pool.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|l| l == "GET /v2/ HTTP/1.1"),
+        "{:?}",
+        lines.lock().unwrap()
+    );
+    let (a, b, c) = tokio::join!(
+        client.get_manifest(&r),
+        client.get_manifest(&r),
+        client.get_manifest(&r)
+    );
+    for e in [a, b, c] {
+        assert!(
+            matches!(e, Err(OciError::NotFound { .. })),
+            "{:?}",
+            e.map(|m| m.digest)
+        );
+    }
+    assert_eq!(lines.lock().unwrap().len(), 6);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "a request opened a connection of its own"
+    );
+}
