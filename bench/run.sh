@@ -35,6 +35,8 @@
 #
 # LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
 # the harness times, for side experiments; the default tables never set it.
+# LLBENCH_LOGS=DIR keeps each timed command's stderr there (with RUST_LOG, say
+# RUST_LOG=lazylayer_fetch=debug for the start set's plan) instead of in the work dir.
 #
 # Needs root. Everything runs in a network namespace of its own (llbench-PID) whose
 # loopback is shaped with tc tbf; the registry, containerd, the lazylayer snapshotter
@@ -63,7 +65,7 @@ while (($#)); do
     --rtt-links) RTT_LINKS=$2; shift 2 ;;
     --relay-shaping) RELAY_SHAPING=$2; shift 2 ;;
     --contenders) CONTENDERS=$2; shift 2 ;;
-    -h | --help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
