@@ -24,6 +24,10 @@ use super::{chunk_retry, BootChunks, REST_REQUEST, START_REQUEST};
 /// carry, as a share of those it did (see [`budgeted_spans`]): python3's
 /// 3.7 MB start became 4.6 MB, 27 requests.
 const BRIDGED_SHARE: f64 = 0.25;
+/// ... or this many, if more: a small start's share is a few round trips'
+/// worth of requests (a static busybox: 15 requests within its share, 4
+/// with this, as many as before the budget).
+const BRIDGED_AT_LEAST: u64 = 512 << 10;
 
 impl BootChunks {
     /// Fetch every chunk not yet local, in order, in the background; then
@@ -64,6 +68,7 @@ impl BootChunks {
             gap,
             START_REQUEST,
             BRIDGED_SHARE,
+            BRIDGED_AT_LEAST,
         );
         tracing::debug!(image = %self.inner.image, spans = spans.len(), gap, ?link, "boot start set planned");
         for span in spans {

@@ -134,8 +134,8 @@ pub(super) fn start_spans(list: &[u32], offsets: &[u64], gap: u64, max: u64) -> 
 }
 
 /// [`start_spans`] with the largest gap up to `gap` whose bridged bytes
-/// stay within `share` of the wanted chunks' own (never below
-/// [`MIN_GAP`]). A rate measured on one small response is not to be
+/// stay within `share` of the wanted chunks' own, or `at_least` bytes if
+/// that is more (never below [`MIN_GAP`]). A rate measured on one small response is not to be
 /// trusted: the index region (a few hundred kB) fits in a token bucket's
 /// burst and the socket buffers, and showed 54 MB/s on a 100 Mbit/s link.
 /// The gap that rate asked for fetched 7.2 MB for python3's 3.7 MB start.
@@ -145,6 +145,7 @@ pub(super) fn budgeted_spans(
     gap: u64,
     max: u64,
     share: f64,
+    at_least: u64,
 ) -> (Vec<Range<u32>>, u64) {
     let span_bytes = |spans: &[Range<u32>]| -> u64 {
         spans
@@ -153,7 +154,7 @@ pub(super) fn budgeted_spans(
             .sum()
     };
     let wanted = span_bytes(&start_spans(list, offsets, 0, max));
-    let budget = wanted + (wanted as f64 * share) as u64;
+    let budget = wanted + ((wanted as f64 * share) as u64).max(at_least);
     let mut g = gap;
     loop {
         let spans = start_spans(list, offsets, g, max);
@@ -214,7 +215,7 @@ mod tests {
         let gap = inflated.gap(8);
         assert!(gap > 42 * 8192);
         assert_eq!(start_spans(&list, &o, gap, 8 << 20), vec![0..89]);
-        let (spans, used) = budgeted_spans(&list, &o, gap, 8 << 20, 0.25);
+        let (spans, used) = budgeted_spans(&list, &o, gap, 8 << 20, 0.25, 0);
         let bytes: u64 = spans
             .iter()
             .map(|r| o[r.end as usize] - o[r.start as usize])
@@ -225,8 +226,13 @@ mod tests {
         // it, so every wanted run is a span of its own.
         assert_eq!(spans.len(), 11);
         // A generous budget keeps the measured gap.
-        let (spans, used) = budgeted_spans(&list, &o, gap, 8 << 20, 10.0);
+        let (spans, used) = budgeted_spans(&list, &o, gap, 8 << 20, 10.0, 0);
         assert_eq!((spans.len(), spans[0].clone(), used), (1, 0..89, gap));
+        // A small start may always bridge `at_least`: with 512 KiB, half the
+        // measured gap joins the stepped chunks (216 KiB between them) but
+        // not the run beyond the 336 KiB gap.
+        let (spans, used) = budgeted_spans(&list, &o, gap, 8 << 20, 0.25, 512 << 10);
+        assert_eq!((spans, used), (vec![0..37, 79..89], gap / 2));
     }
 
     #[test]
