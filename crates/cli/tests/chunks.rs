@@ -213,13 +213,19 @@ fn root_registry_ignoring_range_streams_the_boot_layer_and_starts() {
     assert_eq!(gets.len(), 1, "{gets:?}");
 }
 
+/// Response bytes past the index region's after which a connection is cut.
+const CUT_PAST_REGION: usize = 50_000;
+
 #[test]
 fn root_registry_cutting_a_chunk_response_is_retried() {
     let o = python3_optimized();
     let region = o.report["index_region_bytes"].as_u64().unwrap() as usize;
     // One connection cut inside the chunks (after the index region), then
-    // the registry is fine again.
-    let proxy = CuttingProxy::start(o.reg.port, region + 600_000, AfterCut::Heal);
+    // the registry is fine again. The cut is per connection: the start's
+    // ~4.6 MB go over at most ~11 connections, so one of them passes
+    // region + 50 kB (with 600 kB, a start in many small requests could
+    // pass without a cut).
+    let proxy = CuttingProxy::start(o.reg.port, region + CUT_PAST_REGION, AfterCut::Heal);
     let root = tempfile::tempdir().unwrap();
     let out = run(
         root.path(),
@@ -234,7 +240,7 @@ fn root_registry_cutting_a_chunk_response_is_retried() {
 fn root_registry_dying_mid_chunk_gives_a_bounded_eio() {
     let o = python3_optimized();
     let region = o.report["index_region_bytes"].as_u64().unwrap() as usize;
-    let proxy = CuttingProxy::start(o.reg.port, region + 600_000, AfterCut::Die);
+    let proxy = CuttingProxy::start(o.reg.port, region + CUT_PAST_REGION, AfterCut::Die);
     let root = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let out = run(
