@@ -83,6 +83,33 @@ pub struct ContainerDir {
 /// is removed by the reaping; one whose lock is held is being created.
 const CREATING: &str = ".creating";
 
+/// Prefix of a container directory being removed (renamed first, so a
+/// removal killed half way leaves no directory that looks like a container).
+const REMOVING: &str = ".removing-";
+
+fn is_being_removed(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(REMOVING.as_bytes())
+}
+
+/// Remove a container directory (nothing mounted below it any more): renamed
+/// aside first, then removed; the reaping removes what a killed removal left.
+fn remove_whole(path: &Path) -> Result<(), RuntimeError> {
+    let aside = match (path.parent(), path.file_name()) {
+        (Some(base), Some(name)) => {
+            let mut n = std::ffi::OsString::from(REMOVING);
+            n.push(name);
+            base.join(n)
+        }
+        _ => path.to_path_buf(),
+    };
+    let target = match std::fs::rename(path, &aside) {
+        Ok(()) => aside,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => path.to_path_buf(),
+    };
+    std::fs::remove_dir_all(&target).map_err(io("removing", &target))
+}
+
 fn io(action: &'static str, p: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let p = p.to_path_buf();
     move |source| RuntimeError::Io {
@@ -151,6 +178,9 @@ impl ContainerDir {
             return Ok(out);
         };
         for e in rd.flatten() {
+            if is_being_removed(&e.file_name()) {
+                continue;
+            }
             let d = ContainerDir {
                 path: e.path(),
                 _creating: None,
@@ -216,7 +246,7 @@ impl ContainerDir {
             }
         }
         crate::unmount_below(&self.path);
-        std::fs::remove_dir_all(&self.path).map_err(io("removing", &self.path))
+        remove_whole(&self.path)
     }
 
     /// Clears every container under `root` whose `lazylayer run` died while it ran
@@ -231,6 +261,15 @@ impl ContainerDir {
             return reaped;
         };
         for e in rd.flatten() {
+            if is_being_removed(&e.file_name()) {
+                // A removal that was killed half way (a live one's too: both
+                // removing is harmless). Nothing in it is mounted any more.
+                crate::unmount_below(&e.path());
+                if let Err(e) = std::fs::remove_dir_all(e.path()) {
+                    tracing::debug!(error = %e, "removing a container directory's remains");
+                }
+                continue;
+            }
             let d = ContainerDir {
                 path: e.path(),
                 _creating: None,
@@ -257,8 +296,11 @@ impl ContainerDir {
         let orphaned = |d: &ContainerDir| {
             // No state: being created by a living run (it writes one first thing).
             // A record naming another container than its directory's is not ours to act on.
+            // An exited `--rm` container whose owner died before it removed
+            // the directory is cleared too (nobody else would).
             d.read_state().ok().filter(|s| {
-                s.status == ContainerStatus::Running
+                (s.status == ContainerStatus::Running
+                    || (s.status == ContainerStatus::Exited && s.rm))
                     && !s.owner_alive()
                     && d.path.file_name() == Some(s.name.as_ref())
             })
@@ -340,7 +382,7 @@ impl ContainerDir {
         }
         let (name, removed) = (s.name.clone(), s.rm);
         if removed {
-            std::fs::remove_dir_all(&self.path).map_err(io("removing", &self.path))?;
+            remove_whole(&self.path)?;
         } else {
             self.write_state(&ContainerState {
                 status: ContainerStatus::Exited,
@@ -420,6 +462,24 @@ mod tests {
                 state("reused-pid-rm", me, Some(start + 1), true),
             ),
             ("dead-kept", state("dead-kept", u32::MAX, Some(1), false)),
+            // `run --rm` killed after the container exited, before it removed
+            // the directory; and a living one at that point.
+            (
+                "exited-rm",
+                ContainerState {
+                    status: ContainerStatus::Exited,
+                    exit_code: Some(0),
+                    ..state("exited-rm", u32::MAX, Some(1), true)
+                },
+            ),
+            (
+                "exited-rm-alive",
+                ContainerState {
+                    status: ContainerStatus::Exited,
+                    exit_code: Some(0),
+                    ..state("exited-rm-alive", me, Some(start), true)
+                },
+            ),
         ];
         for (name, s) in &cases {
             let d = ContainerDir::create(root, name).unwrap();
@@ -436,17 +496,31 @@ mod tests {
             .write_state(&state("alive", u32::MAX, Some(1), true))
             .unwrap();
 
+        // A removal killed half way: the directory renamed aside, part left.
+        let half = ContainerDir::base(root).join(".removing-gone");
+        std::fs::create_dir_all(half.join("upper/etc")).unwrap();
+        std::fs::write(half.join("state.json"), "{}").unwrap();
+
         let mut reaped = ContainerDir::reap_orphans(root, &runc);
         reaped.sort_by(|a, b| a.name.cmp(&b.name));
         let r = |name: &str, removed| Reaped {
             name: name.into(),
             removed,
         };
-        assert_eq!(reaped, [r("dead-kept", false), r("reused-pid-rm", true)]);
+        assert_eq!(
+            reaped,
+            [
+                r("dead-kept", false),
+                r("exited-rm", true),
+                r("reused-pid-rm", true)
+            ]
+        );
         let base = ContainerDir::base(root);
-        assert!(["alive", "new", "misnamed"]
+        assert!(["alive", "new", "misnamed", "exited-rm-alive"]
             .iter()
             .all(|n| base.join(n).is_dir()));
+        assert!(!base.join("exited-rm").exists());
+        assert!(!half.exists());
         assert!(root.join("pins/run-alive.json").exists());
         assert!(!base.join("reused-pid-rm").exists());
         assert!(!base.join("abandoned").exists());
