@@ -1478,6 +1478,9 @@ fn root_metadata_walks_after_the_first_are_served_by_kernel_caches() {
 struct PartlyLocal {
     bytes: Arc<Vec<u8>>,
     local: std::ops::Range<u64>,
+    /// When set, a read that needs bytes from outside `local` (a fetch)
+    /// waits until the gate opens, counted in the number while it waits.
+    gate: Option<(Arc<Gate>, Arc<std::sync::atomic::AtomicUsize>)>,
 }
 
 impl lazylayer_fs::RangedContent for PartlyLocal {
@@ -1486,6 +1489,16 @@ impl lazylayer_fs::RangedContent for PartlyLocal {
         (offset >= self.local.start && end <= self.local.end).then(|| self.read_at(buf, offset))
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let fetched = offset < self.local.start || end > self.local.end;
+        if let (Some((gate, waiting)), true) = (&self.gate, fetched) {
+            waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let g = gate.open.lock().unwrap();
+            let _ = gate
+                .cv
+                .wait_timeout_while(g, Duration::from_secs(120), |open| !*open)
+                .unwrap();
+        }
         let o = offset as usize;
         buf.copy_from_slice(&self.bytes[o..o + buf.len()]);
         Ok(())
@@ -1495,6 +1508,7 @@ impl lazylayer_fs::RangedContent for PartlyLocal {
     }
 }
 
+#[derive(Clone)]
 struct RangedSource {
     dir: PathBuf,
     file: Vec<u8>,
@@ -1536,6 +1550,7 @@ fn root_local_bytes_of_ranged_content_are_in_the_page_cache_at_open() {
         content: Arc::new(PartlyLocal {
             bytes: bytes.clone(),
             local: local.clone(),
+            gate: None,
         }),
     };
     let m = Mounted::new(index_of(src.path()), source, None, true);
@@ -1550,4 +1565,119 @@ fn root_local_bytes_of_ranged_content_are_in_the_page_cache_at_open() {
     (&f).read_to_end(&mut all).unwrap();
     assert!(all == *bytes, "the file read back differs");
     assert!(m.stats.read_requests() > 0);
+}
+
+/// A second open of a file whose READ is waiting for a fetch returns at
+/// once. The READ holds its pages locked in the kernel; storing them into
+/// the page cache at that open waited on those locks, so the open hung
+/// until the fetch came, and a server killed meanwhile never exited (its
+/// thread stuck on the lock, the READ never answered): CI's kill -9 of a
+/// lazy run hung for 90 minutes. Only an inode's first open stores pages.
+#[test]
+fn root_an_open_beside_a_waiting_read_does_not_wait_for_it() {
+    if !have_root("root_an_open_beside_a_waiting_read_does_not_wait_for_it") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let bytes = Arc::new(std::fs::read(src.path().join("data/big.bin")).unwrap());
+    let gate = Arc::new(Gate::default());
+    let _release = ReleaseOnDrop(gate.clone());
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let local = 0..(1u64 << 20);
+    let source = RangedSource {
+        dir: src.path().to_path_buf(),
+        file: b"data/big.bin".to_vec(),
+        content: Arc::new(PartlyLocal {
+            bytes: bytes.clone(),
+            local: local.clone(),
+            gate: Some((gate.clone(), waiting.clone())),
+        }),
+    };
+    let m = Mounted::new(index_of(src.path()), source, None, true);
+    let path = m.p("data/big.bin");
+    let f = File::open(&path).unwrap();
+    assert_eq!(m.stats.preloaded_bytes(), 1 << 20);
+    // Out of the page cache again, so a read locks local pages as well.
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    // Local pages and the first page past them: one READ, waiting at the gate.
+    let reader = {
+        let f = f.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            f.read_exact_at(&mut buf, (1 << 20) - (32 << 10))
+                .map(|()| buf)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached the fetch"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (tx, rx) = mpsc::channel();
+    let opener = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let r = File::open(&path);
+            let _ = tx.send(());
+            r
+        })
+    };
+    // Generous: the open needs no fetch, only the daemon's reply.
+    let opened_at_once = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+    gate.release();
+    let second = opener.join().unwrap().unwrap();
+    let buf = reader.join().unwrap().unwrap();
+    let at = (1usize << 20) - (32 << 10);
+    assert!(buf == bytes[at..at + (64 << 10)], "the waited read differs");
+    assert!(
+        opened_at_once,
+        "the second open waited for the first one's pending READ"
+    );
+    let mut all = Vec::new();
+    (&second).read_to_end(&mut all).unwrap();
+    assert!(all == *bytes, "the file read back differs");
+}
+
+/// Closing a file asks nothing of the daemon. A FLUSH at close waits for
+/// its answer without end (the kernel forces it), so a process that had
+/// its own mount's files open and was killed hung in its exit, its server
+/// threads gone: CI's kill -9 of a lazy run that was reading the image's
+/// /etc/passwd. Opens say FOPEN_NOFLUSH; a RELEASE does not wait.
+#[test]
+fn root_closing_a_file_sends_no_flush() {
+    if !have_root("root_closing_a_file_sends_no_flush") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let bytes = Arc::new(std::fs::read(src.path().join("data/big.bin")).unwrap());
+    let source = RangedSource {
+        dir: src.path().to_path_buf(),
+        file: b"data/big.bin".to_vec(),
+        content: Arc::new(PartlyLocal {
+            bytes,
+            local: 0..(1 << 20),
+            gate: None,
+        }),
+    };
+    for passthrough in [true, false] {
+        let m = Mounted::new(index_of(src.path()), source.clone(), None, passthrough);
+        // A file read through the daemon or passed through, and ranged content.
+        for path in ["a/hello.txt", "data/big.bin"] {
+            let f = File::open(m.p(path)).unwrap();
+            let mut head = [0u8; 4];
+            f.read_exact_at(&mut head, 0).unwrap();
+            let before = m.stats.requests();
+            drop(f);
+            assert_eq!(
+                m.stats.requests(),
+                before,
+                "closing {path} (passthrough {passthrough}) sent a request"
+            );
+        }
+    }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, PoisonError};
 use fuser::{Errno, FileHandle, FopenFlags, ReplyData, ReplyOpen};
 use lazylayer_index::{FileKind, IndexEntry};
 
-use super::{Shared, Waiting};
+use super::{Shared, Waiting, STORE_GATES};
 use crate::source::{Content, ContentSource, RangedContent};
 use crate::table::{OpenTable, FLAG_PASSTHROUGH};
 
@@ -21,6 +21,13 @@ use crate::table::{OpenTable, FLAG_PASSTHROUGH};
 const PRELOAD_MAX: u64 = 32 << 20;
 /// Bytes per store notification (one write to /dev/fuse each).
 const PRELOAD_PIECE: u64 = 64 << 10;
+
+/// Flags of every file open. `FOPEN_NOFLUSH`: a read-only file system has
+/// nothing to flush at close, and a FLUSH waits for its answer without end
+/// (the kernel forces it): a process that has its own mount's files open
+/// and is killed closes them after its server threads are gone, and never
+/// exits. The kernel allows it beside passthrough.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 /// FUSE_NOTIFY_STORE: put `data` into the page cache of inode `ino` at
 /// `offset`. The message is the reply header (error = the notify code,
@@ -98,12 +105,12 @@ impl<S: ContentSource> Shared<S> {
             // No FOPEN_KEEP_CACHE: the kernel fails (EIO) a passthrough
             // open with any flag outside FOPEN_PASSTHROUGH_MASK, and the
             // page cache used is the backing file's anyway.
-            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            reply.opened_passthrough(FileHandle(fh), OPEN_FLAGS, &id);
             let _ = id.into_raw();
         } else {
             self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
             // Content never changes: let the page cache keep it across opens.
-            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            reply.opened(FileHandle(fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE);
         }
     }
 
@@ -116,19 +123,29 @@ impl<S: ContentSource> Shared<S> {
     ) {
         let table = self.table();
         let fh = table.next_fh();
+        // Pages are stored only while no file of the inode is open, and no
+        // open of it replies meanwhile: a READ holds its pages locked until
+        // answered, and a store into a locked page waits for that answer,
+        // on a FUSE worker (with all workers waiting, nothing answers), and
+        // beyond a SIGKILL (the lock wait is uninterruptible: the killed
+        // server never exits). With no file open, no READ is pending: the
+        // kernel sends RELEASE only after a file's last READ is answered.
+        let gate = &self.store_gates[ino as usize % STORE_GATES];
+        let _gate = gate.lock().unwrap_or_else(PoisonError::into_inner);
         let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let (opens, backing) = table.get(ino);
         table.set(ino, opens + 1, if opens == 0 { 0 } else { backing });
         st.files.insert(fh, Content::Ranged(content.clone()));
         drop(st);
         self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
-        // Before the reply: the opener cannot fault a page in meanwhile.
-        self.preload(ino, &*content);
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        if opens == 0 {
+            self.preload(ino, &*content);
+        }
+        reply.opened(FileHandle(fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     /// Hand the local bytes of ranged content to the kernel's page cache
-    /// (FUSE_NOTIFY_STORE), up to [`PRELOAD_MAX`] per open. A program maps
+    /// (FUSE_NOTIFY_STORE), up to [`PRELOAD_MAX`] per first open. A program maps
     /// its executable and libraries and faults them in a page at a time
     /// (readahead is one page while the boot layer arrives): python3 made
     /// ~1,400 READs of 4 KiB before its first output, each a round trip

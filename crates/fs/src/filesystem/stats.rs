@@ -23,7 +23,7 @@ pub struct FsStats {
 }
 
 impl FsStats {
-    /// Lookups, getattrs, opens, reads and listings served so far.
+    /// Lookups, getattrs, opens, reads, listings and flushes served so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
