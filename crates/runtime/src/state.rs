@@ -8,6 +8,7 @@
 //! stay. [`ContainerDir::reap_orphans`] finds such containers by their recorded owner
 //! and clears them.
 
+use rustix::fs::RenameFlags;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -87,8 +88,42 @@ const CREATING: &str = ".creating";
 /// removal killed half way leaves no directory that looks like a container).
 const REMOVING: &str = ".removing-";
 
+/// Prefix of a container directory being made (`.new-PID-SEQ-NAME`): it
+/// takes its name, its lock held inside, in one rename, so no directory
+/// under a container's name is ever without its held lock or its state.
+const STAGING: &str = ".new-";
+
 fn is_being_removed(name: &std::ffi::OsStr) -> bool {
     name.as_encoded_bytes().starts_with(REMOVING.as_bytes())
+}
+
+fn is_staging(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(STAGING.as_bytes())
+}
+
+/// A directory being made aside whose maker is gone: its lock is free, or
+/// it has none yet and its pid names no process. Nothing was mounted in it.
+fn remove_staging_if_dead(path: &Path, name: &std::ffi::OsStr) {
+    let dead = match std::fs::File::open(path.join(CREATING)) {
+        Ok(lock) => {
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let pid = name.to_str().and_then(|n| {
+                n[STAGING.len()..]
+                    .split('-')
+                    .next()
+                    .and_then(|p| p.parse::<u32>().ok())
+            });
+            pid.is_none_or(|p| process_start_time(p).is_none())
+        }
+        Err(_) => false,
+    };
+    if dead {
+        if let Err(e) = std::fs::remove_dir_all(path) {
+            tracing::debug!(dir = %path.display(), error = %e, "removing a container directory being made");
+        }
+    }
 }
 
 /// Remove a container directory (nothing mounted below it any more): renamed
@@ -137,22 +172,46 @@ impl ContainerDir {
             .create(&base)
             .map_err(io("creating", &base))?;
         let path = base.join(name);
-        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => {
-                let lock_path = path.join(CREATING);
-                let lock = std::fs::File::create(&lock_path).map_err(io("creating", &lock_path))?;
-                rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-                    .map_err(|e| io("locking", &lock_path)(e.into()))?;
-                Ok(ContainerDir {
-                    path,
-                    _creating: Some(Arc::new(lock)),
-                })
+        let exists = || RuntimeError::Config {
+            id: name.to_string(),
+            reason: format!(
+                "a container named {name} exists already (remove it with `lazylayer rm {name}`)"
+            ),
+        };
+        if path.exists() {
+            return Err(exists());
+        }
+        // Made aside, locked, then renamed to its name: a run killed at any
+        // point leaves either nothing under the name, or a directory whose
+        // lock the reaping can test.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging = base.join(format!("{STAGING}{}-{seq}-{name}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(io("creating", &staging))?;
+        let made = (|| {
+            let lock_path = staging.join(CREATING);
+            let lock = std::fs::File::create(&lock_path).map_err(io("creating", &lock_path))?;
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .map_err(|e| io("locking", &lock_path)(e.into()))?;
+            let cwd = rustix::fs::CWD;
+            match rustix::fs::renameat_with(cwd, &staging, cwd, &path, RenameFlags::NOREPLACE) {
+                Ok(()) => Ok(lock),
+                Err(rustix::io::Errno::EXIST) => Err(exists()),
+                Err(e) => Err(io("naming", &path)(e.into())),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(RuntimeError::Config {
-                id: name.to_string(),
-                reason: format!("a container named {name} exists already (remove it with `lazylayer rm {name}`)"),
+        })();
+        match made {
+            Ok(lock) => Ok(ContainerDir {
+                path,
+                _creating: Some(Arc::new(lock)),
             }),
-            Err(e) => Err(io("creating", &path)(e)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Err(e)
+            }
         }
     }
 
@@ -178,7 +237,7 @@ impl ContainerDir {
             return Ok(out);
         };
         for e in rd.flatten() {
-            if is_being_removed(&e.file_name()) {
+            if is_being_removed(&e.file_name()) || is_staging(&e.file_name()) {
                 continue;
             }
             let d = ContainerDir {
@@ -261,6 +320,10 @@ impl ContainerDir {
             return reaped;
         };
         for e in rd.flatten() {
+            if is_staging(&e.file_name()) {
+                remove_staging_if_dead(&e.path(), &e.file_name());
+                continue;
+            }
             if is_being_removed(&e.file_name()) {
                 // A removal that was killed half way (a live one's too: both
                 // removing is harmless). Nothing in it is mounted any more.
@@ -330,13 +393,22 @@ impl ContainerDir {
         if self.path.join("state.json").exists() {
             return;
         }
-        let Ok(lock) = std::fs::File::open(self.path.join(CREATING)) else {
-            // Not made by a `create` that locks (or already removed): left alone.
-            return;
+        // Kept open until the removal: the lock is held meanwhile. A
+        // directory without a lock file was left by a run of an earlier
+        // version killed before it made one (a `create` now names a
+        // directory only with its lock inside): removed as well.
+        let _lock = match std::fs::File::open(self.path.join(CREATING)) {
+            Ok(lock) => {
+                if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                    .is_err()
+                {
+                    return;
+                }
+                Some(lock)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.path.is_dir() => None,
+            Err(_) => return,
         };
-        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            return;
-        }
         // The state may have been written between the look and the lock.
         if self.path.join("state.json").exists() {
             return;
@@ -496,6 +568,20 @@ mod tests {
             .write_state(&state("alive", u32::MAX, Some(1), true))
             .unwrap();
 
+        // Its creator killed between the directory and its lock file (CI's
+        // kill -9 of a run 6 ms in): nothing in it.
+        std::fs::create_dir(ContainerDir::base(root).join("unlocked")).unwrap();
+        // Killed while making its directory aside: with its lock file
+        // (free), without one (its pid gone), and a living one's.
+        let base = ContainerDir::base(root);
+        let staged_free = base.join(format!("{STAGING}1-0-staged"));
+        std::fs::create_dir(&staged_free).unwrap();
+        std::fs::write(staged_free.join(CREATING), "").unwrap();
+        let staged_dead = base.join(format!("{STAGING}{}-0-staged", u32::MAX));
+        std::fs::create_dir(&staged_dead).unwrap();
+        let staged_alive = base.join(format!("{STAGING}{me}-999-staged"));
+        std::fs::create_dir(&staged_alive).unwrap();
+
         // A removal killed half way: the directory renamed aside, part left.
         let half = ContainerDir::base(root).join(".removing-gone");
         std::fs::create_dir_all(half.join("upper/etc")).unwrap();
@@ -515,7 +601,6 @@ mod tests {
                 r("reused-pid-rm", true)
             ]
         );
-        let base = ContainerDir::base(root);
         assert!(["alive", "new", "misnamed", "exited-rm-alive"]
             .iter()
             .all(|n| base.join(n).is_dir()));
@@ -524,6 +609,10 @@ mod tests {
         assert!(root.join("pins/run-alive.json").exists());
         assert!(!base.join("reused-pid-rm").exists());
         assert!(!base.join("abandoned").exists());
+        assert!(!base.join("unlocked").exists());
+        assert!(!staged_free.exists() && !staged_dead.exists());
+        assert!(staged_alive.exists());
+        std::fs::remove_dir(&staged_alive).unwrap();
         assert!(!root.join("pins/run-reused-pid-rm.json").exists());
         assert!(!root.join("pins/run-dead-kept.json").exists());
         let kept = ContainerDir::open(root, "dead-kept")
