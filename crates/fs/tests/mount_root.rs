@@ -1529,6 +1529,27 @@ impl ContentSource for RangedSource {
     }
 }
 
+/// A tree (kept while the tempdir lives) whose data/big.bin is ranged
+/// content with `local` present, and that file's bytes.
+fn ranged_big_bin(
+    local: std::ops::Range<u64>,
+    gate: Option<(Arc<Gate>, Arc<std::sync::atomic::AtomicUsize>)>,
+) -> (tempfile::TempDir, Arc<Vec<u8>>, RangedSource) {
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let bytes = Arc::new(std::fs::read(src.path().join("data/big.bin")).unwrap());
+    let source = RangedSource {
+        dir: src.path().to_path_buf(),
+        file: b"data/big.bin".to_vec(),
+        content: Arc::new(PartlyLocal {
+            bytes: bytes.clone(),
+            local,
+            gate,
+        }),
+    };
+    (src, bytes, source)
+}
+
 /// The local bytes of ranged content are in the page cache once the file
 /// is open: reading them brings no READ to the daemon (a program mapping
 /// its libraries faulted them in a page at a time, ~1,400 READs for
@@ -1539,20 +1560,8 @@ fn root_local_bytes_of_ranged_content_are_in_the_page_cache_at_open() {
     if !have_root("root_local_bytes_of_ranged_content_are_in_the_page_cache_at_open") {
         return;
     }
-    let src = tempfile::tempdir().unwrap();
-    make_tree(src.path());
-    let bytes = Arc::new(std::fs::read(src.path().join("data/big.bin")).unwrap());
     // Unaligned at both ends: the pages 8192..696320 are whole.
-    let local = 5000..700_000u64;
-    let source = RangedSource {
-        dir: src.path().to_path_buf(),
-        file: b"data/big.bin".to_vec(),
-        content: Arc::new(PartlyLocal {
-            bytes: bytes.clone(),
-            local: local.clone(),
-            gate: None,
-        }),
-    };
+    let (src, bytes, source) = ranged_big_bin(5000..700_000, None);
     let m = Mounted::new(index_of(src.path()), source, None, true);
     let f = File::open(m.p("data/big.bin")).unwrap();
     assert_eq!(m.stats.preloaded_bytes(), 696_320 - 8192);
@@ -1578,22 +1587,10 @@ fn root_an_open_beside_a_waiting_read_does_not_wait_for_it() {
     if !have_root("root_an_open_beside_a_waiting_read_does_not_wait_for_it") {
         return;
     }
-    let src = tempfile::tempdir().unwrap();
-    make_tree(src.path());
-    let bytes = Arc::new(std::fs::read(src.path().join("data/big.bin")).unwrap());
     let gate = Arc::new(Gate::default());
     let _release = ReleaseOnDrop(gate.clone());
     let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let local = 0..(1u64 << 20);
-    let source = RangedSource {
-        dir: src.path().to_path_buf(),
-        file: b"data/big.bin".to_vec(),
-        content: Arc::new(PartlyLocal {
-            bytes: bytes.clone(),
-            local: local.clone(),
-            gate: Some((gate.clone(), waiting.clone())),
-        }),
-    };
+    let (src, bytes, source) = ranged_big_bin(0..1 << 20, Some((gate.clone(), waiting.clone())));
     let m = Mounted::new(index_of(src.path()), source, None, true);
     let path = m.p("data/big.bin");
     let f = File::open(&path).unwrap();
@@ -1652,18 +1649,7 @@ fn root_closing_a_file_sends_no_flush() {
     if !have_root("root_closing_a_file_sends_no_flush") {
         return;
     }
-    let src = tempfile::tempdir().unwrap();
-    make_tree(src.path());
-    let bytes = Arc::new(std::fs::read(src.path().join("data/big.bin")).unwrap());
-    let source = RangedSource {
-        dir: src.path().to_path_buf(),
-        file: b"data/big.bin".to_vec(),
-        content: Arc::new(PartlyLocal {
-            bytes,
-            local: 0..(1 << 20),
-            gate: None,
-        }),
-    };
+    let (src, _, source) = ranged_big_bin(0..1 << 20, None);
     for passthrough in [true, false] {
         let m = Mounted::new(index_of(src.path()), source.clone(), None, passthrough);
         // A file read through the daemon or passed through, and ranged content.
