@@ -53,9 +53,12 @@ fn lazylayer_cmd(root: &Path, args: &[&str]) -> Command {
     c
 }
 
-/// Start `cmd` and SIGKILL it `after` its start; true when it was still
-/// running then (a kill), false when it had ended on its own.
-fn kill_after(mut cmd: Command, after: Duration) -> bool {
+/// Start `cmd` (its store at `root`) and SIGKILL it `after` its start; true
+/// when it was still running then (a kill), false when it had ended on its
+/// own. A killed process that does not exit fails the test with its kernel
+/// stacks, its mounts' connections ended (CI once hung 90 minutes here: a
+/// killed run waited on its own mount).
+fn kill_after(mut cmd: Command, root: &Path, after: Duration) -> bool {
     let mut child = KillOnDrop(cmd.spawn().unwrap());
     let deadline = Instant::now() + after;
     while Instant::now() < deadline {
@@ -64,10 +67,29 @@ fn kill_after(mut cmd: Command, after: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    send_signal(child.0.id(), rustix::process::Signal::KILL);
-    let _ = child.0.wait();
+    kill_9_and_reap(&mut child.0, root, &format!("killed after {after:?}"));
     true
 }
+
+/// SIGKILL `child` (its store at `root`) and reap it. One that does not
+/// exit fails the test with its kernel stacks, its mounts' connections
+/// ended so that nothing stays stuck.
+fn kill_9_and_reap(child: &mut std::process::Child, root: &Path, what: &str) {
+    send_signal(child.id(), rustix::process::Signal::KILL);
+    let deadline = Instant::now() + EXIT_WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let stacks = task_stacks(child.id());
+            abort_fuse_below(root);
+            let _ = child.wait();
+            panic!("{what}, it did not exit in {EXIT_WAIT:?}; stuck in:\n{stacks}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How long a killed process may take to exit (its exit closes mounts).
+const EXIT_WAIT: Duration = Duration::from_secs(60);
 
 /// A random point in the first 110% of `d` (the tail: a kill as it ends).
 fn random_point(rng: &mut fastrand::Rng, d: Duration) -> Duration {
@@ -193,7 +215,11 @@ fn root_kill_9_of_pull_then_check_and_a_correct_pull() {
             let root = tempfile::tempdir().unwrap();
             let _guard = StoreLeftovers(root.path().to_path_buf());
             let at = random_point(&mut rng, pull_time);
-            if !kill_after(lazylayer_cmd(root.path(), &["pull", &image]), at) {
+            if !kill_after(
+                lazylayer_cmd(root.path(), &["pull", &image]),
+                root.path(),
+                at,
+            ) {
                 tally.missed += 1;
                 assert!(tally.missed < 40, "the pulls end before the kills");
                 continue;
@@ -238,7 +264,7 @@ fn root_kill_9_of_run_then_check_and_a_correct_run() {
                 root.path(),
                 &["run", "--rm", &lazy, "--", "sh", "-c", FINGERPRINT],
             );
-            if !kill_after(cmd, at) {
+            if !kill_after(cmd, root.path(), at) {
                 tally.missed += 1;
                 assert!(tally.missed < 40, "the runs end before the kills");
                 continue;
@@ -284,7 +310,7 @@ fn root_kill_9_of_optimize_then_check_and_a_correct_optimize() {
         let root = tempfile::tempdir().unwrap();
         let _guard = StoreLeftovers(root.path().to_path_buf());
         let at = random_point(&mut rng, optimize_time);
-        if !kill_after(optimize(root.path()), at) {
+        if !kill_after(optimize(root.path()), root.path(), at) {
             tally.missed += 1;
             assert!(tally.missed < 40, "the optimizes end before the kills");
             continue;
@@ -356,8 +382,7 @@ impl Snapshotterd {
 
     fn kill_9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            send_signal(c.0.id(), rustix::process::Signal::KILL);
-            let _ = c.0.wait();
+            kill_9_and_reap(&mut c.0, &self.root, "the snapshotter killed");
         }
     }
 }

@@ -446,6 +446,51 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
+/// The kernel stack of every task of process `pid` (needs root): where a
+/// process that does not exit is stuck.
+pub fn task_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        out += &format!(
+            "task {} ({}):\n{}",
+            p.display(),
+            read("comm").trim(),
+            read("stack")
+        );
+    }
+    out
+}
+
+/// End the FUSE connections of the mounts at or below `dir` (fusectl's
+/// `abort`, mounted if need be): every request waiting on them fails. For a
+/// test that finds a server stuck, so that nothing stays stuck after it.
+pub fn abort_fuse_below(dir: &Path) {
+    let fusectl = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(fusectl).map_or(true, |mut rd| rd.next().is_none()) {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(fusectl)
+            .status();
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for l in info.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        let fuse = l.split(" - ").nth(1).is_some_and(|r| r.starts_with("fuse"));
+        if let (true, Some(dev), Some(at)) = (fuse, f.get(2), f.get(4)) {
+            let minor = dev.split(':').nth(1).unwrap_or_default();
+            if Path::new(at).starts_with(dir) {
+                let _ = std::fs::write(fusectl.join(minor).join("abort"), "1");
+            }
+        }
+    }
+}
+
 /// Mount points at or below `dir` (whole path components: `/x/a` is not
 /// below `/x/ab`), in mount order.
 pub fn mounts_below(dir: &Path) -> Vec<String> {
