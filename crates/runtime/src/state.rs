@@ -8,10 +8,10 @@
 //! stay. [`ContainerDir::reap_orphans`] finds such containers by their recorded owner
 //! and clears them.
 
-use rustix::fs::RenameFlags;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustix::fs::RenameFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::RuntimeError;
@@ -104,10 +104,9 @@ fn is_staging(name: &std::ffi::OsStr) -> bool {
 /// A directory being made aside whose maker is gone: its lock is free, or
 /// it has none yet and its pid names no process. Nothing was mounted in it.
 fn remove_staging_if_dead(path: &Path, name: &std::ffi::OsStr) {
-    let dead = match std::fs::File::open(path.join(CREATING)) {
-        Ok(lock) => {
-            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
-        }
+    // The lock, when taken, is held until the removal.
+    let (dead, _lock) = match take_creation_lock(path) {
+        Ok(lock) => (lock.is_some(), lock),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let pid = name.to_str().and_then(|n| {
                 n[STAGING.len()..]
@@ -115,15 +114,25 @@ fn remove_staging_if_dead(path: &Path, name: &std::ffi::OsStr) {
                     .next()
                     .and_then(|p| p.parse::<u32>().ok())
             });
-            pid.is_none_or(|p| process_start_time(p).is_none())
+            (pid.is_none_or(|p| process_start_time(p).is_none()), None)
         }
-        Err(_) => false,
+        Err(_) => (false, None),
     };
     if dead {
         if let Err(e) = std::fs::remove_dir_all(path) {
             tracing::debug!(dir = %path.display(), error = %e, "removing a container directory being made");
         }
     }
+}
+
+/// The [`CREATING`] lock of directory `dir`, taken when its maker is gone
+/// (Some), or None while its maker lives; an error (NotFound: no lock file)
+/// when it cannot be opened.
+fn take_creation_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let lock = std::fs::File::open(dir.join(CREATING))?;
+    let free =
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok();
+    Ok(free.then_some(lock))
 }
 
 /// Remove a container directory (nothing mounted below it any more): renamed
@@ -397,15 +406,9 @@ impl ContainerDir {
         // directory without a lock file was left by a run of an earlier
         // version killed before it made one (a `create` now names a
         // directory only with its lock inside): removed as well.
-        let _lock = match std::fs::File::open(self.path.join(CREATING)) {
-            Ok(lock) => {
-                if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-                    .is_err()
-                {
-                    return;
-                }
-                Some(lock)
-            }
+        let _lock = match take_creation_lock(&self.path) {
+            Ok(Some(lock)) => Some(lock),
+            Ok(None) => return,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.path.is_dir() => None,
             Err(_) => return,
         };
