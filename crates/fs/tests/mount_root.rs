@@ -812,6 +812,15 @@ struct Gate {
 }
 
 impl Gate {
+    /// Wait until the gate opens (at most 120 s: a broken test cannot hang for good).
+    fn pass(&self) {
+        let g = self.open.lock().unwrap();
+        let _ = self
+            .cv
+            .wait_timeout_while(g, Duration::from_secs(120), |open| !*open)
+            .unwrap();
+    }
+
     fn release(&self) {
         *self.open.lock().unwrap() = true;
         self.cv.notify_all();
@@ -822,13 +831,7 @@ impl ContentSource for WaitingSource {
     fn open(&self, _idx: u32, entry: &IndexEntry) -> io::Result<File> {
         use std::sync::atomic::Ordering::SeqCst;
         self.waiting.fetch_add(1, SeqCst);
-        let g = self.gate.open.lock().unwrap();
-        let (g, _) = self
-            .gate
-            .cv
-            .wait_timeout_while(g, Duration::from_secs(120), |open| !*open)
-            .unwrap();
-        drop(g);
+        self.gate.pass();
         self.waiting.fetch_sub(1, SeqCst);
         lazylayer_sys::beneath::open_beneath(&self.dir, &entry.path)
     }
@@ -1493,11 +1496,7 @@ impl lazylayer_fs::RangedContent for PartlyLocal {
         let fetched = offset < self.local.start || end > self.local.end;
         if let (Some((gate, waiting)), true) = (&self.gate, fetched) {
             waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let g = gate.open.lock().unwrap();
-            let _ = gate
-                .cv
-                .wait_timeout_while(g, Duration::from_secs(120), |open| !*open)
-                .unwrap();
+            gate.pass();
         }
         let o = offset as usize;
         buf.copy_from_slice(&self.bytes[o..o + buf.len()]);
