@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, Session, SessionACL};
 
+use lazylayer_sys::death_watch::ForceUnmountOnDeath;
+
 use crate::filesystem::{FsStats, LazyFs};
 use crate::source::ContentSource;
 use crate::table::{OpenTable, FLAG_INITIALIZED};
@@ -22,6 +24,8 @@ pub struct FsMount {
     table: Arc<OpenTable>,
     /// Counted in the process's metrics while served here.
     _counted: lazylayer_metrics::MountedRoot,
+    /// Set by [`FsMount::force_unmount_on_death`].
+    death_watch: Option<ForceUnmountOnDeath>,
 }
 
 /// `FUSE_NOTIFY_RESEND` (Linux 6.9): the kernel queues again every request
@@ -101,6 +105,7 @@ impl FsMount {
                 device,
                 table,
                 _counted: lazylayer_metrics::MountedRoot::start(),
+                death_watch: None,
             }),
             Err(e) => {
                 let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
@@ -157,7 +162,24 @@ impl FsMount {
             device,
             table,
             _counted: lazylayer_metrics::MountedRoot::start(),
+            death_watch: None,
         })
+    }
+
+    /// For a mount no holder keeps, served by a process that also uses it
+    /// (mounts an overlay on it, reads files from it): if this process dies
+    /// while serving, the mount is force-unmounted from outside, which
+    /// aborts its connection. Else a request of its own that its dead
+    /// server had read would wait for ever, and keep the process from
+    /// exiting ([`lazylayer_sys::death_watch`]). Undone by unmounting or
+    /// leaving the mount.
+    pub fn force_unmount_on_death(&mut self) -> Result<(), FsError> {
+        let w = ForceUnmountOnDeath::arm(&self.target).map_err(|source| FsError::Mount {
+            path: self.target.clone(),
+            source,
+        })?;
+        self.death_watch = Some(w);
+        Ok(())
     }
 
     pub fn target(&self) -> &Path {
@@ -184,6 +206,7 @@ impl FsMount {
     /// process's threads serve on until it exits, and a holder keeps the
     /// connection open after that.
     pub fn leave(mut self) {
+        self.death_watch = None;
         if let Some(s) = self.session.take() {
             std::mem::forget(s);
         }
@@ -193,6 +216,9 @@ impl FsMount {
         let Some(s) = self.session.take() else {
             return Ok(());
         };
+        // Disarmed once the unmount is done (or given up): until then a
+        // death must still end the connection.
+        let _watch = self.death_watch.take();
         if let Err(e) = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::empty()) {
             // Still in use (an overlay user that crashed): detach it so no
             // mount outlives us. The connection ends when its last user

@@ -1666,3 +1666,109 @@ fn root_closing_a_file_sends_no_flush() {
         }
     }
 }
+
+/// The role of this test binary run again as a child: the server of its own
+/// mount, armed with `force_unmount_on_death`.
+const SELF_SERVER: &str = "LAZYLAYER_TEST_SELF_SERVER";
+
+/// A server killed while one of its own threads waits on its mount (an OPEN
+/// its server read and had not answered: the kernel does not end that wait
+/// on SIGKILL) still exits, because the armed mount is force-unmounted from
+/// outside. The server is this test binary again, in a child process (the
+/// role above): it opens a file whose content never comes, and is killed.
+#[test]
+fn root_a_server_killed_while_it_waits_on_its_own_mount_exits() {
+    const NAME: &str = "root_a_server_killed_while_it_waits_on_its_own_mount_exits";
+    if let Ok(dir) = std::env::var(SELF_SERVER) {
+        serve_and_open_own_file(Path::new(&dir));
+        return;
+    }
+    if !have_root(NAME) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("src")).unwrap();
+    std::fs::create_dir(dir.path().join("mnt")).unwrap();
+    std::fs::write(dir.path().join("src/f"), b"never served").unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(SELF_SERVER, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mnt = dir.path().join("mnt");
+    // Whatever happens below, nothing stays mounted or stuck.
+    let _cleanup = Finally(|| {
+        lazylayer_testsupport::abort_fuse_below(&mnt);
+        let _ = rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH);
+    });
+    let mut out = io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("SELF-SERVER-WAITING") {
+        line.clear();
+        let n = io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(n > 0, "the serving child ended before its open waited");
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(30) {
+            let stacks = lazylayer_testsupport::task_stacks(pid);
+            lazylayer_testsupport::abort_fuse_below(&mnt);
+            let _ = child.wait();
+            panic!("the killed server did not exit in 30 s; its tasks:\n{stacks}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connection is over: the mount (left behind, busy when it was
+    // forced) answers no more.
+    let e = std::fs::metadata(mnt.join("f")).unwrap_err();
+    assert_eq!(errno(&e), ENOTCONN, "{e}");
+}
+
+const ENOTCONN: i32 = 107;
+
+/// Runs `f` when dropped.
+struct Finally<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// The child's part: mount `dir/src` at `dir/mnt` with a source that never
+/// delivers, arm the mount, say "waiting" once the open of `f` is in the
+/// source, and wait in that open until killed.
+fn serve_and_open_own_file(dir: &Path) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let source = WaitingSource {
+        dir: dir.join("src"),
+        gate: Arc::new(Gate::default()),
+        waiting: waiting.clone(),
+    };
+    let fs = LazyFs::new(
+        Arc::new(index_of(&dir.join("src"))),
+        source,
+        None,
+        FsOptions::default(),
+    );
+    let mut m = FsMount::mount(fs, &dir.join("mnt"), 2).unwrap();
+    m.force_unmount_on_death().unwrap();
+    std::thread::spawn(move || {
+        while waiting.load(SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut o = io::stdout();
+        o.write_all(b"\nSELF-SERVER-WAITING\n").unwrap();
+        o.flush().unwrap();
+    });
+    // Blocks until killed (or the gate's bound, 120 s, if nobody kills).
+    let _ = std::fs::read(dir.join("mnt/f"));
+    drop(m);
+}

@@ -13,8 +13,11 @@
 //! - [`digest`]: the `sha256:<hex>` text of a hash.
 //! - [`size`]: a byte count as people read it.
 //! - [`range_lock`]: byte-range locks between processes (one chunk each).
+//! - [`death_watch`]: a FUSE mount force-unmounted when the process that
+//!   serves it dies, so that none of its own waits on it outlives it.
 
 pub mod beneath;
+pub mod death_watch;
 pub mod digest;
 pub mod durable;
 pub mod error;
