@@ -223,6 +223,8 @@ impl GlobalArgs {
                 ..lazylayer_fs::FsOptions::default()
             },
             prefetch: on(prefetch_flag, self.config.fetch.prefetch),
+            // The daemons that serve roots hand them to a holder instead.
+            force_unmount_on_death: false,
         }
     }
 

@@ -60,6 +60,8 @@ impl Images {
             mount: MountOptions {
                 fs: FsOptions::default(),
                 prefetch: true,
+                // A holder keeps the roots over a restart.
+                force_unmount_on_death: false,
             },
         }
     }

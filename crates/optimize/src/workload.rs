@@ -111,7 +111,9 @@ pub fn run_workload<S: ContentSource>(
         },
         None => FsOptions::default(),
     };
-    let fuse = FsMount::mount(LazyFs::new(index, source, trace, fs_opts), &lower, 4)?;
+    let mut fuse = FsMount::mount(LazyFs::new(index, source, trace, fs_opts), &lower, 4)?;
+    // This process stacks the overlay on it and starts the workload there.
+    fuse.force_unmount_on_death()?;
     let mut spec = RunSpec::new(id.clone(), PathBuf::new(), config);
     spec.args = w.args.clone();
     spec.env = w.env.clone();

@@ -54,6 +54,11 @@ pub struct MountOptions {
     /// settled: file-system requests quiet for [`PREFETCH_QUIET`], or
     /// [`PREFETCH_MAX_WAIT`] after the mount.
     pub prefetch: bool,
+    /// No descriptor holder keeps this root, and this process uses it
+    /// itself (`lazylayer run`): if the process dies, the root is
+    /// force-unmounted so that none of its own requests on it keeps it
+    /// from exiting ([`FsMount::force_unmount_on_death`]).
+    pub force_unmount_on_death: bool,
 }
 
 /// A cloneable view of a root's fetch progress (for a status thread).
@@ -146,10 +151,13 @@ impl LazyRoot {
             b.resume_background();
         }
         let fs = self.image.file_system(&self.fetcher, fs_opts);
-        let m = match handed_over {
+        let mut m = match handed_over {
             None => FsMount::mount(fs, target, 8)?,
             Some((device, table)) => FsMount::resume(fs, target, 8, device, table)?,
         };
+        if opts.force_unmount_on_death {
+            m.force_unmount_on_death()?;
+        }
         self.prefetch = opts.prefetch;
         if opts.prefetch {
             // The start reads from the boot layer; prefetching earlier takes

@@ -113,7 +113,12 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
             },
             ..g.fetch_options(a.fetch_timeout)?
         },
-        mount: g.mount_options(a.prefetch.as_deref(), a.passthrough.as_deref()),
+        mount: lazylayer_root::MountOptions {
+            // This process mounts the overlay on its root and reads the
+            // image's user database from it.
+            force_unmount_on_death: true,
+            ..g.mount_options(a.prefetch.as_deref(), a.passthrough.as_deref())
+        },
         args: (!a.command.is_empty()).then(|| a.command.clone()),
         env: a.env.clone(),
         network,
