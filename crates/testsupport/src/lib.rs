@@ -494,6 +494,20 @@ pub fn mounts_below(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The file-system types of the mounts at or below `dir`, in mount order
+/// (`fuse.lazylayer`, `overlay`).
+pub fn mount_types_below(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let (at, fs_type) = (f.get(1)?, f.get(2)?);
+            Path::new(at).starts_with(dir).then(|| fs_type.to_string())
+        })
+        .collect()
+}
+
 /// Runc containers of the store at `root` as (id, status).
 pub fn runc_containers(root: &Path) -> Vec<(String, String)> {
     let out = Command::new("runc")
