@@ -116,6 +116,27 @@ impl Snapshotterd {
             self.sock.display()
         )
     }
+
+    /// [`Snapshotterd::proxy_toml`] for `stack`, as docs/install.md gives
+    /// it. containerd 2.1 pulls through its Transfer Service (ctr's default,
+    /// and the CRI's unless `disable_snapshot_annotations = false`), which
+    /// unpacks only for a configured (platform, snapshotter) pair
+    /// (containerd#11606: "no unpack platforms defined" otherwise; overlayfs
+    /// kept for pulls that name no snapshotter), and passes the image's
+    /// names to a proxy snapshotter only when it exports
+    /// `enable_remote_snapshot_annotations` (without it the CRI pull below
+    /// was seen fetching every layer).
+    fn proxy_toml_on(&self, stack: Stack) -> String {
+        match stack {
+            Stack::Bookworm => self.proxy_toml(),
+            Stack::Sid => format!(
+                "{}  [proxy_plugins.lazylayer.exports]\n    enable_remote_snapshot_annotations = \"true\"\n\
+                 [[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"lazylayer\"\n\
+                 [[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"overlayfs\"\n",
+                self.proxy_toml()
+            ),
+        }
+    }
 }
 
 impl Drop for Snapshotterd {
@@ -186,17 +207,58 @@ fn snapshots_ls(cd: &Containerd) -> Vec<(String, String, String)> {
         .collect()
 }
 
-#[test]
-fn plain_image_pull_run_snapshot_commands_and_restart() {
-    if cannot_run() {
+/// Each test named here runs once per stack: `NAME::bookworm` (the
+/// host's containerd 1.6) and `NAME::sid` (containerd 2.1, scripts/stack.sh),
+/// never both at once: the two containerds share the host's cgroups, where
+/// ctr names a container's cgroup by namespace and ID, and one test's IDs
+/// are the same on both.
+macro_rules! on_each_stack {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            fn on(stack: lazylayer_testsupport::Stack) {
+                let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+                super::$name(stack)
+            }
+            #[test]
+            fn bookworm() {
+                on(lazylayer_testsupport::Stack::Bookworm)
+            }
+            #[test]
+            fn sid() {
+                on(lazylayer_testsupport::Stack::Sid)
+            }
+        }
+    )*};
+}
+
+on_each_stack!(
+    plain_image_pull_run_snapshot_commands_and_restart,
+    containerd_pull_registers_an_optimized_image_lazily,
+    cri_pull_of_an_optimized_image_fetches_no_original_layer,
+    snapshotter_restarts_keep_a_running_lazy_container_serving,
+    a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse,
+    snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout,
+    prefetch_stops_when_the_last_container_of_an_image_ends,
+    prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start,
+);
+
+/// False (after saying why) when `stack` cannot run these tests here; under
+/// CI that is a failure instead.
+fn stack_ready(stack: Stack, test: &str) -> bool {
+    !cannot_run() && stack.ready(test)
+}
+
+fn plain_image_pull_run_snapshot_commands_and_restart(stack: Stack) {
+    if !stack_ready(stack, "plain_image_pull_run_snapshot_commands_and_restart") {
         return;
     }
     let reg = Registry::start();
     push_images(&reg, &["busybox"]);
     let image = image_ref(&reg, "busybox");
-    let root = tempfile::tempdir().unwrap();
+    let root = stack.tempdir();
     let mut sn = Snapshotterd::start(root.path());
-    let cd = Containerd::start_with(&sn.proxy_toml());
+    let cd = Containerd::start_on(stack, &sn.proxy_toml_on(stack));
 
     // (a) Pull (Prepare + Commit of each layer) and run (Prepare, Mounts, Remove).
     cd.ok(&[
@@ -511,9 +573,8 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
 /// under its chain ID), the image record on top. `ctr run` then starts the
 /// image's own command from the boot layer; nothing but the manifest, the
 /// config and the boot layer came from the registry for the pull.
-#[test]
-fn containerd_pull_registers_an_optimized_image_lazily() {
-    if cannot_run() {
+fn containerd_pull_registers_an_optimized_image_lazily(stack: Stack) {
+    if !stack_ready(stack, "containerd_pull_registers_an_optimized_image_lazily") {
         return;
     }
     let reg = Registry::start();
@@ -524,9 +585,9 @@ fn containerd_pull_registers_an_optimized_image_lazily() {
     let boot = opt_layers.last().unwrap().clone();
     assert!(!src_layers.contains(&boot));
 
-    let root = tempfile::tempdir().unwrap();
+    let root = stack.tempdir();
     let sn = Snapshotterd::start(root.path());
-    let cd = Containerd::start_with(&sn.proxy_toml());
+    let cd = Containerd::start_on(stack, &sn.proxy_toml_on(stack));
 
     // Registry requests from here on: the pull's and the snapshotter's.
     let log_start = reg.log().len();
@@ -644,15 +705,39 @@ fn overlay_chroot(options: &[String], target: &Path, script: &str) -> (Output, M
 }
 
 /// containerd config for the Kubernetes path: the CRI plugin unpacks into
-/// lazylayer with the snapshot annotations on (the labels that name image,
-/// manifest and layer on each Prepare), and speaks plain HTTP to the
-/// loopback registry through a mirror entry.
-fn cri_toml(sn: &Snapshotterd, reg: &Registry) -> String {
-    format!(
-        "{}[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lazylayer\"\n  disable_snapshot_annotations = false\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n  endpoint = [\"http://{addr}\"]\n",
-        sn.proxy_toml(),
-        addr = reg.addr()
-    )
+/// lazylayer with the image's names on each Prepare (the labels that name
+/// image, manifest and layer), and speaks plain HTTP to the loopback
+/// registry. On containerd 1.6: snapshot annotations on, a mirror entry. On
+/// 2.1: the Transfer Service's pull (the default), the proxy plugin's
+/// exports and unpack_config ([`Snapshotterd::proxy_toml_on`]), and a
+/// hosts.toml under `config_path` (the CRI's own mirror entries make 2.x
+/// pull without the Transfer Service).
+fn cri_toml(stack: Stack, sn: &Snapshotterd, reg: &Registry) -> String {
+    match stack {
+        Stack::Bookworm => format!(
+            "{}[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lazylayer\"\n  disable_snapshot_annotations = false\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n  endpoint = [\"http://{addr}\"]\n",
+            sn.proxy_toml(),
+            addr = reg.addr()
+        ),
+        Stack::Sid => {
+            let certs = sn.root.join("certs.d");
+            let host = certs.join(reg.addr());
+            std::fs::create_dir_all(&host).unwrap();
+            std::fs::write(
+                host.join("hosts.toml"),
+                format!(
+                    "server = \"http://{addr}\"\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                    addr = reg.addr()
+                ),
+            )
+            .unwrap();
+            format!(
+                "{}[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"lazylayer\"\n[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"{}\"\n",
+                sn.proxy_toml_on(stack),
+                certs.display()
+            )
+        }
+    }
 }
 
 /// `runtime.v1.ImageService/PullImage` on containerd's socket, as the
@@ -692,9 +777,11 @@ fn cri_pull(cd: &Containerd, image: &str) -> String {
 /// manifest and config only (the snapshotter the boot layer); the image then
 /// runs from the lazy root. A plain image through the same path is
 /// downloaded and unpacked by containerd as usual, and runs.
-#[test]
-fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
-    if cannot_run() {
+fn cri_pull_of_an_optimized_image_fetches_no_original_layer(stack: Stack) {
+    if !stack_ready(
+        stack,
+        "cri_pull_of_an_optimized_image_fetches_no_original_layer",
+    ) {
         return;
     }
     let reg = Registry::start();
@@ -707,9 +794,9 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
     let busybox = image_ref(&reg, "busybox");
     let (_, busybox_layers) = layer_digests(opt_root.path(), &busybox);
 
-    let root = tempfile::tempdir().unwrap();
+    let root = stack.tempdir();
     let sn = Snapshotterd::start(root.path());
-    let cd = Containerd::start_cri(&cri_toml(&sn, &reg));
+    let cd = Containerd::start_cri_on(stack, &cri_toml(stack, &sn, &reg));
 
     let log_start = reg.log().len();
     let blob_gets_since = |digest: &str| -> Vec<String> {
@@ -828,12 +915,13 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer() {
 /// it, and `image` registered in containerd lazily (`lazylayer containerd
 /// pull`). Bound in this order, they drop in reverse: containerd first.
 fn snapshotter_with_image(
+    stack: Stack,
     image: &str,
     env: &[(&str, &str)],
 ) -> (tempfile::TempDir, Snapshotterd, Containerd) {
-    let root = tempfile::tempdir().unwrap();
+    let root = stack.tempdir();
     let sn = Snapshotterd::start_with_env(root.path(), env);
-    let cd = Containerd::start_with(&sn.proxy_toml());
+    let cd = Containerd::start_on(stack, &sn.proxy_toml_on(stack));
     let sock = cd.socket();
     lazylayer_ok(
         root.path(),
@@ -865,9 +953,11 @@ fn task_pid(cd: &Containerd, id: &str) -> Option<String> {
 /// with the right bytes; every later first read and listing works; the
 /// task is never stopped. Then 20 restarts more, alternating the two, with
 /// the mounts, the holder's descriptors and memory checked for leaks.
-#[test]
-fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
-    if cannot_run() {
+fn snapshotter_restarts_keep_a_running_lazy_container_serving(stack: Stack) {
+    if !stack_ready(
+        stack,
+        "snapshotter_restarts_keep_a_running_lazy_container_serving",
+    ) {
         return;
     }
     let (_reg, opt_root, layers, proxy, via) = optimized_python3_behind_a_proxy();
@@ -878,7 +968,7 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
     let files = files_to_read(&base_fs);
     assert!(files.len() > 30, "{} files", files.len());
 
-    let (root, mut sn, cd) = snapshotter_with_image(&via, &[]);
+    let (root, mut sn, cd) = snapshotter_with_image(stack, &via, &[]);
     cd.ok(&[
         "run",
         "-d",
@@ -967,15 +1057,17 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving() {
 /// After the image became local whole, a new container's snapshot stands on
 /// the store's extracted layers (under the index mask), no lazy mount; its
 /// root equals the lazy one and shows no index file.
-#[test]
-fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse() {
-    if cannot_run() {
+fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse(stack: Stack) {
+    if !stack_ready(
+        stack,
+        "a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse",
+    ) {
         return;
     }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
     let (_opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
-    let (root, sn, cd) = snapshotter_with_image(&dst, &[]);
+    let (root, sn, cd) = snapshotter_with_image(stack, &dst, &[]);
     let script = "find / -xdev \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -printf '%p %y %m %U %G\\n' | sort; \
                   find / -xdev -type f -printf '%p %s\\n' | sort | md5sum; \
                   cat /app/* /usr/bin/* | md5sum; \
@@ -1004,18 +1096,25 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
 
     // Every layer into the snapshotter's store (what its prefetch ends in).
     lazylayer_ok(root.path(), &["pull", "-q", &dst]);
-    cd.ok(&[
-        "containers",
-        "create",
-        "--snapshotter",
-        "lazylayer",
-        &dst,
-        "whole-t2",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
+    // ctr 1.6 needs "--" before a command with flags; ctr 2.x passes it
+    // on as the command.
+    let dashes: &[&str] = match stack {
+        Stack::Bookworm => &["--"],
+        Stack::Sid => &[],
+    };
+    let create = [
+        &[
+            "containers",
+            "create",
+            "--snapshotter",
+            "lazylayer",
+            &dst,
+            "whole-t2",
+        ],
+        dashes,
+        &["sh", "-c", script],
+    ];
+    cd.ok(&create.concat());
     let mounts = cd.ok(&[
         "snapshots",
         "--snapshotter",
@@ -1050,15 +1149,18 @@ fn a_new_container_on_an_image_local_whole_gets_the_stores_layers_without_fuse()
 /// lets the connection go. A reader that was waiting gets an error after that
 /// bounded wait instead of hanging; a later snapshotter detaches the dead
 /// mount and serves new containers.
-#[test]
-fn snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout() {
-    if cannot_run() {
+fn snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout(stack: Stack) {
+    if !stack_ready(
+        stack,
+        "snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout",
+    ) {
         return;
     }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
     let (_opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
-    let (_root, mut sn, cd) = snapshotter_with_image(&dst, &[("LAZYLAYER_ORPHAN_TIMEOUT", "3")]);
+    let (_root, mut sn, cd) =
+        snapshotter_with_image(stack, &dst, &[("LAZYLAYER_ORPHAN_TIMEOUT", "3")]);
     cd.ok(&[
         "run",
         "-d",
@@ -1133,13 +1235,15 @@ fn snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout() {
 /// prefetch is far from done when the container exits) then sees no new
 /// request for the image's blobs and its relayed bytes stop growing, and
 /// the store does not end up with the whole image.
-#[test]
-fn prefetch_stops_when_the_last_container_of_an_image_ends() {
-    if cannot_run() {
+fn prefetch_stops_when_the_last_container_of_an_image_ends(stack: Stack) {
+    if !stack_ready(
+        stack,
+        "prefetch_stops_when_the_last_container_of_an_image_ends",
+    ) {
         return;
     }
     let (_reg, _opt_root, layers, proxy, via) = optimized_python3_behind_a_proxy();
-    let (root, sn, cd) = snapshotter_with_image(&via, &[]);
+    let (root, sn, cd) = snapshotter_with_image(stack, &via, &[]);
     let _leftovers = StoreLeftovers(root.path().to_path_buf());
     proxy
         .rate
@@ -1650,9 +1754,11 @@ fn open_range_starts(proxy: &lazylayer_testsupport::proxy::CuttingProxy, digest:
 /// witness: no request asks again for a byte the store kept); a longer one
 /// then completes the image from what is local, and a start after that
 /// asks for no blob.
-#[test]
-fn prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start() {
-    if cannot_run() {
+fn prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start(stack: Stack) {
+    if !stack_ready(
+        stack,
+        "prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start",
+    ) {
         return;
     }
     let (reg, opt_root, layers, proxy, via) = optimized_python3_behind_a_proxy();
@@ -1663,7 +1769,7 @@ fn prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start() {
         .iter()
         .map(|l| l["size"].as_u64().unwrap())
         .collect();
-    let (root, sn, cd) = snapshotter_with_image(&via, &[]);
+    let (root, sn, cd) = snapshotter_with_image(stack, &via, &[]);
     let _leftovers = StoreLeftovers(root.path().to_path_buf());
     proxy
         .rate

@@ -1,0 +1,100 @@
+//! The container stacks a test runs against: the host's packages (Debian
+//! 12: containerd 1.6, Podman 4.3) or today's (Debian sid: containerd 2.1,
+//! Podman 5.8), the latter in a root of their own that `scripts/stack.sh`
+//! builds and mounts (`build`, `up`) and `scripts/test.sh` brings up for the
+//! suite. A test of the sid stack skips when it is not up, and fails so
+//! under `CI`.
+//!
+//! Programs of the sid stack run through `chroot`: they share this host's
+//! network and mount namespace, so what both sides must reach (a scratch
+//! directory, a socket, the mounts made below it) lives in the stack's
+//! shared directory, which is the same path inside the root and out.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// The host's containerd, ctr, podman and runc.
+    Bookworm,
+    /// Debian sid's, in the root of `scripts/stack.sh`.
+    Sid,
+}
+
+impl Stack {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stack::Bookworm => "bookworm",
+            Stack::Sid => "sid",
+        }
+    }
+
+    /// True when the stack can be used; else the test is skipped with the
+    /// reason printed (under `CI` it fails: [`crate::skip_because`]).
+    pub fn ready(self, test: &str) -> bool {
+        match self {
+            Stack::Bookworm => true,
+            Stack::Sid => {
+                let (root, shared) = (sid_root(), sid_shared());
+                let up = root.join(".lazylayer-stack").is_file()
+                    && crate::is_mount_point(&root.join(shared.strip_prefix("/").unwrap()));
+                up || !crate::skip_because(&format!(
+                    "{test} needs the sid stack up at {} (scripts/stack.sh build && scripts/stack.sh up)",
+                    root.display()
+                ))
+            }
+        }
+    }
+
+    /// `program` of this stack, to be given arguments.
+    pub fn command(self, program: &str) -> Command {
+        match self {
+            Stack::Bookworm => Command::new(program),
+            Stack::Sid => {
+                let mut c = Command::new("chroot");
+                c.arg(sid_root()).arg(program);
+                c
+            }
+        }
+    }
+
+    /// A scratch directory this process and the stack's programs both see
+    /// at its path (with the mounts made below it, by either side).
+    pub fn tempdir(self) -> tempfile::TempDir {
+        match self {
+            Stack::Bookworm => tempfile::tempdir().unwrap(),
+            Stack::Sid => tempfile::tempdir_in(sid_shared()).unwrap(),
+        }
+    }
+
+    /// The packages' versions, as `scripts/stack.sh versions` lists them
+    /// (for a test's messages and the benchmark's report).
+    pub fn versions(self) -> String {
+        match self {
+            Stack::Bookworm => String::from_utf8_lossy(
+                &Command::new("dpkg-query")
+                    .args(["-W", "containerd", "podman", "runc"])
+                    .output()
+                    .map(|o| o.stdout)
+                    .unwrap_or_default(),
+            )
+            .into_owned(),
+            Stack::Sid => std::fs::read_to_string(sid_root().join(".lazylayer-stack"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(|l| format!("{l}\n"))
+                .collect(),
+        }
+    }
+}
+
+fn sid_root() -> PathBuf {
+    std::env::var_os("LAZYLAYER_SID_ROOT")
+        .map_or_else(|| "/var/cache/lazylayer/sid-root".into(), PathBuf::from)
+}
+
+fn sid_shared() -> PathBuf {
+    std::env::var_os("LAZYLAYER_SID_SHARED")
+        .map_or_else(|| "/tmp/lazylayer-sid".into(), PathBuf::from)
+}
