@@ -211,7 +211,7 @@ fn snapshots_ls(cd: &Containerd) -> Vec<(String, String, String)> {
 /// host's containerd 1.6) and `NAME::sid` (containerd 2.1, scripts/stack.sh),
 /// never both at once: the two containerds share the host's cgroups, where
 /// ctr names a container's cgroup by namespace and ID, and one test's IDs
-/// are the same on both.
+/// are the same on both (and so, across tests, container IDs differ).
 macro_rules! on_each_stack {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -677,7 +677,149 @@ fn containerd_pull_registers_an_optimized_image_lazily(stack: Stack) {
             &dst,
         ],
     );
+
+    // A multi-platform reference: the image record targets the index, as
+    // after containerd's own pull, and containerd finds this platform's
+    // manifest (the one registered) through it.
+    let multi = dst.replace(":boot", ":multi");
+    let index = push_index(&multi, &manifest, &["linux/amd64", "linux/arm64"]);
+    let out = lazylayer_ok(
+        root.path(),
+        &[
+            "containerd",
+            "pull",
+            "--json",
+            "--address",
+            sock.to_str().unwrap(),
+            &multi,
+        ],
+    );
+    let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rep["index_digest"], index.as_str(), "{rep}");
+    assert_eq!(rep["manifest_digest"], manifest.as_str(), "{rep}");
+    let listed = cd.ok(&["images", "ls"]);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(&format!("{multi} ")))
+        .unwrap_or_else(|| panic!("{multi} not listed: {listed}"));
+    assert!(
+        line.contains(&index) && line.contains("index"),
+        "the record does not target the index: {line}"
+    );
+    let out = cd.ok(&["run", "--rm", "--snapshotter", "lazylayer", &multi, "t2"]);
+    assert_eq!(out.replace('\r', ""), "ok\n");
     drop(cd);
+}
+
+/// Push, as `reference` (a tag), an OCI index that lists the manifest
+/// `manifest` (already in the repository) once per platform; its digest.
+fn push_index(reference: &str, manifest: &str, platforms: &[&str]) -> String {
+    let (repo_url, tag) = {
+        let (name, tag) = reference.rsplit_once(':').unwrap();
+        let (host, repo) = name.split_once('/').unwrap();
+        (
+            format!("http://{host}/v2/{repo}/manifests"),
+            tag.to_string(),
+        )
+    };
+    let media_type = "application/vnd.oci.image.manifest.v1+json";
+    let got = Command::new("curl")
+        .args(["-sSf", "-H", &format!("Accept: {media_type}")])
+        .arg(format!("{repo_url}/{manifest}"))
+        .output()
+        .unwrap();
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let manifests: Vec<serde_json::Value> = platforms
+        .iter()
+        .map(|p| {
+            let (os, arch) = p.split_once('/').unwrap();
+            serde_json::json!({
+                "mediaType": media_type,
+                "digest": manifest,
+                "size": got.stdout.len(),
+                "platform": {"os": os, "architecture": arch},
+            })
+        })
+        .collect();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }))
+    .unwrap();
+    let mut put = Command::new("curl")
+        .args(["-sSf", "-X", "PUT", "-H"])
+        .arg("Content-Type: application/vnd.oci.image.index.v1+json")
+        .args(["--data-binary", "@-"])
+        .arg(format!("{repo_url}/{tag}"))
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut put.stdin.take().unwrap(), &index).unwrap();
+    let out = put.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lazylayer_sys::digest::sha256_digest_of(&index)
+}
+
+/// containerd 2.1's `ctr images pull --snapshotter lazylayer`, through its
+/// Transfer Service with the configuration of docs/install.md: the proxy
+/// plugin's exports hand the snapshotter the image's names, so it claims
+/// every layer and containerd fetches manifest and config only; the image
+/// then runs from the lazy root. (containerd 1.6's ctr passes no names:
+/// there the same pull downloads every layer, docs/containerd.md.)
+#[test]
+fn ctr_pull_on_containerd_2_is_lazy() {
+    let stack = Stack::Sid;
+    if !stack_ready(stack, "ctr_pull_on_containerd_2_is_lazy") {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (opt_root, src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, src_layers) = layer_digests(opt_root.path(), &src);
+    let root = stack.tempdir();
+    let sn = Snapshotterd::start(root.path());
+    let cd = Containerd::start_on(stack, &sn.proxy_toml_on(stack));
+    let log_start = reg.log().len();
+    cd.ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazylayer",
+        &dst,
+    ]);
+    let log = reg.log()[log_start..].to_string();
+    for l in &src_layers {
+        assert!(
+            !log.lines()
+                .any(|line| line.contains("containerd/") && line.contains(l.as_str())),
+            "containerd fetched the original layer {l}:\n{log}"
+        );
+    }
+    assert!(
+        sn.log().contains("claimed a layer as remote"),
+        "{}",
+        sn.log()
+    );
+    let out = cd.ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazylayer",
+        &dst,
+        "ctr-pull-t1",
+    ]);
+    assert_eq!(out.replace('\r', ""), "ok\n");
 }
 
 /// Mount an overlay with containerd's `options` at `target` and run `script`
@@ -858,7 +1000,7 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer(stack: Stack) {
         "--snapshotter",
         "lazylayer",
         &dst,
-        "t1",
+        "cri-t1",
     ]);
     assert_eq!(out.replace('\r', ""), "ok\n");
 
@@ -883,7 +1025,7 @@ fn cri_pull_of_an_optimized_image_fetches_no_original_layer(stack: Stack) {
         "--snapshotter",
         "lazylayer",
         &busybox,
-        "t2",
+        "cri-t2",
         "echo",
         "plain via cri",
     ]);
@@ -1847,11 +1989,17 @@ fn prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start(stack: Stack) {
     // resumes after the last one's end. (What a cut leaves in the client's
     // TCP receive buffer was carried but never received: the proxy's count
     // is reported, not bounded, here.)
+    // A blob under 64 KiB is never resumed (the store starts a partial
+    // download that short again: store/src/pull.rs, MIN_PARTIAL), so a cut
+    // request for one is asked again from 0; a CI run saw it for a 2 KB layer.
     for (d, size) in layers.iter().zip(&sizes) {
         let resumes = open_range_starts(&proxy, d);
+        let resumable = *size >= 64 << 10;
         assert!(
-            resumes.windows(2).all(|w| w[0] < w[1]),
-            "blob {d} asked for from {resumes:?}"
+            resumes
+                .windows(2)
+                .all(|w| w[0] < w[1] || (!resumable && w[0] == 0 && w[1] == 0)),
+            "blob {d} ({size} bytes) asked for from {resumes:?}"
         );
         let carried = proxy.relayed_for(d) as u64;
         eprintln!(

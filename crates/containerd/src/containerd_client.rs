@@ -23,6 +23,8 @@ use tonic::{Code, Request, Status};
 /// Labels containerd's garbage collector follows from content.
 pub const LABEL_GC_REF_CONTENT_CONFIG: &str = "containerd.io/gc.ref.content.config";
 pub const LABEL_GC_REF_SNAPSHOT_PREFIX: &str = "containerd.io/gc.ref.snapshot.";
+/// An index's reference to its child manifest number N (suffix `N`).
+pub const LABEL_GC_REF_CONTENT_MANIFEST_PREFIX: &str = "containerd.io/gc.ref.content.m.";
 /// Label asking containerd's metadata layer to create the snapshot under this
 /// name (the chain ID) when the snapshotter says it already has it.
 pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lazylayer_index::ANNOTATION_BOOT_LAYER;
+use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Platform, Reference, RegistryClient, ResolvedImage};
 use lazylayer_store::{resolve_layers, ResolvedLayers, StoreError};
 use serde::Serialize;
@@ -15,7 +16,7 @@ use tonic::Status;
 
 use crate::containerd_client::{
     chain_ids, Containerd, PrepareOutcome, LABEL_GC_REF_CONTENT_CONFIG,
-    LABEL_GC_REF_SNAPSHOT_PREFIX, LABEL_SNAPSHOT_REF,
+    LABEL_GC_REF_CONTENT_MANIFEST_PREFIX, LABEL_GC_REF_SNAPSHOT_PREFIX, LABEL_SNAPSHOT_REF,
 };
 use crate::remote::{
     LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
@@ -75,6 +76,10 @@ pub struct Registered {
     pub namespace: String,
     pub snapshotter: String,
     pub manifest_digest: String,
+    /// The index the reference named (multi-platform), which the image
+    /// record then targets, as containerd's own pull does; None when it
+    /// named the manifest itself.
+    pub index_digest: Option<String>,
     pub config_digest: String,
     /// Layer digests, bottom first.
     pub layers: Vec<String>,
@@ -147,6 +152,7 @@ pub async fn register_image(
         namespace: opts.namespace.clone(),
         snapshotter: opts.snapshotter.clone(),
         manifest_digest,
+        index_digest: img.index.as_ref().map(|ix| ix.digest.to_string()),
         config_digest: config_digest.to_string(),
         layers: layers.iter().map(|l| l.digest.to_string()).collect(),
         chain_ids: chains,
@@ -234,16 +240,21 @@ async fn register(
         tracing::info!(layer = %layer, chain = %chain, "layer claimed");
     }
 
-    // 4. The image record.
-    let target = pbt::Descriptor {
-        media_type: if img.manifest.media_type.is_empty() {
-            "application/vnd.oci.image.manifest.v1+json".to_string()
-        } else {
-            img.manifest.media_type.clone()
-        },
-        digest: manifest_digest.to_string(),
-        size: img.manifest.bytes.len() as i64,
-        annotations: HashMap::new(),
+    // 4. The image record: on the index when the reference named one (its
+    // platform's manifest is then found through it, as after `ctr images
+    // pull`), else on the manifest.
+    let target = match &img.index {
+        Some(index) => {
+            let labels = index_child_labels(index, manifest_digest)?;
+            cd.write_content(&index.digest.to_string(), &index.bytes, labels)
+                .await
+                .map_err(status(format!(
+                    "writing the index {} to containerd",
+                    index.digest
+                )))?;
+            descriptor(index, "application/vnd.oci.image.index.v1+json")
+        }
+        None => descriptor(&img.manifest, "application/vnd.oci.image.manifest.v1+json"),
     };
     cd.put_image(&r.image, target, HashMap::new())
         .await
@@ -251,6 +262,47 @@ async fn register(
             "creating the image record {} in containerd",
             r.image
         )))
+}
+
+fn descriptor(raw: &RawManifest, default_media_type: &str) -> pbt::Descriptor {
+    pbt::Descriptor {
+        media_type: if raw.media_type.is_empty() {
+            default_media_type.to_string()
+        } else {
+            raw.media_type.clone()
+        },
+        digest: raw.digest.to_string(),
+        size: raw.bytes.len() as i64,
+        annotations: HashMap::new(),
+    }
+}
+
+/// The GC label that keeps the registered manifest alive as long as the
+/// index: `containerd.io/gc.ref.content.m.<its position in the index>`, as
+/// containerd labels the children of an index it pulled (only those in its
+/// content store: the other platforms' manifests are not).
+fn index_child_labels(
+    index: &RawManifest,
+    manifest_digest: &str,
+) -> Result<HashMap<String, String>, RegisterError> {
+    let bad = |reason: String| RegisterError::BadImage {
+        image: index.digest.to_string(),
+        reason,
+    };
+    let ManifestKind::Index(parsed) = parse_manifest("the index", index)
+        .map_err(|e| bad(lazylayer_sys::error::error_chain(&e)))?
+    else {
+        return Err(bad("the reference named an index, now not one".into()));
+    };
+    let position = parsed
+        .manifests()
+        .iter()
+        .position(|m| m.digest().to_string() == manifest_digest)
+        .ok_or_else(|| bad(format!("its index does not list {manifest_digest}")))?;
+    Ok(HashMap::from([(
+        format!("{LABEL_GC_REF_CONTENT_MANIFEST_PREFIX}{position}"),
+        manifest_digest.to_string(),
+    )]))
 }
 
 /// Unix seconds as RFC 3339 in UTC (`2026-11-25T14:00:00Z`), the form

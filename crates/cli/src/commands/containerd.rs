@@ -67,12 +67,16 @@ async fn pull(g: &GlobalArgs, a: PullArgs) -> Result<()> {
         v["seconds"] = secs.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        let target = match &r.index_digest {
+            Some(ix) => format!("index {ix}, this platform's manifest {}", r.manifest_digest),
+            None => r.manifest_digest.clone(),
+        };
         println!(
             "{} {} ({}) in containerd namespace {:?} in {secs:.2}s: \
              {} layers claimed lazily by snapshotter {:?}, top snapshot {}",
             if r.created { "Pulled" } else { "Updated" },
             r.image,
-            r.manifest_digest,
+            target,
             r.namespace,
             r.layers.len(),
             r.snapshotter,
