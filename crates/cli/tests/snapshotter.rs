@@ -567,6 +567,38 @@ fn optimized_layers_are_claimed_remotely_and_mounted_lazily() {
     assert_eq!(mounts[0].r#type, "bind");
 }
 
+/// The optimized python3 in a registry, and a snapshotter and a containerd
+/// of `stack` using it (nothing pulled yet).
+struct OptimizedOn {
+    reg: Registry,
+    opt_root: tempfile::TempDir,
+    src: String,
+    dst: String,
+    root: tempfile::TempDir,
+    sn: Snapshotterd,
+    cd: Containerd,
+}
+
+impl OptimizedOn {
+    fn python3(stack: Stack) -> OptimizedOn {
+        let reg = Registry::start();
+        push_images(&reg, &["python3"]);
+        let (opt_root, src, dst) = optimize_image(&reg, "python3", &[]);
+        let root = stack.tempdir();
+        let sn = Snapshotterd::start(root.path());
+        let cd = Containerd::start_on(stack, &sn.proxy_toml_on(stack));
+        OptimizedOn {
+            reg,
+            opt_root,
+            src,
+            dst,
+            root,
+            sn,
+            cd,
+        }
+    }
+}
+
 /// `lazylayer containerd pull` registers an optimized image in containerd
 /// through containerd's own API: manifest and config in its content store,
 /// every layer claimed by the snapshotter (AlreadyExists, recorded committed
@@ -577,17 +609,20 @@ fn containerd_pull_registers_an_optimized_image_lazily(stack: Stack) {
     if !stack_ready(stack, "containerd_pull_registers_an_optimized_image_lazily") {
         return;
     }
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (opt_root, src, dst) = optimize_image(&reg, "python3", &[]);
+    // Bound registry first: locals drop in reverse, containerd first.
+    let OptimizedOn {
+        reg,
+        opt_root,
+        src,
+        dst,
+        root,
+        sn,
+        cd,
+    } = OptimizedOn::python3(stack);
     let (manifest, opt_layers) = layer_digests(opt_root.path(), &dst);
     let (_, src_layers) = layer_digests(opt_root.path(), &src);
     let boot = opt_layers.last().unwrap().clone();
     assert!(!src_layers.contains(&boot));
-
-    let root = stack.tempdir();
-    let sn = Snapshotterd::start(root.path());
-    let cd = Containerd::start_on(stack, &sn.proxy_toml_on(stack));
 
     // Registry requests from here on: the pull's and the snapshotter's.
     let log_start = reg.log().len();
@@ -598,18 +633,15 @@ fn containerd_pull_registers_an_optimized_image_lazily(stack: Stack) {
             .count()
     };
     let sock = cd.socket();
-    let out = lazylayer_ok(
-        root.path(),
-        &[
-            "containerd",
-            "pull",
-            "--json",
-            "--address",
-            sock.to_str().unwrap(),
-            &dst,
-        ],
-    );
-    let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pull = |image: &str| -> serde_json::Value {
+        let args = ["containerd", "pull", "--json", "--address"];
+        let out = lazylayer_ok(
+            root.path(),
+            &[&args[..], &[sock.to_str().unwrap(), image]].concat(),
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let rep = pull(&dst);
     let chains: Vec<String> = rep["chain_ids"]
         .as_array()
         .unwrap()
@@ -683,18 +715,7 @@ fn containerd_pull_registers_an_optimized_image_lazily(stack: Stack) {
     // manifest (the one registered) through it.
     let multi = dst.replace(":boot", ":multi");
     let index = push_index(&multi, &manifest, &["linux/amd64", "linux/arm64"]);
-    let out = lazylayer_ok(
-        root.path(),
-        &[
-            "containerd",
-            "pull",
-            "--json",
-            "--address",
-            sock.to_str().unwrap(),
-            &multi,
-        ],
-    );
-    let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rep = pull(&multi);
     assert_eq!(rep["index_digest"], index.as_str(), "{rep}");
     assert_eq!(rep["manifest_digest"], manifest.as_str(), "{rep}");
     let listed = cd.ok(&["images", "ls"]);
@@ -782,13 +803,18 @@ fn ctr_pull_on_containerd_2_is_lazy() {
     if !stack_ready(stack, "ctr_pull_on_containerd_2_is_lazy") {
         return;
     }
-    let reg = Registry::start();
-    push_images(&reg, &["python3"]);
-    let (opt_root, src, dst) = optimize_image(&reg, "python3", &[]);
+    // Every field bound (one left to `..` would drop here), registry
+    // first: locals drop in reverse, containerd first.
+    let OptimizedOn {
+        reg,
+        opt_root,
+        src,
+        dst,
+        root: _root,
+        sn,
+        cd,
+    } = OptimizedOn::python3(stack);
     let (_, src_layers) = layer_digests(opt_root.path(), &src);
-    let root = stack.tempdir();
-    let sn = Snapshotterd::start(root.path());
-    let cd = Containerd::start_on(stack, &sn.proxy_toml_on(stack));
     let log_start = reg.log().len();
     cd.ok(&[
         "images",
