@@ -32,12 +32,22 @@ say() { echo "stack: $*" >&2; }
 
 is_mount() { mountpoint -q "$1" 2>/dev/null; }
 
+# Mount points at or below $1. A tree with mounts in it (proc, an rbind of
+# /sys or /dev) must never be copied or removed: rm -rf through an rbind of
+# /dev deletes the host's device nodes.
+mounts_below() {
+  awk -v d="$1" '$5 == d || index($5, d "/") == 1 { print $5 }' /proc/self/mountinfo
+}
+
 build() {
   if [[ -f $ROOT/$STAMP ]] && [[ "$(head -1 "$ROOT/$STAMP")" == "packages: ${PACKAGES[*]}" ]]; then
     return
   fi
-  is_mount "$ROOT" && { say "$ROOT is mounted: run 'down' first"; exit 1; }
   local tmp=$ROOT.building
+  if [[ -n "$(mounts_below "$ROOT")$(mounts_below "$tmp")" ]]; then
+    say "mounts below $ROOT or $tmp: run 'down' first (nothing removed)"
+    exit 1
+  fi
   rm -rf "$tmp" "$ROOT"
   mkdir -p "$(dirname "$ROOT")"
   say "debootstrap sid into $tmp (from $MIRROR)"
@@ -53,6 +63,7 @@ build() {
       >>"$tmp.log" 2>&1 || rc=$?
   umount "$tmp/proc"
   ((rc == 0)) || { tail -20 "$tmp.log" >&2; exit 1; }
+  [[ -z "$(mounts_below "$tmp")" ]] || { say "mounts left below $tmp"; exit 1; }
   { echo "packages: ${PACKAGES[*]}"; chroot "$tmp" dpkg-query -W "${PACKAGES[@]}"; } >"$tmp/$STAMP"
   mv "$tmp" "$ROOT"
   rm -f "$tmp.log"
