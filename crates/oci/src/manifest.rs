@@ -16,6 +16,13 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// A layer descriptor's TOC digest as eStargz names it. containers/image
+/// (Podman 5.1 and later) asks an additional layer store only for layers
+/// whose descriptor carries one TOC digest, this or
+/// [`ANNOTATION_ZSTD_CHUNKED_TOC`], and finds it under that digest.
+pub const ANNOTATION_STARGZ_TOC: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// A layer descriptor's TOC digest as zstd:chunked names it.
+pub const ANNOTATION_ZSTD_CHUNKED_TOC: &str = "io.github.containers.zstd-chunked.manifest-checksum";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 

@@ -3,7 +3,9 @@
 //! we do not know survives untouched.
 
 use lazylayer_layer::LayerDigests;
-use lazylayer_oci::manifest::{DOCKER_MANIFEST, OCI_LAYER_GZIP};
+use lazylayer_oci::manifest::{
+    ANNOTATION_STARGZ_TOC, ANNOTATION_ZSTD_CHUNKED_TOC, DOCKER_MANIFEST, OCI_LAYER_GZIP,
+};
 use serde_json::{json, Value};
 
 use crate::OptimizeError;
@@ -117,6 +119,9 @@ pub fn optimized_image(
             ANNOTATION_VERSION: desc.index_version.to_string(),
         }
     }));
+    if media_type != DOCKER_MANIFEST {
+        name_layers_for_podman5(layers);
+    }
     let ann = m.entry("annotations").or_insert_with(|| json!({}));
     if let Some(a) = ann.as_object_mut() {
         a.insert(ANNOTATION_BOOT_LAYER.into(), json!(boot.digest));
@@ -131,6 +136,32 @@ pub fn optimized_image(
         manifest: manifest_bytes,
         media_type,
     })
+}
+
+/// Give every layer without a TOC digest one: its own blob digest, under
+/// eStargz's annotation. Podman 5 asks an additional layer store (`lazylayer
+/// store`) only for layers with a TOC digest, by that digest; the store
+/// answers for the blob digest. Without the store, Podman 5 pulls such a
+/// layer whole, partial pulls on or off (it does not take a layer that is
+/// not eStargz for one: seen with 5.8, docs/podman.md). A layer that has a
+/// TOC digest of its own keeps it. The blobs are the same; only their
+/// descriptors gain the annotation (a Docker schema 2 manifest has none).
+fn name_layers_for_podman5(layers: &mut [Value]) {
+    for l in layers {
+        let digest = l.get("digest").cloned();
+        let Some(ann) = l
+            .as_object_mut()
+            .map(|o| o.entry("annotations").or_insert_with(|| json!({})))
+            .and_then(|a| a.as_object_mut())
+        else {
+            continue;
+        };
+        let has_toc = ann.contains_key(ANNOTATION_STARGZ_TOC)
+            || ann.contains_key(ANNOTATION_ZSTD_CHUNKED_TOC);
+        if let (false, Some(d)) = (has_toc, digest) {
+            ann.insert(ANNOTATION_STARGZ_TOC.into(), d);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +225,42 @@ mod tests {
             "x",
         );
         assert!(again.unwrap_err().to_string().contains("already optimized"));
+    }
+
+    /// An OCI manifest's layers each get a TOC digest (their own blob
+    /// digest) unless they have one; a Docker one's stay as they were.
+    #[test]
+    fn oci_layers_get_a_toc_digest_for_podman5() {
+        let cfg = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{D}","{D}"]}}}}"#);
+        let own = D.replace("e3b0", "cccc");
+        let man = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"x","digest":"{D}","size":1}},"layers":[{{"mediaType":"{OCI_LAYER_GZIP}","digest":"{D}","size":5}},{{"mediaType":"{OCI_LAYER_GZIP}","digest":"{D}","size":5,"annotations":{{"{ANNOTATION_ZSTD_CHUNKED_TOC}":"{own}"}}}}]}}"#
+        );
+        let out =
+            optimized_image(man.as_bytes(), cfg.as_bytes(), &desc(&boot(), "i"), "x").unwrap();
+        let m: Value = serde_json::from_slice(&out.manifest).unwrap();
+        let toc = |i: usize| m["layers"][i]["annotations"][ANNOTATION_STARGZ_TOC].clone();
+        assert_eq!(toc(0), D);
+        assert_eq!(
+            toc(1),
+            Value::Null,
+            "a layer's own TOC digest is kept alone"
+        );
+        assert_eq!(
+            m["layers"][1]["annotations"][ANNOTATION_ZSTD_CHUNKED_TOC],
+            own.as_str()
+        );
+        assert_eq!(toc(2), boot().digest);
+        assert_eq!(m["layers"][2]["annotations"][ANNOTATION_INDEX], "i");
+
+        let docker = man.replace(
+            "application/vnd.oci.image.manifest.v1+json",
+            DOCKER_MANIFEST,
+        );
+        let out =
+            optimized_image(docker.as_bytes(), cfg.as_bytes(), &desc(&boot(), "i"), "x").unwrap();
+        let m: Value = serde_json::from_slice(&out.manifest).unwrap();
+        assert_eq!(m["layers"][0].get("annotations"), None);
     }
 
     #[test]

@@ -460,8 +460,14 @@ fn layer_dirs(
         let blob = ld.join("blob");
         std::fs::write(&blob, b"").map_err(io("writing a layer blob", &blob))?;
         let digest = Digest::sha256_of(format!("{view}:{reference}:{}", l.diff_id).as_bytes());
-        let info =
-            serde_json::json!({ "compressed-size": l.size, "diff-digest": digest.to_string() });
+        // toc-digest: Podman 5 finds a layer here by the TOC digest its
+        // descriptor carries (`lazylayer optimize` names each layer's by its
+        // blob digest, this directory's name) and wants it repeated here.
+        let info = serde_json::json!({
+            "compressed-size": l.size,
+            "diff-digest": digest.to_string(),
+            "toc-digest": l.digest.to_string(),
+        });
         let path = ld.join("info");
         // Podman may read it at any moment: never a half-written one.
         lazylayer_sys::durable::write_atomically(&path, info.to_string().as_bytes())
