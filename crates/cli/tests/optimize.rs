@@ -53,6 +53,78 @@ fn assert_clean(root: &Path) {
     );
 }
 
+/// Podman 5.8 (the sid stack) without lazylayer's store: SRC and DST give
+/// the very same root file system with partial pulls off (the default) and
+/// on, although each DST layer descriptor now names a TOC digest
+/// (`containerd.io/snapshot/stargz/toc.digest`, for Podman 5 to ask the
+/// store): with partial pulls on, Podman does not take a layer that is not
+/// eStargz for one and pulls it whole. DST runs, and its index file never
+/// appears.
+#[test]
+fn root_optimized_image_is_identical_under_podman5_partial_pulls_off_and_on() {
+    let stack = Stack::Sid;
+    if !stack.ready("root_optimized_image_is_identical_under_podman5_partial_pulls_off_and_on") {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer"]);
+    let root = tempfile::tempdir().unwrap();
+    let src = image_ref(&reg, "multilayer");
+    let dst = format!("{}/optimized/multilayer:boot", reg.addr());
+    let extra = [
+        "--",
+        "/bin/sh",
+        "-c",
+        "cat /data/hl/one /data/keep/a.txt; ls /data/opq",
+    ];
+    optimize(root.path(), &src, &dst, &extra);
+    for partial in ["false", "true"] {
+        let podman = Podman::on(stack);
+        let conf = podman.dir.path().join("storage.conf");
+        std::fs::write(
+            &conf,
+            format!("[storage]\ndriver = \"overlay\"\n[storage.options.pull_options]\nenable_partial_images = \"{partial}\"\n"),
+        )
+        .unwrap();
+        let pm = |args: &[&str]| {
+            let out = podman
+                .cmd()
+                .env("CONTAINERS_STORAGE_CONF", &conf)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "podman {args:?} (partial pulls {partial}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        pm(&["pull", "-q", "--tls-verify=false", &src]);
+        pm(&["pull", "-q", "--tls-verify=false", &dst]);
+        let mount = |image: &str| std::path::PathBuf::from(pm(&["image", "mount", image]).trim());
+        let (a, a_links) = snapshot(&mount(&src));
+        let (b, b_links) = snapshot(&mount(&dst));
+        let diff = differences(&a, &b);
+        assert!(
+            diff.is_empty(),
+            "partial pulls {partial}: {} paths differ:\n{}",
+            diff.len(),
+            diff.join("\n")
+        );
+        assert_eq!(
+            a_links, b_links,
+            "partial pulls {partial}: hardlink groups differ"
+        );
+        assert!(!b.contains_key(&format!("/{INDEX_FILE}")));
+        let out = pm(&["run", "--rm", "--network=none", &dst]);
+        assert_eq!(
+            out, "a: kept\nnew.txt\n",
+            "partial pulls {partial}: podman run of DST"
+        );
+    }
+}
+
 /// SRC and DST give the very same root file system under podman and
 /// containerd, DST runs there unchanged, and the index file never appears.
 #[test]

@@ -242,6 +242,7 @@ static PODMAN_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub struct Podman {
     pub dir: tempfile::TempDir,
+    stack: Stack,
     /// Released after `Drop` has reset this podman's store.
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -254,9 +255,14 @@ impl Default for Podman {
 
 impl Podman {
     pub fn new() -> Podman {
+        Podman::on(Stack::Bookworm)
+    }
+
+    /// The podman of `stack` (Podman 5.8 for sid), with the same settings.
+    pub fn on(stack: Stack) -> Podman {
         // A test that panicked while holding it poisons it; the lock still serialises.
         let serial = PODMAN_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = tempfile::tempdir().unwrap();
+        let dir = stack.tempdir();
         std::fs::write(
             dir.path().join("containers.conf"),
             "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
@@ -264,13 +270,16 @@ impl Podman {
         .unwrap();
         Podman {
             dir,
+            stack,
             _serial: serial,
         }
     }
 
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new("podman");
-        c.env("CONTAINERS_CONF", self.dir.path().join("containers.conf"))
+        let mut c = self.stack.command("podman");
+        // Podman 5 warns on every command of this host's cgroups v1.
+        c.env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
+            .env("CONTAINERS_CONF", self.dir.path().join("containers.conf"))
             .arg("--root")
             .arg(self.dir.path().join("root"))
             .arg("--runroot")
