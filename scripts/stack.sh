@@ -84,6 +84,8 @@ up() {
     mount --make-rslave "$ROOT/dev"
     mount -t tmpfs -o mode=755,nosuid,nodev tmpfs "$ROOT/run"
   fi
+  # debootstrap writes no /etc/hosts; a host-network pod sandbox copies it.
+  [[ -e $ROOT/etc/hosts ]] || printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$ROOT/etc/hosts"
   mkdir -p "$SHARED"
   chmod 0711 "$SHARED"
   if ! is_mount "$SHARED"; then

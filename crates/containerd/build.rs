@@ -1,6 +1,7 @@
 // Generates containerd's snapshots API (server, and the client tests use) from
-// the hand-kept .proto files, and the client of the CRI ImageService
-// (PullImage only, for tests that pull as the kubelet does); needs `protoc`
+// the hand-kept .proto files, and the client of a subset of the CRI (PullImage,
+// and a pod of one container, for tests that drive containerd as the kubelet
+// does); needs `protoc`
 // (Debian: protobuf-compiler + libprotobuf-dev). The client side of
 // containerd's own API comes from the containerd-client crate, which builds
 // no servers; the CRI API is not in it.

@@ -241,6 +241,7 @@ on_each_stack!(
     snapshotter_gone_for_good_gives_readers_an_error_after_the_orphan_timeout,
     prefetch_stops_when_the_last_container_of_an_image_ends,
     prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start,
+    cri_pod_of_an_optimized_image_starts_lazily,
 );
 
 /// False (after saying why) when `stack` cannot run these tests here; under
@@ -906,6 +907,278 @@ fn cri_toml(stack: Stack, sn: &Snapshotterd, reg: &Registry) -> String {
             )
         }
     }
+}
+
+/// `curl -sSf ARGS` with `body` on stdin; its stdout (it must succeed).
+fn curl(args: &[&str], body: &[u8]) -> Vec<u8> {
+    let mut c = Command::new("curl")
+        .arg("-sSf")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), body).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A pod's sandbox ("pause") image made of the busybox test image whose
+/// entrypoint sleeps: its config uploaded anew, its layers mounted from
+/// busybox, pushed as `lazylayer/busybox:pause`. The CRI pulls it for every
+/// pod (the kubelet's default, registry.k8s.io/pause, is out of reach here).
+fn push_pause_image(reg: &Registry) -> String {
+    let base = format!("http://{}/v2/lazylayer/busybox", reg.addr());
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let manifest = curl(
+        &[
+            "-H",
+            &format!("Accept: {oci}"),
+            &format!("{base}/manifests/latest"),
+        ],
+        b"",
+    );
+    let mut manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let config = curl(&[&format!("{base}/blobs/{config_digest}")], b"");
+    let mut config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    config["config"]["Entrypoint"] = serde_json::json!(["/bin/sleep", "1000000"]);
+    config["config"]["Cmd"] = serde_json::Value::Null;
+    let config = serde_json::to_vec(&config).unwrap();
+    let digest = lazylayer_sys::digest::sha256_digest_of(&config);
+    let headers = String::from_utf8(curl(
+        &[
+            "-X",
+            "POST",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &format!("{base}/blobs/uploads/"),
+        ],
+        b"",
+    ))
+    .unwrap();
+    let location = headers
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .unwrap()
+        .trim()
+        .to_string();
+    let location = if location.starts_with('/') {
+        format!("http://{}{location}", reg.addr())
+    } else {
+        location
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    curl(
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            "@-",
+            &format!("{location}{sep}digest={digest}"),
+        ],
+        &config,
+    );
+    manifest["config"]["digest"] = serde_json::json!(digest);
+    manifest["config"]["size"] = serde_json::json!(config.len());
+    curl(
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            &format!("Content-Type: {oci}"),
+            "--data-binary",
+            "@-",
+            &format!("{base}/manifests/pause"),
+        ],
+        &serde_json::to_vec(&manifest).unwrap(),
+    );
+    format!("{}/lazylayer/busybox:pause", reg.addr())
+}
+
+/// The pod the kubelet would start for `image`: RunPodSandbox (host
+/// network: no CNI here), CreateContainer of the image's own command,
+/// StartContainer, then ContainerStatus until it exits. Returns its exit
+/// code and its log (CRI format, under `logs`).
+fn cri_pod(cd: &Containerd, image: &str, logs: &Path, name: &str) -> (i32, String) {
+    use lazylayer_containerd::proto::cri::{
+        runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata,
+        ContainerState, ContainerStatusRequest, CreateContainerRequest, ImageSpec,
+        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+        PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+        StartContainerRequest, StopPodSandboxRequest,
+    };
+    let sandbox = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_string(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: String::new(),
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                }),
+            }),
+        }),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fail = |what: &str, e: &dyn std::fmt::Debug| -> ! {
+        panic!("CRI {what}: {e:?}\n--- containerd log ---\n{}", cd.log())
+    };
+    rt.block_on(async {
+        let channel = lazylayer_containerd::grpc::connect(&cd.socket())
+            .await
+            .unwrap();
+        let mut rs = RuntimeServiceClient::new(channel);
+        let pod = rs
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(sandbox.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| fail("RunPodSandbox", &e))
+            .into_inner()
+            .pod_sandbox_id;
+        let id = rs
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: "app".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: image.to_string(),
+                        annotations: Default::default(),
+                    }),
+                    log_path: "app.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(sandbox.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| fail("CreateContainer", &e))
+            .into_inner()
+            .container_id;
+        rs.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| fail("StartContainer", &e));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let exit = loop {
+            let st = rs
+                .container_status(ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
+                .await
+                .unwrap_or_else(|e| fail("ContainerStatus", &e))
+                .into_inner()
+                .status
+                .unwrap();
+            if st.state == ContainerState::ContainerExited as i32 {
+                break st.exit_code;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pod's container did not exit: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let log = std::fs::read_to_string(logs.join("app.log")).unwrap_or_default();
+        rs.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| fail("StopPodSandbox", &e));
+        rs.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap_or_else(|e| fail("RemovePodSandbox", &e));
+        (exit, log)
+    })
+}
+
+/// The containerd config lines that make `pause` the pods' sandbox image,
+/// and keep the pods' oom_score_adj at or above containerd's own: this
+/// machine's kernel refuses a negative one (a write of -998, the sandbox's
+/// default, fails with EIO, and runc with "can't get final child's PID
+/// from pipe").
+fn sandbox_toml(stack: Stack, pause: &str) -> String {
+    match stack {
+        Stack::Bookworm => format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  restrict_oom_score_adj = true\n"
+        ),
+        Stack::Sid => format!(
+            "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"{pause}\"\n[plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = true\n"
+        ),
+    }
+}
+
+/// A pod as the kubelet starts it, through containerd's CRI over gRPC:
+/// PullImage of the optimized image, then RunPodSandbox, CreateContainer
+/// and StartContainer. The container runs the image's own command from the
+/// lazy root and exits 0 with its output in the pod's log; containerd itself
+/// fetched no layer of the image.
+fn cri_pod_of_an_optimized_image_starts_lazily(stack: Stack) {
+    if !stack_ready(stack, "cri_pod_of_an_optimized_image_starts_lazily") {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3", "busybox"]);
+    let pause = push_pause_image(&reg);
+    let (opt_root, src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, opt_layers) = layer_digests(opt_root.path(), &dst);
+    let root = stack.tempdir();
+    let sn = Snapshotterd::start(root.path());
+    let toml = cri_toml(stack, &sn, &reg) + &sandbox_toml(stack, &pause);
+    let cd = Containerd::start_cri_on(stack, &toml);
+    let log_start = reg.log().len();
+    cri_pull(&cd, &dst);
+    let logs = root.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let (code, log) = cri_pod(&cd, &dst, &logs, &format!("lazy-{}", stack.name()));
+    assert_eq!(code, 0, "the pod's container failed; its log:\n{log}");
+    assert!(
+        log.lines().any(|l| l.ends_with(" stdout F ok")),
+        "the image's own command did not print ok:\n{log}"
+    );
+    let requests = reg.log()[log_start..].to_string();
+    for l in &opt_layers {
+        assert!(
+            !requests
+                .lines()
+                .any(|r| r.contains("containerd/") && r.contains(&format!("/blobs/{l}"))),
+            "containerd fetched layer {l} of {dst} (from {src}):\n{requests}"
+        );
+    }
+    assert!(
+        sn.log().contains("claimed a layer as remote"),
+        "{}",
+        sn.log()
+    );
 }
 
 /// `runtime.v1.ImageService/PullImage` on containerd's socket, as the
