@@ -155,7 +155,17 @@ unsafe fn watch(target: *const libc::c_char, parent: libc::pid_t) -> ! {
     unsafe {
         // None of the parent's descriptors may live on here: /dev/fuse would
         // keep the connection, a lock file its lock, a pipe its reader waiting.
-        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+            // Before Linux 5.9: one by one, up to the descriptor limit.
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let top = match libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) {
+                0 => lim.rlim_cur.min(1 << 20) as libc::c_int,
+                _ => 1 << 16,
+            };
+            for fd in 0..top {
+                libc::close(fd);
+            }
+        }
         // Every signal blocked (a Ctrl-C to the terminal's process group
         // must not end the watch); the parent-death signal is waited for.
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -180,14 +190,28 @@ unsafe fn watch(target: *const libc::c_char, parent: libc::pid_t) -> ! {
 mod tests {
     use super::*;
 
-    /// Armed and disarmed in a process that lives on: the child is gone
-    /// (reaped: no zombie left) and the mount point untouched.
+    /// Armed and disarmed in a process that lives on: the watcher holds none
+    /// of this process's descriptors (a lock or /dev/fuse would live on in
+    /// it), then it is gone (reaped: no zombie left) and the mount point
+    /// untouched.
     #[test]
     fn disarming_reaps_the_child() {
         let dir = tempfile::tempdir().unwrap();
         let before = children();
         let w = ForceUnmountOnDeath::arm(dir.path()).unwrap();
-        assert_eq!(children().len(), before.len() + 1, "one watcher forked");
+        let now = children();
+        assert_eq!(now.len(), before.len() + 1, "one watcher forked");
+        let child = now.iter().find(|c| !before.contains(c)).unwrap();
+        let fds = || {
+            std::fs::read_dir(format!("/proc/{child}/fd"))
+                .unwrap()
+                .count()
+        };
+        let t0 = std::time::Instant::now();
+        while fds() > 0 && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(fds(), 0, "the watcher kept descriptors of its parent");
         drop(w);
         assert_eq!(children(), before, "the watcher is reaped");
         assert!(dir.path().is_dir());
