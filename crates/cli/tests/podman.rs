@@ -33,11 +33,8 @@ impl ServedStore {
         ServedStore::start_in_dirs(stack.tempdir(), stack.tempdir(), image, extra)
     }
 
-    /// [`ServedStore::start`] with a lazylayer store made beforehand.
-    fn start_in(root: tempfile::TempDir, image: &str, extra: &[&str]) -> ServedStore {
-        ServedStore::start_in_dirs(root, tempfile::tempdir().unwrap(), image, extra)
-    }
-
+    /// [`ServedStore::start`] with a lazylayer store made beforehand
+    /// (`root`) and the layer store directory `als`.
     fn start_in_dirs(
         root: tempfile::TempDir,
         als: tempfile::TempDir,
@@ -133,12 +130,18 @@ impl ServedStore {
     }
 
     /// `podman ARGS` with this layer store, which must succeed; its stdout.
+    /// A `run` also gets `--tls-verify=false`: Podman 5.8 pulls the image
+    /// again for it (docs/podman.md), from the plain-HTTP test registry.
     fn podman(&self, podman: &Podman, args: &[&str]) -> String {
         let opt = format!(
             "overlay.additionallayerstore={}:ref",
             self.als.path().display()
         );
-        podman.ok_with(&["--storage-opt", &opt], args)
+        let mut args = args.to_vec();
+        if args.first() == Some(&"run") && !args.contains(&"--tls-verify=false") {
+            args.insert(1, "--tls-verify=false");
+        }
+        podman.ok_with(&["--storage-opt", &opt], &args)
     }
 
     /// SIGTERM: the store exits 0 and leaves no mount behind.
@@ -157,20 +160,28 @@ impl ServedStore {
     }
 }
 
-/// Once per Podman: `NAME::bookworm` (Debian 12's 4.3) and `NAME::sid`
-/// (5.8, in the root of scripts/stack.sh).
-mod root_podman_runs_an_optimized_image_lazily_through_the_layer_store {
-    #[test]
-    fn bookworm() {
-        super::root_podman_runs_an_optimized_image_lazily_through_the_layer_store(
-            super::Stack::Bookworm,
-        )
-    }
-    #[test]
-    fn sid() {
-        super::root_podman_runs_an_optimized_image_lazily_through_the_layer_store(super::Stack::Sid)
-    }
+/// Each test named here runs once per Podman: `NAME::bookworm` (Debian
+/// 12's 4.3) and `NAME::sid` (5.8, in the root of scripts/stack.sh).
+macro_rules! on_each_podman {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn bookworm() {
+                super::$name(lazylayer_testsupport::Stack::Bookworm)
+            }
+            #[test]
+            fn sid() {
+                super::$name(lazylayer_testsupport::Stack::Sid)
+            }
+        }
+    )*};
 }
+
+on_each_podman!(
+    root_podman_runs_an_optimized_image_lazily_through_the_layer_store,
+    root_podman_store_prefetches_only_after_the_start_settles,
+    root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse,
+);
 
 /// Podman pulls the optimized image's manifest and config only, and runs
 /// it from the store's lazy root. Podman 5 asks the store for a layer only
@@ -233,8 +244,10 @@ fn root_podman_runs_an_optimized_image_lazily_through_the_layer_store(stack: Sta
 /// mount. The registry (behind a recording proxy) sees the first GET of an
 /// original layer only then; podman still pulls and runs the image, and the
 /// image is recorded in the store once every layer is local.
-#[test]
-fn root_podman_store_prefetches_only_after_the_start_settles() {
+fn root_podman_store_prefetches_only_after_the_start_settles(stack: Stack) {
+    if !stack.ready("root_podman_store_prefetches_only_after_the_start_settles") {
+        return;
+    }
     let reg = Registry::start();
     push_images(&reg, &["multilayer"]);
     let (opt, src, dst) = optimize_image(&reg, "multilayer", &[]);
@@ -249,7 +262,7 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
             .count()
     };
 
-    let store = ServedStore::start(&img, &[]);
+    let store = ServedStore::start_on(stack, &img, &[]);
     let ready = store.ready;
     // Nothing touches the root: the first original-layer GET comes with the
     // max-wait trigger, 2 s after the mount (the mount precedes `ready`).
@@ -268,7 +281,7 @@ fn root_podman_store_prefetches_only_after_the_start_settles() {
         "the store started prefetching {first:?} after it was ready, before its start could settle"
     );
 
-    let podman = Podman::new();
+    let podman = Podman::on(stack);
     let pm = |args: &[&str]| store.podman(&podman, args);
     pm(&["pull", "-q", "--tls-verify=false", &img]);
     let out = pm(&[
@@ -438,8 +451,10 @@ fn fuse_mounts_below(dir: &std::path::Path) -> Vec<String> {
 /// An optimized image the lazylayer store holds whole is laid out from the
 /// store's extracted layers: no FUSE mount, Podman stacks them itself, the
 /// root lists and reads the same as the lazy one and has no index file.
-#[test]
-fn root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse() {
+fn root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse(stack: Stack) {
+    if !stack.ready("root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse") {
+        return;
+    }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
     let (_opt, _src, dst) = optimize_image(&reg, "python3", &[]);
@@ -453,7 +468,7 @@ fn root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse() {
          find / -xdev {skip} -type f -printf '%p %s\\n' | sort | md5sum; \
          cat /app/* /usr/bin/* | md5sum; ls -a / | grep -c lazylayer; true"
     );
-    let podman = Podman::new();
+    let podman = Podman::on(stack);
     let run = |store: &ServedStore| {
         store.podman(&podman, &["pull", "-q", "--tls-verify=false", &dst]);
         let out = store.podman(
@@ -465,14 +480,14 @@ fn root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse() {
         out
     };
 
-    let lazy_store = ServedStore::start(&dst, &["--prefetch", "off"]);
+    let lazy_store = ServedStore::start_on(stack, &dst, &["--prefetch", "off"]);
     assert!(!fuse_mounts_below(lazy_store.root.path()).is_empty());
     let lazy = run(&lazy_store);
     lazy_store.stop();
 
-    let root = tempfile::tempdir().unwrap();
+    let root = stack.tempdir();
     lazylayer_ok(root.path(), &["pull", "-q", &dst]);
-    let store = ServedStore::start_in(root, &dst, &[]);
+    let store = ServedStore::start_in_dirs(root, stack.tempdir(), &dst, &[]);
     assert_eq!(
         fuse_mounts_below(store.root.path()),
         Vec::<String>::new(),
