@@ -67,25 +67,13 @@ fn kill_after(mut cmd: Command, root: &Path, after: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    kill_9_and_reap(&mut child.0, root, &format!("killed after {after:?}"));
+    kill_9_and_reap(
+        &mut child.0,
+        root,
+        &format!("killed after {after:?}"),
+        EXIT_WAIT,
+    );
     true
-}
-
-/// SIGKILL `child` (its store at `root`) and reap it. One that does not
-/// exit fails the test with its kernel stacks, its mounts' connections
-/// ended so that nothing stays stuck.
-fn kill_9_and_reap(child: &mut std::process::Child, root: &Path, what: &str) {
-    send_signal(child.id(), rustix::process::Signal::KILL);
-    let deadline = Instant::now() + EXIT_WAIT;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let stacks = task_stacks(child.id());
-            abort_fuse_below(root);
-            let _ = child.wait();
-            panic!("{what}, it did not exit in {EXIT_WAIT:?}; stuck in:\n{stacks}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// How long a killed process may take to exit (its exit closes mounts).
@@ -382,7 +370,7 @@ impl Snapshotterd {
 
     fn kill_9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            kill_9_and_reap(&mut c.0, &self.root, "the snapshotter killed");
+            kill_9_and_reap(&mut c.0, &self.root, "the snapshotter killed", EXIT_WAIT);
         }
     }
 }

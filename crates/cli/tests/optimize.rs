@@ -80,29 +80,12 @@ fn root_optimized_image_is_identical_under_podman5_partial_pulls_off_and_on() {
     optimize(root.path(), &src, &dst, &extra);
     for partial in ["false", "true"] {
         let podman = Podman::on(stack);
-        let conf = podman.dir.path().join("storage.conf");
-        std::fs::write(
-            &conf,
-            format!("[storage]\ndriver = \"overlay\"\n[storage.options.pull_options]\nenable_partial_images = \"{partial}\"\n"),
-        )
-        .unwrap();
-        let pm = |args: &[&str]| {
-            let out = podman
-                .cmd()
-                .env("CONTAINERS_STORAGE_CONF", &conf)
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "podman {args:?} (partial pulls {partial}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        };
-        pm(&["pull", "-q", "--tls-verify=false", &src]);
-        pm(&["pull", "-q", "--tls-verify=false", &dst]);
-        let mount = |image: &str| std::path::PathBuf::from(pm(&["image", "mount", image]).trim());
+        podman.set_storage_conf(&format!(
+            "[storage]\ndriver = \"overlay\"\n[storage.options.pull_options]\nenable_partial_images = \"{partial}\"\n"
+        ));
+        podman.ok(&["pull", "-q", "--tls-verify=false", &src]);
+        podman.ok(&["pull", "-q", "--tls-verify=false", &dst]);
+        let mount = |image: &str| podman.image_mount(image);
         let (a, a_links) = snapshot(&mount(&src));
         let (b, b_links) = snapshot(&mount(&dst));
         let diff = differences(&a, &b);
@@ -117,7 +100,7 @@ fn root_optimized_image_is_identical_under_podman5_partial_pulls_off_and_on() {
             "partial pulls {partial}: hardlink groups differ"
         );
         assert!(!b.contains_key(&format!("/{INDEX_FILE}")));
-        let out = pm(&["run", "--rm", "--network=none", &dst]);
+        let out = podman.ok(&["run", "--rm", "--network=none", &dst]);
         assert_eq!(
             out, "a: kept\nnew.txt\n",
             "partial pulls {partial}: podman run of DST"

@@ -1696,7 +1696,6 @@ fn root_a_server_killed_while_it_waits_on_its_own_mount_exits() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let pid = child.id();
     let mnt = dir.path().join("mnt");
     // Whatever happens below, nothing stays mounted or stuck.
     let _cleanup = Finally(|| {
@@ -1710,21 +1709,12 @@ fn root_a_server_killed_while_it_waits_on_its_own_mount_exits() {
         let n = io::BufRead::read_line(&mut out, &mut line).unwrap();
         assert!(n > 0, "the serving child ended before its open waited");
     }
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > Duration::from_secs(30) {
-            let stacks = lazylayer_testsupport::task_stacks(pid);
-            lazylayer_testsupport::abort_fuse_below(&mnt);
-            let _ = child.wait();
-            panic!("the killed server did not exit in 30 s; its tasks:\n{stacks}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    lazylayer_testsupport::kill_9_and_reap(
+        &mut child,
+        &mnt,
+        "the server killed while it waited on its own mount",
+        Duration::from_secs(30),
+    );
     // The connection is over: the mount (left behind, busy when it was
     // forced) answers no more.
     let e = std::fs::metadata(mnt.join("f")).unwrap_err();

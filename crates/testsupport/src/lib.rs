@@ -275,8 +275,18 @@ impl Podman {
         }
     }
 
+    /// Use `toml` as containers-storage's configuration (storage.conf) from
+    /// now on, e.g. for its pull options.
+    pub fn set_storage_conf(&self, toml: &str) {
+        std::fs::write(self.dir.path().join("storage.conf"), toml).unwrap();
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = self.stack.command("podman");
+        let storage_conf = self.dir.path().join("storage.conf");
+        if storage_conf.exists() {
+            c.env("CONTAINERS_STORAGE_CONF", storage_conf);
+        }
         // Podman 5 warns on every command of this host's cgroups v1.
         c.env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
             .env("CONTAINERS_CONF", self.dir.path().join("containers.conf"))
@@ -358,10 +368,6 @@ impl Containerd {
     /// [`Containerd::start_cri`] on `stack`.
     pub fn start_cri_on(stack: Stack, extra: &str) -> Containerd {
         Self::spawn(stack, extra, true)
-    }
-
-    pub fn stack(&self) -> Stack {
-        self.stack
     }
 
     fn spawn(stack: Stack, extra: &str, cri: bool) -> Containerd {
@@ -648,6 +654,24 @@ impl Drop for KillOnDrop {
 pub fn send_signal(pid: u32, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
     rustix::process::kill_process(pid, sig).unwrap();
+}
+
+/// SIGKILL `child` and reap it. One that has not exited `within` (a thread
+/// stuck on a FUSE mount whose server died with it) fails the test with its
+/// kernel stacks, after the FUSE connections below `mounts` are ended so
+/// that nothing stays stuck.
+pub fn kill_9_and_reap(child: &mut Child, mounts: &Path, what: &str, within: Duration) {
+    send_signal(child.id(), rustix::process::Signal::KILL);
+    let deadline = Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let stacks = task_stacks(child.id());
+            abort_fuse_below(mounts);
+            let _ = child.wait();
+            panic!("{what}, it did not exit in {within:?}; stuck in:\n{stacks}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Waits (up to `within`) for `child` to exit; its exit code (None: killed by a signal).

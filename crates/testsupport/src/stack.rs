@@ -66,27 +66,6 @@ impl Stack {
             Stack::Sid => tempfile::tempdir_in(sid_shared()).unwrap(),
         }
     }
-
-    /// The packages' versions, as `scripts/stack.sh versions` lists them
-    /// (for a test's messages and the benchmark's report).
-    pub fn versions(self) -> String {
-        match self {
-            Stack::Bookworm => String::from_utf8_lossy(
-                &Command::new("dpkg-query")
-                    .args(["-W", "containerd", "podman", "runc"])
-                    .output()
-                    .map(|o| o.stdout)
-                    .unwrap_or_default(),
-            )
-            .into_owned(),
-            Stack::Sid => std::fs::read_to_string(sid_root().join(".lazylayer-stack"))
-                .unwrap_or_default()
-                .lines()
-                .skip(1)
-                .map(|l| format!("{l}\n"))
-                .collect(),
-        }
-    }
 }
 
 fn sid_root() -> PathBuf {
