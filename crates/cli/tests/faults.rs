@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use common::auth::TokenIssuer;
 use common::proxy::{AfterCut, CuttingProxy};
 use common::*;
 use lazylayer_oci::client::BlobSource;
@@ -411,16 +412,9 @@ fn basic_auth_from_auth_file() {
     let open = Registry::start();
     let digests = push_images(&open, &["busybox"]);
     let secrets = tempfile::tempdir().unwrap();
-    let htpasswd = secrets.path().join("htpasswd");
-    let out = std::process::Command::new("htpasswd")
-        .args(["-Bbn", "alice", "s3cret-pw"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "htpasswd (apache2-utils) is needed");
-    std::fs::write(&htpasswd, &out.stdout).unwrap();
-    let locked = Registry::start_with(&format!(
-        "auth:\n  htpasswd:\n    realm: lazylayer-test\n    path: {}\n",
-        htpasswd.display()
+    let locked = Registry::start_with(&common::auth::htpasswd_config(
+        secrets.path(),
+        &[("alice", "s3cret-pw")],
     ));
     let auth_file = alice_auth_file(secrets.path(), &locked.addr());
 
@@ -497,151 +491,6 @@ fn path_with(dir: &tempfile::TempDir) -> std::ffi::OsString {
         &std::env::var_os("PATH").unwrap_or_default(),
     ));
     std::env::join_paths(paths).unwrap()
-}
-
-/// A token issuer for a real docker-registry configured for token auth:
-/// the registry verifies RS256 JWTs signed by a key whose certificate it
-/// trusts. The issuer is a small HTTP endpoint in the test that signs with
-/// `openssl` (no mock: the registry does the verifying). It grants the
-/// scopes asked for only to a client that sends Basic alice:s3cret-pw.
-struct TokenIssuer {
-    port: u16,
-    /// Tokens issued so far.
-    issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    keys: tempfile::TempDir,
-}
-
-impl TokenIssuer {
-    fn start() -> TokenIssuer {
-        let keys = tempfile::tempdir().unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let issuer = TokenIssuer { port, issued, keys };
-        issuer.new_signing_key();
-        let (issued, key, cert) = (issuer.issued.clone(), issuer.key(), issuer.cert());
-        std::thread::spawn(move || {
-            for mut conn in listener.incoming().flatten() {
-                let mut buf = vec![0u8; 8192];
-                let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let token = Self::sign(&req, &key, &cert, issued.fetch_add(1, Ordering::SeqCst));
-                let body = format!(r#"{{"token":"{token}","expires_in":300}}"#);
-                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-                let _ = conn.write_all(resp.as_bytes());
-            }
-        });
-        issuer
-    }
-
-    fn key(&self) -> std::path::PathBuf {
-        self.keys.path().join("key.pem")
-    }
-
-    fn cert(&self) -> std::path::PathBuf {
-        self.keys.path().join("cert.pem")
-    }
-
-    fn issued(&self) -> usize {
-        self.issued.load(Ordering::SeqCst)
-    }
-
-    /// A new key and certificate in place of the old (the registry trusts
-    /// the new one once restarted, and refuses tokens signed by the old).
-    fn new_signing_key(&self) {
-        let st = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            ])
-            .args(["-subj", "/CN=lazylayer-test-issuer", "-keyout"])
-            .arg(self.key())
-            .arg("-out")
-            .arg(self.cert())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-
-    /// The registry's `auth:` block trusting this issuer.
-    fn registry_config(&self) -> String {
-        format!(
-            "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: lazylayer-test\n    issuer: lazylayer-test-issuer\n    rootcertbundle: {}\n",
-            self.port,
-            self.cert().display()
-        )
-    }
-
-    /// A JWT answering the token request `req` (GET /token?service=..&scope=..),
-    /// granting its scopes if it carries alice's credentials.
-    fn sign(req: &str, key: &Path, cert: &Path, jti: usize) -> String {
-        let authorized = req.lines().any(|l| {
-            l.to_ascii_lowercase().starts_with("authorization: basic ")
-                && l.ends_with("YWxpY2U6czNjcmV0LXB3")
-        });
-        let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
-        let query = path
-            .split_once('?')
-            .map(|(_, q)| q.to_string())
-            .unwrap_or_default();
-        let mut access = Vec::new();
-        for kv in query.split('&') {
-            if let Some(v) = kv.strip_prefix("scope=") {
-                let v = v
-                    .replace("%3A", ":")
-                    .replace("%2F", "/")
-                    .replace("%2C", ",");
-                let parts: Vec<&str> = v.splitn(3, ':').collect();
-                if parts.len() == 3 && authorized {
-                    let actions: Vec<String> =
-                        parts[2].split(',').map(|a| format!("\"{a}\"")).collect();
-                    access.push(format!(
-                        r#"{{"type":"{}","name":"{}","actions":[{}]}}"#,
-                        parts[0],
-                        parts[1],
-                        actions.join(",")
-                    ));
-                }
-            }
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let b64 = |d: &[u8]| {
-            use base64::Engine;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
-        };
-        // x5c is the certificate's DER in standard base64: the PEM's body.
-        // Read at each request, so that a new signing key takes effect.
-        let pem = std::fs::read_to_string(cert).unwrap();
-        let x5c: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        let header = format!(r#"{{"typ":"JWT","alg":"RS256","x5c":["{x5c}"]}}"#);
-        let claims = format!(
-            r#"{{"iss":"lazylayer-test-issuer","sub":"alice","aud":"lazylayer-test","exp":{},"nbf":{},"iat":{},"jti":"{}","access":[{}]}}"#,
-            now + 300,
-            now - 10,
-            now,
-            jti,
-            access.join(",")
-        );
-        let signing_input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
-        let mut child = std::process::Command::new("openssl")
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(key)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(signing_input.as_bytes())
-            .unwrap();
-        let sig = child.wait_with_output().unwrap().stdout;
-        format!("{signing_input}.{}", b64(&sig))
-    }
 }
 
 /// The Bearer token flow against the real registry configured for token

@@ -16,6 +16,8 @@ struct Snapshotterd {
     child: Option<Child>,
     /// Extra environment of the snapshotter (and so of its holder).
     env: Vec<(String, String)>,
+    /// Extra arguments of `lazylayer snapshotter`.
+    args: Vec<String>,
 }
 
 impl Snapshotterd {
@@ -31,9 +33,39 @@ impl Snapshotterd {
             env: (env.iter())
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            args: Vec::new(),
         };
         s.spawn();
         s
+    }
+
+    /// A snapshotter (with `env`) that also serves the CRI image service
+    /// on `<root>/cri-image.sock`, forwarding to `<root>/containerd.sock`:
+    /// a link to the containerd that starts after it ([`Self::link`]).
+    fn start_with_image_service(root: &Path, env: &[(&str, &str)]) -> Snapshotterd {
+        let mut s = Snapshotterd {
+            root: root.to_path_buf(),
+            sock: root.join("snapshotter.sock"),
+            child: None,
+            env: (env.iter())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            args: vec![
+                "--image-service-address".into(),
+                root.join("cri-image.sock").display().to_string(),
+                "--containerd-address".into(),
+                root.join("containerd.sock").display().to_string(),
+            ],
+        };
+        s.spawn();
+        s
+    }
+
+    /// Where the image service proxy forwards to: `cd`; returns the
+    /// proxy's socket.
+    fn link(&self, cd: &Containerd) -> PathBuf {
+        std::os::unix::fs::symlink(cd.socket(), self.root.join("containerd.sock")).unwrap();
+        self.root.join("cri-image.sock")
     }
 
     fn log_path(&self) -> PathBuf {
@@ -52,6 +84,7 @@ impl Snapshotterd {
             .arg("snapshotter")
             .arg("--address")
             .arg(&self.sock)
+            .args(&self.args)
             .env("RUST_LOG", "lazylayer_containerd=debug,info,fuser=off")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -242,6 +275,7 @@ on_each_stack!(
     prefetch_stops_when_the_last_container_of_an_image_ends,
     prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start,
     cri_pod_of_an_optimized_image_starts_lazily,
+    cri_pull_secrets_open_their_own_image_lazily,
 );
 
 /// False (after saying why) when `stack` cannot run these tests here; under
@@ -882,24 +916,39 @@ fn overlay_chroot(options: &[String], target: &Path, script: &str) -> (Output, M
 /// hosts.toml under `config_path` (the CRI's own mirror entries make 2.x
 /// pull without the Transfer Service).
 fn cri_toml(stack: Stack, sn: &Snapshotterd, reg: &Registry) -> String {
+    cri_toml_for(stack, sn, &[reg])
+}
+
+/// [`cri_toml`] for several plain-HTTP registries.
+fn cri_toml_for(stack: Stack, sn: &Snapshotterd, regs: &[&Registry]) -> String {
     match stack {
-        Stack::Bookworm => format!(
-            "{}[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lazylayer\"\n  disable_snapshot_annotations = false\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n  endpoint = [\"http://{addr}\"]\n",
-            sn.proxy_toml(),
-            addr = reg.addr()
-        ),
+        Stack::Bookworm => {
+            let mut toml = format!(
+                "{}[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lazylayer\"\n  disable_snapshot_annotations = false\n",
+                sn.proxy_toml()
+            );
+            for reg in regs {
+                toml += &format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n  endpoint = [\"http://{addr}\"]\n",
+                    addr = reg.addr()
+                );
+            }
+            toml
+        }
         Stack::Sid => {
             let certs = sn.root.join("certs.d");
-            let host = certs.join(reg.addr());
-            std::fs::create_dir_all(&host).unwrap();
-            std::fs::write(
-                host.join("hosts.toml"),
-                format!(
-                    "server = \"http://{addr}\"\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                    addr = reg.addr()
-                ),
-            )
-            .unwrap();
+            for reg in regs {
+                let host = certs.join(reg.addr());
+                std::fs::create_dir_all(&host).unwrap();
+                std::fs::write(
+                    host.join("hosts.toml"),
+                    format!(
+                        "server = \"http://{addr}\"\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                        addr = reg.addr()
+                    ),
+                )
+                .unwrap();
+            }
             format!(
                 "{}[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"lazylayer\"\n[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"{}\"\n",
                 sn.proxy_toml_on(stack),
@@ -1209,6 +1258,256 @@ fn cri_pull(cd: &Containerd, image: &str) -> String {
             "CRI PullImage {image}: {e:?}\n--- containerd log ---\n{}",
             cd.log()
         ),
+    }
+}
+
+/// `PullImage` of `image` on the CRI image service at `socket` (containerd's
+/// or the snapshotter's proxy) with `auth` (user, password) as a kubelet
+/// sends a pod's pull secret; the image ref, or the refusal.
+fn cri_pull_as(
+    socket: &Path,
+    image: &str,
+    auth: Option<(&str, &str)>,
+) -> Result<String, lazylayer_containerd::tonic::Status> {
+    use lazylayer_containerd::proto::cri::{
+        image_service_client::ImageServiceClient, AuthConfig, ImageSpec, PullImageRequest,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = lazylayer_containerd::grpc::connect(socket).await.unwrap();
+        ImageServiceClient::new(channel)
+            .pull_image(PullImageRequest {
+                image: Some(ImageSpec {
+                    image: image.to_string(),
+                    annotations: Default::default(),
+                }),
+                auth: auth.map(|(user, password)| AuthConfig {
+                    username: user.into(),
+                    password: password.into(),
+                    ..Default::default()
+                }),
+                sandbox_config: None,
+            })
+            .await
+            .map(|r| r.into_inner().image_ref)
+    })
+}
+
+/// `ImageStatus` of `image` at `socket`, as the kubelet asks before it
+/// pulls: the image's ID, None if it is not there.
+fn cri_image_id(socket: &Path, image: &str) -> Option<String> {
+    use lazylayer_containerd::proto::cri::{
+        image_service_client::ImageServiceClient, ImageSpec, ImageStatusRequest,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = lazylayer_containerd::grpc::connect(socket).await.unwrap();
+        ImageServiceClient::new(channel)
+            .image_status(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: image.to_string(),
+                    annotations: Default::default(),
+                }),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+            .map(|i| i.id)
+    })
+}
+
+/// Access-log lines of `reg` since `from` for GETs under `/v2/REPO/` by a
+/// client whose user agent starts with `agent`, answered 2xx.
+fn served_gets(reg: &Registry, from: usize, repo: &str, agent: &str) -> Vec<String> {
+    reg.log()[from..]
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("\"GET /v2/{repo}/"))
+                && l.contains(&format!("\"{agent}"))
+                && l.contains("\" 20")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// A pod's pull secret, as Kubernetes hands it over: the kubelet's image
+/// service endpoint is the snapshotter's CRI proxy, which forwards every
+/// call to containerd and keeps the credential of a pull containerd
+/// accepted, for that image's repository only. The snapshotter itself has no
+/// credential of its own (no auth file). The private registry asks for
+/// Basic (htpasswd) on bookworm and for a Bearer token (a token issuer
+/// granting per repository) on sid.
+///
+/// A wrong password: a clear pull error for the pod, and nothing kept.
+/// alice's secret for `private/app`: the pod starts lazily (containerd
+/// fetches no layer; the snapshotter fetches the boot bytes with alice's
+/// credential). bob's image `private/other`, pulled straight on containerd
+/// with bob's secret (so the snapshotter never got it): alice's credential
+/// is not lent to it, so the snapshotter cannot open it and leaves it to
+/// containerd's ordinary download, which runs. The secrets never reach
+/// the snapshotter's log.
+fn cri_pull_secrets_open_their_own_image_lazily(stack: Stack) {
+    if !stack_ready(stack, "cri_pull_secrets_open_their_own_image_lazily") {
+        return;
+    }
+    use lazylayer_testsupport::auth::{htpasswd_config, Grant, TokenIssuer};
+    let reg = Registry::start();
+    push_images(&reg, &["python3", "busybox"]);
+    let pause = push_pause_image(&reg);
+    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, opt_layers) = layer_digests(opt_root.path(), &dst);
+    let boot = opt_layers.last().unwrap().clone();
+    // bob's image: another optimized image (its boot layer is its own, so
+    // containerd asks the snapshotter for it).
+    let (bb_root, _, bb_dst) = optimize_image(&reg, "busybox", &[]);
+    let (_, bb_layers) = layer_digests(bb_root.path(), &bb_dst);
+    let bb_boot = bb_layers.last().unwrap().clone();
+
+    let secrets = tempfile::tempdir().unwrap();
+    let users = [
+        ("alice", "alice-pw-1"),
+        ("bob", "bob-pw-2"),
+        ("admin", "admin-pw-3"),
+    ];
+    let (private, _issuer) = match stack {
+        Stack::Bookworm => (
+            Registry::start_with(&htpasswd_config(secrets.path(), &users)),
+            None,
+        ),
+        Stack::Sid => {
+            let issuer = TokenIssuer::start_granting(vec![
+                Grant::new("alice", "alice-pw-1", "private/app"),
+                Grant::new("bob", "bob-pw-2", "private/other"),
+                Grant::new("admin", "admin-pw-3", ""),
+            ]);
+            (
+                Registry::start_with(&issuer.registry_config()),
+                Some(issuer),
+            )
+        }
+    };
+    let app = format!("{}/private/app:opt", private.addr());
+    let other = format!("{}/private/other:opt", private.addr());
+    let admin_auth = secrets.path().join("admin.json");
+    std::fs::write(
+        &admin_auth,
+        format!(
+            r#"{{"auths":{{"{}":{{"username":"admin","password":"admin-pw-3"}}}}}}"#,
+            private.addr()
+        ),
+    )
+    .unwrap();
+    for (store, image, target) in [(&opt_root, &dst, &app), (&bb_root, &bb_dst, &other)] {
+        lazylayer_ok(store.path(), &["pull", image]);
+        let out = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+            .arg("--root")
+            .arg(store.path())
+            .args(["push", image, target])
+            .env("REGISTRY_AUTH_FILE", &admin_auth)
+            .env("HOME", secrets.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "push {target}: {out:?}");
+    }
+
+    let root = stack.tempdir();
+    let home = root.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let home = home.display().to_string();
+    let sn = Snapshotterd::start_with_image_service(root.path(), &[("HOME", &home)]);
+    let toml = cri_toml_for(stack, &sn, &[&reg, &private]) + &sandbox_toml(stack, &pause);
+    let cd = Containerd::start_cri_on(stack, &toml);
+    let proxy = sn.link(&cd);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&proxy).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The kubelet asks first; the proxy forwards what it does not read.
+    assert_eq!(cri_image_id(&proxy, &app), None);
+
+    // A wrong password: containerd refuses the pull, the proxy keeps nothing.
+    let refused = cri_pull_as(&proxy, &app, Some(("alice", "wrong-pw")))
+        .expect_err("a wrong password pulled");
+    let msg = refused.message().to_ascii_lowercase();
+    assert!(
+        msg.contains("401") || msg.contains("unauthorized") || msg.contains("denied"),
+        "not a clear pull error: {refused:?}"
+    );
+    assert!(
+        !sn.log().contains("keeping the pull's credential"),
+        "{}",
+        sn.log()
+    );
+
+    // alice's secret: the pod starts lazily.
+    let from = private.log().len();
+    let id = cri_pull_as(&proxy, &app, Some(("alice", "alice-pw-1")))
+        .unwrap_or_else(|e| panic!("{e:?}\n--- snapshotter ---\n{}", sn.log()));
+    assert_eq!(cri_image_id(&proxy, &app).as_deref(), Some(id.as_str()));
+    assert!(
+        sn.log().contains("keeping the pull's credential"),
+        "{}",
+        sn.log()
+    );
+    let logs = root.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let (code, log) = cri_pod(&cd, &app, &logs, &format!("secret-{}", stack.name()));
+    assert_eq!(code, 0, "the pod's container failed; its log:\n{log}");
+    assert!(log.lines().any(|l| l.ends_with(" stdout F ok")), "{log}");
+    let by_containerd = served_gets(&private, from, "private/app", "containerd/");
+    for l in &opt_layers {
+        assert!(
+            !by_containerd
+                .iter()
+                .any(|g| g.contains(&format!("/blobs/{l}"))),
+            "containerd fetched layer {l}: {by_containerd:?}"
+        );
+    }
+    let by_us = served_gets(&private, from, "private/app", "lazylayer/");
+    assert!(
+        by_us.iter().any(|g| g.contains(&format!("/blobs/{boot}"))),
+        "the snapshotter fetched no boot bytes with alice's credential:\n{}",
+        &private.log()[from..]
+    );
+
+    // bob's image, pulled by containerd with bob's secret, which the
+    // snapshotter never saw: it may not use alice's for it.
+    let from = private.log().len();
+    cri_pull_as(&cd.socket(), &other, Some(("bob", "bob-pw-2")))
+        .unwrap_or_else(|e| panic!("{e:?}\n--- containerd ---\n{}", cd.log()));
+    assert_eq!(
+        served_gets(&private, from, "private/other", "lazylayer/"),
+        Vec::<String>::new(),
+        "the snapshotter opened bob's image without bob's credential"
+    );
+    assert!(
+        sn.log().contains("cannot resolve the image"),
+        "{}",
+        sn.log()
+    );
+    let by_containerd = served_gets(&private, from, "private/other", "containerd/");
+    assert!(
+        by_containerd
+            .iter()
+            .any(|g| g.contains(&format!("/blobs/{bb_boot}"))),
+        "containerd did not download bob's image itself: {by_containerd:?}"
+    );
+    let (code, log) = cri_pod(&cd, &other, &logs, &format!("other-{}", stack.name()));
+    assert_eq!(code, 0, "bob's pod failed; its log:\n{log}");
+    if stack == Stack::Sid {
+        // Per repository grants: alice's secret does not open bob's image.
+        let refused = cri_pull_as(&proxy, &other, Some(("alice", "alice-pw-1")));
+        assert!(refused.is_err(), "alice's secret opened bob's image");
+    }
+    for secret in ["alice-pw-1", "bob-pw-2", "wrong-pw"] {
+        assert!(
+            !sn.log().contains(secret),
+            "a secret in the snapshotter's log"
+        );
     }
 }
 

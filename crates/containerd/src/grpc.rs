@@ -269,18 +269,7 @@ pub async fn serve(
     address: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    if let Some(d) = address.parent() {
-        std::fs::create_dir_all(d).map_err(io("creating the socket's directory", d))?;
-    }
-    // A socket file left by a previous run would make bind fail.
-    match std::fs::remove_file(address) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io("removing the old socket", address)(e))
-        }
-        _ => {}
-    }
-    let listener =
-        tokio::net::UnixListener::bind(address).map_err(io("listening on the socket", address))?;
+    let listener = bind_private(address)?;
     tracing::info!(address = %address.display(), "snapshotter serving");
     let res = tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(Service(snapshotter.clone())))
@@ -298,6 +287,28 @@ pub async fn serve(
             source: std::io::Error::other(e),
         })
     })
+}
+
+/// Listen on the unix socket `address`, readable and writable by its
+/// owner only (as containerd's own socket): whoever speaks to it drives
+/// mounts, or pulls with the node's credentials.
+pub(crate) fn bind_private(address: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(d) = address.parent() {
+        std::fs::create_dir_all(d).map_err(io("creating the socket's directory", d))?;
+    }
+    // A socket file left by a previous run would make bind fail.
+    match std::fs::remove_file(address) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("removing the old socket", address)(e))
+        }
+        _ => {}
+    }
+    let listener =
+        tokio::net::UnixListener::bind(address).map_err(io("listening on the socket", address))?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("making the socket private", address))?;
+    Ok(listener)
 }
 
 /// A gRPC channel to a unix socket (a snapshotter's or containerd's).

@@ -17,6 +17,7 @@
 pub mod containerd_client;
 pub mod error;
 pub mod grpc;
+pub mod image_proxy;
 pub mod register;
 pub mod remote;
 pub mod snapshots;

@@ -58,6 +58,10 @@ pub struct AuthStore {
     pub sources: Vec<PathBuf>,
     /// Where `docker-credential-NAME` helpers are; None: found on PATH.
     pub helper_dir: Option<PathBuf>,
+    /// Credentials handed over while running (a CRI pull's, Podman's auth
+    /// helper's), by repository; they win over the files for their
+    /// repository.
+    pub keychain: Option<Arc<crate::keychain::Keychain>>,
 }
 
 impl AuthStore {
@@ -113,6 +117,15 @@ impl AuthStore {
     pub fn insert(&mut self, host: &str, cred: Credential) {
         self.by_host
             .insert(normalize_host(host), Entry::Inline(cred));
+    }
+
+    /// The credential for `repo`: one handed over for exactly this
+    /// repository (the keychain), else its host's from the files.
+    pub fn get_for(&self, repo: &crate::reference::Repository) -> Option<Credential> {
+        self.keychain
+            .as_ref()
+            .and_then(|k| k.get(repo))
+            .or_else(|| self.get(&repo.registry))
     }
 
     /// The credential for `host`, asking a credential helper if a file

@@ -10,6 +10,7 @@ pub mod client;
 pub mod digest;
 pub mod error;
 pub mod hosts;
+pub mod keychain;
 pub mod manifest;
 pub mod reference;
 pub mod retry;
@@ -18,5 +19,6 @@ pub use client::{BlobResume, BodyStream, ClientConfig, PushOutcome, RegistryClie
 pub use digest::{Digest, DigestHasher};
 pub use error::OciError;
 pub use hosts::{Endpoint, Hosts, Purpose};
+pub use keychain::Keychain;
 pub use manifest::{Platform, ResolvedImage, ResolvedManifest};
 pub use reference::{Reference, Repository};

@@ -4,6 +4,7 @@
 //! snapshots to compare root file systems, a fault-injecting proxy for
 //! what a real registry cannot be made to do, and the bounded fuzz harness.
 
+pub mod auth;
 pub mod fuzz;
 pub mod proxy;
 pub mod stack;

@@ -2,7 +2,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use lazylayer_containerd::image_proxy::{self, ImageServiceProxy};
 use lazylayer_containerd::{grpc, Images, Snapshotter};
+use lazylayer_oci::Keychain;
 
 use crate::context::GlobalArgs;
 
@@ -27,12 +29,31 @@ pub struct Args {
     /// [config: metrics.address; default: none]
     #[arg(long, value_name = "ADDR")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Also serve the CRI image service on this unix socket, forwarding
+    /// every call to containerd's (--containerd-address): point the kubelet's
+    /// --image-service-endpoint here, and the credentials of a pod's
+    /// successful pull (its image pull secrets) serve the lazy fetches of
+    /// that image, kept in memory only, for its repository only
+    #[arg(long, value_name = "SOCK")]
+    pub image_service_address: Option<PathBuf>,
+    /// containerd's socket, where the image service proxy forwards to
+    #[arg(
+        long,
+        value_name = "SOCK",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_address: PathBuf,
+    /// How long a pull's credential is kept after the pull (a new pull of
+    /// the image renews it); e.g. 30m, 2h
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub credentials_ttl: std::time::Duration,
 }
 
 pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let store = g.store()?;
     super::evict_periodically(&store);
-    let client = Arc::new(g.client()?);
+    let keychain = Arc::new(Keychain::new(a.credentials_ttl));
+    let client = Arc::new(g.client_with(|c| c.auth.keychain = Some(keychain.clone()))?);
     let dir = g.root.join("snapshotter");
     // Lazy roots outlive this process: their FUSE connections are kept by a
     // holder, and a restart takes them over before it serves.
@@ -47,24 +68,48 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     if n > 0 {
         eprintln!("took over {n} lazy root(s) left mounted by the previous snapshotter");
     }
-    let shutdown = async {
-        // SIGTERM (service managers, tests) as well as Ctrl-C: stop serving,
-        // unmount the lazy roots no container uses, leave those in use to
-        // the next snapshotter, and remove the socket on the way out.
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    // SIGTERM (service managers, tests) as well as Ctrl-C: stop serving,
+    // unmount the lazy roots no container uses, leave those in use to the
+    // next snapshotter, and remove the sockets on the way out.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let proxy = match a.image_service_address.clone() {
+        None => None,
+        Some(address) => {
+            let listener = image_proxy::listen(&address).with_context(|| {
+                format!("serving the CRI image service on {}", address.display())
+            })?;
+            let proxy =
+                ImageServiceProxy::new(image_proxy::connect_lazy(&a.containerd_address), keychain);
+            let shutdown = until_stopped(stopped.clone());
+            Some(tokio::spawn(async move {
+                image_proxy::serve(proxy, listener, &address, shutdown)
+                    .await
+                    .with_context(|| {
+                        format!("serving the CRI image service on {}", address.display())
+                    })
+            }))
         }
     };
-    grpc::serve(Arc::new(sn), &a.address, shutdown)
+    let served = grpc::serve(Arc::new(sn), &a.address, until_stopped(stopped))
         .await
-        .with_context(|| format!("serving the snapshotter on {}", a.address.display()))
+        .with_context(|| format!("serving the snapshotter on {}", a.address.display()));
+    if let Some(p) = proxy {
+        p.await.context("the CRI image service proxy")??;
+    }
+    served
 }

@@ -40,9 +40,9 @@ impl Authorization {
 /// Where the Authorization header values for one request are kept. Per
 /// host: a mirror answers its own challenges.
 pub(super) struct AuthKeys {
-    /// Bearer tokens: by host and scopes.
+    /// Bearer tokens: by host and scopes (and credential).
     scoped: String,
-    /// Basic credentials: by host.
+    /// Basic credentials: by host (and credential).
     host: String,
     /// `scheme://host`, the endpoint actually spoken to, and the exact
     /// scopes: what tokens kept on disk are filed under.
@@ -59,6 +59,14 @@ impl AuthKeys {
             scopes: scopes.to_vec(),
         }
     }
+
+    fn scoped(&self, cred: &CredentialId) -> String {
+        format!("{} {}", self.scoped, cred.as_str())
+    }
+
+    fn host(&self, cred: &CredentialId) -> String {
+        format!("{} {}", self.host, cred.as_str())
+    }
 }
 
 impl RegistryClient {
@@ -72,21 +80,20 @@ impl RegistryClient {
         ep: &Endpoint,
     ) -> Option<String> {
         let now = SystemTime::now();
+        // Not under the lock: the credential may come from a helper.
+        let cred = CredentialId::of(self.credential(repo, ep).as_ref());
         {
             let t = self.tokens.lock().unwrap();
-            if let Some(a) = t.get(&keys.scoped).filter(|a| a.usable_at(now)) {
+            if let Some(a) = t.get(&keys.scoped(&cred)).filter(|a| a.usable_at(now)) {
                 return Some(a.header.clone());
             }
         }
-        // Not under the lock: the credential may come from a helper.
         if let Some(cache) = &self.token_cache {
-            let kept = cache.load(&keys.endpoint, &keys.scopes, now, || {
-                CredentialId::of(self.credential(repo, ep).as_ref())
-            });
+            let kept = cache.load(&keys.endpoint, &keys.scopes, now, || cred.clone());
             if let Some((token, expires)) = kept {
                 let header = format!("Bearer {token}");
                 self.tokens.lock().unwrap().insert(
-                    keys.scoped.clone(),
+                    keys.scoped(&cred),
                     Authorization {
                         header: header.clone(),
                         expires: Some(expires),
@@ -96,12 +103,14 @@ impl RegistryClient {
             }
         }
         let t = self.tokens.lock().unwrap();
-        t.get(&keys.host).map(|a| a.header.clone())
+        t.get(&keys.host(&cred)).map(|a| a.header.clone())
     }
 
     /// Keep `auth` (from [`RegistryClient::authenticate`]) for the next
     /// requests: a token for these scopes (in the token directory too, if
-    /// any), Basic for the whole host.
+    /// any), Basic for the whole host; both only for the credential that
+    /// obtained them, so that a repository's own credential (a pod's) never
+    /// lends its access to another repository.
     pub(super) fn remember_authorization(
         &self,
         keys: &AuthKeys,
@@ -109,27 +118,24 @@ impl RegistryClient {
         ep: &Endpoint,
         auth: Authorization,
     ) {
+        let cred = CredentialId::of(self.credential(repo, ep).as_ref());
         if !Authorization::is_bearer(&auth.header) {
-            self.tokens.lock().unwrap().insert(keys.host.clone(), auth);
+            self.tokens.lock().unwrap().insert(keys.host(&cred), auth);
             return;
         }
         if let (Some(cache), Some(expires)) = (&self.token_cache, auth.expires) {
             let token = &auth.header["Bearer ".len()..];
-            let cred = CredentialId::of(self.credential(repo, ep).as_ref());
             cache.store(&keys.endpoint, &keys.scopes, &cred, token, expires);
         }
-        self.tokens
-            .lock()
-            .unwrap()
-            .insert(keys.scoped.clone(), auth);
+        self.tokens.lock().unwrap().insert(keys.scoped(&cred), auth);
     }
 
     /// Drop the token kept for a request's scopes, here and on disk: the
     /// registry refused it (revoked, signing key rotated).
     pub(super) fn forget_token(&self, keys: &AuthKeys, repo: &Repository, ep: &Endpoint) {
-        self.tokens.lock().unwrap().remove(&keys.scoped);
+        let cred = CredentialId::of(self.credential(repo, ep).as_ref());
+        self.tokens.lock().unwrap().remove(&keys.scoped(&cred));
         if let Some(cache) = &self.token_cache {
-            let cred = CredentialId::of(self.credential(repo, ep).as_ref());
             cache.forget(&keys.endpoint, &keys.scopes, &cred);
         }
     }
@@ -175,9 +181,9 @@ impl RegistryClient {
             self.cfg
                 .auth
                 .get(&ep.host)
-                .or_else(|| self.cfg.auth.get(&repo.registry))
+                .or_else(|| self.cfg.auth.get_for(repo))
         } else {
-            self.cfg.auth.get(&repo.registry)
+            self.cfg.auth.get_for(repo)
         }
     }
 
@@ -319,6 +325,65 @@ mod tests {
 
     fn remember(client: &RegistryClient, ep: &Endpoint, scopes: &[String], auth: Authorization) {
         client.remember_authorization(&AuthKeys::new(ep, scopes), &repo(&ep.registry), ep, auth);
+    }
+
+    /// A credential handed over for one repository (a pod's) is used for
+    /// it, and what it obtained (Basic for the host, a token) is never sent
+    /// for another repository of the same registry, which gets the files'
+    /// credential or none.
+    #[test]
+    fn a_repository_credential_lends_nothing_to_its_neighbours() {
+        let keychain = std::sync::Arc::new(crate::Keychain::default());
+        let mut auth = crate::auth::AuthStore::default();
+        auth.keychain = Some(keychain.clone());
+        let client = RegistryClient::new(ClientConfig {
+            auth,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let mine = repo("reg.example");
+        let theirs = Repository {
+            registry: "reg.example".into(),
+            name: "team/other".into(),
+        };
+        let ep_of = |r: &Repository| client.endpoints(r, Purpose::Pull).unwrap().remove(0);
+        let (ep_mine, ep_theirs) = (ep_of(&mine), ep_of(&theirs));
+        let alice = crate::auth::Credential {
+            username: "alice".into(),
+            password: "pw".into(),
+        };
+        keychain.put(&mine, alice.clone());
+        assert_eq!(client.credential(&mine, &ep_mine), Some(alice.clone()));
+        assert_eq!(client.credential(&theirs, &ep_theirs), None);
+
+        let keys = |ep: &Endpoint| AuthKeys::new(ep, &[RegistryClient::pull_scope(ep)]);
+        client.remember_authorization(
+            &keys(&ep_mine),
+            &mine,
+            &ep_mine,
+            lasting(&alice.basic_header()),
+        );
+        assert_eq!(
+            client.cached_authorization(&keys(&ep_mine), &mine, &ep_mine),
+            Some(alice.basic_header())
+        );
+        assert_eq!(
+            client.cached_authorization(&keys(&ep_theirs), &theirs, &ep_theirs),
+            None,
+            "alice's Basic header went to another repository"
+        );
+        // Nor a token alice's credential obtained, should the scopes match.
+        let scopes = [RegistryClient::pull_scope(&ep_mine)];
+        client.remember_authorization(
+            &AuthKeys::new(&ep_mine, &scopes),
+            &mine,
+            &ep_mine,
+            lasting("Bearer alices"),
+        );
+        assert_eq!(
+            client.cached_authorization(&AuthKeys::new(&ep_theirs, &scopes), &theirs, &ep_theirs),
+            None
+        );
     }
 
     #[test]

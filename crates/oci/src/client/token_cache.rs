@@ -58,6 +58,10 @@ impl CredentialId {
         }
         CredentialId(hex::encode(h.finalize()))
     }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// When a token granted at `now` stops being sent: `expires_in` seconds
