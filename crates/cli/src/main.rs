@@ -51,6 +51,9 @@ enum Command {
     Status(commands::status::Args),
     /// Serve optimized images to Podman lazily (containers-storage additional layer store)
     Store(commands::store::Args),
+    /// Hand Podman's pull credentials to `lazylayer store` (its additional-layer-store-auth-helper)
+    #[command(name = "store-auth-helper")]
+    StoreAuthHelper(commands::store::HelperArgs),
     /// Show an image's manifest and config summary (from the registry)
     Inspect(commands::inspect::Args),
     /// List the images in the store
@@ -80,8 +83,17 @@ enum Command {
 
 static EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
+/// The name under which lazylayer acts as Podman's auth helper: Podman runs
+/// the helper without arguments.
+const AUTH_HELPER_NAME: &str = "lazylayer-store-auth-helper";
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called = args.first().map(std::path::PathBuf::from);
+    if called.as_deref().and_then(std::path::Path::file_name) == Some(AUTH_HELPER_NAME.as_ref()) {
+        args.insert(1, "store-auth-helper".into());
+    }
+    let cli = Cli::parse_from(args);
     context::init_logging(cli.global.verbose);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -122,6 +134,7 @@ fn main() -> ExitCode {
             Command::Rm(a) => commands::rm::run(g, a),
             Command::Status(a) => commands::status::run(g, a),
             Command::Store(a) => commands::store::run(g, a).await,
+            Command::StoreAuthHelper(a) => commands::store::helper(g, a).await,
             Command::Inspect(a) => commands::inspect::run(g, a).await,
             Command::Images(a) => commands::images::run(g, a),
             Command::Optimize(a) => commands::optimize::run(g, a).await,

@@ -15,6 +15,8 @@ use common::*;
 struct ServedStore {
     process: KillOnDrop,
     args: Vec<String>,
+    /// The store's environment besides the test's.
+    env: Vec<(String, String)>,
     _leftovers: (StoreLeftovers, UnmountBelow),
     root: tempfile::TempDir,
     als: tempfile::TempDir,
@@ -41,6 +43,24 @@ impl ServedStore {
         image: &str,
         extra: &[&str],
     ) -> ServedStore {
+        let mut s = ServedStore::spawn_in_dirs(root, als, image, extra, &[]);
+        s.wait_ready(1);
+        s
+    }
+
+    /// [`ServedStore::start_on`] with `env` added to the store's
+    /// environment; not waited for.
+    fn spawn_on(stack: Stack, image: &str, extra: &[&str], env: &[(&str, &str)]) -> ServedStore {
+        ServedStore::spawn_in_dirs(stack.tempdir(), stack.tempdir(), image, extra, env)
+    }
+
+    fn spawn_in_dirs(
+        root: tempfile::TempDir,
+        als: tempfile::TempDir,
+        image: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServedStore {
         let leftovers = (
             StoreLeftovers(root.path().to_path_buf()),
             UnmountBelow(als.path().to_path_buf()),
@@ -53,20 +73,39 @@ impl ServedStore {
             als.path().display().to_string(),
             image.into(),
         ]);
-        let process = ServedStore::spawn(&args, root.path());
-        let mut s = ServedStore {
+        let env: Vec<(String, String)> = (env.iter())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let process = ServedStore::spawn(&args, &env, root.path());
+        ServedStore {
             process,
             args,
+            env,
             _leftovers: leftovers,
             root,
             als,
             ready: Instant::now(),
-        };
-        s.wait_ready(1);
-        s
+        }
     }
 
-    fn spawn(args: &[String], root: &std::path::Path) -> KillOnDrop {
+    fn output(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("store.out")).unwrap_or_default()
+    }
+
+    /// Until the store's output has a line starting with `prefix`.
+    fn wait_for_line(&self, prefix: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.output().lines().any(|l| l.starts_with(prefix)) {
+            assert!(
+                Instant::now() < deadline,
+                "the store never said {prefix:?}: {}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn spawn(args: &[String], env: &[(String, String)], root: &std::path::Path) -> KillOnDrop {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -75,6 +114,7 @@ impl ServedStore {
         KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_lazylayer"))
                 .args(args)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(out)
                 .spawn()
                 .unwrap(),
@@ -117,7 +157,7 @@ impl ServedStore {
             let _ = self.process.0.kill();
             let _ = self.process.0.wait();
         }
-        self.process = ServedStore::spawn(&self.args, self.root.path());
+        self.process = ServedStore::spawn(&self.args, &self.env, self.root.path());
         self.wait_ready(n);
     }
 
@@ -127,6 +167,16 @@ impl ServedStore {
         std::path::Path::new(&format!("/proc/{pid}"))
             .exists()
             .then_some(pid)
+    }
+
+    /// `podman` with this layer store (its global option given).
+    fn podman_cmd(&self, podman: &Podman) -> Command {
+        let mut c = podman.cmd();
+        c.arg("--storage-opt").arg(format!(
+            "overlay.additionallayerstore={}:ref",
+            self.als.path().display()
+        ));
+        c
     }
 
     /// `podman ARGS` with this layer store, which must succeed; its stdout.
@@ -178,10 +228,153 @@ macro_rules! on_each_podman {
 }
 
 on_each_podman!(
+    root_podman_pull_credentials_reach_the_store,
     root_podman_runs_an_optimized_image_lazily_through_the_layer_store,
     root_podman_store_prefetches_only_after_the_start_settles,
     root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse,
 );
+
+/// A private registry (htpasswd: Basic). Podman 5.8 hands a pull's
+/// credential to the store through registries.conf's
+/// `additional-layer-store-auth-helper`, here lazylayer itself under the
+/// name `lazylayer-store-auth-helper`: the store, started with no credential
+/// at all, waits for the image, opens it when the helper brings alice's
+/// credential (before Podman asks for the layers), and Podman runs the image
+/// lazily. A wrong password fails Podman's pull clearly and opens nothing.
+/// Podman 4.3 has no such helper: its store reads the credential from an
+/// auth file (`--auth-file`), and Podman pulls with its own.
+fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
+    if !stack.ready("root_podman_pull_credentials_reach_the_store") {
+        return;
+    }
+    use base64::Engine;
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (opt, src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, src_layers) = layer_digests(opt.path(), &src);
+    let (_, layers) = layer_digests(opt.path(), &dst);
+    let boot = layers.last().unwrap().clone();
+    let secrets = stack.tempdir();
+    let private = Registry::start_with(&common::auth::htpasswd_config(
+        secrets.path(),
+        &[("alice", "alice-pw-1"), ("admin", "admin-pw-3")],
+    ));
+    let app = format!("{}/private/app:opt", private.addr());
+    let auth_file = |user: &str, password: &str| {
+        let f = secrets.path().join(format!("{user}.json"));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        std::fs::write(
+            &f,
+            format!(r#"{{"auths":{{"{}":{{"auth":"{b64}"}}}}}}"#, private.addr()),
+        )
+        .unwrap();
+        f
+    };
+    let admin = auth_file("admin", "admin-pw-3");
+    lazylayer_ok(opt.path(), &["pull", &dst]);
+    let pushed = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(opt.path())
+        .args(["push", &dst, &app])
+        .env("REGISTRY_AUTH_FILE", &admin)
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "{pushed:?}");
+
+    // The store has no credential of its own (an empty HOME, no auth file)
+    // but, on bookworm, the one given by --auth-file.
+    let home = secrets.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let alice = auth_file("alice", "alice-pw-1");
+    let alice = alice.display().to_string();
+    let mut extra = vec!["--prefetch", "off"];
+    if stack == Stack::Bookworm {
+        extra.extend(["--auth-file", alice.as_str()]);
+    }
+    let home = home.display().to_string();
+    let store = ServedStore::spawn_on(stack, &app, &extra, &[("HOME", &home)]);
+    let conf = secrets.path().join("registries.conf");
+    match stack {
+        Stack::Bookworm => {
+            std::fs::write(&conf, "").unwrap();
+            store.wait_for_line("serving ");
+        }
+        Stack::Sid => {
+            // Podman runs the helper by this path, with no argument; it
+            // finds the store by LAZYLAYER_ROOT (Podman passes its own
+            // environment on).
+            let helper = secrets.path().join("lazylayer-store-auth-helper");
+            std::fs::copy(env!("CARGO_BIN_EXE_lazylayer"), &helper).unwrap();
+            std::fs::write(
+                &conf,
+                format!(
+                    "additional-layer-store-auth-helper = \"{}\"\n",
+                    helper.display()
+                ),
+            )
+            .unwrap();
+            store.wait_for_line("waiting for credentials for ");
+            assert!(mounts_below(store.als.path()).is_empty());
+        }
+    }
+    let podman = Podman::on(stack);
+    // `podman ARGS` with the pull credential `creds` (`run` has no
+    // --creds in 4.3: there it comes from alice's auth file).
+    let pm = |creds: &str, args: &[&str]| {
+        let mut c = store.podman_cmd(&podman);
+        c.env("CONTAINERS_REGISTRIES_CONF", &conf)
+            .env("LAZYLAYER_ROOT", store.root.path())
+            .arg(args[0])
+            .arg("--tls-verify=false");
+        match args[0] {
+            "run" => c.env("REGISTRY_AUTH_FILE", &alice),
+            _ => c.args(["--creds", creds]),
+        };
+        c.args(&args[1..]).output().unwrap()
+    };
+
+    let wrong = pm("alice:wrong-pw", &["pull", "-q", &app]);
+    assert!(!wrong.status.success(), "a wrong password pulled");
+    let err = String::from_utf8_lossy(&wrong.stderr).to_ascii_lowercase();
+    assert!(
+        err.contains("unauthorized")
+            || err.contains("401")
+            || err.contains("authentication required"),
+        "not a clear pull error: {err}"
+    );
+    assert!(
+        !store.output().contains("credentials arrived"),
+        "{}",
+        store.output()
+    );
+
+    let pulled = pm("alice:alice-pw-1", &["pull", "-q", &app]);
+    assert!(pulled.status.success(), "{pulled:?}");
+    if stack == Stack::Sid {
+        assert!(
+            store
+                .output()
+                .contains(&format!("serving {app} (credentials arrived)")),
+            "{}",
+            store.output()
+        );
+    }
+    let ran = pm("", &["run", "--rm", "--network=none", &app]);
+    assert!(ran.status.success(), "{ran:?}");
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "ok\n");
+    for d in &src_layers {
+        assert_eq!(
+            private.blob_gets(d),
+            0,
+            "layer {d} was downloaded; podman should have used the layer store"
+        );
+    }
+    assert!(
+        private.blob_gets(&boot) > 0,
+        "the store fetched no boot bytes"
+    );
+    assert!(!store.output().contains("alice-pw-1"));
+}
 
 /// Podman pulls the optimized image's manifest and config only, and runs
 /// it from the store's lazy root. Podman 5 asks the store for a layer only

@@ -45,6 +45,19 @@ pub enum FetchError {
     Io(#[from] lazylayer_sys::IoError),
 }
 
+impl FetchError {
+    /// Whether the registry refused for want of credentials (see
+    /// [`lazylayer_oci::OciError::is_unauthorized`]).
+    pub fn is_unauthorized(&self) -> bool {
+        match self {
+            FetchError::Oci(o) | FetchError::Store(lazylayer_store::StoreError::Oci(o)) => {
+                o.is_unauthorized()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Whether a layer fetch failed because the registry could not be reached
 /// (worth trying again once it can), not because of what it sent.
 pub(crate) fn is_network(e: &lazylayer_store::StoreError) -> bool {

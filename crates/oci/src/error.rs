@@ -137,6 +137,12 @@ impl OciError {
                 | OciError::Unreachable { .. }
         )
     }
+
+    /// Whether the registry wants credentials this client does not have
+    /// (or refused those it sent): worth trying again once some arrive.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, OciError::Unauthorized { .. } | OciError::Auth { .. })
+    }
 }
 
 pub type Result<T, E = OciError> = std::result::Result<T, E>;

@@ -10,6 +10,8 @@
 //! the store (the boot layer's with its index file hidden), and Podman
 //! stacks them with overlayfs itself. See docs/podman.md.
 
+pub mod auth_helper;
+
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use lazylayer_fetch::{FetchError, FetchOptions};
 use lazylayer_fs::{Held, Holder};
-use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_oci::{Digest, Reference, RegistryClient, Repository};
 use lazylayer_root::{LazyRoot, MountOptions, OpenError};
 use lazylayer_store::{Pin, Store};
 use lazylayer_sys::error_chain;
@@ -134,6 +136,9 @@ impl Drop for Served {
 /// once all its layers arrived); [`LayerStore::stop`] keeps those in use.
 pub struct LayerStore {
     served: Vec<Served>,
+    /// Images the registry refused for want of credentials, by their
+    /// position among the images served (it names their pins).
+    waiting: Vec<(usize, Reference)>,
 }
 
 /// An image the store serves.
@@ -160,66 +165,15 @@ impl LayerStore {
             }),
             None => Vec::new(),
         };
-        let mut served = Vec::new();
+        let mut layer_store = LayerStore {
+            served: Vec::new(),
+            waiting: Vec::new(),
+        };
         for (i, reference) in images.iter().enumerate() {
-            let pin = format!("podman-store-{}-{i}", std::process::id());
-            let work = work_dir(store, &opts.dir, reference);
-            let target = work.join("root");
-            let base = opts.dir.join(image_dir_name(&reference.to_string()));
-            let kept = held
-                .iter()
-                .position(|h| Path::new(&h.name) == target)
-                .map(|k| held.swap_remove(k));
-            if let Some(h) = kept {
-                match take_over(
-                    store,
-                    client.clone(),
-                    reference,
-                    opts,
-                    &pin,
-                    &base,
-                    &target,
-                    h,
-                )
-                .await
-                {
-                    Ok(s) => {
-                        tracing::info!(image = %reference, mount = %target.display(), "took over a lazy root left by the previous store");
-                        served.push(s);
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::error!(image = %reference, error = %e, "cannot take over the lazy root; serving it anew")
-                    }
-                }
+            match serve_one(store, client.clone(), reference, i, opts, &mut held).await? {
+                Some(s) => layer_store.served.push(s),
+                None => layer_store.waiting.push((i, reference.clone())),
             }
-            // Left by a store that died with nobody keeping its connection
-            // (dead: ENOTCONN), or by one that could not be taken over.
-            clear_layout(&base, &target, opts.holder.as_ref());
-            if let Some(local) = lay_out_local(store, reference, &opts.dir, &pin)? {
-                served.push(local);
-                continue;
-            }
-            let opened = LazyRoot::open(store, client.clone(), reference, opts.fetch.clone(), &pin);
-            let root = match opened.await {
-                Ok(root) => root,
-                Err(OpenError::NoBootLayer(r)) => return Err(PodmanError::NoBootLayer(r)),
-                Err(OpenError::Failed(source)) => {
-                    return Err(PodmanError::Open {
-                        image: reference.to_string(),
-                        source: Box::new(source),
-                    })
-                }
-            };
-            let s = lay_out(
-                root,
-                &opts.dir,
-                &work,
-                opts.mount.clone(),
-                opts.holder.clone(),
-            )?;
-            hold(&s, opts.holder.as_ref());
-            served.push(s);
         }
         // Kept for images this store no longer serves: no user is known
         // to this store; they are cleared once nobody has them mounted.
@@ -229,7 +183,50 @@ impl LayerStore {
                 "the descriptor holder keeps a root of an image not served now; leaving it"
             );
         }
-        Ok(LayerStore { served })
+        Ok(layer_store)
+    }
+
+    /// Images whose registry wants credentials the store did not have:
+    /// served once they arrive ([`LayerStore::credentials_arrived`]).
+    pub fn waiting(&self) -> impl Iterator<Item = &Reference> {
+        self.waiting.iter().map(|(_, r)| r)
+    }
+
+    /// Credentials for `repository` arrived (in `client`'s keychain):
+    /// serve the images of it that waited for them. Returns those now
+    /// served; an image the registry still refuses keeps waiting.
+    pub async fn credentials_arrived(
+        &mut self,
+        store: &Store,
+        client: Arc<RegistryClient>,
+        opts: &StoreOptions,
+        repository: &Repository,
+    ) -> Result<Vec<Reference>, PodmanError> {
+        let mut now_served = Vec::new();
+        let mut still = Vec::new();
+        let mut waiting = std::mem::take(&mut self.waiting).into_iter();
+        while let Some((i, reference)) = waiting.next() {
+            if reference.repository != *repository {
+                still.push((i, reference));
+                continue;
+            }
+            match serve_one(store, client.clone(), &reference, i, opts, &mut Vec::new()).await {
+                Ok(Some(s)) => {
+                    self.served.push(s);
+                    now_served.push(reference);
+                }
+                Ok(None) => still.push((i, reference)),
+                Err(e) => {
+                    // This one and those not tried yet keep waiting.
+                    still.push((i, reference));
+                    still.extend(waiting);
+                    self.waiting = still;
+                    return Err(e);
+                }
+            }
+        }
+        self.waiting = still;
+        Ok(now_served)
     }
 
     pub fn images(&self) -> impl Iterator<Item = ServedImage<'_>> {
@@ -260,6 +257,79 @@ impl LayerStore {
             s.leave();
         }
     }
+}
+
+/// Serve `reference` (the `i`th image): take over its lazy root from the
+/// previous store if `held` has it, else lay it out anew. None: its
+/// registry wants credentials the client does not have (yet).
+async fn serve_one(
+    store: &Store,
+    client: Arc<RegistryClient>,
+    reference: &Reference,
+    i: usize,
+    opts: &StoreOptions,
+    held: &mut Vec<Held>,
+) -> Result<Option<Served>, PodmanError> {
+    let pin = format!("podman-store-{}-{i}", std::process::id());
+    let work = work_dir(store, &opts.dir, reference);
+    let target = work.join("root");
+    let base = opts.dir.join(image_dir_name(&reference.to_string()));
+    let kept = held
+        .iter()
+        .position(|h| Path::new(&h.name) == target)
+        .map(|k| held.swap_remove(k));
+    if let Some(h) = kept {
+        match take_over(
+            store,
+            client.clone(),
+            reference,
+            opts,
+            &pin,
+            &base,
+            &target,
+            h,
+        )
+        .await
+        {
+            Ok(s) => {
+                tracing::info!(image = %reference, mount = %target.display(), "took over a lazy root left by the previous store");
+                return Ok(Some(s));
+            }
+            Err(e) => {
+                tracing::error!(image = %reference, error = %e, "cannot take over the lazy root; serving it anew")
+            }
+        }
+    }
+    // Left by a store that died with nobody keeping its connection
+    // (dead: ENOTCONN), or by one that could not be taken over.
+    clear_layout(&base, &target, opts.holder.as_ref());
+    if let Some(local) = lay_out_local(store, reference, &opts.dir, &pin)? {
+        return Ok(Some(local));
+    }
+    let opened = LazyRoot::open(store, client, reference, opts.fetch.clone(), &pin);
+    let root = match opened.await {
+        Ok(root) => root,
+        Err(OpenError::NoBootLayer(r)) => return Err(PodmanError::NoBootLayer(r)),
+        Err(OpenError::Failed(source)) if source.is_unauthorized() => {
+            tracing::warn!(image = %reference, error = %error_chain(&source), "the registry wants credentials; waiting for them (Podman's additional-layer-store-auth-helper)");
+            return Ok(None);
+        }
+        Err(OpenError::Failed(source)) => {
+            return Err(PodmanError::Open {
+                image: reference.to_string(),
+                source: Box::new(source),
+            })
+        }
+    };
+    let s = lay_out(
+        root,
+        &opts.dir,
+        &work,
+        opts.mount.clone(),
+        opts.holder.clone(),
+    )?;
+    hold(&s, opts.holder.as_ref());
+    Ok(Some(s))
 }
 
 /// Where an image's lazy root is mounted: stable across restarts (the
