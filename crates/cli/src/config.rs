@@ -62,6 +62,14 @@ pub struct RegistriesSection {
     /// A Docker/Podman-style auth.json read before the usual ones.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_file: Option<PathBuf>,
+    /// The kubelet's credential provider configuration
+    /// (`--image-credential-provider-config`, YAML or JSON): its plugins
+    /// give credentials for the images their patterns match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_provider_config: Option<PathBuf>,
+    /// Where those plugins are (`--image-credential-provider-bin-dir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_provider_bin_dir: Option<PathBuf>,
     /// containerd's certs.d layout (`<dir>/<registry>/hosts.toml`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hosts_dir: Option<PathBuf>,

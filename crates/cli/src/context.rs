@@ -1,7 +1,8 @@
 //! Options every subcommand shares, merged with the configuration file, and
 //! the objects built from them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -181,10 +182,15 @@ impl GlobalArgs {
         let mut auth_paths = Vec::new();
         auth_paths.extend(r.auth_file.clone());
         auth_paths.extend(AuthStore::default_paths());
+        let mut auth = AuthStore::load(&auth_paths);
+        auth.providers = credential_providers(
+            r.credential_provider_config.as_deref(),
+            r.credential_provider_bin_dir.as_deref(),
+        )?;
         let mut cfg = ClientConfig {
             hosts,
             insecure_registries: r.insecure.clone(),
-            auth: AuthStore::load(&auth_paths),
+            auth,
             stall_timeout: config::seconds(f.stall_timeout.expect("defaulted"))?,
             connect_timeout: config::seconds(f.connect_timeout.expect("defaulted"))?,
             // Every command that talks to registries (run, pull, optimize,
@@ -271,4 +277,21 @@ pub fn short_digest(d: &impl std::fmt::Display) -> String {
     let s = d.to_string();
     let hex = s.split(':').nth(1).unwrap_or(&s);
     hex.chars().take(12).collect()
+}
+
+/// The kubelet's credential provider plugins, if configured (both the
+/// configuration and the plugin directory, as the kubelet needs both).
+pub fn credential_providers(
+    config: Option<&Path>,
+    bin_dir: Option<&Path>,
+) -> Result<Option<Arc<lazylayer_oci::credential_provider::CredentialProviders>>> {
+    match (config, bin_dir) {
+        (None, None) => Ok(None),
+        (Some(c), Some(d)) => lazylayer_oci::credential_provider::CredentialProviders::load(c, d)
+            .map(|p| Some(Arc::new(p)))
+            .map_err(|e| anyhow::anyhow!("credential providers: {e}")),
+        _ => anyhow::bail!(
+            "registries.credential_provider_config and registries.credential_provider_bin_dir go together (as the kubelet's two flags)"
+        ),
+    }
 }

@@ -493,6 +493,109 @@ fn path_with(dir: &tempfile::TempDir) -> std::ffi::OsString {
     std::env::join_paths(paths).unwrap()
 }
 
+/// The kubelet's credential provider plugins as a credential source
+/// (registries.credential_provider_config and _bin_dir, the kubelet's own
+/// file and directory): a plugin whose pattern matches the private
+/// registry gives alice's password, and the pull succeeds with nothing
+/// else configured; a plugin giving a wrong password, or one whose
+/// pattern does not match, leaves the pull refused with a clear error.
+#[test]
+fn credential_provider_plugins_open_a_private_registry() {
+    use std::os::unix::fs::PermissionsExt;
+    let open = Registry::start();
+    let digests = push_images(&open, &["busybox"]);
+    let secrets = tempfile::tempdir().unwrap();
+    let locked = Registry::start_with(&common::auth::htpasswd_config(
+        secrets.path(),
+        &[("alice", "s3cret-pw")],
+    ));
+    let auth_file = alice_auth_file(secrets.path(), &locked.addr());
+    let pusher = tempfile::tempdir().unwrap();
+    lazylayer_json(pusher.path(), &["pull", &image_ref(&open, "busybox")]);
+    let dst = format!("{}/private/busybox:latest", locked.addr());
+    let pushed = lazylayer_authed(
+        pusher.path(),
+        secrets.path(),
+        Some(&auth_file),
+        &["push", &image_ref(&open, "busybox"), &dst],
+    );
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+
+    let plugins = tempfile::tempdir().unwrap();
+    let plugin = |name: &str, password: &str| {
+        let tmp = plugins.path().join(".tmp");
+        std::fs::write(
+            &tmp,
+            format!(
+                "#!/bin/sh\ncat > {dir}/{name}.request\nprintf '%s' '{{\"kind\":\"CredentialProviderResponse\",\"apiVersion\":\"credentialprovider.kubelet.k8s.io/v1\",\"cacheKeyType\":\"Registry\",\"cacheDuration\":\"1h\",\"auth\":{{\"{addr}\":{{\"username\":\"alice\",\"password\":\"{password}\"}}}}}}'\n",
+                dir = plugins.path().display(),
+                addr = locked.addr()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, plugins.path().join(name)).unwrap();
+    };
+    plugin("good", "s3cret-pw");
+    plugin("wrong", "not-it");
+    let pull_with = |provider: &str, pattern: &str| {
+        let cfg = plugins.path().join(format!("{provider}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: {provider}\n    matchImages:\n      - \"{pattern}\"\n    defaultCacheDuration: \"12h\"\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n"
+            ),
+        )
+        .unwrap();
+        let toml = plugins.path().join(format!("{provider}.toml"));
+        std::fs::write(
+            &toml,
+            format!(
+                "[registries]\ncredential_provider_config = \"{}\"\ncredential_provider_bin_dir = \"{}\"\n",
+                cfg.display(),
+                plugins.path().display()
+            ),
+        )
+        .unwrap();
+        authed_cmd(tempfile::tempdir().unwrap().path(), secrets.path(), None)
+            .arg("--config")
+            .arg(&toml)
+            .args(["pull", "--json", &dst])
+            .output()
+            .unwrap()
+    };
+    let pulled = pull_with("good", &locked.addr());
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], digests["busybox"]);
+    let request: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(plugins.path().join("good.request")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(request["kind"], "CredentialProviderRequest");
+    assert_eq!(
+        request["image"],
+        format!("{}/private/busybox", locked.addr())
+    );
+
+    let refused = pull_with("wrong", &locked.addr());
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("were refused"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!stderr(&refused).contains("not-it"), "a secret in an error");
+
+    let unmatched = pull_with("good", "elsewhere.example");
+    assert!(!unmatched.status.success());
+    assert!(
+        stderr(&unmatched).contains("asks for a password"),
+        "{}",
+        stderr(&unmatched)
+    );
+}
+
 /// The Bearer token flow against the real registry configured for token
 /// auth ([`TokenIssuer`]).
 #[test]

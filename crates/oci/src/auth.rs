@@ -46,6 +46,9 @@ enum Entry {
 /// must not hang a pull.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A helper's answer is a small JSON object.
+const MAX_HELPER_OUTPUT: usize = 1 << 20;
+
 /// Credentials by registry host, loaded from auth files.
 #[derive(Debug, Clone, Default)]
 pub struct AuthStore {
@@ -62,6 +65,9 @@ pub struct AuthStore {
     /// helper's), by repository; they win over the files for their
     /// repository.
     pub keychain: Option<Arc<crate::keychain::Keychain>>,
+    /// The kubelet's credential provider plugins, asked for the
+    /// repositories their patterns match.
+    pub providers: Option<Arc<crate::credential_provider::CredentialProviders>>,
 }
 
 impl AuthStore {
@@ -120,11 +126,13 @@ impl AuthStore {
     }
 
     /// The credential for `repo`: one handed over for exactly this
-    /// repository (the keychain), else its host's from the files.
+    /// repository (the keychain), else a credential provider plugin's,
+    /// else its host's from the files.
     pub fn get_for(&self, repo: &crate::reference::Repository) -> Option<Credential> {
         self.keychain
             .as_ref()
             .and_then(|k| k.get(repo))
+            .or_else(|| self.providers.as_ref().and_then(|p| p.get(repo)))
             .or_else(|| self.get(&repo.registry))
     }
 
@@ -186,20 +194,53 @@ fn is_docker_hub(host: &str) -> bool {
 /// other tasks move to another thread meanwhile; elsewhere on a runtime of
 /// its own.
 fn run_helper(program: &Path, server: &str) -> Result<Option<Credential>, String> {
+    block_aside(helper_answer(program, server))
+}
+
+/// Wait for `fut` (a helper or plugin run) from synchronous code called in
+/// async code: on a multi-threaded runtime in place of the worker, whose
+/// other tasks move to another thread meanwhile; elsewhere on a runtime of
+/// its own.
+pub(crate) fn block_aside<T: Send>(
+    fut: impl std::future::Future<Output = Result<T, String>> + Send,
+) -> Result<T, String> {
     use tokio::runtime::{Handle, RuntimeFlavor};
-    let helper = helper_answer(program, server);
     match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| h.block_on(helper))
+            tokio::task::block_in_place(|| h.block_on(fut))
         }
         // A current-thread runtime cannot wait in place: a thread of its own.
         Ok(_) => std::thread::scope(|s| {
-            s.spawn(|| helper_runtime()?.block_on(helper))
+            s.spawn(|| helper_runtime()?.block_on(fut))
                 .join()
                 .unwrap_or_else(|_| Err("the credential helper's thread panicked".into()))
         }),
-        Err(_) => helper_runtime()?.block_on(helper),
+        Err(_) => helper_runtime()?.block_on(fut),
     }
+}
+
+/// A child's exit status, stdout and stderr, each read up to `max` bytes
+/// (a program's output is untrusted: more is an error, not memory).
+pub(crate) async fn read_bounded(
+    mut child: tokio::process::Child,
+    max: usize,
+) -> Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), String> {
+    use tokio::io::AsyncReadExt;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let limit = max as u64 + 1;
+    let (mut stdout, mut stderr) = (stdout.take(limit), stderr.take(limit));
+    let (a, b) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+    a.and(b).map_err(|e| format!("reading its output: {e}"))?;
+    if out.len() > max || err.len() > max {
+        return Err(format!("more than {max} bytes of output"));
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("waiting for it: {e}"))?;
+    Ok((status, out, err))
 }
 
 fn helper_runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -226,13 +267,13 @@ async fn helper_answer(program: &Path, server: &str) -> Result<Option<Credential
     // The request is one line; the pipe cannot fill before the helper reads.
     let _ = stdin.write_all(server.as_bytes()).await;
     drop(stdin);
-    let output = match tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output()).await {
-        Ok(r) => r.map_err(|e| format!("waiting for {shown}: {e}"))?,
-        // Dropping the wait dropped the child: killed (and reaped by tokio).
-        Err(_) => return Err(format!("no answer within {HELPER_TIMEOUT:?}")),
-    };
-    let (status, out) = (output.status, output.stdout);
-    let err = String::from_utf8_lossy(&output.stderr).into_owned();
+    let (status, out, err) =
+        match tokio::time::timeout(HELPER_TIMEOUT, read_bounded(child, MAX_HELPER_OUTPUT)).await {
+            Ok(r) => r.map_err(|e| format!("{shown}: {e}"))?,
+            // Dropping the wait dropped the child: killed (and reaped by tokio).
+            Err(_) => return Err(format!("no answer within {HELPER_TIMEOUT:?}")),
+        };
+    let err = String::from_utf8_lossy(&err).into_owned();
     if !status.success() {
         // The protocol's "nothing stored" answer, from every helper Docker ships.
         if err.contains("credentials not found")

@@ -7,6 +7,7 @@
 pub mod auth;
 mod breaker;
 pub mod client;
+pub mod credential_provider;
 pub mod digest;
 pub mod error;
 pub mod hosts;

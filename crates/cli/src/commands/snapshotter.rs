@@ -47,13 +47,39 @@ pub struct Args {
     /// the image renews it); e.g. 30m, 2h
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     pub credentials_ttl: std::time::Duration,
+    /// The kubelet's --image-credential-provider-config (YAML or JSON): its
+    /// plugins give credentials for the images their patterns match
+    /// [config: registries.credential_provider_config]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "image_credential_provider_bin_dir"
+    )]
+    pub image_credential_provider_config: Option<PathBuf>,
+    /// The kubelet's --image-credential-provider-bin-dir: where those
+    /// plugins are [config: registries.credential_provider_bin_dir]
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "image_credential_provider_config"
+    )]
+    pub image_credential_provider_bin_dir: Option<PathBuf>,
 }
 
 pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let store = g.store()?;
     super::evict_periodically(&store);
     let keychain = Arc::new(Keychain::new(a.credentials_ttl));
-    let client = Arc::new(g.client_with(|c| c.auth.keychain = Some(keychain.clone()))?);
+    let providers = crate::context::credential_providers(
+        a.image_credential_provider_config.as_deref(),
+        a.image_credential_provider_bin_dir.as_deref(),
+    )?;
+    let client = Arc::new(g.client_with(|c| {
+        c.auth.keychain = Some(keychain.clone());
+        if providers.is_some() {
+            c.auth.providers = providers;
+        }
+    })?);
     let dir = g.root.join("snapshotter");
     // Lazy roots outlive this process: their FUSE connections are kept by a
     // holder, and a restart takes them over before it serves.

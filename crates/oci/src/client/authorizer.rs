@@ -152,7 +152,7 @@ impl RegistryClient {
         let hint = if self.credential(repo, ep).is_none() {
             format!("; no credentials for {} in the auth files", ep.label())
         } else {
-            "; the credentials in the auth files were refused".to_string()
+            "; the credentials for it were refused".to_string()
         };
         OciError::Unauthorized {
             what: what.into(),
@@ -217,7 +217,7 @@ impl RegistryClient {
                 })
                 .ok_or_else(|| {
                     auth_err(format!(
-                        "{} asks for a password and the auth files have none for it",
+                        "{} asks for a password and none is known for it (auth files, credential helpers, provider plugins)",
                         ep.label()
                     ))
                 }),
