@@ -1511,6 +1511,120 @@ fn cri_pull_secrets_open_their_own_image_lazily(stack: Stack) {
     }
 }
 
+/// The kubelet's credential provider plugins as the snapshotter's source
+/// (`--image-credential-provider-config`, `--image-credential-provider-bin-dir`,
+/// the kubelet's own file and directory): a pull on containerd's own socket
+/// (no proxy) of an image of a private registry (htpasswd) is claimed and
+/// served lazily with the plugin's credential, the only one the
+/// snapshotter has.
+#[test]
+fn credential_provider_plugin_serves_the_snapshotter() {
+    let stack = Stack::Bookworm;
+    if !stack_ready(stack, "credential_provider_plugin_serves_the_snapshotter") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, opt_layers) = layer_digests(opt_root.path(), &dst);
+    let boot = opt_layers.last().unwrap().clone();
+    let secrets = tempfile::tempdir().unwrap();
+    let private = Registry::start_with(&lazylayer_testsupport::auth::htpasswd_config(
+        secrets.path(),
+        &[("alice", "alice-pw-1")],
+    ));
+    let app = format!("{}/private/app:opt", private.addr());
+    let alice = secrets.path().join("alice.json");
+    std::fs::write(
+        &alice,
+        format!(
+            r#"{{"auths":{{"{}":{{"username":"alice","password":"alice-pw-1"}}}}}}"#,
+            private.addr()
+        ),
+    )
+    .unwrap();
+    lazylayer_ok(opt_root.path(), &["pull", &dst]);
+    let out = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(opt_root.path())
+        .args(["push", &dst, &app])
+        .env("REGISTRY_AUTH_FILE", &alice)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let plugins = tempfile::tempdir().unwrap();
+    let tmp = plugins.path().join(".tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "#!/bin/sh\ncat >> {dir}/requests\necho >> {dir}/requests\nprintf '%s' '{{\"kind\":\"CredentialProviderResponse\",\"apiVersion\":\"credentialprovider.kubelet.k8s.io/v1\",\"cacheKeyType\":\"Image\",\"auth\":{{\"{addr}/private\":{{\"username\":\"alice\",\"password\":\"alice-pw-1\"}}}}}}'\n",
+            dir = plugins.path().display(),
+            addr = private.addr()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, plugins.path().join("test-login")).unwrap();
+    let config = plugins.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: test-login\n    matchImages: [\"{}\"]\n    defaultCacheDuration: 10m\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n",
+            private.addr()
+        ),
+    )
+    .unwrap();
+
+    let root = stack.tempdir();
+    let home = root.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let mut sn = Snapshotterd {
+        root: root.path().to_path_buf(),
+        sock: root.path().join("snapshotter.sock"),
+        child: None,
+        env: vec![("HOME".into(), home.display().to_string())],
+        args: vec![
+            "--image-credential-provider-config".into(),
+            config.display().to_string(),
+            "--image-credential-provider-bin-dir".into(),
+            plugins.path().display().to_string(),
+        ],
+    };
+    sn.spawn();
+    let cd = Containerd::start_cri_on(stack, &cri_toml_for(stack, &sn, &[&private]));
+    let from = private.log().len();
+    cri_pull_as(&cd.socket(), &app, Some(("alice", "alice-pw-1")))
+        .unwrap_or_else(|e| panic!("{e:?}\n--- snapshotter ---\n{}", sn.log()));
+    assert!(
+        sn.log().contains("claimed a layer as remote"),
+        "{}",
+        sn.log()
+    );
+    let by_us = served_gets(&private, from, "private/app", "lazylayer/");
+    assert!(
+        by_us.iter().any(|g| g.contains(&format!("/blobs/{boot}"))),
+        "the snapshotter fetched no boot bytes: {by_us:?}"
+    );
+    let requests = std::fs::read_to_string(plugins.path().join("requests")).unwrap();
+    assert!(
+        requests.contains(&format!("\"image\":\"{}/private/app\"", private.addr())),
+        "{requests}"
+    );
+    let out = cd.ok(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazylayer",
+        &app,
+        "provider-t1",
+    ]);
+    assert_eq!(out.replace('\r', ""), "ok\n");
+}
+
 /// The Kubernetes path: containerd 1.6 with its CRI plugin, pulled through
 /// `runtime.v1.ImageService/PullImage` exactly as the kubelet does. For an
 /// optimized image the snapshotter claims every layer, so containerd fetches
