@@ -25,17 +25,14 @@ struct ServedStore {
 }
 
 impl ServedStore {
-    fn start(image: &str, extra: &[&str]) -> ServedStore {
-        ServedStore::start_on(Stack::Bookworm, image, extra)
-    }
-
-    /// [`ServedStore::start`] for the podman of `stack`: its directories
-    /// where that podman sees them.
+    /// `lazylayer store` of `image` (with `extra` arguments) for the podman
+    /// of `stack`: its directories where that podman sees them; ready when
+    /// it serves the image.
     fn start_on(stack: Stack, image: &str, extra: &[&str]) -> ServedStore {
         ServedStore::start_in_dirs(stack.tempdir(), stack.tempdir(), image, extra)
     }
 
-    /// [`ServedStore::start`] with a lazylayer store made beforehand
+    /// [`ServedStore::start_on`] with a lazylayer store made beforehand
     /// (`root`) and the layer store directory `als`.
     fn start_in_dirs(
         root: tempfile::TempDir,
@@ -229,6 +226,7 @@ macro_rules! on_each_podman {
 
 on_each_podman!(
     root_podman_pull_credentials_reach_the_store,
+    root_podman_store_restarts_keep_a_running_container_serving,
     root_podman_runs_an_optimized_image_lazily_through_the_layer_store,
     root_podman_store_prefetches_only_after_the_start_settles,
     root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse,
@@ -513,8 +511,10 @@ fn root_podman_store_prefetches_only_after_the_start_settles(stack: Stack) {
 /// streaming base layer when the store dies completes with the right bytes,
 /// later first reads and listings work, the container is never stopped,
 /// and neither mounts nor the holder's descriptors or memory grow.
-#[test]
-fn root_podman_store_restarts_keep_a_running_container_serving() {
+fn root_podman_store_restarts_keep_a_running_container_serving(stack: Stack) {
+    if !stack.ready("root_podman_store_restarts_keep_a_running_container_serving") {
+        return;
+    }
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
     let (opt, _src, dst) = optimize_image(&reg, "python3", &[]);
@@ -526,8 +526,8 @@ fn root_podman_store_restarts_keep_a_running_container_serving() {
     let files = files_to_read(&base_fs);
     assert!(files.len() > 25, "{} files", files.len());
 
-    let mut store = ServedStore::start(&img, &[]);
-    let podman = Podman::new();
+    let mut store = ServedStore::start_on(stack, &img, &[]);
+    let podman = Podman::on(stack);
     let pm = |store: &ServedStore, args: &[&str]| store.podman(&podman, args);
     pm(&store, &["pull", "-q", "--tls-verify=false", &img]);
     pm(
@@ -558,7 +558,7 @@ fn root_podman_store_restarts_keep_a_running_container_serving() {
     };
     let state0 = state(&store);
     assert!(state0.starts_with("running "), "{state0}");
-    let merged = std::path::PathBuf::from(
+    let merged = stack.host_view(std::path::Path::new(
         pm(
             &store,
             &[
@@ -569,7 +569,7 @@ fn root_podman_store_restarts_keep_a_running_container_serving() {
             ],
         )
         .trim(),
-    );
+    ));
     let expect = |f: &str| std::fs::read(base_fs.join(f)).unwrap();
     let read_in_thread = |f: &str| {
         let p = merged.join(f);
@@ -586,7 +586,8 @@ fn root_podman_store_restarts_keep_a_running_container_serving() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         !perl.is_finished(),
-        "the read must still be waiting for the layer"
+        "the read must still be waiting for the layer: {:?}",
+        perl.join().map(|r| r.map(|b| b.len()))
     );
     store.restart(false, 2);
     assert!(perl.join().unwrap().expect("read across the crash") == expect("usr/bin/perl"));

@@ -58,6 +58,18 @@ impl Stack {
         }
     }
 
+    /// Where this process finds `path` as the stack's programs name it.
+    /// Below the shared directory the two are the same path, except below
+    /// a mount a program made private (containers-storage makes its
+    /// driver's directory a private mount, so a container's root Podman
+    /// mounts there is seen only through the stack's root).
+    pub fn host_view(self, path: &std::path::Path) -> PathBuf {
+        match self {
+            Stack::Bookworm => path.to_path_buf(),
+            Stack::Sid => sid_root().join(path.strip_prefix("/").unwrap_or(path)),
+        }
+    }
+
     /// A scratch directory this process and the stack's programs both see
     /// at its path (with the mounts made below it, by either side).
     pub fn tempdir(self) -> tempfile::TempDir {
