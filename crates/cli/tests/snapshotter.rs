@@ -26,6 +26,11 @@ impl Snapshotterd {
     }
 
     fn start_with_env(root: &Path, env: &[(&str, &str)]) -> Snapshotterd {
+        Snapshotterd::start_with(root, env, &[])
+    }
+
+    /// With `env` in its environment and `args` after `snapshotter`.
+    fn start_with(root: &Path, env: &[(&str, &str)], args: &[&str]) -> Snapshotterd {
         let mut s = Snapshotterd {
             root: root.to_path_buf(),
             sock: root.join("snapshotter.sock"),
@@ -33,7 +38,7 @@ impl Snapshotterd {
             env: (env.iter())
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            args: Vec::new(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -43,22 +48,18 @@ impl Snapshotterd {
     /// on `<root>/cri-image.sock`, forwarding to `<root>/containerd.sock`:
     /// a link to the containerd that starts after it ([`Self::link`]).
     fn start_with_image_service(root: &Path, env: &[(&str, &str)]) -> Snapshotterd {
-        let mut s = Snapshotterd {
-            root: root.to_path_buf(),
-            sock: root.join("snapshotter.sock"),
-            child: None,
-            env: (env.iter())
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            args: vec![
-                "--image-service-address".into(),
-                root.join("cri-image.sock").display().to_string(),
-                "--containerd-address".into(),
-                root.join("containerd.sock").display().to_string(),
+        let proxy = root.join("cri-image.sock").display().to_string();
+        let containerd = root.join("containerd.sock").display().to_string();
+        Snapshotterd::start_with(
+            root,
+            env,
+            &[
+                "--image-service-address",
+                &proxy,
+                "--containerd-address",
+                &containerd,
             ],
-        };
-        s.spawn();
-        s
+        )
     }
 
     /// Where the image service proxy forwards to: `cd`; returns the
@@ -276,6 +277,7 @@ on_each_stack!(
     prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start,
     cri_pod_of_an_optimized_image_starts_lazily,
     cri_pull_secrets_open_their_own_image_lazily,
+    cri_pull_through_a_mirror_is_lazy_from_the_mirror,
 );
 
 /// False (after saying why) when `stack` cannot run these tests here; under
@@ -958,6 +960,102 @@ fn cri_toml_for(stack: Stack, sn: &Snapshotterd, regs: &[&Registry]) -> String {
     }
 }
 
+/// The CRI configuration of `stack` with the registry hosts in `certs`
+/// (containerd's hosts.toml layout, `config_path`), as a node with mirrors
+/// has it; the snapshotter reads the same directory (`--hosts-dir`).
+fn cri_toml_with_hosts(stack: Stack, sn: &Snapshotterd, certs: &Path) -> String {
+    let (proxy, images) = match stack {
+        Stack::Bookworm => (
+            sn.proxy_toml(),
+            "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"lazylayer\"\n  disable_snapshot_annotations = false\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n",
+        ),
+        Stack::Sid => (
+            sn.proxy_toml_on(stack),
+            "[plugins.\"io.containerd.cri.v1.images\"]\n  snapshotter = \"lazylayer\"\n[plugins.\"io.containerd.cri.v1.images\".registry]\n",
+        ),
+    };
+    format!("{proxy}{images}  config_path = \"{}\"\n", certs.display())
+}
+
+/// Part 10's mirrors behind containerd: a node's hosts.toml names a mirror
+/// for the image's registry; containerd resolves and pulls through it, and
+/// the snapshotter (reading the same directory) fetches the boot bytes from
+/// the mirror too. The registry named in the reference serves no layer to
+/// anyone; the image runs.
+fn cri_pull_through_a_mirror_is_lazy_from_the_mirror(stack: Stack) {
+    if !stack_ready(stack, "cri_pull_through_a_mirror_is_lazy_from_the_mirror") {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
+    let (_, opt_layers) = layer_digests(opt_root.path(), &dst);
+    let boot = opt_layers.last().unwrap().clone();
+    let mirror = Registry::start();
+    lazylayer_ok(opt_root.path(), &["pull", &dst]);
+    let on_mirror = dst.replace(&reg.addr(), &mirror.addr());
+    lazylayer_ok(opt_root.path(), &["push", &dst, &on_mirror]);
+
+    let root = stack.tempdir();
+    let certs = root.path().join("certs.d");
+    let host = certs.join(reg.addr());
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(
+        host.join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n[host.\"http://{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            reg.addr(),
+            m = mirror.addr()
+        ),
+    )
+    .unwrap();
+    let certs_arg = certs.display().to_string();
+    let sn = Snapshotterd::start_with(root.path(), &[], &["--hosts-dir", &certs_arg]);
+    let cd = Containerd::start_cri_on(stack, &cri_toml_with_hosts(stack, &sn, &certs));
+    let (from_reg, from_mirror) = (reg.log().len(), mirror.log().len());
+    cri_pull_as(&cd.socket(), &dst, None)
+        .unwrap_or_else(|e| panic!("{e:?}\n--- containerd ---\n{}", cd.log()));
+    assert!(
+        sn.log().contains("claimed a layer as remote"),
+        "{}",
+        sn.log()
+    );
+    let repo = "optimized/python3";
+    let mirrored_by_us = served_gets(&mirror, from_mirror, repo, "lazylayer/");
+    assert!(
+        mirrored_by_us
+            .iter()
+            .any(|g| g.contains(&format!("/blobs/{boot}"))),
+        "the snapshotter fetched no boot bytes from the mirror: {mirrored_by_us:?}"
+    );
+    assert!(
+        !served_gets(&mirror, from_mirror, repo, "containerd/").is_empty(),
+        "containerd did not resolve through the mirror"
+    );
+    let blobs_from_registry: Vec<String> = reg.log()[from_reg..]
+        .lines()
+        .filter(|l| l.contains("/blobs/") && l.contains("\"GET "))
+        .map(str::to_string)
+        .collect();
+    for l in &opt_layers {
+        assert!(
+            !blobs_from_registry.iter().any(|g| g.contains(l.as_str())),
+            "layer {l} came from the registry, not the mirror: {blobs_from_registry:?}"
+        );
+    }
+    let out = cd.ok(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazylayer",
+        &dst,
+        &format!("mirror-{}", stack.name()),
+    ]);
+    assert_eq!(out.replace('\r', ""), "ok\n");
+}
+
 /// `curl -sSf ARGS` with `body` on stdin; its stdout (it must succeed).
 fn curl(args: &[&str], body: &[u8]) -> Vec<u8> {
     let mut c = Command::new("curl")
@@ -1580,19 +1678,20 @@ fn credential_provider_plugin_serves_the_snapshotter() {
     let root = stack.tempdir();
     let home = root.path().join("home");
     std::fs::create_dir(&home).unwrap();
-    let mut sn = Snapshotterd {
-        root: root.path().to_path_buf(),
-        sock: root.path().join("snapshotter.sock"),
-        child: None,
-        env: vec![("HOME".into(), home.display().to_string())],
-        args: vec![
-            "--image-credential-provider-config".into(),
-            config.display().to_string(),
-            "--image-credential-provider-bin-dir".into(),
-            plugins.path().display().to_string(),
+    let (config, bin_dir) = (
+        config.display().to_string(),
+        plugins.path().display().to_string(),
+    );
+    let sn = Snapshotterd::start_with(
+        root.path(),
+        &[("HOME", &home.display().to_string())],
+        &[
+            "--image-credential-provider-config",
+            &config,
+            "--image-credential-provider-bin-dir",
+            &bin_dir,
         ],
-    };
-    sn.spawn();
+    );
     let cd = Containerd::start_cri_on(stack, &cri_toml_for(stack, &sn, &[&private]));
     let from = private.log().len();
     cri_pull_as(&cd.socket(), &app, Some(("alice", "alice-pw-1")))
