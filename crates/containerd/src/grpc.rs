@@ -289,26 +289,12 @@ pub async fn serve(
     })
 }
 
-/// Listen on the unix socket `address`, readable and writable by its
-/// owner only (as containerd's own socket): whoever speaks to it drives
-/// mounts, or pulls with the node's credentials.
+/// Listen on the unix socket `address`, private to its owner (as
+/// containerd's own socket): whoever speaks to it drives mounts, or pulls
+/// with the node's credentials.
 pub(crate) fn bind_private(address: &Path) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(d) = address.parent() {
-        std::fs::create_dir_all(d).map_err(io("creating the socket's directory", d))?;
-    }
-    // A socket file left by a previous run would make bind fail.
-    match std::fs::remove_file(address) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io("removing the old socket", address)(e))
-        }
-        _ => {}
-    }
-    let listener =
-        tokio::net::UnixListener::bind(address).map_err(io("listening on the socket", address))?;
-    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o600))
-        .map_err(io("making the socket private", address))?;
-    Ok(listener)
+    let l = lazylayer_sys::socket::listen_private(address).map_err(SnapshotError::Io)?;
+    tokio::net::UnixListener::from_std(l).map_err(io("listening on the socket", address))
 }
 
 /// A gRPC channel to a unix socket (a snapshotter's or containerd's).

@@ -15,6 +15,7 @@
 //! - [`range_lock`]: byte-range locks between processes (one chunk each).
 //! - [`death_watch`]: a FUSE mount force-unmounted when the process that
 //!   serves it dies, so that none of its own waits on it outlives it.
+//! - [`socket`]: a unix socket private to its owner.
 
 pub mod beneath;
 pub mod death_watch;
@@ -24,6 +25,7 @@ pub mod error;
 pub mod mountinfo;
 pub mod range_lock;
 pub mod size;
+pub mod socket;
 
 pub use digest::{sha256_digest, sha256_digest_of};
 pub use error::{error_chain, IoError};

@@ -123,18 +123,8 @@ const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A unix socket only its owner (root, as Podman's helper runs) may use.
 fn listen_private(path: &Path) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing the old socket {}", path.display()))
-        }
-        _ => {}
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} private", path.display()))?;
-    Ok(l)
+    let l = lazylayer_sys::socket::listen_private(path)?;
+    Ok(tokio::net::UnixListener::from_std(l)?)
 }
 
 /// What answering a helper needs besides the served images.
