@@ -245,7 +245,6 @@ fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
     if !stack.ready("root_podman_pull_credentials_reach_the_store") {
         return;
     }
-    use base64::Engine;
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
     let (opt, src, dst) = optimize_image(&reg, "python3", &[]);
@@ -258,32 +257,14 @@ fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
         &[("alice", "alice-pw-1"), ("admin", "admin-pw-3")],
     ));
     let app = format!("{}/private/app:opt", private.addr());
-    let auth_file = |user: &str, password: &str| {
-        let f = secrets.path().join(format!("{user}.json"));
-        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        std::fs::write(
-            &f,
-            format!(r#"{{"auths":{{"{}":{{"auth":"{b64}"}}}}}}"#, private.addr()),
-        )
-        .unwrap();
-        f
-    };
-    let admin = auth_file("admin", "admin-pw-3");
-    lazylayer_ok(opt.path(), &["pull", &dst]);
-    let pushed = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(opt.path())
-        .args(["push", &dst, &app])
-        .env("REGISTRY_AUTH_FILE", &admin)
-        .output()
-        .unwrap();
-    assert!(pushed.status.success(), "{pushed:?}");
+    let admin = auth_file(secrets.path(), &private.addr(), "admin", "admin-pw-3");
+    push_with_auth(opt.path(), &dst, &app, &admin);
 
     // The store has no credential of its own (an empty HOME, no auth file)
     // but, on bookworm, the one given by --auth-file.
     let home = secrets.path().join("home");
     std::fs::create_dir(&home).unwrap();
-    let alice = auth_file("alice", "alice-pw-1");
+    let alice = auth_file(secrets.path(), &private.addr(), "alice", "alice-pw-1");
     let alice = alice.display().to_string();
     let mut extra = vec!["--prefetch", "off"];
     if stack == Stack::Bookworm {

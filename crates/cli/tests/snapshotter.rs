@@ -1488,27 +1488,9 @@ fn cri_pull_secrets_open_their_own_image_lazily(stack: Stack) {
     };
     let app = format!("{}/private/app:opt", private.addr());
     let other = format!("{}/private/other:opt", private.addr());
-    let admin_auth = secrets.path().join("admin.json");
-    std::fs::write(
-        &admin_auth,
-        format!(
-            r#"{{"auths":{{"{}":{{"username":"admin","password":"admin-pw-3"}}}}}}"#,
-            private.addr()
-        ),
-    )
-    .unwrap();
-    for (store, image, target) in [(&opt_root, &dst, &app), (&bb_root, &bb_dst, &other)] {
-        lazylayer_ok(store.path(), &["pull", image]);
-        let out = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-            .arg("--root")
-            .arg(store.path())
-            .args(["push", image, target])
-            .env("REGISTRY_AUTH_FILE", &admin_auth)
-            .env("HOME", secrets.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "push {target}: {out:?}");
-    }
+    let admin = auth_file(secrets.path(), &private.addr(), "admin", "admin-pw-3");
+    push_with_auth(opt_root.path(), &dst, &app, &admin);
+    push_with_auth(bb_root.path(), &bb_dst, &other, &admin);
 
     let root = stack.tempdir();
     let home = root.path().join("home");
@@ -1633,24 +1615,8 @@ fn credential_provider_plugin_serves_the_snapshotter() {
         &[("alice", "alice-pw-1")],
     ));
     let app = format!("{}/private/app:opt", private.addr());
-    let alice = secrets.path().join("alice.json");
-    std::fs::write(
-        &alice,
-        format!(
-            r#"{{"auths":{{"{}":{{"username":"alice","password":"alice-pw-1"}}}}}}"#,
-            private.addr()
-        ),
-    )
-    .unwrap();
-    lazylayer_ok(opt_root.path(), &["pull", &dst]);
-    let out = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
-        .arg("--root")
-        .arg(opt_root.path())
-        .args(["push", &dst, &app])
-        .env("REGISTRY_AUTH_FILE", &alice)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let alice = auth_file(secrets.path(), &private.addr(), "alice", "alice-pw-1");
+    push_with_auth(opt_root.path(), &dst, &app, &alice);
 
     let plugins = tempfile::tempdir().unwrap();
     let tmp = plugins.path().join(".tmp");

@@ -157,3 +157,26 @@ pub fn files_to_read(layer_fs: &Path) -> Vec<String> {
     }
     out
 }
+
+/// An auth.json in `dir` holding `user`'s `password` for `registry`
+/// (named `<user>.json`).
+pub fn auth_file(dir: &Path, registry: &str, user: &str, password: &str) -> PathBuf {
+    let f = dir.join(format!("{user}.json"));
+    let entry = serde_json::json!({"auths": {registry: {"username": user, "password": password}}});
+    std::fs::write(&f, entry.to_string()).unwrap();
+    f
+}
+
+/// `image` pulled into the store at `root` and pushed from there to
+/// `target` with the credentials of `auth` (a private registry's).
+pub fn push_with_auth(root: &Path, image: &str, target: &str, auth: &Path) {
+    lazylayer_ok(root, &["pull", image]);
+    let out = Command::new(env!("CARGO_BIN_EXE_lazylayer"))
+        .arg("--root")
+        .arg(root)
+        .args(["push", image, target])
+        .env("REGISTRY_AUTH_FILE", auth)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "push {target}: {out:?}");
+}
