@@ -501,7 +501,6 @@ fn path_with(dir: &tempfile::TempDir) -> std::ffi::OsString {
 /// pattern does not match, leaves the pull refused with a clear error.
 #[test]
 fn credential_provider_plugins_open_a_private_registry() {
-    use std::os::unix::fs::PermissionsExt;
     let open = Registry::start();
     let digests = push_images(&open, &["busybox"]);
     let secrets = tempfile::tempdir().unwrap();
@@ -522,31 +521,11 @@ fn credential_provider_plugins_open_a_private_registry() {
     assert!(pushed.status.success(), "{}", stderr(&pushed));
 
     let plugins = tempfile::tempdir().unwrap();
-    let plugin = |name: &str, password: &str| {
-        let tmp = plugins.path().join(".tmp");
-        std::fs::write(
-            &tmp,
-            format!(
-                "#!/bin/sh\ncat > {dir}/{name}.request\nprintf '%s' '{{\"kind\":\"CredentialProviderResponse\",\"apiVersion\":\"credentialprovider.kubelet.k8s.io/v1\",\"cacheKeyType\":\"Registry\",\"cacheDuration\":\"1h\",\"auth\":{{\"{addr}\":{{\"username\":\"alice\",\"password\":\"{password}\"}}}}}}'\n",
-                dir = plugins.path().display(),
-                addr = locked.addr()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::rename(&tmp, plugins.path().join(name)).unwrap();
-    };
-    plugin("good", "s3cret-pw");
-    plugin("wrong", "not-it");
+    let addr = locked.addr();
+    credential_provider_plugin(plugins.path(), "good", &addr, "alice", "s3cret-pw");
+    credential_provider_plugin(plugins.path(), "wrong", &addr, "alice", "not-it");
     let pull_with = |provider: &str, pattern: &str| {
-        let cfg = plugins.path().join(format!("{provider}.yaml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: {provider}\n    matchImages:\n      - \"{pattern}\"\n    defaultCacheDuration: \"12h\"\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n"
-            ),
-        )
-        .unwrap();
+        let cfg = credential_provider_config(plugins.path(), provider, pattern);
         let toml = plugins.path().join(format!("{provider}.toml"));
         std::fs::write(
             &toml,
@@ -569,7 +548,11 @@ fn credential_provider_plugins_open_a_private_registry() {
     let v: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
     assert_eq!(v["manifest_digest"], digests["busybox"]);
     let request: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(plugins.path().join("good.request")).unwrap(),
+        std::fs::read_to_string(plugins.path().join("good.requests"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(request["kind"], "CredentialProviderRequest");

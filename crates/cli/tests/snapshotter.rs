@@ -1603,7 +1603,6 @@ fn credential_provider_plugin_serves_the_snapshotter() {
     if !stack_ready(stack, "credential_provider_plugin_serves_the_snapshotter") {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
     let reg = Registry::start();
     push_images(&reg, &["python3"]);
     let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
@@ -1619,27 +1618,10 @@ fn credential_provider_plugin_serves_the_snapshotter() {
     push_with_auth(opt_root.path(), &dst, &app, &alice);
 
     let plugins = tempfile::tempdir().unwrap();
-    let tmp = plugins.path().join(".tmp");
-    std::fs::write(
-        &tmp,
-        format!(
-            "#!/bin/sh\ncat >> {dir}/requests\necho >> {dir}/requests\nprintf '%s' '{{\"kind\":\"CredentialProviderResponse\",\"apiVersion\":\"credentialprovider.kubelet.k8s.io/v1\",\"cacheKeyType\":\"Image\",\"auth\":{{\"{addr}/private\":{{\"username\":\"alice\",\"password\":\"alice-pw-1\"}}}}}}'\n",
-            dir = plugins.path().display(),
-            addr = private.addr()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&tmp, plugins.path().join("test-login")).unwrap();
-    let config = plugins.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: test-login\n    matchImages: [\"{}\"]\n    defaultCacheDuration: 10m\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n",
-            private.addr()
-        ),
-    )
-    .unwrap();
+    let addr = private.addr();
+    let key = format!("{addr}/private");
+    credential_provider_plugin(plugins.path(), "test-login", &key, "alice", "alice-pw-1");
+    let config = credential_provider_config(plugins.path(), "test-login", &addr);
 
     let root = stack.tempdir();
     let home = root.path().join("home");
@@ -1672,7 +1654,7 @@ fn credential_provider_plugin_serves_the_snapshotter() {
         by_us.iter().any(|g| g.contains(&format!("/blobs/{boot}"))),
         "the snapshotter fetched no boot bytes: {by_us:?}"
     );
-    let requests = std::fs::read_to_string(plugins.path().join("requests")).unwrap();
+    let requests = std::fs::read_to_string(plugins.path().join("test-login.requests")).unwrap();
     assert!(
         requests.contains(&format!("\"image\":\"{}/private/app\"", private.addr())),
         "{requests}"

@@ -180,3 +180,45 @@ pub fn push_with_auth(root: &Path, image: &str, target: &str, auth: &Path) {
         .unwrap();
     assert!(out.status.success(), "push {target}: {out:?}");
 }
+
+/// A kubelet credential provider plugin `<dir>/<name>`: it appends each
+/// request to `<dir>/<name>.requests` (one per line) and answers `user`'s
+/// `password` for the image pattern `key` (cache key type `Image`, cached
+/// for an hour).
+pub fn credential_provider_plugin(dir: &Path, name: &str, key: &str, user: &str, password: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let answer = serde_json::json!({
+        "kind": "CredentialProviderResponse",
+        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+        "cacheKeyType": "Image",
+        "cacheDuration": "1h",
+        "auth": {key: {"username": user, "password": password}},
+    });
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(
+        &tmp,
+        format!(
+            "#!/bin/sh\ncat >> {log}\necho >> {log}\nprintf '%s' '{answer}'\n",
+            log = dir.join(format!("{name}.requests")).display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Renamed into place: an executable still open for writing while
+    // another thread forks is "text file busy".
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// The kubelet's CredentialProviderConfig for the plugin `name`, matching
+/// images against `pattern`; written as `<dir>/<name>.yaml`.
+pub fn credential_provider_config(dir: &Path, name: &str, pattern: &str) -> PathBuf {
+    let cfg = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: {name}\n    matchImages:\n      - \"{pattern}\"\n    defaultCacheDuration: \"12h\"\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
