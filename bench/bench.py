@@ -62,6 +62,11 @@ RELAY_SHAPINGS = ("client-hop", "double")
 # optimized image registered by `lazylayer containerd pull` and run by `ctr run
 # --snapshotter lazylayer` (docs/containerd.md, the ctr path).
 CONTENDERS = ["podman", "containerd", "containerd-lazylayer", "lazylayer", "lazylayer-unopt"]
+# The sid stack (--sid-work, run.sh --sid): the same starts as podman, containerd and
+# containerd-lazylayer with Debian sid's Podman 5.8 and containerd 2.1, run from the
+# chroot root of scripts/stack.sh. Not in the default list. Contender -> its host twin.
+SID_CONTENDERS = {"podman-sid": "podman", "containerd-sid": "containerd",
+                  "containerd-sid-lazylayer": "containerd-lazylayer"}
 POLL = 0.020  # readiness poll interval for servers, seconds
 
 
@@ -101,14 +106,21 @@ def mounts_under(path):
     return sorted(out, key=len, reverse=True)
 
 
-def umount_under(path):
-    for mp in mounts_under(path):
-        subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+def umount_under(path, views=()):
+    """Unmount below path and its other views (the same directory seen through the sid
+    root: a mount private to one view is not seen from the other)."""
+    for p in (path, *views):
+        for mp in mounts_under(p):
+            subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
 
 
-def rmtree(path):
+def rmtree(path, views=()):
     if os.path.exists(path):
-        umount_under(path)
+        umount_under(path, views)
+        # Never remove through a mount (a bind of /dev would lose the host's nodes).
+        left = [mp for p in (path, *views) for mp in mounts_under(p)]
+        if left:
+            raise RuntimeError(f"mounts left below {path}: {left[:5]}")
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -207,6 +219,93 @@ class RegistryLog:
 
 # --- the contenders ----------------------------------------------------------------
 
+class Stack:
+    """One container stack: where its podman, containerd and ctr run and keep their
+    stores. host: Debian 12's, stores in the work dir. sid: Debian sid's, run as `chroot
+    ROOT PROGRAM` (the same network namespace, so the same registry address), stores in
+    a work dir inside the stack's shared dir, which has the same path in the root and
+    out: the host's lazylayer (snapshotter, `containerd pull`) and the root's containerd
+    see the same sockets, stores and FUSE mounts."""
+
+    def __init__(self, work, root=None):
+        self.root = root
+        self.suffix = "" if root is None else "-sid"  # of its pid and log files
+        self.pre = [] if root is None else ["chroot", root]
+        # run.sh's cleanup finds the host's by "$WORK/containerd/" in a command line.
+        self.ctrd_dir = os.path.join(work, "containerd" if root is None else "cd")
+        self.ctrd_sock = os.path.join(self.ctrd_dir, "containerd.sock")
+        self.ctrd = None
+        # containerd-lazylayer: the snapshotter's store (its --root, shared with
+        # `lazylayer containerd pull`) lives inside the containerd dir, so every
+        # containerd_start empties both.
+        self.snap_root = os.path.join(self.ctrd_dir, "ll")
+        self.snap_sock = os.path.join(self.ctrd_dir, "snapshotter.sock")
+        self.snap = None
+        pm = os.path.join(work, "podman")
+        store = ["--root", f"{pm}/root", "--runroot", f"{pm}/run", "--storage-driver", "overlay"]
+        if root is None:
+            self.podman_bin = ["podman"]  # CONTAINERS_CONF from run.sh's environment
+        else:
+            # run.sh writes this containers.conf as the host's (tmp_dir in the work dir);
+            # the host's, in the environment, is not in the root.
+            self.podman_bin = ["env", f"CONTAINERS_CONF={work}/containers.conf",
+                               "PODMAN_IGNORE_CGROUPSV1_WARNING=1", "chroot", root, "podman"]
+        self.podman = self.podman_bin + store
+        self.ctr = self.pre + ["ctr", "-a", self.ctrd_sock, "-n", "llbench"]
+        # sid: runc's state in the work dir too, not in the root's /run (run.sh's cleanup
+        # deletes what a killed run left there).
+        self.ctr_run = self.ctr + ["run"] + ([] if root is None else ["--runc-root", f"{self.ctrd_dir}/runc"])
+
+    def views(self, path):
+        """The other paths of a directory in the work dir (the root's view of it)."""
+        return [] if self.root is None else [self.root + path]
+
+    def containerd_config(self, snapshotter):
+        """containerd 1.6 reads version 2; 2.1 version 3, whose CRI is three plugins, and
+        whose Transfer Service (ctr's pull) unpacks only for a configured (platform,
+        snapshotter) pair and passes the image's names to a proxy snapshotter only when
+        it exports enable_remote_snapshot_annotations (docs/install.md)."""
+        d = self.ctrd_dir
+        cri = ('"io.containerd.grpc.v1.cri"' if self.root is None else
+               '"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"')
+        text = f"""version = {2 if self.root is None else 3}
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [{cri}]
+[grpc]
+  address = "{self.ctrd_sock}"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"""
+        if snapshotter:
+            text += f"""[proxy_plugins.lazylayer]
+  type = "snapshot"
+  address = "{self.snap_sock}"
+"""
+            if self.root is not None:
+                text += """  [proxy_plugins.lazylayer.exports]
+    enable_remote_snapshot_annotations = "true"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "lazylayer"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "overlayfs"
+"""
+        return text
+
+    def versions(self):
+        """podman, containerd and runc versions, as run.sh records the host's."""
+        def v(argv):
+            r = sh(argv, check=False)
+            words = r.stdout.split()
+            return words[2] if r.returncode == 0 and len(words) > 2 else None
+        return {"podman": v(self.podman_bin + ["--version"]), "containerd": v(self.pre + ["containerd", "--version"]),
+                "runc": v(self.pre + ["runc", "--version"])}
+
+
 class Bench:
     def __init__(self, a):
         self.a = a
@@ -219,19 +318,9 @@ class Bench:
         self.reglog = RegistryLog(os.path.join(self.work, "registry", "registry.log"))
         self.logs = os.environ.get("LLBENCH_LOGS") or os.path.join(self.work, "logs")
         os.makedirs(self.logs, exist_ok=True)
-        self.ctrd_dir = os.path.join(self.work, "containerd")
-        self.ctrd_sock = os.path.join(self.ctrd_dir, "containerd.sock")
-        self.ctrd = None
-        # containerd-lazylayer: the snapshotter's store (its --root, shared with
-        # `lazylayer containerd pull`) lives inside the containerd dir, so every
-        # containerd_start empties both.
-        self.snap_root = os.path.join(self.ctrd_dir, "ll")
-        self.snap_sock = os.path.join(self.ctrd_dir, "snapshotter.sock")
-        self.snap = None
-        pm = os.path.join(self.work, "podman")
-        self.podman = ["podman", "--root", f"{pm}/root", "--runroot", f"{pm}/run",
-                       "--storage-driver", "overlay"]
-        self.ctr = ["ctr", "-a", self.ctrd_sock, "-n", "llbench"]
+        self.host = Stack(self.work)
+        self.sid = Stack(a.sid_work, a.sid_root) if a.sid_work else None
+        self.stacks = [self.host] + ([self.sid] if self.sid else [])
         self.ll_root = os.path.join(self.work, "ll")
         self.run_available = sh([self.ll, "run", "--help"], check=False).returncode == 0
         self.snap_available = (sh([self.ll, "snapshotter", "--help"], check=False).returncode == 0
@@ -239,102 +328,91 @@ class Bench:
         self.seq = 0
 
     # podman ---------------------------------------------------------------------------
-    def podman_empty(self):
-        sh(self.podman + ["rm", "-af", "-t", "0"], check=False)
-        sh(self.podman + ["rmi", "-af"], check=False)
-        left = sh(self.podman + ["images", "-q"], check=False).stdout.split()
-        if left:
-            raise RuntimeError(f"podman store not empty: {left}")
+    def podman_empty(self, st=None):
+        """Empty the podman store of stack st (default: every stack)."""
+        for st in [st] if st else self.stacks:
+            sh(st.podman + ["rm", "-af", "-t", "0"], check=False)
+            sh(st.podman + ["rmi", "-af"], check=False)
+            left = sh(st.podman + ["images", "-q"], check=False).stdout.split()
+            if left:
+                raise RuntimeError(f"podman store not empty: {left}")
 
     # containerd: a fresh root for every cold run (daemon start is not timed) ----------
-    def snapshotter_start(self):
-        """`lazylayer snapshotter` on an empty root. bench.py runs inside the namespace,
-        so the snapshotter (which fetches the lazy layers) reaches the registry over
-        the shaped link; checked below."""
-        logf = open(f"{self.logs}/snapshotter.log", "a")
-        self.snap = subprocess.Popen([self.ll, "--root", self.snap_root, "snapshotter", "--address", self.snap_sock],
-                                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-        with open(os.path.join(self.work, "snapshotter.pid"), "w") as f:
-            f.write(str(self.snap.pid))
-        if os.readlink(f"/proc/{self.snap.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
+    def snapshotter_start(self, st):
+        """`lazylayer snapshotter` on an empty root, the host's binary for either stack.
+        bench.py runs inside the namespace, so the snapshotter (which fetches the lazy
+        layers) reaches the registry over the shaped link; checked below."""
+        logf = open(f"{self.logs}/snapshotter{st.suffix}.log", "a")
+        st.snap = subprocess.Popen([self.ll, "--root", st.snap_root, "snapshotter", "--address", st.snap_sock],
+                                   stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        with open(os.path.join(self.work, f"snapshotter{st.suffix}.pid"), "w") as f:
+            f.write(str(st.snap.pid))
+        if os.readlink(f"/proc/{st.snap.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
             raise RuntimeError("snapshotter is not in the benchmark's network namespace")
         for _ in range(400):
             try:
                 with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(self.snap_sock)
+                    s.connect(st.snap_sock)
                 return
             except OSError:
                 pass
-            if self.snap.poll() is not None:
+            if st.snap.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"lazylayer snapshotter did not start (see {self.logs}/snapshotter.log)")
+        raise RuntimeError(f"lazylayer snapshotter did not start (see {self.logs}/snapshotter{st.suffix}.log)")
 
-    def snapshotter_stop(self):
+    def snapshotter_stop(self, st):
         """SIGTERM (the snapshotter unmounts its lazy FUSE roots), SIGKILL after 15 s."""
-        if self.snap and self.snap.poll() is None:
-            self.snap.terminate()
+        if st.snap and st.snap.poll() is None:
+            st.snap.terminate()
             try:
-                self.snap.wait(15)
+                st.snap.wait(15)
             except subprocess.TimeoutExpired:
-                self.snap.kill()
-                self.snap.wait()
-        self.snap = None
+                st.snap.kill()
+                st.snap.wait()
+        st.snap = None
 
-    def containerd_start(self, snapshotter=False):
+    def containerd_start(self, st, snapshotter=False):
         self.containerd_stop()
-        d = self.ctrd_dir
-        rmtree(d)
+        d = st.ctrd_dir
+        rmtree(d, st.views(d))
         os.makedirs(d)
         if snapshotter:
-            self.snapshotter_start()
+            self.snapshotter_start(st)
         with open(f"{d}/config.toml", "w") as f:
-            f.write(f"""version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{self.ctrd_sock}"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-""")
-            if snapshotter:
-                f.write(f"""[proxy_plugins.lazylayer]
-  type = "snapshot"
-  address = "{self.snap_sock}"
-""")
-        logf = open(f"{self.logs}/containerd.log", "a")
-        self.ctrd = subprocess.Popen(["containerd", "--config", f"{d}/config.toml"],
-                                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-        with open(os.path.join(self.work, "containerd.pid"), "w") as f:
-            f.write(str(self.ctrd.pid))
+            f.write(st.containerd_config(snapshotter))
+        logf = open(f"{self.logs}/containerd{st.suffix}.log", "a")
+        st.ctrd = subprocess.Popen(st.pre + ["containerd", "--config", f"{d}/config.toml"],
+                                   stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        with open(os.path.join(self.work, f"containerd{st.suffix}.pid"), "w") as f:
+            f.write(str(st.ctrd.pid))
         for _ in range(200):
-            if sh(self.ctr + ["version"], check=False).returncode == 0:
+            if sh(st.ctr + ["version"], check=False).returncode == 0:
                 return
-            if self.ctrd.poll() is not None:
+            if st.ctrd.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"containerd did not start (see {self.logs}/containerd.log)")
+        raise RuntimeError(f"containerd did not start (see {self.logs}/containerd{st.suffix}.log)")
 
     def containerd_stop(self):
-        if self.ctrd and self.ctrd.poll() is None:
-            # Tasks a failed or interrupted run left (their shims would outlive the daemon).
-            for cid in sh(self.ctr + ["task", "ls", "-q"], check=False).stdout.split():
-                sh(self.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
-                sh(self.ctr + ["task", "delete", "-f", cid], check=False)
-            for cid in sh(self.ctr + ["container", "ls", "-q"], check=False).stdout.split():
-                sh(self.ctr + ["container", "rm", cid], check=False)
-            self.ctrd.terminate()
-            try:
-                self.ctrd.wait(15)
-            except subprocess.TimeoutExpired:
-                self.ctrd.kill()
-                self.ctrd.wait()
-        self.ctrd = None
-        self.snapshotter_stop()
-        umount_under(self.ctrd_dir)
+        """Stop every stack's containerd and snapshotter."""
+        for st in self.stacks:
+            if st.ctrd and st.ctrd.poll() is None:
+                # Tasks a failed or interrupted run left (their shims would outlive the daemon).
+                for cid in sh(st.ctr + ["task", "ls", "-q"], check=False).stdout.split():
+                    sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
+                    sh(st.ctr + ["task", "delete", "-f", cid], check=False)
+                for cid in sh(st.ctr + ["container", "ls", "-q"], check=False).stdout.split():
+                    sh(st.ctr + ["container", "rm", cid], check=False)
+                st.ctrd.terminate()
+                try:
+                    st.ctrd.wait(15)
+                except subprocess.TimeoutExpired:
+                    st.ctrd.kill()
+                    st.ctrd.wait()
+            st.ctrd = None
+            self.snapshotter_stop(st)
+            umount_under(st.ctrd_dir, st.views(st.ctrd_dir))
 
     # lazylayer ----------------------------------------------------------------------
     def ll_empty(self):
@@ -352,22 +430,29 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                     sh(["runc", "--root", root, "delete", "-f", cid], check=False)
 
     # one cold (or warm) start ----------------------------------------------------------
+    def which(self, contender):
+        """(the host twin of a contender, its stack)."""
+        if contender in SID_CONTENDERS:
+            return SID_CONTENDERS[contender], self.sid
+        return contender, self.host
+
     def commands(self, contender, img, ref, opt_ref):
         """(pull argv or None, run argv, stop function) of a contender."""
         cid = f"llbench-{contender}"
-        if contender == "podman":
-            pull = self.podman + ["pull", "-q", "--tls-verify=false", ref]
-            run = self.podman + ["run", "--rm", "--pull=never", "--network=host", "--name", cid, ref]
-            stop = lambda p: sh(self.podman + ["kill", "--signal", "KILL", cid], check=False)
-        elif contender == "containerd":
-            pull = self.ctr + ["image", "pull", "--plain-http", ref]
-            run = self.ctr + ["run", "--rm", "--net-host", ref, cid]
-            stop = lambda p: sh(self.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
-        elif contender == "containerd-lazylayer":
-            pull = [self.ll, "--root", self.snap_root, "containerd", "pull", "--address", self.ctrd_sock,
+        kind, st = self.which(contender)
+        if kind == "podman":
+            pull = st.podman + ["pull", "-q", "--tls-verify=false", ref]
+            run = st.podman + ["run", "--rm", "--pull=never", "--network=host", "--name", cid, ref]
+            stop = lambda p: sh(st.podman + ["kill", "--signal", "KILL", cid], check=False)
+        elif kind == "containerd":
+            pull = st.ctr + ["image", "pull", "--plain-http", ref]
+            run = st.ctr_run + ["--rm", "--net-host", ref, cid]
+            stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
+        elif kind == "containerd-lazylayer":
+            pull = [self.ll, "--root", st.snap_root, "containerd", "pull", "--address", st.ctrd_sock,
                     "--namespace", "llbench", "--snapshotter", "lazylayer", opt_ref]
-            run = self.ctr + ["run", "--rm", "--snapshotter", "lazylayer", "--net-host", opt_ref, cid]
-            stop = lambda p: sh(self.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
+            run = st.ctr_run + ["--rm", "--snapshotter", "lazylayer", "--net-host", opt_ref, cid]
+            stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         else:
             r = opt_ref if contender in ("lazylayer", "lazylayer-base") else ref
             ll = self.ll_base if contender == "lazylayer-base" else self.ll
@@ -483,12 +568,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     # section 1 ----------------------------------------------------------------------
     def prepare(self, contender):
-        if contender == "podman":
-            self.podman_empty()
-        elif contender == "containerd":
-            self.containerd_start()
-        elif contender == "containerd-lazylayer":
-            self.containerd_start(snapshotter=True)
+        kind, st = self.which(contender)
+        if kind == "podman":
+            self.podman_empty(st)
+        elif kind == "containerd":
+            self.containerd_start(st)
+        elif kind == "containerd-lazylayer":
+            self.containerd_start(st, snapshotter=True)
         else:
             self.ll_empty()
 
@@ -498,8 +584,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         snapshotter cuts its own when the image's last lazy snapshot goes, so both get
         the rest by `lazylayer pull` into their store (for the snapshotter, its --root,
         shared by design). Returns True when every layer is there."""
+        kind, st = self.which(contender)
         root = {"lazylayer": self.ll_root, "lazylayer-base": self.ll_root,
-                "containerd-lazylayer": self.snap_root}.get(contender)
+                "containerd-lazylayer": st.snap_root}.get(kind)
         if root is None:
             return True
         ll = self.ll_base if contender == "lazylayer-base" else self.ll
@@ -729,10 +816,10 @@ def run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out):
             if c.startswith("lazylayer") and not b.run_available:
                 cc["na"] = "run not available"
                 continue
-            if c == "containerd-lazylayer" and not b.snap_available:
+            if c in ("containerd-lazylayer", "containerd-sid-lazylayer") and not b.snap_available:
                 cc["na"] = "snapshotter not available"
                 continue
-            if c in ("lazylayer", "lazylayer-base", "containerd-lazylayer") and not opt_ref:
+            if c in ("lazylayer", "lazylayer-base", "containerd-lazylayer", "containerd-sid-lazylayer") and not opt_ref:
                 cc["na"] = "optimize failed"
                 continue
             try:
@@ -748,6 +835,7 @@ def run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out):
                    + (f", {rq['requests']} requests in {rq['rounds']} rounds before ready" if rq else "")
                    if res["ok"] else "failed"))
             # Warm starts (for the floor) once per image, on the first link of the run.
+            # The sid contenders' too: their images stay local as their twins' do.
             if warm and res["ok"] and c != "lazylayer-unopt":
                 # Warm = the image local whole, as containerd's and podman's are.
                 if not b.make_local(c, addr, img, opt_ref):
@@ -976,8 +1064,11 @@ def main():
     ap.add_argument("--relay-shaping", default="client-hop", choices=RELAY_SHAPINGS,
                     help="how the relay's two hops are shaped (see RELAY_HOPS)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--contenders", default="", help="a comma list of contenders to time (default: all; "
-                    "lazylayer-base comes with --baseline)")
+    ap.add_argument("--contenders", default="", help="a comma list of contenders to time (default: all but "
+                    "the sid ones; lazylayer-base comes with --baseline)")
+    ap.add_argument("--sid-root", default="/var/cache/lazylayer/sid-root", help="scripts/stack.sh's root")
+    ap.add_argument("--sid-work", default=None, help="a fresh dir in the sid stack's shared dir (run.sh "
+                    "--sid makes it): the sid contenders' stores and sockets")
     ap.add_argument("--skip", default="", help="IMAGE@LINK=reason;...")
     ap.add_argument("--fs-image", default="gcc")
     ap.add_argument("--fs-reps", type=int, default=3)
@@ -997,10 +1088,13 @@ def main():
     b = Bench(a)
     if a.contenders:
         wanted = a.contenders.split(",")
-        unknown = [c for c in wanted if c not in CONTENDERS + ["lazylayer-base"]]
+        known = CONTENDERS + list(SID_CONTENDERS)
+        unknown = [c for c in wanted if c not in known + ["lazylayer-base"]]
         if unknown:
-            raise SystemExit(f"bench: unknown contenders {unknown}; known: {CONTENDERS}")
-        CONTENDERS[:] = [c for c in CONTENDERS if c in wanted]
+            raise SystemExit(f"bench: unknown contenders {unknown}; known: {known}")
+        CONTENDERS[:] = [c for c in known if c in wanted]
+    if any(c in SID_CONTENDERS for c in CONTENDERS) and not b.sid:
+        raise SystemExit("bench: the sid contenders need --sid-work (bash bench/run.sh --sid)")
     if a.baseline:
         CONTENDERS.insert(CONTENDERS.index("lazylayer") + 1 if "lazylayer" in CONTENDERS else len(CONTENDERS),
                           "lazylayer-base")
@@ -1011,6 +1105,9 @@ def main():
                         "links_not_run": [l for l in LINKS if l not in links],
                         "images_not_run": [i for i in IMAGES if i not in images]})
     out["meta"]["snapshotter_available"] = b.snap_available
+    if b.sid:
+        out["meta"]["sid"] = dict(b.sid.versions(), root=a.sid_root)
+        log(f"sid stack: {out['meta']['sid']}")
     if a.baseline:
         out["meta"]["baseline"] = a.baseline
         out["meta"]["baseline_version"] = sh([a.baseline, "--version"], check=False).stdout.strip()

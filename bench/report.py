@@ -14,9 +14,15 @@ NAMES = {
     "lazylayer": "lazylayer run (optimized)",
     "lazylayer-unopt": "lazylayer run (unoptimized)",
     "lazylayer-base": "lazylayer run (optimized, baseline binary)",
+    "podman-sid": "podman 5.8 (sid)",
+    "containerd-sid": "containerd 2.1 (sid)",
+    "containerd-sid-lazylayer": "ctr 2.1 + lazylayer snapshotter (sid)",
 }
+# The sid stack's contenders in the light shade of their host twin's colour.
 COLORS = {"podman": "#7f7f7f", "containerd": "#1f77b4", "containerd-lazylayer": "#9467bd",
-          "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896", "lazylayer-base": "#bcbd22"}
+          "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896", "lazylayer-base": "#bcbd22",
+          "podman-sid": "#c7c7c7", "containerd-sid": "#aec7e8", "containerd-sid-lazylayer": "#c5b0d5"}
+SID = ("podman-sid", "containerd-sid", "containerd-sid-lazylayer")
 LINK_NAMES = {"loopback": "loopback (unshaped)", "1gbit": "1 Gbit/s", "100mbit": "100 Mbit/s", "10mbit": "10 Mbit/s"}
 # Start-up speedup over a full pull that the layer-granular method lazylayer follows
 # reported per link (docs/architecture.md): podman-like pull + run / optimized start.
@@ -24,7 +30,10 @@ PAPER = {"1gbit": 4.9, "100mbit": 10.0, "10mbit": 15.0}
 # Round trips no start can avoid, on top of its bytes: connect, manifest, config (with a
 # lazy start: and the boot layer's index region), then the start set (or the layers).
 FLOOR_ROUND_TRIPS = 4
-LAZY = ("lazylayer", "lazylayer-base", "containerd-lazylayer")
+LAZY = ("lazylayer", "lazylayer-base", "containerd-lazylayer", "containerd-sid-lazylayer")
+# Warm starts: the contenders whose image is local whole after a pull (lazylayer-unopt's
+# is not: its warm start is not measured).
+WARM = ("podman", "containerd", "containerd-lazylayer", "lazylayer") + SID
 
 
 def esc(text):
@@ -55,7 +64,7 @@ def warm_of(d, img):
     (image local) by any runtime measured - the least any start can cost on top of
     the bytes."""
     w = d["warm"].get(img, {})
-    best = [(med(w.get(c, [])), c) for c in ("lazylayer", "podman", "containerd", "containerd-lazylayer")]
+    best = [(med(w.get(c, [])), c) for c in WARM]
     best = [b for b in best if b[0] is not None]
     return min(best) if best else (None, None)
 
@@ -259,6 +268,12 @@ def markdown(d, seconds):
           "snapshotter (both on empty roots, restarted per cold run, not timed); pull = `lazylayer "
           "containerd pull REF:optimized` (layers claimed, nothing downloaded), run = `ctr run --rm "
           "--snapshotter lazylayer` (the snapshotter fetches the boot layer and the rest lazily).")
+    if any(c in SID for c in m.get("contenders", [])):
+        sid = m.get("sid") or {}
+        w(f"- sid stack: the (sid) contenders ran Debian sid's podman {sid.get('podman')}, containerd "
+          f"{sid.get('containerd')} and runc {sid.get('runc')} from the chroot root of `scripts/stack.sh` "
+          "(same namespace and commands as their host twins; containerd with a version 3 config, its "
+          "snapshotter the same `lazylayer snapshotter` binary, stores in the stack's shared dir).")
     w("- Time to ready: from the start of the pull command (lazylayer: of `run`) to the "
       "workload's first byte on stdout (batch) or the first successful request (servers, "
       f"polled every {m.get('poll_ms', 20):.0f} ms from the same namespace).")
@@ -359,9 +374,9 @@ def markdown(d, seconds):
         sp = speedup(ccs)
         w(f"| {img} | {ln} | {rtt_text(cell)} | " + " | ".join(cell_text(ccs.get(c), base) for c in cs)
           + f" | {secs(fl)} | {bft} | {close} | {'-' if sp is None else f'{sp:.1f}x'} | {paper} |")
-        for c in ("lazylayer", "lazylayer-unopt", "containerd-lazylayer"):
+        for c in ("lazylayer", "lazylayer-unopt", "containerd-lazylayer", "containerd-sid-lazylayer"):
             cm = (ccs.get(c) or {}).get("median")
-            for other in ("podman", "containerd"):
+            for other in ("podman", "containerd", "podman-sid", "containerd-sid"):
                 om = (ccs.get(other) or {}).get("median")
                 if cm and om and cm > om:
                     slower.append(f"{where(cell)}: {NAMES[c]} {secs(cm)} vs {other} {secs(om)}")
@@ -444,8 +459,7 @@ def markdown(d, seconds):
     if d["warm"]:
         w("Warm start (image already local, page cache warm; measured on the run's first link and RTT, median):")
         w("")
-        wc = [c for c in ("podman", "containerd", "containerd-lazylayer", "lazylayer")
-              if any(wd.get(c) for wd in d["warm"].values())]
+        wc = [c for c in WARM if any(wd.get(c) for wd in d["warm"].values())]
         w("| image | " + " | ".join(NAMES[c].replace(" pull +", "") for c in wc) + " |")
         w("|---|" + "---:|" * len(wc))
         for img, wd in d["warm"].items():
@@ -454,8 +468,9 @@ def markdown(d, seconds):
         ws = []
         for img, wd in d["warm"].items():
             ll = med(wd.get("lazylayer", []))
-            worse = [f"{c} {secs(med(wd.get(c, [])))}" for c in ("podman", "containerd", "containerd-lazylayer")
-                     if ll is not None and med(wd.get(c, [])) is not None and ll > med(wd.get(c, []))]
+            worse = [f"{c} {secs(med(wd.get(c, [])))}" for c in WARM
+                     if c != "lazylayer" and ll is not None and med(wd.get(c, [])) is not None
+                     and ll > med(wd.get(c, []))]
             if worse:
                 ws.append(f"{img} ({secs(ll)} vs " + ", ".join(worse) + ")")
         if ws:

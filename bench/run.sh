@@ -6,7 +6,7 @@
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
 #                     [--baseline BIN] [--rtts LIST] [--rtt-links LIST] [--relay-shaping S]
-#                     [--contenders LIST]
+#                     [--contenders LIST] [--sid]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
 #                 section on python3, 1 repetition. ~13 min here (images cached).
@@ -31,7 +31,13 @@
 #   --relay-shaping S  client-hop (default: only the relay <-> client hop shaped, at the
 #                 nominal rate) or double (one tbf at twice the rate over both hops)
 #   --contenders L  a comma list of podman,containerd,containerd-lazylayer,lazylayer,
-#                 lazylayer-unopt (default all; lazylayer-base comes with --baseline)
+#                 lazylayer-unopt (default all; lazylayer-base comes with --baseline),
+#                 podman-sid, containerd-sid, containerd-sid-lazylayer (need --sid)
+#   --sid         also time podman-sid, containerd-sid and containerd-sid-lazylayer:
+#                 Debian sid's Podman 5.8 and containerd 2.1 from the chroot root of
+#                 scripts/stack.sh (built if it is not, brought up for the run and down
+#                 after it unless it was up), their stores in a fresh dir of its shared
+#                 dir (LAZYLAYER_SID_ROOT, LAZYLAYER_SID_SHARED as for stack.sh)
 #
 # LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
 # the harness times, for side experiments; the default tables never set it.
@@ -48,7 +54,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
 QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1 BASELINE=''
-RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop CONTENDERS=''
+RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop CONTENDERS='' SID=0
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -65,7 +71,8 @@ while (($#)); do
     --rtt-links) RTT_LINKS=$2; shift 2 ;;
     --relay-shaping) RELAY_SHAPING=$2; shift 2 ;;
     --contenders) CONTENDERS=$2; shift 2 ;;
-    -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
+    --sid) SID=1; shift ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -80,6 +87,13 @@ else
   FS_IMAGE=gcc FS_REPS=3 FS_READS=20000
 fi
 [[ -z ${FS_IMAGE_ARG:-} ]] || FS_IMAGE=$FS_IMAGE_ARG
+SID_ROOT=${LAZYLAYER_SID_ROOT:-/var/cache/lazylayer/sid-root}
+SID_SHARED=${LAZYLAYER_SID_SHARED:-/tmp/lazylayer-sid}
+if ((SID)); then
+  # bench.py's default list (CONTENDERS) and the sid stack's three.
+  CONTENDERS=${CONTENDERS:-podman,containerd,containerd-lazylayer,lazylayer,lazylayer-unopt}
+  CONTENDERS+=,podman-sid,containerd-sid,containerd-sid-lazylayer
+fi
 ((FS)) || FS_REPS=0
 SKIP=
 if ((!ALL_CELLS)); then
@@ -123,6 +137,65 @@ WORK=$(mktemp -d /var/tmp/llbench.XXXXXX)
 NS=llbench-$$
 BENCH_PID=
 NSENTER=(nsenter "--net=/var/run/netns/$NS")
+SID_WORK='' SID_BROUGHT_UP=0
+
+sid_is_up() { [[ -f $SID_ROOT/.lazylayer-stack ]] && mountpoint -q "$SID_ROOT$SID_SHARED"; }
+
+# Mount points below $1, deepest first (the sid work dir seen from the host or the root).
+mounts_below() {
+  awk -v d="$1" '$5 == d || index($5, d "/") == 1 { print $5 }' /proc/self/mountinfo | sort -r
+}
+
+# The sid work dir: the processes that name it (containerd, its shims, the snapshotter,
+# conmon), the containers they ran, podman's store, the mounts in both views, the dir; and
+# the stack, if this run brought it up.
+sid_cleanup() {
+  local pid f arg i pids=() r id
+  if [[ -n $SID_WORK && -d $SID_WORK ]]; then
+    # Read with builtins: a grep would name the dir in its own command line.
+    for f in /proc/[0-9]*/cmdline; do
+      pid=${f#/proc/} pid=${pid%/cmdline}
+      [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
+      while IFS= read -r -d '' arg; do
+        [[ $arg == *"$SID_WORK"* ]] && { pids+=("$pid"); break; }
+      done <"$f" 2>/dev/null
+    done
+    if ((${#pids[@]})); then
+      log "stopping ${#pids[@]} process(es) of $SID_WORK: ${pids[*]}"
+      kill -TERM "${pids[@]}" 2>/dev/null || true
+      for ((i = 0; i < 50; i++)); do
+        kill -0 "${pids[@]}" 2>/dev/null || break
+        sleep 0.1
+      done
+      kill -KILL "${pids[@]}" 2>/dev/null || true
+    fi
+    for r in "$SID_WORK"/cd/runc/*; do
+      [[ -d $r ]] || continue
+      for id in $(chroot "$SID_ROOT" runc --root "$r" list -q 2>/dev/null || true); do
+        chroot "$SID_ROOT" runc --root "$r" delete -f "$id" >/dev/null 2>&1 || true
+      done
+    done
+    if [[ -d $SID_WORK/podman/root ]]; then
+      local pm=(env "CONTAINERS_CONF=$SID_WORK/containers.conf" PODMAN_IGNORE_CGROUPSV1_WARNING=1
+        chroot "$SID_ROOT" podman --root "$SID_WORK/podman/root" --runroot "$SID_WORK/podman/run"
+        --storage-driver overlay)
+      "${pm[@]}" rm -af -t 0 >/dev/null 2>&1 || true
+      "${pm[@]}" system reset -f >/dev/null 2>&1 || true
+    fi
+    mounts_below "$SID_ROOT$SID_WORK" | xargs -r -n1 umount -l 2>/dev/null || true
+    mounts_below "$SID_WORK" | xargs -r -n1 umount -l 2>/dev/null || true
+    # Never removed through a mount.
+    if [[ -z "$(mounts_below "$SID_WORK")$(mounts_below "$SID_ROOT$SID_WORK")" ]]; then
+      rm -rf --one-file-system "$SID_WORK"
+    else
+      log "mounts left below $SID_WORK: not removed"
+    fi
+  fi
+  if ((SID_BROUGHT_UP)); then
+    log "bringing the sid stack down (this run brought it up)"
+    bash "$ROOT/scripts/stack.sh" down || true
+  fi
+}
 
 cleanup() {
   local rc=$? pid i
@@ -184,6 +257,7 @@ cleanup() {
     podman --root "$WORK/podman/root" --runroot "$WORK/podman/run" --storage-driver overlay \
       system reset -f >/dev/null 2>&1 || true
   fi
+  sid_cleanup || log "sid cleanup failed"
   if [[ -f $WORK/registry/registry.pid ]]; then
     bash "$ROOT/images/registry.sh" stop "$WORK/registry" >/dev/null 2>&1 || true
   fi
@@ -197,17 +271,35 @@ trap 'exit 130' INT TERM
 
 ip netns add "$NS"
 ip -n "$NS" link set lo up
-mkdir -p "$WORK/podman/tmp"
-cat >"$WORK/containers.conf" <<CONF
+# podman's containers.conf for the work dir $1 (its tmp_dir there).
+containers_conf() {
+  mkdir -p "$1/podman/tmp"
+  cat >"$1/containers.conf" <<CONF
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
-tmp_dir = "$WORK/podman/tmp"
+tmp_dir = "$1/podman/tmp"
 CONF
+}
+containers_conf "$WORK"
 export CONTAINERS_CONF=$WORK/containers.conf
+
+if ((SID)); then
+  if sid_is_up; then
+    log "sid stack up at $SID_ROOT (left up)"
+  else
+    [[ -f $SID_ROOT/.lazylayer-stack ]] || bash "$ROOT/scripts/stack.sh" build
+    SID_BROUGHT_UP=1
+    bash "$ROOT/scripts/stack.sh" up
+    log "sid stack brought up at $SID_ROOT"
+  fi
+  # What the root's programs and the host's lazylayer must both see: in the shared dir.
+  SID_WORK=$(mktemp -d "$SID_SHARED/llbench.XXXXXX")
+  containers_conf "$SID_WORK" # bench.py gives it to the root's podman (CONTAINERS_CONF)
+fi
 
 ADDR=$("${NSENTER[@]}" bash "$ROOT/images/registry.sh" start "$WORK/registry")
 log "registry at $ADDR inside netns $NS; pushing images"
@@ -238,7 +330,7 @@ START=$SECONDS
   --fs-image "$FS_IMAGE" --fs-reps "$FS_REPS" --fs-reads "$FS_READS" --meta "$META" \
   --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" ${BASELINE:+--baseline "$BASELINE"} \
   --rtts "$RTTS" --rtt-links "$RTT_LINKS" --relay-shaping "$RELAY_SHAPING" \
-  ${CONTENDERS:+--contenders "$CONTENDERS"} &
+  ${CONTENDERS:+--contenders "$CONTENDERS"} ${SID_WORK:+--sid-root "$SID_ROOT" --sid-work "$SID_WORK"} &
 BENCH_PID=$!
 wait "$BENCH_PID"
 BENCH_PID=
