@@ -29,6 +29,10 @@ const PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_RESPONSE: usize = 1 << 20;
 /// Bounds the cache against a plugin answering a new key for every image.
 const MAX_CACHED: usize = 4096;
+/// The kubelet runs a plugin once per pull; lazylayer asks for a credential
+/// at every registry request of a lazy start. So an answer (or a failure)
+/// is kept at least this long, even when the plugin says not to cache.
+const MIN_KEEP: Duration = Duration::from_secs(10);
 
 const CONFIG_API: &str = "kubelet.config.k8s.io/v1";
 const PLUGIN_APIS: [&str; 3] = [
@@ -171,6 +175,22 @@ impl CredentialProviders {
             })
     }
 
+    /// Keep `p`'s answer for `key` for `keep`.
+    fn remember(&self, p: &Provider, key: String, auth: Answer, keep: Duration) {
+        let Some(until) = Instant::now().checked_add(keep) else {
+            return;
+        };
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= MAX_CACHED {
+            let now = Instant::now();
+            cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+        }
+        cache.insert((p.config.name.clone(), key), (auth, until));
+    }
+
     fn ask(&self, p: &Provider, image: &str) -> Option<Answer> {
         let program = self.bin_dir.join(&p.config.name);
         let answer = block_aside(run_plugin(&program, p, image));
@@ -178,6 +198,8 @@ impl CredentialProviders {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(plugin = %program.display(), %image, error = %e, "credential provider plugin failed");
+                // Not run again for every request of this image meanwhile.
+                self.remember(p, image.to_string(), Vec::new(), MIN_KEEP);
                 return None;
             }
         };
@@ -209,20 +231,7 @@ impl CredentialProviders {
             .collect();
         // Longer, more specific patterns first, as the kubelet tries them.
         auth.sort_by(|a, b| b.0.cmp(&a.0));
-        if !keep.is_zero() {
-            let mut cache = self.cache.lock().unwrap();
-            if cache.len() >= MAX_CACHED {
-                let now = Instant::now();
-                cache.retain(|_, (_, until)| *until > now);
-                if cache.len() >= MAX_CACHED {
-                    cache.clear();
-                }
-            }
-            let until = Instant::now().checked_add(keep);
-            if let Some(until) = until {
-                cache.insert((p.config.name.clone(), key), (auth.clone(), until));
-            }
-        }
+        self.remember(p, key, auth.clone(), keep.max(MIN_KEEP));
         Some(auth)
     }
 }
@@ -519,6 +528,39 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    /// lazylayer asks at every request: a failing plugin, or one that says
+    /// not to cache, still runs once per MIN_KEEP, not once per request.
+    #[test]
+    fn a_plugin_runs_once_per_short_while_even_failing_or_uncached() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = |name: &str| {
+            config(
+                d.path(),
+                &format!("apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: {name}\n    matchImages: [reg.example]\n    defaultCacheDuration: 0s\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n"),
+            )
+        };
+        // Answers what is not a response.
+        plugin(d.path(), "failing", "not a response");
+        let p = CredentialProviders::load(&cfg("failing"), d.path()).unwrap();
+        for _ in 0..3 {
+            assert!(p.get(&repo("reg.example/app")).is_none());
+        }
+        let runs = std::fs::read_to_string(d.path().join("requests")).unwrap();
+        assert_eq!(runs.lines().count(), 1, "{runs}");
+        std::fs::remove_file(d.path().join("requests")).unwrap();
+        plugin(
+            d.path(),
+            "uncached",
+            r#"{"kind":"CredentialProviderResponse","apiVersion":"credentialprovider.kubelet.k8s.io/v1","cacheKeyType":"Image","cacheDuration":"0s","auth":{"reg.example":{"username":"u","password":"p"}}}"#,
+        );
+        let p = CredentialProviders::load(&cfg("uncached"), d.path()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(p.get(&repo("reg.example/app")).unwrap().password, "p");
+        }
+        let runs = std::fs::read_to_string(d.path().join("requests")).unwrap();
+        assert_eq!(runs.lines().count(), 1, "{runs}");
     }
 
     #[test]
