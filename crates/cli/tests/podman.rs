@@ -501,7 +501,10 @@ fn root_podman_store_restarts_keep_a_running_container_serving(stack: Stack) {
     let (opt, _src, dst) = optimize_image(&reg, "python3", &[]);
     let (_, layers) = layer_digests(opt.path(), &dst);
     let proxy = common::proxy::CuttingProxy::relay(reg.port);
-    *proxy.slow_blob.lock().unwrap() = (layers[0].clone(), 1_000_000);
+    // 200 kB/s until the first read across a crash is done: a lazy read now
+    // fetches its own range of the layer (its seek index), and at 1 MB/s a
+    // file's compressed range could arrive within the test's wait.
+    *proxy.slow_blob.lock().unwrap() = (layers[0].clone(), 200_000);
     let img = dst.replace(&reg.addr(), &format!("127.0.0.1:{}", proxy.port));
     let base_fs = stored_layer(opt.path(), &layers[0]).join("fs");
     let files = files_to_read(&base_fs);
@@ -562,16 +565,21 @@ fn root_podman_store_restarts_keep_a_running_container_serving(stack: Stack) {
         assert!(n > 10, "ls /usr/lib after {when}: {n} entries");
     };
 
-    // SIGKILL while a first read of perl waits for the base layer.
-    let perl = read_in_thread("usr/bin/perl");
+    // SIGKILL while a first read waits for the base layer: of its last big
+    // file, the latest the prefetch streaming the layer in order brings (it
+    // runs from the first quiet moment, and Podman 5.8's `run` pulls again
+    // first), and a range of its own too large for the wait at 200 kB/s.
+    let late = last_big_file_of_layer(opt.path(), &layers[0], 3 << 20);
+    let waiting = read_in_thread(&late);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
-        !perl.is_finished(),
-        "the read must still be waiting for the layer: {:?}",
-        perl.join().map(|r| r.map(|b| b.len()))
+        !waiting.is_finished(),
+        "the read of {late} must still be waiting for the layer: {:?}",
+        waiting.join().map(|r| r.map(|b| b.len()))
     );
     store.restart(false, 2);
-    assert!(perl.join().unwrap().expect("read across the crash") == expect("usr/bin/perl"));
+    assert!(waiting.join().unwrap().expect("read across the crash") == expect(&late));
+    *proxy.slow_blob.lock().unwrap() = (layers[0].clone(), 1_000_000);
     check_alive(&store, "a SIGKILL");
     // An upgrade while a read waits.
     let r = read_in_thread(&files[0]);

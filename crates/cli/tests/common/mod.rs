@@ -131,6 +131,25 @@ pub fn image_recorded(root: &Path) -> bool {
         .is_some_and(|a| !a.is_empty())
 }
 
+/// The last regular file of at least `min` bytes in the gzip layer blob
+/// `digest` of the store at `root`, in the blob's own order: a lazy read of
+/// it waits for the most of a layer streamed in order, and for its own range
+/// of at least `min` bytes.
+pub fn last_big_file_of_layer(root: &Path, digest: &str, min: u64) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    let blob = std::fs::File::open(root.join("blobs/sha256").join(hex)).unwrap();
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+    let mut last = None;
+    for e in tar.entries().unwrap() {
+        let e = e.unwrap();
+        if e.header().entry_type().is_file() && e.size() >= min {
+            let p = e.path().unwrap().to_string_lossy().into_owned();
+            last = Some(p.trim_start_matches("./").to_string());
+        }
+    }
+    last.expect("a file that big in the layer")
+}
+
 pub fn stored_layer(root: &Path, digest: &str) -> PathBuf {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     root.join("layers/sha256").join(hex)
@@ -161,8 +180,12 @@ pub fn files_to_read(layer_fs: &Path) -> Vec<String> {
 /// An auth.json in `dir` holding `user`'s `password` for `registry`
 /// (named `<user>.json`).
 pub fn auth_file(dir: &Path, registry: &str, user: &str, password: &str) -> PathBuf {
+    use base64::Engine;
     let f = dir.join(format!("{user}.json"));
-    let entry = serde_json::json!({"auths": {registry: {"username": user, "password": password}}});
+    // `auth`, the base64 of user:password: the form Docker and Podman both
+    // read (containers/image ignores `username`/`password` fields).
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let entry = serde_json::json!({"auths": {registry: {"auth": auth}}});
     std::fs::write(&f, entry.to_string()).unwrap();
     f
 }
