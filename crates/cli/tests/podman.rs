@@ -91,8 +91,20 @@ impl ServedStore {
 
     /// Until the store's output has a line starting with `prefix`.
     fn wait_for_line(&self, prefix: &str) {
+        self.wait_for_lines(prefix, 1);
+    }
+
+    /// Until the store's output has `n` lines starting with `prefix` (all
+    /// its starts write to the same file).
+    fn wait_for_lines(&self, prefix: &str, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.output().lines().any(|l| l.starts_with(prefix)) {
+        while self
+            .output()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+            < n
+        {
             assert!(
                 Instant::now() < deadline,
                 "the store never said {prefix:?}: {}",
@@ -144,6 +156,12 @@ impl ServedStore {
     /// `graceful`) and start it again with the same arguments; ready when
     /// returned (the `n`th start).
     fn restart(&mut self, graceful: bool, n: usize) {
+        self.restart_unwaited(graceful);
+        self.wait_ready(n);
+    }
+
+    /// [`ServedStore::restart`] without waiting for the new store.
+    fn restart_unwaited(&mut self, graceful: bool) {
         if graceful {
             send_signal(self.process.0.id(), rustix::process::Signal::TERM);
             assert_eq!(
@@ -155,7 +173,6 @@ impl ServedStore {
             let _ = self.process.0.wait();
         }
         self.process = ServedStore::spawn(&self.args, &self.env, self.root.path());
-        self.wait_ready(n);
     }
 
     fn holder_pid(&self) -> Option<u32> {
@@ -271,7 +288,7 @@ fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
         extra.extend(["--auth-file", alice.as_str()]);
     }
     let home = home.display().to_string();
-    let store = ServedStore::spawn_on(stack, &app, &extra, &[("HOME", &home)]);
+    let mut store = ServedStore::spawn_on(stack, &app, &extra, &[("HOME", &home)]);
     let conf = secrets.path().join("registries.conf");
     match stack {
         Stack::Bookworm => {
@@ -299,7 +316,7 @@ fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
     let podman = Podman::on(stack);
     // `podman ARGS` with the pull credential `creds` (`run` has no
     // --creds in 4.3: there it comes from alice's auth file).
-    let pm = |creds: &str, args: &[&str]| {
+    let pm = |store: &ServedStore, creds: &str, args: &[&str]| {
         let mut c = store.podman_cmd(&podman);
         c.env("CONTAINERS_REGISTRIES_CONF", &conf)
             .env("LAZYLAYER_ROOT", store.root.path())
@@ -312,7 +329,7 @@ fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
         c.args(&args[1..]).output().unwrap()
     };
 
-    let wrong = pm("alice:wrong-pw", &["pull", "-q", &app]);
+    let wrong = pm(&store, "alice:wrong-pw", &["pull", "-q", &app]);
     assert!(!wrong.status.success(), "a wrong password pulled");
     let err = String::from_utf8_lossy(&wrong.stderr).to_ascii_lowercase();
     assert!(
@@ -327,7 +344,7 @@ fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
         store.output()
     );
 
-    let pulled = pm("alice:alice-pw-1", &["pull", "-q", &app]);
+    let pulled = pm(&store, "alice:alice-pw-1", &["pull", "-q", &app]);
     assert!(pulled.status.success(), "{pulled:?}");
     if stack == Stack::Sid {
         assert!(
@@ -338,7 +355,7 @@ fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
             store.output()
         );
     }
-    let ran = pm("", &["run", "--rm", "--network=none", &app]);
+    let ran = pm(&store, "", &["run", "--rm", "--network=none", &app]);
     assert!(ran.status.success(), "{ran:?}");
     assert_eq!(String::from_utf8_lossy(&ran.stdout), "ok\n");
     for d in &src_layers {
@@ -352,6 +369,67 @@ fn root_podman_pull_credentials_reach_the_store(stack: Stack) {
         private.blob_gets(&boot) > 0,
         "the store fetched no boot bytes"
     );
+
+    if stack == Stack::Sid {
+        // A store restarted (killed) under a running container forgets the
+        // credential: the root it left stays mounted, kept by the holder,
+        // waiting; the next pull's credential has it taken over, and the
+        // container reads on. (Without waiting, the new store would clear
+        // the root from under the container.)
+        let run = pm(
+            &store,
+            "",
+            &[
+                "run",
+                "-d",
+                "--network=none",
+                "--name",
+                "long",
+                &app,
+                "sleep",
+                "1000",
+            ],
+        );
+        assert!(run.status.success(), "{run:?}");
+        let inspect = |store: &ServedStore, what: &str| {
+            let out = store
+                .podman_cmd(&podman)
+                .args(["inspect", "long", "--format", what])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let state0 = inspect(&store, "{{.State.Status}} {{.State.Pid}}");
+        assert!(state0.starts_with("running "), "{state0}");
+        let merged = stack.host_view(std::path::Path::new(&inspect(
+            &store,
+            "{{.GraphDriver.Data.MergedDir}}",
+        )));
+        store.restart_unwaited(false);
+        store.wait_for_lines("waiting for credentials for ", 2);
+        assert!(
+            !mounts_below(store.als.path()).is_empty(),
+            "the waiting root was cleared: {}",
+            store.output()
+        );
+        assert_eq!(inspect(&store, "{{.State.Status}} {{.State.Pid}}"), state0);
+        let pulled = pm(&store, "alice:alice-pw-1", &["pull", "-q", &app]);
+        assert!(pulled.status.success(), "{pulled:?}");
+        store.wait_for_lines(&format!("serving {app} (credentials arrived)"), 2);
+        let base_fs = stored_layer(opt.path(), &src_layers[0]).join("fs");
+        let f = &files_to_read(&base_fs)[0];
+        assert!(
+            std::fs::read(merged.join(f)).unwrap() == std::fs::read(base_fs.join(f)).unwrap(),
+            "{f} through the root taken over"
+        );
+        assert_eq!(inspect(&store, "{{.State.Status}} {{.State.Pid}}"), state0);
+        let rm = store
+            .podman_cmd(&podman)
+            .args(["rm", "-f", "-t", "0", "long"])
+            .output()
+            .unwrap();
+        assert!(rm.status.success(), "{rm:?}");
+    }
     assert!(!store.output().contains("alice-pw-1"));
 }
 

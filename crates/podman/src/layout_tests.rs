@@ -295,6 +295,7 @@ async fn a_kept_root_is_taken_over_only_for_the_same_image_and_while_mounted() {
         .await
         .err()
         .expect("taken over");
+        let (TakeOver::Failed(e) | TakeOver::Unauthorized(e)) = e;
         assert!(e.contains(why), "{e:?}, not {why:?}");
     }
 }

@@ -210,7 +210,13 @@ impl LayerStore {
                 still.push((i, reference));
                 continue;
             }
-            match serve_one(store, client.clone(), &reference, i, opts, &mut Vec::new()).await {
+            // A root the previous store left (its holder keeps it) is taken
+            // over now.
+            let mut held = match &opts.holder {
+                Some(h) => h.list().unwrap_or_default(),
+                None => Vec::new(),
+            };
+            match serve_one(store, client.clone(), &reference, i, opts, &mut held).await {
                 Ok(Some(s)) => {
                     self.served.push(s);
                     now_served.push(reference);
@@ -295,7 +301,14 @@ async fn serve_one(
                 tracing::info!(image = %reference, mount = %target.display(), "took over a lazy root left by the previous store");
                 return Ok(Some(s));
             }
-            Err(e) => {
+            // Left mounted (the holder keeps it) for the credential Podman's
+            // next pull brings: clearing it would take the file system from
+            // under the running containers.
+            Err(TakeOver::Unauthorized(e)) => {
+                tracing::warn!(image = %reference, error = %e, "the registry wants credentials to take over the lazy root; left as it is, waiting for them (Podman's additional-layer-store-auth-helper)");
+                return Ok(None);
+            }
+            Err(TakeOver::Failed(e)) => {
                 tracing::error!(image = %reference, error = %e, "cannot take over the lazy root; serving it anew")
             }
         }
@@ -361,6 +374,14 @@ fn hold(s: &Served, holder: Option<&Holder>) {
     }
 }
 
+/// Why a lazy root left by the previous store was not taken over.
+#[derive(Debug)]
+enum TakeOver {
+    /// The registry wants credentials this store does not have (yet).
+    Unauthorized(String),
+    Failed(String),
+}
+
 /// Take over the root an earlier store left at `target`, laid out in `base`.
 #[allow(clippy::too_many_arguments)]
 async fn take_over(
@@ -372,25 +393,29 @@ async fn take_over(
     base: &Path,
     target: &Path,
     h: Held,
-) -> Result<Served, String> {
-    let meta: HeldRoot = serde_json::from_value(h.meta).map_err(|e| e.to_string())?;
+) -> Result<Served, TakeOver> {
+    let failed = |e: String| TakeOver::Failed(e);
+    let meta: HeldRoot = serde_json::from_value(h.meta).map_err(|e| failed(e.to_string()))?;
     if meta.kind != HELD_KIND || meta.image_ref != reference.to_string() {
-        return Err(format!("kept for {} {}", meta.kind, meta.image_ref));
+        return Err(failed(format!("kept for {} {}", meta.kind, meta.image_ref)));
     }
     if !lazylayer_sys::mountinfo::is_mount_point(target) {
-        return Err("no longer mounted".into());
+        return Err(failed("no longer mounted".into()));
     }
     let [device, table]: [OwnedFd; 2] = h
         .fds
         .try_into()
-        .map_err(|v: Vec<OwnedFd>| format!("{} descriptors kept, not 2", v.len()))?;
+        .map_err(|v: Vec<OwnedFd>| failed(format!("{} descriptors kept, not 2", v.len())))?;
     let mut root = match LazyRoot::open(store, client, reference, opts.fetch.clone(), pin).await {
         Ok(r) => r,
-        Err(OpenError::NoBootLayer(r)) => return Err(format!("{r} has no boot layer")),
-        Err(OpenError::Failed(e)) => return Err(error_chain(&e)),
+        Err(OpenError::NoBootLayer(r)) => return Err(failed(format!("{r} has no boot layer"))),
+        Err(OpenError::Failed(e)) if e.is_unauthorized() => {
+            return Err(TakeOver::Unauthorized(error_chain(&e)))
+        }
+        Err(OpenError::Failed(e)) => return Err(failed(error_chain(&e))),
     };
     root.resume(target, opts.mount.clone(), device, table)
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| failed(error_chain(&e)))?;
     let top = root
         .layers()
         .last()
@@ -399,7 +424,7 @@ async fn take_over(
     let bind = base.join(top).join("diff");
     if !lazylayer_sys::mountinfo::is_mount_point(&bind) {
         rustix::mount::mount_bind(target, &bind)
-            .map_err(|e| format!("bind-mounting the lazy root: {e}"))?;
+            .map_err(|e| failed(format!("bind-mounting the lazy root: {e}")))?;
     }
     Ok(Served {
         base: base.to_path_buf(),
