@@ -40,9 +40,9 @@ impl Authorization {
 /// Where the Authorization header values for one request are kept. Per
 /// host: a mirror answers its own challenges.
 pub(super) struct AuthKeys {
-    /// Bearer tokens: by host and scopes (and credential).
+    /// Bearer tokens: by host and scopes (then by credential).
     scoped: String,
-    /// Basic credentials: by host (and credential).
+    /// Basic credentials: by host (then by credential).
     host: String,
     /// `scheme://host`, the endpoint actually spoken to, and the exact
     /// scopes: what tokens kept on disk are filed under.
@@ -59,14 +59,6 @@ impl AuthKeys {
             scopes: scopes.to_vec(),
         }
     }
-
-    fn scoped(&self, cred: &CredentialId) -> String {
-        format!("{} {}", self.scoped, cred.as_str())
-    }
-
-    fn host(&self, cred: &CredentialId) -> String {
-        format!("{} {}", self.host, cred.as_str())
-    }
 }
 
 impl RegistryClient {
@@ -80,30 +72,51 @@ impl RegistryClient {
         ep: &Endpoint,
     ) -> Option<String> {
         let now = SystemTime::now();
-        // Not under the lock: the credential may come from a helper.
-        let cred = CredentialId::of(self.credential(repo, ep).as_ref());
-        {
+        // The credential is worked out only once something is kept for this
+        // host or scope (never under the lock): it may run a credential
+        // helper, which a registry that asks for nothing must not cost.
+        let cred = std::cell::OnceCell::new();
+        let cred_id = || {
+            cred.get_or_init(|| CredentialId::of(self.credential(repo, ep).as_ref()))
+                .clone()
+        };
+        let kept_for = |key: &str| {
             let t = self.tokens.lock().unwrap();
-            if let Some(a) = t.get(&keys.scoped(&cred)).filter(|a| a.usable_at(now)) {
+            t.get(key).is_some_and(|by_cred| !by_cred.is_empty())
+        };
+        if kept_for(&keys.scoped) {
+            let id = cred_id();
+            let t = self.tokens.lock().unwrap();
+            let token = t.get(&keys.scoped).and_then(|by_cred| by_cred.get(&id));
+            if let Some(a) = token.filter(|a| a.usable_at(now)) {
                 return Some(a.header.clone());
             }
         }
         if let Some(cache) = &self.token_cache {
-            let kept = cache.load(&keys.endpoint, &keys.scopes, now, || cred.clone());
+            let kept = cache.load(&keys.endpoint, &keys.scopes, now, cred_id);
             if let Some((token, expires)) = kept {
                 let header = format!("Bearer {token}");
-                self.tokens.lock().unwrap().insert(
-                    keys.scoped(&cred),
-                    Authorization {
-                        header: header.clone(),
-                        expires: Some(expires),
-                    },
-                );
+                let auth = Authorization {
+                    header: header.clone(),
+                    expires: Some(expires),
+                };
+                self.keep(&keys.scoped, cred_id(), auth);
                 return Some(header);
             }
         }
+        if !kept_for(&keys.host) {
+            return None;
+        }
+        let id = cred_id();
         let t = self.tokens.lock().unwrap();
-        t.get(&keys.host(&cred)).map(|a| a.header.clone())
+        let basic = t.get(&keys.host).and_then(|by_cred| by_cred.get(&id));
+        basic.map(|a| a.header.clone())
+    }
+
+    /// Keep `auth` under `key` for the credential `cred` obtained it with.
+    fn keep(&self, key: &str, cred: CredentialId, auth: Authorization) {
+        let mut t = self.tokens.lock().unwrap();
+        t.entry(key.to_string()).or_default().insert(cred, auth);
     }
 
     /// Keep `auth` (from [`RegistryClient::authenticate`]) for the next
@@ -120,21 +133,23 @@ impl RegistryClient {
     ) {
         let cred = CredentialId::of(self.credential(repo, ep).as_ref());
         if !Authorization::is_bearer(&auth.header) {
-            self.tokens.lock().unwrap().insert(keys.host(&cred), auth);
+            self.keep(&keys.host, cred, auth);
             return;
         }
         if let (Some(cache), Some(expires)) = (&self.token_cache, auth.expires) {
             let token = &auth.header["Bearer ".len()..];
             cache.store(&keys.endpoint, &keys.scopes, &cred, token, expires);
         }
-        self.tokens.lock().unwrap().insert(keys.scoped(&cred), auth);
+        self.keep(&keys.scoped, cred, auth);
     }
 
     /// Drop the token kept for a request's scopes, here and on disk: the
     /// registry refused it (revoked, signing key rotated).
     pub(super) fn forget_token(&self, keys: &AuthKeys, repo: &Repository, ep: &Endpoint) {
         let cred = CredentialId::of(self.credential(repo, ep).as_ref());
-        self.tokens.lock().unwrap().remove(&keys.scoped(&cred));
+        if let Some(by_cred) = self.tokens.lock().unwrap().get_mut(&keys.scoped) {
+            by_cred.remove(&cred);
+        }
         if let Some(cache) = &self.token_cache {
             cache.forget(&keys.endpoint, &keys.scopes, &cred);
         }
@@ -325,6 +340,44 @@ mod tests {
 
     fn remember(client: &RegistryClient, ep: &Endpoint, scopes: &[String], auth: Authorization) {
         client.remember_authorization(&AuthKeys::new(ep, scopes), &repo(&ep.registry), ep, auth);
+    }
+
+    /// A credential helper (`credsStore`) runs only once something is kept
+    /// for the host: a registry that asks for no credential costs no
+    /// helper run before its first request.
+    #[test]
+    fn no_credential_helper_runs_while_nothing_is_kept_for_the_host() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let helper = d.path().join("docker-credential-rec");
+        std::fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh\nread -r server\necho \"$server\" >> {}/asked\necho credentials not found >&2\nexit 1\n",
+                d.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = d.path().join("config.json");
+        std::fs::write(&file, r#"{"credsStore":"rec"}"#).unwrap();
+        let mut auth = crate::auth::AuthStore::load(&[file]);
+        auth.helper_dir = Some(d.path().to_path_buf());
+        let client = RegistryClient::new(ClientConfig {
+            auth,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let a = endpoint("a.example");
+        let pull = [RegistryClient::pull_scope(&a)];
+        assert_eq!(cached(&client, &a, &pull), None);
+        assert!(
+            !d.path().join("asked").exists(),
+            "the helper ran for nothing"
+        );
+        // Kept under the (absent) credential, and found under it.
+        remember(&client, &a, &pull, lasting("Bearer t1"));
+        assert_eq!(cached(&client, &a, &pull).as_deref(), Some("Bearer t1"));
     }
 
     /// A credential handed over for one repository (a pod's) is used for

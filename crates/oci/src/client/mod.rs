@@ -118,8 +118,9 @@ pub enum BlobSource {
 pub struct RegistryClient {
     http: reqwest::Client,
     cfg: Arc<ClientConfig>,
-    /// Authorization header values by `host` + scope (bearer) or `host` (basic).
-    tokens: Arc<Mutex<HashMap<String, Authorization>>>,
+    /// Authorization header values by `host` + scope (bearer) or `host`
+    /// (basic), then by the credential that obtained them.
+    tokens: Arc<Mutex<HashMap<String, HashMap<CredentialId, Authorization>>>>,
     /// Bearer tokens kept across processes (`token_cache` of the config).
     token_cache: Option<Arc<TokenCache>>,
     /// HTTP clients for hosts with TLS settings of their own (skip_verify,
@@ -184,7 +185,7 @@ mod token_cache;
 
 use authorizer::Authorization;
 use tls::TlsKey;
-use token_cache::TokenCache;
+use token_cache::{CredentialId, TokenCache};
 
 #[cfg(test)]
 mod tests;

@@ -40,7 +40,7 @@ const FORMAT_VERSION: u32 = 1;
 
 /// Which credentials a token was obtained with, as a digest (the files
 /// never hold a secret other than the token itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct CredentialId(String);
 
 impl CredentialId {
@@ -57,10 +57,6 @@ impl CredentialId {
             }
         }
         CredentialId(hex::encode(h.finalize()))
-    }
-
-    pub(crate) fn as_str(&self) -> &str {
-        &self.0
     }
 }
 
