@@ -301,18 +301,41 @@ pub(crate) fn bind_private(address: &Path) -> Result<tokio::net::UnixListener> {
 pub async fn connect(
     socket: &Path,
 ) -> std::result::Result<tonic::transport::Channel, tonic::transport::Error> {
-    let socket = socket.to_path_buf();
-    // The URI is required by the API but unused: the connector decides.
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
+    endpoint()
+        .connect_with_connector(unix_connector(socket))
         .await
+}
+
+/// [`connect`], connected on first use (a daemon that starts later).
+pub fn connect_lazy(socket: &Path) -> tonic::transport::Channel {
+    endpoint().connect_with_connector_lazy(unix_connector(socket))
+}
+
+/// The URI is required by the API but unused: the connector decides.
+fn endpoint() -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::from_static("http://localhost")
+}
+
+/// Connections to the unix socket `socket`.
+fn unix_connector(
+    socket: &Path,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    let socket = socket.to_path_buf();
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let socket = socket.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(socket).await?,
+            ))
+        }
+    })
 }
 
 #[cfg(test)]

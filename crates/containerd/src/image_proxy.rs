@@ -243,21 +243,6 @@ pub async fn serve(
     })
 }
 
-/// A lazily connected channel to containerd's socket.
-pub fn connect_lazy(socket: &Path) -> Channel {
-    let socket = socket.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://localhost").connect_with_connector_lazy(
-        tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

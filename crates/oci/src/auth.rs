@@ -188,11 +188,7 @@ fn is_docker_hub(host: &str) -> bool {
 
 /// `docker-credential-NAME get` with the server on stdin (the protocol Docker
 /// and Podman share). Ok(None): the helper has nothing for this server.
-///
-/// Synchronous for its callers (the registry client asks from async code):
-/// on a multi-threaded runtime the helper runs in place of the worker, whose
-/// other tasks move to another thread meanwhile; elsewhere on a runtime of
-/// its own.
+/// Synchronous for its callers, through [`block_aside`].
 fn run_helper(program: &Path, server: &str) -> Result<Option<Credential>, String> {
     block_aside(helper_answer(program, server))
 }

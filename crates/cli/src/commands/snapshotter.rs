@@ -119,8 +119,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
             let listener = image_proxy::listen(&address).with_context(|| {
                 format!("serving the CRI image service on {}", address.display())
             })?;
-            let proxy =
-                ImageServiceProxy::new(image_proxy::connect_lazy(&a.containerd_address), keychain);
+            let proxy = ImageServiceProxy::new(grpc::connect_lazy(&a.containerd_address), keychain);
             let shutdown = until_stopped(stopped.clone());
             Some(tokio::spawn(async move {
                 image_proxy::serve(proxy, listener, &address, shutdown)
