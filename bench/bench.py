@@ -114,6 +114,17 @@ def umount_under(path, views=()):
             subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
 
 
+def terminate(proc, grace):
+    """SIGTERM to a child still running, SIGKILL after `grace` seconds; reaped."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def rmtree(path, views=()):
     if os.path.exists(path):
         umount_under(path, views)
@@ -363,13 +374,7 @@ class Bench:
 
     def snapshotter_stop(self, st):
         """SIGTERM (the snapshotter unmounts its lazy FUSE roots), SIGKILL after 15 s."""
-        if st.snap and st.snap.poll() is None:
-            st.snap.terminate()
-            try:
-                st.snap.wait(15)
-            except subprocess.TimeoutExpired:
-                st.snap.kill()
-                st.snap.wait()
+        terminate(st.snap, 15)
         st.snap = None
 
     def containerd_start(self, st, snapshotter=False):
@@ -404,12 +409,7 @@ class Bench:
                     sh(st.ctr + ["task", "delete", "-f", cid], check=False)
                 for cid in sh(st.ctr + ["container", "ls", "-q"], check=False).stdout.split():
                     sh(st.ctr + ["container", "rm", cid], check=False)
-                st.ctrd.terminate()
-                try:
-                    st.ctrd.wait(15)
-                except subprocess.TimeoutExpired:
-                    st.ctrd.kill()
-                    st.ctrd.wait()
+                terminate(st.ctrd, 15)
             st.ctrd = None
             self.snapshotter_stop(st)
             umount_under(st.ctrd_dir, st.views(st.ctrd_dir))

@@ -147,13 +147,13 @@ async fn answer_helper(
 ) -> Result<()> {
     let mut input = Vec::new();
     let read = {
-        let limited = (&mut conn).take(MAX_INPUT as u64 + 1);
-        tokio::time::timeout(HELPER_TIMEOUT, read_all(limited, &mut input)).await
+        let mut limited = (&mut conn).take(MAX_INPUT as u64 + 1);
+        tokio::time::timeout(HELPER_TIMEOUT, limited.read_to_end(&mut input)).await
     };
     let answer = match read {
         Err(_) => "error: nothing received in time".to_string(),
         Ok(Err(e)) => format!("error: reading: {e}"),
-        Ok(Ok(())) => match parse_helper_input(&input) {
+        Ok(Ok(_)) => match parse_helper_input(&input) {
             Err(e) => format!("error: {e}"),
             Ok(entries) => {
                 let mut opened = Vec::new();
@@ -188,13 +188,6 @@ async fn answer_helper(
     };
     conn.write_all(format!("{answer}\n").as_bytes()).await?;
     Ok(())
-}
-
-async fn read_all(
-    mut r: impl tokio::io::AsyncRead + Unpin,
-    into: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    r.read_to_end(into).await.map(|_| ())
 }
 
 /// Hand Podman's credentials to the running store (`lazylayer store`):
