@@ -108,6 +108,100 @@ fn root_optimized_image_is_identical_under_podman5_partial_pulls_off_and_on() {
     }
 }
 
+/// Each test named here runs once per Podman: `NAME::bookworm` (Debian
+/// 12's 4.3) and `NAME::sid` (5.8, in the root of scripts/stack.sh).
+macro_rules! on_each_podman {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn bookworm() {
+                super::$name(lazylayer_testsupport::Stack::Bookworm)
+            }
+            #[test]
+            fn sid() {
+                super::$name(lazylayer_testsupport::Stack::Sid)
+            }
+        }
+    )*};
+}
+
+on_each_podman!(root_plain_podman_saves_and_pushes_an_optimized_image);
+
+/// Podman without lazylayer saves and pushes an optimized image it pulled:
+/// containers-storage rebuilds each layer from the tar headers it kept plus
+/// the files it extracted, so the boot index, which no runtime extracts,
+/// must have no content of its own (it rides in its entry's headers). The
+/// saved archive, loaded into another Podman, and the pushed image, pulled
+/// by it, give SRC's very root file system; lazylayer runs the pushed image.
+fn root_plain_podman_saves_and_pushes_an_optimized_image(stack: Stack) {
+    if !stack.ready("root_plain_podman_saves_and_pushes_an_optimized_image") {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["multilayer", "python3"]);
+    let root = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "multilayer",
+            vec![
+                "--",
+                "/bin/sh",
+                "-c",
+                "cat /data/hl/one /data/keep/a.txt; ls /data/opq",
+            ],
+            "a: kept\nnew.txt\n",
+        ),
+        // An index of 0.95 MB: two parts, `NAME` and `NAME.1`.
+        ("python3", vec![], "ok\n"),
+    ];
+    for (name, script, expected) in cases {
+        let src = image_ref(&reg, name);
+        let dst = format!("{}/optimized/{name}:boot", reg.addr());
+        optimize(root.path(), &src, &dst, &script);
+        let pushed = format!("{}/pushed/{name}:boot", reg.addr());
+        let saved = stack.tempdir();
+        let archive = saved.path().join("dst.tar");
+        let archive = archive.to_str().unwrap();
+        let (want, want_links) = {
+            let podman = Podman::on(stack);
+            podman.ok(&["pull", "-q", "--tls-verify=false", &src]);
+            podman.ok(&["pull", "-q", "--tls-verify=false", &dst]);
+            let want = snapshot(&podman.image_mount(&src));
+            podman.ok(&["save", "--format", "oci-archive", "-o", archive, &dst]);
+            podman.ok(&["push", "--tls-verify=false", &dst, &pushed]);
+            want
+        };
+        let podman = Podman::on(stack);
+        let loaded = podman.ok(&["load", "-q", "-i", archive]);
+        let loaded = loaded
+            .lines()
+            .find_map(|l| l.split_once(": ").map(|(_, name)| name.trim().to_string()))
+            .unwrap_or_else(|| panic!("podman load said: {loaded}"));
+        podman.ok(&["pull", "-q", "--tls-verify=false", &pushed]);
+        for image in [&loaded, &pushed] {
+            let (got, got_links) = snapshot(&podman.image_mount(image));
+            let diff = differences(&want, &got);
+            assert!(
+                diff.is_empty(),
+                "{image}: {} paths differ from SRC:\n{}",
+                diff.len(),
+                diff.join("\n")
+            );
+            assert_eq!(want_links, got_links, "{image}: hardlink groups differ");
+            assert!(!got.keys().any(|p| p.starts_with("/.wh.")), "{image}");
+        }
+        let out = podman.ok(&["run", "--rm", "--network=none", &pushed]);
+        assert_eq!(out, expected, "podman run of the pushed {name}");
+        let run = lazylayer(root.path(), &["run", "--rm", "--net", "none", &pushed]);
+        assert!(
+            run.status.success(),
+            "lazylayer run of the pushed {name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&run.stdout), expected);
+    }
+}
+
 /// SRC and DST give the very same root file system under podman and
 /// containerd, DST runs there unchanged, and the index file never appears.
 #[test]

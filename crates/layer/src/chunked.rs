@@ -199,6 +199,24 @@ pub fn file_entry_tar(
     Ok(tar)
 }
 
+/// The tar entries (no end-of-archive marker) of a metadata entry `rel`
+/// carrying `data` in its headers ([`LayerWriter::append_metadata`]).
+pub fn metadata_entry_tar(
+    rel: &Path,
+    mode: u32,
+    mtime: u64,
+    data: &[u8],
+) -> Result<Vec<u8>, LayerError> {
+    let mut w = LayerWriter::new(
+        Vec::with_capacity(data.len() * 4 / 3 + 4096),
+        Compression::None,
+    );
+    w.append_metadata(rel, mode, mtime, data)?;
+    let (_, mut tar) = w.finish_into_inner()?;
+    tar.truncate(tar.len() - 1024);
+    Ok(tar)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

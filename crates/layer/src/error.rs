@@ -46,6 +46,9 @@ pub enum LayerError {
     #[error("entry {}: invalid whiteout name", path.display())]
     InvalidWhiteout { path: PathBuf },
 
+    #[error("entry {}: only a `.wh..wh.*` name other than the opaque marker carries data in its headers", path.display())]
+    NotMetadataName { path: PathBuf },
+
     #[error("entry {}: layer exceeds the {what} limit of {limit}", path.display())]
     TooLarge {
         path: PathBuf,

@@ -123,6 +123,7 @@ pub fn extract<R: Read>(
         deferred_dirs: BTreeMap::new(),
         last: PathBuf::new(),
         buf: vec![0; 256 << 10],
+        continuing: None,
     };
     {
         let mut entries = archive.entries().map_err(|e| ex.read_error(e))?;
@@ -235,6 +236,18 @@ struct Extractor<'o> {
     /// Last entry read, for errors about the stream itself.
     last: PathBuf,
     buf: Vec<u8>,
+    /// The metadata file the previous entry wrote, which its next part,
+    /// following at once, continues ([`crate::metadata`]).
+    continuing: Option<Continuing>,
+}
+
+/// A metadata file being written part by part.
+struct Continuing {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    /// The number of the part that may come next.
+    next: u32,
 }
 
 impl Extractor<'_> {
@@ -250,6 +263,8 @@ impl Extractor<'_> {
         entry: &mut tar::Entry<'_, R>,
         on_entry: &mut dyn FnMut(&EntryEvent<'_>),
     ) -> Result<(), LayerError> {
+        // Only an entry that follows at once continues a metadata file.
+        let continued = self.continuing.take();
         let raw = entry.path_bytes().into_owned();
         let shown = PathBuf::from(OsStr::from_bytes(&raw));
         self.stats.entries += 1;
@@ -324,6 +339,25 @@ impl Extractor<'_> {
                 return Ok(());
             }
             SpecialName::Plain => {}
+        }
+        if matches!(etype, EntryType::Regular | EntryType::Continuous)
+            && entry.size() == 0
+            && crate::metadata::is_metadata_name(name.as_bytes())
+        {
+            let data =
+                crate::metadata::entry_data(entry).map_err(|_| LayerError::BadPaxRecord {
+                    path: path.clone(),
+                    key: crate::metadata::PAX_DATA_KEY.into(),
+                })?;
+            if let Some(data) = data {
+                let (file, size) = self.metadata_file(&path, &meta, &data, continued)?;
+                on_entry(&EntryEvent {
+                    path: &file,
+                    kind: EntryKind::File,
+                    size,
+                });
+                return Ok(());
+            }
         }
 
         let (kind, size) = match etype {
@@ -473,18 +507,7 @@ impl Extractor<'_> {
     ) -> Result<u64, LayerError> {
         let size = entry.size();
         self.charge(size, path)?;
-        let (dir, name) = self.parent_of(path)?;
-        self.clear(dir.as_fd(), name, path, false)?;
-        // O_EXCL after the removal above: whatever an earlier (possibly
-        // hostile) entry put here, a device node or a symlink, is never opened.
-        let fd = rfs::openat(
-            &*dir,
-            name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| LayerError::io(path, "create file", e))?;
-        let mut file = File::from(fd);
+        let mut file = self.create_file(path)?;
         let mut written = 0u64;
         loop {
             let n = match entry.read(&mut self.buf) {
@@ -499,6 +522,7 @@ impl Extractor<'_> {
         }
         if written != size {
             // Leave no short file that could be mistaken for a complete one.
+            let (dir, name) = self.parent_of(path)?;
             let _ = rfs::unlinkat(&*dir, name, AtFlags::empty());
             return Err(LayerError::Truncated {
                 path: path.to_owned(),
@@ -507,19 +531,79 @@ impl Extractor<'_> {
             });
         }
         self.stats.file_bytes += size;
+        self.finish_file(&file, path, meta)?;
+        Ok(size)
+    }
+
+    /// A new, empty regular file at `path`, whatever an earlier entry left there.
+    fn create_file(&mut self, path: &Path) -> Result<File, LayerError> {
+        let (dir, name) = self.parent_of(path)?;
+        self.clear(dir.as_fd(), name, path, false)?;
+        // O_EXCL after the removal above: whatever an earlier (possibly
+        // hostile) entry put here, a device node or a symlink, is never opened.
+        let fd = rfs::openat(
+            &*dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| LayerError::io(path, "create file", e))?;
+        Ok(File::from(fd))
+    }
+
+    /// Owner, mode, xattrs and mtime of a written file.
+    fn finish_file(&self, file: &File, path: &Path, meta: &Meta) -> Result<(), LayerError> {
         // Owner before mode: chown clears setuid/setgid bits.
         if self.opts.chown {
-            rfs::fchown(&file, Some(uid(meta.uid)), Some(gid(meta.gid)))
+            rfs::fchown(file, Some(uid(meta.uid)), Some(gid(meta.gid)))
                 .map_err(|e| LayerError::io(path, "chown", e))?;
         }
-        rfs::fchmod(&file, Mode::from_raw_mode(meta.mode))
+        rfs::fchmod(file, Mode::from_raw_mode(meta.mode))
             .map_err(|e| LayerError::io(path, "chmod", e))?;
         set_xattrs(path, &meta.xattrs, |n, v| {
-            rfs::fsetxattr(&file, n, v, XattrFlags::empty())
+            rfs::fsetxattr(file, n, v, XattrFlags::empty())
         })?;
-        rfs::futimens(&file, &times(meta.mtime))
+        rfs::futimens(file, &times(meta.mtime))
             .map_err(|e| LayerError::io(path, "set mtime", e))?;
-        Ok(size)
+        Ok(())
+    }
+
+    /// A metadata entry's content carried in its headers: a new file, or
+    /// the next part of the one the previous entry began (named as
+    /// [`crate::metadata::part_name`] says). Returns the file written and
+    /// its size so far.
+    fn metadata_file(
+        &mut self,
+        path: &Path,
+        meta: &Meta,
+        data: &[u8],
+        continued: Option<Continuing>,
+    ) -> Result<(PathBuf, u64), LayerError> {
+        self.charge(data.len() as u64, path)?;
+        let mut c = match continued {
+            Some(c)
+                if crate::metadata::part_name(c.path.as_os_str().as_bytes(), c.next)
+                    == path.as_os_str().as_bytes() =>
+            {
+                c
+            }
+            _ => Continuing {
+                path: path.to_owned(),
+                file: self.create_file(path)?,
+                size: 0,
+                next: 0,
+            },
+        };
+        c.file
+            .write_all(data)
+            .map_err(|e| LayerError::io(&c.path, "write file", e))?;
+        self.stats.file_bytes += data.len() as u64;
+        self.finish_file(&c.file, &c.path, meta)?;
+        c.size += data.len() as u64;
+        c.next += 1;
+        let done = (c.path.clone(), c.size);
+        self.continuing = Some(c);
+        Ok(done)
     }
 
     fn directory(&mut self, path: &Path, meta: &Meta) -> Result<(), LayerError> {

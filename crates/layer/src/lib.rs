@@ -9,7 +9,7 @@
 //! |------------------------------|--------------------------------------------------|
 //! | `DIR/.wh.NAME`               | `DIR/NAME`: character device 0:0 (an overlayfs whiteout) |
 //! | `DIR/.wh..wh..opq`           | xattr `trusted.overlay.opaque=y` on `DIR`         |
-//! | any other `.wh..wh.*` name   | an ordinary entry of that name (lazylayer's boot index is one) |
+//! | any other `.wh..wh.*` name   | an ordinary entry of that name (lazylayer's boot index is one); an empty one carrying content in `LAZYLAYER.data` PAX records ([`metadata`]) gets that content |
 //! | file, dir, symlink, hardlink, char/block device, fifo | the same, with mode (incl. setuid/setgid/sticky), uid/gid, mtime and `SCHILY.xattr.*` xattrs |
 //!
 //! Directories the archive implies but does not list are created 0755 root:root.
@@ -49,6 +49,7 @@ pub mod chunked;
 mod compression;
 mod error;
 mod extract;
+pub mod metadata;
 mod path;
 mod spans;
 mod writer;

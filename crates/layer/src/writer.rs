@@ -110,6 +110,7 @@ impl<W: Write> LayerWriter<W> {
             link: Vec::new(),
             dev: None,
             xattrs: Vec::new(),
+            records: Vec::new(),
         };
 
         if ftype != rfs::FileType::Directory && st.st_nlink > 1 {
@@ -209,8 +210,50 @@ impl<W: Write> LayerWriter<W> {
             link: Vec::new(),
             dev: None,
             xattrs: Vec::new(),
+            records: Vec::new(),
         };
         self.write_entry(&e, Some((&mut &*data, &rel)), &rel)
+    }
+
+    /// Append a metadata entry (a `.wh..wh.*` name other than the opaque
+    /// marker) carrying `data` in PAX records rather than as content, owned
+    /// by root: one empty entry per [`crate::metadata::PART_BYTES`] of it,
+    /// `rel`, then `rel.1`, `rel.2`, … (see [`crate::metadata`] for why).
+    pub fn append_metadata(
+        &mut self,
+        rel: &Path,
+        mode: u32,
+        mtime: u64,
+        data: &[u8],
+    ) -> Result<(), LayerError> {
+        let rel = normalize(rel.as_os_str().as_bytes())?;
+        let named = rel
+            .file_name()
+            .is_some_and(|n| crate::metadata::is_metadata_name(n.as_bytes()));
+        if !named {
+            return Err(LayerError::NotMetadataName { path: rel });
+        }
+        for (k, part) in crate::metadata::encode_parts(data).into_iter().enumerate() {
+            let k = u32::try_from(k).expect("fewer parts than u32::MAX");
+            let e = EntryHeader {
+                name: crate::metadata::part_name(rel.as_os_str().as_bytes(), k),
+                etype: EntryType::Regular,
+                mode: mode & 0o7777,
+                uid: 0,
+                gid: 0,
+                mtime: i64::try_from(mtime).unwrap_or(i64::MAX),
+                size: 0,
+                link: Vec::new(),
+                dev: None,
+                xattrs: Vec::new(),
+                records: vec![(
+                    crate::metadata::PAX_DATA_KEY.as_bytes().to_vec(),
+                    part.to_vec(),
+                )],
+            };
+            self.write_entry(&e, None, &rel)?;
+        }
+        Ok(())
     }
 
     /// Append an OCI whiteout deleting `rel` from the layers below: an empty
@@ -248,6 +291,7 @@ impl<W: Write> LayerWriter<W> {
             link: Vec::new(),
             dev: None,
             xattrs: Vec::new(),
+            records: Vec::new(),
         };
         self.write_entry(&e, None, path)
     }
@@ -318,6 +362,9 @@ impl<W: Write> LayerWriter<W> {
             let mut key = b"SCHILY.xattr.".to_vec();
             key.extend_from_slice(name);
             pax.insert(key, value.clone());
+        }
+        for (key, value) in &e.records {
+            pax.insert(key.clone(), value.clone());
         }
 
         h.set_entry_type(e.etype);
@@ -408,6 +455,8 @@ struct EntryHeader {
     link: Vec<u8>,
     dev: Option<(u32, u32)>,
     xattrs: Xattrs,
+    /// PAX records beside those the fields above call for.
+    records: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Store `name` in the ustar name/prefix fields if it fits (splitting at the

@@ -261,3 +261,143 @@ fn root_overlay_mount_hides_whiteouts_and_opaque_dirs() {
         "unmounted"
     );
 }
+
+/// A metadata entry (a reserved `.wh..wh.*` name) may carry its content in
+/// `LAZYLAYER.data` PAX records of empty entries, which standard runtimes
+/// skip and containers-storage can rebuild: the writer splits it into parts
+/// named `NAME`, `NAME.1`, `NAME.2`, … (containers-storage fails on two
+/// entries of one `.wh.` name), the extractor joins the parts that follow at
+/// once into one file `NAME`; a part out of its place is a file of its own.
+/// A malformed record, or a stray `%` in one, is an error; the records on
+/// an ordinary name are not content.
+#[test]
+fn root_metadata_entries_carry_their_content_in_their_headers() {
+    if skip_unless_root("root_metadata_entries_carry_their_content_in_their_headers") {
+        return;
+    }
+    let big: Vec<u8> = (0..metadata::PART_BYTES * 2 + 100)
+        .map(|i| (i % 253) as u8)
+        .collect();
+    let mut w = LayerWriter::new(Vec::new(), Compression::None);
+    w.append_metadata(Path::new(".wh..wh.big"), 0o444, 0, &big)
+        .unwrap();
+    w.append_metadata(Path::new("d/.wh..wh.small"), 0o400, 7, b"small")
+        .unwrap();
+    assert!(matches!(
+        w.append_metadata(Path::new("plain"), 0o444, 0, b"x"),
+        Err(LayerError::NotMetadataName { .. })
+    ));
+    let (_, tar) = w.finish_into_inner().unwrap();
+    // Three empty entries for the big one, one for the small: no content.
+    let mut a = tar::Archive::new(&tar[..]);
+    let sizes: Vec<(Vec<u8>, u64)> = a
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.path_bytes().into_owned(), e.size())
+        })
+        .collect();
+    let names: Vec<&[u8]> = sizes.iter().map(|(n, _)| &n[..]).collect();
+    assert_eq!(
+        names,
+        [
+            &b".wh..wh.big"[..],
+            b".wh..wh.big.1",
+            b".wh..wh.big.2",
+            b"d/.wh..wh.small"
+        ]
+    );
+    assert!(sizes.iter().all(|(_, s)| *s == 0));
+
+    let sb = Sandbox::new();
+    let mut events = Vec::new();
+    let stats = extract(&tar[..], &sb.root, &ExtractOptions::default(), &mut |e| {
+        events.push((e.path.to_path_buf(), e.size))
+    })
+    .unwrap();
+    let r = &sb.root;
+    assert_eq!(std::fs::read(r.join(".wh..wh.big")).unwrap(), big);
+    assert!(!r.join(".wh..wh.big.1").exists());
+    assert_eq!(std::fs::read(r.join("d/.wh..wh.small")).unwrap(), b"small");
+    let st = rfs::lstat(r.join("d/.wh..wh.small")).unwrap();
+    assert_eq!((st.st_mode & 0o7777, st.st_mtime), (0o400, 7));
+    assert_eq!(stats.file_bytes, big.len() as u64 + 5);
+    assert_eq!(
+        events.last(),
+        Some(&(PathBuf::from("d/.wh..wh.small"), 5)),
+        "{events:?}"
+    );
+
+    // A part after another entry, or out of order, is a file of its own;
+    // the same name again starts the file anew.
+    let mut t = RawTar::new();
+    t.pax(&[("LAZYLAYER.data", b"first")]);
+    t.add(Raw::file(b".wh..wh.x", b""));
+    t.add(Raw::file(b"between", b"b"));
+    t.pax(&[("LAZYLAYER.data", b"late")]);
+    t.add(Raw::file(b".wh..wh.x.1", b""));
+    t.pax(&[("LAZYLAYER.data", b"skipped")]);
+    t.add(Raw::file(b".wh..wh.x.3", b""));
+    t.pax(&[("LAZYLAYER.data", b"sec%0A=%25ond\0")]);
+    t.add(Raw::file(b".wh..wh.x", b""));
+    // On an ordinary name, or on an entry with content, the record is no content.
+    t.pax(&[("LAZYLAYER.data", b"ignored")]);
+    t.add(Raw::file(b"ordinary", b""));
+    t.pax(&[("LAZYLAYER.data", b"ignored")]);
+    t.add(Raw::file(b".wh..wh.y", b"own"));
+    let sb = Sandbox::new();
+    extract(
+        &t.finish()[..],
+        &sb.root,
+        &ExtractOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(sb.root.join(".wh..wh.x")).unwrap(),
+        b"sec\n=%ond\0"
+    );
+    assert_eq!(std::fs::read(sb.root.join(".wh..wh.x.1")).unwrap(), b"late");
+    assert_eq!(
+        std::fs::read(sb.root.join(".wh..wh.x.3")).unwrap(),
+        b"skipped"
+    );
+    assert_eq!(std::fs::read(sb.root.join("ordinary")).unwrap(), b"");
+    assert_eq!(std::fs::read(sb.root.join(".wh..wh.y")).unwrap(), b"own");
+
+    let mut t = RawTar::new();
+    t.extension(
+        tar::EntryType::XHeader,
+        b"PaxHeaders/x",
+        b"99 LAZYLAYER.data=short\n",
+    );
+    t.add(Raw::file(b".wh..wh.x", b""));
+    let sb = Sandbox::new();
+    let err = extract(
+        &t.finish()[..],
+        &sb.root,
+        &ExtractOptions::default(),
+        &mut |_| {},
+    );
+    assert!(
+        matches!(err, Err(LayerError::BadPaxRecord { .. })),
+        "{err:?}"
+    );
+    assert!(!sb.root.join(".wh..wh.x").exists());
+    let mut t = RawTar::new();
+    t.pax(&[("LAZYLAYER.data", b"100%")]);
+    t.add(Raw::file(b".wh..wh.x", b""));
+    let sb = Sandbox::new();
+    let err = extract(
+        &t.finish()[..],
+        &sb.root,
+        &ExtractOptions::default(),
+        &mut |_| {},
+    );
+    assert!(
+        matches!(err, Err(LayerError::BadPaxRecord { ref key, .. }) if key == "LAZYLAYER.data"),
+        "{err:?}"
+    );
+    sb.assert_outside_untouched();
+}

@@ -15,7 +15,7 @@ use std::path::Path;
 use lazylayer_fs::TraceRead;
 use lazylayer_index::chunks::{BootContent, ChunkCompression};
 use lazylayer_index::{BootIndex, FileKind, INDEX_FILE_NAME};
-use lazylayer_layer::chunked::{compress_chunks, compress_piece, file_entry_tar};
+use lazylayer_layer::chunked::{compress_chunks, compress_piece, metadata_entry_tar};
 use lazylayer_layer::{Compression, DataSpan, LayerDigests, LayerWriter};
 use lazylayer_sys::{sha256_digest, sha256_digest_of};
 use sha2::{Digest as _, Sha256};
@@ -196,8 +196,10 @@ pub fn write_boot_layer(
     // 5. The index region, then the blob: region + chunks.
     let encoded = index.encode();
     // Read-only and dated at the epoch: the index is data, and a fixed time
-    // keeps the layer reproducible for the same trace.
-    let index_tar = file_entry_tar(Path::new(INDEX_FILE_NAME), 0o444, 0, &encoded)
+    // keeps the layer reproducible for the same trace. In the entries'
+    // headers, not as content: containers-storage could not rebuild the
+    // layer for `podman save`/`push` otherwise (lazylayer_layer::metadata).
+    let index_tar = metadata_entry_tar(Path::new(INDEX_FILE_NAME), 0o444, 0, &encoded)
         .map_err(layer_err("writing boot index"))?;
     let region = compress_piece(&index_tar, layout.compression)
         .map_err(io("compressing boot index", out))?;
@@ -351,6 +353,13 @@ mod tests {
                 .map(|e| e.unwrap().path_bytes().into_owned())
                 .collect();
             assert_eq!(names[0], INDEX_FILE_NAME.as_bytes());
+            // The index rides in the entry's headers: it has no content of
+            // its own to rebuild (containers-storage needs none).
+            let mut a = tar::Archive::new(&tar[..]);
+            let mut first = a.entries().unwrap().next().unwrap().unwrap();
+            assert_eq!(first.size(), 0);
+            let carried = lazylayer_layer::metadata::entry_data(&mut first).unwrap();
+            assert_eq!(carried.as_deref(), Some(&index.encode()[..]));
             // Each chunk alone: its digest, and the file bytes at the recorded offsets.
             let (region_len, region_digest) = &layer.region;
             assert_eq!(
@@ -384,16 +393,7 @@ mod tests {
                 b"read at start"
             );
             // The index in the blob is the index returned.
-            let decoded =
-                BootIndex::decode(&std::fs::read(root.join("../none")).unwrap_or_else(|_| {
-                    let mut a = tar::Archive::new(&tar[..]);
-                    let mut e = a.entries().unwrap().next().unwrap().unwrap();
-                    let mut v = Vec::new();
-                    e.read_to_end(&mut v).unwrap();
-                    v
-                }))
-                .unwrap();
-            assert_eq!(decoded, index);
+            assert_eq!(BootIndex::decode(&carried.unwrap()).unwrap(), index);
             assert_eq!(
                 layer.start_bytes,
                 region_len

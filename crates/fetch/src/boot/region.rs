@@ -1,5 +1,7 @@
-//! The index region at the head of a chunked boot layer: one tar entry,
-//! the index file, compressed as one piece.
+//! The index region at the head of a chunked boot layer: the index file's
+//! tar entries (`NAME`, `NAME.1`, …), compressed as one piece. The index rides in the headers of
+//! entries of size 0 (`lazylayer_layer::metadata`); boot layers made before
+//! that hold it as one entry's content, and still open.
 
 use std::io::Read;
 use std::time::Instant;
@@ -114,34 +116,149 @@ pub(super) fn check_region(
     Ok((index, content))
 }
 
-/// The index region: one tar entry, the index file, compressed as one piece.
+/// The index region: the index file's entries, compressed as one piece.
 fn decode_region(image: &str, region: &[u8], c: ChunkCompression) -> Result<BootIndex, FetchError> {
     let tar = lazylayer_layer::chunked::decompress_bounded(region, c, MAX_REGION)
         .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    let broken = |e: std::io::Error| bad(image, format!("the boot index region: {e}"));
     let mut a = tar::Archive::new(&tar[..]);
-    let mut entries = a
-        .entries()
-        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
-    let mut e = entries
-        .next()
-        .ok_or_else(|| bad(image, "the boot index region holds no entry"))?
-        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
-    if &*e.path_bytes() != INDEX_FILE_NAME.as_bytes()
-        || e.header().entry_type() != tar::EntryType::Regular
-    {
-        return Err(bad(
-            image,
-            format!(
-                "the boot index region holds {}, not the index",
-                String::from_utf8_lossy(&e.path_bytes())
-            ),
-        ));
+    let mut bytes: Option<Vec<u8>> = None;
+    for (k, e) in a.entries().map_err(broken)?.enumerate() {
+        let mut e = e.map_err(broken)?;
+        let k = u32::try_from(k).unwrap_or(u32::MAX);
+        let name = lazylayer_layer::metadata::part_name(INDEX_FILE_NAME.as_bytes(), k);
+        if *e.path_bytes() != name[..] || e.header().entry_type() != tar::EntryType::Regular {
+            return Err(bad(
+                image,
+                format!(
+                    "the boot index region holds {}, not the index",
+                    String::from_utf8_lossy(&e.path_bytes())
+                ),
+            ));
+        }
+        let carried = lazylayer_layer::metadata::entry_data(&mut e).map_err(broken)?;
+        match (carried, e.size(), &mut bytes) {
+            // The index (or its next part) in the entry's headers.
+            (Some(part), 0, Some(b)) => b.extend_from_slice(&part),
+            (Some(part), 0, None) => bytes = Some(part),
+            // A boot layer made before the index moved to the headers: one
+            // entry, the index as its content.
+            (None, _, None) => {
+                let mut b = Vec::new();
+                e.read_to_end(&mut b).map_err(broken)?;
+                bytes = Some(b);
+            }
+            _ => {
+                return Err(bad(
+                    image,
+                    "the boot index region holds the index twice, or in two forms",
+                ))
+            }
+        }
     }
-    let mut bytes = Vec::new();
-    e.read_to_end(&mut bytes)
-        .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
+    let bytes = bytes.ok_or_else(|| bad(image, "the boot index region holds no entry"))?;
     BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
         image: image.to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use lazylayer_index::{FileKind, IndexEntry};
+    use lazylayer_layer::chunked::{compress_piece, file_entry_tar, metadata_entry_tar};
+    use lazylayer_layer::metadata::PART_BYTES;
+
+    use super::*;
+
+    /// An index whose encoding spans several header parts.
+    fn big_index() -> BootIndex {
+        let entry = |i: usize| IndexEntry {
+            path: if i == 0 {
+                Vec::new()
+            } else {
+                format!("f{i:06}-{}", "x".repeat(90)).into_bytes()
+            },
+            parent: 0,
+            kind: if i == 0 {
+                FileKind::Dir
+            } else {
+                FileKind::File
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: i as u64,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+            rdev: 0,
+            link_target: None,
+            xattrs: Vec::new(),
+            hardlink_group: 0,
+            link_count: 0,
+            layer: 0,
+            in_boot: false,
+            digest: None,
+        };
+        let index = BootIndex::new(
+            vec![format!("sha256:{:064x}", 1)],
+            (0..12_000).map(entry).collect(),
+        )
+        .unwrap();
+        assert!(
+            index.encode().len() > PART_BYTES,
+            "{} bytes",
+            index.encode().len()
+        );
+        index
+    }
+
+    fn region(tar: &[u8]) -> Vec<u8> {
+        compress_piece(tar, ChunkCompression::Gzip).unwrap()
+    }
+
+    /// The index in its entries' headers, over several entries, decodes;
+    /// so does a region made before (the index as one entry's content).
+    /// A region with the index twice, in both forms, or with another entry
+    /// is refused.
+    #[test]
+    fn regions_hold_the_index_in_headers_or_older_ones_as_content() {
+        let index = big_index();
+        let bytes = index.encode();
+        let name = Path::new(INDEX_FILE_NAME);
+        let headers = metadata_entry_tar(name, 0o444, 0, &bytes).unwrap();
+        let content = file_entry_tar(name, 0o444, 0, &bytes).unwrap();
+        let gz = ChunkCompression::Gzip;
+        assert_eq!(decode_region("i", &region(&headers), gz).unwrap(), index);
+        assert_eq!(decode_region("i", &region(&content), gz).unwrap(), index);
+
+        let twice = [&content[..], &content[..]].concat();
+        let both = [&headers[..], &content[..]].concat();
+        let other = file_entry_tar(Path::new("etc/passwd"), 0o644, 0, b"root").unwrap();
+        let other = [&headers[..], &other[..]].concat();
+        for (what, tar) in [
+            ("twice", twice),
+            ("both forms", both),
+            ("another entry", other),
+        ] {
+            let err = decode_region("i", &region(&tar), gz)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("index region"), "{what}: {err}");
+        }
+        // A stray escape in the headers' value: refused, not guessed at.
+        let mut stray = metadata_entry_tar(name, 0o444, 0, b"ab").unwrap();
+        let at = stray.windows(3).position(|w| w == b"=ab").unwrap();
+        stray[at + 1] = b'%';
+        let err = decode_region("i", &region(&stray), gz)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stray"), "{err}");
+        let err = decode_region("i", &region(&[0u8; 1024]), gz)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds no entry"), "{err}");
+    }
 }

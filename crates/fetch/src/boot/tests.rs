@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lazylayer_index::chunks::{BootContent, ChunkCompression, MIN_CHUNK_SIZE};
 use lazylayer_index::{BootIndex, FileKind, IndexEntry, INDEX_FILE_NAME};
-use lazylayer_layer::chunked::{compress_chunks, compress_piece, file_entry_tar};
+use lazylayer_layer::chunked::{compress_chunks, compress_piece, metadata_entry_tar};
 use lazylayer_layer::{Compression, ExtractOptions, LayerWriter};
 use lazylayer_oci::{BodyStream, Digest, OciError};
 use lazylayer_store::{BoxFuture, LayerRef, PullOptions, Store};
@@ -52,7 +52,7 @@ fn entry(path: &[u8], kind: FileKind, size: u64) -> IndexEntry {
 }
 
 /// A chunked boot layer as optimize writes it: the index region (the
-/// index file's tar entry, one compressed piece), then the content tar in
+/// index file's tar entries, the index in their headers, one compressed piece), then the content tar in
 /// chunks of `MIN_CHUNK_SIZE`.
 struct TestLayer {
     blob: Vec<u8>,
@@ -99,7 +99,7 @@ impl TestLayer {
         .unwrap();
         index.boot = Some(content);
         let region_tar =
-            file_entry_tar(Path::new(INDEX_FILE_NAME), 0o644, 0, &index.encode()).unwrap();
+            metadata_entry_tar(Path::new(INDEX_FILE_NAME), 0o444, 0, &index.encode()).unwrap();
         let region = compress_piece(&region_tar, c).unwrap();
         let region_len = region.len() as u64;
         let region_digest = Digest::sha256_of(&region);
