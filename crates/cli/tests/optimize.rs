@@ -11,6 +11,17 @@ use common::*;
 
 const INDEX_FILE: &str = ".wh..wh.lazylayer.index.v1";
 
+/// The workload the multilayer image is optimized with: it reads a file of
+/// a hardlink group (so the whole group goes into the boot layer), one an
+/// upper layer changed, and lists an opaque directory. It prints
+/// "a: kept\nnew.txt\n".
+const MULTILAYER_WORKLOAD: [&str; 4] = [
+    "--",
+    "/bin/sh",
+    "-c",
+    "cat /data/hl/one /data/keep/a.txt; ls /data/opq",
+];
+
 fn optimize(root: &Path, src: &str, dst: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["optimize", "--json", "--verify"];
     args.extend_from_slice(extra);
@@ -71,13 +82,7 @@ fn root_optimized_image_is_identical_under_podman5_partial_pulls_off_and_on() {
     let root = tempfile::tempdir().unwrap();
     let src = image_ref(&reg, "multilayer");
     let dst = format!("{}/optimized/multilayer:boot", reg.addr());
-    let extra = [
-        "--",
-        "/bin/sh",
-        "-c",
-        "cat /data/hl/one /data/keep/a.txt; ls /data/opq",
-    ];
-    optimize(root.path(), &src, &dst, &extra);
+    optimize(root.path(), &src, &dst, &MULTILAYER_WORKLOAD);
     for partial in ["false", "true"] {
         let podman = Podman::on(stack);
         podman.set_storage_conf(&format!(
@@ -108,24 +113,7 @@ fn root_optimized_image_is_identical_under_podman5_partial_pulls_off_and_on() {
     }
 }
 
-/// Each test named here runs once per Podman: `NAME::bookworm` (Debian
-/// 12's 4.3) and `NAME::sid` (5.8, in the root of scripts/stack.sh).
-macro_rules! on_each_podman {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn bookworm() {
-                super::$name(lazylayer_testsupport::Stack::Bookworm)
-            }
-            #[test]
-            fn sid() {
-                super::$name(lazylayer_testsupport::Stack::Sid)
-            }
-        }
-    )*};
-}
-
-on_each_podman!(root_plain_podman_saves_and_pushes_an_optimized_image);
+lazylayer_testsupport::on_each_podman!(root_plain_podman_saves_and_pushes_an_optimized_image);
 
 /// Podman without lazylayer saves and pushes an optimized image it pulled:
 /// containers-storage rebuilds each layer from the tar headers it kept plus
@@ -143,12 +131,7 @@ fn root_plain_podman_saves_and_pushes_an_optimized_image(stack: Stack) {
     let cases = [
         (
             "multilayer",
-            vec![
-                "--",
-                "/bin/sh",
-                "-c",
-                "cat /data/hl/one /data/keep/a.txt; ls /data/opq",
-            ],
+            MULTILAYER_WORKLOAD.to_vec(),
             "a: kept\nnew.txt\n",
         ),
         // An index of 0.95 MB: two parts, `NAME` and `NAME.1`.
@@ -212,16 +195,7 @@ fn root_optimized_image_is_identical_under_podman_and_containerd() {
     let podman = Podman::new();
     let ctrd = Containerd::start();
     let cases = [
-        // Reads a hardlinked file, so a whole hardlink group is in the boot layer.
-        (
-            "multilayer",
-            vec![
-                "--",
-                "/bin/sh",
-                "-c",
-                "cat /data/hl/one /data/keep/a.txt; ls /data/opq",
-            ],
-        ),
+        ("multilayer", MULTILAYER_WORKLOAD.to_vec()),
         ("python3", vec![]),
     ];
     for (name, extra) in cases {

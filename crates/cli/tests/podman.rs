@@ -224,24 +224,7 @@ impl ServedStore {
     }
 }
 
-/// Each test named here runs once per Podman: `NAME::bookworm` (Debian
-/// 12's 4.3) and `NAME::sid` (5.8, in the root of scripts/stack.sh).
-macro_rules! on_each_podman {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn bookworm() {
-                super::$name(lazylayer_testsupport::Stack::Bookworm)
-            }
-            #[test]
-            fn sid() {
-                super::$name(lazylayer_testsupport::Stack::Sid)
-            }
-        }
-    )*};
-}
-
-on_each_podman!(
+lazylayer_testsupport::on_each_podman!(
     root_podman_pull_credentials_reach_the_store,
     root_podman_store_restarts_keep_a_running_container_serving,
     root_podman_runs_an_optimized_image_lazily_through_the_layer_store,

@@ -183,8 +183,8 @@ impl<W: Write> LayerWriter<W> {
         }
     }
 
-    /// Append a regular file with the given content, owned by root (used for
-    /// the boot index).
+    /// Append a regular file with the given content, owned by root (how boot
+    /// layers held their index before [`Self::append_metadata`]).
     pub fn append_bytes(
         &mut self,
         rel: &Path,
@@ -199,19 +199,12 @@ impl<W: Write> LayerWriter<W> {
                 kind: "file",
             });
         }
-        let e = EntryHeader {
-            name: rel.as_os_str().as_bytes().to_vec(),
-            etype: EntryType::Regular,
-            mode: mode & 0o7777,
-            uid: 0,
-            gid: 0,
-            mtime: i64::try_from(mtime).unwrap_or(i64::MAX),
-            size: data.len() as u64,
-            link: Vec::new(),
-            dev: None,
-            xattrs: Vec::new(),
-            records: Vec::new(),
-        };
+        let e = EntryHeader::root_file(
+            rel.as_os_str().as_bytes().to_vec(),
+            mode,
+            mtime,
+            data.len() as u64,
+        );
         self.write_entry(&e, Some((&mut &*data, &rel)), &rel)
     }
 
@@ -235,22 +228,9 @@ impl<W: Write> LayerWriter<W> {
         }
         for (k, part) in crate::metadata::encode_parts(data).into_iter().enumerate() {
             let k = u32::try_from(k).expect("fewer parts than u32::MAX");
-            let e = EntryHeader {
-                name: crate::metadata::part_name(rel.as_os_str().as_bytes(), k),
-                etype: EntryType::Regular,
-                mode: mode & 0o7777,
-                uid: 0,
-                gid: 0,
-                mtime: i64::try_from(mtime).unwrap_or(i64::MAX),
-                size: 0,
-                link: Vec::new(),
-                dev: None,
-                xattrs: Vec::new(),
-                records: vec![(
-                    crate::metadata::PAX_DATA_KEY.as_bytes().to_vec(),
-                    part.to_vec(),
-                )],
-            };
+            let name = crate::metadata::part_name(rel.as_os_str().as_bytes(), k);
+            let mut e = EntryHeader::root_file(name, mode, mtime, 0);
+            e.records = vec![(crate::metadata::PAX_DATA_KEY.as_bytes().to_vec(), part)];
             self.write_entry(&e, None, &rel)?;
         }
         Ok(())
@@ -457,6 +437,25 @@ struct EntryHeader {
     xattrs: Xattrs,
     /// PAX records beside those the fields above call for.
     records: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl EntryHeader {
+    /// A regular file owned by root, of `size` bytes.
+    fn root_file(name: Vec<u8>, mode: u32, mtime: u64, size: u64) -> EntryHeader {
+        EntryHeader {
+            name,
+            etype: EntryType::Regular,
+            mode: mode & 0o7777,
+            uid: 0,
+            gid: 0,
+            mtime: i64::try_from(mtime).unwrap_or(i64::MAX),
+            size,
+            link: Vec::new(),
+            dev: None,
+            xattrs: Vec::new(),
+            records: Vec::new(),
+        }
+    }
 }
 
 /// Store `name` in the ustar name/prefix fields if it fits (splitting at the

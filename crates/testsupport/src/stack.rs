@@ -89,3 +89,22 @@ fn sid_shared() -> PathBuf {
     std::env::var_os("LAZYLAYER_SID_SHARED")
         .map_or_else(|| "/tmp/lazylayer-sid".into(), PathBuf::from)
 }
+
+/// Each test named here runs once per Podman: `NAME::bookworm` (Debian
+/// 12's 4.3) and `NAME::sid` (5.8, in the root of scripts/stack.sh); `NAME`
+/// is a function of the calling module taking the [`Stack`].
+#[macro_export]
+macro_rules! on_each_podman {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn bookworm() {
+                super::$name($crate::Stack::Bookworm)
+            }
+            #[test]
+            fn sid() {
+                super::$name($crate::Stack::Sid)
+            }
+        }
+    )*};
+}

@@ -117,7 +117,11 @@ pub(super) fn check_region(
 }
 
 /// The index region: the index file's entries, compressed as one piece.
-fn decode_region(image: &str, region: &[u8], c: ChunkCompression) -> Result<BootIndex, FetchError> {
+pub(super) fn decode_region(
+    image: &str,
+    region: &[u8],
+    c: ChunkCompression,
+) -> Result<BootIndex, FetchError> {
     let tar = lazylayer_layer::chunked::decompress_bounded(region, c, MAX_REGION)
         .map_err(|e| bad(image, format!("the boot index region: {e}")))?;
     let broken = |e: std::io::Error| bad(image, format!("the boot index region: {e}"));
@@ -161,104 +165,4 @@ fn decode_region(image: &str, region: &[u8], c: ChunkCompression) -> Result<Boot
         image: image.to_string(),
         source,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use lazylayer_index::{FileKind, IndexEntry};
-    use lazylayer_layer::chunked::{compress_piece, file_entry_tar, metadata_entry_tar};
-    use lazylayer_layer::metadata::PART_BYTES;
-
-    use super::*;
-
-    /// An index whose encoding spans several header parts.
-    fn big_index() -> BootIndex {
-        let entry = |i: usize| IndexEntry {
-            path: if i == 0 {
-                Vec::new()
-            } else {
-                format!("f{i:06}-{}", "x".repeat(90)).into_bytes()
-            },
-            parent: 0,
-            kind: if i == 0 {
-                FileKind::Dir
-            } else {
-                FileKind::File
-            },
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: i as u64,
-            mtime_sec: 1_700_000_000,
-            mtime_nsec: 0,
-            rdev: 0,
-            link_target: None,
-            xattrs: Vec::new(),
-            hardlink_group: 0,
-            link_count: 0,
-            layer: 0,
-            in_boot: false,
-            digest: None,
-        };
-        let index = BootIndex::new(
-            vec![format!("sha256:{:064x}", 1)],
-            (0..12_000).map(entry).collect(),
-        )
-        .unwrap();
-        assert!(
-            index.encode().len() > PART_BYTES,
-            "{} bytes",
-            index.encode().len()
-        );
-        index
-    }
-
-    fn region(tar: &[u8]) -> Vec<u8> {
-        compress_piece(tar, ChunkCompression::Gzip).unwrap()
-    }
-
-    /// The index in its entries' headers, over several entries, decodes;
-    /// so does a region made before (the index as one entry's content).
-    /// A region with the index twice, in both forms, or with another entry
-    /// is refused.
-    #[test]
-    fn regions_hold_the_index_in_headers_or_older_ones_as_content() {
-        let index = big_index();
-        let bytes = index.encode();
-        let name = Path::new(INDEX_FILE_NAME);
-        let headers = metadata_entry_tar(name, 0o444, 0, &bytes).unwrap();
-        let content = file_entry_tar(name, 0o444, 0, &bytes).unwrap();
-        let gz = ChunkCompression::Gzip;
-        assert_eq!(decode_region("i", &region(&headers), gz).unwrap(), index);
-        assert_eq!(decode_region("i", &region(&content), gz).unwrap(), index);
-
-        let twice = [&content[..], &content[..]].concat();
-        let both = [&headers[..], &content[..]].concat();
-        let other = file_entry_tar(Path::new("etc/passwd"), 0o644, 0, b"root").unwrap();
-        let other = [&headers[..], &other[..]].concat();
-        for (what, tar) in [
-            ("twice", twice),
-            ("both forms", both),
-            ("another entry", other),
-        ] {
-            let err = decode_region("i", &region(&tar), gz)
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("index region"), "{what}: {err}");
-        }
-        // A stray escape in the headers' value: refused, not guessed at.
-        let mut stray = metadata_entry_tar(name, 0o444, 0, b"ab").unwrap();
-        let at = stray.windows(3).position(|w| w == b"=ab").unwrap();
-        stray[at + 1] = b'%';
-        let err = decode_region("i", &region(&stray), gz)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("stray"), "{err}");
-        let err = decode_region("i", &region(&[0u8; 1024]), gz)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("holds no entry"), "{err}");
-    }
 }

@@ -12,13 +12,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lazylayer_index::chunks::{BootContent, ChunkCompression, MIN_CHUNK_SIZE};
 use lazylayer_index::{BootIndex, FileKind, IndexEntry, INDEX_FILE_NAME};
-use lazylayer_layer::chunked::{compress_chunks, compress_piece, metadata_entry_tar};
+use lazylayer_layer::chunked::{
+    compress_chunks, compress_piece, file_entry_tar, metadata_entry_tar,
+};
+use lazylayer_layer::metadata::PART_BYTES;
 use lazylayer_layer::{Compression, ExtractOptions, LayerWriter};
 use lazylayer_oci::{BodyStream, Digest, OciError};
 use lazylayer_store::{BoxFuture, LayerRef, PullOptions, Store};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
+use super::region::decode_region;
 use super::remote::ChunkRemote;
 use super::state::{verdict, ChunkState, Claim, State};
 use super::{reap_chunk_caches, BootChunks, ChunkedBoot};
@@ -901,4 +905,64 @@ async fn a_file_whose_chunks_are_all_local_opens_whole_and_not_before() {
     );
     drop(f);
     drop(chunks);
+}
+
+/// An index whose encoding spans several header parts.
+fn big_index() -> BootIndex {
+    let mut entries = vec![entry(b"", FileKind::Dir, 0)];
+    entries.extend((1..12_000).map(|i| {
+        let name = format!("f{i:06}-{}", "x".repeat(90));
+        entry(name.as_bytes(), FileKind::File, i)
+    }));
+    let index = BootIndex::new(vec![format!("sha256:{:064x}", 1)], entries).unwrap();
+    let len = index.encode().len();
+    assert!(len > PART_BYTES, "{len} bytes");
+    index
+}
+
+fn region(tar: &[u8]) -> Vec<u8> {
+    compress_piece(tar, ChunkCompression::Gzip).unwrap()
+}
+
+/// The index in its entries' headers, over several entries, decodes;
+/// so does a region made before (the index as one entry's content).
+/// A region with the index twice, in both forms, or with another entry
+/// is refused.
+#[test]
+fn regions_hold_the_index_in_headers_or_older_ones_as_content() {
+    let index = big_index();
+    let bytes = index.encode();
+    let name = Path::new(INDEX_FILE_NAME);
+    let headers = metadata_entry_tar(name, 0o444, 0, &bytes).unwrap();
+    let content = file_entry_tar(name, 0o444, 0, &bytes).unwrap();
+    let gz = ChunkCompression::Gzip;
+    assert_eq!(decode_region("i", &region(&headers), gz).unwrap(), index);
+    assert_eq!(decode_region("i", &region(&content), gz).unwrap(), index);
+
+    let twice = [&content[..], &content[..]].concat();
+    let both = [&headers[..], &content[..]].concat();
+    let other = file_entry_tar(Path::new("etc/passwd"), 0o644, 0, b"root").unwrap();
+    let other = [&headers[..], &other[..]].concat();
+    for (what, tar) in [
+        ("twice", twice),
+        ("both forms", both),
+        ("another entry", other),
+    ] {
+        let err = decode_region("i", &region(&tar), gz)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("index region"), "{what}: {err}");
+    }
+    // A stray escape in the headers' value: refused, not guessed at.
+    let mut stray = metadata_entry_tar(name, 0o444, 0, b"ab").unwrap();
+    let at = stray.windows(3).position(|w| w == b"=ab").unwrap();
+    stray[at + 1] = b'%';
+    let err = decode_region("i", &region(&stray), gz)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stray"), "{err}");
+    let err = decode_region("i", &region(&[0u8; 1024]), gz)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("holds no entry"), "{err}");
 }
