@@ -326,6 +326,9 @@ class Bench:
         # (contenders lazylayer-base, lazylayer-fuse-base), the side-by-side check that a
         # change did not make starts or reads slower.
         self.ll_base = a.baseline
+        # image -> the image the baseline optimized itself (:optimized-base), which
+        # its contenders run: a format change is compared as each version publishes.
+        self.base_refs = {}
         self.reglog = RegistryLog(os.path.join(self.work, "registry", "registry.log"))
         self.logs = os.environ.get("LLBENCH_LOGS") or os.path.join(self.work, "logs")
         os.makedirs(self.logs, exist_ok=True)
@@ -455,6 +458,8 @@ class Bench:
             stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         else:
             r = opt_ref if contender in ("lazylayer", "lazylayer-base") else ref
+            if contender == "lazylayer-base":
+                r = self.base_refs.get(img, r)
             ll = self.ll_base if contender == "lazylayer-base" else self.ll
             pull = None
             # LAZYLAYER_RUN_ARGS: extra `run` options for experiments (e.g. "--prefetch off").
@@ -695,46 +700,59 @@ def measure_link(addr, name, blob, rly=None):
 # --- main -------------------------------------------------------------------------
 
 def optimize_images(b, addr, images, out):
-    """optimize SRC -> SRC:optimized, once per image, cold store, unshaped link."""
+    """optimize SRC -> SRC:optimized, once per image, cold store, unshaped link;
+    with --baseline, the baseline binary also optimizes SRC -> SRC:optimized-base."""
     for img in images:
-        spec = IMAGES[img]
-        src, dst = f"{addr}/lazylayer/{img}:latest", f"{addr}/lazylayer/{img}:optimized"
-        root = os.path.join(b.work, "opt")
-        rmtree(root)
-        argv = [b.ll, "--root", root, "optimize", "--json"]
-        if spec.get("kind") == "http":
-            # Ready = first request served, as the measurement defines it, so the
-            # trace holds what serving that request reads.
-            argv += ["--wait", f"http:{spec['port']}/", "--net", "host"]
-        elif spec.get("port"):
-            argv += ["--wait", f"port:{spec['port']}", "--net", "host"]
-        argv += [src, dst]
-        drop_caches()
-        log(f"optimize {img}")
-        t0 = now()
-        r = sh(argv, check=False, timeout=1200)
-        dt = now() - t0
-        info = out["images"][img]
-        info["optimize_seconds"] = dt
-        if r.returncode != 0:
-            info["optimize_error"] = r.stderr.strip()[-800:]
-            log(f"  optimize {img} FAILED: {info['optimize_error']}")
-        else:
-            try:
-                info["optimize_report"] = json.loads(r.stdout)
-            except json.JSONDecodeError:
-                info["optimize_report"] = None
-            m = manifest(addr, f"lazylayer/{img}", "optimized")
-            boot = m["layers"][-1]["size"]
-            info["opt_ref"] = dst
-            info["boot_bytes"] = boot
-            # Compressed bytes the start reads before the workload runs (index region +
-            # the boot chunks the trace read), when this lazylayer reports it.
-            info["boot_start_bytes"] = (info["optimize_report"] or {}).get("boot_start_bytes")
-            info["boot_share"] = boot / info["compressed"]
-            log(f"  {img}: {dt:.1f} s, boot layer {boot / 1e6:.1f} MB "
-                f"({100 * boot / info['compressed']:.1f}% of {info['compressed'] / 1e6:.1f} MB)")
-        rmtree(root)
+        optimize_one(b, addr, img, out, b.ll, "optimized")
+        if b.ll_base:
+            base = {"compressed": out["images"][img]["compressed"]}
+            optimize_one(b, addr, img, {"images": {img: base}}, b.ll_base, "optimized-base")
+            if base.get("opt_ref"):
+                b.base_refs[img] = base["opt_ref"]
+                out["images"][img]["opt_ref_base"] = base["opt_ref"]
+                out["images"][img]["boot_start_bytes_base"] = base.get("boot_start_bytes")
+
+
+def optimize_one(b, addr, img, out, ll, tag):
+    """`ll` optimizes SRC -> SRC:TAG; what it made goes into out["images"][img]."""
+    spec = IMAGES[img]
+    src, dst = f"{addr}/lazylayer/{img}:latest", f"{addr}/lazylayer/{img}:{tag}"
+    root = os.path.join(b.work, "opt")
+    rmtree(root)
+    argv = [ll, "--root", root, "optimize", "--json"]
+    if spec.get("kind") == "http":
+        # Ready = first request served, as the measurement defines it, so the
+        # trace holds what serving that request reads.
+        argv += ["--wait", f"http:{spec['port']}/", "--net", "host"]
+    elif spec.get("port"):
+        argv += ["--wait", f"port:{spec['port']}", "--net", "host"]
+    argv += [src, dst]
+    drop_caches()
+    log(f"optimize {img}")
+    t0 = now()
+    r = sh(argv, check=False, timeout=1200)
+    dt = now() - t0
+    info = out["images"][img]
+    info["optimize_seconds"] = dt
+    if r.returncode != 0:
+        info["optimize_error"] = r.stderr.strip()[-800:]
+        log(f"  optimize {img} FAILED: {info['optimize_error']}")
+    else:
+        try:
+            info["optimize_report"] = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            info["optimize_report"] = None
+        m = manifest(addr, f"lazylayer/{img}", tag)
+        boot = m["layers"][-1]["size"]
+        info["opt_ref"] = dst
+        info["boot_bytes"] = boot
+        # Compressed bytes the start reads before the workload runs (index region +
+        # the boot chunks the trace read), when this lazylayer reports it.
+        info["boot_start_bytes"] = (info["optimize_report"] or {}).get("boot_start_bytes")
+        info["boot_share"] = boot / info["compressed"]
+        log(f"  {img}: {dt:.1f} s, boot layer {boot / 1e6:.1f} MB "
+            f"({100 * boot / info['compressed']:.1f}% of {info['compressed'] / 1e6:.1f} MB)")
+    rmtree(root)
 
 
 def section1(b, addr, images, links, runs, skip, out, rtts=(), rtt_links=(), relay_shaping="client-hop"):
@@ -954,6 +972,7 @@ def section2(b, addr, img, reps, reads, out):
     if b.ll_base:
         contenders.append("lazylayer-fuse-base")
     opt_ref = info.get("opt_ref")
+    opt_ref_base = info.get("opt_ref_base", opt_ref)
     llroot = os.path.join(base, "ll")
     # The baseline binary keeps a store of its own: an older binary need not read a newer store.
     llroot_base = os.path.join(base, "ll-base")
@@ -961,7 +980,7 @@ def section2(b, addr, img, reps, reads, out):
         log(f"fs: lazylayer pull {opt_ref} (every layer local before run)")
         sh([b.ll, "--root", llroot, "pull", "-q", opt_ref], timeout=1200)
         if b.ll_base:
-            sh([b.ll_base, "--root", llroot_base, "pull", "-q", opt_ref], timeout=1200)
+            sh([b.ll_base, "--root", llroot_base, "pull", "-q", opt_ref_base], timeout=1200)
     else:
         res["notes"].append("lazylayer: " + ("`lazylayer run` not available yet" if not b.run_available
                                              else "no optimized image") + " - slot left empty")
@@ -976,15 +995,16 @@ def section2(b, addr, img, reps, reads, out):
             for k, (snippet, _) in wl.items():
                 script = fs_script(snippet)
                 if c.startswith("lazylayer"):
-                    ll, root = (b.ll_base, llroot_base) if c.endswith("-base") else (b.ll, llroot)
+                    ll, root, ref_c = ((b.ll_base, llroot_base, opt_ref_base) if c.endswith("-base")
+                                       else (b.ll, llroot, opt_ref))
                     # native needs the image record (a lazylayer-fuse run writes it back
                     # once it finds every layer local); lazylayer-fuse needs it gone.
                     if c == "lazylayer":
-                        sh([ll, "--root", root, "pull", "-q", opt_ref], timeout=1200)
+                        sh([ll, "--root", root, "pull", "-q", ref_c], timeout=1200)
                     else:
-                        sh([ll, "--root", root, "rmi", opt_ref], check=False)
+                        sh([ll, "--root", root, "rmi", ref_c], check=False)
                     argv = [ll, "--root", root, "run", "--rm", "--stats", "--net", "none", "--prefetch", "off",
-                            opt_ref, "--", "/bin/sh", "-c", script]
+                            ref_c, "--", "/bin/sh", "-c", script]
                 else:
                     argv = ["chroot", mnts[c], "/bin/sh", "-c", script]
                 drop_caches()

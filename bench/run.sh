@@ -21,7 +21,8 @@
 #   --no-build    use the existing target/release/lazylayer (no cargo build)
 #   --baseline B  also time an older lazylayer binary B side by side in the same run
 #                 (lazylayer run, and the FUSE root in section 2): a change's regression check,
-#                 e.g. a release build of the commit before a refactor
+#                 e.g. a release build of the commit before a refactor; it optimizes
+#                 an image of its own (:optimized-base) and runs that one
 #   --rtts L      comma list of round-trip times in ms (e.g. 0,20,80): the links of
 #                 --rtt-links are measured once per RTT, every contender fetching through
 #                 bench/relay.py (a delay relay in the namespace, in front of the
