@@ -458,8 +458,10 @@ class Bench:
             stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         else:
             r = opt_ref if contender in ("lazylayer", "lazylayer-base") else ref
-            if contender == "lazylayer-base":
-                r = self.base_refs.get(img, r)
+            if contender == "lazylayer-base" and img in self.base_refs:
+                # Same host as opt_ref (the relay's, in an RTT cell), the baseline's tag.
+                r = r.rsplit(":", 1)[0] + ":optimized-base"
+
             ll = self.ll_base if contender == "lazylayer-base" else self.ll
             pull = None
             # LAZYLAYER_RUN_ARGS: extra `run` options for experiments (e.g. "--prefetch off").
