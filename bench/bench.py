@@ -461,7 +461,6 @@ class Bench:
             if contender == "lazylayer-base" and img in self.base_refs:
                 # Same host as opt_ref (the relay's, in an RTT cell), the baseline's tag.
                 r = r.rsplit(":", 1)[0] + ":optimized-base"
-
             ll = self.ll_base if contender == "lazylayer-base" else self.ll
             pull = None
             # LAZYLAYER_RUN_ARGS: extra `run` options for experiments (e.g. "--prefetch off").

@@ -17,8 +17,9 @@
 //!
 //! The value is the bytes themselves with only `%` and newline
 //! percent-encoded (`%25`, `%0A`). A PAX record is length-prefixed, and Go's
-//! readers take any value, but the Rust `tar` crate splits records at
-//! newlines. Base64 would have done too, at a price measured on real
+//! readers take any value, but the Rust `tar` crate as released (0.4.46)
+//! splits records at newlines (lazylayer's copy is patched, vendor/tar;
+//! other tools built on it are not). Base64 would have done too, at a price measured on real
 //! indexes: the compressed index region, the start's first fetch, 10%
 //! larger for python3 and 14% for the 222 MB pydev image; the escape costs
 //! 2% (zstd: 347 KB instead of 341, and 730 instead of 716).

@@ -363,6 +363,62 @@ fn extracts_pax_overrides() {
     assert_eq!(st.st_mode & 0o7777, 0o755);
 }
 
+/// A binary xattr value may hold a newline byte: a file capability of
+/// CAP_DAC_OVERRIDE and CAP_FOWNER is `0x0a` in its permitted set (a real
+/// image's telegraf binary carries one; containerd and Podman apply it). A
+/// PAX record is length-prefixed, so the value is read whole, and records
+/// after it (here the path) still apply; the writer's own output of such a
+/// file reads back the same.
+#[test]
+fn root_binary_xattr_values_with_newline_bytes_extract() {
+    if skip_unless_root("root_binary_xattr_values_with_newline_bytes_extract") {
+        return;
+    }
+    // VFS_CAP_REVISION_2 | effective; permitted 0x0a (bits 1 and 3).
+    let cap: &[u8] = &[
+        0x01, 0x00, 0x00, 0x02, 0x0a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+    let long = format!("usr/local/{}/bin/agent", "d".repeat(120));
+    let mut t = RawTar::new();
+    t.pax(&[
+        ("SCHILY.xattr.security.capability", cap),
+        ("SCHILY.xattr.user.note", b"two\nlines\n"),
+        ("path", long.as_bytes()),
+    ]);
+    t.add(Raw::file(b"short-name", b"#!/bin/sh\n"));
+    let tar = t.finish();
+    let sb = Sandbox::new();
+    extract(&tar[..], &sb.root, &ExtractOptions::default(), &mut |_| {}).unwrap();
+    let file = sb.root.join(&long);
+    assert!(!sb.root.join("short-name").exists());
+    let got = xattrs(&file);
+    assert_eq!(
+        got.get(&b"security.capability"[..]).map(|v| &v[..]),
+        Some(cap)
+    );
+    assert_eq!(
+        got.get(&b"user.note"[..]).map(|v| &v[..]),
+        Some(&b"two\nlines\n"[..])
+    );
+
+    // Written by the layer writer from that file, and read back.
+    let (blob, _) = write_layer(&sb.root, Compression::None);
+    let back = Sandbox::new();
+    extract(
+        &blob[..],
+        &back.root,
+        &ExtractOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let again = xattrs(&back.root.join(&long));
+    assert_eq!(
+        again.get(&b"security.capability"[..]).map(|v| &v[..]),
+        Some(cap)
+    );
+}
+
 #[test]
 fn root_writer_is_deterministic() {
     if skip_unless_root("root_writer_is_deterministic") {
