@@ -1,7 +1,8 @@
 //! The index region at the head of a chunked boot layer: the index file's
-//! tar entries (`NAME`, `NAME.1`, …), compressed as one piece. The index rides in the headers of
-//! entries of size 0 (`lazylayer_layer::metadata`); boot layers made before
-//! that hold it as one entry's content, and still open.
+//! tar entries (`NAME`, `NAME.1`, …), compressed as one piece. The index
+//! rides in the headers of entries of size 0 (`lazylayer_layer::metadata`);
+//! boot layers made before that hold it as one entry's content, and still
+//! open.
 
 use std::io::Read;
 use std::time::Instant;
