@@ -137,11 +137,12 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 /// The boot tar's entries but its index, then the disguised nodes, then a
-/// new index claiming them as regular files held by the boot layer.
+/// new index claiming them as regular files held by the boot layer (as
+/// content: the form lazylayer read before the headers, still read).
 fn hostile_boot_tar(tar_bytes: &[u8]) -> (Vec<u8>, BootIndex) {
     let mut ar = tar::Archive::new(tar_bytes);
     let mut kept = Vec::new();
-    let mut index = None;
+    let mut index_bytes = Vec::new();
     // Each entry's bytes run from the previous entry's end (so extension
     // headers before it come along) to the end of its padded data.
     let mut prev_end = 0usize;
@@ -152,15 +153,17 @@ fn hostile_boot_tar(tar_bytes: &[u8]) -> (Vec<u8>, BootIndex) {
             (e.raw_file_position() + e.size().div_ceil(512) * 512) as usize,
         );
         prev_end = to;
-        if e.path_bytes().as_ref() == INDEX_FILE_NAME.as_bytes() {
-            let mut b = Vec::new();
-            e.read_to_end(&mut b).unwrap();
-            index = Some(BootIndex::decode(&b).unwrap());
+        // The index's parts (`NAME`, `NAME.1`, …) carry it in their headers.
+        if e.path_bytes().starts_with(INDEX_FILE_NAME.as_bytes()) {
+            let part = lazylayer_layer::metadata::entry_data(&mut e)
+                .unwrap()
+                .unwrap();
+            index_bytes.extend_from_slice(&part);
             continue;
         }
         kept.extend_from_slice(&tar_bytes[from..to]);
     }
-    let index = index.expect("the boot layer has an index");
+    let index = BootIndex::decode(&index_bytes).expect("the boot layer has an index");
     let mut b = tar::Builder::new(kept);
     let mut dir = tar::Header::new_ustar();
     dir.set_entry_type(tar::EntryType::Directory);
