@@ -158,13 +158,7 @@ impl LayerStore {
     ) -> Result<LayerStore, PodmanError> {
         lazylayer_store::create_private_dir(&opts.dir)
             .map_err(io("creating the layer store directory", &opts.dir))?;
-        let mut held: Vec<Held> = match &opts.holder {
-            Some(h) => h.list().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "asking the descriptor holder for the lazy roots it keeps");
-                Vec::new()
-            }),
-            None => Vec::new(),
-        };
+        let mut held = held_roots(opts.holder.as_ref());
         let mut layer_store = LayerStore {
             served: Vec::new(),
             waiting: Vec::new(),
@@ -205,18 +199,16 @@ impl LayerStore {
         let mut now_served = Vec::new();
         let mut still = Vec::new();
         let mut waiting = std::mem::take(&mut self.waiting).into_iter();
+        // Roots the previous store left (its holder keeps them), asked for
+        // once, when an image is to be served: each is taken over now.
+        let mut held: Option<Vec<Held>> = None;
         while let Some((i, reference)) = waiting.next() {
             if reference.repository != *repository {
                 still.push((i, reference));
                 continue;
             }
-            // A root the previous store left (its holder keeps it) is taken
-            // over now.
-            let mut held = match &opts.holder {
-                Some(h) => h.list().unwrap_or_default(),
-                None => Vec::new(),
-            };
-            match serve_one(store, client.clone(), &reference, i, opts, &mut held).await {
+            let held = held.get_or_insert_with(|| held_roots(opts.holder.as_ref()));
+            match serve_one(store, client.clone(), &reference, i, opts, held).await {
                 Ok(Some(s)) => {
                     self.served.push(s);
                     now_served.push(reference);
@@ -372,6 +364,17 @@ fn hold(s: &Served, holder: Option<&Holder>) {
     if let Err(e) = h.put(&target, meta, &fds) {
         tracing::warn!(mount = target, error = %e, "the lazy root will not survive a restart of the store");
     }
+}
+
+/// The lazy roots `holder` keeps (none without one, or when it cannot say).
+fn held_roots(holder: Option<&Holder>) -> Vec<Held> {
+    let Some(h) = holder else {
+        return Vec::new();
+    };
+    h.list().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "asking the descriptor holder for the lazy roots it keeps");
+        Vec::new()
+    })
 }
 
 /// Why a lazy root left by the previous store was not taken over.
