@@ -326,9 +326,9 @@ class Bench:
         # (contenders lazylayer-base, lazylayer-fuse-base), the side-by-side check that a
         # change did not make starts or reads slower.
         self.ll_base = a.baseline
-        # image -> the image the baseline optimized itself (:optimized-base), which
-        # its contenders run: a format change is compared as each version publishes.
-        self.base_refs = {}
+        # Images the baseline optimized itself (SRC:optimized-base), which its
+        # contenders run: a format change is compared as each version publishes.
+        self.base_optimized = set()
         self.reglog = RegistryLog(os.path.join(self.work, "registry", "registry.log"))
         self.logs = os.environ.get("LLBENCH_LOGS") or os.path.join(self.work, "logs")
         os.makedirs(self.logs, exist_ok=True)
@@ -458,7 +458,7 @@ class Bench:
             stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         else:
             r = opt_ref if contender in ("lazylayer", "lazylayer-base") else ref
-            if contender == "lazylayer-base" and img in self.base_refs:
+            if contender == "lazylayer-base" and img in self.base_optimized:
                 # Same host as opt_ref (the relay's, in an RTT cell), the baseline's tag.
                 r = r.rsplit(":", 1)[0] + ":optimized-base"
             ll = self.ll_base if contender == "lazylayer-base" else self.ll
@@ -709,7 +709,7 @@ def optimize_images(b, addr, images, out):
             base = {"compressed": out["images"][img]["compressed"]}
             optimize_one(b, addr, img, {"images": {img: base}}, b.ll_base, "optimized-base")
             if base.get("opt_ref"):
-                b.base_refs[img] = base["opt_ref"]
+                b.base_optimized.add(img)
                 out["images"][img]["opt_ref_base"] = base["opt_ref"]
                 out["images"][img]["boot_start_bytes_base"] = base.get("boot_start_bytes")
 
@@ -729,7 +729,7 @@ def optimize_one(b, addr, img, out, ll, tag):
         argv += ["--wait", f"port:{spec['port']}", "--net", "host"]
     argv += [src, dst]
     drop_caches()
-    log(f"optimize {img}")
+    log(f"optimize {img} -> :{tag}")
     t0 = now()
     r = sh(argv, check=False, timeout=1200)
     dt = now() - t0
