@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-use crate::{ANNOTATION_LAYER, MEDIA_TYPE};
+use crate::{ANNOTATION_HEAD_DIGEST, ANNOTATION_HEAD_SIZE, ANNOTATION_LAYER, MEDIA_TYPE};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -69,6 +69,16 @@ pub struct IndexBlob {
     pub layer: String,
     pub digest: String,
     pub size: u64,
+    /// A version 2 index's head: what to fetch first, by range.
+    pub head: Option<HeadRef>,
+}
+
+/// The head of a seek-index blob: its first `size` bytes, whose SHA-256
+/// is `digest` (`sha256:<hex>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadRef {
+    pub size: u64,
+    pub digest: String,
 }
 
 impl ArtifactManifest {
@@ -94,7 +104,15 @@ impl ArtifactManifest {
                     size: i.size,
                     artifact_type: None,
                     data: None,
-                    annotations: [(ANNOTATION_LAYER.to_string(), i.layer.clone())].into(),
+                    annotations: [(ANNOTATION_LAYER.to_string(), i.layer.clone())]
+                        .into_iter()
+                        .chain(i.head.iter().flat_map(|h| {
+                            [
+                                (ANNOTATION_HEAD_SIZE.to_string(), h.size.to_string()),
+                                (ANNOTATION_HEAD_DIGEST.to_string(), h.digest.clone()),
+                            ]
+                        }))
+                        .collect(),
                 })
                 .collect(),
             subject: Some(subject),
@@ -124,6 +142,8 @@ impl ArtifactManifest {
     }
 
     /// The seek index of `layer` (a layer digest), if the artifact has one.
+    /// A head announced by malformed annotations is left out (the blob is
+    /// then fetched whole, and checked against its digest).
     pub fn index_for(&self, layer: &str) -> Option<IndexBlob> {
         self.layers
             .iter()
@@ -135,8 +155,23 @@ impl ArtifactManifest {
                 layer: layer.to_string(),
                 digest: d.digest.clone(),
                 size: d.size,
+                head: head_of(d),
             })
     }
+}
+
+fn head_of(d: &Descriptor) -> Option<HeadRef> {
+    let size: u64 = d.annotations.get(ANNOTATION_HEAD_SIZE)?.parse().ok()?;
+    let digest = d.annotations.get(ANNOTATION_HEAD_DIGEST)?;
+    let hex = digest.strip_prefix("sha256:")?;
+    let well_formed = hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    (well_formed && size > 0 && size <= d.size).then(|| HeadRef {
+        size,
+        digest: digest.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -160,15 +195,36 @@ mod tests {
             data: None,
             annotations: BTreeMap::new(),
         };
+        let head = HeadRef {
+            size: 3,
+            digest: format!("sha256:{}", "ab".repeat(32)),
+        };
         let blob = IndexBlob {
             layer: "sha256:11".into(),
             digest: "sha256:22".into(),
             size: 5,
+            head: Some(head.clone()),
         };
         let m = ArtifactManifest::new(subject, std::slice::from_ref(&blob));
         let bytes = m.to_bytes();
         let back = ArtifactManifest::parse(&bytes, "sha256:aa").unwrap();
-        assert_eq!(back.index_for("sha256:11"), Some(blob));
+        assert_eq!(back.index_for("sha256:11"), Some(blob.clone()));
+        // A head that is not one is left out: the blob is fetched whole.
+        for (key, value) in [
+            (ANNOTATION_HEAD_SIZE, "6"),
+            (ANNOTATION_HEAD_SIZE, "0"),
+            (ANNOTATION_HEAD_SIZE, "-1"),
+            (ANNOTATION_HEAD_DIGEST, "sha256:ab"),
+            (ANNOTATION_HEAD_DIGEST, "md5:00"),
+        ] {
+            let mut m = back.clone();
+            m.layers[0].annotations.insert(key.into(), value.into());
+            let got = m.index_for("sha256:11").unwrap();
+            assert_eq!(got.head, None, "{key}={value}");
+        }
+        let old = IndexBlob { head: None, ..blob };
+        let m = ArtifactManifest::new(m.subject.clone().unwrap(), std::slice::from_ref(&old));
+        assert_eq!(m.index_for("sha256:11"), Some(old));
         assert_eq!(back.index_for("sha256:33"), None);
         assert!(ArtifactManifest::parse(&bytes, "sha256:bb").is_err());
         assert_eq!(referrers_tag("sha256:abc"), "sha256-abc");

@@ -26,13 +26,18 @@ mod format;
 #[allow(unsafe_code)]
 mod inflater;
 
-pub use format::{MAGIC, VERSION};
+pub use format::{head_len, MAGIC, VERSION};
 
 /// Media type of a seek-index blob, and artifact type of the manifest that
 /// carries an image's seek indexes.
 pub const MEDIA_TYPE: &str = "application/vnd.lazylayer.seek-index.v1";
 /// Annotation on each seek-index descriptor: the digest of the layer it indexes.
 pub const ANNOTATION_LAYER: &str = "io.lazylayer.seek.layer";
+/// Annotations on a version 2 seek-index descriptor: the length and the
+/// SHA-256 (`sha256:<hex>`) of its head, so a reader fetches the head alone,
+/// by range, and checks it. Without them a reader fetches the blob whole.
+pub const ANNOTATION_HEAD_SIZE: &str = "io.lazylayer.seek.head.size";
+pub const ANNOTATION_HEAD_DIGEST: &str = "io.lazylayer.seek.head.digest";
 /// Compressed bytes between checkpoints unless told otherwise. Each
 /// checkpoint costs ~15 KB of index (its window, deflated) and a read costs
 /// ~one span: 256 KiB gave the fewest bytes in all (index + spans) for
@@ -113,31 +118,207 @@ impl SeekIndex {
     /// The data of the regular file at `path` (an index path: relative, no
     /// leading `./`), if this layer holds one.
     pub fn file(&self, path: &[u8]) -> Option<FileSpan> {
-        self.files
-            .binary_search_by(|(p, _)| p.as_slice().cmp(path))
-            .ok()
-            .map(|i| self.files[i].1)
+        find_file(&self.files, path)
     }
 
     /// The compressed range to fetch for uncompressed bytes `off..off+len`:
     /// from the last checkpoint at or before `off` to the first at or after
     /// the end (or the blob's end).
     pub fn plan(&self, off: u64, len: u64) -> Plan {
-        let end = off.saturating_add(len);
+        plan_over(&self.checkpoints, self.compressed_size, off, len)
+    }
+
+    /// Uncompressed bytes `off..off+len` from `compressed`, the blob bytes
+    /// `plan` names. Returns exactly `len` bytes or an error; inflates no
+    /// further than needed. Bytes from a wrong or damaged `compressed` may
+    /// come back as an error or as wrong bytes: the caller verifies them.
+    pub fn extract(&self, plan: &Plan, compressed: &[u8], off: u64, len: u64) -> Result<Vec<u8>> {
         let cp = self
             .checkpoints
-            .partition_point(|c| c.uncompressed <= off)
-            .saturating_sub(1);
-        let c = &self.checkpoints[cp];
-        let compressed_start = c.compressed - u64::from(c.bits > 0);
-        let compressed_end = self.checkpoints[cp + 1..]
-            .iter()
-            .find(|c| c.uncompressed >= end)
-            .map_or(self.compressed_size, |c| c.compressed);
-        Plan {
-            checkpoint: cp,
-            compressed_start,
-            compressed_end,
+            .get(plan.checkpoint)
+            .ok_or_else(|| extract_error(off, len, "the plan names no checkpoint of this index"))?;
+        extract::extract(
+            cp,
+            &cp.window,
+            self.uncompressed_size,
+            plan,
+            compressed,
+            off,
+            len,
+        )
+    }
+}
+
+/// Where one window lies in an encoded index (version 2): what a reader
+/// holding only the head fetches, by range, to resume at that checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRef {
+    /// Offset in the encoded index, and length, of the raw-deflated window.
+    pub offset: u64,
+    pub deflated_len: u32,
+    /// Its length inflated (at most [`WINDOW_SIZE`]).
+    pub len: u16,
+    /// SHA-256 of the deflated bytes, as they lie in the index.
+    pub sha256: [u8; 32],
+}
+
+/// A checkpoint as the head gives it: where to resume, and where its
+/// window lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub uncompressed: u64,
+    pub compressed: u64,
+    pub bits: u8,
+    pub window: WindowRef,
+}
+
+/// The *head* of an encoded seek index (version 2): everything but the
+/// windows. A reader fetches it by range (its length and SHA-256 ride in
+/// the artifact), plans reads from it, and fetches the one window a read
+/// needs beside the read's span; a whole index costs ~40x the head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeekHead {
+    pub layer_digest: [u8; 32],
+    pub compressed_size: u64,
+    pub uncompressed_size: u64,
+    pub span: u64,
+    /// Bytes of the head, its checksum included: the windows follow.
+    pub head_len: u64,
+    pub marks: Vec<Mark>,
+    pub files: Vec<(Vec<u8>, FileSpan)>,
+}
+
+impl SeekHead {
+    /// See [`SeekIndex::file`].
+    pub fn file(&self, path: &[u8]) -> Option<FileSpan> {
+        find_file(&self.files, path)
+    }
+
+    /// See [`SeekIndex::plan`]; the plan's checkpoint names the window to
+    /// fetch ([`SeekHead::window`]).
+    pub fn plan(&self, off: u64, len: u64) -> Plan {
+        plan_over(&self.marks, self.compressed_size, off, len)
+    }
+
+    /// Where the window of checkpoint `i` lies in the encoded index.
+    pub fn window(&self, i: usize) -> Option<&WindowRef> {
+        self.marks.get(i).map(|m| &m.window)
+    }
+
+    /// Window `i` from its deflated bytes, fetched from where
+    /// [`SeekHead::window`] says: checked against its SHA-256, inflated to
+    /// exactly its length.
+    pub fn inflate_window(&self, i: usize, deflated: &[u8]) -> Result<Vec<u8>> {
+        let w = self
+            .window(i)
+            .ok_or_else(|| SeekError::Decode(format!("no checkpoint {i}")))?;
+        if deflated.len() != w.deflated_len as usize
+            || <sha2::Sha256 as sha2::Digest>::digest(deflated).as_slice() != w.sha256
+        {
+            return Err(SeekError::Decode(format!(
+                "window {i}: the bytes differ from the head's SHA-256"
+            )));
         }
+        format::inflate_window(deflated, w.len as usize)
+            .ok_or_else(|| SeekError::Decode(format!("window {i} does not inflate to its length")))
+    }
+
+    /// See [`SeekIndex::extract`]; `window` is the plan's checkpoint's
+    /// ([`SeekHead::inflate_window`]).
+    pub fn extract(
+        &self,
+        plan: &Plan,
+        window: &[u8],
+        compressed: &[u8],
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        let m = self
+            .marks
+            .get(plan.checkpoint)
+            .ok_or_else(|| extract_error(off, len, "the plan names no checkpoint of this index"))?;
+        if window.len() != m.window.len as usize {
+            return Err(extract_error(
+                off,
+                len,
+                "the window is not the checkpoint's",
+            ));
+        }
+        extract::extract(
+            m,
+            window,
+            self.uncompressed_size,
+            plan,
+            compressed,
+            off,
+            len,
+        )
+    }
+}
+
+/// Where a checkpoint resumes inflating: what planning and extracting need
+/// of a built checkpoint and of a head's mark alike.
+pub(crate) trait Resume {
+    fn uncompressed(&self) -> u64;
+    fn compressed(&self) -> u64;
+    fn bits(&self) -> u8;
+    /// The first blob byte to fetch: with bits, the byte before.
+    fn first_byte(&self) -> u64 {
+        self.compressed() - u64::from(self.bits() > 0)
+    }
+}
+
+impl Resume for Checkpoint {
+    fn uncompressed(&self) -> u64 {
+        self.uncompressed
+    }
+    fn compressed(&self) -> u64 {
+        self.compressed
+    }
+    fn bits(&self) -> u8 {
+        self.bits
+    }
+}
+
+impl Resume for Mark {
+    fn uncompressed(&self) -> u64 {
+        self.uncompressed
+    }
+    fn compressed(&self) -> u64 {
+        self.compressed
+    }
+    fn bits(&self) -> u8 {
+        self.bits
+    }
+}
+
+fn find_file(files: &[(Vec<u8>, FileSpan)], path: &[u8]) -> Option<FileSpan> {
+    files
+        .binary_search_by(|(p, _)| p.as_slice().cmp(path))
+        .ok()
+        .map(|i| files[i].1)
+}
+
+fn plan_over<R: Resume>(cps: &[R], compressed_size: u64, off: u64, len: u64) -> Plan {
+    let end = off.saturating_add(len);
+    let cp = cps
+        .partition_point(|c| c.uncompressed() <= off)
+        .saturating_sub(1);
+    let compressed_end = cps[cp + 1..]
+        .iter()
+        .find(|c| c.uncompressed() >= end)
+        .map_or(compressed_size, |c| c.compressed());
+    Plan {
+        checkpoint: cp,
+        compressed_start: cps[cp].first_byte(),
+        compressed_end,
+    }
+}
+
+fn extract_error(off: u64, len: u64, reason: &str) -> SeekError {
+    SeekError::Extract {
+        off,
+        len,
+        reason: reason.into(),
     }
 }

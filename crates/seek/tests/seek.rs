@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use lazylayer_seek::{SeekError, SeekIndex};
+use lazylayer_seek::{head_len, SeekError, SeekHead, SeekIndex};
 
 /// A deterministic xorshift stream: incompressible bytes without a rand crate.
 struct Rng(u64);
@@ -167,6 +167,95 @@ fn every_file_reads_back_through_its_span() {
     }
 }
 
+/// A reader with the head alone, fetching one window per read, reads
+/// every file; the head is a small part of the index.
+#[test]
+fn every_file_reads_back_through_the_head_and_one_window() {
+    let l = layer();
+    let idx = SeekIndex::build(&l.gz[..], SPAN).unwrap();
+    let enc = idx.encode();
+    let n = head_len(&enc).unwrap() as usize;
+    let head = SeekHead::decode(&enc[..n]).unwrap();
+    assert_eq!(head.head_len as usize, n);
+    assert_eq!(head.files, idx.files);
+    assert!(n * 5 < enc.len(), "head {n} of {} bytes", enc.len());
+    for (path, content) in &l.files {
+        let f = head.file(path.as_bytes()).unwrap();
+        let plan = head.plan(f.offset, f.size);
+        assert_eq!(plan, idx.plan(f.offset, f.size), "{path}");
+        let w = head.window(plan.checkpoint).unwrap();
+        let at = w.offset as usize;
+        let window = head
+            .inflate_window(plan.checkpoint, &enc[at..at + w.deflated_len as usize])
+            .unwrap();
+        let span = &l.gz[plan.compressed_start as usize..plan.compressed_end as usize];
+        let got = head
+            .extract(&plan, &window, span, f.offset, f.size)
+            .unwrap();
+        assert_eq!(&got, content, "{path}");
+    }
+    // A window of other bytes, or another checkpoint's, is refused.
+    let w = *head.window(3).unwrap();
+    let mut bad = enc[w.offset as usize..][..w.deflated_len as usize].to_vec();
+    bad[0] ^= 1;
+    assert!(head.inflate_window(3, &bad).is_err());
+    let other = head.window(4).unwrap();
+    let other = &enc[other.offset as usize..][..other.deflated_len as usize];
+    assert!(head.inflate_window(3, other).is_err());
+    // A head cut short, or a cut whole index, is refused.
+    assert!(SeekHead::decode(&enc[..n - 1]).is_err());
+    assert!(SeekIndex::decode(&enc[..enc.len() - 1]).is_err());
+}
+
+/// Version 1 as `optimize` wrote it until 2026-12: windows inline, raw
+/// file table, one checksum at the end.
+fn encode_v1(idx: &SeekIndex) -> Vec<u8> {
+    use sha2::Digest;
+    let mut out = b"LLSEEKIX".to_vec();
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&idx.layer_digest);
+    for v in [idx.compressed_size, idx.uncompressed_size, idx.span] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&(idx.checkpoints.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(idx.files.len() as u32).to_le_bytes());
+    for c in &idx.checkpoints {
+        out.extend_from_slice(&c.uncompressed.to_le_bytes());
+        out.extend_from_slice(&c.compressed.to_le_bytes());
+        out.push(c.bits);
+        out.extend_from_slice(&(c.window.len() as u16).to_le_bytes());
+        let mut d = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        d.write_all(&c.window).unwrap();
+        let w = d.finish().unwrap();
+        out.extend_from_slice(&(w.len() as u32).to_le_bytes());
+        out.extend_from_slice(&w);
+    }
+    for (path, f) in &idx.files {
+        out.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        out.extend_from_slice(path);
+        out.extend_from_slice(&f.offset.to_le_bytes());
+        out.extend_from_slice(&f.size.to_le_bytes());
+    }
+    let sum = sha2::Sha256::digest(&out);
+    out.extend_from_slice(&sum);
+    out
+}
+
+/// Artifacts pushed before version 2 keep working, fetched whole.
+#[test]
+fn version_1_indexes_still_decode_whole() {
+    let l = layer();
+    let idx = SeekIndex::build(&l.gz[..], SPAN).unwrap();
+    let v1 = encode_v1(&idx);
+    assert_eq!(SeekIndex::decode(&v1).unwrap(), idx);
+    assert!(head_len(&v1).is_none(), "version 1 has no head");
+    assert!(SeekHead::decode(&v1).is_err());
+    let mut bad = v1.clone();
+    bad[100] ^= 1;
+    assert!(matches!(SeekIndex::decode(&bad), Err(SeekError::Checksum)));
+}
+
 #[test]
 fn spans_of_middle_files_are_small() {
     let l = layer();
@@ -253,13 +342,13 @@ fn hostile_encodings_are_refused() {
         bad[i] ^= 1;
         assert!(SeekIndex::decode(&bad).is_err(), "flip at {i}");
     }
-    // Hostile but well-checksummed: re-seal after editing.
-    let reseal = |mut body: Vec<u8>| {
+    // Hostile but well-checksummed: re-seal the head after editing.
+    let n = head_len(&good).unwrap() as usize;
+    let reseal = |mut index: Vec<u8>| {
         use sha2::Digest;
-        body.truncate(body.len() - 32);
-        let sum = sha2::Sha256::digest(&body);
-        body.extend_from_slice(&sum);
-        body
+        let sum = sha2::Sha256::digest(&index[..n - 32]);
+        index[n - 32..n].copy_from_slice(&sum);
+        index
     };
     const COUNTS: usize = 8 + 2 + 2 + 32 + 24;
     let mut huge = good.clone();
