@@ -9,8 +9,8 @@ use common::lazylayer_run as run;
 use common::*;
 use lazylayer_oci::client::{BlobSource, ClientConfig};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
-use lazylayer_seek::artifact::{referrers_tag, ArtifactManifest, IndexBlob, OCI_MANIFEST};
-use lazylayer_seek::SeekIndex;
+use lazylayer_seek::artifact::{referrers_tag, ArtifactManifest, HeadRef, IndexBlob, OCI_MANIFEST};
+use lazylayer_seek::{head_len, SeekIndex};
 
 /// Outside python3's traced boot set (the image's command prints `ok`):
 /// sqlite3 lives in the 17 MB python layer.
@@ -160,6 +160,36 @@ fn root_untraced_file_is_read_by_range_not_by_layer() {
             .any(|l| l.contains(&format!("/manifests/{tag} ")) && l.contains("\" 200 ")),
         "the artifact was found by its tag {tag}"
     );
+
+    // Of the seek index, the head and the windows the reads needed came,
+    // by range: not the whole index.
+    let artifact = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = RegistryClient::new(ClientConfig::default()).unwrap();
+        let r: Reference = dst.parse().unwrap();
+        let raw = client.get_manifest(&r.with_tag(&tag)).await.unwrap();
+        ArtifactManifest::parse(&raw.bytes, subject).unwrap()
+    });
+    let (mut index_bytes, mut index_sizes, mut ranged) = (0, 0, 0);
+    for l in &artifact.layers {
+        let (bytes, partial) = blob_bytes(&log, &l.digest);
+        if bytes > 0 {
+            index_bytes += bytes;
+            index_sizes += l.size;
+            ranged += partial;
+        }
+    }
+    eprintln!(
+        "seek indexes: {index_bytes} bytes fetched in {ranged} ranged GETs, of {index_sizes}"
+    );
+    assert!(index_sizes > 0, "a seek index was read");
+    assert!(
+        ranged >= 2,
+        "the head and a window by range: {ranged} ranged GETs"
+    );
+    assert!(
+        index_bytes * 4 <= index_sizes,
+        "{index_bytes} bytes of seek indexes of {index_sizes} fetched"
+    );
 }
 
 /// Rewrite DST's seek indexes so that every file's offset is one tar block
@@ -195,10 +225,16 @@ async fn push_wrong_offsets(reg: &Registry, dst: &str, subject: &str) {
             )
             .await
             .unwrap();
+        let head = head_len(&bad).unwrap();
         blobs.push(IndexBlob {
             layer: l.annotations[lazylayer_seek::ANNOTATION_LAYER].clone(),
             digest: bad_digest.to_string(),
             size: bad.len() as u64,
+            // Read by its head, as run reads what optimize pushes.
+            head: Some(HeadRef {
+                size: head,
+                digest: Digest::sha256_of(&bad[..head as usize]).to_string(),
+            }),
         });
     }
     let subject_desc = artifact.subject.clone().unwrap();
@@ -326,7 +362,7 @@ fn root_registry_ignoring_range_costs_the_layer_not_the_bytes() {
         return;
     }
     let reg = Registry::start();
-    let (_rep, src, _dst, layers) = optimized_python3(&reg);
+    let (rep, src, _dst, layers) = optimized_python3(&reg);
     let expected = expected_output(&src, SQLITE);
     // The registry as seen through a proxy that hides Range headers from
     // it: it answers 200 with the whole blob.
@@ -353,20 +389,32 @@ fn root_registry_ignoring_range_costs_the_layer_not_the_bytes() {
     );
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
-    // Spans stopped at the first 200; the layer came whole, once (maybe
-    // cut by the container's exit: its end is not waited for).
+    // Spans stopped at the first 200, the seek index head's ranged GET;
+    // the layer came whole, once (maybe cut by the container's exit: its
+    // end is not waited for).
     let sqlite_layer = &layers[1];
-    let gets: Vec<String> = proxy
+    let requests: Vec<String> = proxy
         .requests
         .lock()
         .unwrap()
         .iter()
         .map(|r| r.to_lowercase())
-        .filter(|r| r.starts_with("get ") && r.contains(&format!("/blobs/{sqlite_layer}")))
+        .filter(|r| r.starts_with("get ") && r.contains("/blobs/"))
         .collect();
-    assert_eq!(gets.len(), 2, "one ignored range, then the whole layer");
-    assert!(gets[0].contains("\r\nrange: bytes="), "{}", gets[0]);
-    assert!(!gets[1].contains("\r\nrange:"), "{}", gets[1]);
+    // Ranged GETs of blobs other than the image's layers: seek indexes.
+    let boot = rep["boot_layer_digest"].as_str().unwrap();
+    let ranged: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.contains("\r\nrange: bytes="))
+        .filter(|r| !r.contains(boot) && !layers.iter().any(|d| r.contains(d.as_str())))
+        .collect();
+    let gets: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.contains(&format!("/blobs/{sqlite_layer}")))
+        .collect();
+    assert_eq!(ranged.len(), 1, "one ignored range: {ranged:?}");
+    assert_eq!(gets.len(), 1, "then the whole layer");
+    assert!(!gets[0].contains("\r\nrange:"), "{}", gets[0]);
     assert!(tree_listing(&root.path().join("files")).is_empty());
 }
 

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use lazylayer_index::IndexEntry;
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_seek::artifact::{
-    referrers_tag, ArtifactManifest, ReferrersIndex, MAX_INDEX_BLOB, OCI_INDEX,
+    referrers_tag, ArtifactManifest, HeadRef, ReferrersIndex, MAX_INDEX_BLOB, OCI_INDEX,
 };
-use lazylayer_seek::{SeekIndex, MEDIA_TYPE};
+use lazylayer_seek::{Plan, SeekHead, SeekIndex, MEDIA_TYPE};
 use lazylayer_store::{LayerRef, Store};
 
 use crate::fetcher::LayerFetcher;
@@ -42,7 +42,7 @@ struct State {
     /// The image's seek-index artifact: None until looked for.
     artifact: Option<Result<Arc<ArtifactManifest>, ()>>,
     /// Decoded seek indexes by layer position; None: that layer has none usable.
-    indexes: HashMap<usize, Option<Arc<SeekIndex>>>,
+    indexes: HashMap<usize, Option<Arc<LayerSeek>>>,
     /// No more spans for this image (no artifact, or Range ignored).
     off: bool,
     /// The last compressed range fetched per layer (start, bytes): files
@@ -60,6 +60,40 @@ struct State {
 /// GETs and the layer once, 1.48x its size, instead of 31 GETs, then the
 /// layer). With the prefetch off it costs bytes (0.90x by spans alone).
 const WHOLE_LAYER_SHARE: (u64, u64) = (1, 2);
+
+/// One layer's seek index, as far as this reader holds it.
+enum LayerSeek {
+    /// Fetched whole (a version 1 index, or none of its head announced):
+    /// every window at hand.
+    Whole(SeekIndex),
+    /// The head alone (~2.5% of the index); each read fetches the one
+    /// window it needs from `blob`, beside its span.
+    Head { head: SeekHead, blob: Digest },
+}
+
+impl LayerSeek {
+    fn file(&self, path: &[u8]) -> Option<lazylayer_seek::FileSpan> {
+        match self {
+            LayerSeek::Whole(idx) => idx.file(path),
+            LayerSeek::Head { head, .. } => head.file(path),
+        }
+    }
+
+    fn plan(&self, off: u64, len: u64) -> Plan {
+        match self {
+            LayerSeek::Whole(idx) => idx.plan(off, len),
+            LayerSeek::Head { head, .. } => head.plan(off, len),
+        }
+    }
+
+    /// (layer digest, compressed size) the index describes.
+    fn describes(&self) -> ([u8; 32], u64) {
+        match self {
+            LayerSeek::Whole(idx) => (idx.layer_digest, idx.compressed_size),
+            LayerSeek::Head { head, .. } => (head.layer_digest, head.compressed_size),
+        }
+    }
+}
 
 /// Why a seek-index lookup found nothing, and whether for want of the
 /// network: such a miss is not remembered, so the lookup is made again once
@@ -140,7 +174,7 @@ impl SpanReader {
         let Ok(s) = self.state.try_lock() else {
             return Quick::NeedsFetch;
         };
-        if s.off || s.indexes.get(&(entry.layer as usize)) == Some(&None) {
+        if s.off || matches!(s.indexes.get(&(entry.layer as usize)), Some(None)) {
             return Quick::NotMine;
         }
         Quick::NeedsFetch
@@ -186,7 +220,7 @@ impl SpanReader {
     }
 
     /// Layer `i`'s seek index, fetched once; None (remembered) without one.
-    fn index(&self, i: usize) -> Option<Arc<SeekIndex>> {
+    fn index(&self, i: usize) -> Option<Arc<LayerSeek>> {
         let mut s = self.state.lock().unwrap();
         if s.off {
             return None;
@@ -222,7 +256,12 @@ impl SpanReader {
         };
         let layer = self.fetcher.layer(i)?;
         let index = match self.rt.block_on(self.fetch_index(i, &layer, &artifact)) {
-            Ok(idx) => Some(Arc::new(idx)),
+            Ok(Some(idx)) => Some(Arc::new(idx)),
+            Ok(None) => {
+                tracing::info!(image = %self.image, "the registry ignores Range: no more ranged reads for this image");
+                s.off = true;
+                return None;
+            }
             Err(Miss {
                 reason,
                 network: true,
@@ -289,12 +328,14 @@ impl SpanReader {
         Ok(ArtifactManifest::parse(&raw.bytes, subject)?)
     }
 
+    /// Layer `i`'s seek index: its head alone when the artifact announces
+    /// one, else the whole blob. Ok(None): the registry ignores Range.
     async fn fetch_index(
         &self,
         i: usize,
         layer: &LayerRef,
         artifact: &ArtifactManifest,
-    ) -> Result<SeekIndex, Miss> {
+    ) -> Result<Option<LayerSeek>, Miss> {
         let blob = artifact
             .index_for(&layer.digest.to_string())
             .ok_or("the artifact has no seek index for this layer")?;
@@ -302,8 +343,94 @@ impl SpanReader {
         if blob.size > MAX_INDEX_BLOB {
             return Err("the seek index is larger than any real one".into());
         }
-        // One process fetches it and keeps it in the store (verified there
-        // again on read); the others wait for it and read it from there.
+        let seek = match &blob.head {
+            Some(h) => match self.fetch_head(i, &digest, h).await {
+                Ok(Some(head)) => LayerSeek::Head { head, blob: digest },
+                Ok(None) => return Ok(None),
+                Err(m) if m.network => return Err(m),
+                Err(Miss { reason, .. }) => {
+                    // The whole blob is checked against its digest: worth
+                    // its bytes when a head is not what it claims.
+                    tracing::warn!(image = %self.image, layer = %layer.digest, %reason, "unusable seek index head: fetching the index whole");
+                    LayerSeek::Whole(self.fetch_whole_index(i, &digest, blob.size).await?)
+                }
+            },
+            None => LayerSeek::Whole(self.fetch_whole_index(i, &digest, blob.size).await?),
+        };
+        let (described, size) = seek.describes();
+        if Digest::from_sha256_bytes(described) != layer.digest || size != layer.size {
+            return Err("the seek index describes another blob".into());
+        }
+        Ok(Some(seek))
+    }
+
+    /// A seek-index blob whole, checked against its digest.
+    async fn fetch_whole_index(
+        &self,
+        i: usize,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<SeekIndex, Miss> {
+        let bytes = self
+            .stored_or_fetched(i, digest, async {
+                // Verified against its digest by fetch_blob.
+                self.client
+                    .fetch_blob(&self.image.repository, digest, Some(size), MAX_INDEX_BLOB)
+                    .await
+                    .map(Some)
+                    .map_err(miss(""))
+            })
+            .await?
+            .ok_or("no seek index")?;
+        Ok(SeekIndex::decode(&bytes).map_err(|e| e.to_string())?)
+    }
+
+    /// The head the artifact announces, by one ranged GET of the blob's
+    /// first bytes, checked against the head's SHA-256. Ok(None): the
+    /// registry ignores Range.
+    async fn fetch_head(
+        &self,
+        i: usize,
+        blob: &Digest,
+        h: &HeadRef,
+    ) -> Result<Option<SeekHead>, Miss> {
+        let digest: Digest = h.digest.parse().map_err(|e| format!("{e}"))?;
+        let got = self
+            .stored_or_fetched(i, &digest, async {
+                let got = self
+                    .client
+                    .get_blob_range_only(&self.image.repository, blob, 0, h.size)
+                    .await
+                    .map_err(miss(""))?;
+                match got {
+                    Some(b) if b.len() as u64 != h.size || Digest::sha256_of(&b) != digest => {
+                        Err("the head's bytes differ from its announced SHA-256".into())
+                    }
+                    got => Ok(got),
+                }
+            })
+            .await?;
+        let Some(bytes) = got else {
+            return Ok(None);
+        };
+        let head = SeekHead::decode(&bytes).map_err(|e| e.to_string())?;
+        if head.head_len != h.size {
+            return Err(
+                format!("a head of {} bytes announced as {}", head.head_len, h.size).into(),
+            );
+        }
+        Ok(Some(head))
+    }
+
+    /// Blob `digest` from the store, else from `fetch` (which checks it),
+    /// then kept for other starts. One process fetches (a lock in the
+    /// store); the others wait and read its copy. Ok(None): `fetch` had none.
+    async fn stored_or_fetched(
+        &self,
+        i: usize,
+        digest: &Digest,
+        fetch: impl std::future::Future<Output = Result<Option<bytes::Bytes>, Miss>>,
+    ) -> Result<Option<bytes::Bytes>, Miss> {
         let lock = {
             let (store, d) = (self.store.clone(), digest.clone());
             tokio::task::spawn_blocking(move || store.fetch_lock(&d, 0))
@@ -311,35 +438,19 @@ impl SpanReader {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?
         };
-        let bytes = match self.store.read_blob(&digest) {
-            Ok(b) => bytes::Bytes::from(b),
-            Err(_) => {
-                // Verified against its digest by fetch_blob.
-                let bytes = self
-                    .client
-                    .fetch_blob(
-                        &self.image.repository,
-                        &digest,
-                        Some(blob.size),
-                        MAX_INDEX_BLOB,
-                    )
-                    .await
-                    .map_err(miss(""))?;
-                self.fetcher.count_fetched(i, bytes.len() as u64);
-                if let Err(e) = self.store.put_blob_bytes(&digest, &bytes) {
-                    tracing::debug!(error = %e, "keeping a seek index for other starts");
-                }
-                bytes
-            }
-        };
-        drop(lock);
-        let idx = SeekIndex::decode(&bytes).map_err(|e| e.to_string())?;
-        if Digest::from_sha256_bytes(idx.layer_digest) != layer.digest
-            || idx.compressed_size != layer.size
-        {
-            return Err("the seek index describes another blob".into());
+        // Verified against its digest by read_blob.
+        if let Ok(b) = self.store.read_blob(digest) {
+            return Ok(Some(b.into()));
         }
-        Ok(idx)
+        let got = fetch.await?;
+        if let Some(b) = &got {
+            self.fetcher.count_fetched(i, b.len() as u64);
+            if let Err(e) = self.store.put_blob_bytes(digest, b) {
+                tracing::debug!(error = %e, "keeping seek-index bytes for other starts");
+            }
+        }
+        drop(lock);
+        Ok(got)
     }
 
     /// One ranged GET, decompress, verify, keep, open. Ok(None): not worth a
@@ -348,7 +459,7 @@ impl SpanReader {
         &self,
         i: usize,
         layer: &LayerRef,
-        index: &SeekIndex,
+        index: &LayerSeek,
         entry: &IndexEntry,
         digest: &Digest,
     ) -> Result<Option<File>, String> {
@@ -379,9 +490,10 @@ impl SpanReader {
             tracing::debug!(layer = %layer.digest, span = plan.compressed_len(), so_far, "spans would pass half the layer: fetching it whole");
             return Ok(None);
         }
+        let cp = plan.checkpoint;
         let (start, end) = (plan.compressed_start, plan.compressed_end);
-        let compressed = match self.recent_span(i, start, end) {
-            Some(b) => b,
+        let (compressed, window) = match self.recent_span(i, start, end) {
+            Some(b) => (b, self.start_window(index, cp)),
             None => {
                 // One reader of this span at a time, across processes: the
                 // others find the file, or the span, that it kept.
@@ -392,6 +504,10 @@ impl SpanReader {
                 if let Ok(f) = open_stored(&self.store.file_path(digest), entry.size) {
                     return Ok(Some(f));
                 }
+                // Started now, so that the window travels beside the span;
+                // fetched and kept under the span's lock, so another start
+                // waiting for the lock finds it in the store.
+                let window = self.start_window(index, cp);
                 let b = match self.store.kept_span(&layer.digest, start, end) {
                     Some(b) => bytes::Bytes::from(b),
                     None => {
@@ -420,12 +536,17 @@ impl SpanReader {
                     .unwrap()
                     .recent
                     .insert(i, (plan.compressed_start, b.clone()));
-                b
+                (b, self.finish_window(i, index, cp, window)?)
             }
         };
-        let data = index
-            .extract(&plan, &compressed, f.offset, f.size)
-            .map_err(|e| e.to_string())?;
+        let data = match (index, self.finish_window(i, index, cp, window)?) {
+            (LayerSeek::Whole(idx), _) => idx.extract(&plan, &compressed, f.offset, f.size),
+            (LayerSeek::Head { head, .. }, Window::Ready(w)) => {
+                head.extract(&plan, &w, &compressed, f.offset, f.size)
+            }
+            (LayerSeek::Head { .. }, _) => return Err("the head has no such checkpoint".into()),
+        }
+        .map_err(|e| e.to_string())?;
         tracing::debug!(layer = %layer.digest, file = %String::from_utf8_lossy(&entry.path), span = plan.compressed_len(), "file read by range");
         self.keep_and_open(entry, digest, &data).map(Some)
     }
@@ -448,7 +569,75 @@ impl SpanReader {
     }
 }
 
+/// The window a head's read needs: at hand, or on its way.
+enum Window {
+    /// A whole index holds its windows.
+    Inline,
+    Ready(Vec<u8>),
+    Fetching(tokio::task::JoinHandle<Result<Option<bytes::Bytes>, String>>),
+}
+
 impl SpanReader {
+    /// Checkpoint `cp`'s window, from the store (where every window
+    /// fetched is kept: not in memory, which would grow with each one),
+    /// else its ranged GET started on the runtime.
+    fn start_window(&self, seek: &LayerSeek, cp: usize) -> Window {
+        let LayerSeek::Head { head, blob } = seek else {
+            return Window::Inline;
+        };
+        let Some(w) = head.window(cp).copied() else {
+            return Window::Inline;
+        };
+        // Verified against its digest on read, and again by the head.
+        if let Ok(deflated) = self.store.read_blob(&Digest::from_sha256_bytes(w.sha256)) {
+            if let Ok(win) = head.inflate_window(cp, &deflated) {
+                return Window::Ready(win);
+            }
+        }
+        let (client, repo, blob) = (
+            self.client.clone(),
+            self.image.repository.clone(),
+            blob.clone(),
+        );
+        Window::Fetching(self.rt.spawn(async move {
+            client
+                .get_blob_range_only(&repo, &blob, w.offset, u64::from(w.deflated_len))
+                .await
+                .map_err(|e| e.to_string())
+        }))
+    }
+
+    /// The window [`SpanReader::start_window`] started, when it has come:
+    /// checked against the head, kept, [`Window::Ready`].
+    fn finish_window(
+        &self,
+        i: usize,
+        seek: &LayerSeek,
+        cp: usize,
+        window: Window,
+    ) -> Result<Window, String> {
+        let (task, head) = match (window, seek) {
+            (Window::Fetching(task), LayerSeek::Head { head, .. }) => (task, head),
+            (w, _) => return Ok(w),
+        };
+        let deflated = self
+            .rt
+            .block_on(task)
+            .map_err(|e| e.to_string())??
+            .ok_or("the registry ignores Range")?;
+        self.fetcher.count_fetched(i, deflated.len() as u64);
+        let win = head
+            .inflate_window(cp, &deflated)
+            .map_err(|e| e.to_string())?;
+        if let Some(w) = head.window(cp) {
+            let digest = Digest::from_sha256_bytes(w.sha256);
+            if let Err(e) = self.store.put_blob_bytes(&digest, &deflated) {
+                tracing::debug!(error = %e, "keeping a seek-index window for other starts");
+            }
+        }
+        Ok(Window::Ready(win))
+    }
+
     /// Blob bytes `start..end` of layer `i` if the last range fetched of it
     /// covers them.
     fn recent_span(&self, i: usize, start: u64, end: u64) -> Option<bytes::Bytes> {

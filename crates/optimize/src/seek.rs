@@ -7,9 +7,9 @@ use std::io::BufReader;
 use lazylayer_oci::client::BlobSource;
 use lazylayer_oci::{Digest, PushOutcome, Reference, RegistryClient};
 use lazylayer_seek::artifact::{
-    referrers_tag, ArtifactManifest, Descriptor, IndexBlob, EMPTY_BLOB, OCI_MANIFEST,
+    referrers_tag, ArtifactManifest, Descriptor, HeadRef, IndexBlob, EMPTY_BLOB, OCI_MANIFEST,
 };
-use lazylayer_seek::{SeekIndex, DEFAULT_SPAN};
+use lazylayer_seek::{head_len, SeekIndex, DEFAULT_SPAN};
 use lazylayer_store::{LayerRef, Store};
 
 use crate::OptimizeError;
@@ -49,6 +49,11 @@ pub async fn push_seek_indexes(
         let encoded = build_one(store, l).await?;
         let digest = Digest::sha256_of(&encoded);
         let size = encoded.len() as u64;
+        // Announced in the artifact: readers fetch the head alone, by range.
+        let head = head_len(&encoded).map(|n| HeadRef {
+            size: n,
+            digest: Digest::sha256_of(&encoded[..n as usize]).to_string(),
+        });
         tracing::info!(layer = %l.digest, bytes = size, "seek index built");
         client
             .push_blob(
@@ -64,6 +69,7 @@ pub async fn push_seek_indexes(
             layer: l.digest.to_string(),
             digest: digest.to_string(),
             size,
+            head,
         });
     }
     rep.layers = blobs.len();
