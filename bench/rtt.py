@@ -3,6 +3,7 @@
 binaries side by side in one run (A B A B ... per RTT).
 
     bench/rtt.py --new BIN --old BIN [--image python3] [--rtts 0,20,80] [--runs 5]
+                 [--each-optimizes] [--run-args ARGS] [--cmd CMD --expect LINE]
 
 The kernel here has no netem, so distance is bench/relay.py, a TCP relay in front of a
 loopback docker-registry that holds every chunk of each direction for RTT/2 ms before
@@ -13,11 +14,19 @@ before ready and the sequential rounds among them (bench/README.md) are printed 
 images/build.sh's cache and optimized once with --new. Time to ready = from the
 start of `run` to its container's first line on stdout; `run` is then interrupted
 (its finishing prefetch is not timed). Each start has an empty store and a dropped
-page cache. Needs root. Prints a table of medians and new/old ratios (--json too).
+page cache. Needs root. Prints a table of medians and new/old ratios, and the
+response body bytes before ready (--json too).
+
+--each-optimizes: each binary optimizes the image itself (old into :optimized-old), so a
+change of the image's format is compared as each version publishes it.
+--cmd CMD (shell words, run as the container's command) with --expect LINE times a
+workload of its own, e.g. an untraced read: --run-args '--prefetch off' --cmd
+"python3 -c 'import sqlite3; print(sqlite3.sqlite_version)'" --expect 3.46.1.
 """
 import argparse
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -45,14 +54,17 @@ def drop_caches():
         f.write("3\n")
 
 
-def start_once(binary, ref, expect, work, relay_log):
+def start_once(binary, ref, expect, work, relay_log, run_args=(), cmd=()):
     """(seconds from `run` to the expected first line, the relay's summary of the
     requests before it), or (None, None)."""
     root = tempfile.mkdtemp(dir=work)
     drop_caches()
     off = relay.log_offset(relay_log)
     t0 = time.monotonic()
-    p = subprocess.Popen([binary, "--root", root, "run", "--rm", "--net", "none", ref],
+    argv = [binary, "--root", root, "run", "--rm", "--net", "none", *run_args, ref]
+    if cmd:
+        argv += ["--", *cmd]
+    p = subprocess.Popen(argv,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline().strip()
     ready = time.monotonic() - t0
@@ -77,7 +89,16 @@ def main():
     ap.add_argument("--rtts", default="0,20,80", help="round-trip times in ms")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", help="write the raw figures here")
+    ap.add_argument("--each-optimizes", action="store_true",
+                    help="each binary optimizes the image itself (old into :optimized-old)")
+    ap.add_argument("--run-args", default="", help="extra `run` options (shell words)")
+    ap.add_argument("--cmd", default="", help="the container's command (shell words)")
+    ap.add_argument("--expect", default=None, help="the first line --cmd prints")
     a = ap.parse_args()
+    if a.cmd and a.expect is None:
+        ap.error("--cmd needs --expect")
+    expect = a.expect if a.expect is not None else EXPECT[a.image]
+    run_args, cmd = shlex.split(a.run_args), shlex.split(a.cmd)
     work = tempfile.mkdtemp(prefix="llrtt.", dir="/var/tmp")
     reg_dir = os.path.join(work, "registry")
     addr = None
@@ -86,36 +107,41 @@ def main():
         log(f"registry at {addr}; pushing {a.image}")
         sh(["bash", f"{ROOT}/images/build.sh", "--registry", addr, a.image])
         src, dst = f"{addr}/lazylayer/{a.image}:latest", f"{addr}/lazylayer/{a.image}:optimized"
-        sh([a.new, "--root", os.path.join(work, "opt"), "optimize", src, dst], timeout=1200)
-        subprocess.run(["rm", "-rf", os.path.join(work, "opt")])
+        tags = {"new": "optimized", "old": "optimized-old" if a.each_optimizes else "optimized"}
+        for who in ["new", "old"] if a.each_optimizes else ["new"]:
+            dst = f"{addr}/lazylayer/{a.image}:{tags[who]}"
+            sh([getattr(a, who), "--root", os.path.join(work, "opt"), "optimize", src, dst], timeout=1200)
+            subprocess.run(["rm", "-rf", os.path.join(work, "opt")])
         out = {"image": a.image, "new": a.new, "old": a.old, "rtts": {}}
         for rtt in [int(x) for x in a.rtts.split(",")]:
             relay_log = os.path.join(work, f"relay-{rtt}ms.log")
             rly = relay.RelayProcess(addr, rtt, relay_log)
-            ref = f"{rly.addr}/lazylayer/{a.image}:optimized"
             times = {"new": [], "old": []}
             reqs = {"new": [], "old": []}
             try:
                 for i in range(a.runs):
                     order = ["new", "old"] if i % 2 == 0 else ["old", "new"]
                     for who in order:
-                        t, summary = start_once(getattr(a, who), ref, EXPECT[a.image], work, relay_log)
+                        ref = f"{rly.addr}/lazylayer/{a.image}:{tags[who]}"
+                        t, summary = start_once(getattr(a, who), ref, expect, work, relay_log,
+                                                run_args, cmd)
                         times[who].append(t)
                         reqs[who].append(summary)
                         log(f"RTT {rtt} ms run {i + 1}/{a.runs} {who}: "
-                            + (f"{t:.3f} s, {summary['requests']} requests in {summary['rounds']} rounds"
+                            + (f"{t:.3f} s, {summary['requests']} requests in {summary['rounds']} rounds, "
+                               f"{summary['body_bytes']} bytes"
                                if t is not None else "failed"))
             finally:
                 rly.stop()
             out["rtts"][rtt] = times
             out.setdefault("relay", {})[rtt] = reqs
         print("| RTT | new (median, min-max) | old (median, min-max) | new / old "
-              "| requests new / old | rounds new / old |")
-        print("|---:|---:|---:|---:|---:|---:|")
+              "| requests new / old | rounds new / old | bytes new / old |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for rtt, times in out["rtts"].items():
             ok = {k: [x for x in v if x is not None] for k, v in times.items()}
             if not ok["new"] or not ok["old"]:
-                print(f"| {rtt} ms | failed | failed | - | - | - |")
+                print(f"| {rtt} ms | failed | failed | - | - | - | - |")
                 continue
             n, o = statistics.median(ok["new"]), statistics.median(ok["old"])
 
@@ -124,7 +150,8 @@ def main():
             print(f"| {rtt} ms | {n:.3f} s ({min(ok['new']):.3f}-{max(ok['new']):.3f}) "
                   f"| {o:.3f} s ({min(ok['old']):.3f}-{max(ok['old']):.3f}) | {n / o:.2f}x "
                   f"| {med('new', 'requests')} / {med('old', 'requests')} "
-                  f"| {med('new', 'rounds')} / {med('old', 'rounds')} |")
+                  f"| {med('new', 'rounds')} / {med('old', 'rounds')} "
+                  f"| {med('new', 'body_bytes')} / {med('old', 'body_bytes')} |")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(out, f, indent=1)
