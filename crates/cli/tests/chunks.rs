@@ -358,3 +358,117 @@ fn root_two_concurrent_cold_starts_send_the_bytes_of_one() {
         "two concurrent starts sent {two} bytes, one sent {one}"
     );
 }
+
+/// The benchmark's delay relay (bench/relay.py: real TCP, each direction
+/// held RTT/2, a new connection's first bytes a round trip more, as a
+/// handshake costs) in front of a registry; its request log at `log`.
+struct DelayRelay {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl DelayRelay {
+    fn start(upstream: &str, rtt_ms: u32, log: &std::path::Path) -> DelayRelay {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .arg(repo_root().join("bench/relay.py"))
+            .args(["--upstream", upstream, "--rtt-ms", &rtt_ms.to_string()])
+            .arg("--log")
+            .arg(log)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs bench/relay.py");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("relay.py printed {line:?}, not its port")
+        });
+        DelayRelay { child, port }
+    }
+}
+
+impl Drop for DelayRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node that started an image from a registry 80 ms away opens, at the
+/// next start from it (another image), the start set's connections while
+/// the manifest is on its way: the boot layer's Range GETs then go out on
+/// connections already open instead of each paying a handshake's round
+/// trip first.
+#[test]
+fn root_a_registry_known_far_gets_its_connections_opened_with_the_manifest() {
+    let o = python3_optimized();
+    push_images(&o.reg, &["busybox"]);
+    let src = image_ref(&o.reg, "busybox");
+    let busybox = format!("{}/optimized/busybox:boot", o.reg.addr());
+    lazylayer_json(o._store.path(), &["optimize", &src, &busybox]);
+
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("relay.log");
+    let relay = DelayRelay::start(&o.reg.addr(), 80, &log);
+    let through = |image: &str| image.replace(&o.reg.addr(), &format!("127.0.0.1:{}", relay.port));
+    let root = tempfile::tempdir().unwrap();
+    let _guard = StoreLeftovers(root.path().to_path_buf());
+    // The first start from the registry: nothing known of it yet.
+    let out = run(
+        root.path(),
+        &["--rm", "--prefetch", "off", &through(&busybox)],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from = std::fs::read(&log).unwrap().len();
+    let out = run(
+        root.path(),
+        &["--rm", "--prefetch", "off", &through(&o.dst)],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(relay);
+
+    // Each request the relay saw in the second start: on which connection,
+    // and the how-many-th on it.
+    let text = String::from_utf8(std::fs::read(&log).unwrap()[from..].to_vec()).unwrap();
+    let requests: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["ev"] == "req")
+        .collect();
+    let boot: Vec<&serde_json::Value> = requests
+        .iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with(&format!("/blobs/{}", o.boot_digest)))
+        })
+        .collect();
+    let opened_for = boot.iter().filter(|r| r["seq"] == 0).count();
+    let warm = requests.iter().filter(|r| r["path"] == "/v2/").count();
+    eprintln!(
+        "second start: {} requests, {} of the boot layer, {opened_for} of those on a connection opened for them; {warm} connections opened ahead",
+        requests.len(),
+        boot.len()
+    );
+    assert!(
+        boot.len() >= 4,
+        "the start set went out in several requests"
+    );
+    assert!(
+        opened_for <= 1,
+        "{opened_for} of {} boot layer requests opened their own connection",
+        boot.len()
+    );
+}

@@ -20,7 +20,9 @@ mod span;
 mod tasks;
 
 pub use bandwidth::Bandwidth;
-pub use boot::{reap_chunk_caches, BootBlob, BootChunks, BootRegion, ChunkedBoot};
+pub use boot::{
+    connections_to_open, reap_chunk_caches, BootBlob, BootChunks, BootRegion, ChunkedBoot,
+};
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use source::{BootContentSource, LazySource};
 pub use span::MAX_SPAN_FILE;

@@ -209,8 +209,15 @@ impl LazyImage {
         // After the manifest, the config and the index region go out
         // together: a second connection opened beside the manifest's saves
         // one of them a handshake (a round trip over HTTP/1.1, two over
-        // TLS). One only: at no distance each costs more than it saves.
-        client.warm_up(&reference.repository, lazylayer_oci::Purpose::Pull, 1);
+        // TLS). From a registry the last start measured far, the start
+        // set's connections too (it follows two round trips later).
+        let connections =
+            lazylayer_fetch::connections_to_open(store, &reference.repository.registry);
+        client.warm_up(
+            &reference.repository,
+            lazylayer_oci::Purpose::Pull,
+            connections,
+        );
         let m = client
             .resolve_manifest(reference, &opts.pull.platform)
             .await

@@ -47,6 +47,7 @@ mod tests;
 mod whole;
 
 pub use cache::reap_chunk_caches;
+pub use plan::connections_to_open;
 
 use cache::{cache_dir, cached_region, load_kept, open_blob, open_cache};
 use reader::BootFile;
@@ -241,6 +242,9 @@ impl BootChunks {
                 let head = fetch_region(&*remote, image, region_len).await?;
                 if let Some(link) = head.link {
                     link.save(&dir);
+                    if let Some(registry) = remote.registry() {
+                        link.save_for_registry(store, registry);
+                    }
                 }
                 head
             }

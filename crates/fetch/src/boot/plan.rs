@@ -12,11 +12,15 @@
 //! `g <= r * t / n`, the bandwidth-delay product shared by the requests.
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use lazylayer_store::Store;
 
 /// The file beside a chunk cache that keeps the link's estimate.
 const LINK_FILE: &str = "link";
+/// The store's directory of each registry's last estimate.
+const LINKS_DIR: &str = "links";
 
 /// Smallest gap always bridged: below it a request's headers and the
 /// registry's per-request work cost more than the bytes.
@@ -35,6 +39,27 @@ pub(crate) const FAR: Duration = Duration::from_millis(40);
 /// Requests in flight for a far registry's start set: python3's 27 spans
 /// took three sequential rounds with 8 at 80 ms, one with 32.
 pub(crate) const IN_FLIGHT_FAR: usize = 32;
+
+/// Connections a start from `registry` opens beside its manifest request:
+/// as many as its start set will keep in flight when the last start from
+/// that registry measured it far, so that the start set finds them
+/// connected (over HTTP/1.1 a handshake is a round trip, over TLS two);
+/// else one, for the config and index region that follow the manifest (at
+/// no distance each costs more than it saves).
+pub fn connections_to_open(store: &Store, registry: &str) -> usize {
+    LinkEstimate::load_for_registry(store, registry).map_or(1, |l| match l.in_flight() {
+        IN_FLIGHT_FAR => IN_FLIGHT_FAR,
+        _ => 1,
+    })
+}
+
+/// `<store>/links/<SHA-256 of the registry's name>`: a registry's name is
+/// outside input, its hash a safe file name.
+fn registry_link_file(store: &Store, registry: &str) -> PathBuf {
+    use sha2::Digest as _;
+    let hex = format!("{:x}", sha2::Sha256::digest(registry.as_bytes()));
+    store.root().join(LINKS_DIR).join(hex)
+}
 
 /// What one response told of the link to the registry.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,20 +86,45 @@ impl LinkEstimate {
     /// Kept beside a chunk cache (`dir/link`, two numbers) for the starts
     /// that find the index region there.
     pub(crate) fn save(&self, dir: &Path) {
+        self.save_as(&dir.join(LINK_FILE));
+    }
+
+    /// What [`LinkEstimate::save`] kept, if it reads as a sane estimate.
+    pub(crate) fn load(dir: &Path) -> Option<LinkEstimate> {
+        LinkEstimate::load_from(&dir.join(LINK_FILE))
+    }
+
+    /// Kept for `registry` (as a reference names it) in the store, for the
+    /// next start from it, of any image: it opens its connections while
+    /// the manifest is on its way when the registry is far
+    /// ([`connections_to_open`]).
+    pub(crate) fn save_for_registry(&self, store: &Store, registry: &str) {
+        let path = registry_link_file(store, registry);
+        if let Some(dir) = path.parent() {
+            if lazylayer_store::create_private_dir(dir).is_ok() {
+                self.save_as(&path);
+            }
+        }
+    }
+
+    /// What [`LinkEstimate::save_for_registry`] kept for `registry`.
+    pub(crate) fn load_for_registry(store: &Store, registry: &str) -> Option<LinkEstimate> {
+        LinkEstimate::load_from(&registry_link_file(store, registry))
+    }
+
+    fn save_as(&self, path: &Path) {
         let text = format!(
             "{} {}\n",
             self.first_byte.as_micros(),
             self.bytes_per_sec.unwrap_or(0.0) as u64
         );
-        let _ = lazylayer_sys::durable::write_atomically_unsynced(
-            &dir.join(LINK_FILE),
-            text.as_bytes(),
-        );
+        // A lost estimate costs one start's planning, not its correctness:
+        // not worth an fsync.
+        let _ = lazylayer_sys::durable::write_atomically_unsynced(path, text.as_bytes());
     }
 
-    /// What [`LinkEstimate::save`] kept, if it reads as a sane estimate.
-    pub(crate) fn load(dir: &Path) -> Option<LinkEstimate> {
-        let text = std::fs::read_to_string(dir.join(LINK_FILE)).ok()?;
+    fn load_from(path: &Path) -> Option<LinkEstimate> {
+        let text = std::fs::read_to_string(path).ok()?;
         let mut it = text.split_whitespace().map(|n| n.parse::<u64>().ok());
         let (micros, rate) = (it.next()??, it.next()??);
         (micros <= 60_000_000).then(|| LinkEstimate {
@@ -273,6 +323,38 @@ mod tests {
             ..far
         };
         assert_eq!(untimed.gap(8), DEFAULT_GAP);
+    }
+
+    #[test]
+    fn a_registry_measured_far_gets_the_start_sets_connections_opened_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Nothing known: one, for the config and region after the manifest.
+        assert_eq!(connections_to_open(&store, "far.example:5000"), 1);
+        let at = |ms| LinkEstimate {
+            first_byte: Duration::from_millis(ms),
+            bytes_per_sec: Some(12.5e6),
+        };
+        at(80).save_for_registry(&store, "far.example:5000");
+        at(1).save_for_registry(&store, "near.example");
+        assert_eq!(
+            connections_to_open(&store, "far.example:5000"),
+            IN_FLIGHT_FAR
+        );
+        assert_eq!(connections_to_open(&store, "near.example"), 1);
+        assert_eq!(connections_to_open(&store, "other.example"), 1);
+        // The last measure wins: the registry moved nearer.
+        at(2).save_for_registry(&store, "far.example:5000");
+        assert_eq!(connections_to_open(&store, "far.example:5000"), 1);
+        // Kept privately, under a name that is no path of the registry's.
+        let links = dir.path().join(LINKS_DIR);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&links).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        assert_eq!(std::fs::read_dir(&links).unwrap().count(), 2);
+        connections_to_open(&store, "../../etc");
+        at(80).save_for_registry(&store, "../x");
+        assert_eq!(std::fs::read_dir(&links).unwrap().count(), 3);
     }
 
     #[test]

@@ -16,6 +16,12 @@ pub(crate) trait ChunkRemote: Send + Sync {
         from: u64,
         len: u64,
     ) -> BoxFuture<'_, Result<(bool, BodyStream), OciError>>;
+
+    /// The registry the ranges come from, as references name it: what a
+    /// measured link is filed under for the next start from it.
+    fn registry(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A boot layer blob in a registry.
@@ -35,5 +41,9 @@ impl ChunkRemote for RegistryChunks {
             self.client
                 .blob_range_stream(&self.repo, &self.digest, from, len),
         )
+    }
+
+    fn registry(&self) -> Option<&str> {
+        Some(&self.repo.registry)
     }
 }
