@@ -4,6 +4,7 @@ binaries side by side in one run (A B A B ... per RTT).
 
     bench/rtt.py --new BIN --old BIN [--image python3] [--rtts 0,20,80] [--runs 5]
                  [--each-optimizes] [--run-args ARGS] [--cmd CMD --expect LINE]
+                 [--known-registry IMAGE]
 
 The kernel here has no netem, so distance is bench/relay.py, a TCP relay in front of a
 loopback docker-registry that holds every chunk of each direction for RTT/2 ms before
@@ -19,6 +20,8 @@ response body bytes before ready (--json too).
 
 --each-optimizes: each binary optimizes the image itself (old into :optimized-old), so a
 change of the image's format is compared as each version publishes it.
+--known-registry IMAGE: each timed start's store first ran IMAGE (optimized, not timed) from
+the same registry, as on a node that has pulled from it before.
 --cmd CMD (shell words, run as the container's command) with --expect LINE times a
 workload of its own, e.g. an untraced read: --run-args '--prefetch off' --cmd
 "python3 -c 'import sqlite3; print(sqlite3.sqlite_version)'" --expect 3.46.1.
@@ -54,10 +57,16 @@ def drop_caches():
         f.write("3\n")
 
 
-def start_once(binary, ref, expect, work, relay_log, run_args=(), cmd=()):
+def start_once(binary, ref, expect, work, relay_log, run_args=(), cmd=(), before=None):
     """(seconds from `run` to the expected first line, the relay's summary of the
-    requests before it), or (None, None)."""
+    requests before it), or (None, None). `before`: a ref run (whole, not timed) in the
+    same store first."""
     root = tempfile.mkdtemp(dir=work)
+    if before:
+        r = subprocess.run([binary, "--root", root, "run", "--rm", "--net", "none", before],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            log(f"  {binary}: {before} failed: {r.stderr[-300:]!r}")
     drop_caches()
     off = relay.log_offset(relay_log)
     t0 = time.monotonic()
@@ -94,6 +103,8 @@ def main():
     ap.add_argument("--run-args", default="", help="extra `run` options (shell words)")
     ap.add_argument("--cmd", default="", help="the container's command (shell words)")
     ap.add_argument("--expect", default=None, help="the first line --cmd prints")
+    ap.add_argument("--known-registry", metavar="IMAGE", default=None,
+                    help="each timed start's store first runs IMAGE from the same registry")
     a = ap.parse_args()
     if a.cmd and a.expect is None:
         ap.error("--cmd needs --expect")
@@ -105,13 +116,15 @@ def main():
     try:
         addr = sh(["bash", f"{ROOT}/images/registry.sh", "start", reg_dir]).stdout.strip()
         log(f"registry at {addr}; pushing {a.image}")
-        sh(["bash", f"{ROOT}/images/build.sh", "--registry", addr, a.image])
-        src, dst = f"{addr}/lazylayer/{a.image}:latest", f"{addr}/lazylayer/{a.image}:optimized"
+        sh(["bash", f"{ROOT}/images/build.sh", "--registry", addr, a.image]
+           + ([a.known_registry] if a.known_registry else []))
         tags = {"new": "optimized", "old": "optimized-old" if a.each_optimizes else "optimized"}
         for who in ["new", "old"] if a.each_optimizes else ["new"]:
-            dst = f"{addr}/lazylayer/{a.image}:{tags[who]}"
-            sh([getattr(a, who), "--root", os.path.join(work, "opt"), "optimize", src, dst], timeout=1200)
-            subprocess.run(["rm", "-rf", os.path.join(work, "opt")])
+            for image in [a.image] + ([a.known_registry] if a.known_registry else []):
+                sh([getattr(a, who), "--root", os.path.join(work, "opt"), "optimize",
+                    f"{addr}/lazylayer/{image}:latest", f"{addr}/lazylayer/{image}:{tags[who]}"],
+                   timeout=1200)
+                subprocess.run(["rm", "-rf", os.path.join(work, "opt")])
         out = {"image": a.image, "new": a.new, "old": a.old, "rtts": {}}
         for rtt in [int(x) for x in a.rtts.split(",")]:
             relay_log = os.path.join(work, f"relay-{rtt}ms.log")
@@ -123,8 +136,10 @@ def main():
                     order = ["new", "old"] if i % 2 == 0 else ["old", "new"]
                     for who in order:
                         ref = f"{rly.addr}/lazylayer/{a.image}:{tags[who]}"
+                        before = (f"{rly.addr}/lazylayer/{a.known_registry}:{tags[who]}"
+                                  if a.known_registry else None)
                         t, summary = start_once(getattr(a, who), ref, expect, work, relay_log,
-                                                run_args, cmd)
+                                                run_args, cmd, before)
                         times[who].append(t)
                         reqs[who].append(summary)
                         log(f"RTT {rtt} ms run {i + 1}/{a.runs} {who}: "
