@@ -140,19 +140,27 @@ impl SeekIndex {
 /// The length of the head of `encoded`, a version 2 index (what `optimize`
 /// announces in the artifact so readers fetch just that), from its header.
 pub fn head_len(encoded: &[u8]) -> Option<u64> {
+    if version_of(encoded).ok()? != VERSION {
+        return None;
+    }
     let mut r = Reader {
         buf: encoded.get(..HEADER_LEN)?,
-        pos: 8 + 2 + 2 + 32 + 8 * 3,
+        pos: 8 + 2,
     };
-    let n_cp = r.u32().ok()?;
-    let _files = r.u32().ok()?;
-    let _table = r.u32().ok()?;
-    let deflated = r.u32().ok()?;
-    let len = HEADER_LEN as u64
+    let f = Fixed::read(&mut r).ok()?;
+    let _table_len = r.u32().ok()?;
+    let len = head_len_of(f.n_cp, r.u32().ok()?);
+    (len <= encoded.len() as u64).then_some(len)
+}
+
+/// Bytes of a version 2 head with `n_cp` checkpoints and a file table of
+/// `table_deflated` bytes, its checksum included. Fits in u64: 32-bit
+/// counts times small constants.
+fn head_len_of(n_cp: u32, table_deflated: u32) -> u64 {
+    HEADER_LEN as u64
         + u64::from(n_cp) * MARK_LEN as u64
-        + u64::from(deflated)
-        + CHECKSUM_LEN as u64;
-    (version_of(encoded).ok()? == VERSION && len <= encoded.len() as u64).then_some(len)
+        + u64::from(table_deflated)
+        + CHECKSUM_LEN as u64
 }
 
 impl SeekHead {
@@ -173,20 +181,12 @@ impl SeekHead {
             buf: data,
             pos: 8 + 2,
         };
-        let Fixed {
-            layer_digest,
-            compressed_size,
-            uncompressed_size,
-            span,
-            n_cp,
-            n_files,
-        } = Fixed::read(&mut r)?;
-        let (n_cp, n_files) = (u64::from(n_cp), u64::from(n_files));
+        let f = Fixed::read(&mut r)?;
         let table_len = u64::from(r.u32()?);
-        let table_deflated = u64::from(r.u32()?);
-        // Every term fits in u64: 32-bit counts times small constants.
-        let head_len =
-            HEADER_LEN as u64 + n_cp * MARK_LEN as u64 + table_deflated + CHECKSUM_LEN as u64;
+        let table_deflated = r.u32()?;
+        let head_len = head_len_of(f.n_cp, table_deflated);
+        let (n_cp, n_files) = (u64::from(f.n_cp), u64::from(f.n_files));
+        let table_deflated = u64::from(table_deflated);
         if head_len > data.len() as u64 {
             return Err(bad(format!(
                 "truncated: the head has {head_len} bytes, {} here",
@@ -214,7 +214,7 @@ impl SeekHead {
             check_checkpoint(
                 marks.last().map(|m| (m.uncompressed, m.compressed)),
                 (uncompressed, compressed, bits, len as usize),
-                (compressed_size, uncompressed_size),
+                (f.compressed_size, f.uncompressed_size),
             )
             .map_err(|m| what(&m))?;
             if deflated_len as usize > MAX_DEFLATED_WINDOW {
@@ -249,15 +249,15 @@ impl SeekHead {
             buf: &table,
             pos: 0,
         };
-        let files = read_files(&mut t, n_files as usize, uncompressed_size)?;
+        let files = read_files(&mut t, n_files as usize, f.uncompressed_size)?;
         if t.left() != 0 {
             return Err(bad(format!("{} bytes after the last file", t.left())));
         }
         Ok(SeekHead {
-            layer_digest,
-            compressed_size,
-            uncompressed_size,
-            span,
+            layer_digest: f.layer_digest,
+            compressed_size: f.compressed_size,
+            uncompressed_size: f.uncompressed_size,
+            span: f.span,
             head_len,
             marks,
             files,
@@ -370,15 +370,8 @@ fn decode_v1(data: &[u8]) -> Result<SeekIndex> {
         buf: body,
         pos: 8 + 2,
     };
-    let Fixed {
-        layer_digest,
-        compressed_size,
-        uncompressed_size,
-        span,
-        n_cp,
-        n_files,
-    } = Fixed::read(&mut r)?;
-    let (n_cp, n_files) = (n_cp as usize, n_files as usize);
+    let f = Fixed::read(&mut r)?;
+    let (n_cp, n_files) = (f.n_cp as usize, f.n_files as usize);
     if n_cp == 0 {
         return Err(bad("no checkpoint"));
     }
@@ -400,7 +393,7 @@ fn decode_v1(data: &[u8]) -> Result<SeekIndex> {
         check_checkpoint(
             checkpoints.last().map(|c| (c.uncompressed, c.compressed)),
             (uncompressed, compressed, bits, window_len),
-            (compressed_size, uncompressed_size),
+            (f.compressed_size, f.uncompressed_size),
         )
         .map_err(|m| what(&m))?;
         let window = inflate_window(deflated, window_len)
@@ -412,15 +405,15 @@ fn decode_v1(data: &[u8]) -> Result<SeekIndex> {
             window,
         });
     }
-    let files = read_files(&mut r, n_files, uncompressed_size)?;
+    let files = read_files(&mut r, n_files, f.uncompressed_size)?;
     if r.left() != 0 {
         return Err(bad(format!("{} bytes after the last file", r.left())));
     }
     Ok(SeekIndex {
-        layer_digest,
-        compressed_size,
-        uncompressed_size,
-        span,
+        layer_digest: f.layer_digest,
+        compressed_size: f.compressed_size,
+        uncompressed_size: f.uncompressed_size,
+        span: f.span,
         checkpoints,
         files,
     })
