@@ -194,6 +194,130 @@ fn root_lazy_start_fetches_the_index_then_only_the_chunks_read() {
     );
 }
 
+/// The boot layer's bytes `from..from + len`, from the registry.
+fn boot_range(o: &Optimized, from: u64, len: u64) -> Vec<u8> {
+    use lazylayer_oci::{ClientConfig, Reference, RegistryClient};
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = RegistryClient::new(ClientConfig::default()).unwrap();
+        let r: Reference = o.dst.parse().unwrap();
+        client
+            .get_blob_range(&r.repository, &o.boot_digest.parse().unwrap(), from, len)
+            .await
+            .unwrap()
+            .to_vec()
+    })
+}
+
+/// Part 13: the SHA-256s of the files outside the boot layer do not
+/// compress, and were most of the index region a start fetches before
+/// anything else. They now come in a file of their own at the start of the
+/// boot content, after the region: fetched by chunks like boot bytes, and
+/// checked whole against the index before an untraced read uses one.
+#[test]
+fn root_file_digests_are_kept_out_of_the_index_region() {
+    use lazylayer_index::chunks::ChunkCompression;
+    use lazylayer_index::{BootIndex, DIGESTS_FILE_NAME, INDEX_FILE_NAME};
+    let o = python3_optimized();
+    let r = &o.report;
+    let region_len = r["index_region_bytes"].as_u64().unwrap();
+    let region = boot_range(&o, 0, region_len);
+    let tar =
+        lazylayer_layer::chunked::decompress_bounded(&region, ChunkCompression::Zstd, 64 << 20)
+            .unwrap();
+    let index_bytes =
+        lazylayer_layer::metadata::read_file(&tar, INDEX_FILE_NAME.as_bytes()).unwrap();
+    let index = BootIndex::decode(&index_bytes).unwrap();
+    let inline = index.entries.iter().filter(|e| e.digest.is_some()).count();
+    eprintln!(
+        "index region {region_len} bytes, {} entries, {inline} digests inline, report {r}",
+        index.len()
+    );
+    assert_eq!(inline, 0, "file digests in the index region");
+    let apart = index.external.clone().expect("the digests kept apart");
+    // Every untraced regular file has one; the region is now smaller than
+    // the digests alone would be.
+    let untraced = index
+        .entries
+        .iter()
+        .filter(|e| !e.in_boot && e.kind == lazylayer_index::FileKind::File)
+        .count();
+    assert_eq!(apart.entries.len(), untraced);
+    assert_eq!(r["file_digests"].as_u64().unwrap() as usize, untraced);
+    assert!(
+        region_len < untraced as u64 * 32,
+        "a {region_len}-byte region for {untraced} digests"
+    );
+    // The digests file opens the content, right after the region, and is
+    // the one the index names.
+    let boot = index.boot.as_ref().unwrap();
+    let chunks = boot.chunks_covering(0, apart.tar_len);
+    let offsets = boot.chunk_offsets();
+    let pieces = boot_range(
+        &o,
+        region_len,
+        offsets[chunks.end as usize] - offsets[chunks.start as usize],
+    );
+    let mut content = Vec::new();
+    for c in chunks {
+        let (a, b) = (
+            offsets[c as usize] as usize,
+            offsets[c as usize + 1] as usize,
+        );
+        content.extend(
+            lazylayer_layer::chunked::decompress_piece(
+                &pieces[a..b],
+                ChunkCompression::Zstd,
+                boot.chunk_len(c) as usize,
+            )
+            .unwrap(),
+        );
+    }
+    let file = lazylayer_layer::metadata::read_file(
+        &content[..apart.tar_len as usize],
+        DIGESTS_FILE_NAME.as_bytes(),
+    )
+    .unwrap();
+    let table = apart.table(&file).unwrap();
+    assert_eq!(table.len(), untraced);
+
+    // A start whose command reads untraced files (prefetch off: nothing
+    // but the start's reads) gets the digests when it first needs them,
+    // and serves those files (checked against them, by range).
+    let proxy = CuttingProxy::relay(o.reg.port);
+    let root = tempfile::tempdir().unwrap();
+    let out = run(
+        root.path(),
+        &[
+            "--rm",
+            "--prefetch",
+            "off",
+            &via(&o, &proxy),
+            "--",
+            "python3",
+            "-c",
+            "import csv, email, sqlite3; print('read')",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "read\n");
+    let gets = blob_gets(&proxy, &o.boot_digest);
+    assert!(
+        gets[0].contains(&format!("range: bytes=0-{}\r\n", region_len - 1)),
+        "{}",
+        gets[0]
+    );
+    assert!(
+        gets[1..]
+            .iter()
+            .any(|g| g.contains(&format!("range: bytes={region_len}-"))),
+        "the digests' chunks were asked for: {gets:?}"
+    );
+}
+
 #[test]
 fn root_registry_ignoring_range_streams_the_boot_layer_and_starts() {
     let o = python3_optimized();

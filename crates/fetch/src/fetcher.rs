@@ -389,6 +389,22 @@ impl LayerFetcher {
         path: &[u8],
         expected: Option<&[u8; 32]>,
     ) -> io::Result<File> {
+        self.open_file_with(i, path, expected, self.inner.opts.serve_unverified)
+    }
+
+    /// [`LayerFetcher::open_file`] once the layer is verified, never before:
+    /// for a file whose digest is not at hand.
+    pub(crate) fn open_file_verified(&self, i: usize, path: &[u8]) -> io::Result<File> {
+        self.open_file_with(i, path, None, false)
+    }
+
+    fn open_file_with(
+        &self,
+        i: usize,
+        path: &[u8],
+        expected: Option<&[u8; 32]>,
+        mut early: bool,
+    ) -> io::Result<File> {
         /// Where the file can be opened, decided under the lock, opened after.
         enum Found {
             Stored(PathBuf),
@@ -400,7 +416,6 @@ impl LayerFetcher {
         self.request(i, true);
         let timeout = self.inner.opts.read_timeout;
         let deadline = Instant::now() + timeout;
-        let mut early = self.inner.opts.serve_unverified;
         loop {
             let found = self.wait_for(deadline, |s| {
                 let Some(slot) = s.get(i) else {

@@ -14,6 +14,7 @@
 
 mod bandwidth;
 mod boot;
+mod digests;
 mod fetcher;
 mod source;
 mod span;

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lazylayer_fs::{ContentSource, RangedContent};
-use lazylayer_index::{FileKind, IndexEntry};
+use lazylayer_index::{ExternalDigests, FileKind, IndexEntry};
 use lazylayer_oci::{Digest, Reference, RegistryClient};
 use lazylayer_sys::beneath::open_beneath;
 
 use crate::boot::BootChunks;
+use crate::digests::FileDigests;
 use crate::fetcher::LayerFetcher;
 use crate::span::{Quick, SpanReader};
 
@@ -36,18 +37,23 @@ pub struct LazySource {
     boot: BootContentSource,
     /// Untraced files by range through the image's seek indexes, if any.
     spans: Option<Arc<SpanReader>>,
+    /// Each untraced file's digest, from the index or the boot layer.
+    digests: FileDigests,
 }
 
 impl LazySource {
     /// The content of `reference`'s merged root, read through `fetcher`;
     /// untraced files by range through the seek indexes the manifest
     /// `manifest_digest` refers to, unless the image is all local (`offline`).
+    /// `digests`: where the boot index keeps the files' digests, if not in
+    /// its entries.
     pub fn new(
         reference: &Reference,
         manifest_digest: &Digest,
         client: Arc<RegistryClient>,
         fetcher: &LayerFetcher,
         boot: BootContentSource,
+        digests: Option<ExternalDigests>,
         offline: bool,
     ) -> LazySource {
         // Everything local: nothing to read by range.
@@ -59,8 +65,10 @@ impl LazySource {
                 fetcher.clone(),
             ))
         });
+        let image: Arc<str> = reference.to_string().into();
         LazySource {
-            image: reference.to_string().into(),
+            digests: FileDigests::new(image.clone(), digests, &boot),
+            image,
             fetcher: fetcher.clone(),
             boot,
             spans,
@@ -86,13 +94,22 @@ impl ContentSource for LazySource {
                 }
             };
         }
-        if let Some(f) = self.spans.as_ref().and_then(|s| s.open(entry)) {
-            return Ok(f);
-        }
-        self.fetcher
-            .open_file(entry.layer as usize, &entry.path, entry.digest.as_ref())
-            // The fetcher knows layers, not images: say which image.
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.image)))
+        let layer = entry.layer as usize;
+        let opened = match self.digests.get(idx, entry) {
+            Ok(digest) => {
+                if let Some(f) = self.spans.as_ref().and_then(|s| s.open(entry, digest)) {
+                    return Ok(f);
+                }
+                self.fetcher.open_file(layer, &entry.path, digest.as_ref())
+            }
+            // Without its digest, a file is served only from its verified layer.
+            Err(e) => {
+                tracing::info!(image = %self.image, error = %e, path = %String::from_utf8_lossy(&entry.path), "no digest at hand: waiting for the verified layer");
+                self.fetcher.open_file_verified(layer, &entry.path)
+            }
+        };
+        // The fetcher knows layers, not images: say which image.
+        opened.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.image)))
     }
 
     /// Boot layer files and layers already stored answer at once; a file
@@ -116,8 +133,15 @@ impl ContentSource for LazySource {
         if entry.in_boot {
             return Some(self.open(idx, entry));
         }
+        let Some(digest) = self.digests.try_get(idx, entry) else {
+            // The digests file is on its way: what is stored needs none,
+            // the rest waits for it on the open's thread.
+            return self
+                .fetcher
+                .try_open_stored(entry.layer as usize, &entry.path);
+        };
         if let Some(spans) = &self.spans {
-            match spans.try_open(entry) {
+            match spans.try_open(entry, digest) {
                 Quick::Ready(r) => return Some(r),
                 // Not the layer's fetch: the range may make it needless.
                 Quick::NeedsFetch => {

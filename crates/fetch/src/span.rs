@@ -156,9 +156,10 @@ impl SpanReader {
         }
     }
 
-    /// Whether `entry` is for this reader, and the file if it is at hand.
-    pub fn try_open(&self, entry: &IndexEntry) -> Quick {
-        let Some(digest) = self.candidate(entry) else {
+    /// Whether `entry` (whose content has the SHA-256 `want`, if known) is
+    /// for this reader, and the file if it is at hand.
+    pub fn try_open(&self, entry: &IndexEntry, want: Option<[u8; 32]>) -> Quick {
+        let Some(digest) = self.candidate(entry, want) else {
             return Quick::NotMine;
         };
         let path = self.store.file_path(&digest);
@@ -182,8 +183,8 @@ impl SpanReader {
 
     /// The file by range, or None (logged) for the whole-layer path.
     /// Blocking: called on a thread of its own, never in async context.
-    pub fn open(&self, entry: &IndexEntry) -> Option<File> {
-        let digest = self.candidate(entry)?;
+    pub fn open(&self, entry: &IndexEntry, want: Option<[u8; 32]>) -> Option<File> {
+        let digest = self.candidate(entry, want)?;
         let stored = self.store.file_path(&digest);
         if stored.is_file() {
             return open_stored(&stored, entry.size).ok();
@@ -206,9 +207,10 @@ impl SpanReader {
         }
     }
 
-    /// The file's digest when a ranged read may serve it.
-    fn candidate(&self, entry: &IndexEntry) -> Option<Digest> {
-        let want = entry.digest?;
+    /// The file's digest when a ranged read may serve it: only a file whose
+    /// digest is known can be.
+    fn candidate(&self, entry: &IndexEntry, want: Option<[u8; 32]>) -> Option<Digest> {
+        let want = want?;
         if entry.size > MAX_SPAN_FILE
             || self
                 .fetcher

@@ -29,7 +29,8 @@ use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 use super::{
-    BootIndex, FileKind, IndexEntry, IndexError, INDEX_FILE_NAME, MAX_ENTRIES, OVERLAY_XATTR_PREFIX,
+    BootIndex, FileKind, IndexEntry, IndexError, DIGESTS_FILE_NAME, INDEX_FILE_NAME, MAX_ENTRIES,
+    OVERLAY_XATTR_PREFIX,
 };
 use crate::MAX_PATH_LEN;
 
@@ -53,8 +54,8 @@ const HASH_BUF_LEN: usize = 256 * 1024;
 /// so building reads the content of every visible file once (once per inode
 /// for hard links). Files of one layer sharing an inode form a hardlink
 /// group when at least two of them are visible in the merged view. A
-/// root-level [`INDEX_FILE_NAME`] is left out: it is the index's own
-/// storage, which standard runtimes never materialise.
+/// root-level [`INDEX_FILE_NAME`] (or [`DIGESTS_FILE_NAME`]) is left out:
+/// it is the index's own storage, which standard runtimes never materialise.
 ///
 /// Needs `CAP_SYS_ADMIN` (root) to see `trusted.*` xattrs, hence opaque
 /// markers; /proc must be mounted (xattrs of symlinks and devices are read
@@ -103,7 +104,9 @@ pub fn build_index(layers: &[(String, PathBuf)]) -> Result<BootIndex, IndexError
             let Sighting::Found { layer, meta, stack } = sighting else {
                 continue;
             };
-            if dir.idx == 0 && name == INDEX_FILE_NAME.as_bytes() {
+            if dir.idx == 0
+                && (name == INDEX_FILE_NAME.as_bytes() || name == DIGESTS_FILE_NAME.as_bytes())
+            {
                 continue;
             }
             let mut path = dir.rel.clone();

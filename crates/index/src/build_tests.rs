@@ -457,9 +457,11 @@ fn index_build_skips_its_own_file_at_the_root() {
     let t = Layers::new(2);
     t.file(0, "etc/hostname", "h");
     t.file(1, INDEX_FILE_NAME, "an index")
+        .file(1, DIGESTS_FILE_NAME, "its digests")
         .file(1, &format!("d/{INDEX_FILE_NAME}"), "not one");
     let idx = t.build();
     assert_eq!(idx.lookup(INDEX_FILE_NAME.as_bytes()), None);
+    assert_eq!(idx.lookup(DIGESTS_FILE_NAME.as_bytes()), None);
     assert!(idx
         .lookup(format!("d/{INDEX_FILE_NAME}").as_bytes())
         .is_some());

@@ -15,7 +15,9 @@ use sha2::{Digest, Sha256};
 
 use super::{BootIndex, FileKind, IndexEntry, IndexError, FORMAT_VERSION, MAX_NAME_LEN};
 use crate::chunks::{BootContent, Chunk, ChunkCompression};
-use crate::{CHUNKED_FORMAT_VERSION, MAX_PATH_LEN};
+use crate::{
+    ExternalDigests, CHUNKED_FORMAT_VERSION, EXTERNAL_DIGESTS_FORMAT_VERSION, MAX_PATH_LEN,
+};
 
 pub(crate) const MAGIC: [u8; 8] = *b"LLIDX\0\0\0";
 pub(crate) const HEADER_LEN: usize = 88;
@@ -77,6 +79,13 @@ const VERSION_2: u32 = 2;
 /// Header flag (version 4): a boot content section (chunk table, boot file
 /// offsets, start list) follows the blob.
 const HDR_FLAG_BOOT_CONTENT: u32 = 1;
+/// Header flag (version 5, with [`HDR_FLAG_BOOT_CONTENT`]): the entries
+/// flagged [`FLAG_DIGEST`] carry no digest in the blob; a digests section
+/// (where the digests file lies, and its SHA-256) follows the blob.
+const HDR_FLAG_EXTERNAL_DIGESTS: u32 = 2;
+/// The digests section: the content bytes the digests file's entries take,
+/// and the file's SHA-256.
+const DIGESTS_SECTION_LEN: usize = 40;
 /// Fixed part of the boot content section.
 const BOOT_HEADER_LEN: usize = 32;
 const CHUNK_RECORD_LEN: usize = 36;
@@ -100,7 +109,8 @@ impl BootIndex {
         let mut name_at: HashMap<&[u8], u32> = HashMap::new();
         let mut records = Vec::with_capacity(self.entries.len() * RECORD_LEN);
         let mut blob = Vec::new();
-        for e in &self.entries {
+        let external = self.external.as_ref();
+        for (i, e) in self.entries.iter().enumerate() {
             let name = last_component(&e.path);
             let name_off = *name_at.entry(name).or_insert_with(|| {
                 let off = names.len() as u32;
@@ -129,7 +139,7 @@ impl BootIndex {
             if e.in_boot {
                 flags |= FLAG_IN_BOOT;
             }
-            if e.digest.is_some() {
+            if e.digest.is_some() || external.is_some_and(|x| x.holds(i as u32)) {
                 flags |= FLAG_DIGEST;
             }
             r[rec::FLAGS] = flags;
@@ -153,13 +163,22 @@ impl BootIndex {
         let entries_off = layers_off + layers.len() as u64;
         let names_off = entries_off + records.len() as u64;
         let blob_off = names_off + names.len() as u64;
-        let boot = self.boot.as_ref().map(encode_boot).unwrap_or_default();
+        let mut boot = Vec::new();
+        if let Some(x) = external {
+            boot.extend_from_slice(&x.tar_len.to_le_bytes());
+            boot.extend_from_slice(&x.sha256);
+        }
+        boot.extend_from_slice(&self.boot.as_ref().map(encode_boot).unwrap_or_default());
         let total = blob_off + blob.len() as u64 + boot.len() as u64 + CHECKSUM_LEN as u64;
-        // Version 3 where nothing needs 4, so indexes without boot content
-        // stay readable by releases that read 1 to 3.
-        let (version, hflags) = match self.boot {
-            Some(_) => (CHUNKED_FORMAT_VERSION, HDR_FLAG_BOOT_CONTENT),
-            None => (FORMAT_VERSION, 0),
+        // The lowest version that holds the index, so indexes without boot
+        // content (or with digests inline) stay readable by older releases.
+        let (version, hflags) = match (&self.boot, external) {
+            (Some(_), Some(_)) => (
+                EXTERNAL_DIGESTS_FORMAT_VERSION,
+                HDR_FLAG_BOOT_CONTENT | HDR_FLAG_EXTERNAL_DIGESTS,
+            ),
+            (Some(_), None) => (CHUNKED_FORMAT_VERSION, HDR_FLAG_BOOT_CONTENT),
+            _ => (FORMAT_VERSION, 0),
         };
 
         let mut h = [0u8; HEADER_LEN];
@@ -216,7 +235,15 @@ impl BootIndex {
             return Err(truncated((HEADER_LEN + CHECKSUM_LEN) as u64));
         }
         let version = get_u32(bytes, hdr::VERSION);
-        if ![VERSION_1, VERSION_2, FORMAT_VERSION, CHUNKED_FORMAT_VERSION].contains(&version) {
+        if ![
+            VERSION_1,
+            VERSION_2,
+            FORMAT_VERSION,
+            CHUNKED_FORMAT_VERSION,
+            EXTERNAL_DIGESTS_FORMAT_VERSION,
+        ]
+        .contains(&version)
+        {
             return Err(IndexError::UnsupportedVersion { found: version });
         }
         if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
@@ -237,24 +264,35 @@ impl BootIndex {
             return Err(IndexError::ChecksumMismatch);
         }
         let flags = get_u32(bytes, hdr::FLAGS);
-        let known = if version == CHUNKED_FORMAT_VERSION {
-            HDR_FLAG_BOOT_CONTENT
+        let known = match version {
+            CHUNKED_FORMAT_VERSION => HDR_FLAG_BOOT_CONTENT,
+            EXTERNAL_DIGESTS_FORMAT_VERSION => HDR_FLAG_BOOT_CONTENT | HDR_FLAG_EXTERNAL_DIGESTS,
+            _ => 0,
+        };
+        // Version 5 is version 4 with the digests apart: both flags, always
+        // (one index, one encoding).
+        let required = if version == EXTERNAL_DIGESTS_FORMAT_VERSION {
+            known
         } else {
             0
         };
-        if flags & !known != 0 {
+        if flags & !known != 0 || flags & required != required {
             return Err(IndexError::UnknownFlags { flags });
         }
         let has_boot = flags & HDR_FLAG_BOOT_CONTENT != 0;
+        let apart = flags & HDR_FLAG_EXTERNAL_DIGESTS != 0;
 
-        let s = Sections::read(body, has_boot)?;
+        let s = Sections::read(body, has_boot, apart)?;
         let layers = decode_layers(body, &s)?;
-        let entries = decode_entries(body, &s, version)?;
+        let (entries, flagged) = decode_entries(body, &s, version, apart)?;
         let mut index = BootIndex::new(layers, entries)?;
         if has_boot {
             let b = decode_boot(body, s.boot)?;
             b.validate(&index)?;
             index.boot = Some(b);
+        }
+        if apart {
+            index.external = Some(decode_digests_section(body, &s, flagged, &index)?);
         }
         Ok(index)
     }
@@ -270,10 +308,12 @@ struct Sections {
     blob: (usize, usize),
     /// The boot content section (version 4), empty when absent.
     boot: (usize, usize),
+    /// The digests section (version 5), empty when absent.
+    digests: (usize, usize),
 }
 
 impl Sections {
-    fn read(body: &[u8], has_boot: bool) -> Result<Self, IndexError> {
+    fn read(body: &[u8], has_boot: bool, apart: bool) -> Result<Self, IndexError> {
         let layer_count = get_u32(body, hdr::LAYER_COUNT) as u64;
         let entry_count = get_u32(body, hdr::ENTRY_COUNT) as u64;
         let layers_off = get_u64(body, hdr::LAYERS_OFF);
@@ -285,6 +325,7 @@ impl Sections {
         let blob_len = get_u64(body, hdr::BLOB_LEN);
         // entry_count < 2^32, so this cannot overflow a u64.
         let entries_len = entry_count * RECORD_LEN as u64;
+        let apart_len = if apart { DIGESTS_SECTION_LEN } else { 0 };
 
         let expect = |field: usize, found: u64, want: Option<u64>| match want {
             Some(w) if w == found => Ok(()),
@@ -312,7 +353,7 @@ impl Sections {
             Some(end)
                 if has_boot
                     && end
-                        .checked_add(BOOT_HEADER_LEN as u64)
+                        .checked_add((BOOT_HEADER_LEN + apart_len) as u64)
                         .is_some_and(|boot_end| boot_end <= body.len() as u64) => {}
             _ => {
                 // Also what a count claiming more entries than there are
@@ -343,7 +384,8 @@ impl Sections {
             entries: range(entries_off, entries_len),
             names: range(names_off, names_len),
             blob: range(blob_off, blob_len),
-            boot: ((blob_off + blob_len) as usize, body.len()),
+            digests: range(blob_off + blob_len, apart_len as u64),
+            boot: ((blob_off + blob_len) as usize + apart_len, body.len()),
         })
     }
 }
@@ -372,7 +414,13 @@ fn decode_layers(body: &[u8], s: &Sections) -> Result<Vec<String>, IndexError> {
     Ok(layers)
 }
 
-fn decode_entries(body: &[u8], s: &Sections, version: u32) -> Result<Vec<IndexEntry>, IndexError> {
+/// The entries, and (for digests kept apart) those flagged as having one.
+fn decode_entries(
+    body: &[u8],
+    s: &Sections,
+    version: u32,
+    apart: bool,
+) -> Result<(Vec<IndexEntry>, Vec<u32>), IndexError> {
     // Version 1 defines no digest: its bit is an unknown flag there.
     let known_flags = if version == VERSION_1 {
         FLAG_IN_BOOT
@@ -388,6 +436,7 @@ fn decode_entries(body: &[u8], s: &Sections, version: u32) -> Result<Vec<IndexEn
     };
     // Bounded: entry_count * RECORD_LEN bytes are present.
     let mut entries: Vec<IndexEntry> = Vec::with_capacity(s.entry_count);
+    let mut flagged = Vec::new();
     for (i, r) in records.chunks_exact(RECORD_LEN).enumerate() {
         let at = s.entries.0 + i * RECORD_LEN;
         let field = |off: usize, what: String| malformed(at + off, format!("entry {i}: {what}"));
@@ -465,7 +514,10 @@ fn decode_entries(body: &[u8], s: &Sections, version: u32) -> Result<Vec<IndexEn
         }
         // Taken before the xattr count is checked against what is left, so
         // the bound accounts for these 32 bytes.
-        let digest = if flags & FLAG_DIGEST != 0 {
+        let digest = if flags & FLAG_DIGEST != 0 && apart {
+            flagged.push(i as u32);
+            None
+        } else if flags & FLAG_DIGEST != 0 {
             let mut d = [0u8; DIGEST_LEN];
             d.copy_from_slice(blob.take(DIGEST_LEN)?);
             Some(d)
@@ -522,7 +574,54 @@ fn decode_entries(body: &[u8], s: &Sections, version: u32) -> Result<Vec<IndexEn
             "unused bytes after the last entry's data".into(),
         ));
     }
-    Ok(entries)
+    Ok((entries, flagged))
+}
+
+/// The digests section: where the digests file lies in the boot content
+/// (whole 512-byte tar blocks from the content's start, before any boot
+/// file's data) and its SHA-256, for at least one flagged entry.
+fn decode_digests_section(
+    body: &[u8],
+    s: &Sections,
+    flagged: Vec<u32>,
+    index: &BootIndex,
+) -> Result<ExternalDigests, IndexError> {
+    let sec = &body[s.digests.0..s.digests.1];
+    let at = |what: String| malformed(s.digests.0, format!("digests section: {what}"));
+    if flagged.is_empty() {
+        return Err(at("no entry has a digest to keep apart".into()));
+    }
+    let tar_len = get_u64(sec, 0);
+    let first_file = index
+        .boot
+        .as_ref()
+        .map(|b| {
+            b.files
+                .iter()
+                .map(|&(_, off)| off)
+                .min()
+                .unwrap_or(b.content_len)
+        })
+        .unwrap_or(0);
+    if tar_len == 0 || !tar_len.is_multiple_of(512) || tar_len > first_file {
+        return Err(at(format!(
+            "the digests file's entries take {tar_len} bytes, not whole tar blocks before the first boot file ({first_file})"
+        )));
+    }
+    let mut sha256 = [0u8; 32];
+    sha256.copy_from_slice(&sec[8..40]);
+    let x = ExternalDigests {
+        tar_len,
+        sha256,
+        entries: flagged,
+    };
+    if tar_len > x.max_tar_len() {
+        return Err(at(format!(
+            "{tar_len} bytes of entries for a digests file of {}",
+            x.file_len()
+        )));
+    }
+    Ok(x)
 }
 
 fn encode_boot(b: &BootContent) -> Vec<u8> {

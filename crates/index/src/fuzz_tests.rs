@@ -13,13 +13,17 @@ use lazylayer_testsupport::fuzz::{apply_edits, edge_values, edits, fuzz, Edit, F
 use proptest::prelude::*;
 
 use super::format::{get_u32, get_u64, hdr, rec, reseal, set_u64, CHECKSUM_LEN, HEADER_LEN};
-use super::tests::{small_index, with_boot};
+use super::tests::{small_index, with_boot, with_digests_apart};
 use super::*;
 
-/// The two valid encodings the edits start from: version 3 (no boot
-/// content) and version 4 (with it).
-fn samples() -> [Vec<u8>; 2] {
-    [small_index().encode(), with_boot(small_index()).encode()]
+/// The valid encodings the edits start from: version 3 (no boot content),
+/// version 4 (with it) and version 5 (with the digests apart).
+fn samples() -> [Vec<u8>; 3] {
+    [
+        small_index().encode(),
+        with_boot(small_index()).encode(),
+        with_digests_apart().0.encode(),
+    ]
 }
 
 /// How many of [`fields`]' first fields are the header's.
@@ -79,7 +83,12 @@ fn fields(bytes: &[u8]) -> Vec<Field> {
         );
     }
     if get_u32(bytes, hdr::FLAGS) & 1 != 0 {
-        let b = (get_u64(bytes, hdr::BLOB_OFF) + get_u64(bytes, hdr::BLOB_LEN)) as usize;
+        let mut b = (get_u64(bytes, hdr::BLOB_OFF) + get_u64(bytes, hdr::BLOB_LEN)) as usize;
+        if get_u32(bytes, hdr::FLAGS) & 2 != 0 {
+            // The digests section: where the file lies, a byte of its SHA-256.
+            out.extend([f(b, 8), f(b + 8, 1)]);
+            b += 40;
+        }
         // Compression, reserved, chunk size, content length, the three
         // counts, reserved.
         out.extend(
@@ -169,6 +178,12 @@ fn check(bytes: &[u8]) -> Result<bool, TestCaseError> {
             prop_assert!(covering.end as usize <= b.chunks.len());
         }
     }
+    if let Some(x) = &idx.external {
+        // Within the content, and a file of the length it names is checked.
+        prop_assert!(x.tar_len <= idx.boot.as_ref().map_or(0, |b| b.content_len));
+        let file = vec![0u8; x.file_len() as usize];
+        prop_assert!(x.table(&file).is_err());
+    }
     match BootIndex::decode(&idx.encode()) {
         Ok(again) => prop_assert_eq!(again, idx),
         Err(e) => prop_assert!(
@@ -197,7 +212,7 @@ fn index_decode_survives_every_field_at_every_edge_value() {
             }
         }
     }
-    // Both samples walked: header, 15 records and the boot section.
+    // Every sample walked: header, 15 records and the boot section.
     assert!(decoded > 4000, "{decoded} inputs");
 }
 
@@ -212,14 +227,14 @@ enum Input {
 
 fn input() -> impl Strategy<Value = Input> {
     prop_oneof![
-        9 => (0usize..2, edits(), any::<bool>())
+        9 => (0usize..3, edits(), any::<bool>())
             .prop_map(|(s, e, fix)| Input::Edited(s, e, fix)),
-        1 => (1u32..=4, prop::collection::vec(any::<u8>(), 0..600))
+        1 => (1u32..=5, prop::collection::vec(any::<u8>(), 0..600))
             .prop_map(|(v, b)| Input::Garbage(v, b)),
     ]
 }
 
-fn build(samples: &[Vec<u8>; 2], fields: &[Vec<Field>; 2], input: &Input) -> Vec<u8> {
+fn build(samples: &[Vec<u8>; 3], fields: &[Vec<Field>; 3], input: &Input) -> Vec<u8> {
     let mut b = match input {
         Input::Edited(s, edits, _) => {
             let mut b = samples[*s].clone();
@@ -250,9 +265,15 @@ fn build(samples: &[Vec<u8>; 2], fields: &[Vec<Field>; 2], input: &Input) -> Vec
 #[test]
 fn fuzz_boot_index_decode() {
     let samples = samples();
-    let fields = [fields(&samples[0]), fields(&samples[1])];
-    // The version 4 sample really carries a boot section.
+    let fields = [
+        fields(&samples[0]),
+        fields(&samples[1]),
+        fields(&samples[2]),
+    ];
+    // The version 4 sample really carries a boot section, the version 5
+    // one its digests apart too.
     assert_eq!(get_u32(&samples[1], hdr::FLAGS), 1);
+    assert_eq!(get_u32(&samples[2], hdr::FLAGS), 3);
     let accepted = AtomicUsize::new(0);
     fuzz("boot index", input(), |input| {
         if check(&build(&samples, &fields, &input))? {

@@ -21,9 +21,11 @@
 
 mod build;
 pub mod chunks;
+mod digests;
 mod format;
 
 pub use build::build_index;
+pub use digests::{DigestTable, ExternalDigests, DIGESTS_FILE_NAME, DIGESTS_MAGIC};
 
 pub mod xattr;
 
@@ -58,6 +60,9 @@ pub const FORMAT_VERSION: u32 = 3;
 /// The version written when the index carries a chunked boot layer's
 /// content table ([`BootIndex::boot`]); otherwise [`FORMAT_VERSION`].
 pub const CHUNKED_FORMAT_VERSION: u32 = 4;
+/// The version written when, besides, the files' digests are kept in a
+/// file of their own ([`BootIndex::external`]).
+pub const EXTERNAL_DIGESTS_FORMAT_VERSION: u32 = 5;
 
 /// Longest file name (one path component) an index may hold: Linux's
 /// `NAME_MAX`, so no extracted layer can hold a longer one.
@@ -168,8 +173,9 @@ pub struct IndexEntry {
     /// SHA-256 of a regular file's content, so a file read from a layer that
     /// is still streaming (its blob digest not checked yet) can be verified
     /// on its own. Always None for anything but a regular file; None for a
-    /// file the boot layer holds (its blob digest covers it) and for every
-    /// file of an index of format version 1.
+    /// file the boot layer holds (its blob digest covers it), for every
+    /// file of an index of format version 1, and for every file of an index
+    /// that keeps its digests apart ([`BootIndex::external`], format 5).
     pub digest: Option<[u8; 32]>,
 }
 
@@ -185,13 +191,20 @@ pub struct BootIndex {
     /// Where the boot files' bytes lie in a chunked boot layer (format 4);
     /// None for a boot layer read whole.
     pub boot: Option<chunks::BootContent>,
+    /// Where the files' digests are when the entries do not carry them
+    /// (format 5): a file of their own at the start of the boot content.
+    /// Then no entry's `digest` is set.
+    pub external: Option<ExternalDigests>,
     tables: Tables,
 }
 
 /// Derived entirely from `entries`, so equality ignores it.
 impl PartialEq for BootIndex {
     fn eq(&self, other: &Self) -> bool {
-        self.layers == other.layers && self.entries == other.entries && self.boot == other.boot
+        self.layers == other.layers
+            && self.entries == other.entries
+            && self.boot == other.boot
+            && self.external == other.external
     }
 }
 impl Eq for BootIndex {}
@@ -218,11 +231,13 @@ pub enum IndexError {
 
     #[error(
         "boot index format version {found} is not supported: this lazylayer reads \
-         versions 1 to 4; the image was optimised by a different lazylayer release"
+         versions 1 to 5; the image was optimised by a different lazylayer release"
     )]
     UnsupportedVersion { found: u32 },
 
-    #[error("boot index sets unknown flags {flags:#x}: only version 4 defines one (1)")]
+    #[error(
+        "boot index sets unknown flags {flags:#x}: version 4 defines 0x1, version 5 0x1 and 0x2 (both required)"
+    )]
     UnknownFlags { flags: u32 },
 
     #[error("boot index truncated: {expected} bytes expected, {actual} present")]
@@ -309,6 +324,7 @@ impl BootIndex {
             layers,
             entries,
             boot: None,
+            external: None,
             tables,
         })
     }

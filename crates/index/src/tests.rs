@@ -239,17 +239,17 @@ fn index_decode_refuses_wrong_magic() {
 }
 
 #[test]
-fn index_decode_refuses_version_5() {
+fn index_decode_refuses_version_6() {
     let mut b = small_index().encode();
-    set_u32(&mut b, hdr::VERSION, 5);
+    set_u32(&mut b, hdr::VERSION, 6);
     let err = BootIndex::decode(&b).unwrap_err();
     assert!(
-        matches!(err, IndexError::UnsupportedVersion { found: 5 }),
+        matches!(err, IndexError::UnsupportedVersion { found: 6 }),
         "{err}"
     );
     assert!(
         err.to_string().contains(
-            "boot index format version 5 is not supported: this lazylayer reads versions 1 to 4"
+            "boot index format version 6 is not supported: this lazylayer reads versions 1 to 5"
         ),
         "{err}"
     );
@@ -257,12 +257,12 @@ fn index_decode_refuses_version_5() {
     reseal(&mut b);
     assert!(matches!(
         BootIndex::decode(&b),
-        Err(IndexError::UnsupportedVersion { found: 5 })
+        Err(IndexError::UnsupportedVersion { found: 6 })
     ));
     // A future index may be shorter than a v2 header: still a version error.
     assert!(matches!(
         BootIndex::decode(&b[..12]),
-        Err(IndexError::UnsupportedVersion { found: 5 })
+        Err(IndexError::UnsupportedVersion { found: 6 })
     ));
     for v in [0, u32::MAX] {
         set_u32(&mut b, hdr::VERSION, v);
@@ -931,10 +931,16 @@ fn index_format_matches_the_documented_example() {
 
 /// A boot content table for `small_index()`'s in-boot files, laid out the
 /// way the boot layer writer does (each file at a 512-byte boundary).
-pub(crate) fn with_boot(mut idx: BootIndex) -> BootIndex {
+pub(crate) fn with_boot(idx: BootIndex) -> BootIndex {
+    with_boot_after(idx, 0)
+}
+
+/// [`with_boot`] with the boot files after `first` content bytes (where
+/// the digests file's entries go, format 5).
+fn with_boot_after(mut idx: BootIndex, first: u64) -> BootIndex {
     use crate::chunks::{BootContent, Chunk, ChunkCompression};
     let mut files = Vec::new();
-    let mut at = 0u64;
+    let mut at = first;
     for (i, e) in idx.entries.iter().enumerate() {
         if e.in_boot && e.kind == FileKind::File {
             at += 512;
@@ -1050,4 +1056,97 @@ fn index_decode_refuses_boot_section_offsets_that_overflow() {
             "blob ending at {end}"
         );
     }
+}
+
+/// `small_index()` with boot content and its digests apart, as the boot
+/// layer writer makes it (their entries in the first 1024 content bytes),
+/// and the digests file.
+pub(crate) fn with_digests_apart() -> (BootIndex, Vec<u8>) {
+    let mut idx = with_boot_after(small_index(), 1024);
+    let file = idx.digest_file().unwrap();
+    idx.move_digests_out(1024);
+    (idx, file)
+}
+
+#[test]
+fn index_with_digests_apart_round_trips_as_version_5() {
+    let inline = with_boot_after(small_index(), 1024);
+    let (idx, file) = with_digests_apart();
+    // Two digests (usr/bin/a and b; passwd's is a boot file's, yet still a
+    // digest the caller chose to keep): the file is the magic and them.
+    assert_eq!(file.len(), 8 + 3 * 32);
+    assert!(idx.entries.iter().all(|e| e.digest.is_none()));
+    let bytes = idx.encode();
+    assert_eq!(get_u32(&bytes, hdr::VERSION), 5);
+    assert_eq!(get_u32(&bytes, hdr::FLAGS), 3);
+    // The index lost the digests' 32 bytes each and gained the 40-byte section.
+    assert_eq!(bytes.len() + 3 * 32, inline.encode().len() + 40);
+    let back = BootIndex::decode(&bytes).unwrap();
+    assert_eq!(back, idx);
+    assert_eq!(back.encode(), bytes);
+    let x = back.external.as_ref().unwrap();
+    assert_eq!(x.entries, vec![5, 11, 12]);
+    assert_eq!(x.tar_len, 1024);
+    // The file gives each entry its digest back, and nothing for the others.
+    let table = x.table(&file).unwrap();
+    for (i, e) in inline.entries.iter().enumerate() {
+        assert_eq!(table.get(i as u32), e.digest, "entry {i}");
+    }
+    // A file that is not the one the index names is refused whole.
+    let mut other = file.clone();
+    other[20] ^= 1;
+    assert!(x.table(&other).unwrap_err().to_string().contains("SHA-256"));
+    assert!(x
+        .table(&file[..file.len() - 32])
+        .unwrap_err()
+        .to_string()
+        .contains("bytes"));
+    let mut magic = file.clone();
+    magic[0] = b'X';
+    let mut x2 = x.clone();
+    x2.sha256 = sha256(&magic);
+    assert!(x2.table(&magic).unwrap_err().to_string().contains("magic"));
+    // Digests inline stay version 4.
+    assert_eq!(get_u32(&inline.encode(), hdr::VERSION), 4);
+}
+
+#[test]
+fn index_decode_refuses_hostile_digests_section() {
+    let (idx, _) = with_digests_apart();
+    let bytes = idx.encode();
+    let section = get_u64(&bytes, hdr::BLOB_OFF) as usize + get_u64(&bytes, hdr::BLOB_LEN) as usize;
+    let edited = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = bytes.clone();
+        f(&mut b);
+        reseal(&mut b);
+        BootIndex::decode(&b)
+    };
+    // Version 5 needs both flags; version 4 knows only the first.
+    assert!(matches!(
+        edited(&|b| set_u32(b, hdr::FLAGS, 1)),
+        Err(IndexError::UnknownFlags { flags: 1 })
+    ));
+    assert!(matches!(
+        edited(&|b| set_u32(b, hdr::VERSION, 4)),
+        Err(IndexError::UnknownFlags { flags: 3 })
+    ));
+    // Where the file lies: whole tar blocks, before the first boot file.
+    for tar_len in [0u64, 100, 2048, u64::MAX] {
+        let r = edited(&|b| set_u64(b, section, tar_len));
+        assert!(malformed_what(r).contains("digests section"), "{tar_len}");
+    }
+    // No entry flagged: nothing to keep apart.
+    let r = edited(&|b| {
+        for i in [5, 11, 12] {
+            let at = record(b, i) + rec::FLAGS;
+            b[at] &= !FLAG_DIGEST;
+        }
+    });
+    assert!(malformed_what(r).contains("no entry"));
+    // The flag on a directory is still refused.
+    let r = edited(&|b| {
+        let at = record(b, 1) + rec::FLAGS;
+        b[at] |= FLAG_DIGEST;
+    });
+    assert!(malformed_what(r).contains("not a regular file"));
 }

@@ -104,9 +104,42 @@ pub fn entry_data<R: std::io::Read>(
     Ok(data)
 }
 
+/// The metadata file `base` from `tar`, a tar stream (without its
+/// end-of-archive blocks) that holds nothing but its parts, in order: each
+/// a regular entry of size 0 named [`part_name`]`(base, k)`, its content in
+/// its headers. Anything else in the stream is an error.
+pub fn read_file(tar: &[u8], base: &[u8]) -> std::io::Result<Vec<u8>> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut a = tar::Archive::new(tar);
+    let mut out: Option<Vec<u8>> = None;
+    for (k, e) in a.entries()?.enumerate() {
+        let mut e = e?;
+        let want = part_name(base, u32::try_from(k).unwrap_or(u32::MAX));
+        if *e.path_bytes() != want[..]
+            || e.header().entry_type() != tar::EntryType::Regular
+            || e.size() != 0
+        {
+            return Err(bad(format!(
+                "{} holds {}, not its part {k}",
+                String::from_utf8_lossy(base),
+                String::from_utf8_lossy(&e.path_bytes())
+            )));
+        }
+        let part = entry_data(&mut e)?.ok_or_else(|| {
+            bad(format!(
+                "part {k} of {} carries no data",
+                String::from_utf8_lossy(base)
+            ))
+        })?;
+        out.get_or_insert_with(Vec::new).extend_from_slice(&part);
+    }
+    out.ok_or_else(|| bad(format!("no {}", String::from_utf8_lossy(base))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn parts_escape_newlines_split_at_the_limit_and_join_back() {
@@ -134,6 +167,25 @@ mod tests {
         for stray in [&b"%"[..], b"%2", b"%0a", b"%41", b"x%"] {
             assert_eq!(decode_part(stray, &mut Vec::new()), None, "{stray:?}");
         }
+    }
+
+    #[test]
+    fn a_metadata_file_reads_back_from_its_parts_and_nothing_else() {
+        let name = ".wh..wh.lazylayer.digests.v1";
+        let data: Vec<u8> = (0..PART_BYTES + 100).map(|i| (i % 253) as u8).collect();
+        let tar = crate::chunked::metadata_entry_tar(Path::new(name), 0o444, 0, &data).unwrap();
+        assert_eq!(read_file(&tar, name.as_bytes()).unwrap(), data);
+        // Another file's parts, or a part missing, are not it.
+        let err = read_file(&tar, b".wh..wh.other").unwrap_err();
+        assert!(err.to_string().contains("not its part 0"), "{err}");
+        let one = crate::chunked::metadata_entry_tar(Path::new(name), 0o444, 0, b"x").unwrap();
+        let mut twice = one.clone();
+        twice.extend_from_slice(&one);
+        let err = read_file(&twice, name.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("not its part 1"), "{err}");
+        // Cut short: an error, never a shorter file.
+        assert!(read_file(&tar[..tar.len() - 700], name.as_bytes()).is_err());
+        assert!(read_file(b"", name.as_bytes()).is_err());
     }
 
     #[test]

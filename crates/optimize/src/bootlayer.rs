@@ -14,7 +14,7 @@ use std::path::Path;
 
 use lazylayer_fs::TraceRead;
 use lazylayer_index::chunks::{BootContent, ChunkCompression};
-use lazylayer_index::{BootIndex, FileKind, INDEX_FILE_NAME};
+use lazylayer_index::{BootIndex, FileKind, DIGESTS_FILE_NAME, INDEX_FILE_NAME};
 use lazylayer_layer::chunked::{compress_chunks, compress_piece, metadata_entry_tar};
 use lazylayer_layer::{Compression, DataSpan, LayerDigests, LayerWriter};
 use lazylayer_sys::{sha256_digest, sha256_digest_of};
@@ -57,6 +57,9 @@ pub struct BootLayer {
     pub layout: BootLayout,
     /// Compressed length and digest of the index region at the blob's start.
     pub region: (u64, String),
+    /// Files whose digests the boot content's digests file holds, and the
+    /// bytes of its entries (uncompressed).
+    pub file_digests: (usize, u64),
     pub chunks: usize,
     pub start_chunks: usize,
     /// What a lazy start fetches before anything else: the index region and
@@ -97,10 +100,20 @@ pub fn write_boot_layer(
         move |e| OptimizeError::io(what, &p, e)
     };
 
-    // 1. The content: every selected entry, in selection (first-access) order.
+    // 1. The content: the files' digests (a file of their own, out of the
+    // index region a start waits for: lazylayer_index::ExternalDigests),
+    // then every selected entry, in selection (first-access) order.
+    let digests_tar = match index.digest_file() {
+        Some(file) => metadata_entry_tar(Path::new(DIGESTS_FILE_NAME), 0o444, 0, &file)
+            .map_err(layer_err("writing file digests"))?,
+        None => Vec::new(),
+    };
     let tar_path = out.with_extension("content.tar");
     let file = File::create(&tar_path).map_err(io("creating boot content", &tar_path))?;
-    let mut w = LayerWriter::new(BufWriter::with_capacity(1 << 20, file), Compression::None);
+    let mut bw = BufWriter::with_capacity(1 << 20, file);
+    bw.write_all(&digests_tar)
+        .map_err(io("writing boot content", &tar_path))?;
+    let mut w = LayerWriter::new(bw, Compression::None);
     let mut file_bytes = 0u64;
     for &i in selection {
         let e = &index.entries[i as usize];
@@ -154,6 +167,10 @@ pub fn write_boot_layer(
             .map_err(io("writing boot chunks", &chunks_path))?;
         r
     };
+
+    if !digests_tar.is_empty() {
+        index.move_digests_out(digests_tar.len() as u64);
+    }
 
     // 4. The chunks the workload read, in the order it read them.
     let mut content = BootContent {
@@ -246,6 +263,10 @@ pub fn write_boot_layer(
         index_bytes: encoded.len() as u64,
         layout,
         region: (region.len() as u64, region_digest),
+        file_digests: (
+            index.external.as_ref().map_or(0, |x| x.entries.len()),
+            digests_tar.len() as u64,
+        ),
         chunks: n_chunks,
         start_chunks,
         start_bytes: region.len() as u64 + start_content,
@@ -308,12 +329,12 @@ mod tests {
             };
             let layer = write_boot_layer(&mut index, &sel, &reads, &root, &out, layout).unwrap();
 
-            // Boot entries lost their digests (chunk digests cover them), the rest kept theirs.
-            assert_eq!(index.entries[at(&index, "d/boot") as usize].digest, None);
-            assert_eq!(
-                index.entries[at(&index, "lazy") as usize].digest,
-                lazy_digest
-            );
+            // Boot entries lost their digests (chunk digests cover them);
+            // the rest's moved out of the index, into a file of their own.
+            assert!(index.entries.iter().all(|e| e.digest.is_none()));
+            let apart = index.external.clone().expect("digests kept apart");
+            assert_eq!(apart.entries, vec![at(&index, "lazy")]);
+            assert!(!apart.holds(at(&index, "d/boot")));
             let boot = index.boot.clone().unwrap();
             assert!(layer.chunks >= 5, "{} chunks", layer.chunks);
             // The start list: the small file's chunk first, then the big file's tail only.
@@ -392,6 +413,16 @@ mod tests {
                 &content[small_off as usize..small_off as usize + 13],
                 b"read at start"
             );
+            // The digests file opens the content, in its own entries' headers,
+            // and gives the untraced file its digest back.
+            let file = lazylayer_layer::metadata::read_file(
+                &content[..apart.tar_len as usize],
+                DIGESTS_FILE_NAME.as_bytes(),
+            )
+            .unwrap();
+            let table = apart.table(&file).unwrap();
+            assert_eq!(Some(table.get(at(&index, "lazy")).unwrap()), lazy_digest);
+            assert!(apart.tar_len < small_off.min(big_off));
             // The index in the blob is the index returned.
             assert_eq!(BootIndex::decode(&carried.unwrap()).unwrap(), index);
             assert_eq!(

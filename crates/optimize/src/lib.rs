@@ -139,6 +139,12 @@ pub struct OptimizeReport {
     pub boot_start_bytes: u64,
     /// Compressed length of the index region at the boot layer's start.
     pub index_region_bytes: u64,
+    /// Files outside the boot layer whose SHA-256 the boot layer keeps, in
+    /// a file of their own after the index region (not in it).
+    pub file_digests: usize,
+    /// Bytes of that file's entries at the start of the boot content (0:
+    /// no digests to keep).
+    pub file_digests_bytes: u64,
     pub trace_events: usize,
     /// Byte ranges the trace recorded (merged where contiguous).
     pub trace_reads: usize,
@@ -414,6 +420,8 @@ pub async fn optimize(
         boot_start_chunks: boot.start_chunks,
         boot_start_bytes: boot.start_bytes,
         index_region_bytes: boot.region.0,
+        file_digests: boot.file_digests.0,
+        file_digests_bytes: boot.file_digests.1,
         trace_events: events.len(),
         trace_reads: reads.len(),
         workload_exit_code: exit_code,

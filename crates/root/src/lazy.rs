@@ -321,6 +321,7 @@ impl LazyImage {
             self.client.clone(),
             fetcher,
             self.boot.clone(),
+            self.index.external.clone(),
             self.offline,
         );
         LazyFs::new(self.index.clone(), source, None, opts)

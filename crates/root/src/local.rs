@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use lazylayer_fetch::FetchError;
-use lazylayer_index::INDEX_FILE_NAME;
+use lazylayer_index::{DIGESTS_FILE_NAME, INDEX_FILE_NAME};
 use lazylayer_oci::Reference;
 use lazylayer_store::{ImageRecord, LayerRef, Store};
 
@@ -70,11 +70,16 @@ pub fn holds_index(dir: &Path) -> bool {
     dir.join(INDEX_FILE_NAME).symlink_metadata().is_ok()
 }
 
+/// The boot layer's own files, hidden from containers.
+const MASKED: [&str; 2] = [INDEX_FILE_NAME, DIGESTS_FILE_NAME];
+
 /// A directory (under the store root, made once and shared) whose only
-/// entry is an overlay whiteout (char device 0:0) named like the boot index:
-/// stacked over a boot layer, it hides the index file.
+/// entries are overlay whiteouts (char devices 0:0) named like the boot
+/// index and its digests file: stacked over a boot layer, it hides them.
 pub fn index_mask(store: &Store) -> Result<PathBuf, FetchError> {
-    let dir = store.root().join("masks").join("boot-index");
+    // Not "boot-index": that mask, made by earlier releases, hides the
+    // index alone.
+    let dir = store.root().join("masks").join("boot-metadata");
     if dir.join(INDEX_FILE_NAME).symlink_metadata().is_ok() {
         return Ok(dir);
     }
@@ -94,16 +99,19 @@ pub fn index_mask(store: &Store) -> Result<PathBuf, FetchError> {
     ));
     let _ = std::fs::remove_dir_all(&made);
     std::fs::create_dir(&made).map_err(io("creating the index mask", &made))?;
-    let made_node = rustix::fs::mknodat(
-        rustix::fs::CWD,
-        made.join(INDEX_FILE_NAME),
-        rustix::fs::FileType::CharacterDevice,
-        rustix::fs::Mode::empty(),
-        0,
-    );
-    if let Err(e) = made_node {
-        let _ = std::fs::remove_dir_all(&made);
-        return Err(io("making the index whiteout", &made)(e.into()));
+    // The index last: a mask is whole once the index's whiteout is there.
+    for name in MASKED.iter().rev() {
+        let made_node = rustix::fs::mknodat(
+            rustix::fs::CWD,
+            made.join(name),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        );
+        if let Err(e) = made_node {
+            let _ = std::fs::remove_dir_all(&made);
+            return Err(io("making the index whiteout", &made)(e.into()));
+        }
     }
     match std::fs::rename(&made, &dir) {
         Ok(()) => Ok(dir),
@@ -139,12 +147,15 @@ mod tests {
         let m = index_mask(&store).unwrap();
         let again = index_mask(&store).unwrap();
         assert_eq!(m, again);
-        let entries: Vec<_> = std::fs::read_dir(&m).unwrap().flatten().collect();
-        assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].file_name(), INDEX_FILE_NAME);
-        let meta = entries[0].path().symlink_metadata().unwrap();
-        assert!(meta.file_type().is_char_device());
-        assert_eq!(std::os::unix::fs::MetadataExt::rdev(&meta), 0);
+        let mut entries: Vec<_> = std::fs::read_dir(&m).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        let names: Vec<_> = entries.iter().map(|e| e.file_name()).collect();
+        assert_eq!(names, [DIGESTS_FILE_NAME, INDEX_FILE_NAME]);
+        for e in &entries {
+            let meta = e.path().symlink_metadata().unwrap();
+            assert!(meta.file_type().is_char_device());
+            assert_eq!(std::os::unix::fs::MetadataExt::rdev(&meta), 0);
+        }
         // No temp directories left beside it.
         let masks: Vec<_> = std::fs::read_dir(m.parent().unwrap()).unwrap().collect();
         assert_eq!(masks.len(), 1);

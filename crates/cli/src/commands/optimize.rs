@@ -143,6 +143,13 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         human_bytes(rep.boot_file_bytes),
         human_bytes(rep.index_bytes)
     );
+    if rep.file_digests > 0 {
+        println!(
+            "  digests      {} files outside the boot layer, {} after the index region",
+            rep.file_digests,
+            human_bytes(rep.file_digests_bytes)
+        );
+    }
     println!(
         "  chunks       {} of {} ({}), {} read at start: a lazy start fetches {} first",
         rep.boot_chunks,

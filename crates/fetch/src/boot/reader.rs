@@ -14,7 +14,7 @@ use super::BootChunks;
 impl BootChunks {
     /// Read `buf.len()` content bytes at `off` if every chunk is local;
     /// `None` (and the missing chunks asked for) otherwise.
-    pub(super) fn try_read(&self, off: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+    pub(crate) fn try_read(&self, off: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let range = self.inner.content.chunks_covering(off, buf.len() as u64);
         let verdict = {
             let s = self.inner.state.lock().unwrap();
@@ -57,7 +57,7 @@ impl BootChunks {
     }
 
     /// Read, waiting (at most the read timeout) for the chunks.
-    pub(super) fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub(crate) fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let inner = &self.inner;
         let range = inner.content.chunks_covering(off, buf.len() as u64);
         self.demand(range.clone());

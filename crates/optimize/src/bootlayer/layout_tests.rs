@@ -7,7 +7,7 @@ use std::path::Path;
 use lazylayer_fs::TraceRead;
 use lazylayer_index::build_index;
 use lazylayer_index::chunks::ChunkCompression;
-use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
+use lazylayer_index::{BootIndex, DIGESTS_FILE_NAME, INDEX_FILE_NAME};
 
 use super::{write_boot_layer, BootLayout};
 
@@ -91,6 +91,8 @@ fn the_layer_holds_the_index_then_the_selection_each_as_itself() {
         got,
         [
             (INDEX_FILE_NAME, tar::EntryType::Regular, None),
+            // The untraced files' digests, apart from the index.
+            (DIGESTS_FILE_NAME, tar::EntryType::Regular, None),
             ("app", tar::EntryType::Directory, None),
             ("app/run", tar::EntryType::Symlink, Some("main")),
             ("app/main", tar::EntryType::Regular, None),
@@ -120,10 +122,10 @@ fn only_the_selection_is_marked_in_boot_and_counted() {
     let mut want = sel.clone();
     want.sort();
     assert_eq!(in_boot, want);
-    assert_eq!(
-        index.entries[at(&index, "app/lazy") as usize].digest,
-        lazy_digest
-    );
+    // The untraced file's digest is kept, apart from the index.
+    let lazy = at(&index, "app/lazy");
+    assert_eq!(index.entries[lazy as usize].digest, None);
+    assert!(index.external.as_ref().unwrap().holds(lazy));
     assert_eq!(layer.entries, 4);
     assert_eq!(layer.file_bytes, 10_000 + 5);
     assert_eq!(layer.digests.size, std::fs::metadata(&out).unwrap().len());
