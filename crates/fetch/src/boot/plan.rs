@@ -30,6 +30,17 @@ pub(super) const MAX_GAP: u64 = 4 << 20;
 /// The gap when nothing was measured (the index region came from the
 /// cache): a link of ~100 Mbit/s with a few milliseconds' round trip.
 pub(super) const DEFAULT_GAP: u64 = 64 << 10;
+/// Fewest body bytes a rate is measured from. A shorter response says more
+/// about the buffers and token buckets on its way than about the link: the
+/// benchmark's 10 Mbit/s link lets 256 KB through at once, and python3's
+/// index region (145 KB since the files' digests left it) came in a
+/// millisecond, so its "rate" made the start set bridge 64 KB gaps instead
+/// of 16 KB ones, and fetch 0.6 MB more before the start (4.3 s instead of
+/// 3.8 s).
+const RATE_SAMPLE: u64 = 512 << 10;
+/// The rate assumed when none was measured: with the round trip, which
+/// every response measures, it still sizes the gap.
+const ASSUMED_RATE: f64 = 12.5e6;
 
 /// A first byte later than this says the registry is far (another region,
 /// a CDN): the start set then goes out [`IN_FLIGHT_FAR`] requests wide.
@@ -74,11 +85,12 @@ pub(crate) struct LinkEstimate {
 impl LinkEstimate {
     /// From a response of `bytes` whose first byte came `first_byte` after
     /// the request and whose last came `transfer` after that; no rate when
-    /// the transfer was too short to time (a rate from microseconds is noise).
+    /// the transfer was too short to time (a rate from microseconds is
+    /// noise) or too small to pass a burst ([`RATE_SAMPLE`]).
     pub(crate) fn measure(bytes: u64, first_byte: Duration, transfer: Duration) -> LinkEstimate {
         LinkEstimate {
             first_byte,
-            bytes_per_sec: (transfer >= Duration::from_millis(1) && bytes >= 16 << 10)
+            bytes_per_sec: (transfer >= Duration::from_millis(1) && bytes >= RATE_SAMPLE)
                 .then(|| bytes as f64 / transfer.as_secs_f64()),
         }
     }
@@ -134,12 +146,10 @@ impl LinkEstimate {
     }
 
     /// The gap (compressed bytes) worth fetching rather than opening one
-    /// more request, with `in_flight` requests at once (module docs);
-    /// [`DEFAULT_GAP`] without a rate.
+    /// more request, with `in_flight` requests at once (module docs); the
+    /// rate [`ASSUMED_RATE`] when none was measured.
     pub(crate) fn gap(&self, in_flight: usize) -> u64 {
-        let Some(rate) = self.bytes_per_sec else {
-            return DEFAULT_GAP;
-        };
+        let rate = self.bytes_per_sec.unwrap_or(ASSUMED_RATE);
         let bdp = rate * self.first_byte.as_secs_f64();
         ((bdp / in_flight.max(1) as f64) as u64).clamp(MIN_GAP, MAX_GAP)
     }
@@ -317,12 +327,19 @@ mod tests {
             bytes_per_sec: Some(1.25e9),
         };
         assert_eq!(huge.gap(8), MAX_GAP);
-        // No rate (the body came at once): the default.
+        // No rate (the body came at once, or was too small to tell a link
+        // from a burst): 100 Mbit/s assumed, the round trip measured.
         let untimed = LinkEstimate {
             bytes_per_sec: None,
             ..far
         };
-        assert_eq!(untimed.gap(8), DEFAULT_GAP);
+        assert_eq!(untimed.gap(8), 125_000);
+        assert_eq!(untimed.gap(32), 31_250);
+        let untimed_near = LinkEstimate {
+            bytes_per_sec: None,
+            ..near
+        };
+        assert_eq!(untimed_near.gap(8), MIN_GAP);
     }
 
     #[test]
@@ -386,6 +403,11 @@ mod tests {
         assert_eq!((fast.first_byte, fast.bytes_per_sec), (ms(20), None));
         assert_eq!(
             LinkEstimate::measure(1000, ms(20), ms(5)).bytes_per_sec,
+            None
+        );
+        // python3's index region through a token bucket's burst: no rate.
+        assert_eq!(
+            LinkEstimate::measure(145_286, ms(2), ms(3)).bytes_per_sec,
             None
         );
         let e = LinkEstimate::measure(1_000_000, ms(20), ms(80));
