@@ -1076,5 +1076,8 @@ fn root_a_fully_local_optimized_image_runs_on_the_stores_layers_without_fuse() {
     let boot = stored_layer(root.path(), layers.last().unwrap());
     assert!(boot.join("fs/.wh..wh.lazylayer.index.v1").is_file());
     assert!(!native.contains(".wh..wh.lazylayer.index.v1"));
+    // And the untraced files' digests file (index format 5): the mask
+    // hides it too (`grep -c lazylayer` above counts it).
+    assert!(boot.join("fs/.wh..wh.lazylayer.digests.v1").is_file());
     assert_nothing_left(root.path());
 }
