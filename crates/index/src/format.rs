@@ -163,13 +163,15 @@ impl BootIndex {
         let entries_off = layers_off + layers.len() as u64;
         let names_off = entries_off + records.len() as u64;
         let blob_off = names_off + names.len() as u64;
-        let mut boot = Vec::new();
+        // After the blob: the digests section (version 5), then the boot
+        // content section (versions 4 and 5).
+        let mut sections = Vec::new();
         if let Some(x) = external {
-            boot.extend_from_slice(&x.tar_len.to_le_bytes());
-            boot.extend_from_slice(&x.sha256);
+            sections.extend_from_slice(&x.tar_len.to_le_bytes());
+            sections.extend_from_slice(&x.sha256);
         }
-        boot.extend_from_slice(&self.boot.as_ref().map(encode_boot).unwrap_or_default());
-        let total = blob_off + blob.len() as u64 + boot.len() as u64 + CHECKSUM_LEN as u64;
+        sections.extend_from_slice(&self.boot.as_ref().map(encode_boot).unwrap_or_default());
+        let total = blob_off + blob.len() as u64 + sections.len() as u64 + CHECKSUM_LEN as u64;
         // The lowest version that holds the index, so indexes without boot
         // content (or with digests inline) stay readable by older releases.
         let (version, hflags) = match (&self.boot, external) {
@@ -202,7 +204,7 @@ impl BootIndex {
         out.extend_from_slice(&records);
         out.extend_from_slice(&names);
         out.extend_from_slice(&blob);
-        out.extend_from_slice(&boot);
+        out.extend_from_slice(&sections);
         let sum = Sha256::digest(&out);
         out.extend_from_slice(&sum);
         out
