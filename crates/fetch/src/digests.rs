@@ -156,25 +156,11 @@ mod tests {
     use lazylayer_index::{FileKind, DIGESTS_MAGIC};
     use sha2::{Digest as _, Sha256};
 
+    /// A regular file outside the boot layer.
     fn file_entry() -> IndexEntry {
         IndexEntry {
-            path: b"f".to_vec(),
-            parent: 0,
-            kind: FileKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 1,
-            mtime_sec: 0,
-            mtime_nsec: 0,
-            rdev: 0,
-            link_target: None,
-            xattrs: Vec::new(),
-            hardlink_group: 0,
-            link_count: 0,
-            layer: 0,
             in_boot: false,
-            digest: None,
+            ..crate::boot::tests::entry(b"f", FileKind::File, 1)
         }
     }
 

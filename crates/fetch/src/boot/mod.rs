@@ -43,7 +43,7 @@ mod region;
 mod remote;
 mod state;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod whole;
 
 pub use cache::reap_chunk_caches;

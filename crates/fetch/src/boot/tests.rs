@@ -33,7 +33,7 @@ const FILE: u32 = 1;
 /// Where its bytes start in the content tar (after its one header block).
 const FILE_START: u64 = 512;
 
-fn entry(path: &[u8], kind: FileKind, size: u64) -> IndexEntry {
+pub(crate) fn entry(path: &[u8], kind: FileKind, size: u64) -> IndexEntry {
     IndexEntry {
         path: path.to_vec(),
         parent: 0,
