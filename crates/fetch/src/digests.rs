@@ -11,7 +11,6 @@ use std::sync::{Arc, OnceLock};
 
 use lazylayer_index::{DigestTable, ExternalDigests, IndexEntry, DIGESTS_FILE_NAME};
 
-use crate::boot::BootChunks;
 use crate::source::BootContentSource;
 
 /// Each file's digest, wherever the index keeps it. Cheap to clone.
@@ -80,20 +79,30 @@ impl Apart {
         if let Some(known) = self.table.get() {
             return known.clone().map(Some).map_err(io::Error::other);
         }
-        let tar = match &self.from {
+        // From its entries at the start of the chunked content, or from
+        // the extracted boot layer.
+        let file = match &self.from {
             BootContentSource::Chunks(c) => {
                 let len = self.external.tar_len;
-                match wait {
+                let tar = match wait {
                     true => c.read_prefix(len)?,
                     false => match c.try_read_prefix(len) {
                         Some(r) => r?,
                         None => return Ok(None),
                     },
-                }
+                };
+                lazylayer_layer::metadata::read_file(&tar, DIGESTS_FILE_NAME.as_bytes())
+                    .map_err(|e| e.to_string())
             }
-            BootContentSource::Dir(_) => Vec::new(),
+            BootContentSource::Dir(d) => read_bounded(d, self.external.file_len()),
         };
-        let checked = self.check(&tar).map(Arc::new);
+        let checked = file
+            .and_then(|f| {
+                self.external
+                    .table(&f)
+                    .map_err(|e| format!("{}: {e}", self.image))
+            })
+            .map(Arc::new);
         if let Err(e) = &checked {
             tracing::warn!(image = %self.image, error = %e, "the files' digests cannot be used: untraced files come only from verified layers");
         }
@@ -102,21 +111,6 @@ impl Apart {
             .clone()
             .map(Some)
             .map_err(io::Error::other)
-    }
-
-    /// The file from its entries (`tar`, chunked boot layer) or from the
-    /// extracted boot layer, checked against the index.
-    fn check(&self, tar: &[u8]) -> Result<DigestTable, String> {
-        let file = match &self.from {
-            BootContentSource::Chunks(_) => {
-                lazylayer_layer::metadata::read_file(tar, DIGESTS_FILE_NAME.as_bytes())
-                    .map_err(|e| e.to_string())?
-            }
-            BootContentSource::Dir(d) => read_bounded(d, self.external.file_len())?,
-        };
-        self.external
-            .table(&file)
-            .map_err(|e| format!("{}: {e}", self.image))
     }
 }
 
@@ -132,22 +126,6 @@ fn read_bounded(dir: &std::path::Path, len: u64) -> Result<Vec<u8>, String> {
         .read_to_end(&mut out)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(out)
-}
-
-impl BootChunks {
-    /// The first `len` bytes of the content, waiting (bounded) for them.
-    pub(crate) fn read_prefix(&self, len: u64) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
-        self.read(0, &mut buf)?;
-        Ok(buf)
-    }
-
-    /// [`BootChunks::read_prefix`] if every chunk is local; else None, and
-    /// the missing ones asked for.
-    pub(crate) fn try_read_prefix(&self, len: u64) -> Option<io::Result<Vec<u8>>> {
-        let mut buf = vec![0u8; len as usize];
-        Some(self.try_read(0, &mut buf)?.map(|()| buf))
-    }
 }
 
 #[cfg(test)]

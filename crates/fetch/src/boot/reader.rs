@@ -14,7 +14,7 @@ use super::BootChunks;
 impl BootChunks {
     /// Read `buf.len()` content bytes at `off` if every chunk is local;
     /// `None` (and the missing chunks asked for) otherwise.
-    pub(crate) fn try_read(&self, off: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+    pub(super) fn try_read(&self, off: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let range = self.inner.content.chunks_covering(off, buf.len() as u64);
         let verdict = {
             let s = self.inner.state.lock().unwrap();
@@ -32,6 +32,21 @@ impl BootChunks {
                 None
             }
         }
+    }
+
+    /// The first `len` bytes of the content, waiting (bounded) for them
+    /// (the files' digests kept apart from the index open the content).
+    pub(crate) fn read_prefix(&self, len: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        self.read(0, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`BootChunks::read_prefix`] if every chunk is local; else None, and
+    /// the missing ones asked for.
+    pub(crate) fn try_read_prefix(&self, len: u64) -> Option<io::Result<Vec<u8>>> {
+        let mut buf = vec![0u8; len as usize];
+        Some(self.try_read(0, &mut buf)?.map(|()| buf))
     }
 
     /// The parts of content bytes `start..start + len` whose chunks are
@@ -57,7 +72,7 @@ impl BootChunks {
     }
 
     /// Read, waiting (at most the read timeout) for the chunks.
-    pub(crate) fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub(super) fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         let inner = &self.inner;
         let range = inner.content.chunks_covering(off, buf.len() as u64);
         self.demand(range.clone());
