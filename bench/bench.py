@@ -30,6 +30,7 @@ import time
 import urllib.request
 import zlib
 
+import peers  # bench/peers.py: converting images for the lazy-pulling peers
 import relay  # bench/relay.py: the delay relay of the RTT axis and its request log
 
 # --- what is measured -------------------------------------------------------------
@@ -66,7 +67,41 @@ CONTENDERS = ["podman", "containerd", "containerd-lazylayer", "lazylayer", "lazy
 # containerd-lazylayer with Debian sid's Podman 5.8 and containerd 2.1, run from the
 # chroot root of scripts/stack.sh. Not in the default list. Contender -> its host twin.
 SID_CONTENDERS = {"podman-sid": "podman", "containerd-sid": "containerd",
-                  "containerd-sid-lazylayer": "containerd-lazylayer"}
+                  "containerd-sid-lazylayer": "containerd-lazylayer",
+                  "podman-sid-zstdchunked": "podman-zstdchunked"}
+# The lazy-pulling peers (--peers, run.sh --peers; tools set up by bench/peers.sh), each
+# on an image its own tool converted, fed lazylayer's trace of the same start. Not in
+# the default list. Contender -> the tag its converted image is pushed as.
+#   nydus: containerd 1.6 + nydus-snapshotter (containerd-nydus-grpc) + nydusd, the image
+#          pulled by ctr-remote rpull (bench/peers.py says how it is converted)
+#   estargz: containerd 1.6 + the stargz snapshotter (containerd-stargz-grpc, defaults:
+#          prefetch up to the landmark at mount, then the rest in the background), the
+#          image converted by `ctr-remote image convert --estargz --estargz-record-in`
+#          (the trace's files first, before the landmark) and pulled by ctr-remote rpull
+#   podman-sid-zstdchunked: Podman 5.8 (the sid stack) pulling the image `podman push
+#          --compression-format zstd:chunked` made, partial pulls enabled (not lazy: what
+#          a Podman user is told to pick for faster pulls)
+PEER_CONTENDERS = {"nydus": "nydus", "estargz": "estargz", "podman-sid-zstdchunked": "zstdchunked"}
+# The peers that run as a containerd proxy snapshotter: contender -> (its snapshotter's
+# name in containerd, its daemon's binary in bench/peers.sh's bin dir).
+PEER_SNAPSHOTTERS = {"nydus": ("nydus", "containerd-nydus-grpc"), "estargz": ("stargz", "containerd-stargz-grpc")}
+# nydusd's configuration: nydus-snapshotter's shipped default (misc/snapshotter/
+# nydusd-config.fusedev.json: prefetch of the bootstrap's list at mount, then the
+# rest, 8 threads), with scheme http for the benchmark's plain-HTTP registry (without
+# it nydusd tries TLS first on every connection and falls back).
+NYDUSD_CONFIG = {
+    "device": {"backend": {"type": "registry", "config": {
+        "scheme": "http", "timeout": 5, "connect_timeout": 5, "retry_limit": 2}},
+        "cache": {"type": "blobcache"}},
+    "mode": "direct", "digest_validate": False, "iostats_files": False, "enable_xattr": True,
+    "fs_prefetch": {"enable": True, "threads_count": 8, "merging_size": 1048576, "prefetch_all": True},
+}
+# For side experiments, LLBENCH_NYDUS_PREFETCH=list prefetches the bootstrap's list only,
+# =off nothing (on-demand reads alone); the default tables never set it.
+if os.environ.get("LLBENCH_NYDUS_PREFETCH") == "list":
+    NYDUSD_CONFIG["fs_prefetch"]["prefetch_all"] = False
+elif os.environ.get("LLBENCH_NYDUS_PREFETCH") == "off":
+    NYDUSD_CONFIG["fs_prefetch"]["enable"] = False
 POLL = 0.020  # readiness poll interval for servers, seconds
 
 
@@ -252,6 +287,15 @@ class Stack:
         self.snap_root = os.path.join(self.ctrd_dir, "ll")
         self.snap_sock = os.path.join(self.ctrd_dir, "snapshotter.sock")
         self.snap = None
+        # nydus: containerd-nydus-grpc's root (its nydusd daemons, their sockets, mounts
+        # and blob caches) and socket, in the containerd dir too.
+        self.nydus_root = os.path.join(self.ctrd_dir, "nydus")
+        self.nydus_sock = os.path.join(self.ctrd_dir, "nydus.sock")
+        # stargz: containerd-stargz-grpc's root and socket.
+        self.stargz_root = os.path.join(self.ctrd_dir, "stargz")
+        self.stargz_sock = os.path.join(self.ctrd_dir, "stargz.sock")
+        # The running peer snapshotter daemon (nydus or stargz), if any.
+        self.peer_snap = None
         pm = os.path.join(work, "podman")
         store = ["--root", f"{pm}/root", "--runroot", f"{pm}/run", "--storage-driver", "overlay"]
         if root is None:
@@ -271,7 +315,7 @@ class Stack:
         """The other paths of a directory in the work dir (the root's view of it)."""
         return [] if self.root is None else [self.root + path]
 
-    def containerd_config(self, snapshotter):
+    def containerd_config(self, snapshotter=None):
         """containerd 1.6 reads version 2; 2.1 version 3, whose CRI is three plugins, and
         whose Transfer Service (ctr's pull) unpacks only for a configured (platform,
         snapshotter) pair and passes the image's names to a proxy snapshotter only when
@@ -290,7 +334,13 @@ disabled_plugins = [{cri}]
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
 """
-        if snapshotter:
+        if snapshotter in ("nydus", "stargz"):
+            sock = self.nydus_sock if snapshotter == "nydus" else self.stargz_sock
+            text += f"""[proxy_plugins.{snapshotter}]
+  type = "snapshot"
+  address = "{sock}"
+"""
+        elif snapshotter:
             text += f"""[proxy_plugins.lazylayer]
   type = "snapshot"
   address = "{self.snap_sock}"
@@ -339,6 +389,10 @@ class Bench:
         self.run_available = sh([self.ll, "run", "--help"], check=False).returncode == 0
         self.snap_available = (sh([self.ll, "snapshotter", "--help"], check=False).returncode == 0
                                and sh([self.ll, "containerd", "pull", "--help"], check=False).returncode == 0)
+        # bench/peers.sh's bin dir (--peers): the peers' tools.
+        self.peers_bin = os.path.join(a.peers, "bin") if a.peers else None
+        # Images converted for a peer: {img: {peer: info}} (peers.py's conversion).
+        self.peer_images = {}
         self.seq = 0
 
     # podman ---------------------------------------------------------------------------
@@ -380,12 +434,88 @@ class Bench:
         terminate(st.snap, 15)
         st.snap = None
 
-    def containerd_start(self, st, snapshotter=False):
+    def nydus_start(self, st):
+        """containerd-nydus-grpc on an empty root, in the benchmark's namespace like
+        containerd (its nydusd daemons fetch over the shaped link). Two settings differ
+        from its shipped config.toml, both needed here: threads_number = 0 (nydusd 2.2
+        rejects the --thread-num the snapshotter passes otherwise) and a nydusd wrapper
+        that adds --rlimit-nofile 0 (nydusd's default raises the limit to 1000000, past
+        this machine's hard limit, and exits)."""
+        d = st.ctrd_dir
+        os.makedirs(st.nydus_root, exist_ok=True)
+        with open(f"{d}/nydusd.json", "w") as f:
+            json.dump(NYDUSD_CONFIG, f)
+        wrapper = f"{d}/nydusd"
+        with open(wrapper, "w") as f:
+            f.write(f"#!/bin/sh\nexec {self.peers_bin}/nydusd \"$@\" --rlimit-nofile 0\n")
+        os.chmod(wrapper, 0o755)
+        with open(f"{d}/nydus.toml", "w") as f:
+            f.write(f"""version = 1
+root = "{st.nydus_root}"
+address = "{st.nydus_sock}"
+daemon_mode = "dedicated"
+cleanup_on_close = true
+[system]
+enable = false
+[metrics]
+address = ""
+[daemon]
+nydusd_config = "{d}/nydusd.json"
+nydusd_path = "{wrapper}"
+nydusimage_path = "{self.peers_bin}/nydus-image"
+fs_driver = "fusedev"
+recover_policy = "none"
+threads_number = 0
+[log]
+log_to_stdout = true
+level = "info"
+[cgroup]
+enable = false
+""")
+        self.peer_snapshotter_start(st, "nydus", ["--config", f"{d}/nydus.toml"], st.nydus_sock)
+
+    def stargz_start(self, st):
+        """containerd-stargz-grpc on an empty root with its defaults (an empty config:
+        prefetch up to the landmark at mount, background fetch of the rest)."""
+        os.makedirs(st.stargz_root, exist_ok=True)
+        conf = f"{st.ctrd_dir}/stargz.toml"
+        open(conf, "w").close()
+        self.peer_snapshotter_start(st, "stargz", ["-address", st.stargz_sock, "-root", st.stargz_root,
+                                                   "-config", conf], st.stargz_sock)
+
+    def peer_snapshotter_start(self, st, name, args, sock):
+        """Start a peer's snapshotter daemon (in the namespace, like containerd) and wait
+        for its socket; its pid goes to WORK/NAME.pid for run.sh's cleanup."""
+        binary = dict(PEER_SNAPSHOTTERS.values())[name]
+        logf = open(f"{self.logs}/{name}-snapshotter{st.suffix}.log", "a")
+        st.peer_snap = subprocess.Popen([f"{self.peers_bin}/{binary}", *args],
+                                        stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        with open(os.path.join(self.work, f"{name}{st.suffix}.pid"), "w") as f:
+            f.write(str(st.peer_snap.pid))
+        for _ in range(400):
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(sock)
+                return
+            except OSError:
+                pass
+            if st.peer_snap.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} snapshotter did not start (see {self.logs}/{name}-snapshotter{st.suffix}.log)")
+
+    def containerd_start(self, st, snapshotter=None):
+        """containerd on an empty root, with the proxy snapshotter `snapshotter` (None,
+        "lazylayer", "nydus" or "stargz") started first on an empty root of its own."""
         self.containerd_stop()
         d = st.ctrd_dir
         rmtree(d, st.views(d))
         os.makedirs(d)
-        if snapshotter:
+        if snapshotter == "nydus":
+            self.nydus_start(st)
+        elif snapshotter == "stargz":
+            self.stargz_start(st)
+        elif snapshotter:
             self.snapshotter_start(st)
         with open(f"{d}/config.toml", "w") as f:
             f.write(st.containerd_config(snapshotter))
@@ -415,7 +545,94 @@ class Bench:
                 terminate(st.ctrd, 15)
             st.ctrd = None
             self.snapshotter_stop(st)
+            # SIGTERM: nydus's (cleanup_on_close) stops its nydusd daemons and unmounts.
+            terminate(st.peer_snap, 15)
+            st.peer_snap = None
             umount_under(st.ctrd_dir, st.views(st.ctrd_dir))
+
+    def zstdchunked_conf(self, st):
+        """A storage.conf for st's podman store with zstd:chunked partial pulls on: Debian
+        ships none, and without one Podman 5.8 pulls a zstd:chunked layer whole ("partial
+        images are disabled")."""
+        path = os.path.join(os.path.dirname(st.ctrd_dir), "storage-zstdchunked.conf")
+        pm = os.path.join(os.path.dirname(st.ctrd_dir), "podman")
+        with open(path, "w") as f:
+            f.write(f"""[storage]
+driver = "overlay"
+graphroot = "{pm}/root"
+runroot = "{pm}/run"
+[storage.options.pull_options]
+enable_partial_images = "true"
+use_hard_links = "false"
+convert_images = "false"
+""")
+        return path
+
+    def estargz_convert(self, addr, img, tag, prefetch):
+        """SRC -> SRC:TAG with ctr-remote (`image convert --estargz --oci
+        --estargz-record-in`) through a plain containerd on an empty root; the record file
+        lists the files the traced start opened, as `ctr-remote image optimize` records."""
+        st = self.host
+        self.containerd_start(st)
+        try:
+            rec = os.path.join(st.ctrd_dir, "record.json")
+            with open(rec, "w") as f:
+                for p in prefetch:
+                    f.write(json.dumps({"path": p.lstrip("/")}) + "\n")
+            cr = [f"{self.peers_bin}/ctr-remote", "-a", st.ctrd_sock, "-n", "llbench-convert"]
+            src, dst = f"{addr}/lazylayer/{img}:latest", f"{addr}/lazylayer/{img}:{tag}"
+            sh(cr + ["image", "pull", "--plain-http", src], timeout=1200)
+            sh(cr + ["image", "convert", "--estargz", "--oci", "--estargz-record-in", rec, src, dst], timeout=1800)
+            sh(cr + ["image", "push", "--plain-http", dst], timeout=1800)
+        finally:
+            self.containerd_stop()
+        m = manifest(addr, f"lazylayer/{img}", tag)
+        toc = [l for l in m["layers"] if "containerd.io/snapshot/stargz/toc.digest" in (l.get("annotations") or {})]
+        if len(toc) != len(m["layers"]):
+            raise RuntimeError(f"{img}:{tag}: {len(m['layers']) - len(toc)} layers without an eStargz TOC")
+        # The TOC is inside each layer, at its end.
+        return {"blob_bytes": sum(l["size"] for l in m["layers"]), "bootstrap_bytes": None,
+                "prefetch_files": len(prefetch)}
+
+    def zstdchunked_convert(self, addr, img, tag):
+        """SRC -> SRC:TAG with the sid stack's podman (`push --compression-format
+        zstd:chunked`), from a store of its own, removed after."""
+        st = self.sid
+        tmp = os.path.join(os.path.dirname(st.ctrd_dir), "zstdchunked-convert")
+        rmtree(tmp, st.views(tmp))
+        pm = st.podman_bin + ["--root", f"{tmp}/root", "--runroot", f"{tmp}/run", "--storage-driver", "overlay"]
+        src = f"{addr}/lazylayer/{img}:latest"
+        try:
+            sh(pm + ["pull", "-q", "--tls-verify=false", src], timeout=1200)
+            sh(pm + ["push", "-q", "--tls-verify=false", "--compression-format", "zstd:chunked",
+                     "--force-compression", src, f"docker://{addr}/lazylayer/{img}:{tag}"], timeout=1800)
+        finally:
+            sh(pm + ["system", "reset", "-f"], check=False)
+            rmtree(tmp, st.views(tmp))
+        m = manifest(addr, f"lazylayer/{img}", tag)
+        zl = [l for l in m["layers"] if "io.github.containers.zstd-chunked.manifest-position" in
+              (l.get("annotations") or {})]
+        if len(zl) != len(m["layers"]):
+            raise RuntimeError(f"{img}:{tag}: {len(m['layers']) - len(zl)} layers without a zstd:chunked TOC")
+        # Its metadata (TOC, tar-split) is inside each layer; no prefetch list.
+        return {"blob_bytes": sum(l["size"] for l in m["layers"]), "bootstrap_bytes": None, "prefetch_files": None}
+
+    def peer_local(self, contender, ref):
+        """Section 2: a peer's image under a running container (`sleep`), every file read
+        once through it so that the peer's cache holds the whole image, as a pulled image
+        is local; returns the container's root (the overlay over the peer's mount)."""
+        st = self.host
+        snap = PEER_SNAPSHOTTERS[contender][0]
+        self.containerd_start(st, snapshotter=snap)
+        pull, _, _ = self.commands(contender, None, ref, None)
+        sh(pull, timeout=600)
+        r = pull[-1]
+        cid = f"llbench-fs-{contender}"
+        sh(st.ctr_run + ["-d", "--snapshotter", snap, "--net-host", r, cid, "sleep", "1000000"])
+        rootfs = os.path.join(st.ctrd_dir, "state", "io.containerd.runtime.v2.task", "llbench", cid, "rootfs")
+        # Not `tar -f /dev/null`: GNU tar skips reading contents for it.
+        sh(["sh", "-c", f"tar -C {shlex.quote(rootfs)} -cf - . | wc -c"], timeout=1800)
+        return rootfs
 
     # lazylayer ----------------------------------------------------------------------
     def ll_empty(self):
@@ -443,13 +660,29 @@ class Bench:
         """(pull argv or None, run argv, stop function) of a contender."""
         cid = f"llbench-{contender}"
         kind, st = self.which(contender)
-        if kind == "podman":
-            pull = st.podman + ["pull", "-q", "--tls-verify=false", ref]
-            run = st.podman + ["run", "--rm", "--pull=never", "--network=host", "--name", cid, ref]
-            stop = lambda p: sh(st.podman + ["kill", "--signal", "KILL", cid], check=False)
+        if kind in ("podman", "podman-zstdchunked"):
+            pm = st.podman
+            if kind == "podman-zstdchunked":
+                # Its own storage.conf: the same store, partial pulls on.
+                pm = ["env", f"CONTAINERS_STORAGE_CONF={self.zstdchunked_conf(st)}"] + st.podman
+                ref = ref.rsplit(":", 1)[0] + ":" + PEER_CONTENDERS[contender]
+            pull = pm + ["pull", "-q", "--tls-verify=false", ref]
+            run = pm + ["run", "--rm", "--pull=never", "--network=host", "--name", cid, ref]
+            stop = lambda p: sh(pm + ["kill", "--signal", "KILL", cid], check=False)
         elif kind == "containerd":
             pull = st.ctr + ["image", "pull", "--plain-http", ref]
             run = st.ctr_run + ["--rm", "--net-host", ref, cid]
+            stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
+        elif kind in PEER_SNAPSHOTTERS:
+            # The converted image: the same host as ref (the relay's, in an RTT cell).
+            r = ref.rsplit(":", 1)[0] + ":" + PEER_CONTENDERS[kind]
+            snap = PEER_SNAPSHOTTERS[kind][0]
+            pull = [f"{self.peers_bin}/ctr-remote", "-a", st.ctrd_sock, "-n", "llbench", "image", "rpull",
+                    "--plain-http", "--snapshotter", snap, r]
+            if kind == "nydus":
+                # nydus-snapshotter reads the image's names from containerd's labels.
+                pull[-1:-1] = ["--use-containerd-labels"]
+            run = st.ctr_run + ["--rm", "--snapshotter", snap, "--net-host", r, cid]
             stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         elif kind == "containerd-lazylayer":
             pull = [self.ll, "--root", st.snap_root, "containerd", "pull", "--address", st.ctrd_sock,
@@ -575,12 +808,14 @@ class Bench:
     # section 1 ----------------------------------------------------------------------
     def prepare(self, contender):
         kind, st = self.which(contender)
-        if kind == "podman":
+        if kind in ("podman", "podman-zstdchunked"):
             self.podman_empty(st)
         elif kind == "containerd":
             self.containerd_start(st)
         elif kind == "containerd-lazylayer":
-            self.containerd_start(st, snapshotter=True)
+            self.containerd_start(st, snapshotter="lazylayer")
+        elif kind in PEER_SNAPSHOTTERS:
+            self.containerd_start(st, snapshotter=PEER_SNAPSHOTTERS[kind][0])
         else:
             self.ll_empty()
 
@@ -720,7 +955,9 @@ def optimize_one(b, addr, img, out, ll, tag):
     src, dst = f"{addr}/lazylayer/{img}:latest", f"{addr}/lazylayer/{img}:{tag}"
     root = os.path.join(b.work, "opt")
     rmtree(root)
-    argv = [ll, "--root", root, "optimize", "--json"]
+    # The trace feeds the peers' own prefetch lists (convert_peers).
+    trace = os.path.join(b.work, f"trace-{img}-{tag}.json")
+    argv = [ll, "--root", root, "optimize", "--json", "--trace-out", trace]
     if spec.get("kind") == "http":
         # Ready = first request served, as the measurement defines it, so the
         # trace holds what serving that request reads.
@@ -753,7 +990,35 @@ def optimize_one(b, addr, img, out, ll, tag):
         info["boot_share"] = boot / info["compressed"]
         log(f"  {img}: {dt:.1f} s, boot layer {boot / 1e6:.1f} MB "
             f"({100 * boot / info['compressed']:.1f}% of {info['compressed'] / 1e6:.1f} MB)")
+        if tag == "optimized":
+            convert_peers(b, addr, img, trace, info)
     rmtree(root)
+
+
+def convert_peers(b, addr, img, trace, info):
+    """Each peer timed converts SRC -> SRC:<its tag> with its own tool, its prefetch list
+    the files the traced start opened (the same workload lazylayer's boot layer holds)."""
+    for c in [c for c in CONTENDERS if c in PEER_CONTENDERS]:
+        t0 = now()
+        try:
+            if c == "nydus":
+                prefetch = peers.trace_prefetch_list(trace)
+                res = peers.nydus_convert(addr, f"lazylayer/{img}", "latest", PEER_CONTENDERS[c], prefetch,
+                                          f"{b.peers_bin}/nydus-image", os.path.join(b.work, f"convert-{c}"))
+            elif c == "estargz":
+                res = b.estargz_convert(addr, img, PEER_CONTENDERS[c], peers.trace_prefetch_list(trace))
+            else:
+                res = b.zstdchunked_convert(addr, img, PEER_CONTENDERS[c])
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+            info.setdefault("peers", {})[c] = {"error": str(e)[-800:]}
+            log(f"  {img}: {c} conversion FAILED: {e}")
+            continue
+        res["seconds"] = now() - t0
+        info.setdefault("peers", {})[c] = res
+        b.peer_images.setdefault(img, set()).add(c)
+        log(f"  {img}: {c} image in {res['seconds']:.1f} s: layers {res['blob_bytes'] / 1e6:.1f} MB"
+            + (f", bootstrap {res['bootstrap_bytes'] / 1e3:.0f} kB, {res['prefetch_files']} files to prefetch"
+               if res["bootstrap_bytes"] is not None else ""))
 
 
 def section1(b, addr, images, links, runs, skip, out, rtts=(), rtt_links=(), relay_shaping="client-hop"):
@@ -841,6 +1106,9 @@ def run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out):
             if c in ("lazylayer", "lazylayer-base", "containerd-lazylayer", "containerd-sid-lazylayer") and not opt_ref:
                 cc["na"] = "optimize failed"
                 continue
+            if c in PEER_CONTENDERS and c not in b.peer_images.get(img, ()):
+                cc["na"] = "conversion failed"
+                continue
             try:
                 res = b.cold(c, img, ref, opt_ref, timeout, relay_log)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
@@ -855,14 +1123,15 @@ def run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out):
                    if res["ok"] else "failed"))
             # Warm starts (for the floor) once per image, on the first link of the run.
             # The sid contenders' too: their images stay local as their twins' do.
-            if warm and res["ok"] and c != "lazylayer-unopt":
+            # Not the peers': their images are never whole in a store of theirs.
+            if warm and res["ok"] and c != "lazylayer-unopt" and c not in PEER_CONTENDERS:
                 # Warm = the image local whole, as containerd's and podman's are.
                 if not b.make_local(c, addr, img, opt_ref):
                     log(f"  {img} {c}: the image did not become local before the warm start")
                 w = b.start(c, img, ref, opt_ref, timeout, warm=True)
                 out["warm"].setdefault(img, {}).setdefault(c, []).append(
                     w.get("ready") if w["ok"] else None)
-            if c.startswith("containerd"):
+            if c.startswith("containerd") or c in PEER_CONTENDERS:
                 # Not left running under the next contender: the snapshotter
                 # may still be prefetching over the link (not timed).
                 b.containerd_stop()
@@ -925,6 +1194,45 @@ def fs_workloads(merged, reads):
     }
 
 
+def peer_fs_setup(b, c, info, mnts, res):
+    """Section 2: peer c's image local under a container (Bench.peer_local), its root
+    checked against the image's layers under overlayfs once. False if it failed."""
+    log(f"fs: {c} image under a container, every file read once (its cache filled)")
+    try:
+        mnts[c] = b.peer_local(c, info["ref"])
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        log(f"fs: {c} set-up FAILED: {e}")
+        res["notes"].append(f"{c}: set-up failed: {str(e)[-300:]}")
+        return False
+    if c not in res.setdefault("peer_trees", {}):
+        # The converted image must be the same root: paths, types, modes, sizes.
+        want, got = tree_of(mnts["overlayfs"]), tree_of(mnts[c])
+        # ctr run --net-host creates these in the container's root to bind the host's on.
+        for p in RUNTIME_FILES:
+            if p not in want:
+                got.pop(p, None)
+        diff = sorted(set(want.items()) ^ set(got.items()))
+        res["peer_trees"][c] = {"entries": len(got), "differ": len(diff), "first": [str(x) for x in diff[:10]]}
+        log(f"fs: {c} root vs the image's layers: {len(got)} entries, {len(diff)} differ"
+            + (f" (first: {diff[:3]})" if diff else ""))
+    return True
+
+
+RUNTIME_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
+
+
+def tree_of(root):
+    """{path: (type and mode, size or link target)} of every entry below root."""
+    out = {}
+    for dp, dns, fns in os.walk(root):
+        for n in dns + fns:
+            p = os.path.join(dp, n)
+            st = os.lstat(p)
+            extra = os.readlink(p) if os.path.islink(p) else (st.st_size if os.path.isfile(p) else None)
+            out["/" + os.path.relpath(p, root)] = (st.st_mode, extra)
+    return out
+
+
 # The workload runs twice in one shell: right after caches were dropped (cold) and at
 # once again (warm). Times are taken inside, so container start-up is not counted.
 def fs_script(snippet):
@@ -972,6 +1280,10 @@ def section2(b, addr, img, reps, reads, out):
     contenders = ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse"]
     if b.ll_base:
         contenders.append("lazylayer-fuse-base")
+    # The snapshotter peers: the image local in the peer's cache, read through its FUSE
+    # mount under the container's overlay. One at a time: each runs on its own
+    # containerd, stopped before the next.
+    contenders += [c for c in CONTENDERS if c in PEER_SNAPSHOTTERS and c in b.peer_images.get(img, ())]
     opt_ref = info.get("opt_ref")
     opt_ref_base = info.get("opt_ref_base", opt_ref)
     llroot = os.path.join(base, "ll")
@@ -993,6 +1305,9 @@ def section2(b, addr, img, reps, reads, out):
         for c in order:
             if c.startswith("lazylayer") and not (b.run_available and opt_ref):
                 continue
+            if c in PEER_SNAPSHOTTERS:
+                if not peer_fs_setup(b, c, info, mnts, res):
+                    continue
             for k, (snippet, _) in wl.items():
                 script = fs_script(snippet)
                 if c.startswith("lazylayer"):
@@ -1029,6 +1344,7 @@ def section2(b, addr, img, reps, reads, out):
         for k in wl:
             d = res["fs"][c][k]
             d["cold_median"], d["warm_median"] = median(d["cold"]), median(d["warm"])
+    b.containerd_stop()  # a peer's container, if any (its root is no mount of ours)
     for m in mnts.values():
         subprocess.run(["umount", m], stderr=subprocess.DEVNULL)
     rmtree(base)
@@ -1090,6 +1406,9 @@ def main():
     ap.add_argument("--sid-root", default="/var/cache/lazylayer/sid-root", help="scripts/stack.sh's root")
     ap.add_argument("--sid-work", default=None, help="a fresh dir in the sid stack's shared dir (run.sh "
                     "--sid makes it): the sid contenders' stores and sockets")
+    ap.add_argument("--peers", default=None, help="bench/peers.sh's cache dir (run.sh --peers): the "
+                    "peers' tools, for the peer contenders")
+    ap.add_argument("--peer-versions", default="", help="JSON: each peer tool's version (run.sh)")
     ap.add_argument("--skip", default="", help="IMAGE@LINK=reason;...")
     ap.add_argument("--fs-image", default="gcc")
     ap.add_argument("--fs-reps", type=int, default=3)
@@ -1109,13 +1428,15 @@ def main():
     b = Bench(a)
     if a.contenders:
         wanted = a.contenders.split(",")
-        known = CONTENDERS + list(SID_CONTENDERS)
+        known = list(dict.fromkeys(CONTENDERS + list(SID_CONTENDERS) + list(PEER_CONTENDERS)))
         unknown = [c for c in wanted if c not in known + ["lazylayer-base"]]
         if unknown:
             raise SystemExit(f"bench: unknown contenders {unknown}; known: {known}")
         CONTENDERS[:] = [c for c in known if c in wanted]
     if any(c in SID_CONTENDERS for c in CONTENDERS) and not b.sid:
         raise SystemExit("bench: the sid contenders need --sid-work (bash bench/run.sh --sid)")
+    if any(c in PEER_CONTENDERS for c in CONTENDERS) and not b.peers_bin:
+        raise SystemExit("bench: the peer contenders need --peers (bash bench/run.sh --peers)")
     if a.baseline:
         CONTENDERS.insert(CONTENDERS.index("lazylayer") + 1 if "lazylayer" in CONTENDERS else len(CONTENDERS),
                           "lazylayer-base")
@@ -1126,6 +1447,8 @@ def main():
                         "links_not_run": [l for l in LINKS if l not in links],
                         "images_not_run": [i for i in IMAGES if i not in images]})
     out["meta"]["snapshotter_available"] = b.snap_available
+    if b.peers_bin:
+        out["meta"]["peers"] = json.loads(a.peer_versions) if a.peer_versions else {}
     if b.sid:
         out["meta"]["sid"] = dict(b.sid.versions(), root=a.sid_root)
         log(f"sid stack: {out['meta']['sid']}")

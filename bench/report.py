@@ -17,12 +17,18 @@ NAMES = {
     "podman-sid": "podman 5.8 (sid)",
     "containerd-sid": "containerd 2.1 (sid)",
     "containerd-sid-lazylayer": "ctr 2.1 + lazylayer snapshotter (sid)",
+    "nydus": "nydus (ctr-remote rpull + nydus snapshotter)",
+    "estargz": "eStargz (ctr-remote rpull + stargz snapshotter)",
+    "podman-sid-zstdchunked": "podman 5.8 zstd:chunked (sid)",
 }
 # The sid stack's contenders in the light shade of their host twin's colour.
 COLORS = {"podman": "#7f7f7f", "containerd": "#1f77b4", "containerd-lazylayer": "#9467bd",
           "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896", "lazylayer-base": "#bcbd22",
-          "podman-sid": "#c7c7c7", "containerd-sid": "#aec7e8", "containerd-sid-lazylayer": "#c5b0d5"}
+          "podman-sid": "#c7c7c7", "containerd-sid": "#aec7e8", "containerd-sid-lazylayer": "#c5b0d5",
+          "nydus": "#2ca02c", "estargz": "#17becf", "podman-sid-zstdchunked": "#8c564b"}
 SID = ("podman-sid", "containerd-sid", "containerd-sid-lazylayer")
+# The lazy-pulling peers (bench.py PEER_CONTENDERS).
+PEERS = ("nydus", "estargz", "podman-sid-zstdchunked")
 LINK_NAMES = {"loopback": "loopback (unshaped)", "1gbit": "1 Gbit/s", "100mbit": "100 Mbit/s", "10mbit": "10 Mbit/s"}
 # Start-up speedup over a full pull that the layer-granular method lazylayer follows
 # reported per link (docs/architecture.md): podman-like pull + run / optimized start.
@@ -274,6 +280,35 @@ def markdown(d, seconds):
           f"{sid.get('containerd')} and runc {sid.get('runc')} from the chroot root of `scripts/stack.sh` "
           "(same namespace and commands as their host twins; containerd with a version 3 config, its "
           "snapshotter the same `lazylayer snapshotter` binary, stores in the stack's shared dir).")
+    if "nydus" in m.get("contenders", []):
+        pv = m.get("peers") or {}
+        w(f"- nydus: nydusd and nydus-image {pv.get('nydus-rs', '?')} (crates.io `nydus-rs`, cargo install), "
+          f"containerd-nydus-grpc from Debian sid's nydus-snapshotter {pv.get('nydus-snapshotter', '?')} and "
+          f"ctr-remote from its stargz-snapshotter {pv.get('stargz-snapshotter', '?')} (`bench/peers.sh`), "
+          "under the host's containerd (both on empty roots, restarted per cold run, not timed). Each image "
+          "converted by `bench/peers.py` as nydus-snapshotter's converter does it (RAFS v6, a zstd blob "
+          "per layer, a merged bootstrap layer), its prefetch list = the files lazylayer's traced start "
+          "opened, in order. nydusd runs the snapshotter's shipped config (prefetch that list at mount, "
+          "then every blob, 8 threads), with scheme http. Pull = `ctr-remote image rpull "
+          "--use-containerd-labels --snapshotter nydus REF:nydus` (manifest, config, bootstrap layer), "
+          "run = `ctr run --rm --snapshotter nydus`.")
+    if "estargz" in m.get("contenders", []):
+        pv = m.get("peers") or {}
+        w(f"- eStargz: containerd-stargz-grpc {pv.get('containerd-stargz-grpc', '?')} (built offline by "
+          "`bench/peers.sh` from Debian sid's Go packages and the daemon's main package from its source "
+          "package; Debian ships only ctr-remote) with its defaults (prefetch up to the landmark at mount, "
+          "then the rest in the background), under the host's containerd. Each image converted by "
+          "ctr-remote `image convert --estargz --oci --estargz-record-in` with the same list of opened files "
+          "(those files first in each layer, before the landmark). Pull = `ctr-remote image rpull "
+          "REF:estargz` (manifest, config, each layer's footer and TOC), run = `ctr run --rm --snapshotter "
+          "stargz`.")
+    if "podman-sid-zstdchunked" in m.get("contenders", []):
+        w("- podman 5.8 zstd:chunked (sid): each image pushed again by the sid stack's podman with "
+          "`--compression-format zstd:chunked --force-compression` (tag :zstdchunked); pulled by the same "
+          "podman with a storage.conf that turns partial pulls on (`enable_partial_images = \"true\"`; "
+          "Debian ships no storage.conf, and without it the layers come whole). A partial pull fetches "
+          "each layer's table of contents, then the chunks of every file the store does not already "
+          "hold: on an empty store, all of them. Not lazy; no prefetch list to feed.")
     w("- Time to ready: from the start of the pull command (lazylayer: of `run`) to the "
       "workload's first byte on stdout (batch) or the first successful request (servers, "
       f"polled every {m.get('poll_ms', 20):.0f} ms from the same namespace).")
@@ -317,6 +352,24 @@ def markdown(d, seconds):
       "layer / paths in the image, and their uncompressed content. Read before start = the optimize "
       "report's `boot_start_bytes`: the compressed bytes the traced start read (index region + the boot "
       "chunks it touched); in brackets when this lazylayer does not report it and the boot layer stands in.")
+    pcs = [c for c in PEERS if any(c in (i.get("peers") or {}) for i in d["images"].values())]
+    if pcs:
+        w("")
+        w("The peers' images, converted from the same source with their own tools (bench/peers.py), "
+          "their prefetch lists from lazylayer's trace of the same start:")
+        w("")
+        w("| image | peer | data blobs | metadata layer | files to prefetch | conversion |")
+        w("|---|---|---:|---:|---:|---:|")
+        for img, i in d["images"].items():
+            for c in pcs:
+                pi = (i.get("peers") or {}).get(c)
+                if pi is None:
+                    continue
+                if pi.get("error"):
+                    w(f"| {img} | {c} | failed: {esc(pi['error'].splitlines()[-1][:120])} | | | |")
+                    continue
+                w(f"| {img} | {c} | {mb(pi['blob_bytes'])} | {mb(pi['bootstrap_bytes'])} | "
+                  f"{'-' if pi['prefetch_files'] is None else pi['prefetch_files']} | {secs(pi['seconds'])} |")
     errs = [(img, i["optimize_error"]) for img, i in d["images"].items() if i.get("optimize_error")]
     for img, e in errs:
         w(f"\n- optimize of {img} failed: `{e.splitlines()[-1][:300] if e else ''}`")
@@ -376,7 +429,7 @@ def markdown(d, seconds):
           + f" | {secs(fl)} | {bft} | {close} | {'-' if sp is None else f'{sp:.1f}x'} | {paper} |")
         for c in ("lazylayer", "lazylayer-unopt", "containerd-lazylayer", "containerd-sid-lazylayer"):
             cm = (ccs.get(c) or {}).get("median")
-            for other in ("podman", "containerd", "podman-sid", "containerd-sid"):
+            for other in ("podman", "containerd", "podman-sid", "containerd-sid") + PEERS:
                 om = (ccs.get(other) or {}).get("median")
                 if cm and om and cm > om:
                     slower.append(f"{where(cell)}: {NAMES[c]} {secs(cm)} vs {other} {secs(om)}")
@@ -410,7 +463,8 @@ def markdown(d, seconds):
     if slower:
         w("- **Cells where a lazylayer contender is slower:** " + "; ".join(slower) + ".")
     elif m.get("run_available"):
-        w("- No lazylayer contender was slower than podman or containerd in any measured cell.")
+        w("- No lazylayer contender was slower than podman, containerd"
+          + (" or a peer" if any(c in PEERS for c in cs) else "") + " in any measured cell.")
     fails = [(where(c), k, r.get("error", "")) for c in d["cells"]
              for k, cc in c.get("contenders", {}).items() for r in cc.get("runs", []) if not r.get("ok")]
     for wh, k, e in fails[:10]:
@@ -421,7 +475,8 @@ def markdown(d, seconds):
     w("Bytes the registry sent from the start of each cold start until its command ended (from the "
       "access log, median; for lazylayer this includes the background prefetch until the container "
       "exited or, for servers, was stopped once ready; for the snapshotter, whose prefetch outlives "
-      "the container, what it fetched until 0.5 s after the container's end):")
+      "the container, what it fetched until 0.5 s after the container's end; for the peers, until the "
+      "container's end, their background fetch cut when their daemon stops):")
     w("")
     w("| image | link | RTT | " + " | ".join(NAMES[c] for c in cs) + " | boot layer |")
     w("|---|---|---:|" + "---:|" * (len(cs) + 1))
@@ -495,8 +550,8 @@ def markdown(d, seconds):
           "Cold = right after dropping the page cache, warm = the same workload again at once. "
           "Median seconds; in brackets the ratio to kernel overlayfs.")
         w("")
-        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse", "lazylayer-fuse-base"]
-               if c in fs["fs"]]
+        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse", "lazylayer-fuse-base",
+                           "nydus", "estargz"] if c in fs["fs"]]
         w("| workload | " + " | ".join(f"{c} cold" for c in fsn) + " | "
           + " | ".join(f"{c} warm" for c in fsn) + " |")
         w("|---|" + "---:|" * (2 * len(fsn)))
@@ -514,6 +569,14 @@ def markdown(d, seconds):
                         row.append(f"{secs(v)} ({v / base:.2f}x)")
             w(f"| {esc(desc)} | " + " | ".join(row) + " |")
         w("")
+        for c, nt in (fs.get("peer_trees") or {}).items():
+            w(f"- {c}: its root (the container's overlay over the peer's FUSE mount) checked against the "
+              f"image's layers under overlayfs: {nt['entries']} entries, "
+              + ("the same paths, types, modes and sizes." if not nt["differ"] else
+                 f"**{nt['differ']} differ** (first: {esc(', '.join(nt['first'][:3]))}).")
+              + " Its cache held the whole image (every file read once before each repetition).")
+        if fs.get("peer_trees"):
+            w("")
         worse, total = [], 0
         for k, desc in fs["workloads"].items():
             for phase in ("cold", "warm"):

@@ -6,7 +6,7 @@
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
 #                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
 #                     [--baseline BIN] [--rtts LIST] [--rtt-links LIST] [--relay-shaping S]
-#                     [--contenders LIST] [--sid]
+#                     [--contenders LIST] [--sid] [--peers]
 #
 #   --quick       1 run; every image at loopback and 100 Mbit only; file-system
 #                 section on python3, 1 repetition. ~13 min here (images cached).
@@ -33,12 +33,23 @@
 #                 nominal rate) or double (one tbf at twice the rate over both hops)
 #   --contenders L  a comma list of podman,containerd,containerd-lazylayer,lazylayer,
 #                 lazylayer-unopt (default all; lazylayer-base comes with --baseline),
-#                 podman-sid, containerd-sid, containerd-sid-lazylayer (need --sid)
+#                 podman-sid, containerd-sid, containerd-sid-lazylayer (need --sid),
+#                 nydus, estargz (need --peers), podman-sid-zstdchunked (--sid and --peers)
 #   --sid         also time podman-sid, containerd-sid and containerd-sid-lazylayer:
 #                 Debian sid's Podman 5.8 and containerd 2.1 from the chroot root of
 #                 scripts/stack.sh (built if it is not, brought up for the run and down
 #                 after it unless it was up), their stores in a fresh dir of its shared
-#                 dir (LAZYLAYER_SID_ROOT, LAZYLAYER_SID_SHARED as for stack.sh)
+#                 dir (LAZYLAYER_SID_ROOT, LAZYLAYER_SID_SHARED as for stack.sh);
+#                 a --contenders list that names sid contenders gets only those
+#   --peers       also time the lazy-pulling peers: nydus (nydus-snapshotter +
+#                 nydusd under the host's containerd) and estargz (the stargz
+#                 snapshotter under it), set up by bench/peers.sh
+#                 (cached in LAZYLAYER_PEERS, default /var/cache/lazylayer/peers;
+#                 the first set-up builds nydus-rs and the stargz snapshotter,
+#                 ~11 min), each image converted
+#                 with the peer's own tool and prefetch list from lazylayer's trace;
+#                 with --sid also podman-sid-zstdchunked (Podman 5.8 pulling a
+#                 zstd:chunked image, partial pulls on)
 #
 # LAZYLAYER_RUN_ARGS="--prefetch off" (say) adds options to every `lazylayer run`
 # the harness times, for side experiments; the default tables never set it.
@@ -55,7 +66,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
 QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1 BASELINE=''
-RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop CONTENDERS='' SID=0
+RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop CONTENDERS='' SID=0 PEERS=0
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -73,6 +84,7 @@ while (($#)); do
     --relay-shaping) RELAY_SHAPING=$2; shift 2 ;;
     --contenders) CONTENDERS=$2; shift 2 ;;
     --sid) SID=1; shift ;;
+    --peers) PEERS=1; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -91,9 +103,18 @@ fi
 SID_ROOT=${LAZYLAYER_SID_ROOT:-/var/cache/lazylayer/sid-root}
 SID_SHARED=${LAZYLAYER_SID_SHARED:-/tmp/lazylayer-sid}
 if ((SID)); then
-  # bench.py's default list (CONTENDERS) and the sid stack's three.
+  # bench.py's default list (CONTENDERS) and the sid stack's three, unless --contenders
+  # names sid contenders itself.
+  if [[ ,$CONTENDERS, != *-sid* ]]; then
+    CONTENDERS=${CONTENDERS:-podman,containerd,containerd-lazylayer,lazylayer,lazylayer-unopt}
+    CONTENDERS+=,podman-sid,containerd-sid,containerd-sid-lazylayer
+  fi
+fi
+if ((PEERS)); then
   CONTENDERS=${CONTENDERS:-podman,containerd,containerd-lazylayer,lazylayer,lazylayer-unopt}
-  CONTENDERS+=,podman-sid,containerd-sid,containerd-sid-lazylayer
+  [[ ,$CONTENDERS, == *,nydus,* ]] || CONTENDERS+=,nydus
+  [[ ,$CONTENDERS, == *,estargz,* ]] || CONTENDERS+=,estargz
+  ((!SID)) || [[ ,$CONTENDERS, == *,podman-sid-zstdchunked,* ]] || CONTENDERS+=,podman-sid-zstdchunked
 fi
 ((FS)) || FS_REPS=0
 SKIP=
@@ -103,7 +124,7 @@ if ((!ALL_CELLS)); then
 fi
 
 # --- dependencies (like scripts/install-deps.sh; python3-matplotlib for the chart) ----
-PACKAGES=(docker-registry skopeo umoci debootstrap busybox-static runc podman containerd
+PACKAGES=(docker-registry skopeo umoci debootstrap busybox-static runc podman containerd zstd
   fuse-overlayfs python3 python3-matplotlib curl jq iproute2 util-linux)
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -123,6 +144,14 @@ if ((BUILD)); then
 else
   [[ -x $LL ]] || { log "--no-build: $LL does not exist"; exit 1; }
   log "--no-build: using $LL as built $(date -r "$LL" -u +%Y-%m-%dT%H:%MZ)"
+fi
+
+PEERS_DIR='' PEER_VERSIONS=''
+if [[ ,$CONTENDERS, == *,nydus,* || ,$CONTENDERS, == *,estargz,* ]]; then
+  # Outside the namespace (crates.io, apt): the peers' tools, cached.
+  PEERS_DIR=$(bash "$ROOT/bench/peers.sh" setup)
+  PEER_VERSIONS=$(bash "$ROOT/bench/peers.sh" versions | jq -Rn '[inputs | split(" ") | {(.[0]): .[1]}] | add')
+  log "peers: $(echo "$PEER_VERSIONS" | jq -c .)"
 fi
 
 # Images are built outside the namespace (debootstrap and apt need the mirror) and
@@ -231,10 +260,26 @@ cleanup() {
       done
     fi
   fi
-  # What is left with our containerd dir in its command line (shims, the snapshotter,
-  # a `lazylayer containerd pull`), by PID.
+  # The peers' snapshotters (pids in WORK): SIGTERM (nydus's stops its nydusd daemons
+  # and unmounts).
+  local peer
+  for peer in nydus stargz; do
+    [[ -f $WORK/$peer.pid ]] || continue
+    pid=$(<"$WORK/$peer.pid")
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-grpc .*$WORK/"; then
+      kill "$pid" 2>/dev/null || true
+      for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+    fi
+  done
+  # What is left with our containerd dir in its command line (shims, the snapshotters,
+  # nydusd, a `lazylayer containerd pull`), by PID.
+  local exe
   while read -r pid; do
-    if [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */containerd* || $(readlink "/proc/$pid/exe" 2>/dev/null) == "$(readlink -f "$LL")" ]]; then
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
+    if [[ $exe == */containerd* || $exe == "$(readlink -f "$LL")" || ( -n $PEERS_DIR && $exe == "$PEERS_DIR"/* ) ]]; then
       kill -KILL "$pid" 2>/dev/null || true
     fi
   done < <(grep -l -s -F "$WORK/containerd/" /proc/[0-9]*/cmdline | cut -d/ -f3)
@@ -331,7 +376,8 @@ START=$SECONDS
   --fs-image "$FS_IMAGE" --fs-reps "$FS_REPS" --fs-reads "$FS_READS" --meta "$META" \
   --image-cache "${LAZYLAYER_IMAGE_CACHE:-$ROOT/.cache/images}" ${BASELINE:+--baseline "$BASELINE"} \
   --rtts "$RTTS" --rtt-links "$RTT_LINKS" --relay-shaping "$RELAY_SHAPING" \
-  ${CONTENDERS:+--contenders "$CONTENDERS"} ${SID_WORK:+--sid-root "$SID_ROOT" --sid-work "$SID_WORK"} &
+  ${CONTENDERS:+--contenders "$CONTENDERS"} ${SID_WORK:+--sid-root "$SID_ROOT" --sid-work "$SID_WORK"} \
+  ${PEERS_DIR:+--peers "$PEERS_DIR" --peer-versions "$PEER_VERSIONS"} &
 BENCH_PID=$!
 wait "$BENCH_PID"
 BENCH_PID=

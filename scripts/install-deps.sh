@@ -13,6 +13,7 @@ PACKAGES=(
   apache2-utils     # htpasswd: a registry with Basic auth in tests
   protobuf-compiler libprotobuf-dev  # protoc + google/protobuf/*.proto: the snapshotter's gRPC codegen
   systemd           # systemd-analyze: the units in packaging/systemd are verified
+  zstd              # the nydus peer's blob entries (bench/peers.py) and their tests
   curl jq bc openssl iproute2 util-linux python3 ca-certificates
 )
 

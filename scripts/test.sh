@@ -19,5 +19,6 @@ cargo build --workspace --all-targets
 # keeps the 2-core machine responsive.
 cargo test --workspace -- --test-threads=2
 # The benchmark's delay relay (HTTP framing, round counting, a live relay in
-# front of a real registry): what the RTT axis of bench/ measures with.
-python3 -m unittest bench/test_relay.py
+# front of a real registry): what the RTT axis of bench/ measures with; and
+# its peers' image helpers (bench/peers.py).
+python3 -m unittest bench/test_relay.py bench/test_peers.py
