@@ -136,7 +136,8 @@ def byte_floor_of(d, cell):
 def contender_floor(d, cell, c):
     """The floor of contender c's start: a lazy start's byte floor; a full pull's
     compressed image / link rate + the same round trips + the fastest warm start."""
-    if c in LAZY:
+    # The lazy peers run the same traced start: its bytes are their floor too.
+    if c in LAZY or c in ("nydus", "estargz"):
         return byte_floor_of(d, cell)[0]
     info = d["images"][cell["image"]]
     warm, _ = warm_of(d, cell["image"])
