@@ -391,7 +391,7 @@ class Bench:
                                and sh([self.ll, "containerd", "pull", "--help"], check=False).returncode == 0)
         # bench/peers.sh's bin dir (--peers): the peers' tools.
         self.peers_bin = os.path.join(a.peers, "bin") if a.peers else None
-        # Images converted for a peer: {img: {peer: info}} (peers.py's conversion).
+        # The peers each image was converted for: {img: {peer, ...}} (convert_peers).
         self.peer_images = {}
         self.seq = 0
 
@@ -630,8 +630,9 @@ convert_images = "false"
         cid = f"llbench-fs-{contender}"
         sh(st.ctr_run + ["-d", "--snapshotter", snap, "--net-host", r, cid, "sleep", "1000000"])
         rootfs = os.path.join(st.ctrd_dir, "state", "io.containerd.runtime.v2.task", "llbench", cid, "rootfs")
-        # Not `tar -f /dev/null`: GNU tar skips reading contents for it.
-        sh(["sh", "-c", f"tar -C {shlex.quote(rootfs)} -cf - . | wc -c"], timeout=1800)
+        # Not `tar -f /dev/null`: GNU tar skips reading contents for it. pipefail: a read
+        # error (EIO from the peer) fails the set-up instead of passing silently.
+        sh(["bash", "-o", "pipefail", "-c", f"tar -C {shlex.quote(rootfs)} -cf - . | wc -c"], timeout=1800)
         return rootfs
 
     # lazylayer ----------------------------------------------------------------------
