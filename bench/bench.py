@@ -82,9 +82,9 @@ SID_CONTENDERS = {"podman-sid": "podman", "containerd-sid": "containerd",
 #          --compression-format zstd:chunked` made, partial pulls enabled (not lazy: what
 #          a Podman user is told to pick for faster pulls)
 PEER_CONTENDERS = {"nydus": "nydus", "estargz": "estargz", "podman-sid-zstdchunked": "zstdchunked"}
-# The peers that run as a containerd proxy snapshotter: contender -> (its snapshotter's
-# name in containerd, its daemon's binary in bench/peers.sh's bin dir).
-PEER_SNAPSHOTTERS = {"nydus": ("nydus", "containerd-nydus-grpc"), "estargz": ("stargz", "containerd-stargz-grpc")}
+# The peers that run as a containerd proxy snapshotter: contender -> its snapshotter's
+# name in containerd.
+PEER_SNAPSHOTTERS = {"nydus": "nydus", "estargz": "stargz"}
 # nydusd's configuration: nydus-snapshotter's shipped default (misc/snapshotter/
 # nydusd-config.fusedev.json: prefetch of the bootstrap's list at mount, then the
 # rest, 8 threads), with scheme http for the benchmark's plain-HTTP registry (without
@@ -168,6 +168,22 @@ def rmtree(path, views=()):
         if left:
             raise RuntimeError(f"mounts left below {path}: {left[:5]}")
         shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_socket(proc, path, limit=20.0):
+    """Wait for a daemon's unix socket to accept; False if proc exits or `limit` s pass."""
+    end = now() + limit
+    while now() < end:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+            return True
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
 
 
 def median(xs):
@@ -417,17 +433,8 @@ class Bench:
             f.write(str(st.snap.pid))
         if os.readlink(f"/proc/{st.snap.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
             raise RuntimeError("snapshotter is not in the benchmark's network namespace")
-        for _ in range(400):
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(st.snap_sock)
-                return
-            except OSError:
-                pass
-            if st.snap.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"lazylayer snapshotter did not start (see {self.logs}/snapshotter{st.suffix}.log)")
+        if not wait_socket(st.snap, st.snap_sock):
+            raise RuntimeError(f"lazylayer snapshotter did not start (see {self.logs}/snapshotter{st.suffix}.log)")
 
     def snapshotter_stop(self, st):
         """SIGTERM (the snapshotter unmounts its lazy FUSE roots), SIGKILL after 15 s."""
@@ -472,7 +479,8 @@ level = "info"
 [cgroup]
 enable = false
 """)
-        self.peer_snapshotter_start(st, "nydus", ["--config", f"{d}/nydus.toml"], st.nydus_sock)
+        self.peer_snapshotter_start(st, "nydus", "containerd-nydus-grpc", ["--config", f"{d}/nydus.toml"],
+                                    st.nydus_sock)
 
     def stargz_start(self, st):
         """containerd-stargz-grpc on an empty root with its defaults (an empty config:
@@ -480,29 +488,20 @@ enable = false
         os.makedirs(st.stargz_root, exist_ok=True)
         conf = f"{st.ctrd_dir}/stargz.toml"
         open(conf, "w").close()
-        self.peer_snapshotter_start(st, "stargz", ["-address", st.stargz_sock, "-root", st.stargz_root,
-                                                   "-config", conf], st.stargz_sock)
+        self.peer_snapshotter_start(st, "stargz", "containerd-stargz-grpc",
+                                    ["-address", st.stargz_sock, "-root", st.stargz_root, "-config", conf],
+                                    st.stargz_sock)
 
-    def peer_snapshotter_start(self, st, name, args, sock):
+    def peer_snapshotter_start(self, st, name, binary, args, sock):
         """Start a peer's snapshotter daemon (in the namespace, like containerd) and wait
         for its socket; its pid goes to WORK/NAME.pid for run.sh's cleanup."""
-        binary = dict(PEER_SNAPSHOTTERS.values())[name]
         logf = open(f"{self.logs}/{name}-snapshotter{st.suffix}.log", "a")
         st.peer_snap = subprocess.Popen([f"{self.peers_bin}/{binary}", *args],
                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
         with open(os.path.join(self.work, f"{name}{st.suffix}.pid"), "w") as f:
             f.write(str(st.peer_snap.pid))
-        for _ in range(400):
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(sock)
-                return
-            except OSError:
-                pass
-            if st.peer_snap.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"{name} snapshotter did not start (see {self.logs}/{name}-snapshotter{st.suffix}.log)")
+        if not wait_socket(st.peer_snap, sock):
+            raise RuntimeError(f"{name} snapshotter did not start (see {self.logs}/{name}-snapshotter{st.suffix}.log)")
 
     def containerd_start(self, st, snapshotter=None):
         """containerd on an empty root, with the proxy snapshotter `snapshotter` (None,
@@ -622,7 +621,7 @@ convert_images = "false"
         once through it so that the peer's cache holds the whole image, as a pulled image
         is local; returns the container's root (the overlay over the peer's mount)."""
         st = self.host
-        snap = PEER_SNAPSHOTTERS[contender][0]
+        snap = PEER_SNAPSHOTTERS[contender]
         self.containerd_start(st, snapshotter=snap)
         pull, _, _ = self.commands(contender, None, ref, None)
         sh(pull, timeout=600)
@@ -677,7 +676,7 @@ convert_images = "false"
         elif kind in PEER_SNAPSHOTTERS:
             # The converted image: the same host as ref (the relay's, in an RTT cell).
             r = ref.rsplit(":", 1)[0] + ":" + PEER_CONTENDERS[kind]
-            snap = PEER_SNAPSHOTTERS[kind][0]
+            snap = PEER_SNAPSHOTTERS[kind]
             pull = [f"{self.peers_bin}/ctr-remote", "-a", st.ctrd_sock, "-n", "llbench", "image", "rpull",
                     "--plain-http", "--snapshotter", snap, r]
             if kind == "nydus":
@@ -816,7 +815,7 @@ convert_images = "false"
         elif kind == "containerd-lazylayer":
             self.containerd_start(st, snapshotter="lazylayer")
         elif kind in PEER_SNAPSHOTTERS:
-            self.containerd_start(st, snapshotter=PEER_SNAPSHOTTERS[kind][0])
+            self.containerd_start(st, snapshotter=PEER_SNAPSHOTTERS[kind])
         else:
             self.ll_empty()
 

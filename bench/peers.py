@@ -47,21 +47,29 @@ def _sha256_file(path):
     return "sha256:" + h.hexdigest()
 
 
-def push_blob(addr, repo, path=None, data=None):
-    """Monolithic upload (POST, then PUT ?digest=); returns (digest, size)."""
-    digest = _sha256_file(path) if path else "sha256:" + hashlib.sha256(data).hexdigest()
-    size = os.path.getsize(path) if path else len(data)
+def _connect(addr, timeout):
     host, port = addr.rsplit(":", 1)
-    c = http.client.HTTPConnection(host, int(port), timeout=600)
+    return http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+
+def _exchange(c, method, url, body=None, headers=None):
+    """One request on connection c; the response, its body read."""
+    c.request(method, url, body=body, headers=headers or {})
+    r = c.getresponse()
+    r.read()
+    return r
+
+
+def push_blob(addr, repo, path=None, data=None, digest=None):
+    """Monolithic upload (POST, then PUT ?digest=); returns (digest, size). `digest`,
+    when the caller has computed it, saves hashing the file again."""
+    digest = digest or (_sha256_file(path) if path else "sha256:" + hashlib.sha256(data).hexdigest())
+    size = os.path.getsize(path) if path else len(data)
+    c = _connect(addr, 600)
     try:
-        c.request("HEAD", f"/v2/{repo}/blobs/{digest}")
-        r = c.getresponse()
-        r.read()
-        if r.status == 200:
+        if _exchange(c, "HEAD", f"/v2/{repo}/blobs/{digest}").status == 200:
             return digest, size
-        c.request("POST", f"/v2/{repo}/blobs/uploads/")
-        r = c.getresponse()
-        r.read()
+        r = _exchange(c, "POST", f"/v2/{repo}/blobs/uploads/")
         if r.status != 202:
             raise RuntimeError(f"upload start for {repo}: HTTP {r.status}")
         loc = r.getheader("Location")
@@ -70,12 +78,9 @@ def push_blob(addr, repo, path=None, data=None):
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         if path:
             with open(path, "rb") as f:
-                c.request("PUT", url, body=f, headers=headers)
-                r = c.getresponse()
+                r = _exchange(c, "PUT", url, body=f, headers=headers)
         else:
-            c.request("PUT", url, body=data, headers=headers)
-            r = c.getresponse()
-        r.read()
+            r = _exchange(c, "PUT", url, body=data, headers=headers)
         if r.status != 201:
             raise RuntimeError(f"upload of {digest} to {repo}: HTTP {r.status}")
     finally:
@@ -85,13 +90,10 @@ def push_blob(addr, repo, path=None, data=None):
 
 def push_manifest(addr, repo, tag, manifest):
     data = json.dumps(manifest, separators=(",", ":")).encode()
-    host, port = addr.rsplit(":", 1)
-    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c = _connect(addr, 60)
     try:
-        c.request("PUT", f"/v2/{repo}/manifests/{tag}", body=data,
-                  headers={"Content-Type": manifest["mediaType"]})
-        r = c.getresponse()
-        r.read()
+        r = _exchange(c, "PUT", f"/v2/{repo}/manifests/{tag}", body=data,
+                      headers={"Content-Type": manifest["mediaType"]})
         if r.status != 201:
             raise RuntimeError(f"manifest push {repo}:{tag}: HTTP {r.status}")
     finally:
@@ -201,7 +203,7 @@ def nydus_convert(addr, repo, src_tag, dst_tag, prefetch, nydus_image, work):
     boot_gz = gzip.compress(boot_tar, mtime=0)
     layers, diff_ids = [], []
     for digest, path in blobs:
-        push_blob(addr, repo, path=path)
+        push_blob(addr, repo, path=path, digest=digest)
         layers.append({"mediaType": NYDUS_BLOB, "digest": digest, "size": os.path.getsize(path),
                        "annotations": {"containerd.io/snapshot/nydus-blob": "true"}})
         diff_ids.append(digest)

@@ -227,6 +227,21 @@ sid_cleanup() {
   fi
 }
 
+# SIGTERM to the process whose pid file $1 names, if its command line still matches
+# the pattern $2 (not a reused pid); wait up to 5 s for it to go.
+term_pid_file() {
+  local pid i
+  [[ -f $1 ]] || return 0
+  pid=$(<"$1")
+  if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$2"; then
+    kill "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+  fi
+}
+
 cleanup() {
   local rc=$? pid i
   trap - EXIT INT TERM
@@ -248,32 +263,11 @@ cleanup() {
       sleep 1
     fi
   fi
-  # The lazylayer snapshotter (containerd-lazylayer; pid in WORK): SIGTERM unmounts its
-  # lazy FUSE roots.
-  if [[ -f $WORK/snapshotter.pid ]]; then
-    pid=$(<"$WORK/snapshotter.pid")
-    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q " snapshotter --address $WORK/"; then
-      kill "$pid" 2>/dev/null || true
-      for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-      done
-    fi
-  fi
-  # The peers' snapshotters (pids in WORK): SIGTERM (nydus's stops its nydusd daemons
-  # and unmounts).
-  local peer
-  for peer in nydus stargz; do
-    [[ -f $WORK/$peer.pid ]] || continue
-    pid=$(<"$WORK/$peer.pid")
-    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-grpc .*$WORK/"; then
-      kill "$pid" 2>/dev/null || true
-      for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-      done
-    fi
-  done
+  # The snapshotters (pids in WORK): SIGTERM; lazylayer's unmounts its lazy FUSE roots,
+  # nydus's stops its nydusd daemons and unmounts.
+  term_pid_file "$WORK/snapshotter.pid" " snapshotter --address $WORK/"
+  term_pid_file "$WORK/nydus.pid" "-grpc .*$WORK/"
+  term_pid_file "$WORK/stargz.pid" "-grpc .*$WORK/"
   # What is left with our containerd dir in its command line (shims, the snapshotters,
   # nydusd, a `lazylayer containerd pull`), by PID.
   local exe
