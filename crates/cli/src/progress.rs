@@ -36,8 +36,11 @@ impl PullBars {
 }
 
 impl PullProgress for PullBars {
-    fn full_pull(&self, reference: &lazylayer_oci::Reference) {
-        eprintln!("note: {reference} has no lazylayer boot layer; pulling it fully (optimize it with `lazylayer optimize`)");
+    fn full_pull(&self, reference: &lazylayer_oci::Reference, note: Option<&str>) {
+        match note {
+            Some(n) => eprintln!("note: {reference}: {n}; pulling it fully"),
+            None => eprintln!("note: {reference} has no lazylayer boot layer; pulling it fully (optimize it with `lazylayer optimize`, or attach one with `lazylayer optimize --attach`)"),
+        }
     }
     fn layer_start(&self, digest: &Digest, size: u64, cached: bool) {
         use std::sync::atomic::Ordering::Relaxed;

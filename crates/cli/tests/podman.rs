@@ -230,7 +230,53 @@ lazylayer_testsupport::on_each_podman!(
     root_podman_runs_an_optimized_image_lazily_through_the_layer_store,
     root_podman_store_prefetches_only_after_the_start_settles,
     root_podman_runs_an_image_local_whole_on_the_stores_layers_without_fuse,
+    root_podman_runs_an_unchanged_image_from_its_attached_boot_layer,
 );
+
+/// Part 16: the unchanged image with a boot layer attached (`optimize
+/// --attach`), served by the store. Podman 4.3 asks the store for every
+/// layer: it runs the image lazily, downloading none of its layers. Podman
+/// 5 asks only for layers whose descriptor names a TOC digest, which an
+/// unchanged image's do not: it downloads them and runs the image as any
+/// other (docs/podman.md); the test holds both, so a Podman that changes
+/// this shows here.
+fn root_podman_runs_an_unchanged_image_from_its_attached_boot_layer(stack: Stack) {
+    if !stack.ready("root_podman_runs_an_unchanged_image_from_its_attached_boot_layer") {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let src = image_ref(&reg, "python3");
+    let opt = stack.tempdir();
+    lazylayer_ok(opt.path(), &["optimize", "--attach", &src]);
+    let (_, layers) = layer_digests(opt.path(), &src);
+    let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
+
+    let store = ServedStore::start_on(stack, &src, &["--prefetch", "off"]);
+    assert!(
+        !mounts_below(store.root.path()).is_empty(),
+        "the store did not open the image lazily"
+    );
+    let podman = Podman::on(stack);
+    store.podman(&podman, &["pull", "-q", "--tls-verify=false", &src]);
+    let out = store.podman(&podman, &["run", "--rm", "--network=none", &src]);
+    assert_eq!(out, "ok\n");
+    let downloaded = layers
+        .iter()
+        .zip(&before)
+        .filter(|(d, b)| reg.blob_gets(d) > **b)
+        .count();
+    match stack {
+        Stack::Bookworm => assert_eq!(downloaded, 0, "podman 4.3 downloaded layers"),
+        Stack::Sid => assert_eq!(
+            downloaded,
+            layers.len(),
+            "podman 5 now asks the store for layers without a TOC digest: update docs/podman.md"
+        ),
+    }
+    store.podman(&podman, &["rmi", "-a", "-f"]);
+    store.stop();
+}
 
 /// A private registry (htpasswd: Basic). Podman 5.8 hands a pull's
 /// credential to the store through registries.conf's

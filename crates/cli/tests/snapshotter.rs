@@ -276,6 +276,7 @@ on_each_stack!(
     prefetch_stops_when_the_last_container_of_an_image_ends,
     prefetch_cut_by_a_containers_end_is_resumed_by_the_next_start,
     cri_pod_of_an_optimized_image_starts_lazily,
+    cri_pod_of_an_unchanged_image_starts_lazily_from_its_attached_boot_layer,
     cri_pull_secrets_open_their_own_image_lazily,
     cri_pull_through_a_mirror_is_lazy_from_the_mirror,
 );
@@ -1325,6 +1326,64 @@ fn cri_pod_of_an_optimized_image_starts_lazily(stack: Stack) {
         sn.log().contains("claimed a layer as remote"),
         "{}",
         sn.log()
+    );
+}
+
+/// Part 16: a pod of the unchanged image, by digest and then by tag, with a
+/// boot layer attached to it (`optimize --attach`): the snapshotter finds
+/// the artifact through the referrers tag, claims the image's top layer as
+/// remote and serves its root lazily; containerd fetches none of its layers.
+fn cri_pod_of_an_unchanged_image_starts_lazily_from_its_attached_boot_layer(stack: Stack) {
+    if !stack_ready(
+        stack,
+        "cri_pod_of_an_unchanged_image_starts_lazily_from_its_attached_boot_layer",
+    ) {
+        return;
+    }
+    let reg = Registry::start();
+    push_images(&reg, &["python3", "busybox"]);
+    let pause = push_pause_image(&reg);
+    let src = image_ref(&reg, "python3");
+    let opt_root = stack.tempdir();
+    lazylayer_ok(opt_root.path(), &["optimize", "--attach", &src]);
+    let (digest, layers) = layer_digests(opt_root.path(), &src);
+    let repo = src.rsplit_once(':').unwrap().0;
+    let root = stack.tempdir();
+    let sn = Snapshotterd::start(root.path());
+    let toml = cri_toml(stack, &sn, &reg) + &sandbox_toml(stack, &pause);
+    let cd = Containerd::start_cri_on(stack, &toml);
+    let log_start = reg.log().len();
+    let logs = root.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    for (i, image) in [format!("{repo}@{digest}"), src.clone()].iter().enumerate() {
+        cri_pull(&cd, image);
+        let (code, log) = cri_pod(&cd, image, &logs, &format!("attached-{i}-{}", stack.name()));
+        assert_eq!(code, 0, "the pod's container failed; its log:\n{log}");
+        assert!(
+            log.lines().any(|l| l.ends_with(" stdout F ok")),
+            "the image's own command did not print ok:\n{log}"
+        );
+    }
+    let requests = reg.log()[log_start..].to_string();
+    for l in &layers {
+        assert!(
+            !requests
+                .lines()
+                .any(|r| r.contains("containerd/") && r.contains(&format!("/blobs/{l}"))),
+            "containerd fetched layer {l} of {src}:\n{requests}"
+        );
+    }
+    assert!(
+        sn.log().contains("claimed a layer as remote"),
+        "{}",
+        sn.log()
+    );
+    assert!(
+        requests.contains(&format!(
+            "/manifests/sha256-{}",
+            digest.trim_start_matches("sha256:")
+        )),
+        "the snapshotter did not look up the referrers tag:\n{requests}"
     );
 }
 

@@ -148,7 +148,12 @@ impl Images {
         .await
         {
             Ok(img) => Ok(Some(Arc::new(img))),
-            Err(OpenError::NoBootLayer(_)) => Ok(None),
+            Err(OpenError::NoBootLayer(why)) => {
+                if why.note.is_some() {
+                    tracing::warn!(image = %reference, "{why}: its layers are unpacked as they are");
+                }
+                Ok(None)
+            }
             Err(OpenError::Failed(e)) => Err(err(e)),
         }
     }

@@ -35,6 +35,10 @@ pub struct FetchOptions {
     /// Paces the background prefetch (shared by every image of a process);
     /// a layer a reader asked for goes at full speed from then on.
     pub prefetch_bandwidth: Option<Arc<Bandwidth>>,
+    /// For an image whose boot layer is attached (`optimize --attach`): the
+    /// boot artifact to start from (its manifest digest) instead of the
+    /// newest that verifies.
+    pub boot_artifact: Option<lazylayer_oci::Digest>,
 }
 
 impl Default for FetchOptions {
@@ -45,6 +49,7 @@ impl Default for FetchOptions {
             serve_unverified: true,
             pull: PullOptions::default(),
             prefetch_bandwidth: None,
+            boot_artifact: None,
         }
     }
 }

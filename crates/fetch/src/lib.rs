@@ -26,7 +26,7 @@ pub use boot::{
 };
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use source::{BootContentSource, LazySource};
-pub use span::MAX_SPAN_FILE;
+pub use span::{SeekIndexes, MAX_SPAN_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use lazylayer_fs::{ContentSource, RangedContent};
 use lazylayer_index::{ExternalDigests, FileKind, IndexEntry};
-use lazylayer_oci::{Digest, Reference, RegistryClient};
+use lazylayer_oci::{Reference, RegistryClient};
 use lazylayer_sys::beneath::open_beneath;
 
 use crate::boot::BootChunks;
 use crate::digests::FileDigests;
 use crate::fetcher::LayerFetcher;
-use crate::span::{Quick, SpanReader};
+use crate::span::{Quick, SeekIndexes, SpanReader};
 
 /// Where the boot layer's file content is read from.
 #[derive(Clone)]
@@ -49,7 +49,7 @@ impl LazySource {
     /// its entries.
     pub fn new(
         reference: &Reference,
-        manifest_digest: &Digest,
+        seek: SeekIndexes,
         client: Arc<RegistryClient>,
         fetcher: &LayerFetcher,
         boot: BootContentSource,
@@ -61,7 +61,7 @@ impl LazySource {
             Arc::new(SpanReader::new(
                 client,
                 reference.clone(),
-                manifest_digest.clone(),
+                seek,
                 fetcher.clone(),
             ))
         });

@@ -126,6 +126,17 @@ fn miss(what: &'static str) -> impl Fn(lazylayer_oci::OciError) -> Miss {
     }
 }
 
+/// Where an image's seek indexes are.
+#[derive(Clone)]
+pub enum SeekIndexes {
+    /// In the artifact referring to this manifest digest (an optimized
+    /// image's), looked for on the first untraced read.
+    Referrers(Digest),
+    /// In this artifact, found and checked already (a boot artifact, which
+    /// carries them beside the boot layer).
+    Known(Arc<ArtifactManifest>),
+}
+
 /// One lazily started image's ranged reads. Shared by the FUSE threads.
 pub(crate) struct SpanReader {
     client: Arc<RegistryClient>,
@@ -142,9 +153,20 @@ impl SpanReader {
     pub fn new(
         client: Arc<RegistryClient>,
         image: Reference,
-        subject: Digest,
+        seek: SeekIndexes,
         fetcher: LayerFetcher,
     ) -> SpanReader {
+        let mut state = State::default();
+        let subject = match seek {
+            SeekIndexes::Referrers(d) => d,
+            SeekIndexes::Known(a) => {
+                let subject = (a.subject.as_ref())
+                    .and_then(|s| s.digest.parse().ok())
+                    .unwrap_or_else(|| Digest::sha256_of(b""));
+                state.artifact = Some(Ok(a));
+                subject
+            }
+        };
         SpanReader {
             client,
             image,
@@ -152,7 +174,7 @@ impl SpanReader {
             store: fetcher.store().clone(),
             rt: fetcher.runtime(),
             fetcher,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
         }
     }
 

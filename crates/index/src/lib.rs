@@ -48,6 +48,15 @@ pub const ANNOTATION_BOOT_LAYER: &str = "dev.lazylayer.boot-layer";
 /// decompressing anything.
 pub const ANNOTATION_INDEX_REGION_SIZE: &str = "dev.lazylayer.index-region.size";
 pub const ANNOTATION_INDEX_REGION_DIGEST: &str = "dev.lazylayer.index-region.digest";
+/// `artifactType` of a boot artifact (`optimize --attach`): a boot layer,
+/// and the seek indexes of the image's layers, attached to an unchanged
+/// image through the artifact's `subject`. The artifact manifest carries the
+/// annotations above (boot layer, index region) as an optimized image's
+/// manifest does; found through the referrers API or its tag schema.
+pub const BOOT_ARTIFACT_TYPE: &str = "application/vnd.lazylayer.boot.v1";
+/// Boot artifact: the boot layer descriptor's diff_id (an artifact has no
+/// image config to list it in).
+pub const ANNOTATION_BOOT_DIFF_ID: &str = "dev.lazylayer.boot-layer.diff-id";
 /// Boot layer descriptor annotation naming the index file inside it.
 pub const ANNOTATION_INDEX: &str = "dev.lazylayer.index";
 /// Boot layer descriptor annotation giving the index format version.

@@ -9,7 +9,12 @@
 //! 5. push DST = SRC's layers (mounted, never re-uploaded) + the boot layer;
 //! 6. push a seek index of each of SRC's gzip layers, as an artifact
 //!    referring to DST (docs/seek-index.md).
+//!
+//! With [`Target::Attach`], steps 5 and 6 push one artifact instead, the
+//! boot layer and the seek indexes, whose subject is SRC's own manifest
+//! (SRC is left as it is: docs/boot-layer.md, "Attached boot layers").
 
+mod attach;
 mod bootlayer;
 mod image;
 mod push;
@@ -29,6 +34,7 @@ use lazylayer_runtime::{NetworkMode, WaitCondition};
 use lazylayer_store::{PullOptions, PullProgress, Store};
 use lazylayer_sys::error_chain;
 
+pub use attach::{boot_artifact, push_attached, AttachReport, AttachedBoot, ANNOTATION_CREATED};
 pub use bootlayer::{write_boot_layer, BootLayer, BootLayout, DEFAULT_CHUNK_SIZE};
 pub use image::{
     optimized_image, BootDescriptor, OptimizedImage, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX,
@@ -112,12 +118,25 @@ pub struct OptimizeOptions {
     pub boot_layout: BootLayout,
 }
 
+/// Where the boot layer goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A new image DST = SRC's layers + the boot layer.
+    Image(Reference),
+    /// An artifact attached to SRC's manifest (`--attach`): SRC unchanged.
+    Attach,
+}
+
 /// What `optimize` did, for the summary and `--json`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OptimizeReport {
     pub source: String,
+    /// DST, or SRC again when the boot layer was attached to it.
     pub destination: String,
+    /// DST's manifest; with `--attach`, SRC's (unchanged).
     pub manifest_digest: String,
+    /// With `--attach`: the boot artifact pushed beside SRC.
+    pub attached: Option<AttachReport>,
     pub boot_layer_digest: String,
     /// Compressed bytes of SRC's layers.
     pub image_size: u64,
@@ -175,7 +194,7 @@ pub async fn optimize(
     store: &Store,
     client: &RegistryClient,
     src: &Reference,
-    dst: &Reference,
+    target: &Target,
     opts: &OptimizeOptions,
     pull_progress: Arc<dyn PullProgress>,
     phase: PhaseSink<'_>,
@@ -362,13 +381,73 @@ pub async fn optimize(
     };
 
     let t = Instant::now();
-    phase(&format!("pushing {dst}"));
     let boot_digest: Digest = boot.digests.digest.parse()?;
     let blob = BootBlob {
         path: &boot_path,
         digest: &boot_digest,
         size: boot.digests.size,
     };
+    let dst = match target {
+        Target::Image(dst) => dst,
+        Target::Attach => {
+            phase(&format!("attaching the boot layer to {src}"));
+            let seek = if opts.seek_index {
+                phase("pushing seek indexes of the source layers");
+                seek::push_seek_blobs(client, store, &rec.layers, &src.repository).await?
+            } else {
+                Vec::new()
+            };
+            let subject = lazylayer_seek::artifact::Descriptor {
+                media_type: rec.manifest_media_type.clone(),
+                digest: rec.manifest_digest.to_string(),
+                size: manifest_bytes.len() as u64,
+                artifact_type: None,
+                data: None,
+                annotations: Default::default(),
+            };
+            let created = rfc3339_now();
+            let attached = push_attached(
+                client,
+                src,
+                subject,
+                &AttachedBoot {
+                    blob: &blob,
+                    digests: &boot.digests,
+                    media_type: boot_media_type(boot.layout.compression),
+                    index_version: lazylayer_index::CHUNKED_FORMAT_VERSION,
+                    region: boot.region.clone(),
+                    created: &created,
+                },
+                &seek,
+            )
+            .await?;
+            let report = Report {
+                src,
+                destination: src,
+                manifest_digest: rec.manifest_digest.to_string(),
+                rec: &rec,
+                boot: &boot,
+                index: &index,
+                events: events.len(),
+                reads: reads.len(),
+                exit_code,
+                verify_missing,
+                seconds: [
+                    seconds_pull,
+                    seconds_index,
+                    seconds_trace,
+                    seconds_build,
+                    t.elapsed().as_secs_f64(),
+                ],
+            };
+            let mut r = report.build();
+            r.push.bytes_uploaded = attached.bytes_uploaded;
+            r.seek_index_bytes = seek.iter().map(|b| b.size).sum();
+            r.attached = Some(attached);
+            return Ok(r);
+        }
+    };
+    phase(&format!("pushing {dst}"));
     let push = push_optimized(client, store, src, &rec, dst, &blob, &image).await?;
     // DST is complete and pushed: a failure from here on costs only the
     // ranged reads, so it is reported, not fatal.
@@ -398,44 +477,100 @@ pub async fn optimize(
     }
     let seconds_push = t.elapsed().as_secs_f64();
 
-    let image_size = rec.total_size();
-    Ok(OptimizeReport {
-        source: src.to_string(),
-        destination: dst.to_string(),
+    let mut r = Report {
+        src,
+        destination: dst,
         manifest_digest: push.manifest_digest.clone(),
-        boot_layer_digest: boot.digests.digest.clone(),
-        image_size,
-        boot_layer_size: boot.digests.size,
-        boot_share: boot.digests.size as f64 / image_size.max(1) as f64,
-        image_entries: index.len(),
-        boot_entries: boot.entries,
-        boot_file_bytes: boot.file_bytes,
-        index_bytes: boot.index_bytes,
-        boot_compression: match boot.layout.compression {
-            lazylayer_index::chunks::ChunkCompression::Gzip => "gzip".into(),
-            lazylayer_index::chunks::ChunkCompression::Zstd => "zstd".into(),
-        },
-        boot_chunk_size: boot.layout.chunk_size,
-        boot_chunks: boot.chunks,
-        boot_start_chunks: boot.start_chunks,
-        boot_start_bytes: boot.start_bytes,
-        index_region_bytes: boot.region.0,
-        file_digests: boot.file_digests.0,
-        file_digests_bytes: boot.file_digests.1,
-        trace_events: events.len(),
-        trace_reads: reads.len(),
-        workload_exit_code: exit_code,
+        rec: &rec,
+        boot: &boot,
+        index: &index,
+        events: events.len(),
+        reads: reads.len(),
+        exit_code,
         verify_missing,
-        seconds_pull,
-        seconds_index,
-        seconds_trace,
-        seconds_build,
-        seconds_push,
-        push,
-        seek_index_bytes,
-        seek_manifest_digest,
-        seek_index_error,
-    })
+        seconds: [
+            seconds_pull,
+            seconds_index,
+            seconds_trace,
+            seconds_build,
+            seconds_push,
+        ],
+    }
+    .build();
+    r.push = push;
+    r.seek_index_bytes = seek_index_bytes;
+    r.seek_manifest_digest = seek_manifest_digest;
+    r.seek_index_error = seek_index_error;
+    Ok(r)
+}
+
+/// The boot layer's media type in an artifact (always an OCI one).
+fn boot_media_type(c: ChunkCompression) -> &'static str {
+    match c {
+        ChunkCompression::Gzip => lazylayer_oci::manifest::OCI_LAYER_GZIP,
+        ChunkCompression::Zstd => image::OCI_LAYER_ZSTD,
+    }
+}
+
+/// What every report says, however the boot layer was pushed.
+struct Report<'a> {
+    src: &'a Reference,
+    destination: &'a Reference,
+    manifest_digest: String,
+    rec: &'a lazylayer_store::ImageRecord,
+    boot: &'a BootLayer,
+    index: &'a BootIndex,
+    events: usize,
+    reads: usize,
+    exit_code: Option<i32>,
+    verify_missing: Option<Vec<String>>,
+    /// pull, index, trace, build, push.
+    seconds: [f64; 5],
+}
+
+impl Report<'_> {
+    fn build(self) -> OptimizeReport {
+        let Report { boot, .. } = self;
+        let image_size = self.rec.total_size();
+        OptimizeReport {
+            source: self.src.to_string(),
+            destination: self.destination.to_string(),
+            manifest_digest: self.manifest_digest,
+            attached: None,
+            boot_layer_digest: boot.digests.digest.clone(),
+            image_size,
+            boot_layer_size: boot.digests.size,
+            boot_share: boot.digests.size as f64 / image_size.max(1) as f64,
+            image_entries: self.index.len(),
+            boot_entries: boot.entries,
+            boot_file_bytes: boot.file_bytes,
+            index_bytes: boot.index_bytes,
+            boot_compression: match boot.layout.compression {
+                ChunkCompression::Gzip => "gzip".into(),
+                ChunkCompression::Zstd => "zstd".into(),
+            },
+            boot_chunk_size: boot.layout.chunk_size,
+            boot_chunks: boot.chunks,
+            boot_start_chunks: boot.start_chunks,
+            boot_start_bytes: boot.start_bytes,
+            index_region_bytes: boot.region.0,
+            file_digests: boot.file_digests.0,
+            file_digests_bytes: boot.file_digests.1,
+            trace_events: self.events,
+            trace_reads: self.reads,
+            workload_exit_code: self.exit_code,
+            verify_missing: self.verify_missing,
+            seconds_pull: self.seconds[0],
+            seconds_index: self.seconds[1],
+            seconds_trace: self.seconds[2],
+            seconds_build: self.seconds[3],
+            seconds_push: self.seconds[4],
+            push: PushReport::default(),
+            seek_index_bytes: 0,
+            seek_manifest_digest: None,
+            seek_index_error: None,
+        }
+    }
 }
 
 /// A workload that fails is not a basis for a boot layer: say so clearly.

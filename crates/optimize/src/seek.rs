@@ -5,7 +5,7 @@
 use std::io::BufReader;
 
 use lazylayer_oci::client::BlobSource;
-use lazylayer_oci::{Digest, PushOutcome, Reference, RegistryClient};
+use lazylayer_oci::{Digest, PushOutcome, Reference, RegistryClient, Repository};
 use lazylayer_seek::artifact::{
     referrers_tag, ArtifactManifest, Descriptor, HeadRef, IndexBlob, EMPTY_BLOB, OCI_MANIFEST,
 };
@@ -40,56 +40,16 @@ pub async fn push_seek_indexes(
     dst_manifest: &[u8],
     media_type: &str,
 ) -> Result<SeekReport, OptimizeError> {
-    let mut blobs = Vec::new();
-    let mut rep = SeekReport::default();
-    for l in layers
-        .iter()
-        .filter(|l| GZIP_LAYERS.contains(&l.media_type.as_str()))
-    {
-        let encoded = build_one(store, l).await?;
-        let digest = Digest::sha256_of(&encoded);
-        let size = encoded.len() as u64;
-        // Announced in the artifact: readers fetch the head alone, by range.
-        let head = head_len(&encoded).map(|n| HeadRef {
-            size: n,
-            digest: Digest::sha256_of(&encoded[..n as usize]).to_string(),
-        });
-        tracing::info!(layer = %l.digest, bytes = size, "seek index built");
-        client
-            .push_blob(
-                &dst.repository,
-                &digest,
-                size,
-                &BlobSource::Bytes(encoded.into()),
-                None,
-            )
-            .await?;
-        rep.index_bytes += size;
-        blobs.push(IndexBlob {
-            layer: l.digest.to_string(),
-            digest: digest.to_string(),
-            size,
-            head,
-        });
-    }
-    rep.layers = blobs.len();
+    let blobs = push_seek_blobs(client, store, layers, &dst.repository).await?;
+    let mut rep = SeekReport {
+        index_bytes: blobs.iter().map(|b| b.size).sum(),
+        layers: blobs.len(),
+        ..SeekReport::default()
+    };
     if blobs.is_empty() {
         return Ok(rep);
     }
-    let empty = Digest::sha256_of(EMPTY_BLOB);
-    if client
-        .push_blob(
-            &dst.repository,
-            &empty,
-            EMPTY_BLOB.len() as u64,
-            &BlobSource::Bytes(EMPTY_BLOB.into()),
-            None,
-        )
-        .await?
-        == PushOutcome::Uploaded
-    {
-        tracing::debug!("pushed the empty config blob");
-    }
+    push_empty_config(client, &dst.repository).await?;
     let subject_digest = Digest::sha256_of(dst_manifest);
     let subject = Descriptor {
         media_type: media_type.into(),
@@ -115,6 +75,68 @@ pub async fn push_seek_indexes(
     client.put_manifest(&tagged, OCI_MANIFEST, manifest).await?;
     rep.manifest_digest = d.to_string();
     Ok(rep)
+}
+
+/// Build and push the seek index of each of `layers` a seek index can
+/// describe (gzip ones) into `repo`: what an artifact then lists.
+pub(crate) async fn push_seek_blobs(
+    client: &RegistryClient,
+    store: &Store,
+    layers: &[LayerRef],
+    repo: &Repository,
+) -> Result<Vec<IndexBlob>, OptimizeError> {
+    let mut blobs = Vec::new();
+    for l in layers
+        .iter()
+        .filter(|l| GZIP_LAYERS.contains(&l.media_type.as_str()))
+    {
+        let encoded = build_one(store, l).await?;
+        let digest = Digest::sha256_of(&encoded);
+        let size = encoded.len() as u64;
+        // Announced in the artifact: readers fetch the head alone, by range.
+        let head = head_len(&encoded).map(|n| HeadRef {
+            size: n,
+            digest: Digest::sha256_of(&encoded[..n as usize]).to_string(),
+        });
+        tracing::info!(layer = %l.digest, bytes = size, "seek index built");
+        client
+            .push_blob(
+                repo,
+                &digest,
+                size,
+                &BlobSource::Bytes(encoded.into()),
+                None,
+            )
+            .await?;
+        blobs.push(IndexBlob {
+            layer: l.digest.to_string(),
+            digest: digest.to_string(),
+            size,
+            head,
+        });
+    }
+    Ok(blobs)
+}
+
+/// The empty config blob an artifact names, pushed once per repository.
+pub(crate) async fn push_empty_config(
+    client: &RegistryClient,
+    repo: &Repository,
+) -> Result<(), OptimizeError> {
+    let empty = Digest::sha256_of(EMPTY_BLOB);
+    let outcome = client
+        .push_blob(
+            repo,
+            &empty,
+            EMPTY_BLOB.len() as u64,
+            &BlobSource::Bytes(EMPTY_BLOB.into()),
+            None,
+        )
+        .await?;
+    if outcome == PushOutcome::Uploaded {
+        tracing::debug!("pushed the empty config blob");
+    }
+    Ok(())
 }
 
 /// One layer's encoded seek index, built from the stored blob.

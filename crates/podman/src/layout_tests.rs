@@ -144,6 +144,7 @@ fn an_image_not_held_whole_by_the_store_is_not_laid_out_locally() {
         layers: vec![l],
         platform: "linux/amd64".into(),
         pulled_at: 0,
+        attached: None,
     };
     store.save_image(&rec).unwrap();
     assert!(lay_out_local(&store, &r, &dir, "t-pin").unwrap().is_none());
@@ -185,6 +186,7 @@ fn a_plain_image_held_whole_is_not_laid_out_locally() {
             layers: vec![l],
             platform: "linux/amd64".into(),
             pulled_at: 0,
+            attached: None,
         })
         .unwrap();
     assert!(

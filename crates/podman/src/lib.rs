@@ -27,8 +27,8 @@ use lazylayer_sys::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
-    #[error("{0} has no boot layer: optimize it first (`lazylayer optimize`)")]
-    NoBootLayer(String),
+    #[error("{0}: optimize it first (`lazylayer optimize`)")]
+    NoBootLayer(lazylayer_root::NoBootLayer),
     #[error("opening {image}")]
     Open {
         image: String,
@@ -411,7 +411,7 @@ async fn take_over(
         .map_err(|v: Vec<OwnedFd>| failed(format!("{} descriptors kept, not 2", v.len())))?;
     let mut root = match LazyRoot::open(store, client, reference, opts.fetch.clone(), pin).await {
         Ok(r) => r,
-        Err(OpenError::NoBootLayer(r)) => return Err(failed(format!("{r} has no boot layer"))),
+        Err(OpenError::NoBootLayer(r)) => return Err(failed(r.to_string())),
         Err(OpenError::Failed(e)) if e.is_unauthorized() => {
             return Err(TakeOver::Unauthorized(error_chain(&e)))
         }

@@ -12,6 +12,7 @@ use lazylayer_oci::{Digest, Reference};
 use crate::bad;
 
 /// What a manifest says of its boot layer.
+#[derive(Debug, Clone)]
 pub(crate) struct BootAnnotations {
     pub(crate) layer: Digest,
     /// A chunked boot layer's index region: compressed length and digest.
@@ -30,7 +31,16 @@ pub(crate) fn boot_annotations(
     let Some(a) = m.annotations().as_ref() else {
         return Ok(None);
     };
-    let Some(layer) = a.get(ANNOTATION_BOOT_LAYER) else {
+    from_annotations(reference, |k| a.get(k))
+}
+
+/// The boot layer that annotations (a manifest's, or a boot artifact's)
+/// announce, if any.
+pub(crate) fn from_annotations<'a>(
+    reference: &Reference,
+    a: impl Fn(&str) -> Option<&'a String>,
+) -> Result<Option<BootAnnotations>, FetchError> {
+    let Some(layer) = a(ANNOTATION_BOOT_LAYER) else {
         return Ok(None);
     };
     let digest = |d: &String| {
@@ -39,8 +49,8 @@ pub(crate) fn boot_annotations(
     };
     let layer = digest(layer)?;
     let region = match (
-        a.get(ANNOTATION_INDEX_REGION_SIZE),
-        a.get(ANNOTATION_INDEX_REGION_DIGEST),
+        a(ANNOTATION_INDEX_REGION_SIZE),
+        a(ANNOTATION_INDEX_REGION_DIGEST),
     ) {
         (Some(len), Some(d)) => {
             let len = len.parse::<u64>().map_err(|_| {

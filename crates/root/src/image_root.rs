@@ -57,8 +57,8 @@ impl ImageRoot {
                     _pin: None,
                 })
             }
-            Err(OpenError::NoBootLayer(_)) => {
-                progress.full_pull(reference);
+            Err(OpenError::NoBootLayer(why)) => {
+                progress.full_pull(reference, why.note.as_deref());
                 // Pinned from the pull on: the eviction a pull triggers,
                 // and prune, must leave the running container's layers.
                 let (rec, pin) = store

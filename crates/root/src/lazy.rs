@@ -4,25 +4,55 @@ use std::sync::Arc;
 
 use lazylayer_fetch::{
     BootBlob, BootChunks, BootContentSource, BootRegion, ChunkedBoot, FetchError, FetchOptions,
-    LayerFetcher, LazySource,
+    LayerFetcher, LazySource, SeekIndexes,
 };
 use lazylayer_fs::{FsOptions, LazyFs};
 use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::manifest::RawManifest;
 use lazylayer_oci::{Digest, Reference, RegistryClient, ResolvedImage};
-use lazylayer_store::{ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store};
+use lazylayer_store::{
+    AttachedBoot, ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store,
+};
 
 use crate::annotations::{boot_annotations, BootAnnotations};
-use crate::bad;
+use crate::{attached, bad};
 
 /// Why an image cannot be opened lazily.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// A plain image: the caller falls back to a full pull.
-    #[error("{0} has no lazylayer boot layer")]
-    NoBootLayer(String),
+    /// A plain image (no boot layer, none attached that verifies): the
+    /// caller falls back to a full pull, with the note, if any, said.
+    #[error("{0}")]
+    NoBootLayer(NoBootLayer),
     #[error(transparent)]
     Failed(#[from] FetchError),
+}
+
+/// An image without a boot layer to start from, and why, when it had
+/// attached ones that did not verify (or could not be looked up).
+#[derive(Debug)]
+pub struct NoBootLayer {
+    pub image: String,
+    pub note: Option<String>,
+}
+
+impl std::fmt::Display for NoBootLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} has no lazylayer boot layer", self.image)?;
+        if let Some(n) = &self.note {
+            write!(f, " ({n})")?;
+        }
+        Ok(())
+    }
+}
+
+impl OpenError {
+    fn plain(reference: &Reference, note: Option<String>) -> OpenError {
+        OpenError::NoBootLayer(NoBootLayer {
+            image: reference.to_string(),
+            note,
+        })
+    }
 }
 
 /// An optimized image opened for a lazy start: boot layer local, index
@@ -31,28 +61,54 @@ pub enum OpenError {
 #[derive(Clone)]
 pub struct LazyImage {
     pub(crate) reference: Reference,
-    /// The record to save once every layer is local (boot layer last).
+    /// The record to save once every layer is local (an optimized image's
+    /// boot layer last; an attached one in `attached`).
     pub(crate) record: ImageRecord,
     pub(crate) config_bytes: Vec<u8>,
     pub(crate) index: Arc<BootIndex>,
     pub(crate) boot: BootContentSource,
+    /// The layers the index describes, bottom first: all of the image's
+    /// when its boot layer is attached, all but the top one else.
+    pub(crate) lower: Vec<LayerRef>,
+    /// Where the seek indexes of `lower` are.
+    pub(crate) seek: SeekIndexes,
     pub(crate) client: Arc<RegistryClient>,
     pub(crate) opts: FetchOptions,
     /// True when everything came from the store, without any network.
     pub(crate) offline: bool,
 }
 
+/// The image as resolved, before its boot layer is opened.
+struct Resolved {
+    raw: RawManifest,
+    config_bytes: Vec<u8>,
+    layers: Vec<LayerRef>,
+    offline: bool,
+    /// The own boot layer's index region, fetched beside the config.
+    region: Option<Result<BootRegion, FetchError>>,
+    /// Boot artifacts: the stored one of a recorded image, or those the
+    /// registry lists (Err: why it could not tell).
+    attached: Attachments,
+}
+
+enum Attachments {
+    None,
+    Stored(AttachedBoot),
+    Listed(Result<Vec<attached::Listed>, String>),
+}
+
 impl LazyImage {
     /// Open `reference`: from the store when it holds the whole image (no
     /// network at all), else manifest + config + boot layer from the registry.
+    /// An image with no boot layer of its own starts from an attached one
+    /// that verifies ([`crate::attached`]), else is [`OpenError::NoBootLayer`].
     pub async fn open(
         store: &Store,
         client: Arc<RegistryClient>,
         reference: &Reference,
         opts: FetchOptions,
     ) -> Result<LazyImage, OpenError> {
-        let local = crate::local::local_image(store, reference);
-        let (raw, config_bytes, layers, offline, fetched_region) = match local {
+        let mut r = match crate::local::local_image(store, reference) {
             Some(rec) => {
                 let manifest = store
                     .read_blob(&rec.manifest_digest)
@@ -60,15 +116,22 @@ impl LazyImage {
                 let config = store
                     .read_blob(&rec.config_digest)
                     .map_err(FetchError::from)?;
-                let raw = RawManifest {
-                    bytes: manifest.into(),
-                    media_type: rec.manifest_media_type.clone(),
-                    digest: rec.manifest_digest.clone(),
-                };
-                (raw, config, rec.layers.clone(), true, None)
+                Resolved {
+                    raw: RawManifest {
+                        bytes: manifest.into(),
+                        media_type: rec.manifest_media_type.clone(),
+                        digest: rec.manifest_digest.clone(),
+                    },
+                    config_bytes: config,
+                    layers: rec.layers.clone(),
+                    offline: true,
+                    region: None,
+                    attached: rec.attached.map_or(Attachments::None, Attachments::Stored),
+                }
             }
             None => {
-                let (image, region) = Self::resolve(store, &client, reference, &opts).await?;
+                let (image, region, listed) =
+                    Self::resolve(store, &client, reference, &opts).await?;
                 let layers =
                     lazylayer_store::layer_refs(reference, &image).map_err(FetchError::from)?;
                 store
@@ -78,134 +141,109 @@ impl LazyImage {
                 store
                     .put_blob_bytes(&config_digest, &image.config_bytes)
                     .map_err(FetchError::from)?;
-                (
-                    image.manifest.clone(),
-                    image.config_bytes.to_vec(),
+                Resolved {
+                    raw: image.manifest.clone(),
+                    config_bytes: image.config_bytes.to_vec(),
                     layers,
-                    false,
+                    offline: false,
                     region,
-                )
+                    attached: listed.map_or(Attachments::None, Attachments::Listed),
+                }
             }
         };
-        let BootAnnotations {
-            layer: boot_digest,
-            region,
-        } = boot_annotations(reference, &raw)?
-            .ok_or_else(|| OpenError::NoBootLayer(reference.to_string()))?;
-        let boot = layers
-            .last()
-            .filter(|l| l.digest == boot_digest)
-            .cloned()
-            .ok_or_else(|| {
-                OpenError::Failed(bad(
-                    reference,
-                    format!("the boot layer {boot_digest} is not the image's top layer"),
-                ))
-            })?;
-        let (index, boot_source) = match region {
-            // A chunked boot layer not in the store yet: the index first,
-            // the content while the container runs.
-            Some((region_len, region_digest)) if store.layer_dir(&boot.digest).is_none() => {
-                let fetched = match fetched_region {
-                    Some(r) => r?,
-                    None => {
-                        BootChunks::fetch_region(
-                            store,
-                            BootBlob {
-                                image: &reference.to_string(),
-                                client: client.clone(),
-                                repo: reference.repository.clone(),
-                                digest: &boot.digest,
-                                size: boot.size,
-                                region_len,
-                                region_digest: &region_digest,
-                            },
-                        )
-                        .await?
-                    }
-                };
-                let (index, chunks) = BootChunks::open(
-                    store,
-                    fetched,
-                    ChunkedBoot {
-                        image: &reference.to_string(),
-                        layer: &boot,
-                        region_len,
-                        region_digest: &region_digest,
-                        read_timeout: opts.read_timeout,
-                        pull: opts.pull.clone(),
-                    },
-                )?;
-                (index, BootContentSource::Chunks(chunks))
-            }
-            _ => {
-                store
-                    .ensure_layer(
-                        &RegistryBlobs::new(&*client, reference.repository.clone()),
-                        &boot,
-                        &opts.pull,
-                        Arc::new(NoProgress),
-                        Arc::new(NoEvents),
-                    )
-                    .await
-                    .map_err(FetchError::from)?;
-                let boot_dir = store.layer_fs_path(&boot.digest);
-                let index_path = boot_dir.join(INDEX_FILE_NAME);
-                let bytes = std::fs::read(&index_path)
-                    .map_err(lazylayer_sys::IoError::on(
-                        "reading the boot index",
-                        &index_path,
+        let open = Opener {
+            store,
+            client: &client,
+            reference,
+            opts: &opts,
+        };
+        if let Some(own) = boot_annotations(reference, &r.raw)? {
+            let boot = r
+                .layers
+                .last()
+                .filter(|l| l.digest == own.layer)
+                .cloned()
+                .ok_or_else(|| {
+                    OpenError::Failed(bad(
+                        reference,
+                        format!("the boot layer {} is not the image's top layer", own.layer),
                     ))
-                    .map_err(FetchError::Io)?;
-                let index = BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
-                    image: reference.to_string(),
-                    source,
                 })?;
-                (index, BootContentSource::Dir(boot_dir))
+            let lower = r.layers[..r.layers.len() - 1].to_vec();
+            let (index, source) = open
+                .boot(&boot, own.region, r.region.take(), &lower)
+                .await?;
+            let seek = SeekIndexes::Referrers(r.raw.digest.clone());
+            return Ok(open.image(r, index, source, lower, seek, None));
+        }
+        let (artifact, found) = match &r.attached {
+            Attachments::None => return Err(OpenError::plain(reference, None)),
+            Attachments::Stored(a) => {
+                let raw = RawManifest {
+                    bytes: store
+                        .read_blob(&a.artifact)
+                        .map_err(FetchError::from)?
+                        .into(),
+                    media_type: lazylayer_seek::artifact::OCI_MANIFEST.into(),
+                    digest: a.artifact.clone(),
+                };
+                let found = attached::parse(reference, raw, &r.raw.digest)
+                    .map_err(|e| bad(reference, format!("its stored boot artifact: {e}")))?;
+                let (index, source) = open
+                    .boot(&found.layer, found.boot.region.clone(), None, &r.layers)
+                    .await?;
+                let seek = SeekIndexes::Known(found.seek.clone());
+                let lower = r.layers.clone();
+                let rec = Some(a.clone());
+                return Ok(open.image(r, index, source, lower, seek, rec));
+            }
+            Attachments::Listed(Err(why)) => {
+                let note = format!("its boot artifacts could not be looked up: {why}");
+                return Err(OpenError::plain(reference, Some(note)));
+            }
+            Attachments::Listed(Ok(listed)) => {
+                let tried = attached::to_try(listed, opts.boot_artifact.as_ref());
+                if tried.is_empty() {
+                    return Err(OpenError::plain(reference, None));
+                }
+                open.first_attached(&tried, &r.raw.digest, &r.layers).await
             }
         };
-        let lower = &layers[..layers.len() - 1];
-        let expected: Vec<String> = lower.iter().map(|l| l.diff_id.to_string()).collect();
-        if index.layers != expected {
-            return Err(bad(
-                reference,
-                "the boot index describes other layers than the image has",
-            )
-            .into());
-        }
-        let config_digest = Digest::sha256_of(&config_bytes);
-        let record = ImageRecord {
-            reference: lazylayer_store::reference_key(reference),
-            manifest_digest: raw.digest.clone(),
-            manifest_media_type: raw.media_type.clone(),
-            index_digest: None,
-            config_digest,
-            layers: layers.clone(),
-            platform: opts.pull.platform.to_string(),
-            pulled_at: lazylayer_store::unix_now(),
+        let Some((found, index, source)) = found else {
+            return Err(OpenError::plain(reference, Some(artifact)));
         };
-        Ok(LazyImage {
-            reference: reference.clone(),
-            record,
-            config_bytes,
-            index: Arc::new(index),
-            boot: boot_source,
-            client,
-            opts,
-            offline,
-        })
+        tracing::info!(image = %reference, artifact = %artifact, "starting from an attached boot layer");
+        let record = AttachedBoot {
+            artifact: found.raw.digest.clone(),
+            layer: found.layer.clone(),
+        };
+        store
+            .put_blob_bytes(&found.raw.digest, &found.raw.bytes)
+            .map_err(FetchError::from)?;
+        let lower = r.layers.clone();
+        let seek = SeekIndexes::Known(found.seek.clone());
+        Ok(open.image(r, index, source, lower, seek, Some(record)))
     }
 
     /// Manifest, then the config and (for a chunked boot layer not in the
     /// store) the boot layer's index region at once: one round trip for
-    /// both, where one after the other cost two. The region's result is
-    /// the caller's to check (None: not fetched here).
+    /// both, where one after the other cost two. An image manifest without
+    /// a boot layer gets its boot artifacts listed in that round instead.
+    /// The region's result is the caller's to check (None: not fetched here).
+    #[allow(clippy::type_complexity)]
     async fn resolve(
         store: &Store,
         client: &Arc<RegistryClient>,
         reference: &Reference,
         opts: &FetchOptions,
-    ) -> Result<(ResolvedImage, Option<Result<BootRegion, FetchError>>), OpenError> {
+    ) -> Result<
+        (
+            ResolvedImage,
+            Option<Result<BootRegion, FetchError>>,
+            Option<Result<Vec<attached::Listed>, String>>,
+        ),
+        OpenError,
+    > {
         // After the manifest, the config and the index region go out
         // together: a second connection opened beside the manifest's saves
         // one of them a handshake (a round trip over HTTP/1.1, two over
@@ -222,16 +260,17 @@ impl LazyImage {
             .resolve_manifest(reference, &opts.pull.platform)
             .await
             .map_err(FetchError::from)?;
-        let blob = match boot_annotations(reference, &m.manifest)? {
+        let own = boot_annotations(reference, &m.manifest)?;
+        let blob = match &own {
             Some(BootAnnotations {
                 layer,
                 region: Some((region_len, region_digest)),
-            }) if store.layer_dir(&layer).is_none() => m
+            }) if store.layer_dir(layer).is_none() => m
                 .parsed
                 .layers()
                 .last()
                 .filter(|d| d.digest().to_string() == layer.to_string())
-                .map(|d| (layer, d.size(), region_len, region_digest)),
+                .map(|d| (layer.clone(), d.size(), *region_len, region_digest.clone())),
             _ => None,
         };
         let image_name = reference.to_string();
@@ -253,8 +292,16 @@ impl LazyImage {
                 .await,
             )
         };
-        let (image, region) = tokio::join!(client.fetch_config(reference, m), region);
-        Ok((image.map_err(FetchError::from)?, region))
+        let subject = m.manifest.digest.clone();
+        let listed = async {
+            own.is_none()
+                .then(|| attached::list(client, reference, &subject))?
+                .await
+                .into()
+        };
+        let (image, region, listed) =
+            tokio::join!(client.fetch_config(reference, m), region, listed);
+        Ok((image.map_err(FetchError::from)?, region, listed))
     }
 
     /// The reference its record is (or will be) filed under in the store.
@@ -296,7 +343,7 @@ impl LazyImage {
 
     /// A fetcher for the layers below the boot layer (index order).
     pub(crate) fn fetcher(&self, store: &Store) -> LayerFetcher {
-        let lower = &self.record.layers[..self.record.layers.len() - 1];
+        let lower = &self.lower;
         LayerFetcher::new(
             store.clone(),
             Arc::new(RegistryBlobs::new(
@@ -317,7 +364,7 @@ impl LazyImage {
     ) -> LazyFs<LazySource> {
         let source = LazySource::new(
             &self.reference,
-            &self.record.manifest_digest,
+            self.seek.clone(),
             self.client.clone(),
             fetcher,
             self.boot.clone(),
@@ -325,5 +372,202 @@ impl LazyImage {
             self.offline,
         );
         LazyFs::new(self.index.clone(), source, None, opts)
+    }
+}
+
+/// What opening a boot layer needs, shared by an image's own and attached
+/// ones.
+struct Opener<'a> {
+    store: &'a Store,
+    client: &'a Arc<RegistryClient>,
+    reference: &'a Reference,
+    opts: &'a FetchOptions,
+}
+
+impl Opener<'_> {
+    /// Open boot layer `boot` (its index region `region`, already fetched
+    /// when `fetched` is Some) and check its index describes `lower`.
+    async fn boot(
+        &self,
+        boot: &LayerRef,
+        region: Option<(u64, Digest)>,
+        fetched: Option<Result<BootRegion, FetchError>>,
+        lower: &[LayerRef],
+    ) -> Result<(BootIndex, BootContentSource), FetchError> {
+        let (store, client, reference) = (self.store, self.client, self.reference);
+        let (index, source) = match region {
+            // A chunked boot layer not in the store yet: the index first,
+            // the content while the container runs.
+            Some((region_len, region_digest)) if store.layer_dir(&boot.digest).is_none() => {
+                let fetched = match fetched {
+                    Some(r) => r?,
+                    None => {
+                        BootChunks::fetch_region(
+                            store,
+                            BootBlob {
+                                image: &reference.to_string(),
+                                client: client.clone(),
+                                repo: reference.repository.clone(),
+                                digest: &boot.digest,
+                                size: boot.size,
+                                region_len,
+                                region_digest: &region_digest,
+                            },
+                        )
+                        .await?
+                    }
+                };
+                let (index, chunks) = BootChunks::open(
+                    store,
+                    fetched,
+                    ChunkedBoot {
+                        image: &reference.to_string(),
+                        layer: boot,
+                        region_len,
+                        region_digest: &region_digest,
+                        read_timeout: self.opts.read_timeout,
+                        pull: self.opts.pull.clone(),
+                    },
+                )?;
+                (index, BootContentSource::Chunks(chunks))
+            }
+            _ => {
+                store
+                    .ensure_layer(
+                        &RegistryBlobs::new(&**client, reference.repository.clone()),
+                        boot,
+                        &self.opts.pull,
+                        Arc::new(NoProgress),
+                        Arc::new(NoEvents),
+                    )
+                    .await
+                    .map_err(FetchError::from)?;
+                let boot_dir = store.layer_fs_path(&boot.digest);
+                let index_path = boot_dir.join(INDEX_FILE_NAME);
+                let bytes = std::fs::read(&index_path)
+                    .map_err(lazylayer_sys::IoError::on(
+                        "reading the boot index",
+                        &index_path,
+                    ))
+                    .map_err(FetchError::Io)?;
+                let index = BootIndex::decode(&bytes).map_err(|source| FetchError::Index {
+                    image: reference.to_string(),
+                    source,
+                })?;
+                (index, BootContentSource::Dir(boot_dir))
+            }
+        };
+        let expected: Vec<String> = lower.iter().map(|l| l.diff_id.to_string()).collect();
+        if index.layers != expected {
+            if let BootContentSource::Chunks(c) = &source {
+                c.stop_background();
+            }
+            return Err(bad(
+                reference,
+                "the boot index describes other layers than the image has",
+            ));
+        }
+        Ok((index, source))
+    }
+
+    /// The first of the boot artifacts `tried` that verifies: attached to
+    /// `subject`, its index describing `layers`, its start's chunks whole.
+    /// Returns what was tried (a note for the user when none verified).
+    async fn first_attached(
+        &self,
+        tried: &[Digest],
+        subject: &Digest,
+        layers: &[LayerRef],
+    ) -> (
+        String,
+        Option<(attached::Attached, BootIndex, BootContentSource)>,
+    ) {
+        let mut refused = Vec::new();
+        for digest in tried {
+            match self.try_attached(digest, subject, layers).await {
+                Ok((found, index, source)) => {
+                    return (digest.to_string(), Some((found, index, source)))
+                }
+                Err(why) => {
+                    tracing::info!(image = %self.reference, artifact = %digest, %why, "boot artifact refused");
+                    refused.push(format!("{digest}: {why}"));
+                }
+            }
+        }
+        let note = match refused.len() {
+            1 => format!("its boot artifact was refused: {}", refused[0]),
+            n => format!(
+                "its {n} boot artifacts were refused: {}",
+                refused.join("; ")
+            ),
+        };
+        (note, None)
+    }
+
+    async fn try_attached(
+        &self,
+        digest: &Digest,
+        subject: &Digest,
+        layers: &[LayerRef],
+    ) -> Result<(attached::Attached, BootIndex, BootContentSource), String> {
+        let found = attached::fetch(self.client, self.reference, digest, subject).await?;
+        let (index, source) = self
+            .boot(&found.layer, found.boot.region.clone(), None, layers)
+            .await
+            .map_err(|e| match e {
+                FetchError::BadImage { reason, .. } => reason,
+                e => lazylayer_sys::error_chain(&e),
+            })?;
+        // Not the image's own layer: let in only once the bytes the start
+        // reads are seen to match the index (a corrupt chunk, then, means
+        // a full pull rather than a reader's EIO).
+        if let BootContentSource::Chunks(c) = &source {
+            let c2 = c.clone();
+            let within = self.opts.read_timeout;
+            let checked = tokio::task::spawn_blocking(move || c2.wait_start_list(within))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            if let Err(e) = checked {
+                c.stop_background();
+                return Err(format!("its boot layer's start: {e}"));
+            }
+        }
+        Ok((found, index, source))
+    }
+
+    /// The opened image.
+    fn image(
+        &self,
+        r: Resolved,
+        index: BootIndex,
+        boot: BootContentSource,
+        lower: Vec<LayerRef>,
+        seek: SeekIndexes,
+        attached: Option<AttachedBoot>,
+    ) -> LazyImage {
+        let record = ImageRecord {
+            reference: lazylayer_store::reference_key(self.reference),
+            manifest_digest: r.raw.digest.clone(),
+            manifest_media_type: r.raw.media_type.clone(),
+            index_digest: None,
+            config_digest: Digest::sha256_of(&r.config_bytes),
+            layers: r.layers,
+            platform: self.opts.pull.platform.to_string(),
+            pulled_at: lazylayer_store::unix_now(),
+            attached,
+        };
+        LazyImage {
+            reference: self.reference.clone(),
+            record,
+            config_bytes: r.config_bytes,
+            index: Arc::new(index),
+            boot,
+            lower,
+            seek,
+            client: self.client.clone(),
+            opts: self.opts.clone(),
+            offline: r.offline,
+        }
     }
 }

@@ -11,13 +11,14 @@
 //! The fetching itself (layers, boot chunks, ranges) is `lazylayer_fetch`'s.
 
 mod annotations;
+pub mod attached;
 mod image_root;
 mod lazy;
 mod local;
 mod root;
 
 pub use image_root::ImageRoot;
-pub use lazy::{LazyImage, OpenError};
+pub use lazy::{LazyImage, NoBootLayer, OpenError};
 pub use local::{holds_index, index_mask, is_optimized, local_image, stacked_lowers};
 pub use root::{LazyRoot, MountOptions, RootProgress};
 

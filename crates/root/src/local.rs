@@ -28,12 +28,16 @@ pub fn local_image(store: &Store, reference: &Reference) -> Option<ImageRecord> 
 
 /// True when the stored manifest of `rec` announces a boot layer, which is
 /// its top layer: an optimized image (a plain one has no index to hide, and
-/// keeps its own start path).
+/// keeps its own start path); or when the image was started from an
+/// attached boot layer (its layers alone make its root).
 pub fn is_optimized(
     store: &Store,
     reference: &Reference,
     rec: &ImageRecord,
 ) -> Result<bool, FetchError> {
+    if rec.attached.is_some() {
+        return Ok(true);
+    }
     let raw = lazylayer_oci::manifest::RawManifest {
         bytes: store.read_blob(&rec.manifest_digest)?.into(),
         media_type: rec.manifest_media_type.clone(),

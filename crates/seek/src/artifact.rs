@@ -54,13 +54,71 @@ pub struct ArtifactManifest {
     pub layers: Vec<Descriptor>,
     #[serde(default)]
     pub subject: Option<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
-/// A referrers response (an OCI image index).
-#[derive(Debug, Clone, Deserialize)]
+/// A referrers response (an OCI image index), and what the referrers tag
+/// schema's tag holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ReferrersIndex {
+    #[serde(default = "two")]
+    pub schema_version: u32,
+    #[serde(default = "oci_index")]
+    pub media_type: String,
     #[serde(default)]
     pub manifests: Vec<Descriptor>,
+}
+
+fn two() -> u32 {
+    2
+}
+
+fn oci_index() -> String {
+    OCI_INDEX.into()
+}
+
+/// The empty config every artifact here names.
+pub fn empty_config() -> Descriptor {
+    Descriptor {
+        media_type: EMPTY_MEDIA_TYPE.into(),
+        digest: EMPTY_DIGEST.into(),
+        size: EMPTY_BLOB.len() as u64,
+        artifact_type: None,
+        data: Some("e30=".into()),
+        annotations: BTreeMap::new(),
+    }
+}
+
+/// What the referrers tag of a subject should hold once `added` (an
+/// artifact manifest's descriptor) joins the referrers it holds now
+/// (`existing`: the tag's manifest and media type, None when untagged).
+/// An earlier release tagged its seek-index artifact itself, not an index:
+/// that artifact is kept, listed in the new index. A descriptor of the same
+/// digest is replaced, so pushing twice lists it once.
+pub fn referrers_tag_index(existing: Option<(&[u8], &str)>, added: Descriptor) -> Vec<u8> {
+    let mut manifests = match existing {
+        Some((bytes, media_type)) if media_type == OCI_INDEX => {
+            serde_json::from_slice::<ReferrersIndex>(bytes)
+                .map(|i| i.manifests)
+                .unwrap_or_default()
+        }
+        Some((bytes, _)) => serde_json::from_slice::<ArtifactManifest>(bytes)
+            .ok()
+            .map(|m| m.descriptor(bytes))
+            .into_iter()
+            .collect(),
+        None => Vec::new(),
+    };
+    manifests.retain(|d| d.digest != added.digest);
+    manifests.push(added);
+    let index = ReferrersIndex {
+        schema_version: 2,
+        media_type: OCI_INDEX.into(),
+        manifests,
+    };
+    serde_json::to_vec(&index).expect("plain data serialises")
 }
 
 /// One seek index in an artifact: its blob and the layer it indexes.
@@ -88,34 +146,23 @@ impl ArtifactManifest {
             schema_version: 2,
             media_type: OCI_MANIFEST.into(),
             artifact_type: Some(MEDIA_TYPE.into()),
-            config: Descriptor {
-                media_type: EMPTY_MEDIA_TYPE.into(),
-                digest: EMPTY_DIGEST.into(),
-                size: EMPTY_BLOB.len() as u64,
-                artifact_type: None,
-                data: Some("e30=".into()),
-                annotations: BTreeMap::new(),
-            },
-            layers: indexes
-                .iter()
-                .map(|i| Descriptor {
-                    media_type: MEDIA_TYPE.into(),
-                    digest: i.digest.clone(),
-                    size: i.size,
-                    artifact_type: None,
-                    data: None,
-                    annotations: [(ANNOTATION_LAYER.to_string(), i.layer.clone())]
-                        .into_iter()
-                        .chain(i.head.iter().flat_map(|h| {
-                            [
-                                (ANNOTATION_HEAD_SIZE.to_string(), h.size.to_string()),
-                                (ANNOTATION_HEAD_DIGEST.to_string(), h.digest.clone()),
-                            ]
-                        }))
-                        .collect(),
-                })
-                .collect(),
+            config: empty_config(),
+            layers: indexes.iter().map(IndexBlob::descriptor).collect(),
             subject: Some(subject),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    /// This manifest's descriptor, for a referrers index: its type and
+    /// annotations ride along, as the referrers API lists them.
+    pub fn descriptor(&self, bytes: &[u8]) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: format!("sha256:{:x}", <sha2::Sha256 as sha2::Digest>::digest(bytes)),
+            size: bytes.len() as u64,
+            artifact_type: self.artifact_type.clone(),
+            data: None,
+            annotations: self.annotations.clone(),
         }
     }
 
@@ -160,6 +207,28 @@ impl ArtifactManifest {
     }
 }
 
+impl IndexBlob {
+    /// The seek index's descriptor in an artifact.
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: MEDIA_TYPE.into(),
+            digest: self.digest.clone(),
+            size: self.size,
+            artifact_type: None,
+            data: None,
+            annotations: [(ANNOTATION_LAYER.to_string(), self.layer.clone())]
+                .into_iter()
+                .chain(self.head.iter().flat_map(|h| {
+                    [
+                        (ANNOTATION_HEAD_SIZE.to_string(), h.size.to_string()),
+                        (ANNOTATION_HEAD_DIGEST.to_string(), h.digest.clone()),
+                    ]
+                }))
+                .collect(),
+        }
+    }
+}
+
 fn head_of(d: &Descriptor) -> Option<HeadRef> {
     let size: u64 = d.annotations.get(ANNOTATION_HEAD_SIZE)?.parse().ok()?;
     let digest = d.annotations.get(ANNOTATION_HEAD_DIGEST)?;
@@ -183,6 +252,42 @@ mod tests {
         use sha2::Digest as _;
         let d = format!("sha256:{:x}", sha2::Sha256::digest(EMPTY_BLOB));
         assert_eq!(d, EMPTY_DIGEST);
+    }
+
+    #[test]
+    fn the_referrers_tag_lists_each_artifact_once_and_keeps_an_old_tagged_one() {
+        let subject = Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest: "sha256:aa".into(),
+            size: 10,
+            artifact_type: None,
+            data: None,
+            annotations: BTreeMap::new(),
+        };
+        let seek = ArtifactManifest::new(subject.clone(), &[]);
+        let seek_bytes = seek.to_bytes();
+        let mut boot = seek.clone();
+        boot.artifact_type = Some("application/x-boot".into());
+        boot.annotations.insert("k".into(), "v".into());
+        let boot_bytes = boot.to_bytes();
+        let added = boot.descriptor(&boot_bytes);
+        // Untagged: an index of the one artifact.
+        let first = referrers_tag_index(None, added.clone());
+        let idx: ReferrersIndex = serde_json::from_slice(&first).unwrap();
+        assert_eq!(idx.media_type, OCI_INDEX);
+        assert_eq!(idx.manifests, [added.clone()]);
+        assert_eq!(idx.manifests[0].annotations["k"], "v");
+        // Added again: still once.
+        let again = referrers_tag_index(Some((&first, OCI_INDEX)), added.clone());
+        let idx: ReferrersIndex = serde_json::from_slice(&again).unwrap();
+        assert_eq!(idx.manifests.len(), 1);
+        // An earlier release's tag, the seek artifact itself: kept, listed.
+        let merged = referrers_tag_index(Some((&seek_bytes, OCI_MANIFEST)), added.clone());
+        let idx: ReferrersIndex = serde_json::from_slice(&merged).unwrap();
+        assert_eq!(idx.manifests.len(), 2);
+        assert_eq!(idx.manifests[0], seek.descriptor(&seek_bytes));
+        assert_eq!(idx.manifests[0].artifact_type.as_deref(), Some(MEDIA_TYPE));
+        assert_eq!(idx.manifests[1], added);
     }
 
     #[test]

@@ -657,6 +657,7 @@ mod tests {
                     .collect(),
                 platform: "linux/amd64".into(),
                 pulled_at: 0,
+                attached: None,
             };
             self.store.save_image(&rec).unwrap();
             self.store

@@ -451,6 +451,7 @@ mod tests {
             }],
             platform: "linux/amd64".into(),
             pulled_at: 1,
+            attached: None,
         };
         store.save_image(&rec).unwrap();
         (dir, store, rec)

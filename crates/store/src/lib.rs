@@ -84,14 +84,32 @@ pub struct ImageRecord {
     pub platform: String,
     /// Unix seconds.
     pub pulled_at: u64,
+    /// The boot artifact the image was started from, when its boot layer
+    /// is not one of its own layers (`optimize --attach`): kept with the
+    /// image for its next lazy start, never part of its root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached: Option<AttachedBoot>,
+}
+
+/// A boot layer attached to an image: the artifact manifest (a blob of the
+/// store) and the layer it names.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachedBoot {
+    pub artifact: Digest,
+    pub layer: LayerRef,
 }
 
 impl ImageRecord {
-    /// Every blob (and extracted layer) the image consists of.
+    /// Every blob (and extracted layer) the image consists of, its attached
+    /// boot artifact's included.
     pub fn digests(&self) -> Vec<Digest> {
         let mut v = vec![self.manifest_digest.clone(), self.config_digest.clone()];
         v.extend(self.index_digest.clone());
         v.extend(self.layers.iter().map(|l| l.digest.clone()));
+        if let Some(a) = &self.attached {
+            v.push(a.artifact.clone());
+            v.push(a.layer.digest.clone());
+        }
         v
     }
 

@@ -24,7 +24,8 @@ use crate::{io_err, FileLock, ImageRecord, LayerRecord, LayerRef, Result, Store,
 /// tests count calls. Per-file readiness is [`LayerEvents`]'s, not this.
 pub trait PullProgress: Send + Sync {
     /// The image has no boot layer: it is pulled in full before it runs.
-    fn full_pull(&self, _reference: &Reference) {}
+    /// `note`: why an attached boot layer could not serve, if it had one.
+    fn full_pull(&self, _reference: &Reference, _note: Option<&str>) {}
     fn image_resolved(&self, _image: &ResolvedImage) {}
     /// `cached`: the layer is in the store already and will not be fetched.
     fn layer_start(&self, _digest: &Digest, _size: u64, _cached: bool) {}
@@ -120,6 +121,7 @@ impl Store {
                 platform: opts.platform.to_string(),
                 // Set when every layer is in.
                 pulled_at: 0,
+                attached: None,
             };
             let pin = self.pin_guard(pin_name, &rec.digests())?;
             progress.image_resolved(&image);

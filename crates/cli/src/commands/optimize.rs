@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lazylayer_index::chunks::{ChunkCompression, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
-use lazylayer_optimize::{optimize, BootLayout, CancelHandle, OptimizeOptions};
+use lazylayer_optimize::{optimize, BootLayout, CancelHandle, OptimizeOptions, Target};
 use lazylayer_runtime::{NetworkMode, WaitCondition};
 use lazylayer_store::PullOptions;
 
@@ -15,12 +15,23 @@ use crate::progress::PullBars;
 /// system, put what it read at start into a boot layer (with an index of every
 /// path), and push DST = SRC's layers (never re-uploaded) + the boot layer.
 /// Any registry stores DST and any runtime runs it unchanged.
+///
+/// With --attach (no DST), SRC itself is left as it is: the boot layer goes
+/// into an artifact whose subject is SRC's manifest, found through the
+/// referrers API or the `sha256-<digest>` tag, and `run SRC`, the containerd
+/// snapshotter and the Podman store start SRC lazily from it.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["destination", "attach"])))]
 pub struct Args {
     /// Source image
     pub source: String,
     /// Destination reference for the optimized image
-    pub destination: String,
+    pub destination: Option<String>,
+    /// Attach the boot layer to SRC as an artifact (referrers API and
+    /// sha256-<digest> tag) instead of pushing a new image: SRC's tag,
+    /// manifest and digest do not change
+    #[arg(long)]
+    pub attach: bool,
     /// When the workload counts as started: exit | port:N (accepts) | http:N[/PATH] (answers 2xx/3xx) | log:TEXT | time:SECS
     #[arg(long, default_value = "exit")]
     pub wait: WaitCondition,
@@ -69,7 +80,10 @@ pub struct Args {
 
 pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
     let src = super::parse_reference(&a.source)?;
-    let dst = super::parse_reference(&a.destination)?;
+    let target = match &a.destination {
+        Some(d) => Target::Image(super::parse_reference(d)?),
+        None => Target::Attach,
+    };
     let network = match a.net.as_str() {
         "none" => NetworkMode::None,
         "host" => NetworkMode::Host,
@@ -119,17 +133,26 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         }
     };
     let bars = Arc::new(PullBars::new(quiet));
-    let rep = optimize(&store, &client, &src, &dst, &opts, bars, &phase, cancel)
+    let rep = optimize(&store, &client, &src, &target, &opts, bars, &phase, cancel)
         .await
-        .with_context(|| format!("optimizing {src} into {dst}"))?;
+        .with_context(|| match &target {
+            Target::Image(dst) => format!("optimizing {src} into {dst}"),
+            Target::Attach => format!("optimizing {src} (attached boot layer)"),
+        })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
         return Ok(());
     }
-    println!(
-        "Optimized {} -> {} ({})",
-        rep.source, rep.destination, rep.manifest_digest
-    );
+    match &rep.attached {
+        Some(at) => println!(
+            "Optimized {} ({}, unchanged): boot artifact {} (tag {})",
+            rep.source, rep.manifest_digest, at.artifact_digest, at.referrers_tag
+        ),
+        None => println!(
+            "Optimized {} -> {} ({})",
+            rep.source, rep.destination, rep.manifest_digest
+        ),
+    }
     println!(
         "  image        {} in {} entries",
         human_bytes(rep.image_size),
@@ -169,6 +192,19 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<()> {
         "  time         pull {:.2}s, index {:.2}s, trace {:.2}s, build {:.2}s, push {:.2}s",
         rep.seconds_pull, rep.seconds_index, rep.seconds_trace, rep.seconds_build, rep.seconds_push
     );
+    if rep.attached.is_some() {
+        println!(
+            "  push         boot artifact: {} sent; the source's layers and manifest untouched",
+            human_bytes(rep.push.bytes_uploaded)
+        );
+        if rep.seek_index_bytes > 0 {
+            println!(
+                "  seek index   {} for the source layers, in the artifact",
+                human_bytes(rep.seek_index_bytes)
+            );
+        }
+        return Ok(());
+    }
     println!(
         "  push         source layers: {} mounted, {} already there, {} uploaded; {} sent in all",
         rep.push.layers_mounted,

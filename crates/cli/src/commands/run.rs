@@ -52,6 +52,11 @@ pub struct Args {
     /// Platform to pick from a multi-platform image (OS/ARCH[/VARIANT])
     #[arg(long)]
     pub platform: Option<String>,
+    /// For an image whose boot layer is attached (`optimize --attach`):
+    /// start from this boot artifact (its manifest digest, as `inspect`
+    /// lists it) instead of the newest that verifies
+    #[arg(long, value_name = "DIGEST")]
+    pub artifact: Option<String>,
     /// Let the kernel read local files straight from the store (FUSE
     /// passthrough). `off` routes every read through lazylayer instead, which
     /// a container needs to stack an overlayfs of its own on its root (nested
@@ -111,6 +116,12 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
                 platform: super::parse_platform(a.platform.as_deref())?,
                 ..PullOptions::default()
             },
+            boot_artifact: a
+                .artifact
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .with_context(|| format!("--artifact {:?}", a.artifact.as_deref().unwrap_or("")))?,
             ..g.fetch_options(a.fetch_timeout)?
         },
         mount: lazylayer_root::MountOptions {

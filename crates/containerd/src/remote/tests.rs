@@ -194,6 +194,7 @@ fn an_image_never_opened_is_known_offline_from_the_store_record_only() {
         layers: vec![layer("base"), layer("boot")],
         platform: "linux/amd64".into(),
         pulled_at: 0,
+        attached: None,
     };
     images.store.save_image(&rec).unwrap();
     let known = images.known_offline(IMAGE, &m).expect("the store's record");
@@ -221,6 +222,7 @@ fn what_an_open_found_comes_before_the_store_record() {
             layers: vec![layer("recorded")],
             platform: "linux/amd64".into(),
             pulled_at: 0,
+            attached: None,
         })
         .unwrap();
     images.known.lock().unwrap().insert(
