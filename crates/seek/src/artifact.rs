@@ -275,7 +275,7 @@ mod tests {
         let first = referrers_tag_index(None, added.clone());
         let idx: ReferrersIndex = serde_json::from_slice(&first).unwrap();
         assert_eq!(idx.media_type, OCI_INDEX);
-        assert_eq!(idx.manifests, [added.clone()]);
+        assert_eq!(idx.manifests, std::slice::from_ref(&added));
         assert_eq!(idx.manifests[0].annotations["k"], "v");
         // Added again: still once.
         let again = referrers_tag_index(Some((&first, OCI_INDEX)), added.clone());
