@@ -14,6 +14,7 @@ Sections (see bench/README.md):
 Writes one JSON document (--json); bench/report.py turns it into Markdown + PNG.
 """
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -62,7 +63,8 @@ RELAY_SHAPINGS = ("client-hop", "double")
 # containerd-lazylayer: containerd with `lazylayer snapshotter` as a proxy plugin, the
 # optimized image registered by `lazylayer containerd pull` and run by `ctr run
 # --snapshotter lazylayer` (docs/containerd.md, the ctr path).
-CONTENDERS = ["podman", "containerd", "containerd-lazylayer", "lazylayer", "lazylayer-unopt"]
+CONTENDERS = ["podman", "containerd", "containerd-lazylayer", "lazylayer", "lazylayer-attached",
+              "lazylayer-unopt"]
 # The sid stack (--sid-work, run.sh --sid): the same starts as podman, containerd and
 # containerd-lazylayer with Debian sid's Podman 5.8 and containerd 2.1, run from the
 # chroot root of scripts/stack.sh. Not in the default list. Contender -> its host twin.
@@ -691,6 +693,9 @@ convert_images = "false"
             stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         else:
             r = opt_ref if contender in ("lazylayer", "lazylayer-base") else ref
+            if contender == "lazylayer-attached":
+                # SRC's copy with the boot layer attached (attach_one): same host as ref.
+                r = attached_ref(ref)
             if contender == "lazylayer-base" and img in self.base_optimized:
                 # Same host as opt_ref (the relay's, in an RTT cell), the baseline's tag.
                 r = r.rsplit(":", 1)[0] + ":optimized-base"
@@ -905,6 +910,12 @@ def manifest(addr, repo, tag):
     return json.loads(registry_get(addr, f"/v2/{repo}/manifests/{tag}", {"Accept": MANIFEST_ACCEPT}))
 
 
+def manifest_digest(addr, repo, tag):
+    """sha256:<hex> of the manifest's bytes as the registry serves them."""
+    body = registry_get(addr, f"/v2/{repo}/manifests/{tag}", {"Accept": MANIFEST_ACCEPT})
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
 def measure_link(addr, name, blob, rly=None):
     """Measured throughput of a blob GET (a Range of at most ~2 s of the link): Bps over
     the whole request, body_Bps from the response's first byte (without the round
@@ -940,6 +951,8 @@ def optimize_images(b, addr, images, out):
     with --baseline, the baseline binary also optimizes SRC -> SRC:optimized-base."""
     for img in images:
         optimize_one(b, addr, img, out, b.ll, "optimized")
+        if "lazylayer-attached" in CONTENDERS:
+            attach_one(b, addr, img, out["images"][img])
         if b.ll_base:
             base = {"compressed": out["images"][img]["compressed"]}
             optimize_one(b, addr, img, {"images": {img: base}}, b.ll_base, "optimized-base")
@@ -993,6 +1006,49 @@ def optimize_one(b, addr, img, out, ll, tag):
         if tag == "optimized":
             convert_peers(b, addr, img, trace, info)
     rmtree(root)
+
+
+def attached_ref(ref):
+    """SRC's copy that carries an attached boot layer: `lazylayer/IMG-attached`, where
+    IMG's own repository stays plain (lazylayer-unopt runs it: an artifact there would
+    make that start lazy too)."""
+    repo, tag = ref.rsplit(":", 1)
+    return f"{repo}-attached:{tag}"
+
+
+def attach_one(b, addr, img, info):
+    """SRC copied into its own repository (the same manifest, so the same digest, its
+    layers mounted, not uploaded) and `optimize --attach` of that copy, the workload as
+    optimize_one's; info["attached_ref"] on success."""
+    spec = IMAGES[img]
+    src = f"{addr}/lazylayer/{img}:latest"
+    att = attached_ref(src)
+    root = os.path.join(b.work, "attach")
+    rmtree(root)
+    try:
+        sh([b.ll, "--root", root, "pull", "-q", src], timeout=1200)
+        sh([b.ll, "--root", root, "push", src, att], timeout=1200)
+        argv = [b.ll, "--root", root, "optimize", "--json", "--attach"]
+        if spec.get("kind") == "http":
+            argv += ["--wait", f"http:{spec['port']}/", "--net", "host"]
+        elif spec.get("port"):
+            argv += ["--wait", f"port:{spec['port']}", "--net", "host"]
+        t0 = now()
+        r = sh(argv + [att], check=False, timeout=1200)
+        if r.returncode != 0:
+            info["attach_error"] = r.stderr.strip()[-800:]
+            log(f"  optimize --attach {img} FAILED: {info['attach_error']}")
+            return
+        rep = json.loads(r.stdout)
+        if rep["manifest_digest"] != manifest_digest(addr, f"lazylayer/{img}", "latest"):
+            raise RuntimeError(f"{att} does not have {src}'s manifest digest")
+        info["attached_ref"] = att
+        info["attach_seconds"] = now() - t0
+        info["attached_boot_start_bytes"] = rep.get("boot_start_bytes")
+        log(f"  {img}: boot layer attached to {att} in {info['attach_seconds']:.1f} s "
+            f"(artifact {rep['attached']['artifact_digest'][:19]})")
+    finally:
+        rmtree(root)
 
 
 def convert_peers(b, addr, img, trace, info):
@@ -1109,6 +1165,9 @@ def run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out):
             if c in PEER_CONTENDERS and c not in b.peer_images.get(img, ()):
                 cc["na"] = "conversion failed"
                 continue
+            if c == "lazylayer-attached" and not info.get("attached_ref"):
+                cc["na"] = "optimize --attach failed"
+                continue
             try:
                 res = b.cold(c, img, ref, opt_ref, timeout, relay_log)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
@@ -1124,7 +1183,9 @@ def run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out):
             # Warm starts (for the floor) once per image, on the first link of the run.
             # The sid contenders' too: their images stay local as their twins' do.
             # Not the peers': their images are never whole in a store of theirs.
-            if warm and res["ok"] and c != "lazylayer-unopt" and c not in PEER_CONTENDERS:
+            # Not lazylayer-attached's: once local it is lazylayer's native start.
+            if (warm and res["ok"] and c not in ("lazylayer-unopt", "lazylayer-attached")
+                    and c not in PEER_CONTENDERS):
                 # Warm = the image local whole, as containerd's and podman's are.
                 if not b.make_local(c, addr, img, opt_ref):
                     log(f"  {img} {c}: the image did not become local before the warm start")

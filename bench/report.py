@@ -12,6 +12,7 @@ NAMES = {
     "containerd": "ctr pull + run",
     "containerd-lazylayer": "ctr + lazylayer snapshotter",
     "lazylayer": "lazylayer run (optimized)",
+    "lazylayer-attached": "lazylayer run (attached: SRC unchanged)",
     "lazylayer-unopt": "lazylayer run (unoptimized)",
     "lazylayer-base": "lazylayer run (optimized, baseline binary)",
     "podman-sid": "podman 5.8 (sid)",
@@ -23,7 +24,7 @@ NAMES = {
 }
 # The sid stack's contenders in the light shade of their host twin's colour.
 COLORS = {"podman": "#7f7f7f", "containerd": "#1f77b4", "containerd-lazylayer": "#9467bd",
-          "lazylayer": "#d62728", "lazylayer-unopt": "#ff9896", "lazylayer-base": "#bcbd22",
+          "lazylayer": "#d62728", "lazylayer-attached": "#e377c2", "lazylayer-unopt": "#ff9896", "lazylayer-base": "#bcbd22",
           "podman-sid": "#c7c7c7", "containerd-sid": "#aec7e8", "containerd-sid-lazylayer": "#c5b0d5",
           "nydus": "#2ca02c", "estargz": "#17becf", "podman-sid-zstdchunked": "#8c564b"}
 SID = ("podman-sid", "containerd-sid", "containerd-sid-lazylayer")
@@ -36,7 +37,8 @@ PAPER = {"1gbit": 4.9, "100mbit": 10.0, "10mbit": 15.0}
 # Round trips no start can avoid, on top of its bytes: connect, manifest, config (with a
 # lazy start: and the boot layer's index region), then the start set (or the layers).
 FLOOR_ROUND_TRIPS = 4
-LAZY = ("lazylayer", "lazylayer-base", "containerd-lazylayer", "containerd-sid-lazylayer")
+LAZY = ("lazylayer", "lazylayer-attached", "lazylayer-base", "containerd-lazylayer",
+        "containerd-sid-lazylayer")
 # Warm starts: the contenders whose image is local whole after a pull (lazylayer-unopt's
 # is not: its warm start is not measured).
 WARM = ("podman", "containerd", "containerd-lazylayer", "lazylayer") + SID
@@ -428,7 +430,8 @@ def markdown(d, seconds):
         sp = speedup(ccs)
         w(f"| {img} | {ln} | {rtt_text(cell)} | " + " | ".join(cell_text(ccs.get(c), base) for c in cs)
           + f" | {secs(fl)} | {bft} | {close} | {'-' if sp is None else f'{sp:.1f}x'} | {paper} |")
-        for c in ("lazylayer", "lazylayer-unopt", "containerd-lazylayer", "containerd-sid-lazylayer"):
+        for c in ("lazylayer", "lazylayer-attached", "lazylayer-unopt", "containerd-lazylayer",
+                  "containerd-sid-lazylayer"):
             cm = (ccs.get(c) or {}).get("median")
             for other in ("podman", "containerd", "podman-sid", "containerd-sid") + PEERS:
                 om = (ccs.get(other) or {}).get("median")

@@ -32,7 +32,8 @@
 #   --relay-shaping S  client-hop (default: only the relay <-> client hop shaped, at the
 #                 nominal rate) or double (one tbf at twice the rate over both hops)
 #   --contenders L  a comma list of podman,containerd,containerd-lazylayer,lazylayer,
-#                 lazylayer-unopt (default all; lazylayer-base comes with --baseline),
+#                 lazylayer-attached (SRC unchanged, `optimize --attach`), lazylayer-unopt
+#                 (default all; lazylayer-base comes with --baseline),
 #                 podman-sid, containerd-sid, containerd-sid-lazylayer (need --sid),
 #                 nydus, estargz (need --peers), podman-sid-zstdchunked (--sid and --peers)
 #   --sid         also time podman-sid, containerd-sid and containerd-sid-lazylayer:
@@ -67,6 +68,8 @@ PY=/usr/bin/python3 # Debian's python3 (matplotlib from apt), not a pyenv shim
 
 QUICK=0 RUNS='' OUT=$ROOT/bench/results IMAGES='' LINKS='' ALL_CELLS=0 FS=1 BUILD=1 BASELINE=''
 RTTS='' RTT_LINKS=1gbit,100mbit RELAY_SHAPING=client-hop CONTENDERS='' SID=0 PEERS=0
+# bench.py's default list (its CONTENDERS), which --sid and --peers extend.
+DEFAULT_CONTENDERS=podman,containerd,containerd-lazylayer,lazylayer,lazylayer-attached,lazylayer-unopt
 while (($#)); do
   case $1 in
     --quick) QUICK=1; shift ;;
@@ -106,12 +109,12 @@ if ((SID)); then
   # bench.py's default list (CONTENDERS) and the sid stack's three, unless --contenders
   # names sid contenders itself.
   if [[ ,$CONTENDERS, != *-sid* ]]; then
-    CONTENDERS=${CONTENDERS:-podman,containerd,containerd-lazylayer,lazylayer,lazylayer-unopt}
+    CONTENDERS=${CONTENDERS:-$DEFAULT_CONTENDERS}
     CONTENDERS+=,podman-sid,containerd-sid,containerd-sid-lazylayer
   fi
 fi
 if ((PEERS)); then
-  CONTENDERS=${CONTENDERS:-podman,containerd,containerd-lazylayer,lazylayer,lazylayer-unopt}
+  CONTENDERS=${CONTENDERS:-$DEFAULT_CONTENDERS}
   [[ ,$CONTENDERS, == *,nydus,* ]] || CONTENDERS+=,nydus
   [[ ,$CONTENDERS, == *,estargz,* ]] || CONTENDERS+=,estargz
   ((!SID)) || [[ ,$CONTENDERS, == *,podman-sid-zstdchunked,* ]] || CONTENDERS+=,podman-sid-zstdchunked
