@@ -58,7 +58,7 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// List the images in the store
     Images(commands::images::Args),
-    /// Build an optimized image (original layers + a boot layer) from a traced run
+    /// Build an optimized image (original layers + a boot layer) from a traced run, or attach the boot layer to the unchanged image (--attach)
     Optimize(commands::optimize::Args),
     /// Push an image from the store to a registry (layers mounted or skipped when present)
     Push(commands::push::Args),

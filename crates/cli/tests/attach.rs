@@ -247,8 +247,10 @@ fn listed_artifact(src: &str, subject: &str) -> serde_json::Value {
 /// Every way a boot artifact can be wrong is refused with a note naming
 /// why, and the run falls back to a full pull of the image, which then
 /// runs as it is; a good artifact listed beside a bad one still serves.
+/// Damaged chunks, found only as they arrive, are never served either:
+/// their files come from the image's own layers.
 #[test]
-fn root_bad_boot_artifacts_are_refused_and_the_image_is_pulled_fully() {
+fn root_bad_boot_artifacts_are_refused_and_never_served() {
     let reg = Registry::start();
     push_images(&reg, &["python3", "busybox"]);
     let src = image_ref(&reg, "python3");
@@ -317,7 +319,9 @@ fn root_bad_boot_artifacts_are_refused_and_the_image_is_pulled_fully() {
     assert!(!err.contains("pulling it fully"), "{err}");
 
     // Corrupted chunks: the good artifact's boot layer damaged in the
-    // registry's storage after its index region.
+    // registry's storage after its index region. The start is still lazy,
+    // but no damaged byte is served: each file a bad chunk holds comes from
+    // the image's own layer, downloaded and checked whole.
     list_referrers(&src, &subject, &[&good]);
     let data = reg.blob_data_path(&boot);
     let original = std::fs::read(&data).unwrap();
@@ -331,7 +335,26 @@ fn root_bad_boot_artifacts_are_refused_and_the_image_is_pulled_fully() {
         *b ^= 0x5a;
     }
     std::fs::write(&data, &damaged).unwrap();
-    refused(&cold_run(&src, &[]), "its boot layer's start");
+    let r: Reference = src.parse().unwrap();
+    let layers = {
+        let (m, _) = manifest(&src);
+        let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let before: usize = layers.iter().map(|l| reg.blob_gets(l)).sum();
+    let err = cold_run(&src, &[]);
+    assert!(!err.contains("pulling it fully"), "{err}");
+    assert!(
+        err.contains("the attached boot layer is damaged here"),
+        "{err}"
+    );
+    let after: usize = layers.iter().map(|l| reg.blob_gets(l)).sum();
+    assert!(after > before, "no layer of {} was fetched", r.repository);
     std::fs::write(&data, &original).unwrap();
 
     // No artifact at all (the referrers tag lists none): the plain note.
@@ -422,4 +445,40 @@ fn root_of_several_boot_artifacts_the_newest_serves_unless_one_is_picked() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "ok\n");
     assert!(stderr(&out).contains("no FUSE"), "{}", stderr(&out));
+}
+
+/// A multi-platform SRC: the artifact is attached to the platform manifest
+/// that was traced (the index, and its digest, stay as they are), and a run
+/// of the index's tag resolves that platform and finds it.
+#[test]
+fn root_a_multi_platform_image_gets_its_platform_manifest_attached() {
+    let reg = Registry::start();
+    push_images(&reg, &["python3"]);
+    let src = image_ref(&reg, "python3");
+    let (platform_manifest, media_type) = manifest(&src);
+    let platform_digest = Digest::sha256_of(&platform_manifest).to_string();
+    let entry = |arch: &str| {
+        serde_json::json!({
+            "mediaType": media_type,
+            "digest": platform_digest,
+            "size": platform_manifest.len(),
+            "platform": {"os": "linux", "architecture": arch},
+        })
+    };
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [entry("arm64"), entry("amd64")],
+    }))
+    .unwrap();
+    put_manifest(&src, Some("multi"), OCI_INDEX, index.clone());
+    let multi = src.replace(":latest", ":multi");
+
+    let rep = attach(&multi, &["--platform", "linux/amd64"]);
+    assert_eq!(rep["manifest_digest"], platform_digest.as_str(), "{rep}");
+    assert_eq!(manifest(&multi), (index, OCI_INDEX.to_string()));
+    let art = listed_artifact(&multi, &platform_digest);
+    assert_eq!(art["subject"]["digest"], platform_digest.as_str());
+    let err = cold_run(&multi, &["--platform", "linux/amd64"]);
+    assert!(!err.contains("pulling it fully"), "{err}");
 }

@@ -39,14 +39,18 @@ pub struct LazySource {
     spans: Option<Arc<SpanReader>>,
     /// Each untraced file's digest, from the index or the boot layer.
     digests: FileDigests,
+    /// The boot layer is attached, not the image's own: a boot file whose
+    /// chunk fails its digest is read from the image's own layer instead.
+    attached: bool,
 }
 
 impl LazySource {
     /// The content of `reference`'s merged root, read through `fetcher`;
-    /// untraced files by range through the seek indexes the manifest
-    /// `manifest_digest` refers to, unless the image is all local (`offline`).
-    /// `digests`: where the boot index keeps the files' digests, if not in
-    /// its entries.
+    /// untraced files by range through the seek indexes `seek` names, unless
+    /// the image is all local (`offline`). `digests`: where the boot index
+    /// keeps the files' digests, if not in its entries. `attached`: the boot
+    /// layer is not the image's own (`optimize --attach`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         reference: &Reference,
         seek: SeekIndexes,
@@ -55,6 +59,7 @@ impl LazySource {
         boot: BootContentSource,
         digests: Option<ExternalDigests>,
         offline: bool,
+        attached: bool,
     ) -> LazySource {
         // Everything local: nothing to read by range.
         let spans = (!offline).then(|| {
@@ -72,6 +77,7 @@ impl LazySource {
             fetcher: fetcher.clone(),
             boot,
             spans,
+            attached,
         }
     }
 }
@@ -123,7 +129,18 @@ impl ContentSource for LazySource {
                     && entry.kind == FileKind::File
                     && !c.file_complete(idx, entry.size) =>
             {
-                c.file(idx, entry.size)
+                let boot = c.file(idx, entry.size)?;
+                if !self.attached {
+                    return Some(boot);
+                }
+                Some(Arc::new(OwnLayerFallback {
+                    boot,
+                    fetcher: self.fetcher.clone(),
+                    layer: entry.layer as usize,
+                    path: entry.path.clone(),
+                    image: self.image.clone(),
+                    own: std::sync::Mutex::new(None),
+                }))
             }
             _ => None,
         }
@@ -154,5 +171,75 @@ impl ContentSource for LazySource {
         }
         self.fetcher
             .try_open_file(entry.layer as usize, &entry.path)
+    }
+}
+
+/// A boot file of an attached boot layer (`optimize --attach`): its bytes
+/// come from the boot layer's chunks, each checked against its SHA-256 in
+/// the index. A chunk that fails its check is never served, and the file is
+/// then read from the image's own layer that holds it (verified whole
+/// against its digest first): a damaged artifact costs that layer's
+/// download, not the reader an EIO. The boot file is a copy of that layer's
+/// file, so the bytes are the same.
+struct OwnLayerFallback {
+    boot: Arc<dyn RangedContent>,
+    fetcher: LayerFetcher,
+    layer: usize,
+    path: Vec<u8>,
+    image: Arc<str>,
+    /// The file from the image's own layer, once opened. Locked only to
+    /// look or to store: the open itself (which waits for the layer) runs
+    /// without it.
+    own: std::sync::Mutex<Option<Arc<File>>>,
+}
+
+impl OwnLayerFallback {
+    fn own(&self) -> Option<Arc<File>> {
+        self.own.lock().unwrap().clone()
+    }
+
+    fn read_own_layer(&self, buf: &mut [u8], offset: u64, why: &io::Error) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = match self.own() {
+            Some(f) => f,
+            None => {
+                tracing::warn!(image = %self.image, path = %String::from_utf8_lossy(&self.path), error = %why, "the attached boot layer is damaged here: this file comes from the image's own layer");
+                let f = Arc::new(self.fetcher.open_file_verified(self.layer, &self.path)?);
+                self.own.lock().unwrap().get_or_insert(f).clone()
+            }
+        };
+        file.read_exact_at(buf, offset)
+    }
+}
+
+impl RangedContent for OwnLayerFallback {
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Some(f) = self.own() {
+            use std::os::unix::fs::FileExt;
+            return Some(f.read_exact_at(buf, offset));
+        }
+        match self.boot.try_read_at(buf, offset) {
+            // Bad bytes: the own layer's file, which may take a download,
+            // is opened off the worker threads (`read_at`).
+            Some(Err(e)) if e.kind() == io::ErrorKind::InvalidData => None,
+            r => r,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(f) = self.own() {
+            use std::os::unix::fs::FileExt;
+            return f.read_exact_at(buf, offset);
+        }
+        match self.boot.read_at(buf, offset) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                self.read_own_layer(buf, offset, &e)
+            }
+            r => r,
+        }
+    }
+
+    fn local_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        self.boot.local_ranges()
     }
 }

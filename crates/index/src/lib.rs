@@ -57,6 +57,10 @@ pub const BOOT_ARTIFACT_TYPE: &str = "application/vnd.lazylayer.boot.v1";
 /// Boot artifact: the boot layer descriptor's diff_id (an artifact has no
 /// image config to list it in).
 pub const ANNOTATION_BOOT_DIFF_ID: &str = "dev.lazylayer.boot-layer.diff-id";
+/// Boot artifact: the boot layer's size, among the manifest's annotations,
+/// which a referrers listing repeats: with the boot layer's digest and index
+/// region it lets a start fetch the region while it fetches the artifact.
+pub const ANNOTATION_BOOT_SIZE: &str = "dev.lazylayer.boot-layer.size";
 /// Boot layer descriptor annotation naming the index file inside it.
 pub const ANNOTATION_INDEX: &str = "dev.lazylayer.index";
 /// Boot layer descriptor annotation giving the index format version.

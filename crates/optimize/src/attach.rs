@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use lazylayer_index::{
-    ANNOTATION_BOOT_DIFF_ID, ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX,
+    ANNOTATION_BOOT_DIFF_ID, ANNOTATION_BOOT_LAYER, ANNOTATION_BOOT_SIZE, ANNOTATION_INDEX,
     ANNOTATION_INDEX_REGION_DIGEST, ANNOTATION_INDEX_REGION_SIZE, ANNOTATION_VERSION,
     BOOT_ARTIFACT_TYPE,
 };
@@ -88,6 +88,10 @@ pub fn boot_artifact(
             (
                 ANNOTATION_BOOT_LAYER.to_string(),
                 boot.digests.digest.clone(),
+            ),
+            (
+                ANNOTATION_BOOT_SIZE.to_string(),
+                boot.digests.size.to_string(),
             ),
             (
                 ANNOTATION_INDEX_REGION_SIZE.to_string(),

@@ -10,10 +10,11 @@
 //! refusal is a reason (a line for the user), never a failure: the image then
 //! starts as a plain one would, by a full pull.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use lazylayer_fetch::FetchError;
-use lazylayer_index::{ANNOTATION_BOOT_DIFF_ID, BOOT_ARTIFACT_TYPE};
+use lazylayer_index::{ANNOTATION_BOOT_DIFF_ID, ANNOTATION_BOOT_SIZE, BOOT_ARTIFACT_TYPE};
 use lazylayer_oci::manifest::{RawManifest, OCI_LAYER_GZIP};
 use lazylayer_oci::{Digest, OciError, Reference, RegistryClient};
 use lazylayer_seek::artifact::{referrers_tag, ArtifactManifest, ReferrersIndex, OCI_INDEX};
@@ -37,6 +38,36 @@ const MAX_TRIED: usize = 4;
 pub struct Listed {
     pub digest: Digest,
     pub created: String,
+    /// Where its boot layer's index region is, as the listing repeats the
+    /// artifact's annotations: fetched beside the artifact, used only if
+    /// the artifact (fetched by digest) names the same.
+    pub hint: Option<Hint>,
+}
+
+/// A listed artifact's boot layer and index region, on the listing's word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    pub layer: Digest,
+    pub size: u64,
+    pub region: (u64, Digest),
+}
+
+impl Hint {
+    fn of(image: &Reference, a: &BTreeMap<String, String>) -> Option<Hint> {
+        let boot = from_annotations(image, |k| a.get(k)).ok()??;
+        Some(Hint {
+            size: a.get(ANNOTATION_BOOT_SIZE)?.parse().ok()?,
+            layer: boot.layer,
+            region: boot.region?,
+        })
+    }
+
+    /// True when the artifact `a` names this boot layer and region.
+    pub(crate) fn matches(&self, a: &Attached) -> bool {
+        a.layer.digest == self.layer
+            && a.layer.size == self.size
+            && a.boot.region.as_ref() == Some(&self.region)
+    }
 }
 
 /// The boot artifacts `subject` (an image manifest's digest in `image`'s
@@ -72,12 +103,12 @@ pub async fn list(
                 .map_err(|e| format!("the referrers tag is not an index: {e}"))?
         }
     };
-    Ok(newest_first(index))
+    Ok(newest_first(image, index))
 }
 
 /// The boot artifacts of a referrers index, newest first (the later digest
 /// first among equals, so the order does not depend on the listing's).
-fn newest_first(index: ReferrersIndex) -> Vec<Listed> {
+fn newest_first(image: &Reference, index: ReferrersIndex) -> Vec<Listed> {
     let mut listed: Vec<Listed> = index
         .manifests
         .into_iter()
@@ -90,6 +121,7 @@ fn newest_first(index: ReferrersIndex) -> Vec<Listed> {
                     .get(ANNOTATION_CREATED)
                     .cloned()
                     .unwrap_or_default(),
+                hint: Hint::of(image, &d.annotations),
             })
         })
         .collect();
@@ -103,14 +135,18 @@ fn newest_first(index: ReferrersIndex) -> Vec<Listed> {
 /// Which listed artifacts a start tries, in order: the one asked for
 /// (`pick`, even when unlisted: a registry may list it late), else the
 /// newest few.
-pub fn to_try(listed: &[Listed], pick: Option<&Digest>) -> Vec<Digest> {
+pub fn to_try(listed: &[Listed], pick: Option<&Digest>) -> Vec<Listed> {
     match pick {
-        Some(d) => vec![d.clone()],
-        None => listed
+        Some(d) => vec![listed
             .iter()
-            .take(MAX_TRIED)
-            .map(|l| l.digest.clone())
-            .collect(),
+            .find(|l| &l.digest == d)
+            .cloned()
+            .unwrap_or_else(|| Listed {
+                digest: d.clone(),
+                created: String::new(),
+                hint: None,
+            })],
+        None => listed.iter().take(MAX_TRIED).cloned().collect(),
     }
 }
 
@@ -352,6 +388,30 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_hint_is_taken_only_whole_and_used_only_when_the_artifact_agrees() {
+        let m = artifact();
+        let mut ann = m.annotations.clone();
+        assert_eq!(Hint::of(&image(), &ann), None, "no size: no hint");
+        ann.insert(ANNOTATION_BOOT_SIZE.into(), "100".into());
+        let hint = Hint::of(&image(), &ann).unwrap();
+        assert_eq!(hint.region, (4096, digest(4)));
+        let a = parse(&image(), raw(&m), &digest(1)).unwrap();
+        assert!(hint.matches(&a));
+        for (k, v) in [
+            (ANNOTATION_BOOT_SIZE, "99".to_string()),
+            (ANNOTATION_INDEX_REGION_SIZE, "4095".to_string()),
+            (ANNOTATION_BOOT_LAYER, digest(7).to_string()),
+        ] {
+            let mut other = ann.clone();
+            other.insert(k.into(), v);
+            let h = Hint::of(&image(), &other).unwrap();
+            assert!(!h.matches(&a), "{k}");
+        }
+        ann.insert(ANNOTATION_BOOT_SIZE.into(), "lots".into());
+        assert_eq!(Hint::of(&image(), &ann), None);
+    }
+
+    #[test]
     fn listed_newest_first_other_types_left_out_and_a_pick_wins() {
         let boot = |d: u8, created: &str| {
             let mut x = descriptor(&digest(d), &[(ANNOTATION_CREATED, created.to_string())]);
@@ -374,10 +434,12 @@ mod tests {
                 boot(1, "2026-12-01T00:00:00Z"),
             ],
         };
-        let listed = newest_first(index);
+        let listed = newest_first(&image(), index);
         let order: Vec<Digest> = listed.iter().map(|l| l.digest.clone()).collect();
         assert_eq!(order, [digest(2), digest(3), digest(1)]);
-        assert_eq!(to_try(&listed, None), order);
-        assert_eq!(to_try(&listed, Some(&digest(5))), [digest(5)]);
+        let digests = |l: Vec<Listed>| l.into_iter().map(|l| l.digest).collect::<Vec<_>>();
+        assert_eq!(digests(to_try(&listed, None)), order);
+        assert_eq!(digests(to_try(&listed, Some(&digest(5)))), [digest(5)]);
+        assert_eq!(to_try(&listed, Some(&digest(3))), [listed[1].clone()]);
     }
 }

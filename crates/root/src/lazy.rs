@@ -176,7 +176,7 @@ impl LazyImage {
             let seek = SeekIndexes::Referrers(r.raw.digest.clone());
             return Ok(open.image(r, index, source, lower, seek, None));
         }
-        let (artifact, found) = match &r.attached {
+        let (found, index, source) = match &r.attached {
             Attachments::None => return Err(OpenError::plain(reference, None)),
             Attachments::Stored(a) => {
                 let raw = RawManifest {
@@ -206,13 +206,12 @@ impl LazyImage {
                 if tried.is_empty() {
                     return Err(OpenError::plain(reference, None));
                 }
-                open.first_attached(&tried, &r.raw.digest, &r.layers).await
+                open.first_attached(&tried, &r.raw.digest, &r.layers)
+                    .await
+                    .map_err(|note| OpenError::plain(reference, Some(note)))?
             }
         };
-        let Some((found, index, source)) = found else {
-            return Err(OpenError::plain(reference, Some(artifact)));
-        };
-        tracing::info!(image = %reference, artifact = %artifact, "starting from an attached boot layer");
+        tracing::info!(image = %reference, artifact = %found.raw.digest, "starting from an attached boot layer");
         let record = AttachedBoot {
             artifact: found.raw.digest.clone(),
             layer: found.layer.clone(),
@@ -249,8 +248,13 @@ impl LazyImage {
         // one of them a handshake (a round trip over HTTP/1.1, two over
         // TLS). From a registry the last start measured far, the start
         // set's connections too (it follows two round trips later).
+        // One more for an image without a boot layer of its own: its boot
+        // artifacts are looked up beside its config, the referrers API and
+        // the referrers tag at once (three requests, where an optimized
+        // image sends two). A connection not needed then serves the start
+        // set, or a plain image's full pull, a moment later.
         let connections =
-            lazylayer_fetch::connections_to_open(store, &reference.repository.registry);
+            lazylayer_fetch::connections_to_open(store, &reference.repository.registry) + 1;
         client.warm_up(
             &reference.repository,
             lazylayer_oci::Purpose::Pull,
@@ -370,6 +374,7 @@ impl LazyImage {
             self.boot.clone(),
             self.index.external.clone(),
             self.offline,
+            self.record.attached.is_some(),
         );
         LazyFs::new(self.index.clone(), source, None, opts)
     }
@@ -471,68 +476,72 @@ impl Opener<'_> {
     }
 
     /// The first of the boot artifacts `tried` that verifies: attached to
-    /// `subject`, its index describing `layers`, its start's chunks whole.
-    /// Returns what was tried (a note for the user when none verified).
+    /// `subject`, its index describing `layers`. Err: why none did, a note
+    /// for the user.
     async fn first_attached(
         &self,
-        tried: &[Digest],
+        tried: &[attached::Listed],
         subject: &Digest,
         layers: &[LayerRef],
-    ) -> (
-        String,
-        Option<(attached::Attached, BootIndex, BootContentSource)>,
-    ) {
+    ) -> Result<(attached::Attached, BootIndex, BootContentSource), String> {
         let mut refused = Vec::new();
-        for digest in tried {
-            match self.try_attached(digest, subject, layers).await {
-                Ok((found, index, source)) => {
-                    return (digest.to_string(), Some((found, index, source)))
-                }
+        for listed in tried {
+            let digest = &listed.digest;
+            match self.try_attached(listed, subject, layers).await {
+                Ok(found) => return Ok(found),
                 Err(why) => {
                     tracing::info!(image = %self.reference, artifact = %digest, %why, "boot artifact refused");
                     refused.push(format!("{digest}: {why}"));
                 }
             }
         }
-        let note = match refused.len() {
+        Err(match refused.len() {
             1 => format!("its boot artifact was refused: {}", refused[0]),
             n => format!(
                 "its {n} boot artifacts were refused: {}",
                 refused.join("; ")
             ),
-        };
-        (note, None)
+        })
     }
 
     async fn try_attached(
         &self,
-        digest: &Digest,
+        listed: &attached::Listed,
         subject: &Digest,
         layers: &[LayerRef],
     ) -> Result<(attached::Attached, BootIndex, BootContentSource), String> {
-        let found = attached::fetch(self.client, self.reference, digest, subject).await?;
+        let (store, reference) = (self.store, self.reference);
+        let image = reference.to_string();
+        // The index region, where the listing says it is, beside the
+        // artifact: one round trip for both.
+        let region = async {
+            let h = listed.hint.as_ref()?;
+            if store.layer_dir(&h.layer).is_some() {
+                return None;
+            }
+            let blob = BootBlob {
+                image: &image,
+                client: self.client.clone(),
+                repo: reference.repository.clone(),
+                digest: &h.layer,
+                size: h.size,
+                region_len: h.region.0,
+                region_digest: &h.region.1,
+            };
+            Some(BootChunks::fetch_region(store, blob).await)
+        };
+        let fetched = attached::fetch(self.client, reference, &listed.digest, subject);
+        let (found, region) = tokio::join!(fetched, region);
+        let found = found?;
+        // On the listing's word only: used when the artifact names the same.
+        let region = region.filter(|_| listed.hint.as_ref().is_some_and(|h| h.matches(&found)));
         let (index, source) = self
-            .boot(&found.layer, found.boot.region.clone(), None, layers)
+            .boot(&found.layer, found.boot.region.clone(), region, layers)
             .await
             .map_err(|e| match e {
                 FetchError::BadImage { reason, .. } => reason,
                 e => lazylayer_sys::error_chain(&e),
             })?;
-        // Not the image's own layer: let in only once the bytes the start
-        // reads are seen to match the index (a corrupt chunk, then, means
-        // a full pull rather than a reader's EIO).
-        if let BootContentSource::Chunks(c) = &source {
-            let c2 = c.clone();
-            let within = self.opts.read_timeout;
-            let checked = tokio::task::spawn_blocking(move || c2.wait_start_list(within))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-            if let Err(e) = checked {
-                c.stop_background();
-                return Err(format!("its boot layer's start: {e}"));
-            }
-        }
         Ok((found, index, source))
     }
 

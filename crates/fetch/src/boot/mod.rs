@@ -451,36 +451,6 @@ impl BootChunks {
         })
     }
 
-    /// Wait (blocking, at most `within`) until every chunk of the start list
-    /// is local: Err names the first that failed or could not be fetched,
-    /// or says it took too long. For a boot layer not the image's own (an
-    /// attached one), which is let in only once its start is seen whole.
-    pub fn wait_start_list(&self, within: Duration) -> Result<(), String> {
-        let deadline = std::time::Instant::now() + within;
-        let start = &self.inner.content.start;
-        let mut s = self.inner.state.lock().unwrap();
-        loop {
-            let pending = start.iter().find_map(|&c| match &s.chunks[c as usize] {
-                ChunkState::Present => None,
-                ChunkState::Failed(e) | ChunkState::Unreachable(e) => Some(Err(e.clone())),
-                ChunkState::Absent | ChunkState::Fetching => Some(Ok(())),
-            });
-            match pending {
-                None => return Ok(()),
-                Some(Err(e)) => return Err(e),
-                Some(Ok(())) => {}
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(format!(
-                    "the start's chunks did not arrive within {} s",
-                    within.as_secs()
-                ));
-            }
-            s = self.inner.changed.wait_timeout(s, left).unwrap().0;
-        }
-    }
-
     /// True when a chunk failed for good (the image cannot complete); not
     /// for chunks the registry could not be reached for (they may come yet).
     pub fn failed(&self) -> bool {
