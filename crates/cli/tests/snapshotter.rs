@@ -1297,29 +1297,45 @@ fn cri_pod_of_an_optimized_image_starts_lazily(stack: Stack) {
     let reg = Registry::start();
     push_images(&reg, &["python3", "busybox"]);
     let pause = push_pause_image(&reg);
-    let (opt_root, src, dst) = optimize_image(&reg, "python3", &[]);
+    let (opt_root, _src, dst) = optimize_image(&reg, "python3", &[]);
     let (_, opt_layers) = layer_digests(opt_root.path(), &dst);
+    lazy_pods(stack, &reg, &pause, std::slice::from_ref(&dst), &opt_layers);
+}
+
+/// Pods of `images` on a fresh snapshotter and CRI containerd, as the
+/// kubelet starts them (PullImage, then the pod), each printing its
+/// image's "ok", containerd fetching none of `layers` and the snapshotter
+/// claiming them as remote; the registry's log of it all.
+fn lazy_pods(
+    stack: Stack,
+    reg: &Registry,
+    pause: &str,
+    images: &[String],
+    layers: &[String],
+) -> String {
     let root = stack.tempdir();
     let sn = Snapshotterd::start(root.path());
-    let toml = cri_toml(stack, &sn, &reg) + &sandbox_toml(stack, &pause);
+    let toml = cri_toml(stack, &sn, reg) + &sandbox_toml(stack, pause);
     let cd = Containerd::start_cri_on(stack, &toml);
     let log_start = reg.log().len();
-    cri_pull(&cd, &dst);
     let logs = root.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let (code, log) = cri_pod(&cd, &dst, &logs, &format!("lazy-{}", stack.name()));
-    assert_eq!(code, 0, "the pod's container failed; its log:\n{log}");
-    assert!(
-        log.lines().any(|l| l.ends_with(" stdout F ok")),
-        "the image's own command did not print ok:\n{log}"
-    );
+    for (i, image) in images.iter().enumerate() {
+        cri_pull(&cd, image);
+        let (code, log) = cri_pod(&cd, image, &logs, &format!("lazy-{i}-{}", stack.name()));
+        assert_eq!(code, 0, "the pod's container failed; its log:\n{log}");
+        assert!(
+            log.lines().any(|l| l.ends_with(" stdout F ok")),
+            "the image's own command did not print ok:\n{log}"
+        );
+    }
     let requests = reg.log()[log_start..].to_string();
-    for l in &opt_layers {
+    for l in layers {
         assert!(
             !requests
                 .lines()
                 .any(|r| r.contains("containerd/") && r.contains(&format!("/blobs/{l}"))),
-            "containerd fetched layer {l} of {dst} (from {src}):\n{requests}"
+            "containerd fetched layer {l} of {images:?}:\n{requests}"
         );
     }
     assert!(
@@ -1327,6 +1343,7 @@ fn cri_pod_of_an_optimized_image_starts_lazily(stack: Stack) {
         "{}",
         sn.log()
     );
+    requests
 }
 
 /// Part 16: a pod of the unchanged image, by digest and then by tag, with a
@@ -1348,36 +1365,8 @@ fn cri_pod_of_an_unchanged_image_starts_lazily_from_its_attached_boot_layer(stac
     lazylayer_ok(opt_root.path(), &["optimize", "--attach", &src]);
     let (digest, layers) = layer_digests(opt_root.path(), &src);
     let repo = src.rsplit_once(':').unwrap().0;
-    let root = stack.tempdir();
-    let sn = Snapshotterd::start(root.path());
-    let toml = cri_toml(stack, &sn, &reg) + &sandbox_toml(stack, &pause);
-    let cd = Containerd::start_cri_on(stack, &toml);
-    let log_start = reg.log().len();
-    let logs = root.path().join("pod-logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    for (i, image) in [format!("{repo}@{digest}"), src.clone()].iter().enumerate() {
-        cri_pull(&cd, image);
-        let (code, log) = cri_pod(&cd, image, &logs, &format!("attached-{i}-{}", stack.name()));
-        assert_eq!(code, 0, "the pod's container failed; its log:\n{log}");
-        assert!(
-            log.lines().any(|l| l.ends_with(" stdout F ok")),
-            "the image's own command did not print ok:\n{log}"
-        );
-    }
-    let requests = reg.log()[log_start..].to_string();
-    for l in &layers {
-        assert!(
-            !requests
-                .lines()
-                .any(|r| r.contains("containerd/") && r.contains(&format!("/blobs/{l}"))),
-            "containerd fetched layer {l} of {src}:\n{requests}"
-        );
-    }
-    assert!(
-        sn.log().contains("claimed a layer as remote"),
-        "{}",
-        sn.log()
-    );
+    let by_digest = format!("{repo}@{digest}");
+    let requests = lazy_pods(stack, &reg, &pause, &[by_digest, src.clone()], &layers);
     assert!(
         requests.contains(&format!(
             "/manifests/sha256-{}",

@@ -387,6 +387,29 @@ pub async fn optimize(
         digest: &boot_digest,
         size: boot.digests.size,
     };
+    // What every report says, however the boot layer was pushed.
+    let report = |destination: &Reference, manifest_digest: String, seconds_push: f64| {
+        Report {
+            src,
+            destination,
+            manifest_digest,
+            rec: &rec,
+            boot: &boot,
+            index: &index,
+            events: events.len(),
+            reads: reads.len(),
+            exit_code,
+            verify_missing: verify_missing.clone(),
+            seconds: [
+                seconds_pull,
+                seconds_index,
+                seconds_trace,
+                seconds_build,
+                seconds_push,
+            ],
+        }
+        .build()
+    };
     let dst = match target {
         Target::Image(dst) => dst,
         Target::Attach => {
@@ -421,26 +444,11 @@ pub async fn optimize(
                 &seek,
             )
             .await?;
-            let report = Report {
+            let mut r = report(
                 src,
-                destination: src,
-                manifest_digest: rec.manifest_digest.to_string(),
-                rec: &rec,
-                boot: &boot,
-                index: &index,
-                events: events.len(),
-                reads: reads.len(),
-                exit_code,
-                verify_missing,
-                seconds: [
-                    seconds_pull,
-                    seconds_index,
-                    seconds_trace,
-                    seconds_build,
-                    t.elapsed().as_secs_f64(),
-                ],
-            };
-            let mut r = report.build();
+                rec.manifest_digest.to_string(),
+                t.elapsed().as_secs_f64(),
+            );
             r.push.bytes_uploaded = attached.bytes_uploaded;
             r.seek_index_bytes = seek.iter().map(|b| b.size).sum();
             r.attached = Some(attached);
@@ -477,26 +485,7 @@ pub async fn optimize(
     }
     let seconds_push = t.elapsed().as_secs_f64();
 
-    let mut r = Report {
-        src,
-        destination: dst,
-        manifest_digest: push.manifest_digest.clone(),
-        rec: &rec,
-        boot: &boot,
-        index: &index,
-        events: events.len(),
-        reads: reads.len(),
-        exit_code,
-        verify_missing,
-        seconds: [
-            seconds_pull,
-            seconds_index,
-            seconds_trace,
-            seconds_build,
-            seconds_push,
-        ],
-    }
-    .build();
+    let mut r = report(dst, push.manifest_digest.clone(), seconds_push);
     r.push = push;
     r.seek_index_bytes = seek_index_bytes;
     r.seek_manifest_digest = seek_manifest_digest;

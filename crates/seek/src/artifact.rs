@@ -254,16 +254,21 @@ mod tests {
         assert_eq!(d, EMPTY_DIGEST);
     }
 
-    #[test]
-    fn the_referrers_tag_lists_each_artifact_once_and_keeps_an_old_tagged_one() {
-        let subject = Descriptor {
+    /// An image manifest's descriptor (digest sha256:aa).
+    fn subject() -> Descriptor {
+        Descriptor {
             media_type: OCI_MANIFEST.into(),
             digest: "sha256:aa".into(),
             size: 10,
             artifact_type: None,
             data: None,
             annotations: BTreeMap::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn the_referrers_tag_lists_each_artifact_once_and_keeps_an_old_tagged_one() {
+        let subject = subject();
         let seek = ArtifactManifest::new(subject.clone(), &[]);
         let seek_bytes = seek.to_bytes();
         let mut boot = seek.clone();
@@ -292,14 +297,7 @@ mod tests {
 
     #[test]
     fn artifact_round_trip_and_subject_check() {
-        let subject = Descriptor {
-            media_type: OCI_MANIFEST.into(),
-            digest: "sha256:aa".into(),
-            size: 10,
-            artifact_type: None,
-            data: None,
-            annotations: BTreeMap::new(),
-        };
+        let subject = subject();
         let head = HeadRef {
             size: 3,
             digest: format!("sha256:{}", "ab".repeat(32)),
