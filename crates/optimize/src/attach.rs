@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use lazylayer_index::chunks::ChunkCompression;
 use lazylayer_index::{
     ANNOTATION_BOOT_DIFF_ID, ANNOTATION_BOOT_LAYER, ANNOTATION_BOOT_SIZE, ANNOTATION_INDEX,
     ANNOTATION_INDEX_REGION_DIGEST, ANNOTATION_INDEX_REGION_SIZE, ANNOTATION_VERSION,
@@ -20,7 +21,7 @@ use lazylayer_seek::artifact::{
     OCI_INDEX, OCI_MANIFEST,
 };
 
-use crate::{BootBlob, OptimizeError};
+use crate::{BootBlob, BootLayer, OptimizeError, OptimizeOptions, PhaseSink};
 
 /// Standard annotation: when the artifact was made (readers take the newest).
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
@@ -34,6 +35,8 @@ pub struct AttachReport {
     pub referrers_tag: String,
     /// Bytes uploaded (the boot layer, unless the registry had it).
     pub bytes_uploaded: u64,
+    /// Encoded bytes of the seek indexes in the artifact.
+    pub seek_index_bytes: u64,
 }
 
 /// The boot layer as the artifact describes it.
@@ -44,6 +47,53 @@ pub struct AttachedBoot<'a> {
     pub index_version: u32,
     pub region: (u64, String),
     pub created: &'a str,
+}
+
+/// `optimize --attach`'s last step: the seek indexes of SRC's layers (`rec`,
+/// its manifest `manifest`) and then the boot layer `boot` (its blob
+/// `blob`), as an artifact attached to SRC.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn attach(
+    client: &RegistryClient,
+    store: &lazylayer_store::Store,
+    src: &Reference,
+    rec: &lazylayer_store::ImageRecord,
+    manifest: &[u8],
+    blob: &BootBlob<'_>,
+    boot: &BootLayer,
+    opts: &OptimizeOptions,
+    phase: PhaseSink<'_>,
+) -> Result<AttachReport, OptimizeError> {
+    phase(&format!("attaching the boot layer to {src}"));
+    let seek = if opts.seek_index {
+        phase("pushing seek indexes of the source layers");
+        crate::seek::push_seek_blobs(client, store, &rec.layers, &src.repository).await?
+    } else {
+        Vec::new()
+    };
+    let subject = Descriptor {
+        media_type: rec.manifest_media_type.clone(),
+        digest: rec.manifest_digest.to_string(),
+        size: manifest.len() as u64,
+        artifact_type: None,
+        data: None,
+        annotations: BTreeMap::new(),
+    };
+    let created = crate::rfc3339_now();
+    let attached = AttachedBoot {
+        blob,
+        digests: &boot.digests,
+        media_type: match boot.layout.compression {
+            ChunkCompression::Gzip => lazylayer_oci::manifest::OCI_LAYER_GZIP,
+            ChunkCompression::Zstd => crate::image::OCI_LAYER_ZSTD,
+        },
+        index_version: lazylayer_index::CHUNKED_FORMAT_VERSION,
+        region: boot.region.clone(),
+        created: &created,
+    };
+    let mut rep = push_attached(client, src, subject, &attached, &seek).await?;
+    rep.seek_index_bytes = seek.iter().map(|b| b.size).sum();
+    Ok(rep)
 }
 
 /// The artifact manifest for SRC's manifest `subject`: the boot layer first,

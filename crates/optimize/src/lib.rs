@@ -413,35 +413,16 @@ pub async fn optimize(
     let dst = match target {
         Target::Image(dst) => dst,
         Target::Attach => {
-            phase(&format!("attaching the boot layer to {src}"));
-            let seek = if opts.seek_index {
-                phase("pushing seek indexes of the source layers");
-                seek::push_seek_blobs(client, store, &rec.layers, &src.repository).await?
-            } else {
-                Vec::new()
-            };
-            let subject = lazylayer_seek::artifact::Descriptor {
-                media_type: rec.manifest_media_type.clone(),
-                digest: rec.manifest_digest.to_string(),
-                size: manifest_bytes.len() as u64,
-                artifact_type: None,
-                data: None,
-                annotations: Default::default(),
-            };
-            let created = rfc3339_now();
-            let attached = push_attached(
+            let attached = attach::attach(
                 client,
+                store,
                 src,
-                subject,
-                &AttachedBoot {
-                    blob: &blob,
-                    digests: &boot.digests,
-                    media_type: boot_media_type(boot.layout.compression),
-                    index_version: lazylayer_index::CHUNKED_FORMAT_VERSION,
-                    region: boot.region.clone(),
-                    created: &created,
-                },
-                &seek,
+                &rec,
+                &manifest_bytes,
+                &blob,
+                &boot,
+                opts,
+                phase,
             )
             .await?;
             let mut r = report(
@@ -450,7 +431,7 @@ pub async fn optimize(
                 t.elapsed().as_secs_f64(),
             );
             r.push.bytes_uploaded = attached.bytes_uploaded;
-            r.seek_index_bytes = seek.iter().map(|b| b.size).sum();
+            r.seek_index_bytes = attached.seek_index_bytes;
             r.attached = Some(attached);
             return Ok(r);
         }
@@ -491,14 +472,6 @@ pub async fn optimize(
     r.seek_manifest_digest = seek_manifest_digest;
     r.seek_index_error = seek_index_error;
     Ok(r)
-}
-
-/// The boot layer's media type in an artifact (always an OCI one).
-fn boot_media_type(c: ChunkCompression) -> &'static str {
-    match c {
-        ChunkCompression::Gzip => lazylayer_oci::manifest::OCI_LAYER_GZIP,
-        ChunkCompression::Zstd => image::OCI_LAYER_ZSTD,
-    }
 }
 
 /// What every report says, however the boot layer was pushed.
