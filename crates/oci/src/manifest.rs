@@ -15,6 +15,9 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// When an image or artifact was made (an RFC 3339 time).
+pub const ANNOTATION_CREATED: &str = oci_spec::image::ANNOTATION_CREATED;
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// A layer descriptor's TOC digest as eStargz names it. containers/image
 /// (Podman 5.1 and later) asks an additional layer store only for layers

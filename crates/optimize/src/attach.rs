@@ -23,8 +23,8 @@ use lazylayer_seek::artifact::{
 
 use crate::{BootBlob, BootLayer, OptimizeError, OptimizeOptions, PhaseSink};
 
-/// Standard annotation: when the artifact was made (readers take the newest).
-pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+/// When the artifact was made: readers take the newest.
+pub use lazylayer_oci::manifest::ANNOTATION_CREATED;
 
 /// What `--attach` pushed.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -85,7 +85,7 @@ pub(crate) async fn attach(
         digests: &boot.digests,
         media_type: match boot.layout.compression {
             ChunkCompression::Gzip => lazylayer_oci::manifest::OCI_LAYER_GZIP,
-            ChunkCompression::Zstd => crate::image::OCI_LAYER_ZSTD,
+            ChunkCompression::Zstd => lazylayer_oci::manifest::OCI_LAYER_ZSTD,
         },
         index_version: lazylayer_index::CHUNKED_FORMAT_VERSION,
         region: boot.region.clone(),

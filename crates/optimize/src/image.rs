@@ -14,7 +14,7 @@ use lazylayer_index::chunks::ChunkCompression;
 pub use lazylayer_index::{ANNOTATION_BOOT_LAYER, ANNOTATION_INDEX, ANNOTATION_VERSION};
 use lazylayer_index::{ANNOTATION_INDEX_REGION_DIGEST, ANNOTATION_INDEX_REGION_SIZE};
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub use lazylayer_oci::manifest::OCI_LAYER_ZSTD;
 
 /// The boot layer as the manifest describes it.
 #[derive(Debug, Clone)]

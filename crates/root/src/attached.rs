@@ -15,20 +15,15 @@ use std::sync::Arc;
 
 use lazylayer_fetch::FetchError;
 use lazylayer_index::{ANNOTATION_BOOT_DIFF_ID, ANNOTATION_BOOT_SIZE, BOOT_ARTIFACT_TYPE};
-use lazylayer_oci::manifest::{RawManifest, OCI_LAYER_GZIP};
+use lazylayer_oci::manifest::{RawManifest, ANNOTATION_CREATED, OCI_LAYER_GZIP, OCI_LAYER_ZSTD};
 use lazylayer_oci::{Digest, OciError, Reference, RegistryClient};
 use lazylayer_seek::artifact::{referrers_tag, ArtifactManifest, ReferrersIndex, OCI_INDEX};
 use lazylayer_store::LayerRef;
 
 use crate::annotations::{from_annotations, BootAnnotations};
 
-/// Standard annotation saying when an artifact was made.
-const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 /// Layer media types a boot layer may have in an artifact.
-const BOOT_LAYER_TYPES: [&str; 2] = [
-    OCI_LAYER_GZIP,
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-];
+const BOOT_LAYER_TYPES: [&str; 2] = [OCI_LAYER_GZIP, OCI_LAYER_ZSTD];
 /// Boot artifacts tried for one start at most: each costs a round trip or two.
 const MAX_TRIED: usize = 4;
 

@@ -1,5 +1,5 @@
 //! An image's root for a container: lazily behind FUSE when the image has a
-//! boot layer, else pulled fully and stacked from the store's extracted layers
+//! boot layer (its own, or one attached to it), else pulled fully and stacked from the store's extracted layers
 //! (the fallback every plain image gets). An optimized image the store holds
 //! whole is stacked from the store too: no FUSE once everything is local.
 

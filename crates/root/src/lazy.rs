@@ -55,8 +55,9 @@ impl OpenError {
     }
 }
 
-/// An optimized image opened for a lazy start: boot layer local, index
-/// loaded, its other layers known. Cheap to clone; it fetches nothing by
+/// An image opened for a lazy start, from its own boot layer (an optimized
+/// image) or one attached to it: boot layer's index loaded, its layers
+/// known. Cheap to clone; it fetches nothing by
 /// itself: a [`LazyRoot`](crate::LazyRoot) mounts it and fetches the rest.
 #[derive(Clone)]
 pub struct LazyImage {

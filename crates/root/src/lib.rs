@@ -1,7 +1,7 @@
 //! An image's root for a container, lazy or local.
 //!
-//! [`LazyImage`] opens an optimized image: resolve it, fetch its boot layer,
-//! load the index. [`LazyRoot`] is what `run`, the containerd snapshotter and
+//! [`LazyImage`] opens an optimized image, or a plain one with a boot layer
+//! attached to it ([`attached`]): resolve it, fetch its boot layer's index. [`LazyRoot`] is what `run`, the containerd snapshotter and
 //! the Podman store use: the image pinned, mounted through the FUSE file
 //! system, prefetched once the start has settled, recorded once complete,
 //! and all of it undone on drop. An image the store holds whole needs no
