@@ -1617,7 +1617,20 @@ fn cri_pull_secrets_open_their_own_image_lazily(stack: Stack) {
         "{}",
         sn.log()
     );
-    let by_containerd = served_gets(&private, from, "private/other", "containerd/");
+    // The registry writes a request's log line once its response is sent:
+    // on a busy machine, after containerd has the bytes and has returned.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let by_containerd = loop {
+        let gets = served_gets(&private, from, "private/other", "containerd/");
+        if gets
+            .iter()
+            .any(|g| g.contains(&format!("/blobs/{bb_boot}")))
+            || Instant::now() > deadline
+        {
+            break gets;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         by_containerd
             .iter()
