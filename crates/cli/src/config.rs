@@ -112,7 +112,7 @@ pub struct FetchSection {
 #[serde(deny_unknown_fields)]
 pub struct FsSection {
     /// Let the kernel read local files straight from the store (FUSE
-    /// passthrough).
+    /// passthrough) instead of opening them alone once the image is local.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passthrough: Option<bool>,
 }
@@ -219,7 +219,7 @@ impl Config {
         f.prefetch.get_or_insert(true);
         f.prefetch_bandwidth.get_or_insert_with(|| "none".into());
         f.prefetch_concurrency.get_or_insert(2);
-        self.fs.passthrough.get_or_insert(true);
+        self.fs.passthrough.get_or_insert(false);
         self
     }
 

@@ -301,6 +301,21 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
         "each layer fetched exactly once by the runs and the pull together"
     );
 
+    // Every layer local but the image's record gone (the root a lazily
+    // started container keeps for its life): served by FUSE, and once every
+    // byte is known local the kernel opens files alone.
+    lazylayer_ok(root.path(), &["rmi", &dst]);
+    let script =
+        "sleep 1; for i in 1 2 3 4 5 6 7 8; do cat /etc/os-release >/dev/null; done; echo ok";
+    let out = run(
+        root.path(),
+        &["--rm", "--stats", &dst, "--", "sh", "-c", script],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout(&out), "ok\n", "{err}");
+    assert!(!err.contains("no FUSE"), "{err}");
+    assert!(err.contains("then every open by the kernel alone"), "{err}");
+
     // All local: a run with the registry gone works, on the store's layers
     // under the kernel's overlayfs (no FUSE at all).
     let mut reg = reg;

@@ -2012,6 +2012,36 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving(stack: Stack) {
     }
     figures.check("snapshotter");
 
+    // (d) Once every byte is local the kernel opens the root's files alone
+    // (no OPEN reaches a server any more): a new server reads them by inode.
+    let t0 = std::time::Instant::now();
+    while !sn
+        .log()
+        .contains("the kernel opens the lazy root's files alone")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "the image never became local: {}",
+            sn.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for (k, f) in files[21..25].iter().enumerate() {
+        if k % 2 == 0 {
+            sn.restart();
+        } else {
+            sn.stop_gracefully();
+            sn.spawn();
+        }
+        let (_, got) = read_in_thread(f).join().unwrap();
+        assert!(
+            got.unwrap_or_else(|e| panic!("{f} after a restart with kernel opens: {e}"))
+                == expect(f),
+            "{f}"
+        );
+        check_alive("a restart with kernel opens");
+    }
+
     cd.ok(&["tasks", "kill", "-s", "KILL", "long"]);
     drop(cd);
 }

@@ -29,7 +29,7 @@ pub mod source;
 mod table;
 mod trace;
 
-pub use filesystem::{FsOptions, FsStats, LazyFs};
+pub use filesystem::{FsOptions, FsStats, LazyFs, OpensSwitch};
 pub use holder::{Held, Holder};
 pub use mount::FsMount;
 pub use panics::panic_message;

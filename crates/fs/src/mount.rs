@@ -10,7 +10,7 @@ use fuser::{BackgroundSession, Config, Session, SessionACL};
 
 use lazylayer_sys::death_watch::ForceUnmountOnDeath;
 
-use crate::filesystem::{FsStats, LazyFs};
+use crate::filesystem::{FsStats, LazyFs, OpensSwitch};
 use crate::source::ContentSource;
 use crate::table::{OpenTable, FLAG_INITIALIZED};
 use crate::FsError;
@@ -19,6 +19,7 @@ pub struct FsMount {
     session: Option<BackgroundSession>,
     target: PathBuf,
     stats: Arc<FsStats>,
+    opens: OpensSwitch,
     /// The connection, kept for a holder ([`FsMount::handover_fds`]).
     device: OwnedFd,
     table: Arc<OpenTable>,
@@ -91,17 +92,18 @@ impl FsMount {
         let dup = |fd: &OwnedFd| fd.try_clone();
         let started = (|| {
             fs.attach(table.clone(), dup(&device)?);
-            let stats = fs.stats();
+            let stats = (fs.stats(), fs.opens_switch());
             // The handshake answers the INIT the mount queued.
             let session =
                 Session::from_fd(fs, dup(&device)?, SessionACL::All, session_config(threads))?;
             Ok::<_, std::io::Error>((session.spawn()?, stats))
         })();
         match started {
-            Ok((session, stats)) => Ok(FsMount {
+            Ok((session, (stats, opens))) => Ok(FsMount {
                 session: Some(session),
                 target: target.to_path_buf(),
                 stats,
+                opens,
                 device,
                 table,
                 _counted: lazylayer_metrics::MountedRoot::start(),
@@ -136,7 +138,7 @@ impl FsMount {
             )));
         }
         fs.attach(table.clone(), device.try_clone().map_err(err)?);
-        let stats = fs.stats();
+        let (stats, opens) = (fs.stats(), fs.opens_switch());
         let session = Session::resume(
             fs,
             device.try_clone().map_err(err)?,
@@ -159,6 +161,7 @@ impl FsMount {
             session: Some(session),
             target: target.to_path_buf(),
             stats,
+            opens,
             device,
             table,
             _counted: lazylayer_metrics::MountedRoot::start(),
@@ -184,6 +187,12 @@ impl FsMount {
 
     pub fn target(&self) -> &Path {
         &self.target
+    }
+
+    /// The switch to opens the kernel answers alone, for a root whose every
+    /// byte is local ([`OpensSwitch`]).
+    pub fn opens_switch(&self) -> &OpensSwitch {
+        &self.opens
     }
 
     /// How the mounted file system served requests so far (live counters).

@@ -198,6 +198,11 @@ impl Mounted {
     fn p(&self, rel: &str) -> PathBuf {
         self.path.join(rel)
     }
+
+    /// Let the kernel open files alone from now on (an image all local).
+    fn kernel_opens(&self) {
+        self.mount.as_ref().unwrap().opens_switch().turn_on();
+    }
 }
 
 impl Drop for Mounted {
@@ -1153,15 +1158,19 @@ fn bench_read_throughput() {
 
     let with = Mounted::layer_dir(src.path(), true);
     let without = Mounted::layer_dir(src.path(), false);
+    // The default of a lazy root once every byte is local.
+    let kernel = Mounted::layer_dir(src.path(), false);
+    kernel.kernel_opens();
     let ovl_dir = tempfile::tempdir().unwrap();
     let (empty, view) = (ovl_dir.path().join("empty"), ovl_dir.path().join("view"));
     std::fs::create_dir(&empty).unwrap();
     std::fs::create_dir(&view).unwrap();
     let overlay = Overlay::mount(&[src.path(), &empty], None, &view).unwrap();
 
-    let setups: [(&str, PathBuf); 4] = [
+    let setups: [(&str, PathBuf); 5] = [
         ("lazylayer, passthrough", with.p("big.bin")),
         ("lazylayer, no passthrough", without.p("big.bin")),
+        ("lazylayer, kernel opens", kernel.p("big.bin")),
         ("kernel overlayfs (ro)", view.join("big.bin")),
         ("host ext4 (reference)", src.path().join("big.bin")),
     ];
@@ -1256,11 +1265,16 @@ fn root_content_that_is_not_the_indexed_regular_file_is_refused() {
         }
     }
     let idx = BootIndex::new(idx.layers, idx.entries).unwrap();
-    for passthrough in [true, false] {
+    // Opens through the daemon (with and without passthrough), and opens
+    // the kernel answers alone: then the first READ checks the content.
+    for (passthrough, kernel_opens) in [(true, false), (false, false), (true, true)] {
         let source = LayerDirSource {
             layer_dirs: vec![s.to_path_buf()],
         };
         let m = Mounted::new(idx.clone(), source, None, passthrough);
+        if kernel_opens {
+            m.kernel_opens();
+        }
         let (tx, rx) = mpsc::channel();
         for rel in ["evil/disk", "evil/zero", "evil/fifo", "evil/short"] {
             let (p, tx) = (m.p(rel), tx.clone());
@@ -1275,7 +1289,7 @@ fn root_content_that_is_not_the_indexed_regular_file_is_refused() {
                 .expect("a reader hung on content that is not a regular file");
             match r {
                 Ok(bytes) => panic!(
-                    "{rel} (passthrough {passthrough}): served {} bytes of a non-file",
+                    "{rel} (passthrough {passthrough}, kernel opens {kernel_opens}): served {} bytes of a non-file",
                     bytes.len()
                 ),
                 Err(e) => assert_eq!(errno(&e), EIO, "{rel}: {e}"),
@@ -1473,6 +1487,133 @@ fn root_metadata_walks_after_the_first_are_served_by_kernel_caches() {
         m.stats.requests() - after_first,
         0,
         "requests of a second walk reached the daemon"
+    );
+}
+
+/// Once the kernel opens files alone (every byte of the image local), an
+/// open, its reads of cached pages and its close reach the daemon no more:
+/// a server that opens the same files for every request pays what a native
+/// open costs. Content is checked at the first READ as at an open; handles
+/// opened before go on reading; ranged content too. Not with passthrough:
+/// the kernel fails a cached read of an inode with a passthrough file open,
+/// so opens keep coming to the daemon there.
+#[test]
+fn root_opens_reach_the_daemon_no_more_once_the_kernel_opens_files_alone() {
+    if !have_root("root_opens_reach_the_daemon_no_more_once_the_kernel_opens_files_alone") {
+        return;
+    }
+    let (src, bytes, source) = ranged_big_bin(0..BIG as u64, None);
+    let small = std::fs::read(src.path().join("data/small.bin")).unwrap();
+    for passthrough in [false, true] {
+        let m = Mounted::new(index_of(src.path()), source.clone(), None, passthrough);
+        // Open before the switch, and kept open across it (a running
+        // process's mapped library).
+        let before_switch = File::open(m.p("a/hello.txt")).unwrap();
+        let mut head = [0u8; 5];
+        before_switch.read_exact_at(&mut head, 0).unwrap();
+        m.kernel_opens();
+        let files = [
+            ("a/hello.txt", b"hello, world\n".to_vec()),
+            ("data/small.bin", small.clone()),
+            ("a/b/hl2", b"linked\n".to_vec()),
+            ("data/big.bin", bytes.to_vec()),
+        ];
+        let pass = || {
+            for (rel, want) in &files {
+                let got = std::fs::read(m.p(rel))
+                    .unwrap_or_else(|e| panic!("{rel} (passthrough {passthrough}): {e}"));
+                assert!(
+                    got == *want,
+                    "{rel}: {} bytes, not the {} indexed",
+                    got.len(),
+                    want.len()
+                );
+            }
+        };
+        // The first pass reads each file's pages once (by inode, handle 0).
+        pass();
+        // Requests other than READs (opens, flushes, releases, lookups):
+        // none once the kernel opens files alone. READs only for pages the
+        // kernel let go (readahead still counting, reclaim): a few.
+        let (others0, reads0) = others_and_reads(&m);
+        for _ in 0..50 {
+            pass();
+        }
+        let (others1, reads1) = others_and_reads(&m);
+        if passthrough {
+            assert!(!m.stats.kernel_opens());
+            assert!(
+                others1 - others0 >= 200,
+                "{} requests: opens must still come with passthrough",
+                others1 - others0
+            );
+        } else {
+            assert!(m.stats.kernel_opens());
+            assert_eq!(
+                others1 - others0,
+                0,
+                "50 passes of opens, cached reads and closes reached the daemon"
+            );
+            assert!(
+                reads1 - reads0 < 50,
+                "{} READs in 50 passes",
+                reads1 - reads0
+            );
+        }
+        // The handle from before the switch reads on, and closes.
+        let mut s = String::new();
+        (&before_switch).read_to_string(&mut s).unwrap();
+        assert_eq!(s, "hello, world\n");
+        drop(before_switch);
+        // Pages the kernel let go are read again (by inode).
+        let f = File::open(m.p("data/small.bin")).unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let mut again = Vec::new();
+        (&f).read_to_end(&mut again).unwrap();
+        assert_eq!(again, small);
+    }
+}
+
+/// Requests other than READs so far, and READs.
+fn others_and_reads(m: &Mounted) -> (u64, u64) {
+    let (all, reads) = (m.stats.requests(), m.stats.read_requests());
+    (all - reads, reads)
+}
+
+/// An image with no extended attribute anywhere tells the kernel so at the
+/// first GETXATTR (ENOSYS): an overlayfs on the root asks for two on every
+/// lookup (`trusted.overlay.metacopy`, `security.capability`), ~6,100
+/// round trips in a `find /usr` of python3. One with xattrs serves them all
+/// (root_metadata_matches_source_tree).
+#[test]
+fn root_an_image_without_xattrs_is_asked_for_one_once() {
+    if !have_root("root_an_image_without_xattrs_is_asked_for_one_once") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..20 {
+        std::fs::write(src.path().join(format!("f{i}")), b"x").unwrap();
+    }
+    let m = Mounted::layer_dir(src.path(), true);
+    let before = m.stats.requests();
+    for i in 0..20 {
+        let mut buf = [0u8; 64];
+        for name in ["trusted.overlay.metacopy", "security.capability", "user.x"] {
+            let e = rustix::fs::lgetxattr(m.p(&format!("f{i}")), name, &mut buf[..]).unwrap_err();
+            assert_eq!(e, rustix::io::Errno::NOTSUP, "f{i} {name}");
+        }
+    }
+    // The stats of the 20 files (a LOOKUP each, an attribute or two) and
+    // one GETXATTR: not 60 more.
+    assert!(
+        m.stats.requests() - before <= 25,
+        "{} requests for 20 lookups and 60 getxattrs",
+        m.stats.requests() - before
+    );
+    assert_eq!(
+        rustix::fs::llistxattr(m.p("f0"), &mut [0u8; 64][..]).unwrap(),
+        0,
+        "listing names still answers (none)"
     );
 }
 

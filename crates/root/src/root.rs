@@ -145,6 +145,7 @@ impl LazyRoot {
             });
         }
         let mut fs_opts = opts.fs;
+        let fs_passthrough = fs_opts.passthrough;
         if self.image.boot_chunks().is_some() {
             // Read ahead as the trace did: it then asks for the chunks the
             // trace saw, which are the ones on their way.
@@ -197,21 +198,37 @@ impl LazyRoot {
             );
         }
         self.mount = Some(m);
-        self.recorder = Some(self.spawn_recorder());
+        self.recorder = Some(self.spawn_recorder(!fs_passthrough));
         Ok(())
     }
 
     /// Records the image once every layer is local; gives up when one failed.
-    fn spawn_recorder(&self) -> tokio::task::AbortHandle {
+    ///
+    /// With `kernel_opens`, the kernel then opens the root's files alone
+    /// (`OpensSwitch`): not beside passthrough, whose open files would make
+    /// the kernel fail cached reads of their inodes.
+    fn spawn_recorder(&self, kernel_opens: bool) -> tokio::task::AbortHandle {
         let (fetcher, store, saved) =
             (self.fetcher.clone(), self.store.clone(), self.saved.clone());
         let record = self.image.record.clone();
         let reference = self.image.reference.to_string();
         let image = self.image.clone();
+        let opens = self
+            .mount
+            .as_ref()
+            .filter(|_| kernel_opens)
+            .map(|m| m.opens_switch().clone());
         tokio::runtime::Handle::current()
             .spawn(async move {
                 loop {
                     if fetcher.all_done() && image.boot_stored() {
+                        // Every byte is local: from now on the kernel opens
+                        // files alone (no round trip per open for the rest
+                        // of the container's life).
+                        if let Some(o) = &opens {
+                            o.turn_on();
+                            tracing::info!(image = %reference, "every byte is local: the kernel opens the lazy root's files alone from now on");
+                        }
                         save(&store, &record, &saved, &reference);
                         return;
                     }

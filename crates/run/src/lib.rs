@@ -99,6 +99,9 @@ pub struct LazyStats {
     pub bytes_fetched: u64,
     pub passthrough_opens: u64,
     pub daemon_opens: u64,
+    /// The kernel opens files alone now (every byte local; the opens it
+    /// answered since are counted nowhere).
+    pub kernel_opens: bool,
     /// Per layer below the boot layer: what is kept and extracted at exit.
     pub layer_status: Vec<LayerStatus>,
 }
@@ -277,7 +280,8 @@ fn lazy_stats(root: &LazyRoot) -> LazyStats {
         layers_on_demand: st.iter().filter(|l| l.on_demand).count(),
         bytes_fetched: root.bytes_fetched(),
         passthrough_opens: fs.as_ref().map_or(0, |s| s.passthrough_opens()),
-        daemon_opens: fs.map_or(0, |s| s.daemon_opens()),
+        daemon_opens: fs.as_ref().map_or(0, |s| s.daemon_opens()),
+        kernel_opens: fs.is_some_and(|s| s.kernel_opens()),
         layer_status: st,
     }
 }

@@ -57,11 +57,14 @@ pub struct Args {
     /// lists it) instead of the newest that verifies
     #[arg(long, value_name = "DIGEST")]
     pub artifact: Option<String>,
-    /// Let the kernel read local files straight from the store (FUSE
-    /// passthrough). `off` routes every read through lazylayer instead, which
-    /// a container needs to stack an overlayfs of its own on its root (nested
-    /// container storage): the kernel allows only two stacked file systems.
-    /// [config: fs.passthrough; default: on]
+    /// How the lazy root serves local files. `off` (the default): through
+    /// lazylayer into the page cache, and once every byte of the image is
+    /// local the kernel opens files alone (no round trip per open for the
+    /// container's life). `on`: FUSE passthrough, the kernel reads local
+    /// files straight from the store (faster first reads of large files),
+    /// but every open stays a round trip, and the container cannot stack an
+    /// overlayfs of its own on its root (nested container storage).
+    /// [config: fs.passthrough; default: off]
     #[arg(long, value_parser = ["on", "off"])]
     pub passthrough: Option<String>,
     /// Print timings and fetch statistics on stderr when the container exits
@@ -149,7 +152,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
     }
     if let (true, Some(l), Some(t)) = (a.stats, &rep.lazy, rep.t_ready) {
         eprintln!(
-            "lazylayer: started after {:.3}s ({}), {} of {} layers fetched on demand, {} bytes fetched after start, {} opens by passthrough, {} through lazylayer",
+            "lazylayer: started after {:.3}s ({}), {} of {} layers fetched on demand, {} bytes fetched after start, {} opens by passthrough, {} through lazylayer{}",
             t.as_secs_f64(),
             if l.offline { "all local" } else { "boot layer fetched" },
             l.layers_on_demand,
@@ -157,6 +160,11 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
             l.bytes_fetched,
             l.passthrough_opens,
             l.daemon_opens,
+            if l.kernel_opens {
+                ", then every open by the kernel alone (image local)"
+            } else {
+                ""
+            },
         );
         for layer in &l.layer_status {
             eprintln!("lazylayer:   {}", layer_progress(layer));

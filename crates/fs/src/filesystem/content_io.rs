@@ -17,6 +17,12 @@ use super::{Shared, Waiting, STORE_GATES};
 use crate::source::{Content, ContentSource, RangedContent};
 use crate::table::{OpenTable, FLAG_PASSTHROUGH};
 
+/// Files the kernel opened alone (cached opens) whose content stays open
+/// here between READs, at most: a descriptor each, and `run` may live under
+/// a soft limit of 1,024. One dropped costs an open at its next READ, which
+/// the page cache makes rare.
+const KEPT_INODES: usize = 256;
+
 /// Bytes of one file stored into the page cache at one open, at most.
 const PRELOAD_MAX: u64 = 32 << 20;
 /// Bytes per store notification (one write to /dev/fuse each).
@@ -187,21 +193,64 @@ impl<S: ContentSource> Shared<S> {
         }
     }
 
-    /// The content of a handle an earlier server gave out (taken over): open
-    /// it again, under the same handle. May wait for the content.
-    pub(super) fn reopen(&self, i: u32, fh: u64) -> std::io::Result<Content> {
+    /// Open entry `i`'s content for reads without a handle of this
+    /// server's: one an earlier server gave out (kept by the kernel across a
+    /// takeover), or a file the kernel opened alone (cached opens). Checked
+    /// as an open is: a regular file of the index's size, before any byte
+    /// is served. `None` when it must be waited for and `wait` is false.
+    fn open_content(&self, i: u32, wait: bool) -> Option<std::io::Result<Content>> {
         let e = self.entry(i);
         if e.kind != FileKind::File {
-            return Err(std::io::Error::from_raw_os_error(
+            return Some(Err(std::io::Error::from_raw_os_error(
                 rustix::io::Errno::BADF.raw_os_error(),
-            ));
+            )));
         }
-        let content = match self.source.ranged(i, e) {
-            Some(c) => Content::Ranged(c),
-            None => Content::File(Arc::new(matches_index(self.source.open(i, e)?, e)?)),
+        if let Some(c) = self.source.ranged(i, e) {
+            return Some(Ok(Content::Ranged(c)));
+        }
+        let file = if wait {
+            self.source.open(i, e)
+        } else {
+            self.source.try_open(i, e)?
+        };
+        Some(
+            file.and_then(|f| matches_index(f, e))
+                .map(|f| Content::File(Arc::new(f))),
+        )
+    }
+
+    /// The content a READ of entry `i` through handle `fh` reads, if it is
+    /// open here: under its handle, or under its inode for handle 0 (a file
+    /// the kernel opened alone).
+    pub(super) fn content_open(&self, i: u32, fh: u64) -> Option<Content> {
+        let st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        match fh {
+            0 => st.inodes.get(&i).cloned(),
+            fh => st.files.get(&fh).cloned(),
+        }
+    }
+
+    /// Open the content of a READ that [`Self::content_open`] did not find
+    /// (see [`Self::open_content`]) and keep it for the next READs.
+    pub(super) fn reopen(&self, i: u32, fh: u64, wait: bool) -> Option<std::io::Result<Content>> {
+        let content = match self.open_content(i, wait)? {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
         };
         let mut st = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(st.files.entry(fh).or_insert(content).clone())
+        let kept = if fh != 0 {
+            st.files.entry(fh).or_insert(content)
+        } else {
+            // Bounded: each kept file holds a descriptor. One dropped is
+            // opened again at its next READ (the page cache answers most).
+            if st.inodes.len() >= KEPT_INODES && !st.inodes.contains_key(&i) {
+                if let Some(k) = st.inodes.keys().next().copied() {
+                    st.inodes.remove(&k);
+                }
+            }
+            st.inodes.entry(i).or_insert(content)
+        };
+        Some(Ok(kept.clone()))
     }
 
     /// Run `serve` (which owns a request's reply) on the waiting pool,
@@ -273,7 +322,9 @@ impl<S: ContentSource> Shared<S> {
                 return;
             }
         };
-        let mut buf = vec![0u8; size as usize];
+        // Never past the end: a read there would only find it (one more pread).
+        let size_left = self.entry(i).size.saturating_sub(offset);
+        let mut buf = vec![0u8; (size as u64).min(size_left) as usize];
         let mut got = 0usize;
         while got < buf.len() {
             match f.read_at(&mut buf[got..], offset + got as u64) {

@@ -1,6 +1,6 @@
 //! Counters of the file system's activity, shared with its owner.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Counters of how opens were served, shared with the caller (see
@@ -20,10 +20,13 @@ pub struct FsStats {
     pub(super) waiting: AtomicU64,
     /// Waiting requests answered EIO because the pool's queue was full.
     pub(super) refused_waits: AtomicU64,
+    /// The kernel was told to open files alone (cached opens).
+    pub(super) kernel_opens: AtomicBool,
 }
 
 impl FsStats {
-    /// Lookups, getattrs, opens, reads, listings and flushes served so far.
+    /// Lookups, getattrs, opens, reads, listings, flushes and xattr
+    /// requests served so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
@@ -46,6 +49,11 @@ impl FsStats {
     /// Opens and reads waiting for their content now.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Relaxed)
+    }
+    /// Whether the kernel opens files alone now (cached opens): opens are
+    /// then no longer counted here.
+    pub fn kernel_opens(&self) -> bool {
+        self.kernel_opens.load(Ordering::Relaxed)
     }
     /// Waiting requests refused (EIO) past the pool's bound.
     pub fn refused_waits(&self) -> u64 {

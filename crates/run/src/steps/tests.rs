@@ -119,6 +119,7 @@ impl RunSteps for Steps {
             bytes_fetched: 0,
             passthrough_opens: 0,
             daemon_opens: 0,
+            kernel_opens: false,
             layer_status: Vec::new(),
         })
     }
