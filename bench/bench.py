@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import zlib
 
@@ -1338,7 +1339,9 @@ def section2(b, addr, img, reps, reads, out):
     # but the image's record forgotten (`rmi`), so `run` opens it lazily and serves
     # the root through FUSE (passthrough reads), the path a lazily started
     # container keeps; its warm pass is the metadata after first touch.
-    contenders = ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse"]
+    # lazylayer-fuse-pt: the same with FUSE passthrough on (`run --passthrough on`: every open
+    # a round trip, reads by the kernel from the store's files), the default before Part 17.
+    contenders = ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse", "lazylayer-fuse-pt"]
     if b.ll_base:
         contenders.append("lazylayer-fuse-base")
     # The snapshotter peers: the image local in the peer's cache, read through its FUSE
@@ -1380,8 +1383,9 @@ def section2(b, addr, img, reps, reads, out):
                         sh([ll, "--root", root, "pull", "-q", ref_c], timeout=1200)
                     else:
                         sh([ll, "--root", root, "rmi", ref_c], check=False)
+                    pt = ["--passthrough", "on"] if c == "lazylayer-fuse-pt" else []
                     argv = [ll, "--root", root, "run", "--rm", "--stats", "--net", "none", "--prefetch", "off",
-                            ref_c, "--", "/bin/sh", "-c", script]
+                            *pt, ref_c, "--", "/bin/sh", "-c", script]
                 else:
                     argv = ["chroot", mnts[c], "/bin/sh", "-c", script]
                 drop_caches()
@@ -1409,6 +1413,89 @@ def section2(b, addr, img, reps, reads, out):
     for m in mnts.values():
         subprocess.run(["umount", m], stderr=subprocess.DEVNULL)
     rmtree(base)
+
+
+# The server case of section 2: nginx (one worker, no open-file cache, so every request
+# opens its file) serving SERVER_FILES different small files of the image from /usr/share,
+# SERVER_REQUESTS requests spread over them by h2load (8 connections, keep-alive), in a
+# container whose root is kernel overlayfs (lazylayer with the image recorded) or the lazy
+# FUSE root over local layers (lazylayer-fuse, after `rmi`: what a lazily started server
+# keeps), and the same with passthrough on (lazylayer-fuse-pt).
+SERVER_FILES, SERVER_REQUESTS, SERVER_ROUNDS, SERVER_PORT = 200, 10000, 3, 8080
+SERVER_CONF = (f"daemon off; worker_processes 1; pid /tmp/llbench-nginx.pid; error_log stderr warn; "
+               f"events {{ worker_connections 256; }} "
+               f"http {{ access_log off; sendfile on; server {{ listen {SERVER_PORT}; root /usr/share; }} }}")
+
+
+def server_case(b, out, reps):
+    info = out["images"].get("nginx") or {}
+    res = {"files": SERVER_FILES, "requests": SERVER_REQUESTS, "rounds": SERVER_ROUNDS, "rps": {}, "notes": []}
+    out["fs"]["server"] = res
+    opt_ref = info.get("opt_ref")
+    if not (b.run_available and opt_ref):
+        res["notes"].append("no optimized nginx image - not run")
+        return
+    root = os.path.join(b.work, "srv")
+    rmtree(root)
+    ll = [b.ll, "--root", root]
+    log(f"fs server: lazylayer pull {opt_ref} (every layer local)")
+    sh(ll + ["pull", "-q", opt_ref], timeout=1200)
+    found = sh(ll + ["run", "--rm", "--net", "none", opt_ref, "--", "sh", "-c",
+                     "cd /usr/share && find . -type f -size -65k -size +0 | sort"], timeout=300).stdout.split()
+    if len(found) < SERVER_FILES:
+        res["notes"].append(f"only {len(found)} small files in /usr/share - not run")
+        return
+    step = len(found) / SERVER_FILES
+    files = [found[int(i * step)][1:] for i in range(SERVER_FILES)]
+    urls = [f"http://127.0.0.1:{SERVER_PORT}{urllib.parse.quote(f)}" for f in files]
+    contenders = ["lazylayer", "lazylayer-fuse", "lazylayer-fuse-pt"]
+    for c in contenders:
+        res["rps"][c] = []
+    for rep in range(reps):
+        k = rep % len(contenders)
+        for c in contenders[k:] + contenders[:k]:
+            if c == "lazylayer":
+                sh(ll + ["pull", "-q", opt_ref], timeout=1200)
+            else:
+                sh(ll + ["rmi", opt_ref], check=False)
+            pt = ["--passthrough", "on"] if c == "lazylayer-fuse-pt" else []
+            argv = ll + ["run", "--rm", "--stats", "--net", "host", "--prefetch", "off", *pt, opt_ref, "--",
+                         "sh", "-c", 'printf "%s" "$1" > /tmp/ll.conf && exec nginx -c /tmp/ll.conf', "sh",
+                         SERVER_CONF]
+            if not wait_port_closed(SERVER_PORT, 20):
+                raise RuntimeError(f"port {SERVER_PORT} busy before the server case")
+            errf = open(os.path.join(b.logs, f"server-{rep}-{c}.err"), "w")
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf)
+            try:
+                end = now() + 120
+                while now() < end and not port_open(SERVER_PORT) and proc.poll() is None:
+                    time.sleep(0.05)
+                # Every file served once: the steady state (pages cached, the root settled).
+                warm = sh(["h2load", "--h1", "-n", str(SERVER_FILES), "-c", "1", *urls], check=False, timeout=120)
+                # SERVER_ROUNDS runs of SERVER_REQUESTS each (one lasts ~0.4 s: a single
+                # one is at the mercy of a scheduling hiccup on this 2-core machine).
+                for _ in range(SERVER_ROUNDS):
+                    r = sh(["h2load", "--h1", "-n", str(SERVER_REQUESTS), "-c", "8", "-t", "1", *urls],
+                           check=False, timeout=600)
+                    m = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", r.stdout)
+                    ok = re.search(r"status codes: (\d+) 2xx", r.stdout)
+                    if not m or not ok or int(ok.group(1)) != SERVER_REQUESTS or warm.returncode != 0:
+                        log(f"fs server {c}: FAILED ({(r.stdout + r.stderr)[-400:]!r})")
+                        break
+                    res["rps"][c].append(float(m.group(1)))
+                    log(f"fs server {c}: {float(m.group(1)):.0f} req/s")
+            finally:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                errf.close()
+            save(out)
+    for c in contenders:
+        res.setdefault("median", {})[c] = median(res["rps"][c])
+    rmtree(root)
 
 
 def unpacked_size(cache, img, m):
@@ -1518,7 +1605,8 @@ def main():
         out["meta"]["baseline_version"] = sh([a.baseline, "--version"], check=False).stdout.strip()
     log(f"lazylayer run available: {b.run_available}; snapshotter: {b.snap_available}")
     set_link("loopback")
-    wanted = set(images) | ({a.fs_image} if a.fs_reps > 0 and a.fs_image else set())
+    # Section 2's server case serves nginx.
+    wanted = set(images) | ({a.fs_image, "nginx"} if a.fs_reps > 0 and a.fs_image else set())
     for img in sorted(wanted, key=list(IMAGES).index):
         m = manifest(a.registry, f"lazylayer/{img}", "latest")
         out["images"][img] = {
@@ -1539,6 +1627,7 @@ def main():
         t0 = now()
         if a.fs_reps > 0:
             section2(b, a.registry, a.fs_image, a.fs_reps, a.fs_reads, out)
+            server_case(b, out, a.fs_reps)
         out["meta"]["seconds_section2"] = now() - t0
         save(out)
     finally:

@@ -554,8 +554,8 @@ def markdown(d, seconds):
           "Cold = right after dropping the page cache, warm = the same workload again at once. "
           "Median seconds; in brackets the ratio to kernel overlayfs.")
         w("")
-        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse", "lazylayer-fuse-base",
-                           "nydus", "estargz"] if c in fs["fs"]]
+        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse", "lazylayer-fuse-pt",
+                           "lazylayer-fuse-base", "nydus", "estargz"] if c in fs["fs"]]
         w("| workload | " + " | ".join(f"{c} cold" for c in fsn) + " | "
           + " | ".join(f"{c} warm" for c in fsn) + " |")
         w("|---|" + "---:|" * (2 * len(fsn)))
@@ -573,6 +573,36 @@ def markdown(d, seconds):
                         row.append(f"{secs(v)} ({v / base:.2f}x)")
             w(f"| {esc(desc)} | " + " | ".join(row) + " |")
         w("")
+        if "lazylayer-fuse-pt" in fsn:
+            w("lazylayer-fuse-pt: the lazy FUSE root with passthrough on (`run --passthrough on`, the "
+              "default before Part 17): the kernel reads local files from the store, every open is a round "
+              "trip. lazylayer-fuse (the default now): reads through lazylayer into the page cache, and "
+              "once every byte is local the kernel opens files alone.")
+            w("")
+        srv = fs.get("server")
+        if srv and srv.get("median"):
+            md = srv["median"]
+            base = md.get("lazylayer")
+            w(f"**Server case**: nginx (one worker, no open-file cache: every request opens its file) "
+              f"serving {srv['files']} different small files of the image (from /usr/share), "
+              f"{srv['requests']} requests by h2load over 8 keep-alive connections after one warm-up pass, "
+              f"{srv.get('rounds', 1)} times per container; median requests per second over every run; in "
+              "brackets the ratio to the same container on kernel overlayfs (lazylayer).")
+            w("")
+            w("| root | requests/s |")
+            w("|---|---:|")
+            for c, what in (("lazylayer", "kernel overlayfs (image recorded)"),
+                            ("lazylayer-fuse", "lazy FUSE root, the kernel opens files"),
+                            ("lazylayer-fuse-pt", "lazy FUSE root, passthrough")):
+                v = md.get(c)
+                if v is None:
+                    w(f"| {what} | failed |")
+                else:
+                    w(f"| {what} | {v:,.0f}" + (f" ({v / base:.2f}x)" if base and c != "lazylayer" else "")
+                      + " |")
+            w("")
+        for n in (srv or {}).get("notes", []):
+            w(f"- server case: {n}")
         for c, nt in (fs.get("peer_trees") or {}).items():
             w(f"- {c}: its root (the container's overlay over the peer's FUSE mount) checked against the "
               f"image's layers under overlayfs: {nt['entries']} entries, "

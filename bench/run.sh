@@ -127,7 +127,7 @@ if ((!ALL_CELLS)); then
 fi
 
 # --- dependencies (like scripts/install-deps.sh; python3-matplotlib for the chart) ----
-PACKAGES=(docker-registry skopeo umoci debootstrap busybox-static runc podman containerd zstd
+PACKAGES=(docker-registry skopeo umoci debootstrap busybox-static runc podman containerd zstd nghttp2-client
   fuse-overlayfs python3 python3-matplotlib curl jq iproute2 util-linux)
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -160,7 +160,8 @@ fi
 # Images are built outside the namespace (debootstrap and apt need the mirror) and
 # cached; only the push happens inside.
 ((FS_REPS)) || FS_IMAGE=
-ALL_IMAGES=$(printf '%s\n' "${IMAGES//,/ }" "$FS_IMAGE" | tr ' ' '\n' | awk 'NF && !s[$0]++' | tr '\n' ' ')
+# Section 2's server case serves nginx.
+ALL_IMAGES=$(printf '%s\n' "${IMAGES//,/ }" "$FS_IMAGE" ${FS_IMAGE:+nginx} | tr ' ' '\n' | awk 'NF && !s[$0]++' | tr '\n' ' ')
 log "images: $ALL_IMAGES(cached by images/build.sh)"
 # shellcheck disable=SC2086
 bash "$ROOT/images/build.sh" $ALL_IMAGES >/dev/null
