@@ -2014,6 +2014,7 @@ fn snapshotter_restarts_keep_a_running_lazy_container_serving(stack: Stack) {
 
     // (d) Once every byte is local the kernel opens the root's files alone
     // (no OPEN reaches a server any more): a new server reads them by inode.
+    *proxy.slow_blob.lock().unwrap() = (String::new(), 0);
     let t0 = std::time::Instant::now();
     while !sn
         .log()
