@@ -304,11 +304,13 @@ impl<S: ContentSource> Shared<S> {
         size: u32,
         reply: ReplyData,
     ) {
+        // Never past the end: a read there would only find it (one more
+        // pread of a file, a clamp of ranged content).
+        let size_left = self.entry(i).size.saturating_sub(offset);
+        let mut buf = vec![0u8; (size as u64).min(size_left) as usize];
         let f = match content {
             Content::File(f) => f,
             Content::Ranged(c) => {
-                let size_left = self.entry(i).size.saturating_sub(offset);
-                let mut buf = vec![0u8; (size as u64).min(size_left) as usize];
                 if let Some(r) = c.try_read_at(&mut buf, offset) {
                     return self.reply_ranged(i, r, &buf, offset, reply);
                 }
@@ -322,9 +324,6 @@ impl<S: ContentSource> Shared<S> {
                 return;
             }
         };
-        // Never past the end: a read there would only find it (one more pread).
-        let size_left = self.entry(i).size.saturating_sub(offset);
-        let mut buf = vec![0u8; (size as u64).min(size_left) as usize];
         let mut got = 0usize;
         while got < buf.len() {
             match f.read_at(&mut buf[got..], offset + got as u64) {
