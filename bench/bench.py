@@ -214,6 +214,18 @@ def probe(kind, port):
     raise ValueError(kind)
 
 
+def stop_process(proc, stop):
+    """Stop a timed process that may still run: `stop(proc)` (its own way: a signal,
+    a CLI), then 30 s for it to exit, then SIGKILL."""
+    if proc.poll() is None:
+        stop(proc)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def port_open(port):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -742,13 +754,7 @@ convert_images = "false"
                 else:
                     self._server(proc, spec, res, t0, deadline, lo0, re0)
             finally:
-                if proc.poll() is None:
-                    stop(proc)
-                    try:
-                        proc.wait(30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                stop_process(proc, stop)
                 if port and not wait_port_closed(port, 20):
                     self.runc_cleanup()
                     res["ok"] = False
@@ -1485,12 +1491,7 @@ def server_case(b, out, reps):
                     res["rps"][c].append(float(m.group(1)))
                     log(f"fs server {c}: {float(m.group(1)):.0f} req/s")
             finally:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, lambda p: p.send_signal(signal.SIGINT))
                 errf.close()
             save(out)
     for c in contenders:
