@@ -506,7 +506,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             // takeover): open the content now, off the workers if it must wait.
             if let Some(r) = self.reopen(i, fh.0, false) {
                 return match r {
-                    Ok(c) => self.shared.read_content(i, c, offset, size, reply),
+                    Ok(c) => self.shared.read_reopened(i, c, offset, size, reply),
                     Err(err) => self.content_error(i, Some(offset), &err, |e| reply.error(e)),
                 };
             }
@@ -514,7 +514,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             self.shared.wait_off_workers("read", i, move || {
                 let waited = shared.reopen(i, fh.0, true);
                 match waited.unwrap_or_else(|| Err(std::io::Error::other("no content"))) {
-                    Ok(c) => shared.read_content(i, c, offset, size, reply),
+                    Ok(c) => shared.read_reopened(i, c, offset, size, reply),
                     Err(err) => shared.content_error(i, Some(offset), &err, |e| reply.error(e)),
                 }
             });

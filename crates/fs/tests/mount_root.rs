@@ -1574,6 +1574,82 @@ fn root_opens_reach_the_daemon_no_more_once_the_kernel_opens_files_alone() {
     }
 }
 
+/// Once the kernel opens files alone, a file whose first READ comes at a
+/// random place has its local copy read ahead whole (the kernel reads a
+/// FUSE file ahead only as far as each random request), and one read from
+/// its start is left to the kernel's own readahead.
+#[test]
+fn root_a_file_first_read_at_random_is_read_ahead_whole() {
+    if !have_root("root_a_file_first_read_at_random_is_read_ahead_whole") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let (random, seq) = (
+        src.path().join("data/big.bin"),
+        src.path().join("data/seq.bin"),
+    );
+    let seq_bytes = pseudo_random(BIG, 3);
+    std::fs::write(&seq, &seq_bytes).unwrap();
+    let m = Mounted::layer_dir(src.path(), false);
+    m.kernel_opens();
+    // The layer's copies out of the page cache: what a cold read finds.
+    for p in [&random, &seq] {
+        let f = File::open(p).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(
+            resident(p) < BIG as u64 / 64,
+            "{} still cached",
+            p.display()
+        );
+    }
+    let want = pseudo_random(BIG, 2); // make_tree's big.bin
+    let at = (9 << 20) + 123;
+    let mut got = [0u8; 4096];
+    File::open(m.p("data/big.bin"))
+        .unwrap()
+        .read_exact_at(&mut got, at as u64)
+        .unwrap();
+    assert!(got[..] == want[at..at + 4096]);
+    let mut head = [0u8; 4096];
+    File::open(m.p("data/seq.bin"))
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert!(head[..] == seq_bytes[..4096]);
+    // The read-ahead runs on without the reader: wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while resident(&random) < BIG as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        resident(&random),
+        BIG as u64,
+        "the file read at random was not read ahead whole"
+    );
+    let seq_cached = resident(&seq);
+    assert!(
+        seq_cached < BIG as u64 / 4,
+        "{seq_cached} bytes of the file read from its start were read ahead"
+    );
+}
+
+/// Bytes of `p` in the page cache (util-linux's `fincore`).
+fn resident(p: &Path) -> u64 {
+    let out = std::process::Command::new(which("fincore"))
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fincore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 /// Requests other than READs so far, and READs.
 fn others_and_reads(m: &Mounted) -> (u64, u64) {
     let (all, reads) = (m.stats.requests(), m.stats.read_requests());
