@@ -6,6 +6,7 @@ use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
@@ -90,15 +91,58 @@ struct OpenState {
 /// cache). For a root whose every byte is local: an open no longer has a
 /// backing file to hand over or a download to wait for. It cannot be turned
 /// off: the kernel keeps the mode for the connection's life.
+///
+/// Turning it on also widens the mount's readahead to [`LOCAL_READ_AHEAD_KB`]:
+/// while content arrives on demand a READ asks the network for what it
+/// covers, so the kernel's default (128 KiB) is kept until then; once every
+/// byte is local a wider one costs nothing but saves round trips.
 #[derive(Clone, Default)]
-pub struct OpensSwitch(Arc<AtomicBool>);
+pub struct OpensSwitch(Arc<SwitchState>);
+
+#[derive(Default)]
+struct SwitchState {
+    on: AtomicBool,
+    /// The mount's `read_ahead_kb` in sysfs, set by the mount.
+    read_ahead: OnceLock<PathBuf>,
+}
+
+/// The readahead of a root whose every byte is local: one READ of the
+/// largest size FUSE allows (256 pages). A sequential read of gcc's 30
+/// largest files (332 MB), cold: 0.39 s at 128 KiB, 0.34 s at 1 MiB, 0.36 s
+/// at 4 MiB (median of 5); kernel overlayfs 0.31 s (its disk reads ahead
+/// 8 MiB).
+pub const LOCAL_READ_AHEAD_KB: u32 = 1024;
 
 impl OpensSwitch {
     pub fn turn_on(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        if !self.0.on.swap(true, Ordering::Relaxed) {
+            if let Some(p) = self.0.read_ahead.get() {
+                widen_read_ahead(p, LOCAL_READ_AHEAD_KB);
+            }
+        }
     }
     pub fn is_on(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.on.load(Ordering::Relaxed)
+    }
+
+    /// Where the mount's readahead is set (by the mount, once mounted).
+    pub(crate) fn set_read_ahead_path(&self, p: PathBuf) {
+        let _ = self.0.read_ahead.set(p);
+    }
+}
+
+/// Raise the readahead at `path` (a bdi's `read_ahead_kb`) to `kb`, never
+/// lower it (an admin may have set more). Best effort: sysfs may be read-only
+/// here (a daemon in a container); reads are as fast as before then.
+fn widen_read_ahead(path: &Path, kb: u32) {
+    let now = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    if now.is_some_and(|n| n >= kb) {
+        return;
+    }
+    if let Err(e) = std::fs::write(path, kb.to_string()) {
+        tracing::debug!(path = %path.display(), error = %e, "cannot widen the lazy root's readahead");
     }
 }
 

@@ -99,16 +99,19 @@ impl FsMount {
             Ok::<_, std::io::Error>((session.spawn()?, stats))
         })();
         match started {
-            Ok((session, (stats, opens))) => Ok(FsMount {
-                session: Some(session),
-                target: target.to_path_buf(),
-                stats,
-                opens,
-                device,
-                table,
-                _counted: lazylayer_metrics::MountedRoot::start(),
-                death_watch: None,
-            }),
+            Ok((session, (stats, opens))) => {
+                set_read_ahead_path(&opens, target);
+                Ok(FsMount {
+                    session: Some(session),
+                    target: target.to_path_buf(),
+                    stats,
+                    opens,
+                    device,
+                    table,
+                    _counted: lazylayer_metrics::MountedRoot::start(),
+                    death_watch: None,
+                })
+            }
             Err(e) => {
                 let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
                 Err(err(e))
@@ -147,6 +150,7 @@ impl FsMount {
         )
         .spawn()
         .map_err(err)?;
+        set_read_ahead_path(&opens, target);
         // Serving first, then the resend: the requests come back to us.
         let header = notify_header(FUSE_NOTIFY_RESEND);
         match rustix::io::write(&device, &header) {
@@ -265,5 +269,22 @@ fn notify_header(code: i32) -> [u8; 16] {
 impl Drop for FsMount {
     fn drop(&mut self) {
         let _ = self.do_unmount();
+    }
+}
+
+/// Tell `opens` where the mount at `target` sets its readahead: sysfs names
+/// a mount's backing device info after its device number. Asked without a
+/// request to the file system (`AT_STATX_DONT_SYNC`: the device comes from
+/// the superblock).
+fn set_read_ahead_path(opens: &OpensSwitch, target: &Path) {
+    use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
+    match statx(CWD, target, AtFlags::STATX_DONT_SYNC, StatxFlags::empty()) {
+        Ok(st) => opens.set_read_ahead_path(PathBuf::from(format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            st.stx_dev_major, st.stx_dev_minor
+        ))),
+        Err(e) => {
+            tracing::debug!(target = %target.display(), error = %e, "no device number for the mount's readahead")
+        }
     }
 }

@@ -1635,6 +1635,49 @@ fn root_a_file_first_read_at_random_is_read_ahead_whole() {
     );
 }
 
+/// Once every byte is local the mount reads ahead 1 MiB (one READ of the
+/// largest size FUSE allows) instead of the kernel's 128 KiB: a large
+/// sequential read then costs an eighth of the round trips.
+#[test]
+fn root_reads_ahead_wider_once_the_kernel_opens_files_alone() {
+    if !have_root("root_reads_ahead_wider_once_the_kernel_opens_files_alone") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let m = Mounted::layer_dir(src.path(), false);
+    let st = rustix::fs::statx(
+        rustix::fs::CWD,
+        &m.path,
+        rustix::fs::AtFlags::empty(),
+        rustix::fs::StatxFlags::empty(),
+    )
+    .unwrap();
+    let ra = PathBuf::from(format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        st.stx_dev_major, st.stx_dev_minor
+    ));
+    let kb = || -> u32 {
+        std::fs::read_to_string(&ra)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(kb() < 1024, "{} KiB before the switch", kb());
+    m.kernel_opens();
+    assert_eq!(kb(), 1024, "the switch left the readahead as it was");
+    // A sequential read of 20 MiB, none of it cached: READs of up to 1 MiB.
+    let f = File::open(m.p("data/big.bin")).unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let before = m.stats.read_requests();
+    let mut got = Vec::new();
+    (&f).read_to_end(&mut got).unwrap();
+    assert!(got == pseudo_random(BIG, 2), "big.bin read back wrong");
+    let reads = m.stats.read_requests() - before;
+    assert!(reads <= 60, "{reads} READs for 20 MiB");
+}
+
 /// Bytes of `p` in the page cache (util-linux's `fincore`).
 fn resident(p: &Path) -> u64 {
     let out = std::process::Command::new(which("fincore"))
