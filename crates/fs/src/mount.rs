@@ -99,19 +99,9 @@ impl FsMount {
             Ok::<_, std::io::Error>((session.spawn()?, stats))
         })();
         match started {
-            Ok((session, (stats, opens))) => {
-                set_read_ahead_path(&opens, target);
-                Ok(FsMount {
-                    session: Some(session),
-                    target: target.to_path_buf(),
-                    stats,
-                    opens,
-                    device,
-                    table,
-                    _counted: lazylayer_metrics::MountedRoot::start(),
-                    death_watch: None,
-                })
-            }
+            Ok((session, (stats, opens))) => Ok(FsMount::served(
+                session, target, stats, opens, device, table,
+            )),
             Err(e) => {
                 let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
                 Err(err(e))
@@ -150,7 +140,6 @@ impl FsMount {
         )
         .spawn()
         .map_err(err)?;
-        set_read_ahead_path(&opens, target);
         // Serving first, then the resend: the requests come back to us.
         let header = notify_header(FUSE_NOTIFY_RESEND);
         match rustix::io::write(&device, &header) {
@@ -161,7 +150,23 @@ impl FsMount {
                 tracing::warn!(target = %target.display(), error = %e, "the kernel cannot resend requests in flight")
             }
         }
-        Ok(FsMount {
+        Ok(FsMount::served(
+            session, target, stats, opens, device, table,
+        ))
+    }
+
+    /// The mount at `target`, served by `session` from now on (a new one
+    /// or one taken over).
+    fn served(
+        session: BackgroundSession,
+        target: &Path,
+        stats: Arc<FsStats>,
+        opens: OpensSwitch,
+        device: OwnedFd,
+        table: Arc<OpenTable>,
+    ) -> FsMount {
+        set_read_ahead_path(&opens, target);
+        FsMount {
             session: Some(session),
             target: target.to_path_buf(),
             stats,
@@ -170,7 +175,7 @@ impl FsMount {
             table,
             _counted: lazylayer_metrics::MountedRoot::start(),
             death_watch: None,
-        })
+        }
     }
 
     /// For a mount no holder keeps, served by a process that also uses it
