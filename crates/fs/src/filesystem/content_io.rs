@@ -331,8 +331,8 @@ impl<S: ContentSource> Shared<S> {
                 return;
             }
         };
-        // Read into spare capacity: zeroing a buffer first (up to 1 MiB per
-        // READ) cost as much as a tenth of a large cold read.
+        // Read into spare capacity: zeroing the buffer first (up to 1 MiB
+        // per READ, which the read then overwrites) is work for nothing.
         let mut buf = Vec::with_capacity(want);
         while buf.len() < want {
             let at = offset + buf.len() as u64;
