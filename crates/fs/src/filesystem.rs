@@ -26,6 +26,7 @@ use crate::trace::{Access, Trace};
 
 mod content_io;
 mod stats;
+mod walk_ahead;
 
 pub use stats::FsStats;
 use stats::Waiting;
@@ -192,6 +193,8 @@ pub struct Shared<S: ContentSource> {
     /// Opens of ranged content pass one at a time per shard of inodes, so
     /// no open replies while its inode's pages are being stored.
     store_gates: [Mutex<()>; STORE_GATES],
+    /// Reads ahead of a tree walk (`tar`) once every byte is local.
+    walk: walk_ahead::WalkAhead,
 }
 
 /// Shards of [`Shared::store_gates`].
@@ -272,6 +275,7 @@ impl<S: ContentSource> LazyFs<S> {
                 stats: Arc::new(FsStats::default()),
                 waiting_pool: WaitPool::new(opts.waiting_threads, opts.waiting_queue),
                 store_gates: std::array::from_fn(|_| Mutex::new(())),
+                walk: walk_ahead::WalkAhead::new(),
                 opts,
             }),
         }

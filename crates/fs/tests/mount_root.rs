@@ -1635,6 +1635,62 @@ fn root_a_file_first_read_at_random_is_read_ahead_whole() {
     );
 }
 
+/// Once the kernel opens files alone, two first READs in the order a tree
+/// walk reads (`tar`: depth first, names sorted) have the next files' local
+/// copies read into the page cache ahead of the walker; one first READ alone
+/// reads nothing ahead.
+#[test]
+fn root_a_walk_has_the_next_files_read_ahead() {
+    if !have_root("root_a_walk_has_the_next_files_read_ahead") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let dir = src.path().join("walk");
+    std::fs::create_dir_all(dir.join("c")).unwrap();
+    let size = 96 << 10;
+    // Walk order: a, b, (empty and the symlink are no files to read), c/x, d, e.
+    let files = ["a.bin", "b.bin", "c/x.bin", "d.bin", "e.bin"];
+    for (n, f) in files.iter().enumerate() {
+        std::fs::write(dir.join(f), pseudo_random(size, 10 + n as u64)).unwrap();
+    }
+    std::fs::write(dir.join("b.empty"), b"").unwrap();
+    std::os::unix::fs::symlink("a.bin", dir.join("b.link")).unwrap();
+    let m = Mounted::layer_dir(src.path(), false);
+    m.kernel_opens();
+    for f in files {
+        let f = File::open(dir.join(f)).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    }
+    let read = |n: usize| {
+        let got = std::fs::read(m.p(&format!("walk/{}", files[n]))).unwrap();
+        assert!(got == pseudo_random(size, 10 + n as u64), "{}", files[n]);
+    };
+    let ahead = &files[2..];
+    read(0);
+    // Nothing runs ahead of a single read; a little time to show it.
+    std::thread::sleep(Duration::from_millis(300));
+    for f in ahead {
+        assert_eq!(resident(&dir.join(f)), 0, "{f} read ahead after one read");
+    }
+    read(1);
+    // The walk is on: the next files come into the page cache without a
+    // reader, on a thread of the daemon's; wait for them, bounded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let all_in = || ahead.iter().all(|f| resident(&dir.join(f)) == size as u64);
+    while !all_in() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in ahead {
+        assert_eq!(
+            resident(&dir.join(f)),
+            size as u64,
+            "{f} not read ahead of the walk"
+        );
+    }
+}
+
 /// Once every byte is local the mount reads ahead 1 MiB (one READ of the
 /// largest size FUSE allows) instead of the kernel's 128 KiB: a large
 /// sequential read then costs an eighth of the round trips.

@@ -353,7 +353,8 @@ impl<S: ContentSource> Shared<S> {
 
     /// Serve the first READ of content [`Self::reopen`] opened; when it is
     /// not at the file's start, read the local file ahead once replied
-    /// ([`read_ahead_at_random`]), so that this READ does not wait for it.
+    /// ([`read_ahead_at_random`]), so that this READ does not wait for it;
+    /// when it is, see whether a walk reads on ([`Self::walk_ahead`]).
     pub(super) fn read_reopened(
         self: &Arc<Self>,
         i: u32,
@@ -366,9 +367,12 @@ impl<S: ContentSource> Shared<S> {
             Content::File(f) if offset != 0 => Some(f.clone()),
             _ => None,
         };
+        let walking = offset == 0 && matches!(content, Content::File(_));
         self.read_content(i, content, offset, size, reply);
         if let Some(f) = ahead {
             read_ahead_at_random(&f, self.entry(i).size);
+        } else if walking {
+            self.walk_ahead(i);
         }
     }
 
