@@ -273,7 +273,11 @@ impl<S: ContentSource> LazyFs<S> {
                 fallback_logged: AtomicBool::new(false),
                 cached_opens: OpensSwitch::default(),
                 stats: Arc::new(FsStats::default()),
-                waiting_pool: WaitPool::new(opts.waiting_threads, opts.waiting_queue),
+                waiting_pool: WaitPool::new(
+                    "lazylayer-wait",
+                    opts.waiting_threads,
+                    opts.waiting_queue,
+                ),
                 store_gates: std::array::from_fn(|_| Mutex::new(())),
                 walk: walk_ahead::WalkAhead::new(),
                 opts,

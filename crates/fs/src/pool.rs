@@ -16,6 +16,8 @@ pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 pub(crate) struct WaitPool {
     state: Arc<State>,
+    /// Its threads' name.
+    name: &'static str,
     /// At most this many jobs run at once...
     threads: usize,
     /// ...and this many more wait for a thread.
@@ -40,9 +42,10 @@ struct Inner {
 }
 
 impl WaitPool {
-    pub(crate) fn new(threads: usize, queue: usize) -> WaitPool {
+    pub(crate) fn new(name: &'static str, threads: usize, queue: usize) -> WaitPool {
         WaitPool {
             state: Arc::default(),
+            name,
             threads: threads.max(1),
             queue,
         }
@@ -66,7 +69,7 @@ impl WaitPool {
         if inner.started < self.threads {
             let state = self.state.clone();
             match std::thread::Builder::new()
-                .name("lazylayer-wait".into())
+                .name(self.name.into())
                 .spawn(move || state.serve())
             {
                 Ok(_) => inner.started += 1,
@@ -132,7 +135,7 @@ mod tests {
     /// Jobs past threads + queue are refused (dropped), the others all run.
     #[test]
     fn bounded_threads_and_queue() {
-        let pool = WaitPool::new(2, 3);
+        let pool = WaitPool::new("test", 2, 3);
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let gate = Arc::new(Mutex::new(gate_rx));
         let (done_tx, done_rx) = mpsc::channel();

@@ -1728,6 +1728,56 @@ fn root_a_walk_has_the_next_files_read_ahead() {
     }
 }
 
+/// Two walks at once (two `tar`s, or a backup beside a server reading its
+/// own files) each have their next files read ahead: one walker's reads do
+/// not end the other's walk.
+#[test]
+fn root_two_walks_at_once_both_have_their_next_files_read_ahead() {
+    if !have_root("root_two_walks_at_once_both_have_their_next_files_read_ahead") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let size = 64 << 10;
+    let files = ["a.bin", "b.bin", "c.bin", "d.bin", "e.bin"];
+    let trees = ["walk1", "walk2"];
+    for (t, tree) in trees.iter().enumerate() {
+        std::fs::create_dir_all(src.path().join(tree)).unwrap();
+        for (n, f) in files.iter().enumerate() {
+            let bytes = pseudo_random(size, (100 * t + n) as u64);
+            std::fs::write(src.path().join(tree).join(f), bytes).unwrap();
+        }
+    }
+    let m = Mounted::layer_dir(src.path(), false);
+    m.kernel_opens();
+    for tree in trees {
+        for f in files {
+            let f = File::open(src.path().join(tree).join(f)).unwrap();
+            f.sync_all().unwrap();
+            rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        }
+    }
+    // Interleaved: each walker's first READs alternate with the other's.
+    for (n, f) in files.iter().enumerate().take(2) {
+        for (t, tree) in trees.iter().enumerate() {
+            let got = std::fs::read(m.p(&format!("{tree}/{f}"))).unwrap();
+            assert!(got == pseudo_random(size, (100 * t + n) as u64));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let root = src.path();
+    let ahead: Vec<PathBuf> = trees
+        .iter()
+        .flat_map(|t| files[2..].iter().map(move |f| root.join(t).join(f)))
+        .collect();
+    while ahead.iter().any(|p| resident(p) < size as u64) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in &ahead {
+        assert_eq!(resident(p), size as u64, "{} not read ahead", p.display());
+    }
+}
+
 /// Once every byte is local the mount reads ahead 1 MiB (one READ of the
 /// largest size FUSE allows) instead of the kernel's 128 KiB: a large
 /// sequential read then costs an eighth of the round trips.

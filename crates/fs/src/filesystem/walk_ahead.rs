@@ -34,8 +34,13 @@ const AHEAD_BYTES: u64 = 512 << 10;
 /// the next files, at most per look: a look runs on a FUSE worker.
 const MAX_STEPS: usize = 512;
 
+/// Walks followed at once, at most: two `tar`s, or a backup beside a
+/// server reading its own files, each keep theirs. A first READ that
+/// continues none starts a guess in place of the one longest unused.
+const WALKS: usize = 4;
+
 pub(super) struct WalkAhead {
-    state: Mutex<Window>,
+    state: Mutex<[Window; WALKS]>,
     /// One thread: opening the next files waits for the disk (their
     /// directory and inode blocks), which is work to take off the workers,
     /// and a walk reads one file at a time.
@@ -48,6 +53,8 @@ struct Window {
     next: VecDeque<u32>,
     /// Whether `next` was advised (a walk is on) or only guessed.
     advised: bool,
+    /// When this window last matched or began (a count of first READs).
+    used: u64,
 }
 
 impl WalkAhead {
@@ -56,7 +63,7 @@ impl WalkAhead {
             state: Mutex::default(),
             // A queue of a few batches: a walk's batches are small, and
             // advice refused costs only the speed-up.
-            pool: WaitPool::new(1, 8),
+            pool: WaitPool::new("lazylayer-ahead", 1, 8),
         }
     }
 }
@@ -69,12 +76,26 @@ impl<S: ContentSource> Shared<S> {
             return;
         }
         let advise = {
-            let mut w = self
+            let mut walks = self
                 .walk
                 .state
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            match w.next.iter().position(|&j| j == i) {
+            let now = walks.iter().map(|w| w.used).max().unwrap_or(0) + 1;
+            let found = walks
+                .iter()
+                .enumerate()
+                .find_map(|(k, w)| Some((k, w.next.iter().position(|&j| j == i)?)));
+            let (k, at) = match found {
+                Some((k, at)) => (k, Some(at)),
+                None => {
+                    let oldest = (0..WALKS).min_by_key(|&k| walks[k].used).unwrap_or(0);
+                    (oldest, None)
+                }
+            };
+            let w = &mut walks[k];
+            w.used = now;
+            match at {
                 Some(at) => {
                     w.next.drain(..=at);
                     let mut advise = Vec::new();
@@ -125,7 +146,7 @@ impl<S: ContentSource> Shared<S> {
     /// Up to `n` files a walk reads after entry `i`: regular files with
     /// bytes, each inode once (a walker reads a hardlink group's first
     /// member and links the others), in depth-first READDIR order.
-    pub(super) fn files_after(&self, mut i: u32, n: usize) -> Vec<u32> {
+    fn files_after(&self, mut i: u32, n: usize) -> Vec<u32> {
         let mut out = Vec::with_capacity(n);
         // `i` itself is not descended into: it is a file when called from
         // a READ, and a directory only on later steps.
