@@ -204,7 +204,7 @@ impl<S: ContentSource> Shared<S> {
     /// takeover), or a file the kernel opened alone (cached opens). Checked
     /// as an open is: a regular file of the index's size, before any byte
     /// is served. `None` when it must be waited for and `wait` is false.
-    fn open_content(&self, i: u32, wait: bool) -> Option<std::io::Result<Content>> {
+    pub(super) fn open_content(&self, i: u32, wait: bool) -> Option<std::io::Result<Content>> {
         let e = self.entry(i);
         if e.kind != FileKind::File {
             return Some(Err(std::io::Error::from_raw_os_error(
@@ -363,16 +363,15 @@ impl<S: ContentSource> Shared<S> {
         size: u32,
         reply: ReplyData,
     ) {
-        let ahead = match &content {
-            Content::File(f) if offset != 0 => Some(f.clone()),
-            _ => None,
+        let file = match &content {
+            Content::File(f) => Some(f.clone()),
+            Content::Ranged(_) => None,
         };
-        let walking = offset == 0 && matches!(content, Content::File(_));
         self.read_content(i, content, offset, size, reply);
-        if let Some(f) = ahead {
-            read_ahead_at_random(&f, self.entry(i).size);
-        } else if walking {
-            self.walk_ahead(i);
+        match file {
+            Some(f) if offset != 0 => read_ahead_at_random(&f, self.entry(i).size),
+            Some(_) => self.walk_ahead(i),
+            None => {}
         }
     }
 
@@ -461,15 +460,19 @@ impl<S: ContentSource> Shared<S> {
 /// reader starts at 0 and is read ahead by the kernel as it goes; files
 /// larger than [`RANDOM_READ_AHEAD_MAX`] are left to it too.
 fn read_ahead_at_random(f: &File, size: u64) {
-    if size > RANDOM_READ_AHEAD_MAX {
-        return;
+    if size <= RANDOM_READ_AHEAD_MAX {
+        will_need(f, size);
     }
-    // The kernel reads at most its device's request size ahead per advice
-    // (8 MiB here), so the file is advised a piece at a time. Advice only:
-    // a failure costs the speed-up, never a byte.
+}
+
+/// Start reading the first `len` bytes of local file `f` into the page
+/// cache, without waiting. The kernel reads at most its device's request
+/// size ahead per advice (8 MiB here), so the range is advised a piece at a
+/// time. Advice only: a failure costs the speed-up, never a byte.
+pub(super) fn will_need(f: &File, len: u64) {
     const PIECE: u64 = 2 << 20;
-    for off in (0..size).step_by(PIECE as usize) {
-        let n = NonZeroU64::new(PIECE.min(size - off));
+    for off in (0..len).step_by(PIECE as usize) {
+        let n = NonZeroU64::new(PIECE.min(len - off));
         if rustix::fs::fadvise(f, off, n, rustix::fs::Advice::WillNeed).is_err() {
             return;
         }

@@ -11,14 +11,14 @@
 //! opening a local file never starts one.
 
 use std::collections::VecDeque;
-use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lazylayer_index::FileKind;
 
+use super::content_io::will_need;
 use super::Shared;
 use crate::pool::WaitPool;
-use crate::source::ContentSource;
+use crate::source::{Content, ContentSource};
 
 /// Files kept advised ahead of a walk.
 const AHEAD_FILES: usize = 16;
@@ -129,18 +129,13 @@ impl<S: ContentSource> Shared<S> {
         }));
     }
 
-    /// Start reading the local copy of file `j` into the page cache.
-    /// Advice only: any failure costs the speed-up, never a byte.
+    /// Start reading the local copy of file `j` into the page cache, opened
+    /// as a READ opens it (never waiting, never ranged content). Advice
+    /// only: any failure costs the speed-up, never a byte.
     fn advise_file(&self, j: u32) {
-        let e = self.entry(j);
-        if self.source.ranged(j, e).is_some() {
-            return;
+        if let Some(Ok(Content::File(f))) = self.open_content(j, false) {
+            will_need(&f, self.entry(j).size.min(AHEAD_BYTES));
         }
-        let Some(Ok(f)) = self.source.try_open(j, e) else {
-            return;
-        };
-        let n = NonZeroU64::new(e.size.min(AHEAD_BYTES));
-        let _ = rustix::fs::fadvise(&f, 0, n, rustix::fs::Advice::WillNeed);
     }
 
     /// Up to `n` files a walk reads after entry `i`: regular files with
