@@ -1632,9 +1632,7 @@ fn root_a_file_first_read_at_random_is_read_ahead_whole() {
     m.kernel_opens();
     // The layer's copies out of the page cache: what a cold read finds.
     for p in [&random, &seq] {
-        let f = File::open(p).unwrap();
-        f.sync_all().unwrap();
-        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        evict(p);
         assert!(
             resident(p) < BIG as u64 / 64,
             "{} still cached",
@@ -1655,11 +1653,7 @@ fn root_a_file_first_read_at_random_is_read_ahead_whole() {
         .read_exact_at(&mut head, 0)
         .unwrap();
     assert!(head[..] == seq_bytes[..4096]);
-    // The read-ahead runs on without the reader: wait for it, bounded.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while resident(&random) < BIG as u64 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_resident(std::slice::from_ref(&random), BIG as u64);
     assert_eq!(
         resident(&random),
         BIG as u64,
@@ -1696,9 +1690,7 @@ fn root_a_walk_has_the_next_files_read_ahead() {
     let m = Mounted::layer_dir(src.path(), false);
     m.kernel_opens();
     for f in files {
-        let f = File::open(dir.join(f)).unwrap();
-        f.sync_all().unwrap();
-        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        evict(&dir.join(f));
     }
     let read = |n: usize| {
         let got = std::fs::read(m.p(&format!("walk/{}", files[n]))).unwrap();
@@ -1713,12 +1705,9 @@ fn root_a_walk_has_the_next_files_read_ahead() {
     }
     read(1);
     // The walk is on: the next files come into the page cache without a
-    // reader, on a thread of the daemon's; wait for them, bounded.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let all_in = || ahead.iter().all(|f| resident(&dir.join(f)) == size as u64);
-    while !all_in() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // reader, on a thread of the daemon's.
+    let paths: Vec<PathBuf> = ahead.iter().map(|f| dir.join(f)).collect();
+    wait_resident(&paths, size as u64);
     for f in ahead {
         assert_eq!(
             resident(&dir.join(f)),
@@ -1752,9 +1741,7 @@ fn root_two_walks_at_once_both_have_their_next_files_read_ahead() {
     m.kernel_opens();
     for tree in trees {
         for f in files {
-            let f = File::open(src.path().join(tree).join(f)).unwrap();
-            f.sync_all().unwrap();
-            rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+            evict(&src.path().join(tree).join(f));
         }
     }
     // Interleaved: each walker's first READs alternate with the other's.
@@ -1764,15 +1751,12 @@ fn root_two_walks_at_once_both_have_their_next_files_read_ahead() {
             assert!(got == pseudo_random(size, (100 * t + n) as u64));
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
     let root = src.path();
     let ahead: Vec<PathBuf> = trees
         .iter()
         .flat_map(|t| files[2..].iter().map(move |f| root.join(t).join(f)))
         .collect();
-    while ahead.iter().any(|p| resident(p) < size as u64) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_resident(&ahead, size as u64);
     for p in &ahead {
         assert_eq!(resident(p), size as u64, "{} not read ahead", p.display());
     }
@@ -1819,6 +1803,23 @@ fn root_reads_ahead_wider_once_the_kernel_opens_files_alone() {
     assert!(got == pseudo_random(BIG, 2), "big.bin read back wrong");
     let reads = m.stats.read_requests() - before;
     assert!(reads <= 60, "{reads} READs for 20 MiB");
+}
+
+/// `p` written out and dropped from the page cache: what a cold read of a
+/// layer's file finds.
+fn evict(p: &Path) {
+    let f = File::open(p).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
+/// Wait, bounded, until each of `paths` has `bytes` in the page cache: a
+/// read-ahead runs on without its reader. The caller asserts what came.
+fn wait_resident(paths: &[PathBuf], bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while paths.iter().any(|p| resident(p) < bytes) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Bytes of `p` in the page cache (util-linux's `fincore`).
