@@ -18,6 +18,7 @@ use fuser::{
 };
 use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 
+use crate::meta_tree::DataView;
 use crate::panics::panic_message;
 use crate::pool::WaitPool;
 use crate::source::{Content, ContentSource};
@@ -25,6 +26,7 @@ use crate::table::{OpenTable, FLAG_INITIALIZED, FLAG_PASSTHROUGH};
 use crate::trace::{Access, Trace};
 
 mod content_io;
+mod data_names;
 mod stats;
 mod walk_ahead;
 
@@ -59,6 +61,11 @@ pub struct FsOptions {
     /// [`FsStats::refused_waits`]) rather than holding memory and a kernel
     /// request without bound.
     pub waiting_queue: usize,
+    /// Serve the data-only namespace of a stub tree instead of the image's
+    /// root ([`crate::meta_tree`]): `/<layer hex>/fs/<path>` names the file
+    /// `<path>` when that layer holds it. Nothing lists it; overlayfs only
+    /// looks names up in it, and reads what it finds.
+    pub data_view: Option<Arc<DataView>>,
 }
 
 impl Default for FsOptions {
@@ -69,6 +76,7 @@ impl Default for FsOptions {
             max_readahead: None,
             waiting_threads: 32,
             waiting_queue: 1024,
+            data_view: None,
         }
     }
 }
@@ -436,6 +444,9 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         isolate("lookup", || {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if let Some(view) = &self.opts.data_view {
+                return self.lookup_data(view, parent, name.as_bytes(), reply);
+            }
             let Some(p) = self.idx(parent) else {
                 return reply.error(Errno::ENOENT);
             };
@@ -462,7 +473,10 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             match self.idx(ino) {
                 Some(i) => reply.attr(&self.opts.ttl, &self.attr(i)),
-                None => reply.error(Errno::ENOENT),
+                None => match self.data_dir_attr(ino) {
+                    Some(a) => reply.attr(&self.opts.ttl, &a),
+                    None => reply.error(Errno::ENOENT),
+                },
             }
         })
     }

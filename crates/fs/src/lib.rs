@@ -17,6 +17,8 @@
 // FUSE passthrough: wrapping and closing backing ids.
 #[allow(unsafe_code)]
 mod filesystem;
+// The stub tree of a lazy root that overlayfs reads (metacopy + redirect).
+pub mod meta_tree;
 // The holder's pre_exec (setsid in the child).
 #[allow(unsafe_code)]
 pub mod holder;
@@ -31,6 +33,7 @@ mod trace;
 
 pub use filesystem::{FsOptions, FsStats, LazyFs, OpensSwitch};
 pub use holder::{Held, Holder};
+pub use meta_tree::{DataRoot, DataView, MetaTreeError, TreeStats};
 pub use mount::FsMount;
 pub use panics::panic_message;
 pub use source::{BootOnlySource, Content, ContentSource, LayerDirSource, RangedContent};

@@ -243,8 +243,9 @@ fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 /// Every name, stat field, link target and xattr of `src` appears unchanged
-/// under `mnt`.
-fn compare_trees(src: &Path, mnt: &Path) -> usize {
+/// under `mnt`; with `blocks`, a file's block count is its size's (as this
+/// file system reports it; overlayfs reports the backing file's).
+fn compare_trees(src: &Path, mnt: &Path, blocks: bool) -> usize {
     let mut count = 0;
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -271,7 +272,9 @@ fn compare_trees(src: &Path, mnt: &Path) -> usize {
             stack.extend(names.into_iter().map(|n| rel.join(n)));
         } else {
             assert_eq!(mm.size(), sm.size(), "{what}: size");
-            assert_eq!(mm.blocks(), sm.size().div_ceil(512), "{what}: blocks");
+            if blocks {
+                assert_eq!(mm.blocks(), sm.size().div_ceil(512), "{what}: blocks");
+            }
         }
         if sm.file_type().is_symlink() {
             assert_eq!(
@@ -293,7 +296,7 @@ fn root_metadata_matches_source_tree() {
     make_tree(src.path());
     let m = Mounted::layer_dir(src.path(), true);
 
-    let n = compare_trees(src.path(), &m.path);
+    let n = compare_trees(src.path(), &m.path, true);
     assert!(n >= 20, "walked only {n} entries");
 
     // Spot checks of what compare_trees covers generically.
@@ -429,6 +432,11 @@ impl Drop for Mapping {
 }
 
 fn check_content(src: &Path, m: &Mounted) {
+    check_content_at(src, &m.path)
+}
+
+fn check_content_at(src: &Path, mnt: &Path) {
+    let at = |rel: &str| mnt.join(rel);
     for rel in [
         "a/hello.txt",
         "a/b/empty",
@@ -440,11 +448,11 @@ fn check_content(src: &Path, m: &Mounted) {
     ] {
         let want = sha256(&std::fs::read(src.join(rel)).unwrap());
         assert_eq!(
-            sha256(&std::fs::read(m.p(rel)).unwrap()),
+            sha256(&std::fs::read(at(rel)).unwrap()),
             want,
             "{rel}: read"
         );
-        let f = File::open(m.p(rel)).unwrap();
+        let f = File::open(at(rel)).unwrap();
         let len = f.metadata().unwrap().len() as usize;
         if len > 0 {
             let map = Mapping::new(&f, len);
@@ -452,7 +460,7 @@ fn check_content(src: &Path, m: &Mounted) {
         }
     }
     // Odd offsets and a read past the end.
-    let f = File::open(m.p("data/big.bin")).unwrap();
+    let f = File::open(at("data/big.bin")).unwrap();
     let mut buf = vec![0u8; 10_000];
     let n = f.read_at(&mut buf, BIG as u64 - 1234).unwrap();
     assert_eq!(n, 1234);
@@ -2165,4 +2173,136 @@ fn serve_and_open_own_file(dir: &Path) {
     // Blocks until killed (or the gate's bound, 120 s, if nobody kills).
     let _ = std::fs::read(dir.join("mnt/f"));
     drop(m);
+}
+
+/// A tmpfs of a test's own, unmounted on drop (also when the test panics).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        rustix::mount::mount(
+            "test-meta",
+            at,
+            "tmpfs",
+            rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+            c"mode=0755",
+        )
+        .unwrap();
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        use rustix::mount::{unmount, UnmountFlags};
+        if unmount(&self.0, UnmountFlags::empty()).is_err() {
+            let _ = unmount(&self.0, UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// The stub tree of the source tree's index, stacked by overlayfs over the
+/// store's layer directory (`layers/<hex>/fs`) and, as a second data-only
+/// layer, this file system's data view: what a container's overlay root is.
+struct StubRoot {
+    overlay: Option<Overlay>,
+    fs: Mounted,
+    _meta: Tmpfs,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const HEX: &str = "00000000000000000000000000000000000000000000000000000000000000aa";
+
+fn stub_root(store: &Path, src: &Path) -> StubRoot {
+    let index = index_of(src);
+    let view = Arc::new(lazylayer_fs::DataView::new(&[HEX.to_string()], None).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Tmpfs::mount(&dir.path().join("meta"));
+    let made = lazylayer_fs::meta_tree::build(&index, &view, &meta.0).unwrap();
+    assert_eq!(made.entries, index.len());
+    let source = LayerDirSource {
+        layer_dirs: vec![src.to_path_buf()],
+    };
+    let opts = FsOptions {
+        passthrough: false,
+        data_view: Some(view),
+        ..FsOptions::default()
+    };
+    let fs = Mounted::with_options(index, source, None, opts);
+    let path = dir.path().join("root");
+    std::fs::create_dir(&path).unwrap();
+    // Read-only: with an upper, the root directory would be the upper's.
+    let lowers = format!(
+        "{}::{}::{}",
+        meta.0.display(),
+        store.display(),
+        fs.path.display()
+    );
+    let overlay = Overlay::mount(&[Path::new(&lowers)], None, &path).unwrap();
+    StubRoot {
+        overlay: Some(overlay),
+        fs,
+        _meta: meta,
+        path,
+        _dir: dir,
+    }
+}
+
+impl Drop for StubRoot {
+    fn drop(&mut self) {
+        self.overlay.take();
+    }
+}
+
+/// The stub tree shows the source tree's every name, stat field, link
+/// target and xattr (none of its own), and each file's bytes are the
+/// layer's: read by the kernel from the store's directory, no request to
+/// this file system's data view.
+#[test]
+fn root_stub_tree_over_the_stores_layer_is_the_source_tree() {
+    if !have_root("root_stub_tree_over_the_stores_layer_is_the_source_tree") {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let src = store.path().join(HEX).join("fs");
+    std::fs::create_dir_all(&src).unwrap();
+    make_tree(&src);
+    let root = stub_root(store.path(), &src);
+    let n = compare_trees(&src, &root.path, false);
+    assert!(n >= 20, "walked only {n} entries");
+    check_content_at(&src, &root.path);
+    let tool = std::fs::metadata(root.path.join("bin/tool")).unwrap();
+    assert_eq!(tool.mode() & 0o7777, 0o4755);
+    assert_eq!(
+        root.fs.stats.read_requests(),
+        0,
+        "a local layer's files are read without the daemon"
+    );
+}
+
+/// A layer not in the store (not fetched yet) is read through the data
+/// view: the same bytes, through this file system.
+#[test]
+fn root_stub_tree_reads_a_layer_not_in_the_store_through_the_data_view() {
+    if !have_root("root_stub_tree_reads_a_layer_not_in_the_store_through_the_data_view") {
+        return;
+    }
+    let layer = tempfile::tempdir().unwrap();
+    make_tree(layer.path());
+    let empty_store = tempfile::tempdir().unwrap();
+    let root = stub_root(empty_store.path(), layer.path());
+    check_content_at(layer.path(), &root.path);
+    assert!(root.fs.stats.read_requests() > 0);
+    // The data view names only what the layer holds, nothing else.
+    let view = &root.fs.path;
+    assert!(view.join(HEX).join("fs/a/hello.txt").is_file());
+    assert!(!view.join(HEX).join("fs/a/missing").exists());
+    assert!(
+        !view.join("a/hello.txt").exists(),
+        "no root view beside the data view"
+    );
+    let other = HEX.replace("aa", "bb");
+    assert!(!view.join(other).join("fs/a/hello.txt").exists());
 }
