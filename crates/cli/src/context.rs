@@ -231,6 +231,8 @@ impl GlobalArgs {
             prefetch: on(prefetch_flag, self.config.fetch.prefetch),
             // The daemons that serve roots hand them to a holder instead.
             force_unmount_on_death: false,
+            // Their runtimes stack the FUSE root themselves.
+            meta_tree: None,
         }
     }
 

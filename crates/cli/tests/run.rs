@@ -260,8 +260,11 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
         assert!(n <= 1, "layer {d} fetched {n} times by two concurrent runs");
     }
     // Files of layers already local are read by the kernel straight from
-    // the store, unless passthrough is turned off (then every open comes to
-    // lazylayer). The prefetch stays off: the image is not local whole yet.
+    // the store: on a FUSE root by passthrough, unless it is turned off
+    // (then every open comes to lazylayer); on an overlay root (the
+    // default) from the store's layer with no open coming to lazylayer but
+    // those of files not local yet. The prefetch stays off: the image is
+    // not local whole yet.
     let opens = |o: &std::process::Output| -> (u64, u64) {
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         let num = |before: &str| -> u64 {
@@ -274,19 +277,32 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
         (num("opens by passthrough"), num("through lazylayer"))
     };
     let sqlite = ["python3", "-c", "import sqlite3; print('one')"];
-    let stats_run = |passthrough: &str| {
+    let stats_run = |lazy_root: &str, passthrough: &str| {
         let mut args = vec!["--rm", "--stats", "--prefetch", "off"];
-        args.extend(["--passthrough", passthrough, &dst, "--"]);
+        args.extend([
+            "--lazy-root",
+            lazy_root,
+            "--passthrough",
+            passthrough,
+            &dst,
+            "--",
+        ]);
         args.extend(sqlite);
         let out = run(root.path(), &args);
         assert_eq!(stdout(&out), "one\n");
         opens(&out)
     };
-    let (pt, daemon) = stats_run("on");
+    let (pt, daemon) = stats_run("fuse", "on");
     assert!(pt > 0, "passthrough opens: {pt}, daemon: {daemon}");
-    let (pt, daemon) = stats_run("off");
+    let (pt, through_fuse) = stats_run("fuse", "off");
     assert_eq!(pt, 0);
-    assert!(daemon > 0);
+    assert!(through_fuse > 0);
+    let (pt, daemon) = stats_run("overlay", "off");
+    assert_eq!(pt, 0);
+    assert!(
+        daemon < through_fuse,
+        "an overlay root opens through lazylayer only what is not local: {daemon} of {through_fuse}"
+    );
 
     // Make sure every layer is in the store (prefetch may have been cut by the exit).
     lazylayer_ok(root.path(), &["pull", "-q", &dst]);
@@ -302,19 +318,42 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
     );
 
     // Every layer local but the image's record gone (the root a lazily
-    // started container keeps for its life): served by FUSE, and once every
-    // byte is known local the kernel opens files alone.
+    // started container keeps for its life): on a FUSE root, once every
+    // byte is known local the kernel opens files alone; on an overlay root
+    // no open comes to lazylayer at all (the store's layers serve them).
     lazylayer_ok(root.path(), &["rmi", &dst]);
     let script =
         "sleep 1; for i in 1 2 3 4 5 6 7 8; do cat /etc/os-release >/dev/null; done; echo ok";
     let out = run(
         root.path(),
-        &["--rm", "--stats", &dst, "--", "sh", "-c", script],
+        &[
+            "--rm",
+            "--stats",
+            "--lazy-root",
+            "fuse",
+            &dst,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stdout(&out), "ok\n", "{err}");
     assert!(!err.contains("no FUSE"), "{err}");
     assert!(err.contains("then every open by the kernel alone"), "{err}");
+    lazylayer_ok(root.path(), &["rmi", &dst]);
+    let out = run(
+        root.path(),
+        &["--rm", "--stats", &dst, "--", "sh", "-c", script],
+    );
+    assert_eq!(stdout(&out), "ok\n");
+    assert_eq!(
+        opens(&out),
+        (0, 0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // All local: a run with the registry gone works, on the store's layers
     // under the kernel's overlayfs (no FUSE at all).
@@ -815,16 +854,21 @@ fn orphan(root: &Path, image: &str, name: &str, rm: bool) {
         "{:?}",
         runc_containers(root)
     );
-    // The overlay stays under the running container. The lazy root below
-    // it, whose server is gone, is force-unmounted by the run's death watch
-    // (nothing but that overlay used it, and the overlay holds its own
-    // reference): a moment after the run's death.
+    // The overlay stays under the running container, and the stub tree it
+    // stacks (tmpfs: nothing serves it, so nothing hangs on it). The lazy
+    // root, whose server is gone, is force-unmounted by the run's death
+    // watch (nothing but that overlay used it, and the overlay holds its
+    // own reference): a moment after the run's death.
     let dir = root.join("containers").join(name);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while mount_types_below(&dir).len() > 1 && Instant::now() < deadline {
+    while mount_types_below(&dir)
+        .iter()
+        .any(|t| t.starts_with("fuse"))
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(mount_types_below(&dir), ["overlay"]);
+    assert_eq!(mount_types_below(&dir), ["tmpfs", "overlay"]);
     assert!(!pins_left(root).is_empty());
 }
 
@@ -967,15 +1011,16 @@ fn root_container_a_going_leaves_container_ab_alone() {
         ],
         &[],
     );
-    assert_eq!(mounts_below(&ab_dir).len(), 2);
+    // The lazy root, its stub tree and the container's overlay.
+    assert_eq!(mounts_below(&ab_dir).len(), 3);
     // `a` exits and is removed with --rm; then another `a`, removed with rm.
     let out = run(root.path(), &["--rm", "--name", "a", &lazy, "--", "true"]);
     assert!(out.status.success());
-    assert_eq!(mounts_below(&ab_dir).len(), 2, "a's --rm unmounted ab");
+    assert_eq!(mounts_below(&ab_dir).len(), 3, "a's --rm unmounted ab");
     let out = run(root.path(), &["--name", "a", &lazy, "--", "true"]);
     assert!(out.status.success());
     lazylayer_ok(root.path(), &["rm", "a"]);
-    assert_eq!(mounts_below(&ab_dir).len(), 2, "rm a unmounted ab");
+    assert_eq!(mounts_below(&ab_dir).len(), 3, "rm a unmounted ab");
 
     ab.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
     assert_eq!(wait_exit(&mut ab.0, Duration::from_secs(30)), Some(0));

@@ -62,6 +62,8 @@ impl Images {
                 prefetch: true,
                 // A holder keeps the roots over a restart.
                 force_unmount_on_death: false,
+                // containerd stacks the FUSE root itself (its mount list).
+                meta_tree: None,
             },
         }
     }

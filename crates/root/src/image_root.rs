@@ -18,6 +18,9 @@ pub struct ImageRoot {
     lazy: Option<LazyRoot>,
     /// Top first.
     lowers: Vec<PathBuf>,
+    /// Data-only lowers below them, in order (a lazy root served as a stub
+    /// tree: [`LazyRoot::stack`]).
+    data_lowers: Vec<PathBuf>,
     config_bytes: Vec<u8>,
     /// An optimized image served from the store's layers without FUSE.
     native: bool,
@@ -49,8 +52,13 @@ impl ImageRoot {
         match LazyRoot::open(store, client.clone(), reference, opts, pin_name).await {
             Ok(mut root) => {
                 root.mount(mount_at, mount)?;
+                let (lowers, data_lowers) = match root.stack() {
+                    Some(s) => (s.lowers, s.data),
+                    None => (vec![mount_at.to_path_buf()], Vec::new()),
+                };
                 Ok(ImageRoot {
-                    lowers: vec![mount_at.to_path_buf()],
+                    lowers,
+                    data_lowers,
                     config_bytes: root.config_bytes().to_vec(),
                     lazy: Some(root),
                     native: false,
@@ -73,6 +81,7 @@ impl ImageRoot {
                 Ok(ImageRoot {
                     lazy: None,
                     lowers,
+                    data_lowers: Vec::new(),
                     config_bytes: store.read_blob(&rec.config_digest)?,
                     native: false,
                     _pin: Some(pin),
@@ -104,6 +113,7 @@ impl ImageRoot {
         Ok(Some(ImageRoot {
             lazy: None,
             lowers,
+            data_lowers: Vec::new(),
             config_bytes: store.read_blob(&rec.config_digest)?,
             native: true,
             _pin: Some(pin),
@@ -122,6 +132,11 @@ impl ImageRoot {
     /// The directories to stack, top first.
     pub fn lowers(&self) -> &[PathBuf] {
         &self.lowers
+    }
+
+    /// Data-only lowers below [`Self::lowers`], in the order tried.
+    pub fn data_lowers(&self) -> &[PathBuf] {
+        &self.data_lowers
     }
 
     pub fn config_bytes(&self) -> &[u8] {

@@ -15,12 +15,14 @@ pub mod attached;
 mod image_root;
 mod lazy;
 mod local;
+mod meta;
 mod root;
 
 pub use image_root::ImageRoot;
 pub use lazy::{LazyImage, NoBootLayer, OpenError};
 pub use local::{holds_index, index_mask, is_optimized, local_image, stacked_lowers};
-pub use root::{LazyRoot, MountOptions, RootProgress};
+pub use meta::kernel_has_data_only_layers;
+pub use root::{LazyRoot, MountOptions, RootProgress, Stack};
 
 /// Background prefetch of a lazily started container waits until its start
 /// has settled: file-system requests stopped for this long...

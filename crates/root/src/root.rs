@@ -3,17 +3,18 @@
 //! with it, in one place.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lazylayer_fetch::{FetchError, FetchOptions, LayerFetcher, LayerState, LayerStatus};
-use lazylayer_fs::{FsMount, FsOptions, FsStats};
+use lazylayer_fs::{DataView, FsMount, FsOptions, FsStats};
 use lazylayer_oci::{Reference, RegistryClient};
 use lazylayer_store::{LayerRef, Pin, Store};
 
 use crate::lazy::{LazyImage, OpenError};
+use crate::meta::MetaTree;
 use crate::{PREFETCH_MAX_WAIT, PREFETCH_QUIET};
 
 /// How much longer than its bound [`LazyRoot::finish_fetching`] lets the
@@ -48,8 +49,21 @@ pub struct LazyRoot {
     prefetch_gate: Option<tokio::task::AbortHandle>,
     /// The mount prefetches the layers nobody asked for.
     prefetch: bool,
+    /// The stub tree the container's overlay stacks, when the root is
+    /// served that way (unmounted after the FUSE mount, which is its data).
+    meta: Option<MetaTree>,
     /// Last: released only once the rest is undone.
     _pin: Pin,
+}
+
+/// What a container's overlay stacks for a root served as a stub tree.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// Lower directories, top first: the stub tree.
+    pub lowers: Vec<PathBuf>,
+    /// Data-only lowers, in the order overlayfs tries them: the store's
+    /// extracted layers, then the FUSE data view.
+    pub data: Vec<PathBuf>,
 }
 
 /// How [`LazyRoot::mount`] serves the root.
@@ -65,6 +79,13 @@ pub struct MountOptions {
     /// force-unmounted so that none of its own requests on it keeps it
     /// from exiting ([`FsMount::force_unmount_on_death`]).
     pub force_unmount_on_death: bool,
+    /// Serve the root as a stub tree made at this directory (an empty one;
+    /// a tmpfs is mounted there) over the store's layers and the FUSE
+    /// mount as a data view ([`lazylayer_fs::meta_tree`]), for a container
+    /// overlay to stack ([`LazyRoot::stack`]). The kernel then reads every
+    /// local file and answers every stat and listing with no daemon in the
+    /// way. Ignored on kernels without overlayfs data-only layers (6.5).
+    pub meta_tree: Option<PathBuf>,
 }
 
 /// A cloneable view of a root's fetch progress (for a status thread).
@@ -110,6 +131,7 @@ impl LazyRoot {
             recorder: None,
             prefetch_gate: None,
             prefetch: false,
+            meta: None,
             _pin: pin,
         })
     }
@@ -157,6 +179,14 @@ impl LazyRoot {
             // An earlier root of this image stopped them when it went.
             b.resume_background();
         }
+        // A server taking a mount over keeps its namespace: the root view.
+        let view = match (&opts.meta_tree, &handed_over) {
+            (Some(_), None) if crate::meta::kernel_has_data_only_layers() => {
+                Some(Arc::new(self.data_view()?))
+            }
+            _ => None,
+        };
+        fs_opts.data_view = view.clone();
         let fs = self.image.file_system(&self.fetcher, fs_opts);
         let mut m = match handed_over {
             None => FsMount::mount(fs, target, 8)?,
@@ -197,9 +227,46 @@ impl LazyRoot {
                     .abort_handle(),
             );
         }
+        if let (Some(view), Some(dir)) = (&view, &opts.meta_tree) {
+            self.meta = Some(MetaTree::mount(dir, &self.image.index, view)?);
+        }
         self.mount = Some(m);
         self.recorder = Some(self.spawn_recorder(!fs_passthrough));
         Ok(())
+    }
+
+    /// The data view's names: each layer's blob digest, and the boot
+    /// layer's when it is extracted in the store.
+    fn data_view(&self) -> Result<DataView, FetchError> {
+        let layers: Vec<String> = self
+            .image
+            .lower
+            .iter()
+            .map(|l| l.digest.hex().to_owned())
+            .collect();
+        let boot = match &self.image.boot {
+            lazylayer_fetch::BootContentSource::Dir(d) => d
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned()),
+            _ => None,
+        };
+        DataView::new(&layers, boot.as_deref()).map_err(|e| FetchError::BadImage {
+            image: self.image.reference.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// What a container's overlay stacks when the root is served as a stub
+    /// tree ([`MountOptions::meta_tree`]); None when it is served as a
+    /// FUSE root (stack [`LazyRoot::path`] alone).
+    pub fn stack(&self) -> Option<Stack> {
+        let meta = self.meta.as_ref()?;
+        let layers = self.store.root().join("layers").join("sha256");
+        Some(Stack {
+            lowers: vec![meta.dir().to_path_buf()],
+            data: vec![layers, self.path()?.to_path_buf()],
+        })
     }
 
     /// Records the image once every layer is local; gives up when one failed.

@@ -68,6 +68,10 @@ pub struct RunOptions {
     /// completes an image whose rest takes less than this, and keeps more
     /// of it otherwise. The exit code is the container's either way.
     pub finish_after_exit: Duration,
+    /// Serve a lazy root as a stub tree over the store's layers and the
+    /// FUSE mount ([`MountOptions::meta_tree`], made in the container's
+    /// directory), where the kernel allows it; else as a FUSE root.
+    pub meta_tree: bool,
 }
 
 /// The default of [`RunOptions::finish_after_exit`]: a few seconds, so a
@@ -195,6 +199,7 @@ impl RunSteps for Run<'_> {
     ) -> Result<RunningContainer, RunError> {
         Ok(ContainerBuilder::new(&self.opts.name, self.runc)
             .lowers(root.lowers().to_vec())
+            .data_lowers(root.data_lowers().to_vec())
             .writable(&self.cdir.path)
             .spec(spec)
             .stdio(Stdio::Inherit)
@@ -239,6 +244,16 @@ impl Run<'_> {
             path: lower.clone(),
             source,
         })?;
+        let mut mount = o.mount.clone();
+        if o.meta_tree {
+            let meta = self.cdir.sub("meta");
+            std::fs::create_dir(&meta).map_err(|source| RunError::Io {
+                action: "creating",
+                path: meta.clone(),
+                source,
+            })?;
+            mount.meta_tree = Some(meta);
+        }
         let root = ImageRoot::open(
             self.store,
             self.client.clone(),
@@ -246,7 +261,7 @@ impl Run<'_> {
             o.fetch.clone(),
             &pin_name(&o.name),
             &lower,
-            o.mount.clone(),
+            mount,
             progress,
         )
         .await

@@ -32,6 +32,7 @@ pub struct ContainerBuilder {
     id: String,
     runc: Runc,
     lowers: Vec<PathBuf>,
+    data_lowers: Vec<PathBuf>,
     writable: Option<PathBuf>,
     spec: Option<RunSpec>,
     stdio: Stdio,
@@ -60,6 +61,7 @@ impl ContainerBuilder {
             id: id.into(),
             runc: runc.clone(),
             lowers: Vec::new(),
+            data_lowers: Vec::new(),
             writable: None,
             spec: None,
             stdio: Stdio::Inherit,
@@ -70,6 +72,14 @@ impl ContainerBuilder {
     /// The read-only lower directories of the root, top first.
     pub fn lowers(mut self, lowers: Vec<PathBuf>) -> Self {
         self.lowers = lowers;
+        self
+    }
+
+    /// Data-only lower directories below `lowers`, tried in order for the
+    /// bytes of a metacopy file that redirects there (see
+    /// [`OverlayMount::mount_with_data`]).
+    pub fn data_lowers(mut self, data: Vec<PathBuf>) -> Self {
+        self.data_lowers = data;
         self
     }
 
@@ -129,7 +139,13 @@ impl ContainerBuilder {
                 c.created.push(d.clone());
             }
         }
-        c.overlay = Some(OverlayMount::mount(&self.lowers, &upper, &work, &rootfs)?);
+        c.overlay = Some(OverlayMount::mount_with_data(
+            &self.lowers,
+            &self.data_lowers,
+            &upper,
+            &work,
+            &rootfs,
+        )?);
         spec.id = self.id.clone();
         spec.rootfs = rootfs;
         write_bundle(&spec, &bundle)?;

@@ -24,11 +24,30 @@ impl OverlayMount {
         work: &Path,
         target: &Path,
     ) -> Result<Self, RuntimeError> {
+        Self::mount_with_data(lowers, &[], upper, work, target)
+    }
+
+    /// [`Self::mount`] with data-only lower layers below `lowers` (Linux
+    /// 6.5+): never listed or looked up by name, only read through the
+    /// `trusted.overlay.redirect` of a metacopy file in `lowers`, tried in
+    /// order.
+    pub fn mount_with_data(
+        lowers: &[PathBuf],
+        data: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<Self, RuntimeError> {
         let upper = absolute(upper, target)?;
         let work = absolute(work, target)?;
+        let mut lowerdir = lower_list(lowers, target)?;
+        for d in data {
+            lowerdir.push_str("::");
+            lowerdir.push_str(&option_path(&absolute(d, target)?, target)?);
+        }
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
-            lower_list(lowers, target)?,
+            lowerdir,
             option_path(&upper, target)?,
             option_path(&work, target)?,
         );

@@ -67,6 +67,15 @@ pub struct Args {
     /// [config: fs.passthrough; default: off]
     #[arg(long, value_parser = ["on", "off"])]
     pub passthrough: Option<String>,
+    /// How a lazily started container's root is stacked. `overlay` (Linux
+    /// 6.5+, else `fuse`): the kernel's overlayfs over a tree of every path's
+    /// metadata (on tmpfs), each file's bytes read from the store's layer
+    /// once that layer is local, through lazylayer until then; a stat, a
+    /// listing or a read of a local file then costs what it costs on a
+    /// local image, for the container's whole life. `fuse`: the whole root
+    /// through lazylayer's file system.
+    #[arg(long, value_parser = ["overlay", "fuse"], default_value = "overlay")]
+    pub lazy_root: String,
     /// Print timings and fetch statistics on stderr when the container exits
     #[arg(long)]
     pub stats: bool,
@@ -141,6 +150,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
         stop_timeout,
         t0,
         finish_after_exit: lazylayer_run::FINISH_AFTER_EXIT,
+        meta_tree: a.lazy_root == "overlay",
     };
     let bars = Arc::new(PullBars::new(false));
     let rep = run_container(&store, client, opts, &mut signals, bars).await?;

@@ -1,0 +1,88 @@
+//! A lazy root's stub tree ([`lazylayer_fs::meta_tree`]) on a tmpfs of its
+//! own, for the container's overlay to stack over the store's layers and
+//! the FUSE data view.
+
+use std::path::{Path, PathBuf};
+
+use lazylayer_fetch::FetchError;
+use lazylayer_fs::{meta_tree, DataView, TreeStats};
+use lazylayer_index::{BootIndex, FileKind};
+use rustix::mount::{MountFlags, UnmountFlags};
+
+/// Whether this kernel's overlayfs takes data-only lower layers (Linux 6.5).
+pub fn kernel_has_data_only_layers() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 5)
+}
+
+/// The stub tree of a mounted lazy root: a tmpfs at `dir`, unmounted (and
+/// with it every stub) on drop.
+#[derive(Debug)]
+pub(crate) struct MetaTree {
+    dir: PathBuf,
+    pub(crate) stats: TreeStats,
+}
+
+impl MetaTree {
+    /// Mount a tmpfs at `dir` (an empty directory) and make `index`'s stubs
+    /// in it, pointing into `view`.
+    pub(crate) fn mount(
+        dir: &Path,
+        index: &BootIndex,
+        view: &DataView,
+    ) -> Result<MetaTree, FetchError> {
+        let fail = |what: String| {
+            FetchError::Io(lazylayer_sys::IoError::on(
+                "mounting the lazy root's metadata tree (`run --lazy-root fuse` does without)",
+                dir,
+            )(std::io::Error::other(what)))
+        };
+        // Bounded by what the tree needs: an inode per entry (twice as many,
+        // so the xattrs, which tmpfs counts against the same budget, fit)
+        // and a page per symlink whose target is not stored inline.
+        let inodes = index.len() as u64 * 2 + 1024;
+        let links = index
+            .entries
+            .iter()
+            .filter(|e| e.kind == FileKind::Symlink)
+            .count() as u64;
+        let size = (links + 256) * 4096;
+        let data = format!("mode=0755,nr_inodes={inodes},size={size}");
+        let options = std::ffi::CString::new(data.clone()).map_err(|e| fail(e.to_string()))?;
+        rustix::mount::mount(
+            "lazylayer-meta",
+            dir,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            options.as_c_str(),
+        )
+        .map_err(|e| fail(format!("mount -t tmpfs -o {data}: {e}")))?;
+        let mut tree = MetaTree {
+            dir: dir.to_path_buf(),
+            stats: TreeStats::default(),
+        };
+        tree.stats = meta_tree::build(index, view, dir).map_err(|e| fail(e.to_string()))?;
+        tracing::debug!(dir = %dir.display(), entries = tree.stats.entries, stubs = tree.stats.stubs, micros = tree.stats.micros, "metadata tree made");
+        Ok(tree)
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for MetaTree {
+    fn drop(&mut self) {
+        let r = match rustix::mount::unmount(&self.dir, UnmountFlags::empty()) {
+            Err(rustix::io::Errno::BUSY) => rustix::mount::unmount(&self.dir, UnmountFlags::DETACH),
+            r => r,
+        };
+        if let Err(e) = r {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "unmounting the metadata tree");
+        }
+    }
+}
