@@ -1347,7 +1347,12 @@ def section2(b, addr, img, reps, reads, out):
     # container keeps; its warm pass is the metadata after first touch.
     # lazylayer-fuse-pt: the same with FUSE passthrough on (`run --passthrough on`: every open
     # a round trip, reads by the kernel from the store's files), the default before Part 17.
-    contenders = ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse", "lazylayer-fuse-pt"]
+    # lazylayer-lazy: the same lazily opened root as `run` serves it by default (Linux 6.5+):
+    # overlayfs over a tmpfs tree of metadata stubs, the bytes from the store's layers (the
+    # FUSE mount only as the data of files not local yet); lazylayer-fuse and -fuse-pt ask for
+    # the FUSE root (`--lazy-root fuse`).
+    contenders = ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-lazy", "lazylayer-fuse",
+                  "lazylayer-fuse-pt"]
     if b.ll_base:
         contenders.append("lazylayer-fuse-base")
     # The snapshotter peers: the image local in the peer's cache, read through its FUSE
@@ -1389,9 +1394,8 @@ def section2(b, addr, img, reps, reads, out):
                         sh([ll, "--root", root, "pull", "-q", ref_c], timeout=1200)
                     else:
                         sh([ll, "--root", root, "rmi", ref_c], check=False)
-                    pt = ["--passthrough", "on"] if c == "lazylayer-fuse-pt" else []
                     argv = [ll, "--root", root, "run", "--rm", "--stats", "--net", "none", "--prefetch", "off",
-                            *pt, ref_c, "--", "/bin/sh", "-c", script]
+                            *lazy_root_flags(c), ref_c, "--", "/bin/sh", "-c", script]
                 else:
                     argv = ["chroot", mnts[c], "/bin/sh", "-c", script]
                 drop_caches()
@@ -1421,12 +1425,21 @@ def section2(b, addr, img, reps, reads, out):
     rmtree(base)
 
 
+def lazy_root_flags(c):
+    """`run`'s flags for a lazily opened contender of section 2: the default lazy root
+    (lazylayer-lazy), the FUSE root (lazylayer-fuse, -fuse-pt with passthrough on); a
+    baseline binary's own default (it may predate the flags)."""
+    return {"lazylayer-fuse": ["--lazy-root", "fuse"],
+            "lazylayer-fuse-pt": ["--lazy-root", "fuse", "--passthrough", "on"]}.get(c, [])
+
+
 # The server case of section 2: nginx (one worker, no open-file cache, so every request
 # opens its file) serving SERVER_FILES different small files of the image from /usr/share,
 # SERVER_REQUESTS requests spread over them by h2load (8 connections, keep-alive), in a
-# container whose root is kernel overlayfs (lazylayer with the image recorded) or the lazy
-# FUSE root over local layers (lazylayer-fuse, after `rmi`: what a lazily started server
-# keeps), and the same with passthrough on (lazylayer-fuse-pt).
+# container whose root is kernel overlayfs (lazylayer with the image recorded), or what a
+# lazily started server keeps (after `rmi`, every layer local): the default lazy root
+# (lazylayer-lazy), the FUSE root (lazylayer-fuse), and that with passthrough on
+# (lazylayer-fuse-pt).
 SERVER_FILES, SERVER_REQUESTS, SERVER_ROUNDS, SERVER_PORT = 200, 10000, 3, 8080
 SERVER_CONF = (f"daemon off; worker_processes 1; pid /tmp/llbench-nginx.pid; error_log stderr warn; "
                f"events {{ worker_connections 256; }} "
@@ -1454,7 +1467,7 @@ def server_case(b, out, reps):
     step = len(found) / SERVER_FILES
     files = [found[int(i * step)][1:] for i in range(SERVER_FILES)]
     urls = [f"http://127.0.0.1:{SERVER_PORT}{urllib.parse.quote(f)}" for f in files]
-    contenders = ["lazylayer", "lazylayer-fuse", "lazylayer-fuse-pt"]
+    contenders = ["lazylayer", "lazylayer-lazy", "lazylayer-fuse", "lazylayer-fuse-pt"]
     for c in contenders:
         res["rps"][c] = []
     for rep in range(reps):
@@ -1464,8 +1477,8 @@ def server_case(b, out, reps):
                 sh(ll + ["pull", "-q", opt_ref], timeout=1200)
             else:
                 sh(ll + ["rmi", opt_ref], check=False)
-            pt = ["--passthrough", "on"] if c == "lazylayer-fuse-pt" else []
-            argv = ll + ["run", "--rm", "--stats", "--net", "host", "--prefetch", "off", *pt, opt_ref, "--",
+            argv = ll + ["run", "--rm", "--stats", "--net", "host", "--prefetch", "off", *lazy_root_flags(c),
+                         opt_ref, "--",
                          "sh", "-c", 'printf "%s" "$1" > /tmp/ll.conf && exec nginx -c /tmp/ll.conf', "sh",
                          SERVER_CONF]
             if not wait_port_closed(SERVER_PORT, 20):

@@ -548,13 +548,16 @@ def markdown(d, seconds):
           "overlayfs and fuse-overlayfs, each with an empty upper dir; the workload runs with "
           "the image's own binaries (`chroot MERGED /bin/sh -c ...`; lazylayer: as the command "
           "of `lazylayer run --prefetch off` after `lazylayer pull` of the optimized image, which "
-          "then stacks the store's layers under kernel overlayfs without FUSE; lazylayer-fuse: the "
-          "same with the image's record forgotten (`rmi`), so the root is the lazy FUSE mount over "
-          "local layers, the path a lazily started container keeps). "
+          "then stacks the store's layers under kernel overlayfs without FUSE; lazylayer-lazy: the "
+          "same with the image's record forgotten (`rmi`), so the root is opened lazily over local "
+          "layers, the path a lazily started container keeps, as `run` serves it by default: "
+          "overlayfs over a tmpfs tree of metadata stubs whose bytes come from the store's layers; "
+          "lazylayer-fuse: that root as a FUSE mount, `--lazy-root fuse`). "
           "Cold = right after dropping the page cache, warm = the same workload again at once. "
           "Median seconds; in brackets the ratio to kernel overlayfs.")
         w("")
-        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-fuse", "lazylayer-fuse-pt",
+        fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-lazy", "lazylayer-fuse",
+                           "lazylayer-fuse-pt",
                            "lazylayer-fuse-base", "nydus", "estargz"] if c in fs["fs"]]
         w("| workload | " + " | ".join(f"{c} cold" for c in fsn) + " | "
           + " | ".join(f"{c} warm" for c in fsn) + " |")
@@ -574,10 +577,10 @@ def markdown(d, seconds):
             w(f"| {esc(desc)} | " + " | ".join(row) + " |")
         w("")
         if "lazylayer-fuse-pt" in fsn:
-            w("lazylayer-fuse-pt: the lazy FUSE root with passthrough on (`run --passthrough on`, the "
-              "default before Part 17): the kernel reads local files from the store, every open is a round "
-              "trip. lazylayer-fuse (the default now): reads through lazylayer into the page cache, and "
-              "once every byte is local the kernel opens files alone.")
+            w("lazylayer-fuse-pt: the lazy FUSE root with passthrough on (`run --lazy-root fuse "
+              "--passthrough on`, the default before Part 17): the kernel reads local files from the "
+              "store, every open is a round trip. lazylayer-fuse (`--lazy-root fuse`): reads through "
+              "lazylayer into the page cache, and once every byte is local the kernel opens files alone.")
             w("")
         srv = fs.get("server")
         if srv and srv.get("median"):
@@ -592,8 +595,11 @@ def markdown(d, seconds):
             w("| root | requests/s |")
             w("|---|---:|")
             for c, what in (("lazylayer", "kernel overlayfs (image recorded)"),
+                            ("lazylayer-lazy", "lazy root, metadata stubs over the store's layers"),
                             ("lazylayer-fuse", "lazy FUSE root, the kernel opens files"),
                             ("lazylayer-fuse-pt", "lazy FUSE root, passthrough")):
+                if c not in md:
+                    continue  # not a contender of that run
                 v = md.get(c)
                 if v is None:
                     w(f"| {what} | failed |")
