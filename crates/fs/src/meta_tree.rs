@@ -32,7 +32,7 @@ use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 
 /// Names of a data view's top directories, each a store layer's blob digest
-/// (hex) holding, below `fs/`, the files of one source.
+/// (hex, one algorithm's) holding, below `fs/`, the files of one source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataView {
     roots: Vec<(String, DataRoot)>,
@@ -50,7 +50,7 @@ pub enum DataRoot {
 /// Why a data view or a stub tree could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaTreeError {
-    #[error("data view: {0:?} is not a layer digest (64 hex digits)")]
+    #[error("data view: {0:?} is not a layer digest's hex (64 or 128 lowercase hex digits)")]
     BadRoot(String),
     #[error("metadata tree: {op} {}: {source}", path.display())]
     Io {
@@ -75,7 +75,10 @@ impl DataView {
             roots.push((b.to_owned(), DataRoot::Boot));
         }
         for (h, _) in &roots {
-            if h.len() != 64 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            // One safe path component: a digest's hex (sha256 or sha512).
+            if ![64, 128].contains(&h.len())
+                || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
                 return Err(MetaTreeError::BadRoot(h.clone()));
             }
         }
@@ -466,7 +469,7 @@ mod tests {
         assert_eq!(view.root_named(b.as_bytes()), Some(1));
         assert_eq!(view.root_named(b"fs"), None);
         // Without the boot layer extracted, a boot file is its layer's.
-        let view = DataView::new(&[a.clone()], None).unwrap();
+        let view = DataView::new(std::slice::from_ref(&a), None).unwrap();
         assert_eq!(
             String::from_utf8(view.redirect(&file("y", 0, true)).unwrap()).unwrap(),
             format!("/{a}/fs/y")

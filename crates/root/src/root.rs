@@ -182,7 +182,7 @@ impl LazyRoot {
         // A server taking a mount over keeps its namespace: the root view.
         let view = match (&opts.meta_tree, &handed_over) {
             (Some(_), None) if crate::meta::kernel_has_data_only_layers() => {
-                Some(Arc::new(self.data_view()?))
+                self.data_view()?.map(Arc::new)
             }
             _ => None,
         };
@@ -236,25 +236,37 @@ impl LazyRoot {
     }
 
     /// The data view's names: each layer's blob digest, and the boot
-    /// layer's when it is extracted in the store.
-    fn data_view(&self) -> Result<DataView, FetchError> {
-        let layers: Vec<String> = self
-            .image
-            .lower
+    /// layer's when it is extracted in the store. None when the layers are
+    /// not all in one directory of the store (digests of another algorithm
+    /// than the first's): the root is then a FUSE root.
+    fn data_view(&self) -> Result<Option<DataView>, FetchError> {
+        let lower = &self.image.lower;
+        let Some(first) = lower.first() else {
+            return Ok(None);
+        };
+        if lower
             .iter()
-            .map(|l| l.digest.hex().to_owned())
-            .collect();
+            .any(|l| l.digest.algorithm() != first.digest.algorithm())
+        {
+            return Ok(None);
+        }
+        let layers: Vec<String> = lower.iter().map(|l| l.digest.hex().to_owned()).collect();
+        // The extracted boot layer, when it sits beside the others.
+        let root = self.store.layers_root(&first.digest);
         let boot = match &self.image.boot {
             lazylayer_fetch::BootContentSource::Dir(d) => d
                 .parent()
+                .filter(|p| p.parent() == Some(root.as_path()))
                 .and_then(|p| p.file_name())
                 .map(|n| n.to_string_lossy().into_owned()),
             _ => None,
         };
-        DataView::new(&layers, boot.as_deref()).map_err(|e| FetchError::BadImage {
-            image: self.image.reference.to_string(),
-            reason: e.to_string(),
-        })
+        DataView::new(&layers, boot.as_deref())
+            .map(Some)
+            .map_err(|e| FetchError::BadImage {
+                image: self.image.reference.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// What a container's overlay stacks when the root is served as a stub
@@ -262,7 +274,7 @@ impl LazyRoot {
     /// FUSE root (stack [`LazyRoot::path`] alone).
     pub fn stack(&self) -> Option<Stack> {
         let meta = self.meta.as_ref()?;
-        let layers = self.store.root().join("layers").join("sha256");
+        let layers = self.store.layers_root(&self.image.lower.first()?.digest);
         Some(Stack {
             lowers: vec![meta.dir().to_path_buf()],
             data: vec![layers, self.path()?.to_path_buf()],

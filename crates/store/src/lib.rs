@@ -237,6 +237,13 @@ impl Store {
             .join(d.hex())
     }
 
+    /// The directory of every layer whose digest has `d`'s algorithm
+    /// (`layers/<algorithm>`): each complete one is `<hex>/fs` in it, renamed
+    /// into place only once verified and extracted.
+    pub fn layers_root(&self, d: &Digest) -> PathBuf {
+        self.root.join("layers").join(d.algorithm().as_str())
+    }
+
     /// Where a layer's extracted tree lives once complete (whether or not it is yet).
     pub fn layer_fs_path(&self, d: &Digest) -> PathBuf {
         self.layer_base(d).join("fs")
