@@ -302,7 +302,9 @@ fn lazy_stats(root: &LazyRoot) -> LazyStats {
 }
 
 /// Per-layer progress for `lazylayer status`, rewritten while the container
-/// runs; stopped (after a last write) when dropped.
+/// runs when it changed (a root whose layers have all arrived writes no more
+/// for the rest of the container's life); stopped (after a last look) when
+/// dropped.
 struct StatusWriter {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -313,12 +315,18 @@ impl StatusWriter {
         let f = root.progress();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::spawn(move || loop {
-            let _ = cdir.write_status(&serde_json::json!({ "layers": f.status() }));
-            if s.load(Ordering::Relaxed) {
-                break;
+        let thread = std::thread::spawn(move || {
+            let mut last = None;
+            loop {
+                let status = serde_json::json!({ "layers": f.status() });
+                if last.as_ref() != Some(&status) && cdir.write_status(&status).is_ok() {
+                    last = Some(status);
+                }
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(250));
             }
-            std::thread::sleep(Duration::from_millis(250));
         });
         StatusWriter {
             stop,
