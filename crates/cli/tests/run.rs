@@ -1011,8 +1011,21 @@ fn root_container_a_going_leaves_container_ab_alone() {
         ],
         &[],
     );
-    // The lazy root, its stub tree and the container's overlay.
+    // The lazy root, its stub tree and the container's overlay. The stub
+    // tree holds the image's setuid bits and device nodes as metadata: no
+    // host user may use them through it.
     assert_eq!(mounts_below(&ab_dir).len(), 3);
+    let meta = format!("{}/meta ", ab_dir.display());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(&meta) && l.contains(" - tmpfs "))
+        .unwrap_or_else(|| panic!("no stub tree at {meta}: {info}"));
+    let flags = line.split(' ').nth(5).unwrap();
+    assert!(
+        flags.contains("nosuid") && flags.contains("nodev"),
+        "{line}"
+    );
     // `a` exits and is removed with --rm; then another `a`, removed with rm.
     let out = run(root.path(), &["--rm", "--name", "a", &lazy, "--", "true"]);
     assert!(out.status.success());
