@@ -553,7 +553,9 @@ def markdown(d, seconds):
           "layers, the path a lazily started container keeps, as `run` serves it by default: "
           "overlayfs over a tmpfs tree of metadata stubs whose bytes come from the store's layers; "
           "lazylayer-fuse: that root as a FUSE mount, `--lazy-root fuse`). "
-          "Cold = right after dropping the page cache, warm = the same workload again at once. "
+          "Cold = the page cache dropped once the root's start has settled (the workload starts 2 s "
+          "into its shell, the cache dropped at 1 s, for every root alike), warm = the same "
+          "workload again at once. "
           "Median seconds; in brackets the ratio to kernel overlayfs.")
         w("")
         fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-lazy", "lazylayer-fuse",
