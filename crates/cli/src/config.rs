@@ -115,6 +115,19 @@ pub struct FsSection {
     /// passthrough) instead of opening them alone once the image is local.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passthrough: Option<bool>,
+    /// How `run` stacks a lazily started container's root: `overlay`
+    /// (overlayfs over a stub tree of the image's metadata, bytes from the
+    /// store's layers; Linux 6.5+) or `fuse` (the FUSE root).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_root: Option<LazyRootMode>,
+}
+
+/// [`FsSection::lazy_root`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LazyRootMode {
+    Overlay,
+    Fuse,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -220,6 +233,7 @@ impl Config {
         f.prefetch_bandwidth.get_or_insert_with(|| "none".into());
         f.prefetch_concurrency.get_or_insert(2);
         self.fs.passthrough.get_or_insert(false);
+        self.fs.lazy_root.get_or_insert(LazyRootMode::Overlay);
         self
     }
 
@@ -275,6 +289,7 @@ prefetch_bandwidth = "50MB"
 prefetch_concurrency = 4
 [fs]
 passthrough = false
+lazy_root = "fuse"
 [metrics]
 address = "127.0.0.1:9155"
 "#,
@@ -285,6 +300,7 @@ address = "127.0.0.1:9155"
         assert_eq!(cfg.fetch.stall_timeout, Some(5.0));
         assert_eq!(cfg.fetch.read_timeout, Some(30.5));
         assert_eq!(cfg.fs.passthrough, Some(false));
+        assert_eq!(cfg.fs.lazy_root, Some(LazyRootMode::Fuse));
         assert_eq!(cfg.metrics.address.unwrap().port(), 9155);
         // What `lazylayer config` prints reads back as the same configuration.
         let full = cfg.clone().with_defaults();
@@ -324,6 +340,7 @@ address = "127.0.0.1:9155"
                 "prefetch_bandwidth",
             ),
             ("[fs]\npassthrough = \"yes\"\n", "passthrough"),
+            ("[fs]\nlazy_root = \"ext4\"\n", "lazy_root"),
             ("[metrics]\naddress = \"not an address\"\n", "address"),
             (
                 "[registries.mirrors]\n\"docker.io\" = [\"https://u:p@m.example\"]\n",
