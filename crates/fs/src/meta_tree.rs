@@ -436,23 +436,9 @@ mod tests {
 
     fn file(path: &str, layer: u32, in_boot: bool) -> IndexEntry {
         IndexEntry {
-            path: path.as_bytes().to_vec(),
-            parent: 0,
-            kind: FileKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 1,
-            mtime_sec: 0,
-            mtime_nsec: 0,
-            rdev: 0,
-            link_target: None,
-            xattrs: Vec::new(),
-            hardlink_group: 0,
-            link_count: 0,
             layer,
             in_boot,
-            digest: None,
+            ..IndexEntry::plain(path.as_bytes(), FileKind::File, 1)
         }
     }
 

@@ -192,6 +192,34 @@ pub struct IndexEntry {
     pub digest: Option<[u8; 32]>,
 }
 
+impl IndexEntry {
+    /// An entry of `kind` at `path` (a child of the root), owned by root,
+    /// mode 0755 for a directory and 0644 otherwise, of `size` bytes, in
+    /// layer 0, with no target, xattrs, links or digest: a base to build
+    /// entries from (tests, tools).
+    pub fn plain(path: &[u8], kind: FileKind, size: u64) -> IndexEntry {
+        IndexEntry {
+            path: path.to_vec(),
+            parent: 0,
+            kind,
+            mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            size,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+            rdev: 0,
+            link_target: None,
+            xattrs: Vec::new(),
+            hardlink_group: 0,
+            link_count: 0,
+            layer: 0,
+            in_boot: false,
+            digest: None,
+        }
+    }
+}
+
 /// The merged view of an image: its layers and every path, with lookup
 /// tables built once (at [`BootIndex::new`] / [`BootIndex::decode`]) so that
 /// the per-`lookup` calls of a FUSE file system are binary searches.

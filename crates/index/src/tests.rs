@@ -14,23 +14,8 @@ use super::*;
 
 pub(crate) fn entry(path: &[u8], parent: u32, kind: FileKind) -> IndexEntry {
     IndexEntry {
-        path: path.to_vec(),
         parent,
-        kind,
-        mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
-        uid: 0,
-        gid: 0,
-        size: 0,
-        mtime_sec: 1_700_000_000,
-        mtime_nsec: 0,
-        rdev: 0,
-        link_target: None,
-        xattrs: Vec::new(),
-        hardlink_group: 0,
-        link_count: 0,
-        layer: 0,
-        in_boot: false,
-        digest: None,
+        ..IndexEntry::plain(path, kind, 0)
     }
 }
 

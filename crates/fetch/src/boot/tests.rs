@@ -35,23 +35,8 @@ const FILE_START: u64 = 512;
 
 pub(crate) fn entry(path: &[u8], kind: FileKind, size: u64) -> IndexEntry {
     IndexEntry {
-        path: path.to_vec(),
-        parent: 0,
-        kind,
-        mode: if kind == FileKind::Dir { 0o755 } else { 0o644 },
-        uid: 0,
-        gid: 0,
-        size,
-        mtime_sec: 1_700_000_000,
-        mtime_nsec: 0,
-        rdev: 0,
-        link_target: None,
-        xattrs: Vec::new(),
-        hardlink_group: 0,
-        link_count: 0,
-        layer: 0,
         in_boot: true,
-        digest: None,
+        ..IndexEntry::plain(path, kind, size)
     }
 }
 
