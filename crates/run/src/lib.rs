@@ -238,22 +238,17 @@ impl Run<'_> {
         progress: Arc<dyn PullProgress>,
     ) -> Result<(ImageRoot, RunSpec), RunError> {
         let (o, image) = (self.opts, self.opts.reference.to_string());
-        let lower = self.cdir.sub("lower");
-        std::fs::create_dir(&lower).map_err(|source| RunError::Io {
-            action: "creating",
-            path: lower.clone(),
-            source,
-        })?;
-        let mut mount = o.mount.clone();
-        if o.meta_tree {
-            let meta = self.cdir.sub("meta");
-            std::fs::create_dir(&meta).map_err(|source| RunError::Io {
+        // The FUSE mount's, and the stub tree's when the root is one.
+        let [lower, meta] = ["lower", "meta"].map(|d| self.cdir.sub(d));
+        for d in std::iter::once(&lower).chain(o.meta_tree.then_some(&meta)) {
+            std::fs::create_dir(d).map_err(|source| RunError::Io {
                 action: "creating",
-                path: meta.clone(),
+                path: d.clone(),
                 source,
             })?;
-            mount.meta_tree = Some(meta);
         }
+        let mut mount = o.mount.clone();
+        mount.meta_tree = o.meta_tree.then_some(meta);
         let root = ImageRoot::open(
             self.store,
             self.client.clone(),
