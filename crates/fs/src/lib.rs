@@ -33,7 +33,7 @@ mod trace;
 
 pub use filesystem::{FsOptions, FsStats, LazyFs, OpensSwitch};
 pub use holder::{Held, Holder};
-pub use meta_tree::{DataRoot, DataView, MetaTreeError, TreeStats};
+pub use meta_tree::{DataView, MetaTreeError, TreeStats};
 pub use mount::FsMount;
 pub use panics::panic_message;
 pub use source::{BootOnlySource, Content, ContentSource, LayerDirSource, RangedContent};

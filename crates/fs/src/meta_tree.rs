@@ -32,19 +32,13 @@ use lazylayer_index::{BootIndex, FileKind, IndexEntry};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 
 /// Names of a data view's top directories, each a store layer's blob digest
-/// (hex, one algorithm's) holding, below `fs/`, the files of one source.
+/// (hex, one algorithm's) holding, below `fs/`, the files of one source:
+/// `names[n]` the index's layer `n` (the files it is the topmost holder
+/// of), then, with `boot`, the extracted boot layer (the files it holds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataView {
-    roots: Vec<(String, DataRoot)>,
-}
-
-/// Which files a data view's top directory holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DataRoot {
-    /// The index's layer `n`: the files it is the topmost holder of.
-    Layer(u32),
-    /// The boot layer, extracted in the store: the files it holds.
-    Boot,
+    names: Vec<String>,
+    boot: bool,
 }
 
 /// Why a data view or a stub tree could not be made.
@@ -66,15 +60,12 @@ impl DataView {
     /// that of the boot layer when it is extracted in the store (its files
     /// are then read from there from the start).
     pub fn new(layers: &[String], boot: Option<&str>) -> Result<DataView, MetaTreeError> {
-        let mut roots: Vec<(String, DataRoot)> = layers
+        let names: Vec<String> = layers
             .iter()
-            .enumerate()
-            .map(|(n, h)| (h.clone(), DataRoot::Layer(n as u32)))
+            .cloned()
+            .chain(boot.map(str::to_owned))
             .collect();
-        if let Some(b) = boot {
-            roots.push((b.to_owned(), DataRoot::Boot));
-        }
-        for (h, _) in &roots {
+        for h in &names {
             // One safe path component: a digest's hex (sha256 or sha512).
             if ![64, 128].contains(&h.len())
                 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -82,48 +73,52 @@ impl DataView {
                 return Err(MetaTreeError::BadRoot(h.clone()));
             }
         }
-        Ok(DataView { roots })
+        Ok(DataView {
+            names,
+            boot: boot.is_some(),
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.roots.len()
+        self.names.len()
     }
 
     /// The top directory named `name`.
     pub(crate) fn root_named(&self, name: &[u8]) -> Option<u32> {
-        self.roots
+        self.names
             .iter()
-            .position(|(h, _)| h.as_bytes() == name)
+            .position(|h| h.as_bytes() == name)
             .map(|r| r as u32)
+    }
+
+    /// The boot layer's top directory, when the view has one.
+    fn boot_root(&self) -> Option<usize> {
+        self.boot.then(|| self.names.len() - 1)
     }
 
     /// Whether top directory `r` holds the file `e`.
     pub(crate) fn holds(&self, r: u32, e: &IndexEntry) -> bool {
-        match self.roots.get(r as usize).map(|(_, k)| *k) {
-            Some(DataRoot::Layer(n)) => e.layer == n,
-            Some(DataRoot::Boot) => e.in_boot,
-            None => false,
+        match self.boot_root() {
+            Some(b) if b == r as usize => e.in_boot,
+            _ => e.layer == r && (r as usize) < self.names.len(),
         }
     }
 
     /// Where a stub of `e` points: the boot layer's copy when the boot layer
     /// is extracted and holds it, else the layer's.
     fn redirect(&self, e: &IndexEntry) -> Option<Vec<u8>> {
-        let boot = self
-            .roots
-            .iter()
-            .find(|(_, k)| *k == DataRoot::Boot && e.in_boot);
-        let (hex, _) = boot.or_else(|| {
-            self.roots
-                .iter()
-                .find(|(_, k)| *k == DataRoot::Layer(e.layer))
-        })?;
-        let mut r = Vec::with_capacity(hex.len() + e.path.len() + 6);
-        r.push(b'/');
-        r.extend_from_slice(hex.as_bytes());
-        r.extend_from_slice(b"/fs/");
-        r.extend_from_slice(&e.path);
-        Some(r)
+        let layers = self.names.len() - usize::from(self.boot);
+        let r = match self.boot_root() {
+            Some(b) if e.in_boot => b,
+            _ => Some(e.layer as usize).filter(|n| *n < layers)?,
+        };
+        let hex = &self.names[r];
+        let mut to = Vec::with_capacity(hex.len() + e.path.len() + 6);
+        to.push(b'/');
+        to.extend_from_slice(hex.as_bytes());
+        to.extend_from_slice(b"/fs/");
+        to.extend_from_slice(&e.path);
+        Some(to)
     }
 }
 
