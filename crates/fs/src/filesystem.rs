@@ -401,6 +401,16 @@ impl<S: ContentSource> Shared<S> {
         }
     }
 
+    /// Answer a LOOKUP of a name `dir` lacks with a negative entry (inode
+    /// 0) and a TTL, so the kernel caches the miss: programs probe many
+    /// absent paths (python's module search), and the image never changes
+    /// under the mount.
+    fn reply_missing(&self, dir: u32, reply: ReplyEntry) {
+        let mut attr = self.attr(dir);
+        attr.ino = INodeNo(0);
+        reply.entry(&self.opts.ttl, &attr, Generation(0));
+    }
+
     fn child_path(&self, parent: u32, name: &[u8]) -> Vec<u8> {
         let p = &self.entry(parent).path;
         if p.is_empty() {
@@ -457,12 +467,7 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
                 }
                 None => {
                     self.record(&self.child_path(p, name.as_bytes()), Access::Missing);
-                    // A negative entry (inode 0) with a TTL lets the kernel cache
-                    // the miss: programs probe many absent paths (python's module
-                    // search), and the image never changes under the mount.
-                    let mut attr = self.attr(p);
-                    attr.ino = INodeNo(0);
-                    reply.entry(&self.opts.ttl, &attr, Generation(0));
+                    self.reply_missing(p, reply);
                 }
             }
         })

@@ -50,11 +50,16 @@ impl<S: ContentSource> Shared<S> {
         })
     }
 
-    /// Attributes of a data view's directory (none outside one). Only the
-    /// daemon's own mount sees them: owner root, mode 0555.
+    /// Attributes of a data view's directory (none outside one).
     pub(super) fn data_dir_attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let view = self.opts.data_view.as_ref()?;
         self.data_dir(view, ino)?;
+        Some(self.dir_attr(ino))
+    }
+
+    /// A data view directory's attributes. Only the daemon's own mount sees
+    /// them: owner root, mode 0555.
+    fn dir_attr(&self, ino: INodeNo) -> FileAttr {
         let mut a = self.attr(0);
         a.ino = ino;
         a.kind = FileType::Directory;
@@ -62,7 +67,7 @@ impl<S: ContentSource> Shared<S> {
         a.uid = 0;
         a.gid = 0;
         a.nlink = 2;
-        Some(a)
+        a
     }
 
     /// LOOKUP in a data view: `<hex>` at the top, then `fs`, then the
@@ -75,13 +80,6 @@ impl<S: ContentSource> Shared<S> {
         reply: ReplyEntry,
     ) {
         let ttl = self.opts.ttl;
-        let dir_entry = |dir: DataDir, reply: ReplyEntry| {
-            let ino = self.data_ino(view, dir);
-            match self.data_dir_attr(ino) {
-                Some(a) => reply.entry(&ttl, &a, Generation(0)),
-                None => reply.error(fuser::Errno::ENOENT),
-            }
-        };
         let found = if parent == INodeNo(1) {
             view.root_named(name).map(DataDir::Top)
         } else {
@@ -104,13 +102,12 @@ impl<S: ContentSource> Shared<S> {
             }
         };
         match found {
-            Some(dir) => dir_entry(dir, reply),
-            // Cached like the root view's misses: the names never change.
-            None => {
-                let mut a = self.attr(0);
-                a.ino = INodeNo(0);
-                reply.entry(&ttl, &a, Generation(0))
-            }
+            Some(dir) => reply.entry(
+                &ttl,
+                &self.dir_attr(self.data_ino(view, dir)),
+                Generation(0),
+            ),
+            None => self.reply_missing(0, reply),
         }
     }
 }
