@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -1026,6 +1026,18 @@ fn root_container_a_going_leaves_container_ab_alone() {
         flags.contains("nosuid") && flags.contains("nodev"),
         "{line}"
     );
+    // `run` holds the store's layer directories the stub tree's redirects
+    // pass (`<hex>/fs`), so a cold cache keeps their dentries as overlayfs
+    // keeps its own layers': the layers that arrive after the start too.
+    let (held, present) = wait_for_held_layers(root.path(), ab.0.id());
+    assert!(
+        !held.is_empty() && held.iter().all(|h| present.contains(h)),
+        "held {held:?}, in the store {present:?}"
+    );
+    assert!(
+        held.len() + 1 >= present.len(),
+        "every layer but the boot layer is held: held {held:?}, in the store {present:?}"
+    );
     // `a` exits and is removed with --rm; then another `a`, removed with rm.
     let out = run(root.path(), &["--rm", "--name", "a", &lazy, "--", "true"]);
     assert!(out.status.success());
@@ -1038,6 +1050,39 @@ fn root_container_a_going_leaves_container_ab_alone() {
     ab.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
     assert_eq!(wait_exit(&mut ab.0, Duration::from_secs(30)), Some(0));
     assert_nothing_left(root.path());
+}
+
+/// The store's layer directories (`layers/sha256/<hex>/fs`) that process
+/// `pid` holds open, and those in the store, once the first covers all but
+/// one of the second (the boot layer, extracted or not), or after 30 s.
+fn wait_for_held_layers(root: &Path, pid: u32) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let layers = root.join("layers/sha256");
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut present: Vec<PathBuf> = std::fs::read_dir(&layers)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path().join("fs"))
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        present.sort();
+        let mut held: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|l| l.starts_with(&layers))
+            .collect();
+        held.sort();
+        held.dedup();
+        if (!held.is_empty() && held.len() + 1 >= present.len())
+            || t0.elapsed() > Duration::from_secs(30)
+        {
+            return (held, present);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The mounts of this mount namespace whose mount point is below `dir`:

@@ -83,6 +83,12 @@ impl DataView {
         self.names.len()
     }
 
+    /// The top directories' names: blob digests' hex, the boot layer's last
+    /// when the view has it.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
     /// The top directory named `name`.
     pub(crate) fn root_named(&self, name: &[u8]) -> Option<u32> {
         self.names

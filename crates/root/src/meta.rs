@@ -2,7 +2,9 @@
 //! own, for the container's overlay to stack over the store's layers and
 //! the FUSE data view.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use lazylayer_fetch::FetchError;
 use lazylayer_fs::{meta_tree, DataView, TreeStats};
@@ -25,6 +27,50 @@ pub fn kernel_has_data_only_layers() -> bool {
 pub(crate) struct MetaTree {
     dir: PathBuf,
     pub(crate) stats: TreeStats,
+    pub(crate) pins: Arc<LayerPins>,
+}
+
+/// The data layers' `<hex>/fs` directories in the store, held open
+/// (`O_PATH`) while the tree lives. Kernel overlayfs holds each of its
+/// layers' roots, but a data layer's root is the store's layer directory
+/// and every stub's redirect passes `<hex>/fs` below it: unheld, a cold
+/// cache (memory pressure, or a drop) loses those two dentries per layer
+/// and the first open through each pays their directory reads from disk
+/// (python3's cold `cat`: 42.7 against 39.9 ms on overlayfs unheld, 35.9
+/// against 38.7 ms held, median of 10 containers each).
+#[derive(Debug)]
+pub(crate) struct LayerPins {
+    layers: PathBuf,
+    names: Vec<String>,
+    held: Mutex<Vec<(usize, OwnedFd)>>,
+}
+
+impl LayerPins {
+    /// Hold the layers now in the store that are not held yet (a layer
+    /// extracted later is held once [`hold_present`](Self::hold_present)
+    /// runs again); returns how many are held.
+    pub(crate) fn hold_present(&self) -> usize {
+        use rustix::fs::{open, Mode, OFlags};
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for (n, name) in self.names.iter().enumerate() {
+            if held.iter().any(|(h, _)| *h == n) {
+                continue;
+            }
+            let dir = self.layers.join(name).join("fs");
+            match open(
+                &dir,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => held.push((n, fd)),
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "not holding a data layer")
+                }
+            }
+        }
+        held.len()
+    }
 }
 
 impl MetaTree {
@@ -34,6 +80,7 @@ impl MetaTree {
         dir: &Path,
         index: &BootIndex,
         view: &DataView,
+        layers: &Path,
     ) -> Result<MetaTree, FetchError> {
         let fail = |what: String| {
             FetchError::Io(lazylayer_sys::IoError::on(
@@ -65,8 +112,14 @@ impl MetaTree {
         let mut tree = MetaTree {
             dir: dir.to_path_buf(),
             stats: TreeStats::default(),
+            pins: Arc::new(LayerPins {
+                layers: layers.to_path_buf(),
+                names: view.names().to_vec(),
+                held: Mutex::new(Vec::new()),
+            }),
         };
         tree.stats = meta_tree::build(index, view, dir).map_err(|e| fail(e.to_string()))?;
+        tree.pins.hold_present();
         tracing::debug!(dir = %dir.display(), entries = tree.stats.entries, stubs = tree.stats.stubs, micros = tree.stats.micros, "metadata tree made");
         Ok(tree)
     }

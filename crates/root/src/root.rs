@@ -227,8 +227,11 @@ impl LazyRoot {
                     .abort_handle(),
             );
         }
-        if let (Some(view), Some(dir)) = (&view, &opts.meta_tree) {
-            self.meta = Some(MetaTree::mount(dir, &self.image.index, view)?);
+        if let (Some(view), Some(dir), Some(first)) =
+            (&view, &opts.meta_tree, self.image.lower.first())
+        {
+            let layers = self.store.layers_root(&first.digest);
+            self.meta = Some(MetaTree::mount(dir, &self.image.index, view, &layers)?);
         }
         self.mount = Some(m);
         self.recorder = Some(self.spawn_recorder(!fs_passthrough));
@@ -297,6 +300,7 @@ impl LazyRoot {
             .as_ref()
             .filter(|_| kernel_opens)
             .map(|m| m.opens_switch().clone());
+        let pins = self.meta.as_ref().map(|m| m.pins.clone());
         tokio::runtime::Handle::current()
             .spawn(async move {
                 loop {
@@ -307,6 +311,10 @@ impl LazyRoot {
                         if let Some(o) = &opens {
                             o.turn_on();
                             tracing::info!(image = %reference, "every byte is local: the kernel opens the lazy root's files alone from now on");
+                        }
+                        // The layers extracted since the stub tree was made.
+                        if let Some(p) = &pins {
+                            p.hold_present();
                         }
                         save(&store, &record, &saved, &reference);
                         return;
