@@ -1302,20 +1302,28 @@ def tree_of(root):
     return out
 
 
-# The workload runs twice in one shell: right after caches were dropped (cold) and at
-# once again (warm). Times are taken inside, so container start-up is not counted.
+# The workload runs in one shell right after caches were dropped (cold), then at once
+# FS_WARM_PASSES times more (warm: their median; a warm `cat` of python3 lasts ~25 ms, where
+# one pass can come out twice another's on this 2-core VM). Times are taken inside, so
+# container start-up is not counted.
 # A section-2 workload starts FS_SETTLE_S after its shell does, and the page cache is dropped
 # FS_DROP_AT_S after the root's command was launched: "cold" is then the file system's cold
 # steady state, the same for every root, not the first second of a container's life (a lazy
 # root's daemon records the image and writes its store then, with fsyncs that a cold read
 # would queue behind: python3's cold `cat` measured 1.24x on the stub-tree root started that
 # way, 1.0x with the start settled, 6 pairs each).
-FS_SETTLE_S, FS_DROP_AT_S = 2, 1.0
+FS_SETTLE_S, FS_DROP_AT_S, FS_WARM_PASSES = 2, 1.0, 3
 
 
 def fs_script(snippet):
-    return ('t() { s=$(date +%s%N); eval "$1" >&2; e=$(date +%s%N); echo "T $((e - s))"; }; '
-            f"sleep {FS_SETTLE_S}; t {shlex.quote(snippet)}; t {shlex.quote(snippet)}")
+    # The shell and its workload on CPU 0 (the image's taskset, util-linux): `cat | wc -c`
+    # spread over both CPUs took ~30 ms where on one it took ~21 ms, and the scheduler
+    # picks either from pass to pass, a noise twice the bar's margin. A root's daemon, if
+    # it has one, is outside the shell and keeps both CPUs.
+    q = shlex.quote(snippet)
+    return ("command -v taskset >/dev/null && taskset -pc 0 $$ >/dev/null && echo PINNED; "
+            't() { s=$(date +%s%N); eval "$1" >&2; e=$(date +%s%N); echo "T $((e - s))"; }; '
+            f"sleep {FS_SETTLE_S}; t {q}" + f"; t {q}" * FS_WARM_PASSES)
 
 
 def run_cold(argv, timeout):
@@ -1332,15 +1340,16 @@ def run_cold(argv, timeout):
 
 
 def parse_times(stdout):
+    """(cold, warm): the first pass, and the median of the FS_WARM_PASSES after it."""
     ts = [int(l.split()[1]) / 1e9 for l in stdout.splitlines() if l.startswith("T ")]
-    if len(ts) != 2:
+    if len(ts) != 1 + FS_WARM_PASSES:
         raise RuntimeError(f"workload printed {stdout[-300:]!r}")
-    return ts
+    return ts[0], median(ts[1:])
 
 
 def section2(b, addr, img, reps, reads, out):
     info = out["images"][img]
-    res = {"image": img, "workloads": {}, "fs": {}, "notes": []}
+    res = {"image": img, "workloads": {}, "fs": {}, "notes": [], "warm_passes": FS_WARM_PASSES}
     out["fs"] = res
     base = os.path.join(b.work, "fsb")
     rmtree(base)
@@ -1427,6 +1436,7 @@ def section2(b, addr, img, reps, reads, out):
                     res["lazylayer_registry_bytes"] = res.get("lazylayer_registry_bytes", 0) + b.reglog.since(off)[0]
                 try:
                     cold, warm = parse_times(r.stdout)
+                    res.setdefault("pinned", {})[c] = "PINNED" in r.stdout.splitlines()
                     if c.startswith("lazylayer") and ("no FUSE" in r.stderr) != (c == "lazylayer"):
                         raise RuntimeError(f"{c}: `run` took the other path (stderr {r.stderr[-300:]!r})")
                 except RuntimeError as e:
@@ -1461,16 +1471,25 @@ def lazy_root_flags(c):
 # container whose root is kernel overlayfs (lazylayer with the image recorded), or what a
 # lazily started server keeps (after `rmi`, every layer local): the default lazy root
 # (lazylayer-lazy), the FUSE root (lazylayer-fuse), and that with passthrough on
-# (lazylayer-fuse-pt).
-SERVER_FILES, SERVER_REQUESTS, SERVER_ROUNDS, SERVER_PORT = 200, 10000, 3, 8080
-SERVER_CONF = (f"daemon off; worker_processes 1; pid /tmp/llbench-nginx.pid; error_log stderr warn; "
-               f"events {{ worker_connections 256; }} "
-               f"http {{ access_log off; sendfile on; server {{ listen {SERVER_PORT}; root /usr/share; }} }}")
+# (lazylayer-fuse-pt). The contenders' servers run side by side, each on a port of its own,
+# and their rounds alternate: one round lasts ~0.2 s, and on this 2-core VM the rate drifts
+# by ±10% over seconds, which rounds taken one contender after the other read as a
+# difference of roots. Every server is warm and settled before the first round, so what is
+# timed is the steady state a long-lived server lives in, not its start's aftermath.
+SERVER_FILES, SERVER_REQUESTS, SERVER_ROUNDS, SERVER_PORT = 200, 10000, 5, 8080
+SERVER_CONTENDERS = ["lazylayer", "lazylayer-lazy", "lazylayer-fuse", "lazylayer-fuse-pt"]
+
+
+def server_conf(port):
+    return (f"daemon off; worker_processes 1; pid /tmp/llbench-nginx-{port}.pid; error_log stderr warn; "
+            f"events {{ worker_connections 256; }} "
+            f"http {{ access_log off; sendfile on; server {{ listen {port}; root /usr/share; }} }}")
 
 
 def server_case(b, out, reps):
     info = out["images"].get("nginx") or {}
-    res = {"files": SERVER_FILES, "requests": SERVER_REQUESTS, "rounds": SERVER_ROUNDS, "rps": {}, "notes": []}
+    res = {"files": SERVER_FILES, "requests": SERVER_REQUESTS, "rounds": SERVER_ROUNDS, "side_by_side": True,
+           "rps": {}, "notes": []}
     out["fs"]["server"] = res
     opt_ref = info.get("opt_ref")
     if not (b.run_available and opt_ref):
@@ -1487,48 +1506,72 @@ def server_case(b, out, reps):
         res["notes"].append(f"only {len(found)} small files in /usr/share - not run")
         return
     step = len(found) / SERVER_FILES
-    files = [found[int(i * step)][1:] for i in range(SERVER_FILES)]
-    urls = [f"http://127.0.0.1:{SERVER_PORT}{urllib.parse.quote(f)}" for f in files]
-    contenders = ["lazylayer", "lazylayer-lazy", "lazylayer-fuse", "lazylayer-fuse-pt"]
+    files = [urllib.parse.quote(found[int(i * step)][1:]) for i in range(SERVER_FILES)]
+    contenders = SERVER_CONTENDERS
+    port = {c: SERVER_PORT + i for i, c in enumerate(contenders)}
+    urls = {c: [f"http://127.0.0.1:{port[c]}{f}" for f in files] for c in contenders}
     for c in contenders:
         res["rps"][c] = []
     for rep in range(reps):
-        k = rep % len(contenders)
-        for c in contenders[k:] + contenders[:k]:
-            if c == "lazylayer":
-                sh(ll + ["pull", "-q", opt_ref], timeout=1200)
-            else:
-                sh(ll + ["rmi", opt_ref], check=False)
-            argv = ll + ["run", "--rm", "--stats", "--net", "host", "--prefetch", "off", *lazy_root_flags(c),
-                         opt_ref, "--",
-                         "sh", "-c", 'printf "%s" "$1" > /tmp/ll.conf && exec nginx -c /tmp/ll.conf', "sh",
-                         SERVER_CONF]
-            if not wait_port_closed(SERVER_PORT, 20):
-                raise RuntimeError(f"port {SERVER_PORT} busy before the server case")
-            errf = open(os.path.join(b.logs, f"server-{rep}-{c}.err"), "w")
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf)
-            try:
+        procs, errs, got = {}, {}, {c: [] for c in contenders}
+        try:
+            # The lazy roots first, each on an image not recorded (a lazy run that finds every
+            # layer local records the image again); the recorded one last.
+            for c in contenders[1:] + contenders[:1]:
+                if c == "lazylayer":
+                    sh(ll + ["pull", "-q", opt_ref], timeout=1200)
+                else:
+                    sh(ll + ["rmi", opt_ref], check=False)
+                if not wait_port_closed(port[c], 20):
+                    raise RuntimeError(f"port {port[c]} busy before the server case")
+                argv = ll + ["run", "--rm", "--stats", "--net", "host", "--prefetch", "off", *lazy_root_flags(c),
+                             opt_ref, "--", "sh", "-c",
+                             'printf "%s" "$1" > /tmp/ll.conf && exec nginx -c /tmp/ll.conf', "sh",
+                             server_conf(port[c])]
+                errs[c] = os.path.join(b.logs, f"server-{rep}-{c}.err")
+                with open(errs[c], "w") as errf:
+                    procs[c] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                stderr=errf)
                 end = now() + 120
-                while now() < end and not port_open(SERVER_PORT) and proc.poll() is None:
+                while now() < end and not port_open(port[c]) and procs[c].poll() is None:
                     time.sleep(0.05)
-                # Every file served once: the steady state (pages cached, the root settled).
-                warm = sh(["h2load", "--h1", "-n", str(SERVER_FILES), "-c", "1", *urls], check=False, timeout=120)
-                # SERVER_ROUNDS runs of SERVER_REQUESTS each (one lasts ~0.4 s: a single
-                # one is at the mercy of a scheduling hiccup on this 2-core machine).
-                for _ in range(SERVER_ROUNDS):
-                    r = sh(["h2load", "--h1", "-n", str(SERVER_REQUESTS), "-c", "8", "-t", "1", *urls],
+                with open(errs[c]) as f:
+                    err = f.read()
+                if not port_open(port[c]):
+                    raise RuntimeError(f"fs server {c}: nginx not serving (stderr {err[-300:]!r})")
+                # Every file served once: pages cached, the root settled.
+                warm = sh(["h2load", "--h1", "-n", str(SERVER_FILES), "-c", "1", *urls[c]], check=False,
+                          timeout=120)
+                if warm.returncode != 0:
+                    raise RuntimeError(f"fs server {c}: warm-up failed ({warm.stdout[-300:]!r})")
+            for rnd in range(SERVER_ROUNDS):
+                k = (rep * SERVER_ROUNDS + rnd) % len(contenders)
+                for c in contenders[k:] + contenders[:k]:
+                    r = sh(["h2load", "--h1", "-n", str(SERVER_REQUESTS), "-c", "8", "-t", "1", *urls[c]],
                            check=False, timeout=600)
                     m = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", r.stdout)
                     ok = re.search(r"status codes: (\d+) 2xx", r.stdout)
-                    if not m or not ok or int(ok.group(1)) != SERVER_REQUESTS or warm.returncode != 0:
+                    if not m or not ok or int(ok.group(1)) != SERVER_REQUESTS:
                         log(f"fs server {c}: FAILED ({(r.stdout + r.stderr)[-400:]!r})")
-                        break
-                    res["rps"][c].append(float(m.group(1)))
+                        continue
+                    got[c].append(float(m.group(1)))
                     log(f"fs server {c}: {float(m.group(1)):.0f} req/s")
-            finally:
-                stop_process(proc, lambda p: p.send_signal(signal.SIGINT))
-                errf.close()
-            save(out)
+        except RuntimeError as e:
+            log(str(e))
+            res["notes"].append(f"repetition {rep + 1}: {e}")
+        finally:
+            for p in procs.values():
+                stop_process(p, lambda p: p.send_signal(signal.SIGINT))
+        # `run --stats` says at exit which root it gave: a round counts only on the right one.
+        for c, path in errs.items():
+            with open(path) as f:
+                err = f.read()
+            if ("no FUSE" in err) != (c == "lazylayer"):
+                log(f"fs server {c}: `run` took the other path (stderr {err[-300:]!r})")
+                res["notes"].append(f"repetition {rep + 1}: {c} took the other path - its rounds dropped")
+            else:
+                res["rps"][c] += got[c]
+        save(out)
     for c in contenders:
         res.setdefault("median", {})[c] = median(res["rps"][c])
     rmtree(root)

@@ -555,8 +555,11 @@ def markdown(d, seconds):
           "lazylayer-fuse: that root as a FUSE mount, `--lazy-root fuse`). "
           "Cold = the page cache dropped once the root's start has settled (the workload starts 2 s "
           "into its shell, the cache dropped at 1 s, for every root alike), warm = the same "
-          "workload again at once. "
-          "Median seconds; in brackets the ratio to kernel overlayfs.")
+          "workload again at once"
+          + (f", {fs['warm_passes']} times (their median). " if fs.get("warm_passes", 1) > 1 else ". ")
+          + ("The workload's shell is pinned to CPU 0 (taskset) in every root. "
+             if fs.get("pinned") and all(fs["pinned"].values()) else "")
+          + "Median seconds; in brackets the ratio to kernel overlayfs.")
         w("")
         fsn = [c for c in ["overlayfs", "fuse-overlayfs", "lazylayer", "lazylayer-lazy", "lazylayer-fuse",
                            "lazylayer-fuse-pt",
@@ -591,7 +594,10 @@ def markdown(d, seconds):
             w(f"**Server case**: nginx (one worker, no open-file cache: every request opens its file) "
               f"serving {srv['files']} different small files of the image (from /usr/share), "
               f"{srv['requests']} requests by h2load over 8 keep-alive connections after one warm-up pass, "
-              f"{srv.get('rounds', 1)} times per container; median requests per second over every run; in "
+              f"{srv.get('rounds', 1)} times per container"
+              + ("; the containers serve side by side, each on a port of its own, and their rounds alternate"
+                 if srv.get("side_by_side") else "")
+              + "; median requests per second over every round of every repetition; in "
               "brackets the ratio to the same container on kernel overlayfs (lazylayer).")
             w("")
             w("| root | requests/s |")

@@ -4,7 +4,7 @@
 # is local, and the cost of `optimize`.
 #
 #   bash bench/run.sh [--quick] [--runs N] [--out DIR]
-#                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--no-build]
+#                     [--images LIST] [--links LIST] [--all-cells] [--no-fs] [--fs-reps N] [--no-build]
 #                     [--baseline BIN] [--rtts LIST] [--rtt-links LIST] [--relay-shaping S]
 #                     [--contenders LIST] [--sid] [--peers]
 #
@@ -18,6 +18,7 @@
 #                 per cold pull)
 #   --no-fs       skip section 2 (file-system overhead)
 #   --fs-image I  the image of section 2 (default gcc; python3 with --quick)
+#   --fs-reps N   repetitions of section 2 (default 3; 1 with --quick)
 #   --no-build    use the existing target/release/lazylayer (no cargo build)
 #   --baseline B  also time an older lazylayer binary B side by side in the same run
 #                 (lazylayer run, and the FUSE root in section 2): a change's regression check,
@@ -82,6 +83,7 @@ while (($#)); do
     --no-build) BUILD=0; shift ;;
     --baseline) BASELINE=$(realpath "$2"); shift 2 ;;
     --fs-image) FS_IMAGE_ARG=$2; shift 2 ;;
+    --fs-reps) FS_REPS_ARG=$2; shift 2 ;;
     --rtts) RTTS=$2; shift 2 ;;
     --rtt-links) RTT_LINKS=$2; shift 2 ;;
     --relay-shaping) RELAY_SHAPING=$2; shift 2 ;;
@@ -103,6 +105,7 @@ else
   FS_IMAGE=gcc FS_REPS=3 FS_READS=20000
 fi
 [[ -z ${FS_IMAGE_ARG:-} ]] || FS_IMAGE=$FS_IMAGE_ARG
+[[ -z ${FS_REPS_ARG:-} ]] || FS_REPS=$FS_REPS_ARG
 SID_ROOT=${LAZYLAYER_SID_ROOT:-/var/cache/lazylayer/sid-root}
 SID_SHARED=${LAZYLAYER_SID_SHARED:-/tmp/lazylayer-sid}
 if ((SID)); then
