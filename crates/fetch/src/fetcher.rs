@@ -151,7 +151,7 @@ impl PullProgress for SlotProgress {
         self.inner.kept[self.layer].store(offset, Ordering::Relaxed);
     }
     fn layer_extracted(&self, _d: &Digest, total: u64) {
-        self.inner.extracted[self.layer].store(total, Ordering::Relaxed);
+        self.inner.extracted[self.layer].store(total, Ordering::Release);
     }
 }
 
@@ -579,8 +579,10 @@ impl LayerFetcher {
                 } else {
                     self.inner.fetched[i].load(Ordering::Relaxed)
                 },
-                kept: self.inner.kept[i].load(Ordering::Relaxed),
-                extracted: self.inner.extracted[i].load(Ordering::Relaxed),
+                // Extracted first: bytes are kept before the extraction
+                // may read them, so read in this order `kept` is never less.
+                extracted: self.inner.extracted[i].load(Ordering::Acquire),
+                kept: self.inner.kept[i].load(Ordering::Acquire),
                 state: slot.state.clone(),
                 on_demand: slot.on_demand,
             })

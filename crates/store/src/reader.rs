@@ -88,12 +88,12 @@ pub fn write_received(
             // Unbuffered: a process killed next still leaves these bytes in
             // the file (the page cache has them).
             out.write_all(&chunk)?;
-            let mut len = 0;
-            received.update(|s| {
-                s.len += chunk.len() as u64;
-                len = s.len;
-            });
+            // Counted kept before the reader may see them: the extraction
+            // then never reports more than is kept. This thread alone
+            // grows `len`.
+            let len = received.state.lock().unwrap().len + chunk.len() as u64;
             kept(len);
+            received.update(|s| s.len = len);
         }
         Ok(())
     })();
@@ -189,6 +189,27 @@ mod tests {
         let data = std::fs::read(&path).unwrap();
         assert_eq!(data.len(), 100_000);
         assert_eq!(data[99_999], 99);
+    }
+
+    /// `kept` hears of each chunk before the reader may read it, so the
+    /// extraction never reports more bytes than are kept (a `status` taken
+    /// between the two showed `extracted` > `kept`).
+    #[test]
+    fn bytes_are_kept_before_the_reader_sees_them() {
+        let t = tempfile::tempdir().unwrap();
+        let mut out = File::create(t.path().join("partial")).unwrap();
+        let received = Received::new(0);
+        let (tx, rx) = mpsc::channel(2);
+        tx.blocking_send(Bytes::from_static(b"abc")).unwrap();
+        tx.blocking_send(Bytes::from_static(b"de")).unwrap();
+        drop(tx);
+        let heard = Mutex::new(Vec::new());
+        let kept = |n: u64| {
+            let visible = received.state.lock().unwrap().len;
+            heard.lock().unwrap().push((n, visible));
+        };
+        assert_eq!(write_received(rx, &mut out, &received, &kept).unwrap(), 5);
+        assert_eq!(*heard.lock().unwrap(), vec![(3, 0), (5, 3)]);
     }
 
     /// The reader follows the file as it grows, and stops at a cancel.
