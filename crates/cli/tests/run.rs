@@ -855,7 +855,8 @@ fn orphan(root: &Path, image: &str, name: &str, rm: bool) {
         runc_containers(root)
     );
     // The overlay stays under the running container, and the stub tree it
-    // stacks (tmpfs: nothing serves it, so nothing hangs on it). The lazy
+    // stacks (an EROFS image in the container's directory: nothing serves
+    // it, so nothing hangs on it). The lazy
     // root, whose server is gone, is force-unmounted by the run's death
     // watch (nothing but that overlay used it, and the overlay holds its
     // own reference): a moment after the run's death.
@@ -868,7 +869,7 @@ fn orphan(root: &Path, image: &str, name: &str, rm: bool) {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(mount_types_below(&dir), ["tmpfs", "overlay"]);
+    assert_eq!(mount_types_below(&dir), ["erofs", "overlay"]);
     assert!(!pins_left(root).is_empty());
 }
 
@@ -1012,20 +1013,24 @@ fn root_container_a_going_leaves_container_ab_alone() {
         &[],
     );
     // The lazy root, its stub tree and the container's overlay. The stub
-    // tree holds the image's setuid bits and device nodes as metadata: no
+    // tree (an EROFS image in the container's directory, readable by root
+    // alone) holds the image's setuid bits and device nodes as metadata: no
     // host user may use them through it.
     assert_eq!(mounts_below(&ab_dir).len(), 3);
     let meta = format!("{}/meta ", ab_dir.display());
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let line = info
         .lines()
-        .find(|l| l.contains(&meta) && l.contains(" - tmpfs "))
+        .find(|l| l.contains(&meta) && l.contains(" - erofs "))
         .unwrap_or_else(|| panic!("no stub tree at {meta}: {info}"));
     let flags = line.split(' ').nth(5).unwrap();
     assert!(
-        flags.contains("nosuid") && flags.contains("nodev"),
+        flags.contains("nosuid") && flags.contains("nodev") && flags.starts_with("ro"),
         "{line}"
     );
+    use std::os::unix::fs::PermissionsExt;
+    let image = std::fs::metadata(ab_dir.join("meta.erofs")).unwrap();
+    assert_eq!(image.permissions().mode() & 0o777, 0o600);
     // `run` holds the store's layer directories the stub tree's redirects
     // pass (`<hex>/fs`), so a cold cache keeps their dentries as overlayfs
     // keeps its own layers': the layers that arrive after the start too.

@@ -19,6 +19,7 @@
 mod filesystem;
 // The stub tree of a lazy root that overlayfs reads (metacopy + redirect).
 pub mod meta_tree;
+pub mod stub_image;
 // The holder's pre_exec (setsid in the child).
 #[allow(unsafe_code)]
 pub mod holder;

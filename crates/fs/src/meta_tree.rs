@@ -112,7 +112,7 @@ impl DataView {
 
     /// Where a stub of `e` points: the boot layer's copy when the boot layer
     /// is extracted and holds it, else the layer's.
-    fn redirect(&self, e: &IndexEntry) -> Option<Vec<u8>> {
+    pub(crate) fn redirect(&self, e: &IndexEntry) -> Option<Vec<u8>> {
         let layers = self.names.len() - usize::from(self.boot);
         let r = match self.boot_root() {
             Some(b) if e.in_boot => b,
@@ -137,8 +137,8 @@ pub struct TreeStats {
     pub micros: u64,
 }
 
-const METACOPY: &str = "trusted.overlay.metacopy";
-const REDIRECT: &str = "trusted.overlay.redirect";
+pub(crate) const METACOPY: &str = "trusted.overlay.metacopy";
+pub(crate) const REDIRECT: &str = "trusted.overlay.redirect";
 
 /// Make the stub tree of `index` in `dir` (an empty directory, best on a
 /// tmpfs of its own, mounted nosuid,nodev), pointing into `view`'s names.

@@ -1,13 +1,14 @@
-//! A lazy root's stub tree ([`lazylayer_fs::meta_tree`]) on a tmpfs of its
-//! own, for the container's overlay to stack over the store's layers and
-//! the FUSE data view.
+//! A lazy root's stub tree ([`lazylayer_fs::meta_tree`]), for the
+//! container's overlay to stack over the store's layers and the FUSE data
+//! view: an EROFS image of it ([`lazylayer_fs::stub_image`]) where the
+//! kernel mounts one from a file, else a tmpfs of its own.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use lazylayer_fetch::FetchError;
-use lazylayer_fs::{meta_tree, DataView, TreeStats};
+use lazylayer_fs::{meta_tree, stub_image, DataView, TreeStats};
 use lazylayer_index::{BootIndex, FileKind};
 use rustix::mount::{MountFlags, UnmountFlags};
 
@@ -26,6 +27,8 @@ pub fn kernel_has_data_only_layers() -> bool {
 #[derive(Debug)]
 pub(crate) struct MetaTree {
     dir: PathBuf,
+    /// The EROFS image file mounted at `dir`; None: `dir` is a tmpfs.
+    image: Option<PathBuf>,
     pub(crate) stats: TreeStats,
     pub(crate) pins: Arc<LayerPins>,
 }
@@ -74,13 +77,78 @@ impl LayerPins {
 }
 
 impl MetaTree {
-    /// Mount a tmpfs at `dir` (an empty directory) and make `index`'s stubs
-    /// in it, pointing into `view`.
+    /// Mount `index`'s stubs, pointing into `view`, at `dir` (an empty
+    /// directory): an EROFS image of them made in memory and written beside
+    /// `dir` (`<dir>.erofs`), or, where the kernel or the index rules that
+    /// out, a tmpfs holding them as files.
     pub(crate) fn mount(
         dir: &Path,
         index: &BootIndex,
         view: &DataView,
         layers: &Path,
+    ) -> Result<MetaTree, FetchError> {
+        let pins = Arc::new(LayerPins {
+            layers: layers.to_path_buf(),
+            names: view.names().to_vec(),
+            held: Mutex::new(Vec::new()),
+        });
+        let t0 = std::time::Instant::now();
+        let tree = match Self::mount_image(dir, index, view) {
+            Ok((stubs, image)) => MetaTree {
+                dir: dir.to_path_buf(),
+                image: Some(image),
+                stats: TreeStats {
+                    entries: index.len(),
+                    stubs,
+                    micros: t0.elapsed().as_micros() as u64,
+                },
+                pins,
+            },
+            Err(why) => {
+                tracing::debug!(dir = %dir.display(), %why, "stubs as a tmpfs tree");
+                Self::mount_tmpfs(dir, index, view, pins)?
+            }
+        };
+        tree.pins.hold_present();
+        tracing::debug!(dir = %dir.display(), erofs = tree.image.is_some(), entries = tree.stats.entries, stubs = tree.stats.stubs, micros = tree.stats.micros, "metadata tree made");
+        Ok(tree)
+    }
+
+    /// The EROFS image: (stubs, the image file). Nothing is left behind
+    /// when it fails.
+    fn mount_image(
+        dir: &Path,
+        index: &BootIndex,
+        view: &DataView,
+    ) -> Result<(usize, PathBuf), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let image = stub_image::build(index, view).map_err(|e| e.to_string())?;
+        let file = dir.with_extension("erofs");
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .and_then(|mut f| f.write_all(&image.bytes));
+        let mounted = written.and_then(|()| stub_image::mount(&file, dir));
+        match mounted {
+            Ok(()) => {
+                tracing::debug!(file = %file.display(), bytes = image.bytes.len(), inodes = image.inodes, "stub image mounted");
+                Ok((image.stubs, file))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&file);
+                Err(format!("EROFS image {}: {e}", file.display()))
+            }
+        }
+    }
+
+    fn mount_tmpfs(
+        dir: &Path,
+        index: &BootIndex,
+        view: &DataView,
+        pins: Arc<LayerPins>,
     ) -> Result<MetaTree, FetchError> {
         let fail = |what: String| {
             FetchError::Io(lazylayer_sys::IoError::on(
@@ -111,16 +179,11 @@ impl MetaTree {
         .map_err(|e| fail(format!("mount -t tmpfs -o {data}: {e}")))?;
         let mut tree = MetaTree {
             dir: dir.to_path_buf(),
+            image: None,
             stats: TreeStats::default(),
-            pins: Arc::new(LayerPins {
-                layers: layers.to_path_buf(),
-                names: view.names().to_vec(),
-                held: Mutex::new(Vec::new()),
-            }),
+            pins,
         };
         tree.stats = meta_tree::build(index, view, dir).map_err(|e| fail(e.to_string()))?;
-        tree.pins.hold_present();
-        tracing::debug!(dir = %dir.display(), entries = tree.stats.entries, stubs = tree.stats.stubs, micros = tree.stats.micros, "metadata tree made");
         Ok(tree)
     }
 
@@ -137,6 +200,11 @@ impl Drop for MetaTree {
         };
         if let Err(e) = r {
             tracing::warn!(dir = %self.dir.display(), error = %e, "unmounting the metadata tree");
+        }
+        if let Some(image) = &self.image {
+            // A lazy unmount keeps the file open until the last user goes;
+            // removing its name now is safe either way.
+            let _ = std::fs::remove_file(image);
         }
     }
 }
