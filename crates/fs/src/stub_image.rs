@@ -3,9 +3,9 @@
 //! composed root. The tmpfs tree costs a handful of system calls and a
 //! kernel inode per entry before the container may start (python3's 7,572
 //! entries: 52-86 ms on this 2-core node, the start's largest fixed cost
-//! on a fast link); this image is a few milliseconds of CPU, one write and
-//! one mount, and the kernel instantiates an inode only when it is looked
-//! up.
+//! on a fast link); this image is a few milliseconds of CPU, one write to an
+//! unnamed file and one mount, and the kernel instantiates an inode only when it
+//! is looked up.
 //!
 //! Layout (Linux's `Documentation/filesystems/erofs.rst`, 4 KiB blocks): the
 //! superblock at 1024; every inode *extended* (64 bytes, 32-bit owner,
@@ -402,13 +402,25 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-/// Mount the image in the file `image` (a regular file on a disk file
-/// system: the kernel reads it through its page cache, Linux 6.12's
-/// file-backed EROFS) read-only at `at`, nosuid and nodev.
-pub fn mount(image: &std::path::Path, at: &std::path::Path) -> std::io::Result<()> {
+/// Mount `image` read-only at `at`, nosuid and nodev. The bytes go to an
+/// unnamed file (`O_TMPFILE`, mode 0600) in `scratch`, a directory on a
+/// disk file system (Linux 6.12's file-backed EROFS reads through the
+/// file's page cache; tmpfs has no such path), which the mount opens
+/// through `/proc/self/fd` and keeps: no name is ever on disk, not even
+/// after a `kill -9`, and its blocks are freed with the mount.
+pub fn mount(image: &[u8], at: &std::path::Path, scratch: &std::path::Path) -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
     use rustix::mount::MountFlags;
+    let fd = rustix::fs::open(
+        scratch,
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, image)?;
+    let source = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
     rustix::mount::mount(
-        image,
+        source.as_str(),
         at,
         "erofs",
         MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,

@@ -2228,11 +2228,9 @@ fn stub_root_as(store: &Path, src: &Path, erofs: bool) -> StubRoot {
     let meta = if erofs {
         let image = lazylayer_fs::stub_image::build(&index, &view).unwrap();
         assert_eq!(image.inodes + hard_links(&index), index.len());
-        let file = dir.path().join("meta.erofs");
-        std::fs::write(&file, &image.bytes).unwrap();
         let at = dir.path().join("meta");
         std::fs::create_dir(&at).unwrap();
-        lazylayer_fs::stub_image::mount(&file, &at).unwrap();
+        lazylayer_fs::stub_image::mount(&image.bytes, &at, dir.path()).unwrap();
         Tmpfs(at)
     } else {
         let meta = Tmpfs::mount(&dir.path().join("meta"));

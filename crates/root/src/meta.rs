@@ -27,8 +27,8 @@ pub fn kernel_has_data_only_layers() -> bool {
 #[derive(Debug)]
 pub(crate) struct MetaTree {
     dir: PathBuf,
-    /// The EROFS image file mounted at `dir`; None: `dir` is a tmpfs.
-    image: Option<PathBuf>,
+    /// An EROFS image is mounted at `dir`; else a tmpfs.
+    erofs: bool,
     pub(crate) stats: TreeStats,
     pub(crate) pins: Arc<LayerPins>,
 }
@@ -78,9 +78,9 @@ impl LayerPins {
 
 impl MetaTree {
     /// Mount `index`'s stubs, pointing into `view`, at `dir` (an empty
-    /// directory): an EROFS image of them made in memory and written beside
-    /// `dir` (`<dir>.erofs`), or, where the kernel or the index rules that
-    /// out, a tmpfs holding them as files.
+    /// directory): an EROFS image of them in an unnamed file, or,
+    /// where the kernel or the index rules that out, a tmpfs holding them
+    /// as files.
     pub(crate) fn mount(
         dir: &Path,
         index: &BootIndex,
@@ -94,9 +94,9 @@ impl MetaTree {
         });
         let t0 = std::time::Instant::now();
         let tree = match Self::mount_image(dir, index, view) {
-            Ok((stubs, image)) => MetaTree {
+            Ok(stubs) => MetaTree {
                 dir: dir.to_path_buf(),
-                image: Some(image),
+                erofs: true,
                 stats: TreeStats {
                     entries: index.len(),
                     stubs,
@@ -110,38 +110,24 @@ impl MetaTree {
             }
         };
         tree.pins.hold_present();
-        tracing::debug!(dir = %dir.display(), erofs = tree.image.is_some(), entries = tree.stats.entries, stubs = tree.stats.stubs, micros = tree.stats.micros, "metadata tree made");
+        tracing::debug!(dir = %dir.display(), erofs = tree.erofs, entries = tree.stats.entries, stubs = tree.stats.stubs, micros = tree.stats.micros, "metadata tree made");
         Ok(tree)
     }
 
-    /// The EROFS image: (stubs, the image file). Nothing is left behind
-    /// when it fails.
-    fn mount_image(
-        dir: &Path,
-        index: &BootIndex,
-        view: &DataView,
-    ) -> Result<(usize, PathBuf), String> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+    /// The EROFS image, mounted; the stubs made.
+    fn mount_image(dir: &Path, index: &BootIndex, view: &DataView) -> Result<usize, String> {
         let image = stub_image::build(index, view).map_err(|e| e.to_string())?;
-        let file = dir.with_extension("erofs");
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&file)
-            .and_then(|mut f| f.write_all(&image.bytes));
-        let mounted = written.and_then(|()| stub_image::mount(&file, dir));
-        match mounted {
-            Ok(()) => {
-                tracing::debug!(file = %file.display(), bytes = image.bytes.len(), inodes = image.inodes, "stub image mounted");
-                Ok((image.stubs, file))
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&file);
-                Err(format!("EROFS image {}: {e}", file.display()))
-            }
-        }
+        // The unnamed image file goes beside the tree, in the container's
+        // directory, on the store's disk.
+        let scratch = dir.parent().unwrap_or(dir);
+        stub_image::mount(&image.bytes, dir, scratch)
+            .map_err(|e| format!("mounting its EROFS image: {e}"))?;
+        tracing::debug!(
+            bytes = image.bytes.len(),
+            inodes = image.inodes,
+            "stub image mounted"
+        );
+        Ok(image.stubs)
     }
 
     fn mount_tmpfs(
@@ -179,7 +165,7 @@ impl MetaTree {
         .map_err(|e| fail(format!("mount -t tmpfs -o {data}: {e}")))?;
         let mut tree = MetaTree {
             dir: dir.to_path_buf(),
-            image: None,
+            erofs: false,
             stats: TreeStats::default(),
             pins,
         };
@@ -200,11 +186,6 @@ impl Drop for MetaTree {
         };
         if let Err(e) = r {
             tracing::warn!(dir = %self.dir.display(), error = %e, "unmounting the metadata tree");
-        }
-        if let Some(image) = &self.image {
-            // A lazy unmount keeps the file open until the last user goes;
-            // removing its name now is safe either way.
-            let _ = std::fs::remove_file(image);
         }
     }
 }
