@@ -1060,6 +1060,49 @@ fn root_container_a_going_leaves_container_ab_alone() {
     assert_nothing_left(root.path());
 }
 
+/// Where the kernel will not mount the stub tree's EROFS image (here a
+/// store on tmpfs: file-backed EROFS reads a disk file system's page cache),
+/// the stubs are a tmpfs tree instead, and the container runs the same.
+#[test]
+fn root_stub_tree_is_a_tmpfs_where_its_image_cannot_be_mounted() {
+    use std::io::Write;
+    let (_reg, lazy) = lazy_busybox();
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(dir.path().to_path_buf());
+    rustix::mount::mount(
+        "lazylayer-test-store",
+        dir.path(),
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0700",
+    )
+    .unwrap();
+    let root = dir.path().join("store");
+    let _leftovers = StoreLeftovers(root.clone());
+    let mut c = run_until_ready(
+        &root,
+        &[
+            "--rm",
+            "--name",
+            "t",
+            &lazy,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; read go; test -x /bin/busybox && ls /bin/ | grep -qx sh",
+        ],
+        &[],
+    );
+    let types = mount_types_below(&root.join("containers/t"));
+    assert!(
+        types.iter().any(|t| t == "tmpfs") && !types.iter().any(|t| t == "erofs"),
+        "{types:?}"
+    );
+    c.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(wait_exit(&mut c.0, Duration::from_secs(30)), Some(0));
+    assert_nothing_left(&root);
+}
+
 /// The store's layer directories (`layers/sha256/<hex>/fs`) that process
 /// `pid` holds open, and those in the store, once the first covers all but
 /// one of the second (the boot layer, extracted or not), or after 30 s.
