@@ -2272,6 +2272,16 @@ impl Drop for StubRoot {
     }
 }
 
+/// A store directory holding `make_tree`'s tree as the extracted layer
+/// `HEX`: (the store, the layer's `fs`).
+fn layer_in_store() -> (tempfile::TempDir, PathBuf) {
+    let store = tempfile::tempdir().unwrap();
+    let src = store.path().join(HEX).join("fs");
+    std::fs::create_dir_all(&src).unwrap();
+    make_tree(&src);
+    (store, src)
+}
+
 /// The stub tree shows the source tree's every name, stat field, link
 /// target and xattr (none of its own), and each file's bytes are the
 /// layer's: read by the kernel from the store's directory, no request to
@@ -2281,10 +2291,7 @@ fn root_stub_tree_over_the_stores_layer_is_the_source_tree() {
     if !have_root("root_stub_tree_over_the_stores_layer_is_the_source_tree") {
         return;
     }
-    let store = tempfile::tempdir().unwrap();
-    let src = store.path().join(HEX).join("fs");
-    std::fs::create_dir_all(&src).unwrap();
-    make_tree(&src);
+    let (store, src) = layer_in_store();
     let root = stub_root(store.path(), &src);
     let n = compare_trees(&src, &root.path, false);
     assert!(n >= 20, "walked only {n} entries");
@@ -2296,6 +2303,16 @@ fn root_stub_tree_over_the_stores_layer_is_the_source_tree() {
         0,
         "a local layer's files are read without the daemon"
     );
+}
+
+/// The `k`th name of the EROFS test's large directory: four first
+/// characters (two sort before `.`), lengths up to 100.
+fn many_name(k: usize) -> String {
+    format!(
+        "{}entry-{k:04}-{}",
+        ["-", "+", "a", "~"][k % 4],
+        "x".repeat(k % 90)
+    )
 }
 
 /// Names of index entries that are a hard link to an earlier one.
@@ -2319,18 +2336,11 @@ fn root_stub_image_over_the_stores_layer_is_the_source_tree() {
     if !have_root("root_stub_image_over_the_stores_layer_is_the_source_tree") {
         return;
     }
-    let store = tempfile::tempdir().unwrap();
-    let src = store.path().join(HEX).join("fs");
-    std::fs::create_dir_all(&src).unwrap();
-    make_tree(&src);
+    let (store, src) = layer_in_store();
     let many = src.join("many");
     std::fs::create_dir(&many).unwrap();
     for k in 0..700 {
-        let name = format!(
-            "{}entry-{k:04}-{}",
-            ["-", "+", "a", "~"][k % 4],
-            "x".repeat(k % 90)
-        );
+        let name = many_name(k);
         std::fs::write(many.join(&name), format!("{k}\n")).unwrap();
     }
     std::os::unix::fs::symlink("t/".repeat(1500), many.join("long-link")).unwrap();
@@ -2361,11 +2371,7 @@ fn root_stub_image_over_the_stores_layer_is_the_source_tree() {
         assert!(!root.path.join(absent).exists(), "{absent} found");
     }
     for k in [0, 1, 349, 698, 699] {
-        let name = format!(
-            "{}entry-{k:04}-{}",
-            ["-", "+", "a", "~"][k % 4],
-            "x".repeat(k % 90)
-        );
+        let name = many_name(k);
         assert_eq!(
             std::fs::read_to_string(root.path.join("many").join(&name)).unwrap(),
             format!("{k}\n"),
