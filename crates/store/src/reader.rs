@@ -80,6 +80,8 @@ pub fn write_received(
     received: &Received,
     kept: &dyn Fn(u64),
 ) -> io::Result<u64> {
+    // This thread alone grows `len`: its count is the file's.
+    let mut len = received.state.lock().unwrap().len;
     let written = (|| -> io::Result<()> {
         while let Some(chunk) = rx.blocking_recv() {
             if received.state.lock().unwrap().extraction_failed {
@@ -89,9 +91,8 @@ pub fn write_received(
             // the file (the page cache has them).
             out.write_all(&chunk)?;
             // Counted kept before the reader may see them: the extraction
-            // then never reports more than is kept. This thread alone
-            // grows `len`.
-            let len = received.state.lock().unwrap().len + chunk.len() as u64;
+            // then never reports more than is kept.
+            len += chunk.len() as u64;
             kept(len);
             received.update(|s| s.len = len);
         }
