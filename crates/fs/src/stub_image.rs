@@ -78,7 +78,7 @@ pub fn build(index: &BootIndex, view: &DataView) -> Result<StubImage, StubImageE
     // Per inode: its xattrs' body, its data (directory entries, a symlink's
     // target) and how it is laid out. Directory data needs the children's
     // nids, so the inodes are placed first and the entries written after.
-    let mut plans: Vec<Option<Plan>> = (0..n).map(|_| None).collect();
+    let mut plans: Vec<Option<Plan<'_>>> = (0..n).map(|_| None).collect();
     let mut stubs = 0;
     for (i, e) in index.entries.iter().enumerate() {
         if owner(i) != i {
@@ -96,9 +96,10 @@ pub fn build(index: &BootIndex, view: &DataView) -> Result<StubImage, StubImageE
         }
         xattrs.extend(e.xattrs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
         let xattr_body = encode_xattrs(&xattrs)?;
-        let data_len = match e.kind {
-            FileKind::Dir => dir_data_len(index, i as u32),
-            FileKind::Symlink => e.link_target.as_deref().unwrap_or_default().len(),
+        let dir = (e.kind == FileKind::Dir).then(|| DirLayout::new(index, i as u32));
+        let data_len = match (&dir, e.kind) {
+            (Some(d), _) => d.len(),
+            (None, FileKind::Symlink) => e.link_target.as_deref().unwrap_or_default().len(),
             _ => 0,
         };
         let chunks = match e.kind {
@@ -107,6 +108,7 @@ pub fn build(index: &BootIndex, view: &DataView) -> Result<StubImage, StubImageE
         };
         plans[i] = Some(Plan {
             xattr_body,
+            dir,
             data_len,
             chunks,
             offset: 0,
@@ -156,9 +158,9 @@ pub fn build(index: &BootIndex, view: &DataView) -> Result<StubImage, StubImageE
     for (i, (p, e)) in plans.iter().zip(&index.entries).enumerate() {
         let Some(p) = p.as_ref() else { continue };
         inodes += 1;
-        let data: Vec<u8> = match e.kind {
-            FileKind::Dir => dir_data(index, i as u32, &nid),
-            FileKind::Symlink => e.link_target.clone().unwrap_or_default(),
+        let data: Vec<u8> = match (&p.dir, e.kind) {
+            (Some(d), _) => d.write(index, i as u32, &nid),
+            (None, FileKind::Symlink) => e.link_target.clone().unwrap_or_default(),
             _ => Vec::new(),
         };
         debug_assert_eq!(data.len(), p.data_len);
@@ -240,8 +242,10 @@ pub fn build(index: &BootIndex, view: &DataView) -> Result<StubImage, StubImageE
     })
 }
 
-struct Plan {
+struct Plan<'a> {
     xattr_body: Vec<u8>,
+    /// A directory's entries, sorted and packed into blocks.
+    dir: Option<DirLayout<'a>>,
     data_len: usize,
     /// A regular file's chunk format (its chunk bits past the block's).
     chunks: Option<u32>,
@@ -338,40 +342,56 @@ fn pack(ents: &[(&[u8], Option<u32>)]) -> Vec<std::ops::Range<usize>> {
     blocks
 }
 
-fn dir_data_len(index: &BootIndex, dir: u32) -> usize {
-    let ents = sorted_dirents(index, dir);
-    let blocks = pack(&ents);
-    let last = blocks.last().cloned().unwrap_or_default();
-    let tail: usize = ents[last].iter().map(|(n, _)| DIRENT_LEN + n.len()).sum();
-    (blocks.len() - 1) * BLOCK + tail
+/// A directory's entries (with `.` and `..`) sorted, and the entries
+/// each of its blocks holds: made once, to size the directory before the
+/// inodes are placed and to write it after.
+struct DirLayout<'a> {
+    ents: Vec<(&'a [u8], Option<u32>)>,
+    blocks: Vec<std::ops::Range<usize>>,
 }
 
-fn dir_data(index: &BootIndex, dir: u32, nid: &dyn Fn(usize) -> u64) -> Vec<u8> {
-    let ents = sorted_dirents(index, dir);
-    let blocks = pack(&ents);
-    let parent = index.entries[dir as usize].parent;
-    let mut out = Vec::with_capacity(blocks.len() * BLOCK);
-    for (b, range) in blocks.iter().enumerate() {
-        let base = b * BLOCK;
-        out.resize(base, 0);
-        let mut nameoff = DIRENT_LEN * range.len();
-        let mut names = Vec::new();
-        for (name, child) in &ents[range.clone()] {
-            let (id, ft) = match child {
-                Some(c) => (nid(*c as usize), file_type(&index.entries[*c as usize])),
-                None if *name == b"." => (nid(dir as usize), 2),
-                None => (nid(parent as usize), 2),
-            };
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&(nameoff as u16).to_le_bytes());
-            out.push(ft);
-            out.push(0);
-            nameoff += name.len();
-            names.extend_from_slice(name);
-        }
-        out.extend_from_slice(&names);
+impl<'a> DirLayout<'a> {
+    fn new(index: &'a BootIndex, dir: u32) -> DirLayout<'a> {
+        let ents = sorted_dirents(index, dir);
+        let blocks = pack(&ents);
+        DirLayout { ents, blocks }
     }
-    out
+
+    /// Whole blocks, then the last one's entries and names.
+    fn len(&self) -> usize {
+        let last = self.blocks.last().cloned().unwrap_or_default();
+        let tail: usize = self.ents[last]
+            .iter()
+            .map(|(n, _)| DIRENT_LEN + n.len())
+            .sum();
+        (self.blocks.len() - 1) * BLOCK + tail
+    }
+
+    /// The directory's data, `nid` giving each entry's inode.
+    fn write(&self, index: &BootIndex, dir: u32, nid: &dyn Fn(usize) -> u64) -> Vec<u8> {
+        let parent = index.entries[dir as usize].parent;
+        let mut out = Vec::with_capacity(self.blocks.len() * BLOCK);
+        for (b, range) in self.blocks.iter().enumerate() {
+            out.resize(b * BLOCK, 0);
+            let mut nameoff = DIRENT_LEN * range.len();
+            let mut names = Vec::new();
+            for (name, child) in &self.ents[range.clone()] {
+                let (id, ft) = match child {
+                    Some(c) => (nid(*c as usize), file_type(&index.entries[*c as usize])),
+                    None if *name == b"." => (nid(dir as usize), 2),
+                    None => (nid(parent as usize), 2),
+                };
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&(nameoff as u16).to_le_bytes());
+                out.push(ft);
+                out.push(0);
+                nameoff += name.len();
+                names.extend_from_slice(name);
+            }
+            out.extend_from_slice(&names);
+        }
+        out
+    }
 }
 
 fn file_type(e: &IndexEntry) -> u8 {
