@@ -27,8 +27,6 @@ pub fn kernel_has_data_only_layers() -> bool {
 #[derive(Debug)]
 pub(crate) struct MetaTree {
     dir: PathBuf,
-    /// An EROFS image is mounted at `dir`; else a tmpfs.
-    erofs: bool,
     pub(crate) stats: TreeStats,
     pub(crate) pins: Arc<LayerPins>,
 }
@@ -93,24 +91,26 @@ impl MetaTree {
             held: Mutex::new(Vec::new()),
         });
         let t0 = std::time::Instant::now();
-        let tree = match Self::mount_image(dir, index, view) {
-            Ok(stubs) => MetaTree {
-                dir: dir.to_path_buf(),
-                erofs: true,
-                stats: TreeStats {
-                    entries: index.len(),
-                    stubs,
-                    micros: t0.elapsed().as_micros() as u64,
+        let (tree, erofs) = match Self::mount_image(dir, index, view) {
+            Ok(stubs) => (
+                MetaTree {
+                    dir: dir.to_path_buf(),
+                    stats: TreeStats {
+                        entries: index.len(),
+                        stubs,
+                        micros: t0.elapsed().as_micros() as u64,
+                    },
+                    pins,
                 },
-                pins,
-            },
+                true,
+            ),
             Err(why) => {
                 tracing::debug!(dir = %dir.display(), %why, "stubs as a tmpfs tree");
-                Self::mount_tmpfs(dir, index, view, pins)?
+                (Self::mount_tmpfs(dir, index, view, pins)?, false)
             }
         };
         tree.pins.hold_present();
-        tracing::debug!(dir = %dir.display(), erofs = tree.erofs, entries = tree.stats.entries, stubs = tree.stats.stubs, micros = tree.stats.micros, "metadata tree made");
+        tracing::debug!(dir = %dir.display(), erofs, entries = tree.stats.entries, stubs = tree.stats.stubs, micros = tree.stats.micros, "metadata tree made");
         Ok(tree)
     }
 
@@ -165,7 +165,6 @@ impl MetaTree {
         .map_err(|e| fail(format!("mount -t tmpfs -o {data}: {e}")))?;
         let mut tree = MetaTree {
             dir: dir.to_path_buf(),
-            erofs: false,
             stats: TreeStats::default(),
             pins,
         };
