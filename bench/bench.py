@@ -1318,7 +1318,7 @@ FS_SETTLE_S, FS_DROP_AT_S, FS_WARM_PASSES = 2, 1.0, 3
 def fs_script(snippet):
     # The shell and its workload on CPU 0 (the image's taskset, util-linux): `cat | wc -c`
     # spread over both CPUs took ~30 ms where on one it took ~21 ms, and the scheduler
-    # picks either from pass to pass, a noise twice the bar's margin. A root's daemon, if
+    # picks either from pass to pass, a noise several times the bar's margin. A root's daemon, if
     # it has one, is outside the shell and keeps both CPUs.
     q = shlex.quote(snippet)
     return ("command -v taskset >/dev/null && taskset -pc 0 $$ >/dev/null && echo PINNED; "
