@@ -58,7 +58,8 @@ impl BootChunks {
     /// the spans go out [`IN_FLIGHT`](super::IN_FLIGHT) at a time, each chunk
     /// served as soon as it is in. (Runs alone, three at a time, cost python3
     /// 109 requests in ~36 sequential round trips: 3.9 s at 80 ms.) A reader
-    /// that needs a chunk sooner asks for it itself.
+    /// that needs a chunk sooner asks for it itself, and for the rest of its
+    /// span if that is still queued.
     pub(super) async fn fetch_start(&self) {
         let link = self.inner.link;
         let gap = link.map_or(DEFAULT_GAP, |l| l.gap(l.in_flight()));
@@ -71,6 +72,7 @@ impl BootChunks {
             BRIDGED_AT_LEAST,
         );
         tracing::debug!(image = %self.inner.image, spans = spans.len(), gap, ?link, "boot start set planned");
+        self.inner.state.lock().unwrap().queued = spans.clone();
         for span in spans {
             let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
                 return;
@@ -78,7 +80,11 @@ impl BootChunks {
             if self.inner.background.stopped() {
                 return;
             }
-            let Some(claim) = self.inner.state.lock().unwrap().claim_span(span) else {
+            let claim = {
+                let mut s = self.inner.state.lock().unwrap();
+                s.take_queued(span.start).and_then(|q| s.claim_span(q))
+            };
+            let Some(claim) = claim else {
                 continue;
             };
             let me = self.clone();

@@ -332,6 +332,7 @@ impl BootChunks {
                     stored: false,
                     ingesting: false,
                     rest_started: false,
+                    queued: Vec::new(),
                 }),
                 changed: Condvar::new(),
                 read_timeout: b.read_timeout,
@@ -398,6 +399,7 @@ impl BootChunks {
         };
         let mut s = self.inner.state.lock().unwrap();
         s.rest_started = false;
+        s.queued.clear();
         for c in s.chunks.iter_mut() {
             if *c == ChunkState::Fetching {
                 *c = ChunkState::Absent;

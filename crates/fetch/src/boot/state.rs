@@ -24,6 +24,10 @@ pub(super) struct State {
     pub(super) stored: bool,
     pub(super) ingesting: bool,
     pub(super) rest_started: bool,
+    /// Spans of the start set planned but not yet sent (each waits for a
+    /// request slot), in blob order: a reader's request that lands in one
+    /// takes the rest of it along ([`State::claim_wanted`]).
+    pub(super) queued: Vec<Range<u32>>,
 }
 
 impl State {
@@ -63,11 +67,38 @@ impl State {
     /// reached for (asked again); not those present, failed for good, or
     /// already on the way. One span from the first to the last claimed, so a
     /// read window costs one request even when chunks in it are local or on
-    /// their way already (a few of them come twice).
+    /// their way already (a few of them come twice). A window in a queued
+    /// start-set span takes the rest of that span too, leaving it the part
+    /// before the window: else the span, trimmed only at its ends when its
+    /// slot comes, would fetch the reader's chunks a second time.
     pub(super) fn claim_wanted(&mut self, range: Range<u32>) -> Option<Claim> {
-        self.claim(range, |c| {
+        let end = self.take_queued_from(&range);
+        self.claim(range.start..end, |c| {
             matches!(c, ChunkState::Absent | ChunkState::Unreachable(_))
         })
+    }
+
+    /// Cut the queued spans that `range` lands in back to their part before
+    /// it (dropped when none is left); the end of the last of them, or
+    /// `range`'s if later.
+    fn take_queued_from(&mut self, range: &Range<u32>) -> u32 {
+        let mut end = range.end;
+        self.queued.retain_mut(|q| {
+            if q.end <= range.start || q.start >= range.end {
+                return true;
+            }
+            end = end.max(q.end);
+            q.end = range.start;
+            q.start < q.end
+        });
+        end
+    }
+
+    /// The queued start-set span that begins at `start`, off the queue, its
+    /// slot come; None when readers took all of it.
+    pub(super) fn take_queued(&mut self, start: u32) -> Option<Range<u32>> {
+        let i = self.queued.iter().position(|q| q.start == start)?;
+        Some(self.queued.remove(i))
     }
 
     /// The absent chunks of `span` claimed for one request of the start set

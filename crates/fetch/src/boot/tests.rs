@@ -336,6 +336,7 @@ fn state(chunks: Vec<ChunkState>) -> State {
         stored: false,
         ingesting: false,
         rest_started: false,
+        queued: Vec::new(),
     }
 }
 
@@ -413,6 +414,26 @@ fn a_reader_claims_absent_and_unreachable_chunks_not_failed_or_fetching_ones() {
     );
     // Asked again: everything wanted is on its way already.
     assert_eq!(s.claim_wanted(0..7), None);
+}
+
+#[test]
+fn a_reader_window_takes_the_rest_of_the_queued_spans_it_lands_in() {
+    let mut s = state(vec![Absent; 30]);
+    s.queued = vec![2..6, 10..14, 20..24];
+    // A window across the ends of two spans: to the second one's end.
+    let claim = s.claim_wanted(4..11).unwrap();
+    assert_eq!(claim.span, 4..14);
+    assert_eq!(claim.claimed, (4..14).collect::<Vec<_>>());
+    // The first keeps its part before the window; the second is gone.
+    assert_eq!(s.queued, vec![2..4, 20..24]);
+    assert_eq!(s.take_queued(10), None);
+    assert_eq!(s.take_queued(2), Some(2..4));
+    // A window outside every span takes no span along.
+    assert_eq!(s.claim_wanted(26..28).unwrap().span, 26..28);
+    assert_eq!(s.queued, vec![20..24]);
+    // One at a span's start takes it whole.
+    assert_eq!(s.claim_wanted(20..21).unwrap().span, 20..24);
+    assert!(s.queued.is_empty());
 }
 
 #[test]
@@ -498,6 +519,47 @@ async fn start_runs_far_apart_are_separate_requests_sent_at_once() {
     remote.open_gate();
     wait_until("start list done", || chunks.start_list_done()).await;
     assert_eq!(states(&chunks)[50], Absent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_in_a_span_still_queued_takes_its_rest_and_no_chunk_comes_twice() {
+    // Ten runs of four chunks, 36 chunks (144 KiB) apart: ten spans, two
+    // more than go out at once. ~2 MiB of file: 513 chunks of 4 KiB.
+    let start: Vec<u32> = (0..10).flat_map(|r| 40 * r..40 * r + 4).collect();
+    let l = TestLayer::new(2 << 20, start, ChunkCompression::Gzip, 11);
+    let remote = MemoryRemote::gated(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    wait_until("eight spans in flight", || remote.ranges().len() == 8).await;
+    // The last span (chunks 360..364) waits for a slot; a reader needs
+    // chunk 362 now.
+    let at = 362 * 4096 - FILE_START + 100;
+    let size = l.data.len() as u64;
+    let reader = tokio::spawn({
+        let chunks = chunks.clone();
+        async move { read(&chunks, size, at, 100).await }
+    });
+    wait_until("the reader's request", || remote.ranges().len() == 9).await;
+    // It asks for its chunk and the rest of the span after it.
+    assert_eq!(spans_asked(&l, &remote).last(), Some(&(362..364)));
+    remote.open_gate();
+    let got = reader.await.unwrap().unwrap();
+    assert_eq!(got, l.data[at as usize..at as usize + 100]);
+    wait_until("start list done", || chunks.start_list_done()).await;
+    assert!(chunks
+        .inner
+        .content
+        .start
+        .iter()
+        .all(|&c| states(&chunks)[c as usize] == Present));
+    // The span, when its slot came, asked only for what was left of it.
+    let asked = spans_asked(&l, &remote);
+    assert_eq!(asked.len(), 11, "{asked:?}");
+    assert!(asked.contains(&(360..362)), "{asked:?}");
+    for c in 0..l.chunk_count() {
+        let times = asked.iter().filter(|r| r.contains(&c)).count();
+        assert!(times <= 1, "chunk {c} asked {times} times: {asked:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
