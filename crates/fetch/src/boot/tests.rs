@@ -164,6 +164,9 @@ struct MemoryRemote {
     gate: Semaphore,
     ranges: Mutex<Vec<(u64, u64)>>,
     streams: AtomicUsize,
+    /// Each answer (the index region's too) comes this long after its
+    /// request: a registry's time to first byte.
+    first_byte: Mutex<Duration>,
 }
 
 impl MemoryRemote {
@@ -184,7 +187,13 @@ impl MemoryRemote {
             gate: Semaphore::new(permits),
             ranges: Mutex::new(Vec::new()),
             streams: AtomicUsize::new(0),
+            first_byte: Mutex::new(Duration::ZERO),
         })
+    }
+
+    fn first_byte_after(self: Arc<Self>, d: Duration) -> Arc<Self> {
+        *self.first_byte.lock().unwrap() = d;
+        self
     }
 
     fn answering(self: Arc<Self>, a: Answer) -> Arc<Self> {
@@ -230,6 +239,8 @@ impl ChunkRemote for MemoryRemote {
         len: u64,
     ) -> BoxFuture<'_, Result<(bool, BodyStream), OciError>> {
         Box::pin(async move {
+            let wait = *self.first_byte.lock().unwrap();
+            tokio::time::sleep(wait).await;
             let (ranged, bytes) = if from == 0 {
                 self.streams.fetch_add(1, Ordering::SeqCst);
                 if self.ignores_range {
@@ -556,6 +567,37 @@ async fn a_reader_in_a_span_still_queued_takes_its_rest_and_no_chunk_comes_twice
     let asked = spans_asked(&l, &remote);
     assert_eq!(asked.len(), 11, "{asked:?}");
     assert!(asked.contains(&(360..362)), "{asked:?}");
+    for c in 0..l.chunk_count() {
+        let times = asked.iter().filter(|r| r.contains(&c)).count();
+        assert!(times <= 1, "chunk {c} asked {times} times: {asked:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_measured_fast_by_the_first_spans_joins_the_rest_across_wider_gaps() {
+    // Twenty runs of 32 chunks (128 KiB) 24 KiB apart: past the gap planned
+    // before any rate was known (16 KiB, from a 10 ms first byte and an
+    // assumed 100 Mbit/s), twenty spans. The first eight come in at memory
+    // speed: a rate whose bandwidth-delay product bridges 24 KiB many times.
+    let start: Vec<u32> = (0..20).flat_map(|r| 38 * r..38 * r + 32).collect();
+    let l = TestLayer::new(3 << 20, start, ChunkCompression::Gzip, 13);
+    let remote = MemoryRemote::new(&l).first_byte_after(Duration::from_millis(10));
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    wait_until("start list done", || chunks.start_list_done()).await;
+    let asked = spans_asked(&l, &remote);
+    // The first eight as planned, and those sent before 512 KiB were in
+    // (a rate needs them); the rest joined across their gaps.
+    assert_eq!(
+        asked[..8],
+        (0..8).map(|r| 38 * r..38 * r + 32).collect::<Vec<_>>()[..]
+    );
+    assert!(asked.len() < 20, "{} requests: {asked:?}", asked.len());
+    assert!(asked.iter().any(|r| r.len() > 38), "{asked:?}");
+    let states = states(&chunks);
+    for &c in &chunks.inner.content.start {
+        assert_eq!(states[c as usize], Present, "chunk {c}");
+    }
     for c in 0..l.chunk_count() {
         let times = asked.iter().filter(|r| r.contains(&c)).count();
         assert!(times <= 1, "chunk {c} asked {times} times: {asked:?}");
