@@ -72,11 +72,10 @@ impl BootChunks {
             BRIDGED_AT_LEAST,
         );
         tracing::debug!(image = %self.inner.image, spans = spans.len(), gap, ?link, "boot start set planned");
-        self.inner.state.lock().unwrap().queued = spans.clone();
+        self.inner.state.lock().unwrap().queued = spans;
         let began = std::time::Instant::now();
         let before = self.inner.fetched.load(Ordering::Relaxed);
-        let mut spans = spans.into_iter().peekable();
-        while let Some(span) = spans.next() {
+        loop {
             let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
                 return;
             };
@@ -95,12 +94,10 @@ impl BootChunks {
                 .filter(|&g| g > gap);
             let claim = {
                 let mut s = self.inner.state.lock().unwrap();
-                s.take_queued(span.start).and_then(|mut q| {
-                    if let (Some(wider), true) = (wider, q == span) {
-                        self.join_queued(&mut s, &mut q, &mut spans, wider);
-                    }
-                    s.claim_span(q)
-                })
+                let Some(span) = s.next_queued(&self.inner.offsets, wider, START_REQUEST) else {
+                    return;
+                };
+                s.claim_span(span)
             };
             let Some(claim) = claim else {
                 continue;
@@ -111,36 +108,6 @@ impl BootChunks {
                 drop(permit);
             });
             self.track(t);
-        }
-    }
-
-    /// Extend `span` (whole, off the queue) over the queued spans that follow
-    /// it across gaps of at most `gap` compressed bytes, up to a start
-    /// request's size, taking them off the queue; it stops at a span a
-    /// reader took part of (its chunks after the cut are the reader's).
-    fn join_queued(
-        &self,
-        s: &mut super::state::State,
-        span: &mut std::ops::Range<u32>,
-        planned: &mut std::iter::Peekable<std::vec::IntoIter<std::ops::Range<u32>>>,
-        gap: u64,
-    ) {
-        let offsets = &self.inner.offsets;
-        while let Some(next) = planned.peek() {
-            let between = offsets[next.start as usize] - offsets[span.end as usize];
-            let joined = offsets[next.end as usize] - offsets[span.start as usize];
-            if between > gap || joined > START_REQUEST {
-                return;
-            }
-            let next = planned.next().expect("peeked");
-            let Some(q) = s.take_queued(next.start) else {
-                // Readers took all of it: the bytes between are theirs too.
-                return;
-            };
-            span.end = q.end;
-            if q != next {
-                return;
-            }
         }
     }
 

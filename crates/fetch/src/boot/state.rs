@@ -94,11 +94,38 @@ impl State {
         end
     }
 
-    /// The queued start-set span that begins at `start`, off the queue, its
-    /// slot come; None when readers took all of it.
-    pub(super) fn take_queued(&mut self, start: u32) -> Option<Range<u32>> {
-        let i = self.queued.iter().position(|q| q.start == start)?;
-        Some(self.queued.remove(i))
+    /// The next queued start-set span, off the queue, its slot come (None
+    /// when readers took all that was left). With `join`, the queued spans
+    /// that follow it come along while the compressed bytes between are at
+    /// most that, the whole at most `max` (`offsets`: chunk starts, and the
+    /// end), and every chunk between is absent: one a reader's request
+    /// holds (the tail it cut from a span, a span it took whole) would
+    /// otherwise come twice.
+    pub(super) fn next_queued(
+        &mut self,
+        offsets: &[u64],
+        join: Option<u64>,
+        max: u64,
+    ) -> Option<Range<u32>> {
+        if self.queued.is_empty() {
+            return None;
+        }
+        let mut span = self.queued.remove(0);
+        let Some(gap) = join else {
+            return Some(span);
+        };
+        while let Some(next) = self.queued.first() {
+            let between = offsets[next.start as usize] - offsets[span.end as usize];
+            let joined = offsets[next.end as usize] - offsets[span.start as usize];
+            let free =
+                (span.end..next.start).all(|c| self.chunks[c as usize] == ChunkState::Absent);
+            if between > gap || joined > max || !free {
+                break;
+            }
+            span.end = next.end;
+            self.queued.remove(0);
+        }
+        Some(span)
     }
 
     /// The absent chunks of `span` claimed for one request of the start set

@@ -437,14 +437,44 @@ fn a_reader_window_takes_the_rest_of_the_queued_spans_it_lands_in() {
     assert_eq!(claim.claimed, (4..14).collect::<Vec<_>>());
     // The first keeps its part before the window; the second is gone.
     assert_eq!(s.queued, vec![2..4, 20..24]);
-    assert_eq!(s.take_queued(10), None);
-    assert_eq!(s.take_queued(2), Some(2..4));
+    // The start set's next slot gets what the reader left of the first.
+    let offsets: Vec<u64> = (0..=30).map(|c| c * 4096).collect();
+    assert_eq!(s.next_queued(&offsets, None, u64::MAX), Some(2..4));
     // A window outside every span takes no span along.
     assert_eq!(s.claim_wanted(26..28).unwrap().span, 26..28);
     assert_eq!(s.queued, vec![20..24]);
     // One at a span's start takes it whole.
     assert_eq!(s.claim_wanted(20..21).unwrap().span, 20..24);
     assert!(s.queued.is_empty());
+}
+
+#[test]
+fn the_next_queued_span_joins_those_after_it_across_gaps_no_reader_holds() {
+    let offsets: Vec<u64> = (0..=40).map(|c| c * 4096).collect();
+    let mut s = state(vec![Absent; 40]);
+    s.queued = vec![0..2, 4..6, 8..10, 20..22, 23..25, 27..29];
+    // Gaps of two chunks (8 KiB) bridged, not the one of ten after 8..10.
+    assert_eq!(
+        s.next_queued(&offsets, Some(8 << 10), u64::MAX),
+        Some(0..10)
+    );
+    assert_eq!(s.queued, vec![20..22, 23..25, 27..29]);
+    // A chunk between held by a reader's request stops the joining there.
+    s.chunks[26] = Fetching;
+    assert_eq!(
+        s.next_queued(&offsets, Some(8 << 10), u64::MAX),
+        Some(20..25)
+    );
+    // Nor past a request's size; without a gap, the span alone; and
+    // nothing once the queue is empty.
+    s.queued = vec![30..32, 33..35, 36..38];
+    assert_eq!(
+        s.next_queued(&offsets, Some(8 << 10), 16 << 10),
+        Some(30..32)
+    );
+    assert_eq!(s.next_queued(&offsets, None, u64::MAX), Some(33..35));
+    assert_eq!(s.next_queued(&offsets, None, u64::MAX), Some(36..38));
+    assert_eq!(s.next_queued(&offsets, None, u64::MAX), None);
 }
 
 #[test]
