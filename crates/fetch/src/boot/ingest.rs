@@ -108,6 +108,11 @@ impl BootChunks {
                 drop(permit);
             });
             self.track(t);
+            // The span just spawned takes its connection before the next
+            // one is spawned: the first spans are those needed first, and
+            // only a few connections may be open yet (tokio runs the task
+            // spawned last first).
+            tokio::task::yield_now().await;
         }
     }
 

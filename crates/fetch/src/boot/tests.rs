@@ -163,6 +163,9 @@ struct MemoryRemote {
     /// them in flight).
     gate: Semaphore,
     ranges: Mutex<Vec<(u64, u64)>>,
+    /// Where each request starts, in the order they were made (the moment
+    /// a request is made, before it is answered or waits).
+    made: Mutex<Vec<u64>>,
     streams: AtomicUsize,
     /// Each answer (the index region's too) comes this long after its
     /// request: a registry's time to first byte.
@@ -186,6 +189,7 @@ impl MemoryRemote {
             answer: Mutex::new(Answer::Bytes),
             gate: Semaphore::new(permits),
             ranges: Mutex::new(Vec::new()),
+            made: Mutex::new(Vec::new()),
             streams: AtomicUsize::new(0),
             first_byte: Mutex::new(Duration::ZERO),
         })
@@ -238,6 +242,7 @@ impl ChunkRemote for MemoryRemote {
         from: u64,
         len: u64,
     ) -> BoxFuture<'_, Result<(bool, BodyStream), OciError>> {
+        self.made.lock().unwrap().push(from);
         Box::pin(async move {
             let wait = *self.first_byte.lock().unwrap();
             tokio::time::sleep(wait).await;
@@ -560,6 +565,39 @@ async fn start_runs_far_apart_are_separate_requests_sent_at_once() {
     remote.open_gate();
     wait_until("start list done", || chunks.start_list_done()).await;
     assert_eq!(states(&chunks)[50], Absent);
+}
+
+/// The start set's spans are requested in blob order (the order its files
+/// were first read in): the first have the few connections open when the
+/// plan is made (at 80 ms, a span without one waits a handshake's round
+/// trip more). tokio runs the task spawned last first, and one worker runs
+/// the spawns here: every span spawned before any ran made the last span
+/// the first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn the_start_sets_spans_are_requested_in_blob_order() {
+    // ~100 chunks of 4 KiB; six runs 15 chunks (~60 KiB) apart, more than
+    // the gap bridged.
+    let l = TestLayer::new(
+        400 << 10,
+        vec![82, 2, 18, 34, 50, 66],
+        ChunkCompression::Gzip,
+        11,
+    );
+    let remote = MemoryRemote::gated(&l);
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    wait_until("all six requested", || remote.ranges().len() == 6).await;
+    let made: Vec<u32> = remote
+        .made
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|&&from| from != 0)
+        .map(|&from| l.chunks_of(from, 0).start)
+        .collect();
+    assert_eq!(made, vec![2, 18, 34, 50, 66, 82]);
+    remote.open_gate();
+    wait_until("start list done", || chunks.start_list_done()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
