@@ -108,10 +108,10 @@ impl BootChunks {
                 drop(permit);
             });
             self.track(t);
-            // The span just spawned takes its connection before the next
-            // one is spawned: the first spans are those needed first, and
-            // only a few connections may be open yet (tokio runs the task
-            // spawned last first).
+            // Let the span just spawned make its request before the next
+            // is handed out (tokio runs the task spawned last first): the
+            // first spans are those needed first, and only a few
+            // connections may be open yet.
             tokio::task::yield_now().await;
         }
     }
