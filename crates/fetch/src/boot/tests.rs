@@ -162,10 +162,9 @@ struct MemoryRemote {
     /// Requests wait for a permit here once logged (a closed gate holds
     /// them in flight).
     gate: Semaphore,
+    /// The chunk ranges asked for, in the order the requests were made
+    /// (logged when made, before the first byte's wait and the gate).
     ranges: Mutex<Vec<(u64, u64)>>,
-    /// Where each request starts, in the order they were made (the moment
-    /// a request is made, before it is answered or waits).
-    made: Mutex<Vec<u64>>,
     streams: AtomicUsize,
     /// Each answer (the index region's too) comes this long after its
     /// request: a registry's time to first byte.
@@ -189,7 +188,6 @@ impl MemoryRemote {
             answer: Mutex::new(Answer::Bytes),
             gate: Semaphore::new(permits),
             ranges: Mutex::new(Vec::new()),
-            made: Mutex::new(Vec::new()),
             streams: AtomicUsize::new(0),
             first_byte: Mutex::new(Duration::ZERO),
         })
@@ -242,7 +240,9 @@ impl ChunkRemote for MemoryRemote {
         from: u64,
         len: u64,
     ) -> BoxFuture<'_, Result<(bool, BodyStream), OciError>> {
-        self.made.lock().unwrap().push(from);
+        if from != 0 {
+            self.ranges.lock().unwrap().push((from, len));
+        }
         Box::pin(async move {
             let wait = *self.first_byte.lock().unwrap();
             tokio::time::sleep(wait).await;
@@ -254,7 +254,6 @@ impl ChunkRemote for MemoryRemote {
                     (true, self.blob[..len as usize].to_vec())
                 }
             } else {
-                self.ranges.lock().unwrap().push((from, len));
                 let _permit = self.gate.acquire().await.unwrap();
                 let answer = *self.answer.lock().unwrap();
                 match answer {
@@ -588,12 +587,9 @@ async fn the_start_sets_spans_are_requested_in_blob_order() {
     let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
     wait_until("all six requested", || remote.ranges().len() == 6).await;
     let made: Vec<u32> = remote
-        .made
-        .lock()
-        .unwrap()
+        .ranges()
         .iter()
-        .filter(|&&from| from != 0)
-        .map(|&from| l.chunks_of(from, 0).start)
+        .map(|&(from, _)| l.chunks_of(from, 0).start)
         .collect();
     assert_eq!(made, vec![2, 18, 34, 50, 66, 82]);
     remote.open_gate();
