@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use lazylayer_fetch::{
     BootBlob, BootChunks, BootContentSource, BootRegion, ChunkedBoot, FetchError, FetchOptions,
-    LayerFetcher, LazySource, SeekIndexes,
+    LayerFetcher, LazySource, SeekIndexes, CONNECTIONS_WHILE_WAITING,
 };
 use lazylayer_fs::{FsOptions, LazyFs};
 use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
@@ -96,6 +96,34 @@ enum Attachments {
     None,
     Stored(AttachedBoot),
     Listed(Result<Vec<attached::Listed>, String>),
+}
+
+/// The manifest of `reference`, while more connections to its registry
+/// are opened the longer it takes ([`CONNECTIONS_WHILE_WAITING`]), beyond
+/// the `opened` already warming up.
+async fn manifest_while_warming(
+    client: &RegistryClient,
+    reference: &Reference,
+    platform: &lazylayer_oci::Platform,
+    mut opened: usize,
+) -> Result<lazylayer_oci::ResolvedManifest, lazylayer_oci::OciError> {
+    let manifest = client.resolve_manifest(reference, platform);
+    tokio::pin!(manifest);
+    let sent = tokio::time::Instant::now();
+    for (after, total) in CONNECTIONS_WHILE_WAITING {
+        if total <= opened {
+            continue;
+        }
+        tokio::select! {
+            m = &mut manifest => return m,
+            () = tokio::time::sleep_until(sent + after) => {
+                tracing::debug!(image = %reference, waited = ?after, connections = total, "manifest not in yet: opening connections for the start set");
+                client.warm_up(&reference.repository, lazylayer_oci::Purpose::Pull, total - opened);
+                opened = total;
+            }
+        }
+    }
+    manifest.await
 }
 
 impl LazyImage {
@@ -261,8 +289,7 @@ impl LazyImage {
             lazylayer_oci::Purpose::Pull,
             connections,
         );
-        let m = client
-            .resolve_manifest(reference, &opts.pull.platform)
+        let m = manifest_while_warming(client, reference, &opts.pull.platform, connections)
             .await
             .map_err(FetchError::from)?;
         let own = boot_annotations(reference, &m.manifest)?;
@@ -579,5 +606,80 @@ impl Opener<'_> {
             opts: self.opts.clone(),
             offline: r.offline,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// A registry that holds every request until `hold_until` connections
+    /// were accepted (or 5 s passed), then answers a manifest 404 and
+    /// anything else (the warm-ups' `GET /v2/`) 200. Returns its port and the number of
+    /// connections accepted when the first manifest answer went out.
+    fn slow_manifests(hold_until: usize) -> (u16, Arc<Mutex<Option<usize>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let at_answer = Arc::new(Mutex::new(None));
+        let seen = at_answer.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let (accepted, seen) = (accepted.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 8192];
+                    // One request per read: the client waits for each answer.
+                    while let Ok(n @ 1..) = c.read(&mut buf) {
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        // As a far registry would: no answer is back before
+                        // the connections are opened (a warm-up answered
+                        // at once would lend its connection to the next).
+                        let t0 = Instant::now();
+                        while accepted.load(Ordering::SeqCst) < hold_until
+                            && t0.elapsed() < Duration::from_secs(5)
+                        {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        let answer = if text.contains("/manifests/") {
+                            seen.lock()
+                                .unwrap()
+                                .get_or_insert(accepted.load(Ordering::SeqCst));
+                            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                        } else {
+                            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+                        };
+                        if c.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, at_answer)
+    }
+
+    /// The first start from a registry knows nothing of its distance; a
+    /// manifest long on its way has the start set's connections opened
+    /// while it is awaited, all of them before it comes (on main: the
+    /// manifest's own and two warm-ups, whatever the wait).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_manifest_long_awaited_has_the_start_sets_connections_opened_meanwhile() {
+        let (_, most) = CONNECTIONS_WHILE_WAITING[CONNECTIONS_WHILE_WAITING.len() - 1];
+        // The warm-ups and the manifest's own connection.
+        let wanted = most + 1;
+        let (port, at_answer) = slow_manifests(wanted);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let client = Arc::new(RegistryClient::new(Default::default()).unwrap());
+        let r: Reference = format!("127.0.0.1:{port}/x/y:latest").parse().unwrap();
+        let opened = LazyImage::open(&store, client, &r, FetchOptions::default()).await;
+        assert!(opened.is_err(), "a 404 manifest opened an image");
+        assert_eq!(*at_answer.lock().unwrap(), Some(wanted));
     }
 }

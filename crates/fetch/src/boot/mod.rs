@@ -47,7 +47,7 @@ pub(crate) mod tests;
 mod whole;
 
 pub use cache::reap_chunk_caches;
-pub use plan::connections_to_open;
+pub use plan::{connections_to_open, CONNECTIONS_WHILE_WAITING};
 
 use cache::{cache_dir, cached_region, load_kept, open_blob, open_cache};
 use reader::BootFile;

@@ -64,6 +64,26 @@ pub fn connections_to_open(store: &Store, registry: &str) -> usize {
     })
 }
 
+/// While a start's manifest is on its way: once it has waited this long
+/// unanswered, this many connections in all are opened beside it (each
+/// with a warm-up request), for the requests that follow it. The first
+/// start from a registry knows nothing of its distance before that answer,
+/// yet a connection opened after it is not connected before the start set
+/// goes out (a round trip after the index region), and its spans would
+/// each pay a handshake first. A near registry answers within a few
+/// milliseconds (6 ms here, on loopback) and gets nothing more; unanswered
+/// after 15 ms, the start set's [`IN_FLIGHT`](super::IN_FLIGHT) are worth
+/// opening; after `2 x FAR` (a manifest on a new connection takes two round
+/// trips), the registry is far and its start set goes out
+/// [`IN_FLIGHT_FAR`] wide.
+pub const CONNECTIONS_WHILE_WAITING: [(Duration, usize); 2] = [
+    (Duration::from_millis(15), super::IN_FLIGHT),
+    (
+        Duration::from_millis(2 * FAR.as_millis() as u64),
+        IN_FLIGHT_FAR,
+    ),
+];
+
 /// `<store>/links/<SHA-256 of the registry's name>`: a registry's name is
 /// outside input, its hash a safe file name.
 fn registry_link_file(store: &Store, registry: &str) -> PathBuf {
