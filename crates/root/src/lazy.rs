@@ -98,28 +98,24 @@ enum Attachments {
     Listed(Result<Vec<attached::Listed>, String>),
 }
 
-/// The manifest of `reference`, while more connections to its registry
-/// are opened the longer it takes ([`CONNECTIONS_WHILE_WAITING`]), beyond
-/// the `opened` already warming up.
+/// The manifest of `reference`; if it is long on its way, the start set's
+/// connections to its registry are opened meanwhile
+/// ([`CONNECTIONS_WHILE_WAITING`]), beyond the `opened` already warming up.
 async fn manifest_while_warming(
     client: &RegistryClient,
     reference: &Reference,
     platform: &lazylayer_oci::Platform,
-    mut opened: usize,
+    opened: usize,
 ) -> Result<lazylayer_oci::ResolvedManifest, lazylayer_oci::OciError> {
     let manifest = client.resolve_manifest(reference, platform);
     tokio::pin!(manifest);
-    let sent = tokio::time::Instant::now();
-    for (after, total) in CONNECTIONS_WHILE_WAITING {
-        if total <= opened {
-            continue;
-        }
+    let (after, total) = CONNECTIONS_WHILE_WAITING;
+    if total > opened {
         tokio::select! {
             m = &mut manifest => return m,
-            () = tokio::time::sleep_until(sent + after) => {
-                tracing::debug!(image = %reference, waited = ?after, connections = total, "manifest not in yet: opening connections for the start set");
+            () = tokio::time::sleep(after) => {
+                tracing::debug!(image = %reference, waited = ?after, connections = total, "manifest not in yet: the registry is far, opening the start set's connections");
                 client.warm_up(&reference.repository, lazylayer_oci::Purpose::Pull, total - opened);
-                opened = total;
             }
         }
     }
@@ -670,9 +666,8 @@ mod tests {
     /// manifest's own and two warm-ups, whatever the wait).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_manifest_long_awaited_has_the_start_sets_connections_opened_meanwhile() {
-        let (_, most) = CONNECTIONS_WHILE_WAITING[CONNECTIONS_WHILE_WAITING.len() - 1];
         // The warm-ups and the manifest's own connection.
-        let wanted = most + 1;
+        let wanted = CONNECTIONS_WHILE_WAITING.1 + 1;
         let (port, at_answer) = slow_manifests(wanted);
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("store")).unwrap();
