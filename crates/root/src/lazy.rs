@@ -98,14 +98,18 @@ enum Attachments {
     Listed(Result<Vec<attached::Listed>, String>),
 }
 
-/// The manifest of `reference`; if it is long on its way, the start set's
-/// connections to its registry are opened meanwhile
-/// ([`CONNECTIONS_WHILE_WAITING`]), beyond the `opened` already warming up.
+/// The manifest of `reference`; if it is long on its way while the
+/// `opened` warm-ups (`warm`) are too, the registry is far, and the start
+/// set's connections to it are opened meanwhile
+/// ([`CONNECTIONS_WHILE_WAITING`]). A warm-up answered first says the
+/// registry is near and its manifest merely slow (a cold disk, a busy
+/// registry): more requests would only add to its load.
 async fn manifest_while_warming(
     client: &RegistryClient,
     reference: &Reference,
     platform: &lazylayer_oci::Platform,
     opened: usize,
+    warm: lazylayer_oci::WarmUp,
 ) -> Result<lazylayer_oci::ResolvedManifest, lazylayer_oci::OciError> {
     let manifest = client.resolve_manifest(reference, platform);
     tokio::pin!(manifest);
@@ -113,8 +117,9 @@ async fn manifest_while_warming(
     if total > opened {
         tokio::select! {
             m = &mut manifest => return m,
+            () = warm.answered() => {}
             () = tokio::time::sleep(after) => {
-                tracing::debug!(image = %reference, waited = ?after, connections = total, "manifest not in yet: the registry is far, opening the start set's connections");
+                tracing::debug!(image = %reference, waited = ?after, connections = total, "no answer yet: the registry is far, opening the start set's connections");
                 client.warm_up(&reference.repository, lazylayer_oci::Purpose::Pull, total - opened);
             }
         }
@@ -280,12 +285,12 @@ impl LazyImage {
         // set, or a plain image's full pull, a moment later.
         let connections =
             lazylayer_fetch::connections_to_open(store, &reference.repository.registry) + 1;
-        client.warm_up(
+        let warm = client.warm_up(
             &reference.repository,
             lazylayer_oci::Purpose::Pull,
             connections,
         );
-        let m = manifest_while_warming(client, reference, &opts.pull.platform, connections)
+        let m = manifest_while_warming(client, reference, &opts.pull.platform, connections, warm)
             .await
             .map_err(FetchError::from)?;
         let own = boot_annotations(reference, &m.manifest)?;
@@ -613,11 +618,12 @@ mod tests {
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
-    /// A registry that holds every request until `hold_until` connections
-    /// were accepted (or 5 s passed), then answers a manifest 404 and
-    /// anything else (the warm-ups' `GET /v2/`) 200. Returns its port and the number of
+    /// A registry that holds its answers (every request's when `all`, else
+    /// only the manifests') until `hold_until` connections were accepted or
+    /// 5 s passed, then answers a manifest 404 and anything else (the
+    /// warm-ups' `GET /v2/`) 200. Returns its port and the number of
     /// connections accepted when the first manifest answer went out.
-    fn slow_manifests(hold_until: usize) -> (u16, Arc<Mutex<Option<usize>>>) {
+    fn holding_registry(hold_until: usize, all: bool) -> (u16, Arc<Mutex<Option<usize>>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -632,17 +638,15 @@ mod tests {
                     let mut buf = [0u8; 8192];
                     // One request per read: the client waits for each answer.
                     while let Ok(n @ 1..) = c.read(&mut buf) {
-                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        // As a far registry would: no answer is back before
-                        // the connections are opened (a warm-up answered
-                        // at once would lend its connection to the next).
+                        let manifest = String::from_utf8_lossy(&buf[..n]).contains("/manifests/");
                         let t0 = Instant::now();
-                        while accepted.load(Ordering::SeqCst) < hold_until
+                        while (all || manifest)
+                            && accepted.load(Ordering::SeqCst) < hold_until
                             && t0.elapsed() < Duration::from_secs(5)
                         {
                             std::thread::sleep(Duration::from_millis(5));
                         }
-                        let answer = if text.contains("/manifests/") {
+                        let answer = if manifest {
                             seen.lock()
                                 .unwrap()
                                 .get_or_insert(accepted.load(Ordering::SeqCst));
@@ -660,21 +664,40 @@ mod tests {
         (port, at_answer)
     }
 
-    /// The first start from a registry knows nothing of its distance; a
-    /// manifest long on its way has the start set's connections opened
-    /// while it is awaited, all of them before it comes (on main: the
-    /// manifest's own and two warm-ups, whatever the wait).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_manifest_long_awaited_has_the_start_sets_connections_opened_meanwhile() {
-        // The warm-ups and the manifest's own connection.
-        let wanted = CONNECTIONS_WHILE_WAITING.1 + 1;
-        let (port, at_answer) = slow_manifests(wanted);
+    /// Opens `127.0.0.1:port/x/y:latest` (a 404 manifest) from an empty
+    /// store: the registry's first start on this node.
+    async fn open_first(port: u16) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("store")).unwrap();
         let client = Arc::new(RegistryClient::new(Default::default()).unwrap());
         let r: Reference = format!("127.0.0.1:{port}/x/y:latest").parse().unwrap();
         let opened = LazyImage::open(&store, client, &r, FetchOptions::default()).await;
         assert!(opened.is_err(), "a 404 manifest opened an image");
+    }
+
+    /// The first start from a registry knows nothing of its distance; a
+    /// manifest long on its way, while the warm-ups beside it are too, has
+    /// the start set's connections opened while it is awaited, all of them
+    /// before it comes (on main: the manifest's own and two warm-ups,
+    /// whatever the wait).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_far_registrys_manifest_has_the_start_sets_connections_opened_meanwhile() {
+        // The warm-ups and the manifest's own connection.
+        let wanted = CONNECTIONS_WHILE_WAITING.1 + 1;
+        let (port, at_answer) = holding_registry(wanted, true);
+        open_first(port).await;
         assert_eq!(*at_answer.lock().unwrap(), Some(wanted));
+    }
+
+    /// A registry that answers the warm-ups at once is near, however long
+    /// its manifest takes (a cold disk, a busy registry): it gets no more
+    /// connections than before (seen opening 33 before the warm-ups' answer
+    /// counted).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_near_registrys_slow_manifest_opens_no_more_connections() {
+        let (port, at_answer) = holding_registry(CONNECTIONS_WHILE_WAITING.1 + 1, false);
+        open_first(port).await;
+        // Two warm-ups (a config and an index region's) and the manifest's.
+        assert_eq!(*at_answer.lock().unwrap(), Some(3));
     }
 }

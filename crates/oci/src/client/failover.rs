@@ -2,6 +2,7 @@
 //! failed recently after the others, hosts known to be down left out; and
 //! what a failure of one host does to the next requests.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
@@ -37,6 +38,23 @@ pub(super) fn fails_over(e: &OciError) -> bool {
 
 /// How long a warm-up request may take before it is dropped.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first answer to a [`RegistryClient::warm_up`]'s requests.
+pub struct WarmUp(Option<tokio::sync::oneshot::Receiver<()>>);
+
+impl WarmUp {
+    /// Resolves once one of the warm-ups was answered; never when none
+    /// was (none sent, or every one failed).
+    pub async fn answered(self) {
+        let answered = match self.0 {
+            Some(rx) => rx.await.is_ok(),
+            None => false,
+        };
+        if !answered {
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 /// Whether an error says the host is down (rather than missing one item).
 fn host_is_down(e: &OciError) -> bool {
@@ -94,26 +112,33 @@ impl RegistryClient {
     /// start that is about to send `n` requests at once then finds them
     /// connected (and through TLS) instead of paying a handshake's round
     /// trips first. Over HTTP/2 the requests share one connection. Nothing
-    /// happens outside a tokio runtime or without a usable host.
-    pub fn warm_up(&self, repo: &Repository, purpose: Purpose, n: usize) {
+    /// happens outside a tokio runtime or without a usable host. The
+    /// [`WarmUp`] says when the first of them is answered: how far the
+    /// host is, apart from the work any other request costs it.
+    pub fn warm_up(&self, repo: &Repository, purpose: Purpose, n: usize) -> WarmUp {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
+            return WarmUp(None);
         };
         let Some(ep) = self
             .endpoints(repo, purpose)
             .ok()
             .and_then(|e| e.into_iter().next())
         else {
-            return;
+            return WarmUp(None);
         };
         let (Ok(http), Ok(root)) = (self.http_for(&ep), Self::api_root(&ep)) else {
-            return;
+            return WarmUp(None);
         };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let first = Arc::new(std::sync::Mutex::new(Some(tx)));
         for _ in 0..n {
-            let (http, root) = (http.clone(), root.clone());
+            let (http, root, first) = (http.clone(), root.clone(), first.clone());
             rt.spawn(async move {
                 let warm = async {
                     if let Ok(r) = http.get(root).send().await {
+                        if let Some(tx) = first.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
                         // Read to the end, so the connection goes back to the pool.
                         let _ = r.bytes().await;
                     }
@@ -121,6 +146,7 @@ impl RegistryClient {
                 let _ = tokio::time::timeout(WARM_UP_TIMEOUT, warm).await;
             });
         }
+        WarmUp(Some(rx))
     }
 
     pub(super) fn host_key(ep: &Endpoint) -> String {

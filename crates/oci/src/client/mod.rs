@@ -174,6 +174,7 @@ impl RegistryClient {
 mod authorizer;
 mod blob;
 mod failover;
+pub use failover::WarmUp;
 mod push;
 mod range;
 mod request;
