@@ -64,9 +64,10 @@ pub fn connections_to_open(store: &Store, registry: &str) -> usize {
     })
 }
 
-/// While a start's manifest is on its way: unanswered after this wait,
-/// the registry is far, and [`IN_FLIGHT_FAR`] connections in all are opened
-/// beside it (each with a warm-up request) for the start set. The first
+/// While a start's manifest is on its way: when neither it nor a warm-up
+/// beside it was answered after this wait, the registry is far, and
+/// [`IN_FLIGHT_FAR`] connections in all are opened (each with a warm-up
+/// request) for the start set. The first
 /// start from a registry knows nothing of its distance before that answer,
 /// yet a connection opened after it is not connected when the start set
 /// goes out (one round trip after the index region), and each of its spans
