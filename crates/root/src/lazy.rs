@@ -620,10 +620,14 @@ mod tests {
 
     /// A registry that holds its answers (every request's when `all`, else
     /// only the manifests') until `hold_until` connections were accepted or
-    /// 5 s passed, then answers a manifest 404 and anything else (the
+    /// `at_most` passed, then answers a manifest 404 and anything else (the
     /// warm-ups' `GET /v2/`) 200. Returns its port and the number of
     /// connections accepted when the first manifest answer went out.
-    fn holding_registry(hold_until: usize, all: bool) -> (u16, Arc<Mutex<Option<usize>>>) {
+    fn holding_registry(
+        hold_until: usize,
+        at_most: Duration,
+        all: bool,
+    ) -> (u16, Arc<Mutex<Option<usize>>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -642,7 +646,7 @@ mod tests {
                         let t0 = Instant::now();
                         while (all || manifest)
                             && accepted.load(Ordering::SeqCst) < hold_until
-                            && t0.elapsed() < Duration::from_secs(5)
+                            && t0.elapsed() < at_most
                         {
                             std::thread::sleep(Duration::from_millis(5));
                         }
@@ -684,7 +688,7 @@ mod tests {
     async fn a_far_registrys_manifest_has_the_start_sets_connections_opened_meanwhile() {
         // The warm-ups and the manifest's own connection.
         let wanted = CONNECTIONS_WHILE_WAITING.1 + 1;
-        let (port, at_answer) = holding_registry(wanted, true);
+        let (port, at_answer) = holding_registry(wanted, Duration::from_secs(5), true);
         open_first(port).await;
         assert_eq!(*at_answer.lock().unwrap(), Some(wanted));
     }
@@ -695,7 +699,9 @@ mod tests {
     /// counted).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_near_registrys_slow_manifest_opens_no_more_connections() {
-        let (port, at_answer) = holding_registry(CONNECTIONS_WHILE_WAITING.1 + 1, false);
+        // Held well past the wait that would open more.
+        let hold = CONNECTIONS_WHILE_WAITING.0 * 6;
+        let (port, at_answer) = holding_registry(CONNECTIONS_WHILE_WAITING.1 + 1, hold, false);
         open_first(port).await;
         // Two warm-ups (a config and an index region's) and the manifest's.
         assert_eq!(*at_answer.lock().unwrap(), Some(3));

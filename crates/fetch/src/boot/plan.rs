@@ -67,15 +67,15 @@ pub fn connections_to_open(store: &Store, registry: &str) -> usize {
 /// While a start's manifest is on its way: when neither it nor a warm-up
 /// beside it was answered after this wait, the registry is far, and
 /// [`IN_FLIGHT_FAR`] connections in all are opened (each with a warm-up
-/// request) for the start set. The first
-/// start from a registry knows nothing of its distance before that answer,
-/// yet a connection opened after it is not connected when the start set
-/// goes out (one round trip after the index region), and each of its spans
-/// would pay a handshake first: at 80 ms, python3's last spans came two
-/// round trips after the plan instead of one. A manifest on a new
-/// connection takes two round trips (handshake, request), so the wait is
-/// twice [`FAR`]. A nearer registry gets nothing more: at 20 ms the start
-/// set's 8 opened at 15 ms saved no time, their warm-ups' CPU as much as the
+/// request) for the start set. The first start from a registry knows
+/// nothing of its distance before that answer, yet a connection opened
+/// after it is not connected when the start set goes out (one round trip
+/// after the index region), and each of its spans would pay a handshake
+/// first: at 80 ms, python3's last spans came two round trips after the
+/// plan instead of one. A request on a new connection takes two round
+/// trips (handshake, request), so the wait is twice [`FAR`]. A nearer
+/// registry gets nothing more: at 20 ms the start set's 8 opened at 15 ms
+/// saved no time, their warm-ups costing the registry as much CPU as the
 /// handshakes (python3 0.50 against 0.48 s at 100 Mbit/s).
 pub const CONNECTIONS_WHILE_WAITING: (Duration, usize) = (
     Duration::from_millis(2 * FAR.as_millis() as u64),

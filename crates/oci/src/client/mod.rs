@@ -174,7 +174,6 @@ impl RegistryClient {
 mod authorizer;
 mod blob;
 mod failover;
-pub use failover::WarmUp;
 mod push;
 mod range;
 mod request;
@@ -183,6 +182,8 @@ mod resuming_body;
 mod status;
 mod tls;
 mod token_cache;
+
+pub use failover::WarmUp;
 
 use authorizer::Authorization;
 use tls::TlsKey;
