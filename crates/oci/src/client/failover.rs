@@ -40,19 +40,14 @@ pub(super) fn fails_over(e: &OciError) -> bool {
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first answer to a [`RegistryClient::warm_up`]'s requests.
-pub struct WarmUp(Option<tokio::sync::oneshot::Receiver<()>>);
+pub struct WarmUp(Arc<tokio::sync::Notify>);
 
 impl WarmUp {
-    /// Resolves once one of the warm-ups was answered; never when none
-    /// was (none sent, or every one failed).
+    /// Resolves once one of the warm-ups was answered (an answer that came
+    /// before this is awaited counts); never when none was (none sent, or
+    /// every one failed).
     pub async fn answered(self) {
-        let answered = match self.0 {
-            Some(rx) => rx.await.is_ok(),
-            None => false,
-        };
-        if !answered {
-            std::future::pending::<()>().await;
-        }
+        self.0.notified().await
     }
 }
 
@@ -117,28 +112,26 @@ impl RegistryClient {
     /// host is, apart from the work any other request costs it.
     pub fn warm_up(&self, repo: &Repository, purpose: Purpose, n: usize) -> WarmUp {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return WarmUp(None);
+            return WarmUp(Default::default());
         };
         let Some(ep) = self
             .endpoints(repo, purpose)
             .ok()
             .and_then(|e| e.into_iter().next())
         else {
-            return WarmUp(None);
+            return WarmUp(Default::default());
         };
         let (Ok(http), Ok(root)) = (self.http_for(&ep), Self::api_root(&ep)) else {
-            return WarmUp(None);
+            return WarmUp(Default::default());
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let first = Arc::new(std::sync::Mutex::new(Some(tx)));
+        let answered = Arc::new(tokio::sync::Notify::new());
         for _ in 0..n {
-            let (http, root, first) = (http.clone(), root.clone(), first.clone());
+            let (http, root, answered) = (http.clone(), root.clone(), answered.clone());
             rt.spawn(async move {
                 let warm = async {
                     if let Ok(r) = http.get(root).send().await {
-                        if let Some(tx) = first.lock().unwrap().take() {
-                            let _ = tx.send(());
-                        }
+                        // Kept as a permit until awaited.
+                        answered.notify_one();
                         // Read to the end, so the connection goes back to the pool.
                         let _ = r.bytes().await;
                     }
@@ -146,7 +139,7 @@ impl RegistryClient {
                 let _ = tokio::time::timeout(WARM_UP_TIMEOUT, warm).await;
             });
         }
-        WarmUp(Some(rx))
+        WarmUp(answered)
     }
 
     pub(super) fn host_key(ep: &Endpoint) -> String {
