@@ -618,15 +618,15 @@ mod tests {
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
-    /// A registry that holds its answers (every request's when `all`, else
-    /// only the manifests') until `hold_until` connections were accepted or
-    /// `at_most` passed, then answers a manifest 404 and anything else (the
-    /// warm-ups' `GET /v2/`) 200. Returns its port and the number of
-    /// connections accepted when the first manifest answer went out.
+    /// A registry that holds a manifest request until `manifest_after`
+    /// connections were accepted, and any other (the warm-ups' `GET /v2/`)
+    /// until `others_after` were, each at most `at_most`; then answers a
+    /// manifest 404 and anything else 200. Returns its port and the number
+    /// of connections accepted when the first manifest answer went out.
     fn holding_registry(
-        hold_until: usize,
+        manifest_after: usize,
+        others_after: usize,
         at_most: Duration,
-        all: bool,
     ) -> (u16, Arc<Mutex<Option<usize>>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -643,11 +643,13 @@ mod tests {
                     // One request per read: the client waits for each answer.
                     while let Ok(n @ 1..) = c.read(&mut buf) {
                         let manifest = String::from_utf8_lossy(&buf[..n]).contains("/manifests/");
+                        let after = if manifest {
+                            manifest_after
+                        } else {
+                            others_after
+                        };
                         let t0 = Instant::now();
-                        while (all || manifest)
-                            && accepted.load(Ordering::SeqCst) < hold_until
-                            && t0.elapsed() < at_most
-                        {
+                        while accepted.load(Ordering::SeqCst) < after && t0.elapsed() < at_most {
                             std::thread::sleep(Duration::from_millis(5));
                         }
                         let answer = if manifest {
@@ -688,20 +690,22 @@ mod tests {
     async fn a_far_registrys_manifest_has_the_start_sets_connections_opened_meanwhile() {
         // The warm-ups and the manifest's own connection.
         let wanted = CONNECTIONS_WHILE_WAITING.1 + 1;
-        let (port, at_answer) = holding_registry(wanted, Duration::from_secs(5), true);
+        let (port, at_answer) = holding_registry(wanted, wanted, Duration::from_secs(5));
         open_first(port).await;
         assert_eq!(*at_answer.lock().unwrap(), Some(wanted));
     }
 
-    /// A registry that answers the warm-ups at once is near, however long
-    /// its manifest takes (a cold disk, a busy registry): it gets no more
-    /// connections than before (seen opening 33 before the warm-ups' answer
-    /// counted).
+    /// A registry that answers the warm-ups within milliseconds is near,
+    /// however long its manifest takes (a cold disk, a busy registry): it
+    /// gets no more connections than before (seen opening 31 before the
+    /// warm-ups' answer counted).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_near_registrys_slow_manifest_opens_no_more_connections() {
         // Held well past the wait that would open more.
         let hold = CONNECTIONS_WHILE_WAITING.0 * 6;
-        let (port, at_answer) = holding_registry(CONNECTIONS_WHILE_WAITING.1 + 1, hold, false);
+        // The warm-ups are answered once the three connections are open, so
+        // that the manifest cannot go out on a warm-up's connection.
+        let (port, at_answer) = holding_registry(CONNECTIONS_WHILE_WAITING.1 + 1, 3, hold);
         open_first(port).await;
         // Two warm-ups (a config and an index region's) and the manifest's.
         assert_eq!(*at_answer.lock().unwrap(), Some(3));
