@@ -642,7 +642,8 @@ impl OptimizedOn {
 /// every layer claimed by the snapshotter (AlreadyExists, recorded committed
 /// under its chain ID), the image record on top. `ctr run` then starts the
 /// image's own command from the boot layer; nothing but the manifest, the
-/// config and the boot layer came from the registry for the pull.
+/// config and the boot layer came from the registry for the pull, and the
+/// manifest and config only once: the snapshotter finds them in the store.
 fn containerd_pull_registers_an_optimized_image_lazily(stack: Stack) {
     if !stack_ready(stack, "containerd_pull_registers_an_optimized_image_lazily") {
         return;
@@ -724,6 +725,23 @@ fn containerd_pull_registers_an_optimized_image_lazily(stack: Stack) {
     assert!(
         !log.lines().any(|l| l.contains("containerd/")),
         "containerd fetched from the registry:\n{log}"
+    );
+    // The snapshotter opened the image from the manifest and config the
+    // pull kept in the store: the registry served each once (to the pull),
+    // and no manifest by digest (on main, the snapshotter's open asked
+    // for both again, two round trips before its first boot byte).
+    assert_eq!(
+        gets_since(config),
+        1,
+        "the config was fetched again:\n{log}"
+    );
+    let by_digest: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/manifests/sha256:"))
+        .collect();
+    assert!(
+        by_digest.is_empty(),
+        "the manifest was fetched again: {by_digest:?}"
     );
     let lazy: Vec<(String, usize)> = src_layers
         .iter()

@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lazylayer_index::ANNOTATION_BOOT_LAYER;
 use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Platform, Reference, RegistryClient, ResolvedImage};
-use lazylayer_store::{resolve_layers, ResolvedLayers, StoreError};
+use lazylayer_store::{layer_refs, Store, StoreError};
 use serde::Serialize;
 use tonic::Status;
 
@@ -95,23 +95,37 @@ fn status(what: String) -> impl FnOnce(Status) -> RegisterError {
 
 /// Register the optimized image `reference` (named `name` in containerd)
 /// lazily: containerd downloads nothing, the snapshotter claims every layer.
+/// The manifest and config are kept in `store` too (the snapshotter's).
 pub async fn register_image(
     client: &RegistryClient,
+    store: &Store,
     reference: &Reference,
     name: &str,
     opts: &RegisterOptions,
 ) -> Result<Registered, RegisterError> {
-    // 1. Manifest and config from the registry (nothing else).
-    let ResolvedLayers {
-        image: img,
-        config_digest,
-        layers,
-    } = resolve_layers(client, reference, &opts.platform)
+    // 1. Manifest and config from the registry (nothing else). The config
+    // goes out on the manifest's connection: its round trip is the
+    // registry's distance, kept for the snapshotter's start.
+    let resolve_err = |source: StoreError| RegisterError::Resolve {
+        image: name.to_string(),
+        source: Box::new(source),
+    };
+    let m = client
+        .resolve_manifest(reference, &opts.platform)
         .await
-        .map_err(|source| RegisterError::Resolve {
-            image: name.to_string(),
-            source: Box::new(source),
-        })?;
+        .map_err(|e| resolve_err(e.into()))?;
+    let asked = Instant::now();
+    let img = client
+        .fetch_config(reference, m)
+        .await
+        .map_err(|e| resolve_err(e.into()))?;
+    lazylayer_fetch::note_registry_round_trip(
+        store,
+        &reference.repository.registry,
+        asked.elapsed(),
+    );
+    let layers = layer_refs(reference, &img).map_err(resolve_err)?;
+    let config_digest = img.config_digest().map_err(|e| resolve_err(e.into()))?;
     let has_boot = img
         .parsed
         .annotations()
@@ -119,6 +133,19 @@ pub async fn register_image(
         .is_some_and(|an| an.contains_key(ANNOTATION_BOOT_LAYER));
     if !has_boot {
         return Err(RegisterError::NotOptimized(name.to_string()));
+    }
+    // Kept in lazylayer's store as well: the snapshotter's open of this
+    // manifest (by digest) then asks the registry for neither, and its
+    // first request is the boot layer's (a far registry's round trips:
+    // 7-8 before the start, where `lazylayer run` took 4-5). Not needed
+    // for the pull itself, so a failure only costs those round trips.
+    for (digest, bytes) in [
+        (&img.manifest.digest, &img.manifest.bytes),
+        (&config_digest, &img.config_bytes),
+    ] {
+        if let Err(e) = store.put_blob_bytes(digest, bytes) {
+            tracing::warn!(image = name, error = %e, "could not keep {digest} in the store");
+        }
     }
     let manifest_digest = img.manifest.digest.to_string();
     let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.to_string()).collect();

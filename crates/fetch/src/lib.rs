@@ -22,8 +22,8 @@ mod tasks;
 
 pub use bandwidth::Bandwidth;
 pub use boot::{
-    connections_to_open, reap_chunk_caches, BootBlob, BootChunks, BootRegion, ChunkedBoot,
-    CONNECTIONS_WHILE_WAITING,
+    connections_to_open, note_registry_round_trip, reap_chunk_caches, BootBlob, BootChunks,
+    BootRegion, ChunkedBoot, CONNECTIONS_WHILE_WAITING,
 };
 pub use fetcher::{FetchOptions, LayerFetcher, LayerState, LayerStatus};
 pub use source::{BootContentSource, LazySource};

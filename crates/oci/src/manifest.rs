@@ -212,6 +212,64 @@ pub struct ResolvedManifest {
     pub parsed: ImageManifest,
 }
 
+impl ResolvedManifest {
+    /// An image manifest kept earlier (a store's blob): `bytes` must have
+    /// `digest`, and be an image manifest, not an index. Its media type is
+    /// the one its body names, else OCI's (a registry's header is gone).
+    pub fn from_stored(digest: Digest, bytes: bytes::Bytes) -> Result<ResolvedManifest, OciError> {
+        let what = format!("stored manifest {digest}");
+        digest.verify(&what, &bytes)?;
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            #[serde(rename = "mediaType")]
+            media_type: Option<String>,
+        }
+        let named = serde_json::from_slice::<Probe>(&bytes)
+            .ok()
+            .and_then(|p| p.media_type);
+        let manifest = RawManifest {
+            bytes,
+            media_type: named.unwrap_or_else(|| OCI_MANIFEST.to_string()),
+            digest,
+        };
+        match parse_manifest(&what, &manifest)? {
+            ManifestKind::Image(parsed) => Ok(ResolvedManifest {
+                index: None,
+                manifest,
+                parsed: *parsed,
+            }),
+            ManifestKind::Index(_) => Err(OciError::BadManifest {
+                what,
+                reason: "an index, where an image manifest was expected".into(),
+            }),
+        }
+    }
+
+    /// The image with its config, `config_bytes` (checked against the
+    /// manifest's config digest here, whoever fetched or kept them).
+    pub fn with_config(
+        self,
+        reference: &Reference,
+        config_bytes: bytes::Bytes,
+    ) -> Result<ResolvedImage, OciError> {
+        let what = reference.to_string();
+        descriptor_digest(&what, self.parsed.config())?
+            .verify(&format!("config of {what}"), &config_bytes)?;
+        let config = serde_json::from_slice(&config_bytes).map_err(|e| OciError::BadManifest {
+            what: format!("config of {what}"),
+            reason: e.to_string(),
+        })?;
+        Ok(ResolvedImage {
+            reference: reference.with_digest(self.manifest.digest.clone()),
+            index: self.index,
+            manifest: self.manifest,
+            parsed: self.parsed,
+            config_bytes,
+            config,
+        })
+    }
+}
+
 /// A single-platform image, resolved: manifest and config fetched and verified.
 #[derive(Debug, Clone)]
 pub struct ResolvedImage {
@@ -274,6 +332,48 @@ mod tests {
         ));
         assert!(parse_manifest("t", &raw(r#"{"schemaVersion":1}"#, "")).is_err());
         assert!(parse_manifest("t", &raw("not json", "")).is_err());
+    }
+
+    /// A kept manifest is trusted only with the digest it is asked by, as
+    /// an image manifest (not an index), its media type from its body; its
+    /// config only with the manifest's config digest.
+    #[test]
+    fn a_stored_manifest_and_config_verify_before_use() {
+        let config =
+            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let cd = Digest::sha256_of(config.as_bytes());
+        let manifest = |mt: &str| {
+            format!(
+                r#"{{"schemaVersion":2,{mt}"config":{{"mediaType":"{OCI_CONFIG}","size":{},"digest":"{cd}"}},"layers":[]}}"#,
+                config.len()
+            )
+        };
+        let stored = |json: &str| {
+            let d = Digest::sha256_of(json.as_bytes());
+            ResolvedManifest::from_stored(d, bytes::Bytes::from(json.to_string()))
+        };
+        let docker = manifest(&format!(r#""mediaType":"{DOCKER_MANIFEST}","#));
+        assert_eq!(
+            stored(&docker).unwrap().manifest.media_type,
+            DOCKER_MANIFEST
+        );
+        let m = stored(&manifest("")).unwrap();
+        assert_eq!(m.manifest.media_type, OCI_MANIFEST);
+
+        let r: Reference = "example.com/a/b:t".parse().unwrap();
+        let img = m.clone().with_config(&r, config.into()).unwrap();
+        assert_eq!(img.reference.digest.as_ref(), Some(&m.manifest.digest));
+        assert_eq!(img.config.os().to_string(), "linux");
+        let other = config.replace("amd64", "arm64");
+        let e = m.with_config(&r, other.into()).unwrap_err();
+        assert!(e.to_string().contains("config of"), "{e}");
+
+        // Bytes that are not what the digest names, and an index.
+        let wrong = Digest::sha256_of(b"other");
+        let e = ResolvedManifest::from_stored(wrong, manifest("").into()).unwrap_err();
+        assert!(e.to_string().contains("stored manifest"), "{e}");
+        let idx = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#);
+        assert!(stored(&idx).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use lazylayer_fetch::{
 use lazylayer_fs::{FsOptions, LazyFs};
 use lazylayer_index::{BootIndex, INDEX_FILE_NAME};
 use lazylayer_oci::manifest::RawManifest;
-use lazylayer_oci::{Digest, Reference, RegistryClient, ResolvedImage};
+use lazylayer_oci::{Digest, Reference, RegistryClient, ResolvedImage, ResolvedManifest};
 use lazylayer_store::{
     AttachedBoot, ImageRecord, LayerRef, NoEvents, NoProgress, RegistryBlobs, Store,
 };
@@ -98,25 +98,26 @@ enum Attachments {
     Listed(Result<Vec<attached::Listed>, String>),
 }
 
-/// The manifest of `reference`; if it is long on its way while the
-/// `opened` warm-ups (`warm`) are too, the registry is far, and the start
-/// set's connections to it are opened meanwhile
-/// ([`CONNECTIONS_WHILE_WAITING`]). A warm-up answered first says the
-/// registry is near and its manifest merely slow (a cold disk, a busy
-/// registry): more requests would only add to its load.
-async fn manifest_while_warming(
+/// `request` (the manifest, or the index region when the manifest was
+/// kept); if it is long on its way while the `opened` warm-ups (`warm`)
+/// are too, the registry is far, and the start set's connections to it are
+/// opened meanwhile ([`CONNECTIONS_WHILE_WAITING`]). A warm-up answered
+/// first says the registry is near and the request merely slow (a cold
+/// disk, a busy registry): more requests would only add to its load.
+async fn while_warming<T>(
     client: &RegistryClient,
     reference: &Reference,
-    platform: &lazylayer_oci::Platform,
     opened: usize,
     warm: lazylayer_oci::WarmUp,
-) -> Result<lazylayer_oci::ResolvedManifest, lazylayer_oci::OciError> {
-    let manifest = client.resolve_manifest(reference, platform);
-    tokio::pin!(manifest);
+    request: impl std::future::Future<Output = T>,
+) -> T {
+    // On the heap: the config, region and boot artifacts' requests at once
+    // make a future too large for a runtime thread's stack in a debug build.
+    let mut request = Box::pin(request);
     let (after, total) = CONNECTIONS_WHILE_WAITING;
     if total > opened {
         tokio::select! {
-            m = &mut manifest => return m,
+            r = &mut request => return r,
             () = warm.answered() => {}
             () = tokio::time::sleep(after) => {
                 tracing::debug!(image = %reference, waited = ?after, connections = total, "no answer yet: the registry is far, opening the start set's connections");
@@ -124,7 +125,46 @@ async fn manifest_while_warming(
             }
         }
     }
-    manifest.await
+    request.await
+}
+
+/// The manifest a digest reference names, when the store keeps it (an
+/// earlier open of the image, or `lazylayer containerd pull` before the
+/// snapshotter's): its digest is the reference's, so no registry is
+/// needed to trust it. None for a tag (only the registry knows what it
+/// names now), an index, or bytes that do not verify.
+fn stored_manifest(store: &Store, reference: &Reference) -> Option<ResolvedManifest> {
+    let digest = reference.digest.as_ref()?;
+    if !store.has_blob(digest) {
+        return None;
+    }
+    let bytes = store.read_blob(digest).ok()?;
+    match ResolvedManifest::from_stored(digest.clone(), bytes.into()) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::debug!(image = %reference, error = %e, "stored manifest not used");
+            None
+        }
+    }
+}
+
+/// `m` with its config: the store's copy when it keeps one, else the
+/// registry's.
+async fn with_config(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    m: ResolvedManifest,
+) -> Result<ResolvedImage, lazylayer_oci::OciError> {
+    let stored =
+        lazylayer_oci::manifest::descriptor_digest(&reference.to_string(), m.parsed.config())
+            .ok()
+            .filter(|d| store.has_blob(d))
+            .and_then(|d| store.read_blob(&d).ok());
+    match stored {
+        Some(bytes) => m.with_config(reference, bytes.into()),
+        None => client.fetch_config(reference, m).await,
+    }
 }
 
 impl LazyImage {
@@ -290,9 +330,18 @@ impl LazyImage {
             lazylayer_oci::Purpose::Pull,
             connections,
         );
-        let m = manifest_while_warming(client, reference, &opts.pull.platform, connections, warm)
-            .await
-            .map_err(FetchError::from)?;
+        // A manifest kept in the store (by digest) leaves the warm-ups to
+        // the index region, the first request then.
+        let (m, warm) = match stored_manifest(store, reference) {
+            Some(m) => (m, Some(warm)),
+            None => {
+                let manifest = client.resolve_manifest(reference, &opts.pull.platform);
+                let m = while_warming(client, reference, connections, warm, manifest)
+                    .await
+                    .map_err(FetchError::from)?;
+                (m, None)
+            }
+        };
         let own = boot_annotations(reference, &m.manifest)?;
         let blob = match &own {
             Some(BootAnnotations {
@@ -307,6 +356,7 @@ impl LazyImage {
             _ => None,
         };
         let image_name = reference.to_string();
+        let opens_connection = warm.is_some();
         let region = async {
             let (digest, size, region_len, region_digest) = blob.as_ref()?;
             Some(
@@ -320,6 +370,7 @@ impl LazyImage {
                         size: *size,
                         region_len: *region_len,
                         region_digest,
+                        opens_connection,
                     },
                 )
                 .await,
@@ -332,8 +383,11 @@ impl LazyImage {
                 .await
                 .into()
         };
-        let (image, region, listed) =
-            tokio::join!(client.fetch_config(reference, m), region, listed);
+        let rest = async { tokio::join!(with_config(store, client, reference, m), region, listed) };
+        let (image, region, listed) = match warm {
+            Some(warm) => while_warming(client, reference, connections, warm, rest).await,
+            None => rest.await,
+        };
         Ok((image.map_err(FetchError::from)?, region, listed))
     }
 
@@ -446,6 +500,7 @@ impl Opener<'_> {
                                 size: boot.size,
                                 region_len,
                                 region_digest: &region_digest,
+                                opens_connection: false,
                             },
                         )
                         .await?
@@ -556,6 +611,7 @@ impl Opener<'_> {
                 size: h.size,
                 region_len: h.region.0,
                 region_digest: &h.region.1,
+                opens_connection: false,
             };
             Some(BootChunks::fetch_region(store, blob).await)
         };
@@ -618,31 +674,39 @@ mod tests {
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
+    /// Each request's line (method and path), as a test registry saw them.
+    type Requests = Arc<Mutex<Vec<String>>>;
+
     /// A registry that holds a manifest request until `manifest_after`
     /// connections were accepted, and any other (the warm-ups' `GET /v2/`)
     /// until `others_after` were, each at most `at_most`; then answers a
-    /// manifest 404 and anything else 200. Returns its port and the number
-    /// of connections accepted when the first manifest answer went out.
+    /// manifest 404 and anything else 200. Returns its port, the number
+    /// of connections accepted when the first manifest answer went out, and
+    /// every request's line (method and path).
     fn holding_registry(
         manifest_after: usize,
         others_after: usize,
         at_most: Duration,
-    ) -> (u16, Arc<Mutex<Option<usize>>>) {
+    ) -> (u16, Arc<Mutex<Option<usize>>>, Requests) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
         let at_answer = Arc::new(Mutex::new(None));
-        let seen = at_answer.clone();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (seen, logged) = (at_answer.clone(), lines.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut c) = conn else { return };
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let (accepted, seen) = (accepted.clone(), seen.clone());
+                let (accepted, seen, logged) = (accepted.clone(), seen.clone(), logged.clone());
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 8192];
                     // One request per read: the client waits for each answer.
                     while let Ok(n @ 1..) = c.read(&mut buf) {
-                        let manifest = String::from_utf8_lossy(&buf[..n]).contains("/manifests/");
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        let line = text.lines().next().unwrap_or_default().to_string();
+                        logged.lock().unwrap().push(line);
+                        let manifest = text.contains("/manifests/");
                         let after = if manifest {
                             manifest_after
                         } else {
@@ -667,7 +731,7 @@ mod tests {
                 });
             }
         });
-        (port, at_answer)
+        (port, at_answer, lines)
     }
 
     /// Opens `127.0.0.1:port/x/y:latest` (a 404 manifest) from an empty
@@ -681,6 +745,45 @@ mod tests {
         assert!(opened.is_err(), "a 404 manifest opened an image");
     }
 
+    /// An image named by digest whose manifest and config the store keeps
+    /// (as `lazylayer containerd pull` leaves them for the snapshotter)
+    /// opens without asking the registry for either; on main both were
+    /// fetched again, two round trips before the boot layer's first. This
+    /// one has no boot layer, so its open ends at the boot artifacts'
+    /// lookup (the only requests it sends besides the warm-ups).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_digest_reference_opens_from_the_manifest_and_config_the_store_keeps() {
+        let (port, _, lines) = holding_registry(0, 0, Duration::ZERO);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let config_digest = Digest::sha256_of(config);
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","size":{},"digest":"{config_digest}"}},"layers":[]}}"#,
+            config.len()
+        );
+        let digest = Digest::sha256_of(manifest.as_bytes());
+        store.put_blob_bytes(&digest, manifest.as_bytes()).unwrap();
+        store.put_blob_bytes(&config_digest, config).unwrap();
+        let client = Arc::new(RegistryClient::new(Default::default()).unwrap());
+        let r: Reference = format!("127.0.0.1:{port}/x/y@{digest}").parse().unwrap();
+        let opened = LazyImage::open(&store, client, &r, FetchOptions::default()).await;
+        assert!(
+            matches!(opened, Err(OpenError::NoBootLayer(_))),
+            "an image without a boot layer opened, or failed otherwise"
+        );
+        let lines = lines.lock().unwrap().clone();
+        let fetched: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains(&format!("/manifests/{digest}")) || l.contains("/blobs/"))
+            .collect();
+        assert!(
+            fetched.is_empty(),
+            "fetched again: {fetched:?} (all: {lines:?})"
+        );
+    }
+
     /// The first start from a registry knows nothing of its distance; a
     /// manifest long on its way, while the warm-ups beside it are too, has
     /// the start set's connections opened while it is awaited, all of them
@@ -690,7 +793,7 @@ mod tests {
     async fn a_far_registrys_manifest_has_the_start_sets_connections_opened_meanwhile() {
         // The warm-ups and the manifest's own connection.
         let wanted = CONNECTIONS_WHILE_WAITING.1 + 1;
-        let (port, at_answer) = holding_registry(wanted, wanted, Duration::from_secs(5));
+        let (port, at_answer, _) = holding_registry(wanted, wanted, Duration::from_secs(5));
         open_first(port).await;
         assert_eq!(*at_answer.lock().unwrap(), Some(wanted));
     }
@@ -705,7 +808,7 @@ mod tests {
         let hold = CONNECTIONS_WHILE_WAITING.0 * 6;
         // The warm-ups are answered once the three connections are open, so
         // that the manifest cannot go out on a warm-up's connection.
-        let (port, at_answer) = holding_registry(CONNECTIONS_WHILE_WAITING.1 + 1, 3, hold);
+        let (port, at_answer, _) = holding_registry(CONNECTIONS_WHILE_WAITING.1 + 1, 3, hold);
         open_first(port).await;
         // Two warm-ups (a config and an index region's) and the manifest's.
         assert_eq!(*at_answer.lock().unwrap(), Some(3));

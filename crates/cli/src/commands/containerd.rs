@@ -16,9 +16,11 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 pub enum Sub {
     /// Pull an optimized image into containerd lazily: manifest and config go
-    /// into its content store, and every layer is claimed by the lazylayer
-    /// snapshotter (nothing downloaded); `ctr run --snapshotter NAME REF` then
-    /// starts from the boot layer
+    /// into its content store (and into lazylayer's, --root, which the
+    /// snapshotter serving from the same root then reads instead of the
+    /// registry), and every layer is claimed by the lazylayer snapshotter
+    /// (nothing downloaded); `ctr run --snapshotter NAME REF` then starts
+    /// from the boot layer
     Pull(PullArgs),
 }
 
@@ -58,7 +60,7 @@ async fn pull(g: &GlobalArgs, a: PullArgs) -> Result<()> {
         snapshotter: a.snapshotter,
         platform: super::parse_platform(a.platform.as_deref())?,
     };
-    let r = register_image(&g.client()?, &reference, &a.image, &opts)
+    let r = register_image(&g.client()?, &g.store()?, &reference, &a.image, &opts)
         .await
         .with_context(|| format!("registering {} in containerd", a.image))?;
     let secs = start.elapsed().as_secs_f64();

@@ -64,6 +64,21 @@ pub fn connections_to_open(store: &Store, registry: &str) -> usize {
     })
 }
 
+/// Keeps `registry`'s distance as a command that opens no image measured
+/// it (`round_trip`: one request on a connection already open), for the
+/// starts that follow from it ([`connections_to_open`]): a snapshotter
+/// that finds the manifest and config `lazylayer containerd pull` kept
+/// sends the boot layer's request first, and knows no distance before its
+/// answer; at 80 ms the start set then went out on 26 new connections, a
+/// handshake each.
+pub fn note_registry_round_trip(store: &Store, registry: &str, round_trip: Duration) {
+    let link = LinkEstimate {
+        first_byte: round_trip,
+        bytes_per_sec: None,
+    };
+    link.save_for_registry(store, registry);
+}
+
 /// While a start's manifest is on its way: when neither it nor a warm-up
 /// beside it was answered after this wait, the registry is far, and
 /// [`IN_FLIGHT_FAR`] connections in all are opened (each with a warm-up
@@ -444,6 +459,24 @@ mod tests {
         connections_to_open(&store, "../../etc");
         at(80).save_for_registry(&store, "../x");
         assert_eq!(std::fs::read_dir(&links).unwrap().count(), 3);
+    }
+
+    /// The round trip `lazylayer containerd pull` noted (its config's)
+    /// sets how many connections the snapshotter's start that follows
+    /// opens at once.
+    #[test]
+    fn a_round_trip_noted_by_a_pull_sets_the_next_starts_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        note_registry_round_trip(&store, "far.example", Duration::from_millis(85));
+        note_registry_round_trip(&store, "near.example", Duration::from_millis(3));
+        assert_eq!(connections_to_open(&store, "far.example"), IN_FLIGHT_FAR);
+        assert_eq!(connections_to_open(&store, "near.example"), 1);
+        // A start's own measure, later, replaces it.
+        let near =
+            LinkEstimate::measure(1 << 20, Duration::from_millis(2), Duration::from_millis(5));
+        near.save_for_registry(&store, "far.example");
+        assert_eq!(connections_to_open(&store, "far.example"), 1);
     }
 
     #[test]

@@ -1119,3 +1119,33 @@ fn regions_hold_the_index_in_headers_or_older_ones_as_content() {
         .to_string();
     assert!(err.contains("holds no entry"), "{err}");
 }
+
+/// A region whose request opened its connection (the start's first, its
+/// manifest kept in the store) came a handshake's round trip late: its
+/// first byte counts half for the link's estimate, so a registry 25 ms
+/// away does not read as far (40 ms) and send the start set 32 wide with
+/// narrow gaps. On an open connection the first byte counts whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_that_opened_its_connection_counts_half_its_first_byte() {
+    let l = TestLayer::small(Vec::new());
+    for (opens_connection, far) in [(true, false), (false, true)] {
+        let remote = MemoryRemote::new(&l).first_byte_after(Duration::from_millis(50));
+        let (_d, store) = store();
+        let region = BootChunks::region_with(
+            &store,
+            "registry.test/boot:1",
+            &l.layer.digest,
+            l.layer.size,
+            (l.region_len, &l.region_digest),
+            opens_connection,
+            remote,
+        )
+        .await
+        .unwrap();
+        let link = region.head.link.unwrap();
+        assert_eq!(link.in_flight() != super::IN_FLIGHT, far, "{link:?}");
+        // Kept as such (to the microsecond) for the next start.
+        let kept = super::plan::LinkEstimate::load(&region.dir).unwrap();
+        assert_eq!(kept.first_byte.as_micros(), link.first_byte.as_micros());
+    }
+}

@@ -140,34 +140,16 @@ impl RegistryClient {
         reference: &Reference,
         m: ResolvedManifest,
     ) -> Result<ResolvedImage> {
-        let what = reference.to_string();
-        let ResolvedManifest {
-            index,
-            manifest,
-            parsed,
-        } = m;
-        let cfg_digest = descriptor_digest(&what, parsed.config())?;
+        let cfg_digest = descriptor_digest(&reference.to_string(), m.parsed.config())?;
         let config_bytes = self
             .fetch_blob(
                 &reference.repository,
                 &cfg_digest,
-                Some(parsed.config().size()),
+                Some(m.parsed.config().size()),
                 MAX_CONFIG_BYTES,
             )
             .await?;
-        let config = serde_json::from_slice(&config_bytes).map_err(|e| OciError::BadManifest {
-            what: format!("config of {what}"),
-            reason: e.to_string(),
-        })?;
-        let reference = reference.with_digest(manifest.digest.clone());
-        Ok(ResolvedImage {
-            reference,
-            index,
-            manifest,
-            parsed,
-            config_bytes,
-            config,
-        })
+        m.with_config(reference, config_bytes)
     }
 
     /// The referrers of `subject` of type `artifact_type` (an OCI image
