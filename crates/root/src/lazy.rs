@@ -150,7 +150,7 @@ fn stored_manifest(store: &Store, reference: &Reference) -> Option<ResolvedManif
 
 /// `m` with its config: the store's copy when it keeps one, else the
 /// registry's.
-async fn with_config(
+async fn stored_or_fetched_config(
     store: &Store,
     client: &RegistryClient,
     reference: &Reference,
@@ -383,7 +383,13 @@ impl LazyImage {
                 .await
                 .into()
         };
-        let rest = async { tokio::join!(with_config(store, client, reference, m), region, listed) };
+        let rest = async {
+            tokio::join!(
+                stored_or_fetched_config(store, client, reference, m),
+                region,
+                listed
+            )
+        };
         let (image, region, listed) = match warm {
             Some(warm) => while_warming(client, reference, connections, warm, rest).await,
             None => rest.await,
