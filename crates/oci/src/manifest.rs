@@ -219,25 +219,22 @@ impl ResolvedManifest {
     pub fn from_stored(digest: Digest, bytes: bytes::Bytes) -> Result<ResolvedManifest, OciError> {
         let what = format!("stored manifest {digest}");
         digest.verify(&what, &bytes)?;
-        #[derive(serde::Deserialize)]
-        struct Probe {
-            #[serde(rename = "mediaType")]
-            media_type: Option<String>,
-        }
-        let named = serde_json::from_slice::<Probe>(&bytes)
-            .ok()
-            .and_then(|p| p.media_type);
-        let manifest = RawManifest {
+        let mut manifest = RawManifest {
             bytes,
-            media_type: named.unwrap_or_else(|| OCI_MANIFEST.to_string()),
+            media_type: OCI_MANIFEST.to_string(),
             digest,
         };
         match parse_manifest(&what, &manifest)? {
-            ManifestKind::Image(parsed) => Ok(ResolvedManifest {
-                index: None,
-                manifest,
-                parsed: *parsed,
-            }),
+            ManifestKind::Image(parsed) => {
+                if let Some(named) = parsed.media_type() {
+                    manifest.media_type = named.to_string();
+                }
+                Ok(ResolvedManifest {
+                    index: None,
+                    manifest,
+                    parsed: *parsed,
+                })
+            }
             ManifestKind::Index(_) => Err(OciError::BadManifest {
                 what,
                 reason: "an index, where an image manifest was expected".into(),
