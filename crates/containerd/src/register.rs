@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use lazylayer_index::ANNOTATION_BOOT_LAYER;
 use lazylayer_oci::manifest::{parse_manifest, ManifestKind, RawManifest};
 use lazylayer_oci::{Platform, Reference, RegistryClient, ResolvedImage};
-use lazylayer_store::{layer_refs, Store, StoreError};
+use lazylayer_store::{ResolvedLayers, Store, StoreError};
 use serde::Serialize;
 use tonic::Status;
 
@@ -124,8 +124,11 @@ pub async fn register_image(
         &reference.repository.registry,
         asked.elapsed(),
     );
-    let layers = layer_refs(reference, &img).map_err(resolve_err)?;
-    let config_digest = img.config_digest().map_err(|e| resolve_err(e.into()))?;
+    let ResolvedLayers {
+        image: img,
+        config_digest,
+        layers,
+    } = ResolvedLayers::of(reference, img).map_err(resolve_err)?;
     let has_boot = img
         .parsed
         .annotations()

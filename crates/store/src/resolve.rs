@@ -23,14 +23,21 @@ pub async fn resolve_layers(
     reference: &Reference,
     platform: &Platform,
 ) -> Result<ResolvedLayers> {
-    let image = client.resolve(reference, platform).await?;
-    let layers = layer_refs(reference, &image)?;
-    let config_digest = image.config_digest()?;
-    Ok(ResolvedLayers {
-        image,
-        config_digest,
-        layers,
-    })
+    ResolvedLayers::of(reference, client.resolve(reference, platform).await?)
+}
+
+impl ResolvedLayers {
+    /// The layers of `image` (manifest and config resolved), as
+    /// [`resolve_layers`] lists them.
+    pub fn of(reference: &Reference, image: ResolvedImage) -> Result<ResolvedLayers> {
+        let layers = layer_refs(reference, &image)?;
+        let config_digest = image.config_digest()?;
+        Ok(ResolvedLayers {
+            image,
+            config_digest,
+            layers,
+        })
+    }
 }
 
 /// The layers of a resolved image, bottom first, each with its diff_id.
