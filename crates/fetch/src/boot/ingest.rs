@@ -7,6 +7,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -16,7 +17,7 @@ use lazylayer_store::{LocalBlob, NoEvents, NoProgress};
 use lazylayer_sys::range_lock;
 use sha2::{Digest as _, Sha256};
 
-use super::plan::{budgeted_spans, DEFAULT_GAP};
+use super::plan::{budgeted_spans, joined_span_max, DEFAULT_GAP};
 use super::state::{ChunkState, Claim};
 use super::{chunk_retry, BootChunks, REST_REQUEST, START_REQUEST};
 
@@ -73,8 +74,8 @@ impl BootChunks {
         );
         tracing::debug!(image = %self.inner.image, spans = spans.len(), gap, ?link, "boot start set planned");
         self.inner.state.lock().unwrap().queued = spans;
-        let began = std::time::Instant::now();
         let before = self.inner.fetched.load(Ordering::Relaxed);
+        let slots = link.map_or(super::IN_FLIGHT, |l| l.in_flight());
         loop {
             let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
                 return;
@@ -82,19 +83,22 @@ impl BootChunks {
             if self.inner.background.stopped() {
                 return;
             }
-            // The spans that went out measured the link: on a fast one the
-            // rest join across wider gaps, each request saved being worth
-            // more than the bytes bridged (the registry's work per request
-            // is its largest cost on such a link).
+            // The spans that went out measured the link (their bytes timed
+            // from the first that came): on a fast one the rest join across
+            // wider gaps, each request saved being worth more than the
+            // bytes bridged (the registry's work per request is its largest
+            // cost on such a link), each within its share of what is queued.
             let wider = link
                 .and_then(|l| {
                     let got = self.inner.fetched.load(Ordering::Relaxed) - before;
-                    l.gap_measured(got, began.elapsed())
+                    l.gap_measured(got, self.inner.first_in.get()?.elapsed())
                 })
                 .filter(|&g| g > gap);
             let claim = {
                 let mut s = self.inner.state.lock().unwrap();
-                let Some(span) = s.next_queued(&self.inner.offsets, wider, START_REQUEST) else {
+                let o = &self.inner.offsets;
+                let max = joined_span_max(s.queued_bytes(o), slots);
+                let Some(span) = s.next_queued(o, wider, max) else {
                     return;
                 };
                 s.claim_span(span)
@@ -239,6 +243,7 @@ impl BootChunks {
             while at + (buf.len() as u64) < end {
                 match body.next().await {
                     Some(Ok(b)) => {
+                        inner.first_in.get_or_init(Instant::now);
                         inner.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
                         let cut = skip.min(b.len() as u64);
                         skip -= cut;

@@ -22,8 +22,8 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lazylayer_fs::RangedContent;
@@ -107,6 +107,9 @@ struct Inner {
     read_timeout: Duration,
     rt: tokio::runtime::Handle,
     fetched: AtomicU64,
+    /// When the first bytes of a range of this blob came in: the start set
+    /// times the link from there ([`plan::LinkEstimate::gap_measured`]).
+    first_in: OnceLock<Instant>,
     slots: Arc<Semaphore>,
     /// What the index region's response told of the link (None when the
     /// region came from the cache, or too fast to time).
@@ -349,6 +352,7 @@ impl BootChunks {
                 read_timeout: b.read_timeout,
                 rt: tokio::runtime::Handle::current(),
                 fetched: AtomicU64::new(fetched),
+                first_in: OnceLock::new(),
                 slots: Arc::new(Semaphore::new(
                     head.link.map_or(IN_FLIGHT, |l| l.in_flight()),
                 )),

@@ -41,6 +41,13 @@ const RATE_SAMPLE: u64 = 512 << 10;
 /// The rate assumed when none was measured: with the round trip, which
 /// every response measures, it still sizes the gap.
 const ASSUMED_RATE: f64 = 12.5e6;
+/// A start-set span joined across measured gaps may always grow to this,
+/// whatever its share of the queue ([`joined_span_max`]): a small start
+/// set would otherwise join nothing.
+const SHARE_FLOOR: u64 = 256 << 10;
+/// How many times [`ASSUMED_RATE`] a start set must measure before its
+/// later spans are joined by that rate ([`LinkEstimate::gap_measured`]).
+const FAST: f64 = 3.0;
 
 /// A first byte later than this says the registry is far (another region,
 /// a CDN): the start set then goes out [`IN_FLIGHT_FAR`] requests wide.
@@ -187,23 +194,29 @@ impl LinkEstimate {
         ((bdp / in_flight.max(1) as f64) as u64).clamp(MIN_GAP, MAX_GAP)
     }
 
-    /// The gap for the rest of a start set whose requests brought `bytes`
-    /// in `elapsed`: the rate the start set itself measured (the index
-    /// region is too small to time, so the plan assumed one), with this
-    /// estimate's round trip. None until [`RATE_SAMPLE`] bytes are in, and
-    /// for a rate below twice [`ASSUMED_RATE`]: a burst through a token
-    /// bucket reads as a faster link than it is, and at 100 Mbit/s and 20 ms
-    /// the wider gaps it led to cost python3 0.35 MB more and 0.03 s.
-    pub(crate) fn gap_measured(&self, bytes: u64, elapsed: Duration) -> Option<u64> {
-        if bytes < RATE_SAMPLE || elapsed < Duration::from_millis(1) {
+    /// The gap for the rest of a start set whose responses brought `bytes`
+    /// in `transfer` since the first of their bytes came: the rate the start
+    /// set itself measured (the index region is too small to time, so the
+    /// plan assumed one), with this estimate's round trip. Timed from the
+    /// first request instead, the round trip counted as transfer:
+    /// 20 ms away, a 1 Gbit/s link read as 15 MB/s and nginx's start set
+    /// went out 8 small spans at a time in 5 rounds. None until
+    /// [`RATE_SAMPLE`] bytes are in, and for a rate below [`FAST`] times
+    /// [`ASSUMED_RATE`]: a burst through a token bucket reads as a faster
+    /// link than it is (256 kB at once, then 100 Mbit/s, reads as
+    /// 200 Mbit/s at 512 kB; timed from the first request, it did at twice
+    /// the assumed rate), and at 100 Mbit/s and 20 ms wider gaps cost
+    /// python3 0.35 MB more and 0.03 s.
+    pub(crate) fn gap_measured(&self, bytes: u64, transfer: Duration) -> Option<u64> {
+        if bytes < RATE_SAMPLE || transfer < Duration::from_millis(1) {
             return None;
         }
-        let rate = bytes as f64 / elapsed.as_secs_f64();
+        let rate = bytes as f64 / transfer.as_secs_f64();
         let measured = LinkEstimate {
             bytes_per_sec: Some(rate),
             ..*self
         };
-        (rate >= 2.0 * ASSUMED_RATE).then(|| measured.gap(measured.in_flight()))
+        (rate >= FAST * ASSUMED_RATE).then(|| measured.gap(measured.in_flight()))
     }
 
     /// Range GETs to keep in flight at start (see [`FAR`]).
@@ -243,6 +256,17 @@ pub(super) fn start_spans(list: &[u32], offsets: &[u64], gap: u64, max: u64) -> 
         spans.push(c..c + 1);
     }
     spans
+}
+
+/// The most a start-set span joined across measured gaps may hold, with
+/// `queued` bytes of spans waiting and `in_flight` requests: its share of
+/// them, so that every connection keeps carrying bytes, at least
+/// [`SHARE_FLOOR`], at most [`super::START_REQUEST`]. Joined up to the
+/// latter, pydev's start set went out as 17 requests where 26 had, and it
+/// started later (0.46 against 0.40 s at 1 Gbit/s and 20 ms), its bytes
+/// queued behind each other on a few connections.
+pub(super) fn joined_span_max(queued: u64, in_flight: usize) -> u64 {
+    (queued / in_flight.max(1) as u64).clamp(SHARE_FLOOR, super::START_REQUEST)
 }
 
 /// [`start_spans`] with the largest gap up to `gap` whose bridged bytes
@@ -402,31 +426,41 @@ mod tests {
             first_byte: Duration::from_millis(7),
             bytes_per_sec: None,
         };
+        let ms = Duration::from_millis;
         // Not enough bytes yet to tell a link from a burst.
-        assert_eq!(
-            near.gap_measured(RATE_SAMPLE - 1, Duration::from_millis(50)),
-            None
-        );
+        assert_eq!(near.gap_measured(RATE_SAMPLE - 1, ms(50)), None);
+        // Nor time: the bytes came with the first.
+        assert_eq!(near.gap_measured(1_000_000, ms(0)), None);
         // 1 MB in 8 ms (1 Gbit/s): 125 MB/s x 7 ms over 8 requests.
-        assert_eq!(
-            near.gap_measured(1_000_000, Duration::from_millis(8)),
-            Some(109_375)
-        );
-        // 1 MB in 80 ms (100 Mbit/s), or in 45 ms (a burst on it): the
+        assert_eq!(near.gap_measured(1_000_000, ms(8)), Some(109_375));
+        // 1 MB in 80 ms (100 Mbit/s), or in 38 ms (a burst on it), or in
+        // 30 ms (a 270 Mbit/s link, too near a burst's rate to tell): the
         // plan's assumed rate stands.
-        assert_eq!(
-            near.gap_measured(1_000_000, Duration::from_millis(80)),
-            None
-        );
-        assert_eq!(
-            near.gap_measured(1_000_000, Duration::from_millis(45)),
-            None
-        );
-        // 1 MB in 30 ms: a link of 260 Mbit/s or more.
-        assert_eq!(
-            near.gap_measured(1_000_000, Duration::from_millis(30)),
-            Some(29_166)
-        );
+        assert_eq!(near.gap_measured(1_000_000, ms(80)), None);
+        assert_eq!(near.gap_measured(1_000_000, ms(38)), None);
+        assert_eq!(near.gap_measured(1_000_000, ms(30)), None);
+        // 1 MB in 16 ms: 500 Mbit/s.
+        assert_eq!(near.gap_measured(1_000_000, ms(16)), Some(54_687));
+        // Far: 32 requests share the round trip (1 Gbit/s, 160 ms: 20 MB).
+        let far = LinkEstimate {
+            first_byte: ms(160),
+            bytes_per_sec: None,
+        };
+        assert_eq!(far.gap_measured(1_000_000, ms(8)), Some(625_000));
+        // 100 Mbit/s behind a token bucket: 256 kB at once, then 256 kB in
+        // 21 ms; too slow for wider gaps.
+        assert_eq!(far.gap_measured(512 << 10, ms(21)), None);
+    }
+
+    #[test]
+    fn a_joined_span_holds_its_share_of_the_queue() {
+        // 4 MB queued over 8 requests: 500 kB each.
+        assert_eq!(joined_span_max(4_000_000, 8), 500_000);
+        // A small queue still joins up to the floor; a large one stops at a
+        // request's size.
+        assert_eq!(joined_span_max(100_000, 8), SHARE_FLOOR);
+        assert_eq!(joined_span_max(100 << 20, 8), super::super::START_REQUEST);
+        assert_eq!(joined_span_max(4_000_000, 0), super::super::START_REQUEST);
     }
 
     #[test]

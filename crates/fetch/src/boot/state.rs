@@ -101,6 +101,14 @@ impl State {
     /// end), and every chunk between is absent: one a reader's request
     /// holds (the tail it cut from a span, a span it took whole) would
     /// otherwise come twice.
+    /// The compressed bytes of the start set's spans still queued.
+    pub(super) fn queued_bytes(&self, offsets: &[u64]) -> u64 {
+        self.queued
+            .iter()
+            .map(|r| offsets[r.end as usize] - offsets[r.start as usize])
+            .sum()
+    }
+
     pub(super) fn next_queued(
         &mut self,
         offsets: &[u64],

@@ -55,6 +55,17 @@ struct TestLayer {
 
 impl TestLayer {
     fn new(file_len: usize, start: Vec<u32>, c: ChunkCompression, seed: u64) -> TestLayer {
+        Self::chunked(file_len, start, c, seed, MIN_CHUNK_SIZE)
+    }
+
+    /// [`TestLayer::new`] cut into chunks of `chunk_size` bytes.
+    fn chunked(
+        file_len: usize,
+        start: Vec<u32>,
+        c: ChunkCompression,
+        seed: u64,
+        chunk_size: u32,
+    ) -> TestLayer {
         let data = lazylayer_testsupport::incompressible(file_len, seed);
         let mut w = LayerWriter::new(Vec::new(), Compression::None);
         w.append_bytes(Path::new("data.bin"), 0o644, 0, &data)
@@ -63,7 +74,7 @@ impl TestLayer {
         let mut pieces = Vec::new();
         let (chunks, content_len) = compress_chunks(
             &mut &content_tar[..],
-            MIN_CHUNK_SIZE,
+            chunk_size,
             c,
             &mut pieces,
             &mut Sha256::new(),
@@ -71,7 +82,7 @@ impl TestLayer {
         .unwrap();
         let content = BootContent {
             compression: c,
-            chunk_size: MIN_CHUNK_SIZE,
+            chunk_size,
             content_len,
             chunks,
             files: vec![(FILE, FILE_START)],
@@ -169,6 +180,9 @@ struct MemoryRemote {
     /// Each answer (the index region's too) comes this long after its
     /// request: a registry's time to first byte.
     first_byte: Mutex<Duration>,
+    /// A chunk range's body comes this many bytes a millisecond (None: at
+    /// once), as over a link.
+    pace: Mutex<Option<usize>>,
 }
 
 impl MemoryRemote {
@@ -190,11 +204,17 @@ impl MemoryRemote {
             ranges: Mutex::new(Vec::new()),
             streams: AtomicUsize::new(0),
             first_byte: Mutex::new(Duration::ZERO),
+            pace: Mutex::new(None),
         })
     }
 
     fn first_byte_after(self: Arc<Self>, d: Duration) -> Arc<Self> {
         *self.first_byte.lock().unwrap() = d;
+        self
+    }
+
+    fn paced(self: Arc<Self>, bytes_per_ms: usize) -> Arc<Self> {
+        *self.pace.lock().unwrap() = Some(bytes_per_ms);
         self
     }
 
@@ -272,7 +292,22 @@ impl ChunkRemote for MemoryRemote {
                 .chunks(1000)
                 .map(|p| Ok(Bytes::copy_from_slice(p)))
                 .collect();
-            let body: BodyStream = Box::pin(futures_util::stream::iter(pieces));
+            let body: BodyStream = match *self.pace.lock().unwrap() {
+                None => Box::pin(futures_util::stream::iter(pieces)),
+                Some(per_ms) => {
+                    use futures_util::StreamExt as _;
+                    // A piece is 1000 bytes.
+                    let every = (per_ms / 1000).max(1);
+                    Box::pin(futures_util::stream::iter(pieces).enumerate().then(
+                        move |(i, p)| async move {
+                            if i > 0 && i % every == 0 {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                            p
+                        },
+                    ))
+                }
+            };
             Ok((ranged, body))
         })
     }
@@ -637,27 +672,31 @@ async fn a_reader_in_a_span_still_queued_takes_its_rest_and_no_chunk_comes_twice
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_measured_fast_by_the_first_spans_joins_the_rest_across_wider_gaps() {
-    // Twenty runs of 32 chunks (128 KiB) 24 KiB apart: past the gap planned
-    // before any rate was known (16 KiB, from a 10 ms first byte and an
-    // assumed 100 Mbit/s), twenty spans. The first eight come in at memory
-    // speed: a rate whose bandwidth-delay product bridges 24 KiB many times.
-    let start: Vec<u32> = (0..20).flat_map(|r| 38 * r..38 * r + 32).collect();
-    let l = TestLayer::new(3 << 20, start, ChunkCompression::Gzip, 13);
-    let remote = MemoryRemote::new(&l).first_byte_after(Duration::from_millis(10));
+/// The spans a start set of `runs` runs of `run` chunks, `stride` apart,
+/// went out as from `remote`, once every chunk of it is in; the first eight
+/// checked to have gone out as planned (before the link was timed), each
+/// chunk asked for once.
+async fn start_set_joined(
+    l: &TestLayer,
+    remote: Arc<MemoryRemote>,
+    (runs, run, stride): (u32, u32, u32),
+) -> Vec<Range<u32>> {
     let (_d, store) = store();
-    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let chunks = open(&store, l, remote.clone(), LONG).await.unwrap();
     wait_until("start list done", || chunks.start_list_done()).await;
-    let asked = spans_asked(&l, &remote);
-    // The first eight as planned, and those sent before 512 KiB were in
-    // (a rate needs them); the rest joined across their gaps.
+    let asked = spans_asked(l, &remote);
     assert_eq!(
         asked[..8],
-        (0..8).map(|r| 38 * r..38 * r + 32).collect::<Vec<_>>()[..]
+        (0..8)
+            .map(|r| stride * r..stride * r + run)
+            .collect::<Vec<_>>()[..]
     );
-    assert!(asked.len() < 20, "{} requests: {asked:?}", asked.len());
-    assert!(asked.iter().any(|r| r.len() > 38), "{asked:?}");
+    assert!(
+        asked.len() < runs as usize,
+        "{} requests: {asked:?}",
+        asked.len()
+    );
+    assert!(asked.iter().any(|r| r.len() > stride as usize), "{asked:?}");
     let states = states(&chunks);
     for &c in &chunks.inner.content.start {
         assert_eq!(states[c as usize], Present, "chunk {c}");
@@ -666,6 +705,40 @@ async fn a_link_measured_fast_by_the_first_spans_joins_the_rest_across_wider_gap
         let times = asked.iter().filter(|r| r.contains(&c)).count();
         assert!(times <= 1, "chunk {c} asked {times} times: {asked:?}");
     }
+    asked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_measured_fast_by_the_first_spans_joins_the_rest_across_wider_gaps() {
+    // Thirty runs of 16 chunks (64 KiB) 24 KiB apart: past the gap planned
+    // before any rate was known (16 KiB, from a 10 ms first byte and an
+    // assumed 100 Mbit/s), thirty spans. The first eight come in at memory
+    // speed: a rate whose bandwidth-delay product bridges 24 KiB many times.
+    // Those sent before 512 KiB were in go as planned (a rate needs them);
+    // the rest join across their gaps, each within its share of what was
+    // queued (here the 256 KiB floor: three runs).
+    let start: Vec<u32> = (0..30).flat_map(|r| 22 * r..22 * r + 16).collect();
+    let l = TestLayer::new(3 << 20, start, ChunkCompression::Gzip, 13);
+    let remote = MemoryRemote::new(&l).first_byte_after(Duration::from_millis(10));
+    let asked = start_set_joined(&l, remote, (30, 16, 22)).await;
+    assert!(asked.iter().all(|r| r.len() <= 3 * 22), "{asked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_set_times_its_link_from_its_first_byte_not_its_first_request() {
+    // Twenty runs of 9 chunks (72 KiB) 64 KiB apart, 25 ms to each first
+    // byte (well under FAR: a loaded machine's scheduling must not make the
+    // registry read as far), then 40 MB/s a response (320 MB/s for eight):
+    // the plan (an assumed 100 Mbit/s over 8 requests, 39 kB) bridges none.
+    // The first eight bring 576 KiB 25 ms after they went out but ~2 ms
+    // after their first byte: timed from the requests that read as 21 MB/s,
+    // and all twenty went out alone, 8 at a time.
+    let start: Vec<u32> = (0..20).flat_map(|r| 17 * r..17 * r + 9).collect();
+    let l = TestLayer::chunked(3 << 20, start, ChunkCompression::Zstd, 17, 8 << 10);
+    let remote = MemoryRemote::new(&l)
+        .first_byte_after(Duration::from_millis(25))
+        .paced(40_000);
+    start_set_joined(&l, remote, (20, 9, 17)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
