@@ -94,13 +94,6 @@ impl State {
         end
     }
 
-    /// The next queued start-set span, off the queue, its slot come (None
-    /// when readers took all that was left). With `join`, the queued spans
-    /// that follow it come along while the compressed bytes between are at
-    /// most that, the whole at most `max` (`offsets`: chunk starts, and the
-    /// end), and every chunk between is absent: one a reader's request
-    /// holds (the tail it cut from a span, a span it took whole) would
-    /// otherwise come twice.
     /// The compressed bytes of the start set's spans still queued.
     pub(super) fn queued_bytes(&self, offsets: &[u64]) -> u64 {
         self.queued
@@ -109,6 +102,13 @@ impl State {
             .sum()
     }
 
+    /// The next queued start-set span, off the queue, its slot come (None
+    /// when readers took all that was left). With `join`, the queued spans
+    /// that follow it come along while the compressed bytes between are at
+    /// most that, the whole at most `max` (`offsets`: chunk starts, and the
+    /// end), and every chunk between is absent: one a reader's request
+    /// holds (the tail it cut from a span, a span it took whole) would
+    /// otherwise come twice.
     pub(super) fn next_queued(
         &mut self,
         offsets: &[u64],
