@@ -84,6 +84,9 @@ pub struct ContainerDir {
 /// is removed by the reaping; one whose lock is held is being created.
 const CREATING: &str = ".creating";
 
+/// The [`CREATING`] lock file before it is locked: no reaping looks at it.
+const CREATING_UNLOCKED: &str = ".creating-unlocked";
+
 /// Prefix of a container directory being removed (renamed first, so a
 /// removal killed half way leaves no directory that looks like a container).
 const REMOVING: &str = ".removing-";
@@ -201,10 +204,15 @@ impl ContainerDir {
             .create(&staging)
             .map_err(io("creating", &staging))?;
         let made = (|| {
-            let lock_path = staging.join(CREATING);
-            let lock = std::fs::File::create(&lock_path).map_err(io("creating", &lock_path))?;
+            // Locked under another name, then given its own: a concurrent
+            // reaping that finds the lock file finds it held, never free
+            // between its creation and its lock (which read as a dead maker).
+            let unlocked = staging.join(CREATING_UNLOCKED);
+            let lock = std::fs::File::create(&unlocked).map_err(io("creating", &unlocked))?;
             rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-                .map_err(|e| io("locking", &lock_path)(e.into()))?;
+                .map_err(|e| io("locking", &unlocked)(e.into()))?;
+            let lock_path = staging.join(CREATING);
+            std::fs::rename(&unlocked, &lock_path).map_err(io("naming", &lock_path))?;
             let cwd = rustix::fs::CWD;
             match rustix::fs::renameat_with(cwd, &staging, cwd, &path, RenameFlags::NOREPLACE) {
                 Ok(()) => Ok(lock),
@@ -626,6 +634,40 @@ mod tests {
         assert!(kept.owner_lost && kept.exit_code.is_none());
         // Done once: nothing left to reap.
         assert!(ContainerDir::reap_orphans(root, &runc).is_empty());
+    }
+
+    /// Two `run`s at once: one makes its container's directory while the
+    /// other reaps. The reaping must never take a directory being made for
+    /// one whose maker is gone (CI saw `naming ...: No such file or
+    /// directory` when it did, between the lock file's creation and its lock).
+    #[test]
+    fn a_directory_being_made_survives_a_concurrent_reaping() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let runc = crate::Runc::for_store(root);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    ContainerDir::reap_orphans(root, &runc);
+                }
+            });
+            let made = (0..3000).map(|i| {
+                // Dropped at once: its lock freed, the next reaping removes it.
+                ContainerDir::create(root, &format!("c{i}")).map(drop)
+            });
+            let failed: Vec<String> = made
+                .filter_map(|r| r.err())
+                .map(|e| e.to_string())
+                .collect();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(
+                failed.is_empty(),
+                "{} of 3000 failed: {:?}",
+                failed.len(),
+                &failed[..failed.len().min(3)]
+            );
+        });
     }
 
     /// The progress file is replaced whole each time (a reader never sees
