@@ -75,7 +75,6 @@ impl BootChunks {
         tracing::debug!(image = %self.inner.image, spans = spans.len(), gap, ?link, "boot start set planned");
         self.inner.state.lock().unwrap().queued = spans;
         let before = self.inner.fetched.load(Ordering::Relaxed);
-        let slots = link.map_or(super::IN_FLIGHT, |l| l.in_flight());
         loop {
             let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
                 return;
@@ -97,7 +96,7 @@ impl BootChunks {
             let claim = {
                 let mut s = self.inner.state.lock().unwrap();
                 let o = &self.inner.offsets;
-                let max = joined_span_max(s.queued_bytes(o), slots);
+                let max = joined_span_max(s.queued_bytes(o), self.inner.in_flight);
                 let Some(span) = s.next_queued(o, wider, max) else {
                     return;
                 };

@@ -110,6 +110,9 @@ struct Inner {
     /// When the first bytes of a range of this blob came in: the start set
     /// times the link from there ([`plan::LinkEstimate::gap_measured`]).
     first_in: OnceLock<Instant>,
+    /// Requests of this blob in flight at most ([`IN_FLIGHT`], more for a
+    /// far registry), and the semaphore that holds them to it.
+    in_flight: usize,
     slots: Arc<Semaphore>,
     /// What the index region's response told of the link (None when the
     /// region came from the cache, or too fast to time).
@@ -325,6 +328,7 @@ impl BootChunks {
             Some(_) => head.region.len() as u64 + head.leftover.len() as u64,
             None => 0,
         };
+        let in_flight = head.link.map_or(IN_FLIGHT, |l| l.in_flight());
         let chunks = BootChunks {
             inner: Arc::new(Inner {
                 image: image.to_string(),
@@ -353,9 +357,8 @@ impl BootChunks {
                 rt: tokio::runtime::Handle::current(),
                 fetched: AtomicU64::new(fetched),
                 first_in: OnceLock::new(),
-                slots: Arc::new(Semaphore::new(
-                    head.link.map_or(IN_FLIGHT, |l| l.in_flight()),
-                )),
+                in_flight,
+                slots: Arc::new(Semaphore::new(in_flight)),
                 link: head.link,
                 whole: whole::WholeFiles::default(),
                 background: Tasks::default(),
