@@ -269,16 +269,24 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
     // default) from the store's layer with no open coming to lazylayer but
     // those of files not local yet. The prefetch stays off: the image is
     // not local whole yet.
+    // The number just before `before` in a --stats report.
+    let num = |err: &str, before: &str| -> u64 {
+        let head = err.split(before).next().unwrap_or_default();
+        head.trim_end()
+            .rsplit([' ', '('])
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number before {before:?} in: {err}"))
+    };
+    let last_stats = std::cell::RefCell::new(None);
     let opens = |o: &std::process::Output| -> (u64, u64) {
         let err = String::from_utf8_lossy(&o.stderr).to_string();
-        let num = |before: &str| -> u64 {
-            let head = err.split(before).next().unwrap_or_default();
-            head.rsplit(' ')
-                .nth(1)
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("{err}"))
-        };
-        (num("opens by passthrough"), num("through lazylayer"))
+        let got = (
+            num(&err, "opens by passthrough"),
+            num(&err, "through lazylayer"),
+        );
+        *last_stats.borrow_mut() = Some(err);
+        got
     };
     let sqlite = ["python3", "-c", "import sqlite3; print('one')"];
     let stats_run = |lazy_root: &str, passthrough: &str| {
@@ -301,6 +309,18 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
     let (pt, through_fuse) = stats_run("fuse", "off");
     assert_eq!(pt, 0);
     assert!(through_fuse > 0);
+    // What the daemon answered: every open one request at least, and the
+    // boot files' local bytes handed to the page cache at their first open.
+    let out = last_stats.take().unwrap();
+    let (requests, reads, preloaded) = (
+        num(&out, "requests,"),
+        num(&out, "READs,"),
+        num(&out, "bytes preloaded"),
+    );
+    assert!(
+        requests > through_fuse && reads < requests && preloaded > 0,
+        "requests {requests}, READs {reads}, preloaded {preloaded}, opens {through_fuse}"
+    );
     let (pt, daemon) = stats_run("overlay", "off");
     assert_eq!(pt, 0);
     assert!(

@@ -103,6 +103,11 @@ pub struct LazyStats {
     pub bytes_fetched: u64,
     pub passthrough_opens: u64,
     pub daemon_opens: u64,
+    /// Requests the lazy file system answered (every kind), the READs among
+    /// them, and the bytes handed to the page cache at first opens.
+    pub fs_requests: u64,
+    pub read_requests: u64,
+    pub preloaded_bytes: u64,
     /// The kernel opens files alone now (every byte local; the opens it
     /// answered since are counted nowhere).
     pub kernel_opens: bool,
@@ -291,6 +296,9 @@ fn lazy_stats(root: &LazyRoot) -> LazyStats {
         bytes_fetched: root.bytes_fetched(),
         passthrough_opens: fs.as_ref().map_or(0, |s| s.passthrough_opens()),
         daemon_opens: fs.as_ref().map_or(0, |s| s.daemon_opens()),
+        fs_requests: fs.as_ref().map_or(0, |s| s.requests()),
+        read_requests: fs.as_ref().map_or(0, |s| s.read_requests()),
+        preloaded_bytes: fs.as_ref().map_or(0, |s| s.preloaded_bytes()),
         kernel_opens: fs.is_some_and(|s| s.kernel_opens()),
         layer_status: st,
     }

@@ -167,7 +167,7 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
     }
     if let (true, Some(l), Some(t)) = (a.stats, &rep.lazy, rep.t_ready) {
         eprintln!(
-            "lazylayer: started after {:.3}s ({}), {} of {} layers fetched on demand, {} bytes fetched after start, {} opens by passthrough, {} through lazylayer{}",
+            "lazylayer: started after {:.3}s ({}), {} of {} layers fetched on demand, {} bytes fetched after start, {} opens by passthrough, {} through lazylayer ({} requests, {} READs, {} bytes preloaded at open){}",
             t.as_secs_f64(),
             if l.offline { "all local" } else { "boot layer fetched" },
             l.layers_on_demand,
@@ -175,6 +175,9 @@ pub async fn run(g: &GlobalArgs, a: Args) -> Result<i32> {
             l.bytes_fetched,
             l.passthrough_opens,
             l.daemon_opens,
+            l.fs_requests,
+            l.read_requests,
+            l.preloaded_bytes,
             if l.kernel_opens {
                 ", then every open by the kernel alone (image local)"
             } else {

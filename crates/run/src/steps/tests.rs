@@ -119,6 +119,9 @@ impl RunSteps for Steps {
             bytes_fetched: 0,
             passthrough_opens: 0,
             daemon_opens: 0,
+            fs_requests: 0,
+            read_requests: 0,
+            preloaded_bytes: 0,
             kernel_opens: false,
             layer_status: Vec::new(),
         })
