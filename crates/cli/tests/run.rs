@@ -47,6 +47,16 @@ fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// The number just before `before` in a `run --stats` report.
+fn stat_before(err: &str, before: &str) -> u64 {
+    let head = err.split(before).next().unwrap_or_default();
+    head.trim_end()
+        .rsplit([' ', '('])
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before {before:?} in: {err}"))
+}
+
 fn assert_nothing_left(root: &Path) {
     assert!(
         mounts_below(root).is_empty(),
@@ -195,6 +205,47 @@ fn root_whiteouts_and_opaque_dirs_behave_as_in_overlayfs() {
     assert_nothing_left(root.path());
 }
 
+/// A start whose boot chunks an earlier one kept (prefetch off: the boot
+/// layer is not stored whole): every byte its traced start reads is local,
+/// and without passthrough the files are handed to the page cache at open,
+/// not faulted in a page at a time through lazylayer (the start's
+/// readahead is one page). Complete boot files opened as copies of their
+/// own made python3 156 READs of 4 KiB.
+#[test]
+fn root_a_start_with_its_boot_chunks_local_reads_them_from_the_page_cache() {
+    let (_reg, _src, dst, _layers) = python3_optimized();
+    let root = tempfile::tempdir().unwrap();
+    let args = [
+        "--rm",
+        "--stats",
+        "--prefetch",
+        "off",
+        "--passthrough",
+        "off",
+        &dst,
+    ];
+    let first = run(root.path(), &args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let again = run(root.path(), &args);
+    let err = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(again.status.success(), "{err}");
+    assert_eq!(stdout(&again), stdout(&first));
+    let (opens, reads, preloaded) = (
+        stat_before(&err, "through lazylayer"),
+        stat_before(&err, "READs,"),
+        stat_before(&err, "bytes preloaded"),
+    );
+    assert!(
+        opens > 0 && preloaded > 0 && reads * 4 < opens,
+        "opens {opens}, READs {reads}, preloaded {preloaded}: {err}"
+    );
+    assert_nothing_left(root.path());
+}
+
 #[test]
 fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
     let (reg, _src, dst, layers) = python3_optimized();
@@ -269,15 +320,7 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
     // default) from the store's layer with no open coming to lazylayer but
     // those of files not local yet. The prefetch stays off: the image is
     // not local whole yet.
-    // The number just before `before` in a --stats report.
-    let num = |err: &str, before: &str| -> u64 {
-        let head = err.split(before).next().unwrap_or_default();
-        head.trim_end()
-            .rsplit([' ', '('])
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no number before {before:?} in: {err}"))
-    };
+    let num = stat_before;
     let last_stats = std::cell::RefCell::new(None);
     let opens = |o: &std::process::Output| -> (u64, u64) {
         let err = String::from_utf8_lossy(&o.stderr).to_string();

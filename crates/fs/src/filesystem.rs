@@ -535,7 +535,8 @@ impl<S: ContentSource> Filesystem for LazyFs<S> {
                 return reply.error(Errno::ENOSYS);
             }
             self.record(&e.path, Access::Open);
-            if let Some(c) = self.source.ranged(i, e) {
+            let passthrough = self.passthrough.load(Ordering::Relaxed);
+            if let Some(c) = self.source.ranged(i, e, passthrough) {
                 return self.register_ranged(ino.0, c, reply);
             }
             if let Some(r) = self.source.try_open(i, e) {

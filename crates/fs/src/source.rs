@@ -25,7 +25,16 @@ pub trait ContentSource: Send + Sync + 'static {
     /// Content read by ranges instead of through a file, for a file whose
     /// bytes arrive piece by piece (a chunked boot layer): asked before
     /// `open`, and `None` (the default) means "open it as a file".
-    fn ranged(&self, _idx: u32, _entry: &IndexEntry) -> Option<Arc<dyn RangedContent>> {
+    /// `passthrough`: a file opened now would be read by the kernel straight
+    /// from it (FUSE passthrough); without it, a file's reads come to the
+    /// daemon either way, and ranged content has its local bytes handed to
+    /// the page cache at open ([`RangedContent::local_ranges`]).
+    fn ranged(
+        &self,
+        _idx: u32,
+        _entry: &IndexEntry,
+        _passthrough: bool,
+    ) -> Option<Arc<dyn RangedContent>> {
         None
     }
 }

@@ -1934,6 +1934,7 @@ impl ContentSource for RangedSource {
         &self,
         _idx: u32,
         entry: &IndexEntry,
+        _passthrough: bool,
     ) -> Option<Arc<dyn lazylayer_fs::RangedContent>> {
         (entry.path == self.file)
             .then(|| self.content.clone() as Arc<dyn lazylayer_fs::RangedContent>)

@@ -211,7 +211,10 @@ impl<S: ContentSource> Shared<S> {
                 rustix::io::Errno::BADF.raw_os_error(),
             )));
         }
-        if let Some(c) = self.source.ranged(i, e) {
+        if let Some(c) = self
+            .source
+            .ranged(i, e, self.passthrough.load(Ordering::Relaxed))
+        {
             return Some(Ok(Content::Ranged(c)));
         }
         let file = if wait {
