@@ -1,6 +1,8 @@
-//! Boot files whose every chunk is local, each as a file of its own: an
-//! open of one is then an ordinary file the file system hands to the kernel
-//! (FUSE passthrough), so its reads never come to this process again. A
+//! Boot files whose every chunk is local, each as a file of its own, while
+//! FUSE passthrough is in effect: an open of one is then an ordinary file
+//! the file system hands to the kernel, so its reads never come to this
+//! process again (without passthrough they come here either way, and such
+//! a file is read by ranges, its bytes preloaded at open). A
 //! file read through chunks costs a daemon round trip per page (the start's
 //! readahead is one page, as the trace's was): python3's start made 1,717
 //! of them.
