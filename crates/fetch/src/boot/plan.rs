@@ -258,6 +258,15 @@ pub(super) fn start_spans(list: &[u32], offsets: &[u64], gap: u64, max: u64) -> 
     spans
 }
 
+/// The compressed bytes `spans` of chunks cover (`offsets` as for
+/// [`start_spans`]).
+pub(super) fn spans_bytes(spans: &[Range<u32>], offsets: &[u64]) -> u64 {
+    spans
+        .iter()
+        .map(|r| offsets[r.end as usize] - offsets[r.start as usize])
+        .sum()
+}
+
 /// The most a start-set span joined across measured gaps may hold, with
 /// `queued` bytes of spans waiting and `in_flight` requests: its share of
 /// them, so that every connection keeps carrying bytes, at least
@@ -283,18 +292,12 @@ pub(super) fn budgeted_spans(
     share: f64,
     at_least: u64,
 ) -> (Vec<Range<u32>>, u64) {
-    let span_bytes = |spans: &[Range<u32>]| -> u64 {
-        spans
-            .iter()
-            .map(|r| offsets[r.end as usize] - offsets[r.start as usize])
-            .sum()
-    };
-    let wanted = span_bytes(&start_spans(list, offsets, 0, max));
+    let wanted = spans_bytes(&start_spans(list, offsets, 0, max), offsets);
     let budget = wanted + ((wanted as f64 * share) as u64).max(at_least);
     let mut g = gap;
     loop {
         let spans = start_spans(list, offsets, g, max);
-        if g <= MIN_GAP || span_bytes(&spans) <= budget {
+        if g <= MIN_GAP || spans_bytes(&spans, offsets) <= budget {
             return (spans, g);
         }
         g = (g / 2).max(MIN_GAP);

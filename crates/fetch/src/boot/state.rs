@@ -96,10 +96,7 @@ impl State {
 
     /// The compressed bytes of the start set's spans still queued.
     pub(super) fn queued_bytes(&self, offsets: &[u64]) -> u64 {
-        self.queued
-            .iter()
-            .map(|r| offsets[r.end as usize] - offsets[r.start as usize])
-            .sum()
+        super::plan::spans_bytes(&self.queued, offsets)
     }
 
     /// The next queued start-set span, off the queue, its slot come (None
