@@ -320,16 +320,11 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
     // default) from the store's layer with no open coming to lazylayer but
     // those of files not local yet. The prefetch stays off: the image is
     // not local whole yet.
-    let num = stat_before;
-    let last_stats = std::cell::RefCell::new(None);
-    let opens = |o: &std::process::Output| -> (u64, u64) {
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        let got = (
-            num(&err, "opens by passthrough"),
-            num(&err, "through lazylayer"),
-        );
-        *last_stats.borrow_mut() = Some(err);
-        got
+    let opens = |err: &str| -> (u64, u64) {
+        (
+            stat_before(err, "opens by passthrough"),
+            stat_before(err, "through lazylayer"),
+        )
     };
     let sqlite = ["python3", "-c", "import sqlite3; print('one')"];
     let stats_run = |lazy_root: &str, passthrough: &str| {
@@ -345,26 +340,26 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
         args.extend(sqlite);
         let out = run(root.path(), &args);
         assert_eq!(stdout(&out), "one\n");
-        opens(&out)
+        String::from_utf8_lossy(&out.stderr).to_string()
     };
-    let (pt, daemon) = stats_run("fuse", "on");
+    let (pt, daemon) = opens(&stats_run("fuse", "on"));
     assert!(pt > 0, "passthrough opens: {pt}, daemon: {daemon}");
-    let (pt, through_fuse) = stats_run("fuse", "off");
+    let err = stats_run("fuse", "off");
+    let (pt, through_fuse) = opens(&err);
     assert_eq!(pt, 0);
     assert!(through_fuse > 0);
     // What the daemon answered: every open one request at least, and the
     // boot files' local bytes handed to the page cache at their first open.
-    let out = last_stats.take().unwrap();
     let (requests, reads, preloaded) = (
-        num(&out, "requests,"),
-        num(&out, "READs,"),
-        num(&out, "bytes preloaded"),
+        stat_before(&err, "requests,"),
+        stat_before(&err, "READs,"),
+        stat_before(&err, "bytes preloaded"),
     );
     assert!(
         requests > through_fuse && reads < requests && preloaded > 0,
         "requests {requests}, READs {reads}, preloaded {preloaded}, opens {through_fuse}"
     );
-    let (pt, daemon) = stats_run("overlay", "off");
+    let (pt, daemon) = opens(&stats_run("overlay", "off"));
     assert_eq!(pt, 0);
     assert!(
         daemon < through_fuse,
@@ -416,7 +411,7 @@ fn root_concurrent_runs_share_one_fetch_and_later_runs_need_no_network() {
     );
     assert_eq!(stdout(&out), "ok\n");
     assert_eq!(
-        opens(&out),
+        opens(&String::from_utf8_lossy(&out.stderr)),
         (0, 0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
