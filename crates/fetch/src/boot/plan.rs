@@ -130,8 +130,7 @@ impl LinkEstimate {
     pub(crate) fn measure(bytes: u64, first_byte: Duration, transfer: Duration) -> LinkEstimate {
         LinkEstimate {
             first_byte,
-            bytes_per_sec: (transfer >= Duration::from_millis(1) && bytes >= RATE_SAMPLE)
-                .then(|| bytes as f64 / transfer.as_secs_f64()),
+            bytes_per_sec: LinkEstimate::measured_rate(bytes, transfer),
         }
     }
 
@@ -149,14 +148,40 @@ impl LinkEstimate {
     /// Kept for `registry` (as a reference names it) in the store, for the
     /// next start from it, of any image: it opens its connections while
     /// the manifest is on its way when the registry is far
-    /// ([`connections_to_open`]).
+    /// ([`connections_to_open`]), and plans its start set with the rate
+    /// kept ([`LinkEstimate::with_rate_of`]). Without a rate of its own,
+    /// the rate kept stays: a small response cannot time the link.
     pub(crate) fn save_for_registry(&self, store: &Store, registry: &str) {
         let path = registry_link_file(store, registry);
+        let kept = self.with_rate_of(LinkEstimate::load_from(&path));
         if let Some(dir) = path.parent() {
             if lazylayer_store::create_private_dir(dir).is_ok() {
-                self.save_as(&path);
+                kept.save_as(&path);
             }
         }
+    }
+
+    /// This estimate, with `known`'s rate when it has none of its own: the
+    /// rate a start set measured (its responses large enough to time the
+    /// link, [`LinkEstimate::measured_rate`]) plans the next start from
+    /// that registry, whose index region is too small to time it. Planned
+    /// at the rate assumed instead, a start set on a fast link went out as
+    /// many small requests, each costing the registry more work than its
+    /// bytes (python3 at 1 Gbit/s and 20 ms: 28-37 requests in 7-9 rounds
+    /// where a plan at the link's rate made 14 in 5).
+    pub(crate) fn with_rate_of(self, known: Option<LinkEstimate>) -> LinkEstimate {
+        LinkEstimate {
+            bytes_per_sec: self.bytes_per_sec.or(known.and_then(|k| k.bytes_per_sec)),
+            ..self
+        }
+    }
+
+    /// The rate `bytes` that came in `transfer` (since the first of them)
+    /// show, when they are enough to time a link ([`RATE_SAMPLE`]): the
+    /// start set's own, kept for the registry at its end.
+    pub(crate) fn measured_rate(bytes: u64, transfer: Duration) -> Option<f64> {
+        (bytes >= RATE_SAMPLE && transfer >= Duration::from_millis(1))
+            .then(|| bytes as f64 / transfer.as_secs_f64())
     }
 
     /// What [`LinkEstimate::save_for_registry`] kept for `registry`.
@@ -208,15 +233,12 @@ impl LinkEstimate {
     /// the assumed rate), and at 100 Mbit/s and 20 ms wider gaps cost
     /// python3 0.35 MB more and 0.03 s.
     pub(crate) fn gap_measured(&self, bytes: u64, transfer: Duration) -> Option<u64> {
-        if bytes < RATE_SAMPLE || transfer < Duration::from_millis(1) {
-            return None;
-        }
-        let rate = bytes as f64 / transfer.as_secs_f64();
+        let rate = LinkEstimate::measured_rate(bytes, transfer)?;
         let measured = LinkEstimate {
             bytes_per_sec: Some(rate),
             ..*self
         };
-        (rate >= FAST * ASSUMED_RATE).then(|| measured.gap(measured.in_flight()))
+        fast(rate).then(|| measured.gap(measured.in_flight()))
     }
 
     /// Range GETs to keep in flight at start (see [`FAR`]).
@@ -227,6 +249,13 @@ impl LinkEstimate {
             super::IN_FLIGHT
         }
     }
+}
+
+/// Whether a rate a start set measured is one to plan by: [`FAST`] times
+/// [`ASSUMED_RATE`] or more. Below, a token bucket's burst may be most of
+/// it, and the plan at the rate assumed is as good.
+pub(crate) fn fast(rate: f64) -> bool {
+    rate >= FAST * ASSUMED_RATE
 }
 
 /// The spans of chunks that fetch `list` (chunk numbers, any order, with
@@ -555,5 +584,41 @@ mod tests {
         let e = LinkEstimate::measure(1_000_000, ms(20), ms(80));
         assert_eq!(e.first_byte, ms(20));
         assert!((e.bytes_per_sec.unwrap() - 12.5e6).abs() < 1.0);
+    }
+
+    #[test]
+    fn a_registrys_kept_rate_outlives_an_untimed_estimate_and_fills_one() {
+        let ms = Duration::from_millis;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r = "registry.example";
+        let timed = LinkEstimate {
+            first_byte: ms(20),
+            bytes_per_sec: Some(100e6),
+        };
+        timed.save_for_registry(&store, r);
+        // The next start's region timed only its first byte: kept as such,
+        // the rate kept beside it.
+        let untimed = LinkEstimate {
+            first_byte: ms(25),
+            bytes_per_sec: None,
+        };
+        untimed.save_for_registry(&store, r);
+        let kept = LinkEstimate::load_for_registry(&store, r).unwrap();
+        assert_eq!((kept.first_byte, kept.bytes_per_sec), (ms(25), Some(100e6)));
+        // A rate of its own stays; none takes the one known.
+        assert_eq!(timed.with_rate_of(Some(untimed)), timed);
+        assert_eq!(untimed.with_rate_of(Some(timed)).bytes_per_sec, Some(100e6));
+        assert_eq!(untimed.with_rate_of(None), untimed);
+        // The gap that rate asks for, against the rate assumed.
+        assert!(untimed.with_rate_of(Some(timed)).gap(8) > 4 * untimed.gap(8));
+        // What a start set measured counts from RATE_SAMPLE bytes and a millisecond.
+        assert_eq!(LinkEstimate::measured_rate(RATE_SAMPLE - 1, ms(10)), None);
+        assert_eq!(
+            LinkEstimate::measured_rate(1 << 20, Duration::from_micros(999)),
+            None
+        );
+        let rate = LinkEstimate::measured_rate(1 << 20, ms(10)).unwrap();
+        assert!((rate - 104_857_600.0).abs() < 1.0, "{rate}");
     }
 }

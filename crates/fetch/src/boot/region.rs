@@ -29,6 +29,10 @@ pub(super) struct RegionHead {
     pub leftover: Bytes,
     /// The link as this response measured it (the start set's plan).
     pub link: Option<LinkEstimate>,
+    /// The link's rate is the one the last start set from this registry
+    /// measured, kept in the store: a rate to trust, unlike one assumed or
+    /// timed on a small response.
+    pub rate_kept: bool,
 }
 
 /// The index region's `region_len` bytes, with one Range GET (or the start
@@ -69,6 +73,7 @@ pub(super) async fn fetch_region(
         region: got,
         leftover,
         link,
+        rate_kept: false,
     })
 }
 

@@ -6,7 +6,7 @@ use std::io;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use lazylayer_store::{BoxFuture, LayerRef, PullOptions, Store};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
+use super::plan::LinkEstimate;
 use super::region::decode_region;
 use super::remote::ChunkRemote;
 use super::state::{verdict, ChunkState, Claim, State};
@@ -183,6 +184,8 @@ struct MemoryRemote {
     /// A chunk range's body comes this many bytes a millisecond (None: at
     /// once), as over a link.
     pace: Mutex<Option<usize>>,
+    /// The registry's name, as references name it (None: unnamed).
+    registry: OnceLock<String>,
 }
 
 impl MemoryRemote {
@@ -205,7 +208,14 @@ impl MemoryRemote {
             streams: AtomicUsize::new(0),
             first_byte: Mutex::new(Duration::ZERO),
             pace: Mutex::new(None),
+            registry: OnceLock::new(),
         })
+    }
+
+    /// Named `registry`: what it measures of the link is kept for it.
+    fn named(self: Arc<Self>, registry: &str) -> Arc<Self> {
+        self.registry.set(registry.to_owned()).unwrap();
+        self
     }
 
     fn first_byte_after(self: Arc<Self>, d: Duration) -> Arc<Self> {
@@ -310,6 +320,10 @@ impl ChunkRemote for MemoryRemote {
             };
             Ok((ranged, body))
         })
+    }
+
+    fn registry(&self) -> Option<&str> {
+        self.registry.get().map(String::as_str)
     }
 }
 
@@ -739,6 +753,54 @@ async fn a_start_set_times_its_link_from_its_first_byte_not_its_first_request() 
         .first_byte_after(Duration::from_millis(25))
         .paced(40_000);
     start_set_joined(&l, remote, (20, 9, 17)).await;
+}
+
+/// A start set times its link and keeps the rate for its registry; the
+/// next start from that registry (of another image) plans with it, its
+/// index region too small to time the link: its first requests already
+/// join runs across the gaps that rate makes worth their bytes, where a
+/// plan at the rate assumed sent eight, one run each, and the rest as the
+/// slots and readers came (python3 at 1 Gbit/s and 20 ms: 28-37 requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_start_from_a_registry_plans_at_the_rate_its_last_start_set_timed() {
+    // Thirty runs of 16 chunks (64 KiB) 24 KiB apart, 10 ms to each first
+    // byte: at the assumed 100 Mbit/s over 8 requests (16 KiB), thirty spans.
+    let start: Vec<u32> = (0..30).flat_map(|r| 22 * r..22 * r + 16).collect();
+    let (_d, store) = store();
+    let registry = "registry.test";
+    let first = TestLayer::new(3 << 20, start.clone(), ChunkCompression::Gzip, 13);
+    let remote = MemoryRemote::new(&first)
+        .named(registry)
+        .first_byte_after(Duration::from_millis(10))
+        .paced(40_000);
+    let chunks = open(&store, &first, remote, LONG).await.unwrap();
+    wait_until("start list done", || chunks.start_list_done()).await;
+    let rate = || LinkEstimate::load_for_registry(&store, registry).and_then(|l| l.bytes_per_sec);
+    wait_until("the rate kept", || rate().is_some()).await;
+    assert!(rate().unwrap() > 40e6, "{:?}", rate());
+
+    // Another image from that registry, its requests held: those made at
+    // once are few, and join runs.
+    let next = TestLayer::new(3 << 20, start, ChunkCompression::Gzip, 14);
+    let remote = MemoryRemote::gated(&next)
+        .named(registry)
+        .first_byte_after(Duration::from_millis(10));
+    let chunks = open(&store, &next, remote.clone(), LONG).await.unwrap();
+    wait_until("the first request", || !remote.ranges().is_empty()).await;
+    // The plan's requests all go out at once (up to eight): time for them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked = spans_asked(&next, &remote);
+    assert!(asked.len() <= 3, "{} requests: {asked:?}", asked.len());
+    assert!(asked.iter().all(|r| r.len() > 22), "{asked:?}");
+    remote.open_gate();
+    wait_until("start list done", || chunks.start_list_done()).await;
+    let states = states(&chunks);
+    assert!(chunks
+        .inner
+        .content
+        .start
+        .iter()
+        .all(|&c| states[c as usize] == Present));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
