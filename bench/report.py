@@ -253,6 +253,11 @@ def markdown(d, seconds):
     w(f"- Date: {m.get('date')}; mode: {'quick' if m.get('quick') else 'full'}; "
       f"{m.get('runs')} cold run(s) per cell and contender, median shown"
       + (f"; measurements took {seconds / 60:.1f} min" if seconds else ""))
+    if m.get("known_link"):
+        w("- Known link (LLBENCH_KNOWN_LINK=1): each cell's `lazylayer run` contenders made one untimed "
+          "start first; their timed starts found the store empty but for what the last start noted of "
+          "the registry's link (links/: distance and rate, no image bytes), as on a node that started "
+          "from that registry before.")
     w(f"- Machine: {m.get('nproc')} cores ({m.get('cpu')}), {m.get('memory')}, kernel {m.get('kernel')}; "
       "shared with other work, so compare only numbers of the same run")
     w(f"- Versions: lazylayer {m.get('lazylayer_rev')}, podman {m.get('podman')} (runc, overlay driver), "
