@@ -114,7 +114,10 @@ impl BootChunks {
                 s.next_queued(o, wider, max).map(|span| s.claim_span(span))
             };
             let Some(claim) = next else {
-                drop(sent);
+                // The slot goes back at once (the prefetch's requests take
+                // them): held while the last requests finished, first
+                // contacts made more requests and started later.
+                drop((permit, sent));
                 while all_done.recv().await.is_some() {}
                 self.note_start_rate(before);
                 return;
