@@ -267,8 +267,9 @@ impl BootChunks {
                 // At 100 Mbit/s, wider plans only cost bytes: python3 and
                 // nginx at 20 ms fetched 0.8-1 MB more and started later.
                 let registry = remote.registry();
-                let kept = registry
-                    .and_then(|r| plan::LinkEstimate::load_for_registry(store, r))
+                let on_file =
+                    registry.and_then(|r| plan::LinkEstimate::load_for_registry(store, r));
+                let kept = on_file
                     .and_then(|l| l.bytes_per_sec)
                     .filter(|&rate| plan::fast(rate));
                 if let (Some(link), Some(rate)) = (head.link.as_mut(), kept) {
@@ -278,11 +279,15 @@ impl BootChunks {
                 if let Some(link) = head.link {
                     link.save(&dir);
                     if let Some(registry) = registry {
+                        // The region's round trip, beside the rate on file
+                        // (read once, above).
                         let untimed = plan::LinkEstimate {
                             bytes_per_sec: None,
                             ..link
                         };
-                        untimed.save_for_registry(store, registry);
+                        untimed
+                            .with_rate_of(on_file)
+                            .write_for_registry(store, registry);
                     }
                 }
                 head
