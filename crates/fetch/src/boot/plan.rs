@@ -10,6 +10,9 @@
 //! pipe: with `n` requests in flight on a link of rate `r` and round trip
 //! `t`, one more request costs about `t / n`, its gap `g / r`; hence
 //! `g <= r * t / n`, the bandwidth-delay product shared by the requests.
+//! A request also costs the registry work of its own, whatever its size:
+//! with a measured rate the gap is at least what `r` carries in that time
+//! ([`REQUEST_WORK`]), which near a fast registry is the larger.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -47,12 +50,14 @@ const ASSUMED_RATE: f64 = 12.5e6;
 const SHARE_FLOOR: u64 = 256 << 10;
 /// What one more request costs besides its share of the round trip,
 /// counted as link time: the registry's work on it (docker-registry 2.8
-/// spends 5-6 ms of CPU on a range GET of any size, filling a 4 MiB
-/// buffer), its headers, and ours. On a fast link next door, python3's
-/// start set went out as 40 requests of a few kB gaps and started in
-/// 0.24-0.26 s; joined across 256 kB gaps, 5 requests and 0.20 s (unshaped
-/// loopback, the registry on the same two cores). Charged only with a
-/// measured rate: at the rate assumed, bytes cost more than requests.
+/// fills a 4 MiB buffer for a range GET of any size: 2-6 ms of CPU), its
+/// headers, and ours. Near a fast registry the round trip's share is a few
+/// kB: python3 planned at the rate kept started in 0.23-0.25 s on the
+/// unshaped loopback (the registry on the same two cores; medians of 5,
+/// three rounds), in 0.21-0.23 s with this; through the benchmark's relay
+/// at 1 Gbit/s and RTT 0, 14 requests in 5 rounds instead of 16-20 in 7-8,
+/// in as much time. Charged only with a measured rate: at the rate
+/// assumed, bytes cost more than requests.
 const REQUEST_WORK: Duration = Duration::from_millis(2);
 /// How many times [`ASSUMED_RATE`] a start set must measure before its
 /// later spans are joined by that rate ([`LinkEstimate::gap_measured`]).
