@@ -10,9 +10,6 @@
 //! pipe: with `n` requests in flight on a link of rate `r` and round trip
 //! `t`, one more request costs about `t / n`, its gap `g / r`; hence
 //! `g <= r * t / n`, the bandwidth-delay product shared by the requests.
-//! A request also costs the registry work of its own, whatever its size:
-//! with a measured rate the gap is at least what `r` carries in that time
-//! ([`REQUEST_WORK`]), which near a fast registry is the larger.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -48,17 +45,6 @@ const ASSUMED_RATE: f64 = 12.5e6;
 /// whatever its share of the queue ([`joined_span_max`]): a small start
 /// set would otherwise join nothing.
 const SHARE_FLOOR: u64 = 256 << 10;
-/// What one more request costs besides its share of the round trip,
-/// counted as link time: the registry's work on it (docker-registry 2.8
-/// fills a 4 MiB buffer for a range GET of any size: 2-6 ms of CPU), its
-/// headers, and ours. Near a fast registry the round trip's share is a few
-/// kB: python3 planned at the rate kept started in 0.23-0.25 s on the
-/// unshaped loopback (the registry on the same two cores; medians of 5,
-/// three rounds), in 0.21-0.23 s with this; through the benchmark's relay
-/// at 1 Gbit/s and RTT 0, 14 requests in 5 rounds instead of 16-20 in 7-8,
-/// in as much time. Charged only with a measured rate: at the rate
-/// assumed, bytes cost more than requests.
-const REQUEST_WORK: Duration = Duration::from_millis(2);
 /// How many times [`ASSUMED_RATE`] a start set must measure before its
 /// later spans are joined by that rate ([`LinkEstimate::gap_measured`]).
 const FAST: f64 = 3.0;
@@ -232,17 +218,11 @@ impl LinkEstimate {
 
     /// The gap (compressed bytes) worth fetching rather than opening one
     /// more request, with `in_flight` requests at once (module docs); the
-    /// rate [`ASSUMED_RATE`] when none was measured. With a measured rate,
-    /// at least the bytes that rate carries in [`REQUEST_WORK`]: near the
-    /// registry the round trip's share is a few kB, and the work of each
-    /// request saved is the larger cost.
+    /// rate [`ASSUMED_RATE`] when none was measured.
     pub(crate) fn gap(&self, in_flight: usize) -> u64 {
         let rate = self.bytes_per_sec.unwrap_or(ASSUMED_RATE);
         let bdp = rate * self.first_byte.as_secs_f64();
-        let work = self
-            .bytes_per_sec
-            .map_or(0.0, |r| r * REQUEST_WORK.as_secs_f64());
-        ((bdp / in_flight.max(1) as f64).max(work) as u64).clamp(MIN_GAP, MAX_GAP)
+        ((bdp / in_flight.max(1) as f64) as u64).clamp(MIN_GAP, MAX_GAP)
     }
 
     /// The gap for the rest of a start set whose responses brought `bytes`
@@ -449,12 +429,12 @@ mod tests {
             bytes_per_sec: Some(12.5e6),
         };
         assert_eq!(far.gap(8), 125_000);
-        // The same rate next door: what a request's work is worth (25 kB).
+        // The same rate next door: the floor.
         let near = LinkEstimate {
             first_byte: Duration::from_micros(300),
             ..far
         };
-        assert_eq!(near.gap(8), 25_000);
+        assert_eq!(near.gap(8), MIN_GAP);
         // 10 Gbit/s and 100 ms: capped.
         let huge = LinkEstimate {
             first_byte: Duration::from_millis(100),
@@ -477,32 +457,6 @@ mod tests {
     }
 
     #[test]
-    fn a_fast_link_next_door_bridges_the_bytes_a_request_costs() {
-        // 1 Gbit/s, measured, at no distance: the round trip's share is a
-        // few kB, yet each request saved spares the registry its work, worth
-        // REQUEST_WORK of the link (250 kB).
-        let near = LinkEstimate {
-            first_byte: Duration::from_micros(300),
-            bytes_per_sec: Some(125e6),
-        };
-        assert_eq!(near.gap(8), 250_000);
-        assert_eq!(near.gap(32), 250_000);
-        // Farther, the round trip's share is the larger: it stands.
-        let far = LinkEstimate {
-            first_byte: Duration::from_millis(40),
-            ..near
-        };
-        assert_eq!(far.gap(8), 625_000);
-        // No rate measured: no work term (a slow link's bytes cost more
-        // than the request), the floor.
-        let untimed = LinkEstimate {
-            bytes_per_sec: None,
-            ..near
-        };
-        assert_eq!(untimed.gap(8), MIN_GAP);
-    }
-
-    #[test]
     fn the_start_sets_own_bytes_measure_the_rate_its_later_spans_are_joined_by() {
         // A registry a few milliseconds away under load (the benchmark's
         // unshaped loopback measured 7 ms to the first byte).
@@ -515,17 +469,16 @@ mod tests {
         assert_eq!(near.gap_measured(RATE_SAMPLE - 1, ms(50)), None);
         // Nor time: the bytes came with the first.
         assert_eq!(near.gap_measured(1_000_000, ms(0)), None);
-        // 1 MB in 8 ms (1 Gbit/s): what 125 MB/s carries in a request's
-        // work (250 kB), more than 7 ms of it over 8 requests (109 kB).
-        assert_eq!(near.gap_measured(1_000_000, ms(8)), Some(250_000));
+        // 1 MB in 8 ms (1 Gbit/s): 125 MB/s x 7 ms over 8 requests.
+        assert_eq!(near.gap_measured(1_000_000, ms(8)), Some(109_375));
         // 1 MB in 80 ms (100 Mbit/s), or in 38 ms (a burst on it), or in
         // 30 ms (a 270 Mbit/s link, too near a burst's rate to tell): the
         // plan's assumed rate stands.
         assert_eq!(near.gap_measured(1_000_000, ms(80)), None);
         assert_eq!(near.gap_measured(1_000_000, ms(38)), None);
         assert_eq!(near.gap_measured(1_000_000, ms(30)), None);
-        // 1 MB in 16 ms: 500 Mbit/s, half the bytes for a request's work.
-        assert_eq!(near.gap_measured(1_000_000, ms(16)), Some(125_000));
+        // 1 MB in 16 ms: 500 Mbit/s.
+        assert_eq!(near.gap_measured(1_000_000, ms(16)), Some(54_687));
         // Far: 32 requests share the round trip (1 Gbit/s, 160 ms: 20 MB).
         let far = LinkEstimate {
             first_byte: ms(160),
