@@ -112,6 +112,8 @@ POLL = 0.020  # readiness poll interval for servers, seconds
 # starts find the store empty but for its links/ (what the last start noted of the
 # link: distance and rate; no image bytes). The default tables never set it.
 KNOWN_LINK = os.environ.get("LLBENCH_KNOWN_LINK") == "1"
+# The contenders that start with `lazylayer run` (this build and the --baseline one).
+RUN_CONTENDERS = ("lazylayer", "lazylayer-base")
 
 
 def log(msg):
@@ -714,7 +716,7 @@ convert_images = "false"
             run = st.ctr_run + ["--rm", "--snapshotter", "lazylayer", "--net-host", opt_ref, cid]
             stop = lambda p: sh(st.ctr + ["task", "kill", "-s", "SIGKILL", cid], check=False)
         else:
-            r = opt_ref if contender in ("lazylayer", "lazylayer-base") else ref
+            r = opt_ref if contender in RUN_CONTENDERS else ref
             if contender == "lazylayer-attached":
                 # SRC's copy with the boot layer attached (attach_one): same host as ref.
                 r = attached_ref(ref)
@@ -866,7 +868,7 @@ convert_images = "false"
     def cold(self, contender, img, ref, opt_ref, timeout, relay_log=None):
         self.prepare(contender)
         kept = self.known_links.get(contender)
-        if kept and contender in ("lazylayer", "lazylayer-base"):
+        if kept:
             # LLBENCH_KNOWN_LINK: the store empty but for what the contender's last
             # start in this cell noted of the registry's link (no image bytes).
             shutil.copytree(kept, os.path.join(self.ll_root, "links"))
@@ -875,7 +877,7 @@ convert_images = "false"
         roff = relay.log_offset(relay_log) if relay_log else None
         res = self.start(contender, img, ref, opt_ref, timeout)
         links = os.path.join(self.ll_root, "links")
-        if KNOWN_LINK and contender in ("lazylayer", "lazylayer-base") and os.path.isdir(links):
+        if KNOWN_LINK and contender in RUN_CONTENDERS and os.path.isdir(links):
             dest = os.path.join(self.work, f"links-{contender}")
             rmtree(dest)
             shutil.copytree(links, dest)
@@ -1179,7 +1181,7 @@ def run_cell(b, addr, path_addr, relay_log, cell, runs, warm, out):
     if KNOWN_LINK:
         # A node that started from this registry before, over this link: one untimed
         # start per `lazylayer run` contender notes the link for the timed ones.
-        for c in ("lazylayer", "lazylayer-base"):
+        for c in RUN_CONTENDERS:
             if c in CONTENDERS and b.run_available and opt_ref:
                 try:
                     b.cold(c, img, ref, opt_ref, timeout, None)

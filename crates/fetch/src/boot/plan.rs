@@ -152,7 +152,12 @@ impl LinkEstimate {
     /// kept ([`LinkEstimate::with_rate_of`]). Without a rate of its own,
     /// the rate kept stays: a small response cannot time the link.
     pub(crate) fn save_for_registry(&self, store: &Store, registry: &str) {
-        let known = LinkEstimate::load_for_registry(store, registry);
+        // A rate of its own wins: the file is read only to fill a missing one.
+        let known = self
+            .bytes_per_sec
+            .is_none()
+            .then(|| LinkEstimate::load_for_registry(store, registry))
+            .flatten();
         self.with_rate_of(known).write_for_registry(store, registry);
     }
 

@@ -760,7 +760,7 @@ async fn a_start_set_times_its_link_from_its_first_byte_not_its_first_request() 
 /// index region too small to time the link: its first requests already
 /// join runs across the gaps that rate makes worth their bytes, where a
 /// plan at the rate assumed sent eight, one run each, and the rest as the
-/// slots and readers came (python3 at 1 Gbit/s and 20 ms: 28-37 requests).
+/// slots and readers came (python3 at 1 Gbit/s and 20 ms: 28-64 requests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_start_from_a_registry_plans_at_the_rate_its_last_start_set_timed() {
     // Thirty runs of 16 chunks (64 KiB) 24 KiB apart, 10 ms to each first
