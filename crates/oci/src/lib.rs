@@ -16,7 +16,9 @@ pub mod manifest;
 pub mod reference;
 pub mod retry;
 
-pub use client::{BlobResume, BodyStream, ClientConfig, PushOutcome, RegistryClient, WarmUp};
+pub use client::{
+    BlobResume, BodyStream, ClientConfig, PushOutcome, RangeParts, RegistryClient, WarmUp,
+};
 pub use digest::{Digest, DigestHasher};
 pub use error::OciError;
 pub use hosts::{Endpoint, Hosts, Purpose};

@@ -39,6 +39,10 @@ pub struct CuttingProxy {
     /// Hide `Range` headers from the registry (renamed on the way), as if
     /// it did not support ranges: it then answers 200 with the whole blob.
     pub strip_range: Arc<AtomicBool>,
+    /// Keep only the first range of a request for several (the rest of the
+    /// header blanked on the way): a registry, or an object store behind
+    /// its redirect, that serves one range of several.
+    pub first_range_only: Arc<AtomicBool>,
     /// (blob digest, n): the next n requests for that blob get no answer at
     /// all (the connection stays open and silent, as in [`AfterCut::Stall`]).
     pub hold_answers: Arc<Mutex<(String, usize)>>,
@@ -112,7 +116,8 @@ impl CuttingProxy {
         let relayed_by_blob = Arc::new(Mutex::new(HashMap::new()));
         let rb = relayed_by_blob.clone();
         let strip_range = Arc::new(AtomicBool::new(false));
-        let sr = strip_range.clone();
+        let first_range_only = Arc::new(AtomicBool::new(false));
+        let sr = (strip_range.clone(), first_range_only.clone());
         let hold_answers = Arc::new(Mutex::new((String::new(), 0)));
         let ha = hold_answers.clone();
         let slow_blob = Arc::new(Mutex::new((String::new(), 0)));
@@ -180,6 +185,7 @@ impl CuttingProxy {
             relayed_by_blob,
             rate,
             strip_range,
+            first_range_only,
             hold_answers,
             slow_blob,
             corrupt_ranges,
@@ -259,7 +265,7 @@ fn relay_requests(
     mut to: TcpStream,
     (log, blob): (Arc<Mutex<Vec<String>>>, AnswerOf),
     dead: Arc<AtomicBool>,
-    strip_range: Arc<AtomicBool>,
+    (strip_range, first_range_only): (Arc<AtomicBool>, Arc<AtomicBool>),
     (hold_answers, hold): (Arc<Mutex<(String, usize)>>, Arc<AtomicBool>),
     (slow_blob, conn_rate): (Arc<Mutex<(String, usize)>>, Arc<AtomicUsize>),
     (corrupt_ranges, corrupt_blob, corrupt): (BlobFault, BlobFault, Arc<AtomicBool>),
@@ -327,11 +333,30 @@ fn relay_requests(
                 }
             }
         }
+        if first_range_only.load(Ordering::Relaxed) {
+            blank_later_ranges(&mut buf[..n]);
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
     }
     close(&from, &to);
+}
+
+/// Blank a `Range` header's ranges after its first (same length, so nothing
+/// else in the request moves; the registry trims the spaces).
+fn blank_later_ranges(req: &mut [u8]) {
+    let lower = req.to_ascii_lowercase();
+    let Some(at) = lower.windows(15).position(|w| w == b"\r\nrange: bytes=") else {
+        return;
+    };
+    let line_end = lower[at + 2..]
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(req.len(), |i| at + 2 + i);
+    if let Some(comma) = req[at..line_end].iter().position(|&c| c == b',') {
+        req[at + comma..line_end].fill(b' ');
+    }
 }
 
 impl RelayState {

@@ -120,6 +120,10 @@ struct Inner {
     /// `link`'s rate is one an earlier start set measured: the start set's
     /// plan may bridge more.
     rate_kept: bool,
+    /// The last start from this registry found it sending one range per
+    /// response ([`plan::note_one_range`]): the start set asks for its
+    /// spans one by one from the first.
+    one_range: bool,
     /// Boot files copied out whole once local (passthrough opens).
     whole: whole::WholeFiles,
     /// The start-list and prefetch tasks and their range GETs, stopped when
@@ -356,6 +360,9 @@ impl BootChunks {
             None => 0,
         };
         let in_flight = head.link.map_or(IN_FLIGHT, |l| l.in_flight());
+        let one_range = remote
+            .registry()
+            .is_some_and(|r| plan::one_range_noted(store, r));
         let chunks = BootChunks {
             inner: Arc::new(Inner {
                 image: image.to_string(),
@@ -388,6 +395,7 @@ impl BootChunks {
                 slots: Arc::new(Semaphore::new(in_flight)),
                 link: head.link,
                 rate_kept: head.rate_kept,
+                one_range,
                 whole: whole::WholeFiles::default(),
                 background: Tasks::default(),
             }),

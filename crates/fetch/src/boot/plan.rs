@@ -112,6 +112,36 @@ fn registry_link_file(store: &Store, registry: &str) -> PathBuf {
     store.root().join(LINKS_DIR).join(hex)
 }
 
+/// How long a registry noted as sending one range per response
+/// ([`note_one_range`]) is not asked for several: it may change.
+const ONE_RANGE_KEPT: Duration = Duration::from_secs(24 * 3600);
+
+/// `<store>/links/<SHA-256 of the registry's name>.one-range`.
+fn one_range_file(store: &Store, registry: &str) -> PathBuf {
+    registry_link_file(store, registry).with_extension("one-range")
+}
+
+/// Whether a start from `registry` in the last [`ONE_RANGE_KEPT`] found it
+/// sending one range of several asked in one request (or the whole blob).
+pub(crate) fn one_range_noted(store: &Store, registry: &str) -> bool {
+    std::fs::metadata(one_range_file(store, registry))
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < ONE_RANGE_KEPT))
+}
+
+/// Keep, for the next processes, that `registry` sends one range per
+/// response: each asked it for several at first, and paid for that a
+/// request it could not use and a connection closed (its answer unread),
+/// for every start from an object store behind a redirect.
+pub(crate) fn note_one_range(store: &Store, registry: &str) {
+    let path = one_range_file(store, registry);
+    if let Some(dir) = path.parent() {
+        if lazylayer_store::create_private_dir(dir).is_ok() {
+            let _ = lazylayer_sys::durable::write_atomically_unsynced(&path, b"");
+        }
+    }
+}
+
 /// What one response told of the link to the registry.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct LinkEstimate {

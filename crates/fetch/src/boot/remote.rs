@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use lazylayer_oci::{BodyStream, Digest, OciError, RegistryClient, Repository};
+use std::ops::Range;
+
+use lazylayer_oci::{BodyStream, Digest, OciError, RangeParts, RegistryClient, Repository};
 use lazylayer_store::BoxFuture;
 
 /// Ranges of one boot layer blob.
@@ -16,6 +18,20 @@ pub(crate) trait ChunkRemote: Send + Sync {
         from: u64,
         len: u64,
     ) -> BoxFuture<'_, Result<(bool, BodyStream), OciError>>;
+
+    /// Whether [`ChunkRemote::ranges`] may bring several ranges at once.
+    fn may_send_parts(&self) -> bool {
+        false
+    }
+
+    /// Several ranges in one response; None when the remote does not send
+    /// them so (they are then asked for one by one).
+    fn ranges<'a>(
+        &'a self,
+        _ranges: &'a [Range<u64>],
+    ) -> BoxFuture<'a, Result<Option<RangeParts>, OciError>> {
+        Box::pin(async { Ok(None) })
+    }
 
     /// The registry the ranges come from, as references name it: what a
     /// measured link is filed under for the next start from it.
@@ -41,6 +57,17 @@ impl ChunkRemote for RegistryChunks {
             self.client
                 .blob_range_stream(&self.repo, &self.digest, from, len),
         )
+    }
+
+    fn may_send_parts(&self) -> bool {
+        self.client.may_send_parts(&self.repo)
+    }
+
+    fn ranges<'a>(
+        &'a self,
+        ranges: &'a [Range<u64>],
+    ) -> BoxFuture<'a, Result<Option<RangeParts>, OciError>> {
+        Box::pin(self.client.blob_ranges(&self.repo, &self.digest, ranges))
     }
 
     fn registry(&self) -> Option<&str> {

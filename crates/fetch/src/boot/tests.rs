@@ -427,6 +427,39 @@ fn a_run_coalesces_adjacent_absent_chunks_up_to_the_request_size() {
 }
 
 #[test]
+fn a_waves_requests_take_their_parts_a_stride_apart() {
+    // 20 spans of one chunk each, every other chunk; 4 requests share them.
+    let offsets: Vec<u64> = (0..=40).map(|c| c * 100).collect();
+    let mut s = state(vec![Absent; 40]);
+    s.queued = (0..20).map(|k| 2 * k..2 * k + 1).collect();
+    let mut requests = Vec::new();
+    for left in (1..=4).rev() {
+        let first = s.next_queued(&offsets, None, 1 << 20).unwrap();
+        let mut parts = vec![first];
+        parts.extend(s.take_every(left, 16));
+        requests.push(parts.iter().map(|r| r.start / 2).collect::<Vec<_>>());
+    }
+    // Span k rides as part k / 4 of a request: the four connections bring
+    // spans 0-3 first, then 4-7, ...
+    assert_eq!(
+        requests,
+        vec![
+            vec![0, 4, 8, 12, 16],
+            vec![1, 5, 9, 13, 17],
+            vec![2, 6, 10, 14, 18],
+            vec![3, 7, 11, 15, 19],
+        ]
+    );
+    assert!(s.queued.is_empty());
+    // At most `most` parts besides the first; the rest stays queued.
+    s.queued = (0..20).map(|k| 2 * k..2 * k + 1).collect();
+    s.queued.remove(0);
+    assert_eq!(s.take_every(2, 3), vec![4..5, 8..9, 12..13]);
+    assert_eq!(s.queued.len(), 16);
+    assert!(s.take_every(0, 3).is_empty());
+}
+
+#[test]
 fn a_run_stops_at_a_chunk_already_local_or_on_its_way() {
     let offsets: Vec<u64> = (0..=6).map(|c| c * 100).collect();
     let mut s = state(vec![Absent, Present, Absent, Fetching, Absent, Absent]);

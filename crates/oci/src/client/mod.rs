@@ -9,7 +9,7 @@
 //! 401 answer and the token flow), `token_cache` (bearer tokens kept on
 //! disk for the next process), `status` (reading answers and their
 //! errors), `resolver` (manifests), `blob` (whole blobs), `range` and
-//! `resuming_body` (byte ranges), `push`. The retry policy is
+//! `resuming_body` (byte ranges), `multirange` (several in one response), `push`. The retry policy is
 //! [`crate::retry`].
 
 use std::collections::HashMap;
@@ -140,6 +140,8 @@ pub struct RegistryClient {
     breakers: Breakers,
     /// Tries and pauses per request (`max_attempts` of the config).
     retry: RetryPolicy,
+    /// Hosts that do not send several ranges in one response.
+    no_multirange: multirange::NoMultirange,
 }
 
 impl RegistryClient {
@@ -163,6 +165,7 @@ impl RegistryClient {
             served_by: Arc::new(Mutex::new(HashMap::new())),
             breakers: Breakers::default(),
             retry,
+            no_multirange: Default::default(),
         })
     }
 
@@ -174,6 +177,7 @@ impl RegistryClient {
 mod authorizer;
 mod blob;
 mod failover;
+mod multirange;
 mod push;
 mod range;
 mod request;
@@ -184,6 +188,7 @@ mod tls;
 mod token_cache;
 
 pub use failover::WarmUp;
+pub use multirange::RangeParts;
 
 use authorizer::Authorization;
 use tls::TlsKey;
