@@ -446,6 +446,37 @@ fn root_a_registry_serving_one_range_of_several_gets_them_one_by_one() {
     assert!(!gets.iter().any(|g| asks_several(g)), "{gets:?}");
 }
 
+/// Multipart answers that cannot be read (a proxy in between mangles them:
+/// here every ranged answer has a byte flipped) are not asked for again by
+/// the node: they would cost each start a request per span in vain.
+#[test]
+fn root_a_registry_whose_multipart_answers_are_misframed_is_asked_one_range_at_a_time() {
+    let o = python3_optimized();
+    let proxy = CuttingProxy::relay(o.reg.port);
+    *proxy.corrupt_ranges.lock().unwrap() = (o.boot_digest.clone(), 100_000);
+    let root = root_knowing_a_fast_link(&via(&o, &proxy));
+    let out = run(
+        root.path(),
+        &["--rm", "--prefetch", "off", &via(&o, &proxy)],
+    );
+    // Every chunk came with wrong bytes: refused, whatever the framing.
+    assert!(!out.status.success());
+    let several = blob_gets(&proxy, &o.boot_digest)
+        .iter()
+        .filter(|g| asks_several(g))
+        .count();
+    assert!((1..=8).contains(&several), "{several} multi-range requests");
+    let noted = std::fs::read_dir(root.path().join("links"))
+        .unwrap()
+        .any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".one-range")
+        });
+    assert!(noted, "the node did not note the registry");
+}
+
 /// Response bytes past the index region's after which a connection is cut.
 const CUT_PAST_REGION: usize = 50_000;
 

@@ -297,6 +297,11 @@ impl BootChunks {
         if mine.len() > 1 {
             if let Err(e) = self.stream_parts(&mine, &mut next).await {
                 tracing::debug!(image = %self.inner.image, parts = mine.len(), error = %e, "a multi-range request failed; its spans go one by one");
+                if !e.is_network() {
+                    // A misframed answer (a proxy that mangles them, say)
+                    // would cost every later request the same.
+                    self.inner.remote.stop_asking_for_parts();
+                }
             }
         }
         // At once: when the registry turned the parts down, each is a

@@ -24,6 +24,10 @@ pub(crate) trait ChunkRemote: Send + Sync {
         false
     }
 
+    /// Ask for one range per request from now on: several in one response
+    /// came in a form that could not be read.
+    fn stop_asking_for_parts(&self) {}
+
     /// Several ranges in one response; None when the remote does not send
     /// them so (they are then asked for one by one).
     fn ranges<'a>(
@@ -61,6 +65,10 @@ impl ChunkRemote for RegistryChunks {
 
     fn may_send_parts(&self) -> bool {
         self.client.may_send_parts(&self.repo)
+    }
+
+    fn stop_asking_for_parts(&self) {
+        self.client.stop_asking_for_parts(&self.repo)
     }
 
     fn ranges<'a>(

@@ -35,6 +35,17 @@ impl RegistryClient {
             .is_ok_and(|eps| !self.no_multirange.lock().unwrap().contains(eps[0].label()))
     }
 
+    /// Ask the host `repo`'s blobs come from for one range per request from
+    /// now on: it sent several in a way this client could not read.
+    pub fn stop_asking_for_parts(&self, repo: &Repository) {
+        if let Ok(eps) = self.endpoints(repo, Purpose::Pull) {
+            self.no_multirange
+                .lock()
+                .unwrap()
+                .insert(eps[0].label().to_string());
+        }
+    }
+
     /// GET `ranges` of a blob (each `start..end`, non-empty, as asked) in one
     /// request, from the first host that serves pulls. `None` when the host
     /// does not send them as a multipart body (a 200, or one range), or told
@@ -88,6 +99,7 @@ impl RegistryClient {
         }
         tracing::debug!(%what, host = %ep.label(), "ranges served");
         let (w, host) = (what.clone(), ep.label().to_string());
+        let host_of_parts = host.clone();
         let body: BodyStream = Box::pin(resp.bytes_stream().map(move |r| {
             r.map_err(|source| OciError::Http {
                 what: w.clone(),
@@ -95,7 +107,7 @@ impl RegistryClient {
                 source,
             })
         }));
-        RangeParts::new(what, &content_type, body, ranges).map(Some)
+        RangeParts::new(what, host_of_parts, &content_type, body, ranges).map(Some)
     }
 }
 
@@ -130,6 +142,8 @@ fn boundary_of(content_type: &str) -> Option<String> {
 /// error, never bytes handed out under the wrong offset.
 pub struct RangeParts {
     what: String,
+    /// The host that sent them, for errors.
+    registry: String,
     body: BodyStream,
     /// `--boundary`; between parts it follows a CRLF.
     dash_boundary: Vec<u8>,
@@ -143,9 +157,11 @@ pub struct RangeParts {
 }
 
 impl RangeParts {
-    /// Read `body`, a response of `content_type` to a request for `asked`.
+    /// Read `body`, a response of `content_type` from `registry` to a
+    /// request for `asked`.
     pub fn new(
         what: String,
+        registry: String,
         content_type: &str,
         body: BodyStream,
         asked: &[Range<u64>],
@@ -153,13 +169,14 @@ impl RangeParts {
         let Some(b) = boundary_of(content_type) else {
             return Err(OciError::Status {
                 what,
-                registry: String::new(),
+                registry,
                 status: 206,
                 body: format!("{content_type:?} is not a multipart byte-range body"),
             });
         };
         Ok(RangeParts {
             what,
+            registry,
             body,
             dash_boundary: [b"--".as_slice(), b.as_bytes()].concat(),
             buf: BytesMut::new(),
@@ -174,7 +191,7 @@ impl RangeParts {
     fn bad(&self, reason: impl Into<String>) -> OciError {
         OciError::Status {
             what: self.what.clone(),
-            registry: String::new(),
+            registry: self.registry.clone(),
             status: 206,
             body: format!("bad multipart byte-range body: {}", reason.into()),
         }
@@ -370,7 +387,7 @@ mod tests {
         let asked = [10..310, 500..756];
         for piece in [1, 3, 17, 64, 4096] {
             let body = body_of(&[(10..310, &a), (500..756, &b)], piece);
-            let p = RangeParts::new("t".into(), CT, body, &asked).unwrap();
+            let p = RangeParts::new("t".into(), "r".into(), CT, body, &asked).unwrap();
             let got = read_all(p).await.unwrap();
             assert_eq!(
                 got,
@@ -383,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn parts_may_come_in_another_order_but_each_once() {
         let body = body_of(&[(500..502, b"xy"), (10..12, b"ab")], 5);
-        let p = RangeParts::new("t".into(), CT, body, &[10..12, 500..502]).unwrap();
+        let p = RangeParts::new("t".into(), "r".into(), CT, body, &[10..12, 500..502]).unwrap();
         let got = read_all(p).await.unwrap();
         assert_eq!(
             got,
@@ -391,7 +408,7 @@ mod tests {
         );
 
         let body = body_of(&[(10..12, b"ab"), (10..12, b"ab")], 5);
-        let p = RangeParts::new("t".into(), CT, body, &[10..12, 500..502]).unwrap();
+        let p = RangeParts::new("t".into(), "r".into(), CT, body, &[10..12, 500..502]).unwrap();
         let e = read_all(p).await.unwrap_err().to_string();
         assert!(e.contains("came twice"), "{e}");
     }
@@ -399,12 +416,12 @@ mod tests {
     #[tokio::test]
     async fn a_part_not_asked_for_or_one_missing_is_an_error() {
         let body = body_of(&[(10..12, b"ab"), (400..402, b"zz")], 5);
-        let p = RangeParts::new("t".into(), CT, body, &[10..12, 500..502]).unwrap();
+        let p = RangeParts::new("t".into(), "r".into(), CT, body, &[10..12, 500..502]).unwrap();
         let e = read_all(p).await.unwrap_err().to_string();
         assert!(e.contains("not a range asked for"), "{e}");
 
         let body = body_of(&[(10..12, b"ab")], 5);
-        let p = RangeParts::new("t".into(), CT, body, &[10..12, 500..502]).unwrap();
+        let p = RangeParts::new("t".into(), "r".into(), CT, body, &[10..12, 500..502]).unwrap();
         let e = read_all(p).await.unwrap_err().to_string();
         assert!(e.contains("ended without bytes 500-501"), "{e}");
     }
@@ -420,6 +437,7 @@ mod tests {
         let at = full.len() - 30;
         let p = RangeParts::new(
             "t".into(),
+            "r".into(),
             CT,
             raw(full[..at].to_vec(), 7),
             &[10..12, 500..510],
@@ -430,14 +448,14 @@ mod tests {
         // Another boundary.
         let body = body_of(&[(10..12, b"ab")], 5);
         let other = "multipart/byteranges; boundary=zzz";
-        let p = RangeParts::new("t".into(), other, body, ONE).unwrap();
+        let p = RangeParts::new("t".into(), "r".into(), other, body, ONE).unwrap();
         let e = read_all(p).await.unwrap_err().to_string();
         assert!(e.contains("no boundary"), "{e}");
 
         // Headers without end.
         let mut b = b"--3d6b6a416f9b5\r\n".to_vec();
         b.extend(std::iter::repeat_n(b'x', 20_000));
-        let p = RangeParts::new("t".into(), CT, raw(b, 1000), ONE).unwrap();
+        let p = RangeParts::new("t".into(), "r".into(), CT, raw(b, 1000), ONE).unwrap();
         let e = read_all(p).await.unwrap_err().to_string();
         assert!(e.contains("too long"), "{e}");
 
@@ -448,7 +466,8 @@ mod tests {
             "Content-Range: items 1-2/3",
         ] {
             let b = format!("--3d6b6a416f9b5\r\n{h}\r\n\r\nab\r\n--3d6b6a416f9b5--\r\n");
-            let p = RangeParts::new("t".into(), CT, raw(b.into_bytes(), 3), ONE).unwrap();
+            let p =
+                RangeParts::new("t".into(), "r".into(), CT, raw(b.into_bytes(), 3), ONE).unwrap();
             let e = read_all(p).await.unwrap_err().to_string();
             assert!(e.contains("Content-Range"), "{h}: {e}");
         }
@@ -472,6 +491,8 @@ mod tests {
         }
         let long = format!("multipart/byteranges; boundary={}", "x".repeat(71));
         assert_eq!(boundary_of(&long), None);
-        assert!(RangeParts::new("t".into(), "text/plain", raw(vec![], 1), ONE).is_err());
+        assert!(
+            RangeParts::new("t".into(), "r".into(), "text/plain", raw(vec![], 1), ONE).is_err()
+        );
     }
 }
