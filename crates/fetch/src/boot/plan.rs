@@ -134,10 +134,16 @@ pub(crate) fn one_range_noted(store: &Store, registry: &str) -> bool {
 /// request it could not use and a connection closed (its answer unread),
 /// for every start from an object store behind a redirect.
 pub(crate) fn note_one_range(store: &Store, registry: &str) {
-    let path = one_range_file(store, registry);
+    write_in_links(&one_range_file(store, registry), b"");
+}
+
+/// Write `bytes` to `path` in the store's links directory (made, private,
+/// if missing). A lost note costs one start's planning, not its
+/// correctness: not worth an fsync.
+fn write_in_links(path: &Path, bytes: &[u8]) {
     if let Some(dir) = path.parent() {
         if lazylayer_store::create_private_dir(dir).is_ok() {
-            let _ = lazylayer_sys::durable::write_atomically_unsynced(&path, b"");
+            let _ = lazylayer_sys::durable::write_atomically_unsynced(path, bytes);
         }
     }
 }
@@ -194,12 +200,7 @@ impl LinkEstimate {
     /// [`LinkEstimate::save_for_registry`] for a caller that has read what
     /// was kept and merged it ([`LinkEstimate::with_rate_of`]): written as is.
     pub(crate) fn write_for_registry(&self, store: &Store, registry: &str) {
-        let path = registry_link_file(store, registry);
-        if let Some(dir) = path.parent() {
-            if lazylayer_store::create_private_dir(dir).is_ok() {
-                self.save_as(&path);
-            }
-        }
+        write_in_links(&registry_link_file(store, registry), self.text().as_bytes());
     }
 
     /// This estimate, with `known`'s rate when it has none of its own: the
@@ -231,14 +232,17 @@ impl LinkEstimate {
     }
 
     fn save_as(&self, path: &Path) {
-        let text = format!(
+        // Not synced, as in [`write_in_links`].
+        let _ = lazylayer_sys::durable::write_atomically_unsynced(path, self.text().as_bytes());
+    }
+
+    /// As kept on disk: the first byte's microseconds, the rate (0: none).
+    fn text(&self) -> String {
+        format!(
             "{} {}\n",
             self.first_byte.as_micros(),
             self.bytes_per_sec.unwrap_or(0.0) as u64
-        );
-        // A lost estimate costs one start's planning, not its correctness:
-        // not worth an fsync.
-        let _ = lazylayer_sys::durable::write_atomically_unsynced(path, text.as_bytes());
+        )
     }
 
     fn load_from(path: &Path) -> Option<LinkEstimate> {

@@ -2,9 +2,8 @@
 //! memory in the unit tests. The worker asks it for ranges; the state and
 //! the reader never see it.
 
-use std::sync::Arc;
-
 use std::ops::Range;
+use std::sync::Arc;
 
 use lazylayer_oci::{BodyStream, Digest, OciError, RangeParts, RegistryClient, Repository};
 use lazylayer_store::BoxFuture;
