@@ -13,6 +13,7 @@ use crate::error::{OciError, Result};
 use crate::hosts::Endpoint;
 use crate::reference::Repository;
 
+use super::status::header_text;
 use super::token_cache::{token_expiry, CredentialId};
 use super::RegistryClient;
 
@@ -217,9 +218,7 @@ impl RegistryClient {
             what: what.to_string(),
             reason,
         };
-        let raw = headers
-            .get(WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
+        let raw = header_text(headers, WWW_AUTHENTICATE)
             .ok_or_else(|| auth_err("401 without a WWW-Authenticate challenge".into()))?;
         let ch = parse_challenge(raw)
             .ok_or_else(|| auth_err(format!("unparseable challenge {raw:?}")))?;

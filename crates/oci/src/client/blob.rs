@@ -16,7 +16,7 @@ use crate::reference::Repository;
 use lazylayer_sys::ByteSize;
 
 use super::failover::fails_over;
-use super::status::{expect_status, status_failure};
+use super::status::{expect_status, header_text, status_failure};
 use super::{BlobResume, RegistryClient};
 
 /// Why one response of a blob download ended before the blob did.
@@ -262,10 +262,7 @@ impl RegistryClient {
         let status = resp.status();
         let mut skip = 0u64;
         if offset > 0 && status == StatusCode::PARTIAL_CONTENT {
-            let start = resp
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
+            let start = header_text(resp.headers(), CONTENT_RANGE)
                 .and_then(|s| s.strip_prefix("bytes "))
                 .and_then(|s| s.split('-').next())
                 .and_then(|s| s.parse::<u64>().ok());

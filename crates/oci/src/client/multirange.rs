@@ -19,7 +19,7 @@ use crate::error::{OciError, Result};
 use crate::hosts::Purpose;
 use crate::reference::Repository;
 
-use super::status::status_failure;
+use super::status::{header_text, status_failure};
 use super::{BodyStream, RegistryClient};
 
 /// Most bytes of a part's header section: a registry's are ~100.
@@ -82,10 +82,7 @@ impl RegistryClient {
         if status != StatusCode::PARTIAL_CONTENT && status != StatusCode::OK {
             return Err(status_failure(&what, ep.label(), resp).await);
         }
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
+        let content_type = header_text(resp.headers(), CONTENT_TYPE)
             .unwrap_or("")
             .to_string();
         if status == StatusCode::OK || boundary_of(&content_type).is_none() {

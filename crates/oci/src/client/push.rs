@@ -10,7 +10,7 @@ use crate::error::{OciError, Result};
 use crate::hosts::Endpoint;
 use crate::reference::{Reference, Repository};
 
-use super::status::{expect_status, status_error, status_failure};
+use super::status::{expect_status, header_text, status_error, status_failure};
 use super::{BlobSource, PushOutcome, RegistryClient};
 
 impl RegistryClient {
@@ -26,10 +26,7 @@ impl RegistryClient {
             })
             .await?;
         match resp.status() {
-            s if s.is_success() => Ok(resp
-                .headers()
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
+            s if s.is_success() => Ok(header_text(resp.headers(), CONTENT_LENGTH)
                 .and_then(|v| v.parse().ok())
                 .or(Some(0))),
             StatusCode::NOT_FOUND => Ok(None),
@@ -43,16 +40,12 @@ impl RegistryClient {
         what: &str,
         resp: &Response,
     ) -> Result<url::Url> {
-        let loc = resp
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| OciError::Status {
-                what: what.into(),
-                registry: repo.registry.clone(),
-                status: resp.status().as_u16(),
-                body: "upload session without Location header".into(),
-            })?;
+        let loc = header_text(resp.headers(), LOCATION).ok_or_else(|| OciError::Status {
+            what: what.into(),
+            registry: repo.registry.clone(),
+            status: resp.status().as_u16(),
+            body: "upload session without Location header".into(),
+        })?;
         ep.base().join(loc).map_err(|e| OciError::Status {
             what: what.into(),
             registry: repo.registry.clone(),

@@ -12,7 +12,7 @@ use crate::reference::Repository;
 
 use super::failover::fails_over;
 use super::resuming_body::ResumingBody;
-use super::status::status_failure;
+use super::status::{header_text, status_failure};
 use super::{BodyStream, RegistryClient};
 
 impl RegistryClient {
@@ -85,10 +85,7 @@ impl RegistryClient {
             .await?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
-                let cr = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
+                let cr = header_text(resp.headers(), CONTENT_RANGE)
                     .unwrap_or("")
                     .to_string();
                 match range_end(&cr, from) {

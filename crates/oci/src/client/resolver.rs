@@ -14,7 +14,7 @@ use crate::manifest::{
 };
 use crate::reference::{Reference, Repository};
 
-use super::status::{expect_status, status_error};
+use super::status::{expect_status, header_text, status_error};
 use super::RegistryClient;
 
 impl RegistryClient {
@@ -52,17 +52,11 @@ impl RegistryClient {
             })
             .await?;
         let resp = expect_status(&what, ep.label(), resp, |s| s.is_success()).await?;
-        let media_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
+        let media_type = header_text(resp.headers(), CONTENT_TYPE)
             .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
             .unwrap_or_default();
-        let claimed: Option<Digest> = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse().ok());
+        let claimed: Option<Digest> =
+            header_text(resp.headers(), "docker-content-digest").and_then(|s| s.parse().ok());
         let bytes = Self::read_limited(&what, ep.label(), resp, MAX_MANIFEST_BYTES).await?;
         let digest = match &reference.digest {
             Some(d) => {

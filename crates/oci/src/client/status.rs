@@ -5,11 +5,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use reqwest::header::{AsHeaderName, HeaderMap};
 use reqwest::{Response, StatusCode};
 
 use crate::error::{OciError, Result};
 
 use super::RegistryClient;
+
+/// A header of an answer as text: None when it is absent or not visible
+/// ASCII (outside input, read as such).
+pub(super) fn header_text(headers: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
 
 pub(super) fn status_error(
     what: &str,
