@@ -529,6 +529,18 @@ def markdown(d, seconds):
         for img, wd in d["warm"].items():
             w(f"| {img} | " + " | ".join(secs(med(wd.get(c, []))) if wd.get(c) else "n/a" for c in wc) + " |")
         w("")
+        dropped = d.get("warm_cache_dropped") or {}
+        if dropped:
+            w("The same warm start right after it with the page cache dropped, as before every cold "
+              "start: the image still local, but the runtime, the tools and the image's files read "
+              "from disk again. Not part of any floor; the difference is what a cold start pays for "
+              "the dropped cache besides fetching:")
+            w("")
+            w("| image | " + " | ".join(NAMES[c].replace(" pull +", "") for c in wc) + " |")
+            w("|---|" + "---:|" * len(wc))
+            for img, wd in dropped.items():
+                w(f"| {img} | " + " | ".join(secs(med(wd.get(c, []))) if wd.get(c) else "n/a" for c in wc) + " |")
+            w("")
         ws = []
         for img, wd in d["warm"].items():
             ll = med(wd.get("lazylayer", []))
