@@ -1,4 +1,4 @@
-//! Reading a registry's answers: the error for a status, bounded reads of
+//! Reading a registry's answers: a header as text, the error for a status, bounded reads of
 //! bodies, and the shortened error body shown in messages.
 
 use std::time::Duration;
