@@ -691,16 +691,7 @@ fn root_a_registry_known_far_gets_its_connections_opened_with_the_manifest() {
         String::from_utf8_lossy(&out.stderr)
     );
     let from = std::fs::read(&log).unwrap().len();
-    let out = run(
-        root.path(),
-        &["--rm", "--prefetch", "off", &through(&o.dst)],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ok\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    start_ok(root.path(), &through(&o.dst));
     drop(relay);
 
     // Each request the relay saw in the second start: on which connection,
@@ -753,13 +744,7 @@ fn root_a_far_registrys_first_start_asks_its_start_set_in_one_wave() {
         .replace(&o.reg.addr(), &format!("127.0.0.1:{}", relay.port));
     let root = tempfile::tempdir().unwrap();
     let _guard = StoreLeftovers(root.path().to_path_buf());
-    let out = run(root.path(), &["--rm", "--prefetch", "off", &image]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ok\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    start_ok(root.path(), &image);
     drop(relay);
 
     let text = std::fs::read_to_string(&log).unwrap();
@@ -780,30 +765,17 @@ fn root_a_far_registrys_first_start_asks_its_start_set_in_one_wave() {
         .collect();
     // The index region's request comes first, alone; the start set's go
     // out once it is in.
-    let region_done = events
-        .iter()
-        .filter(|r| r["ev"] == "resp")
-        .find(|r| {
-            asked
-                .first()
-                .is_some_and(|a| a["conn"] == r["conn"] && a["seq"] == r["seq"])
-        })
-        .and_then(|r| r["t_done"].as_f64())
+    let region_done = *done_times(&events, &asked[..1])
+        .first()
         .expect("the index region was answered");
-    let start_set: Vec<&&serde_json::Value> = asked
+    let start_set: Vec<&serde_json::Value> = asked
         .iter()
+        .copied()
         .filter(|r| r["t_first"].as_f64().is_some_and(|t| t >= region_done))
         .collect();
     // When the first of them was answered whole.
-    let first_answer = events
-        .iter()
-        .filter(|r| r["ev"] == "resp")
-        .filter(|r| {
-            start_set
-                .iter()
-                .any(|a| a["conn"] == r["conn"] && a["seq"] == r["seq"])
-        })
-        .filter_map(|r| r["t_done"].as_f64())
+    let first_answer = done_times(&events, &start_set)
+        .into_iter()
         .fold(f64::INFINITY, f64::min);
     let later = start_set
         .iter()
@@ -822,4 +794,19 @@ fn root_a_far_registrys_first_start_asks_its_start_set_in_one_wave() {
         "no request asked for several spans: {start_set:?}"
     );
     assert_eq!(later, 0, "requests waited for others to end");
+}
+
+/// When the relay had sent each of `requests`' answers whole (its log's
+/// `resp` events), for those answered.
+fn done_times(events: &[serde_json::Value], requests: &[&serde_json::Value]) -> Vec<f64> {
+    events
+        .iter()
+        .filter(|r| r["ev"] == "resp")
+        .filter(|r| {
+            requests
+                .iter()
+                .any(|a| a["conn"] == r["conn"] && a["seq"] == r["seq"])
+        })
+        .filter_map(|r| r["t_done"].as_f64())
+        .collect()
 }
