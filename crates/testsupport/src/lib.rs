@@ -17,6 +17,33 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A `multipart/byteranges` body as docker-registry (Go's net/http) frames
+/// one: each of `parts` (a range of a blob of `total` bytes, with its
+/// bytes) under `boundary`, with no preamble.
+pub fn multipart_byteranges(
+    boundary: &str,
+    parts: &[(std::ops::Range<u64>, &[u8])],
+    total: u64,
+) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (i, (r, bytes)) in parts.iter().enumerate() {
+        if i > 0 {
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {}-{}/{total}\r\n\r\n",
+                r.start,
+                r.end - 1
+            )
+            .as_bytes(),
+        );
+        b.extend_from_slice(bytes);
+    }
+    b.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    b
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")

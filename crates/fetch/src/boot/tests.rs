@@ -186,6 +186,10 @@ struct MemoryRemote {
     pace: Mutex<Option<usize>>,
     /// The registry's name, as references name it (None: unnamed).
     registry: OnceLock<String>,
+    /// Whether it answers a request for several ranges with them all (as a
+    /// `multipart/byteranges` body); each such request's ranges, logged.
+    sends_parts: std::sync::atomic::AtomicBool,
+    multi: Mutex<Vec<Vec<Range<u64>>>>,
 }
 
 impl MemoryRemote {
@@ -209,12 +213,20 @@ impl MemoryRemote {
             first_byte: Mutex::new(Duration::ZERO),
             pace: Mutex::new(None),
             registry: OnceLock::new(),
+            sends_parts: Default::default(),
+            multi: Mutex::new(Vec::new()),
         })
     }
 
     /// Named `registry`: what it measures of the link is kept for it.
     fn named(self: Arc<Self>, registry: &str) -> Arc<Self> {
         self.registry.set(registry.to_owned()).unwrap();
+        self
+    }
+
+    /// Answers requests for several ranges (see `sends_parts`).
+    fn sending_parts(self: Arc<Self>) -> Arc<Self> {
+        self.sends_parts.store(true, Ordering::SeqCst);
         self
     }
 
@@ -324,6 +336,40 @@ impl ChunkRemote for MemoryRemote {
 
     fn registry(&self) -> Option<&str> {
         self.registry.get().map(String::as_str)
+    }
+
+    fn may_send_parts(&self) -> bool {
+        self.sends_parts.load(Ordering::SeqCst)
+    }
+
+    /// Logged in `multi`, held at the gate, then every range asked, framed
+    /// as docker-registry (Go's net/http) frames them.
+    fn ranges<'a>(
+        &'a self,
+        ranges: &'a [Range<u64>],
+    ) -> BoxFuture<'a, Result<Option<lazylayer_oci::RangeParts>, OciError>> {
+        self.multi.lock().unwrap().push(ranges.to_vec());
+        Box::pin(async move {
+            let _permit = self.gate.acquire().await.unwrap();
+            let parts: Vec<(Range<u64>, &[u8])> = ranges
+                .iter()
+                .map(|r| (r.clone(), &self.blob[r.start as usize..r.end as usize]))
+                .collect();
+            let b = lazylayer_testsupport::multipart_byteranges(
+                "b0und",
+                &parts,
+                self.blob.len() as u64,
+            );
+            let body: BodyStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from(b))]));
+            lazylayer_oci::RangeParts::new(
+                "boot chunks".into(),
+                "memory".into(),
+                "multipart/byteranges; boundary=b0und",
+                body,
+                ranges,
+            )
+            .map(Some)
+        })
     }
 }
 
@@ -646,6 +692,57 @@ async fn start_runs_far_apart_are_separate_requests_sent_at_once() {
     remote.open_gate();
     wait_until("start list done", || chunks.start_list_done()).await;
     assert_eq!(states(&chunks)[50], Absent);
+}
+
+/// From a far registry (its first byte 40 ms or more after the request)
+/// the start set keeps 32 requests in flight; spans beyond them ride as
+/// parts of those requests, all asked before any is answered, instead of
+/// waiting for a request to end (a second wave, one more round trip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_registrys_start_set_is_asked_whole_before_any_answer() {
+    // 48 single chunks, each 12 chunks (~48 KiB) from the next: more than
+    // the gap a far link bridges, and more than its byte budget joins.
+    let start: Vec<u32> = (0..48).map(|i| 1 + 12 * i).collect();
+    let l = TestLayer::new(2400 << 10, start.clone(), ChunkCompression::Gzip, 13);
+    assert!(l.chunk_count() > *start.last().unwrap());
+    let remote = MemoryRemote::gated(&l)
+        .sending_parts()
+        .first_byte_after(Duration::from_millis(50));
+    let (_d, store) = store();
+    let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
+    let asked = || {
+        let mut spans: Vec<Range<u32>> = remote
+            .ranges()
+            .iter()
+            .map(|&(from, len)| l.chunks_of(from, len))
+            .collect();
+        for request in remote.multi.lock().unwrap().iter() {
+            spans.extend(
+                request
+                    .iter()
+                    .map(|r| l.chunks_of(r.start, r.end - r.start)),
+            );
+        }
+        spans
+    };
+    let requests = || remote.ranges().len() + remote.multi.lock().unwrap().len();
+    // The gate holds every answer: a span not asked by now waits for one.
+    wait_until("32 requests sent", || {
+        requests() == super::plan::IN_FLIGHT_FAR
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(requests(), super::plan::IN_FLIGHT_FAR);
+    let covered: usize = start
+        .iter()
+        .filter(|&&c| asked().iter().any(|s| s.contains(&c)))
+        .count();
+    assert_eq!(covered, start.len(), "asked: {:?}", asked());
+    remote.open_gate();
+    wait_until("start list done", || chunks.start_list_done()).await;
+    for c in start {
+        assert_eq!(states(&chunks)[c as usize], Present, "chunk {c}");
+    }
 }
 
 /// The start set's spans are requested in blob order (the order its files

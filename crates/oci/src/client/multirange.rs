@@ -338,23 +338,10 @@ mod tests {
     /// A body as docker-registry (Go's net/http) frames one, cut into
     /// pieces of `piece` bytes.
     fn body_of(parts: &[(Range<u64>, &[u8])], piece: usize) -> BodyStream {
-        let mut b = Vec::new();
-        for (i, (r, bytes)) in parts.iter().enumerate() {
-            if i > 0 {
-                b.extend_from_slice(b"\r\n");
-            }
-            b.extend_from_slice(
-                format!(
-                    "--3d6b6a416f9b5\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {}-{}/1000\r\n\r\n",
-                    r.start,
-                    r.end - 1
-                )
-                .as_bytes(),
-            );
-            b.extend_from_slice(bytes);
-        }
-        b.extend_from_slice(b"\r\n--3d6b6a416f9b5--\r\n");
-        raw(b, piece)
+        raw(
+            lazylayer_testsupport::multipart_byteranges("3d6b6a416f9b5", parts, 1000),
+            piece,
+        )
     }
 
     fn raw(b: Vec<u8>, piece: usize) -> BodyStream {
