@@ -2454,7 +2454,11 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
     push_images(&slow, &["minbase"]);
     let (_o1, _, busybox) = optimize_image(&healthy, "busybox", &[]);
     let (_o2, _, multilayer) = optimize_image(&healthy, "multilayer", &[]);
-    let (_o3, _, minbase) = optimize_image(&slow, "minbase", &[]);
+    let (o3, _, minbase) = optimize_image(&slow, "minbase", &[]);
+    // Where the snapshotter keeps what the stalled image's starts fetched of
+    // its boot layer: a second round must find it empty, or its containers
+    // start from it without the registry.
+    let minbase_boot = layer_digests(o3.path(), &minbase).1.pop().unwrap();
 
     let root = tempfile::tempdir().unwrap();
     let _leftovers = StoreLeftovers(root.path().to_path_buf());
@@ -2510,6 +2514,16 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
         wait_unmounted("after the healthy containers alone");
 
         // Loaded: all 30, the second registry stopped for the first 20 s.
+        let cache = root
+            .path()
+            .join("chunks")
+            .join(minbase_boot.trim_start_matches("sha256:"));
+        match std::fs::remove_dir_all(&cache) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                panic!("removing {}: {e}", cache.display())
+            }
+            _ => {}
+        }
         sn.restart();
         ctr_retry(&cd, &["snapshots", "--snapshotter", "lazylayer", "ls"]);
         std::thread::sleep(Duration::from_secs(1));
