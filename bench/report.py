@@ -524,11 +524,15 @@ def markdown(d, seconds):
         w("Warm start (image already local, page cache warm; measured on the run's first link and RTT, median):")
         w("")
         wc = [c for c in WARM if any(wd.get(c) for wd in d["warm"].values())]
-        w("| image | " + " | ".join(NAMES[c].replace(" pull +", "") for c in wc) + " |")
-        w("|---|" + "---:|" * len(wc))
-        for img, wd in d["warm"].items():
-            w(f"| {img} | " + " | ".join(secs(med(wd.get(c, []))) if wd.get(c) else "n/a" for c in wc) + " |")
-        w("")
+
+        def warm_table(by_img):
+            w("| image | " + " | ".join(NAMES[c].replace(" pull +", "") for c in wc) + " |")
+            w("|---|" + "---:|" * len(wc))
+            for img, wd in by_img.items():
+                w(f"| {img} | " + " | ".join(secs(med(wd.get(c, []))) if wd.get(c) else "n/a" for c in wc) + " |")
+            w("")
+
+        warm_table(d["warm"])
         dropped = d.get("warm_cache_dropped") or {}
         if dropped:
             w("The same warm start right after it with the page cache dropped, as before every cold "
@@ -536,11 +540,7 @@ def markdown(d, seconds):
               "from disk again. Not part of any floor; the difference is what a cold start pays for "
               "the dropped cache besides fetching:")
             w("")
-            w("| image | " + " | ".join(NAMES[c].replace(" pull +", "") for c in wc) + " |")
-            w("|---|" + "---:|" * len(wc))
-            for img, wd in dropped.items():
-                w(f"| {img} | " + " | ".join(secs(med(wd.get(c, []))) if wd.get(c) else "n/a" for c in wc) + " |")
-            w("")
+            warm_table(dropped)
         ws = []
         for img, wd in d["warm"].items():
             ll = med(wd.get("lazylayer", []))

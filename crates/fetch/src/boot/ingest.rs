@@ -109,6 +109,8 @@ impl BootChunks {
         // Each request holds a sender: all are done when the receiver
         // hears none left.
         let (sent, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+        // A far registry's start set is 32 requests wide: see `parts` below.
+        let far = self.inner.in_flight >= IN_FLIGHT_FAR;
         loop {
             let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
                 return;
@@ -139,7 +141,6 @@ impl BootChunks {
             // benchmark, whose registry paced the first wave's answers with
             // the CPU it shares with the start).
             let fast = measured.is_some() || self.inner.rate_kept;
-            let far = self.inner.in_flight >= IN_FLIGHT_FAR;
             let parts =
                 if (fast || far) && !self.inner.one_range && self.inner.remote.may_send_parts() {
                     MAX_PARTS

@@ -711,11 +711,7 @@ async fn a_far_registrys_start_set_is_asked_whole_before_any_answer() {
     let (_d, store) = store();
     let chunks = open(&store, &l, remote.clone(), LONG).await.unwrap();
     let asked = || {
-        let mut spans: Vec<Range<u32>> = remote
-            .ranges()
-            .iter()
-            .map(|&(from, len)| l.chunks_of(from, len))
-            .collect();
+        let mut spans = spans_asked(&l, &remote);
         for request in remote.multi.lock().unwrap().iter() {
             spans.extend(
                 request
