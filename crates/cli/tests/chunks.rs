@@ -112,7 +112,7 @@ fn root_lazy_start_fetches_the_index_then_only_the_chunks_read() {
     // Not stored whole (prefetch off); the chunks read are kept for the
     // next start of the image, which then fetches none of them again.
     assert!(!stored_layer(root.path(), &o.boot_digest).exists());
-    assert!(!tree_listing(&root.path().join("chunks")).is_empty());
+    assert!(!tree_listing(&lazylayer_store::chunk_caches_root(root.path())).is_empty());
     let first = proxy.relayed_for(&o.boot_digest);
     let out = run(
         root.path(),
@@ -131,10 +131,7 @@ fn root_lazy_start_fetches_the_index_then_only_the_chunks_read() {
     );
     // Kept chunks whose bytes went bad are checked again and fetched anew.
     let before = proxy.relayed_for(&o.boot_digest);
-    let cache = root
-        .path()
-        .join("chunks")
-        .join(o.boot_digest.trim_start_matches("sha256:"));
+    let cache = lazylayer_store::chunk_cache_dir(root.path(), &o.boot_digest.parse().unwrap());
     let blob = cache.join("blob");
     let mut bytes = std::fs::read(&blob).unwrap();
     let region = r["index_region_bytes"].as_u64().unwrap() as usize;
@@ -153,7 +150,7 @@ fn root_lazy_start_fetches_the_index_then_only_the_chunks_read() {
     );
     // prune removes the cache nobody uses.
     lazylayer_ok(root.path(), &["prune"]);
-    assert!(tree_listing(&root.path().join("chunks")).is_empty());
+    assert!(tree_listing(&lazylayer_store::chunk_caches_root(root.path())).is_empty());
 
     // With the prefetch on, the rest of the boot layer arrives, is checked
     // against its digest and stored: the next start needs no network.

@@ -670,7 +670,7 @@ fn root_prune_spares_what_a_running_lazy_container_uses() {
     };
     let before = listing();
     // The boot layer's chunks read so far live in the chunk cache.
-    let chunks = || tree_listing(&root.path().join("chunks"));
+    let chunks = || tree_listing(&lazylayer_store::chunk_caches_root(root.path()));
     assert!(!chunks().is_empty(), "the boot chunks are cached");
     // A layer still streaming in (`sh` is not in the boot layer) makes prune
     // wait, and may land meanwhile: nothing may go, something may come.

@@ -2514,10 +2514,7 @@ fn load_thirty_containers_from_two_registries_one_stalled() {
         wait_unmounted("after the healthy containers alone");
 
         // Loaded: all 30, the second registry stopped for the first 20 s.
-        let cache = root
-            .path()
-            .join("chunks")
-            .join(minbase_boot.trim_start_matches("sha256:"));
+        let cache = lazylayer_store::chunk_cache_dir(root.path(), &minbase_boot.parse().unwrap());
         match std::fs::remove_dir_all(&cache) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 panic!("removing {}: {e}", cache.display())

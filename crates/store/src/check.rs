@@ -209,7 +209,7 @@ impl Store {
             }
         }
 
-        for e in read_dir_or_empty(&self.root.join("chunks"))? {
+        for e in read_dir_or_empty(&crate::chunk_caches_root(&self.root))? {
             let dir = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(detail) = chunk_cache_damage(&dir, layer_sizes.get(&name).copied()) {
@@ -576,7 +576,7 @@ mod tests {
             .put_file(&Digest::sha256_of(b"file"), b"file")
             .unwrap();
         std::fs::write(&f, b"fil").unwrap();
-        let cache = store.root().join("chunks").join(rec.layers[0].digest.hex());
+        let cache = crate::chunk_cache_dir(store.root(), &rec.layers[0].digest);
         std::fs::create_dir_all(&cache).unwrap();
         std::fs::write(cache.join("present"), [0, 1, 7]).unwrap();
         std::fs::write(store.used_path(), b"{\"registry.test/app:1\": 1").unwrap();

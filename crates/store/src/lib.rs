@@ -154,6 +154,16 @@ fn io_err(what: impl Into<String>, path: &Path) -> impl FnOnce(std::io::Error) -
     move |source| StoreError::Io(IoError { what, path, source })
 }
 
+/// Where boot layers' chunk caches live, one directory each: `<root>/chunks`.
+pub fn chunk_caches_root(store_root: &Path) -> PathBuf {
+    store_root.join("chunks")
+}
+
+/// The chunk cache of boot layer `d`: `<root>/chunks/<hex>`.
+pub fn chunk_cache_dir(store_root: &Path, d: &Digest) -> PathBuf {
+    chunk_caches_root(store_root).join(d.hex())
+}
+
 impl Store {
     /// Open (creating if needed) a store rooted at `root`.
     ///

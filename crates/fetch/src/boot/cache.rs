@@ -21,7 +21,7 @@ use crate::FetchError;
 /// with `all`, every one (prune); else those whose boot layer is stored whole
 /// (they will not be read again).
 pub fn reap_chunk_caches(store_root: &Path, all: bool) -> usize {
-    let Ok(rd) = std::fs::read_dir(store_root.join("chunks")) else {
+    let Ok(rd) = std::fs::read_dir(lazylayer_store::chunk_caches_root(store_root)) else {
         return 0;
     };
     let mut removed = 0;
@@ -68,8 +68,8 @@ pub(super) fn cache_dir(
     digest: &Digest,
 ) -> Result<(PathBuf, lazylayer_store::FileLock), FetchError> {
     use std::os::unix::fs::MetadataExt;
-    let base = store.root().join("chunks");
-    let dir = base.join(digest.hex());
+    let base = lazylayer_store::chunk_caches_root(store.root());
+    let dir = lazylayer_store::chunk_cache_dir(store.root(), digest);
     for _ in 0..3 {
         lazylayer_store::create_private_dir(&base)
             .and_then(|_| lazylayer_store::create_private_dir(&dir))

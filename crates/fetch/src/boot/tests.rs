@@ -1035,11 +1035,7 @@ async fn a_corrupt_cached_chunk_is_fetched_again_the_others_kept() {
         wait_until("every chunk local", || all_present(&chunks)).await;
     }
     // One byte of chunk 3's kept compressed bytes changed on disk.
-    let blob = store
-        .root()
-        .join("chunks")
-        .join(l.layer.digest.hex())
-        .join("blob");
+    let blob = lazylayer_store::chunk_cache_dir(store.root(), &l.layer.digest).join("blob");
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[(l.region_len + l.offsets[3] + 10) as usize] ^= 0x55;
     std::fs::write(&blob, &bytes).unwrap();
@@ -1069,8 +1065,8 @@ async fn reaping_removes_stored_caches_not_in_use_and_keeps_the_rest() {
     // One layer fetched whole (stored), one with a single chunk in.
     let whole = TestLayer::small(Vec::new());
     let part = TestLayer::new(20 << 10, vec![0], ChunkCompression::Zstd, 11);
-    let whole_dir = root.join("chunks").join(whole.layer.digest.hex());
-    let part_dir = root.join("chunks").join(part.layer.digest.hex());
+    let whole_dir = lazylayer_store::chunk_cache_dir(&root, &whole.layer.digest);
+    let part_dir = lazylayer_store::chunk_cache_dir(&root, &part.layer.digest);
     {
         let chunks = open(&store, &whole, MemoryRemote::new(&whole), LONG)
             .await
@@ -1139,11 +1135,7 @@ async fn a_chunk_with_other_bytes_is_refused_for_good() {
     let e = read(&chunks, size, 0, 100).await.unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     assert_eq!(remote.ranges().len(), 1);
-    let present = store
-        .root()
-        .join("chunks")
-        .join(l.layer.digest.hex())
-        .join("present");
+    let present = lazylayer_store::chunk_cache_dir(store.root(), &l.layer.digest).join("present");
     assert_eq!(std::fs::read(present).unwrap()[0], 0);
 }
 
