@@ -164,6 +164,21 @@ pub fn chunk_cache_dir(store_root: &Path, d: &Digest) -> PathBuf {
     chunk_caches_root(store_root).join(d.hex())
 }
 
+/// A layer's directory, `<root>/layers/<algorithm>/<hex>`.
+fn layer_base_in(store_root: &Path, d: &Digest) -> PathBuf {
+    store_root
+        .join("layers")
+        .join(d.algorithm().as_str())
+        .join(d.hex())
+}
+
+/// Whether layer `d` is complete in the store at `store_root` (its record
+/// is written last): [`Store::layer_dir`]'s test, for a caller holding only
+/// the root.
+pub fn layer_complete(store_root: &Path, d: &Digest) -> bool {
+    layer_base_in(store_root, d).join("layer.json").is_file()
+}
+
 impl Store {
     /// Open (creating if needed) a store rooted at `root`.
     ///
@@ -241,10 +256,7 @@ impl Store {
     }
 
     fn layer_base(&self, d: &Digest) -> PathBuf {
-        self.root
-            .join("layers")
-            .join(d.algorithm().as_str())
-            .join(d.hex())
+        layer_base_in(&self.root, d)
     }
 
     /// The directory of every layer whose digest has `d`'s algorithm
@@ -261,8 +273,7 @@ impl Store {
 
     /// The extracted tree of a layer, if it is complete in the store.
     pub fn layer_dir(&self, d: &Digest) -> Option<PathBuf> {
-        let base = self.layer_base(d);
-        base.join("layer.json").is_file().then(|| base.join("fs"))
+        layer_complete(&self.root, d).then(|| self.layer_fs_path(d))
     }
 
     pub fn layer_record(&self, d: &Digest) -> Option<LayerRecord> {

@@ -27,11 +27,10 @@ pub fn reap_chunk_caches(store_root: &Path, all: bool) -> usize {
     let mut removed = 0;
     for e in rd.flatten() {
         let dir = e.path();
-        let stored = store_root
-            .join("layers/sha256")
-            .join(e.file_name())
-            .join("layer.json")
-            .is_file();
+        // Named by the boot layer's hex digest (`chunk_cache_dir`).
+        let stored = format!("sha256:{}", e.file_name().to_string_lossy())
+            .parse::<Digest>()
+            .is_ok_and(|d| lazylayer_store::layer_complete(store_root, &d));
         if !all && !stored {
             continue;
         }
